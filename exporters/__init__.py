@@ -1,0 +1,1 @@
+"""Exporters: components that deliver batches out of the pipeline."""

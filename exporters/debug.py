@@ -1,0 +1,47 @@
+"""Exporter `debug`: events to stdout for a human, as the Collector's debug exporter.
+
+`basic` prints one line per batch, `normal` one line per event, `detailed` every
+event as indented JSON. Content fields are printed only at `detailed`.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Literal
+
+import msgspec
+
+from meterline.component import Context, ExportBatch, Exporter, Factory
+from meterline.delivery import ExporterConfig, QueueConfig
+from meterline.event import Event
+
+
+class DebugConfig(ExporterConfig):
+    verbosity: Literal["basic", "normal", "detailed"] = "basic"
+    queue: QueueConfig = msgspec.field(default_factory=lambda: QueueConfig(type="memory"))
+
+
+class DebugExporter(Exporter):
+    def __init__(self, config: DebugConfig, context: Context) -> None:
+        self.verbosity = config.verbosity
+        self.id = context.id
+
+    async def export(self, batch: ExportBatch) -> None:
+        lines = [f"{self.id}: batch {batch.id}: {len(batch.events)} events"]
+        if self.verbosity == "normal":
+            lines += [_summary(e) for e in batch.events]
+        elif self.verbosity == "detailed":
+            lines += [msgspec.json.format(msgspec.json.encode(e), indent=2).decode()
+                      for e in batch.events]
+        sys.stdout.write("\n".join(lines) + "\n")
+        sys.stdout.flush()
+
+
+def _summary(e: Event) -> str:
+    cost = f"${e.cost_usd:.6f}" if e.cost_usd is not None else "-"
+    return (f"  {e.event_id} {e.source or '-'} {e.provider or '-'}/{e.request_model or '-'} "
+            f"{e.operation or '-'} status={e.status_code} in={e.input_tokens} "
+            f"out={e.output_tokens} {e.duration_ms}ms cost={cost}")
+
+
+factory = Factory(kind="exporter", type="debug", config=DebugConfig, create=DebugExporter)

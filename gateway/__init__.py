@@ -1,0 +1,1 @@
+"""The thin forwarding gateway (OpenAI-compatible proxy) behind the `gateway` receiver."""

@@ -1,0 +1,92 @@
+"""The admin server: health, readiness, the daemon's own metrics, and the live tap.
+
+`/healthz` answers while the process runs; `/readyz` once every component has
+started; `/metrics` is the self-telemetry in Prometheus text format;
+`/api/v1/tap?filter=JSON` streams the events leaving the processors as NDJSON
+(what `meterline tap` reads). `/api/*` requires the bearer token when
+`service.admin.auth_token` is set.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import json
+from typing import TYPE_CHECKING
+
+import msgspec
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from meterline.config import AdminConfig
+from meterline.event import to_jsonl
+from meterline.filtering import Filter, FilterError, Pattern
+from meterline.httpserver import serve
+from meterline.pipeline import Tap
+
+if TYPE_CHECKING:
+    from meterline.service import Service
+
+
+class AdminServer:
+    def __init__(self, service: Service, config: AdminConfig) -> None:
+        self.service = service
+        self.config = config
+        self.app = web.Application(middlewares=[self._auth])
+        self.app.router.add_get("/healthz", self.healthz)
+        self.app.router.add_get("/readyz", self.readyz)
+        self.app.router.add_get("/metrics", self.metrics)
+        self.app.router.add_get("/api/v1/tap", self.tap)
+        self.runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        self.runner = await serve(self.app, self.config.listen)
+        self.service.log.info("admin server listening", listen=self.config.listen)
+
+    async def shutdown(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+    @web.middleware
+    async def _auth(self, request: web.Request, handler: web.RequestHandler) -> web.StreamResponse:
+        token = self.config.auth_token
+        if token and request.path.startswith("/api/"):
+            given = request.headers.get("Authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+                return web.json_response({"error": "missing or wrong bearer token"}, status=401)
+        return await handler(request)
+
+    async def healthz(self, _: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(self, _: web.Request) -> web.Response:
+        if self.service.ready:
+            return web.json_response({"status": "ready"})
+        return web.json_response({"status": "starting"}, status=503)
+
+    async def metrics(self, _: web.Request) -> web.Response:
+        body = generate_latest(self.service.telemetry.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def tap(self, request: web.Request) -> web.StreamResponse:
+        try:
+            raw = json.loads(request.query.get("filter") or "{}")
+            patterns = raw if isinstance(raw, list) else [raw] if raw else []
+            filter_ = Filter(include=[Pattern(p) for p in patterns])
+        except (ValueError, FilterError, msgspec.ValidationError) as e:
+            return web.json_response({"error": f"invalid filter: {e}"}, status=400)
+        tap = Tap(filter_)
+        response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await response.prepare(request)
+        self.service.taps.active.add(tap)
+        try:
+            while True:
+                events = await tap.pending.get()
+                await response.write(to_jsonl(events))
+        except (ConnectionResetError, RuntimeError):
+            pass
+        finally:
+            self.service.taps.active.discard(tap)
+            with contextlib.suppress(Exception):
+                await response.write_eof()
+        return response

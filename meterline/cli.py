@@ -1,0 +1,134 @@
+"""The `meterline` command: run, validate, tap."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import urllib.parse
+from collections.abc import Callable
+
+from meterline import __version__, logs
+from meterline import config as config_mod
+from meterline.config import ConfigError
+
+DEFAULT_CONFIG = "pipeline.yaml"
+Command = Callable[[argparse.Namespace], int]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="meterline", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"meterline {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run the daemon")
+    run.add_argument("-c", "--config", default=DEFAULT_CONFIG)
+    run.set_defaults(func=cmd_run)
+
+    validate = commands.add_parser("validate", help="check a pipeline.yaml; exit 1 on errors")
+    validate.add_argument("-c", "--config", default=DEFAULT_CONFIG)
+    validate.set_defaults(func=cmd_validate)
+
+    tap = commands.add_parser("tap", help="stream live events from a running daemon")
+    tap.add_argument("-c", "--config", default=DEFAULT_CONFIG,
+                     help="the daemon's pipeline.yaml (for its admin address)")
+    tap.add_argument("--admin", help="admin URL, e.g. http://127.0.0.1:8888 (instead of -c)")
+    tap.add_argument("--filter", default="", help='an include pattern, e.g. {"provider":"openai"}')
+    tap.add_argument("--token", help="bearer token of the admin API")
+    tap.set_defaults(func=cmd_tap)
+
+    args = parser.parse_args(argv)
+    func: Command = args.func
+    return func(args)
+
+
+def _load(path: str) -> config_mod.PipelineFile | None:
+    try:
+        return config_mod.load(path)
+    except ConfigError as e:
+        print(f"{path}: invalid configuration:", file=sys.stderr)
+        for problem in e.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return None
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    loaded = _load(args.config)
+    if loaded is None:
+        return 1
+    pipelines = ", ".join(loaded.service.pipelines)
+    print(f"{args.config}: valid ({len(loaded.receivers)} receivers, {len(loaded.processors)} "
+          f"processors, {len(loaded.exporters)} exporters; pipelines: {pipelines})")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    loaded = _load(args.config)
+    if loaded is None:
+        return 1
+    log_cfg = loaded.service.telemetry.logs
+    logs.configure(log_cfg.level, log_cfg.encoding)
+    from meterline.service import Service
+
+    async def run() -> None:
+        await Service(loaded).run(args.config)
+
+    try:
+        asyncio.run(run())
+    except (OSError, RuntimeError) as e:
+        logs.get(component="service").error("cannot run", error=str(e))
+        return 1
+    return 0
+
+
+def cmd_tap(args: argparse.Namespace) -> int:
+    base = args.admin
+    token = args.token
+    if base is None:
+        loaded = _load(args.config)
+        if loaded is None:
+            return 1
+        admin = loaded.service.admin
+        if admin is None:
+            print(f"{args.config}: service.admin is off; nothing to tap", file=sys.stderr)
+            return 1
+        host = "127.0.0.1" if admin.listen.host in ("0.0.0.0", "::") else admin.listen.host
+        base = f"http://{host}:{admin.listen.port}"
+        token = token or admin.auth_token
+    if args.filter:
+        try:
+            json.loads(args.filter)
+        except ValueError as e:
+            print(f"--filter is not JSON: {e}", file=sys.stderr)
+            return 1
+    url = f"{base.rstrip('/')}/api/v1/tap?" + urllib.parse.urlencode({"filter": args.filter})
+    try:
+        return asyncio.run(_tap(url, token))
+    except KeyboardInterrupt:
+        return 0
+
+
+async def _tap(url: str, token: str | None) -> int:
+    import aiohttp
+
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    timeout = aiohttp.ClientTimeout(total=None, sock_read=None)
+    try:
+        async with aiohttp.ClientSession(timeout=timeout) as session, \
+                session.get(url, headers=headers) as response:
+            if response.status != 200:
+                print(f"tap refused ({response.status}): {await response.text()}",
+                      file=sys.stderr)
+                return 1
+            async for line in response.content:
+                sys.stdout.write(line.decode())
+                sys.stdout.flush()
+    except aiohttp.ClientError as e:
+        print(f"cannot reach the daemon at {url}: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""The component model, after the OpenTelemetry Collector's.
+
+A component is three things: a config class (a msgspec `Struct` with defaults and
+validation), a factory that builds it, and an object with `start`/`shutdown`.
+Each component module exposes one `Factory` and registers it through the
+`meterline.receivers` / `meterline.processors` / `meterline.exporters` entry
+points; the core never imports a component by name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+import msgspec
+
+from meterline.event import Event
+
+if TYPE_CHECKING:
+    from opentelemetry.metrics import Meter
+    from structlog.typing import FilteringBoundLogger
+
+Kind = Literal["receiver", "processor", "exporter"]
+
+
+class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Base of every component's config class: unknown keys are errors."""
+
+
+@dataclass(frozen=True)
+class Context:
+    """What the runtime gives a component when it builds it."""
+
+    id: str  # "type" or "type/name", as written in pipeline.yaml
+    data_dir: Path  # where the component keeps state (checkpoints, queues)
+    meter: Meter  # for the component's own self-telemetry instruments
+    log: FilteringBoundLogger
+
+    def state_path(self, *parts: str) -> Path:
+        """A per-component path under the data directory (`file/a` becomes `file_a`)."""
+        return self.data_dir.joinpath(*parts, self.id.replace("/", "_"))
+
+
+class Component:
+    """Lifecycle shared by all components; the defaults do nothing."""
+
+    async def start(self) -> None:
+        return None
+
+    async def shutdown(self) -> None:
+        return None
+
+
+class Backpressure(Exception):
+    """The pipeline cannot take this batch now; the receiver should push back.
+
+    Nothing of the batch was queued. `retry_after` is a hint in seconds for the
+    client (HTTP `Retry-After`).
+    """
+
+    def __init__(self, message: str, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class Consumer(Protocol):
+    """Where a receiver hands its batches. Returns once they are durably queued.
+
+    Raises `Backpressure` when a queue is full (nothing was queued), and
+    `QueueWriteError` when the write-ahead log cannot be written (disk full).
+    """
+
+    def consume(self, events: list[Event]) -> Awaitable[None]: ...
+
+    def refused(self, count: int, reason: str) -> None:
+        """Count events the receiver could not take, by reason (for self-telemetry)."""
+
+
+class Receiver(Component):
+    """Takes events from the outside and hands them to a `Consumer`."""
+
+    def __init__(self, consumer: Consumer) -> None:
+        self.consumer = consumer
+
+
+class Processor(Component):
+    """A synchronous function on batches: returns the events that go on."""
+
+    def process(self, events: list[Event]) -> list[Event]:
+        raise NotImplementedError
+
+
+@dataclass
+class ExportBatch:
+    """A batch handed to an exporter. `id` is stable across retries and restarts,
+    so that an exporter can make a retried send idempotent downstream."""
+
+    id: str
+    events: list[Event]
+    attempt: int = 0
+
+
+class RetryableError(Exception):
+    """A send that may succeed later (connection refused, overload, timeout)."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class PermanentError(Exception):
+    """A send that will never succeed as it is (bad row, schema mismatch)."""
+
+
+class Exporter(Component):
+    """Sends batches out. Raises `RetryableError` or `PermanentError` on failure;
+    any other exception counts as retryable. Must not mutate the events."""
+
+    async def export(self, batch: ExportBatch) -> None:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Factory:
+    """How the runtime finds, configures and builds one component type."""
+
+    kind: Kind
+    type: str
+    config: type[Config]
+    create: Callable[..., Any]
+    """`create(config, context)` for processors and exporters,
+    `create(config, context, consumer)` for receivers."""
+
+
+async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
+    """Cancel a background task and wait for it to end, swallowing the cancellation."""
+    if task is None or task.done():
+        return
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task

@@ -1,0 +1,290 @@
+"""Loading and validating `pipeline.yaml`.
+
+The shape is the OpenTelemetry Collector's: `receivers`, `processors` and
+`exporters` sections of components named `type` or `type/name`, wired by
+`service.pipelines`. Each component's block is validated against the config
+class its factory declares (msgspec converts and checks types and defaults);
+every problem found is reported at once, each naming file, line, key and what
+was expected.
+"""
+
+from __future__ import annotations
+
+import re
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import msgspec
+
+from meterline import registry
+from meterline.component import Config, Factory, Kind
+from meterline.units import Duration, Listen
+from meterline.yamlsource import Path_, Source, SourceError, load_file, load_text
+
+SECTIONS: dict[str, Kind] = {"receivers": "receiver", "processors": "processor",
+                             "exporters": "exporter"}
+_ID = re.compile(r"^([a-z][a-z0-9_]*)(?:/([A-Za-z0-9][A-Za-z0-9_.-]*))?$")
+
+
+class LogsConfig(Config):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    encoding: Literal["console", "json"] = "console"
+
+
+class MetricsConfig(Config):
+    """Self-telemetry: always on the admin `/metrics`; pushed over OTLP when an
+    endpoint is given."""
+
+    otlp_endpoint: str | None = None
+    interval: Duration = Duration(60)
+
+
+class TelemetryConfig(Config):
+    logs: LogsConfig = msgspec.field(default_factory=LogsConfig)
+    metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
+
+
+class AdminConfig(Config):
+    listen: Listen = Listen("127.0.0.1:8888")
+    auth_token: str | None = None  # bearer token required on /api/*, when set
+
+
+class PipelineConfig(Config):
+    receivers: list[str]
+    exporters: list[str]
+    processors: list[str] = msgspec.field(default_factory=list)
+
+
+class ServiceConfig(Config):
+    pipelines: dict[str, PipelineConfig]
+    admin: AdminConfig | None = msgspec.field(default_factory=AdminConfig)
+    telemetry: TelemetryConfig = msgspec.field(default_factory=TelemetryConfig)
+    data_dir: str = "./data"
+    shutdown_timeout: Duration = Duration(10)
+    watch_config: bool = False  # reload when the file changes, not only on SIGHUP
+
+
+@dataclass
+class ComponentConfig:
+    """One configured component: its id, its factory and its validated config."""
+
+    id: str
+    factory: Factory
+    config: Config
+
+    @property
+    def kind(self) -> Kind:
+        return self.factory.kind
+
+
+@dataclass
+class PipelineFile:
+    """A whole, valid `pipeline.yaml`."""
+
+    file: str
+    receivers: dict[str, ComponentConfig] = field(default_factory=dict)
+    processors: dict[str, ComponentConfig] = field(default_factory=dict)
+    exporters: dict[str, ComponentConfig] = field(default_factory=dict)
+    service: ServiceConfig = field(default_factory=lambda: ServiceConfig(pipelines={}))
+
+
+@dataclass(frozen=True)
+class Problem:
+    file: str
+    line: int | None
+    key: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}" if self.line else self.file
+        return f"{where}: {self.key}: {self.message}" if self.key else f"{where}: {self.message}"
+
+
+class ConfigError(Exception):
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems))
+
+
+def load(file: str, environ: Mapping[str, str] | None = None) -> PipelineFile:
+    """Read and validate `file`; raises `ConfigError` listing every problem."""
+    try:
+        source = load_file(file, environ)
+    except SourceError as e:
+        raise ConfigError([Problem(e.file, e.line, "", e.message)]) from e
+    return validate(source)
+
+
+def loads(text: str, file: str = "<string>",
+          environ: Mapping[str, str] | None = None) -> PipelineFile:
+    try:
+        source = load_text(text, file, environ)
+    except SourceError as e:
+        raise ConfigError([Problem(e.file, e.line, "", e.message)]) from e
+    return validate(source)
+
+
+def convert(data: Any, cls: type[Config]) -> Config:
+    """Validate `data` against a config class (raises msgspec.ValidationError)."""
+    return msgspec.convert({} if data is None else data, cls, dec_hook=_decode_hook)
+
+
+def _decode_hook(tp: type, value: Any) -> Any:
+    if from_config := getattr(tp, "from_config", None):
+        return from_config(value)
+    raise NotImplementedError(f"cannot read a {tp.__name__} from config")
+
+
+class _Validator:
+    def __init__(self, source: Source) -> None:
+        self.source = source
+        self.problems: list[Problem] = []
+
+    def problem(self, path: Path_, message: str) -> None:
+        self.problems.append(Problem(self.source.file, self.source.line_of(path),
+                                     _dotted(path), message))
+
+    def run(self) -> PipelineFile:
+        data = self.source.data
+        result = PipelineFile(self.source.file)
+        for key in data:
+            if key not in (*SECTIONS, "service"):
+                self.problem((key,), "unknown top-level key (expected receivers, processors, "
+                                     "exporters, service)")
+        for section, kind in SECTIONS.items():
+            block = data.get(section) or {}
+            if not isinstance(block, dict):
+                self.problem((section,), f"expected a mapping of {kind} ids to their config")
+                continue
+            for cid, body in block.items():
+                if spec := self.component((section, cid), kind, cid, body):
+                    getattr(result, section)[cid] = spec
+        if "service" not in data:
+            self.problem((), "missing required key 'service' (with service.pipelines)")
+            return result
+        service = self.struct(("service",), data["service"], ServiceConfig)
+        if service is not None:
+            result.service = service
+            self.wiring(result)
+        return result
+
+    def component(self, path: Path_, kind: Kind, cid: str, body: Any) -> ComponentConfig | None:
+        match = _ID.match(cid)
+        if not match:
+            self.problem(path, f"invalid {kind} id '{cid}' (expected type or type/name, "
+                               "e.g. file or file/archive)")
+            return None
+        type_ = match.group(1)
+        try:
+            factory = registry.factory(kind, type_)
+        except KeyError:
+            known = ", ".join(sorted(registry.available(kind))) or "none installed"
+            self.problem(path, f"unknown {kind} type '{type_}' (available: {known})")
+            return None
+        config = self.struct(path, body, factory.config)
+        return ComponentConfig(cid, factory, config) if config is not None else None
+
+    def struct(self, path: Path_, body: Any, cls: type[Any]) -> Any:
+        try:
+            return convert(body, cls)
+        except msgspec.ValidationError as e:
+            rel, message = _explain(str(e), cls)
+            self.problem((*path, *rel), message)
+            return None
+
+    def wiring(self, result: PipelineFile) -> None:
+        used: dict[str, set[str]] = {section: set() for section in SECTIONS}
+        if not result.service.pipelines:
+            self.problem(("service", "pipelines"), "expected at least one pipeline")
+        for name, pipeline in result.service.pipelines.items():
+            base = ("service", "pipelines", name)
+            if not pipeline.receivers:
+                self.problem((*base, "receivers"), "expected at least one receiver")
+            if not pipeline.exporters:
+                self.problem((*base, "exporters"), "expected at least one exporter")
+            for section in SECTIONS:
+                names: list[str] = getattr(pipeline, section)
+                raw = self.source.data.get(section) or {}
+                for i, cid in enumerate(names):
+                    if names.index(cid) != i:
+                        self.problem((*base, section, i), f"'{cid}' is listed twice")
+                    elif cid not in raw:
+                        known = ", ".join(raw) or "none"
+                        self.problem((*base, section, i),
+                                     f"names {SECTIONS[section]} '{cid}', which is not defined "
+                                     f"under {section} (defined: {known})")
+                    used[section].add(cid)
+        for section in SECTIONS:
+            for cid in self.source.data.get(section) or {}:
+                if cid not in used[section]:
+                    self.problem((section, cid), f"{SECTIONS[section]} '{cid}' is defined but no "
+                                                 "pipeline uses it")
+
+
+def validate(source: Source) -> PipelineFile:
+    validator = _Validator(source)
+    result = validator.run()
+    if validator.problems:
+        raise ConfigError(validator.problems)
+    return result
+
+
+def _dotted(path: Path_) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else part)
+    return out
+
+
+_AT = re.compile(r"^(.*?)(?: - at `\$(.*)`)?$", re.DOTALL)
+_STEP = re.compile(r"\.([^.\[]+)|\[(\d+)\]|\[[\"'](.*?)[\"']\]")
+
+
+def _explain(error: str, cls: type[Any]) -> tuple[Path_, str]:
+    """Turn a msgspec validation message into (relative key path, plain message)."""
+    m = _AT.match(error)
+    assert m is not None
+    text, where = m.group(1), m.group(2) or ""
+    path: list[str | int] = []
+    for step in _STEP.finditer(where):
+        key, index, quoted = step.groups()
+        path.append(int(index) if index is not None else (key if key is not None else quoted))
+    if unknown := re.match(r"Object contains unknown field `(.*)`", text):
+        expected = _keys_at(cls, path)
+        path.append(unknown.group(1))
+        hint = f" (expected one of: {', '.join(expected)})" if expected else ""
+        return tuple(path), f"unknown key{hint}"
+    if missing := re.match(r"Object missing required field `(.*)`", text):
+        path.append(missing.group(1))
+        return tuple(path), "missing required key"
+    text = re.sub(r"`([^`]*)`", r"\1", text)
+    return tuple(path), text[:1].lower() + text[1:]
+
+
+def _keys_at(cls: Any, path: list[str | int]) -> list[str]:
+    """The keys a config class accepts at `path` (for 'unknown key' hints)."""
+    tp: Any = cls
+    for part in path:
+        tp = _struct_of(tp)
+        if tp is None:
+            return []
+        if isinstance(part, int) or not hasattr(tp, "__struct_fields__"):
+            args = typing.get_args(tp)
+            tp = args[-1] if args else None
+            continue
+        hints = typing.get_type_hints(tp)
+        tp = hints.get(part)
+    tp = _struct_of(tp)
+    return list(tp.__struct_fields__) if tp is not None and hasattr(tp, "__struct_fields__") else []
+
+
+def _struct_of(tp: Any) -> Any:
+    """Unwrap `X | None` and containers down to the struct (or container) type."""
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        for arg in typing.get_args(tp):
+            if arg is not type(None):
+                return _struct_of(arg)
+    return tp

@@ -1,0 +1,223 @@
+"""Delivery, written once for every exporter: its queue, batching and retries.
+
+Every exporter's config class derives from `ExporterConfig`, so `queue`, `batch`,
+`retry` and `filtering` read the same everywhere. An `ExporterRunner` owns one
+exporter: the pipeline puts events into its queue, and its loop forms batches,
+sends them with exponential backoff and jitter, and acks them. A batch that fails
+permanently (or exhausts `max_elapsed_time`) is written to the queue's
+dead-letter directory as JSON lines when the queue is persistent, so nothing
+acknowledged is silently lost; the file receiver can replay it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+
+from meterline.component import (
+    Config,
+    Context,
+    ExportBatch,
+    Exporter,
+    PermanentError,
+    RetryableError,
+    cancel_and_wait,
+)
+from meterline.event import to_jsonl
+from meterline.filtering import Filter
+from meterline.queue import Batch, Queue
+from meterline.queue.memory import MemoryQueue
+from meterline.queue.persistent import PersistentQueue
+from meterline.telemetry import Telemetry
+from meterline.units import Duration
+
+
+class QueueConfig(Config):
+    type: Literal["memory", "persistent"] = "persistent"
+    dir: str | None = None  # persistent only; default <data_dir>/queue/<exporter>
+    max_size_mb: float = 1024  # persistent: bytes on disk
+    max_events: int = 100_000  # memory: events held
+    when_full: Literal["block", "drop_newest"] = "block"
+    fsync: bool = True  # persistent: fsync before acknowledging (group commit)
+
+    def __post_init__(self) -> None:
+        if self.max_size_mb <= 0 or self.max_events <= 0:
+            raise ValueError("max_size_mb and max_events must be positive")
+        if self.dir is not None and self.type == "memory":
+            raise ValueError("dir applies to a persistent queue only")
+
+
+class BatchConfig(Config):
+    max_size: int = 1000  # events per export batch
+    timeout: Duration = Duration(0.2)  # how long a partial batch waits for more
+
+    def __post_init__(self) -> None:
+        if self.max_size < 1:
+            raise ValueError("max_size must be at least 1")
+
+
+class RetryConfig(Config):
+    enabled: bool = True
+    initial_interval: Duration = Duration(1)
+    max_interval: Duration = Duration(30)
+    max_elapsed_time: Duration = Duration(0)  # 0: retry until it succeeds
+    multiplier: float = 2.0
+    randomization_factor: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.multiplier < 1 or not 0 <= self.randomization_factor <= 1:
+            raise ValueError("multiplier must be >= 1 and randomization_factor in [0, 1]")
+
+
+class ExporterConfig(Config):
+    """The blocks every exporter takes; an exporter's config class derives from it."""
+
+    queue: QueueConfig = msgspec.field(default_factory=QueueConfig)
+    batch: BatchConfig = msgspec.field(default_factory=BatchConfig)
+    retry: RetryConfig = msgspec.field(default_factory=RetryConfig)
+    filtering: Filter = msgspec.field(default_factory=Filter)
+
+
+def backoff_delays(config: RetryConfig) -> Any:
+    """Exponential backoff with jitter: initial * multiplier^n, capped, +-randomization."""
+    interval = float(config.initial_interval)
+    while True:
+        spread = interval * config.randomization_factor
+        yield random.uniform(interval - spread, interval + spread)
+        interval = min(interval * config.multiplier, float(config.max_interval))
+
+
+def open_queue(config: QueueConfig, context: Context) -> Queue:
+    if config.type == "memory":
+        return MemoryQueue(config.max_events)
+    directory = Path(config.dir) if config.dir else context.state_path("queue")
+    return PersistentQueue(directory, int(config.max_size_mb * (1 << 20)), fsync=config.fsync)
+
+
+class ExporterRunner:
+    """One exporter with its queue and its delivery loop."""
+
+    def __init__(self, exporter: Exporter, config: ExporterConfig, context: Context,
+                 queue: Queue, telemetry: Telemetry) -> None:
+        self.id = context.id
+        self.exporter = exporter
+        self.config = config
+        self.queue = queue
+        self.log = context.log
+        self.telemetry = telemetry
+        self._attrs = {"exporter": self.id}
+        self._task: asyncio.Task[None] | None = None
+        self._draining = False
+        self.started = False
+
+    # --- the pipeline side ---------------------------------------------------------
+    def select(self, events: list[Any]) -> list[Any]:
+        """The events this exporter takes (its `filtering` block)."""
+        kept = self.config.filtering.apply(events)
+        if len(kept) != len(events):
+            self.telemetry.exporter_filtered.add(len(events) - len(kept), self._attrs)
+        return kept
+
+    @property
+    def drops_when_full(self) -> bool:
+        return self.config.queue.when_full == "drop_newest"
+
+    def count_dropped(self, n: int) -> None:
+        self.telemetry.exporter_dropped.add(n, self._attrs)
+
+    async def put(self, batch: Batch) -> None:
+        await self.queue.put(batch)
+
+    # --- lifecycle -----------------------------------------------------------------
+    async def start(self) -> None:
+        await self.exporter.start()
+        self.telemetry.watch_queue(self.id, self.queue.describe)
+        self._task = asyncio.create_task(self._loop(), name=f"exporter {self.id}")
+        self.started = True
+        if self.queue.durable and len(self.queue):
+            self.log.info("queue replay", events=len(self.queue))
+
+    async def shutdown(self, grace: float) -> None:
+        """Deliver what can be within `grace` seconds; the rest stays in a persistent
+        queue for the next start (a memory queue's rest is lost, and logged)."""
+        self._draining = True
+        self.queue.interrupt()  # stop waiting for batches to fill; send what there is
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), grace)
+            except TimeoutError:
+                await cancel_and_wait(self._task)
+        left = len(self.queue)
+        if left:
+            lost = "" if self.queue.durable else " (lost: the queue is in memory)"
+            self.log.warning(f"shutdown left events undelivered{lost}", events=left)
+        self.telemetry.watch_queue(self.id, None)
+        await self.queue.close()
+        await self.exporter.shutdown()
+
+    async def stop_loop(self) -> None:
+        """Stop delivering at once (the reload hand-over); the queue stays as it is."""
+        await cancel_and_wait(self._task)
+
+    # --- delivery ------------------------------------------------------------------
+    async def _loop(self) -> None:
+        batch_cfg = self.config.batch
+        while True:
+            if self._draining and self.queue.available == 0:
+                return
+            await self.queue.wait_for(1, None)
+            await self.queue.wait_for(batch_cfg.max_size, batch_cfg.timeout)
+            batch = await self.queue.take(batch_cfg.max_size)
+            if batch is None:
+                continue
+            await self._deliver(batch)
+            await self.queue.ack(batch)
+
+    async def _deliver(self, batch: ExportBatch) -> None:
+        retry = self.config.retry
+        delays = backoff_delays(retry)
+        started = time.monotonic()
+        while True:
+            try:
+                await self.exporter.export(batch)
+            except asyncio.CancelledError:
+                raise
+            except PermanentError as e:
+                self._give_up(batch, f"permanent error: {e}")
+                return
+            except Exception as e:
+                hint = e.retry_after if isinstance(e, RetryableError) else None
+                delay = max(next(delays), hint or 0.0)
+                elapsed = time.monotonic() - started
+                limit = float(retry.max_elapsed_time)
+                if not retry.enabled or (limit and elapsed + delay > limit):
+                    self._give_up(batch, f"retries exhausted after {elapsed:.1f}s: {e}")
+                    return
+                batch.attempt += 1
+                self.telemetry.exporter_retries.add(1, self._attrs)
+                self.log.warning("send failed, will retry", batch=batch.id,
+                                 attempt=batch.attempt, delay_s=round(delay, 2), error=str(e))
+                await asyncio.sleep(delay)
+                continue
+            self.telemetry.exporter_sent.add(len(batch.events), self._attrs)
+            return
+
+    def _give_up(self, batch: ExportBatch, reason: str) -> None:
+        self.telemetry.exporter_failed.add(len(batch.events), self._attrs)
+        where = self._dead_letter(batch)
+        self.log.error("batch not delivered", batch=batch.id, events=len(batch.events),
+                       reason=reason, dead_letter=str(where) if where else None)
+
+    def _dead_letter(self, batch: ExportBatch) -> Path | None:
+        if not isinstance(self.queue, PersistentQueue):
+            return None
+        directory = self.queue.dir / "dead-letter"
+        directory.mkdir(exist_ok=True)
+        path = directory / f"{batch.id.replace(':', '_')}.jsonl"
+        path.write_bytes(to_jsonl(batch.events))
+        return path

@@ -1,0 +1,158 @@
+"""The event: one typed record per LLM call, and its versioned JSON form.
+
+An `Event` is a msgspec `Struct`: decoding a batch of JSON straight into structs
+and encoding it back are the cheapest per-event operations Python offers, and
+per-event cost is the budget that limits throughput. `None` always means "not
+reported" (never 0), and such fields are omitted from the JSON form. The JSON
+form always carries `schema_version`, so that a reader can tell which schema an
+event was written against; decoding accepts it absent (hand-written events).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Final
+
+import msgspec
+
+SCHEMA_VERSION: Final = 1
+
+
+def uuid7() -> str:
+    """A UUIDv7 string: time-ordered, so ids sort (and cluster in storage) by time."""
+    ms = time.time_ns() // 1_000_000
+    rand = int.from_bytes(os.urandom(10), "big")
+    value = (ms & 0xFFFF_FFFF_FFFF) << 80 | 0x7 << 76 | (rand >> 66 & 0xFFF) << 64
+    value |= 0b10 << 62 | rand & 0x3FFF_FFFF_FFFF_FFFF
+    h = f"{value:032x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+class Event(
+    msgspec.Struct,
+    kw_only=True,
+    omit_defaults=True,
+    tag_field="schema_version",
+    tag=SCHEMA_VERSION,
+):
+    """One LLM call. Field names follow the OpenTelemetry GenAI conventions."""
+
+    event_id: str = msgspec.field(default_factory=uuid7)
+    timestamp: int = msgspec.field(default_factory=time.time_ns)  # request start, epoch ns
+    trace_id: str | None = None
+    span_id: str | None = None
+    parent_span_id: str | None = None
+    source: str | None = None
+
+    provider: str | None = None
+    operation: str | None = None
+    request_model: str | None = None
+    response_model: str | None = None
+    streaming: bool | None = None
+    endpoint: str | None = None
+    route: str | None = None
+    upstream: str | None = None
+    params: dict[str, Any] | None = None
+
+    status_code: int | None = None
+    error_type: str | None = None
+    error_message: str | None = None
+    finish_reasons: list[str] | None = None
+
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    cache_read_tokens: int | None = None
+    cache_creation_tokens: int | None = None
+    reasoning_tokens: int | None = None
+
+    duration_ms: float | None = None
+    provider_duration_ms: float | None = None
+    overhead_ms: float | None = None
+    ttft_ms: float | None = None
+    itl_ms: float | None = None
+
+    user_id: str | None = None
+    api_key_id: str | None = None
+    api_key_name: str | None = None
+    team: str | None = None
+    organization: str | None = None
+    session_id: str | None = None
+    metadata: dict[str, str] | None = None
+
+    ratelimit_requests_limit: int | None = None
+    ratelimit_requests_remaining: int | None = None
+    ratelimit_tokens_limit: int | None = None
+    ratelimit_tokens_remaining: int | None = None
+
+    attempts: int | None = None
+    fallback: bool | None = None
+
+    input_messages: list[dict[str, Any]] | None = None
+    output_messages: list[dict[str, Any]] | None = None
+
+    cost_input_usd: float | None = None
+    cost_output_usd: float | None = None
+    cost_usd: float | None = None
+    actual_cost_usd: float | None = None
+    pricing_ref: str | None = None
+
+    sample_weight: float = 1.0
+    redactions: dict[str, int] | None = None
+    attributes: dict[str, Any] | None = None
+
+
+FIELDS: Final = frozenset(Event.__struct_fields__)
+
+_json_encoder = msgspec.json.Encoder()
+_pack_encoder = msgspec.msgpack.Encoder()
+_event_decoder = msgspec.json.Decoder(Event)
+_events_decoder = msgspec.json.Decoder(list[Event])
+_packed_events_decoder = msgspec.msgpack.Decoder(list[Event])
+
+
+def to_json(event: Event) -> bytes:
+    """The event's JSON form, as the file exporter writes it and the webhook reads it."""
+    return _json_encoder.encode(event)
+
+
+def to_jsonl(events: list[Event]) -> bytes:
+    """Events as JSON lines, each terminated by a newline."""
+    buf = bytearray()
+    encode_into = _json_encoder.encode_into
+    for event in events:
+        encode_into(event, buf, -1)
+        buf += b"\n"
+    return bytes(buf)
+
+
+def from_json(data: bytes | str) -> Event:
+    return _event_decoder.decode(data)
+
+
+def list_from_json(data: bytes | str) -> list[Event]:
+    """Decode a JSON array of events in one call (the fast path for batches)."""
+    return _events_decoder.decode(data)
+
+
+def from_dict(obj: dict[str, Any]) -> Event:
+    """Validate a parsed JSON object as an event; raises `msgspec.ValidationError`."""
+    return msgspec.convert(obj, Event)
+
+
+def to_dict(event: Event) -> dict[str, Any]:
+    return msgspec.to_builtins(event)
+
+
+def pack(events: list[Event]) -> bytes:
+    """Compact binary form (msgpack) used inside the persistent queue."""
+    return _pack_encoder.encode(events)
+
+
+def unpack(data: bytes | memoryview) -> list[Event]:
+    return _packed_events_decoder.decode(data)
+
+
+def clone(events: list[Event]) -> list[Event]:
+    """Deep copies, for a second pipeline whose processors may mutate what they get."""
+    return unpack(pack(events))

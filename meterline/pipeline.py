@@ -1,0 +1,145 @@
+"""The data path: receiver -> processors -> fan-out into every exporter's queue.
+
+`Entry` is what a receiver holds as its consumer. It stays the same object across
+a reload while the pipelines behind it are swapped, so a listener that did not
+change keeps running. A batch is checked against every queue it is bound for
+before any of them takes it: either all take it (and `consume` returns once it
+is durable) or none does and the receiver is told to push back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from meterline.component import Backpressure, Processor
+from meterline.delivery import ExporterRunner
+from meterline.event import Event, clone
+from meterline.filtering import Filter
+from meterline.queue import Batch
+from meterline.telemetry import Telemetry
+
+
+class Tap:
+    """A live view of the events leaving the processors (`meterline tap`)."""
+
+    def __init__(self, filter_: Filter, max_pending: int = 256) -> None:
+        self.filter = filter_
+        self.pending: asyncio.Queue[list[Event]] = asyncio.Queue(max_pending)
+        self.dropped = 0  # batches a slow reader missed
+
+    def offer(self, events: list[Event]) -> None:
+        kept = self.filter.apply(events)
+        if kept:
+            try:
+                self.pending.put_nowait(kept)
+            except asyncio.QueueFull:
+                self.dropped += len(kept)
+
+
+@dataclass
+class Taps:
+    active: set[Tap] = field(default_factory=set)
+
+    def publish(self, events: list[Event]) -> None:
+        for tap in self.active:
+            tap.offer(events)
+
+
+class Pipeline:
+    def __init__(self, name: str, processors: list[tuple[str, Processor]],
+                 exporters: list[ExporterRunner], telemetry: Telemetry, taps: Taps) -> None:
+        self.name = name
+        self.processors = processors
+        self.exporters = exporters
+        self.telemetry = telemetry
+        self.taps = taps
+
+    def route(self, events: list[Event]) -> list[tuple[ExporterRunner, Batch]]:
+        """Run the processors, then pick what each exporter takes."""
+        for pid, processor in self.processors:
+            attrs = {"processor": pid, "pipeline": self.name}
+            before = len(events)
+            self.telemetry.processor_incoming.add(before, attrs)
+            events = processor.process(events)
+            if len(events) != before:
+                self.telemetry.processor_dropped.add(before - len(events), attrs)
+            if not events:
+                return []
+        if self.taps.active:
+            self.taps.publish(events)
+        shared = Batch(events)
+        routes = []
+        for runner in self.exporters:
+            selected = runner.select(events)
+            if selected:
+                routes.append((runner, shared if selected is events else Batch(selected)))
+        return routes
+
+
+class Flow:
+    """Counts batches in flight so a reload can pause intake and wait for quiet."""
+
+    def __init__(self) -> None:
+        self.open = asyncio.Event()
+        self.open.set()
+        self.inflight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def enter(self) -> None:
+        while not self.open.is_set():
+            await self.open.wait()
+        self.inflight += 1
+        self._idle.clear()
+
+    def leave(self) -> None:
+        self.inflight -= 1
+        if self.inflight == 0:
+            self._idle.set()
+
+    async def pause(self) -> None:
+        self.open.clear()
+        await self._idle.wait()
+
+    def resume(self) -> None:
+        self.open.set()
+
+
+class Entry:
+    """The consumer a receiver hands batches to (see `meterline.component.Consumer`)."""
+
+    def __init__(self, receiver_id: str, flow: Flow, telemetry: Telemetry) -> None:
+        self.receiver_id = receiver_id
+        self.flow = flow
+        self.telemetry = telemetry
+        self.pipelines: list[Pipeline] = []
+        self._attrs = {"receiver": receiver_id}
+
+    async def consume(self, events: list[Event]) -> None:
+        if not events:
+            return
+        await self.flow.enter()
+        try:
+            routes: list[tuple[ExporterRunner, Batch]] = []
+            last = len(self.pipelines) - 1
+            for i, pipeline in enumerate(self.pipelines):
+                routes.extend(pipeline.route(events if i == last else clone(events)))
+            for runner, batch in routes:
+                if not runner.drops_when_full and not runner.queue.has_room(batch):
+                    self.refused(len(events), "backpressure")
+                    raise Backpressure(f"the queue of exporter {runner.id} is full")
+            puts = []
+            for runner, batch in routes:
+                if runner.queue.has_room(batch):
+                    puts.append(runner.put(batch))
+                else:
+                    runner.count_dropped(len(batch))
+            await asyncio.gather(*puts)
+        finally:
+            self.flow.leave()
+        self.telemetry.receiver_accepted.add(len(events), self._attrs)
+
+    def refused(self, count: int, reason: str) -> None:
+        """Count events the receiver could not take (undecodable, pushed back...)."""
+        self.telemetry.receiver_refused.add(count, {**self._attrs, "reason": reason})

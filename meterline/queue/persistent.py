@@ -1,0 +1,350 @@
+"""The persistent queue: a write-ahead log on disk, so an acknowledged event survives
+kill -9 (and, with `fsync`, power loss).
+
+Layout of the queue directory:
+
+- `meta.json`: the queue's incarnation id, part of every batch id.
+- `000000000001.seg`, ...: segments of records, each `header + payload` where the
+  header is `<IIQI` (payload length, crc32, record seq, event count) and the
+  payload is the events in msgpack. A torn record at the tail (a crash mid-write)
+  fails its CRC and is cut off at the next start.
+- `journal`: lines `F s i s2 i2` (a batch covering [(s,i), (s2,i2)) was formed and
+  handed to the exporter) and `A s i` (everything before (s,i) was delivered). On
+  restart a formed-but-unacked batch is formed again with the same extent, hence
+  the same id, so the exporter's downstream deduplication recognises the retry.
+
+Writes go through one thread per queue, with group commit: every put that arrives
+while a write is in progress joins the next write and shares its fsync.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import struct
+import uuid
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from meterline.event import Event, unpack
+from meterline.queue import Batch, Position, Queue, QueueWriteError, Record
+
+_HEADER = struct.Struct("<IIQI")
+_JOURNAL_COMPACT_BYTES = 1 << 20
+
+
+@dataclass
+class _Pending:
+    seq: int
+    batch: Batch
+    future: asyncio.Future[Record]
+    size: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.size = _HEADER.size + len(self.batch.packed)
+
+
+class PersistentQueue(Queue):
+    def __init__(self, directory: Path, max_bytes: int, *, fsync: bool = True,
+                 segment_bytes: int = 32 << 20, cache_bytes: int = 32 << 20) -> None:
+        self.dir = directory
+        self.dir.mkdir(parents=True, exist_ok=True)
+        super().__init__(self._incarnation())
+        self.max_bytes = max_bytes
+        self.fsync = fsync
+        self.segment_bytes = segment_bytes
+        self.cache_bytes = cache_bytes  # recent records also kept decoded, up to this size
+        self._cached_bytes = 0
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"wal-{directory.name}")
+        self._segments: dict[int, int] = {}  # segment number -> bytes on disk
+        self._readers: dict[int, int] = {}  # segment number -> read fd
+        self._pending: list[_Pending] = []
+        self._reserved = 0
+        self._writer: asyncio.Task[None] | None = None
+        self._seq = 0
+        self.recovered_events = 0
+        self.discarded_bytes = 0
+        self._recover()
+        self._segment = max(self._segments, default=0) + 1
+        self._fd = self._open_segment(self._segment)
+        self._journal = open(self.dir / "journal", "ab")  # noqa: SIM115 - held open
+
+    @property
+    def durable(self) -> bool:
+        return True
+
+    # --- opening -------------------------------------------------------------------
+    def _incarnation(self) -> str:
+        meta = self.dir / "meta.json"
+        try:
+            return str(json.loads(meta.read_text())["incarnation"])
+        except (OSError, ValueError, KeyError):
+            incarnation = uuid.uuid4().hex[:12]
+            _atomic_write(meta, json.dumps({"incarnation": incarnation}).encode())
+            return incarnation
+
+    def _recover(self) -> None:
+        acked, formed = _read_journal(self.dir / "journal")
+        self._acked = acked
+        numbers = sorted(int(p.stem) for p in self.dir.glob("*.seg") if p.stem.isdigit())
+        for n in numbers:
+            self._scan_segment(n, verify=(n == numbers[-1]))
+        for n in numbers:
+            if not any(r.segment == n for r in self._records):
+                self._delete_segment(n)
+        if formed is not None and formed[0] == self._acked:
+            self._replay = formed
+        self._rewrite_journal()
+
+    def _scan_segment(self, n: int, verify: bool) -> None:
+        path = self._segment_path(n)
+        with open(path, "rb") as f:
+            data = f.read() if verify else None
+            size = os.fstat(f.fileno()).st_size
+            offset = 0
+            while offset + _HEADER.size <= size:
+                if data is not None:
+                    header = data[offset:offset + _HEADER.size]
+                else:
+                    f.seek(offset)
+                    header = f.read(_HEADER.size)
+                length, crc, seq, count = _HEADER.unpack(header)
+                end = offset + _HEADER.size + length
+                if end > size or (data is not None and _crc(seq, count, data[
+                        offset + _HEADER.size:end]) != crc):
+                    break
+                self._seq = max(self._seq, seq)
+                acked_seq, acked_index = self._acked
+                if seq > acked_seq or (seq == acked_seq and acked_index < count):
+                    record = Record(seq, count, end - offset, None, n, offset)
+                    self._records.append(record)
+                    skipped = acked_index if seq == acked_seq else 0
+                    self._available += count - skipped
+                    self._queued += count - skipped
+                offset = end
+        if offset < size:
+            self.discarded_bytes += size - offset
+            with open(path, "r+b") as f:
+                f.truncate(offset)
+        self._segments[n] = offset
+        self.recovered_events = self._queued
+
+    # --- writing -------------------------------------------------------------------
+    def has_room(self, batch: Batch) -> bool:
+        if self._queued == 0 and not self._pending:
+            return True  # an empty queue takes any one batch, however large
+        used = sum(list(self._segments.values())) + self._reserved
+        return used + _HEADER.size + len(batch.packed) <= self.max_bytes
+
+    async def put(self, batch: Batch) -> None:
+        self._seq += 1
+        pending = _Pending(self._seq, batch, asyncio.get_running_loop().create_future())
+        self._pending.append(pending)
+        self._reserved += pending.size
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write_loop())
+        record = await pending.future
+        if self._cached_bytes + record.size <= self.cache_bytes:
+            self._cached_bytes += record.size
+        else:
+            record.events = None  # read back from disk when its turn comes
+        self._appended(record)
+
+    async def _write_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._pending:
+            group, self._pending = self._pending, []
+            try:
+                written = await loop.run_in_executor(self._executor, self._write_group, group)
+            except BaseException as e:
+                written = [e] * len(group)
+            for pending, result in zip(group, written, strict=True):
+                self._reserved -= pending.size
+                if pending.future.done():
+                    continue
+                if isinstance(result, BaseException):
+                    pending.future.set_exception(QueueWriteError(
+                        f"cannot write the queue in {self.dir}: {result}"))
+                else:
+                    pending.future.set_result(result)
+
+    def _write_group(self, group: list[_Pending]) -> list[Record | BaseException]:
+        """In the writer thread: append every record, then one fsync for all."""
+        results: list[Record | BaseException] = []
+        for pending in group:
+            if self._segments[self._segment] >= self.segment_bytes:
+                self._rotate()
+            offset = self._segments[self._segment]
+            payload = pending.batch.packed
+            count = len(pending.batch)
+            header = _HEADER.pack(len(payload), _crc(pending.seq, count, payload), pending.seq,
+                                  count)
+            try:
+                _write_all(self._fd, header + payload)
+            except OSError as e:
+                os.ftruncate(self._fd, offset)  # leave no partial record behind
+                results.extend([e] * (len(group) - len(results)))
+                break
+            self._segments[self._segment] = offset + pending.size
+            results.append(Record(pending.seq, count, pending.size, pending.batch.events,
+                                  self._segment, offset))
+        if self.fsync:
+            try:
+                os.fsync(self._fd)
+            except OSError as e:
+                return [e] * len(group)
+        return results
+
+    def _rotate(self) -> None:
+        os.fsync(self._fd)
+        os.close(self._fd)
+        self._segment += 1
+        self._fd = self._open_segment(self._segment)
+
+    def _open_segment(self, n: int) -> int:
+        fd = os.open(self._segment_path(n), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self._segments[n] = os.fstat(fd).st_size
+        if self.fsync:
+            _fsync_dir(self.dir)
+        return fd
+
+    def _segment_path(self, n: int) -> Path:
+        return self.dir / f"{n:012d}.seg"
+
+    # --- reading -------------------------------------------------------------------
+    def _events_of(self, record: Record) -> list[Event]:
+        if record.events is not None:
+            return record.events
+        fd = self._readers.get(record.segment)
+        if fd is None:
+            fd = self._readers[record.segment] = os.open(self._segment_path(record.segment),
+                                                         os.O_RDONLY)
+        data = os.pread(fd, record.size, record.offset)
+        length, crc, seq, count = _HEADER.unpack_from(data)
+        payload = memoryview(data)[_HEADER.size:]
+        if len(payload) != length or _crc(seq, count, payload) != crc:
+            raise QueueWriteError(f"corrupt record {record.seq} in {self.dir}")
+        return unpack(payload)
+
+    # --- the journal ---------------------------------------------------------------
+    async def _formed(self, start: Position, end: Position) -> None:
+        line = f"F {start[0]} {start[1]} {end[0]} {end[1]}\n".encode()
+        await asyncio.get_running_loop().run_in_executor(
+            self._executor, self._journal_append, line, self.fsync)
+
+    async def _acknowledged(self, end: Position, released: list[Record]) -> None:
+        for record in released:
+            if record.events is not None:
+                self._cached_bytes -= record.size
+                record.events = None
+        live = {r.segment for r in self._records}
+        line = f"A {end[0]} {end[1]}\n".encode()
+        await asyncio.get_running_loop().run_in_executor(
+            self._executor, self._after_ack, line, live)
+
+    def _after_ack(self, line: bytes, live: set[int]) -> None:
+        """In the writer thread (which alone changes the segment table)."""
+        self._journal_append(line, False)
+        for n in [n for n in self._segments if n not in live and n != self._segment]:
+            self._delete_segment(n)
+        if self._journal.tell() > _JOURNAL_COMPACT_BYTES:
+            self._journal.close()
+            self._rewrite_journal()
+            self._journal = open(self.dir / "journal", "ab")  # noqa: SIM115
+
+    def _journal_append(self, line: bytes, sync: bool) -> None:
+        self._journal.write(line)
+        self._journal.flush()
+        if sync:
+            os.fsync(self._journal.fileno())
+
+    def _rewrite_journal(self) -> None:
+        seq, index = self._acked
+        text = f"A {seq} {index}\n"
+        if self._replay is not None:
+            (s, i), (s2, i2) = self._replay
+            text += f"F {s} {i} {s2} {i2}\n"
+        _atomic_write(self.dir / "journal", text.encode(), sync=self.fsync)
+
+    def _delete_segment(self, n: int) -> None:
+        if (fd := self._readers.pop(n, None)) is not None:
+            os.close(fd)
+        with contextlib.suppress(FileNotFoundError):
+            self._segment_path(n).unlink()
+        self._segments.pop(n, None)
+
+    # --- lifecycle -----------------------------------------------------------------
+    async def close(self) -> None:
+        if self._writer is not None:
+            await asyncio.shield(self._writer)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, self._close_files)
+        self._executor.shutdown(wait=True)
+
+    def _close_files(self) -> None:
+        for fd in self._readers.values():
+            os.close(fd)
+        self._readers.clear()
+        if self.fsync:
+            os.fsync(self._fd)
+        os.close(self._fd)
+        self._journal.close()
+
+    def capacity(self) -> dict[str, float]:
+        return {"bytes": sum(list(self._segments.values())), "capacity_bytes": self.max_bytes}
+
+
+def _crc(seq: int, count: int, payload: bytes | memoryview) -> int:
+    return zlib.crc32(payload, zlib.crc32(struct.pack("<QI", seq, count)))
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, data: bytes, sync: bool = True) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        if sync:
+            f.flush()
+            os.fsync(f.fileno())
+    os.replace(tmp, path)
+    if sync:
+        _fsync_dir(path.parent)
+
+
+def _read_journal(path: Path) -> tuple[Position, tuple[Position, Position] | None]:
+    """The last acked position, and a batch formed after it (if one was)."""
+    acked: Position = (0, 0)
+    formed: tuple[Position, Position] | None = None
+    try:
+        lines = path.read_bytes().splitlines()
+    except FileNotFoundError:
+        return acked, None
+    for line in lines:
+        parts = line.split()
+        try:
+            numbers = [int(p) for p in parts[1:]]
+        except ValueError:
+            continue  # a torn last line
+        if parts[:1] == [b"A"] and len(numbers) == 2:
+            acked = (numbers[0], numbers[1])
+            formed = None
+        elif parts[:1] == [b"F"] and len(numbers) == 4:
+            formed = ((numbers[0], numbers[1]), (numbers[2], numbers[3]))
+    return acked, formed

@@ -1,0 +1,34 @@
+"""Finds component factories through entry points, so the core names none of them."""
+
+from __future__ import annotations
+
+from functools import cache
+from importlib.metadata import entry_points
+
+from meterline.component import Factory, Kind
+
+_GROUPS: dict[Kind, str] = {
+    "receiver": "meterline.receivers",
+    "processor": "meterline.processors",
+    "exporter": "meterline.exporters",
+}
+
+
+@cache
+def available(kind: Kind) -> dict[str, str]:
+    """Type name -> entry point value, for every installed component of `kind`."""
+    return {ep.name: ep.value for ep in entry_points(group=_GROUPS[kind])}
+
+
+@cache
+def factory(kind: Kind, type_: str) -> Factory:
+    """The factory of component `type_`; KeyError when no such type is installed."""
+    found = list(entry_points(group=_GROUPS[kind], name=type_))
+    if not found:
+        raise KeyError(type_)
+    ep = found[0]
+    loaded = ep.load()
+    if not isinstance(loaded, Factory) or loaded.kind != kind or loaded.type != type_:
+        raise TypeError(f"entry point {ep.value} is not the {kind} factory of '{type_}'")
+    return loaded
+

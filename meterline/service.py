@@ -1,0 +1,255 @@
+"""The running daemon: builds components from a `PipelineFile`, starts them in
+order (exporters, processors, receivers), reloads, and shuts down.
+
+Reload compares the new file's components with the running ones by id and
+config: unchanged receivers keep their listeners, unchanged exporters keep their
+queues and loops, and only what changed is rebuilt. Intake pauses for the swap
+(`Flow`), so no batch sees half a graph. A changed exporter's queue carries over:
+a persistent queue is reopened from the same directory, a memory queue's events
+are handed to the new one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import os
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from meterline import config as config_mod
+from meterline import logs
+from meterline.component import Context, Exporter, Processor, Receiver
+from meterline.config import ComponentConfig, ConfigError, PipelineFile
+from meterline.delivery import ExporterConfig, ExporterRunner, open_queue
+from meterline.pipeline import Entry, Flow, Pipeline, Taps
+from meterline.queue import Batch
+from meterline.queue.memory import MemoryQueue
+from meterline.telemetry import Telemetry
+
+
+@dataclass
+class _Running:
+    spec: ComponentConfig
+    component: Any  # Receiver, Processor or ExporterRunner
+
+
+class Service:
+    def __init__(self, config: PipelineFile) -> None:
+        self.config = config
+        self.data_dir = Path(config.service.data_dir)
+        self.telemetry = Telemetry(config.service.telemetry.metrics)
+        self.log = logs.get(component="service")
+        self.flow = Flow()
+        self.taps = Taps()
+        self.receivers: dict[str, _Running] = {}
+        self.entries: dict[str, Entry] = {}
+        self.processors: dict[tuple[str, str], _Running] = {}
+        self.exporters: dict[str, _Running] = {}
+        self.pipelines: dict[str, Pipeline] = {}
+        self.ready = False
+        self.admin: Any = None
+        self._lock_fd: int | None = None
+        self._reloading = asyncio.Lock()
+        self._stop = asyncio.Event()
+
+    def context(self, cid: str) -> Context:
+        return Context(cid, self.data_dir, self.telemetry.meter, logs.get(component=cid))
+
+    # --- start ---------------------------------------------------------------------
+    async def start(self) -> None:
+        self._lock_data_dir()
+        await self._apply(self.config, first=True)
+        admin_cfg = self.config.service.admin
+        if admin_cfg is not None:
+            from meterline.admin import AdminServer
+
+            self.admin = AdminServer(self, admin_cfg)
+            await self.admin.start()
+        self.ready = True
+        self.log.info("started", pipelines=sorted(self.pipelines),
+                      receivers=sorted(self.receivers), exporters=sorted(self.exporters))
+
+    def _lock_data_dir(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.data_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RuntimeError(f"another meterline is running with data_dir {self.data_dir}; "
+                               "give each daemon its own service.data_dir") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._lock_fd = fd
+
+    # --- build and swap ------------------------------------------------------------
+    async def _apply(self, new: PipelineFile, first: bool = False) -> None:
+        """Make the running graph that of `new`, rebuilding only what changed."""
+        if not first:
+            await self.flow.pause()
+        try:
+            await self._swap_exporters(new)
+            await self._swap_processors(new)
+            await self._swap_receivers(new)
+        finally:
+            self.flow.resume()
+        self.config = new
+
+    async def _swap_exporters(self, new: PipelineFile) -> None:
+        handover: dict[str, list[list[Any]]] = {}
+        for cid, running in list(self.exporters.items()):
+            spec = new.exporters.get(cid)
+            if spec is not None and spec.config == running.spec.config:
+                continue
+            runner: ExporterRunner = running.component
+            await runner.stop_loop()
+            if isinstance(runner.queue, MemoryQueue):
+                left = runner.queue.untaken()
+                if spec is not None:
+                    handover[cid] = left
+                elif left:
+                    self.log.warning("removed exporter's memory queue dropped events",
+                                     exporter=cid, events=sum(map(len, left)))
+            elif spec is None and len(runner.queue):
+                self.log.warning("removed exporter left events in its queue directory",
+                                 exporter=cid, events=len(runner.queue))
+            self.telemetry.watch_queue(cid, None)
+            await runner.queue.close()
+            await runner.exporter.shutdown()
+            del self.exporters[cid]
+        for cid, spec in new.exporters.items():
+            if cid in self.exporters:
+                continue
+            runner = self._build_exporter(spec)
+            for events in handover.get(cid, []):
+                await runner.queue.put(Batch(events))
+            await runner.start()
+            self.exporters[cid] = _Running(spec, runner)
+
+    def _build_exporter(self, spec: ComponentConfig) -> ExporterRunner:
+        if not isinstance(spec.config, ExporterConfig):
+            raise TypeError(f"exporter {spec.factory.type}: its config class must derive "
+                            "from meterline.delivery.ExporterConfig")
+        context = self.context(spec.id)
+        exporter: Exporter = spec.factory.create(spec.config, context)
+        queue = open_queue(spec.config.queue, context)
+        return ExporterRunner(exporter, spec.config, context, queue, self.telemetry)
+
+    async def _swap_processors(self, new: PipelineFile) -> None:
+        wanted = {(name, pid) for name, p in new.service.pipelines.items() for pid in p.processors}
+        for key, running in list(self.processors.items()):
+            spec = new.processors.get(key[1])
+            if key not in wanted or spec is None or spec.config != running.spec.config:
+                await running.component.shutdown()
+                del self.processors[key]
+        for name, key in sorted(wanted):
+            if (name, key) not in self.processors:
+                spec = new.processors[key]
+                processor: Processor = spec.factory.create(spec.config, self.context(spec.id))
+                await processor.start()
+                self.processors[(name, key)] = _Running(spec, processor)
+        self.pipelines = {
+            name: Pipeline(
+                name,
+                [(pid, self.processors[(name, pid)].component) for pid in p.processors],
+                [self.exporters[eid].component for eid in p.exporters],
+                self.telemetry, self.taps)
+            for name, p in new.service.pipelines.items()}
+
+    async def _swap_receivers(self, new: PipelineFile) -> None:
+        for cid, running in list(self.receivers.items()):
+            spec = new.receivers.get(cid)
+            if spec is None or spec.config != running.spec.config:
+                await running.component.shutdown()
+                del self.receivers[cid]
+        for cid in list(self.entries):
+            if cid not in new.receivers:
+                del self.entries[cid]
+        for cid, spec in new.receivers.items():
+            entry = self.entries.setdefault(cid, Entry(cid, self.flow, self.telemetry))
+            entry.pipelines = [self.pipelines[name]
+                               for name, p in new.service.pipelines.items() if cid in p.receivers]
+            if cid not in self.receivers:
+                receiver: Receiver = spec.factory.create(spec.config, self.context(cid), entry)
+                await receiver.start()
+                self.receivers[cid] = _Running(spec, receiver)
+
+    # --- reload --------------------------------------------------------------------
+    async def reload(self, path: str) -> bool:
+        """Re-read `path`; apply it if valid, else log why and keep running as before."""
+        async with self._reloading:
+            try:
+                new = config_mod.load(path)
+            except ConfigError as e:
+                for problem in e.problems:
+                    self.log.error("reload refused: invalid configuration", problem=str(problem))
+                return False
+            fixed = ("data_dir", "admin", "telemetry")
+            for key in fixed:
+                if getattr(new.service, key) != getattr(self.config.service, key):
+                    self.log.warning("service setting changes need a restart", setting=key)
+                    setattr(new.service, key, getattr(self.config.service, key))
+            try:
+                await self._apply(new)
+            except Exception as e:
+                self.log.error("reload failed while applying", error=str(e))
+                raise
+            self.log.info("reloaded", file=path, pipelines=sorted(self.pipelines))
+            return True
+
+    # --- stop ----------------------------------------------------------------------
+    async def shutdown(self) -> None:
+        """Stop intake, then let exporters deliver within `service.shutdown_timeout`."""
+        self.ready = False
+        grace = float(self.config.service.shutdown_timeout)
+        for running in self.receivers.values():
+            with contextlib.suppress(Exception):
+                await running.component.shutdown()
+        for running in self.processors.values():
+            await running.component.shutdown()
+        await asyncio.gather(*(r.component.shutdown(grace) for r in self.exporters.values()))
+        if self.admin is not None:
+            await self.admin.shutdown()
+        self.telemetry.shutdown()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+        self.log.info("stopped")
+
+    async def run(self, path: str) -> None:
+        """Run until SIGTERM/SIGINT; reload on SIGHUP (and on change when watched)."""
+        loop = asyncio.get_running_loop()
+        await self.start()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload(path)))
+        watcher = (asyncio.create_task(self._watch(path))
+                   if self.config.service.watch_config else None)
+        try:
+            await self._stop.wait()
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+            await self.shutdown()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def _watch(self, path: str) -> None:
+        def stamp() -> tuple[float, int] | None:
+            try:
+                st = os.stat(path)
+            except OSError:
+                return None
+            return st.st_mtime, st.st_size
+
+        last = stamp()
+        while True:
+            await asyncio.sleep(1)
+            now = stamp()
+            if now is not None and now != last:
+                last = now
+                await self.reload(path)

@@ -1,0 +1,1 @@
+"""Processors: synchronous functions on batches of events."""

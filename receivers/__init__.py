@@ -1,0 +1,1 @@
+"""Receivers: components that take events from the outside into the pipeline."""

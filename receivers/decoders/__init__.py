@@ -1,0 +1,100 @@
+"""Decoders: foreign formats in, events out.
+
+Every receiver that takes JSON (webhook, file, kafka) goes through `decode_body`
+or `decode_item`. The decoder is chosen per item by what the item carries:
+Otoroshi audit events have `@type`/`audit`, LiteLLM's `StandardLoggingPayload`
+has its own keys, and anything else must be meterline's own JSON form. An item
+that fits none is refused with the reason, never dropped silently.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+from meterline.event import FIELDS, Event, from_dict, list_from_json
+from receivers.decoders import litellm, otoroshi
+from receivers.decoders.errors import DecodeError
+
+__all__ = ["DecodeError", "Decoded", "decode_body", "decode_item"]
+
+_raw = msgspec.json.Decoder()
+
+
+@dataclass
+class Decoded:
+    events: list[Event] = field(default_factory=list)
+    rejected: list[tuple[int, str]] = field(default_factory=list)  # (item index, reason)
+
+
+def decode_item(item: Any) -> Event:
+    """One parsed JSON item to an event, whichever format it is in."""
+    if not isinstance(item, dict):
+        raise DecodeError(f"expected a JSON object, got {type(item).__name__}")
+    if "@type" in item or "audit" in item:
+        return otoroshi.decode(item)
+    if litellm.recognises(item):
+        return litellm.decode(item)
+    if not FIELDS.intersection(item):
+        raise DecodeError(
+            "matches no decoder: not an Otoroshi audit event (no @type or audit), not a "
+            "LiteLLM StandardLoggingPayload (no litellm_call_id, call_type or "
+            "custom_llm_provider), not a meterline event (none of its fields)")
+    try:
+        return from_dict(item)
+    except msgspec.ValidationError as e:
+        raise DecodeError(f"invalid meterline event: {e}") from None
+
+
+def decode_body(body: bytes, ndjson: bool = False) -> Decoded:
+    """A request body (JSON object, JSON array, or NDJSON) to events and rejections.
+
+    A JSON array of meterline events decodes in a single call; only when that
+    fails does each item go through `decode_item` on its own.
+    """
+    text = body.lstrip()
+    if not ndjson and text[:1] == b"[":
+        try:
+            return Decoded(list_from_json(text))
+        except msgspec.DecodeError:
+            pass  # not all meterline events: go item by item below
+    items: list[Any]
+    if ndjson:
+        items = _lines(body)
+    else:
+        try:
+            parsed = _raw.decode(body)
+        except msgspec.DecodeError as e:
+            if b"\n" not in text.rstrip():
+                raise DecodeError(f"malformed JSON: {e}") from None
+            items = _lines(body)  # several JSON documents, one per line
+            if isinstance(items[0], DecodeError):
+                raise DecodeError(f"malformed JSON: {e}") from None
+        else:
+            items = parsed if isinstance(parsed, list) else [parsed]
+    decoded = Decoded()
+    for index, item in enumerate(items):
+        try:
+            if isinstance(item, DecodeError):
+                raise item
+            decoded.events.append(decode_item(item))
+        except DecodeError as e:
+            decoded.rejected.append((index, str(e)))
+        except Exception as e:
+            decoded.rejected.append((index, f"cannot decode: {type(e).__name__}: {e}"))
+    return decoded
+
+
+def _lines(body: bytes) -> list[Any]:
+    """NDJSON: one parsed item (or the DecodeError of that line) per non-blank line."""
+    items: list[Any] = []
+    for number, line in enumerate(body.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            items.append(_raw.decode(line))
+        except msgspec.DecodeError as e:
+            items.append(DecodeError(f"line {number}: malformed JSON: {e}"))
+    return items

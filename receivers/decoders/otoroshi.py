@@ -1,0 +1,133 @@
+"""Otoroshi's `LLMUsageAudit` audit event (its LLM extension's usage record).
+
+Otoroshi's webhook exporter posts a JSON array of such events, its Kafka exporter
+one per message. Other Otoroshi events (GatewayEvent, AlertEvent...) are refused
+with the filter that keeps them out. The audit event's `@timestamp` is written
+when the call ends, so the request start is `@timestamp - duration`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from meterline.event import Event, uuid7
+from meterline.genai import error_type_for_name, provider_name
+from receivers.decoders.errors import DecodeError
+from receivers.decoders.values import as_dict, as_float, as_int, as_messages
+
+_OPERATIONS = {
+    "chat": "chat",
+    "completion": "text_completion",
+    "embedding_model": "embeddings",
+    "audio_model": "audio",
+    "image_model": "image_generation",
+    "moderation_model": "moderation",
+    "video_model": "video_generation",
+}
+_PARAMS = ("temperature", "top_p", "max_tokens", "frequency_penalty", "presence_penalty", "seed",
+           "n", "top_k")
+
+
+def decode(item: dict[str, Any]) -> Event:
+    audit = item.get("audit")
+    if audit != "LLMUsageAudit":
+        kind = audit or item.get("@type") or "unknown"
+        raise DecodeError(f"Otoroshi {kind} event is not an LLM usage event; keep only "
+                          "LLMUsageAudit in the data exporter: "
+                          'include [{"audit": "LLMUsageAudit"}]')
+    usage = as_dict(item.get("usage")) or as_dict(as_dict(item.get("output")).get("metadata")).get(
+        "usage") or {}
+    rate = as_dict(item.get("rate_limit"))
+    apikey = as_dict(item.get("apikey"))
+    location = as_dict(apikey.get("_loc"))
+    teams = location.get("teams") or []
+    route = as_dict(item.get("route"))
+    user = as_dict(item.get("user"))
+    consumed = str(item.get("consumed_using") or "")
+    duration = as_float(item.get("duration"))
+    stamp_ms = as_float(item.get("@timestamp"))
+    if stamp_ms is None:
+        raise DecodeError("Otoroshi LLMUsageAudit without @timestamp")
+    start_us = round((stamp_ms - (duration or 0)) * 1000)
+    error = item.get("error")
+    costs = _costs(item)
+    domains = as_dict(route.get("frontend")).get("domains") or []
+    attributes = {k: v for k, v in {
+        "otoroshi.provider_id": item.get("provider"),
+        "otoroshi.route_id": route.get("id"),
+        "otoroshi.instance": item.get("instance-name"),
+        "otoroshi.env": item.get("@env"),
+        "otoroshi.consumed_using": consumed or None,
+        "server.address": domains[0] if domains else None,
+        "otoroshi.cost_currency": costs.get("currency") if costs else None,
+    }.items() if v is not None}
+    return Event(
+        event_id=str(item.get("@id") or "") or uuid7(),
+        timestamp=start_us * 1000,
+        source="otoroshi",
+        provider=provider_name(item.get("provider_kind")),
+        operation=_OPERATIONS.get(consumed.split("/")[0]) if consumed else None,
+        request_model=item.get("model"),
+        streaming=consumed.endswith("/streaming") if consumed else None,
+        route=route.get("name") or route.get("id"),
+        upstream=as_dict(item.get("provider_details")).get("name") or item.get("provider"),
+        params=_params(item),
+        status_code=200 if error is None else None,
+        error_type=error_type_for_name(_error_name(error)) if error is not None else None,
+        error_message=_error_text(error),
+        input_tokens=as_int(usage.get("prompt_tokens")),
+        output_tokens=as_int(usage.get("generation_tokens")),
+        reasoning_tokens=as_int(usage.get("reasoning_tokens")),
+        duration_ms=duration,
+        user_id=user.get("email") or user.get("name") or user.get("id") if user else None,
+        api_key_id=apikey.get("clientId"),
+        api_key_name=apikey.get("clientName"),
+        team=teams[0] if len(teams) == 1 else None,
+        organization=location.get("tenant"),
+        ratelimit_requests_limit=as_int(rate.get("requests_limit")),
+        ratelimit_requests_remaining=as_int(rate.get("requests_remaining")),
+        ratelimit_tokens_limit=as_int(rate.get("tokens_limit")),
+        ratelimit_tokens_remaining=as_int(rate.get("tokens_remaining")),
+        input_messages=as_messages(item.get("input_prompt")),
+        output_messages=as_messages([as_dict(g).get("message") for g in
+                                   as_dict(item.get("output")).get("generations") or []]),
+        actual_cost_usd=_usd(costs),
+        attributes=attributes or None,
+    )
+
+
+
+
+
+def _params(item: dict[str, Any]) -> dict[str, Any] | None:
+    options = as_dict(as_dict(item.get("provider_details")).get("options"))
+    params = {k: int(n) if n.is_integer() else n
+              for k in _PARAMS if (n := as_float(options.get(k))) is not None}
+    return params or None
+
+
+
+def _costs(item: dict[str, Any]) -> dict[str, Any]:
+    output_meta = as_dict(as_dict(item.get("output")).get("metadata"))
+    return as_dict(output_meta.get("costs")) or as_dict(item.get("costs"))
+
+
+def _usd(costs: dict[str, Any]) -> float | None:
+    currency = str(costs.get("currency") or "USD").upper()
+    total = as_float(costs.get("total_cost"))
+    return total if currency == "USD" else None
+
+
+def _error_name(error: Any) -> str:
+    if isinstance(error, dict):
+        return str(error.get("type") or error.get("code") or error.get("message") or "")
+    return str(error)
+
+
+def _error_text(error: Any) -> str | None:
+    if error is None:
+        return None
+    if isinstance(error, dict):
+        text = error.get("message") or error.get("error") or error
+        return str(text)[:1024]
+    return str(error)[:1024]

@@ -1,0 +1,34 @@
+"""Lenient readers for loosely typed foreign JSON: a wrong type reads as absent."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def as_dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def as_float(value: Any) -> float | None:
+    """A number, or a string holding one; anything else (booleans too) is None."""
+    if isinstance(value, bool) or value is None:
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def as_int(value: Any) -> int | None:
+    number = as_float(value)
+    return None if number is None else int(number)
+
+
+def as_messages(value: Any) -> list[dict[str, Any]] | None:
+    """`{role, content}` messages; a bare string is one user message."""
+    if isinstance(value, str):
+        return [{"role": "user", "content": value}]
+    if not isinstance(value, list):
+        return None
+    messages = [m for m in value if isinstance(m, dict)]
+    return messages or None

@@ -1,0 +1,109 @@
+"""Receiver `webhook`: `POST /v1/events` with JSON events from anything that posts them.
+
+Takes a JSON object, a JSON array or NDJSON (gzip-encoded or not): meterline's
+own events, Otoroshi's `LLMUsageAudit` events (its webhook data exporter) and
+LiteLLM's `StandardLoggingPayload` (its generic API logger). It answers only
+once the accepted events are durably queued, with how many were accepted and,
+for each refused item, why. When a queue is full it answers 429 with
+`Retry-After`, having queued nothing, so the sender's retry loses nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+from typing import Any
+
+from aiohttp import web
+
+from meterline.component import Backpressure, Config, Consumer, Context, Factory, Receiver
+from meterline.httpserver import serve
+from meterline.queue import QueueWriteError
+from meterline.units import Duration, Listen
+from receivers.decoders import DecodeError, decode_body
+
+_JSON_TYPES = {"application/json", "text/json"}
+_NDJSON_TYPES = {"application/x-ndjson", "application/ndjson", "application/jsonl",
+                 "application/x-jsonlines", "application/jsonlines"}
+_MAX_REASONS = 100
+
+
+class WebhookConfig(Config):
+    listen: Listen = Listen("127.0.0.1:8090")
+    path: str = "/v1/events"
+    auth_token: str | None = None  # when set, requests need `Authorization: Bearer <token>`
+    max_body_mb: float = 16  # after gzip decoding
+    read_timeout: Duration = Duration(30)  # a client slower than this gets 408
+
+    def __post_init__(self) -> None:
+        if not self.path.startswith("/"):
+            raise ValueError(f"path must start with /, got {self.path!r}")
+        if self.max_body_mb <= 0:
+            raise ValueError("max_body_mb must be positive")
+
+
+class WebhookReceiver(Receiver):
+    def __init__(self, config: WebhookConfig, context: Context, consumer: Consumer) -> None:
+        super().__init__(consumer)
+        self.config = config
+        self.log = context.log
+        self.runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        app = web.Application(client_max_size=int(self.config.max_body_mb * (1 << 20)))
+        app.router.add_post(self.config.path, self.handle)
+        self.runner = await serve(app, self.config.listen, shutdown_timeout=5.0)
+        self.log.info("webhook listening", listen=self.config.listen, path=self.config.path)
+
+    async def shutdown(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+    async def handle(self, request: web.Request) -> web.Response:
+        token = self.config.auth_token
+        if token and not hmac.compare_digest(
+                request.headers.get("Authorization", "").encode(), f"Bearer {token}".encode()):
+            return _error(401, "missing or wrong bearer token")
+        ctype = request.content_type.lower()
+        if ctype not in _JSON_TYPES and ctype not in _NDJSON_TYPES:
+            return _error(415, f"unsupported Content-Type {ctype!r}: send application/json "
+                               "(an object or an array) or application/x-ndjson")
+        try:
+            body = await asyncio.wait_for(request.read(), float(self.config.read_timeout))
+        except web.HTTPRequestEntityTooLarge:
+            return _error(413, f"body larger than max_body_mb ({self.config.max_body_mb} MB)")
+        except TimeoutError:
+            return _error(408, f"body not received within {self.config.read_timeout}s")
+        try:
+            decoded = decode_body(body, ndjson=ctype in _NDJSON_TYPES)
+        except DecodeError as e:
+            self.consumer.refused(1, "undecodable")
+            return _error(400, str(e))
+        if decoded.rejected:
+            self.consumer.refused(len(decoded.rejected), "undecodable")
+            self.log.info("items refused", count=len(decoded.rejected),
+                          first_reason=decoded.rejected[0][1])
+        try:
+            await self.consumer.consume(decoded.events)
+        except Backpressure as e:
+            retry = str(max(1, round(e.retry_after)))
+            return _error(429, f"back-pressure: {e}; retry later", {"Retry-After": retry})
+        except QueueWriteError as e:
+            self.consumer.refused(len(decoded.events), "unavailable")
+            self.log.error("cannot queue events", error=str(e))
+            return _error(503, f"cannot queue events: {e}", {"Retry-After": "5"})
+        answer: dict[str, Any] = {
+            "accepted": len(decoded.events),
+            "rejected": [{"index": i, "reason": r} for i, r in decoded.rejected[:_MAX_REASONS]],
+        }
+        if len(decoded.rejected) > _MAX_REASONS:
+            answer["rejected_count"] = len(decoded.rejected)
+        status = 400 if decoded.rejected and not decoded.events else 200
+        return web.json_response(answer, status=status)
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response({"error": message}, status=status, headers=headers)
+
+
+factory = Factory(kind="receiver", type="webhook", config=WebhookConfig, create=WebhookReceiver)

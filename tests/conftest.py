@@ -1,0 +1,159 @@
+"""Shared helpers: free ports, events, running the daemon in-process or as a process."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import msgspec
+import pytest
+
+from meterline import config as config_mod
+from meterline.event import Event
+from meterline.service import Service
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def make_event(i: int = 0, **fields: Any) -> Event:
+    base: dict[str, Any] = {
+        "event_id": f"evt-{i:08d}", "timestamp": 1_700_000_000_000_000_000 + i,
+        "source": "gateway", "provider": "openai", "operation": "chat",
+        "request_model": "gpt-4o-mini", "status_code": 200, "input_tokens": 10 + i % 7,
+        "output_tokens": 20, "duration_ms": 120.5, "endpoint": "/v1/chat/completions",
+    }
+    base.update(fields)
+    return Event(**base)
+
+
+def event_dicts(start: int, count: int, **fields: Any) -> list[dict[str, Any]]:
+    return [msgspec.to_builtins(make_event(i, **fields)) for i in range(start, start + count)]
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [msgspec.json.decode(line) for line in path.read_bytes().splitlines() if line.strip()]
+
+
+def config_text(body: str, tmp_path: Path) -> str:
+    """A pipeline.yaml body with `{data}` standing for a data dir under tmp_path."""
+    return textwrap.dedent(body).replace("{data}", str(tmp_path / "data"))
+
+
+@contextlib.asynccontextmanager
+async def running(body: str, tmp_path: Path) -> AsyncIterator[Service]:
+    """Run a Service in-process on the given pipeline.yaml body."""
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(config_text(body, tmp_path))
+    service = Service(config_mod.load(str(path)))
+    await service.start()
+    try:
+        yield service
+    finally:
+        await service.shutdown()
+
+
+async def post_json(url: str, payload: Any, **kwargs: Any) -> tuple[int, Any, dict[str, str]]:
+    async with aiohttp.ClientSession() as session, session.post(
+            url, data=msgspec.json.encode(payload),
+            headers={"Content-Type": "application/json", **kwargs.pop("headers", {})},
+            **kwargs) as r:
+        body = await r.read()
+        try:
+            parsed = msgspec.json.decode(body)
+        except msgspec.DecodeError:
+            parsed = body.decode()
+        return r.status, parsed, dict(r.headers)
+
+
+async def eventually(check: Any, timeout: float = 10.0, interval: float = 0.05) -> Any:
+    """Poll `check()` until it returns something truthy, or fail after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        await asyncio.sleep(interval)
+
+
+class Daemon:
+    """`meterline run` as a real process (for crash, signal and CLI tests)."""
+
+    def __init__(self, config: Path, admin_port: int, cwd: Path) -> None:
+        self.config, self.admin_port, self.cwd = config, admin_port, cwd
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = cwd / "daemon.log"
+
+    def start(self, timeout: float = 15.0) -> None:
+        log = open(self.log, "ab")  # noqa: SIM115 - the process owns it
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "meterline", "run", "-c", str(self.config)],
+            cwd=self.cwd, stdout=log, stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"daemon exited: {self.log.read_text()}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.admin_port), timeout=0.2) as s:
+                    s.sendall(b"GET /readyz HTTP/1.0\r\n\r\n")
+                    if b" 200 " in s.recv(100):
+                        return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise AssertionError(f"daemon not ready: {self.log.read_text()}")
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def stop(self, timeout: float = 20.0) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait()
+
+
+@pytest.fixture
+def daemon_factory(tmp_path: Path) -> Iterator[Any]:
+    daemons: list[Daemon] = []
+
+    def make(body: str) -> Daemon:
+        admin = free_port()
+        path = tmp_path / "pipeline.yaml"
+        path.write_text(config_text(body, tmp_path).replace("{admin}", str(admin)))
+        d = Daemon(path, admin, tmp_path)
+        daemons.append(d)
+        return d
+
+    yield make
+    for d in daemons:
+        if d.proc is not None and d.proc.poll() is None:
+            d.kill()

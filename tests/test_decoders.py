@@ -1,0 +1,140 @@
+"""Foreign formats decode into the expected event fields."""
+
+import gzip
+import json
+
+import msgspec
+import pytest
+
+from meterline.event import to_json
+from receivers.decoders import DecodeError, decode_body, decode_item
+from tests.conftest import FIXTURES, make_event
+
+OTOROSHI = json.loads((FIXTURES / "otoroshi-llm-usage-audit.json").read_text())
+LITELLM = json.loads((FIXTURES / "litellm-standard-logging-payload.json").read_text())
+
+
+def test_otoroshi_fixture_decodes_to_the_expected_fields():
+    e = decode_item(OTOROSHI)
+    assert e.event_id == "1904913942551986550"
+    assert e.source == "otoroshi"
+    assert e.provider == "openai"
+    assert e.operation == "chat"
+    assert e.streaming is False
+    assert e.request_model == "gpt-4o-mini"
+    assert (e.input_tokens, e.output_tokens, e.reasoning_tokens) == (14, 39, 0)
+    assert e.duration_ms == 960
+    assert e.timestamp == (1743001850151 - 960) * 1_000_000  # request start
+    assert (e.ratelimit_requests_limit, e.ratelimit_requests_remaining) == (10000, 9998)
+    assert (e.ratelimit_tokens_limit, e.ratelimit_tokens_remaining) == (200000, 199992)
+    assert e.api_key_id == "the_client_id"
+    assert e.api_key_name == "default-apikey"
+    assert e.route == "demo-llm-events"
+    assert e.input_messages == [{"role": "user", "content": "tell me a joke"}]
+    assert e.output_messages[0]["role"] == "assistant"
+    assert e.status_code == 200 and e.error_type is None
+    assert e.actual_cost_usd is None
+    assert e.params["max_tokens"] == 10000
+    assert e.attributes["server.address"] == "demo-llm-events.oto.tools"
+
+
+def test_otoroshi_cost_figures_become_actual_cost():
+    item = {**OTOROSHI, "output": {**OTOROSHI["output"], "metadata": {
+        **OTOROSHI["output"]["metadata"],
+        "costs": {"input_cost": 0.0000021, "output_cost": 0.0000234, "reasoning_cost": 0,
+                  "total_cost": 0.0000255, "currency": "USD"}}}}
+    assert decode_item(item).actual_cost_usd == pytest.approx(0.0000255)
+
+
+def test_otoroshi_streaming_embeddings_and_errors_map():
+    item = {**OTOROSHI, "consumed_using": "chat/completion/streaming",
+            "error": {"message": "Rate limit reached", "type": "rate_limit_exceeded"}}
+    e = decode_item(item)
+    assert e.streaming is True
+    assert e.error_type == "rate_limit_error"
+    assert e.error_message == "Rate limit reached"
+    assert decode_item({**OTOROSHI, "consumed_using": "embedding_model/embedding"}
+                       ).operation == "embeddings"
+
+
+def test_other_otoroshi_events_are_refused_with_the_filter_to_use():
+    with pytest.raises(DecodeError, match='include \\[{"audit": "LLMUsageAudit"}\\]'):
+        decode_item({"@type": "GatewayEvent", "@id": "1", "@timestamp": 1})
+
+
+def test_litellm_payload_decodes_to_the_expected_fields():
+    e = decode_item(LITELLM)
+    assert e.source == "litellm"
+    assert e.event_id == LITELLM["id"]
+    assert e.provider == "openai"
+    assert e.operation == "chat"
+    assert e.request_model == "gpt-4o"
+    assert e.response_model == "gpt-4o-2024-08-06"
+    assert e.streaming is True
+    assert e.timestamp == 1763913600250000000
+    assert e.duration_ms == pytest.approx(1500)
+    assert e.ttft_ms == pytest.approx(400)
+    assert (e.input_tokens, e.output_tokens, e.cache_read_tokens) == (120, 35, 64)
+    assert e.api_key_id == "88dc28d0f030c55e"  # a prefix of the hash, never the key
+    assert e.api_key_name == "checkout-service"
+    assert (e.team, e.organization, e.user_id) == ("team-payments", "org-acme",
+                                                   "alice@example.com")
+    assert e.metadata == {"customer_id": "acme-42", "feature": "refund-bot"}
+    assert e.actual_cost_usd == pytest.approx(0.0004125)
+    assert e.finish_reasons == ["stop"]
+    assert e.params == {"temperature": 0.2, "max_tokens": 256}
+    assert e.status_code == 200 and e.error_type is None
+    assert len(e.input_messages) == 2
+
+
+def test_litellm_failure_maps_error_type():
+    item = {**LITELLM, "status": "failure", "error_str": "Rate limit",
+            "error_information": {"error_code": "429", "error_class": "RateLimitError",
+                                  "error_message": "Rate limit exceeded"}}
+    e = decode_item(item)
+    assert (e.status_code, e.error_type) == (429, "rate_limit_error")
+    assert e.error_message == "Rate limit exceeded"
+
+
+def test_meterline_json_decodes_as_itself():
+    event = make_event(3)
+    assert decode_item(msgspec.json.decode(to_json(event))) == event
+
+
+def test_item_matching_no_decoder_is_refused_with_a_reason():
+    with pytest.raises(DecodeError, match="matches no decoder"):
+        decode_item({"hello": "world"})
+
+
+def test_invalid_meterline_event_names_the_field():
+    with pytest.raises(DecodeError, match="input_tokens"):
+        decode_item({"provider": "openai", "input_tokens": "many"})
+
+
+def test_body_with_an_array_of_mixed_formats_decodes_each_item():
+    body = json.dumps([OTOROSHI, LITELLM, {"provider": "anthropic"}, {"x": 1}]).encode()
+    decoded = decode_body(body)
+    assert [e.source for e in decoded.events] == ["otoroshi", "litellm", None]
+    assert [i for i, _ in decoded.rejected] == [3]
+
+
+def test_ndjson_body_decodes_line_by_line_and_names_the_bad_line():
+    body = b"\n".join([to_json(make_event(1)), b"{oops", to_json(make_event(2))])
+    decoded = decode_body(body, ndjson=True)
+    assert [e.event_id for e in decoded.events] == ["evt-00000001", "evt-00000002"]
+    assert decoded.rejected[0][0] == 1 and "line 2" in decoded.rejected[0][1]
+
+
+def test_json_lines_sent_as_application_json_are_recognised():
+    body = b"\n".join([to_json(make_event(1)), to_json(make_event(2))])
+    assert len(decode_body(body).events) == 2
+
+
+def test_malformed_json_body_is_an_error_with_its_position():
+    with pytest.raises(DecodeError, match="malformed JSON.*byte"):
+        decode_body(b'{"provider": nope}')
+
+
+def test_gzip_is_not_the_decoders_business():
+    with pytest.raises(DecodeError):
+        decode_body(gzip.compress(b"[]"))
