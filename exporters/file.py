@@ -43,9 +43,6 @@ class FileExporter(Exporter):
         self.log = context.log
         self._file: int | None = None
 
-    async def start(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-
     async def export(self, batch: ExportBatch) -> None:
         data = to_jsonl(batch.events)
         try:
@@ -55,6 +52,7 @@ class FileExporter(Exporter):
 
     def _write(self, data: bytes) -> None:
         if self._file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         rotation = self.rotation
         if rotation is not None:

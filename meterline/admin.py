@@ -2,6 +2,7 @@
 
 `/healthz` answers while the process runs; `/readyz` once every component has
 started; `/metrics` is the self-telemetry in Prometheus text format;
+`/api/v1/status` shows the running pipelines, the reload count and the queues;
 `/api/v1/tap?filter=JSON` streams the events leaving the processors as NDJSON
 (what `meterline tap` reads). `/api/*` requires the bearer token when
 `service.admin.auth_token` is set.
@@ -9,6 +10,7 @@ started; `/metrics` is the self-telemetry in Prometheus text format;
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import json
@@ -36,14 +38,17 @@ class AdminServer:
         self.app.router.add_get("/healthz", self.healthz)
         self.app.router.add_get("/readyz", self.readyz)
         self.app.router.add_get("/metrics", self.metrics)
+        self.app.router.add_get("/api/v1/status", self.status)
         self.app.router.add_get("/api/v1/tap", self.tap)
         self.runner: web.AppRunner | None = None
+        self._closing = False
 
     async def start(self) -> None:
         self.runner = await serve(self.app, self.config.listen)
         self.service.log.info("admin server listening", listen=self.config.listen)
 
     async def shutdown(self) -> None:
+        self._closing = True  # ends the taps' streams
         if self.runner is not None:
             await self.runner.cleanup()
 
@@ -68,6 +73,9 @@ class AdminServer:
         body = generate_latest(self.service.telemetry.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
+    async def status(self, _: web.Request) -> web.Response:
+        return web.json_response(self.service.status())
+
     async def tap(self, request: web.Request) -> web.StreamResponse:
         try:
             raw = json.loads(request.query.get("filter") or "{}")
@@ -80,8 +88,13 @@ class AdminServer:
         await response.prepare(request)
         self.service.taps.active.add(tap)
         try:
-            while True:
-                events = await tap.pending.get()
+            while not self._closing:
+                try:
+                    events = await asyncio.wait_for(tap.pending.get(), 0.5)
+                except TimeoutError:
+                    if request.transport is None or request.transport.is_closing():
+                        break  # the reader went away
+                    continue
                 await response.write(to_jsonl(events))
         except (ConnectionResetError, RuntimeError):
             pass

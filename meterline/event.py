@@ -5,7 +5,8 @@ and encoding it back are the cheapest per-event operations Python offers, and
 per-event cost is the budget that limits throughput. `None` always means "not
 reported" (never 0), and such fields are omitted from the JSON form. The JSON
 form always carries `schema_version`, so that a reader can tell which schema an
-event was written against; decoding accepts it absent (hand-written events).
+event was written against; decoding accepts it absent (hand-written events) and
+refuses unknown fields, which belong in `attributes`.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ class Event(
     msgspec.Struct,
     kw_only=True,
     omit_defaults=True,
+    forbid_unknown_fields=True,
     tag_field="schema_version",
     tag=SCHEMA_VERSION,
 ):

@@ -51,6 +51,7 @@ class Service:
         self.exporters: dict[str, _Running] = {}
         self.pipelines: dict[str, Pipeline] = {}
         self.ready = False
+        self.reloads = 0  # successful reloads since start
         self.admin: Any = None
         self._lock_fd: int | None = None
         self._reloading = asyncio.Lock()
@@ -198,8 +199,20 @@ class Service:
             except Exception as e:
                 self.log.error("reload failed while applying", error=str(e))
                 raise
+            self.reloads += 1
             self.log.info("reloaded", file=path, pipelines=sorted(self.pipelines))
             return True
+
+    def status(self) -> dict[str, Any]:
+        """What runs now: for the admin API and for operators checking a reload."""
+        return {
+            "ready": self.ready,
+            "reloads": self.reloads,
+            "pipelines": {name: {"receivers": p.receivers, "processors": p.processors,
+                                 "exporters": p.exporters}
+                          for name, p in self.config.service.pipelines.items()},
+            "exporters": {cid: r.component.queue.describe() for cid, r in self.exporters.items()},
+        }
 
     # --- stop ----------------------------------------------------------------------
     async def shutdown(self) -> None:

@@ -73,10 +73,13 @@ async def running(body: str, tmp_path: Path) -> AsyncIterator[Service]:
 
 
 async def post_json(url: str, payload: Any, **kwargs: Any) -> tuple[int, Any, dict[str, str]]:
-    async with aiohttp.ClientSession() as session, session.post(
-            url, data=msgspec.json.encode(payload),
-            headers={"Content-Type": "application/json", **kwargs.pop("headers", {})},
-            **kwargs) as r:
+    headers = {"Content-Type": "application/json", **kwargs.pop("headers", {})}
+    return await post_raw(url, msgspec.json.encode(payload), headers=headers, **kwargs)
+
+
+async def post_raw(url: str, data: bytes, **kwargs: Any) -> tuple[int, Any, dict[str, str]]:
+    """POST bytes; the answer's status, its JSON (or text) and its headers."""
+    async with aiohttp.ClientSession() as session, session.post(url, data=data, **kwargs) as r:
         body = await r.read()
         try:
             parsed = msgspec.json.decode(body)

@@ -58,7 +58,7 @@ def test_otoroshi_streaming_embeddings_and_errors_map():
 
 
 def test_other_otoroshi_events_are_refused_with_the_filter_to_use():
-    with pytest.raises(DecodeError, match='include \\[{"audit": "LLMUsageAudit"}\\]'):
+    with pytest.raises(DecodeError, match=r'include \[\{"audit": "LLMUsageAudit"\}\]'):
         decode_item({"@type": "GatewayEvent", "@id": "1", "@timestamp": 1})
 
 
@@ -131,10 +131,15 @@ def test_json_lines_sent_as_application_json_are_recognised():
 
 
 def test_malformed_json_body_is_an_error_with_its_position():
-    with pytest.raises(DecodeError, match="malformed JSON.*byte"):
+    with pytest.raises(DecodeError, match=r"malformed JSON.*byte"):
         decode_body(b'{"provider": nope}')
 
 
 def test_gzip_is_not_the_decoders_business():
     with pytest.raises(DecodeError):
         decode_body(gzip.compress(b"[]"))
+
+
+def test_unknown_fields_in_meterline_json_are_refused_by_name():
+    with pytest.raises(DecodeError, match="unknown field `colour`"):
+        decode_item({"provider": "openai", "colour": "blue"})

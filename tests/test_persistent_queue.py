@@ -75,7 +75,7 @@ async def test_a_formed_unacked_batch_is_formed_again_with_the_same_id(tmp_path)
     assert again.events == batch.events
     await q2.ack(again)
     after = await q2.take(100)
-    assert [e.event_id for e in after.events][0] == "evt-00000003"
+    assert after.events[0].event_id == "evt-00000003"
     await q2.close()
 
 

@@ -1,0 +1,128 @@
+"""The admin server: health, readiness, self-telemetry, status and the live tap."""
+
+import asyncio
+import json
+import subprocess
+import sys
+
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import event_dicts, eventually, free_port, post_json, running
+
+PIPELINE = """
+receivers:
+  webhook: {{listen: 127.0.0.1:{port}}}
+processors:
+  filter/no-anthropic:
+    exclude: [{{provider: anthropic}}]
+exporters:
+  file:
+    path: {{data}}/out.jsonl
+    batch: {{timeout: 10ms}}
+    filtering:
+      exclude: [{{status_code: 500}}]
+service:
+  data_dir: {{data}}
+  admin: {{listen: "127.0.0.1:{admin}"{auth}}}
+  pipelines:
+    p: {{receivers: [webhook], processors: [filter/no-anthropic], exporters: [file]}}
+"""
+
+
+def pipeline(port, admin, auth=""):
+    return PIPELINE.format(port=port, admin=admin, auth=auth)
+
+
+def samples(text):
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            key = (s.name, tuple(sorted((k, v) for k, v in s.labels.items()
+                                        if not k.startswith("otel_scope"))))
+            out[key] = s.value
+    return out
+
+
+async def get(url, **kw):
+    async with aiohttp.ClientSession() as s, s.get(url, **kw) as r:
+        return r.status, await r.text()
+
+
+async def test_health_and_readiness(tmp_path):
+    port, admin = free_port(), free_port()
+    async with running(pipeline(port, admin), tmp_path):
+        assert (await get(f"http://127.0.0.1:{admin}/healthz"))[0] == 200
+        status, body = await get(f"http://127.0.0.1:{admin}/readyz")
+        assert (status, json.loads(body)) == (200, {"status": "ready"})
+
+
+async def test_metrics_count_what_each_component_did(tmp_path):
+    port, admin = free_port(), free_port()
+    async with running(pipeline(port, admin), tmp_path):
+        url = f"http://127.0.0.1:{port}/v1/events"
+        await post_json(url, event_dicts(0, 6) + event_dicts(6, 3, provider="anthropic")
+                        + event_dicts(9, 2, status_code=500) + [{"bad": 1}])
+
+        async def scrape():
+            return samples((await get(f"http://127.0.0.1:{admin}/metrics"))[1])
+
+        for _ in range(100):
+            m = await scrape()
+            if m.get(("meterline_exporter_sent_events_total", (("exporter", "file"),))) == 6:
+                break
+            await asyncio.sleep(0.05)
+        assert m[("meterline_receiver_accepted_events_total", (("receiver", "webhook"),))] == 11
+        assert m[("meterline_receiver_refused_events_total",
+                  (("reason", "undecodable"), ("receiver", "webhook")))] == 1
+        assert m[("meterline_processor_dropped_events_total",
+                  (("pipeline", "p"), ("processor", "filter/no-anthropic")))] == 3
+        assert m[("meterline_exporter_filtered_events_total", (("exporter", "file"),))] == 2
+        assert m[("meterline_exporter_sent_events_total", (("exporter", "file"),))] == 6
+        assert m[("meterline_exporter_queue_size", (("exporter", "file"),))] == 0
+        assert m[("meterline_exporter_queue_capacity_bytes", (("exporter", "file"),))] == 1 << 30
+
+
+async def test_status_shows_pipelines_and_queues(tmp_path):
+    port, admin = free_port(), free_port()
+    async with running(pipeline(port, admin), tmp_path):
+        _, body = await get(f"http://127.0.0.1:{admin}/api/v1/status")
+        data = json.loads(body)
+        assert data["pipelines"]["p"]["exporters"] == ["file"]
+        assert data["exporters"]["file"]["events"] == 0
+
+
+async def test_api_requires_the_token_when_one_is_set(tmp_path):
+    port, admin = free_port(), free_port()
+    async with running(pipeline(port, admin, ", auth_token: t0k"), tmp_path):
+        assert (await get(f"http://127.0.0.1:{admin}/api/v1/status"))[0] == 401
+        ok = await get(f"http://127.0.0.1:{admin}/api/v1/status",
+                       headers={"Authorization": "Bearer t0k"})
+        assert ok[0] == 200
+        assert (await get(f"http://127.0.0.1:{admin}/healthz"))[0] == 200
+
+
+async def test_tap_streams_live_events_matching_its_filter(tmp_path):
+    port, admin = free_port(), free_port()
+    async with running(pipeline(port, admin), tmp_path) as service:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "meterline", "tap", "--admin", f"http://127.0.0.1:{admin}",
+            "--filter", '{"request_model": "gpt-4o"}', stdout=subprocess.PIPE)
+        try:
+            await eventually(lambda: service.taps.active)  # the tap is connected
+            await post_json(f"http://127.0.0.1:{port}/v1/events",
+                            event_dicts(0, 3) + event_dicts(3, 2, request_model="gpt-4o"))
+            lines = [json.loads(await asyncio.wait_for(proc.stdout.readline(), 10))
+                     for _ in range(2)]
+            assert [e["event_id"] for e in lines] == ["evt-00000003", "evt-00000004"]
+        finally:
+            proc.terminate()
+            await proc.wait()
+
+
+async def test_tap_refuses_a_bad_filter(tmp_path):
+    port, admin = free_port(), free_port()
+    async with running(pipeline(port, admin), tmp_path):
+        status, body = await get(f"http://127.0.0.1:{admin}/api/v1/tap",
+                                 params={"filter": '{"a": {"$bad": 1}}'})
+        assert status == 400 and "unknown operator" in body

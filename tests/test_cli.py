@@ -1,0 +1,33 @@
+"""`meterline validate` exit codes and messages."""
+
+import subprocess
+import sys
+
+from tests.conftest import ROOT
+
+
+def validate(path):
+    return subprocess.run([sys.executable, "-m", "meterline", "validate", "-c", str(path)],
+                          capture_output=True, text=True, timeout=30)
+
+
+def test_the_embedded_default_is_valid():
+    result = validate(ROOT / "pipeline.yaml")
+    assert result.returncode == 0, result.stderr
+    assert "valid" in result.stdout
+
+
+def test_a_bad_file_exits_1_with_line_and_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text((ROOT / "pipeline.yaml").read_text().replace("verbosity: basic",
+                                                                "verbosity: loud"))
+    result = validate(bad)
+    assert result.returncode == 1
+    assert "exporters.debug.verbosity" in result.stderr
+    assert "bad.yaml:" in result.stderr
+
+
+def test_a_missing_file_exits_1_and_says_so(tmp_path):
+    result = validate(tmp_path / "nope.yaml")
+    assert result.returncode == 1
+    assert "cannot read the file" in result.stderr

@@ -1,0 +1,95 @@
+"""Receiver `file`: replays JSONL, skips bad lines, resumes from its checkpoint."""
+
+import msgspec
+
+from meterline.event import to_jsonl
+from tests.conftest import eventually, make_event, read_jsonl, running
+
+PIPELINE = """
+receivers:
+  file:
+    path: {source}
+    batch_size: 7
+    {extra}
+exporters:
+  file:
+    path: {{data}}/out.jsonl
+    batch: {{timeout: 10ms}}
+service:
+  data_dir: {{data}}
+  admin: null
+  pipelines:
+    p: {{receivers: [file], exporters: [file]}}
+"""
+
+
+def pipeline(source, extra=""):
+    return PIPELINE.format(source=source, extra=extra)
+
+
+def write_events(path, start, count):
+    with open(path, "ab") as f:
+        f.write(to_jsonl([make_event(i) for i in range(start, start + count)]))
+
+
+async def test_a_jsonl_file_is_replayed_into_the_pipeline(tmp_path):
+    source = tmp_path / "in.jsonl"
+    write_events(source, 0, 50)
+    async with running(pipeline(source), tmp_path):
+        rows = await eventually(lambda: len(read_jsonl(tmp_path / "data/out.jsonl")) == 50
+                                and read_jsonl(tmp_path / "data/out.jsonl"))
+        assert [r["event_id"] for r in rows] == [f"evt-{i:08d}" for i in range(50)]
+
+
+async def test_bad_lines_are_skipped_and_the_rest_read(tmp_path):
+    source = tmp_path / "in.jsonl"
+    write_events(source, 0, 2)
+    with open(source, "ab") as f:
+        f.write(b"{not json\n" + msgspec.json.encode({"unknown": "shape"}) + b"\n")
+    write_events(source, 2, 2)
+    async with running(pipeline(source), tmp_path):
+        await eventually(lambda: len(read_jsonl(tmp_path / "data/out.jsonl")) == 4)
+
+
+async def test_a_restart_resumes_from_the_checkpoint(tmp_path):
+    source = tmp_path / "in.jsonl"
+    write_events(source, 0, 20)
+    async with running(pipeline(source), tmp_path):
+        await eventually(lambda: len(read_jsonl(tmp_path / "data/out.jsonl")) == 20)
+    write_events(source, 20, 5)
+    async with running(pipeline(source), tmp_path):
+        await eventually(lambda: len(read_jsonl(tmp_path / "data/out.jsonl")) >= 25)
+    ids = [r["event_id"] for r in read_jsonl(tmp_path / "data/out.jsonl")]
+    assert ids == [f"evt-{i:08d}" for i in range(25)]  # nothing read twice
+
+
+async def test_a_replaced_file_is_read_from_its_start(tmp_path):
+    source = tmp_path / "in.jsonl"
+    write_events(source, 0, 10)
+    async with running(pipeline(source), tmp_path):
+        await eventually(lambda: len(read_jsonl(tmp_path / "data/out.jsonl")) == 10)
+    source.unlink()
+    write_events(source, 100, 3)
+    async with running(pipeline(source), tmp_path):
+        await eventually(lambda: len(read_jsonl(tmp_path / "data/out.jsonl")) == 13)
+
+
+async def test_follow_reads_lines_appended_later(tmp_path):
+    source = tmp_path / "in.jsonl"
+    write_events(source, 0, 3)
+    async with running(pipeline(source, "follow: true\n    poll_interval: 20ms"), tmp_path):
+        await eventually(lambda: len(read_jsonl(tmp_path / "data/out.jsonl")) == 3)
+        write_events(source, 3, 4)
+        await eventually(lambda: len(read_jsonl(tmp_path / "data/out.jsonl")) == 7)
+
+
+async def test_start_at_end_skips_what_was_there(tmp_path):
+    source = tmp_path / "in.jsonl"
+    write_events(source, 0, 5)
+    extra = "follow: true\n    start_at: end\n    poll_interval: 20ms"
+    async with running(pipeline(source, extra), tmp_path) as service:
+        await eventually(lambda: service.receivers["file"].component._inode)
+        write_events(source, 5, 2)
+        rows = await eventually(lambda: read_jsonl(tmp_path / "data/out.jsonl"))
+        await eventually(lambda: len(read_jsonl(tmp_path / "data/out.jsonl")) == 2)
+        assert rows[0]["event_id"] == "evt-00000005"

@@ -1,0 +1,146 @@
+"""Hot reload: a valid file takes effect without losing events; an invalid one is refused."""
+
+import asyncio
+import signal
+
+import aiohttp
+
+from tests.conftest import event_dicts, eventually, free_port, post_json, read_jsonl, running
+
+PIPELINE = """
+receivers:
+  webhook: {{listen: 127.0.0.1:{port}}}
+processors:
+  filter/only:
+    include: [{{provider: {{$in: {providers}}}}}]
+exporters:
+  file:
+    path: {{data}}/out.jsonl
+    batch: {{timeout: 10ms}}
+    {exporter_extra}
+service:
+  data_dir: {{data}}
+  admin: {admin}
+  pipelines:
+    p: {{receivers: [webhook], processors: [filter/only], exporters: [file]}}
+"""
+
+
+def pipeline(port, providers, admin="null", exporter_extra=""):
+    return PIPELINE.format(port=port, providers=providers, admin=admin,
+                           exporter_extra=exporter_extra)
+
+
+async def status(admin_port):
+    async with aiohttp.ClientSession() as s, s.get(
+            f"http://127.0.0.1:{admin_port}/api/v1/status") as r:
+        return await r.json()
+
+
+async def test_sighup_with_a_changed_filter_changes_what_is_exported(tmp_path, daemon_factory):
+    port = free_port()
+    daemon = daemon_factory(pipeline(port, "[openai]", admin='{listen: "127.0.0.1:{admin}"}'))
+    daemon.start()
+    url = f"http://127.0.0.1:{port}/v1/events"
+    acked: list[dict] = []
+    stop = asyncio.Event()
+
+    async def stream():
+        n = 0
+        while not stop.is_set():
+            items = event_dicts(n, 20, provider="openai") + event_dicts(
+                n + 20, 20, provider="anthropic")
+            n += 40
+            code, _, _ = await post_json(url, items)
+            if code == 200:
+                acked.extend(items)
+
+    sender = asyncio.create_task(stream())
+    await eventually(lambda: len(acked) >= 400)
+    daemon.config.write_text(daemon.config.read_text().replace("[openai]",
+                                                               "[openai, anthropic]"))
+    daemon.signal(signal.SIGHUP)
+    for _ in range(200):
+        if (await status(daemon.admin_port))["reloads"] == 1:
+            break
+        await asyncio.sleep(0.05)
+    else:
+        raise AssertionError("the daemon did not reload")
+    reloaded_at = len(acked)
+    await eventually(lambda: len(acked) >= reloaded_at + 400)
+    stop.set()
+    await sender
+    out = tmp_path / "data" / "out.jsonl"
+    openai = {e["event_id"] for e in acked if e["provider"] == "openai"}
+    later_anthropic = {e["event_id"] for e in acked[reloaded_at:] if e["provider"] == "anthropic"}
+    await eventually(lambda: openai | later_anthropic <= {r["event_id"] for r in read_jsonl(out)})
+    early_anthropic = {e["event_id"] for e in acked[:400] if e["provider"] == "anthropic"}
+    assert not early_anthropic & {r["event_id"] for r in read_jsonl(out)}
+    assert daemon.stop() == 0
+
+
+async def test_an_invalid_file_is_refused_and_the_running_one_kept(tmp_path, daemon_factory):
+    port = free_port()
+    daemon = daemon_factory(pipeline(port, "[openai]", admin='{listen: "127.0.0.1:{admin}"}'))
+    daemon.start()
+    daemon.config.write_text(daemon.config.read_text().replace("$in", "$inn"))
+    daemon.signal(signal.SIGHUP)
+    await eventually(lambda: "reload refused" in daemon.log.read_text())
+    assert "unknown operator $inn" in daemon.log.read_text()
+    assert (await status(daemon.admin_port))["reloads"] == 0
+    code, body, _ = await post_json(f"http://127.0.0.1:{port}/v1/events", event_dicts(0, 2))
+    assert (code, body["accepted"]) == (200, 2)
+    await eventually(lambda: len(read_jsonl(tmp_path / "data" / "out.jsonl")) == 2)
+    assert daemon.stop() == 0
+
+
+async def test_an_unchanged_listener_keeps_running_through_a_reload(tmp_path):
+    port = free_port()
+    async with running(pipeline(port, "[openai]"), tmp_path) as service:
+        webhook = service.receivers["webhook"].component
+        exporter = service.exporters["file"].component
+        (tmp_path / "pipeline.yaml").write_text((tmp_path / "pipeline.yaml").read_text()
+                                                .replace("[openai]", "[anthropic]"))
+        assert await service.reload(str(tmp_path / "pipeline.yaml"))
+        assert service.receivers["webhook"].component is webhook
+        assert service.exporters["file"].component is exporter
+        _, body, _ = await post_json(f"http://127.0.0.1:{port}/v1/events",
+                                     event_dicts(0, 3, provider="anthropic"))
+        assert body["accepted"] == 3
+        await eventually(lambda: len(read_jsonl(tmp_path / "data" / "out.jsonl")) == 3)
+
+
+async def test_a_changed_listener_moves_to_its_new_address(tmp_path):
+    port, new_port = free_port(), free_port()
+    async with running(pipeline(port, "[openai]"), tmp_path) as service:
+        path = tmp_path / "pipeline.yaml"
+        path.write_text(path.read_text().replace(str(port), str(new_port)))
+        assert await service.reload(str(path))
+        code, _, _ = await post_json(f"http://127.0.0.1:{new_port}/v1/events", event_dicts(0, 1))
+        assert code == 200
+
+
+async def test_a_changed_exporter_keeps_the_events_of_its_memory_queue(tmp_path):
+    port = free_port()
+    blocked = tmp_path / "blocked"
+    blocked.write_text("not a directory")
+    body = pipeline(port, "[openai]", exporter_extra="queue: {type: memory}").replace(
+        "{data}/out.jsonl", f"{blocked}/out.jsonl")
+    async with running(body, tmp_path) as service:
+        code, _, _ = await post_json(f"http://127.0.0.1:{port}/v1/events", event_dicts(0, 30))
+        assert code == 200
+        path = tmp_path / "pipeline.yaml"
+        path.write_text(path.read_text().replace(f"{blocked}/out.jsonl",
+                                                 f"{tmp_path}/moved.jsonl"))
+        assert await service.reload(str(path))
+        await eventually(lambda: len(read_jsonl(tmp_path / "moved.jsonl")) == 30)
+
+
+async def test_service_settings_that_need_a_restart_are_kept_and_logged(tmp_path):
+    port = free_port()
+    async with running(pipeline(port, "[openai]"), tmp_path) as service:
+        path = tmp_path / "pipeline.yaml"
+        path.write_text(path.read_text().replace("data_dir: " + str(tmp_path / "data"),
+                                                 "data_dir: /elsewhere"))
+        assert await service.reload(str(path))
+        assert service.config.service.data_dir == str(tmp_path / "data")
