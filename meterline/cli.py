@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import sys
 import urllib.parse
@@ -69,6 +70,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 1
     log_cfg = loaded.service.telemetry.logs
     logs.configure(log_cfg.level, log_cfg.encoding)
+    _tune_gc()
     from meterline.service import Service
 
     async def run() -> None:
@@ -80,6 +82,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         logs.get(component="service").error("cannot run", error=str(e))
         return 1
     return 0
+
+
+def _tune_gc() -> None:
+    """Queued events are many long-lived containers; with CPython's default thresholds the
+    cyclic collector rescans them so often that it costs more than decoding them (measured:
+    18 us of the 23 us per 1 KB event). Our data has no cycles to find, so collect rarely."""
+    gc.freeze()
+    gc.set_threshold(100_000, 50, 100)
 
 
 def cmd_tap(args: argparse.Namespace) -> int:
