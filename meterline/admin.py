@@ -4,8 +4,9 @@
 started; `/metrics` is the self-telemetry in Prometheus text format;
 `/api/v1/status` shows the running pipelines, the reload count and the queues;
 `/api/v1/tap?filter=JSON` streams the events leaving the processors as NDJSON
-(what `meterline tap` reads). `/api/*` requires the bearer token when
-`service.admin.auth_token` is set.
+(what `meterline tap` reads). Other `/api/v1/...` paths are served by components
+(`Component.admin_routes`), such as the ClickHouse exporter's analytics.
+`/api/*` requires the bearer token when `service.admin.auth_token` is set.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class AdminServer:
         self.app.router.add_get("/metrics", self.metrics)
         self.app.router.add_get("/api/v1/status", self.status)
         self.app.router.add_get("/api/v1/tap", self.tap)
+        self.app.router.add_get("/api/v1/{path:.+}", self.component_route)
         self.runner: web.AppRunner | None = None
         self._closing = False
 
@@ -75,6 +77,13 @@ class AdminServer:
 
     async def status(self, _: web.Request) -> web.Response:
         return web.json_response(self.service.status())
+
+    async def component_route(self, request: web.Request) -> web.StreamResponse:
+        """Paths served by components; looked up per request, so a reload may change them."""
+        handler = self.service.admin_routes().get(request.match_info["path"])
+        if handler is None:
+            return web.json_response({"error": f"no such endpoint: {request.path}"}, status=404)
+        return await handler(request)
 
     async def tap(self, request: web.Request) -> web.StreamResponse:
         try:

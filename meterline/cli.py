@@ -1,4 +1,4 @@
-"""The `meterline` command: run, validate, tap."""
+"""The `meterline` command: run, validate, tap, and the commands components add."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import sys
 import urllib.parse
 from collections.abc import Callable
 
-from meterline import __version__, logs
+from meterline import __version__, logs, registry
 from meterline import config as config_mod
 from meterline.config import ConfigError
 
@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     tap.add_argument("--token", help="bearer token of the admin API")
     tap.set_defaults(func=cmd_tap)
 
+    registry.add_commands(commands)
     args = parser.parse_args(argv)
     func: Command = args.func
     return func(args)

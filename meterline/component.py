@@ -21,6 +21,7 @@ import msgspec
 from meterline.event import Event
 
 if TYPE_CHECKING:
+    from aiohttp import web
     from opentelemetry.metrics import Meter
     from structlog.typing import FilteringBoundLogger
 
@@ -45,6 +46,9 @@ class Context:
         return self.data_dir.joinpath(*parts, self.id.replace("/", "_"))
 
 
+AdminHandler = Callable[["web.Request"], Awaitable["web.StreamResponse"]]
+
+
 class Component:
     """Lifecycle shared by all components; the defaults do nothing."""
 
@@ -53,6 +57,11 @@ class Component:
 
     async def shutdown(self) -> None:
         return None
+
+    def admin_routes(self) -> dict[str, AdminHandler]:
+        """GET handlers this component serves on the admin server, by path under
+        `/api/v1/` (e.g. `{"analytics/models": handler}`)."""
+        return {}
 
 
 class Backpressure(Exception):

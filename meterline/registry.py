@@ -32,3 +32,11 @@ def factory(kind: Kind, type_: str) -> Factory:
         raise TypeError(f"entry point {ep.value} is not the {kind} factory of '{type_}'")
     return loaded
 
+
+
+def add_commands(subparsers: object) -> None:
+    """Add the `meterline` subcommands components contribute (`meterline.commands` entry
+    points): each names a function `add(subparsers)` that adds its subparser and sets
+    `func` (taking the parsed arguments, returning the exit code)."""
+    for ep in entry_points(group="meterline.commands"):
+        ep.load()(subparsers)

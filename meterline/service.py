@@ -203,6 +203,15 @@ class Service:
             self.log.info("reloaded", file=path, pipelines=sorted(self.pipelines))
             return True
 
+    def admin_routes(self) -> dict[str, Any]:
+        """The admin API paths the running components serve (see Component.admin_routes)."""
+        routes: dict[str, Any] = {}
+        components = [r.component for r in (*self.receivers.values(), *self.processors.values())]
+        components += [r.component.exporter for r in self.exporters.values()]
+        for component in components:
+            routes.update(component.admin_routes())
+        return routes
+
     def status(self) -> dict[str, Any]:
         """What runs now: for the admin API and for operators checking a reload."""
         return {

@@ -126,3 +126,19 @@ async def test_tap_refuses_a_bad_filter(tmp_path):
         status, body = await get(f"http://127.0.0.1:{admin}/api/v1/tap",
                                  params={"filter": '{"a": {"$bad": 1}}'})
         assert status == 400 and "unknown operator" in body
+
+
+async def test_components_serve_their_own_admin_routes(tmp_path):
+    from aiohttp import web
+
+    port, admin = free_port(), free_port()
+    async with running(pipeline(port, admin), tmp_path) as service:
+        exporter = service.exporters["file"].component.exporter
+
+        async def hello(_):
+            return web.json_response({"hello": "from the exporter"})
+
+        exporter.admin_routes = lambda: {"hello": hello}
+        status, body = await get(f"http://127.0.0.1:{admin}/api/v1/hello")
+        assert (status, json.loads(body)) == (200, {"hello": "from the exporter"})
+        assert (await get(f"http://127.0.0.1:{admin}/api/v1/nothing"))[0] == 404
