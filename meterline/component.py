@@ -25,6 +25,8 @@ if TYPE_CHECKING:
     from opentelemetry.metrics import Meter
     from structlog.typing import FilteringBoundLogger
 
+    from meterline.telemetry import Telemetry
+
 Kind = Literal["receiver", "processor", "exporter"]
 
 
@@ -38,8 +40,15 @@ class Context:
 
     id: str  # "type" or "type/name", as written in pipeline.yaml
     data_dir: Path  # where the component keeps state (checkpoints, queues)
-    meter: Meter  # for the component's own self-telemetry instruments
+    telemetry: Telemetry  # the daemon's own metrics (see `meter`)
     log: FilteringBoundLogger
+
+    @property
+    def meter(self) -> Meter:
+        """For the component's own self-telemetry instruments. Live gauges that are not
+        events (requests in flight, budget use) are instruments here, named `llm_gateway_*`,
+        which the `prometheus` exporter republishes from `telemetry.registry`."""
+        return self.telemetry.meter
 
     def state_path(self, *parts: str) -> Path:
         """A per-component path under the data directory (`file/a` becomes `file_a`)."""

@@ -58,7 +58,7 @@ class Service:
         self._stop = asyncio.Event()
 
     def context(self, cid: str) -> Context:
-        return Context(cid, self.data_dir, self.telemetry.meter, logs.get(component=cid))
+        return Context(cid, self.data_dir, self.telemetry, logs.get(component=cid))
 
     # --- start ---------------------------------------------------------------------
     async def start(self) -> None:

@@ -18,13 +18,33 @@ from typing import Any
 import aiohttp
 import msgspec
 import pytest
+from prometheus_client import CollectorRegistry
 
 from meterline import config as config_mod
+from meterline import logs
+from meterline.component import Context
+from meterline.config import MetricsConfig
 from meterline.event import Event
 from meterline.service import Service
+from meterline.telemetry import Telemetry
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+def make_context(tmp_path: Path, cid: str = "test") -> Context:
+    """A component context with its own self-telemetry, for testing one component."""
+    return Context(cid, tmp_path, Telemetry(MetricsConfig()), logs.get(component=cid))
+
+
+def metric_value(registry: CollectorRegistry, name: str, **labels: str) -> float:
+    """The sum of the samples of `name` whose labels include `labels`."""
+    total = 0.0
+    for family in registry.collect():
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total
 
 
 def free_port() -> int:

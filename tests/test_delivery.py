@@ -5,13 +5,11 @@ import asyncio
 import msgspec
 import pytest
 
-from meterline import logs
-from meterline.component import Context, ExportBatch, Exporter, PermanentError, RetryableError
-from meterline.config import MetricsConfig, convert
+from meterline.component import ExportBatch, Exporter, PermanentError, RetryableError
+from meterline.config import convert
 from meterline.delivery import ExporterConfig, ExporterRunner, backoff_delays, open_queue
 from meterline.queue import Batch
-from meterline.telemetry import Telemetry
-from tests.conftest import eventually, make_event, read_jsonl
+from tests.conftest import eventually, make_context, make_event, metric_value, read_jsonl
 
 
 class Recording(Exporter):
@@ -36,22 +34,13 @@ class Recording(Exporter):
         return [e.event_id for b in self.batches for e in b.events]
 
 
-def metric(telemetry, name, **labels):
-    total = 0.0
-    for family in telemetry.registry.collect():
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                total += sample.value
-    return total
-
-
 def runner_for(exporter, tmp_path, **config):
-    telemetry = Telemetry(MetricsConfig())
     cfg = convert({"batch": {"timeout": "10ms"},
                    "retry": {"initial_interval": "10ms", "max_interval": "20ms"}, **config},
                   ExporterConfig)
-    ctx = Context("test", tmp_path, telemetry.meter, logs.get(component="test"))
-    return ExporterRunner(exporter, cfg, ctx, open_queue(cfg.queue, ctx), telemetry), telemetry
+    ctx = make_context(tmp_path)
+    return (ExporterRunner(exporter, cfg, ctx, open_queue(cfg.queue, ctx), ctx.telemetry),
+            ctx.telemetry.registry)
 
 
 async def put(runner, start, count):
@@ -66,8 +55,8 @@ async def test_an_exporter_that_fails_then_recovers_loses_nothing(tmp_path):
     await put(runner, 5, 5)
     await eventually(lambda: len(exporter.delivered) == 10)
     assert exporter.delivered == [f"evt-{i:08d}" for i in range(10)]
-    assert metric(telemetry, "meterline_exporter_retries_total", exporter="test") == 3
-    assert metric(telemetry, "meterline_exporter_sent_events_total", exporter="test") == 10
+    assert metric_value(telemetry, "meterline_exporter_retries_total", exporter="test") == 3
+    assert metric_value(telemetry, "meterline_exporter_sent_events_total", exporter="test") == 10
     await runner.shutdown(1)
 
 
@@ -90,7 +79,7 @@ async def test_a_permanent_error_goes_to_the_dead_letter_directory(tmp_path):
     await eventually(lambda: len(exporter.delivered) == 3)
     [dead] = list((tmp_path / "queue" / "test" / "dead-letter").glob("*.jsonl"))
     assert [e["event_id"] for e in read_jsonl(dead)] == [f"evt-{i:08d}" for i in range(3)]
-    assert metric(telemetry, "meterline_exporter_send_failed_events_total") == 3
+    assert metric_value(telemetry, "meterline_exporter_send_failed_events_total") == 3
     await runner.shutdown(1)
 
 
@@ -100,7 +89,7 @@ async def test_retries_stop_after_max_elapsed_time(tmp_path):
         "initial_interval": "10ms", "max_interval": "10ms", "max_elapsed_time": "100ms"})
     await runner.start()
     await put(runner, 0, 2)
-    await eventually(lambda: metric(telemetry, "meterline_exporter_send_failed_events_total"))
+    await eventually(lambda: metric_value(telemetry, "meterline_exporter_send_failed_events_total"))
     assert list((tmp_path / "queue" / "test" / "dead-letter").glob("*.jsonl"))
     await runner.shutdown(1)
 

@@ -5,17 +5,14 @@ import asyncio
 import pytest
 
 from exporters.file import FileExporter, FileExporterConfig
-from meterline import logs
-from meterline.component import Context, ExportBatch, RetryableError
-from meterline.config import MetricsConfig, convert
+from meterline.component import ExportBatch, RetryableError
+from meterline.config import convert
 from meterline.event import from_json
-from meterline.telemetry import Telemetry
-from tests.conftest import make_event
+from tests.conftest import make_context, make_event
 
 
 def exporter(tmp_path, **config):
-    ctx = Context(config.pop("id", "file"), tmp_path, Telemetry(MetricsConfig()).meter,
-                  logs.get())
+    ctx = make_context(tmp_path, config.pop("id", "file"))
     return FileExporter(convert(config, FileExporterConfig), ctx)
 
 
