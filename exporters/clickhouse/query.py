@@ -1,0 +1,234 @@
+"""The query layer under the FinOps reports and the analytics API.
+
+A question is: a time `Window`, the `Dimension`s to group by, `Filter`s, and the
+figures wanted (`metrics.AGGREGATES`). `Reader.select` answers it from the
+per-minute rollup when every dimension and filter is a rollup column, and from
+raw events otherwise (`metadata.KEY`, `organization`...); the figures are
+defined once, so both give the same numbers.
+
+Windows are whole minutes (the rollup's grain): `since` is rounded down to its
+minute and `until` up, so `--range 24h` is the 24 hours up to the end of the
+current minute, and a rollup answer equals the raw one.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from clickhouse_connect.driver.binding import format_str
+
+from exporters.clickhouse.metrics import BY_NAME, ROLLUP_COLUMNS, Source, status_expression
+from exporters.clickhouse.metrics import time_column as _time_column
+from exporters.clickhouse.schema import Schema
+
+RANGES = ("24h", "7d", "30d", "90d")
+_RANGE = re.compile(r"^(\d+)([hd])$")
+_MINUTE = timedelta(minutes=1)
+
+
+def literal(value: str) -> str:
+    """A string as a quoted, escaped ClickHouse literal."""
+    return format_str(value)
+
+
+# --- time windows ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class Window:
+    since: datetime  # inclusive, a whole minute, UTC
+    until: datetime  # exclusive, a whole minute, UTC
+
+    @classmethod
+    def parse(cls, range_: str | None = None, since: str | None = None,
+              until: str | None = None, now: datetime | None = None) -> Window:
+        """From `range` (24h, 7d, 30d, 90d, or any Nh / Nd) ending now, or from
+        `since`/`until` (ISO 8601 dates or times, UTC unless they say otherwise)."""
+        end = parse_time(until, "until") if until else (now or datetime.now(UTC))
+        end = _ceil_minute(end)
+        if since:
+            start = _floor_minute(parse_time(since, "since"))
+        else:
+            start = end - parse_range(range_ or "30d")
+        if start >= end:
+            raise ValueError("since must be before until")
+        return cls(start, end)
+
+    @property
+    def length(self) -> timedelta:
+        return self.until - self.since
+
+    def previous(self) -> Window:
+        """The window of the same length just before this one."""
+        return Window(self.since - self.length, self.since)
+
+    def ending(self, length: timedelta) -> Window:
+        """The last `length` of this window (the rolling 24h/7d/30d figures)."""
+        return Window(self.until - length, self.until)
+
+    def condition(self, column: str) -> str:
+        """SQL: `column` (a time column, or `{t}`) falls in the window."""
+        return (f"{column} >= toDateTime({int(self.since.timestamp())}, 'UTC') "
+                f"AND {column} < toDateTime({int(self.until.timestamp())}, 'UTC')")
+
+    def describe(self) -> dict[str, str]:
+        return {"since": iso(self.since), "until": iso(self.until)}
+
+
+def parse_range(text: str) -> timedelta:
+    m = _RANGE.match(text.strip())
+    if not m or int(m.group(1)) == 0:
+        raise ValueError(f"range must be one of {', '.join(RANGES)} (or Nh, Nd), got {text!r}")
+    n = int(m.group(1))
+    return timedelta(hours=n) if m.group(2) == "h" else timedelta(days=n)
+
+
+def parse_time(text: str, name: str) -> datetime:
+    try:
+        value = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"{name} must be an ISO 8601 date or time such as 2025-05-01 or "
+                         f"2025-05-01T12:00:00Z, got {text!r}") from None
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def iso(value: datetime) -> str:
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _floor_minute(value: datetime) -> datetime:
+    return value.replace(second=0, microsecond=0)
+
+
+def _ceil_minute(value: datetime) -> datetime:
+    floor = _floor_minute(value)
+    return floor if floor == value else floor + _MINUTE
+
+
+# --- dimensions and filters --------------------------------------------------------------
+@dataclass(frozen=True)
+class Dimension:
+    """Something to group by: `provider`, `day`, `metadata.customer_id`..."""
+
+    name: str
+    column: str | None  # the event column; None for time buckets
+    expression: str = ""  # SQL over the source, `{t}` standing for its time column
+
+    @property
+    def rollup(self) -> bool:
+        return self.column is None or self.column in ROLLUP_COLUMNS
+
+    @property
+    def is_time(self) -> bool:
+        return self.column is None
+
+    def sql(self, source: Source) -> str:
+        if self.column == "status_code":
+            return status_expression(source)
+        return (self.expression or self.column or "").replace("{t}", _time_column(source))
+
+
+_DIMENSIONS = {d.name: d for d in (
+    Dimension("provider", "provider"),
+    Dimension("model", "model"),
+    Dimension("team", "team"),
+    Dimension("api_key", "api_key_id"),
+    Dimension("user", "user_id"),
+    Dimension("status", "status_code"),
+    Dimension("day", None, "toString(toDate({t}))"),
+    Dimension("hour", None, "formatDateTime(toStartOfHour({t}), '%FT%H:00:00Z', 'UTC')"),
+    Dimension("organization", "organization"),
+    Dimension("operation", "operation"),
+    Dimension("source", "source"),
+    Dimension("route", "route"),
+    Dimension("upstream", "upstream"),
+)}
+DIMENSION_NAMES = (*_DIMENSIONS, "metadata.KEY")
+_METADATA_KEY = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+
+
+def dimension(name: str) -> Dimension:
+    """The dimension `name` (as `--by` and `group_by` write it); ValueError if unknown."""
+    if name in _DIMENSIONS:
+        return _DIMENSIONS[name]
+    if name.startswith("metadata."):
+        key = name.removeprefix("metadata.")
+        if not _METADATA_KEY.match(key):
+            raise ValueError(f"metadata key must be letters, digits and _.:- , got {key!r}")
+        return Dimension(name, "metadata", f"metadata[{literal(key)}]")
+    raise ValueError(f"cannot group by {name!r} (expected one of: {', '.join(DIMENSION_NAMES)})")
+
+
+@dataclass(frozen=True)
+class Filter:
+    """`column = value` on an event column (or on one metadata key)."""
+
+    column: str
+    value: str | int
+    metadata_key: str | None = None
+
+    @property
+    def rollup(self) -> bool:
+        return self.metadata_key is None and self.column in ROLLUP_COLUMNS
+
+    def sql(self, source: Source) -> str:
+        if self.metadata_key is not None:
+            return f"metadata[{literal(self.metadata_key)}] = {literal(str(self.value))}"
+        if self.column == "status_code":
+            return f"{status_expression(source)} = {int(self.value)}"
+        return f"{self.column} = {literal(str(self.value))}"
+
+
+# --- reading ---------------------------------------------------------------------------
+@dataclass
+class Reader:
+    """Runs questions against one exporter's tables (blocking: call it in a thread)."""
+
+    client: Any
+    schema: Schema = field(default_factory=Schema)
+
+    def table(self, source: Source) -> str:
+        name = self.schema.rollup if source == "rollup" else self.schema.events
+        return self.schema.qualified(name)
+
+    def rows(self, sql: str) -> list[dict[str, Any]]:
+        """Rows as dicts. Result names are written `_name` in SQL and stripped here: ClickHouse
+        resolves a name to an alias before a column, so `sum(cost_usd) AS cost_usd` would
+        capture `cost_usd` in every other expression of the query."""
+        result = self.client.query(sql)
+        return [{k.removeprefix("_"): v for k, v in row.items()}
+                for row in result.named_results()]
+
+    def select(self, window: Window, *, by: Sequence[Dimension] = (),
+               filters: Iterable[Filter] = (), figures: Iterable[str] = (),
+               extra: dict[str, str] | None = None,
+               conditional: dict[str, tuple[str, str]] | None = None,
+               order_by: Sequence[str] = (), limit: int | None = None,
+               source: Source | None = None) -> list[dict[str, Any]]:
+        """One row per group: the dimensions (by name), the figures, `extra` SQL
+        expressions, and `conditional` figures (name -> (figure, condition)); `{t}` in
+        extra and conditions stands for the source's time column, and extra may use other
+        results as `_name`. `order_by` items are result names, optionally with DESC."""
+        filters = list(filters)
+        if source is None:
+            rolled = all(d.rollup for d in by) and all(f.rollup for f in filters)
+            source = "rollup" if rolled else "raw"
+        t = _time_column(source)
+        exprs = {d.name: d.sql(source) for d in by}
+        exprs |= {f: BY_NAME[f].sql(source) for f in figures}
+        exprs |= {name: sql.replace("{t}", t) for name, sql in (extra or {}).items()}
+        for name, (figure, condition) in (conditional or {}).items():
+            exprs[name] = BY_NAME[figure].sql(source, condition.replace("{t}", t))
+        columns = ", ".join(f"{sql} AS `_{name}`" for name, sql in exprs.items())
+        where = " AND ".join([window.condition(t), *(f.sql(source) for f in filters)])
+        sql = f"SELECT {columns} FROM {self.table(source)} WHERE {where}"
+        if by:
+            sql += f" GROUP BY {', '.join(f'`_{d.name}`' for d in by)}"
+        if order_by:
+            sql += " ORDER BY " + ", ".join(f"`_{o.split()[0]}` {' '.join(o.split()[1:])}"
+                                            for o in order_by)
+        if limit:
+            sql += f" LIMIT {int(limit)}"
+        return self.rows(sql)
