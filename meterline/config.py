@@ -160,7 +160,7 @@ class _Validator:
             if key not in known:
                 self.problem((key,), f"unknown top-level key (expected one of: {', '.join(known)})")
         for name, cls in plugin_sections.items():
-            value = self.struct((name,), data.get(name), cls)
+            value = self.section(name, data.get(name), cls)
             if value is not None:
                 result.sections[name] = value
         for section, kind in SECTIONS.items():
@@ -195,6 +195,20 @@ class _Validator:
             return None
         config = self.struct(path, body, factory.config)
         return ComponentConfig(cid, factory, config) if config is not None else None
+
+    def section(self, name: str, body: Any, cls: Any) -> Any:
+        """A plugin section. One typed `dict[str, X]` is validated entry by entry, as
+        components are, so that an error names the entry (msgspec's own paths omit keys)."""
+        if typing.get_origin(cls) is not dict:
+            return self.struct((name,), body, cls)
+        if body is None:
+            return {}
+        if not isinstance(body, dict):
+            self.problem((name,), "expected a mapping of names to their settings")
+            return None
+        entries = {key: self.struct((name, key), item, typing.get_args(cls)[1])
+                   for key, item in body.items()}
+        return {key: value for key, value in entries.items() if value is not None}
 
     def struct(self, path: Path_, body: Any, cls: type[Any]) -> Any:
         try:

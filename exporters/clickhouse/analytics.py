@@ -68,7 +68,8 @@ def models(reader: Reader, window: Window, provider: str | None = None) -> dict[
             continue  # seen only in the rolling windows, not in the range asked
         out.append({
             "model": r["model"] or None, "provider": r["provider"] or None,
-            "requests": number(r["requests"]), "input_tokens": number(r["input_tokens"]),
+            "requests": number(r["requests"]), "errors": number(r["errors"]),
+            "input_tokens": number(r["input_tokens"]),
             "output_tokens": number(r["output_tokens"]),
             "total_tokens": number(r["input_tokens"] + r["output_tokens"]),
             **_latency(r), **_rates(r), "cost_usd": number(r["cost_usd"]),
@@ -127,7 +128,8 @@ def providers(reader: Reader, window: Window, provider: str | None = None) -> di
                          order_by=["cost_usd DESC", "provider"])
     return {**_header(window, provider=provider or "all"), "providers": [{
         "provider": r["provider"] or None, "model_count": r["model_count"],
-        "requests": number(r["requests"]), "input_tokens": number(r["input_tokens"]),
+        "requests": number(r["requests"]), "errors": number(r["errors"]),
+        "input_tokens": number(r["input_tokens"]),
         "output_tokens": number(r["output_tokens"]),
         "total_tokens": number(r["input_tokens"] + r["output_tokens"]),
         "avg_latency_ms": ratio(r["duration_ms_sum"], r["duration_ms_count"], 1),

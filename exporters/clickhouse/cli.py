@@ -125,8 +125,10 @@ def _from_daemon(loaded: PipelineFile, args: argparse.Namespace,
             detail = json.loads(detail).get("error", detail)
         hint = (" (is the exporter's analytics off?)" if e.code == 404 else "")
         raise FinOpsError(f"the daemon at {base} answered {e.code}: {detail}{hint}") from None
-    except (urllib.error.URLError, OSError):
-        return None  # nobody listening: the daemon is not running
+    except urllib.error.URLError as e:
+        if isinstance(e.reason, ConnectionRefusedError):
+            return None  # nobody listening: the daemon is not running
+        raise FinOpsError(f"the daemon at {base} did not answer: {e.reason}") from None
 
 
 def _from_clickhouse(loaded: PipelineFile, args: argparse.Namespace,
