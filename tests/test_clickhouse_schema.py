@@ -39,7 +39,9 @@ def test_the_schema_is_created_once_and_then_left_alone(chdb):
     assert [s.split(" (")[0].splitlines()[0] for s in created] == [
         "CREATE TABLE IF NOT EXISTS `meterline`.`llm_events`",
         "CREATE TABLE IF NOT EXISTS `meterline`.`llm_usage_1m`",
-        "CREATE MATERIALIZED VIEW IF NOT EXISTS `meterline`.`llm_usage_1m_mv_v1`"]
+        "CREATE TABLE IF NOT EXISTS `meterline`.`llm_usage_1h`",
+        "CREATE MATERIALIZED VIEW IF NOT EXISTS `meterline`.`llm_usage_1m_mv_v1`",
+        "CREATE MATERIALIZED VIEW IF NOT EXISTS `meterline`.`llm_usage_1h_mv_v1`"]
     assert ensure_schema(chdb, Schema()) == []
 
 
@@ -59,20 +61,23 @@ def test_a_later_version_adds_its_columns_to_an_existing_table_and_keeps_the_row
                       "ORDER BY event_id").result_rows
     assert rows == [("evt-00000000", None, ""), ("evt-00000001", None, ""),
                     ("evt-00000002", None, ""), ("evt-00000009", 12.5, '{"a":1}')]
-    [(events,)] = chdb.query("SELECT sum(events) FROM meterline.llm_usage_1m").result_rows
+    [(events,)] = chdb.query("SELECT sum(events) FROM meterline.llm_usage_1h").result_rows
     assert events == 4
 
 
 def test_a_newer_rollup_view_replaces_the_old_one(chdb, monkeypatch):
     ensure_schema(chdb, Schema())
     monkeypatch.setattr("exporters.clickhouse.schema.VIEW_VERSION", 2)
-    changes = ensure_schema(chdb, Schema())
-    assert changes[0].startswith("CREATE MATERIALIZED VIEW IF NOT EXISTS "
-                                 "`meterline`.`llm_usage_1m_mv_v2`")
-    assert changes[1] == "DROP VIEW IF EXISTS `meterline`.`llm_usage_1m_mv_v1`"
+    changes = [c.splitlines()[0] for c in ensure_schema(chdb, Schema())]
+    assert changes == [
+        "CREATE MATERIALIZED VIEW IF NOT EXISTS `meterline`.`llm_usage_1m_mv_v2`",
+        "CREATE MATERIALIZED VIEW IF NOT EXISTS `meterline`.`llm_usage_1h_mv_v2`",
+        "DROP VIEW IF EXISTS `meterline`.`llm_usage_1m_mv_v1`",
+        "DROP VIEW IF EXISTS `meterline`.`llm_usage_1h_mv_v1`"]
     insert(chdb, Schema(), [make_event(1)], "t")
-    [(events,)] = chdb.query("SELECT sum(events) FROM meterline.llm_usage_1m").result_rows
-    assert events == 1  # one view feeds the rollup, not two
+    for table in ("llm_usage_1m", "llm_usage_1h"):
+        [(events,)] = chdb.query(f"SELECT sum(events) FROM meterline.{table}").result_rows
+        assert events == 1  # one view feeds each rollup, not two
 
 
 def test_content_columns_are_compressed_and_counts_nullable():
@@ -98,20 +103,21 @@ def test_a_cluster_gets_replicated_local_tables_behind_distributed_ones():
     config = convert({"endpoint": "https://ch:8443", "cluster": {"name": "llm"}},
                      ClickHouseConfig)
     objects = dict(Schema.of(config).objects())
-    assert list(objects) == ["llm_events_local", "llm_usage_1m_local", "llm_events",
-                             "llm_usage_1m", "llm_usage_1m_mv_v1"]
+    assert list(objects) == ["llm_events_local", "llm_usage_1m_local", "llm_usage_1h_local",
+                             "llm_events", "llm_usage_1m", "llm_usage_1h",
+                             "llm_usage_1m_mv_v1", "llm_usage_1h_mv_v1"]
     local = objects["llm_events_local"]
     assert local.startswith("CREATE TABLE IF NOT EXISTS `meterline`.`llm_events_local` "
                             "ON CLUSTER `llm` (")
     assert "ENGINE = ReplicatedReplacingMergeTree\n" in local
     assert local.endswith("SETTINGS replicated_deduplication_window = 10000")
-    assert "ENGINE = ReplicatedAggregatingMergeTree\n" in objects["llm_usage_1m_local"]
+    assert "ENGINE = ReplicatedAggregatingMergeTree\n" in objects["llm_usage_1h_local"]
     assert objects["llm_events"] == (
         "CREATE TABLE IF NOT EXISTS `meterline`.`llm_events` ON CLUSTER `llm` AS "
         "`meterline`.`llm_events_local`\nENGINE = Distributed(`llm`, `meterline`, "
         "`llm_events_local`, cityHash64(event_id))")
-    view = objects["llm_usage_1m_mv_v1"]
-    assert "ON CLUSTER `llm`\nTO `meterline`.`llm_usage_1m_local`" in view
+    view = objects["llm_usage_1h_mv_v1"]
+    assert "ON CLUSTER `llm`\nTO `meterline`.`llm_usage_1h_local`" in view
     assert "FROM `meterline`.`llm_events_local`" in view
 
 

@@ -1,9 +1,9 @@
 """The analytics API's answers (`/api/v1/analytics/*`, after seed 003).
 
 Each function takes a `Reader`, a `Window` and the endpoint's parameters and
-returns the JSON body. Every one reads the per-minute rollup, so a 90-day
-question does not scan raw events. Latency percentiles are t-digest estimates
-merged from per-minute states; everything else is exact.
+returns the JSON body. All but `users` read the rollups, so a 90-day question
+does not scan raw events. Latency percentiles are t-digest estimates merged
+from the rollups' states; everything else is exact.
 """
 
 from __future__ import annotations
@@ -53,14 +53,11 @@ def models(reader: Reader, window: Window, provider: str | None = None) -> dict[
     and the rolling 24h/7d/30d figures up to the window's end."""
     longest = window.ending(max(_ROLLING.values()))
     span = Window(min(window.since, longest.since), window.until)
-    in_window = window.condition("{t}")
-    conditional = {name: (name, in_window) for name in
-                   ("requests", "errors", "input_tokens", "output_tokens", "cost_usd",
-                    *_LATENCY)}
+    within = {name: (name, window) for name in
+              ("requests", "errors", "input_tokens", "output_tokens", "cost_usd", *_LATENCY)}
     for label, length in _ROLLING.items():
-        since = f"{{t}} >= toDateTime({int((window.until - length).timestamp())}, 'UTC')"
-        conditional |= {f"{name}_{label}": (name, since) for name in _TOKENS}
-    rows = reader.select(span, by=_MODEL, filters=_filters(provider), conditional=conditional,
+        within |= {f"{name}_{label}": (name, window.ending(length)) for name in _TOKENS}
+    rows = reader.select(span, by=_MODEL, filters=_filters(provider), within=within,
                          order_by=["cost_usd DESC", "model"])
     out = []
     for r in rows:

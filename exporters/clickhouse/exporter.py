@@ -125,14 +125,23 @@ class ClickHouseExporter(Exporter):
             settings=insert_settings(self.config, f"{batch_id}:{digest.hexdigest()}"))
 
     def _already_stored(self, events: list[Event]) -> set[str]:
+        """The ids of `events` stored already. A live stream's batch covers the last moments,
+        where few events are stored yet: those ids are fetched and compared here, which
+        costs milliseconds. A batch over a long stretch (a backfill, a replay) would fetch
+        too many, so then the batch's ids are looked up instead."""
+        table = self.schema.qualified(self.schema.events)
         low = min(e.timestamp for e in events)
         high = max(e.timestamp for e in events)
-        ids = ",".join(literal(e.event_id) for e in events)
-        result = self._writer.query(
-            f"SELECT event_id FROM {self.schema.qualified(self.schema.events)} "
-            f"WHERE timestamp >= fromUnixTimestamp64Nano({low}, 'UTC') "
-            f"AND timestamp <= fromUnixTimestamp64Nano({high}, 'UTC') AND event_id IN ({ids})")
-        return {event_id for (event_id,) in result.result_rows}
+        where = (f"timestamp >= fromUnixTimestamp64Nano({low}, 'UTC') "
+                 f"AND timestamp <= fromUnixTimestamp64Nano({high}, 'UTC')")
+        cap = 4 * len(events)
+        stored = self._writer.query(f"SELECT event_id FROM {table} WHERE {where} "
+                                    f"LIMIT {cap + 1}").result_rows
+        if len(stored) > cap:
+            ids = ",".join(literal(e.event_id) for e in events)
+            stored = self._writer.query(
+                f"SELECT event_id FROM {table} WHERE {where} AND event_id IN ({ids})").result_rows
+        return {event_id for (event_id,) in stored}
 
     # --- analytics and budgets -----------------------------------------------------
     def admin_routes(self) -> dict[str, AdminHandler]:

@@ -87,13 +87,11 @@ def growth(reader: Reader, window: Window, by: str = "model",
     if dim.is_time:
         raise ValueError("growth compares groups across two periods: --by cannot be a time")
     previous = window.previous()
-    this = f"{{t}} >= toDateTime({int(window.since.timestamp())}, 'UTC')"
-    before = f"{{t}} < toDateTime({int(window.since.timestamp())}, 'UTC')"
-    span = Window(previous.since, window.until)
     rows = reader.select(
-        span, by=[dim], extra={**_key_extra(dim), "change_usd": "_cost_usd - _previous_cost_usd"},
-        conditional={"cost_usd": ("cost_usd", this), "previous_cost_usd": ("cost_usd", before),
-                     "requests": ("requests", this), "previous_requests": ("requests", before)},
+        Window(previous.since, window.until), by=[dim],
+        extra={**_key_extra(dim), "change_usd": "_cost_usd - _previous_cost_usd"},
+        within={"cost_usd": ("cost_usd", window), "previous_cost_usd": ("cost_usd", previous),
+                "requests": ("requests", window), "previous_requests": ("requests", previous)},
         order_by=["change_usd DESC", dim.name], limit=top)
     return {
         "report": "growth", "by": by, **window.describe(),

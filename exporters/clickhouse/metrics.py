@@ -1,10 +1,10 @@
 """The figures FinOps answers are made of, defined once for the rollup and for raw events.
 
 Each `Aggregate` is one ClickHouse aggregate over `llm_events` columns. The
-materialized view writes it into the per-minute rollup; a query reads it back
-from the rollup (re-aggregating the stored partial results) or computes it from
-raw events (for dimensions the rollup does not keep, such as `metadata.KEY`),
-with the same definition, so both give the same answer.
+materialized views write it into the per-minute and per-hour rollups; a query
+reads it back from them (re-aggregating the stored partial results) or computes
+it from raw events (for what the rollups do not keep, such as `metadata.KEY` or
+users), with the same definition, so both give the same answer.
 
 Counts and sums are weighted by `sample_weight` (1/p for an event kept by
 probabilistic sampling), so they estimate what really happened; latencies are
@@ -103,21 +103,24 @@ AGGREGATES: tuple[Aggregate, ...] = (
 BY_NAME = {a.name: a for a in AGGREGATES}
 
 # The rollup's key: per minute, by these event columns (`model` is request_model, or
-# response_model when no model was requested; absent values are '' and status 0).
+# response_model when no model was requested; absent values are '' and status 0). Users
+# are left out on purpose: there are so many of them that a per-minute rollup by user
+# has about as many rows as there are events (measured: bench/clickhouse_bench.py), so
+# questions about users read the raw events, which cost the same and stay exact.
 ROLLUP_DIMENSIONS: tuple[tuple[str, str], ...] = (
     ("provider", "LowCardinality(String)"),
     ("model", "LowCardinality(String)"),
     ("team", "LowCardinality(String)"),
     ("api_key_id", "LowCardinality(String)"),
     ("api_key_name", "LowCardinality(String)"),
-    ("user_id", "LowCardinality(String)"),
     ("status_code", "UInt16"),
 )
 ROLLUP_COLUMNS = frozenset(name for name, _ in ROLLUP_DIMENSIONS)
 
 
 def time_column(source: Source) -> str:
-    return "minute" if source == "rollup" else "timestamp"
+    """How a query names the time of a row (`t`: the bucket of either rollup)."""
+    return "t" if source == "rollup" else "timestamp"
 
 
 def status_expression(source: Source) -> str:

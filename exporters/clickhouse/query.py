@@ -2,17 +2,19 @@
 
 A question is: a time `Window`, the `Dimension`s to group by, `Filter`s, and the
 figures wanted (`metrics.AGGREGATES`). `Reader.select` answers it from the
-per-minute rollup when every dimension and filter is a rollup column, and from
-raw events otherwise (`metadata.KEY`, `organization`...); the figures are
+rollups when every dimension and filter is a rollup column (whole hours from
+`llm_usage_1h`, the minutes around them from `llm_usage_1m`), and from raw
+events otherwise (`metadata.KEY`, `user`, `organization`...); the figures are
 defined once, so both give the same numbers.
 
-Windows are whole minutes (the rollup's grain): `since` is rounded down to its
-minute and `until` up, so `--range 24h` is the 24 hours up to the end of the
-current minute, and a rollup answer equals the raw one.
+Windows are whole minutes (the finest rollup's grain): `since` is rounded down
+to its minute and `until` up, so `--range 24h` is the 24 hours up to the end of
+the current minute, and a rollup answer equals the raw one.
 """
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +30,7 @@ from exporters.clickhouse.schema import Schema
 RANGES = ("24h", "7d", "30d", "90d")
 _RANGE = re.compile(r"^(\d+)([hd])$")
 _MINUTE = timedelta(minutes=1)
+_HOUR = timedelta(hours=1)
 
 
 def literal(value: str) -> str:
@@ -96,6 +99,39 @@ def parse_time(text: str, name: str) -> datetime:
 
 def iso(value: datetime) -> str:
     return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def split(window: Window, cuts: Iterable[datetime] = ()) -> tuple[list[Window], list[Window]]:
+    """The window as whole hours (for the hourly rollup) and the minutes around them (for
+    the per-minute one). `cuts` are times no hour may straddle: the bounds of the
+    sub-windows a question compares (this period and the previous one, rolling 24h...)."""
+    inside = (c for c in cuts if window.since < c < window.until)
+    points = sorted({window.since, window.until, *inside})
+    hours: list[Window] = []
+    minutes: list[Window] = []
+    for start, end in itertools.pairwise(points):
+        first_hour = _floor_hour(start) + (_HOUR if _floor_hour(start) < start else timedelta())
+        last_hour = _floor_hour(end)
+        if first_hour >= last_hour:
+            minutes.append(Window(start, end))
+            continue
+        hours.append(Window(first_hour, last_hour))
+        minutes += [Window(a, b) for a, b in ((start, first_hour), (last_hour, end)) if a < b]
+    return _joined(hours), _joined(minutes)
+
+
+def _joined(windows: list[Window]) -> list[Window]:
+    out: list[Window] = []
+    for w in windows:
+        if out and out[-1].until == w.since:
+            out[-1] = Window(out[-1].since, w.until)
+        else:
+            out.append(w)
+    return out
+
+
+def _floor_hour(value: datetime) -> datetime:
+    return value.replace(minute=0, second=0, microsecond=0)
 
 
 def _floor_minute(value: datetime) -> datetime:
@@ -189,10 +225,6 @@ class Reader:
     client: Any
     schema: Schema = field(default_factory=Schema)
 
-    def table(self, source: Source) -> str:
-        name = self.schema.rollup if source == "rollup" else self.schema.events
-        return self.schema.qualified(name)
-
     def rows(self, sql: str) -> list[dict[str, Any]]:
         """Rows as dicts. Result names are written `_name` in SQL and stripped here: ClickHouse
         resolves a name to an alias before a column, so `sum(cost_usd) AS cost_usd` would
@@ -204,14 +236,15 @@ class Reader:
     def select(self, window: Window, *, by: Sequence[Dimension] = (),
                filters: Iterable[Filter] = (), figures: Iterable[str] = (),
                extra: dict[str, str] | None = None,
-               conditional: dict[str, tuple[str, str]] | None = None,
+               within: dict[str, tuple[str, Window]] | None = None,
                order_by: Sequence[str] = (), limit: int | None = None,
                source: Source | None = None) -> list[dict[str, Any]]:
         """One row per group: the dimensions (by name), the figures, `extra` SQL
-        expressions, and `conditional` figures (name -> (figure, condition)); `{t}` in
-        extra and conditions stands for the source's time column, and extra may use other
-        results as `_name`. `order_by` items are result names, optionally with DESC."""
+        expressions (`{t}` standing for the time of a row; other results usable as
+        `_name`), and figures `within` a part of the window (name -> (figure, window)).
+        `order_by` items are result names, optionally with DESC."""
         filters = list(filters)
+        within = within or {}
         if source is None:
             rolled = all(d.rollup for d in by) and all(f.rollup for f in filters)
             source = "rollup" if rolled else "raw"
@@ -219,11 +252,11 @@ class Reader:
         exprs = {d.name: d.sql(source) for d in by}
         exprs |= {f: BY_NAME[f].sql(source) for f in figures}
         exprs |= {name: sql.replace("{t}", t) for name, sql in (extra or {}).items()}
-        for name, (figure, condition) in (conditional or {}).items():
-            exprs[name] = BY_NAME[figure].sql(source, condition.replace("{t}", t))
+        exprs |= {name: BY_NAME[figure].sql(source, part.condition(t))
+                  for name, (figure, part) in within.items()}
         columns = ", ".join(f"{sql} AS `_{name}`" for name, sql in exprs.items())
-        where = " AND ".join([window.condition(t), *(f.sql(source) for f in filters)])
-        sql = f"SELECT {columns} FROM {self.table(source)} WHERE {where}"
+        cuts = [bound for _, part in within.values() for bound in (part.since, part.until)]
+        sql = f"SELECT {columns} FROM {self._rows_of(source, window, filters, cuts)}"
         if by:
             sql += f" GROUP BY {', '.join(f'`_{d.name}`' for d in by)}"
         if order_by:
@@ -232,3 +265,22 @@ class Reader:
         if limit:
             sql += f" LIMIT {int(limit)}"
         return self.rows(sql)
+
+    def _rows_of(self, source: Source, window: Window, filters: list[Filter],
+                 cuts: list[datetime]) -> str:
+        """The FROM clause: raw events in the window, or the rollup rows covering it."""
+        matching = [f.sql(source) for f in filters]
+        if source == "raw":
+            where = " AND ".join([window.condition("timestamp"), *matching])
+            return f"{self.schema.qualified(self.schema.events)} WHERE {where}"
+        minute, hour = self.schema.rollups
+        hours, minutes = split(window, cuts)
+        columns = ", ".join(c.name for c in self.schema.rollup_columns(minute)[1:])
+        branches = []
+        for rollup, parts in ((hour, hours), (minute, minutes)):
+            if parts:
+                when = " OR ".join(f"({p.condition(rollup.time_column)})" for p in parts)
+                where = " AND ".join([f"({when})", *matching])
+                branches.append(f"SELECT {rollup.time_column} AS t, {columns} FROM "
+                                f"{self.schema.qualified(rollup.table)} WHERE {where}")
+        return f"({' UNION ALL '.join(branches)})"

@@ -1,4 +1,4 @@
-"""The tables: `llm_events` (one row per event) and the `llm_usage_1m` rollup.
+"""The tables: `llm_events` (one row per event) and the `llm_usage_1m`/`_1h` rollups.
 
 `llm_events` has a column per event field, typed (`DateTime64`,
 `LowCardinality(String)`, `Map`, nullable counts and costs, ZSTD-compressed
@@ -7,17 +7,19 @@ select time ranges, and the exporter's "already stored?" check looks event ids
 up within their hour. It is a `ReplacingMergeTree`, so should two writers ever
 store the same event, merges keep one copy.
 
-`llm_usage_1m` is an `AggregatingMergeTree` fed by a materialized view: per
-minute, by provider, model, team, API key, user and status, the figures of
-`metrics.AGGREGATES`. A 90-day query reads it, not the raw events.
+`llm_usage_1m` and `llm_usage_1h` are `AggregatingMergeTree`s, each fed by a
+materialized view: per minute and per hour, by provider, model, team, API key
+and status, the figures of `metrics.AGGREGATES`. A question reads whole hours
+from the hourly rollup and the minutes around them from the per-minute one
+(`query.Reader`), so a 90-day answer reads about 2,000 hours, not every event.
 
-Both tables keep a window of insert deduplication tokens
+Every table keeps a window of insert deduplication tokens
 (`non_replicated_deduplication_window`; replicated tables have their own), so a
 retried batch is stored once, in the rollup too.
 
 The schema migrates itself forward: `ensure_schema` creates what is missing
 and adds the columns a newer version defines to an existing table. A change to
-the view's query gets a new view name (`_mv_vN`); the old view is dropped.
+a view's query gets a new view name (`_mv_vN`); the old view is dropped.
 """
 
 from __future__ import annotations
@@ -133,6 +135,19 @@ _EVENT_FIELDS = {name: i for i, name in enumerate(Event.__struct_fields__)}
 
 
 @dataclass(frozen=True)
+class Rollup:
+    """One aggregate table: the figures per `time_column` bucket, by the rollup dimensions."""
+
+    table: str  # llm_usage_1m, llm_usage_1h
+    time_column: str  # minute, hour
+    bucket: str  # the function that takes a timestamp to its bucket
+
+    @property
+    def view(self) -> str:
+        return f"{self.table}_mv_v{VIEW_VERSION}"
+
+
+@dataclass(frozen=True)
 class Schema:
     """The tables of one exporter: names, engines and columns, as DDL."""
 
@@ -156,12 +171,11 @@ class Schema:
 
     # --- names ---------------------------------------------------------------------
     @property
-    def rollup(self) -> str:
-        return "llm_usage_1m" if self.events == "llm_events" else f"{self.events}_usage_1m"
-
-    @property
-    def view(self) -> str:
-        return f"{self.rollup}_mv_v{VIEW_VERSION}"
+    def rollups(self) -> tuple[Rollup, Rollup]:
+        """The per-minute and the per-hour rollup."""
+        base = "llm_usage" if self.events == "llm_events" else f"{self.events}_usage"
+        return (Rollup(f"{base}_1m", "minute", "toStartOfMinute"),
+                Rollup(f"{base}_1h", "hour", "toStartOfHour"))
 
     def qualified(self, table: str) -> str:
         """The name queries use (on a cluster, the Distributed table)."""
@@ -198,34 +212,36 @@ class Schema:
                 "PARTITION BY toYYYYMM(timestamp)\n"
                 f"ORDER BY (toStartOfHour(timestamp), event_id){ttl}\n{self._settings()}")
 
-    def rollup_columns(self) -> tuple[Column, ...]:
-        return (Column("minute", "DateTime('UTC')"),
+    def rollup_columns(self, rollup: Rollup) -> tuple[Column, ...]:
+        return (Column(rollup.time_column, "DateTime('UTC')"),
                 *(Column(name, type_) for name, type_ in ROLLUP_DIMENSIONS),
                 *(Column(a.name, a.column_type()) for a in AGGREGATES))
 
-    def create_rollup(self) -> str:
-        key = ", ".join(["minute", *(name for name, _ in ROLLUP_DIMENSIONS)])
-        body = ",\n  ".join(c.ddl() for c in self.rollup_columns())
-        return (f"CREATE TABLE IF NOT EXISTS {self._stored(self.rollup)}{self.on_cluster} (\n"
+    def create_rollup(self, rollup: Rollup) -> str:
+        key = ", ".join([rollup.time_column, *(name for name, _ in ROLLUP_DIMENSIONS)])
+        body = ",\n  ".join(c.ddl() for c in self.rollup_columns(rollup))
+        return (f"CREATE TABLE IF NOT EXISTS {self._stored(rollup.table)}{self.on_cluster} (\n"
                 f"  {body}\n)\nENGINE = {self._engine('Aggregating')}\n"
-                f"PARTITION BY toYYYYMM(minute)\nORDER BY ({key})\n{self._settings()}")
+                f"PARTITION BY toYYYYMM({rollup.time_column})\nORDER BY ({key})\n"
+                f"{self._settings()}")
 
-    def create_view(self) -> str:
+    def create_view(self, rollup: Rollup) -> str:
         # The inner query names its results apart (`_x`): ClickHouse resolves a name to an
         # alias before a column, so `sum(cost_usd) AS cost_usd` would capture `cost_usd`
         # in the other aggregates.
-        names = ["minute", *(name for name, _ in ROLLUP_DIMENSIONS),
+        names = [rollup.time_column, *(name for name, _ in ROLLUP_DIMENSIONS),
                  *(a.name for a in AGGREGATES)]
         dims = [f"ifNull({name}, 0)" if name == "status_code" else name
                 for name, _ in ROLLUP_DIMENSIONS]
-        inner = ["toStartOfMinute(timestamp)", *dims, *(a.view_expression() for a in AGGREGATES)]
+        inner = [f"{rollup.bucket}(timestamp)", *dims,
+                 *(a.view_expression() for a in AGGREGATES)]
         select = ",\n    ".join(f"{expr} AS _{name}" for expr, name in zip(inner, names,
                                                                             strict=True))
         group = ", ".join(f"_{name}" for name in names[:1 + len(ROLLUP_DIMENSIONS)])
         outer = ", ".join(f"_{name} AS {name}" for name in names)
         return (f"CREATE MATERIALIZED VIEW IF NOT EXISTS "
-                f"{self.qualified(self.view)}{self.on_cluster}\n"
-                f"TO {self._stored(self.rollup)}\nAS SELECT {outer}\nFROM (\n  SELECT\n    "
+                f"{self.qualified(rollup.view)}{self.on_cluster}\n"
+                f"TO {self._stored(rollup.table)}\nAS SELECT {outer}\nFROM (\n  SELECT\n    "
                 f"{select}\n  FROM {self._stored(self.events)}\n  GROUP BY {group}\n)")
 
     def create_distributed(self, table: str, sharding_key: str) -> str:
@@ -236,13 +252,14 @@ class Schema:
 
     def objects(self) -> list[tuple[str, str]]:
         """(table name, CREATE statement) of everything in the database, in creation order."""
-        stored = f"{self.events}_local" if self.cluster else self.events
-        rollup = f"{self.rollup}_local" if self.cluster else self.rollup
-        out = [(stored, self.create_events()), (rollup, self.create_rollup())]
+        local = "_local" if self.cluster else ""
+        out = [(self.events + local, self.create_events())]
+        out += [(r.table + local, self.create_rollup(r)) for r in self.rollups]
         if self.cluster:
-            out += [(self.events, self.create_distributed(self.events, "cityHash64(event_id)")),
-                    (self.rollup, self.create_distributed(self.rollup, "rand()"))]
-        return [*out, (self.view, self.create_view())]
+            out.append((self.events, self.create_distributed(self.events,
+                                                             "cityHash64(event_id)")))
+            out += [(r.table, self.create_distributed(r.table, "rand()")) for r in self.rollups]
+        return out + [(r.view, self.create_view(r)) for r in self.rollups]
 
     def add_column(self, table: str, column: Column, after: str) -> list[str]:
         """The ALTERs that add a newer version's column to an existing table."""
@@ -278,32 +295,34 @@ def ensure_schema(client: Any, schema: Schema) -> list[str]:
     execute(schema.create_database())
     run.clear()  # IF NOT EXISTS: not a change worth logging
     existing = _existing_columns(client, schema)
-    for table, columns in ((schema.events, schema.columns),
-                           (schema.rollup, schema.rollup_columns())):
+    tables = [(schema.events, schema.columns)]
+    tables += [(r.table, schema.rollup_columns(r)) for r in schema.rollups]
+    for table, columns in tables:
         have = existing.get(table)
         for previous, column in itertools.pairwise(columns):
             if have and column.name not in have:
                 for sql in schema.add_column(table, column, previous.name):
                     execute(sql)
-    tables = _tables(client, schema)
+    present = _tables(client, schema)
     for name, create in schema.objects():
-        if name not in tables:
+        if name not in present:
             execute(create)
-    prefix = f"{schema.rollup}_mv_v"
-    for name in sorted(tables):
-        if name.startswith(prefix) and name != schema.view:
-            execute(f"DROP VIEW IF EXISTS {schema.qualified(name)}{schema.on_cluster}")
+    for rollup in schema.rollups:
+        prefix = rollup.view.removesuffix(str(VIEW_VERSION))
+        for name in sorted(present):
+            if name.startswith(prefix) and name != rollup.view:
+                execute(f"DROP VIEW IF EXISTS {schema.qualified(name)}{schema.on_cluster}")
     return run
 
 
 def _existing_columns(client: Any, schema: Schema) -> dict[str, set[str]]:
     """Columns of the tables that hold the data, by their logical names."""
     local = "_local" if schema.cluster else ""
+    names = [schema.events + local, *(r.table + local for r in schema.rollups)]
     rows = client.query(
         "SELECT table, name FROM system.columns WHERE database = {db:String} "
-        "AND table IN ({events:String}, {rollup:String})",
-        parameters={"db": schema.database, "events": schema.events + local,
-                    "rollup": schema.rollup + local}).result_rows
+        "AND has({tables:Array(String)}, table)",
+        parameters={"db": schema.database, "tables": names}).result_rows
     out: dict[str, set[str]] = {}
     for table, name in rows:
         out.setdefault(table.removesuffix("_local"), set()).add(name)
