@@ -9,6 +9,8 @@ unless `--endpoint` names a server.
 
     python bench/clickhouse_bench.py --events 10000000
     python bench/clickhouse_bench.py --events 200000 --repeat 3       # a quick check
+    python bench/clickhouse_bench.py --endpoint chdb:///tmp/ch --events 10000000
+    python bench/clickhouse_bench.py --endpoint chdb:///tmp/ch --no-insert  # queries again
 """
 
 from __future__ import annotations
@@ -130,7 +132,7 @@ def time_queries(reader: Reader, repeat: int) -> None:
 
 def sizes(reader: Reader) -> None:
     schema = reader.schema
-    for table in (schema.events, schema.rollup):
+    for table in (schema.events, *(r.table for r in schema.rollups)):
         [(rows, on_disk)] = reader.client.query(
             "SELECT sum(rows), sum(bytes_on_disk) FROM system.parts WHERE active AND "
             f"database = '{schema.database}' AND table = '{table}'").result_rows
@@ -146,6 +148,8 @@ async def main() -> None:
     parser.add_argument("--repeat", type=int, default=5, help="runs of each query")
     parser.add_argument("--endpoint", help="chdb://PATH or http://HOST:8123 (default: a "
                                            "fresh chDB directory under /tmp)")
+    parser.add_argument("--no-insert", action="store_true",
+                        help="only time the queries, over what --endpoint holds already")
     args = parser.parse_args()
     logs.configure("warning", "console")
     with tempfile.TemporaryDirectory(prefix="meterline-ch-bench-") as tmp:
@@ -155,9 +159,10 @@ async def main() -> None:
                           logs.get(component="clickhouse"))
         exporter = ClickHouseExporter(config, context)
         await exporter.start()
-        print(f"{args.events:,} events into {endpoint}")
         try:
-            await insert(exporter, args)
+            if not args.no_insert:
+                print(f"{args.events:,} events into {endpoint}")
+                await insert(exporter, args)
             reader = await exporter.connect()
             sizes(reader)
             time_queries(reader, args.repeat)

@@ -135,7 +135,6 @@ def test_inserts_on_a_server_wait_for_async_inserts_and_for_the_shards():
                       "cluster": {"name": "llm"}}, ClickHouseConfig)
     assert insert_settings(config, "b1") == {
         "insert_deduplication_token": "b1",
-        "deduplicate_blocks_in_dependent_materialized_views": 1,
         "async_insert": 1, "wait_for_async_insert": 1, "async_insert_deduplicate": 1,
         "distributed_foreground_insert": 1}
 

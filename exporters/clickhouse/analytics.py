@@ -121,7 +121,7 @@ def providers(reader: Reader, window: Window, provider: str | None = None) -> di
     rows = reader.select(window, by=[dimension("provider")], filters=_filters(provider),
                          figures=("requests", "errors", "input_tokens", "output_tokens",
                                   "cost_usd", "duration_ms_sum", "duration_ms_count"),
-                         extra={"model_count": "uniqExactIf(model, model != '')"},
+                         extra={"model_count": "uniqExactIf(cityHash64(model), model != '')"},
                          order_by=["cost_usd DESC", "provider"])
     return {**_header(window, provider=provider or "all"), "providers": [{
         "provider": r["provider"] or None, "model_count": r["model_count"],
@@ -179,7 +179,7 @@ def users(reader: Reader, window: Window, limit: int = 100,
         figures=("requests", "errors", "input_tokens", "output_tokens", "cost_usd",
                  "unpriced_requests", "duration_ms_sum", "duration_ms_count", "first_seen",
                  "last_seen", "max_request_tokens"),
-        extra={"unique_models": "uniqExactIf(model, model != '')",
+        extra={"unique_models": "uniqExactIf(cityHash64(model), model != '')",
                "providers": "arraySort(groupUniqArrayIf(provider, provider != ''))",
                "days_active": "uniqExact(toDate({t}))"},
         order_by=["cost_usd DESC", "user"], limit=limit)

@@ -40,7 +40,7 @@ class ClickHouseConfig(ExporterConfig):
     connect_timeout: Duration = Duration(10)
     query_timeout: Duration = Duration(60)
     analytics: bool = True  # serve the analytics API and compute budgets from this exporter
-    budget_refresh: Duration = Duration(30)  # how often budget spend is recomputed
+    budget_refresh: Duration = Duration(15)  # how often budget spend is recomputed
     batch: BatchConfig = msgspec.field(
         default_factory=lambda: BatchConfig(max_size=10_000, timeout=Duration(1)))
 

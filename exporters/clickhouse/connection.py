@@ -80,12 +80,15 @@ def open_client(config: ClickHouseConfig, data_dir: Path) -> Any:
 
 
 def insert_settings(config: ClickHouseConfig, token: str) -> dict[str, Any]:
-    """Per-insert settings: the deduplication token, and what makes it hold on a server."""
-    settings: dict[str, Any] = {"insert_deduplication_token": token,
-                                "deduplicate_blocks_in_dependent_materialized_views": 1}
+    """Per-insert settings: the deduplication token, and what makes it hold on a server.
+    Servers refuse view-level deduplication with asynchronous inserts; there the rollups
+    rely on the "already stored?" check, which sees a flushed insert (we wait for it)."""
+    settings: dict[str, Any] = {"insert_deduplication_token": token}
     if config.async_insert:
         settings |= {"async_insert": 1, "wait_for_async_insert": 1,
                      "async_insert_deduplicate": 1}
+    else:
+        settings["deduplicate_blocks_in_dependent_materialized_views"] = 1
     if config.cluster:
         settings["distributed_foreground_insert"] = 1  # stored on the shards before we ack
     return settings
