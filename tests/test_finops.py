@@ -41,8 +41,8 @@ budgets:
 
 
 class Api:
-    def __init__(self, base, events):
-        self.base, self.events = base, events
+    def __init__(self, base, events, webhook, registry):
+        self.base, self.events, self.webhook, self.registry = base, events, webhook, registry
 
     async def get(self, path, status=200, **params):
         async with aiohttp.ClientSession() as s, s.get(f"{self.base}/api/v1/{path}",
@@ -64,7 +64,8 @@ async def api(tmp_path_factory):
         registry = service.telemetry.registry
         await eventually(lambda: metric_value(registry, "meterline_exporter_sent_events_total")
                          == len(events), timeout=30)
-        yield Api(f"http://127.0.0.1:{admin}", events)
+        yield Api(f"http://127.0.0.1:{admin}", events, f"http://127.0.0.1:{port}/v1/events",
+                  registry)
 
 
 def shift(iso, days):
@@ -83,7 +84,25 @@ def assert_usage(row, expected):
         assert row[figure] == money(expected[figure]), figure
 
 
+def sent(api):
+    return metric_value(api.registry, "meterline_exporter_sent_events_total")
+
+
 # --- finops reports ----------------------------------------------------------------------
+async def test_events_sent_again_through_the_webhook_change_no_answer(api):
+    before = sent(api)
+    status, _, _ = await post_json(api.webhook, api.events[::3])  # a source re-sending
+    assert status == 200
+    await eventually(lambda: sent(api) == before + len(api.events[::3]))
+    answer = await api.get("finops/spend", by="model", range="90d", top="1000")
+    assert_usage(answer["total"], data.totals(data.in_window(api.events, answer)))
+    raw = await api.get("finops/spend", by="metadata.customer", range="90d", top="1000")
+    expected = data.by(data.in_window(api.events, raw), "metadata.customer")
+    for row in raw["rows"]:
+        assert_usage(row, expected[row["metadata.customer"]])
+
+
+
 @pytest.mark.parametrize("dimension", ["provider", "model", "team", "api_key", "user", "status",
                                        "day", "metadata.customer"])
 async def test_spend_by_each_dimension_equals_the_events_sums(api, dimension):

@@ -1,9 +1,10 @@
 """The analytics API's answers (`/api/v1/analytics/*`, after seed 003).
 
 Each function takes a `Reader`, a `Window` and the endpoint's parameters and
-returns the JSON body. All but `users` read the rollups, so a 90-day question
-does not scan raw events. Latency percentiles are t-digest estimates merged
-from the rollups' states; everything else is exact.
+returns the JSON body. They read the rollups, so a 90-day question does not
+scan raw events, except questions about users (`users`, a `user_id` filter),
+which read raw events. Latency percentiles are t-digest estimates merged from
+the rollups' states; everything else is exact.
 """
 
 from __future__ import annotations

@@ -88,9 +88,7 @@ def status(reader: Reader, budgets: Mapping[str, Budget],
     out = []
     for name, budget in budgets.items():
         window = period_window(budget.period, now)
-        [row] = reader.select(window, filters=budget.scope.filters(), figures=["cost_usd"],
-                              source=None if all(f.rollup for f in budget.scope.filters())
-                              else "raw")
+        [row] = reader.select(window, filters=budget.scope.filters(), figures=["cost_usd"])
         spend = row["cost_usd"]
         utilization = spend / budget.limit_usd
         reached = max((t for t in budget.alert_thresholds if utilization >= t), default=None)

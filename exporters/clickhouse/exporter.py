@@ -33,6 +33,7 @@ from meterline.component import (
     ExportBatch,
     Exporter,
     Factory,
+    RetryableError,
     cancel_and_wait,
 )
 from meterline.event import Event
@@ -47,6 +48,7 @@ class ClickHouseExporter(Exporter):
         self._writer: Any = None
         self.reader: Reader | None = None
         self._connecting = asyncio.Lock()
+        self._closed = False
         self._budget_task: asyncio.Task[None] | None = None
         self._reached: dict[tuple[str, str], float] = {}  # (budget, period start) -> threshold
         self._duplicates = context.meter.create_counter(
@@ -65,6 +67,7 @@ class ClickHouseExporter(Exporter):
                                                     name=f"{self.context.id} budgets")
 
     async def shutdown(self) -> None:
+        self._closed = True  # an API request still running must not open the clients again
         await cancel_and_wait(self._budget_task)
         if self.config.analytics:
             budgets.BudgetGauges.of(self.context.meter).publish([])
@@ -76,6 +79,8 @@ class ClickHouseExporter(Exporter):
     async def connect(self) -> Reader:
         """Open the clients (and create or migrate the schema) unless done already."""
         async with self._connecting:
+            if self._closed:
+                raise RetryableError("the exporter is shutting down")
             if self.reader is None:
                 try:
                     self._writer, reader = await asyncio.to_thread(self._open)

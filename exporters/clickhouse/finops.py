@@ -69,8 +69,7 @@ def spend(reader: Reader, window: Window, by: str = "provider", top: int | None 
     rows = reader.select(window, by=[dim], filters=filters or [], figures=SPEND_FIGURES,
                          extra=_key_extra(dim), order_by=_order(dim, "cost_usd"),
                          limit=None if dim.is_time else top)
-    [total] = reader.select(window, filters=filters or [], figures=SPEND_FIGURES,
-                            source=None if dim.rollup else "raw")
+    [total] = reader.select(window, filters=filters or [], figures=SPEND_FIGURES)
     total_cost = total["cost_usd"]
     return {
         "report": "spend", "by": by, **window.describe(),
@@ -114,12 +113,12 @@ def variance(reader: Reader, window: Window, by: str = "provider",
     rows = reader.select(
         window, by=[dim], figures=figures,
         extra={**_key_extra(dim), "gap": "abs(_actual_cost_usd - _estimated_cost_of_actual_usd)"},
+        having="_actual_cost_requests > 0",
         order_by=[dim.name] if dim.is_time else ["gap DESC", dim.name], limit=top)
-    [total] = reader.select(window, figures=figures, source=None if dim.rollup else "raw")
+    [total] = reader.select(window, figures=figures)
     return {
         "report": "variance", "by": by, **window.describe(),
-        "rows": [{**keys(r, dim), **_variance(r)} for r in rows
-                 if r["actual_cost_requests"]],
+        "rows": [{**keys(r, dim), **_variance(r)} for r in rows],
         "total": _variance(total),
     }
 

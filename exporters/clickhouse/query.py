@@ -237,17 +237,16 @@ class Reader:
                filters: Iterable[Filter] = (), figures: Iterable[str] = (),
                extra: dict[str, str] | None = None,
                within: dict[str, tuple[str, Window]] | None = None,
-               order_by: Sequence[str] = (), limit: int | None = None,
-               source: Source | None = None) -> list[dict[str, Any]]:
+               having: str | None = None, order_by: Sequence[str] = (),
+               limit: int | None = None) -> list[dict[str, Any]]:
         """One row per group: the dimensions (by name), the figures, `extra` SQL
-        expressions (`{t}` standing for the time of a row; other results usable as
-        `_name`), and figures `within` a part of the window (name -> (figure, window)).
-        `order_by` items are result names, optionally with DESC."""
+        expressions (`{t}` standing for the time of a row; results usable as `_name`
+        there and in `having`), and figures `within` a part of the window (name ->
+        (figure, window)). `order_by` items are result names, optionally with DESC."""
         filters = list(filters)
         within = within or {}
-        if source is None:
-            rolled = all(d.rollup for d in by) and all(f.rollup for f in filters)
-            source = "rollup" if rolled else "raw"
+        rolled = all(d.rollup for d in by) and all(f.rollup for f in filters)
+        source: Source = "rollup" if rolled else "raw"
         t = _time_column(source)
         exprs = {d.name: d.sql(source) for d in by}
         exprs |= {f: BY_NAME[f].sql(source) for f in figures}
@@ -259,6 +258,8 @@ class Reader:
         sql = f"SELECT {columns} FROM {self._rows_of(source, window, filters, cuts)}"
         if by:
             sql += f" GROUP BY {', '.join(f'`_{d.name}`' for d in by)}"
+        if having:
+            sql += f" HAVING {having}"
         if order_by:
             sql += " ORDER BY " + ", ".join(f"`_{o.split()[0]}` {' '.join(o.split()[1:])}"
                                             for o in order_by)
