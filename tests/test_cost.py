@@ -7,7 +7,6 @@ from typing import Any
 
 import msgspec
 import pytest
-from conftest import FIXTURES, make_context, make_event, metric_value
 from prometheus_client import CollectorRegistry
 
 from meterline import config as config_mod
@@ -16,6 +15,7 @@ from meterline.config import convert
 from meterline.event import Event
 from processors.cost import CostConfig, CostProcessor
 from processors.cost.prices import bundled
+from tests.conftest import FIXTURES, make_context, make_event, metric_value
 
 LITELLM_FILE = str(FIXTURES / "litellm-prices.json")
 

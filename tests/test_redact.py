@@ -10,13 +10,13 @@ from typing import Any
 import msgspec
 import pytest
 import yaml
-from conftest import FIXTURES, make_context, make_event, metric_value
 from prometheus_client import CollectorRegistry
 
 from meterline.config import convert
 from meterline.event import Event
 from processors.redact import RedactConfig, RedactProcessor
 from processors.redact.detectors import BUILTIN, NAMES, find_all, iban_valid, luhn
+from tests.conftest import FIXTURES, make_context, make_event, metric_value
 
 CORPUS = FIXTURES / "redact-corpus.yaml"
 

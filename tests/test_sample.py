@@ -8,13 +8,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import make_context, make_event, metric_value
 from opentelemetry.sdk.trace.sampling import Decision, TraceIdRatioBased
 from prometheus_client import CollectorRegistry
 
 from meterline.config import convert
 from meterline.event import Event, clone
 from processors.sample import SampleConfig, SampleProcessor
+from tests.conftest import make_context, make_event, metric_value
 
 N = 100_000
 
