@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry
 from meterline.config import convert
 from meterline.event import Event
 from processors.redact import RedactConfig, RedactProcessor
-from processors.redact.detectors import BUILTIN, NAMES, find_all, iban_valid, luhn
+from processors.redact.detectors import BUILTIN, NAMES, DetectorSet, iban_valid, luhn
 from tests.conftest import FIXTURES, make_context, make_event, metric_value
 
 CORPUS = FIXTURES / "redact-corpus.yaml"
@@ -37,6 +37,7 @@ def corpus_counts() -> tuple[Counter[str], Counter[str], Counter[str]]:
     tp: Counter[str] = Counter()
     fp: Counter[str] = Counter()
     fn: Counter[str] = Counter()
+    detectors = DetectorSet(list(BUILTIN))
     for item in yaml.safe_load(CORPUS.read_text(encoding="utf-8")):
         text = item["text"]
         expected = []
@@ -47,7 +48,7 @@ def corpus_counts() -> tuple[Counter[str], Counter[str], Counter[str]]:
                 while start >= 0:
                     expected.append((start, start + len(value), detector))
                     start = text.find(value, start + 1)
-        found = [(f.start, f.end, NAMES[f.detector]) for f in find_all(list(BUILTIN), text)]
+        found = [(f.start, f.end, NAMES[f.detector]) for f in detectors.find(text)]
         for start, end, detector in found:
             hit = any(d == detector and start <= s and end >= e for s, e, d in expected)
             (tp if hit else fp)[detector] += 1

@@ -32,7 +32,7 @@ import msgspec
 from meterline.component import Config, Context, Factory, Processor
 from meterline.event import Event
 from processors.fieldpath import FieldPath
-from processors.redact.detectors import BUILTIN, NAMES, Detector, find_all
+from processors.redact.detectors import BUILTIN, NAMES, Detector, DetectorSet
 
 Action = Literal["mask", "hash", "drop", "drop_event", "off"]
 ACTIONS: tuple[Action, ...] = ("mask", "hash", "drop", "drop_event", "off")
@@ -99,18 +99,54 @@ class _DropEvent(Exception):
     """A `drop_event` finding: abandon the event."""
 
 
+Slot = tuple[Any, Any, str]  # (container, key, string): where a string sits in a value
+
+
+def _strings(value: Any, slots: list[Slot], container: Any = None, key: Any = None) -> None:
+    """Every string inside `value`, with where it sits (dicts and lists are walked)."""
+    if isinstance(value, str):
+        if not value.startswith("data:"):  # inline images and files: base64, not text
+            slots.append((container, key, value))
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            if k not in _SKIPPED_KEYS:
+                _strings(v, slots, value, k)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _strings(v, slots, value, i)
+
+
 class Redactor:
-    """Finds and replaces in one string, tallying findings by detector."""
+    """Finds and replaces in a field's strings, tallying findings by detector."""
 
     def __init__(self, detectors: list[tuple[Detector, str]], hash_key: bytes) -> None:
-        self.detectors = [d for d, _ in detectors]
+        self.detectors = DetectorSet([d for d, _ in detectors])
         self.actions = [a for _, a in detectors]
-        self.names = [d.name for d in self.detectors]
-        self.placeholders = [d.placeholder for d in self.detectors]
+        self.names = [d.name for d, _ in detectors]
+        self.placeholders = [d.placeholder for d, _ in detectors]
         self.hash_key = hash_key
 
-    def redact(self, text: str, counts: dict[str, int]) -> str:
-        findings = find_all(self.detectors, text)
+    def redact_value(self, value: Any, counts: dict[str, int]) -> Any:
+        """`value` with its strings redacted (in place inside dicts and lists). Which
+        detectors can match is settled once for all of them together."""
+        slots: list[Slot] = []
+        _strings(value, slots)
+        if not slots:
+            return value
+        whole = slots[0][2] if len(slots) == 1 else "\n".join(s for _, _, s in slots)
+        candidates = self.detectors.candidates(whole)
+        if not candidates:
+            return value
+        for container, key, text in slots:
+            new = self.redact(text, candidates, counts)
+            if new is not text:
+                if container is None:
+                    return new
+                container[key] = new
+        return value
+
+    def redact(self, text: str, candidates: list[int], counts: dict[str, int]) -> str:
+        findings = self.detectors.find(text, candidates)
         if not findings:
             return text
         parts = []
@@ -133,19 +169,6 @@ class Redactor:
         parts.append(text[last:])
         return "".join(parts)
 
-    def walk(self, value: Any, counts: dict[str, int]) -> Any:
-        """`value` with every string in it redacted (dicts and lists in place)."""
-        if isinstance(value, str):
-            return value if value.startswith("data:") else self.redact(value, counts)
-        if isinstance(value, dict):
-            for k, v in value.items():
-                if isinstance(v, str | dict | list) and k not in _SKIPPED_KEYS:
-                    value[k] = self.walk(v, counts)
-        elif isinstance(value, list):
-            for i, v in enumerate(value):
-                value[i] = self.walk(v, counts)
-        return value
-
 
 _MESSAGES = (FieldPath("input_messages"), FieldPath("output_messages"))
 
@@ -167,9 +190,9 @@ class RedactProcessor(Processor):
             description="Events dropped by a drop_event detector")
 
     def process(self, events: list[Event]) -> list[Event]:
-        if not self.redactor.detectors:
+        if not self.redactor.names:
             return events
-        walk = self.redactor.walk
+        redact = self.redactor.redact_value
         totals: dict[str, int] = {}
         kept: list[Event] = []
         dropped = 0
@@ -181,7 +204,7 @@ class RedactProcessor(Processor):
                     if value is None:
                         continue
                     try:
-                        new = walk(value, counts)
+                        new = redact(value, counts)
                     except _DropField:
                         path.delete(e)
                         continue
