@@ -157,8 +157,9 @@ def test_redactions_are_counted_by_detector_in_the_event_and_self_telemetry(
     assert metric_value(registry, "meterline_redact_redactions_total", detector="ipv4") == 1
 
 
-def test_off_disables_a_detector(tmp_path: Path) -> None:
-    p, _ = redactor(tmp_path, detectors={"ipv4": "off"})
+@pytest.mark.parametrize("off", ["off", False])  # YAML reads a bare `off` as false
+def test_off_disables_a_detector(tmp_path: Path, off: str | bool) -> None:
+    p, _ = redactor(tmp_path, detectors={"ipv4": off})
     e = p.process([chat("server 203.0.113.9")])[0]
     assert e.input_messages == [{"role": "user", "content": "server 203.0.113.9"}]
     assert e.redactions is None

@@ -63,7 +63,8 @@ class CustomDetector(Config):
 
 
 class RedactConfig(Config):
-    detectors: dict[str, str] = msgspec.field(default_factory=dict)  # action per built-in
+    # action per built-in detector; YAML reads a bare `off` as false, so false is off too
+    detectors: dict[str, str | bool] = msgspec.field(default_factory=dict)
     default_action: str = "mask"  # for built-in detectors not listed in `detectors`
     custom: list[CustomDetector] = msgspec.field(default_factory=list)
     fields: list[FieldPath] = msgspec.field(default_factory=list)  # besides the messages
@@ -71,8 +72,11 @@ class RedactConfig(Config):
 
     def __post_init__(self) -> None:
         _check_action(self.default_action, "default_action")
+        self.detectors = {name: ("off" if action is False else self.default_action
+                                 if action is True else action)
+                          for name, action in self.detectors.items()}
         for name, action in self.detectors.items():
-            _check_action(action, f"detector {name}")
+            _check_action(str(action), f"detector {name}")
         unknown = set(self.detectors) - set(NAMES)
         if unknown:
             raise ValueError(f"unknown detector {', '.join(sorted(unknown))} "
@@ -87,7 +91,7 @@ class RedactConfig(Config):
         """The detectors that run, most specific first: custom ones, then built-ins."""
         chosen: list[tuple[Detector, str]] = [
             (Detector(c.name, (re.compile(c.pattern),)), c.action) for c in self.custom]
-        chosen += [(d, self.detectors.get(d.name, self.default_action)) for d in BUILTIN]
+        chosen += [(d, str(self.detectors.get(d.name, self.default_action))) for d in BUILTIN]
         return [(d, a) for d, a in chosen if a != "off"]
 
 
