@@ -208,6 +208,16 @@ def test_litellm_price_file_overrides_the_bundled_entry(tmp_path: Path) -> None:
     assert e.pricing_ref == "openai/gpt-4o@litellm-prices.json"
 
 
+def test_a_price_file_host_does_not_price_another_hosts_calls(tmp_path: Path) -> None:
+    # the file prices gpt-oss-120b as served by Cerebras; Groq's call keeps Groq's price
+    e = priced(tmp_path, {"price_files": [LITELLM_FILE]}, provider="groq",
+               request_model="openai/gpt-oss-120b", input_tokens=1000, output_tokens=1000)
+    assert e.pricing_ref == "groq/gpt-oss-120b@bundled"
+    other = priced(tmp_path, {"price_files": [LITELLM_FILE]}, provider="together_ai",
+                   request_model="gpt-oss-120b", input_tokens=1000, output_tokens=1000)
+    assert other.cost_usd is None
+
+
 def test_without_the_bundled_table_only_given_prices_apply(tmp_path: Path) -> None:
     p = processor(tmp_path, bundled=False, price_files=[LITELLM_FILE])
     known, unknown = p.process([make_event(0, request_model="acme-chat-1"),

@@ -6,10 +6,10 @@ price files named in the config (meterline's own format, or LiteLLM's
 `model_prices_and_context_window.json`), then the `prices` written in
 `pipeline.yaml`. A model name resolves by trying ever less specific forms of it
 (`us.anthropic.claude-sonnet-4-5-20250929-v1:0` down to `claude-sonnet-4-5`); the
-first form that any layer prices wins, the highest layer first. Within a layer an
-entry of the event's own provider beats an entry written without a provider, which
-beats the model's first-party entry (so Claude served by Vertex AI finds Anthropic's
-price when the table has no Vertex entry for it).
+first form that is priced wins. For a form, the highest layer with an entry of the
+event's provider, or one written without a provider, gives the price; failing that,
+the entry of the model's maker does (so Claude served by Vertex AI finds Anthropic's
+price when no layer has a Vertex AI entry for it).
 """
 
 from __future__ import annotations
@@ -27,10 +27,12 @@ import msgspec
 
 from meterline.genai import provider_name
 
-# Providers that serve other vendors' models: their entries never stand for the model
-# in general (Azure's gpt-4o is not how gpt-4o is priced everywhere).
-RESELLERS = frozenset({"aws.bedrock", "azure.ai.openai", "azure.ai.inference",
-                       "gcp.vertex_ai"})
+# Providers that make the models they serve: their price of a model stands for it when
+# another provider (Vertex AI serving Claude, or an unnamed provider) has none. Clouds
+# and hosts of open models (Bedrock, Azure, Groq, Together...) never do: their price is
+# theirs alone.
+MAKERS = frozenset({"openai", "anthropic", "gcp.gemini", "mistral_ai", "deepseek", "x_ai",
+                    "cohere"})
 
 
 class Rates(NamedTuple):
@@ -219,13 +221,8 @@ class Layer:
             self.any_provider[model] = price
             return
         self.by_provider[(provider, model)] = price
-        if provider not in RESELLERS:
+        if provider in MAKERS:
             self.first_party.setdefault(model, price)
-
-    def find(self, provider: str | None, model: str) -> Price | None:
-        if provider is not None and (found := self.by_provider.get((provider, model))):
-            return found
-        return self.any_provider.get(model) or self.first_party.get(model)
 
     def __len__(self) -> int:
         return len(self.by_provider) + len(self.any_provider)
@@ -254,10 +251,25 @@ class PriceTable:
             if why != "as reported":
                 steps.append(why)
             tried.append(form)
-            for layer in self.layers:
-                if (price := layer.find(provider, form)) is not None:
-                    return Resolution(price, model, form, steps)
+            if (price := self._find(provider, form)) is not None:
+                return Resolution(price, model, tried, steps)
         return Resolution(None, model, tried, steps)
+
+    def _find(self, provider: str | None, model: str) -> Price | None:
+        """An entry for this provider, or for any provider, from the highest layer that
+        has one; only then the maker's entry (a price file's OpenAI gpt-4o must not hide
+        the bundled Azure one)."""
+        layers = self.layers
+        for layer in layers:
+            if provider is not None and (
+                    found := layer.by_provider.get((provider, model))) is not None:
+                return found
+            if (found := layer.any_provider.get(model)) is not None:
+                return found
+        for layer in layers:
+            if (found := layer.first_party.get(model)) is not None:
+                return found
+        return None
 
 
 # --- loading --------------------------------------------------------------------------
