@@ -74,6 +74,7 @@ def make_events(n: int, seed: int = 1) -> list[Event]:
         events.append(Event(
             event_id=f"evt-{i:09d}", trace_id=f"{rng.getrandbits(128):032x}",
             source="gateway", provider=provider, operation="chat", request_model=model,
+            endpoint="/v1/chat/completions",
             status_code=200, input_tokens=1200 + i % 300, cache_read_tokens=512,
             output_tokens=300, reasoning_tokens=100, duration_ms=900.0,
             user_id=f"u-{i % 500}", api_key_id=f"ak_{i % 250}",

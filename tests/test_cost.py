@@ -236,6 +236,18 @@ def test_meterline_format_price_file_is_read_too(tmp_path: Path) -> None:
         2.25, "MSA 2026-114", "2026-11-01")
 
 
+def test_an_edited_price_file_makes_a_new_config_so_a_reload_rebuilds_cost(
+        tmp_path: Path) -> None:
+    path = tmp_path / "prices.json"
+    path.write_text('{"m": {"input_cost_per_token": 1e-06, "litellm_provider": "openai"}}')
+    before = convert({"price_files": [str(path)]}, CostConfig)
+    assert convert({"price_files": [str(path)]}, CostConfig) == before
+    path.write_text('{"m": {"input_cost_per_token": 2e-06, "litellm_provider": "openai"}}')
+    after = convert({"price_files": [str(path)]}, CostConfig)
+    assert after != before
+    assert after.table().resolve("openai", "m").price.rates.input == 2.0  # type: ignore[union-attr]
+
+
 def test_unreadable_price_file_is_a_config_error_naming_it(tmp_path: Path) -> None:
     bad = tmp_path / "prices.json"
     bad.write_text("{not json")

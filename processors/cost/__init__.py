@@ -6,7 +6,7 @@ the uncached input is priced at the input rate, cache reads and writes at their
 own rates (never a second time at the input rate), and reasoning tokens at the
 reasoning rate, which is the output rate unless the table gives one. A call whose
 prompt passes a tier's threshold is priced whole at that tier's rates; a call
-that `batch_match` selects gets the entry's batch discount.
+to a batch endpoint (`batch_endpoints`) gets the entry's batch discount.
 
 An event whose model has no price keeps a null cost (an unknown figure, not a
 free call): it is counted per model and logged once. The cost the source reported
@@ -15,13 +15,13 @@ free call): it is counted per model and logged once. The cost the source reporte
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import msgspec
 
 from meterline.component import Config, Context, Factory, Processor
 from meterline.event import Event
-from meterline.filtering import Filter, Pattern
 from processors.cost.prices import Layer, Price, PriceSpec, PriceTable, bundled, config_layer
 from processors.cost.prices import load_file as load_price_file
 
@@ -56,16 +56,13 @@ class PriceFile:
         return f"PriceFile({self.path!r})"
 
 
-def _default_batch_match() -> list[Pattern]:
-    return [Pattern({"endpoint": {"$contains": "/batches"}})]
-
-
 class CostConfig(Config):
     prices: dict[str, PriceSpec] = msgspec.field(default_factory=dict)
     price_files: list[PriceFile] = msgspec.field(default_factory=list)
     bundled: bool = True  # false: price only from price_files and prices
     aliases: dict[str, str] = msgspec.field(default_factory=dict)  # e.g. Azure deployments
-    batch_match: list[Pattern] = msgspec.field(default_factory=_default_batch_match)
+    # calls whose endpoint contains one of these get the batch-API price
+    batch_endpoints: list[str] = msgspec.field(default_factory=lambda: ["/batches"])
 
     def table(self) -> PriceTable:
         layers: list[Layer] = [bundled()[1]] if self.bundled else []
@@ -77,7 +74,8 @@ class CostConfig(Config):
 class CostProcessor(Processor):
     def __init__(self, config: CostConfig, context: Context) -> None:
         self.table = config.table()
-        self.batch = Filter(include=config.batch_match)
+        self.batch_endpoint = re.compile("|".join(map(re.escape, config.batch_endpoints))
+                                         or "(?!)").search
         self.log = context.log
         self.id = context.id
         self._memo: dict[tuple[str | None, str | None, str | None], Price | None] = {}
@@ -109,7 +107,8 @@ class CostProcessor(Processor):
                 rates = tier.rates
                 ref = f"{ref};above_{tier.above}"
             scale = 1e-6
-            if price.batch is not None and self.batch.keeps(e):
+            if price.batch is not None and (endpoint := e.endpoint) is not None \
+                    and self.batch_endpoint(endpoint):
                 scale *= price.batch
                 ref += ";batch"
             cost_in = cost_out = None
