@@ -318,3 +318,20 @@ def test_pricing_command_fails_on_an_unpriced_model_listing_the_names_tried(
     err = capsys.readouterr().err
     assert "no price for 'home-grown-llm-2025-01-01'" in err
     assert "looked up as: home-grown-llm-2025-01-01, home-grown-llm" in err
+
+
+def test_an_invalid_entry_of_prices_is_reported_at_the_prices_key() -> None:
+    text = """
+receivers: {webhook: {}}
+processors:
+  cost:
+    prices:
+      gpt-4o: {input: 2, output: 8}
+      broken: {input: -1, output: 1}
+exporters: {debug: {}}
+service: {pipelines: {p: {receivers: [webhook], processors: [cost], exporters: [debug]}}}
+"""
+    with pytest.raises(config_mod.ConfigError) as e:
+        config_mod.loads(text, "pipeline.yaml")
+    assert str(e.value) == ("pipeline.yaml:5: processors.cost.prices: prices must not be "
+                            "negative (in one of its entries)")
