@@ -4,7 +4,8 @@ the MB/s of text redact scans.
 Each processor gets batches of events (fresh copies each round: processors change
 events in place) and only its `process` call is timed, in this one process. The
 events are chat calls with token usage, cache and reasoning counts, metadata, and
-~1 KB of message text of which one message in ten carries PII or a secret.
+~1 KB of message text of which one message in ten carries PII or a secret; redact is
+also measured on the tests' labelled PII corpus.
 
     python bench/processors_bench.py --events 50000 --batch 1000
 """
@@ -17,6 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from meterline import logs
 from meterline.component import Context, Processor
@@ -85,6 +88,15 @@ def make_events(n: int, seed: int = 1) -> list[Event]:
     return events
 
 
+def corpus_events() -> list[Event]:
+    """The labelled redaction corpus of the tests, one text per event: text dense in
+    PII, secrets and numbers, in several languages."""
+    path = Path(__file__).resolve().parent.parent / "tests/fixtures/redact-corpus.yaml"
+    items = yaml.safe_load(path.read_text(encoding="utf-8"))
+    return [Event(event_id=f"c{i}", input_messages=[{"role": "user", "content": item["text"]}])
+            for i, item in enumerate(items)]
+
+
 def text_bytes(events: list[Event]) -> int:
     total = 0
     for e in events:
@@ -130,10 +142,14 @@ def main() -> None:
             run(processor, batches[:2], 1)  # warm caches (model resolution, regex)
             seconds = run(processor, batches, args.rounds)
             rate = args.events * args.rounds / seconds
-            line = f"{label:36s} {rate:12,.0f} events/s  {1e6 / rate:7.2f} us/event"
+            line = f"{label:42s} {rate:12,.0f} events/s  {1e6 / rate:7.2f} us/event"
             if type_ == "redact":
                 line += f"  {scanned * args.rounds / seconds / 1e6:7.1f} MB/s of text"
             print(line)
+        corpus = corpus_events()
+        seconds = run(build("redact", {}, Path(tmp)), [corpus], args.rounds * 10)
+        print(f"{'redact {} on the PII corpus (dense PII)':42s} "
+              f"{text_bytes(corpus) * args.rounds * 10 / seconds / 1e6:7.1f} MB/s of text")
 
 
 if __name__ == "__main__":
