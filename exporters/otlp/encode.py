@@ -211,12 +211,16 @@ def to_traces_request(events: Iterable[Event], resource: Mapping[str, Any] | Non
 
 # --- logs ----------------------------------------------------------------------------
 def to_log_record(event: Event) -> LogRecord:
-    trace_id, span_id, _ = _ids(event)
+    """A log record has no parent span id field: `meterline.parent_span_id` carries it."""
+    trace_id, span_id, parent = _ids(event)
     failed = _failed(event)
+    attrs = event_attributes(event)
+    if parent:
+        attrs.append(_kv("meterline.parent_span_id", parent.hex()))
     return LogRecord(time_unix_nano=event.timestamp, event_name=INFERENCE_EVENT,
                      severity_number=SEVERITY_NUMBER_ERROR if failed else SEVERITY_NUMBER_INFO,
                      severity_text="ERROR" if failed else "INFO",
-                     attributes=event_attributes(event), trace_id=trace_id, span_id=span_id)
+                     attributes=attrs, trace_id=trace_id, span_id=span_id)
 
 
 def to_logs_request(events: Iterable[Event], resource: Mapping[str, Any] | None = None
