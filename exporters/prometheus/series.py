@@ -2,7 +2,7 @@
 
 Cardinality is bounded by label set (the values of the configured labels): at
 most `max_series` of them are tracked. The events of a new label set beyond that
-go to the label set whose every value is `__other__`, in every metric alike, so
+go to one more label set, whose every value is `__other__`, in every metric alike, so
 that ratios between metrics stay meaningful; they are counted
 (`meterline_prometheus_folded_events_total`). A label set no event has had for
 `metric_expiration` is dropped from every metric and frees its place.
@@ -114,9 +114,9 @@ class SeriesStore:
         changed: list[tuple[Family, Key, list[float]]] = []
         groups = group(events, self.labelers)
         for key in [k for k in groups if k not in self.seen and k != self.other]:
-            if len(self.seen) >= self.max_series:
+            if self._tracked() >= self.max_series:
                 self._sweep(now)
-            if len(self.seen) >= self.max_series:
+            if self._tracked() >= self.max_series:
                 folded = groups.pop(key)
                 groups.setdefault(self.other, []).extend(folded)
                 self.on_fold(len(folded))
@@ -137,6 +137,9 @@ class SeriesStore:
                     values[0] += amount
                     changed.append((family, series, values))
         return changed
+
+    def _tracked(self) -> int:
+        return len(self.seen) - (self.other in self.seen)
 
     def _sweep(self, now: float) -> None:
         if not self.expire or now - self._swept < _SWEEP_INTERVAL:
