@@ -26,15 +26,12 @@ same spans.
 
 from __future__ import annotations
 
-import base64
 import bisect
 import hashlib
 from collections.abc import Iterable, Mapping
 from typing import Any, Final
 
 import msgspec
-from google.protobuf.json_format import MessageToDict
-from google.protobuf.message import Message
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
     ExportMetricsServiceRequest,
@@ -77,6 +74,7 @@ from meterline.genai import (
     TOKEN_BUCKETS,
     TTFT_BUCKETS,
 )
+from meterline.otlpjson import to_json
 
 __all__ = ["event_attributes", "to_json", "to_logs_request", "to_metrics_request",
            "to_traces_request"]
@@ -303,26 +301,3 @@ def to_metrics_request(events: list[Event], resource: Mapping[str, Any] | None =
     metrics = [h.metric(start, end) for h in (duration, tokens, ttft, per_token) if h.points]
     return ExportMetricsServiceRequest(resource_metrics=[ResourceMetrics(
         resource=_resource(resource), scope_metrics=[ScopeMetrics(scope=_SCOPE, metrics=metrics)])])
-
-
-# --- OTLP/JSON -----------------------------------------------------------------------
-_ID_KEYS: Final = frozenset({"traceId", "spanId", "parentSpanId"})
-
-
-def to_json(message: Message) -> bytes:
-    """The OTLP/JSON form: protobuf's JSON mapping, but ids in hex and enums as numbers."""
-    data = MessageToDict(message, use_integers_for_enums=True)
-    return _json.encode(_hex_ids(data))
-
-
-def _hex_ids(node: Any) -> Any:
-    if isinstance(node, dict):
-        for key, value in node.items():
-            if key in _ID_KEYS and isinstance(value, str):
-                node[key] = base64.b64decode(value).hex()
-            else:
-                _hex_ids(value)
-    elif isinstance(node, list):
-        for item in node:
-            _hex_ids(item)
-    return node

@@ -25,21 +25,20 @@ partial-success answer says what was wrong.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Final, TypeVar
 
 import msgspec
-from google.protobuf.json_format import ParseDict, ParseError
 from google.protobuf.message import Message
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Status
 
+from meterline import otlpjson
 from meterline.event import FIELDS, Event, from_dict, uuid7
 from meterline.genai import (
     ATTRIBUTES,
@@ -93,36 +92,33 @@ class OtlpDecoded:
 
 
 def decode_spans(request: ExportTraceServiceRequest) -> OtlpDecoded:
-    out = OtlpDecoded()
-    for resource_spans in request.resource_spans:
-        service = _service_name(resource_spans.resource.attributes)
-        for scope_spans in resource_spans.scope_spans:
-            for span in scope_spans.spans:
-                attrs = _attributes(span.attributes)
-                if not _is_model_call(attrs):
-                    out.skipped += 1
-                    continue
-                try:
-                    out.events.append(_span_event(span, attrs, service))
-                except DecodeError as e:
-                    out.rejected.append(f"span {span.name!r}: {e}")
-    return out
+    return _decode(((rs.resource, [s for ss in rs.scope_spans for s in ss.spans])
+                    for rs in request.resource_spans),
+                   _span_event, lambda span: f"span {span.name!r}")
 
 
 def decode_logs(request: ExportLogsServiceRequest) -> OtlpDecoded:
+    return _decode(((rl.resource, [r for sl in rl.scope_logs for r in sl.log_records])
+                    for rl in request.resource_logs),
+                   _record_event, lambda r: f"log record {r.event_name or INFERENCE_EVENT!r}")
+
+
+def _decode(resources: Iterable[tuple[Any, list[Any]]],
+            to_event: Callable[[Any, dict[str, Any], str | None], Event],
+            describe: Callable[[Any], str]) -> OtlpDecoded:
+    """The LLM calls among spans or log records, grouped by their resource."""
     out = OtlpDecoded()
-    for resource_logs in request.resource_logs:
-        service = _service_name(resource_logs.resource.attributes)
-        for scope_logs in resource_logs.scope_logs:
-            for record in scope_logs.log_records:
-                attrs = _attributes(record.attributes)
-                if not _is_model_call(attrs):
-                    out.skipped += 1
-                    continue
-                try:
-                    out.events.append(_record_event(record, attrs, service))
-                except DecodeError as e:
-                    out.rejected.append(f"log record {record.event_name or INFERENCE_EVENT!r}: {e}")
+    for resource, items in resources:
+        service = _service_name(resource.attributes)
+        for item in items:
+            attrs = _attributes(item.attributes)
+            if not _is_model_call(attrs):
+                out.skipped += 1
+                continue
+            try:
+                out.events.append(to_event(item, attrs, service))
+            except DecodeError as e:
+                out.rejected.append(f"{describe(item)}: {e}")
     return out
 
 
@@ -311,36 +307,12 @@ def _service_name(pairs: Iterable[KeyValue]) -> str | None:
 
 
 # --- OTLP/JSON -----------------------------------------------------------------------
-_ID_KEYS: Final = frozenset({"traceId", "spanId", "parentSpanId", "trace_id", "span_id",
-                             "parent_span_id"})
 M = TypeVar("M", bound=Message)
 
 
 def parse_json(data: bytes, message_class: type[M]) -> M:
-    """An OTLP/JSON body (ids in hex, enums as numbers or names) as a protobuf message."""
+    """An OTLP/JSON body (ids in hex) as a protobuf message."""
     try:
-        parsed = msgspec.json.decode(data)
-    except msgspec.DecodeError as e:
-        raise DecodeError(f"malformed JSON: {e}") from None
-    if not isinstance(parsed, dict):
-        raise DecodeError("an OTLP/JSON body must be a JSON object")
-    try:
-        return ParseDict(_base64_ids(parsed), message_class(), ignore_unknown_fields=True)
-    except (ParseError, ValueError) as e:
-        raise DecodeError(f"not an OTLP {message_class.__name__}: {e}") from None
-
-
-def _base64_ids(node: Any) -> Any:
-    if isinstance(node, dict):
-        for key, value in node.items():
-            if key in _ID_KEYS and isinstance(value, str):
-                try:
-                    node[key] = base64.b64encode(bytes.fromhex(value)).decode()
-                except ValueError:
-                    raise DecodeError(f"{key} must be hex, got {value!r}") from None
-            else:
-                _base64_ids(value)
-    elif isinstance(node, list):
-        for item in node:
-            _base64_ids(item)
-    return node
+        return otlpjson.parse_json(data, message_class)
+    except ValueError as e:
+        raise DecodeError(str(e)) from None
