@@ -7,9 +7,11 @@ The `otlp` exporter sends these; other exporters that write OTLP (Kafka's
     to_logs_request(events)     -> ExportLogsServiceRequest    one log record per event
     to_metrics_request(events)  -> ExportMetricsServiceRequest the GenAI histograms (delta)
     to_json(message)            -> bytes, the OTLP/JSON form of any of them
+    add_span(spans, event), add_log_record(records, event): one event into a repeated
+        field of a message being built (one Kafka message per event, say)
 
-Every function takes an optional `resource` (attributes of the OTLP resource;
-`service.name: meterline` by default). A span and a log record carry the same
+The `to_*_request` functions take an optional `resource` (attributes of the OTLP
+resource; `service.name: meterline` by default). A span and a log record carry the same
 attributes: the GenAI names where the conventions have one (`gen_ai.*`,
 `error.type`, `http.response.status_code`), `meterline.<field>` for the event's
 other fields (`meterline.cost_usd`, `meterline.api_key_id`...),
@@ -39,28 +41,20 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import (
     AnyValue,
-    ArrayValue,
     InstrumentationScope,
-    KeyValue,
-    KeyValueList,
 )
 from opentelemetry.proto.logs.v1.logs_pb2 import (
     SEVERITY_NUMBER_ERROR,
     SEVERITY_NUMBER_INFO,
-    LogRecord,
-    ResourceLogs,
-    ScopeLogs,
 )
 from opentelemetry.proto.metrics.v1.metrics_pb2 import (
     AGGREGATION_TEMPORALITY_DELTA,
     Histogram,
     HistogramDataPoint,
     Metric,
-    ResourceMetrics,
-    ScopeMetrics,
 )
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource
-from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span, Status
+from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
 from meterline import __version__
 from meterline.event import FIELDS, Event
@@ -76,8 +70,8 @@ from meterline.genai import (
 )
 from meterline.otlpjson import to_json
 
-__all__ = ["event_attributes", "to_json", "to_logs_request", "to_metrics_request",
-           "to_traces_request"]
+__all__ = ["add_attributes", "add_log_record", "add_span", "any_value", "to_json",
+           "to_logs_request", "to_metrics_request", "to_traces_request"]
 
 DEFAULT_RESOURCE: Final = {"service.name": "meterline"}
 _SCOPE: Final = InstrumentationScope(name="meterline", version=__version__)
@@ -91,25 +85,32 @@ _json = msgspec.json.Encoder()
 
 
 # --- attributes ----------------------------------------------------------------------
-def event_attributes(event: Event) -> list[KeyValue]:
-    """The attributes of the span (and log record) of one event."""
-    attrs = [_kv(name, value) for field, name in _GENAI
-             if (value := getattr(event, field)) is not None]
+def add_attributes(attrs: Any, event: Event) -> None:
+    """Append the attributes of an event's span (or log record) to `attrs`, a repeated
+    `KeyValue` field. Built in place: creating messages and copying them in costs twice."""
+    add = attrs.add
+    for field, name in _GENAI:
+        value = getattr(event, field)
+        if value is not None:
+            set_value(add(key=name).value, value)
     for key, value in (event.params or {}).items():
-        attrs.append(_kv(f"gen_ai.request.{PARAM_ATTRIBUTES.get(key, key)}", value))
+        set_value(add(key=f"gen_ai.request.{PARAM_ATTRIBUTES.get(key, key)}").value, value)
     for field in MESSAGE_FIELDS:
         messages = getattr(event, field)
         if messages is not None:
-            attrs.append(_kv(ATTRIBUTES[field], _json.encode(
-                [_with_parts(m) for m in messages]).decode()))
-    attrs += [_kv(name, value) for field, name in _OWN
-              if (value := getattr(event, field)) is not None]
+            add(key=ATTRIBUTES[field]).value.string_value = _json.encode(
+                [_with_parts(m) for m in messages]).decode()
+    for field, name in _OWN:
+        value = getattr(event, field)
+        if value is not None:
+            set_value(add(key=name).value, value)
     if event.sample_weight != 1.0:
-        attrs.append(_kv("meterline.sample_weight", event.sample_weight))
+        add(key="meterline.sample_weight").value.double_value = event.sample_weight
     for field, prefix in _MAPS:
-        attrs += [_kv(prefix + k, v) for k, v in (getattr(event, field) or {}).items()]
-    attrs += [_kv(k, v) for k, v in (event.attributes or {}).items()]
-    return attrs
+        for key, value in (getattr(event, field) or {}).items():
+            set_value(add(key=prefix + key).value, value)
+    for key, value in (event.attributes or {}).items():
+        set_value(add(key=key).value, value)
 
 
 def _with_parts(message: dict[str, Any]) -> dict[str, Any]:
@@ -133,28 +134,36 @@ def _part(part: Any) -> Any:
     return {"type": "text", "content": part if isinstance(part, str) else str(part)}
 
 
-def _kv(key: str, value: Any) -> KeyValue:
-    return KeyValue(key=key, value=any_value(value))
+def set_value(target: AnyValue, value: Any) -> None:
+    """Set an OTLP `AnyValue` to a Python value (lists and dicts nest); None leaves it empty."""
+    if isinstance(value, str):
+        target.string_value = value
+    elif isinstance(value, bool):
+        target.bool_value = value
+    elif isinstance(value, int):
+        target.int_value = value
+    elif isinstance(value, float):
+        target.double_value = value
+    elif isinstance(value, list | tuple):
+        target.array_value.SetInParent()
+        items = target.array_value.values
+        for item in value:
+            set_value(items.add(), item)
+    elif isinstance(value, dict):
+        target.kvlist_value.SetInParent()
+        pairs = target.kvlist_value.values
+        for key, item in value.items():
+            set_value(pairs.add(key=str(key)).value, item)
+    elif isinstance(value, bytes):
+        target.bytes_value = value
+    elif value is not None:
+        target.string_value = str(value)
 
 
 def any_value(value: Any) -> AnyValue:
-    """A Python value as an OTLP `AnyValue` (lists and dicts nest)."""
-    if isinstance(value, str):
-        return AnyValue(string_value=value)
-    if isinstance(value, bool):
-        return AnyValue(bool_value=value)
-    if isinstance(value, int):
-        return AnyValue(int_value=value)
-    if isinstance(value, float):
-        return AnyValue(double_value=value)
-    if isinstance(value, list | tuple):
-        return AnyValue(array_value=ArrayValue(values=[any_value(v) for v in value]))
-    if isinstance(value, dict):
-        return AnyValue(kvlist_value=KeyValueList(
-            values=[_kv(str(k), v) for k, v in value.items()]))
-    if isinstance(value, bytes):
-        return AnyValue(bytes_value=value)
-    return AnyValue() if value is None else AnyValue(string_value=str(value))
+    out = AnyValue()
+    set_value(out, value)
+    return out
 
 
 # --- ids -----------------------------------------------------------------------------
@@ -183,51 +192,64 @@ def _failed(event: Event) -> bool:
     return event.error_type is not None or (event.status_code or 0) >= 400
 
 
-def _resource(attributes: Mapping[str, Any] | None) -> Resource:
-    return Resource(attributes=[_kv(k, v) for k, v in (attributes or DEFAULT_RESOURCE).items()])
+def _set_resource(target: Resource, attributes: Mapping[str, Any] | None) -> None:
+    for key, value in (attributes or DEFAULT_RESOURCE).items():
+        set_value(target.attributes.add(key=key).value, value)
 
 
 # --- traces --------------------------------------------------------------------------
-def to_span(event: Event) -> Span:
+def add_span(spans: Any, event: Event) -> None:
+    """Append the span of one event to `spans`, a repeated `Span` field."""
     trace_id, span_id, parent = _ids(event)
-    name = " ".join(p for p in (event.operation, event.request_model) if p) or "llm call"
-    status = (Status(code=Status.STATUS_CODE_ERROR, message=event.error_message or "")
-              if _failed(event) else Status())
-    return Span(trace_id=trace_id, span_id=span_id, parent_span_id=parent, name=name,
-                kind=Span.SPAN_KIND_CLIENT, start_time_unix_nano=event.timestamp,
-                end_time_unix_nano=event.timestamp + round((event.duration_ms or 0) * 1e6),
-                attributes=event_attributes(event), status=status)
+    span = spans.add(
+        trace_id=trace_id, span_id=span_id, parent_span_id=parent,
+        name=" ".join(p for p in (event.operation, event.request_model) if p) or "llm call",
+        kind=Span.SPAN_KIND_CLIENT, start_time_unix_nano=event.timestamp,
+        end_time_unix_nano=event.timestamp + round((event.duration_ms or 0) * 1e6))
+    if _failed(event):
+        span.status.code = Status.STATUS_CODE_ERROR
+        span.status.message = event.error_message or ""
+    add_attributes(span.attributes, event)
 
 
 def to_traces_request(events: Iterable[Event], resource: Mapping[str, Any] | None = None
                       ) -> ExportTraceServiceRequest:
     """One CLIENT span per event, named `{operation} {request_model}`."""
-    return ExportTraceServiceRequest(resource_spans=[ResourceSpans(
-        resource=_resource(resource),
-        scope_spans=[ScopeSpans(scope=_SCOPE, spans=[to_span(e) for e in events])])])
+    request = ExportTraceServiceRequest()
+    resource_spans = request.resource_spans.add()
+    _set_resource(resource_spans.resource, resource)
+    scope_spans = resource_spans.scope_spans.add(scope=_SCOPE)
+    for event in events:
+        add_span(scope_spans.spans, event)
+    return request
 
 
 # --- logs ----------------------------------------------------------------------------
-def to_log_record(event: Event) -> LogRecord:
-    """A log record has no parent span id field: `meterline.parent_span_id` carries it."""
+def add_log_record(records: Any, event: Event) -> None:
+    """Append the log record of one event to `records`, a repeated `LogRecord` field. A
+    log record has no parent span id field: `meterline.parent_span_id` carries it."""
     trace_id, span_id, parent = _ids(event)
     failed = _failed(event)
-    attrs = event_attributes(event)
+    record = records.add(
+        time_unix_nano=event.timestamp, event_name=INFERENCE_EVENT,
+        severity_number=SEVERITY_NUMBER_ERROR if failed else SEVERITY_NUMBER_INFO,
+        severity_text="ERROR" if failed else "INFO", trace_id=trace_id, span_id=span_id)
+    add_attributes(record.attributes, event)
     if parent:
-        attrs.append(_kv("meterline.parent_span_id", parent.hex()))
-    return LogRecord(time_unix_nano=event.timestamp, event_name=INFERENCE_EVENT,
-                     severity_number=SEVERITY_NUMBER_ERROR if failed else SEVERITY_NUMBER_INFO,
-                     severity_text="ERROR" if failed else "INFO",
-                     attributes=attrs, trace_id=trace_id, span_id=span_id)
+        record.attributes.add(key="meterline.parent_span_id").value.string_value = parent.hex()
 
 
 def to_logs_request(events: Iterable[Event], resource: Mapping[str, Any] | None = None
                     ) -> ExportLogsServiceRequest:
     """One log record per event: the GenAI `gen_ai.client.inference.operation.details`
     event, with the span's attributes and ids."""
-    return ExportLogsServiceRequest(resource_logs=[ResourceLogs(
-        resource=_resource(resource),
-        scope_logs=[ScopeLogs(scope=_SCOPE, log_records=[to_log_record(e) for e in events])])])
+    request = ExportLogsServiceRequest()
+    resource_logs = request.resource_logs.add()
+    _set_resource(resource_logs.resource, resource)
+    scope_logs = resource_logs.scope_logs.add(scope=_SCOPE)
+    for event in events:
+        add_log_record(scope_logs.log_records, event)
+    return request
 
 
 # --- metrics -------------------------------------------------------------------------
@@ -255,14 +277,14 @@ class _Points:
         points = []
         for key, (buckets, total, low, high) in self.points.items():
             counts = [round(c) for c in buckets]
-            attrs = [_kv(ATTRIBUTES[f], v) for f, v in zip(_METRIC_ATTRIBUTES, key[:-1],
-                                                           strict=True) if v is not None]
-            if key[-1] is not None:
-                attrs.append(_kv("gen_ai.token.type", key[-1]))
-            points.append(HistogramDataPoint(
-                attributes=attrs, start_time_unix_nano=start, time_unix_nano=end,
-                count=sum(counts), sum=total, bucket_counts=counts, explicit_bounds=self.bounds,
-                min=low, max=high))
+            point = HistogramDataPoint(
+                start_time_unix_nano=start, time_unix_nano=end, count=sum(counts), sum=total,
+                bucket_counts=counts, explicit_bounds=self.bounds, min=low, max=high)
+            names = [ATTRIBUTES[f] for f in _METRIC_ATTRIBUTES] + ["gen_ai.token.type"]
+            for name, value in zip(names, key, strict=True):
+                if value is not None:
+                    point.attributes.add(key=name).value.string_value = value
+            points.append(point)
         return Metric(name=self.name, unit=self.unit, description=self.description,
                       histogram=Histogram(data_points=points,
                                           aggregation_temporality=AGGREGATION_TEMPORALITY_DELTA))
@@ -299,5 +321,8 @@ def to_metrics_request(events: list[Event], resource: Mapping[str, Any] | None =
     start = min((e.timestamp for e in events), default=0)
     end = max((e.timestamp + round((e.duration_ms or 0) * 1e6) for e in events), default=0)
     metrics = [h.metric(start, end) for h in (duration, tokens, ttft, per_token) if h.points]
-    return ExportMetricsServiceRequest(resource_metrics=[ResourceMetrics(
-        resource=_resource(resource), scope_metrics=[ScopeMetrics(scope=_SCOPE, metrics=metrics)])])
+    request = ExportMetricsServiceRequest()
+    resource_metrics = request.resource_metrics.add()
+    _set_resource(resource_metrics.resource, resource)
+    resource_metrics.scope_metrics.add(scope=_SCOPE, metrics=metrics)
+    return request

@@ -24,7 +24,6 @@ from pathlib import Path
 
 import msgspec
 from aiohttp import web
-from prometheus_client import CollectorRegistry
 from prometheus_client.core import Metric
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.samples import Sample
@@ -115,8 +114,6 @@ class PrometheusExporter(Exporter):
             expire=config.multiprocess_dir is None,
             on_fold=lambda n: folded.add(n, attrs), on_expire=lambda n: expired.add(n, attrs))
         self.shared: SharedSeries | None = None
-        self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(_Collector(self))
         self.runner: web.AppRunner | None = None
         self._publisher: asyncio.Task[None] | None = None
 
@@ -150,12 +147,18 @@ class PrometheusExporter(Exporter):
                 request.headers.get("Authorization", "").encode(), f"Bearer {token}".encode()):
             return web.Response(status=401, text="missing or wrong bearer token\n")
         encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
-        response = web.Response(body=encoder(self.registry),
-                                headers={"Content-Type": content_type})
+        # Rendering text is most of a scrape's cost: done in a thread, on a copy taken
+        # here, so that receivers keep answering during a large scrape.
+        body = await asyncio.to_thread(encoder, self.snapshot())
+        response = web.Response(body=body, headers={"Content-Type": content_type})
         response.enable_compression()
         return response
 
     # --- what a scrape shows -------------------------------------------------------
+    def snapshot(self) -> Snapshot:
+        """What a scrape shows now, for prometheus_client's encoders."""
+        return Snapshot(list(self.families()))
+
     def families(self) -> Iterator[Metric]:
         if self.shared is None:
             self.store.drop_expired()
@@ -189,14 +192,14 @@ class PrometheusExporter(Exporter):
             await asyncio.sleep(PUBLISH_INTERVAL)
 
 
-class _Collector:
-    """prometheus_client's view of the exporter: called on each scrape."""
+class Snapshot:
+    """Metric families taken at one moment; prometheus_client's encoders read `collect()`."""
 
-    def __init__(self, exporter: PrometheusExporter) -> None:
-        self.exporter = exporter
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
 
     def collect(self) -> Iterator[Metric]:
-        return self.exporter.families()
+        return iter(self.families)
 
 
 factory = Factory(kind="exporter", type="prometheus", config=PrometheusConfig,

@@ -155,7 +155,7 @@ def group(events: list[Event], labelers: list[Labeler]) -> dict[Key, list[Event]
     """A batch's events by label set (the values of the configured labels)."""
     groups: dict[Key, list[Event]] = {}
     for e in events:
-        key = tuple(f(e) for f in labelers)
+        key = tuple([f(e) for f in labelers])
         found = groups.get(key)
         if found is None:
             groups[key] = [e]
@@ -167,12 +167,16 @@ def group(events: list[Event], labelers: list[Labeler]) -> dict[Key, list[Event]
 def counter_sums(events: list[Event], metric: MetricDef) -> dict[str, float]:
     """A counter's weighted increments over one label set's events, by its own label
     ("" when it has none)."""
+    value_of = metric.value
+    if metric.extra is None:
+        found = [v * e.sample_weight for e in events if (v := value_of(e)) is not None]
+        return {"": sum(found)} if found else {}
     sums: dict[str, float] = {}
-    extra = metric.extra[1] if metric.extra else None
+    own_of = metric.extra[1]
     for e in events:
-        value = metric.value(e)
+        value = value_of(e)
         if value is not None:
-            own = extra(e) if extra else ""
+            own = own_of(e)
             sums[own] = sums.get(own, 0.0) + value * e.sample_weight
     return sums
 
