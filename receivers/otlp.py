@@ -113,7 +113,11 @@ class OtlpReceiver(Receiver):
             app = web.Application(client_max_size=max_bytes)
             app.router.add_post("/v1/traces", self._http_traces)
             app.router.add_post("/v1/logs", self._http_logs)
-            self.http_runner = await serve(app, self.config.http, shutdown_timeout=5.0)
+            try:
+                self.http_runner = await serve(app, self.config.http, shutdown_timeout=5.0)
+            except OSError:
+                await self.shutdown()  # the gRPC listener, if it started
+                raise
         self.log.info("otlp listening", grpc=self.config.grpc, http=self.config.http)
 
     async def _start_grpc(self, listen: Listen, max_bytes: int) -> None:
