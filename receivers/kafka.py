@@ -1,0 +1,281 @@
+"""Receiver `kafka`: a consumer group on one or more topics, at-least-once.
+
+Each polled batch is decoded (meterline's own JSON, Otoroshi's events as its
+Kafka data exporter writes them, LiteLLM payloads; a message may hold one item,
+a JSON array or NDJSON), handed to the pipeline, and its offsets are committed
+only once `consume` returned, that is once the events are durably queued. A
+crash before the commit means the batch is read again: duplicates, never loss.
+
+While the pipeline pushes back, the receiver pauses its partitions (nothing more
+is fetched) and keeps polling so the group does not think it dead. A message
+that cannot be decoded is copied to the dead-letter topic, with the reason in the
+`meterline.error` header, and its partition goes on. When the group rebalances
+(a collector joins or leaves), the batch in hand is finished and committed
+before the partitions are given up; one stuck on back-pressure is let go
+uncommitted, for the partitions' next owner to read again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Literal
+
+import msgspec
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import KafkaError
+from aiokafka.structs import ConsumerRecord
+
+from exporters.kafka.connection import (
+    Brokers,
+    SaslConfig,
+    TlsConfig,
+    client_options,
+    default_brokers,
+    start_producer,
+)
+from meterline.component import (
+    Backpressure,
+    Config,
+    Consumer,
+    Context,
+    Factory,
+    Receiver,
+    cancel_and_wait,
+)
+from meterline.event import Event, list_from_json
+from meterline.queue import QueueWriteError
+from meterline.units import Duration
+from receivers.decoders import DecodeError, decode_body
+
+ERROR_HEADER = "meterline.error"
+Records = dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]
+
+
+class KafkaReceiverConfig(Config):
+    brokers: Brokers = msgspec.field(default_factory=default_brokers)
+    client_id: str = "meterline"
+    sasl: SaslConfig | None = None
+    tls: TlsConfig | None = None
+    topics: list[str] = msgspec.field(default_factory=lambda: ["meterline.events"])
+    group_id: str = "meterline"
+    start_at: Literal["earliest", "latest"] = "earliest"  # for a group with no offset yet
+    dead_letter_topic: str | None = "{topic}.dead-letter"  # null: log and skip instead
+    max_batch: int = 1000  # messages per poll
+    session_timeout: Duration = Duration(30)
+    heartbeat_interval: Duration = Duration(3)
+    rebalance_timeout: Duration = Duration(30)
+    retry_interval: Duration = Duration(1)  # between attempts while the brokers are away
+
+    def __post_init__(self) -> None:
+        if not self.topics:
+            raise ValueError("topics: give at least one topic")
+        if self.dead_letter_topic is not None:
+            try:
+                self.dead_letter_topic.format(topic="t")
+            except (KeyError, IndexError, ValueError):
+                raise ValueError("dead_letter_topic may only use {topic}") from None
+            if self.dead_letter_topic.format(topic="") == "" or any(
+                    self.dead_letter_topic.format(topic=t) == t for t in self.topics):
+                raise ValueError("dead_letter_topic must differ from the topics read")
+        if self.max_batch < 1:
+            raise ValueError("max_batch must be at least 1")
+        if self.heartbeat_interval >= self.session_timeout:
+            raise ValueError("heartbeat_interval must be shorter than session_timeout")
+
+
+def decode_records(records: list[ConsumerRecord[bytes, bytes]]
+                   ) -> tuple[list[Event], list[tuple[ConsumerRecord[bytes, bytes], str]]]:
+    """The events of a polled batch, and the messages that hold none (with the reason).
+
+    A batch of meterline events decodes in one call, as a JSON array of the
+    messages; only when that fails is each message decoded on its own. A message
+    decodes whole or not at all, so that replaying a dead letter never duplicates.
+    """
+    try:
+        events = list_from_json(b"[" + b",".join(r.value for r in records) + b"]")
+        if len(events) == len(records):
+            return events, []
+    except (msgspec.DecodeError, TypeError):  # TypeError: a message without a value
+        pass
+    events, poison = [], []
+    for record in records:
+        try:
+            events.extend(_decode_value(record.value))
+        except DecodeError as e:
+            poison.append((record, str(e)))
+    return events, poison
+
+
+def _decode_value(value: bytes | None) -> list[Event]:
+    if value is None:
+        raise DecodeError("the message has no value")
+    decoded = decode_body(value)
+    if decoded.rejected:
+        raise DecodeError("; ".join(f"item {i}: {reason}" for i, reason in decoded.rejected[:3]))
+    if not decoded.events:
+        raise DecodeError("the message holds no event")
+    return decoded.events
+
+
+class KafkaReceiver(Receiver):
+    def __init__(self, config: KafkaReceiverConfig, context: Context,
+                 consumer: Consumer) -> None:
+        super().__init__(consumer)
+        self.config = config
+        self.log = context.log
+        self.kafka: AIOKafkaConsumer | None = None
+        self.dead_letters: AIOKafkaProducer | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._batch = asyncio.Lock()  # held from a poll until its offsets are committed
+        self._letting_go = 0  # rebalances or shutdown waiting for the batch in hand
+        self._paused = False
+
+    # --- lifecycle -----------------------------------------------------------------
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="kafka receiver")
+
+    async def shutdown(self) -> None:
+        """Finish (or, when pushed back, let go) the batch in hand, then leave the group
+        so that the other members take the partitions at once."""
+        self._letting_go += 1
+        async with self._batch:
+            await cancel_and_wait(self._task)
+        if self.kafka is not None:
+            await self.kafka.stop()
+        if self.dead_letters is not None:
+            await self.dead_letters.stop()
+
+    async def _run(self) -> None:
+        self.kafka = await self._connect()
+        while True:
+            try:
+                records = await self.kafka.getmany(timeout_ms=1000,
+                                                   max_records=self.config.max_batch)
+            except KafkaError as e:
+                self.log.warning("kafka poll failed; retrying", error=repr(e))
+                await asyncio.sleep(float(self.config.retry_interval))
+                continue
+            if records:
+                async with self._batch:
+                    await self._handle(records)
+
+    async def _connect(self) -> AIOKafkaConsumer:
+        config = self.config
+        while True:
+            kafka = AIOKafkaConsumer(
+                **client_options(config), group_id=config.group_id,
+                enable_auto_commit=False, auto_offset_reset=config.start_at,
+                max_poll_records=config.max_batch,
+                session_timeout_ms=int(config.session_timeout * 1000),
+                heartbeat_interval_ms=int(config.heartbeat_interval * 1000),
+                rebalance_timeout_ms=int(config.rebalance_timeout * 1000))
+            kafka.subscribe(config.topics, listener=_Rebalance(self))
+            try:
+                await kafka.start()
+            except KafkaError as e:
+                await kafka.stop()
+                self.log.warning("cannot reach kafka; retrying", brokers=config.brokers,
+                                 error=repr(e), retry_in_s=float(config.retry_interval))
+                await asyncio.sleep(float(config.retry_interval))
+                continue
+            self.log.info("kafka consumer started", topics=config.topics,
+                          group_id=config.group_id)
+            return kafka
+
+    # --- one batch -----------------------------------------------------------------
+    async def _handle(self, records: Records) -> None:
+        events, poison = decode_records([r for rs in records.values() for r in rs])
+        if events and not await self._deliver(events):
+            return
+        if poison and not await self._dead_letter(poison):
+            return
+        offsets = {tp: rs[-1].offset + 1 for tp, rs in records.items()}
+        assert self.kafka is not None
+        try:
+            await self.kafka.commit(offsets)
+        except KafkaError as e:
+            self.log.warning("offsets not committed (their events may be read again)",
+                             error=repr(e))
+
+    async def _deliver(self, events: list[Event]) -> bool:
+        """Hand the events to the pipeline, pausing the partitions while it pushes back.
+        False when the batch was let go (a rebalance or shutdown is waiting)."""
+        assert self.kafka is not None
+        try:
+            while True:
+                try:
+                    await self.consumer.consume(events)
+                    return True
+                except (Backpressure, QueueWriteError) as e:
+                    if self._letting_go:
+                        return False
+                    if not self._paused:
+                        self._paused = True
+                        self.kafka.pause(*self.kafka.assignment())
+                        self.log.info("pipeline pushing back; partitions paused", reason=str(e))
+                    wait = e.retry_after if isinstance(e, Backpressure) else 1.0
+                    # Paused partitions return nothing; polling keeps this member alive.
+                    await self.kafka.getmany(timeout_ms=int(wait * 1000))
+        finally:
+            if self._paused:
+                self._paused = False
+                self.kafka.resume(*self.kafka.paused())
+                self.log.info("partitions resumed")
+
+    async def _dead_letter(self, poison: list[tuple[ConsumerRecord[bytes, bytes], str]]) -> bool:
+        template = self.config.dead_letter_topic
+        for record, reason in poison:
+            self.log.warning("undecodable message", topic=record.topic,
+                             partition=record.partition, offset=record.offset, reason=reason,
+                             dead_letter=template.format(topic=record.topic) if template else None)
+        while template is not None:
+            try:
+                await self._send_dead_letters(template, poison)
+                break
+            except KafkaError as e:
+                if self._letting_go:
+                    return False
+                self.log.warning("cannot write the dead-letter topic; retrying", error=repr(e))
+                await asyncio.sleep(float(self.config.retry_interval))
+        self.consumer.refused(len(poison), "undecodable")
+        return True
+
+    async def _send_dead_letters(self, template: str,
+                                 poison: list[tuple[ConsumerRecord[bytes, bytes], str]]) -> None:
+        if self.dead_letters is None:
+            self.dead_letters, _ = await start_producer(self.config, self.log, idempotent=False,
+                                                        acks="all")
+        pending = []
+        for record, reason in poison:
+            headers = [*record.headers, (ERROR_HEADER, reason.encode()),
+                       ("meterline.source.topic", record.topic.encode()),
+                       ("meterline.source.partition", str(record.partition).encode()),
+                       ("meterline.source.offset", str(record.offset).encode())]
+            pending.append(await self.dead_letters.send(
+                template.format(topic=record.topic), record.value, key=record.key,
+                headers=headers))
+        await asyncio.gather(*pending)
+
+
+class _Rebalance(ConsumerRebalanceListener):
+    """Before partitions are given up, wait for the batch in hand to be committed, so
+    that their next owner starts after it (no duplicates on an orderly rebalance)."""
+
+    def __init__(self, receiver: KafkaReceiver) -> None:
+        self.receiver = receiver
+
+    async def on_partitions_revoked(self, revoked: Any) -> None:
+        receiver = self.receiver
+        receiver._letting_go += 1
+        try:
+            async with receiver._batch:
+                pass
+        finally:
+            receiver._letting_go -= 1
+
+    async def on_partitions_assigned(self, assigned: Any) -> None:
+        self.receiver.log.info("partitions assigned",
+                               partitions=sorted(f"{tp.topic}/{tp.partition}" for tp in assigned))
+
+
+factory = Factory(kind="receiver", type="kafka", config=KafkaReceiverConfig, create=KafkaReceiver)
