@@ -21,6 +21,7 @@ import asyncio
 from typing import Any, Literal
 
 import msgspec
+from aiohttp import web
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 from aiokafka.structs import ConsumerRecord
@@ -34,6 +35,7 @@ from exporters.kafka.connection import (
     start_producer,
 )
 from meterline.component import (
+    AdminHandler,
     Backpressure,
     Config,
     Consumer,
@@ -122,6 +124,7 @@ class KafkaReceiver(Receiver):
                  consumer: Consumer) -> None:
         super().__init__(consumer)
         self.config = config
+        self.id = context.id
         self.log = context.log
         self.kafka: AIOKafkaConsumer | None = None
         self.dead_letters: AIOKafkaProducer | None = None
@@ -129,6 +132,11 @@ class KafkaReceiver(Receiver):
         self._batch = asyncio.Lock()  # held from a poll until its offsets are committed
         self._letting_go = 0  # rebalances or shutdown waiting for the batch in hand
         self._paused = False
+        self._committed: dict[TopicPartition, int] = {}  # next offset, by owned partition
+        self._lag = context.meter.create_gauge(
+            "meterline_kafka_consumer_lag",
+            description="Messages in a partition after the kafka receiver's last commit "
+                        "(0 once the partition went to another member)")
 
     # --- lifecycle -----------------------------------------------------------------
     async def start(self) -> None:
@@ -140,10 +148,12 @@ class KafkaReceiver(Receiver):
         self._letting_go += 1
         async with self._batch:
             await cancel_and_wait(self._task)
-        if self.kafka is not None:
-            await self.kafka.stop()
-        if self.dead_letters is not None:
-            await self.dead_letters.stop()
+        for client in (self.kafka, self.dead_letters):
+            if client is not None:
+                try:
+                    await client.stop()
+                except KafkaError as e:  # the brokers are gone: nothing left to tell them
+                    self.log.info("kafka client stopped uncleanly", error=repr(e))
 
     async def _run(self) -> None:
         self.kafka = await self._connect()
@@ -172,8 +182,10 @@ class KafkaReceiver(Receiver):
             kafka.subscribe(config.topics, listener=_Rebalance(self))
             try:
                 await kafka.start()
-            except KafkaError as e:
+            except BaseException as e:
                 await kafka.stop()
+                if not isinstance(e, KafkaError):
+                    raise
                 self.log.warning("cannot reach kafka; retrying", brokers=config.brokers,
                                  error=repr(e), retry_in_s=float(config.retry_interval))
                 await asyncio.sleep(float(config.retry_interval))
@@ -181,6 +193,27 @@ class KafkaReceiver(Receiver):
             self.log.info("kafka consumer started", topics=config.topics,
                           group_id=config.group_id)
             return kafka
+
+    # --- status ------------------------------------------------------------------
+    def admin_routes(self) -> dict[str, AdminHandler]:
+        return {f"receivers/{self.id}": self._status}
+
+    async def _status(self, _: web.Request) -> web.Response:
+        return web.json_response(self.status())
+
+    def status(self) -> dict[str, Any]:
+        """The group, the partitions this member owns and how far behind each is."""
+        kafka = self.kafka
+        partitions = []
+        for tp in sorted(kafka.assignment() if kafka is not None else ()):
+            committed = self._committed.get(tp)
+            highwater = kafka.highwater(tp) if kafka is not None else None
+            lag = highwater - committed if None not in (highwater, committed) else None
+            partitions.append({"topic": tp.topic, "partition": tp.partition,
+                               "committed": committed, "highwater": highwater, "lag": lag})
+        return {"group_id": self.config.group_id, "topics": self.config.topics,
+                "connected": kafka is not None, "paused": self._paused,
+                "partitions": partitions}
 
     # --- one batch -----------------------------------------------------------------
     async def _handle(self, records: Records) -> None:
@@ -196,6 +229,14 @@ class KafkaReceiver(Receiver):
         except KafkaError as e:
             self.log.warning("offsets not committed (their events may be read again)",
                              error=repr(e))
+            return
+        self._committed.update(offsets)
+        for tp, offset in offsets.items():
+            self._report_lag(tp, max(0, (self.kafka.highwater(tp) or offset) - offset))
+
+    def _report_lag(self, tp: TopicPartition, lag: int) -> None:
+        self._lag.set(lag, {"receiver": self.id, "topic": tp.topic,
+                            "partition": str(tp.partition)})
 
     async def _deliver(self, events: list[Event]) -> bool:
         """Hand the events to the pipeline, pausing the partitions while it pushes back.
@@ -272,6 +313,9 @@ class _Rebalance(ConsumerRebalanceListener):
                 pass
         finally:
             receiver._letting_go -= 1
+        for tp in revoked:
+            if receiver._committed.pop(tp, None) is not None:
+                receiver._report_lag(tp, 0)
 
     async def on_partitions_assigned(self, assigned: Any) -> None:
         self.receiver.log.info("partitions assigned",

@@ -20,6 +20,12 @@ from aiokafka.structs import ConsumerRecord
 
 from tests.conftest import free_port
 
+# Group timeouts for the receivers under test: short, so that joins and rebalances take
+# about a second (Tansu waits out a departed member's session), within what Kafka allows
+# (its group.min.session.timeout.ms is 6 s by default).
+GROUP_TIMEOUTS = ("session_timeout: 6s" if os.environ.get("KAFKA_BOOTSTRAP") else
+                  "session_timeout: 2s") + ", heartbeat_interval: 300ms, rebalance_timeout: 1s"
+
 
 class Tansu:
     """A Tansu broker process; its storage is in memory, so a restart starts empty."""
