@@ -1,5 +1,11 @@
 """Events to Kafka messages: one message per event, its topic, key, headers and value.
 
+The value is the event's meterline JSON (`json`, what the `kafka` and `webhook`
+receivers read), or an OTLP `ExportLogsServiceRequest` holding the event's one
+log record, as protobuf (`otlp_proto`) or OTLP/JSON (`otlp_json`), for consumers
+that speak OTLP (the OpenTelemetry Collector's `kafka` receiver with its
+`otlp_proto` / `otlp_json` encodings).
+
 One event per message keeps Kafka's tools meaningful: the key places related
 events (same API key, same trace) on one partition, in order; the headers carry
 the event id and schema version so a consumer can deduplicate or route without
@@ -14,9 +20,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from exporters.otlp.encode import to_json as otlp_json
+from exporters.otlp.encode import to_logs_request
 from meterline.event import FIELDS, SCHEMA_VERSION, Event, to_jsonl
 
-Encoding = Literal["json"]
+Encoding = Literal["json", "otlp_proto", "otlp_json"]
 
 EVENT_ID_HEADER = "meterline.event_id"
 SCHEMA_HEADER = "meterline.schema_version"
@@ -124,6 +132,10 @@ class MessageBuilder:
         return messages
 
     def encode(self, events: list[Event]) -> list[bytes]:
+        if self.encoding == "otlp_proto":
+            return [to_logs_request([e]).SerializeToString() for e in events]
+        if self.encoding == "otlp_json":
+            return [otlp_json(to_logs_request([e])) for e in events]
         # The JSON form never holds a raw newline (strings escape it), so one
         # encode_lines call and a split give every event's JSON.
         return to_jsonl(events).split(b"\n")[:-1]

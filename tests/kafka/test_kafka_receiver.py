@@ -4,10 +4,22 @@ pipeline accepted, pausing under back-pressure, and a broker that is not up yet.
 from __future__ import annotations
 
 import msgspec
+import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from exporters.kafka.exporter import KafkaExporter, KafkaExporterConfig
+from meterline.component import ExportBatch
+from meterline.config import convert
 from meterline.event import to_json
-from tests.conftest import FIXTURES, eventually, make_event, metric_value, read_jsonl, running
+from tests.conftest import (
+    FIXTURES,
+    eventually,
+    make_context,
+    make_event,
+    metric_value,
+    read_jsonl,
+    running,
+)
 from tests.kafka.conftest import GROUP_TIMEOUTS, Tansu, consume, produce
 
 PIPELINE = """
@@ -75,6 +87,25 @@ async def test_meterline_otoroshi_and_litellm_messages_become_events(
         rows = await eventually(lambda: len(read_jsonl(tmp_path / "out.jsonl")) == 4
                                 and read_jsonl(tmp_path / "out.jsonl"))
     assert sorted(r["source"] for r in rows) == ["gateway", "litellm", "litellm", "otoroshi"]
+
+
+@pytest.mark.parametrize("encoding", ["json", "otlp_proto", "otlp_json"])
+async def test_what_the_exporter_writes_the_receiver_reads_back_unchanged(
+        tmp_path, kafka_bootstrap, topic, encoding):
+    sent = [make_event(i, trace_id=f"{i + 1:032x}", span_id=f"{i + 1:016x}",
+                       api_key_id=f"k-{i % 3}", metadata={"team": "payments"},
+                       input_messages=[{"role": "user", "content": f"question {i}"}],
+                       cost_usd=0.001 * i) for i in range(12)]
+    exporter = KafkaExporter(convert({"brokers": kafka_bootstrap, "topic": topic,
+                                      "encoding": encoding, "compression": "zstd"},
+                                     KafkaExporterConfig), make_context(tmp_path, "kafka"))
+    await exporter.export(ExportBatch("b1", sent))
+    await exporter.shutdown()
+    config = pipeline(kafka_bootstrap, topic, tmp_path, extra=f"encoding: {encoding}")
+    async with running(config, tmp_path):
+        rows = await eventually(lambda: len(read_jsonl(tmp_path / "out.jsonl")) == 12
+                                and read_jsonl(tmp_path / "out.jsonl"))
+    assert sorted(rows, key=lambda r: r["event_id"]) == [msgspec.to_builtins(e) for e in sent]
 
 
 async def test_an_undecodable_message_goes_to_the_dead_letter_topic_and_the_rest_flows(

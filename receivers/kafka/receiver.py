@@ -1,10 +1,10 @@
 """Receiver `kafka`: a consumer group on one or more topics, at-least-once.
 
-Each polled batch is decoded (meterline's own JSON, Otoroshi's events as its
-Kafka data exporter writes them, LiteLLM payloads; a message may hold one item,
-a JSON array or NDJSON), handed to the pipeline, and its offsets are committed
-only once `consume` returned, that is once the events are durably queued. A
-crash before the commit means the batch is read again: duplicates, never loss.
+Each polled batch is decoded (`messages.py`: meterline's own JSON, Otoroshi's
+events, LiteLLM payloads, or OTLP logs), handed to the pipeline, and its offsets
+are committed only once `consume` returned, that is once the events are durably
+queued. A crash before the commit means the batch is read again: duplicates,
+never loss.
 
 While the pipeline pushes back, the receiver pauses its partitions (nothing more
 is fetched) and keeps polling so the group does not think it dead. A message
@@ -24,7 +24,6 @@ import msgspec
 from aiohttp import web
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
-from aiokafka.structs import ConsumerRecord
 
 from exporters.kafka.connection import (
     Brokers,
@@ -44,13 +43,13 @@ from meterline.component import (
     Receiver,
     cancel_and_wait,
 )
-from meterline.event import Event, list_from_json
+from meterline.event import Event
 from meterline.queue import QueueWriteError
 from meterline.units import Duration
-from receivers.decoders import DecodeError, decode_body
+from receivers.kafka.messages import Encoding, Record, decode_records
 
 ERROR_HEADER = "meterline.error"
-Records = dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]
+Records = dict[TopicPartition, list[Record]]
 
 
 class KafkaReceiverConfig(Config):
@@ -60,6 +59,7 @@ class KafkaReceiverConfig(Config):
     tls: TlsConfig | None = None
     topics: list[str] = msgspec.field(default_factory=lambda: ["meterline.events"])
     group_id: str = "meterline"
+    encoding: Encoding = "json"  # or otlp_proto, otlp_json (OTLP logs)
     start_at: Literal["earliest", "latest"] = "earliest"  # for a group with no offset yet
     dead_letter_topic: str | None = "{topic}.dead-letter"  # null: log and skip instead
     max_batch: int = 1000  # messages per poll
@@ -83,40 +83,6 @@ class KafkaReceiverConfig(Config):
             raise ValueError("max_batch must be at least 1")
         if self.heartbeat_interval >= self.session_timeout:
             raise ValueError("heartbeat_interval must be shorter than session_timeout")
-
-
-def decode_records(records: list[ConsumerRecord[bytes, bytes]]
-                   ) -> tuple[list[Event], list[tuple[ConsumerRecord[bytes, bytes], str]]]:
-    """The events of a polled batch, and the messages that hold none (with the reason).
-
-    A batch of meterline events decodes in one call, as a JSON array of the
-    messages; only when that fails is each message decoded on its own. A message
-    decodes whole or not at all, so that replaying a dead letter never duplicates.
-    """
-    try:
-        events = list_from_json(b"[" + b",".join(r.value for r in records) + b"]")
-        if len(events) == len(records):
-            return events, []
-    except (msgspec.DecodeError, TypeError):  # TypeError: a message without a value
-        pass
-    events, poison = [], []
-    for record in records:
-        try:
-            events.extend(_decode_value(record.value))
-        except DecodeError as e:
-            poison.append((record, str(e)))
-    return events, poison
-
-
-def _decode_value(value: bytes | None) -> list[Event]:
-    if value is None:
-        raise DecodeError("the message has no value")
-    decoded = decode_body(value)
-    if decoded.rejected:
-        raise DecodeError("; ".join(f"item {i}: {reason}" for i, reason in decoded.rejected[:3]))
-    if not decoded.events:
-        raise DecodeError("the message holds no event")
-    return decoded.events
 
 
 class KafkaReceiver(Receiver):
@@ -217,11 +183,14 @@ class KafkaReceiver(Receiver):
 
     # --- one batch -----------------------------------------------------------------
     async def _handle(self, records: Records) -> None:
-        events, poison = decode_records([r for rs in records.values() for r in rs])
-        if events and not await self._deliver(events):
+        decoded = decode_records([r for rs in records.values() for r in rs],
+                                 self.config.encoding)
+        if decoded.events and not await self._deliver(decoded.events):
             return
-        if poison and not await self._dead_letter(poison):
+        if decoded.poison and not await self._dead_letter(decoded.poison):
             return
+        if decoded.skipped:
+            self.consumer.refused(decoded.skipped, "not_llm_call")
         offsets = {tp: rs[-1].offset + 1 for tp, rs in records.items()}
         assert self.kafka is not None
         try:
@@ -263,7 +232,7 @@ class KafkaReceiver(Receiver):
                 self.kafka.resume(*self.kafka.paused())
                 self.log.info("partitions resumed")
 
-    async def _dead_letter(self, poison: list[tuple[ConsumerRecord[bytes, bytes], str]]) -> bool:
+    async def _dead_letter(self, poison: list[tuple[Record, str]]) -> bool:
         template = self.config.dead_letter_topic
         for record, reason in poison:
             self.log.warning("undecodable message", topic=record.topic,
@@ -282,7 +251,7 @@ class KafkaReceiver(Receiver):
         return True
 
     async def _send_dead_letters(self, template: str,
-                                 poison: list[tuple[ConsumerRecord[bytes, bytes], str]]) -> None:
+                                 poison: list[tuple[Record, str]]) -> None:
         if self.dead_letters is None:
             self.dead_letters, _ = await start_producer(self.config, self.log, idempotent=False,
                                                         acks="all")
