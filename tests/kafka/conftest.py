@@ -23,8 +23,13 @@ from tests.conftest import free_port
 # Group timeouts for the receivers under test: short, so that joins and rebalances take
 # about a second (Tansu waits out a departed member's session), within what Kafka allows
 # (its group.min.session.timeout.ms is 6 s by default).
-GROUP_TIMEOUTS = ("session_timeout: 6s" if os.environ.get("KAFKA_BOOTSTRAP") else
-                  "session_timeout: 2s") + ", heartbeat_interval: 300ms, rebalance_timeout: 1s"
+GROUP_TIMEOUTS = {"session_timeout": "6s" if os.environ.get("KAFKA_BOOTSTRAP") else "2s",
+                  "heartbeat_interval": "300ms", "rebalance_timeout": "1s"}
+
+
+def group_timeouts(indent: int = 4) -> str:
+    """GROUP_TIMEOUTS as the lines of a receiver block indented by `indent`."""
+    return f"\n{' ' * indent}".join(f"{k}: {v}" for k, v in GROUP_TIMEOUTS.items())
 
 
 class Tansu:

@@ -20,7 +20,7 @@ from tests.conftest import (
     read_jsonl,
     running,
 )
-from tests.kafka.conftest import GROUP_TIMEOUTS, Tansu, consume, produce
+from tests.kafka.conftest import Tansu, consume, group_timeouts, produce
 
 PIPELINE = """
 receivers:
@@ -47,7 +47,7 @@ service:
 
 def pipeline(bootstrap, topic, tmp_path, group=None, max_batch=100, extra="", path=None,
              exporter_extra=""):
-    return PIPELINE.format(timeouts=GROUP_TIMEOUTS.replace(", ", "\n    "),
+    return PIPELINE.format(timeouts=group_timeouts(),
                            bootstrap=bootstrap, topic=topic, group=group or topic,
                            max_batch=max_batch, extra=extra, exporter_extra=exporter_extra,
                            path=path or tmp_path / "out.jsonl")
