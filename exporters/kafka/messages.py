@@ -14,11 +14,14 @@ decoding the value; and a consumer group scales by partitions.
 
 from __future__ import annotations
 
+import functools
 import re
 import string
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
+
+from aiokafka.partitioner import murmur2
 
 from exporters.otlp.encode import to_json as otlp_json
 from exporters.otlp.encode import to_logs_request
@@ -139,3 +142,11 @@ class MessageBuilder:
         # The JSON form never holds a raw newline (strings escape it), so one
         # encode_lines call and a split give every event's JSON.
         return to_jsonl(events).split(b"\n")[:-1]
+
+
+@functools.lru_cache(maxsize=65536)
+def key_partition(key: bytes, partitions: int) -> int:
+    """The partition of a keyed message: Kafka's default partitioner (murmur2 of the
+    key, as the Java client computes it), so every producer agrees where a key goes."""
+    return (murmur2(key) & 0x7FFFFFFF) % partitions
+

@@ -12,6 +12,7 @@ from collections import defaultdict
 import msgspec
 import pytest
 import trustme
+from aiokafka.partitioner import DefaultPartitioner
 
 from exporters.kafka.connection import client_options
 from exporters.kafka.exporter import KafkaExporter, KafkaExporterConfig
@@ -96,6 +97,17 @@ async def test_events_with_the_same_key_share_a_partition(tmp_path, kafka_bootst
     assert sorted(partitions) == [f"k-{i}".encode() for i in range(5)]
     assert all(len(p) == 1 for p in partitions.values())
     assert len(set().union(*partitions.values())) > 1  # the keys spread over partitions
+    java_default = DefaultPartitioner()  # where any other producer would put these keys
+    assert all(p == {java_default(key, [0, 1, 2, 3], [0, 1, 2, 3])}
+               for key, p in partitions.items())
+
+
+async def test_the_keyless_messages_of_a_batch_go_to_one_partition(
+        tmp_path, kafka_bootstrap, topic):
+    await create_topic(kafka_bootstrap, topic, 4)
+    exporter, _ = make_exporter(tmp_path, brokers=kafka_bootstrap, topic=topic)
+    await export(exporter, [make_event(i) for i in range(20)])
+    assert len({r.partition for r in await consume(kafka_bootstrap, topic, 20)}) == 1
 
 
 async def test_a_broker_refusing_idempotence_gets_a_plain_producer_and_the_flag_says_so(
