@@ -18,6 +18,7 @@ uncommitted, for the partitions' next owner to read again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any, Literal
 
 import msgspec
@@ -131,9 +132,25 @@ class KafkaReceiver(Receiver):
                 self.log.warning("kafka poll failed; retrying", error=repr(e))
                 await asyncio.sleep(float(self.config.retry_interval))
                 continue
-            if records:
-                async with self._batch:
-                    await self._handle(records)
+            if not records:
+                continue
+            async with self._batch:
+                try:
+                    done = await self._handle(records)
+                except Exception:
+                    self.log.exception("batch failed; reading it again")
+                    await asyncio.sleep(float(self.config.retry_interval))
+                    done = False
+                if not done:
+                    self._rewind(records)
+
+    def _rewind(self, records: Records) -> None:
+        """Read a batch that was not committed again, from its first message."""
+        assert self.kafka is not None
+        owned = self.kafka.assignment()
+        for tp, batch in records.items():
+            if tp in owned:
+                self.kafka.seek(tp, batch[0].offset)
 
     async def _connect(self) -> AIOKafkaConsumer:
         config = self.config
@@ -145,7 +162,7 @@ class KafkaReceiver(Receiver):
                 session_timeout_ms=int(config.session_timeout * 1000),
                 heartbeat_interval_ms=int(config.heartbeat_interval * 1000),
                 rebalance_timeout_ms=int(config.rebalance_timeout * 1000))
-            kafka.subscribe(config.topics, listener=_Rebalance(self))
+            kafka.subscribe(config.topics, listener=_Rebalance(self, kafka))
             try:
                 await kafka.start()
             except BaseException as e:
@@ -182,26 +199,28 @@ class KafkaReceiver(Receiver):
                 "partitions": partitions}
 
     # --- one batch -----------------------------------------------------------------
-    async def _handle(self, records: Records) -> None:
+    async def _handle(self, records: Records) -> bool:
+        """Decode, deliver and commit a batch; False when it was let go uncommitted."""
         decoded = decode_records([r for rs in records.values() for r in rs],
                                  self.config.encoding)
         if decoded.events and not await self._deliver(decoded.events):
-            return
+            return False
         if decoded.poison and not await self._dead_letter(decoded.poison):
-            return
+            return False
         if decoded.skipped:
             self.consumer.refused(decoded.skipped, "not_llm_call")
         offsets = {tp: rs[-1].offset + 1 for tp, rs in records.items()}
         assert self.kafka is not None
         try:
             await self.kafka.commit(offsets)
-        except KafkaError as e:
+        except KafkaError as e:  # the partitions went to another member, which reads them
             self.log.warning("offsets not committed (their events may be read again)",
                              error=repr(e))
-            return
+            return True
         self._committed.update(offsets)
         for tp, offset in offsets.items():
             self._report_lag(tp, max(0, (self.kafka.highwater(tp) or offset) - offset))
+        return True
 
     def _report_lag(self, tp: TopicPartition, lag: int) -> None:
         self._lag.set(lag, {"receiver": self.id, "topic": tp.topic,
@@ -223,7 +242,8 @@ class KafkaReceiver(Receiver):
                         self._paused = True
                         self.kafka.pause(*self.kafka.assignment())
                         self.log.info("pipeline pushing back; partitions paused", reason=str(e))
-                    wait = e.retry_after if isinstance(e, Backpressure) else 1.0
+                    wait = (e.retry_after if isinstance(e, Backpressure)
+                            else float(self.config.retry_interval))
                     # Paused partitions return nothing; polling keeps this member alive.
                     await self.kafka.getmany(timeout_ms=int(wait * 1000))
         finally:
@@ -271,8 +291,9 @@ class _Rebalance(ConsumerRebalanceListener):
     """Before partitions are given up, wait for the batch in hand to be committed, so
     that their next owner starts after it (no duplicates on an orderly rebalance)."""
 
-    def __init__(self, receiver: KafkaReceiver) -> None:
+    def __init__(self, receiver: KafkaReceiver, kafka: AIOKafkaConsumer) -> None:
         self.receiver = receiver
+        self.kafka = kafka
 
     async def on_partitions_revoked(self, revoked: Any) -> None:
         receiver = self.receiver
@@ -287,8 +308,14 @@ class _Rebalance(ConsumerRebalanceListener):
                 receiver._report_lag(tp, 0)
 
     async def on_partitions_assigned(self, assigned: Any) -> None:
-        self.receiver.log.info("partitions assigned",
-                               partitions=sorted(f"{tp.topic}/{tp.partition}" for tp in assigned))
+        receiver = self.receiver
+        receiver.log.info("partitions assigned",
+                          partitions=sorted(f"{tp.topic}/{tp.partition}" for tp in assigned))
+        for tp in assigned:  # where the group stands, for the status and the lag
+            with contextlib.suppress(KafkaError):
+                committed = await self.kafka.committed(tp)
+                if committed is not None:
+                    receiver._committed[tp] = committed
 
 
 factory = Factory(kind="receiver", type="kafka", config=KafkaReceiverConfig, create=KafkaReceiver)

@@ -180,6 +180,24 @@ async def test_partitions_pause_while_the_pipeline_pushes_back_and_commits_wait(
         [f"evt-{i:08d}" for i in range(100)]
 
 
+async def test_a_batch_the_pipeline_fails_on_is_read_again_not_skipped(
+        tmp_path, kafka_bootstrap, topic):
+    await produce(kafka_bootstrap, topic, events(0, 30))
+    async with running(pipeline(kafka_bootstrap, topic, tmp_path), tmp_path) as service:
+        entry = service.entries["kafka"]
+        consume, failures = entry.consume, []
+
+        async def fail_once(batch):
+            if not failures:
+                failures.append(len(batch))
+                raise RuntimeError("a processor bug")
+            await consume(batch)
+        entry.consume = fail_once
+        await eventually(lambda: len(exported(tmp_path)) == 30)
+    assert len(failures) == 1
+    assert sorted(exported(tmp_path)) == [f"evt-{i:08d}" for i in range(30)]
+
+
 async def test_a_broker_that_is_not_up_yet_is_waited_for(tmp_path, topic):
     broker = Tansu()  # its port is chosen; nothing listens there yet
     config = pipeline(broker.bootstrap, topic, tmp_path)
