@@ -52,6 +52,10 @@ class TlsConfig(Config):
             path = getattr(self, name)
             if path is not None and not os.path.isfile(path):
                 raise ValueError(f"{name}: no such file: {path}")
+        try:
+            ssl_context(self)  # a bad certificate, key or password is a config error
+        except (ssl.SSLError, OSError) as e:
+            raise ValueError(f"cannot load the certificates: {e}") from None
 
 
 class Brokers(list[str]):

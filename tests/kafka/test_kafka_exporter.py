@@ -19,6 +19,7 @@ from exporters.kafka.exporter import KafkaExporter, KafkaExporterConfig
 from meterline.component import ExportBatch, PermanentError, RetryableError
 from meterline.config import ConfigError, convert, loads
 from tests.conftest import (
+    ROOT,
     event_dicts,
     eventually,
     free_port,
@@ -259,6 +260,7 @@ def test_sasl_and_tls_settings_become_client_options(tmp_path):
     ("brokers: 'localhost'", "expected host:port, got 'localhost'"),
     ("tls: {cert_file: /nonexistent.pem}", "cert_file and key_file go together"),
     ("tls: {ca_file: /nonexistent.pem}", "ca_file: no such file"),
+    (f"tls: {{ca_file: {ROOT / 'pyproject.toml'}}}", "cannot load the certificates"),
     ("compression: brotli", "invalid enum value 'brotli'"),
 ])
 def test_config_errors_name_the_key_and_the_problem(block, message):
