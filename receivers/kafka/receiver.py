@@ -50,6 +50,7 @@ from meterline.units import Duration
 from receivers.kafka.messages import Encoding, Record, decode_records
 
 ERROR_HEADER = "meterline.error"
+_MAX_RETRY_INTERVAL = 30.0  # connection attempts back off up to this many seconds
 Records = dict[TopicPartition, list[Record]]
 
 
@@ -67,7 +68,7 @@ class KafkaReceiverConfig(Config):
     session_timeout: Duration = Duration(30)
     heartbeat_interval: Duration = Duration(3)
     rebalance_timeout: Duration = Duration(30)
-    retry_interval: Duration = Duration(1)  # between attempts while the brokers are away
+    retry_interval: Duration = Duration(1)  # first wait while the brokers are away (doubles)
 
     def __post_init__(self) -> None:
         if not self.topics:
@@ -154,6 +155,7 @@ class KafkaReceiver(Receiver):
 
     async def _connect(self) -> AIOKafkaConsumer:
         config = self.config
+        delay = float(config.retry_interval)
         while True:
             kafka = AIOKafkaConsumer(
                 **client_options(config), group_id=config.group_id,
@@ -170,8 +172,9 @@ class KafkaReceiver(Receiver):
                 if not isinstance(e, KafkaError):
                     raise
                 self.log.warning("cannot reach kafka; retrying", brokers=config.brokers,
-                                 error=repr(e), retry_in_s=float(config.retry_interval))
-                await asyncio.sleep(float(config.retry_interval))
+                                 error=repr(e), retry_in_s=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _MAX_RETRY_INTERVAL)
                 continue
             self.log.info("kafka consumer started", topics=config.topics,
                           group_id=config.group_id)
@@ -195,7 +198,7 @@ class KafkaReceiver(Receiver):
             partitions.append({"topic": tp.topic, "partition": tp.partition,
                                "committed": committed, "highwater": highwater, "lag": lag})
         return {"group_id": self.config.group_id, "topics": self.config.topics,
-                "connected": kafka is not None, "paused": self._paused,
+                "started": kafka is not None, "paused": self._paused,
                 "partitions": partitions}
 
     # --- one batch -----------------------------------------------------------------
