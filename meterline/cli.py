@@ -89,9 +89,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     async def run() -> None:
         await Service(loaded).run(args.config)
 
+    from meterline.service import StartError
+
     try:
         asyncio.run(run())
-    except (OSError, RuntimeError) as e:
+    except (OSError, RuntimeError, StartError) as e:
         logs.get(component="service").error("cannot run", error=str(e))
         return 1
     return 0

@@ -271,6 +271,10 @@ def _explain(error: str, cls: type[Any]) -> tuple[Path_, str]:
     m = _AT.match(error)
     assert m is not None
     text, where = m.group(1), m.group(2) or ""
+    # msgspec writes a mapping's key as `[...]`: the path can only name the mapping
+    where, sep, _ = where.partition("[...]")
+    if sep:
+        text += " (in one of its entries)"
     path: list[str | int] = []
     for step in _STEP.finditer(where):
         key, index, quoted = step.groups()

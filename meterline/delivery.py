@@ -113,7 +113,6 @@ class ExporterRunner:
         self._attrs = {"exporter": self.id}
         self._task: asyncio.Task[None] | None = None
         self._draining = False
-        self.started = False
 
     # --- the pipeline side ---------------------------------------------------------
     def select(self, events: list[Any]) -> list[Any]:
@@ -138,9 +137,10 @@ class ExporterRunner:
         await self.exporter.start()
         self.telemetry.watch_queue(self.id, self.queue.describe)
         self._task = asyncio.create_task(self._loop(), name=f"exporter {self.id}")
-        self.started = True
         if self.queue.durable and len(self.queue):
             self.log.info("queue replay", events=len(self.queue))
+        if discarded := getattr(self.queue, "discarded_bytes", 0):
+            self.log.warning("queue recovery cut off a torn or corrupt tail", bytes=discarded)
 
     async def shutdown(self, grace: float) -> None:
         """Deliver what can be within `grace` seconds; the rest stays in a persistent
@@ -166,15 +166,22 @@ class ExporterRunner:
 
     # --- delivery ------------------------------------------------------------------
     async def _loop(self) -> None:
+        while not (self._draining and self.queue.available == 0):
+            try:
+                await self._next()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a disk error reading or acking the queue: keep trying
+                self.log.exception("delivery loop error; retrying in 1s")
+                await asyncio.sleep(1)
+
+    async def _next(self) -> None:
+        """Wait for a batch (full, or partial after its timeout), deliver it, ack it."""
         batch_cfg = self.config.batch
-        while True:
-            if self._draining and self.queue.available == 0:
-                return
-            await self.queue.wait_for(1, None)
-            await self.queue.wait_for(batch_cfg.max_size, batch_cfg.timeout)
-            batch = await self.queue.take(batch_cfg.max_size)
-            if batch is None:
-                continue
+        await self.queue.wait_for(1, None)
+        await self.queue.wait_for(batch_cfg.max_size, batch_cfg.timeout)
+        batch = await self.queue.take(batch_cfg.max_size)
+        if batch is not None:
             await self._deliver(batch)
             await self.queue.ack(batch)
 

@@ -87,3 +87,42 @@ _ERROR_NAMES: Final = (
     ("contextwindow", "invalid_request_error"),
     ("internalserver", "server_error"), ("apierror", "server_error"),
 )
+
+
+# --- attribute names (OpenTelemetry GenAI semantic conventions) -----------------------
+# Event field -> the span/log attribute that carries it. Fields with no GenAI name are
+# written as `meterline.<field>`; `params` entries as `gen_ai.request.<key>`.
+ATTRIBUTES: Final[dict[str, str]] = {
+    "operation": "gen_ai.operation.name",
+    "provider": "gen_ai.provider.name",
+    "request_model": "gen_ai.request.model",
+    "response_model": "gen_ai.response.model",
+    "streaming": "gen_ai.request.stream",
+    "finish_reasons": "gen_ai.response.finish_reasons",
+    "input_tokens": "gen_ai.usage.input_tokens",
+    "output_tokens": "gen_ai.usage.output_tokens",
+    "cache_read_tokens": "gen_ai.usage.cache_read.input_tokens",
+    "cache_creation_tokens": "gen_ai.usage.cache_creation.input_tokens",
+    "reasoning_tokens": "gen_ai.usage.reasoning.output_tokens",
+    "error_type": "error.type",
+    "status_code": "http.response.status_code",
+    "session_id": "gen_ai.conversation.id",
+    "input_messages": "gen_ai.input.messages",
+    "output_messages": "gen_ai.output.messages",
+}
+# `params` keys whose GenAI request attribute has another name.
+PARAM_ATTRIBUTES: Final[dict[str, str]] = {"n": "choice.count", "stop": "stop_sequences"}
+MESSAGE_FIELDS: Final = ("input_messages", "output_messages")
+# Operations that are not one call to a model: agent and tool spans.
+NON_MODEL_OPERATIONS: Final = frozenset({"execute_tool", "create_agent", "invoke_agent"})
+# The event name of the GenAI log record that carries a whole call.
+INFERENCE_EVENT: Final = "gen_ai.client.inference.operation.details"
+
+# --- histogram bucket bounds (the GenAI metric conventions' advice) -----------------
+# 0.01 s doubling to 81.92 s
+DURATION_BUCKETS: Final = tuple(round(0.01 * 2**i, 2) for i in range(14))
+TTFT_BUCKETS: Final = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
+                       2.5, 5.0, 7.5, 10.0)
+TIME_PER_TOKEN_BUCKETS: Final = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5,
+                                 0.75, 1.0, 2.5)
+TOKEN_BUCKETS: Final = tuple(float(4**i) for i in range(14))  # 1, 4, 16 ... 67108864

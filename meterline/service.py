@@ -16,6 +16,7 @@ import contextlib
 import fcntl
 import os
 import signal
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -133,7 +134,7 @@ class Service:
             runner = self._build_exporter(spec)
             for events in handover.get(cid, []):
                 await runner.queue.put(Batch(events))
-            await runner.start()
+            await _started(f"exporter {cid}", runner.start())
             self.exporters[cid] = _Running(spec, runner)
 
     def _build_exporter(self, spec: ComponentConfig) -> ExporterRunner:
@@ -156,7 +157,7 @@ class Service:
             if (name, key) not in self.processors:
                 spec = new.processors[key]
                 processor: Processor = spec.factory.create(spec.config, self.context(spec.id))
-                await processor.start()
+                await _started(f"processor {key}", processor.start())
                 self.processors[(name, key)] = _Running(spec, processor)
         self.pipelines = {
             name: Pipeline(
@@ -181,7 +182,7 @@ class Service:
                                for name, p in new.service.pipelines.items() if cid in p.receivers]
             if cid not in self.receivers:
                 receiver: Receiver = spec.factory.create(spec.config, self.context(cid), entry)
-                await receiver.start()
+                await _started(f"receiver {cid}", receiver.start())
                 self.receivers[cid] = _Running(spec, receiver)
 
     # --- reload --------------------------------------------------------------------
@@ -201,9 +202,10 @@ class Service:
                     setattr(new.service, key, getattr(self.config.service, key))
             try:
                 await self._apply(new)
-            except Exception as e:
-                self.log.error("reload failed while applying", error=str(e))
-                raise
+            except StartError as e:
+                self.log.error("reload applied in part: a component failed to start",
+                               error=str(e))
+                return False
             self.reloads += 1
             self.log.info("reloaded", file=path, pipelines=sorted(self.pipelines))
             return True
@@ -280,3 +282,14 @@ class Service:
             if now is not None and now != last:
                 last = now
                 await self.reload(path)
+
+
+class StartError(Exception):
+    """A component failed to start; the message names it."""
+
+
+async def _started(name: str, start: Awaitable[None]) -> None:
+    try:
+        await start
+    except Exception as e:
+        raise StartError(f"{name} failed to start: {e}") from e

@@ -69,9 +69,12 @@ def event_dicts(start: int, count: int, **fields: Any) -> list[dict[str, Any]]:
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The complete lines of a JSONL file (a line still being written is left out)."""
     if not path.exists():
         return []
-    return [msgspec.json.decode(line) for line in path.read_bytes().splitlines() if line.strip()]
+    data = path.read_bytes()
+    complete = data[:data.rfind(b"\n") + 1]
+    return [msgspec.json.decode(line) for line in complete.splitlines() if line.strip()]
 
 
 def config_text(body: str, tmp_path: Path) -> str:

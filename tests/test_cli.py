@@ -31,3 +31,26 @@ def test_a_missing_file_exits_1_and_says_so(tmp_path):
     result = validate(tmp_path / "nope.yaml")
     assert result.returncode == 1
     assert "cannot read the file" in result.stderr
+
+
+def test_run_exits_1_naming_a_component_that_cannot_start(tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = tmp_path / "p.yaml"
+        config.write_text(f"""
+receivers: {{webhook: {{listen: "127.0.0.1:{port}"}}}}
+exporters: {{debug: {{}}}}
+service:
+  data_dir: {tmp_path / "data"}
+  admin: null
+  pipelines: {{p: {{receivers: [webhook], exporters: [debug]}}}}
+""")
+        result = subprocess.run([sys.executable, "-m", "meterline", "run", "-c", str(config)],
+                                capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    assert "receiver webhook failed to start" in result.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr

@@ -165,3 +165,30 @@ async def test_concurrent_puts_share_one_write(tmp_path):
     batch = await q.take(100)
     assert sorted(e.event_id for e in batch.events) == [f"evt-{i:08d}" for i in range(50)]
     await q.close()
+
+
+async def test_a_batch_not_acked_is_handed_out_again(tmp_path):
+    q = open_queue(tmp_path)
+    await q.put(Batch(events(0, 3)))
+    first = await q.take(10)
+    assert await q.take(10) is first
+    await q.ack(first)
+    assert await q.take(10) is None
+    await q.close()
+
+
+async def test_a_corrupt_record_in_an_older_segment_cuts_that_segment_there(tmp_path):
+    q = open_queue(tmp_path, segment_bytes=300)
+    for i in range(4):
+        await q.put(Batch(events(i * 2, 2)))
+    await q.close()
+    first = sorted((tmp_path / "q").glob("*.seg"))[0]
+    data = bytearray(first.read_bytes())
+    data[30] ^= 0xFF  # flip a byte inside the first record's payload
+    first.write_bytes(bytes(data))
+    q2 = open_queue(tmp_path)
+    assert q2.discarded_bytes > 0
+    batch = await q2.take(100)
+    assert "evt-00000000" not in [e.event_id for e in batch.events]
+    assert batch.events[-1].event_id == "evt-00000007"
+    await q2.close()

@@ -5,8 +5,8 @@ arrival order, and hands *batches* to its single consumer. Positions are
 `(record seq, event index)`, so a batch is a contiguous range of the event
 stream; its id is derived from that range and the queue's incarnation, which is
 what makes the id stable across retries and, for the persistent queue, across
-restarts. There is one batch in flight at a time: a batch must be acked before
-the next one is taken.
+restarts. There is one batch in flight at a time: until it is acked, `take`
+hands out the same batch again.
 """
 
 from __future__ import annotations
@@ -142,8 +142,10 @@ class Queue(ABC):
 
     async def take(self, max_events: int) -> ExportBatch | None:
         """Form the next batch (at most `max_events`, unless replaying one formed before
-        a restart, which keeps its exact extent and id). None when nothing is available."""
-        assert self._inflight is None, "the previous batch was not acked"
+        a restart, which keeps its exact extent and id). None when nothing is available.
+        A batch taken but never acked is handed out again."""
+        if self._inflight is not None:
+            return self._inflight[0]
         start = self._acked
         limit = max_events
         stop: Position | None = None

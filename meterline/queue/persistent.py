@@ -67,8 +67,7 @@ class PersistentQueue(Queue):
         self._reserved = 0
         self._writer: asyncio.Task[None] | None = None
         self._seq = 0
-        self.recovered_events = 0
-        self.discarded_bytes = 0
+        self.discarded_bytes = 0  # torn or corrupt tails cut off when opening
         self._recover()
         self._segment = max(self._segments, default=0) + 1
         self._fd = self._open_segment(self._segment)
@@ -93,7 +92,7 @@ class PersistentQueue(Queue):
         self._acked = acked
         numbers = sorted(int(p.stem) for p in self.dir.glob("*.seg") if p.stem.isdigit())
         for n in numbers:
-            self._scan_segment(n, verify=(n == numbers[-1]))
+            self._scan_segment(n)
         for n in numbers:
             if not any(r.segment == n for r in self._records):
                 self._delete_segment(n)
@@ -101,38 +100,31 @@ class PersistentQueue(Queue):
             self._replay = formed
         self._rewrite_journal()
 
-    def _scan_segment(self, n: int, verify: bool) -> None:
+    def _scan_segment(self, n: int) -> None:
+        """Index the segment's records; cut it off at the first torn or corrupt one."""
         path = self._segment_path(n)
-        with open(path, "rb") as f:
-            data = f.read() if verify else None
-            size = os.fstat(f.fileno()).st_size
-            offset = 0
-            while offset + _HEADER.size <= size:
-                if data is not None:
-                    header = data[offset:offset + _HEADER.size]
-                else:
-                    f.seek(offset)
-                    header = f.read(_HEADER.size)
-                length, crc, seq, count = _HEADER.unpack(header)
-                end = offset + _HEADER.size + length
-                if end > size or (data is not None and _crc(seq, count, data[
-                        offset + _HEADER.size:end]) != crc):
-                    break
-                self._seq = max(self._seq, seq)
-                acked_seq, acked_index = self._acked
-                if seq > acked_seq or (seq == acked_seq and acked_index < count):
-                    record = Record(seq, count, end - offset, None, n, offset)
-                    self._records.append(record)
-                    skipped = acked_index if seq == acked_seq else 0
-                    self._available += count - skipped
-                    self._queued += count - skipped
-                offset = end
+        data = memoryview(path.read_bytes())
+        size = len(data)
+        offset = 0
+        while offset + _HEADER.size <= size:
+            length, crc, seq, count = _HEADER.unpack_from(data, offset)
+            end = offset + _HEADER.size + length
+            if end > size or _crc(seq, count, data[offset + _HEADER.size:end]) != crc:
+                break
+            self._seq = max(self._seq, seq)
+            acked_seq, acked_index = self._acked
+            if seq > acked_seq or (seq == acked_seq and acked_index < count):
+                record = Record(seq, count, end - offset, None, n, offset)
+                self._records.append(record)
+                skipped = acked_index if seq == acked_seq else 0
+                self._available += count - skipped
+                self._queued += count - skipped
+            offset = end
         if offset < size:
             self.discarded_bytes += size - offset
             with open(path, "r+b") as f:
                 f.truncate(offset)
         self._segments[n] = offset
-        self.recovered_events = self._queued
 
     # --- writing -------------------------------------------------------------------
     def has_room(self, batch: Batch) -> bool:

@@ -1,0 +1,1 @@
+"""Exporter `otlp`: events as OTLP traces, logs and metrics, over gRPC or HTTP."""

@@ -1,0 +1,130 @@
+"""Exporter `otlp`: each event as a CLIENT span (and optionally a log record and GenAI
+metrics) to Jaeger, Tempo, an OpenTelemetry Collector or any OTLP backend.
+
+A batch is sent signal by signal (traces, then logs, then metrics). When a later
+signal fails and the batch is retried, the signals already accepted are not sent
+again. A partial success (the server rejected some items) is logged and counted
+(`meterline_exporter_otlp_rejected_items_total`), not retried: the OTLP spec says
+a retry would be rejected the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal
+
+import msgspec
+from google.protobuf.message import Message
+
+from exporters.otlp.encode import (
+    DEFAULT_RESOURCE,
+    to_logs_request,
+    to_metrics_request,
+    to_traces_request,
+)
+from exporters.otlp.transport import GrpcTransport, HttpTransport, Transport, split_endpoint
+from meterline.component import Config, Context, ExportBatch, Exporter, Factory
+from meterline.delivery import ExporterConfig
+from meterline.event import Event
+from meterline.units import Duration
+
+_DEFAULT_ENDPOINTS = {"grpc": "http://127.0.0.1:4317", "http": "http://127.0.0.1:4318"}
+_ENCODERS: dict[str, Callable[..., Message]] = {
+    "traces": to_traces_request, "logs": to_logs_request, "metrics": to_metrics_request}
+_REJECTED_FIELDS = {"traces": "rejected_spans", "logs": "rejected_log_records",
+                    "metrics": "rejected_data_points"}
+
+
+class TlsConfig(Config):
+    insecure: bool = False  # plaintext when the endpoint has no http:// or https:// scheme
+    ca_file: str | None = None  # PEM roots to verify the server; default: the system's
+    cert_file: str | None = None  # client certificate (mutual TLS), with key_file
+    key_file: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together (mutual TLS)")
+
+
+class OtlpExporterConfig(ExporterConfig):
+    endpoint: str | None = None  # default http://127.0.0.1:4317 (grpc) or :4318 (http)
+    protocol: Literal["grpc", "http"] = "grpc"
+    headers: dict[str, str] = msgspec.field(default_factory=dict)
+    tls: TlsConfig = msgspec.field(default_factory=TlsConfig)
+    compression: Literal["gzip", "none"] = "gzip"
+    timeout: Duration = Duration(10)  # per request
+    traces: bool = True
+    logs: bool = False  # one log record per event (gen_ai.client.inference.operation.details)
+    metrics: bool = False  # the GenAI client histograms, delta temporality
+    resource: dict[str, str | int | float | bool] = msgspec.field(
+        default_factory=lambda: dict(DEFAULT_RESOURCE))
+
+    def __post_init__(self) -> None:
+        if not (self.traces or self.logs or self.metrics):
+            raise ValueError("enable at least one of traces, logs, metrics")
+        if self.timeout <= 0:
+            raise ValueError("timeout must be positive")
+
+    @property
+    def signals(self) -> list[str]:
+        return [s for s in ("traces", "logs", "metrics") if getattr(self, s)]
+
+
+class OtlpExporter(Exporter):
+    def __init__(self, config: OtlpExporterConfig, context: Context) -> None:
+        self.config = config
+        self.log = context.log
+        self.id = context.id
+        self._rejected = context.meter.create_counter(
+            "meterline_exporter_otlp_rejected_items",
+            description="Spans, log records or data points an OTLP server rejected "
+                        "(partial success)")
+        self._transport: Transport | None = None
+        self._done: tuple[str, set[str]] = ("", set())  # signals of this batch already sent
+
+    async def start(self) -> None:
+        c = self.config
+        endpoint, tls = split_endpoint(c.endpoint or _DEFAULT_ENDPOINTS[c.protocol],
+                                       c.tls.insecure)
+        transport = GrpcTransport if c.protocol == "grpc" else HttpTransport
+        self._transport = transport(endpoint, tls, c.headers, float(c.timeout),
+                                    c.compression == "gzip", c.tls.ca_file, c.tls.cert_file,
+                                    c.tls.key_file)
+        self.log.info("otlp exporter ready", endpoint=endpoint, protocol=c.protocol, tls=tls,
+                      signals=c.signals)
+
+    async def shutdown(self) -> None:
+        if self._transport is not None:
+            await self._transport.close()
+
+    async def export(self, batch: ExportBatch) -> None:
+        assert self._transport is not None
+        if self._done[0] != batch.id:
+            self._done = (batch.id, set())
+        done = self._done[1]
+        for signal in self.config.signals:
+            if signal in done:
+                continue
+            request = _ENCODERS[signal](batch.events, self.config.resource)
+            if signal == "metrics" and not _has_points(request):
+                done.add(signal)
+                continue
+            response = await self._transport.send(signal, request)
+            done.add(signal)
+            self._partial_success(signal, response, batch.events)
+
+    def _partial_success(self, signal: str, response: Any, events: list[Event]) -> None:
+        partial = response.partial_success
+        rejected = getattr(partial, _REJECTED_FIELDS[signal])
+        if rejected:
+            self._rejected.add(rejected, {"exporter": self.id, "signal": signal})
+        if rejected or partial.error_message:
+            self.log.warning("otlp server rejected part of a batch", signal=signal,
+                             rejected=rejected, of=len(events), message=partial.error_message)
+
+
+def _has_points(request: Any) -> bool:
+    return any(scope.metrics for rm in request.resource_metrics for scope in rm.scope_metrics)
+
+
+factory = Factory(kind="exporter", type="otlp", config=OtlpExporterConfig, create=OtlpExporter)

@@ -1,0 +1,206 @@
+"""Exporter `prometheus`: LLM-call metrics for Prometheus to scrape, on their own listener.
+
+Serves the Prometheus text format, or OpenMetrics when the scraper asks for it
+(`Accept`), at `listen` + `path`, optionally behind a bearer token. The metrics
+come from events (see `metrics.py`), plus the live gauges that are not events:
+every self-telemetry instrument named `llm_gateway_*` (requests in flight,
+endpoint health, budget use...) is republished from the daemon's telemetry
+registry, without the OpenTelemetry scope labels.
+
+Its queue is in memory by default: the metrics are counters in this process,
+which a restart resets anyway, and Prometheus handles resets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import itertools
+import math
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import msgspec
+from aiohttp import web
+from prometheus_client.core import Metric
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.samples import Sample
+
+from exporters.prometheus.metrics import (
+    BUCKET_SETS,
+    DEFAULT_LABELS,
+    LABELS,
+    METADATA_PREFIX,
+    labeler,
+)
+from exporters.prometheus.multiprocess import PUBLISH_INTERVAL, SharedSeries
+from exporters.prometheus.series import SeriesStore
+from meterline.component import Config, Context, ExportBatch, Exporter, Factory, cancel_and_wait
+from meterline.delivery import ExporterConfig, QueueConfig
+from meterline.genai import DURATION_BUCKETS, TIME_PER_TOKEN_BUCKETS, TTFT_BUCKETS
+from meterline.httpserver import serve
+from meterline.units import Duration, Listen
+
+TELEMETRY_PREFIX = "llm_gateway_"
+OVERHEAD_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+_LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+
+
+class BucketsConfig(Config):
+    """Histogram bucket upper bounds, in seconds (GenAI conventions by default)."""
+
+    duration: list[float] = msgspec.field(default_factory=lambda: list(DURATION_BUCKETS))
+    overhead: list[float] = msgspec.field(default_factory=lambda: list(OVERHEAD_BUCKETS))
+    time_to_first_token: list[float] = msgspec.field(default_factory=lambda: list(TTFT_BUCKETS))
+    inter_token_latency: list[float] = msgspec.field(
+        default_factory=lambda: list(TIME_PER_TOKEN_BUCKETS))
+
+    def __post_init__(self) -> None:
+        for name in BUCKET_SETS:
+            bounds = getattr(self, name)
+            if not bounds or any(not math.isfinite(b) or b <= 0 for b in bounds) or any(
+                    a >= b for a, b in itertools.pairwise(bounds)):
+                raise ValueError(f"{name}: expected increasing positive numbers, got {bounds}")
+
+
+class PrometheusConfig(ExporterConfig):
+    listen: Listen = Listen("127.0.0.1:9464")
+    path: str = "/metrics"
+    auth_token: str | None = None  # when set, scrapes need `Authorization: Bearer <token>`
+    labels: list[str] = msgspec.field(default_factory=lambda: list(DEFAULT_LABELS))
+    max_series: int = 2000  # label sets tracked; beyond, new ones fold into __other__
+    metric_expiration: Duration = Duration(3600)  # forget a label set unseen this long
+    buckets: BucketsConfig = msgspec.field(default_factory=BucketsConfig)
+    multiprocess_dir: str | None = None  # share series with other processes (one scrape)
+    queue: QueueConfig = msgspec.field(default_factory=lambda: QueueConfig(type="memory"))
+
+    def __post_init__(self) -> None:
+        if not self.path.startswith("/"):
+            raise ValueError(f"path must start with /, got {self.path!r}")
+        if self.max_series < 1:
+            raise ValueError("max_series must be at least 1")
+        if self.metric_expiration <= 0:
+            raise ValueError("metric_expiration must be positive")
+        for name in self.labels:
+            metadata = name.startswith(METADATA_PREFIX) and len(name) > len(METADATA_PREFIX)
+            if name not in LABELS and not (metadata and _LABEL_NAME.match(name)):
+                known = ", ".join(LABELS)
+                raise ValueError(f"unknown label {name!r}: expected one of {known}, or "
+                                 "metadata_<key> for a metadata key made of letters, digits "
+                                 "and _")
+        if len(set(self.labels)) != len(self.labels):
+            raise ValueError(f"labels listed twice: {self.labels}")
+
+
+class PrometheusExporter(Exporter):
+    def __init__(self, config: PrometheusConfig, context: Context) -> None:
+        self.config = config
+        self.log = context.log
+        self.telemetry_registry = context.telemetry.registry
+        attrs = {"exporter": context.id}
+        folded = context.meter.create_counter(
+            "meterline_prometheus_folded_events",
+            description="Events counted under __other__ because max_series label sets "
+                        "were tracked already")
+        expired = context.meter.create_counter(
+            "meterline_prometheus_expired_series",
+            description="Label sets forgotten after metric_expiration without events")
+        self.store = SeriesStore(
+            list(config.labels), [labeler(name) for name in config.labels],
+            {name: tuple(getattr(config.buckets, name)) for name in BUCKET_SETS},
+            config.max_series, float(config.metric_expiration),
+            expire=config.multiprocess_dir is None,
+            on_fold=lambda n: folded.add(n, attrs), on_expire=lambda n: expired.add(n, attrs))
+        self.shared: SharedSeries | None = None
+        self.runner: web.AppRunner | None = None
+        self._publisher: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        if self.config.multiprocess_dir is not None:
+            self.shared = SharedSeries(Path(self.config.multiprocess_dir))
+            self._publisher = asyncio.create_task(self._publish_telemetry())
+        app = web.Application()
+        app.router.add_get(self.config.path, self.scrape)
+        self.runner = await serve(app, self.config.listen, shutdown_timeout=2.0)
+        self.log.info("prometheus listening", listen=self.config.listen, path=self.config.path,
+                      shared=str(self.shared.path) if self.shared else None)
+
+    async def shutdown(self) -> None:
+        await cancel_and_wait(self._publisher)
+        if self.runner is not None:
+            await self.runner.cleanup()
+        if self.shared is not None:
+            self.shared.close()
+
+    async def export(self, batch: ExportBatch) -> None:
+        now = time.time()
+        changed = self.store.update(batch.events, now)
+        if self.shared is not None:
+            for family, key, values in changed:
+                self.shared.write(family, key, values, now)
+
+    async def scrape(self, request: web.Request) -> web.StreamResponse:
+        token = self.config.auth_token
+        if token and not hmac.compare_digest(
+                request.headers.get("Authorization", "").encode(), f"Bearer {token}".encode()):
+            return web.Response(status=401, text="missing or wrong bearer token\n")
+        encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
+        # Rendering text is most of a scrape's cost: done in a thread, on a copy taken
+        # here, so that receivers keep answering during a large scrape.
+        body = await asyncio.to_thread(encoder, self.snapshot())
+        response = web.Response(body=body, headers={"Content-Type": content_type})
+        response.enable_compression()
+        return response
+
+    # --- what a scrape shows -------------------------------------------------------
+    def snapshot(self) -> Snapshot:
+        """What a scrape shows now, for prometheus_client's encoders."""
+        return Snapshot(list(self.families()))
+
+    def families(self) -> Iterator[Metric]:
+        if self.shared is None:
+            self.store.drop_expired()
+            yield from self.store.collect()
+            yield from self.telemetry()
+            return
+        now = time.time()
+        self.shared.publish(self.telemetry(), now)
+        live, telemetry = self.shared.read(self.store.families, now,
+                                           float(self.config.metric_expiration))
+        for name, family in self.store.families.items():
+            yield family.expose(live.get(name, []))
+        yield from telemetry
+
+    def telemetry(self) -> Iterator[Metric]:
+        """The daemon's `llm_gateway_*` instruments, without OpenTelemetry's scope labels
+        (a name the events already give is left out)."""
+        for family in self.telemetry_registry.collect():
+            if not family.name.startswith(TELEMETRY_PREFIX) or family.name in self.store.families:
+                continue
+            copy = Metric(family.name, family.documentation, family.type, family.unit)
+            copy.samples = [Sample(s.name, {k: v for k, v in s.labels.items()
+                                            if not k.startswith("otel_scope_")}, s.value)
+                            for s in family.samples]
+            yield copy
+
+    async def _publish_telemetry(self) -> None:
+        assert self.shared is not None
+        while True:
+            self.shared.publish(self.telemetry(), time.time())
+            await asyncio.sleep(PUBLISH_INTERVAL)
+
+
+class Snapshot:
+    """Metric families taken at one moment; prometheus_client's encoders read `collect()`."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self.families)
+
+
+factory = Factory(kind="exporter", type="prometheus", config=PrometheusConfig,
+                  create=PrometheusExporter)

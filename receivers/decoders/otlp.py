@@ -1,0 +1,318 @@
+"""OTLP spans and log records that describe an LLM call, to events.
+
+A span (or log record) is an LLM call when it carries a model, usage or a GenAI
+operation (`gen_ai.request.model`, `gen_ai.response.model`, `gen_ai.usage.*`,
+`gen_ai.operation.name`, OpenLLMetry's `llm.request.type`), and its operation is
+not an agent or tool one (`invoke_agent`, `create_agent`, `execute_tool`). Other
+spans (HTTP handlers, database calls, agent steps) are skipped, and counted by
+the receiver. The current GenAI names are read, and the older ones too:
+`gen_ai.system` for the provider, `gen_ai.usage.prompt_tokens` /
+`completion_tokens`, OpenLLMetry's indexed `gen_ai.prompt.N.*` /
+`gen_ai.completion.N.*` messages.
+
+What the `otlp` exporter writes (see `exporters/otlp/encode.py`) comes back as
+the same event: `meterline.<field>` attributes fill the event's fields, and a
+span carrying `meterline.event_id` keeps that id. Other spans get the id
+`<trace id>-<span id>`, so a resent span is recognisably the same call (a
+span and its `gen_ai.client.inference.operation.details` log record share it
+too). Attributes with no field are kept in `attributes`, with the resource's
+`service.name` (the calling application).
+
+A call whose attributes are malformed (a token count that is not a
+non-negative integer, say) is rejected with the reason, so that the sender's
+partial-success answer says what was wrong.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Final, TypeVar
+
+import msgspec
+from google.protobuf.message import Message
+from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+from opentelemetry.proto.trace.v1.trace_pb2 import Status
+
+from meterline import otlpjson
+from meterline.event import FIELDS, Event, from_dict, uuid7
+from meterline.genai import (
+    ATTRIBUTES,
+    ERROR_TYPES,
+    INFERENCE_EVENT,
+    MESSAGE_FIELDS,
+    NON_MODEL_OPERATIONS,
+    PARAM_ATTRIBUTES,
+    error_type_for_name,
+    error_type_for_status,
+    provider_name,
+)
+from receivers.decoders.errors import DecodeError
+
+__all__ = ["OtlpDecoded", "decode_logs", "decode_spans", "parse_json", "value_of"]
+
+# Older names, read when the current one is absent.
+_LEGACY: Final = {
+    "gen_ai.system": "provider",
+    "gen_ai.usage.prompt_tokens": "input_tokens",
+    "gen_ai.usage.completion_tokens": "output_tokens",
+    "gen_ai.usage.cache_read_input_tokens": "cache_read_tokens",  # OpenLLMetry
+    "gen_ai.usage.cache_creation_input_tokens": "cache_creation_tokens",
+    "llm.request.type": "operation",
+    "llm.is_streaming": "streaming",
+}
+_CURRENT: Final = {name: f for f, name in ATTRIBUTES.items()}
+_MARKERS: Final = frozenset({
+    "gen_ai.operation.name", "gen_ai.request.model", "gen_ai.response.model",
+    "gen_ai.usage.input_tokens", "gen_ai.usage.output_tokens", "gen_ai.usage.prompt_tokens",
+    "gen_ai.usage.completion_tokens", "llm.request.type"})
+_OPERATIONS: Final = {"completion": "text_completion", "embedding": "embeddings"}
+_PARAMS: Final = {attr: key for key, attr in PARAM_ATTRIBUTES.items()}
+# `meterline.parent_span_id` is on log records, which have no field for it.
+_OWN_FIELDS: Final = FIELDS - {"trace_id", "span_id", "timestamp", "metadata", "redactions",
+                               "params", "attributes", *MESSAGE_FIELDS}
+_INT_FIELDS: Final = frozenset({"input_tokens", "output_tokens", "cache_read_tokens",
+                                "cache_creation_tokens", "reasoning_tokens", "status_code",
+                                "attempts", "ratelimit_requests_limit",
+                                "ratelimit_requests_remaining", "ratelimit_tokens_limit",
+                                "ratelimit_tokens_remaining"})
+_INDEXED: Final = re.compile(r"^gen_ai\.(prompt|completion)\.(\d+)\.(\w+)$")
+_METADATA_VALUE_CHARS: Final = 128
+
+
+@dataclass
+class OtlpDecoded:
+    events: list[Event] = field(default_factory=list)
+    rejected: list[str] = field(default_factory=list)  # why each rejected call was
+    skipped: int = 0  # spans or records that are not LLM calls
+
+
+def decode_spans(request: ExportTraceServiceRequest) -> OtlpDecoded:
+    return _decode(((rs.resource, [s for ss in rs.scope_spans for s in ss.spans])
+                    for rs in request.resource_spans),
+                   _span_event, lambda span: f"span {span.name!r}")
+
+
+def decode_logs(request: ExportLogsServiceRequest) -> OtlpDecoded:
+    return _decode(((rl.resource, [r for sl in rl.scope_logs for r in sl.log_records])
+                    for rl in request.resource_logs),
+                   _record_event, lambda r: f"log record {r.event_name or INFERENCE_EVENT!r}")
+
+
+def _decode(resources: Iterable[tuple[Any, list[Any]]],
+            to_event: Callable[[Any, dict[str, Any], str | None], Event],
+            describe: Callable[[Any], str]) -> OtlpDecoded:
+    """The LLM calls among spans or log records, grouped by their resource."""
+    out = OtlpDecoded()
+    for resource, items in resources:
+        service = _service_name(resource.attributes)
+        for item in items:
+            attrs = _attributes(item.attributes)
+            if not _is_model_call(attrs):
+                out.skipped += 1
+                continue
+            try:
+                out.events.append(to_event(item, attrs, service))
+            except DecodeError as e:
+                out.rejected.append(f"{describe(item)}: {e}")
+    return out
+
+
+# --- one call ------------------------------------------------------------------------
+def _is_model_call(attrs: dict[str, Any]) -> bool:
+    if attrs.get("gen_ai.operation.name") in NON_MODEL_OPERATIONS:
+        return False
+    return not _MARKERS.isdisjoint(attrs)
+
+
+def _span_event(span: Any, attrs: dict[str, Any], service: str | None) -> Event:
+    if not span.start_time_unix_nano:
+        raise DecodeError("no start time")
+    fields = _fields(attrs, service)
+    trace_id, span_id = span.trace_id.hex() or None, span.span_id.hex() or None
+    fields.update(trace_id=trace_id, span_id=span_id,
+                  parent_span_id=span.parent_span_id.hex() or None,
+                  timestamp=span.start_time_unix_nano)
+    if "duration_ms" not in fields and span.end_time_unix_nano >= span.start_time_unix_nano:
+        fields["duration_ms"] = (span.end_time_unix_nano - span.start_time_unix_nano) / 1e6
+    if span.status.code == Status.STATUS_CODE_ERROR:
+        fields.setdefault("error_type", error_type_for_status(fields.get("status_code"))
+                          or "unknown")
+        if span.status.message:
+            fields.setdefault("error_message", span.status.message)
+    fields.setdefault("event_id", f"{trace_id}-{span_id}" if trace_id and span_id else uuid7())
+    return _event(fields)
+
+
+def _record_event(record: Any, attrs: dict[str, Any], service: str | None) -> Event:
+    stamp = record.time_unix_nano or record.observed_time_unix_nano
+    if not stamp:
+        raise DecodeError("no time")
+    fields = _fields(attrs, service)
+    trace_id, span_id = record.trace_id.hex() or None, record.span_id.hex() or None
+    fields.update(trace_id=trace_id, span_id=span_id, timestamp=stamp)
+    if "event_id" not in fields:
+        fields["event_id"] = (f"{trace_id}-{span_id}" if trace_id and span_id else hashlib.blake2b(
+            record.SerializeToString(), digest_size=16).hexdigest())
+    return _event(fields)
+
+
+def _fields(attrs: dict[str, Any], service: str | None) -> dict[str, Any]:
+    """Event fields from a call's attributes; what has no field goes to `attributes`."""
+    fields: dict[str, Any] = {}
+    params: dict[str, Any] = {}
+    maps: dict[str, dict[str, Any]] = {"metadata": {}, "redactions": {}}
+    indexed: dict[tuple[str, int], dict[str, Any]] = {}
+    rest: dict[str, Any] = {}
+    for key, value in attrs.items():
+        if key in _CURRENT:
+            fields[_CURRENT[key]] = value
+        elif key.startswith("meterline."):
+            name = key[10:]
+            prefix, _, sub = name.partition(".")
+            if name in _OWN_FIELDS:
+                fields[name] = value
+            elif prefix in maps and sub:
+                maps[prefix][sub] = value
+            else:
+                rest[key] = value
+        elif key.startswith("gen_ai.request."):
+            param = key[15:]
+            params[_PARAMS.get(param, param)] = value
+        elif (m := _INDEXED.match(key)) is not None:
+            indexed.setdefault((m[1], int(m[2])), {})[m[3]] = value
+        elif key not in _LEGACY:
+            rest[key] = value
+    for key, name in _LEGACY.items():
+        if name not in fields and key in attrs:
+            fields[name] = attrs[key]
+    for name in MESSAGE_FIELDS:
+        if name in fields:
+            fields[name] = _messages(fields[name], ATTRIBUTES[name])
+    if indexed:
+        for kind, name in (("prompt", "input_messages"), ("completion", "output_messages")):
+            found = [m for (k, _), m in sorted(indexed.items()) if k == kind]
+            if found and name not in fields:
+                fields[name] = found
+    _normalise(fields)
+    if params:
+        fields["params"] = params
+    if maps["metadata"]:
+        fields["metadata"] = {k: str(v)[:_METADATA_VALUE_CHARS]
+                              for k, v in maps["metadata"].items()}
+    if maps["redactions"]:
+        fields["redactions"] = maps["redactions"]
+    if service and "event_id" not in fields:  # the calling application, unless it is ours
+        rest.setdefault("service.name", service)
+    if rest:
+        fields["attributes"] = rest
+    fields.setdefault("source", "otlp")
+    return fields
+
+
+def _normalise(fields: dict[str, Any]) -> None:
+    """Check and convert values to the event's vocabulary and types."""
+    for name in _INT_FIELDS & fields.keys():
+        value = fields[name]
+        if isinstance(value, float) and value.is_integer():
+            value = fields[name] = int(value)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise DecodeError(f"{_attribute(name)} must be a non-negative integer, "
+                              f"got {value!r}")
+    if "provider" in fields:
+        fields["provider"] = provider_name(str(fields["provider"]))
+    if "operation" in fields:
+        op = str(fields["operation"])
+        fields["operation"] = _OPERATIONS.get(op, op)
+    if isinstance(fields.get("finish_reasons"), str):
+        fields["finish_reasons"] = [fields["finish_reasons"]]
+    error = fields.get("error_type")
+    if error is not None and error not in ERROR_TYPES:
+        text = str(error)
+        fields["error_type"] = (error_type_for_status(int(text)) if text.isdigit()
+                                else error_type_for_name(text))
+    elif error is None and fields.get("status_code", 0) >= 400:
+        fields["error_type"] = error_type_for_status(fields["status_code"])
+
+
+def _event(fields: dict[str, Any]) -> Event:
+    try:
+        return from_dict(fields)
+    except msgspec.ValidationError as e:
+        path = re.search(r"\$\.(\w+)", str(e))
+        where = f" ({_attribute(path[1])})" if path else ""
+        raise DecodeError(f"invalid value{where}: {e}") from None
+
+
+def _attribute(name: str) -> str:
+    return ATTRIBUTES.get(name, f"meterline.{name}")
+
+
+def _messages(value: Any, attribute: str) -> list[dict[str, Any]]:
+    """The conventions' `{role, parts}` messages (a JSON string, or structured) to
+    `{role, content}`: a single text part becomes a string."""
+    if isinstance(value, str):
+        try:
+            value = msgspec.json.decode(value)
+        except msgspec.DecodeError as e:
+            raise DecodeError(f"{attribute} is not JSON: {e}") from None
+    if not isinstance(value, list):
+        raise DecodeError(f"{attribute} must be a list of messages")
+    messages = []
+    for message in value:
+        if not isinstance(message, dict):
+            raise DecodeError(f"{attribute} must be a list of objects")
+        out = {k: v for k, v in message.items() if k != "parts"}
+        parts = message.get("parts")
+        if isinstance(parts, list) and parts:
+            out["content"] = _content(parts)
+        messages.append(out)
+    return messages
+
+
+def _content(parts: list[Any]) -> Any:
+    if len(parts) == 1 and _is_text(parts[0]):
+        return parts[0]["content"]
+    return [{"type": "text", "text": p["content"]} if _is_text(p) else p for p in parts]
+
+
+def _is_text(part: Any) -> bool:
+    return isinstance(part, dict) and part.get("type") == "text" and "content" in part
+
+
+# --- OTLP values ---------------------------------------------------------------------
+def value_of(value: AnyValue) -> Any:
+    """An OTLP `AnyValue` as a Python value."""
+    kind = value.WhichOneof("value")
+    if kind == "array_value":
+        return [value_of(v) for v in value.array_value.values]
+    if kind == "kvlist_value":
+        return _attributes(value.kvlist_value.values)
+    return None if kind is None else getattr(value, kind)
+
+
+def _attributes(pairs: Iterable[KeyValue]) -> dict[str, Any]:
+    return {kv.key: value_of(kv.value) for kv in pairs}
+
+
+def _service_name(pairs: Iterable[KeyValue]) -> str | None:
+    for kv in pairs:
+        if kv.key == "service.name":
+            return str(value_of(kv.value))
+    return None
+
+
+# --- OTLP/JSON -----------------------------------------------------------------------
+M = TypeVar("M", bound=Message)
+
+
+def parse_json(data: bytes, message_class: type[M]) -> M:
+    """An OTLP/JSON body (ids in hex) as a protobuf message."""
+    try:
+        return otlpjson.parse_json(data, message_class)
+    except ValueError as e:
+        raise DecodeError(str(e)) from None

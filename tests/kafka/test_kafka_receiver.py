@@ -1,0 +1,211 @@
+"""Receiver `kafka` against a real broker: formats, dead letters, commits after the
+pipeline accepted, pausing under back-pressure, and a broker that is not up yet."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from exporters.kafka.exporter import KafkaExporter, KafkaExporterConfig
+from meterline.component import ExportBatch
+from meterline.config import convert
+from meterline.event import to_json
+from tests.conftest import (
+    FIXTURES,
+    eventually,
+    make_context,
+    make_event,
+    metric_value,
+    read_jsonl,
+    running,
+)
+from tests.kafka.conftest import Tansu, consume, group_timeouts, produce
+
+PIPELINE = """
+receivers:
+  kafka:
+    brokers: {bootstrap}
+    topics: [{topic}]
+    group_id: {group}
+    max_batch: {max_batch}
+    retry_interval: 100ms
+    {timeouts}
+    {extra}
+exporters:
+  file:
+    path: {path}
+    batch: {{timeout: 10ms}}
+    {exporter_extra}
+service:
+  data_dir: {{data}}
+  admin: null
+  pipelines:
+    p: {{receivers: [kafka], exporters: [file]}}
+"""
+
+
+def pipeline(bootstrap, topic, tmp_path, group=None, max_batch=100, extra="", path=None,
+             exporter_extra=""):
+    return PIPELINE.format(timeouts=group_timeouts(),
+                           bootstrap=bootstrap, topic=topic, group=group or topic,
+                           max_batch=max_batch, extra=extra, exporter_extra=exporter_extra,
+                           path=path or tmp_path / "out.jsonl")
+
+
+def events(start, count):
+    return [to_json(make_event(i)) for i in range(start, start + count)]
+
+
+def exported(tmp_path):
+    return [r["event_id"] for r in read_jsonl(tmp_path / "out.jsonl")]
+
+
+async def committed(bootstrap, group, topic):
+    """The group's committed offsets on `topic`, summed over its partitions."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group,
+                                enable_auto_commit=False)
+    await consumer.start()
+    try:
+        partitions = consumer.partitions_for_topic(topic) or set()
+        offsets = [await consumer.committed(TopicPartition(topic, p)) for p in partitions]
+    finally:
+        await consumer.stop()
+    return sum(offset or 0 for offset in offsets)
+
+
+async def test_meterline_otoroshi_and_litellm_messages_become_events(
+        tmp_path, kafka_bootstrap, topic):
+    litellm = msgspec.json.decode((FIXTURES / "litellm-standard-logging-payload.json")
+                                  .read_bytes())
+    await produce(kafka_bootstrap, topic, [
+        to_json(make_event(0)),
+        (FIXTURES / "otoroshi-llm-usage-audit.json").read_bytes(),
+        msgspec.json.encode([litellm, {**litellm, "id": "second", "litellm_call_id": "c2"}]),
+    ])
+    async with running(pipeline(kafka_bootstrap, topic, tmp_path), tmp_path):
+        rows = await eventually(lambda: len(read_jsonl(tmp_path / "out.jsonl")) == 4
+                                and read_jsonl(tmp_path / "out.jsonl"))
+    assert sorted(r["source"] for r in rows) == ["gateway", "litellm", "litellm", "otoroshi"]
+
+
+@pytest.mark.parametrize("encoding", ["json", "otlp_proto", "otlp_json"])
+async def test_what_the_exporter_writes_the_receiver_reads_back_unchanged(
+        tmp_path, kafka_bootstrap, topic, encoding):
+    sent = [make_event(i, trace_id=f"{i + 1:032x}", span_id=f"{i + 1:016x}",
+                       api_key_id=f"k-{i % 3}", metadata={"team": "payments"},
+                       input_messages=[{"role": "user", "content": f"question {i}"}],
+                       cost_usd=0.001 * i) for i in range(12)]
+    exporter = KafkaExporter(convert({"brokers": kafka_bootstrap, "topic": topic,
+                                      "encoding": encoding, "compression": "zstd"},
+                                     KafkaExporterConfig), make_context(tmp_path, "kafka"))
+    await exporter.export(ExportBatch("b1", sent))
+    await exporter.shutdown()
+    config = pipeline(kafka_bootstrap, topic, tmp_path, extra=f"encoding: {encoding}")
+    async with running(config, tmp_path):
+        rows = await eventually(lambda: len(read_jsonl(tmp_path / "out.jsonl")) == 12
+                                and read_jsonl(tmp_path / "out.jsonl"))
+    assert sorted(rows, key=lambda r: r["event_id"]) == [msgspec.to_builtins(e) for e in sent]
+
+
+async def test_an_undecodable_message_goes_to_the_dead_letter_topic_and_the_rest_flows(
+        tmp_path, kafka_bootstrap, topic):
+    await produce(kafka_bootstrap, topic, [*events(0, 5), b"{not json", None, *events(5, 5)],
+                  key=b"k1", headers=[("trace", b"abc")])
+    async with running(pipeline(kafka_bootstrap, topic, tmp_path), tmp_path) as service:
+        await eventually(lambda: len(exported(tmp_path)) == 10)
+        dead = await consume(kafka_bootstrap, f"{topic}.dead-letter", 2)
+        assert metric_value(service.telemetry.registry,
+                            "meterline_receiver_refused_events_total",
+                            reason="undecodable") == 2
+    assert sorted(exported(tmp_path)) == [f"evt-{i:08d}" for i in range(10)]
+    bad, empty = sorted(dead, key=lambda r: dict(r.headers)["meterline.source.offset"])
+    assert bad.value == b"{not json" and bad.key == b"k1"
+    headers = dict(bad.headers)
+    assert headers["trace"] == b"abc"  # the original headers travel along
+    assert b"malformed JSON" in headers["meterline.error"]
+    assert (headers["meterline.source.topic"], headers["meterline.source.offset"]) == \
+        (topic.encode(), b"5")
+    assert empty.value is None
+    assert dict(empty.headers)["meterline.error"] == b"the message has no value"
+
+
+async def test_without_a_dead_letter_topic_undecodable_messages_are_counted_and_skipped(
+        tmp_path, kafka_bootstrap, topic):
+    await produce(kafka_bootstrap, topic, [b"[1, 2]", *events(0, 3)])
+    config = pipeline(kafka_bootstrap, topic, tmp_path, extra="dead_letter_topic: null")
+    async with running(config, tmp_path) as service:
+        await eventually(lambda: len(exported(tmp_path)) == 3)
+        assert metric_value(service.telemetry.registry,
+                            "meterline_receiver_refused_events_total",
+                            reason="undecodable") == 1
+
+
+async def test_a_restart_resumes_after_the_committed_offsets(tmp_path, kafka_bootstrap, topic):
+    await produce(kafka_bootstrap, topic, events(0, 20))
+    config = pipeline(kafka_bootstrap, topic, tmp_path, max_batch=7)
+    async with running(config, tmp_path):
+        await eventually(lambda: len(exported(tmp_path)) == 20)
+    assert await committed(kafka_bootstrap, topic, topic) == 20
+    await produce(kafka_bootstrap, topic, events(20, 10))
+    async with running(config, tmp_path):
+        await eventually(lambda: len(exported(tmp_path)) >= 30, timeout=20)
+    assert sorted(exported(tmp_path)) == [f"evt-{i:08d}" for i in range(30)]
+
+
+async def test_partitions_pause_while_the_pipeline_pushes_back_and_commits_wait(
+        tmp_path, kafka_bootstrap, topic):
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the exporter wants a directory")
+    config = pipeline(kafka_bootstrap, topic, tmp_path, max_batch=10, path=blocked / "out.jsonl",
+                      exporter_extra="queue: {type: memory, max_events: 30}\n"
+                                     "    retry: {initial_interval: 50ms, max_interval: 100ms}")
+    await produce(kafka_bootstrap, topic, events(0, 100))
+    async with running(config, tmp_path) as service:
+        receiver = service.receivers["kafka"].component
+        registry = service.telemetry.registry
+        await eventually(lambda: receiver.status()["paused"], timeout=20)
+        assert metric_value(registry, "meterline_receiver_refused_events_total",
+                            reason="backpressure") > 0
+        queued = metric_value(registry, "meterline_receiver_accepted_events_total")
+        assert queued < 100
+        assert await committed(kafka_bootstrap, topic, topic) == queued  # no further
+        blocked.unlink()
+        blocked.mkdir()
+        await eventually(lambda: len(read_jsonl(blocked / "out.jsonl")) >= 100, timeout=30)
+        assert not receiver.status()["paused"]
+        await eventually(lambda: receiver.status()["partitions"]
+                         and all(p["lag"] == 0 for p in receiver.status()["partitions"]))
+    assert sorted(r["event_id"] for r in read_jsonl(blocked / "out.jsonl")) == \
+        [f"evt-{i:08d}" for i in range(100)]
+
+
+async def test_a_batch_the_pipeline_fails_on_is_read_again_not_skipped(
+        tmp_path, kafka_bootstrap, topic):
+    await produce(kafka_bootstrap, topic, events(0, 30))
+    async with running(pipeline(kafka_bootstrap, topic, tmp_path), tmp_path) as service:
+        entry = service.entries["kafka"]
+        consume, failures = entry.consume, []
+
+        async def fail_once(batch):
+            if not failures:
+                failures.append(len(batch))
+                raise RuntimeError("a processor bug")
+            await consume(batch)
+        entry.consume = fail_once
+        await eventually(lambda: len(exported(tmp_path)) == 30)
+    assert len(failures) == 1
+    assert sorted(exported(tmp_path)) == [f"evt-{i:08d}" for i in range(30)]
+
+
+async def test_a_broker_that_is_not_up_yet_is_waited_for(tmp_path, topic):
+    broker = Tansu()  # its port is chosen; nothing listens there yet
+    config = pipeline(broker.bootstrap, topic, tmp_path)
+    try:
+        async with running(config, tmp_path):
+            broker.start()
+            await produce(broker.bootstrap, topic, events(0, 5))
+            await eventually(lambda: len(exported(tmp_path)) == 5, timeout=30)
+    finally:
+        broker.stop()
+

@@ -1,0 +1,337 @@
+"""The cost processor: prices from the bundled table, overrides and LiteLLM files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+from prometheus_client import CollectorRegistry
+
+from meterline import config as config_mod
+from meterline.cli import main
+from meterline.config import convert
+from meterline.event import Event
+from processors.cost import CostConfig, CostProcessor
+from processors.cost.prices import bundled
+from tests.conftest import FIXTURES, make_context, make_event, metric_value
+
+LITELLM_FILE = str(FIXTURES / "litellm-prices.json")
+
+
+def processor(tmp_path: Path, **config: Any) -> CostProcessor:
+    return CostProcessor(convert(config, CostConfig), make_context(tmp_path, "cost"))
+
+
+def with_registry(tmp_path: Path, **config: Any) -> tuple[CostProcessor, CollectorRegistry]:
+    context = make_context(tmp_path, "cost")
+    return CostProcessor(convert(config, CostConfig), context), context.telemetry.registry
+
+
+def priced(tmp_path: Path, config: dict[str, Any] | None = None, **fields: Any) -> Event:
+    return processor(tmp_path, **(config or {})).process([make_event(**fields)])[0]
+
+
+# Real calls, priced by hand from the providers' published prices (USD per 1M tokens).
+# input_tokens includes cache reads and writes; output_tokens includes reasoning tokens.
+REAL_CALLS = [
+    pytest.param(  # gpt-4o: $2.50 in, $1.25 cached, $10 out
+        dict(provider="openai", request_model="gpt-4o", response_model="gpt-4o-2024-08-06",
+             input_tokens=1000, cache_read_tokens=600, output_tokens=200),
+        (400 * 2.50 + 600 * 1.25) / 1e6, 200 * 10.0 / 1e6, "openai/gpt-4o@bundled",
+        id="openai-gpt-4o-cached"),
+    pytest.param(  # Claude Sonnet 4.5: $3 in, $0.30 cache read, $3.75 cache write, $15 out
+        dict(provider="anthropic", request_model="claude-sonnet-4-5-20250929",
+             input_tokens=12000, cache_read_tokens=10000, cache_creation_tokens=1500,
+             output_tokens=800),
+        (500 * 3 + 10000 * 0.30 + 1500 * 3.75) / 1e6, 800 * 15 / 1e6,
+        "anthropic/claude-sonnet-4-5@bundled", id="anthropic-sonnet-cache-read-and-write"),
+    pytest.param(  # o3: $2 in, $8 out; its 4,000 reasoning tokens are output tokens
+        dict(provider="openai", request_model="o3", input_tokens=2000, output_tokens=5000,
+             reasoning_tokens=4000),
+        2000 * 2 / 1e6, 5000 * 8 / 1e6, "openai/o3@bundled", id="openai-o3-reasoning"),
+    pytest.param(  # Gemini 2.5 Pro above 200k prompt tokens: $2.50 in, $15 out
+        dict(provider="gcp.gemini", request_model="gemini-2.5-pro", input_tokens=250_000,
+             output_tokens=1000, reasoning_tokens=600),
+        250_000 * 2.50 / 1e6, 1000 * 15 / 1e6, "gcp.gemini/gemini-2.5-pro@bundled;above_200000",
+        id="gemini-2.5-pro-long-context-tier"),
+    pytest.param(  # Claude Haiku 4.5 on Bedrock (us. inference profile id): $1 in, $5 out
+        dict(provider="aws.bedrock",
+             request_model="us.anthropic.claude-haiku-4-5-20251001-v1:0",
+             input_tokens=3000, output_tokens=400),
+        3000 * 1 / 1e6, 400 * 5 / 1e6, "aws.bedrock/claude-haiku-4-5@bundled",
+        id="bedrock-claude-haiku"),
+    pytest.param(  # DeepSeek chat: $0.28 cache miss, $0.028 cache hit, $0.42 out
+        dict(provider="deepseek", request_model="deepseek-chat", input_tokens=10_000,
+             cache_read_tokens=8000, output_tokens=1000),
+        (2000 * 0.28 + 8000 * 0.028) / 1e6, 1000 * 0.42 / 1e6, "deepseek/deepseek-chat@bundled",
+        id="deepseek-cache-hit"),
+    pytest.param(  # OpenAI Batch API: half of gpt-4.1-mini's $0.40 in, $1.60 out
+        dict(provider="openai", request_model="gpt-4.1-mini", endpoint="/v1/batches",
+             input_tokens=1000, output_tokens=1000),
+        1000 * 0.40 / 2 / 1e6, 1000 * 1.60 / 2 / 1e6, "openai/gpt-4.1-mini@bundled;batch",
+        id="openai-batch-api"),
+    pytest.param(  # Azure OpenAI global deployment: gpt-4o at $2.50 / $10
+        dict(provider="azure.ai.openai", request_model="prod-4o",
+             response_model="gpt-4o-2024-11-20", input_tokens=800, output_tokens=100),
+        800 * 2.50 / 1e6, 100 * 10 / 1e6, "azure.ai.openai/gpt-4o@bundled", id="azure-gpt-4o"),
+]
+
+
+@pytest.mark.parametrize(("fields", "cost_in", "cost_out", "ref"), REAL_CALLS)
+def test_cost_of_real_calls_matches_published_prices(
+        tmp_path: Path, fields: dict[str, Any], cost_in: float, cost_out: float,
+        ref: str) -> None:
+    e = priced(tmp_path, **fields)
+    assert e.cost_input_usd == pytest.approx(cost_in, rel=1e-12)
+    assert e.cost_output_usd == pytest.approx(cost_out, rel=1e-12)
+    assert e.cost_usd == pytest.approx(cost_in + cost_out, rel=1e-12)
+    assert e.pricing_ref == ref
+
+
+def test_embeddings_without_output_tokens_have_null_output_cost(tmp_path: Path) -> None:
+    e = priced(tmp_path, request_model="text-embedding-3-small", operation="embeddings",
+               input_tokens=5000, output_tokens=None)
+    assert e.cost_input_usd == pytest.approx(5000 * 0.02 / 1e6)
+    assert e.cost_output_usd is None
+    assert e.cost_usd == pytest.approx(5000 * 0.02 / 1e6)
+
+
+def test_unpriced_model_leaves_cost_null_counts_it_by_model_and_logs_once(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    p, registry = with_registry(tmp_path)
+    events = [make_event(i, request_model="home-grown-llm-7b") for i in range(3)]
+    p.process(events)
+    p.process([make_event(9, request_model="home-grown-llm-7b")])
+    assert all(e.cost_usd is None and e.cost_input_usd is None and e.pricing_ref is None
+               for e in events)
+    assert metric_value(registry, "meterline_cost_unpriced_events_total",
+                        model="home-grown-llm-7b") == 4
+    logged = capsys.readouterr()
+    assert (logged.out + logged.err).count("no price for this model") == 1
+
+
+def test_reported_actual_cost_is_left_as_the_source_sent_it(tmp_path: Path) -> None:
+    e = priced(tmp_path, request_model="gpt-4o", input_tokens=1000, output_tokens=0,
+               actual_cost_usd=0.5)
+    assert e.actual_cost_usd == 0.5
+    assert e.cost_usd == pytest.approx(1000 * 2.5 / 1e6)
+
+
+def test_event_without_token_usage_is_not_priced_nor_counted(tmp_path: Path) -> None:
+    p, registry = with_registry(tmp_path)
+    e = p.process([make_event(request_model="nope", input_tokens=None, output_tokens=None)])[0]
+    assert e.cost_usd is None
+    assert metric_value(registry, "meterline_cost_unpriced_events_total") == 0
+
+
+@pytest.mark.parametrize(("provider", "model", "entry"), [
+    ("openai", "gpt-4o-2024-08-06", "openai/gpt-4o"),
+    ("openai", "gpt-4o-2024-05-13", "openai/gpt-4o-2024-05-13"),  # a snapshot priced apart
+    ("openai", "openai/gpt-4o", "openai/gpt-4o"),
+    ("openai", "gpt-4-0613", "openai/gpt-4"),
+    ("aws.bedrock", "anthropic.claude-3-5-sonnet-20240620-v1:0", "anthropic/claude-3-5-sonnet"),
+    ("aws.bedrock", "global.anthropic.claude-sonnet-4-5-20250929-v1:0",
+     "aws.bedrock/claude-sonnet-4-5"),
+    ("aws.bedrock", "amazon.nova-pro-v1:0", "aws.bedrock/nova-pro"),
+    ("gcp.vertex_ai", "claude-sonnet-4-5@20250929", "anthropic/claude-sonnet-4-5"),
+    ("gcp.gemini", "models/gemini-2.5-flash", "gcp.gemini/gemini-2.5-flash"),
+    ("gcp.gemini", "gemini-2.0-flash-001", "gcp.gemini/gemini-2.0-flash"),
+    ("mistral_ai", "mistral-large-latest", "mistral_ai/mistral-large"),
+    ("mistral_ai", "mistral-large-2411", "mistral_ai/mistral-large-2411"),
+    ("groq", "openai/gpt-oss-120b", "groq/gpt-oss-120b"),
+    ("x_ai", "grok-4-0709", "x_ai/grok-4"),
+    ("cohere", "command-r-plus-08-2024", "cohere/command-r-plus-08-2024"),
+    (None, "claude-haiku-4-5", "anthropic/claude-haiku-4-5"),
+])
+def test_model_names_normalize_to_their_entry(
+        tmp_path: Path, provider: str | None, model: str, entry: str) -> None:
+    found = CostConfig().table().resolve(provider, model)
+    assert found.price is not None and found.price.key == entry
+
+
+def test_response_model_is_priced_before_the_requested_one(tmp_path: Path) -> None:
+    e = priced(tmp_path, provider="openai", request_model="gpt-4o",
+               response_model="gpt-4o-mini-2024-07-18", input_tokens=1000, output_tokens=0)
+    assert e.pricing_ref == "openai/gpt-4o-mini@bundled"
+
+
+def test_alias_maps_an_azure_deployment_name_to_its_model(tmp_path: Path) -> None:
+    e = priced(tmp_path, {"aliases": {"Prod-Chat": "gpt-4.1"}}, provider="azure.ai.openai",
+               request_model="prod-chat", input_tokens=1000, output_tokens=1000)
+    assert e.pricing_ref == "azure.ai.openai/gpt-4.1@bundled"
+    assert e.cost_usd == pytest.approx((1000 * 2 + 1000 * 8) / 1e6)
+
+
+def test_config_prices_override_the_bundled_table(tmp_path: Path) -> None:
+    config = {"prices": {"gpt-4o": {"input": 2.0, "output": 8.0},
+                         "self-hosted/llama-3-70b": {"input": 0.1, "output": 0.1}}}
+    e = priced(tmp_path, config, request_model="gpt-4o-2024-08-06", input_tokens=1000,
+               cache_read_tokens=500, output_tokens=100)
+    # no cache rate given: cached tokens cost the (negotiated) input rate
+    assert e.cost_input_usd == pytest.approx(1000 * 2.0 / 1e6)
+    assert e.cost_output_usd == pytest.approx(100 * 8.0 / 1e6)
+    assert e.pricing_ref == "gpt-4o@config"
+    own = priced(tmp_path, config, provider="self-hosted", request_model="llama-3-70b",
+                 input_tokens=10_000, output_tokens=1000)
+    assert own.cost_usd == pytest.approx(11_000 * 0.1 / 1e6)
+
+
+def test_litellm_price_file_extends_the_table(tmp_path: Path) -> None:
+    p = processor(tmp_path, price_files=[LITELLM_FILE])
+    events = p.process([
+        make_event(0, request_model="acme-chat-1", input_tokens=1000, cache_read_tokens=400,
+                   cache_creation_tokens=100, output_tokens=100),
+        make_event(1, provider="gcp.gemini", request_model="gemini/acme-long-1",
+                   input_tokens=300_000, output_tokens=1000, reasoning_tokens=400),
+        make_event(2, provider="aws.bedrock", request_model="us.acme.chat-2-v1:0",
+                   input_tokens=1000, output_tokens=1000),
+        make_event(3, request_model="acme-chat-1", endpoint="/v1/batches",
+                   input_tokens=1000, output_tokens=1000),
+    ])
+    chat, long_, bedrock, batch = events
+    assert chat.cost_input_usd == pytest.approx((500 * 1 + 400 * 0.1 + 100 * 1.25) / 1e6)
+    assert chat.cost_output_usd == pytest.approx(100 * 4 / 1e6)
+    assert chat.pricing_ref == "openai/acme-chat-1@litellm-prices.json"
+    # above 200k: tier rates; the reasoning rate scales with the tier's output rate
+    assert long_.cost_input_usd == pytest.approx(300_000 * 4 / 1e6)
+    assert long_.cost_output_usd == pytest.approx((600 * 15 + 400 * 12 * 15 / 10) / 1e6)
+    assert bedrock.cost_usd == pytest.approx((1000 * 3 + 1000 * 6) / 1e6)
+    assert batch.cost_usd == pytest.approx((1000 * 1 + 1000 * 4) / 2 / 1e6)
+
+
+def test_litellm_price_file_overrides_the_bundled_entry(tmp_path: Path) -> None:
+    e = priced(tmp_path, {"price_files": [LITELLM_FILE]}, request_model="gpt-4o",
+               input_tokens=1000, output_tokens=1000)
+    assert e.cost_usd == pytest.approx((1000 * 2 + 1000 * 8) / 1e6)
+    assert e.pricing_ref == "openai/gpt-4o@litellm-prices.json"
+
+
+def test_a_price_file_host_does_not_price_another_hosts_calls(tmp_path: Path) -> None:
+    # the file prices gpt-oss-120b as served by Cerebras; Groq's call keeps Groq's price
+    e = priced(tmp_path, {"price_files": [LITELLM_FILE]}, provider="groq",
+               request_model="openai/gpt-oss-120b", input_tokens=1000, output_tokens=1000)
+    assert e.pricing_ref == "groq/gpt-oss-120b@bundled"
+    other = priced(tmp_path, {"price_files": [LITELLM_FILE]}, provider="together_ai",
+                   request_model="gpt-oss-120b", input_tokens=1000, output_tokens=1000)
+    assert other.cost_usd is None
+
+
+def test_without_the_bundled_table_only_given_prices_apply(tmp_path: Path) -> None:
+    p = processor(tmp_path, bundled=False, price_files=[LITELLM_FILE])
+    known, unknown = p.process([make_event(0, request_model="acme-chat-1"),
+                                make_event(1, request_model="gpt-4o-mini")])
+    assert known.cost_usd is not None
+    assert unknown.cost_usd is None
+
+
+def test_meterline_format_price_file_is_read_too(tmp_path: Path) -> None:
+    path = tmp_path / "negotiated.yaml"
+    path.write_text("as_of: '2026-11-01'\nsources: {contract: 'MSA 2026-114'}\n"
+                    "models:\n  openai/gpt-4o: {input: 2.25, output: 9, source: contract}\n")
+    found = convert({"price_files": [str(path)]}, CostConfig).table().resolve("openai", "gpt-4o")
+    assert found.price is not None
+    assert (found.price.rates.input, found.price.source, found.price.as_of) == (
+        2.25, "MSA 2026-114", "2026-11-01")
+
+
+def test_an_edited_price_file_makes_a_new_config_so_a_reload_rebuilds_cost(
+        tmp_path: Path) -> None:
+    path = tmp_path / "prices.json"
+    path.write_text('{"m": {"input_cost_per_token": 1e-06, "litellm_provider": "openai"}}')
+    before = convert({"price_files": [str(path)]}, CostConfig)
+    assert convert({"price_files": [str(path)]}, CostConfig) == before
+    path.write_text('{"m": {"input_cost_per_token": 2e-06, "litellm_provider": "openai"}}')
+    after = convert({"price_files": [str(path)]}, CostConfig)
+    assert after != before
+    assert after.table().resolve("openai", "m").price.rates.input == 2.0  # type: ignore[union-attr]
+
+
+def test_unreadable_price_file_is_a_config_error_naming_it(tmp_path: Path) -> None:
+    bad = tmp_path / "prices.json"
+    bad.write_text("{not json")
+    text = f"""
+receivers: {{webhook: {{}}}}
+processors:
+  cost: {{price_files: [{bad}]}}
+exporters: {{debug: {{}}}}
+service: {{pipelines: {{p: {{receivers: [webhook], processors: [cost], exporters: [debug]}}}}}}
+"""
+    with pytest.raises(config_mod.ConfigError) as e:
+        config_mod.loads(text, "pipeline.yaml")
+    message = str(e.value)
+    assert "processors.cost.price_files" in message and str(bad) in message
+
+
+def test_negative_price_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(msgspec.ValidationError, match="must not be negative"):
+        convert({"prices": {"x": {"input": -1, "output": 1}}}, CostConfig)
+
+
+def test_every_bundled_entry_names_its_source_and_date() -> None:
+    spec, layer = bundled()
+    prices = [*layer.by_provider.values(), *layer.any_provider.values()]
+    assert len(prices) == len(spec.models) > 100
+    for price in prices:
+        assert price.source.startswith("https://"), price.key
+        assert price.as_of, price.key
+
+
+def test_pricing_command_shows_the_entry_and_why(capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["pricing", "us.anthropic.claude-sonnet-4-5-20250929-v1:0",
+                 "--provider", "bedrock", "--json"])
+    out = msgspec.json.decode(capsys.readouterr().out)
+    assert code == 0
+    assert out["entry"] == "aws.bedrock/claude-sonnet-4-5"
+    assert out["provider"] == "aws.bedrock"
+    assert "dropped Bedrock inference profile 'us.'" in out["steps"]
+    assert out["usd_per_million_tokens"]["cache_read"] == 0.3
+    assert out["tiers"][0]["above"] == 200_000
+
+
+def test_pricing_command_reads_overrides_from_the_pipeline_file(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(f"""
+receivers: {{webhook: {{}}}}
+processors:
+  cost:
+    prices: {{openai/gpt-4o: {{input: 1.5, output: 6}}}}
+    price_files: [{LITELLM_FILE}]
+exporters: {{debug: {{}}}}
+service: {{pipelines: {{p: {{receivers: [webhook], processors: [cost], exporters: [debug]}}}}}}
+""")
+    assert main(["pricing", "gpt-4o", "--provider", "openai", "-c", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "entry      openai/gpt-4o  from pipeline.yaml `prices`" in out
+    assert "input 1.5  output 6" in out
+    assert main(["pricing", "acme-chat-1", "-c", str(path), "--json"]) == 0
+    assert msgspec.json.decode(capsys.readouterr().out)["origin"] == "litellm-prices.json"
+
+
+def test_pricing_command_fails_on_an_unpriced_model_listing_the_names_tried(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # no pipeline.yaml here: the bundled table alone
+    assert main(["pricing", "home-grown-llm-2025-01-01"]) == 1
+    err = capsys.readouterr().err
+    assert "no price for 'home-grown-llm-2025-01-01'" in err
+    assert "looked up as: home-grown-llm-2025-01-01, home-grown-llm" in err
+
+
+def test_an_invalid_entry_of_prices_is_reported_at_the_prices_key() -> None:
+    text = """
+receivers: {webhook: {}}
+processors:
+  cost:
+    prices:
+      gpt-4o: {input: 2, output: 8}
+      broken: {input: -1, output: 1}
+exporters: {debug: {}}
+service: {pipelines: {p: {receivers: [webhook], processors: [cost], exporters: [debug]}}}
+"""
+    with pytest.raises(config_mod.ConfigError) as e:
+        config_mod.loads(text, "pipeline.yaml")
+    assert str(e.value) == ("pipeline.yaml:5: processors.cost.prices: prices must not be "
+                            "negative (in one of its entries)")

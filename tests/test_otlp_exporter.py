@@ -1,0 +1,335 @@
+"""Exporter `otlp`: to a gRPC sink built on opentelemetry-proto's services, and over HTTP."""
+
+import contextlib
+import shutil
+import subprocess
+
+import grpc
+import pytest
+from aiohttp import web
+from google.protobuf.duration_pb2 import Duration
+from google.rpc.error_details_pb2 import RetryInfo
+from google.rpc.status_pb2 import Status as RpcStatus
+from opentelemetry.proto.collector.logs.v1 import logs_service_pb2, logs_service_pb2_grpc
+from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+from exporters.otlp.exporter import OtlpExporter, OtlpExporterConfig
+from meterline.component import ExportBatch, PermanentError, RetryableError
+from meterline.config import convert
+from meterline.event import from_dict
+from meterline.httpserver import serve
+from meterline.units import Listen
+from receivers.decoders.otlp import value_of
+from tests.conftest import (
+    event_dicts,
+    eventually,
+    free_port,
+    make_context,
+    make_event,
+    metric_value,
+    post_json,
+    read_jsonl,
+    running,
+)
+
+TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+PARENT = "00f067aa0ba902b7"
+
+
+class Sink:
+    """An OTLP gRPC server that records what it gets and fails when told to."""
+
+    def __init__(self, tls=None):
+        self.port = free_port()
+        self.tls = tls  # (key PEM, certificate PEM) to serve TLS
+        self.requests = {"traces": [], "logs": [], "metrics": []}
+        self.metadata = []
+        self.failures = []  # (signal, grpc code, retry delay seconds or None), in order
+        self.rejected = 0  # items to report as rejected (partial success)
+
+    async def handle(self, signal, request, context, response):
+        self.metadata.append(dict(context.invocation_metadata()))
+        if self.failures and self.failures[0][0] == signal:
+            _, code, delay = self.failures.pop(0)
+            trailers = ()
+            if delay is not None:
+                info = RetryInfo(retry_delay=Duration(seconds=delay))
+                status = RpcStatus(code=code.value[0], message="busy")
+                status.details.add().Pack(info)
+                trailers = (("grpc-status-details-bin", status.SerializeToString()),)
+            await context.abort(code, "busy", trailers)
+        self.requests[signal].append(request)
+        return response
+
+    def spans(self):
+        return [s for r in self.requests["traces"] for rs in r.resource_spans
+                for ss in rs.scope_spans for s in ss.spans]
+
+    async def __aenter__(self):
+        sink = self
+
+        class Traces(trace_service_pb2_grpc.TraceServiceServicer):
+            async def Export(self, request, context):
+                return await sink.handle("traces", request, context,
+                                         trace_service_pb2.ExportTraceServiceResponse(
+                                             partial_success=trace_service_pb2.
+                                             ExportTracePartialSuccess(
+                                                 rejected_spans=sink.rejected,
+                                                 error_message="no" if sink.rejected else "")))
+
+        class Logs(logs_service_pb2_grpc.LogsServiceServicer):
+            async def Export(self, request, context):
+                return await sink.handle("logs", request, context,
+                                         logs_service_pb2.ExportLogsServiceResponse())
+
+        class Metrics(metrics_service_pb2_grpc.MetricsServiceServicer):
+            async def Export(self, request, context):
+                return await sink.handle("metrics", request, context,
+                                         metrics_service_pb2.ExportMetricsServiceResponse())
+
+        self.server = grpc.aio.server()
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Traces(), self.server)
+        logs_service_pb2_grpc.add_LogsServiceServicer_to_server(Logs(), self.server)
+        metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(Metrics(), self.server)
+        if self.tls:
+            self.server.add_secure_port(f"127.0.0.1:{self.port}",
+                                        grpc.ssl_server_credentials([self.tls]))
+        else:
+            self.server.add_insecure_port(f"127.0.0.1:{self.port}")
+        await self.server.start()
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.server.stop(None)
+
+
+@contextlib.asynccontextmanager
+async def exporter(tmp_path, **config):
+    context = make_context(tmp_path, "otlp")
+    instance = OtlpExporter(convert(config, OtlpExporterConfig), context)
+    await instance.start()
+    try:
+        yield instance, context.telemetry.registry
+    finally:
+        await instance.shutdown()
+
+
+def attributes(span):
+    return {kv.key: value_of(kv.value) for kv in span.attributes}
+
+
+async def test_spans_reach_the_sink_with_genai_attributes_and_the_clients_parent(tmp_path):
+    event = make_event(1, trace_id=TRACE, parent_span_id=PARENT, cost_usd=0.004,
+                       api_key_id="k-1a2b", metadata={"customer": "acme-42"})
+    async with Sink() as sink, exporter(tmp_path, endpoint=f"http://127.0.0.1:{sink.port}") as (
+            otlp, _):
+        await otlp.export(ExportBatch("b1", [event]))
+    [span] = sink.spans()
+    assert (span.trace_id.hex(), span.parent_span_id.hex()) == (TRACE, PARENT)
+    assert span.name == "chat gpt-4o-mini"
+    attrs = attributes(span)
+    assert attrs["gen_ai.provider.name"] == "openai"
+    assert attrs["gen_ai.usage.input_tokens"] == 11
+    assert attrs["meterline.cost_usd"] == 0.004
+    assert attrs["meterline.api_key_id"] == "k-1a2b"
+    assert attrs["meterline.metadata.customer"] == "acme-42"
+    resource = sink.requests["traces"][0].resource_spans[0].resource
+    assert attributes(resource) == {"service.name": "meterline"}
+
+
+async def test_headers_go_as_grpc_metadata(tmp_path):
+    async with Sink() as sink, exporter(tmp_path, endpoint=f"http://127.0.0.1:{sink.port}",
+                                        headers={"Authorization": "Bearer t0k"}) as (otlp, _):
+        await otlp.export(ExportBatch("b1", [make_event(1)]))
+    assert sink.metadata[0]["authorization"] == "Bearer t0k"
+
+
+async def test_logs_and_metrics_are_sent_when_enabled(tmp_path):
+    async with Sink() as sink, exporter(tmp_path, endpoint=f"http://127.0.0.1:{sink.port}",
+                                        logs=True, metrics=True) as (otlp, _):
+        await otlp.export(ExportBatch("b1", [make_event(1), make_event(2)]))
+    records = sink.requests["logs"][0].resource_logs[0].scope_logs[0].log_records
+    metrics = sink.requests["metrics"][0].resource_metrics[0].scope_metrics[0].metrics
+    assert len(records) == 2
+    assert {m.name for m in metrics} == {"gen_ai.client.operation.duration",
+                                         "gen_ai.client.token.usage"}
+
+
+async def test_unavailable_is_retried_after_the_servers_retry_delay(tmp_path):
+    async with Sink() as sink, exporter(tmp_path, endpoint=f"http://127.0.0.1:{sink.port}") as (
+            otlp, _):
+        sink.failures.append(("traces", grpc.StatusCode.UNAVAILABLE, 7))
+        with pytest.raises(RetryableError) as failed:
+            await otlp.export(ExportBatch("b1", [make_event(1)]))
+        assert failed.value.retry_after == 7
+        await otlp.export(ExportBatch("b1", [make_event(1)]))
+    assert len(sink.spans()) == 1
+
+
+async def test_resource_exhausted_with_retry_info_is_retried(tmp_path):
+    async with Sink() as sink, exporter(tmp_path, endpoint=f"http://127.0.0.1:{sink.port}") as (
+            otlp, _):
+        sink.failures.append(("traces", grpc.StatusCode.RESOURCE_EXHAUSTED, 2))
+        with pytest.raises(RetryableError) as failed:
+            await otlp.export(ExportBatch("b1", [make_event(1)]))
+        assert failed.value.retry_after == 2
+
+
+async def test_resource_exhausted_without_retry_info_is_permanent(tmp_path):
+    async with Sink() as sink, exporter(tmp_path, endpoint=f"http://127.0.0.1:{sink.port}") as (
+            otlp, _):
+        sink.failures.append(("traces", grpc.StatusCode.RESOURCE_EXHAUSTED, None))
+        with pytest.raises(PermanentError, match="RESOURCE_EXHAUSTED"):
+            await otlp.export(ExportBatch("b1", [make_event(1)]))
+
+
+async def test_invalid_argument_is_permanent(tmp_path):
+    async with Sink() as sink, exporter(tmp_path, endpoint=f"http://127.0.0.1:{sink.port}") as (
+            otlp, _):
+        sink.failures.append(("traces", grpc.StatusCode.INVALID_ARGUMENT, None))
+        with pytest.raises(PermanentError, match="INVALID_ARGUMENT: busy"):
+            await otlp.export(ExportBatch("b1", [make_event(1)]))
+
+
+async def test_an_unreachable_endpoint_is_retryable(tmp_path):
+    async with exporter(tmp_path, endpoint=f"http://127.0.0.1:{free_port()}",
+                        timeout="2s") as (otlp, _):
+        with pytest.raises(RetryableError, match="UNAVAILABLE"):
+            await otlp.export(ExportBatch("b1", [make_event(1)]))
+
+
+async def test_a_retried_batch_does_not_resend_the_signals_already_accepted(tmp_path):
+    async with Sink() as sink, exporter(tmp_path, endpoint=f"http://127.0.0.1:{sink.port}",
+                                        logs=True) as (otlp, _):
+        sink.failures.append(("logs", grpc.StatusCode.UNAVAILABLE, None))
+        with pytest.raises(RetryableError):
+            await otlp.export(ExportBatch("b1", [make_event(1)]))
+        await otlp.export(ExportBatch("b1", [make_event(1)]))
+        await otlp.export(ExportBatch("b2", [make_event(2)]))
+    assert (len(sink.requests["traces"]), len(sink.requests["logs"])) == (2, 2)
+
+
+async def test_a_partial_success_is_counted_and_not_retried(tmp_path):
+    async with Sink() as sink, exporter(tmp_path, endpoint=f"http://127.0.0.1:{sink.port}") as (
+            otlp, registry):
+        sink.rejected = 1
+        await otlp.export(ExportBatch("b1", [make_event(1), make_event(2)]))
+        assert metric_value(registry, "meterline_exporter_otlp_rejected_items_total",
+                            signal="traces") == 1
+    assert len(sink.requests["traces"]) == 1
+
+
+@contextlib.asynccontextmanager
+async def http_sink(status=200, headers=None, body=b""):
+    """An OTLP/HTTP endpoint that records requests and answers as told."""
+    seen = []
+
+    async def handle(request):
+        seen.append((request.path, dict(request.headers), await request.read()))
+        return web.Response(status=status, headers=headers, body=body)
+
+    app = web.Application()
+    app.router.add_post("/{path:.*}", handle)
+    port = free_port()
+    runner = await serve(app, Listen(f"127.0.0.1:{port}"))
+    try:
+        yield port, seen
+    finally:
+        await runner.cleanup()
+
+
+async def test_http_protobuf_is_posted_gzipped_with_the_headers(tmp_path):
+    async with http_sink() as (port, seen), exporter(
+            tmp_path, protocol="http", endpoint=f"http://127.0.0.1:{port}",
+            headers={"X-Tenant": "acme"}) as (otlp, _):
+        await otlp.export(ExportBatch("b1", [make_event(1)]))
+    [(path, headers, body)] = seen
+    assert (path, headers["X-Tenant"]) == ("/v1/traces", "acme")
+    assert headers["Content-Type"] == "application/x-protobuf"
+    # aiohttp's server undoes the gzip; the header says it was sent compressed
+    assert headers["Content-Encoding"] == "gzip"
+    request = trace_service_pb2.ExportTraceServiceRequest.FromString(body)
+    assert request.resource_spans[0].scope_spans[0].spans[0].name == "chat gpt-4o-mini"
+
+
+async def test_http_429_is_retried_after_retry_after(tmp_path):
+    async with http_sink(429, {"Retry-After": "3"}) as (port, _), exporter(
+            tmp_path, protocol="http", endpoint=f"http://127.0.0.1:{port}") as (otlp, _):
+        with pytest.raises(RetryableError) as failed:
+            await otlp.export(ExportBatch("b1", [make_event(1)]))
+    assert failed.value.retry_after == 3
+
+
+async def test_http_400_is_permanent_and_says_why(tmp_path):
+    status = RpcStatus(code=3, message="bad span").SerializeToString()
+    async with http_sink(400, body=status) as (port, _), exporter(
+            tmp_path, protocol="http", endpoint=f"http://127.0.0.1:{port}") as (otlp, _):
+        with pytest.raises(PermanentError, match="HTTP 400: bad span"):
+            await otlp.export(ExportBatch("b1", [make_event(1)]))
+
+
+def self_signed(tmp_path):
+    """A certificate for 127.0.0.1, made with the openssl command."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    return cert, key
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+async def test_tls_with_a_ca_file_verifies_the_server(tmp_path):
+    cert, key = self_signed(tmp_path)
+    async with Sink(tls=(key.read_bytes(), cert.read_bytes())) as sink, exporter(
+            tmp_path, endpoint=f"127.0.0.1:{sink.port}", tls={"ca_file": str(cert)}) as (otlp, _):
+        await otlp.export(ExportBatch("b1", [make_event(1)]))
+    assert len(sink.spans()) == 1
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+async def test_tls_refuses_a_server_it_cannot_verify(tmp_path):
+    cert, key = self_signed(tmp_path)
+    async with Sink(tls=(key.read_bytes(), cert.read_bytes())) as sink, exporter(
+            tmp_path, endpoint=f"https://127.0.0.1:{sink.port}", timeout="2s") as (otlp, _):
+        with pytest.raises(RetryableError, match="UNAVAILABLE"):
+            await otlp.export(ExportBatch("b1", [make_event(1)]))
+    assert sink.spans() == []
+
+
+ROUND_TRIP = """
+receivers:
+  webhook: {{listen: "127.0.0.1:{webhook}"}}
+  otlp: {{grpc: "127.0.0.1:{grpc}", http: null}}
+exporters:
+  otlp:
+    endpoint: http://127.0.0.1:{grpc}
+    logs: true
+    batch: {{timeout: 10ms}}
+  file:
+    path: {{data}}/out.jsonl
+    batch: {{timeout: 10ms}}
+service:
+  data_dir: {{data}}
+  admin: null
+  pipelines:
+    send: {{receivers: [webhook], exporters: [otlp]}}
+    receive: {{receivers: [otlp], exporters: [file]}}
+"""
+
+
+async def test_an_otlp_exporter_to_otlp_receiver_round_trip_keeps_the_event(tmp_path):
+    webhook, grpc_port = free_port(), free_port()
+    sent = event_dicts(0, 3, trace_id=TRACE, parent_span_id=PARENT, cost_usd=0.01,
+                       metadata={"team": "search"},
+                       input_messages=[{"role": "user", "content": "hi"}])
+    for i, event in enumerate(sent):
+        event["span_id"] = f"{i + 1:016x}"
+    async with running(ROUND_TRIP.format(webhook=webhook, grpc=grpc_port), tmp_path):
+        status, _, _ = await post_json(f"http://127.0.0.1:{webhook}/v1/events", sent)
+        assert status == 200
+        # traces and logs each bring the events back: six, two of each
+        out = await eventually(lambda: len(r := read_jsonl(tmp_path / "data/out.jsonl")) == 6
+                               and r)
+    got = sorted((from_dict(e) for e in out), key=lambda e: e.event_id)
+    assert got == sorted([from_dict(e) for e in sent] * 2, key=lambda e: e.event_id)

@@ -1,0 +1,230 @@
+"""Receiver `otlp`: the OpenTelemetry SDK's exporters (gRPC and HTTP) send GenAI spans."""
+
+import asyncio
+import gzip
+
+import aiohttp
+import grpc
+import pytest
+from google.rpc.error_details_pb2 import RetryInfo
+from google.rpc.status_pb2 import Status as RpcStatus
+from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
+    OTLPSpanExporter as GrpcSpanExporter,
+)
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
+    OTLPSpanExporter as HttpSpanExporter,
+)
+from opentelemetry.proto.collector.logs.v1.logs_service_pb2_grpc import LogsServiceStub
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2_grpc import TraceServiceStub
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
+
+from exporters.otlp.encode import to_json, to_logs_request, to_traces_request
+from meterline.event import from_dict
+from tests.conftest import (
+    eventually,
+    free_port,
+    make_event,
+    metric_value,
+    post_raw,
+    read_jsonl,
+    running,
+)
+
+PIPELINE = """
+receivers:
+  otlp: {{grpc: "127.0.0.1:{grpc}", http: "127.0.0.1:{http}"{extra}}}
+exporters:
+  file:
+    path: {out}
+    batch: {{timeout: 10ms}}
+    {queue}
+service:
+  data_dir: {{data}}
+  admin: null
+  shutdown_timeout: 200ms
+  pipelines:
+    p: {{receivers: [otlp], exporters: [file]}}
+"""
+
+GENAI = {"gen_ai.operation.name": "chat", "gen_ai.provider.name": "openai",
+         "gen_ai.request.model": "gpt-4o", "gen_ai.usage.input_tokens": 12,
+         "gen_ai.usage.output_tokens": 30, "gen_ai.request.temperature": 0.5}
+
+
+class Ports:
+    def __init__(self):
+        self.grpc, self.http = free_port(), free_port()
+
+
+def running_receiver(ports, tmp_path, extra="", queue="", out=None):
+    return running(pipeline(ports, tmp_path, extra=extra, queue=queue, out=out), tmp_path)
+
+
+def pipeline(ports, tmp_path, extra="", queue="", out=None):
+    return PIPELINE.format(grpc=ports.grpc, http=ports.http, extra=extra, queue=queue,
+                           out=out or tmp_path / "out.jsonl")
+
+
+def recorded_spans():
+    """Two finished spans from the SDK: an LLM call and an HTTP handler."""
+    memory = InMemorySpanExporter()
+    provider = TracerProvider(resource=Resource.create({"service.name": "checkout"}))
+    provider.add_span_processor(SimpleSpanProcessor(memory))
+    tracer = provider.get_tracer("app")
+    with tracer.start_as_current_span("POST /checkout", kind=SpanKind.SERVER) as parent, \
+            tracer.start_as_current_span("chat gpt-4o", kind=SpanKind.CLIENT, attributes=GENAI):
+        pass
+    provider.shutdown()
+    return memory.get_finished_spans(), parent.get_span_context()
+
+
+async def received(tmp_path, count):
+    return await eventually(lambda: (r := read_jsonl(tmp_path / "out.jsonl"))
+                            and len(r) >= count and r)
+
+
+@pytest.mark.parametrize("make_exporter", [
+    lambda p: GrpcSpanExporter(endpoint=f"127.0.0.1:{p.grpc}", insecure=True),
+    lambda p: HttpSpanExporter(endpoint=f"http://127.0.0.1:{p.http}/v1/traces"),
+], ids=["grpc", "http"])
+async def test_the_sdks_otlp_exporters_send_genai_spans_that_become_events(
+        tmp_path, make_exporter):
+    ports = Ports()
+    spans, parent = recorded_spans()
+    async with running_receiver(ports, tmp_path) as service:
+        exporter = make_exporter(ports)
+        assert await asyncio.to_thread(exporter.export, spans) == SpanExportResult.SUCCESS
+        exporter.shutdown()
+        [event] = await received(tmp_path, 1)
+        assert event["source"] == "otlp"
+        assert (event["provider"], event["operation"], event["request_model"]) == (
+            "openai", "chat", "gpt-4o")
+        assert (event["input_tokens"], event["output_tokens"]) == (12, 30)
+        assert event["params"] == {"temperature": 0.5}
+        assert event["trace_id"] == f"{parent.trace_id:032x}"
+        assert event["parent_span_id"] == f"{parent.span_id:016x}"
+        assert event["attributes"]["service.name"] == "checkout"
+        registry = service.telemetry.registry
+        assert metric_value(registry, "meterline_receiver_refused_events_total",
+                            reason="not_llm_call") == 1
+
+
+async def test_otlp_json_over_http_is_answered_in_json(tmp_path):
+    ports = Ports()
+    event = make_event(1, trace_id="4bf92f3577b34da6a3ce929d0e0e4736", span_id="a1b2c3d4e5f60718")
+    async with running_receiver(ports, tmp_path):
+        status, answer, headers = await post_raw(
+            f"http://127.0.0.1:{ports.http}/v1/traces", to_json(to_traces_request([event])),
+            headers={"Content-Type": "application/json"})
+        assert (status, headers["Content-Type"]) == (200, "application/json")
+        assert answer == {"partialSuccess": {}}
+        [got] = await received(tmp_path, 1)
+        assert from_dict(got) == event
+
+
+async def test_gzipped_protobuf_over_http_is_read(tmp_path):
+    ports = Ports()
+    async with running_receiver(ports, tmp_path):
+        status, _, _ = await post_raw(
+            f"http://127.0.0.1:{ports.http}/v1/traces",
+            gzip.compress(to_traces_request([make_event(1)]).SerializeToString()),
+            headers={"Content-Type": "application/x-protobuf", "Content-Encoding": "gzip"})
+        assert status == 200
+        [got] = await received(tmp_path, 1)
+        assert got["event_id"] == "evt-00000001"
+
+
+async def test_log_records_over_grpc_become_events(tmp_path):
+    ports = Ports()
+    event = make_event(1, trace_id="4bf92f3577b34da6a3ce929d0e0e4736", span_id="a1b2c3d4e5f60718",
+                       parent_span_id="00f067aa0ba902b7")
+    async with running_receiver(ports, tmp_path), \
+            grpc.aio.insecure_channel(f"127.0.0.1:{ports.grpc}") as channel:
+        answer = await LogsServiceStub(channel).Export(to_logs_request([event]))
+        assert answer.partial_success.rejected_log_records == 0
+        [got] = await received(tmp_path, 1)
+        assert from_dict(got) == event
+
+
+async def test_malformed_calls_are_reported_as_partial_success(tmp_path):
+    ports = Ports()
+    request = to_traces_request([make_event(1), make_event(2)])
+    bad = request.resource_spans[0].scope_spans[0].spans[1]
+    next(a for a in bad.attributes if a.key == "gen_ai.usage.input_tokens").value.int_value = -3
+    async with running_receiver(ports, tmp_path), \
+            grpc.aio.insecure_channel(f"127.0.0.1:{ports.grpc}") as channel:
+        answer = await TraceServiceStub(channel).Export(request)
+        assert answer.partial_success.rejected_spans == 1
+        assert "gen_ai.usage.input_tokens must be a non-negative integer, got -3" in (
+            answer.partial_success.error_message)
+        [got] = await received(tmp_path, 1)
+        assert got["event_id"] == "evt-00000001"
+
+
+async def test_a_body_that_is_not_otlp_gets_400_with_a_status_saying_why(tmp_path):
+    ports = Ports()
+    async with running_receiver(ports, tmp_path), aiohttp.ClientSession() as session, \
+            session.post(f"http://127.0.0.1:{ports.http}/v1/traces", data=b"\xff\xff not otlp",
+                         headers={"Content-Type": "application/x-protobuf"}) as response:
+        assert response.status == 400
+        status = RpcStatus.FromString(await response.read())
+        assert status.message.startswith("not an OTLP ExportTraceServiceRequest")
+
+
+async def test_the_bearer_token_is_required_when_set(tmp_path):
+    ports = Ports()
+    body = to_traces_request([make_event(1)])
+    async with running_receiver(ports, tmp_path, extra=", auth_token: s3cret"), \
+            grpc.aio.insecure_channel(f"127.0.0.1:{ports.grpc}") as channel:
+        stub = TraceServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.Export(body)
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        await stub.Export(body, metadata=(("authorization", "Bearer s3cret"),))
+        status, _, _ = await post_raw(f"http://127.0.0.1:{ports.http}/v1/traces",
+                                      body.SerializeToString(),
+                                      headers={"Content-Type": "application/x-protobuf"})
+        assert status == 401
+        assert len(await received(tmp_path, 1)) == 1
+
+
+def blocked_queue(tmp_path):
+    """A file exporter that cannot write, behind a one-event memory queue: the first
+    request fills it and the next ones are pushed back."""
+    blocker = tmp_path / "blocked"
+    blocker.write_text("not a directory")
+    return {"out": blocker / "out.jsonl",
+            "queue": "queue: {type: memory, max_events: 1}\n"
+                     "    retry: {initial_interval: 20ms, max_interval: 50ms}"}
+
+
+async def test_a_full_queue_answers_grpc_resource_exhausted_with_retry_info(tmp_path):
+    ports = Ports()
+    async with running_receiver(ports, tmp_path, **blocked_queue(tmp_path)), \
+            grpc.aio.insecure_channel(f"127.0.0.1:{ports.grpc}") as channel:
+        stub = TraceServiceStub(channel)
+        await stub.Export(to_traces_request([make_event(1)]))
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.Export(to_traces_request([make_event(2)]))
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        trailers = dict(refused.value.trailing_metadata())
+        assert RetryInfo.FromString(trailers["google.rpc.retryinfo-bin"]).retry_delay.seconds == 1
+        status = RpcStatus.FromString(trailers["grpc-status-details-bin"])
+        assert status.details[0].Is(RetryInfo.DESCRIPTOR)
+
+
+async def test_a_full_queue_answers_http_429_with_retry_after(tmp_path):
+    ports = Ports()
+    url = f"http://127.0.0.1:{ports.http}/v1/traces"
+    headers = {"Content-Type": "application/json"}
+    async with running_receiver(ports, tmp_path, **blocked_queue(tmp_path)):
+        first = await post_raw(url, to_json(to_traces_request([make_event(1)])), headers=headers)
+        assert first[0] == 200
+        status, answer, answer_headers = await post_raw(
+            url, to_json(to_traces_request([make_event(2)])), headers=headers)
+        assert (status, answer_headers["Retry-After"]) == (429, "1")
+        assert answer["message"].startswith("back-pressure")

@@ -1,0 +1,113 @@
+"""Exporter `prometheus` with `multiprocess_dir`: several processes, one scrape sees the sum."""
+
+import asyncio
+import signal
+import time
+
+import aiohttp
+import msgspec
+from prometheus_client.parser import text_string_to_metric_families
+
+from exporters.prometheus.exporter import PrometheusConfig, PrometheusExporter
+from meterline.component import ExportBatch
+from meterline.config import convert
+from tests.conftest import free_port, make_context, make_event, post_json
+
+PIPELINE = """
+receivers:
+  webhook: {{listen: "127.0.0.1:{webhook}"}}
+exporters:
+  prometheus:
+    listen: "127.0.0.1:{exporter}"
+    multiprocess_dir: {{data}}/prometheus
+    batch: {{timeout: 10ms}}
+service:
+  data_dir: {{data}}/{name}
+  admin: {{listen: "127.0.0.1:{{admin}}"}}
+  pipelines:
+    p: {{receivers: [webhook], exporters: [prometheus]}}
+"""
+
+
+async def get(url):
+    async with aiohttp.ClientSession() as session, session.get(url) as response:
+        return await response.text()
+
+
+def sample_values(text, name):
+    return {tuple(sorted(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples
+            if s.name == name}
+
+
+class Worker:
+    def __init__(self, daemon_factory, name):
+        self.webhook, self.exporter = free_port(), free_port()
+        self.daemon = daemon_factory(PIPELINE.format(webhook=self.webhook, exporter=self.exporter,
+                                                     name=name))
+        self.daemon.start()
+
+    async def send(self, events):
+        status, _, _ = await post_json(f"http://127.0.0.1:{self.webhook}/v1/events",
+                                       [msgspec.to_builtins(e) for e in events])
+        assert status == 200
+        metrics = f"http://127.0.0.1:{self.daemon.admin_port}/metrics"
+        deadline = time.monotonic() + 10
+        while sum(sample_values(await get(metrics),
+                                "meterline_exporter_sent_events_total").values()) < len(events):
+            assert time.monotonic() < deadline, "events not exported"
+            await asyncio.sleep(0.05)
+
+    async def scrape(self, name):
+        return sample_values(await get(f"http://127.0.0.1:{self.exporter}/metrics"), name)
+
+
+async def test_one_scrape_sees_the_sum_of_two_processes(daemon_factory):
+    first, second = Worker(daemon_factory, "a"), Worker(daemon_factory, "b")
+    await first.send([make_event(i, input_tokens=10) for i in range(3)])
+    await second.send([make_event(i, input_tokens=10) for i in range(3, 8)])
+    for worker in (first, second):
+        requests = await worker.scrape("llm_gateway_requests_total")
+        assert list(requests.values()) == [8.0]
+        prompt = await worker.scrape("llm_gateway_tokens_prompt_total")
+        assert list(prompt.values()) == [80.0]
+        durations = await worker.scrape("llm_gateway_request_duration_seconds_count")
+        assert list(durations.values()) == [8.0]
+    assert first.daemon.stop() == 0
+    second_after = await second.scrape("llm_gateway_requests_total")
+    assert list(second_after.values()) == [8.0]  # a stopped process's counts stay
+    second.daemon.signal(signal.SIGTERM)
+
+
+async def test_self_telemetry_is_shown_per_process(tmp_path):
+    context = make_context(tmp_path, "prometheus")
+    port = free_port()
+    config = convert({"listen": f"127.0.0.1:{port}", "multiprocess_dir": str(tmp_path / "mp")},
+                     PrometheusConfig)
+    exporter = PrometheusExporter(config, context)
+    await exporter.start()
+    try:
+        context.meter.create_up_down_counter("llm_gateway_requests_inflight").add(4)
+        text = await get(f"http://127.0.0.1:{port}/metrics")
+    finally:
+        await exporter.shutdown()
+    [(labels, value)] = sample_values(text, "llm_gateway_requests_inflight").items()
+    assert value == 4 and dict(labels)["pid"].isdigit()
+
+
+async def test_a_label_set_no_process_has_seen_for_a_while_is_left_out(tmp_path):
+    context = make_context(tmp_path, "prometheus")
+    port = free_port()
+    config = convert({"listen": f"127.0.0.1:{port}", "multiprocess_dir": str(tmp_path / "mp"),
+                      "metric_expiration": "100ms"}, PrometheusConfig)
+    exporter = PrometheusExporter(config, context)
+    await exporter.start()
+    try:
+        await exporter.export(ExportBatch("b1", [make_event(1, request_model="old")]))
+        await asyncio.sleep(0.2)
+        await exporter.export(ExportBatch("b2", [make_event(2, request_model="new")]))
+        requests = sample_values(await get(f"http://127.0.0.1:{port}/metrics"),
+                                 "llm_gateway_requests_total")
+    finally:
+        await exporter.shutdown()
+    assert [dict(labels)["model"] for labels in requests] == ["new"]
