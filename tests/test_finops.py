@@ -5,11 +5,13 @@ and the clickhouse exporter, and every answer comes out of the admin API. Each
 expected figure is summed in Python from the generated events (clickhouse_data).
 """
 
+import asyncio
 from datetime import UTC, datetime, timedelta
 
 import aiohttp
 import pytest
 import pytest_asyncio
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests import clickhouse_data as data
 from tests.conftest import eventually, free_port, metric_value, post_json, running
@@ -23,12 +25,13 @@ exporters:
   clickhouse:
     endpoint: chdb://{{data}}/clickhouse
     batch: {{max_size: 5000, timeout: 20ms}}
-    budget_refresh: 1h
+    budget_refresh: 200ms
+  prometheus: {{listen: "127.0.0.1:{prometheus}"}}
 service:
   data_dir: {{data}}
   admin: {{listen: "127.0.0.1:{admin}"}}
   pipelines:
-    p: {{receivers: [webhook], exporters: [clickhouse]}}
+    p: {{receivers: [webhook], exporters: [clickhouse, prometheus]}}
 budgets:
   search-monthly: {{scope: {{team: search}}, period: month, limit_usd: 40}}
   acme-daily:
@@ -41,8 +44,9 @@ budgets:
 
 
 class Api:
-    def __init__(self, base, events, webhook, registry):
+    def __init__(self, base, events, webhook, registry, prometheus):
         self.base, self.events, self.webhook, self.registry = base, events, webhook, registry
+        self.prometheus = prometheus
 
     async def get(self, path, status=200, **params):
         async with aiohttp.ClientSession() as s, s.get(f"{self.base}/api/v1/{path}",
@@ -55,17 +59,18 @@ class Api:
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def api(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("finops")
-    port, admin = free_port(), free_port()
+    port, admin, prometheus = free_port(), free_port(), free_port()
     events = data.dataset(datetime.now(UTC))
-    async with running(PIPELINE.format(port=port, admin=admin), tmp) as service:
+    async with running(PIPELINE.format(port=port, admin=admin, prometheus=prometheus),
+                       tmp) as service:
         status, body, _ = await post_json(f"http://127.0.0.1:{port}/v1/events",
                                           events)
         assert (status, body["accepted"]) == (200, len(events))
         registry = service.telemetry.registry
-        await eventually(lambda: metric_value(registry, "meterline_exporter_sent_events_total")
-                         == len(events), timeout=30)
+        await eventually(lambda: metric_value(registry, "meterline_exporter_sent_events_total",
+                                              exporter="clickhouse") == len(events), timeout=30)
         yield Api(f"http://127.0.0.1:{admin}", events, f"http://127.0.0.1:{port}/v1/events",
-                  registry)
+                  registry, f"http://127.0.0.1:{prometheus}/metrics")
 
 
 def shift(iso, days):
@@ -85,7 +90,8 @@ def assert_usage(row, expected):
 
 
 def sent(api):
-    return metric_value(api.registry, "meterline_exporter_sent_events_total")
+    return metric_value(api.registry, "meterline_exporter_sent_events_total",
+                        exporter="clickhouse")
 
 
 # --- finops reports ----------------------------------------------------------------------
@@ -181,6 +187,25 @@ async def test_budgets_report_spend_in_their_period_against_the_limit(api):
         assert b["utilization"] == round(spend["cost_usd"] / b["limit_usd"], 4)
         reached = [t for t in b["alert_thresholds"] if spend["cost_usd"] >= t * b["limit_usd"]]
         assert b["threshold_reached"] == (max(reached) if reached else None)
+
+
+async def test_the_prometheus_exporter_publishes_the_budget_gauges(api):
+    spend = {b["budget"]: b["spend_usd"] for b in await api.get("budgets")}
+
+    async def scraped():
+        async with aiohttp.ClientSession() as s, s.get(api.prometheus) as r:
+            text = await r.text()
+        return {sample.labels["budget"]: sample.value
+                for family in text_string_to_metric_families(text)
+                for sample in family.samples if sample.name == "llm_gateway_budget_spend_usd"}
+
+    async def matches():
+        return await scraped() == spend
+
+    deadline = asyncio.get_running_loop().time() + 10
+    while not await matches():
+        assert asyncio.get_running_loop().time() < deadline, await scraped()
+        await asyncio.sleep(0.1)
 
 
 # --- analytics endpoints -----------------------------------------------------------------
