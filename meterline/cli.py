@@ -45,7 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     return func(args)
 
 
-def _load(path: str) -> config_mod.PipelineFile | None:
+def load_config(path: str) -> config_mod.PipelineFile | None:
+    """The validated file, or None after printing every problem (for commands, which then
+    exit 1)."""
     try:
         return config_mod.load(path)
     except ConfigError as e:
@@ -55,8 +57,18 @@ def _load(path: str) -> config_mod.PipelineFile | None:
         return None
 
 
+def admin_address(loaded: config_mod.PipelineFile) -> tuple[str, str | None] | None:
+    """The base URL and bearer token of the admin API of the daemon running `loaded`
+    (None when its admin server is off), for commands that talk to a running daemon."""
+    admin = loaded.service.admin
+    if admin is None:
+        return None
+    host = "127.0.0.1" if admin.listen.host in ("0.0.0.0", "::") else admin.listen.host
+    return f"http://{host}:{admin.listen.port}", admin.auth_token
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
-    loaded = _load(args.config)
+    loaded = load_config(args.config)
     if loaded is None:
         return 1
     pipelines = ", ".join(loaded.service.pipelines)
@@ -66,7 +78,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    loaded = _load(args.config)
+    loaded = load_config(args.config)
     if loaded is None:
         return 1
     log_cfg = loaded.service.telemetry.logs
@@ -99,16 +111,15 @@ def cmd_tap(args: argparse.Namespace) -> int:
     base = args.admin
     token = args.token
     if base is None:
-        loaded = _load(args.config)
+        loaded = load_config(args.config)
         if loaded is None:
             return 1
-        admin = loaded.service.admin
-        if admin is None:
+        found = admin_address(loaded)
+        if found is None:
             print(f"{args.config}: service.admin is off; nothing to tap", file=sys.stderr)
             return 1
-        host = "127.0.0.1" if admin.listen.host in ("0.0.0.0", "::") else admin.listen.host
-        base = f"http://{host}:{admin.listen.port}"
-        token = token or admin.auth_token
+        base, configured_token = found
+        token = token or configured_token
     if args.filter:
         try:
             json.loads(args.filter)

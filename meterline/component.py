@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
@@ -42,6 +42,10 @@ class Context:
     data_dir: Path  # where the component keeps state (checkpoints, queues)
     telemetry: Telemetry  # the daemon's own metrics (see `meter`)
     log: FilteringBoundLogger
+    sections: Mapping[str, Any] = field(default_factory=dict)
+    """The top-level `pipeline.yaml` sections plugins contribute (`meterline.sections`), by
+    name. A live view: after a reload it holds the new file's values, so a component that
+    reads it when it needs it follows the change without being rebuilt."""
 
     @property
     def meter(self) -> Meter:

@@ -5,7 +5,9 @@ The shape is the OpenTelemetry Collector's: `receivers`, `processors` and
 `service.pipelines`. Each component's block is validated against the config
 class its factory declares (msgspec converts and checks types and defaults);
 every problem found is reported at once, each naming file, line, key and what
-was expected.
+was expected. Plugins may add top-level sections of their own (such as
+`budgets:`) through the `meterline.sections` entry points; they are validated
+the same way and handed to components through `Context.sections`.
 """
 
 from __future__ import annotations
@@ -89,6 +91,8 @@ class PipelineFile:
     processors: dict[str, ComponentConfig] = field(default_factory=dict)
     exporters: dict[str, ComponentConfig] = field(default_factory=dict)
     service: ServiceConfig = field(default_factory=lambda: ServiceConfig(pipelines={}))
+    sections: dict[str, Any] = field(default_factory=dict)
+    """Plugin sections by name, validated; an absent one holds its type's empty value."""
 
 
 @dataclass(frozen=True)
@@ -150,10 +154,15 @@ class _Validator:
     def run(self) -> PipelineFile:
         data = self.source.data
         result = PipelineFile(self.source.file)
+        plugin_sections = registry.sections()
+        known = (*SECTIONS, "service", *plugin_sections)
         for key in data:
-            if key not in (*SECTIONS, "service"):
-                self.problem((key,), "unknown top-level key (expected receivers, processors, "
-                                     "exporters, service)")
+            if key not in known:
+                self.problem((key,), f"unknown top-level key (expected one of: {', '.join(known)})")
+        for name, cls in plugin_sections.items():
+            value = self.section(name, data.get(name), cls)
+            if value is not None:
+                result.sections[name] = value
         for section, kind in SECTIONS.items():
             block = data.get(section) or {}
             if not isinstance(block, dict):
@@ -186,6 +195,20 @@ class _Validator:
             return None
         config = self.struct(path, body, factory.config)
         return ComponentConfig(cid, factory, config) if config is not None else None
+
+    def section(self, name: str, body: Any, cls: Any) -> Any:
+        """A plugin section. One typed `dict[str, X]` is validated entry by entry, as
+        components are, so that an error names the entry (msgspec's own paths omit keys)."""
+        if typing.get_origin(cls) is not dict:
+            return self.struct((name,), body, cls)
+        if body is None:
+            return {}
+        if not isinstance(body, dict):
+            self.problem((name,), "expected a mapping of names to their settings")
+            return None
+        entries = {key: self.struct((name, key), item, typing.get_args(cls)[1])
+                   for key, item in body.items()}
+        return {key: value for key, value in entries.items() if value is not None}
 
     def struct(self, path: Path_, body: Any, cls: type[Any]) -> Any:
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import cache
 from importlib.metadata import entry_points
+from typing import Any
 
 from meterline.component import Factory, Kind
 
@@ -32,6 +33,13 @@ def factory(kind: Kind, type_: str) -> Factory:
         raise TypeError(f"entry point {ep.value} is not the {kind} factory of '{type_}'")
     return loaded
 
+
+@cache
+def sections() -> dict[str, Any]:
+    """Top-level `pipeline.yaml` sections that plugins contribute (`meterline.sections` entry
+    points): section name -> the msgspec type its value is validated against (a `Config`
+    struct, or a container of them such as `dict[str, Budget]`)."""
+    return {ep.name: ep.load() for ep in entry_points(group="meterline.sections")}
 
 
 def add_commands(subparsers: object) -> None:

@@ -19,6 +19,7 @@ import signal
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from meterline import config as config_mod
@@ -55,11 +56,13 @@ class Service:
         self.reloads = 0  # successful reloads since start
         self.admin: Any = None
         self._lock_fd: int | None = None
+        self._sections: dict[str, Any] = dict(config.sections)  # what Context.sections shows
         self._reloading = asyncio.Lock()
         self._stop = asyncio.Event()
 
     def context(self, cid: str) -> Context:
-        return Context(cid, self.data_dir, self.telemetry, logs.get(component=cid))
+        return Context(cid, self.data_dir, self.telemetry, logs.get(component=cid),
+                       MappingProxyType(self._sections))
 
     # --- start ---------------------------------------------------------------------
     async def start(self) -> None:
@@ -93,6 +96,8 @@ class Service:
         """Make the running graph that of `new`, rebuilding only what changed."""
         if not first:
             await self.flow.pause()
+        self._sections.clear()
+        self._sections.update(new.sections)
         try:
             await self._swap_exporters(new)
             await self._swap_processors(new)

@@ -1,0 +1,195 @@
+"""The analytics API's answers (`/api/v1/analytics/*`, after seed 003).
+
+Each function takes a `Reader`, a `Window` and the endpoint's parameters and
+returns the JSON body. They read the rollups, so a 90-day question does not
+scan raw events, except questions about users (`users`, a `user_id` filter),
+which read raw events. Latency percentiles are t-digest estimates merged from
+the rollups' states; everything else is exact.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import timedelta
+from typing import Any
+
+from exporters.clickhouse import finops
+from exporters.clickhouse.finops import number, ratio, usage
+from exporters.clickhouse.query import Dimension, Filter, Reader, Window, dimension, iso
+
+_MODEL = [dimension("model"), dimension("provider")]
+_ROLLING = {"24h": timedelta(hours=24), "7d": timedelta(days=7), "30d": timedelta(days=30)}
+_TOKENS = ("requests", "input_tokens", "output_tokens", "cost_usd")
+_LATENCY = ("duration_ms_sum", "duration_ms_count", "duration_ms_quantiles")
+_GRANULARITIES = {"hourly": ("toStartOfHour", timedelta(hours=1)),
+                  "daily": ("toStartOfDay", timedelta(days=1))}
+
+
+def _filters(provider: str | None = None, model: str | None = None,
+             user: str | None = None) -> list[Filter]:
+    wanted = {"provider": provider, "model": model, "user_id": user}
+    return [Filter(column, value) for column, value in wanted.items()
+            if value not in (None, "", "all")]
+
+
+def _latency(row: dict[str, Any]) -> dict[str, Any]:
+    p50, p95, p99 = (None if v is None or math.isnan(v) else number(v, 1)
+                     for v in row["duration_ms_quantiles"])
+    return {"avg_latency_ms": ratio(row["duration_ms_sum"], row["duration_ms_count"], 1),
+            "p50_latency_ms": p50, "p95_latency_ms": p95, "p99_latency_ms": p99}
+
+
+def _rates(row: dict[str, Any]) -> dict[str, Any]:
+    errors, requests = row["errors"], row["requests"]
+    return {"error_rate": ratio(errors, requests, 4),
+            "success_rate": ratio(requests - errors, requests, 4)}
+
+
+def _header(window: Window, **params: Any) -> dict[str, Any]:
+    return {**window.describe(), **params}
+
+
+def models(reader: Reader, window: Window, provider: str | None = None) -> dict[str, Any]:
+    """Per model (and provider): requests, tokens, latency, error and success rates, cost,
+    and the rolling 24h/7d/30d figures up to the window's end."""
+    longest = window.ending(max(_ROLLING.values()))
+    span = Window(min(window.since, longest.since), window.until)
+    within = {name: (name, window) for name in
+              ("requests", "errors", "input_tokens", "output_tokens", "cost_usd", *_LATENCY)}
+    for label, length in _ROLLING.items():
+        within |= {f"{name}_{label}": (name, window.ending(length)) for name in _TOKENS}
+    rows = reader.select(span, by=_MODEL, filters=_filters(provider), within=within,
+                         order_by=["cost_usd DESC", "model"])
+    out = []
+    for r in rows:
+        if not r["requests"]:
+            continue  # seen only in the rolling windows, not in the range asked
+        out.append({
+            "model": r["model"] or None, "provider": r["provider"] or None,
+            "requests": number(r["requests"]), "errors": number(r["errors"]),
+            "input_tokens": number(r["input_tokens"]),
+            "output_tokens": number(r["output_tokens"]),
+            "total_tokens": number(r["input_tokens"] + r["output_tokens"]),
+            **_latency(r), **_rates(r), "cost_usd": number(r["cost_usd"]),
+            "rolling": {label: {
+                "requests": number(r[f"requests_{label}"]),
+                "total_tokens": number(r[f"input_tokens_{label}"] + r[f"output_tokens_{label}"]),
+                "cost_usd": number(r[f"cost_usd_{label}"])} for label in _ROLLING},
+        })
+    return {**_header(window, provider=provider or "all"), "models": out}
+
+
+def timeseries(reader: Reader, window: Window, granularity: str | None = None,
+               provider: str | None = None) -> dict[str, Any]:
+    """Buckets over the window, hourly up to 24 hours and daily beyond unless asked;
+    buckets without traffic are there, with zeros."""
+    granularity = granularity or ("hourly" if window.length <= timedelta(days=1) else "daily")
+    if granularity not in _GRANULARITIES:
+        raise ValueError(f"granularity must be hourly or daily, got {granularity!r}")
+    function, step = _GRANULARITIES[granularity]
+    bucket = Dimension("time", None, f"formatDateTime({function}({{t}}), '%FT%TZ', 'UTC')")
+    rows = {r["time"]: r for r in reader.select(
+        window, by=[bucket], filters=_filters(provider),
+        figures=("requests", "errors", "input_tokens", "output_tokens", "cost_usd",
+                 "duration_ms_sum", "duration_ms_count"))}
+    points = []
+    start = window.since.replace(minute=0)
+    if granularity == "daily":
+        start = start.replace(hour=0)
+    while start < window.until:
+        r = rows.get(iso(start))
+        points.append({"time": iso(start), **(_point(r) if r else _EMPTY_POINT)})
+        start += step
+    return {**_header(window, granularity=granularity, provider=provider or "all"),
+            "points": points}
+
+
+def _point(r: dict[str, Any]) -> dict[str, Any]:
+    return {"requests": number(r["requests"]), "errors": number(r["errors"]),
+            "input_tokens": number(r["input_tokens"]),
+            "output_tokens": number(r["output_tokens"]),
+            "total_tokens": number(r["input_tokens"] + r["output_tokens"]),
+            "cost_usd": number(r["cost_usd"]),
+            "avg_latency_ms": ratio(r["duration_ms_sum"], r["duration_ms_count"], 1)}
+
+
+_EMPTY_POINT = {"requests": 0, "errors": 0, "input_tokens": 0, "output_tokens": 0,
+                "total_tokens": 0, "cost_usd": 0, "avg_latency_ms": None}
+
+
+def providers(reader: Reader, window: Window, provider: str | None = None) -> dict[str, Any]:
+    """Per provider: how many models, requests, tokens, latency, cost, success rate."""
+    rows = reader.select(window, by=[dimension("provider")], filters=_filters(provider),
+                         figures=("requests", "errors", "input_tokens", "output_tokens",
+                                  "cost_usd", "duration_ms_sum", "duration_ms_count"),
+                         extra={"model_count": "uniqExactIf(cityHash64(model), model != '')"},
+                         order_by=["cost_usd DESC", "provider"])
+    return {**_header(window, provider=provider or "all"), "providers": [{
+        "provider": r["provider"] or None, "model_count": r["model_count"],
+        "requests": number(r["requests"]), "errors": number(r["errors"]),
+        "input_tokens": number(r["input_tokens"]),
+        "output_tokens": number(r["output_tokens"]),
+        "total_tokens": number(r["input_tokens"] + r["output_tokens"]),
+        "avg_latency_ms": ratio(r["duration_ms_sum"], r["duration_ms_count"], 1),
+        "cost_usd": number(r["cost_usd"]), **_rates(r)} for r in rows]}
+
+
+def costs(reader: Reader, window: Window, group_by: str = "model",
+          provider: str | None = None, limit: int = 100) -> dict[str, Any]:
+    """Spend grouped by model, provider, day (or any FinOps dimension), with shares."""
+    report = finops.spend(reader, window, by=group_by, top=limit, filters=_filters(provider))
+    return {**_header(window, group_by=group_by, provider=provider or "all"),
+            "total_cost_usd": report["total"]["cost_usd"],
+            "costs": [{"key": row[group_by], **row} for row in report["rows"]]}
+
+
+def usage_report(reader: Reader, window: Window, model_id: str | None = None,
+                 user_id: str | None = None, provider: str | None = None) -> dict[str, Any]:
+    """Total requests, tokens and cost, and the same per model, optionally for one model
+    or one user."""
+    report = finops.spend(reader, window, by="model", top=None,
+                          filters=_filters(provider, model_id, user_id))
+    return {**_header(window, model_id=model_id, user_id=user_id, provider=provider or "all"),
+            "totals": report["total"], "models": report["rows"]}
+
+
+def performance(reader: Reader, window: Window, model_id: str | None = None,
+                provider: str | None = None) -> dict[str, Any]:
+    """Per model: latency (average and percentiles), time to first token, error rate and
+    throughput (requests and tokens per minute)."""
+    rows = reader.select(window, by=_MODEL, filters=_filters(provider, model_id),
+                         figures=("requests", "errors", "input_tokens", "output_tokens",
+                                  *_LATENCY, "ttft_ms_sum", "ttft_ms_count"),
+                         order_by=["requests DESC", "model"])
+    minutes = window.length / timedelta(minutes=1)
+    return {**_header(window, model_id=model_id, provider=provider or "all"), "models": [{
+        "model": r["model"] or None, "provider": r["provider"] or None,
+        "requests": number(r["requests"]), **_latency(r),
+        "avg_ttft_ms": ratio(r["ttft_ms_sum"], r["ttft_ms_count"], 1), **_rates(r),
+        "requests_per_minute": number(r["requests"] / minutes, 4),
+        "tokens_per_minute": number((r["input_tokens"] + r["output_tokens"]) / minutes, 4),
+    } for r in rows]}
+
+
+def users(reader: Reader, window: Window, limit: int = 100,
+          provider: str | None = None) -> dict[str, Any]:
+    """Per user, biggest spender first: usage, cost efficiency, latency, and activity
+    (first and last request, active days, models and providers used)."""
+    rows = reader.select(
+        window, by=[dimension("user")], filters=_filters(provider),
+        figures=("requests", "errors", "input_tokens", "output_tokens", "cost_usd",
+                 "unpriced_requests", "duration_ms_sum", "duration_ms_count", "first_seen",
+                 "last_seen", "max_request_tokens"),
+        extra={"unique_models": "uniqExactIf(cityHash64(model), model != '')",
+               "providers": "arraySort(groupUniqArrayIf(provider, provider != ''))",
+               "days_active": "uniqExact(toDate({t}))"},
+        order_by=["cost_usd DESC", "user"], limit=limit)
+    return {**_header(window, provider=provider or "all"), "users": [{
+        "user_id": r["user"] or None, **usage(r), **_rates(r),
+        "avg_latency_ms": ratio(r["duration_ms_sum"], r["duration_ms_count"], 1),
+        "unique_models": r["unique_models"], "providers": r["providers"],
+        "first_request": r["first_seen"], "last_request": r["last_seen"],
+        "days_active": r["days_active"],
+        "avg_requests_per_day": ratio(r["requests"], r["days_active"], 2),
+        "max_tokens_single_request": r["max_request_tokens"],
+    } for r in rows]}

@@ -1,0 +1,208 @@
+"""`meterline finops`: spend, growth, estimated against actual cost, and budgets.
+
+It reads the ClickHouse of the `clickhouse` exporter in pipeline.yaml. chDB
+allows one process per data directory and the daemon holds it, so when the
+daemon answers on its admin address the command asks the daemon's admin API
+(`/api/v1/finops/*`, `/api/v1/budgets`); otherwise it opens ClickHouse itself.
+A ClickHouse server is always queried directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import io
+import json
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from exporters.clickhouse import budgets, finops
+from exporters.clickhouse.config import ClickHouseConfig
+from exporters.clickhouse.connection import chdb_path, endpoint_of, open_client
+from exporters.clickhouse.query import DIMENSION_NAMES, RANGES, Reader, Window
+from exporters.clickhouse.schema import Schema
+from meterline.cli import DEFAULT_CONFIG, admin_address, load_config
+from meterline.config import PipelineFile
+
+REPORTS: dict[str, Callable[..., dict[str, Any]]] = {
+    "spend": finops.spend, "growth": finops.growth, "variance": finops.variance}
+
+# What the table shows of each report (JSON and CSV have every figure).
+_TABLE = {
+    "spend": ["requests", "errors", "total_tokens", "cost_usd", "cost_per_request_usd",
+              "cost_per_1k_tokens_usd", "share"],
+    "growth": ["cost_usd", "previous_cost_usd", "change_usd", "growth", "requests"],
+    "variance": ["requests_with_actual", "estimated_cost_usd", "actual_cost_usd",
+                 "variance_usd", "variance_ratio"],
+    "budgets": ["period", "limit_usd", "spend_usd", "remaining_usd", "utilization",
+                "threshold_reached", "status"],
+}
+
+
+def add(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "finops", help="spend, growth, estimated vs actual cost and budgets, from ClickHouse",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("report", nargs="?", default="spend", choices=[*REPORTS, "budgets"])
+    p.add_argument("-c", "--config", default=DEFAULT_CONFIG)
+    p.add_argument("--by", help=f"group by: {', '.join(DIMENSION_NAMES)} "
+                                "(default: provider; model for growth)")
+    p.add_argument("--range", choices=RANGES, default="30d")
+    p.add_argument("--since", help="start, ISO 8601 (instead of --range)")
+    p.add_argument("--until", help="end, ISO 8601 (default: now)")
+    p.add_argument("--top", type=int, default=20, help="at most this many rows (default 20)")
+    p.add_argument("--format", choices=["table", "json", "csv"], default="table")
+    p.add_argument("--exporter", help="which clickhouse exporter (when there are several)")
+    p.set_defaults(func=run)
+
+
+class FinOpsError(Exception):
+    """Something the user must fix; printed as is."""
+
+
+def run(args: argparse.Namespace) -> int:
+    loaded = load_config(args.config)
+    if loaded is None:
+        return 1
+    try:
+        if args.top < 1:
+            raise FinOpsError("--top must be at least 1")
+        config = _exporter(loaded, args.exporter)
+        answer = _from_daemon(loaded, args, config)
+        if answer is None:
+            answer = _from_clickhouse(loaded, args, config)
+    except (FinOpsError, ValueError) as e:
+        print(f"meterline finops: {e}", file=sys.stderr)
+        return 1
+    sys.stdout.write(render(answer, args.report, args.format))
+    return 0
+
+
+def _exporter(loaded: PipelineFile, wanted: str | None) -> ClickHouseConfig:
+    found = {cid: spec.config for cid, spec in loaded.exporters.items()
+             if isinstance(spec.config, ClickHouseConfig)}
+    if wanted:
+        if wanted not in found:
+            raise FinOpsError(f"{loaded.file} has no clickhouse exporter {wanted!r} "
+                              f"(it has: {', '.join(found) or 'none'})")
+        return found[wanted]
+    if len(found) != 1:
+        raise FinOpsError(f"{loaded.file} has {len(found) or 'no'} clickhouse exporters"
+                          + (f" ({', '.join(found)}): choose one with --exporter" if found else ""))
+    return next(iter(found.values()))
+
+
+def _params(args: argparse.Namespace) -> dict[str, Any]:
+    params = {"range": args.range, "since": args.since, "until": args.until}
+    if args.report != "budgets":
+        params |= {"by": args.by, "top": args.top}
+    return {k: v for k, v in params.items() if v is not None}
+
+
+def _from_daemon(loaded: PipelineFile, args: argparse.Namespace,
+                 config: ClickHouseConfig) -> dict[str, Any] | list[Any] | None:
+    """The daemon's answer, or None when no daemon answers (or ClickHouse is a server)."""
+    address = admin_address(loaded)
+    if address is None or chdb_path(endpoint_of(config, _data_dir(loaded))) is None:
+        return None
+    base, token = address
+    path = "budgets" if args.report == "budgets" else f"finops/{args.report}"
+    url = f"{base}/api/v1/{path}?{urllib.parse.urlencode(_params(args))}"
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"}
+                                     if token else {})
+    try:
+        with urllib.request.urlopen(request, timeout=float(config.query_timeout)) as response:
+            return json.load(response)
+    except urllib.error.HTTPError as e:
+        detail = e.read().decode(errors="replace")
+        with contextlib.suppress(ValueError):
+            detail = json.loads(detail).get("error", detail)
+        hint = (" (is the exporter's analytics off?)" if e.code == 404 else "")
+        raise FinOpsError(f"the daemon at {base} answered {e.code}: {detail}{hint}") from None
+    except urllib.error.URLError as e:
+        if isinstance(e.reason, ConnectionRefusedError):
+            return None  # nobody listening: the daemon is not running
+        raise FinOpsError(f"the daemon at {base} did not answer: {e.reason}") from None
+
+
+def _from_clickhouse(loaded: PipelineFile, args: argparse.Namespace,
+                     config: ClickHouseConfig) -> dict[str, Any] | list[Any]:
+    endpoint = endpoint_of(config, _data_dir(loaded))
+    path = chdb_path(endpoint)
+    if path is not None and not path.exists():
+        raise FinOpsError(f"no ClickHouse data at {path}: has the daemon stored anything yet?")
+    try:
+        client = open_client(config, _data_dir(loaded))
+    except Exception as e:
+        busy = " (a daemon is using it: is its admin server off?)" if path else ""
+        raise FinOpsError(f"cannot open ClickHouse at {endpoint}{busy}: {e}") from None
+    try:
+        reader = Reader(client, Schema.of(config))
+        window = Window.parse(args.range, args.since, args.until)
+        if args.report == "budgets":
+            return budgets.status(reader, loaded.sections.get("budgets") or {})
+        kwargs: dict[str, Any] = {"top": args.top} | ({"by": args.by} if args.by else {})
+        return REPORTS[args.report](reader, window, **kwargs)
+    except ValueError:
+        raise
+    except Exception as e:
+        raise FinOpsError(f"query failed at {endpoint}: {str(e).splitlines()[0]}") from None
+    finally:
+        client.close()
+
+
+def _data_dir(loaded: PipelineFile) -> Path:
+    return Path(loaded.service.data_dir)
+
+
+# --- output ---------------------------------------------------------------------------
+def render(answer: dict[str, Any] | list[Any], report: str, fmt: str) -> str:
+    if fmt == "json":
+        return json.dumps(answer, indent=2) + "\n"
+    rows, total, keys = _rows(answer, report)
+    if fmt == "csv":
+        out = io.StringIO()
+        fields = list(dict.fromkeys(k for row in rows for k in row))
+        writer = csv.DictWriter(out, fieldnames=fields, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows({k: _cell(v) for k, v in row.items()} for row in rows)
+        return out.getvalue()
+    columns = keys + _TABLE[report]
+    lines = [[*columns]]
+    lines += [[_cell(row.get(c)) for c in columns] for row in rows]
+    if total:
+        lines.append(["TOTAL", *([""] * (len(keys) - 1)), *(_cell(total.get(c))
+                                                               for c in _TABLE[report])])
+    widths = [max(len(line[i]) for line in lines) for i in range(len(columns))]
+    title = (f"{report} by {answer['by']}, {answer['since']} to {answer['until']}\n"
+             if isinstance(answer, dict) else "")
+    body = "\n".join("  ".join(cell.ljust(w) if i < len(keys) else cell.rjust(w)
+                               for i, (cell, w) in enumerate(zip(line, widths, strict=True)))
+                     for line in lines)
+    return f"{title}{body}\n"
+
+
+def _rows(answer: dict[str, Any] | list[Any],
+          report: str) -> tuple[list[dict[str, Any]], dict[str, Any] | None, list[str]]:
+    if report == "budgets":
+        assert isinstance(answer, list)
+        rows = [{**s, "scope": ",".join(f"{k}={v}" for k, v in s["scope"].items()) or "all"}
+                for s in answer]
+        return rows, None, ["budget", "scope"]
+    assert isinstance(answer, dict)
+    keys = [answer["by"], *(["api_key_name"] if answer["by"] == "api_key" else [])]
+    return answer["rows"], answer.get("total"), keys
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, list | dict):
+        return json.dumps(value)
+    return str(value)

@@ -1,0 +1,61 @@
+"""The `clickhouse` exporter's configuration."""
+
+from __future__ import annotations
+
+import re
+
+import msgspec
+
+from meterline.component import Config
+from meterline.delivery import BatchConfig, ExporterConfig
+from meterline.units import Duration
+
+_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class ClusterConfig(Config):
+    """For users who outgrow one ClickHouse: every table is created `ON CLUSTER name` as a
+    local `Replicated*MergeTree` (replica paths from the server's `default_replica_path`)
+    behind a `Distributed` table sharded by event id, so a re-sent event lands on the
+    shard that already holds it."""
+
+    name: str
+
+    def __post_init__(self) -> None:
+        if not _IDENTIFIER.match(self.name):
+            raise ValueError(f"cluster name must be a plain identifier, got {self.name!r}")
+
+
+class ClickHouseConfig(ExporterConfig):
+    endpoint: str | None = None  # chdb://PATH or http(s)://HOST:PORT; default chdb://<data_dir>/clickhouse
+    database: str = "meterline"
+    table: str = "llm_events"
+    username: str = "default"  # servers only
+    password: str = ""
+    create_schema: bool = True  # create and migrate the tables on start
+    ttl: Duration | None = None  # raw events older than this are deleted (rollups are kept)
+    dedup_window: int = 10_000  # recent insert tokens remembered, so a retried batch lands once
+    async_insert: bool = False  # servers only: server-side batching, still waited for
+    cluster: ClusterConfig | None = None  # servers only
+    connect_timeout: Duration = Duration(10)
+    query_timeout: Duration = Duration(60)
+    analytics: bool = True  # serve the analytics API and compute budgets from this exporter
+    budget_refresh: Duration = Duration(15)  # how often budget spend is recomputed
+    batch: BatchConfig = msgspec.field(
+        default_factory=lambda: BatchConfig(max_size=10_000, timeout=Duration(1)))
+
+    def __post_init__(self) -> None:
+        endpoint = self.endpoint or "chdb://"
+        if not endpoint.startswith(("chdb://", "http://", "https://")):
+            raise ValueError(f"endpoint must start with chdb://, http:// or https://, "
+                             f"got {self.endpoint!r}")
+        if endpoint.startswith("chdb://") and (self.async_insert or self.cluster):
+            raise ValueError("async_insert and cluster apply to a ClickHouse server "
+                             "(an http(s):// endpoint), not to the embedded chdb://")
+        for name in (self.database, self.table):
+            if not _IDENTIFIER.match(name):
+                raise ValueError(f"database and table must be plain identifiers, got {name!r}")
+        if self.dedup_window < 1:
+            raise ValueError("dedup_window must be at least 1")
+        if self.ttl is not None and self.ttl <= 0:
+            raise ValueError("ttl must be a positive duration such as 90d")

@@ -1,0 +1,186 @@
+"""Exporter `clickhouse`: events into `llm_events`, FinOps answers out of it.
+
+Each batch is one column-oriented insert. Nothing is counted twice:
+
+- A retried batch carries the same `insert_deduplication_token` (the queue's batch id,
+  stable across retries and restarts), so ClickHouse stores it once, and the rollup
+  view skips it too (`deduplicate_blocks_in_dependent_materialized_views`).
+- A re-sent event (same `event_id` in another batch, as at-least-once sources do) is
+  dropped before the insert: the exporter asks which of the batch's ids are already
+  stored within the batch's time range (events keep their timestamp when re-sent, and
+  the table is ordered by hour and id, so this reads little), and inserts the rest.
+  Filtering before the insert matters because the materialized view would add a
+  duplicate to the rollup whatever the raw table later merges away.
+
+The exporter also serves the analytics API on the admin server and keeps the budget
+gauges current (`analytics: true`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from typing import Any
+
+from exporters.clickhouse import api, budgets
+from exporters.clickhouse.config import ClickHouseConfig
+from exporters.clickhouse.connection import classify, insert_settings, open_client
+from exporters.clickhouse.query import Reader, literal
+from exporters.clickhouse.schema import Schema, ensure_schema
+from meterline.component import (
+    AdminHandler,
+    Context,
+    ExportBatch,
+    Exporter,
+    Factory,
+    RetryableError,
+    cancel_and_wait,
+)
+from meterline.event import Event
+
+
+class ClickHouseExporter(Exporter):
+    def __init__(self, config: ClickHouseConfig, context: Context) -> None:
+        self.config = config
+        self.context = context
+        self.log = context.log
+        self.schema = Schema.of(config)
+        self._writer: Any = None
+        self.reader: Reader | None = None
+        self._connecting = asyncio.Lock()
+        self._closed = False
+        self._budget_task: asyncio.Task[None] | None = None
+        self._reached: dict[tuple[str, str], float] = {}  # (budget, period start) -> threshold
+        self._duplicates = context.meter.create_counter(
+            "meterline_exporter_duplicate_events",
+            description="Events not stored again: their event_id was already stored")
+        self._attrs = {"exporter": context.id}
+
+    # --- lifecycle -----------------------------------------------------------------
+    async def start(self) -> None:
+        try:
+            await self.connect()
+        except Exception as e:  # the queue holds the events; export() connects again
+            self.log.warning("ClickHouse not available yet; will retry", error=str(e))
+        if self.config.analytics:
+            self._budget_task = asyncio.create_task(self._track_budgets(),
+                                                    name=f"{self.context.id} budgets")
+
+    async def shutdown(self) -> None:
+        self._closed = True  # an API request still running must not open the clients again
+        await cancel_and_wait(self._budget_task)
+        if self.config.analytics:
+            budgets.BudgetGauges.of(self.context.meter).publish([])
+        for client in (self._writer, self.reader.client if self.reader else None):
+            if client is not None:
+                await asyncio.to_thread(client.close)
+        self._writer = self.reader = None
+
+    async def connect(self) -> Reader:
+        """Open the clients (and create or migrate the schema) unless done already."""
+        async with self._connecting:
+            if self._closed:
+                raise RetryableError("the exporter is shutting down")
+            if self.reader is None:
+                try:
+                    self._writer, reader = await asyncio.to_thread(self._open)
+                except Exception as e:
+                    raise classify(e) from e
+                self.reader = reader
+            return self.reader
+
+    def _open(self) -> tuple[Any, Reader]:
+        writer = open_client(self.config, self.context.data_dir)
+        try:
+            if self.config.create_schema:
+                for statement in ensure_schema(writer, self.schema):
+                    self.log.info("schema changed", statement=statement.splitlines()[0])
+            # A second client, so that a long analytics query never holds up an insert.
+            return writer, Reader(open_client(self.config, self.context.data_dir), self.schema)
+        except Exception:
+            writer.close()
+            raise
+
+    # --- export --------------------------------------------------------------------
+    async def export(self, batch: ExportBatch) -> None:
+        await self.connect()
+        try:
+            await asyncio.to_thread(self._insert, batch.id, batch.events)
+        except Exception as e:
+            raise classify(e) from e
+
+    def _insert(self, batch_id: str, events: list[Event]) -> None:
+        first: dict[str, Event] = {}
+        for e in events:
+            first.setdefault(e.event_id, e)
+        unique = list(first.values())
+        stored = self._already_stored(unique)
+        new = [e for e in unique if e.event_id not in stored] if stored else unique
+        if len(new) != len(events):
+            self._duplicates.add(len(events) - len(new), self._attrs)
+        if not new:
+            return
+        # The token names this batch and exactly the events sent: a retry of the same send
+        # is deduplicated, while a retry that sends fewer events (some got stored) is not
+        # mistaken for the first send.
+        digest = hashlib.blake2b("\n".join(e.event_id for e in new).encode(), digest_size=8)
+        self._writer.insert(
+            self.schema.qualified(self.schema.events), self.schema.column_batch(new),
+            column_names=[c.name for c in self.schema.inserted], column_oriented=True,
+            settings=insert_settings(self.config, f"{batch_id}:{digest.hexdigest()}"))
+
+    def _already_stored(self, events: list[Event]) -> set[str]:
+        """The ids of `events` stored already. A live stream's batch covers the last moments,
+        where few events are stored yet: those ids are fetched and compared here, which
+        costs milliseconds. A batch over a long stretch (a backfill, a replay) would fetch
+        too many, so then the batch's ids are looked up instead."""
+        table = self.schema.qualified(self.schema.events)
+        low = min(e.timestamp for e in events)
+        high = max(e.timestamp for e in events)
+        where = (f"timestamp >= fromUnixTimestamp64Nano({low}, 'UTC') "
+                 f"AND timestamp <= fromUnixTimestamp64Nano({high}, 'UTC')")
+        cap = 4 * len(events)
+        stored = self._writer.query(f"SELECT event_id FROM {table} WHERE {where} "
+                                    f"LIMIT {cap + 1}").result_rows
+        if len(stored) > cap:
+            ids = ",".join(literal(e.event_id) for e in events)
+            stored = self._writer.query(
+                f"SELECT event_id FROM {table} WHERE {where} AND event_id IN ({ids})").result_rows
+        return {event_id for (event_id,) in stored}
+
+    # --- analytics and budgets -----------------------------------------------------
+    def admin_routes(self) -> dict[str, AdminHandler]:
+        return api.routes(self) if self.config.analytics else {}
+
+    def budgets(self) -> dict[str, budgets.Budget]:
+        return self.context.sections.get("budgets") or {}
+
+    async def budget_status(self) -> list[dict[str, Any]]:
+        reader = await self.connect()
+        return await asyncio.to_thread(budgets.status, reader, self.budgets())
+
+    async def _track_budgets(self) -> None:
+        gauges = budgets.BudgetGauges.of(self.context.meter)
+        while True:
+            try:
+                statuses = await self.budget_status()
+            except Exception as e:
+                self.log.warning("cannot compute budget spend", error=str(e))
+            else:
+                gauges.publish(statuses)
+                self._log_thresholds(statuses)
+            await asyncio.sleep(float(self.config.budget_refresh))
+
+    def _log_thresholds(self, statuses: list[dict[str, Any]]) -> None:
+        for s in statuses:
+            key = (s["budget"], s["period_start"])
+            reached = s["threshold_reached"]
+            if reached is not None and reached > self._reached.get(key, 0):
+                self._reached[key] = reached
+                self.log.warning("budget alert threshold reached", budget=s["budget"],
+                                 threshold=reached, spend_usd=s["spend_usd"],
+                                 limit_usd=s["limit_usd"], period_start=s["period_start"])
+
+
+factory = Factory(kind="exporter", type="clickhouse", config=ClickHouseConfig,
+                  create=ClickHouseExporter)

@@ -1,0 +1,127 @@
+"""The figures FinOps answers are made of, defined once for the rollup and for raw events.
+
+Each `Aggregate` is one ClickHouse aggregate over `llm_events` columns. The
+materialized views write it into the per-minute and per-hour rollups; a query
+reads it back from them (re-aggregating the stored partial results) or computes
+it from raw events (for what the rollups do not keep, such as `metadata.KEY` or
+users), with the same definition, so both give the same answer.
+
+Counts and sums are weighted by `sample_weight` (1/p for an event kept by
+probabilistic sampling), so they estimate what really happened; latencies are
+over the events stored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+IS_ERROR = "(ifNull(status_code, 0) >= 400 OR error_type != '')"
+QUANTILES = (0.5, 0.95, 0.99)
+
+Source = Literal["rollup", "raw"]
+
+
+@dataclass(frozen=True)
+class Aggregate:
+    name: str  # the rollup column, and the name of the figure
+    function: str  # sum, min, max, or a parametric function such as quantilesTDigest(0.5)
+    argument: str  # an expression over llm_events columns
+    type: str  # the type of the stored value
+
+    @property
+    def simple(self) -> bool:
+        """Stored as its value (SimpleAggregateFunction) rather than as a partial state."""
+        return "(" not in self.function
+
+    def _split(self) -> tuple[str, str]:
+        name, paren, params = self.function.partition("(")
+        return name, paren + params
+
+    def column_type(self) -> str:
+        if self.simple:
+            return f"SimpleAggregateFunction({self.function}, {self.type})"
+        return f"AggregateFunction({self.function}, {self.type})"
+
+    def view_expression(self) -> str:
+        """What the materialized view computes for one inserted block."""
+        if self.simple:
+            return f"{self.function}({self.argument})"
+        name, params = self._split()
+        return f"{name}State{params}({self.argument})"
+
+    def sql(self, source: Source, condition: str | None = None) -> str:
+        """The figure over the rows a query selects (optionally only those matching
+        `condition`), read from the rollup or computed from raw events. Times come out as
+        ISO 8601 UTC text: the driver's own conversion depends on the host's time zone."""
+        name, params = self._split()
+        if source == "rollup":
+            name, argument = (name if self.simple else f"{name}Merge"), self.name
+        else:
+            argument = self.argument
+        if condition is None:
+            sql = f"{name}{params}({argument})"
+        else:
+            sql = f"{name}If{params}({argument}, {condition})"
+        if self.type.startswith("DateTime"):
+            return f"formatDateTime({sql}, '%FT%TZ', 'UTC')"
+        return sql
+
+
+def _weighted(column: str) -> str:
+    return f"ifNull({column}, 0) * sample_weight"
+
+
+AGGREGATES: tuple[Aggregate, ...] = (
+    Aggregate("requests", "sum", "sample_weight", "Float64"),
+    Aggregate("events", "sum", "toUInt64(1)", "UInt64"),
+    Aggregate("errors", "sum", f"if({IS_ERROR}, sample_weight, 0)", "Float64"),
+    Aggregate("input_tokens", "sum", _weighted("input_tokens"), "Float64"),
+    Aggregate("output_tokens", "sum", _weighted("output_tokens"), "Float64"),
+    Aggregate("cache_read_tokens", "sum", _weighted("cache_read_tokens"), "Float64"),
+    Aggregate("cache_creation_tokens", "sum", _weighted("cache_creation_tokens"), "Float64"),
+    Aggregate("reasoning_tokens", "sum", _weighted("reasoning_tokens"), "Float64"),
+    Aggregate("cost_usd", "sum", _weighted("cost_usd"), "Float64"),
+    Aggregate("unpriced_requests", "sum", "if(cost_usd IS NULL, sample_weight, 0)", "Float64"),
+    # estimated against actual: only over the events whose source reported an actual cost
+    Aggregate("actual_cost_usd", "sum", _weighted("actual_cost_usd"), "Float64"),
+    Aggregate("estimated_cost_of_actual_usd", "sum",
+              f"if(actual_cost_usd IS NULL, 0, {_weighted('cost_usd')})", "Float64"),
+    Aggregate("actual_cost_requests", "sum", "if(actual_cost_usd IS NULL, 0, sample_weight)",
+              "Float64"),
+    Aggregate("duration_ms_sum", "sum", "ifNull(duration_ms, 0)", "Float64"),
+    Aggregate("duration_ms_count", "sum", "toUInt64(duration_ms IS NOT NULL)", "UInt64"),
+    Aggregate("duration_ms_quantiles", f"quantilesTDigest{QUANTILES}", "duration_ms",
+              "Nullable(Float64)"),
+    Aggregate("ttft_ms_sum", "sum", "ifNull(ttft_ms, 0)", "Float64"),
+    Aggregate("ttft_ms_count", "sum", "toUInt64(ttft_ms IS NOT NULL)", "UInt64"),
+    Aggregate("max_request_tokens", "max",
+              "toUInt64(ifNull(input_tokens, 0) + ifNull(output_tokens, 0))", "UInt64"),
+    Aggregate("first_seen", "min", "timestamp", "DateTime64(9, 'UTC')"),
+    Aggregate("last_seen", "max", "timestamp", "DateTime64(9, 'UTC')"),
+)
+BY_NAME = {a.name: a for a in AGGREGATES}
+
+# The rollup's key: per minute, by these event columns (`model` is request_model, or
+# response_model when no model was requested; absent values are '' and status 0). Users
+# are left out on purpose: there are so many of them that a per-minute rollup by user
+# has about as many rows as there are events (measured: bench/clickhouse_bench.py), so
+# questions about users read the raw events, which cost the same and stay exact.
+ROLLUP_DIMENSIONS: tuple[tuple[str, str], ...] = (
+    ("provider", "LowCardinality(String)"),
+    ("model", "LowCardinality(String)"),
+    ("team", "LowCardinality(String)"),
+    ("api_key_id", "LowCardinality(String)"),
+    ("api_key_name", "LowCardinality(String)"),
+    ("status_code", "UInt16"),
+)
+ROLLUP_COLUMNS = frozenset(name for name, _ in ROLLUP_DIMENSIONS)
+
+
+def time_column(source: Source) -> str:
+    """How a query names the time of a row (`t`: the bucket of either rollup)."""
+    return "t" if source == "rollup" else "timestamp"
+
+
+def status_expression(source: Source) -> str:
+    return "status_code" if source == "rollup" else "ifNull(status_code, 0)"

@@ -1,0 +1,287 @@
+"""The query layer under the FinOps reports and the analytics API.
+
+A question is: a time `Window`, the `Dimension`s to group by, `Filter`s, and the
+figures wanted (`metrics.AGGREGATES`). `Reader.select` answers it from the
+rollups when every dimension and filter is a rollup column (whole hours from
+`llm_usage_1h`, the minutes around them from `llm_usage_1m`), and from raw
+events otherwise (`metadata.KEY`, `user`, `organization`...); the figures are
+defined once, so both give the same numbers.
+
+Windows are whole minutes (the finest rollup's grain): `since` is rounded down
+to its minute and `until` up, so `--range 24h` is the 24 hours up to the end of
+the current minute, and a rollup answer equals the raw one.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from clickhouse_connect.driver.binding import format_str
+
+from exporters.clickhouse.metrics import BY_NAME, ROLLUP_COLUMNS, Source, status_expression
+from exporters.clickhouse.metrics import time_column as _time_column
+from exporters.clickhouse.schema import Schema
+
+RANGES = ("24h", "7d", "30d", "90d")
+_RANGE = re.compile(r"^(\d+)([hd])$")
+_MINUTE = timedelta(minutes=1)
+_HOUR = timedelta(hours=1)
+
+
+def literal(value: str) -> str:
+    """A string as a quoted, escaped ClickHouse literal."""
+    return format_str(value)
+
+
+# --- time windows ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class Window:
+    since: datetime  # inclusive, a whole minute, UTC
+    until: datetime  # exclusive, a whole minute, UTC
+
+    @classmethod
+    def parse(cls, range_: str | None = None, since: str | None = None,
+              until: str | None = None, now: datetime | None = None) -> Window:
+        """From `range` (24h, 7d, 30d, 90d, or any Nh / Nd) ending now, or from
+        `since`/`until` (ISO 8601 dates or times, UTC unless they say otherwise)."""
+        end = parse_time(until, "until") if until else (now or datetime.now(UTC))
+        end = _ceil_minute(end)
+        if since:
+            start = _floor_minute(parse_time(since, "since"))
+        else:
+            start = end - parse_range(range_ or "30d")
+        if start >= end:
+            raise ValueError("since must be before until")
+        return cls(start, end)
+
+    @property
+    def length(self) -> timedelta:
+        return self.until - self.since
+
+    def previous(self) -> Window:
+        """The window of the same length just before this one."""
+        return Window(self.since - self.length, self.since)
+
+    def ending(self, length: timedelta) -> Window:
+        """The last `length` of this window (the rolling 24h/7d/30d figures)."""
+        return Window(self.until - length, self.until)
+
+    def condition(self, column: str) -> str:
+        """SQL: `column` (a time column, or `{t}`) falls in the window."""
+        return (f"{column} >= toDateTime({int(self.since.timestamp())}, 'UTC') "
+                f"AND {column} < toDateTime({int(self.until.timestamp())}, 'UTC')")
+
+    def describe(self) -> dict[str, str]:
+        return {"since": iso(self.since), "until": iso(self.until)}
+
+
+def parse_range(text: str) -> timedelta:
+    m = _RANGE.match(text.strip())
+    if not m or int(m.group(1)) == 0:
+        raise ValueError(f"range must be one of {', '.join(RANGES)} (or Nh, Nd), got {text!r}")
+    n = int(m.group(1))
+    return timedelta(hours=n) if m.group(2) == "h" else timedelta(days=n)
+
+
+def parse_time(text: str, name: str) -> datetime:
+    try:
+        value = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"{name} must be an ISO 8601 date or time such as 2025-05-01 or "
+                         f"2025-05-01T12:00:00Z, got {text!r}") from None
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def iso(value: datetime) -> str:
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def split(window: Window, cuts: Iterable[datetime] = ()) -> tuple[list[Window], list[Window]]:
+    """The window as whole hours (for the hourly rollup) and the minutes around them (for
+    the per-minute one). `cuts` are times no hour may straddle: the bounds of the
+    sub-windows a question compares (this period and the previous one, rolling 24h...)."""
+    inside = (c for c in cuts if window.since < c < window.until)
+    points = sorted({window.since, window.until, *inside})
+    hours: list[Window] = []
+    minutes: list[Window] = []
+    for start, end in itertools.pairwise(points):
+        first_hour = _floor_hour(start) + (_HOUR if _floor_hour(start) < start else timedelta())
+        last_hour = _floor_hour(end)
+        if first_hour >= last_hour:
+            minutes.append(Window(start, end))
+            continue
+        hours.append(Window(first_hour, last_hour))
+        minutes += [Window(a, b) for a, b in ((start, first_hour), (last_hour, end)) if a < b]
+    return _joined(hours), _joined(minutes)
+
+
+def _joined(windows: list[Window]) -> list[Window]:
+    out: list[Window] = []
+    for w in windows:
+        if out and out[-1].until == w.since:
+            out[-1] = Window(out[-1].since, w.until)
+        else:
+            out.append(w)
+    return out
+
+
+def _floor_hour(value: datetime) -> datetime:
+    return value.replace(minute=0, second=0, microsecond=0)
+
+
+def _floor_minute(value: datetime) -> datetime:
+    return value.replace(second=0, microsecond=0)
+
+
+def _ceil_minute(value: datetime) -> datetime:
+    floor = _floor_minute(value)
+    return floor if floor == value else floor + _MINUTE
+
+
+# --- dimensions and filters --------------------------------------------------------------
+@dataclass(frozen=True)
+class Dimension:
+    """Something to group by: `provider`, `day`, `metadata.customer_id`..."""
+
+    name: str
+    column: str | None  # the event column; None for time buckets
+    expression: str = ""  # SQL over the source, `{t}` standing for its time column
+
+    @property
+    def rollup(self) -> bool:
+        return self.column is None or self.column in ROLLUP_COLUMNS
+
+    @property
+    def is_time(self) -> bool:
+        return self.column is None
+
+    def sql(self, source: Source) -> str:
+        if self.column == "status_code":
+            return status_expression(source)
+        return (self.expression or self.column or "").replace("{t}", _time_column(source))
+
+
+_DIMENSIONS = {d.name: d for d in (
+    Dimension("provider", "provider"),
+    Dimension("model", "model"),
+    Dimension("team", "team"),
+    Dimension("api_key", "api_key_id"),
+    Dimension("user", "user_id"),
+    Dimension("status", "status_code"),
+    Dimension("day", None, "toString(toDate({t}))"),
+    Dimension("hour", None, "formatDateTime(toStartOfHour({t}), '%FT%H:00:00Z', 'UTC')"),
+    Dimension("organization", "organization"),
+    Dimension("operation", "operation"),
+    Dimension("source", "source"),
+    Dimension("route", "route"),
+    Dimension("upstream", "upstream"),
+)}
+DIMENSION_NAMES = (*_DIMENSIONS, "metadata.KEY")
+_METADATA_KEY = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+
+
+def dimension(name: str) -> Dimension:
+    """The dimension `name` (as `--by` and `group_by` write it); ValueError if unknown."""
+    if name in _DIMENSIONS:
+        return _DIMENSIONS[name]
+    if name.startswith("metadata."):
+        key = name.removeprefix("metadata.")
+        if not _METADATA_KEY.match(key):
+            raise ValueError(f"metadata key must be letters, digits and _.:- , got {key!r}")
+        return Dimension(name, "metadata", f"metadata[{literal(key)}]")
+    raise ValueError(f"cannot group by {name!r} (expected one of: {', '.join(DIMENSION_NAMES)})")
+
+
+@dataclass(frozen=True)
+class Filter:
+    """`column = value` on an event column (or on one metadata key)."""
+
+    column: str
+    value: str | int
+    metadata_key: str | None = None
+
+    @property
+    def rollup(self) -> bool:
+        return self.metadata_key is None and self.column in ROLLUP_COLUMNS
+
+    def sql(self, source: Source) -> str:
+        if self.metadata_key is not None:
+            return f"metadata[{literal(self.metadata_key)}] = {literal(str(self.value))}"
+        if self.column == "status_code":
+            return f"{status_expression(source)} = {int(self.value)}"
+        return f"{self.column} = {literal(str(self.value))}"
+
+
+# --- reading ---------------------------------------------------------------------------
+@dataclass
+class Reader:
+    """Runs questions against one exporter's tables (blocking: call it in a thread)."""
+
+    client: Any
+    schema: Schema = field(default_factory=Schema)
+
+    def rows(self, sql: str) -> list[dict[str, Any]]:
+        """Rows as dicts. Result names are written `_name` in SQL and stripped here: ClickHouse
+        resolves a name to an alias before a column, so `sum(cost_usd) AS cost_usd` would
+        capture `cost_usd` in every other expression of the query."""
+        result = self.client.query(sql)
+        return [{k.removeprefix("_"): v for k, v in row.items()}
+                for row in result.named_results()]
+
+    def select(self, window: Window, *, by: Sequence[Dimension] = (),
+               filters: Iterable[Filter] = (), figures: Iterable[str] = (),
+               extra: dict[str, str] | None = None,
+               within: dict[str, tuple[str, Window]] | None = None,
+               having: str | None = None, order_by: Sequence[str] = (),
+               limit: int | None = None) -> list[dict[str, Any]]:
+        """One row per group: the dimensions (by name), the figures, `extra` SQL
+        expressions (`{t}` standing for the time of a row; results usable as `_name`
+        there and in `having`), and figures `within` a part of the window (name ->
+        (figure, window)). `order_by` items are result names, optionally with DESC."""
+        filters = list(filters)
+        within = within or {}
+        rolled = all(d.rollup for d in by) and all(f.rollup for f in filters)
+        source: Source = "rollup" if rolled else "raw"
+        t = _time_column(source)
+        exprs = {d.name: d.sql(source) for d in by}
+        exprs |= {f: BY_NAME[f].sql(source) for f in figures}
+        exprs |= {name: sql.replace("{t}", t) for name, sql in (extra or {}).items()}
+        exprs |= {name: BY_NAME[figure].sql(source, part.condition(t))
+                  for name, (figure, part) in within.items()}
+        columns = ", ".join(f"{sql} AS `_{name}`" for name, sql in exprs.items())
+        cuts = [bound for _, part in within.values() for bound in (part.since, part.until)]
+        sql = f"SELECT {columns} FROM {self._rows_of(source, window, filters, cuts)}"
+        if by:
+            sql += f" GROUP BY {', '.join(f'`_{d.name}`' for d in by)}"
+        if having:
+            sql += f" HAVING {having}"
+        if order_by:
+            sql += " ORDER BY " + ", ".join(f"`_{o.split()[0]}` {' '.join(o.split()[1:])}"
+                                            for o in order_by)
+        if limit:
+            sql += f" LIMIT {int(limit)}"
+        return self.rows(sql)
+
+    def _rows_of(self, source: Source, window: Window, filters: list[Filter],
+                 cuts: list[datetime]) -> str:
+        """The FROM clause: raw events in the window, or the rollup rows covering it."""
+        matching = [f.sql(source) for f in filters]
+        if source == "raw":
+            where = " AND ".join([window.condition("timestamp"), *matching])
+            return f"{self.schema.qualified(self.schema.events)} WHERE {where}"
+        minute, hour = self.schema.rollups
+        hours, minutes = split(window, cuts)
+        columns = ", ".join(c.name for c in self.schema.rollup_columns(minute)[1:])
+        branches = []
+        for rollup, parts in ((hour, hours), (minute, minutes)):
+            if parts:
+                when = " OR ".join(f"({p.condition(rollup.time_column)})" for p in parts)
+                where = " AND ".join([f"({when})", *matching])
+                branches.append(f"SELECT {rollup.time_column} AS t, {columns} FROM "
+                                f"{self.schema.qualified(rollup.table)} WHERE {where}")
+        return f"({' UNION ALL '.join(branches)})"

@@ -1,0 +1,335 @@
+"""The tables: `llm_events` (one row per event) and the `llm_usage_1m`/`_1h` rollups.
+
+`llm_events` has a column per event field, typed (`DateTime64`,
+`LowCardinality(String)`, `Map`, nullable counts and costs, ZSTD-compressed
+content), partitioned by month and ordered by (hour, event_id): FinOps queries
+select time ranges, and the exporter's "already stored?" check looks event ids
+up within their hour. It is a `ReplacingMergeTree`, so should two writers ever
+store the same event, merges keep one copy.
+
+`llm_usage_1m` and `llm_usage_1h` are `AggregatingMergeTree`s, each fed by a
+materialized view: per minute and per hour, by provider, model, team, API key
+and status, the figures of `metrics.AGGREGATES`. A question reads whole hours
+from the hourly rollup and the minutes around them from the per-minute one
+(`query.Reader`), so a 90-day answer reads about 2,000 hours, not every event.
+
+Every table keeps a window of insert deduplication tokens
+(`non_replicated_deduplication_window`; replicated tables have their own), so a
+retried batch is stored once, in the rollup too.
+
+The schema migrates itself forward: `ensure_schema` creates what is missing
+and adds the columns a newer version defines to an existing table. A change to
+a view's query gets a new view name (`_mv_vN`); the old view is dropped.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+from exporters.clickhouse.config import ClickHouseConfig
+from exporters.clickhouse.metrics import AGGREGATES, ROLLUP_DIMENSIONS
+from meterline.event import Event
+
+VIEW_VERSION = 1
+Prepare = Callable[[Sequence[Any]], Sequence[Any]]
+
+_json = msgspec.json.Encoder()
+
+
+def _empty_string(values: Sequence[Any]) -> list[Any]:
+    return [v or "" for v in values]
+
+
+def _empty_map(values: Sequence[Any]) -> list[Any]:
+    return [v or {} for v in values]
+
+
+def _empty_list(values: Sequence[Any]) -> list[Any]:
+    return [v or [] for v in values]
+
+
+def _json_text(values: Sequence[Any]) -> list[str]:
+    return [_json.encode(v).decode() if v is not None else "" for v in values]
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    type: str
+    prepare: Prepare | None = None  # event field values -> column values (None: as they are)
+    materialized: str | None = None  # computed by ClickHouse, not inserted
+
+    def ddl(self) -> str:
+        tail = f" MATERIALIZED {self.materialized}" if self.materialized else ""
+        return f"`{self.name}` {self.type}{tail}"
+
+
+_LC = "LowCardinality(String)"
+_TEXT = "String CODEC(ZSTD(3))"  # content and free text: compresses well
+
+# Absent strings are stored as '' (ClickHouse keeps non-nullable strings cheaper, and
+# the rollup keys cannot be nullable); counts, timings and costs are nullable, so that
+# "not reported" stays distinct from 0.
+COLUMNS: tuple[Column, ...] = (
+    Column("event_id", "String"),
+    Column("timestamp", "DateTime64(9, 'UTC') CODEC(Delta, ZSTD(1))"),
+    Column("trace_id", "String", _empty_string),
+    Column("span_id", "String", _empty_string),
+    Column("parent_span_id", "String", _empty_string),
+    Column("source", _LC, _empty_string),
+    Column("provider", _LC, _empty_string),
+    Column("operation", _LC, _empty_string),
+    Column("request_model", _LC, _empty_string),
+    Column("response_model", _LC, _empty_string),
+    Column("model", _LC, materialized="if(request_model != '', request_model, response_model)"),
+    Column("streaming", "Nullable(Bool)"),
+    Column("endpoint", _LC, _empty_string),
+    Column("route", _LC, _empty_string),
+    Column("upstream", _LC, _empty_string),
+    Column("params", _TEXT, _json_text),
+    Column("status_code", "Nullable(UInt16)"),
+    Column("error_type", _LC, _empty_string),
+    Column("error_message", _TEXT, _empty_string),
+    Column("finish_reasons", "Array(LowCardinality(String))", _empty_list),
+    Column("input_tokens", "Nullable(UInt32)"),
+    Column("output_tokens", "Nullable(UInt32)"),
+    Column("cache_read_tokens", "Nullable(UInt32)"),
+    Column("cache_creation_tokens", "Nullable(UInt32)"),
+    Column("reasoning_tokens", "Nullable(UInt32)"),
+    Column("duration_ms", "Nullable(Float64)"),
+    Column("provider_duration_ms", "Nullable(Float64)"),
+    Column("overhead_ms", "Nullable(Float64)"),
+    Column("ttft_ms", "Nullable(Float64)"),
+    Column("itl_ms", "Nullable(Float64)"),
+    Column("user_id", _LC, _empty_string),
+    Column("api_key_id", _LC, _empty_string),
+    Column("api_key_name", _LC, _empty_string),
+    Column("team", _LC, _empty_string),
+    Column("organization", _LC, _empty_string),
+    Column("session_id", "String", _empty_string),
+    Column("metadata", "Map(LowCardinality(String), String)", _empty_map),
+    Column("ratelimit_requests_limit", "Nullable(UInt64)"),
+    Column("ratelimit_requests_remaining", "Nullable(UInt64)"),
+    Column("ratelimit_tokens_limit", "Nullable(UInt64)"),
+    Column("ratelimit_tokens_remaining", "Nullable(UInt64)"),
+    Column("attempts", "Nullable(UInt16)"),
+    Column("fallback", "Nullable(Bool)"),
+    Column("input_messages", _TEXT, _json_text),
+    Column("output_messages", _TEXT, _json_text),
+    Column("cost_input_usd", "Nullable(Float64)"),
+    Column("cost_output_usd", "Nullable(Float64)"),
+    Column("cost_usd", "Nullable(Float64)"),
+    Column("actual_cost_usd", "Nullable(Float64)"),
+    Column("pricing_ref", _LC, _empty_string),
+    Column("sample_weight", "Float64 DEFAULT 1"),
+    Column("redactions", "Map(LowCardinality(String), UInt32)", _empty_map),
+    Column("attributes", _TEXT, _json_text),
+)
+
+_EVENT_FIELDS = {name: i for i, name in enumerate(Event.__struct_fields__)}
+
+
+@dataclass(frozen=True)
+class Rollup:
+    """One aggregate table: the figures per `time_column` bucket, by the rollup dimensions."""
+
+    table: str  # llm_usage_1m, llm_usage_1h
+    time_column: str  # minute, hour
+    bucket: str  # the function that takes a timestamp to its bucket
+
+    @property
+    def view(self) -> str:
+        return f"{self.table}_mv_v{VIEW_VERSION}"
+
+
+@dataclass(frozen=True)
+class Schema:
+    """The tables of one exporter: names, engines and columns, as DDL."""
+
+    database: str = "meterline"
+    events: str = "llm_events"
+    columns: tuple[Column, ...] = COLUMNS
+    dedup_window: int = 10_000
+    ttl_seconds: int | None = None
+    cluster: str | None = None
+    inserted: tuple[Column, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "inserted", tuple(c for c in self.columns if not c.materialized))
+
+    @classmethod
+    def of(cls, config: ClickHouseConfig) -> Schema:
+        return cls(database=config.database, events=config.table,
+                   dedup_window=config.dedup_window,
+                   ttl_seconds=int(config.ttl) if config.ttl else None,
+                   cluster=config.cluster.name if config.cluster else None)
+
+    # --- names ---------------------------------------------------------------------
+    @property
+    def rollups(self) -> tuple[Rollup, Rollup]:
+        """The per-minute and the per-hour rollup."""
+        base = "llm_usage" if self.events == "llm_events" else f"{self.events}_usage"
+        return (Rollup(f"{base}_1m", "minute", "toStartOfMinute"),
+                Rollup(f"{base}_1h", "hour", "toStartOfHour"))
+
+    def qualified(self, table: str) -> str:
+        """The name queries use (on a cluster, the Distributed table)."""
+        return f"`{self.database}`.`{table}`"
+
+    def _stored(self, table: str) -> str:
+        """The table that holds the data (on a cluster, each shard's local table)."""
+        return self.qualified(f"{table}_local" if self.cluster else table)
+
+    @property
+    def on_cluster(self) -> str:
+        return f" ON CLUSTER `{self.cluster}`" if self.cluster else ""
+
+    # --- DDL -----------------------------------------------------------------------
+    def _engine(self, family: str) -> str:
+        if self.cluster:
+            return f"Replicated{family}MergeTree"
+        return f"{family}MergeTree"
+
+    def _settings(self) -> str:
+        if self.cluster:
+            return f"SETTINGS replicated_deduplication_window = {self.dedup_window}"
+        return f"SETTINGS non_replicated_deduplication_window = {self.dedup_window}"
+
+    def create_database(self) -> str:
+        return f"CREATE DATABASE IF NOT EXISTS `{self.database}`{self.on_cluster}"
+
+    def create_events(self) -> str:
+        ttl = (f"\nTTL toDateTime(timestamp) + toIntervalSecond({self.ttl_seconds})"
+               if self.ttl_seconds else "")
+        columns = ",\n  ".join(c.ddl() for c in self.columns)
+        return (f"CREATE TABLE IF NOT EXISTS {self._stored(self.events)}{self.on_cluster} (\n"
+                f"  {columns}\n)\nENGINE = {self._engine('Replacing')}\n"
+                "PARTITION BY toYYYYMM(timestamp)\n"
+                f"ORDER BY (toStartOfHour(timestamp), event_id){ttl}\n{self._settings()}")
+
+    def rollup_columns(self, rollup: Rollup) -> tuple[Column, ...]:
+        return (Column(rollup.time_column, "DateTime('UTC')"),
+                *(Column(name, type_) for name, type_ in ROLLUP_DIMENSIONS),
+                *(Column(a.name, a.column_type()) for a in AGGREGATES))
+
+    def create_rollup(self, rollup: Rollup) -> str:
+        key = ", ".join([rollup.time_column, *(name for name, _ in ROLLUP_DIMENSIONS)])
+        body = ",\n  ".join(c.ddl() for c in self.rollup_columns(rollup))
+        return (f"CREATE TABLE IF NOT EXISTS {self._stored(rollup.table)}{self.on_cluster} (\n"
+                f"  {body}\n)\nENGINE = {self._engine('Aggregating')}\n"
+                f"PARTITION BY toYYYYMM({rollup.time_column})\nORDER BY ({key})\n"
+                f"{self._settings()}")
+
+    def create_view(self, rollup: Rollup) -> str:
+        # The inner query names its results apart (`_x`): ClickHouse resolves a name to an
+        # alias before a column, so `sum(cost_usd) AS cost_usd` would capture `cost_usd`
+        # in the other aggregates.
+        names = [rollup.time_column, *(name for name, _ in ROLLUP_DIMENSIONS),
+                 *(a.name for a in AGGREGATES)]
+        dims = [f"ifNull({name}, 0)" if name == "status_code" else name
+                for name, _ in ROLLUP_DIMENSIONS]
+        inner = [f"{rollup.bucket}(timestamp)", *dims,
+                 *(a.view_expression() for a in AGGREGATES)]
+        select = ",\n    ".join(f"{expr} AS _{name}" for expr, name in zip(inner, names,
+                                                                            strict=True))
+        group = ", ".join(f"_{name}" for name in names[:1 + len(ROLLUP_DIMENSIONS)])
+        outer = ", ".join(f"_{name} AS {name}" for name in names)
+        return (f"CREATE MATERIALIZED VIEW IF NOT EXISTS "
+                f"{self.qualified(rollup.view)}{self.on_cluster}\n"
+                f"TO {self._stored(rollup.table)}\nAS SELECT {outer}\nFROM (\n  SELECT\n    "
+                f"{select}\n  FROM {self._stored(self.events)}\n  GROUP BY {group}\n)")
+
+    def create_distributed(self, table: str, sharding_key: str) -> str:
+        return (f"CREATE TABLE IF NOT EXISTS {self.qualified(table)}{self.on_cluster} "
+                f"AS {self._stored(table)}\n"
+                f"ENGINE = Distributed(`{self.cluster}`, `{self.database}`, `{table}_local`, "
+                f"{sharding_key})")
+
+    def objects(self) -> list[tuple[str, str]]:
+        """(table name, CREATE statement) of everything in the database, in creation order."""
+        local = "_local" if self.cluster else ""
+        out = [(self.events + local, self.create_events())]
+        out += [(r.table + local, self.create_rollup(r)) for r in self.rollups]
+        if self.cluster:
+            out.append((self.events, self.create_distributed(self.events,
+                                                             "cityHash64(event_id)")))
+            out += [(r.table, self.create_distributed(r.table, "rand()")) for r in self.rollups]
+        return out + [(r.view, self.create_view(r)) for r in self.rollups]
+
+    def add_column(self, table: str, column: Column, after: str) -> list[str]:
+        """The ALTERs that add a newer version's column to an existing table."""
+        alter = (f"ALTER TABLE {self._stored(table)}{self.on_cluster} ADD COLUMN IF NOT EXISTS "
+                 f"{column.ddl()} AFTER `{after}`")
+        if not self.cluster:
+            return [alter]
+        bare = Column(column.name, column.type.split(" CODEC")[0].split(" DEFAULT")[0])
+        return [alter, f"ALTER TABLE {self.qualified(table)}{self.on_cluster} "
+                       f"ADD COLUMN IF NOT EXISTS {bare.ddl()} AFTER `{after}`"]
+
+    # --- rows ----------------------------------------------------------------------
+    def column_batch(self, events: Sequence[Event]) -> list[Sequence[Any]]:
+        """The events as one value list per inserted column (a column-oriented insert)."""
+        by_field = list(zip(*map(msgspec.structs.astuple, events), strict=True))
+        out: list[Sequence[Any]] = []
+        for column in self.inserted:
+            values = by_field[_EVENT_FIELDS[column.name]]
+            out.append(column.prepare(values) if column.prepare else values)
+        return out
+
+
+def ensure_schema(client: Any, schema: Schema) -> list[str]:
+    """Create what is missing, add the columns this version defines to existing tables (old
+    rows read the new column's default) and drop superseded views. Returns the statements
+    run, for the log: none when the schema is up to date."""
+    run: list[str] = []
+
+    def execute(sql: str) -> None:
+        client.command(sql)
+        run.append(sql)
+
+    execute(schema.create_database())
+    run.clear()  # IF NOT EXISTS: not a change worth logging
+    existing = _existing_columns(client, schema)
+    tables = [(schema.events, schema.columns)]
+    tables += [(r.table, schema.rollup_columns(r)) for r in schema.rollups]
+    for table, columns in tables:
+        have = existing.get(table)
+        for previous, column in itertools.pairwise(columns):
+            if have and column.name not in have:
+                for sql in schema.add_column(table, column, previous.name):
+                    execute(sql)
+    present = _tables(client, schema)
+    for name, create in schema.objects():
+        if name not in present:
+            execute(create)
+    for rollup in schema.rollups:
+        prefix = rollup.view.removesuffix(str(VIEW_VERSION))
+        for name in sorted(present):
+            if name.startswith(prefix) and name != rollup.view:
+                execute(f"DROP VIEW IF EXISTS {schema.qualified(name)}{schema.on_cluster}")
+    return run
+
+
+def _existing_columns(client: Any, schema: Schema) -> dict[str, set[str]]:
+    """Columns of the tables that hold the data, by their logical names."""
+    local = "_local" if schema.cluster else ""
+    names = [schema.events + local, *(r.table + local for r in schema.rollups)]
+    rows = client.query(
+        "SELECT table, name FROM system.columns WHERE database = {db:String} "
+        "AND has({tables:Array(String)}, table)",
+        parameters={"db": schema.database, "tables": names}).result_rows
+    out: dict[str, set[str]] = {}
+    for table, name in rows:
+        out.setdefault(table.removesuffix("_local"), set()).add(name)
+    return out
+
+
+def _tables(client: Any, schema: Schema) -> set[str]:
+    rows = client.query("SELECT name FROM system.tables WHERE database = {db:String}",
+                        parameters={"db": schema.database}).result_rows
+    return {name for (name,) in rows}

@@ -1,0 +1,166 @@
+"""Exporter `clickhouse` against chDB: nothing counted twice, failures told apart, budgets."""
+
+import dataclasses
+import time
+
+import pytest
+from clickhouse_connect.driver.exceptions import DatabaseError, OperationalError
+
+from exporters.clickhouse.budgets import Budget, BudgetScope
+from exporters.clickhouse.config import ClickHouseConfig
+from exporters.clickhouse.connection import classify, insert_settings
+from exporters.clickhouse.exporter import ClickHouseExporter
+from exporters.clickhouse.schema import COLUMNS, Schema, ensure_schema
+from meterline.component import ExportBatch, PermanentError, RetryableError
+from meterline.config import convert
+from tests.conftest import eventually, free_port, make_context, make_event, metric_value
+
+
+@pytest.fixture
+async def make_exporter(tmp_path):
+    """Exporters on a chDB directory under tmp_path, shut down (chDB released) at the end."""
+    made = []
+
+    async def make(sections=None, start=True, **config):
+        config.setdefault("endpoint", f"chdb://{tmp_path / 'ch'}")
+        context = dataclasses.replace(make_context(tmp_path, "clickhouse"),
+                                      sections=sections or {})
+        exporter = ClickHouseExporter(convert(config, ClickHouseConfig), context)
+        made.append(exporter)
+        if start:
+            await exporter.start()
+        return exporter
+
+    yield make
+    for exporter in made:
+        await exporter.shutdown()
+
+
+def counts(exporter, figure="events"):
+    """Rows in llm_events, and `figure` summed over each rollup (per minute, per hour)."""
+    schema, client = exporter.schema, exporter.reader.client
+    [(raw,)] = client.query(f"SELECT count() FROM {schema.qualified(schema.events)}").result_rows
+    rolled = [client.query(f"SELECT sum({figure}) FROM {schema.qualified(r.table)}").result_rows
+              [0][0] for r in schema.rollups]
+    return (raw, *rolled)
+
+
+async def test_a_retried_batch_is_stored_once_in_the_events_and_the_rollup(make_exporter):
+    exporter = await make_exporter()
+    batch = ExportBatch("inc:0-10", [make_event(i, sample_weight=2.0) for i in range(10)])
+    await exporter.export(batch)
+    batch.attempt = 1
+    await exporter.export(batch)
+    assert counts(exporter) == (10, 10, 10)
+    assert counts(exporter, "requests") == (10, 20, 20)  # weighted: each stands for two
+
+
+async def test_the_tables_keep_insert_tokens_so_a_repeated_insert_lands_once(make_exporter):
+    """What a retry relies on where the "already stored?" check cannot see the first insert
+    yet (a replica behind): the token alone deduplicates, in the rollup too."""
+    exporter = await make_exporter()
+    schema, config = exporter.schema, exporter.config
+    events = [make_event(i) for i in range(5)]
+    for _ in range(3):
+        exporter._writer.insert(
+            schema.qualified(schema.events), schema.column_batch(events),
+            column_names=[c.name for c in schema.inserted], column_oriented=True,
+            settings=insert_settings(config, "batch-7"))
+    assert counts(exporter) == (5, 5, 5)
+
+
+async def test_an_event_sent_again_in_another_batch_is_not_counted_twice(make_exporter):
+    exporter = await make_exporter()
+    await exporter.export(ExportBatch("a", [make_event(i) for i in range(10)]))
+    await exporter.export(ExportBatch("b", [make_event(i) for i in range(5, 15)]))
+    assert counts(exporter) == (15, 15, 15)
+    registry = exporter.context.telemetry.registry
+    assert metric_value(registry, "meterline_exporter_duplicate_events_total") == 5
+
+
+async def test_a_resent_event_is_recognised_in_a_batch_spanning_many_stored_ones(
+        make_exporter):
+    """A replay batch over a long stretch: the check looks its ids up rather than fetching
+    every id stored in that stretch."""
+    exporter = await make_exporter()
+    await exporter.export(ExportBatch("a", [make_event(i) for i in range(100)]))
+    replay = [make_event(0), make_event(50), make_event(99), make_event(500)]
+    await exporter.export(ExportBatch("b", replay))
+    assert counts(exporter) == (101, 101, 101)
+
+
+async def test_an_event_twice_in_one_batch_is_stored_once(make_exporter):
+    exporter = await make_exporter()
+    await exporter.export(ExportBatch("a", [make_event(1), make_event(2), make_event(1)]))
+    assert counts(exporter) == (2, 2, 2)
+
+
+async def test_a_value_that_does_not_fit_its_column_is_permanent_and_names_it(make_exporter):
+    exporter = await make_exporter()
+    with pytest.raises(PermanentError, match="input_tokens"):
+        await exporter.export(ExportBatch("a", [make_event(1, input_tokens=-5)]))
+
+
+async def test_a_column_missing_from_the_table_is_permanent_and_names_it(make_exporter):
+    exporter = await make_exporter(start=False, create_schema=False)
+    older = Schema(columns=tuple(c for c in COLUMNS if c.name != "itl_ms"))
+    writer = await exporter.connect()
+    ensure_schema(writer.client, older)
+    with pytest.raises(PermanentError, match="itl_ms"):
+        await exporter.export(ExportBatch("a", [make_event(1)]))
+
+
+async def test_a_server_that_does_not_answer_is_retryable(make_exporter):
+    exporter = await make_exporter(endpoint=f"http://127.0.0.1:{free_port()}",
+                                   connect_timeout="1s", analytics=False)
+    with pytest.raises(RetryableError, match="cannot reach ClickHouse"):
+        await exporter.export(ExportBatch("a", [make_event(1)]))
+
+
+@pytest.mark.parametrize(("error", "kind"), [
+    (DatabaseError("Code: 252. Too many parts", code=252), RetryableError),
+    (DatabaseError("Code: 241. Memory limit exceeded", code=241), RetryableError),
+    (OperationalError("connection reset"), RetryableError),
+    (DatabaseError("Code: 16. No such column foo in table", code=16), PermanentError),
+])
+def test_overload_is_retryable_and_a_refused_statement_permanent(error, kind):
+    assert isinstance(classify(error), kind)
+
+
+BUDGETS = {"acme": Budget(limit_usd=4, scope=BudgetScope(metadata={"customer": "acme"}),
+                          alert_thresholds=[0.5, 0.9]),
+           "openai": Budget(limit_usd=100, period="day", scope=BudgetScope(provider="openai"))}
+
+
+def acme_events(n):
+    """`n` events of the last minute at $0.50, every other one for customer acme."""
+    now = time.time_ns()
+    return [make_event(i, timestamp=now - i * 10**9, cost_usd=0.5,
+                       metadata={"customer": "acme" if i % 2 else "globex"}) for i in range(n)]
+
+
+async def test_budget_gauges_show_spend_limit_and_utilization(make_exporter):
+    exporter = await make_exporter(sections={"budgets": BUDGETS}, budget_refresh="50ms")
+    await exporter.export(ExportBatch("a", acme_events(12)))  # 6 acme events at 0.5
+    registry = exporter.context.telemetry.registry
+
+    def gauge(name, budget):
+        return metric_value(registry, name, budget=budget)
+
+    # (the raw table and the rollup are written one after the other: wait for both)
+    await eventually(lambda: (gauge("llm_gateway_budget_spend_usd", "acme"),
+                              gauge("llm_gateway_budget_spend_usd", "openai")) == (3.0, 6.0))
+    assert gauge("llm_gateway_budget_limit_usd", "acme") == 4.0
+    assert gauge("llm_gateway_budget_utilization_ratio", "acme") == 0.75
+    assert gauge("llm_gateway_budget_threshold_reached_ratio", "acme") == 0.5
+    assert metric_value(registry, "llm_gateway_budget_utilization_ratio", budget="acme",
+                        period="month", scope="metadata.customer=acme") == 0.75
+
+
+async def test_budget_spend_is_recomputed_from_clickhouse_after_a_restart(make_exporter):
+    first = await make_exporter(sections={"budgets": BUDGETS})
+    await first.export(ExportBatch("a", acme_events(12)))
+    await first.shutdown()
+    second = await make_exporter(sections={"budgets": BUDGETS})
+    spend = {b["budget"]: b["spend_usd"] for b in await second.budget_status()}
+    assert spend == {"acme": 3, "openai": 6}

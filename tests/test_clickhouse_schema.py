@@ -1,0 +1,176 @@
+"""The ClickHouse schema: created, migrated forward, and the server/cluster DDL as text."""
+
+import clickhouse_connect
+import pytest
+
+from exporters.clickhouse.config import ClickHouseConfig
+from exporters.clickhouse.connection import insert_settings
+from exporters.clickhouse.schema import COLUMNS, Column, Schema, ensure_schema
+from meterline.config import ConfigError, convert, loads
+from meterline.event import FIELDS
+from tests.conftest import make_event
+
+
+@pytest.fixture
+def chdb(tmp_path):
+    client = clickhouse_connect.get_client(interface="chdb", path=str(tmp_path / "ch"))
+    yield client
+    client.close()
+
+
+def insert(client, schema, events, token):
+    client.insert(schema.qualified(schema.events), schema.column_batch(events),
+                  column_names=[c.name for c in schema.inserted], column_oriented=True,
+                  settings={"insert_deduplication_token": token})
+
+
+def columns(client, table):
+    return [name for (name,) in client.query(
+        "SELECT name FROM system.columns WHERE database = 'meterline' AND table = "
+        f"'{table}' ORDER BY position").result_rows]
+
+
+def test_every_event_field_has_a_column():
+    assert {c.name for c in COLUMNS if not c.materialized} == set(FIELDS)
+
+
+def test_the_schema_is_created_once_and_then_left_alone(chdb):
+    created = ensure_schema(chdb, Schema())
+    assert [s.split(" (")[0].splitlines()[0] for s in created] == [
+        "CREATE TABLE IF NOT EXISTS `meterline`.`llm_events`",
+        "CREATE TABLE IF NOT EXISTS `meterline`.`llm_usage_1m`",
+        "CREATE TABLE IF NOT EXISTS `meterline`.`llm_usage_1h`",
+        "CREATE MATERIALIZED VIEW IF NOT EXISTS `meterline`.`llm_usage_1m_mv_v1`",
+        "CREATE MATERIALIZED VIEW IF NOT EXISTS `meterline`.`llm_usage_1h_mv_v1`"]
+    assert ensure_schema(chdb, Schema()) == []
+
+
+def test_a_later_version_adds_its_columns_to_an_existing_table_and_keeps_the_rows(chdb):
+    older = Schema(columns=tuple(c for c in COLUMNS if c.name not in ("itl_ms", "attributes")))
+    ensure_schema(chdb, older)
+    insert(chdb, older, [make_event(i) for i in range(3)], "old")
+    changes = ensure_schema(chdb, Schema())
+    assert changes == [
+        "ALTER TABLE `meterline`.`llm_events` ADD COLUMN IF NOT EXISTS `itl_ms` "
+        "Nullable(Float64) AFTER `ttft_ms`",
+        "ALTER TABLE `meterline`.`llm_events` ADD COLUMN IF NOT EXISTS `attributes` "
+        "String CODEC(ZSTD(3)) AFTER `redactions`"]
+    assert columns(chdb, "llm_events") == [c.name for c in COLUMNS]
+    insert(chdb, Schema(), [make_event(9, itl_ms=12.5, attributes={"a": 1})], "new")
+    rows = chdb.query("SELECT event_id, itl_ms, attributes FROM meterline.llm_events "
+                      "ORDER BY event_id").result_rows
+    assert rows == [("evt-00000000", None, ""), ("evt-00000001", None, ""),
+                    ("evt-00000002", None, ""), ("evt-00000009", 12.5, '{"a":1}')]
+    [(events,)] = chdb.query("SELECT sum(events) FROM meterline.llm_usage_1h").result_rows
+    assert events == 4
+
+
+def test_a_newer_rollup_view_replaces_the_old_one(chdb, monkeypatch):
+    ensure_schema(chdb, Schema())
+    monkeypatch.setattr("exporters.clickhouse.schema.VIEW_VERSION", 2)
+    changes = [c.splitlines()[0] for c in ensure_schema(chdb, Schema())]
+    assert changes == [
+        "CREATE MATERIALIZED VIEW IF NOT EXISTS `meterline`.`llm_usage_1m_mv_v2`",
+        "CREATE MATERIALIZED VIEW IF NOT EXISTS `meterline`.`llm_usage_1h_mv_v2`",
+        "DROP VIEW IF EXISTS `meterline`.`llm_usage_1m_mv_v1`",
+        "DROP VIEW IF EXISTS `meterline`.`llm_usage_1h_mv_v1`"]
+    insert(chdb, Schema(), [make_event(1)], "t")
+    for table in ("llm_usage_1m", "llm_usage_1h"):
+        [(events,)] = chdb.query(f"SELECT sum(events) FROM meterline.{table}").result_rows
+        assert events == 1  # one view feeds each rollup, not two
+
+
+def test_content_columns_are_compressed_and_counts_nullable():
+    types = {c.name: c.type for c in COLUMNS}
+    assert types["input_messages"] == "String CODEC(ZSTD(3))"
+    assert types["input_tokens"] == "Nullable(UInt32)"
+    assert types["cost_usd"] == "Nullable(Float64)"
+    assert types["provider"] == "LowCardinality(String)"
+    assert types["metadata"] == "Map(LowCardinality(String), String)"
+
+
+def test_ttl_and_dedup_window_go_into_the_table_ddl():
+    config = convert({"endpoint": "http://ch:8123", "ttl": "90d", "dedup_window": 500},
+                     ClickHouseConfig)
+    ddl = Schema.of(config).create_events()
+    assert "TTL toDateTime(timestamp) + toIntervalSecond(7776000)" in ddl
+    assert ddl.endswith("SETTINGS non_replicated_deduplication_window = 500")
+    assert "ORDER BY (toStartOfHour(timestamp), event_id)" in ddl
+    assert "PARTITION BY toYYYYMM(timestamp)" in ddl
+
+
+def test_a_cluster_gets_replicated_local_tables_behind_distributed_ones():
+    config = convert({"endpoint": "https://ch:8443", "cluster": {"name": "llm"}},
+                     ClickHouseConfig)
+    objects = dict(Schema.of(config).objects())
+    assert list(objects) == ["llm_events_local", "llm_usage_1m_local", "llm_usage_1h_local",
+                             "llm_events", "llm_usage_1m", "llm_usage_1h",
+                             "llm_usage_1m_mv_v1", "llm_usage_1h_mv_v1"]
+    local = objects["llm_events_local"]
+    assert local.startswith("CREATE TABLE IF NOT EXISTS `meterline`.`llm_events_local` "
+                            "ON CLUSTER `llm` (")
+    assert "ENGINE = ReplicatedReplacingMergeTree\n" in local
+    assert local.endswith("SETTINGS replicated_deduplication_window = 10000")
+    assert "ENGINE = ReplicatedAggregatingMergeTree\n" in objects["llm_usage_1h_local"]
+    assert objects["llm_events"] == (
+        "CREATE TABLE IF NOT EXISTS `meterline`.`llm_events` ON CLUSTER `llm` AS "
+        "`meterline`.`llm_events_local`\nENGINE = Distributed(`llm`, `meterline`, "
+        "`llm_events_local`, cityHash64(event_id))")
+    view = objects["llm_usage_1h_mv_v1"]
+    assert "ON CLUSTER `llm`\nTO `meterline`.`llm_usage_1h_local`" in view
+    assert "FROM `meterline`.`llm_events_local`" in view
+
+
+def test_a_cluster_migration_alters_the_local_and_the_distributed_table():
+    schema = Schema(cluster="llm")
+    assert schema.add_column("llm_events", Column("x", "String CODEC(ZSTD(3))"), "w") == [
+        "ALTER TABLE `meterline`.`llm_events_local` ON CLUSTER `llm` ADD COLUMN IF NOT EXISTS "
+        "`x` String CODEC(ZSTD(3)) AFTER `w`",
+        "ALTER TABLE `meterline`.`llm_events` ON CLUSTER `llm` ADD COLUMN IF NOT EXISTS `x` "
+        "String AFTER `w`"]
+
+
+def test_inserts_on_a_server_wait_for_async_inserts_and_for_the_shards():
+    config = convert({"endpoint": "http://ch:8123", "async_insert": True,
+                      "cluster": {"name": "llm"}}, ClickHouseConfig)
+    assert insert_settings(config, "b1") == {
+        "insert_deduplication_token": "b1",
+        "async_insert": 1, "wait_for_async_insert": 1, "async_insert_deduplicate": 1,
+        "distributed_foreground_insert": 1}
+
+
+@pytest.mark.parametrize(("block", "where", "message"), [
+    ("endpoint: ftp://x", "3: exporters.clickhouse:", "endpoint must start with chdb://"),
+    ("async_insert: true", "3: exporters.clickhouse:", "apply to a ClickHouse server"),
+    ("database: 'a-b'", "3: exporters.clickhouse:", "plain identifiers"),
+    ("cluster: {name: 'x y'}", "4: exporters.clickhouse.cluster:", "plain identifier"),
+])
+def test_bad_settings_are_refused_with_the_reason(block, where, message):
+    text = f"""\
+receivers: {{webhook: {{}}}}
+exporters:
+  clickhouse:
+    {block}
+service: {{pipelines: {{p: {{receivers: [webhook], exporters: [clickhouse]}}}}}}
+"""
+    with pytest.raises(ConfigError) as e:
+        loads(text, "pipeline.yaml", {})
+    [problem] = e.value.problems
+    assert str(problem).startswith(f"pipeline.yaml:{where}")
+    assert message in str(problem)
+
+
+def test_a_budget_with_a_bad_limit_is_refused_with_its_line():
+    text = """\
+receivers: {webhook: {}}
+exporters: {clickhouse: {}}
+service: {pipelines: {p: {receivers: [webhook], exporters: [clickhouse]}}}
+budgets:
+  search:
+    scope: {team: search}
+    limit_usd: -5
+"""
+    with pytest.raises(ConfigError) as e:
+        loads(text, "pipeline.yaml", {})
+    assert [str(p) for p in e.value.problems] == [
+        "pipeline.yaml:5: budgets.search: limit_usd must be positive, got -5.0"]

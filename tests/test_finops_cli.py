@@ -1,0 +1,126 @@
+"""`meterline finops`: from ClickHouse itself, or from the running daemon that holds chDB."""
+
+import csv
+import io
+import json
+import subprocess
+import sys
+import time
+
+from exporters.clickhouse.cli import render
+from tests.conftest import config_text, eventually, free_port, make_event, post_json
+
+PIPELINE = """
+receivers:
+  webhook: {{listen: 127.0.0.1:{port}}}
+exporters:
+  clickhouse:
+    endpoint: chdb://{{data}}/clickhouse
+    batch: {{timeout: 20ms}}
+service:
+  data_dir: {{data}}
+  admin: {admin}
+  pipelines:
+    p: {{receivers: [webhook], exporters: [clickhouse]}}
+budgets:
+  search: {{scope: {{team: search}}, period: day, limit_usd: 10}}
+"""
+
+
+def events():
+    """Twelve events of the last minutes: search spends 0.5 each, support 0.25."""
+    now = time.time_ns()
+    return [make_event(i, timestamp=now - i * 10**9, team="search" if i % 3 else "support",
+                       cost_usd=0.5 if i % 3 else 0.25) for i in range(12)]
+
+
+def finops(config, *args):
+    return subprocess.run([sys.executable, "-m", "meterline", "finops", "-c", str(config),
+                           *args], capture_output=True, text=True, timeout=60)
+
+
+async def test_finops_asks_the_running_daemon_which_holds_the_data(daemon_factory):
+    port = free_port()
+    daemon = daemon_factory(PIPELINE.format(port=port, admin='{listen: "127.0.0.1:{admin}"}'))
+    daemon.start()
+    await post_json(f"http://127.0.0.1:{port}/v1/events", events())
+
+    def spend():
+        result = finops(daemon.config, "--by", "team", "--format", "json", "--range", "24h")
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)
+
+    answer = await eventually(lambda: (a := spend())["total"]["requests"] == 12 and a)
+    assert {r["team"]: r["cost_usd"] for r in answer["rows"]} == {"search": 4, "support": 1}
+
+    result = finops(daemon.config, "budgets", "--format", "csv")
+    assert result.returncode == 0, result.stderr
+    [row] = csv.DictReader(io.StringIO(result.stdout))
+    assert (row["budget"], row["spend_usd"], row["utilization"]) == ("search", "4", "0.4")
+    assert daemon.stop() == 0
+
+
+async def test_finops_reads_clickhouse_itself_when_no_daemon_runs(daemon_factory):
+    port = free_port()
+    daemon = daemon_factory(PIPELINE.format(port=port, admin='{listen: "127.0.0.1:{admin}"}'))
+    daemon.start()
+    await post_json(f"http://127.0.0.1:{port}/v1/events", events())
+    await eventually(lambda: _stored(daemon) == 12)
+    assert daemon.stop() == 0
+    result = finops(daemon.config, "--by", "team")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("spend by team, ")
+    assert lines[1].split() == ["team", "requests", "errors", "total_tokens", "cost_usd",
+                                "cost_per_request_usd", "cost_per_1k_tokens_usd", "share"]
+    assert lines[2].split()[:2] == ["search", "8"] and lines[2].split()[4] == "4"
+    assert lines[-1].split()[:2] == ["TOTAL", "12"]
+
+
+def _stored(daemon):
+    result = finops(daemon.config, "--format", "json", "--range", "24h")
+    return json.loads(result.stdout)["total"]["requests"] if result.returncode == 0 else None
+
+
+def test_finops_explains_a_data_directory_held_by_a_daemon_without_admin(daemon_factory,
+                                                                         tmp_path):
+    daemon = daemon_factory(PIPELINE.format(port=free_port(), admin="null"))
+    daemon.proc = subprocess.Popen([sys.executable, "-m", "meterline", "run", "-c",
+                                    str(daemon.config)], cwd=tmp_path)
+    data = tmp_path / "data" / "clickhouse"
+    deadline = time.monotonic() + 15
+    while not (data / "status").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    result = finops(daemon.config)
+    assert result.returncode == 1
+    assert "a daemon is using it" in result.stderr
+
+
+def test_finops_without_a_clickhouse_exporter_says_so(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text(config_text("""
+        receivers: {webhook: {}}
+        exporters: {debug: {}}
+        service: {pipelines: {p: {receivers: [webhook], exporters: [debug]}}}
+        """, tmp_path))
+    result = finops(path)
+    assert result.returncode == 1
+    assert "has no clickhouse exporters" in result.stderr
+
+
+def test_the_table_shows_a_total_and_right_aligned_figures():
+    answer = {"report": "spend", "by": "model", "since": "S", "until": "U",
+              "rows": [{"model": "gpt-4o", "requests": 10, "errors": 1, "total_tokens": 900,
+                        "cost_usd": 2.5, "cost_per_request_usd": 0.25,
+                        "cost_per_1k_tokens_usd": 2.777778, "share": 1}],
+              "total": {"requests": 10, "errors": 1, "total_tokens": 900, "cost_usd": 2.5,
+                        "cost_per_request_usd": 0.25, "cost_per_1k_tokens_usd": 2.777778}}
+    assert render(answer, "spend", "table").splitlines() == [
+        "spend by model, S to U",
+        "model   requests  errors  total_tokens  cost_usd  cost_per_request_usd"
+        "  cost_per_1k_tokens_usd  share",
+        "gpt-4o        10       1           900       2.5                  0.25"
+        "                2.777778      1",
+        "TOTAL         10       1           900       2.5                  0.25"
+        "                2.777778      -",
+    ]
