@@ -58,6 +58,7 @@ class Received:
     path: str
     headers: dict[str, str]
     body: Any
+    peer_port: int  # the client's port: the same for requests on one kept-alive connection
 
 
 @dataclass
@@ -124,7 +125,9 @@ class FakeUpstream:
             body = msgspec.json.decode(raw) if raw else None
         except msgspec.DecodeError:
             body = None
-        self.requests.append(Received(request.method, request.path, dict(request.headers), body))
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        self.requests.append(Received(request.method, request.path, dict(request.headers), body,
+                                      peer[1] if peer else 0))
         path = request.path
         plan = self._plan(request, body if isinstance(body, dict) else {})
         if request.method == "GET" and path.endswith("/models"):

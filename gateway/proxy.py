@@ -368,10 +368,11 @@ class Call:
         except UpstreamFailure as e:  # broke off or went silent mid-response
             client.close()
             event.status_code, event.error_type, event.error_message = e.status, e.kind, str(e)
+            self.exchange = None
             return
         finally:
             self.upstream_end = exchange.last
-            self.exchange = None
+        self.exchange = None  # (kept on cancellation, for `cancelled` to close it)
         if self.splitter is not None and (rest := self.splitter.rest()):
             self._stream_blocks([rest])
         client.end()

@@ -107,6 +107,9 @@ class Exchange:
     def on_head(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
         self.status, self.headers = status, headers
         self.last = self.loop.time()
+        self._timer.cancel()  # from now on, the idle timeout
+        self._timer = self.loop.call_at(
+            min(self.last + self.timeouts[1], self.started + self.timeouts[2]), self._check)
         if not self.head_only and status >= 200 and status not in (204, 304):
             names = {name.lower() for name, _ in headers}
             self.until_close = b"content-length" not in names and not any(

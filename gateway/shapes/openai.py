@@ -101,6 +101,7 @@ class ChatCompletions(Shape):
 
 
 class Completions(ChatCompletions):
+    operation = "text_completion"
     params = (*_SAMPLING, "best_of", "logprobs", "echo", "suffix")
 
     def read_request(self, body: dict[str, Any], event: Event, capture: bool) -> None:
