@@ -28,6 +28,7 @@ import msgspec
 from structlog.typing import FilteringBoundLogger
 
 from gateway.config import ProxyConfig
+from gateway.deadlines import Deadlines
 from gateway.server import ClientConnection, Request
 from gateway.shapes import DROP, TOKEN, Shape, StreamReader, read_error, shape_for
 from gateway.streams import LineSplitter, SSESplitter
@@ -75,7 +76,9 @@ class Proxy:
         self.config = config
         self.record = record
         self.log = log
-        self.upstreams = {name: Upstream(name, cfg) for name, cfg in config.upstreams.items()}
+        self.deadlines = Deadlines()
+        self.upstreams = {name: Upstream(name, cfg, self.deadlines)
+                          for name, cfg in config.upstreams.items()}
         self.by_prefix = {name.encode(): up for name, up in self.upstreams.items()}
         default = config.default_upstream
         self.default = self.upstreams[default] if default else None
@@ -101,6 +104,7 @@ class Proxy:
                                                    listen.port, reuse_address=True)
         except OSError as e:
             raise OSError(e.errno, f"cannot listen on {listen}: {e.strerror}") from e
+        self.deadlines.start()
 
     async def shutdown(self) -> None:
         """Stop listening, let requests in flight finish within `drain_timeout`, then
@@ -122,6 +126,7 @@ class Proxy:
             conn.close()
         for upstream in self.upstreams.values():
             upstream.close()
+        self.deadlines.stop()
 
     @property
     def port(self) -> int:
@@ -167,7 +172,8 @@ class Proxy:
 class Call:
     """One request through the gateway, from its arrival to its event."""
 
-    __slots__ = ("begun", "body", "client", "drop_usage", "event", "exchange", "first_token",
+    __slots__ = ("begun", "body", "client", "drop_usage", "ended", "event", "exchange",
+                 "first_token",
                  "last_token", "loop", "parsed", "path", "proxy", "query", "reader", "request",
                  "sent", "serving", "shape", "splitter", "tokens", "traceflags", "upstream",
                  "upstream_end")
@@ -189,6 +195,7 @@ class Call:
         self.sent: float | None = None  # first byte sent upstream
         self.upstream_end: float | None = None  # last byte received from upstream
         self.begun = False  # the client's response has begun
+        self.ended = False  # ... and was written to its end
         self.traceflags = "01"
         self.reader: StreamReader | None = None
         self.splitter: SSESplitter | None = None
@@ -362,7 +369,7 @@ class Call:
         client.begin(status, head, length, self.request.http10)
         self.begun = True
         client.upstream = exchange.conn
-        exchange.attach(self.on_body)
+        exchange.attach(self.on_body, self.on_flush)
         try:
             await exchange.done
         except UpstreamFailure as e:  # broke off or went silent mid-response
@@ -373,10 +380,25 @@ class Call:
         finally:
             self.upstream_end = exchange.last
         self.exchange = None  # (kept on cancellation, for `cancelled` to close it)
+        self.complete()
+        self._read_response()
+
+    def on_flush(self) -> None:
+        """After each read from the upstream: write what it brought, and the end of the
+        response with it when it was the last read."""
+        done = self.exchange.done if self.exchange is not None else None
+        if done is not None and done.done() and not done.cancelled() and not done.exception():
+            self.complete()
+        else:
+            self.client.flush()
+
+    def complete(self) -> None:
+        if self.ended:
+            return
+        self.ended = True
         if self.splitter is not None and (rest := self.splitter.rest()):
             self._stream_blocks([rest])
-        client.end()
-        self._read_response()
+        self.client.end()
 
     def _response_head(self, headers: list[tuple[bytes, bytes]]) -> tuple[bytes, int | None,
                                                                            bytes]:
@@ -411,10 +433,9 @@ class Call:
                 self.parsed = None
 
     def _stream_blocks(self, blocks: list[bytes]) -> None:
-        """Read each whole stream message; forward those not dropped, in one write."""
+        """Read each whole stream message; forward those not dropped."""
         splitter, reader, event = self.splitter, self.reader, self.event
         assert splitter is not None and reader is not None
-        kept: list[bytes] = []
         for block in blocks:
             flags = 0
             payload = splitter.payload(block)
@@ -434,9 +455,7 @@ class Call:
                 self.last_token = now
                 self.tokens += 1
             if not flags & DROP:
-                kept.append(block)
-        if kept:
-            self.client.send(kept[0] if len(kept) == 1 else b"".join(kept))
+                self.client.send(block)
 
     def _read_response(self) -> None:
         event = self.event

@@ -5,7 +5,8 @@ refuses what cannot be served before any upstream is involved (malformed HTTP,
 a body over the limit, a request too slow to arrive, protocol upgrades), and
 hands each complete request to the proxy. It writes the response as the proxy
 gives it: the head is held back and sent with the first body bytes, so that a
-small response leaves in one write. When the client goes away, the request's
+small response leaves in one write, and what one read from the upstream brought
+leaves in one write however many chunks it held. When the client goes away, the request's
 task is cancelled (the proxy closes the upstream call and records a 499), and
 when the client reads slower than the upstream writes, the upstream connection
 stops being read until the client catches up.
@@ -14,6 +15,7 @@ stops being read until the client catches up.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import deque
 from http import HTTPStatus
@@ -22,6 +24,7 @@ from typing import TYPE_CHECKING, Protocol
 import httptools
 
 if TYPE_CHECKING:
+    from gateway.deadlines import Deadlines
     from gateway.upstream import UpstreamConnection
 
 _REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
@@ -57,6 +60,7 @@ class Handler(Protocol):
     read_timeout: float
     keepalive_timeout: float
     connections: set[ClientConnection]
+    deadlines: Deadlines
 
     async def handle(self, request: Request, client: ClientConnection) -> None: ...
 
@@ -79,14 +83,16 @@ class ClientConnection(asyncio.Protocol):
         self.gone = False  # the client closed the connection first
         self.upstream: UpstreamConnection | None = None  # paused when the client is slow
         self.pending_head = b""
+        self.out: list[bytes] = []  # body bytes queued for the next write
         self.chunked = False
         self.must_close = False  # the response ends with the connection
-        self._timer: asyncio.TimerHandle | None = None
+        self.deadline = math.inf  # for the request to arrive, or for the next one to begin
 
     # --- asyncio protocol ------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self.handler.connections.add(self)
+        self.handler.deadlines.watched.add(self)
         self._arm(self.handler.keepalive_timeout)
 
     def data_received(self, data: bytes) -> None:
@@ -102,8 +108,7 @@ class ClientConnection(asyncio.Protocol):
         self.gone = not self.closed
         self.closed = True
         self.handler.connections.discard(self)
-        if self._timer is not None:
-            self._timer.cancel()
+        self.handler.deadlines.watched.discard(self)
         if self.gone and self.task is not None and not self.task.done():
             self.task.cancel()
 
@@ -168,9 +173,7 @@ class ClientConnection(asyncio.Protocol):
 
     # --- serving -----------------------------------------------------------------
     def _serve(self, request: Request) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self.deadline = math.inf
         self.task = self.loop.create_task(self.handler.handle(request, self))
         self.task.add_done_callback(lambda _: self._served(request))
 
@@ -187,14 +190,14 @@ class ClientConnection(asyncio.Protocol):
             self._arm(self.handler.keepalive_timeout)
 
     def _arm(self, seconds: float) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer = self.loop.call_later(seconds, self._timed_out) if seconds > 0 else None
+        self.deadline = self.loop.time() + seconds if seconds > 0 else math.inf
 
-    def _timed_out(self) -> None:
-        self._timer = None
-        if self.task is not None:
+    def check(self, now: float) -> None:
+        """Called on every `Deadlines` tick: 408 for a request too slow to arrive, close a
+        kept-alive connection idle too long."""
+        if now < self.deadline or self.task is not None:
             return
+        self.deadline = math.inf
         if self.request is not None:  # a request started but did not arrive in time
             self._refuse(408, f"request not received within {self.handler.read_timeout:g}s")
         else:
@@ -233,8 +236,16 @@ class ClientConnection(asyncio.Protocol):
         self.pending_head = b"%s%s%s\r\n" % (status_line(status), framing, headers)
 
     def send(self, data: bytes) -> None:
-        if not data:
+        """Queue body bytes; `flush` writes what was queued (one write per upstream read,
+        however many chunks it held)."""
+        if data:
+            self.out.append(data)
+
+    def flush(self) -> None:
+        if not self.out:
             return
+        data = self.out[0] if len(self.out) == 1 else b"".join(self.out)
+        self.out.clear()
         if self.chunked:
             data = b"%x\r\n%s\r\n" % (len(data), data)
         if self.pending_head:
@@ -242,6 +253,7 @@ class ClientConnection(asyncio.Protocol):
         self._write(data)
 
     def end(self) -> None:
+        self.flush()
         data, self.pending_head = self.pending_head, b""
         if self.chunked:
             data += b"0\r\n\r\n"

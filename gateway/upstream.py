@@ -7,9 +7,10 @@ most of the latency a proxy adds (see `bench/gateway_bench.py`). The body of a
 response goes from the upstream's `data_received` straight to the client's
 transport in the same callback; nothing waits on a task switch per chunk.
 
-All the timeouts of an exchange are one watchdog timer: it is armed once and,
-when it fires, re-arms itself for the nearest deadline still ahead (first byte,
-idle since the last chunk, total), so a chunk costs a clock read, not a timer.
+The timeouts of an exchange (first byte, idle since the last chunk, total) are
+checked by the proxy's `Deadlines` tick, so a chunk costs a clock read, not a
+timer. An `Upstream` used without a ticking `Deadlines` has no timeouts but the
+connect one (as in the benchmark's load generator).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from urllib.parse import urlsplit
 import httptools
 
 from gateway.config import TimeoutsConfig, UpstreamConfig
+from gateway.deadlines import Deadlines
 
 UNHEALTHY_AFTER = 3  # consecutive connection failures or timeouts
 
@@ -51,8 +53,9 @@ class Exchange:
     `done` when the response is complete; both fail with `UpstreamFailure`.
     """
 
-    __slots__ = ("_timer", "conn", "done", "early", "head", "head_only", "headers", "last",
-                 "loop", "received", "sink", "started", "status", "timeouts", "until_close")
+    __slots__ = ("conn", "deadlines", "done", "early", "flush", "head", "head_only", "headers",
+                 "last", "loop", "received", "sink", "started", "status", "timeouts",
+                 "until_close")
 
     def __init__(self, conn: UpstreamConnection, timeouts: TimeoutsConfig,
                  head_only: bool) -> None:
@@ -67,19 +70,24 @@ class Exchange:
         self.headers: list[tuple[bytes, bytes]] = []
         self.until_close = False  # body delimited by the connection closing
         self.sink: Callable[[bytes], None] | None = None
+        self.flush: Callable[[], None] | None = None
         self.early: list[bytes] = []
         self.received = False  # any byte of the response came
         self.started = self.last = self.loop.time()
-        self._timer = self.loop.call_at(self.started + min(self.timeouts[0], self.timeouts[2]),
-                                        self._check)
+        self.deadlines = conn.upstream.deadlines
+        self.deadlines.watched.add(self)
 
     # --- called by the proxy ---------------------------------------------------
-    def attach(self, sink: Callable[[bytes], None]) -> None:
-        """Send the body to `sink` from now on (and what already came)."""
+    def attach(self, sink: Callable[[bytes], None],
+               flush: Callable[[], None] | None = None) -> None:
+        """Send the body to `sink` from now on (and what already came); `flush` is called
+        after each read from the upstream, however many pieces `sink` got from it."""
         early, self.early = self.early, []
         for data in early:
             sink(data)
-        self.sink = sink
+        self.sink, self.flush = sink, flush
+        if flush is not None:
+            flush()
 
     async def read_body(self, limit: int) -> bytes:
         """The whole body (up to `limit` bytes kept), for error bodies and fallbacks."""
@@ -98,7 +106,7 @@ class Exchange:
 
     def abort(self) -> None:
         """Give up on the exchange (the client left): close the upstream call."""
-        self._timer.cancel()
+        self.deadlines.watched.discard(self)
         for future in (self.head, self.done):
             future.cancel()
         self.conn.detach()
@@ -107,9 +115,6 @@ class Exchange:
     def on_head(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
         self.status, self.headers = status, headers
         self.last = self.loop.time()
-        self._timer.cancel()  # from now on, the idle timeout
-        self._timer = self.loop.call_at(
-            min(self.last + self.timeouts[1], self.started + self.timeouts[2]), self._check)
         if not self.head_only and status >= 200 and status not in (204, 304):
             names = {name.lower() for name, _ in headers}
             self.until_close = b"content-length" not in names and not any(
@@ -125,7 +130,7 @@ class Exchange:
             self.early.append(data)
 
     def on_complete(self) -> None:
-        self._timer.cancel()
+        self.deadlines.watched.discard(self)
         if not self.done.done():
             self.done.set_result(None)
 
@@ -140,28 +145,27 @@ class Exchange:
                                   stale=not self.received and self.conn.reused))
 
     def fail(self, error: UpstreamFailure) -> None:
-        self._timer.cancel()
+        self.deadlines.watched.discard(self)
         future = self.head if not self.head.done() else self.done
         if not future.done():
             future.set_exception(error)
         self.conn.detach()
 
-    def _check(self) -> None:
+    def check(self, now: float) -> None:
+        """Called on every `Deadlines` tick: fail with 504 once a timeout has passed."""
         first_byte, idle, total = self.timeouts
-        deadline = self.started + total
-        if self.head.done():
-            kind, limit, deadline = "idle", idle, min(deadline, self.last + idle)
+        if now - self.started >= total:
+            kind, limit, what = "total", total, "end of the response"
+        elif not self.head.done():
+            if now - self.started < first_byte:
+                return
+            kind, limit, what = "first_byte", first_byte, "response"
+        elif now - self.last >= idle:
+            kind, limit, what = "idle", idle, "data"
         else:
-            kind, limit, deadline = "first_byte", first_byte, min(deadline,
-                                                                   self.started + first_byte)
-        if self.loop.time() < deadline:
-            self._timer = self.loop.call_at(deadline, self._check)
             return
-        if deadline == self.started + total:
-            kind, limit = "total", total
         self.fail(UpstreamFailure(504, "timeout", f"upstream {self.conn.upstream.name}: no "
-                                  f"{'response' if kind == 'first_byte' else 'data'} within "
-                                  f"the {kind} timeout ({limit:g}s)"))
+                                  f"{what} within the {kind} timeout ({limit:g}s)"))
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -215,6 +219,8 @@ class UpstreamConnection(asyncio.Protocol):
             exchange.fail(UpstreamFailure(502, "service_unavailable",
                                           f"upstream {self.upstream.name} sent a malformed "
                                           f"HTTP response: {e}"))
+        if exchange.flush is not None:
+            exchange.flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -257,9 +263,10 @@ class UpstreamConnection(asyncio.Protocol):
 class Upstream:
     """A named upstream: its address, credentials, connection pool and health."""
 
-    def __init__(self, name: str, config: UpstreamConfig) -> None:
+    def __init__(self, name: str, config: UpstreamConfig, deadlines: Deadlines) -> None:
         self.name = name
         self.config = config
+        self.deadlines = deadlines
         self.provider = config.provider
         parts = urlsplit(config.base_url)
         self.host = parts.hostname or ""
