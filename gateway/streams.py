@@ -19,8 +19,11 @@ class SSESplitter:
         self.pending = b""
 
     def feed(self, data: bytes) -> list[bytes]:
+        sep = self.separator
         if b"\r" in data:
             data = data.replace(b"\r\n", b"\n")
+        elif data and not self.pending and data.find(sep) == len(data) - len(sep):
+            return [data]  # the usual read: exactly one whole message
         buf = self.pending + data if self.pending else data
         end = buf.rfind(self.separator)
         if end < 0:
