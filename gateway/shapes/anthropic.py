@@ -20,7 +20,7 @@ from gateway.shapes.base import (
     as_dict,
     as_int,
     assistant_message,
-    set_attribute,
+    read_model_and_id,
     text_of,
 )
 from meterline.event import Event
@@ -76,10 +76,7 @@ class Messages(Shape):
     def read_response(self, body: Any, event: Event, capture: bool) -> None:
         if not isinstance(body, dict):
             return
-        if isinstance(body.get("model"), str):
-            event.response_model = body["model"]
-        if isinstance(body.get("id"), str):
-            set_attribute(event, "gen_ai.response.id", body["id"])
+        read_model_and_id(body, event)
         usage = Usage()
         usage.merge(as_dict(body.get("usage")))
         usage.write(event)
@@ -135,10 +132,7 @@ class MessagesStream(StreamReader):
         elif kind == "message_start":
             start = as_dict(message.get("message"))
             self.usage.merge(as_dict(start.get("usage")))
-            if isinstance(start.get("model"), str):
-                self.event.response_model = start["model"]
-            if isinstance(start.get("id"), str):
-                set_attribute(self.event, "gen_ai.response.id", start["id"])
+            read_model_and_id(start, self.event)
         elif kind == "message_delta":
             self.usage.merge(as_dict(message.get("usage")))
             reason = as_dict(message.get("delta")).get("stop_reason")

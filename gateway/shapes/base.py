@@ -82,6 +82,14 @@ def pick(body: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any] | None:
     return params or None
 
 
+def read_model_and_id(body: dict[str, Any], event: Event) -> None:
+    """The response's model and id, where every API puts them (`model`, `id`)."""
+    if isinstance(body.get("model"), str):
+        event.response_model = body["model"]
+    if isinstance(body.get("id"), str):
+        set_attribute(event, "gen_ai.response.id", body["id"])
+
+
 def set_attribute(event: Event, key: str, value: Any) -> None:
     if event.attributes is None:
         event.attributes = {}

@@ -17,6 +17,7 @@ from gateway.shapes.base import (
     as_int,
     assistant_message,
     pick,
+    read_model_and_id,
 )
 from meterline.event import Event
 
@@ -80,8 +81,7 @@ class Embed(Shape):
 
 
 def read_final(body: dict[str, Any], event: Event) -> None:
-    if isinstance(body.get("model"), str):
-        event.response_model = body["model"]
+    read_model_and_id(body, event)
     event.input_tokens = as_int(body.get("prompt_eval_count"))
     event.output_tokens = as_int(body.get("eval_count"))
     if body.get("done_reason"):

@@ -20,6 +20,7 @@ from gateway.shapes.base import (
     as_int,
     assistant_message,
     read_error,
+    read_model_and_id,
     set_attribute,
     text_of,
 )
@@ -51,11 +52,6 @@ def _read_user(body: dict[str, Any], event: Event) -> None:
         event.user_id = user
 
 
-def _response_id(body: dict[str, Any], event: Event) -> None:
-    if isinstance(body.get("id"), str):
-        set_attribute(event, "gen_ai.response.id", body["id"])
-
-
 class ChatCompletions(Shape):
     operation = "chat"
     params = (*_SAMPLING, "max_completion_tokens", "reasoning_effort", "logprobs",
@@ -83,10 +79,8 @@ class ChatCompletions(Shape):
     def read_response(self, body: Any, event: Event, capture: bool) -> None:
         if not isinstance(body, dict):
             return
-        if isinstance(body.get("model"), str):
-            event.response_model = body["model"]
+        read_model_and_id(body, event)
         read_usage(as_dict(body.get("usage")), event)
-        _response_id(body, event)
         choices = [c for c in body.get("choices") or () if isinstance(c, dict)]
         event.finish_reasons = [str(c["finish_reason"]) for c in choices
                                 if c.get("finish_reason")] or None
@@ -205,8 +199,7 @@ class Embeddings(Shape):
 
     def read_response(self, body: Any, event: Event, capture: bool) -> None:
         if isinstance(body, dict):
-            if isinstance(body.get("model"), str):
-                event.response_model = body["model"]
+            read_model_and_id(body, event)
             read_usage(as_dict(body.get("usage")), event)
 
 
@@ -238,10 +231,8 @@ class Responses(Shape):
     def read_response(self, body: Any, event: Event, capture: bool) -> None:
         if not isinstance(body, dict):
             return
-        if isinstance(body.get("model"), str):
-            event.response_model = body["model"]
+        read_model_and_id(body, event)
         read_usage(as_dict(body.get("usage")), event)
-        _response_id(body, event)
         status = body.get("status")
         reason = as_dict(body.get("incomplete_details")).get("reason")
         if status or reason:
