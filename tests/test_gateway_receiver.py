@@ -132,6 +132,19 @@ async def test_requests_in_flight_at_shutdown_finish_within_the_drain_timeout(tm
     assert [r["status_code"] for r in rows] == [200]
 
 
+async def test_requests_still_in_flight_after_the_drain_timeout_are_cut_and_recorded(tmp_path):
+    port = free_port()
+    async with FakeUpstream(latency=5) as fake:
+        async with running(pipeline(port, fake.url, "drain_timeout: 100ms"), tmp_path):
+            call = asyncio.create_task(client(port).chat.completions.create(
+                model="m", messages=MESSAGES))
+            await eventually(lambda: fake.requests)
+        with pytest.raises(openai.APIConnectionError):
+            await call
+        rows = read_jsonl(tmp_path / "data/out.jsonl")
+    assert [(r["status_code"], r["error_type"]) for r in rows] == [(503, "service_unavailable")]
+
+
 @pytest.mark.parametrize(("upstreams", "message"), [
     ('{a: {base_url: "http://x", fallback: [b]}}', "fallback 'b' must name another upstream"),
     ('{a: {base_url: "http://x", default: true}, b: {base_url: "http://y", default: true}}',
