@@ -113,8 +113,8 @@ class ClientConnection(asyncio.Protocol):
             self.task.cancel()
 
     def pause_writing(self) -> None:
-        if self.upstream is not None:
-            self.upstream.pause_reading()
+        if self.upstream is not None and self.upstream.exchange is not None:
+            self.upstream.pause_reading()  # (not once its response is over: it may be reused)
 
     def resume_writing(self) -> None:
         if self.upstream is not None:

@@ -307,6 +307,7 @@ class Upstream:
             conn = self.idle.pop()
             if not conn.closed:
                 conn.reused = True
+                conn.resume_reading()  # in case a slow client paused it at the very end
                 return conn
         loop = asyncio.get_running_loop()
         timeout = self.config.timeouts.connect
