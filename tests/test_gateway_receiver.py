@@ -3,8 +3,10 @@ path, a full buffer drops and counts, self-telemetry, config errors."""
 
 import asyncio
 
+import aiohttp
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.fakeupstream import FakeUpstream
 from meterline import config as config_mod
@@ -182,3 +184,45 @@ service:
     assert config.listen == "127.0.0.1:8080"
     assert config.upstreams["openai"].base_url == "https://api.openai.com"
     assert config.default_upstream == "openai"
+
+
+async def test_the_prometheus_exporter_shows_gateway_calls_and_live_gauges(tmp_path):
+    port, scrape = free_port(), free_port()
+    body = f"""
+    receivers:
+      gateway:
+        listen: 127.0.0.1:{port}
+        upstreams:
+          openai: {{base_url: "{{url}}", provider: openai, default: true}}
+        flush_interval: 20ms
+    exporters:
+      prometheus: {{listen: "127.0.0.1:{scrape}", batch: {{timeout: 10ms}}}}
+    service:
+      data_dir: {{data}}
+      admin: null
+      pipelines:
+        p: {{receivers: [gateway], exporters: [prometheus]}}
+    """
+    async with FakeUpstream() as fake, running(body.replace("{url}", fake.url), tmp_path):
+        await client(port).chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+
+        async def scraped():
+            async with aiohttp.ClientSession() as session, \
+                    session.get(f"http://127.0.0.1:{scrape}/metrics") as r:
+                return [s for f in text_string_to_metric_families(await r.text())
+                        for s in f.samples]
+
+        def value(samples, name, **labels):
+            return sum(s.value for s in samples if s.name == name
+                       and all(s.labels.get(k) == v for k, v in labels.items()))
+
+        samples = await scraped()
+        deadline = asyncio.get_running_loop().time() + 10
+        while not value(samples, "llm_gateway_routing_decisions_total", method="default"):
+            assert asyncio.get_running_loop().time() < deadline, "no routing decision scraped"
+            await asyncio.sleep(0.05)
+            samples = await scraped()
+    assert value(samples, "llm_gateway_routing_decisions_total", method="default") == 1
+    assert value(samples, "llm_gateway_endpoint_healthy", endpoint="openai") == 1
+    assert {s.name for s in samples} >= {"llm_gateway_requests_inflight",
+                                         "llm_gateway_active_requests"}
