@@ -18,6 +18,7 @@ time from the proxies' own counters, so a request costs no metric call.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import weakref
 from collections import deque
@@ -34,7 +35,6 @@ from meterline.component import (
     Context,
     Factory,
     Receiver,
-    cancel_and_wait,
 )
 from meterline.event import Event
 from meterline.queue import QueueWriteError
@@ -73,6 +73,8 @@ class EventBuffer:
         self.unreported = 0  # dropped since the last log line
         self.last_report = 0.0
         self._task: asyncio.Task[None] | None = None
+        self.sleeping = False
+        self.closing = False
 
     def add(self, event: Event) -> None:
         """Called on the request path: O(1), never waits."""
@@ -87,8 +89,15 @@ class EventBuffer:
         self._task = asyncio.create_task(self._run(), name="gateway event buffer")
 
     async def close(self, timeout: float) -> None:
-        """Stop the loop, then hand over what is left, pushed back or not, until `timeout`."""
-        await cancel_and_wait(self._task)
+        """Stop the loop, then hand over what is left, pushed back or not, until `timeout`.
+        The loop is cancelled only while it sleeps: a batch being handed over is not cut
+        off halfway (it would be lost, or queued twice)."""
+        self.closing = True
+        if self._task is not None:
+            if self.sleeping:
+                self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
         deadline = time.monotonic() + timeout
         while self.events and time.monotonic() < deadline:
             if not await self._flush():
@@ -102,8 +111,10 @@ class EventBuffer:
 
     async def _run(self) -> None:
         pause = self.interval
-        while True:
+        while not self.closing:
+            self.sleeping = True
             await asyncio.sleep(pause)
+            self.sleeping = False
             pause = self.interval if await self._flush() else _RETRY_CAP
             self._report()
 

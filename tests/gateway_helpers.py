@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import anthropic
@@ -21,6 +21,7 @@ from meterline.event import Event
 class Running:
     proxy: Proxy
     events: list[Event]
+    clients: list[Any] = field(default_factory=list)  # closed when the gateway stops
 
     @property
     def url(self) -> str:
@@ -28,13 +29,17 @@ class Running:
 
     def openai(self, prefix: str = "", key: str = "sk-client",
                **options: Any) -> openai.AsyncOpenAI:
-        return openai.AsyncOpenAI(base_url=f"{self.url}{prefix}/v1", api_key=key, max_retries=0,
-                                  **options)
+        client = openai.AsyncOpenAI(base_url=f"{self.url}{prefix}/v1", api_key=key,
+                                    max_retries=0, **options)
+        self.clients.append(client)
+        return client
 
     def anthropic(self, prefix: str = "/anthropic", key: str = "sk-ant-client",
                   **options: Any) -> anthropic.AsyncAnthropic:
-        return anthropic.AsyncAnthropic(base_url=f"{self.url}{prefix}", api_key=key,
-                                        max_retries=0, **options)
+        client = anthropic.AsyncAnthropic(base_url=f"{self.url}{prefix}", api_key=key,
+                                          max_retries=0, **options)
+        self.clients.append(client)
+        return client
 
     @property
     def event(self) -> Event:
@@ -51,9 +56,12 @@ async def gateway(upstreams: dict[str, Any], **options: Any) -> AsyncIterator[Ru
     events: list[Event] = []
     proxy = Proxy(config, events.append, logs.get(component="gateway-test"))
     await proxy.start()
+    running = Running(proxy, events)
     try:
-        yield Running(proxy, events)
+        yield running
     finally:
+        for client in running.clients:
+            await client.close()
         await proxy.shutdown()
 
 
