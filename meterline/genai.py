@@ -79,10 +79,23 @@ def error_type_for_name(name: str | None) -> str:
     return "unknown"
 
 
+def error_type(status: int | None, name: str | None) -> str | None:
+    """The category of a failed call from its HTTP status and the error's name in the
+    body. The status decides, unless it only says "client error" or "server error" (or
+    the call succeeded at HTTP level and failed in-band) and the name says more: an
+    Anthropic 529 `overloaded_error` is `service_unavailable`."""
+    by_status = error_type_for_status(status)
+    if by_status not in (None, "invalid_request_error", "server_error"):
+        return by_status
+    by_name = error_type_for_name(name)
+    return by_name if by_name != "unknown" else by_status or by_name
+
+
 _ERROR_NAMES: Final = (
     ("ratelimit", "rate_limit_error"), ("timeout", "timeout"),
     ("auth", "authentication_error"), ("permission", "authentication_error"),
     ("notfound", "not_found_error"), ("unavailable", "service_unavailable"),
+    ("overloaded", "service_unavailable"),
     ("badrequest", "invalid_request_error"), ("invalidrequest", "invalid_request_error"),
     ("contextwindow", "invalid_request_error"),
     ("internalserver", "server_error"), ("apierror", "server_error"),

@@ -1,0 +1,106 @@
+"""The proxy's settings: where it listens, its named upstreams and their timeouts.
+
+These are plain config structs so that the gateway can run without the daemon
+(the bench and the demo start a `Proxy` directly); the `gateway` receiver's own
+config class derives from `ProxyConfig` and adds how events reach the pipeline.
+"""
+
+from __future__ import annotations
+
+import re
+from urllib.parse import urlsplit
+
+import msgspec
+
+from meterline.component import Config
+from meterline.genai import provider_name
+from meterline.units import Duration, Listen
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+# Root paths of the APIs the gateway speaks: an upstream named like one would capture them.
+_RESERVED = frozenset({"v1", "api"})
+
+
+class TimeoutsConfig(Config):
+    """Per attempt on one upstream. 0 turns a timeout off."""
+
+    connect: Duration = Duration(10)  # opening a connection (TCP and TLS)
+    first_byte: Duration = Duration(600)  # request sent -> response head (a whole
+    # non-streaming completion comes back at once, so this is generous)
+    idle: Duration = Duration(300)  # silence between two chunks of the response
+    total: Duration = Duration(3600)  # request sent -> response end
+
+
+class UpstreamConfig(Config):
+    base_url: str  # scheme://host[:port][/path]; without the API's /v1
+    provider: str = "openai"  # gen_ai.provider.name (aliases such as `azure` accepted)
+    api_key: str | None = None  # injected upstream in place of the client's credentials
+    default: bool = False  # serves requests at the root (no /NAME prefix)
+    fallback: list[str] = msgspec.field(default_factory=list)  # tried in order on failure
+    timeouts: TimeoutsConfig = msgspec.field(default_factory=TimeoutsConfig)
+    max_idle_connections: int = 256  # kept-alive connections kept for reuse
+
+    def __post_init__(self) -> None:
+        parts = urlsplit(self.base_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"base_url must be http(s)://host[:port][/path], got "
+                             f"{self.base_url!r}")
+        if parts.query or parts.fragment:
+            raise ValueError(f"base_url must not carry a query or fragment: {self.base_url!r}")
+        try:
+            parts.port  # noqa: B018 - validates the port
+        except ValueError as e:
+            raise ValueError(f"base_url has an invalid port: {self.base_url!r}") from e
+        self.provider = provider_name(self.provider) or "openai"
+        self.api_key = self.api_key or None  # `${env:KEY:-}` left empty means none
+        if self.max_idle_connections < 0:
+            raise ValueError("max_idle_connections must be >= 0")
+
+
+def _default_upstreams() -> dict[str, UpstreamConfig]:
+    return {"openai": UpstreamConfig(base_url="https://api.openai.com", provider="openai",
+                                     default=True)}
+
+
+class ProxyConfig(Config):
+    listen: Listen = Listen("127.0.0.1:8080")
+    upstreams: dict[str, UpstreamConfig] = msgspec.field(default_factory=_default_upstreams)
+    max_body_mb: float = 32  # a larger request body gets 413 without reaching an upstream
+    read_timeout: Duration = Duration(30)  # a request not received within this gets 408
+    keepalive_timeout: Duration = Duration(75)  # idle client connections are closed after
+    drain_timeout: Duration = Duration(10)  # on shutdown, how long requests in flight get
+    metadata_header: str = "x-meterline-metadata"  # JSON object of labels (X-TFY-METADATA too)
+    user_header: str = "x-meterline-user"
+    session_header: str = "x-meterline-session"
+    capture_content: bool = True  # record input and output messages in events
+
+    def __post_init__(self) -> None:
+        if not self.upstreams:
+            raise ValueError("upstreams must name at least one upstream")
+        for name, upstream in self.upstreams.items():
+            if not _NAME.match(name):
+                raise ValueError(f"upstream name {name!r} must be a path segment "
+                                 "(letters, digits, _ . -)")
+            if name in _RESERVED:
+                raise ValueError(f"upstream name {name!r} would capture the root paths "
+                                 f"/{name}/...; choose another name")
+            for other in upstream.fallback:
+                if other == name or other not in self.upstreams:
+                    raise ValueError(f"upstream {name!r}: fallback {other!r} must name another "
+                                     f"upstream (defined: {', '.join(self.upstreams)})")
+        defaults = [n for n, u in self.upstreams.items() if u.default]
+        if len(defaults) > 1:
+            raise ValueError(f"only one upstream may be the default, got {', '.join(defaults)}")
+        if self.max_body_mb <= 0:
+            raise ValueError("max_body_mb must be positive")
+        self.metadata_header = self.metadata_header.lower()
+        self.user_header = self.user_header.lower()
+        self.session_header = self.session_header.lower()
+
+    @property
+    def default_upstream(self) -> str | None:
+        """The upstream serving the root: the one marked default, or the only one."""
+        for name, upstream in self.upstreams.items():
+            if upstream.default:
+                return name
+        return next(iter(self.upstreams)) if len(self.upstreams) == 1 else None

@@ -1,0 +1,545 @@
+"""The forwarding proxy: route, forward, relay, measure, and record one event per call.
+
+`Proxy` is long-lived (listener, upstreams, routing). Each request is a `Call`:
+it routes by path prefix (`/NAME/...` explicitly, else the default upstream),
+reads what it needs from the headers and the JSON body, tries the upstream and
+then its fallbacks (on connection errors, timeouts, 429 and 5xx, all before any
+byte reached the client), relays the response as it arrives and, when the
+response is over (or the client left), hands the event to `record`. `record`
+must not block: the `gateway` receiver buffers events and delivers them to the
+pipeline off the request path.
+
+Times are `time.monotonic()` (the event loop's clock) throughout:
+`provider_duration_ms` runs from the first byte sent upstream to the last byte
+received from it (fallback attempts included), `overhead_ms` is the rest of
+`duration_ms`: the gateway's own time before and after.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+from collections.abc import Callable
+from typing import Any, Final
+
+import msgspec
+from structlog.typing import FilteringBoundLogger
+
+from gateway.config import ProxyConfig
+from gateway.deadlines import Deadlines
+from gateway.server import ClientConnection, Request
+from gateway.shapes import DROP, TOKEN, Shape, StreamReader, read_error, shape_for
+from gateway.streams import LineSplitter, SSESplitter
+from gateway.upstream import UNHEALTHY_AFTER, Exchange, Upstream, UpstreamFailure
+from meterline.event import Event
+from meterline.genai import error_type_for_status
+
+_HOP_BY_HOP: Final = frozenset({
+    b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization",
+    b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"upgrade", b"host",
+    b"content-length", b"expect"})
+_CREDENTIALS: Final = frozenset({b"authorization", b"x-api-key", b"api-key"})
+_TFY_METADATA: Final = b"x-tfy-metadata"
+_RATELIMITS: Final = {
+    b"x-ratelimit-limit-requests": "ratelimit_requests_limit",
+    b"x-ratelimit-remaining-requests": "ratelimit_requests_remaining",
+    b"x-ratelimit-limit-tokens": "ratelimit_tokens_limit",
+    b"x-ratelimit-remaining-tokens": "ratelimit_tokens_remaining",
+    b"anthropic-ratelimit-requests-limit": "ratelimit_requests_limit",
+    b"anthropic-ratelimit-requests-remaining": "ratelimit_requests_remaining",
+    b"anthropic-ratelimit-tokens-limit": "ratelimit_tokens_limit",
+    b"anthropic-ratelimit-tokens-remaining": "ratelimit_tokens_remaining",
+}
+_NO_CONTENT_LENGTH: Final = frozenset({b"GET", b"HEAD", b"DELETE", b"OPTIONS"})
+_JSON: Final = b"content-type: application/json\r\n"
+_MAX_PARSED_BODY: Final = 16 << 20  # a larger response is relayed but not read
+_MAX_METADATA_VALUE: Final = 128
+_KEY_ID_CHARS: Final = 16
+
+_decode = msgspec.json.decode
+_encode = msgspec.json.Encoder().encode
+
+
+class LocalError(Exception):
+    """A request the gateway answers itself, without reaching an upstream."""
+
+    def __init__(self, status: int, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.kind = status, kind
+
+
+class Proxy:
+    def __init__(self, config: ProxyConfig, record: Callable[[Event], None],
+                 log: FilteringBoundLogger) -> None:
+        self.config = config
+        self.record = record
+        self.log = log
+        self.deadlines = Deadlines()
+        self.upstreams = {name: Upstream(name, cfg, self.deadlines)
+                          for name, cfg in config.upstreams.items()}
+        self.by_prefix = {name.encode(): up for name, up in self.upstreams.items()}
+        default = config.default_upstream
+        self.default = self.upstreams[default] if default else None
+        self.fallbacks = {name: [self.upstreams[f] for f in cfg.fallback]
+                          for name, cfg in config.upstreams.items()}
+        self.max_body = int(config.max_body_mb * (1 << 20))
+        self.read_timeout = float(config.read_timeout)
+        self.keepalive_timeout = float(config.keepalive_timeout)
+        self.own_headers = frozenset({config.metadata_header.encode(), _TFY_METADATA,
+                                      config.user_header.encode(),
+                                      config.session_header.encode(), b"traceparent",
+                                      b"accept-encoding"})
+        self.connections: set[ClientConnection] = set()
+        self.inflight = 0  # requests being served
+        self.stopping = False
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        listen = self.config.listen
+        try:
+            self.server = await loop.create_server(lambda: ClientConnection(self), listen.host,
+                                                   listen.port, reuse_address=True)
+        except OSError as e:
+            raise OSError(e.errno, f"cannot listen on {listen}: {e.strerror}") from e
+        self.deadlines.start()
+
+    async def shutdown(self) -> None:
+        """Stop listening, let requests in flight finish within `drain_timeout`, then
+        cancel the rest (each still recorded, as a 503)."""
+        self.stopping = True
+        if self.server is not None:
+            self.server.close()
+        for conn in list(self.connections):
+            if conn.task is None:
+                conn.close()
+        tasks = [c.task for c in self.connections if c.task is not None]
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=float(self.config.drain_timeout))
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending)
+        for conn in list(self.connections):
+            conn.close()
+        for upstream in self.upstreams.values():
+            upstream.close()
+        self.deadlines.stop()
+
+    @property
+    def port(self) -> int:
+        """The port listened on (useful with `listen: 127.0.0.1:0`)."""
+        assert self.server is not None
+        return int(self.server.sockets[0].getsockname()[1])
+
+    # --- called by client connections --------------------------------------------
+    async def handle(self, request: Request, client: ClientConnection) -> None:
+        call = Call(self, request, client)
+        self.inflight += 1
+        try:
+            await call.run()
+        except asyncio.CancelledError:
+            call.cancelled()
+        except Exception as e:  # a bug: the client still gets an answer, the call an event
+            self.log.exception("gateway request failed", error=str(e))
+            call.fail(500, "server_error", f"internal gateway error: {type(e).__name__}")
+        finally:
+            self.inflight -= 1
+            call.finish()
+
+    def refuse(self, request: Request, client: ClientConnection, status: int,
+               message: str) -> None:
+        call = Call(self, request, client)
+        with contextlib.suppress(LocalError):
+            call.describe()
+        call.fail(status, "invalid_request_error", message)
+        call.finish()
+
+    # --- upstream health -----------------------------------------------------------
+    def failed(self, upstream: Upstream, error: UpstreamFailure) -> None:
+        upstream.failures += 1
+        if upstream.failures == UNHEALTHY_AFTER:
+            self.log.warning("upstream unhealthy", upstream=upstream.name, error=str(error))
+
+    def succeeded(self, upstream: Upstream) -> None:
+        if not upstream.healthy:
+            self.log.info("upstream healthy again", upstream=upstream.name)
+        upstream.failures = 0
+
+
+class Call:
+    """One request through the gateway, from its arrival to its event."""
+
+    __slots__ = ("begun", "body", "client", "drop_usage", "ended", "event", "exchange",
+                 "first_token",
+                 "last_token", "loop", "parsed", "path", "proxy", "query", "reader", "request",
+                 "sent", "serving", "shape", "splitter", "tokens", "traceflags", "upstream",
+                 "upstream_end")
+
+    def __init__(self, proxy: Proxy, request: Request, client: ClientConnection) -> None:
+        self.proxy = proxy
+        self.request = request
+        self.client = client
+        self.event = Event(source="gateway", timestamp=request.wall)
+        self.loop = client.loop
+        self.upstream: Upstream | None = None  # the route's choice
+        self.serving: Upstream | None = None  # the one being tried, then the one serving
+        self.exchange: Exchange | None = None
+        self.shape: Shape | None = None
+        self.path = b"/"
+        self.query = b""
+        self.body = request.body
+        self.drop_usage = False
+        self.sent: float | None = None  # first byte sent upstream
+        self.upstream_end: float | None = None  # last byte received from upstream
+        self.begun = False  # the client's response has begun
+        self.ended = False  # ... and was written to its end
+        self.traceflags = "01"
+        self.reader: StreamReader | None = None
+        self.splitter: SSESplitter | None = None
+        self.parsed: list[bytes] | None = None  # a response body kept to be read
+        self.first_token = self.last_token = 0.0
+        self.tokens = 0
+
+    async def run(self) -> None:
+        try:
+            self.describe()
+            self.read_body()
+        except LocalError as e:
+            self.fail(e.status, e.kind, str(e))
+            return
+        assert self.upstream is not None
+        chain = [self.upstream, *self.proxy.fallbacks[self.upstream.name]]
+        headers = self.forward_headers()
+        for attempt, upstream in enumerate(chain, 1):
+            last = attempt == len(chain)
+            self._serve_on(upstream)
+            self.event.attempts, self.event.fallback = attempt, attempt > 1
+            data = self.request_bytes(upstream, headers)
+            if self.sent is None:
+                self.sent = self.loop.time()
+            try:
+                self.exchange = await upstream.request(data, self.request.method == b"HEAD")
+            except UpstreamFailure as e:
+                self.upstream_end = self.loop.time()
+                self.proxy.failed(upstream, e)
+                if last:
+                    self.fail(e.status, e.kind, str(e))
+                    return
+                continue
+            self.proxy.succeeded(upstream)
+            if last or (self.exchange.status != 429 and self.exchange.status < 500):
+                break
+            with contextlib.suppress(UpstreamFailure):  # it is being replaced anyway
+                await self.exchange.read_body(0)  # drained, so the connection is reused
+            self.upstream_end = self.exchange.last
+            self.exchange = None
+        await self.relay()
+
+    # --- the request -----------------------------------------------------------------
+    def describe(self) -> None:
+        """Route the request and read what the headers say about it."""
+        path, _, self.query = self.request.target.partition(b"?")
+        event = self.event
+        route = self._route(path)
+        if route is None:
+            event.endpoint = path.decode("latin-1")
+            known = ", ".join(f"/{n}/..." for n in self.proxy.upstreams)
+            raise LocalError(404, "not_found_error", f"no upstream serves {event.endpoint}: "
+                             f"prefix the path with an upstream name ({known})")
+        self.upstream, self.path, method = route
+        event.route = self.upstream.name
+        event.provider = self.upstream.provider
+        event.endpoint = self.path.decode("latin-1")
+        event.attributes = {"meterline.routing_method": method}
+        self._read_headers(self.request.headers)
+
+    def _route(self, path: bytes) -> tuple[Upstream, bytes, str] | None:
+        end = path.find(b"/", 1)
+        upstream = self.proxy.by_prefix.get(path[1:end] if end > 0 else path[1:])
+        if upstream is not None:
+            return upstream, (path[end:] if end > 0 else b"/"), "explicit"
+        if self.proxy.default is not None:
+            return self.proxy.default, path or b"/", "default"
+        return None
+
+    def _read_headers(self, headers: dict[bytes, bytes]) -> None:
+        event = self.event
+        config = self.proxy.config
+        key = _client_key(headers)
+        if key:
+            event.api_key_id = hashlib.sha256(key).hexdigest()[:_KEY_ID_CHARS]
+        raw = headers.get(config.metadata_header.encode()) or headers.get(_TFY_METADATA)
+        if raw:
+            event.metadata = _metadata(raw, config.metadata_header)
+        if user := headers.get(config.user_header.encode()):
+            event.user_id = user.decode("latin-1")
+        if session := headers.get(config.session_header.encode()):
+            event.session_id = session.decode("latin-1")
+        if organization := headers.get(b"openai-organization"):
+            event.organization = organization.decode("latin-1")
+        ids = os.urandom(24).hex()
+        parent = headers.get(b"traceparent", b"").decode("latin-1").split("-")
+        if len(parent) == 4 and len(parent[1]) == 32 and len(parent[2]) == 16:
+            event.trace_id, event.parent_span_id = parent[1], parent[2]
+            self.traceflags = parent[3][:2]
+        else:
+            event.trace_id, self.traceflags = ids[16:], "01"
+        event.span_id = ids[:16]
+
+    def read_body(self) -> None:
+        """Parse a JSON body the path's shape knows; refuse one that is not JSON."""
+        if self.request.method != b"POST":
+            return
+        self.shape = shape = shape_for(self.event.endpoint or "/")
+        if shape is None:
+            return
+        try:
+            body = _decode(self.body)
+        except msgspec.DecodeError as e:
+            raise LocalError(400, "invalid_request_error",
+                             f"request body is not valid JSON: {e}") from None
+        if not isinstance(body, dict):
+            raise LocalError(400, "invalid_request_error",
+                             "request body must be a JSON object")
+        self.event.operation = shape.operation
+        shape.read_request(body, self.event, self.proxy.config.capture_content)
+        if shape.ask_usage(body):
+            self.drop_usage = True
+            self.body = _encode(body)
+
+    def forward_headers(self) -> tuple[bytes, bytes]:
+        """The client's headers to forward: (everything but credentials, credentials)."""
+        skip = self.proxy.own_headers
+        common: list[bytes] = []
+        credentials: list[bytes] = []
+        for name, value in self.request.headers.items():
+            if name in _HOP_BY_HOP or name in skip:
+                continue
+            (credentials if name in _CREDENTIALS else common).append(
+                b"%s: %s\r\n" % (name, value))
+        event = self.event
+        common.append(b"accept-encoding: identity\r\ntraceparent: 00-%s-%s-%s\r\n" % (
+            event.trace_id.encode(), event.span_id.encode(),  # type: ignore[union-attr]
+            self.traceflags.encode()))
+        return b"".join(common), b"".join(credentials)
+
+    def request_bytes(self, upstream: Upstream, headers: tuple[bytes, bytes]) -> bytes:
+        common, credentials = headers
+        method = self.request.method
+        target = upstream.base_path.encode() + self.path
+        if self.query:
+            target += b"?" + self.query
+        length = (b"content-length: %d\r\n" % len(self.body)
+                  if self.body or method not in _NO_CONTENT_LENGTH else b"")
+        return b"%s %s HTTP/1.1\r\nhost: %s\r\n%s%s%s\r\n%s" % (
+            method, target, upstream.host_header, length, common,
+            upstream.credentials or credentials, self.body)
+
+    def _serve_on(self, upstream: Upstream) -> None:
+        if self.serving is not None:
+            self.serving.active -= 1
+        self.serving = upstream
+        upstream.active += 1
+        self.event.upstream = upstream.name
+        self.event.provider = upstream.provider
+
+    # --- the response ----------------------------------------------------------------
+    async def relay(self) -> None:
+        exchange = self.exchange
+        assert exchange is not None
+        event = self.event
+        event.status_code = status = exchange.status
+        head, length, ctype = self._response_head(exchange.headers)
+        shape = self.shape
+        if shape is not None and status < 300 and ctype.startswith((b"text/event-stream",
+                                                                     b"application/x-ndjson")):
+            self.reader = shape.stream(event, self.proxy.config.capture_content,
+                                       self.drop_usage)
+            if self.reader is not None:
+                sse = ctype.startswith(b"text/event-stream")
+                self.splitter = SSESplitter() if sse else LineSplitter()
+                if self.drop_usage:
+                    length = None  # the body changes
+        elif shape is not None or status >= 400:
+            self.parsed = []
+        client = self.client
+        client.begin(status, head, length, self.request.http10)
+        self.begun = True
+        client.upstream = exchange.conn
+        exchange.attach(self.on_body, self.on_flush)
+        try:
+            await exchange.done
+        except UpstreamFailure as e:  # broke off or went silent mid-response
+            client.close()
+            event.status_code, event.error_type, event.error_message = e.status, e.kind, str(e)
+            self.exchange = None
+            return
+        finally:
+            self.upstream_end = exchange.last
+        self.exchange = None  # (kept on cancellation, for `cancelled` to close it)
+        self.complete()
+        self._read_response()
+
+    def on_flush(self) -> None:
+        """After each read from the upstream: write what it brought, and the end of the
+        response with it when it was the last read."""
+        done = self.exchange.done if self.exchange is not None else None
+        if done is not None and done.done() and not done.cancelled() and not done.exception():
+            self.complete()
+        else:
+            self.client.flush()
+
+    def complete(self) -> None:
+        if self.ended:
+            return
+        self.ended = True
+        if self.splitter is not None and (rest := self.splitter.rest()):
+            self._stream_blocks([rest])
+        self.client.end()
+
+    def _response_head(self, headers: list[tuple[bytes, bytes]]) -> tuple[bytes, int | None,
+                                                                           bytes]:
+        """The head to send the client, the body length if known, the content type."""
+        event = self.event
+        out: list[bytes] = []
+        length: int | None = None
+        ctype = b""
+        for name, value in headers:
+            lower = name.lower()
+            if lower in _HOP_BY_HOP:
+                if lower == b"content-length" and value.isdigit():
+                    length = int(value)
+                continue
+            out.append(b"%s: %s\r\n" % (name, value))
+            if lower == b"content-type":
+                ctype = value.lower()
+            elif lower in _RATELIMITS and value.isdigit():
+                setattr(event, _RATELIMITS[lower], int(value))
+        return b"".join(out), length, ctype
+
+    def on_body(self, data: bytes) -> None:
+        """Each piece of the response body, as it comes from the upstream."""
+        if self.splitter is not None:
+            self._stream_blocks(self.splitter.feed(data))
+            return
+        self.client.send(data)
+        parsed = self.parsed
+        if parsed is not None:
+            parsed.append(data)
+            if len(parsed) > 64 and sum(map(len, parsed)) > _MAX_PARSED_BODY:
+                self.parsed = None
+
+    def _stream_blocks(self, blocks: list[bytes]) -> None:
+        """Read each whole stream message; forward those not dropped."""
+        splitter, reader, event = self.splitter, self.reader, self.event
+        assert splitter is not None and reader is not None
+        for block in blocks:
+            flags = 0
+            payload = splitter.payload(block)
+            if payload is not None and payload[:1] == b"{":
+                try:
+                    message = _decode(payload)
+                except msgspec.DecodeError:
+                    message = None
+                if isinstance(message, dict):
+                    flags = reader.feed(message)
+                    if message.get("error") or message.get("type") == "error":
+                        read_error(message, event)
+            if flags & TOKEN:
+                now = self.loop.time()
+                if not self.tokens:
+                    self.first_token = now
+                self.last_token = now
+                self.tokens += 1
+            if not flags & DROP:
+                self.client.send(block)
+
+    def _read_response(self) -> None:
+        event = self.event
+        if self.reader is not None:
+            self.reader.finish()
+            return
+        if not self.parsed:
+            return
+        try:
+            body: Any = _decode(b"".join(self.parsed))
+        except msgspec.DecodeError:
+            body = None
+        if event.status_code is not None and event.status_code >= 400:
+            read_error(body, event)
+        elif self.shape is not None:
+            self.shape.read_response(body, event, self.proxy.config.capture_content)
+
+    # --- endings -----------------------------------------------------------------------
+    def fail(self, status: int, kind: str, message: str) -> None:
+        """Answer the client with an error of the gateway's own."""
+        event = self.event
+        event.status_code, event.error_type, event.error_message = status, kind, message
+        if self.begun:
+            self.client.close()  # a response had begun: the client sees it cut off
+            return
+        body = (self.shape or _DEFAULT_SHAPE).error_body(kind, message)
+        self.client.respond(status, _JSON, body)
+
+    def cancelled(self) -> None:
+        """The task was cancelled: the client left (499), or the gateway is stopping."""
+        if self.exchange is not None:
+            self.upstream_end = self.exchange.last
+            self.exchange.abort()
+            self.exchange = None
+        event = self.event
+        if self.client.gone:
+            event.status_code, event.error_type = 499, None
+            event.error_message = "client closed the connection"
+        else:
+            event.status_code, event.error_type = 503, "service_unavailable"
+            event.error_message = "the gateway stopped before the response ended"
+            self.client.close()
+
+    def finish(self) -> None:
+        """Timings, and the event handed to `record`."""
+        end = self.loop.time()
+        event = self.event
+        started = self.request.started
+        event.duration_ms = (end - started) * 1000
+        if self.sent is not None:
+            upstream_end = end if self.upstream_end is None else min(end, self.upstream_end)
+            event.provider_duration_ms = max(0.0, upstream_end - self.sent) * 1000
+            event.overhead_ms = max(0.0, event.duration_ms - event.provider_duration_ms)
+        if self.tokens:
+            event.ttft_ms = (self.first_token - started) * 1000
+            if self.tokens > 1:
+                event.itl_ms = (self.last_token - self.first_token) * 1000 / (self.tokens - 1)
+        status = event.status_code
+        if status is not None and status >= 400 and event.error_type is None and status != 499:
+            event.error_type = error_type_for_status(status)
+        if self.serving is not None:
+            self.serving.active -= 1
+            self.serving = None
+        self.proxy.record(event)
+
+
+_DEFAULT_SHAPE: Final = Shape()
+
+
+def _client_key(headers: dict[bytes, bytes]) -> bytes | None:
+    auth = headers.get(b"authorization")
+    if auth and auth[:7].lower() == b"bearer ":
+        return auth[7:].strip()
+    return headers.get(b"x-api-key") or headers.get(b"api-key") or None
+
+
+def _metadata(raw: bytes, header: str) -> dict[str, str]:
+    try:
+        labels = _decode(raw)
+    except msgspec.DecodeError as e:
+        raise LocalError(400, "invalid_request_error",
+                         f"header {header}: not valid JSON: {e}") from None
+    if not isinstance(labels, dict) or any(isinstance(v, dict | list) for v in labels.values()):
+        raise LocalError(400, "invalid_request_error",
+                         f"header {header}: expected a JSON object of string values")
+    return {str(k): (v if isinstance(v, str) else _encode(v).decode())[:_MAX_METADATA_VALUE]
+            for k, v in labels.items() if v is not None}

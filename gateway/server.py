@@ -1,0 +1,270 @@
+"""The client side: HTTP/1.1 connections from applications, parsed with httptools.
+
+A `ClientConnection` reads requests (keep-alive, pipelined ones in order),
+refuses what cannot be served before any upstream is involved (malformed HTTP,
+a body over the limit, a request too slow to arrive, protocol upgrades), and
+hands each complete request to the proxy. It writes the response as the proxy
+gives it: the head is held back and sent with the first body bytes, so that a
+small response leaves in one write, and what one read from the upstream brought
+leaves in one write however many chunks it held. When the client goes away, the request's
+task is cancelled (the proxy closes the upstream call and records a 499), and
+when the client reads slower than the upstream writes, the upstream connection
+stops being read until the client catches up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections import deque
+from http import HTTPStatus
+from typing import TYPE_CHECKING, Protocol
+
+import httptools
+
+if TYPE_CHECKING:
+    from gateway.deadlines import Deadlines
+    from gateway.upstream import UpstreamConnection
+
+_REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
+_NO_BODY = frozenset({204, 304})
+
+
+def status_line(status: int) -> bytes:
+    return b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b"Unknown"))
+
+
+class Request:
+    """A complete request as received: what the proxy needs, nothing more."""
+
+    __slots__ = ("body", "headers", "http10", "keep_alive", "method", "started", "target",
+                 "wall")
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()  # request start (the event loop clock)
+        self.wall = time.time_ns()  # request start, for the event's timestamp
+        self.method = b""
+        self.target = b""  # path and query as sent
+        self.headers: dict[bytes, bytes] = {}  # lower-case names; repeats joined by ", "
+        self.body = b""
+        self.http10 = False
+        self.keep_alive = True
+
+
+class Handler(Protocol):
+    """What a connection hands requests to (the proxy)."""
+
+    max_body: int
+    stopping: bool
+    read_timeout: float
+    keepalive_timeout: float
+    connections: set[ClientConnection]
+    deadlines: Deadlines
+
+    async def handle(self, request: Request, client: ClientConnection) -> None: ...
+
+    def refuse(self, request: Request, client: ClientConnection, status: int,
+               message: str) -> None: ...
+
+
+class ClientConnection(asyncio.Protocol):
+    def __init__(self, handler: Handler) -> None:
+        self.handler = handler
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.request: Request | None = None  # being received
+        self.body: list[bytes] = []
+        self.body_size = 0
+        self.queued: deque[Request] = deque()  # pipelined, waiting for the current one
+        self.task: asyncio.Task[None] | None = None  # serving the current request
+        self.closed = False  # nothing more is written (the client left, or we closed)
+        self.gone = False  # the client closed the connection first
+        self.upstream: UpstreamConnection | None = None  # paused when the client is slow
+        self.pending_head = b""
+        self.out: list[bytes] = []  # body bytes queued for the next write
+        self.chunked = False
+        self.must_close = False  # the response ends with the connection
+        self.deadline = math.inf  # for the request to arrive, or for the next one to begin
+
+    # --- asyncio protocol ------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.handler.connections.add(self)
+        self.handler.deadlines.watched.add(self)
+        self._arm(self.handler.keepalive_timeout)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._refuse(501, "protocol upgrades (WebSocket) are not supported by the gateway")
+        except httptools.HttpParserError as e:
+            if not self.closed:
+                self._refuse(400, f"malformed HTTP request: {e}")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.gone = not self.closed
+        self.closed = True
+        self.handler.connections.discard(self)
+        self.handler.deadlines.watched.discard(self)
+        if self.gone and self.task is not None and not self.task.done():
+            self.task.cancel()
+
+    def pause_writing(self) -> None:
+        if self.upstream is not None and self.upstream.exchange is not None:
+            self.upstream.pause_reading()  # (not once its response is over: it may be reused)
+
+    def resume_writing(self) -> None:
+        if self.upstream is not None:
+            self.upstream.resume_reading()
+
+    # --- httptools callbacks ---------------------------------------------------
+    def on_message_begin(self) -> None:
+        self.request = Request()
+        self.body = []
+        self.body_size = 0
+        if self.task is None:
+            self._arm(self.handler.read_timeout)
+
+    def on_url(self, url: bytes) -> None:
+        assert self.request is not None
+        self.request.target += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        assert self.request is not None
+        headers = self.request.headers
+        name = name.lower()
+        headers[name] = headers[name] + b", " + value if name in headers else value
+
+    def on_headers_complete(self) -> None:
+        request = self.request
+        assert request is not None
+        length = request.headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.handler.max_body:
+            self._too_large(request)
+            return
+        if request.headers.get(b"expect", b"").lower() == b"100-continue":
+            self._write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def on_body(self, body: bytes) -> None:
+        if self.request is None:
+            return
+        self.body_size += len(body)
+        if self.body_size > self.handler.max_body:
+            self._too_large(self.request)
+            return
+        self.body.append(body)
+
+    def on_message_complete(self) -> None:
+        request, self.request = self.request, None
+        if request is None or self.closed:
+            return
+        request.method = self.parser.get_method()
+        request.http10 = self.parser.get_http_version() == "1.0"
+        request.keep_alive = self.parser.should_keep_alive()
+        request.body = b"".join(self.body) if len(self.body) != 1 else self.body[0]
+        self.body = []
+        if self.task is None:
+            self._serve(request)
+        else:
+            self.queued.append(request)
+
+    # --- serving -----------------------------------------------------------------
+    def _serve(self, request: Request) -> None:
+        self.deadline = math.inf
+        self.task = self.loop.create_task(self.handler.handle(request, self))
+        self.task.add_done_callback(lambda _: self._served(request))
+
+    def _served(self, request: Request) -> None:
+        self.task = None
+        self.upstream = None
+        if self.closed:
+            return
+        if not request.keep_alive or self.must_close or self.handler.stopping:
+            self.close()
+        elif self.queued:
+            self._serve(self.queued.popleft())
+        else:
+            self._arm(self.handler.keepalive_timeout)
+
+    def _arm(self, seconds: float) -> None:
+        self.deadline = self.loop.time() + seconds if seconds > 0 else math.inf
+
+    def check(self, now: float) -> None:
+        """Called on every `Deadlines` tick: 408 for a request too slow to arrive, close a
+        kept-alive connection idle too long."""
+        if now < self.deadline or self.task is not None:
+            return
+        self.deadline = math.inf
+        if self.request is not None:  # a request started but did not arrive in time
+            self._refuse(408, f"request not received within {self.handler.read_timeout:g}s")
+        else:
+            self.close()
+
+    def _too_large(self, request: Request) -> None:
+        self.request = None
+        self.handler.refuse(request, self, 413, "request body larger than max_body_mb "
+                            f"({self.handler.max_body / (1 << 20):g} MB)")
+        self.close()
+
+    def _refuse(self, status: int, message: str) -> None:
+        """Answer an error that no request can be built for, and close."""
+        body = b'{"error": {"message": "%s", "type": "invalid_request_error"}}' % (
+            message.replace('"', "'").encode())
+        self.respond(status, b"content-type: application/json\r\nconnection: close\r\n", body)
+        self.close()
+
+    # --- writing the response ----------------------------------------------------
+    def respond(self, status: int, headers: bytes, body: bytes) -> None:
+        """A whole response in one write."""
+        self._write(b"%scontent-length: %d\r\n%s\r\n%s" % (status_line(status), len(body),
+                                                          headers, body))
+
+    def begin(self, status: int, headers: bytes, length: int | None, http10: bool) -> None:
+        """Start a response whose body follows through `send`; sent with its first bytes.
+        `length` None means the length is unknown: chunked (or, for HTTP/1.0, until close)."""
+        self.chunked = length is None and not http10 and status not in _NO_BODY
+        if length is not None:
+            framing = b"content-length: %d\r\n" % length
+        elif self.chunked:
+            framing = b"transfer-encoding: chunked\r\n"
+        else:
+            framing = b"connection: close\r\n"
+            self.must_close = status not in _NO_BODY
+        self.pending_head = b"%s%s%s\r\n" % (status_line(status), framing, headers)
+
+    def send(self, data: bytes) -> None:
+        """Queue body bytes; `flush` writes what was queued (one write per upstream read,
+        however many chunks it held)."""
+        if data:
+            self.out.append(data)
+
+    def flush(self) -> None:
+        if not self.out:
+            return
+        data = self.out[0] if len(self.out) == 1 else b"".join(self.out)
+        self.out.clear()
+        if self.chunked:
+            data = b"%x\r\n%s\r\n" % (len(data), data)
+        if self.pending_head:
+            data, self.pending_head = self.pending_head + data, b""
+        self._write(data)
+
+    def end(self) -> None:
+        self.flush()
+        data, self.pending_head = self.pending_head, b""
+        if self.chunked:
+            data += b"0\r\n\r\n"
+        self._write(data)
+
+    def _write(self, data: bytes) -> None:
+        if data and not self.closed and self.transport is not None:
+            self.transport.write(data)
+
+    def close(self) -> None:
+        """Close once what was written has been sent."""
+        if not self.closed and self.transport is not None:
+            self.closed = True
+            self.transport.close()

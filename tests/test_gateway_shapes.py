@@ -1,0 +1,100 @@
+"""Reading provider streams and errors: the parts the fake upstream does not exercise."""
+
+import pytest
+
+from gateway.shapes import DROP, TOKEN, anthropic, openai, read_error, shape_for
+from gateway.streams import LineSplitter, SSESplitter
+from meterline.event import Event
+
+
+def test_sse_events_split_across_reads_come_out_whole():
+    splitter = SSESplitter()
+    assert splitter.feed(b"data: {\"a\"") == []
+    assert splitter.feed(b": 1}\n\ndata: [DO") == [b'data: {"a": 1}\n\n']
+    assert splitter.feed(b"NE]\n\n") == [b"data: [DONE]\n\n"]
+
+
+def test_sse_with_crlf_and_multiline_data_reads_its_payload():
+    splitter = SSESplitter()
+    [block] = splitter.feed(b"event: x\r\ndata: {\"a\":\r\ndata: 1}\r\n\r\n")
+    assert SSESplitter.payload(block) == b'{"a":\n1}'
+
+
+def test_an_unterminated_last_line_is_handed_back_at_the_end():
+    splitter = LineSplitter()
+    assert splitter.feed(b'{"done": false}\n{"done": tr') == [b'{"done": false}\n']
+    assert splitter.rest() == b'{"done": tr'
+
+
+@pytest.mark.parametrize(("path", "operation"), [
+    ("/openai/deployments/gpt4/chat/completions", "chat"),
+    ("/v1/completions", "text_completion"),
+    ("/v1/messages", "chat"),
+    ("/api/embed", "embeddings"),
+])
+def test_the_shape_is_chosen_by_the_end_of_the_path(path, operation):
+    assert shape_for(path).operation == operation
+
+
+def test_paths_no_shape_knows_are_passed_through():
+    assert shape_for("/v1/messages/count_tokens") is None
+    assert shape_for("/v1/files") is None
+
+
+def test_openai_tool_call_deltas_are_assembled():
+    event = Event()
+    reader = openai.CHAT.stream(event, capture=True, drop_usage=False)
+    deltas = [{"index": 0, "id": "call_1", "function": {"name": "get_weather", "arguments": ""}},
+              {"index": 0, "function": {"arguments": '{"city": '}},
+              {"index": 0, "function": {"arguments": '"Paris"}'}}]
+    flags = [reader.feed({"choices": [{"index": 0, "delta": {"tool_calls": [d]}}]})
+             for d in deltas]
+    reader.feed({"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]})
+    reader.finish()
+    assert flags == [TOKEN] * 3
+    assert event.finish_reasons == ["tool_calls"]
+    assert event.output_messages == [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function",
+         "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]}]
+
+
+def test_only_the_usage_chunk_the_gateway_asked_for_is_dropped():
+    event = Event()
+    reader = openai.CHAT.stream(event, capture=False, drop_usage=True)
+    usage = {"prompt_tokens": 5, "completion_tokens": 2}
+    assert reader.feed({"choices": [{"index": 0, "delta": {"content": "a"}}],
+                        "usage": None}) == TOKEN
+    assert reader.feed({"choices": [], "usage": usage}) == DROP
+    assert (event.input_tokens, event.output_tokens) == (5, 2)
+
+
+def test_anthropic_tool_use_stream_is_assembled():
+    event = Event()
+    reader = anthropic.MESSAGES.stream(event, capture=True, drop_usage=False)
+    reader.feed({"type": "message_start", "message": {"model": "claude", "usage": {
+        "input_tokens": 10, "cache_read_input_tokens": 5, "output_tokens": 1}}})
+    reader.feed({"type": "content_block_start", "index": 0, "content_block": {
+        "type": "tool_use", "id": "toolu_1", "name": "search", "input": {}}})
+    for part in ('{"q": ', '"cats"}'):
+        reader.feed({"type": "content_block_delta", "index": 0,
+                     "delta": {"type": "input_json_delta", "partial_json": part}})
+    reader.feed({"type": "message_delta", "delta": {"stop_reason": "tool_use"},
+                 "usage": {"output_tokens": 7}})
+    reader.finish()
+    assert (event.input_tokens, event.cache_read_tokens, event.output_tokens) == (15, 5, 7)
+    assert event.output_messages[0]["tool_calls"] == [
+        {"id": "toolu_1", "type": "function",
+         "function": {"name": "search", "arguments": '{"q": "cats"}'}}]
+
+
+def test_an_in_band_stream_error_is_categorised_by_its_name():
+    event = Event(status_code=200)
+    read_error({"type": "error", "error": {"type": "overloaded_error", "message": "busy"}},
+               event)
+    assert (event.error_type, event.error_message) == ("service_unavailable", "busy")
+
+
+def test_an_ollama_error_string_is_read():
+    event = Event(status_code=404)
+    read_error({"error": "model 'x' not found"}, event)
+    assert (event.error_type, event.error_message) == ("not_found_error", "model 'x' not found")
