@@ -17,13 +17,12 @@ from gateway.shapes.base import (
     TOKEN,
     Shape,
     StreamReader,
-    as_dict,
-    as_int,
     assistant_message,
     read_model_and_id,
     text_of,
 )
 from meterline.event import Event
+from meterline.lenient import as_dict, as_int
 
 _encoder = msgspec.json.Encoder()
 

@@ -96,14 +96,6 @@ def set_attribute(event: Event, key: str, value: Any) -> None:
     event.attributes[key] = value
 
 
-def as_int(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
-def as_dict(value: Any) -> dict[str, Any]:
-    return value if isinstance(value, dict) else {}
-
-
 def text_of(content: Any) -> str | None:
     """Text of a message content: a string, or a list of parts with `text`."""
     if isinstance(content, str):

@@ -13,13 +13,12 @@ from gateway.shapes.base import (
     TOKEN,
     Shape,
     StreamReader,
-    as_dict,
-    as_int,
     assistant_message,
     pick,
     read_model_and_id,
 )
 from meterline.event import Event
+from meterline.lenient import as_dict, as_int
 
 _OPTIONS = ("temperature", "top_p", "top_k", "num_predict", "num_ctx", "seed", "stop",
             "repeat_penalty", "min_p")

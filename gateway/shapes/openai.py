@@ -16,8 +16,6 @@ from gateway.shapes.base import (
     TOKEN,
     Shape,
     StreamReader,
-    as_dict,
-    as_int,
     assistant_message,
     read_error,
     read_model_and_id,
@@ -25,6 +23,7 @@ from gateway.shapes.base import (
     text_of,
 )
 from meterline.event import Event
+from meterline.lenient import as_dict, as_int
 
 _SAMPLING = ("temperature", "top_p", "max_tokens", "frequency_penalty", "presence_penalty",
              "seed", "n", "stop")

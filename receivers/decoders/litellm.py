@@ -12,8 +12,8 @@ from typing import Any
 
 from meterline.event import Event, uuid7
 from meterline.genai import error_type_for_name, error_type_for_status, provider_name
+from meterline.lenient import as_dict, as_float, as_int, as_messages
 from receivers.decoders.errors import DecodeError
-from receivers.decoders.values import as_dict, as_float, as_int, as_messages
 
 _MARKERS = frozenset({"litellm_call_id", "call_type", "custom_llm_provider", "model_group",
                       "response_cost"})

@@ -12,8 +12,8 @@ from typing import Any
 
 from meterline.event import Event, uuid7
 from meterline.genai import error_type_for_name, provider_name
+from meterline.lenient import as_dict, as_float, as_int, as_messages
 from receivers.decoders.errors import DecodeError
-from receivers.decoders.values import as_dict, as_float, as_int, as_messages
 
 _OPERATIONS = {
     "chat": "chat",

@@ -1,4 +1,5 @@
-"""Lenient readers for loosely typed foreign JSON: a wrong type reads as absent."""
+"""Lenient readers for loosely typed foreign JSON (source payloads, provider bodies):
+a wrong type reads as absent rather than failing the whole item."""
 
 from __future__ import annotations
 
