@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import os
 from collections.abc import Callable
 from typing import Any, Final
@@ -33,7 +32,7 @@ from gateway.server import ClientConnection, Request
 from gateway.shapes import DROP, TOKEN, Shape, StreamReader, read_error, shape_for
 from gateway.streams import LineSplitter, SSESplitter
 from gateway.upstream import UNHEALTHY_AFTER, Exchange, Upstream, UpstreamFailure
-from meterline.event import Event
+from meterline.event import Event, api_key_id
 from meterline.genai import error_type_for_status
 
 _HOP_BY_HOP: Final = frozenset({
@@ -56,7 +55,6 @@ _NO_CONTENT_LENGTH: Final = frozenset({b"GET", b"HEAD", b"DELETE", b"OPTIONS"})
 _JSON: Final = b"content-type: application/json\r\n"
 _MAX_PARSED_BODY: Final = 16 << 20  # a larger response is relayed but not read
 _MAX_METADATA_VALUE: Final = 128
-_KEY_ID_CHARS: Final = 16
 
 _decode = msgspec.json.decode
 _encode = msgspec.json.Encoder().encode
@@ -270,7 +268,7 @@ class Call:
         config = self.proxy.config
         key = _client_key(headers)
         if key:
-            event.api_key_id = hashlib.sha256(key).hexdigest()[:_KEY_ID_CHARS]
+            event.api_key_id = api_key_id(key)
         raw = headers.get(config.metadata_header.encode()) or headers.get(_TFY_METADATA)
         if raw:
             event.metadata = _metadata(raw, config.metadata_header)

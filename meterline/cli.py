@@ -9,10 +9,12 @@ import json
 import sys
 import urllib.parse
 from collections.abc import Callable
+from typing import Any
 
 from meterline import __version__, logs, registry
 from meterline import config as config_mod
 from meterline.config import ConfigError
+from meterline.yamlsource import SourceError, load_file
 
 DEFAULT_CONFIG = "pipeline.yaml"
 Command = Callable[[argparse.Namespace], int]
@@ -25,6 +27,9 @@ def main(argv: list[str] | None = None) -> int:
 
     run = commands.add_parser("run", help="run the daemon")
     run.add_argument("-c", "--config", default=DEFAULT_CONFIG)
+    run.add_argument("--demo", action="store_true",
+                     help="also start a fake LLM upstream and synthetic traffic through the "
+                          "gateway, so dashboards, /metrics and finops fill within a minute")
     run.set_defaults(func=cmd_run)
 
     validate = commands.add_parser("validate", help="check a pipeline.yaml; exit 1 on errors")
@@ -45,11 +50,12 @@ def main(argv: list[str] | None = None) -> int:
     return func(args)
 
 
-def load_config(path: str) -> config_mod.PipelineFile | None:
+def load_config(path: str, overlay: dict[str, Any] | None = None,
+                ) -> config_mod.PipelineFile | None:
     """The validated file, or None after printing every problem (for commands, which then
     exit 1)."""
     try:
-        return config_mod.load(path)
+        return config_mod.load(path, overlay=overlay)
     except ConfigError as e:
         print(f"{path}: invalid configuration:", file=sys.stderr)
         for problem in e.problems:
@@ -78,25 +84,48 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    loaded = load_config(args.config)
-    if loaded is None:
-        return 1
-    log_cfg = loaded.service.telemetry.logs
-    logs.configure(log_cfg.level, log_cfg.encoding)
-    _tune_gc()
-    from meterline.service import Service
+    return asyncio.run(_run(args))
 
-    async def run() -> None:
-        await Service(loaded).run(args.config)
 
-    from meterline.service import StartError
+async def _run(args: argparse.Namespace) -> int:
+    from meterline.service import Service, StartError
 
+    demo = None
+    overlay = None
+    if args.demo:
+        demo_class = registry.demo()
+        if demo_class is None:
+            print("no demo is installed (the gateway package provides it)", file=sys.stderr)
+            return 1
+        try:
+            raw = load_file(args.config).data
+        except SourceError as e:
+            print(e, file=sys.stderr)
+            return 1
+        demo = demo_class()
+        try:
+            overlay = await demo.start(raw)
+        except ValueError as e:
+            await demo.stop()
+            print(f"{args.config}: {e}", file=sys.stderr)
+            return 1
     try:
-        asyncio.run(run())
-    except (OSError, RuntimeError, StartError) as e:
-        logs.get(component="service").error("cannot run", error=str(e))
-        return 1
-    return 0
+        loaded = load_config(args.config, overlay)
+        if loaded is None:
+            return 1
+        log_cfg = loaded.service.telemetry.logs
+        logs.configure(log_cfg.level, log_cfg.encoding)
+        _tune_gc()
+        companion = (lambda: demo.drive(loaded)) if demo is not None else None
+        try:
+            await Service(loaded, overlay).run(args.config, companion)
+        except (OSError, RuntimeError, StartError) as e:
+            logs.get(component="service").error("cannot run", error=str(e))
+            return 1
+        return 0
+    finally:
+        if demo is not None:
+            await demo.stop()
 
 
 def _tune_gc() -> None:

@@ -113,13 +113,31 @@ class ConfigError(Exception):
         super().__init__("\n".join(str(p) for p in problems))
 
 
-def load(file: str, environ: Mapping[str, str] | None = None) -> PipelineFile:
-    """Read and validate `file`; raises `ConfigError` listing every problem."""
+def load(file: str, environ: Mapping[str, str] | None = None,
+         overlay: Mapping[str, Any] | None = None) -> PipelineFile:
+    """Read and validate `file`; raises `ConfigError` listing every problem.
+
+    `overlay` is merged into the file's data before validation (mappings merged key by
+    key, anything else replaced): how `meterline run --demo` points the file's gateway
+    at its fake upstream without another file to keep in step."""
     try:
         source = load_file(file, environ)
     except SourceError as e:
         raise ConfigError([Problem(e.file, e.line, "", e.message)]) from e
+    if overlay:
+        source.data = merge(source.data, overlay)
     return validate(source)
+
+
+def merge(base: Mapping[str, Any], overlay: Mapping[str, Any]) -> dict[str, Any]:
+    """`base` with `overlay` merged in: nested mappings key by key, other values replaced."""
+    merged = dict(base)
+    for key, value in overlay.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def loads(text: str, file: str = "<string>",

@@ -11,6 +11,7 @@ refuses unknown fields, which belong in `attributes`.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from typing import Any, Final
@@ -106,6 +107,15 @@ class Event(
 
 
 FIELDS: Final = frozenset(Event.__struct_fields__)
+
+API_KEY_ID_CHARS: Final = 16
+
+
+def api_key_id(key: bytes | str) -> str:
+    """The `api_key_id` of a key: a prefix of its sha256, never the key. LiteLLM's
+    `user_api_key_hash` is the same sha256, so a key seen by either gets the same id."""
+    raw = key.encode() if isinstance(key, str) else key
+    return hashlib.sha256(raw).hexdigest()[:API_KEY_ID_CHARS]
 
 _json_encoder = msgspec.json.Encoder()
 _pack_encoder = msgspec.msgpack.Encoder()

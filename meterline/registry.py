@@ -48,3 +48,13 @@ def add_commands(subparsers: object) -> None:
     `func` (taking the parsed arguments, returning the exit code)."""
     for ep in entry_points(group="meterline.commands"):
         ep.load()(subparsers)
+
+
+def demo() -> type[Any] | None:
+    """The demo behind `meterline run --demo` (`meterline.demo` entry point), if installed.
+
+    It is a class with `async start(raw) -> overlay` (start its fakes; given the file's
+    data, return what to merge into it, see `config.load`), `async drive(config)` (send
+    traffic until cancelled) and `async stop()`."""
+    found = list(entry_points(group="meterline.demo"))
+    return found[0].load() if found else None

@@ -16,7 +16,7 @@ import contextlib
 import fcntl
 import os
 import signal
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -24,7 +24,7 @@ from typing import Any
 
 from meterline import config as config_mod
 from meterline import logs
-from meterline.component import Context, Exporter, Processor, Receiver
+from meterline.component import Context, Exporter, Processor, Receiver, cancel_and_wait
 from meterline.config import ComponentConfig, ConfigError, PipelineFile
 from meterline.delivery import ExporterConfig, ExporterRunner, open_queue
 from meterline.pipeline import Entry, Flow, Pipeline, Taps
@@ -40,8 +40,9 @@ class _Running:
 
 
 class Service:
-    def __init__(self, config: PipelineFile) -> None:
+    def __init__(self, config: PipelineFile, overlay: dict[str, Any] | None = None) -> None:
         self.config = config
+        self.overlay = overlay  # merged into the file again on every reload (config.load)
         self.data_dir = Path(config.service.data_dir)
         self.telemetry = Telemetry(config.service.telemetry.metrics)
         self.log = logs.get(component="service")
@@ -190,7 +191,7 @@ class Service:
         """Re-read `path`; apply it if valid, else log why and keep running as before."""
         async with self._reloading:
             try:
-                new = config_mod.load(path)
+                new = config_mod.load(path, overlay=self.overlay)
             except ConfigError as e:
                 for problem in e.problems:
                     self.log.error("reload refused: invalid configuration", problem=str(problem))
@@ -248,20 +249,25 @@ class Service:
             os.close(self._lock_fd)
         self.log.info("stopped")
 
-    async def run(self, path: str) -> None:
-        """Run until SIGTERM/SIGINT; reload on SIGHUP (and on change when watched)."""
+    async def run(self, path: str,
+                  companion: Callable[[], Awaitable[None]] | None = None) -> None:
+        """Run until SIGTERM/SIGINT; reload on SIGHUP (and on change when watched).
+        `companion`, when given, runs beside the started daemon until it stops (the demo's
+        traffic)."""
         loop = asyncio.get_running_loop()
         await self.start()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload(path)))
-        watcher = (asyncio.create_task(self._watch(path))
-                   if self.config.service.watch_config else None)
+        background = [asyncio.create_task(self._watch(path))] if (
+            self.config.service.watch_config) else []
+        if companion is not None:
+            background.append(asyncio.create_task(companion()))
         try:
             await self._stop.wait()
         finally:
-            if watcher is not None:
-                watcher.cancel()
+            for task in background:
+                await cancel_and_wait(task)
             await self.shutdown()
 
     def stop(self) -> None:

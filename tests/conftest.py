@@ -131,10 +131,11 @@ class Daemon:
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = cwd / "daemon.log"
 
-    def start(self, timeout: float = 15.0) -> None:
+    def start(self, timeout: float = 15.0, extra_args: list[str] | None = None) -> None:
         log = open(self.log, "ab")  # noqa: SIM115 - the process owns it
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "meterline", "run", "-c", str(self.config)],
+            [sys.executable, "-m", "meterline", "run", "-c", str(self.config),
+             *(extra_args or [])],
             cwd=self.cwd, stdout=log, stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1"})
         deadline = time.monotonic() + timeout

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from meterline.event import Event, uuid7
+from meterline.event import API_KEY_ID_CHARS, Event, uuid7
 from meterline.genai import error_type_for_name, error_type_for_status, provider_name
 from meterline.lenient import as_dict, as_float, as_int, as_messages
 from receivers.decoders.errors import DecodeError
@@ -28,7 +28,6 @@ _OPERATIONS = {
     "speech": "speech", "aspeech": "speech",
     "moderation": "moderation", "amoderation": "moderation",
 }
-_KEY_ID_CHARS = 16
 _METADATA_VALUE_CHARS = 128
 
 
@@ -88,7 +87,7 @@ def decode(item: dict[str, Any]) -> Event:
         ttft_ms=(first_token - start) * 1000
         if streaming and first_token is not None and first_token > start else None,
         user_id=meta.get("user_api_key_user_id") or None,
-        api_key_id=str(key_hash)[:_KEY_ID_CHARS] if key_hash else None,
+        api_key_id=str(key_hash)[:API_KEY_ID_CHARS] if key_hash else None,
         api_key_name=meta.get("user_api_key_alias") or None,
         team=meta.get("user_api_key_team_id") or None,
         organization=meta.get("user_api_key_org_id") or None,
