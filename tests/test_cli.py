@@ -19,11 +19,11 @@ def test_the_embedded_default_is_valid():
 
 def test_a_bad_file_exits_1_with_line_and_key(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text((ROOT / "pipeline.yaml").read_text().replace("verbosity: basic",
-                                                                "verbosity: loud"))
+    bad.write_text((ROOT / "pipeline.yaml").read_text().replace("listen: 127.0.0.1:9464",
+                                                                "listen: nowhere"))
     result = validate(bad)
     assert result.returncode == 1
-    assert "exporters.debug.verbosity" in result.stderr
+    assert "exporters.prometheus.listen" in result.stderr
     assert "bad.yaml:" in result.stderr
 
 
