@@ -1,0 +1,205 @@
+"""The Grafana dashboards in deploy/grafana ask only for what meterline really produces.
+
+The Prometheus dashboard's metric and label names are checked against what the real
+`prometheus` exporter exposes, configured as the compose edge configures it and fed
+events that make every metric, parsed back with prometheus_client's own parser. The
+FinOps dashboard's SQL runs, Grafana macros replaced, on chDB holding the schema the
+`clickhouse` exporter creates: a wrong table or column fails the query.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import time
+from typing import Any
+
+import clickhouse_connect
+import pytest
+import yaml
+from prometheus_client.exposition import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from exporters.clickhouse.budgets import BudgetGauges
+from exporters.clickhouse.schema import Schema, ensure_schema
+from exporters.prometheus.exporter import PrometheusExporter
+from meterline import config as config_mod
+from receivers.gateway import Instruments
+from tests.conftest import ROOT, make_context, make_event
+
+GRAFANA = ROOT / "deploy" / "grafana"
+PROMETHEUS_DASHBOARD = GRAFANA / "dashboards" / "meterline-llm.json"
+FINOPS_DASHBOARD = GRAFANA / "dashboards" / "meterline-finops.json"
+EDGE = ROOT / "deploy" / "compose" / "edge.yaml"
+PROMTOOL = shutil.which("promtool")
+
+# Labels Prometheus adds to every scraped series (prometheus.yml's targets add `tier`).
+TARGET_LABELS = {"job", "instance", "tier"}
+# Grafana's variables, as a query would see them.
+PROMQL_VARIABLES = {"$__rate_interval": "5m", "$__range": "1h", "$provider": ".*",
+                    "$model": ".*"}
+
+
+def panels(dashboard: dict[str, Any]) -> list[dict[str, Any]]:
+    return [p for p in dashboard["panels"] if p["type"] != "row"]
+
+
+def load(path) -> dict[str, Any]:
+    return json.loads(path.read_text())
+
+
+# --- Prometheus ------------------------------------------------------------------------
+def promql_expressions() -> list[str]:
+    """Every query of the Prometheus dashboard (panels and variables), variables replaced."""
+    dashboard = load(PROMETHEUS_DASHBOARD)
+    found = [t["expr"] for p in panels(dashboard) for t in p["targets"]]
+    found += [v["definition"] for v in dashboard["templating"]["list"] if v["type"] == "query"]
+    for name, value in PROMQL_VARIABLES.items():
+        found = [e.replace(name, value) for e in found]
+    return found
+
+
+@pytest.fixture(scope="module")
+def exposed(tmp_path_factory) -> dict[str, set[str]]:
+    """Sample name -> its label names, as the exporter configured like the compose edge
+    exposes them after events that make every metric (and the republished gauges)."""
+    exporter_config = config_mod.load(str(EDGE)).exporters["prometheus"].config
+    context = make_context(tmp_path_factory.mktemp("prometheus"), "prometheus")
+    exporter = PrometheusExporter(exporter_config, context)
+    Instruments(context.meter)  # the gateway's live gauges (requests in flight...)
+    BudgetGauges.of(context.meter).publish([{
+        "budget": "all-monthly", "period": "month", "scope": {"team": "search"},
+        "spend_usd": 5.0, "limit_usd": 10.0, "utilization": 0.5, "threshold_reached": 0.5}])
+    events = [
+        make_event(1, streaming=True, ttft_ms=80.0, itl_ms=12.0, provider_duration_ms=100.0,
+                   overhead_ms=1.5, cost_usd=0.25, actual_cost_usd=0.25, team="search",
+                   api_key_name="checkout", fallback=True,
+                   attributes={"meterline.routing_method": "explicit"}),
+        make_event(2, status_code=429, error_type="rate_limit_error", upstream="openai"),
+    ]
+    exporter.store.update(events, time.time())
+    text = generate_latest(exporter.snapshot()).decode()
+    names: dict[str, set[str]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            names.setdefault(sample.name, set()).update(sample.labels)
+    return names
+
+
+def metric_names(expression: str) -> set[str]:
+    return set(re.findall(r"(?<![:\w])(?:llm_gateway|meterline)_\w+", expression))
+
+
+def labels_used(expression: str) -> set[str]:
+    """Label names in `by (...)` clauses, selectors' matchers and label_values()."""
+    used: set[str] = set()
+    for group in re.findall(r"\bby\s*\(([^)]*)\)", expression):
+        used.update(name.strip() for name in group.split(",") if name.strip())
+    for selector in re.findall(r"\{([^}]*)\}", expression):
+        used.update(re.findall(r"(\w+)\s*(?:=~|!~|!=|=)", selector))
+    used.update(re.findall(r"label_values\(\s*\w+\s*,\s*(\w+)\s*\)", expression))
+    return used
+
+
+@pytest.mark.skipif(PROMTOOL is None, reason="needs promtool (apt-get install prometheus)")
+def test_every_prometheus_dashboard_query_is_valid_promql(tmp_path):
+    expressions = [e for e in promql_expressions() if not e.startswith("label_values(")]
+    rules = {"groups": [{"name": "dashboard", "rules": [
+        {"record": f"dashboard:query{i}", "expr": e} for i, e in enumerate(expressions)]}]}
+    (tmp_path / "rules.yml").write_text(yaml.safe_dump(rules))
+    result = subprocess.run([PROMTOOL, "check", "rules", "rules.yml"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_prometheus_dashboard_uses_only_metrics_the_exporter_exposes(exposed):
+    used = set().union(*map(metric_names, promql_expressions()))
+    assert used and used <= set(exposed), sorted(used - set(exposed))
+
+
+def test_the_prometheus_dashboard_uses_only_labels_its_metrics_carry(exposed):
+    wrong = []
+    for expression in promql_expressions():
+        labels = labels_used(expression)
+        for name in metric_names(expression):
+            carried = exposed.get(name, set()) | TARGET_LABELS
+            if name.endswith("_bucket"):
+                carried = carried | {"le"}
+            wrong += [f"{name}: {label}" for label in sorted(labels - carried)]
+    assert wrong == []
+
+
+# --- ClickHouse ------------------------------------------------------------------------
+# Grafana ClickHouse macros and the dashboard's variables, as ClickHouse expressions.
+SQL_MACROS = [
+    (re.compile(r"\$__timeFilter\((\w+)\)"),
+     r"\1 >= now() - INTERVAL 30 DAY AND \1 <= now() + INTERVAL 1 HOUR"),
+    (re.compile(r"\$\{metadata_key\}"), "customer_id"),
+]
+
+
+def finops_queries() -> list[tuple[str, str]]:
+    """(panel title, SQL with the macros replaced) of every FinOps panel."""
+    out = []
+    for panel in panels(load(FINOPS_DASHBOARD)):
+        for target in panel["targets"]:
+            sql = target["rawSql"]
+            for pattern, replacement in SQL_MACROS:
+                sql = pattern.sub(replacement, sql)
+            out.append((panel["title"], sql))
+    return out
+
+
+@pytest.fixture(scope="module")
+def clickhouse(tmp_path_factory):
+    """chDB with meterline's schema and a few events of the last hours (the views fill the
+    rollups), one with a reported cost and metadata."""
+    client = clickhouse_connect.get_client(
+        interface="chdb", path=str(tmp_path_factory.mktemp("clickhouse") / "ch"))
+    schema = Schema()
+    ensure_schema(client, schema)
+    now_ns = time.time_ns()
+    events = [make_event(i, timestamp=now_ns - (i + 1) * 3_600_000_000_000, team="search",
+                         api_key_id="ak_3f9a", api_key_name="checkout", cost_usd=0.5,
+                         actual_cost_usd=0.625 if i == 0 else None,
+                         metadata={"customer_id": "acme"}) for i in range(3)]
+    client.insert(schema.qualified(schema.events), schema.column_batch(events),
+                  column_names=[c.name for c in schema.inserted], column_oriented=True)
+    yield client
+    client.close()
+
+
+def test_every_finops_query_runs_on_the_schema_meterline_creates(clickhouse):
+    failed = []
+    for title, sql in finops_queries():
+        try:
+            clickhouse.query(sql)
+        except Exception as e:  # the driver's error names the unknown table or column
+            failed.append(f"{title}: {str(e).splitlines()[0]}")
+    assert failed == []
+
+
+def test_every_finops_query_finds_the_recent_events(clickhouse):
+    empty = [title for title, sql in finops_queries() if not clickhouse.query(sql).result_rows]
+    assert empty == []
+
+
+def test_the_finops_dashboard_reads_only_tables_meterline_creates(clickhouse):
+    tables = {name for (name,) in clickhouse.query(
+        "SELECT name FROM system.tables WHERE database = 'meterline'").result_rows}
+    named = {t for _, sql in finops_queries() for t in re.findall(r"meterline\.(\w+)", sql)}
+    assert named and named <= tables, named - tables
+
+
+# --- provisioning ----------------------------------------------------------------------
+def test_the_dashboards_default_to_the_provisioned_datasources():
+    provisioned = yaml.safe_load(
+        (GRAFANA / "provisioning" / "datasources" / "datasources.yaml").read_text())
+    uids = {d["type"]: d["uid"] for d in provisioned["datasources"]}
+    for path in (PROMETHEUS_DASHBOARD, FINOPS_DASHBOARD):
+        dashboard = load(path)
+        [variable] = [v for v in dashboard["templating"]["list"] if v["type"] == "datasource"]
+        assert variable["current"]["value"] == uids[variable["query"]]
+        assert {p["datasource"]["uid"] for p in panels(dashboard)} == {"${datasource}"}
