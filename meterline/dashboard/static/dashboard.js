@@ -93,7 +93,9 @@
   }
 
   // --- tables and CSV ---------------------------------------------------------------------
-  // A column: {title, value(row) -> raw value (what the CSV holds), format(value) -> text}.
+  // A column: {title, value(row) -> the raw value (what the CSV holds), format(value) ->
+  // its text (default: label), numeric (right-aligned), meter (a 0..1 bar),
+  // className(row) (a class for the cell)}.
   function renderTable(id, columns, rows, empty) {
     tables[id] = { columns, rows };
     const table = $(id);
