@@ -1,4 +1,4 @@
-"""The admin server: health, readiness, the daemon's own metrics, and the live tap.
+"""The admin server: health, readiness, the daemon's own metrics, the live tap, the dashboard.
 
 `/healthz` answers while the process runs; `/readyz` once every component has
 started; `/metrics` is the self-telemetry in Prometheus text format;
@@ -6,6 +6,7 @@ started; `/metrics` is the self-telemetry in Prometheus text format;
 `/api/v1/tap?filter=JSON` streams the events leaving the processors as NDJSON
 (what `meterline tap` reads). Other `/api/v1/...` paths are served by components
 (`Component.admin_routes`), such as the ClickHouse exporter's analytics.
+`/` is the embedded dashboard (`meterline.dashboard`), which reads those APIs.
 `/api/*` requires the bearer token when `service.admin.auth_token` is set.
 """
 
@@ -21,6 +22,7 @@ import msgspec
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from meterline import dashboard
 from meterline.config import AdminConfig
 from meterline.event import to_jsonl
 from meterline.filtering import Filter, FilterError, Pattern
@@ -42,6 +44,7 @@ class AdminServer:
         self.app.router.add_get("/api/v1/status", self.status)
         self.app.router.add_get("/api/v1/tap", self.tap)
         self.app.router.add_get("/api/v1/{path:.+}", self.component_route)
+        dashboard.add_routes(self.app)
         self.runner: web.AppRunner | None = None
         self._closing = False
 

@@ -305,6 +305,13 @@ async def test_performance_gives_latency_ttft_errors_and_throughput(api):
         assert m["requests_per_minute"] == round(e["requests"] / minutes, 4)
         ttfts = [x.ttft_ms for x in mine if x.ttft_ms is not None]
         assert m["avg_ttft_ms"] == (round(sum(ttfts) / len(ttfts), 1) if ttfts else None)
+    totals, e = answer["totals"], data.totals(events)
+    assert (totals["requests"], totals["error_rate"]) == (e["requests"],
+                                                          round(e["errors"] / e["requests"], 4))
+    durations = [x.duration_ms for x in events]
+    assert totals["avg_latency_ms"] == round(sum(durations) / len(durations), 1)
+    assert min(durations) <= totals["p50_latency_ms"] <= totals["p99_latency_ms"] \
+        <= max(durations)
 
 
 async def test_users_gives_usage_activity_and_cost_efficiency(api):

@@ -155,20 +155,28 @@ def usage_report(reader: Reader, window: Window, model_id: str | None = None,
 
 def performance(reader: Reader, window: Window, model_id: str | None = None,
                 provider: str | None = None) -> dict[str, Any]:
-    """Per model: latency (average and percentiles), time to first token, error rate and
-    throughput (requests and tokens per minute)."""
-    rows = reader.select(window, by=_MODEL, filters=_filters(provider, model_id),
-                         figures=("requests", "errors", "input_tokens", "output_tokens",
-                                  *_LATENCY, "ttft_ms_sum", "ttft_ms_count"),
+    """Per model, and over all of them (`totals`, so that a dashboard's percentiles are
+    true percentiles rather than an average of each model's): latency (average and
+    percentiles), time to first token, error rate and throughput (requests and tokens
+    per minute)."""
+    figures = ("requests", "errors", "input_tokens", "output_tokens", *_LATENCY,
+               "ttft_ms_sum", "ttft_ms_count")
+    filters = _filters(provider, model_id)
+    rows = reader.select(window, by=_MODEL, filters=filters, figures=figures,
                          order_by=["requests DESC", "model"])
+    [total] = reader.select(window, filters=filters, figures=figures)
     minutes = window.length / timedelta(minutes=1)
-    return {**_header(window, model_id=model_id, provider=provider or "all"), "models": [{
-        "model": r["model"] or None, "provider": r["provider"] or None,
-        "requests": number(r["requests"]), **_latency(r),
-        "avg_ttft_ms": ratio(r["ttft_ms_sum"], r["ttft_ms_count"], 1), **_rates(r),
-        "requests_per_minute": number(r["requests"] / minutes, 4),
-        "tokens_per_minute": number((r["input_tokens"] + r["output_tokens"]) / minutes, 4),
-    } for r in rows]}
+    return {**_header(window, model_id=model_id, provider=provider or "all"),
+            "totals": _performance(total, minutes),
+            "models": [{"model": r["model"] or None, "provider": r["provider"] or None,
+                        **_performance(r, minutes)} for r in rows]}
+
+
+def _performance(r: dict[str, Any], minutes: float) -> dict[str, Any]:
+    return {"requests": number(r["requests"]), **_latency(r),
+            "avg_ttft_ms": ratio(r["ttft_ms_sum"], r["ttft_ms_count"], 1), **_rates(r),
+            "requests_per_minute": number(r["requests"] / minutes, 4),
+            "tokens_per_minute": number((r["input_tokens"] + r["output_tokens"]) / minutes, 4)}
 
 
 def users(reader: Reader, window: Window, limit: int = 100,
