@@ -155,6 +155,16 @@ async def test_errors_provider_errors_and_rate_limit_hits_are_counted_by_error_t
     assert sum(s.value for s in found if s.name == "llm_gateway_errors_total") == 3
 
 
+async def test_a_call_the_client_cancelled_counts_as_a_request_and_in_no_error(tmp_path):
+    cancelled = make_event(1, status_code=499, upstream="openai")
+    async with Daemon(tmp_path).run() as daemon:
+        await daemon.send([cancelled])
+        found = await daemon.samples()
+    assert value(found, "llm_gateway_requests_total", error_type="", status="499") == 1
+    assert not [s for s in found if s.name in ("llm_gateway_errors_total",
+                                               "llm_gateway_provider_errors_total")]
+
+
 async def test_routing_decisions_are_counted_by_method(tmp_path):
     events = [make_event(i, attributes={"meterline.routing_method": method})
               for i, method in enumerate(["explicit", "explicit", "default"])] + [make_event(5)]

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Final, Literal
 
 from meterline.event import Event
-from meterline.genai import error_type_for_status
+from meterline.genai import failure
 
 Kind = Literal["counter", "histogram", "untyped"]
 Labeler = Callable[[Event], str]
@@ -68,9 +68,7 @@ def labeler(name: str) -> Labeler:
 # --- what counts -----------------------------------------------------------------------
 def error_type(e: Event) -> str:
     """The error category of a failed call, "" for a success."""
-    if e.error_type is not None:
-        return e.error_type
-    return error_type_for_status(e.status_code) or ""
+    return failure(e.error_type, e.status_code) or ""
 
 
 def _provider_error(e: Event) -> bool:
