@@ -33,7 +33,7 @@ from gateway.shapes import DROP, TOKEN, Shape, StreamReader, read_error, shape_f
 from gateway.streams import LineSplitter, SSESplitter
 from gateway.upstream import UNHEALTHY_AFTER, Exchange, Upstream, UpstreamFailure
 from meterline.event import Event, api_key_id
-from meterline.genai import failure
+from meterline.genai import ROUTING_ATTRIBUTE, failure
 
 _HOP_BY_HOP: Final = frozenset({
     b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization",
@@ -251,7 +251,7 @@ class Call:
         event.route = self.upstream.name
         event.provider = self.upstream.provider
         event.endpoint = self.path.decode("latin-1")
-        event.attributes = {"meterline.routing_method": method}
+        event.attributes = {ROUTING_ATTRIBUTE: method}
         self._read_headers(self.request.headers)
 
     def _route(self, path: bytes) -> tuple[Upstream, bytes, str] | None:

@@ -145,6 +145,12 @@ MESSAGE_FIELDS: Final = ("input_messages", "output_messages")
 NON_MODEL_OPERATIONS: Final = frozenset({"execute_tool", "create_agent", "invoke_agent"})
 # The event name of the GenAI log record that carries a whole call.
 INFERENCE_EVENT: Final = "gen_ai.client.inference.operation.details"
+# How the gateway chose the upstream (`attributes`): by the path's prefix, or the
+# default upstream. Other values (any source may set the attribute) are not methods
+# the metrics know: they count as `OTHER_ROUTING_METHOD`, so they add no series.
+ROUTING_ATTRIBUTE: Final = "meterline.routing_method"
+ROUTING_METHODS: Final = frozenset({"explicit", "default"})
+OTHER_ROUTING_METHOD: Final = "__other__"
 
 # --- histogram bucket bounds (the GenAI metric conventions' advice) -----------------
 # 0.01 s doubling to 81.92 s

@@ -175,6 +175,17 @@ async def test_routing_decisions_are_counted_by_method(tmp_path):
     assert value(found, "llm_gateway_routing_decisions_total", method="default") == 1
 
 
+async def test_routing_methods_the_gateway_does_not_make_count_as_other(tmp_path):
+    events = [make_event(i, attributes={"meterline.routing_method": f"made-up-{i}"})
+              for i in range(3)] + [make_event(9, attributes={"meterline.routing_method": [7]})]
+    async with Daemon(tmp_path).run() as daemon:
+        await daemon.send(events)
+        found = await daemon.samples()
+    methods = {s.labels["method"]: s.value for s in found
+               if s.name == "llm_gateway_routing_decisions_total"}
+    assert methods == {"__other__": 4}
+
+
 async def test_time_to_first_token_and_inter_token_latency_use_the_genai_buckets(tmp_path):
     event = make_event(1, streaming=True, ttft_ms=30.0, itl_ms=20.0)
     async with Daemon(tmp_path).run() as daemon:
