@@ -190,6 +190,17 @@ async def test_an_oversized_body_is_a_413_that_never_reaches_the_upstream(fake):
     assert not fake.requests
 
 
+async def test_a_body_far_over_the_limit_still_gets_the_413_not_a_reset(fake):
+    async with gateway({"openai": openai_upstream(fake.url)}, max_body_mb=1) as gw:
+        with pytest.raises(openai.APIStatusError) as caught:
+            await gw.openai().chat.completions.create(
+                model="m", messages=[{"role": "user", "content": "x" * (20 << 20)}])
+        event = gw.event
+    assert caught.value.status_code == 413
+    assert caught.value.body["message"].startswith("request body larger than max_body_mb")
+    assert event.status_code == 413 and not fake.requests
+
+
 async def test_a_malformed_http_request_is_a_400(fake):
     async with gateway({"openai": openai_upstream(fake.url)}) as gw:
         reader, writer = await asyncio.open_connection("127.0.0.1", gw.proxy.port)
