@@ -136,6 +136,28 @@ async def test_counters_and_histograms_scale_by_sample_weight(tmp_path):
     assert value(found, "llm_gateway_requests_total", error_type="server_error", **failed) == 1
 
 
+async def test_a_sampled_pipeline_keeps_the_counter_totals_close_to_the_true_ones(tmp_path):
+    events = [make_event(i, input_tokens=10) for i in range(2000)]  # fixed ids: fixed choice
+    daemon = Daemon(tmp_path)
+    daemon.body = daemon.body.replace("exporters:\n", "processors:\n  sample: {rate: 0.25}\n"
+                                      "exporters:\n", 1).replace(
+        "[webhook], exporters", "[webhook], processors: [sample], exporters")
+    async with daemon.run():
+        status, answer, _ = await post_json(f"http://127.0.0.1:{daemon.webhook}/v1/events",
+                                            [msgspec.to_builtins(e) for e in events])
+        assert status == 200, answer
+        registry = daemon.service.telemetry.registry
+        dropped = "meterline_sample_sampled_out_events_total"
+        kept = 2000 - await eventually(lambda: metric_value(registry, dropped))
+        await eventually(lambda: metric_value(registry,
+                                              "meterline_exporter_sent_events_total") == kept)
+        found = await daemon.samples()
+    requests = value(found, "llm_gateway_requests_total", **BASE)
+    assert kept < 2000 and requests == 4 * kept  # each kept event stands for 4
+    assert abs(requests - 2000) <= 0.05 * 2000
+    assert value(found, "llm_gateway_tokens_prompt_total", **BASE) == 10 * requests
+
+
 async def test_errors_provider_errors_and_rate_limit_hits_are_counted_by_error_type(tmp_path):
     events = [make_event(1, status_code=429, error_type="rate_limit_error", upstream="openai"),
               make_event(2, status_code=503, error_type="service_unavailable", upstream="openai"),
