@@ -121,7 +121,7 @@ async def test_the_seed_001_queries_give_the_figures_of_known_events(tmp_path):
         async with FakeUpstream(latency=60) as upstream, running(PIPELINE.format(
                 webhook=webhook, exporter=exporter, gateway=gateway, upstream=upstream.url),
                 tmp_path) as service:
-            found = await _figures(base, service, webhook, gateway)
+            found = await _figures(base, service, upstream, webhook, gateway)
     requests, mean, tokens, as_written, error_rate, routing, inflight = found
     ok, failed, claude = ("openai", "200"), ("openai", "500"), ("anthropic", "200")
     assert set(requests) == {ok, failed, claude}
@@ -137,13 +137,14 @@ async def test_the_seed_001_queries_give_the_figures_of_known_events(tmp_path):
     assert inflight == {(): 1.0}  # the gateway's own gauge: the call still waiting
 
 
-async def _figures(base, service, webhook, gateway):
+async def _figures(base, service, upstream, webhook, gateway):
     """Two rounds of traffic with a gateway call pending; the queries' results."""
     client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{gateway}/v1", api_key="k",
                                 max_retries=0)
     pending = asyncio.create_task(client.chat.completions.create(
         model="m", messages=[{"role": "user", "content": "hi"}]))
     try:
+        await eventually(lambda: upstream.requests)  # the call is in flight
         for round_ in (1, 2):
             status, _, _ = await post_json(f"http://127.0.0.1:{webhook}/v1/events",
                                            [msgspec.to_builtins(e) for e in traffic(round_)])
