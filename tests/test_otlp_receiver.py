@@ -1,6 +1,7 @@
 """Receiver `otlp`: the OpenTelemetry SDK's exporters (gRPC and HTTP) send GenAI spans."""
 
 import asyncio
+import contextlib
 import gzip
 
 import aiohttp
@@ -215,7 +216,10 @@ def blocked_queue(tmp_path):
                      "    retry: {initial_interval: 20ms, max_interval: 50ms}"}
 
 
-async def test_a_full_queue_answers_grpc_resource_exhausted_with_retry_info(tmp_path):
+@contextlib.asynccontextmanager
+async def pushed_back(tmp_path):
+    """A gRPC stub to a receiver whose queue is full; event 1 was taken, event 2 refused
+    (the refusal is yielded too)."""
     ports = Ports()
     async with running_receiver(ports, tmp_path, **blocked_queue(tmp_path)), \
             grpc.aio.insecure_channel(f"127.0.0.1:{ports.grpc}") as channel:
@@ -223,6 +227,11 @@ async def test_a_full_queue_answers_grpc_resource_exhausted_with_retry_info(tmp_
         await stub.Export(to_traces_request([make_event(1)]))
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await stub.Export(to_traces_request([make_event(2)]))
+        yield stub, refused
+
+
+async def test_a_full_queue_answers_grpc_resource_exhausted_with_retry_info(tmp_path):
+    async with pushed_back(tmp_path) as (_, refused):
         assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         trailers = dict(refused.value.trailing_metadata())
         assert RetryInfo.FromString(trailers["google.rpc.retryinfo-bin"]).retry_delay.seconds == 1
@@ -244,13 +253,7 @@ async def test_a_full_queue_answers_http_429_with_retry_after(tmp_path):
 
 
 async def test_a_call_pushed_back_is_taken_when_sent_again(tmp_path):
-    ports = Ports()
-    async with running_receiver(ports, tmp_path, **blocked_queue(tmp_path)), \
-            grpc.aio.insecure_channel(f"127.0.0.1:{ports.grpc}") as channel:
-        stub = TraceServiceStub(channel)
-        await stub.Export(to_traces_request([make_event(1)]))
-        with pytest.raises(grpc.aio.AioRpcError):
-            await stub.Export(to_traces_request([make_event(2)]))
+    async with pushed_back(tmp_path) as (stub, _):
         (tmp_path / "blocked").unlink()  # the exporter can write: the queue drains
         for _ in range(100):  # as the SDK's exporter does, until taken
             try:
