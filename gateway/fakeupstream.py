@@ -92,6 +92,7 @@ class FakeUpstream:
         self.served = 0  # responses completed
         self.streams_open = 0  # streams being written now
         self.streams_cut = 0  # streams whose client closed the connection before the end
+        self.handlers_cut = 0  # requests whose client closed the connection before the answer
         self._runner: web.AppRunner | None = None
         self.port = 0
 
@@ -136,7 +137,11 @@ class FakeUpstream:
         if request.method != "POST":
             return web.json_response({"error": {"message": f"no route {path}"}}, status=404)
         if plan.latency:
-            await asyncio.sleep(plan.latency)
+            try:
+                await asyncio.sleep(plan.latency)
+            except asyncio.CancelledError:
+                self.handlers_cut += 1
+                raise
         if plan.status is not None:
             return self._error(path, plan.status)
         stream = isinstance(body, dict) and body.get("stream")

@@ -33,7 +33,7 @@ from gateway.shapes import DROP, TOKEN, Shape, StreamReader, read_error, shape_f
 from gateway.streams import LineSplitter, SSESplitter
 from gateway.upstream import UNHEALTHY_AFTER, Exchange, Upstream, UpstreamFailure
 from meterline.event import Event, api_key_id
-from meterline.genai import error_type_for_status
+from meterline.genai import ROUTING_ATTRIBUTE, failure
 
 _HOP_BY_HOP: Final = frozenset({
     b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization",
@@ -251,7 +251,7 @@ class Call:
         event.route = self.upstream.name
         event.provider = self.upstream.provider
         event.endpoint = self.path.decode("latin-1")
-        event.attributes = {"meterline.routing_method": method}
+        event.attributes = {ROUTING_ATTRIBUTE: method}
         self._read_headers(self.request.headers)
 
     def _route(self, path: bytes) -> tuple[Upstream, bytes, str] | None:
@@ -511,9 +511,7 @@ class Call:
             event.ttft_ms = (self.first_token - started) * 1000
             if self.tokens > 1:
                 event.itl_ms = (self.last_token - self.first_token) * 1000 / (self.tokens - 1)
-        status = event.status_code
-        if status is not None and status >= 400 and event.error_type is None and status != 499:
-            event.error_type = error_type_for_status(status)
+        event.error_type = failure(event.error_type, event.status_code)
         if self.serving is not None:
             self.serving.active -= 1
             self.serving = None

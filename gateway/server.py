@@ -2,8 +2,10 @@
 
 A `ClientConnection` reads requests (keep-alive, pipelined ones in order),
 refuses what cannot be served before any upstream is involved (malformed HTTP,
-a body over the limit, a request too slow to arrive, protocol upgrades), and
-hands each complete request to the proxy. It writes the response as the proxy
+a body over the limit, a request too slow to arrive, protocol upgrades; the rest
+of a body refused while it arrives is read and discarded after the answer, so
+that the client sees the answer rather than a reset), and hands each complete
+request to the proxy. It writes the response as the proxy
 gives it: the head is held back and sent with the first body bytes, so that a
 small response leaves in one write, and what one read from the upstream brought
 leaves in one write however many chunks it held. When the client goes away, the request's
@@ -29,6 +31,9 @@ if TYPE_CHECKING:
 
 _REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
 _NO_BODY = frozenset({204, 304})
+# After refusing a body while the client still sends it: at most this much more is
+# read (and thrown away) before the connection is closed anyway.
+_LINGER_BYTES = 256 << 20
 
 
 def status_line(status: int) -> bytes:
@@ -87,6 +92,7 @@ class ClientConnection(asyncio.Protocol):
         self.chunked = False
         self.must_close = False  # the response ends with the connection
         self.deadline = math.inf  # for the request to arrive, or for the next one to begin
+        self.linger: int | None = None  # answered, closing: bytes still to read and discard
 
     # --- asyncio protocol ------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -96,6 +102,11 @@ class ClientConnection(asyncio.Protocol):
         self._arm(self.handler.keepalive_timeout)
 
     def data_received(self, data: bytes) -> None:
+        if self.linger is not None:
+            self.linger -= len(data)
+            if self.linger <= 0:
+                self.close()
+            return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -207,7 +218,24 @@ class ClientConnection(asyncio.Protocol):
         self.request = None
         self.handler.refuse(request, self, 413, "request body larger than max_body_mb "
                             f"({self.handler.max_body / (1 << 20):g} MB)")
-        self.close()
+        self._linger()
+
+    def _linger(self) -> None:
+        """Close after an answer given while the client is still sending its body.
+        Closing at once would reset the connection (a socket closed with unread data
+        sends RST), and a client still writing would see the reset instead of the
+        answer. So nothing more is written, the write side is shut down once the answer
+        has left, and what still arrives is read and thrown away (never kept) until the
+        client closes, `read_timeout` (else 30 s) passes or `_LINGER_BYTES` were
+        discarded."""
+        if self.closed or self.transport is None:
+            return
+        self.closed = True
+        self.must_close = True
+        self.linger = _LINGER_BYTES
+        self._arm(self.handler.read_timeout or 30.0)
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
 
     def _refuse(self, status: int, message: str) -> None:
         """Answer an error that no request can be built for, and close."""
@@ -265,6 +293,7 @@ class ClientConnection(asyncio.Protocol):
 
     def close(self) -> None:
         """Close once what was written has been sent."""
-        if not self.closed and self.transport is not None:
+        if self.transport is not None and (not self.closed or self.linger is not None):
             self.closed = True
+            self.linger = None
             self.transport.close()

@@ -51,9 +51,17 @@ def provider_name(raw: str | None) -> str | None:
     return PROVIDER_ALIASES.get(key, key.replace("-", "_"))
 
 
+# nginx's status for a call the client gave up on (closed the connection before the
+# answer ended: a user pressing "stop"). The call did not fail: it was cancelled by its
+# caller, so it has no error category, its span no error status, and it counts in no
+# error rate; the status itself tells cancellations apart.
+CLIENT_CLOSED: Final = 499
+
+
 def error_type_for_status(status: int | None) -> str | None:
-    """The error category of an HTTP status (None for a success)."""
-    if status is None or status < 400:
+    """The error category of an HTTP status (None for a success, or a call the client
+    cancelled: `CLIENT_CLOSED`)."""
+    if status is None or status < 400 or status == CLIENT_CLOSED:
         return None
     if status in (401, 403):
         return "authentication_error"
@@ -89,6 +97,13 @@ def error_type(status: int | None, name: str | None) -> str | None:
         return by_status
     by_name = error_type_for_name(name)
     return by_name if by_name != "unknown" else by_status or by_name
+
+
+def failure(error_type: str | None, status: int | None) -> str | None:
+    """The error category of a recorded call: the one it carries, else its status's;
+    None for a call that did not fail. Every writer that tells failures apart (metrics,
+    span status, log severity) asks this, so that they agree."""
+    return error_type if error_type is not None else error_type_for_status(status)
 
 
 _ERROR_NAMES: Final = (
@@ -130,6 +145,12 @@ MESSAGE_FIELDS: Final = ("input_messages", "output_messages")
 NON_MODEL_OPERATIONS: Final = frozenset({"execute_tool", "create_agent", "invoke_agent"})
 # The event name of the GenAI log record that carries a whole call.
 INFERENCE_EVENT: Final = "gen_ai.client.inference.operation.details"
+# How the gateway chose the upstream (`attributes`): by the path's prefix, or the
+# default upstream. Other values (any source may set the attribute) are not methods
+# the metrics know: they count as `OTHER_ROUTING_METHOD`, so they add no series.
+ROUTING_ATTRIBUTE: Final = "meterline.routing_method"
+ROUTING_METHODS: Final = frozenset({"explicit", "default"})
+OTHER_ROUTING_METHOD: Final = "__other__"
 
 # --- histogram bucket bounds (the GenAI metric conventions' advice) -----------------
 # 0.01 s doubling to 81.92 s

@@ -9,6 +9,13 @@ back as rejected, so an application may send all its spans here. A call whose
 attributes are malformed is rejected and reported in the OTLP partial-success
 answer with the reason.
 
+An application may send both the span of a call and its
+`gen_ai.client.inference.operation.details` log record (they carry the same
+event id). So that the call counts once, the receiver remembers the ids of the
+last `dedupe_ids` calls it queued, traces and logs alike, and drops a call it has
+just had (`meterline_receiver_refused_events_total{reason="duplicate"}`); the
+first of the two to arrive is the event. Spans alone or logs alone are untouched.
+
 The answer comes once the events are durably queued. When a queue is full,
 nothing is queued and the client is told to retry: gRPC `RESOURCE_EXHAUSTED` with
 `RetryInfo`, HTTP 429 with `Retry-After` (503 when the queue cannot be written).
@@ -36,6 +43,7 @@ from opentelemetry.proto.collector.logs.v1 import logs_service_pb2, logs_service
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 from meterline.component import Backpressure, Config, Consumer, Context, Factory, Receiver
+from meterline.event import Event
 from meterline.httpserver import serve
 from meterline.queue import QueueWriteError
 from meterline.units import Duration, Listen
@@ -58,12 +66,15 @@ class OtlpReceiverConfig(Config):
     auth_token: str | None = None  # when set, require `authorization: Bearer <token>`
     max_message_mb: float = 16  # per request (HTTP: after gzip decoding)
     read_timeout: Duration = Duration(30)  # HTTP: a body slower than this gets 408
+    dedupe_ids: int = 100_000  # ids of recent calls remembered, across traces and logs; 0: off
 
     def __post_init__(self) -> None:
         if self.grpc is None and self.http is None:
             raise ValueError("set grpc, http or both: with neither, nothing is received")
         if self.max_message_mb <= 0:
             raise ValueError("max_message_mb must be positive")
+        if self.dedupe_ids < 0:
+            raise ValueError("dedupe_ids must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -88,6 +99,34 @@ _LOGS = _Signal(
             rejected_log_records=n, error_message=msg)))
 
 
+class RecentIds:
+    """The event ids of the latest calls taken, at most `size` of them (oldest forgotten
+    first)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.ids: dict[str, None] = {}  # in the order they came
+
+    def claim(self, events: list[Event]) -> tuple[list[Event], list[str]]:
+        """The events whose id is new (within `events` too), and their ids, now
+        remembered; `release` them if the events were not taken after all."""
+        if not self.size:
+            return events, []
+        ids = self.ids
+        fresh = []
+        for event in events:
+            if event.event_id not in ids:
+                ids[event.event_id] = None
+                fresh.append(event)
+        while len(ids) > self.size:
+            del ids[next(iter(ids))]
+        return fresh, [e.event_id for e in fresh]
+
+    def release(self, claimed: list[str]) -> None:
+        for event_id in claimed:
+            self.ids.pop(event_id, None)
+
+
 class _Refusal(Exception):
     """Nothing was queued; the client should retry after `retry_after` seconds."""
 
@@ -104,6 +143,7 @@ class OtlpReceiver(Receiver):
         self.log = context.log
         self.grpc_server: grpc.aio.Server | None = None
         self.http_runner: web.AppRunner | None = None
+        self.recent = RecentIds(config.dedupe_ids)
 
     async def start(self) -> None:
         max_bytes = int(self.config.max_message_mb * (1 << 20))
@@ -155,14 +195,20 @@ class OtlpReceiver(Receiver):
             self.consumer.refused(len(decoded.rejected), "undecodable")
             self.log.info(f"{signal.name} rejected", count=len(decoded.rejected),
                           first_reason=decoded.rejected[0])
+        events, claimed = self.recent.claim(decoded.events)
         try:
-            await self.consumer.consume(decoded.events)
-        except Backpressure as e:
-            raise _Refusal(f"back-pressure: {e}; retry later", e.retry_after, True) from e
-        except QueueWriteError as e:
-            self.consumer.refused(len(decoded.events), "unavailable")
-            self.log.error("cannot queue events", error=str(e))
-            raise _Refusal(f"cannot queue events: {e}", 5.0, False) from e
+            await self.consumer.consume(events)
+        except BaseException as e:
+            self.recent.release(claimed)  # not taken: the client sends them again
+            if isinstance(e, Backpressure):
+                raise _Refusal(f"back-pressure: {e}; retry later", e.retry_after, True) from e
+            if isinstance(e, QueueWriteError):
+                self.consumer.refused(len(events), "unavailable")
+                self.log.error("cannot queue events", error=str(e))
+                raise _Refusal(f"cannot queue events: {e}", 5.0, False) from e
+            raise
+        if len(events) < len(decoded.events):
+            self.consumer.refused(len(decoded.events) - len(events), "duplicate")
         reasons = decoded.rejected[:_MAX_REASONS]
         more = len(decoded.rejected) - len(reasons)
         message = "; ".join(reasons) + (f"; and {more} more" if more else "")

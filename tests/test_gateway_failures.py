@@ -2,6 +2,7 @@
 bad requests, and many streams at once."""
 
 import asyncio
+import contextlib
 import socket
 
 import aiohttp
@@ -93,6 +94,45 @@ async def test_a_stream_idle_past_the_idle_timeout_is_cut_and_recorded_as_504(fa
     assert "idle timeout" in event.error_message
 
 
+async def test_a_stream_longer_than_the_total_timeout_is_cut_and_recorded_as_504(fake):
+    upstream = openai_upstream(fake.url, timeouts={"total": "300ms"})
+    async with gateway({"openai": upstream}) as gw:
+        stream = await gw.openai().chat.completions.create(
+            model="m", messages=MESSAGES, stream=True,
+            extra_headers={"x-fake-chunk-delay": "0.05", "x-fake-tokens": "100"})
+        with pytest.raises(openai.APIConnectionError):
+            [chunk async for chunk in stream]
+        event = await eventually(lambda: gw.events and gw.events[0])
+    assert (event.status_code, event.error_type) == (504, "timeout")
+    assert "total timeout" in event.error_message
+    assert event.duration_ms < 2000
+
+
+async def test_an_upstream_not_accepting_within_the_connect_timeout_is_a_504():
+    # a listener whose backlog is full: further connection attempts get no answer
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        fillers = [socket.socket() for _ in range(3)]
+        for filler in fillers:
+            filler.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                filler.connect(listener.getsockname())
+        try:
+            upstream = openai_upstream(url, timeouts={"connect": "200ms"})
+            async with gateway({"openai": upstream}) as gw:
+                with pytest.raises(openai.APIStatusError) as caught:
+                    await gw.openai().chat.completions.create(model="m", messages=MESSAGES)
+                event = gw.event
+        finally:
+            for filler in fillers:
+                filler.close()
+    assert caught.value.status_code == 504
+    assert "within 0.2s" in caught.value.message
+    assert (event.status_code, event.error_type) == (504, "timeout")
+
+
 async def test_an_upstream_breaking_off_mid_stream_is_a_502_and_not_retried(fake):
     async with FakeUpstream() as backup:
         upstreams = {"openai": openai_upstream(fake.url, fallback=["backup"]),
@@ -130,6 +170,8 @@ async def test_a_client_leaving_before_the_answer_closes_the_upstream_call(fake)
         await eventually(lambda: fake.requests)
         request.cancel()
         event = await eventually(lambda: gw.events and gw.events[0])
+        # the upstream saw its connection close while it was still preparing the answer
+        await eventually(lambda: fake.handlers_cut == 1, timeout=3)
     assert event.status_code == 499
 
 
@@ -188,6 +230,17 @@ async def test_an_oversized_body_is_a_413_that_never_reaches_the_upstream(fake):
     assert caught.value.status_code == 413 and "max_body_mb" in caught.value.message
     assert (event.status_code, event.endpoint) == (413, "/v1/chat/completions")
     assert not fake.requests
+
+
+async def test_a_body_far_over_the_limit_still_gets_the_413_not_a_reset(fake):
+    async with gateway({"openai": openai_upstream(fake.url)}, max_body_mb=1) as gw:
+        with pytest.raises(openai.APIStatusError) as caught:
+            await gw.openai().chat.completions.create(
+                model="m", messages=[{"role": "user", "content": "x" * (20 << 20)}])
+        event = gw.event
+    assert caught.value.status_code == 413
+    assert caught.value.body["message"].startswith("request body larger than max_body_mb")
+    assert event.status_code == 413 and not fake.requests
 
 
 async def test_a_malformed_http_request_is_a_400(fake):

@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import time
 
 import aiohttp
 import openai
@@ -265,3 +266,35 @@ async def test_malformed_metadata_header_is_a_400_that_says_which_header(fake):
             await gw.openai().chat.completions.create(
                 model="m", messages=MESSAGES, extra_headers={"X-Meterline-Metadata": "{oops"})
     assert not fake.requests
+
+
+async def test_openai_upstreams_get_the_configured_key_as_a_bearer_token(fake):
+    upstream = openai_upstream(fake.url, api_key="sk-upstream")
+    async with gateway({"openai": upstream}) as gw:
+        await gw.openai(key="sk-client").chat.completions.create(model="m", messages=MESSAGES)
+        event = gw.event
+    sent = {k.lower(): v for k, v in fake.requests[-1].headers.items()}
+    assert sent["authorization"] == "Bearer sk-upstream"
+    assert event.api_key_id == hashlib.sha256(b"sk-client").hexdigest()[:16]
+
+
+async def test_the_metadata_header_name_is_configurable(fake):
+    async with gateway({"openai": openai_upstream(fake.url)},
+                       metadata_header="X-Team-Labels") as gw:
+        await gw.openai().chat.completions.create(
+            model="m", messages=MESSAGES, extra_headers={"X-Team-Labels": '{"team": "search"}'})
+        event = gw.event
+    assert event.metadata == {"team": "search"}
+    assert "x-team-labels" not in {k.lower() for k in fake.requests[-1].headers}
+
+
+async def test_a_stream_reaches_the_client_chunk_by_chunk_as_it_arrives(fake):
+    async with gateway({"openai": openai_upstream(fake.url)}) as gw:
+        started = time.monotonic()
+        stream = await gw.openai().chat.completions.create(
+            model="m", messages=MESSAGES, stream=True,
+            extra_headers={"x-fake-chunk-delay": "0.2", "x-fake-tokens": "6"})
+        arrivals = [time.monotonic() - started async for _ in stream]
+    # the upstream takes over a second to send the stream; its first chunk is here at once
+    assert arrivals[-1] >= 1.0
+    assert arrivals[0] < 0.5

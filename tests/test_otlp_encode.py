@@ -84,6 +84,16 @@ def test_a_failed_call_has_an_error_status_and_error_type():
     assert attributes(span)["error.type"] == "rate_limit_error"
 
 
+def test_a_call_the_client_cancelled_has_no_error_status_nor_error_type():
+    event = make_event(1, status_code=499, error_message="client closed the connection")
+    span = only_span([event])
+    record = to_logs_request([event]).resource_logs[0].scope_logs[0].log_records[0]
+    assert span.status.code == Status.STATUS_CODE_UNSET
+    assert "error.type" not in attributes(span)
+    assert attributes(span)["http.response.status_code"] == 499
+    assert record.severity_text == "INFO"
+
+
 def test_a_log_record_carries_the_span_attributes_and_ids():
     event = make_event(1, trace_id=TRACE, span_id="a1b2c3d4e5f60718")
     record = to_logs_request([event]).resource_logs[0].scope_logs[0].log_records[0]

@@ -1,6 +1,7 @@
 """Receiver `otlp`: the OpenTelemetry SDK's exporters (gRPC and HTTP) send GenAI spans."""
 
 import asyncio
+import contextlib
 import gzip
 
 import aiohttp
@@ -150,6 +151,19 @@ async def test_log_records_over_grpc_become_events(tmp_path):
         assert from_dict(got) == event
 
 
+async def test_a_call_sent_as_a_span_and_as_a_log_record_becomes_one_event(tmp_path):
+    ports = Ports()
+    event = make_event(1, trace_id="4bf92f3577b34da6a3ce929d0e0e4736", span_id="a1b2c3d4e5f60718")
+    async with running_receiver(ports, tmp_path) as service, \
+            grpc.aio.insecure_channel(f"127.0.0.1:{ports.grpc}") as channel:
+        await TraceServiceStub(channel).Export(to_traces_request([event]))
+        await LogsServiceStub(channel).Export(to_logs_request([event]))
+        duplicates = metric_value(service.telemetry.registry,
+                                  "meterline_receiver_refused_events_total", reason="duplicate")
+        [got] = await received(tmp_path, 1)
+    assert duplicates == 1 and from_dict(got) == event
+
+
 async def test_malformed_calls_are_reported_as_partial_success(tmp_path):
     ports = Ports()
     request = to_traces_request([make_event(1), make_event(2)])
@@ -202,7 +216,10 @@ def blocked_queue(tmp_path):
                      "    retry: {initial_interval: 20ms, max_interval: 50ms}"}
 
 
-async def test_a_full_queue_answers_grpc_resource_exhausted_with_retry_info(tmp_path):
+@contextlib.asynccontextmanager
+async def pushed_back(tmp_path):
+    """A gRPC stub to a receiver whose queue is full; event 1 was taken, event 2 refused
+    (the refusal is yielded too)."""
     ports = Ports()
     async with running_receiver(ports, tmp_path, **blocked_queue(tmp_path)), \
             grpc.aio.insecure_channel(f"127.0.0.1:{ports.grpc}") as channel:
@@ -210,6 +227,11 @@ async def test_a_full_queue_answers_grpc_resource_exhausted_with_retry_info(tmp_
         await stub.Export(to_traces_request([make_event(1)]))
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await stub.Export(to_traces_request([make_event(2)]))
+        yield stub, refused
+
+
+async def test_a_full_queue_answers_grpc_resource_exhausted_with_retry_info(tmp_path):
+    async with pushed_back(tmp_path) as (_, refused):
         assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         trailers = dict(refused.value.trailing_metadata())
         assert RetryInfo.FromString(trailers["google.rpc.retryinfo-bin"]).retry_delay.seconds == 1
@@ -228,3 +250,17 @@ async def test_a_full_queue_answers_http_429_with_retry_after(tmp_path):
             url, to_json(to_traces_request([make_event(2)])), headers=headers)
         assert (status, answer_headers["Retry-After"]) == (429, "1")
         assert answer["message"].startswith("back-pressure")
+
+
+async def test_a_call_pushed_back_is_taken_when_sent_again(tmp_path):
+    async with pushed_back(tmp_path) as (stub, _):
+        (tmp_path / "blocked").unlink()  # the exporter can write: the queue drains
+        for _ in range(100):  # as the SDK's exporter does, until taken
+            try:
+                await stub.Export(to_traces_request([make_event(2)]))
+                break
+            except grpc.aio.AioRpcError:
+                await asyncio.sleep(0.1)
+        out = await eventually(lambda: len(r := read_jsonl(tmp_path / "blocked/out.jsonl")) == 2
+                               and r)
+    assert [e["event_id"] for e in out] == [make_event(1).event_id, make_event(2).event_id]

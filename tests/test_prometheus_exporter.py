@@ -136,6 +136,28 @@ async def test_counters_and_histograms_scale_by_sample_weight(tmp_path):
     assert value(found, "llm_gateway_requests_total", error_type="server_error", **failed) == 1
 
 
+async def test_a_sampled_pipeline_keeps_the_counter_totals_close_to_the_true_ones(tmp_path):
+    events = [make_event(i, input_tokens=10) for i in range(2000)]  # fixed ids: fixed choice
+    daemon = Daemon(tmp_path)
+    daemon.body = daemon.body.replace("exporters:\n", "processors:\n  sample: {rate: 0.25}\n"
+                                      "exporters:\n", 1).replace(
+        "[webhook], exporters", "[webhook], processors: [sample], exporters")
+    async with daemon.run():
+        status, answer, _ = await post_json(f"http://127.0.0.1:{daemon.webhook}/v1/events",
+                                            [msgspec.to_builtins(e) for e in events])
+        assert status == 200, answer
+        registry = daemon.service.telemetry.registry
+        dropped = "meterline_sample_sampled_out_events_total"
+        kept = 2000 - await eventually(lambda: metric_value(registry, dropped))
+        await eventually(lambda: metric_value(registry,
+                                              "meterline_exporter_sent_events_total") == kept)
+        found = await daemon.samples()
+    requests = value(found, "llm_gateway_requests_total", **BASE)
+    assert kept < 2000 and requests == 4 * kept  # each kept event stands for 4
+    assert abs(requests - 2000) <= 0.05 * 2000
+    assert value(found, "llm_gateway_tokens_prompt_total", **BASE) == 10 * requests
+
+
 async def test_errors_provider_errors_and_rate_limit_hits_are_counted_by_error_type(tmp_path):
     events = [make_event(1, status_code=429, error_type="rate_limit_error", upstream="openai"),
               make_event(2, status_code=503, error_type="service_unavailable", upstream="openai"),
@@ -155,6 +177,16 @@ async def test_errors_provider_errors_and_rate_limit_hits_are_counted_by_error_t
     assert sum(s.value for s in found if s.name == "llm_gateway_errors_total") == 3
 
 
+async def test_a_call_the_client_cancelled_counts_as_a_request_and_in_no_error(tmp_path):
+    cancelled = make_event(1, status_code=499, upstream="openai")
+    async with Daemon(tmp_path).run() as daemon:
+        await daemon.send([cancelled])
+        found = await daemon.samples()
+    assert value(found, "llm_gateway_requests_total", error_type="", status="499") == 1
+    assert not [s for s in found if s.name in ("llm_gateway_errors_total",
+                                               "llm_gateway_provider_errors_total")]
+
+
 async def test_routing_decisions_are_counted_by_method(tmp_path):
     events = [make_event(i, attributes={"meterline.routing_method": method})
               for i, method in enumerate(["explicit", "explicit", "default"])] + [make_event(5)]
@@ -163,6 +195,17 @@ async def test_routing_decisions_are_counted_by_method(tmp_path):
         found = await daemon.samples()
     assert value(found, "llm_gateway_routing_decisions_total", method="explicit") == 2
     assert value(found, "llm_gateway_routing_decisions_total", method="default") == 1
+
+
+async def test_routing_methods_the_gateway_does_not_make_count_as_other(tmp_path):
+    events = [make_event(i, attributes={"meterline.routing_method": f"made-up-{i}"})
+              for i in range(3)] + [make_event(9, attributes={"meterline.routing_method": [7]})]
+    async with Daemon(tmp_path).run() as daemon:
+        await daemon.send(events)
+        found = await daemon.samples()
+    methods = {s.labels["method"]: s.value for s in found
+               if s.name == "llm_gateway_routing_decisions_total"}
+    assert methods == {"__other__": 4}
 
 
 async def test_time_to_first_token_and_inter_token_latency_use_the_genai_buckets(tmp_path):

@@ -11,7 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from exporters.prometheus.exporter import PrometheusConfig, PrometheusExporter
 from meterline.component import ExportBatch
 from meterline.config import convert
-from tests.conftest import free_port, make_context, make_event, post_json
+from tests.conftest import free_port, make_context, make_event, metric_value, post_json
 
 PIPELINE = """
 receivers:
@@ -111,3 +111,27 @@ async def test_a_label_set_no_process_has_seen_for_a_while_is_left_out(tmp_path)
     finally:
         await exporter.shutdown()
     assert [dict(labels)["model"] for labels in requests] == ["new"]
+
+
+async def test_only_label_sets_seen_within_the_expiration_count_toward_max_series(tmp_path):
+    context = make_context(tmp_path, "prometheus")
+    port = free_port()
+    config = convert({"listen": f"127.0.0.1:{port}", "multiprocess_dir": str(tmp_path / "mp"),
+                      "max_series": 1, "metric_expiration": "10s"}, PrometheusConfig)
+    exporter = PrometheusExporter(config, context)
+    now = [1000.0]
+    exporter.clock = lambda: now[0]
+    await exporter.start()
+    try:
+        for i, (at, model) in enumerate([(1000.0, "a"), (1020.0, "b"), (1040.0, "a")]):
+            now[0] = at
+            await exporter.export(ExportBatch(f"b{i}", [make_event(i, request_model=model)]))
+        requests = sample_values(await get(f"http://127.0.0.1:{port}/metrics"),
+                                 "llm_gateway_requests_total")
+        folded = metric_value(context.telemetry.registry,
+                              "meterline_prometheus_folded_events_total")
+    finally:
+        await exporter.shutdown()
+    assert folded == 0
+    # `b` took the place `a` left; `a` came back in the place `b` left, from its total
+    assert {dict(labels)["model"]: value for labels, value in requests.items()} == {"a": 2.0}

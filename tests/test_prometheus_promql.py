@@ -1,5 +1,12 @@
-"""The example PromQL queries of seed 001 return data as written, from a real Prometheus
-server scraping the `prometheus` exporter (skipped when `prometheus` is not installed)."""
+"""The example PromQL queries of seed 001, evaluated by a real Prometheus server scraping
+the `prometheus` exporter, give the figures the known events make (skipped when
+`prometheus` is not installed).
+
+Rates over a window are extrapolated by Prometheus, so their values are not exact
+counts; but the same traffic is sent twice (the second time once Prometheus has
+scraped the first), so every series starts and grows the same way over the same
+scrapes, and every rate is the same multiple of its true increase. Ratios of rates,
+and rates compared with each other, are then exact; all are evaluated at one time."""
 
 import asyncio
 import contextlib
@@ -10,34 +17,53 @@ import time
 
 import aiohttp
 import msgspec
+import openai
 import pytest
 
+from gateway.fakeupstream import FakeUpstream
 from tests.conftest import eventually, free_port, make_event, metric_value, post_json, running
 
 pytestmark = pytest.mark.skipif(shutil.which("prometheus") is None,
                                 reason="needs the prometheus server (apt-get install prometheus)")
 
-SEED_001_QUERIES = [
-    "rate(llm_gateway_requests_total[5m]) * 60",
-    "rate(llm_gateway_request_duration_seconds_sum[5m]) "
-    "/ rate(llm_gateway_request_duration_seconds_count[5m])",
-    "rate(llm_gateway_tokens_prompt_total[5m]) + rate(llm_gateway_tokens_completion_total[5m])",
-    "rate(llm_gateway_provider_errors_total[5m]) / rate(llm_gateway_requests_total[5m]) * 100",
-    "rate(llm_gateway_routing_decisions_total[5m])",
-    "llm_gateway_requests_inflight",
-]
+REQUEST_RATE = "rate(llm_gateway_requests_total[5m]) * 60"
+MEAN_DURATION = ("rate(llm_gateway_request_duration_seconds_sum[5m]) "
+                 "/ rate(llm_gateway_request_duration_seconds_count[5m])")
+TOKEN_RATE = ("rate(llm_gateway_tokens_prompt_total[5m]) "
+              "+ rate(llm_gateway_tokens_completion_total[5m])")
+ERROR_RATE_AS_WRITTEN = ("rate(llm_gateway_provider_errors_total[5m]) "
+                         "/ rate(llm_gateway_requests_total[5m]) * 100")
+ERROR_RATE = ("sum by (provider) (rate(llm_gateway_provider_errors_total[5m])) "
+              "/ sum by (provider) (rate(llm_gateway_requests_total[5m])) * 100")
+ROUTING_RATE = "rate(llm_gateway_routing_decisions_total[5m])"
+INFLIGHT = "llm_gateway_requests_inflight"
 
 PIPELINE = """
 receivers:
   webhook: {{listen: "127.0.0.1:{webhook}"}}
+  gateway:
+    listen: "127.0.0.1:{gateway}"
+    upstreams: {{openai: {{base_url: "{upstream}", default: true}}}}
+    drain_timeout: 100ms
 exporters:
   prometheus: {{listen: "127.0.0.1:{exporter}", batch: {{timeout: 10ms}}}}
 service:
   data_dir: {{data}}
   admin: null
   pipelines:
-    p: {{receivers: [webhook], exporters: [prometheus]}}
+    p: {{receivers: [webhook, gateway], exporters: [prometheus]}}
 """
+
+
+def traffic(round_):
+    """One round of calls: openai 2 successes and 1 provider error, anthropic 1 success."""
+    def event(i, **fields):
+        return make_event(10 * round_ + i, **{"input_tokens": 10, "output_tokens": 20, **fields})
+    return [event(1, duration_ms=100.0), event(2, duration_ms=300.0),
+            event(3, status_code=500, error_type="server_error", upstream="openai",
+                  duration_ms=200.0, input_tokens=None, output_tokens=None),
+            event(4, provider="anthropic", request_model="claude", duration_ms=500.0,
+                  attributes={"meterline.routing_method": "explicit"})]
 
 
 @contextlib.contextmanager
@@ -62,37 +88,80 @@ def prometheus_server(tmp_path, target):
         log.close()
 
 
-async def query(base, expression):
+async def query(base, expression, at=None):
+    params = {"query": expression} if at is None else {"query": expression, "time": str(at)}
     try:
         async with aiohttp.ClientSession() as session, session.get(
-                f"{base}/api/v1/query", params={"query": expression}) as response:
+                f"{base}/api/v1/query", params=params) as response:
             return (await response.json())["data"]["result"]
     except aiohttp.ClientError:
         return []  # the server is still starting
 
 
-async def results(base, expressions, timeout=30.0):
-    """Each expression's result, once every one has data (or what there is at the timeout)."""
+async def scraped(base, expression, expected, timeout=30.0):
+    """Wait until Prometheus has scraped what makes `expression` equal `expected`."""
     deadline = time.monotonic() + timeout
     while True:
-        found = {e: await query(base, e) for e in expressions}
-        if all(found.values()) or time.monotonic() > deadline:
-            return found
-        await asyncio.sleep(0.2)
+        found = await query(base, expression)
+        if found and float(found[0]["value"][1]) == expected:
+            return
+        assert time.monotonic() < deadline, f"{expression}: {found}, expected {expected}"
+        await asyncio.sleep(0.1)
 
 
-async def test_the_seed_001_queries_return_data_as_written(tmp_path):
-    webhook, exporter = free_port(), free_port()
-    events = [make_event(1, attributes={"meterline.routing_method": "explicit"}),
-              make_event(2, status_code=500, error_type="server_error", upstream="openai"),
-              make_event(3)]
-    async with running(PIPELINE.format(webhook=webhook, exporter=exporter), tmp_path) as service:
-        service.telemetry.meter.create_up_down_counter("llm_gateway_requests_inflight").add(2)
-        status, _, _ = await post_json(f"http://127.0.0.1:{webhook}/v1/events",
-                                       [msgspec.to_builtins(e) for e in events])
-        assert status == 200
-        await eventually(lambda: metric_value(service.telemetry.registry,
-                                              "meterline_exporter_sent_events_total") == 3)
-        with prometheus_server(tmp_path, f"127.0.0.1:{exporter}") as base:
-            found = await results(base, SEED_001_QUERIES)
-    assert [e for e, result in found.items() if not result] == []
+async def values(base, expression, at, *labels):
+    """The result of `expression` at time `at`, by the values of `labels`."""
+    return {tuple(r["metric"].get(k, "") for k in labels): float(r["value"][1])
+            for r in await query(base, expression, at)}
+
+
+async def test_the_seed_001_queries_give_the_figures_of_known_events(tmp_path):
+    webhook, exporter, gateway = free_port(), free_port(), free_port()
+    with prometheus_server(tmp_path, f"127.0.0.1:{exporter}") as base:
+        async with FakeUpstream(latency=60) as upstream, running(PIPELINE.format(
+                webhook=webhook, exporter=exporter, gateway=gateway, upstream=upstream.url),
+                tmp_path) as service:
+            found = await _figures(base, service, upstream, webhook, gateway)
+    requests, mean, tokens, as_written, error_rate, routing, inflight = found
+    ok, failed, claude = ("openai", "200"), ("openai", "500"), ("anthropic", "200")
+    assert set(requests) == {ok, failed, claude}
+    assert requests[ok] > 0
+    assert requests[ok] == pytest.approx(2 * requests[failed])
+    assert requests[claude] == pytest.approx(requests[failed])
+    assert mean == pytest.approx({ok: 0.2, failed: 0.2, claude: 0.5})
+    assert tokens[("openai",)] == pytest.approx(30 * requests[ok] / 60)  # 30 a call
+    assert tokens[("anthropic",)] == pytest.approx(30 * requests[claude] / 60)
+    assert as_written == {("openai", "server_error"): 100.0}  # a series divided by itself
+    assert error_rate == pytest.approx({("openai",): 100 / 3})
+    assert routing == pytest.approx({("explicit",): requests[claude] / 60})
+    assert inflight == {(): 1.0}  # the gateway's own gauge: the call still waiting
+
+
+async def _figures(base, service, upstream, webhook, gateway):
+    """Two rounds of traffic with a gateway call pending; the queries' results."""
+    client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{gateway}/v1", api_key="k",
+                                max_retries=0)
+    pending = asyncio.create_task(client.chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "hi"}]))
+    try:
+        await eventually(lambda: upstream.requests)  # the call is in flight
+        for round_ in (1, 2):
+            status, _, _ = await post_json(f"http://127.0.0.1:{webhook}/v1/events",
+                                           [msgspec.to_builtins(e) for e in traffic(round_)])
+            assert status == 200
+            await eventually(lambda r=round_: metric_value(
+                service.telemetry.registry, "meterline_exporter_sent_events_total") == 4 * r)
+            await scraped(base, "sum(llm_gateway_requests_total)", 4 * round_)
+        await asyncio.sleep(0.5)  # a few more scrapes
+        at = time.time()
+        requests = await values(base, REQUEST_RATE, at, "provider", "status")
+        mean = await values(base, MEAN_DURATION, at, "provider", "status")
+        tokens = await values(base, TOKEN_RATE, at, "provider")
+        as_written = await values(base, ERROR_RATE_AS_WRITTEN, at, "provider", "error_type")
+        error_rate = await values(base, ERROR_RATE, at, "provider")
+        routing = await values(base, ROUTING_RATE, at, "method")
+        inflight = await values(base, INFLIGHT, at)
+    finally:
+        pending.cancel()
+        await client.close()
+    return requests, mean, tokens, as_written, error_rate, routing, inflight

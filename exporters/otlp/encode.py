@@ -67,6 +67,7 @@ from meterline.genai import (
     TIME_PER_TOKEN_BUCKETS,
     TOKEN_BUCKETS,
     TTFT_BUCKETS,
+    failure,
 )
 from meterline.otlpjson import to_json
 
@@ -189,7 +190,9 @@ def _id_bytes(value: str | None, size: int) -> bytes | None:
 
 
 def _failed(event: Event) -> bool:
-    return event.error_type is not None or (event.status_code or 0) >= 400
+    """An ERROR span, an ERROR log record. A call the client cancelled (499) is not one:
+    its caller ended it, the operation did not fail (status left unset)."""
+    return failure(event.error_type, event.status_code) is not None
 
 
 def _set_resource(target: Resource, attributes: Mapping[str, Any] | None) -> None:

@@ -111,9 +111,10 @@ class PrometheusExporter(Exporter):
             list(config.labels), [labeler(name) for name in config.labels],
             {name: tuple(getattr(config.buckets, name)) for name in BUCKET_SETS},
             config.max_series, float(config.metric_expiration),
-            expire=config.multiprocess_dir is None,
+            keep_values=config.multiprocess_dir is not None,
             on_fold=lambda n: folded.add(n, attrs), on_expire=lambda n: expired.add(n, attrs))
         self.shared: SharedSeries | None = None
+        self.clock = time.time  # when a batch was seen, when a scrape is
         self.runner: web.AppRunner | None = None
         self._publisher: asyncio.Task[None] | None = None
 
@@ -135,7 +136,7 @@ class PrometheusExporter(Exporter):
             self.shared.close()
 
     async def export(self, batch: ExportBatch) -> None:
-        now = time.time()
+        now = self.clock()
         changed = self.store.update(batch.events, now)
         if self.shared is not None:
             for family, key, values in changed:
@@ -160,12 +161,12 @@ class PrometheusExporter(Exporter):
         return Snapshot(list(self.families()))
 
     def families(self) -> Iterator[Metric]:
+        now = self.clock()
         if self.shared is None:
-            self.store.drop_expired()
+            self.store.drop_expired(now)
             yield from self.store.collect()
             yield from self.telemetry()
             return
-        now = time.time()
         self.shared.publish(self.telemetry(), now)
         live, telemetry = self.shared.read(self.store.families, now,
                                            float(self.config.metric_expiration))

@@ -18,13 +18,17 @@ from dataclasses import dataclass
 from typing import Final, Literal
 
 from meterline.event import Event
-from meterline.genai import error_type_for_status
+from meterline.genai import (
+    OTHER_ROUTING_METHOD,
+    ROUTING_ATTRIBUTE,
+    ROUTING_METHODS,
+    failure,
+)
 
 Kind = Literal["counter", "histogram", "untyped"]
 Labeler = Callable[[Event], str]
 
 DEFAULT_LABELS: Final = ("provider", "model", "status", "streaming", "operation")
-ROUTING_ATTRIBUTE: Final = "meterline.routing_method"
 
 
 def _text(value: object) -> str:
@@ -68,9 +72,16 @@ def labeler(name: str) -> Labeler:
 # --- what counts -----------------------------------------------------------------------
 def error_type(e: Event) -> str:
     """The error category of a failed call, "" for a success."""
-    if e.error_type is not None:
-        return e.error_type
-    return error_type_for_status(e.status_code) or ""
+    return failure(e.error_type, e.status_code) or ""
+
+
+def routing_method(e: Event) -> str:
+    """How the gateway routed the call (a known method, else `__other__`), "" if unsaid."""
+    method = (e.attributes or {}).get(ROUTING_ATTRIBUTE)
+    if not method:
+        return ""
+    return method if isinstance(method, str) and method in ROUTING_METHODS \
+        else OTHER_ROUTING_METHOD
 
 
 def _provider_error(e: Event) -> bool:
@@ -142,8 +153,7 @@ METRICS: Final[tuple[MetricDef, ...]] = (
               lambda e: 1.0 if e.status_code == 429 or e.error_type == "rate_limit_error"
               else None),
     MetricDef("llm_gateway_routing_decisions", "counter", "Routing decisions, by method",
-              lambda e: 1.0 if (e.attributes or {}).get(ROUTING_ATTRIBUTE) else None,
-              ("method", lambda e: str((e.attributes or {})[ROUTING_ATTRIBUTE]))),
+              lambda e: 1.0 if routing_method(e) else None, ("method", routing_method)),
     MetricDef("llm_gateway_fallbacks", "counter", "Calls served by a fallback target",
               lambda e: 1.0 if e.fallback else None),
 )

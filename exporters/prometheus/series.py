@@ -5,7 +5,10 @@ most `max_series` of them are tracked. The events of a new label set beyond that
 go to one more label set, whose every value is `__other__`, in every metric alike, so
 that ratios between metrics stay meaningful; they are counted
 (`meterline_prometheus_folded_events_total`). A label set no event has had for
-`metric_expiration` is dropped from every metric and frees its place.
+`metric_expiration` frees its place: it is dropped from every metric, or, when
+other processes add to the same series (`keep_values`), only from the count of
+tracked label sets, its values kept so that, should it come back, its counters go
+on from where they were rather than restart below what the shared files hold.
 
 Histogram buckets hold weighted counts (see `sample_weight`); they are exposed
 rounded to whole numbers, as OpenMetrics requires; `_sum` is exact.
@@ -91,12 +94,12 @@ class Family:
 class SeriesStore:
     def __init__(self, labels: list[str], labelers: list[Labeler],
                  buckets: dict[str, tuple[float, ...]], max_series: int, expiration: float,
-                 expire: bool, on_fold: Callable[[int], None],
+                 keep_values: bool, on_fold: Callable[[int], None],
                  on_expire: Callable[[int], None]) -> None:
         self.labelers = labelers
         self.max_series = max_series
         self.expiration = expiration
-        self.expire = expire  # False when other processes add to the same series
+        self.keep_values = keep_values  # True when other processes add to the same series
         self.on_fold, self.on_expire = on_fold, on_expire
         self.families: dict[str, Family] = {}
         for metric in METRICS:
@@ -142,23 +145,23 @@ class SeriesStore:
         return len(self.seen) - (self.other in self.seen)
 
     def _sweep(self, now: float) -> None:
-        if not self.expire or now - self._swept < _SWEEP_INTERVAL:
+        if now - self._swept < _SWEEP_INTERVAL:
             return
         self._swept = now
         self.drop_expired(now)
 
     def drop_expired(self, now: float | None = None) -> None:
-        """Forget the label sets no event has had for `expiration` seconds."""
-        if not self.expire:
-            return
+        """Forget the label sets no event has had for `expiration` seconds (their values
+        too, unless `keep_values`)."""
         limit = (time.time() if now is None else now) - self.expiration
         expired = {key for key, seen in self.seen.items() if seen < limit}
         if not expired:
             return
         width = len(self.labelers)
-        for family in self.families.values():
-            for series in [s for s in family.series if s[:width] in expired]:
-                del family.series[series]
+        if not self.keep_values:
+            for family in self.families.values():
+                for series in [s for s in family.series if s[:width] in expired]:
+                    del family.series[series]
         for key in expired:
             del self.seen[key]
         self.on_expire(len(expired))
