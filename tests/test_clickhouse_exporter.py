@@ -3,12 +3,19 @@
 import dataclasses
 import time
 
+import clickhouse_connect
 import pytest
+from aiohttp import web
 from clickhouse_connect.driver.exceptions import DatabaseError, OperationalError
 
 from exporters.clickhouse.budgets import Budget, BudgetScope
 from exporters.clickhouse.config import ClickHouseConfig
-from exporters.clickhouse.connection import classify, insert_settings
+from exporters.clickhouse.connection import (
+    RETRYABLE_CODES,
+    ROW_CODES,
+    classify,
+    insert_settings,
+)
 from exporters.clickhouse.exporter import ClickHouseExporter
 from exporters.clickhouse.schema import COLUMNS, Schema, ensure_schema
 from meterline.component import ExportBatch, PermanentError, RetryableError
@@ -34,6 +41,14 @@ async def make_exporter(tmp_path):
     yield make
     for exporter in made:
         await exporter.shutdown()
+
+
+@pytest.fixture
+def engine():
+    """A plain in-memory chDB client, for questions about the engine itself."""
+    client = clickhouse_connect.get_client(interface="chdb", path=":memory:")
+    yield client
+    client.close()
 
 
 def counts(exporter, figure="events"):
@@ -117,14 +132,53 @@ async def test_a_server_that_does_not_answer_is_retryable(make_exporter):
         await exporter.export(ExportBatch("a", [make_event(1)]))
 
 
+def proxy_error(status):
+    """What clickhouse-connect raises for an HTTP error that carries no ClickHouse code."""
+    return DatabaseError(f"HTTP driver received HTTP status {status}, server response: "
+                         "<html>Bad Gateway</html>")
+
+
 @pytest.mark.parametrize(("error", "kind"), [
     (DatabaseError("Code: 252. Too many parts", code=252), RetryableError),
     (DatabaseError("Code: 241. Memory limit exceeded", code=241), RetryableError),
+    (DatabaseError("Code: 394. Query was cancelled", code=394), RetryableError),
+    (DatabaseError("Code: 236. Aborted", code=236), RetryableError),
+    (DatabaseError("Code: 745. Server overloaded", code=745), RetryableError),
+    (DatabaseError("Code: 243. Not enough space", code=243), RetryableError),
     (OperationalError("connection reset"), RetryableError),
+    *((proxy_error(status), RetryableError) for status in (429, 502, 503, 504)),
+    (proxy_error(400), PermanentError),
     (DatabaseError("Code: 16. No such column foo in table", code=16), PermanentError),
+    (DatabaseError("Code: 53. Type mismatch in column status_code", code=53), PermanentError),
 ])
 def test_overload_is_retryable_and_a_refused_statement_permanent(error, kind):
     assert isinstance(classify(error), kind)
+
+
+def test_the_error_codes_told_apart_are_the_clickhouse_errors_they_name(engine):
+    codes = {**RETRYABLE_CODES, **ROW_CODES}
+    names = dict(engine.query(
+        "SELECT number, errorCodeToName(toInt32(number)) FROM system.numbers "
+        f"WHERE number IN ({', '.join(map(str, codes))}) LIMIT {len(codes)}").result_rows)
+    assert names == codes
+
+
+async def test_a_proxy_answering_502_in_front_of_the_server_is_retryable(make_exporter):
+    async def bad_gateway(request):
+        return web.Response(status=502, text="<html>502 Bad Gateway</html>")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", bad_gateway)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        exporter = await make_exporter(endpoint=f"http://127.0.0.1:{port}", analytics=False)
+        with pytest.raises(RetryableError, match="HTTP status 502"):
+            await exporter.export(ExportBatch("a", [make_event(1)]))
+    finally:
+        await runner.cleanup()
 
 
 BUDGETS = {"acme": Budget(limit_usd=4, scope=BudgetScope(metadata={"customer": "acme"}),
