@@ -17,14 +17,16 @@ Every table keeps a window of insert deduplication tokens
 (`non_replicated_deduplication_window`; replicated tables have their own), so a
 retried batch is stored once, in the rollup too.
 
-The schema migrates itself forward: `ensure_schema` creates what is missing
-and adds the columns a newer version defines to an existing table. A change to
+The schema migrates itself forward: `ensure_schema` creates what is missing,
+adds the columns a newer version defines to an existing table and applies a
+changed `ttl` (`MODIFY TTL`, or `REMOVE TTL`). A change to
 a view's query gets a new view name (`_mv_vN`); the old view is dropped.
 """
 
 from __future__ import annotations
 
 import itertools
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +38,7 @@ from exporters.clickhouse.metrics import AGGREGATES, ROLLUP_DIMENSIONS
 from meterline.event import Event
 
 VIEW_VERSION = 1
+_TTL = re.compile(r" TTL (.+?)(?: SETTINGS |$)")
 Prepare = Callable[[Sequence[Any]], Sequence[Any]]
 
 _json = msgspec.json.Encoder()
@@ -203,9 +206,15 @@ class Schema:
     def create_database(self) -> str:
         return f"CREATE DATABASE IF NOT EXISTS `{self.database}`{self.on_cluster}"
 
+    @property
+    def ttl(self) -> str | None:
+        """The raw events' TTL expression, as ClickHouse writes it back in `engine_full`."""
+        if not self.ttl_seconds:
+            return None
+        return f"toDateTime(timestamp) + toIntervalSecond({self.ttl_seconds})"
+
     def create_events(self) -> str:
-        ttl = (f"\nTTL toDateTime(timestamp) + toIntervalSecond({self.ttl_seconds})"
-               if self.ttl_seconds else "")
+        ttl = f"\nTTL {self.ttl}" if self.ttl else ""
         columns = ",\n  ".join(c.ddl() for c in self.columns)
         return (f"CREATE TABLE IF NOT EXISTS {self._stored(self.events)}{self.on_cluster} (\n"
                 f"  {columns}\n)\nENGINE = {self._engine('Replacing')}\n"
@@ -271,6 +280,12 @@ class Schema:
         return [alter, f"ALTER TABLE {self.qualified(table)}{self.on_cluster} "
                        f"ADD COLUMN IF NOT EXISTS {bare.ddl()} AFTER `{after}`"]
 
+    def change_ttl(self) -> str:
+        """The ALTER that gives an existing events table this schema's TTL (or none). Rows
+        past a new, shorter TTL are deleted in the background (`materialize_ttl_after_modify`)."""
+        change = f"MODIFY TTL {self.ttl}" if self.ttl else "REMOVE TTL"
+        return f"ALTER TABLE {self._stored(self.events)}{self.on_cluster} {change}"
+
     # --- rows ----------------------------------------------------------------------
     def column_batch(self, events: Sequence[Event]) -> list[Sequence[Any]]:
         """The events as one value list per inserted column (a column-oriented insert)."""
@@ -304,6 +319,9 @@ def ensure_schema(client: Any, schema: Schema) -> list[str]:
                 for sql in schema.add_column(table, column, previous.name):
                     execute(sql)
     present = _tables(client, schema)
+    stored_events = schema.events + ("_local" if schema.cluster else "")
+    if stored_events in present and present[stored_events] != schema.ttl:
+        execute(schema.change_ttl())
     for name, create in schema.objects():
         if name not in present:
             execute(create)
@@ -329,7 +347,8 @@ def _existing_columns(client: Any, schema: Schema) -> dict[str, set[str]]:
     return out
 
 
-def _tables(client: Any, schema: Schema) -> set[str]:
-    rows = client.query("SELECT name FROM system.tables WHERE database = {db:String}",
+def _tables(client: Any, schema: Schema) -> dict[str, str | None]:
+    """The tables and views of the database, with the TTL each table has (None: none)."""
+    rows = client.query("SELECT name, engine_full FROM system.tables WHERE database = {db:String}",
                         parameters={"db": schema.database}).result_rows
-    return {name for (name,) in rows}
+    return {name: (m.group(1) if (m := _TTL.search(engine)) else None) for name, engine in rows}
