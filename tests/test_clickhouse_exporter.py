@@ -116,6 +116,34 @@ async def test_a_value_that_does_not_fit_its_column_is_permanent_and_names_it(ma
         await exporter.export(ExportBatch("a", [make_event(1, input_tokens=-5)]))
 
 
+async def test_the_good_events_of_a_batch_with_bad_rows_are_stored_and_the_bad_named(
+        make_exporter):
+    exporter = await make_exporter()
+    bad = {17: {"input_tokens": -5}, 600: {"status_code": 70_000}}
+    events = [make_event(i, **bad.get(i, {})) for i in range(1000)]
+    with pytest.raises(PermanentError) as refused:
+        await exporter.export(ExportBatch("a", events))
+    assert [e.event_id for e in refused.value.events] == ["evt-00000017", "evt-00000600"]
+    message = str(refused.value)
+    assert "ClickHouse refused the batch: column status_code" in message  # the first found
+    assert "2 of 1000 events refused (event_id evt-00000017, evt-00000600)" in message
+    assert counts(exporter) == (998, 998, 998)
+
+
+async def test_looking_for_bad_rows_is_bounded_and_refuses_what_is_left(make_exporter):
+    exporter = await make_exporter()
+    events = [make_event(i, input_tokens=-5 if i % 2 else 1) for i in range(1000)]
+    writes = []
+    write = exporter._write
+    exporter._write = lambda batch_id, group: (writes.append(len(group)), write(batch_id, group))
+    with pytest.raises(PermanentError) as refused:
+        await exporter.export(ExportBatch("a", events))
+    assert len(writes) <= 64 + 10  # the cap, and the halves still waiting when it is reached
+    stored = counts(exporter)[0]
+    assert stored + len(refused.value.events) == 1000
+    assert all(e.input_tokens == 1 for e in events if e not in refused.value.events)
+
+
 async def test_a_column_missing_from_the_table_is_permanent_and_names_it(make_exporter):
     exporter = await make_exporter(start=False, create_schema=False)
     older = Schema(columns=tuple(c for c in COLUMNS if c.name != "itl_ms"))

@@ -156,12 +156,11 @@ def classify(error: Exception) -> Exception:
 def is_row_error(error: Exception) -> bool:
     """Whether a refused insert failed on a value of some row (so that the other rows of the
     batch would be stored), rather than on the statement or the table."""
-    cause = error.__cause__ if isinstance(error, PermanentError) and error.__cause__ else error
-    if isinstance(cause, ProgrammingError):  # a column the table lacks, a bad statement
+    if isinstance(error, ProgrammingError):  # a column the table lacks, a bad statement
         return False
-    if isinstance(cause, DataError | ValueError | TypeError):  # refused while encoding a row
+    if isinstance(error, DataError | ValueError | TypeError):  # refused while encoding a row
         return True
-    return isinstance(cause, DatabaseError) and getattr(cause, "code", None) in ROW_CODES
+    return isinstance(error, DatabaseError) and getattr(error, "code", None) in ROW_CODES
 
 
 def _http_status(error: Exception) -> int | None:

@@ -24,7 +24,7 @@ from typing import Any
 
 from exporters.clickhouse import api, budgets
 from exporters.clickhouse.config import ClickHouseConfig
-from exporters.clickhouse.connection import classify, insert_settings, open_client
+from exporters.clickhouse.connection import classify, insert_settings, is_row_error, open_client
 from exporters.clickhouse.query import Reader, literal
 from exporters.clickhouse.schema import Schema, ensure_schema
 from meterline.component import (
@@ -33,10 +33,16 @@ from meterline.component import (
     ExportBatch,
     Exporter,
     Factory,
+    PermanentError,
     RetryableError,
     cancel_and_wait,
 )
 from meterline.event import Event
+
+# Looking for the rows a batch was refused for: at most this many inserts (one bad row in
+# 10,000 takes about 28), and the first few refused ids named in the error.
+_ISOLATING_INSERTS = 64
+_NAMED_IDS = 10
 
 
 class ClickHouseExporter(Exporter):
@@ -120,12 +126,45 @@ class ClickHouseExporter(Exporter):
             self._duplicates.add(len(events) - len(new), self._attrs)
         if not new:
             return
+        refused, error = self._store(batch_id, new)
+        if refused:
+            ids = ", ".join(e.event_id for e in refused[:_NAMED_IDS])
+            more = f" and {len(refused) - _NAMED_IDS} more" if len(refused) > _NAMED_IDS else ""
+            raise PermanentError(
+                f"{error}; {len(refused)} of {len(new)} events refused (event_id {ids}{more}), "
+                f"the other {len(new) - len(refused)} stored", events=refused) from error
+
+    def _store(self, batch_id: str, events: list[Event]) -> tuple[list[Event], Exception | None]:
+        """Insert the events; if ClickHouse refuses a value of some row, find the rows at
+        fault by inserting halves (recursively, within `_ISOLATING_INSERTS` inserts) and
+        store the others. Returns the refused events and why. Any other error is raised:
+        a retry sends the batch again, and the "already stored?" check skips what got in."""
+        pending, refused = [events], []
+        error: Exception | None = None
+        inserts = 0
+        while pending:
+            group = pending.pop()
+            try:
+                inserts += 1
+                self._write(batch_id, group)
+            except Exception as e:
+                if not is_row_error(e):
+                    raise classify(e) from e
+                error = error or classify(e)
+                if len(group) == 1 or inserts >= _ISOLATING_INSERTS:
+                    refused += group
+                else:
+                    pending += [group[len(group) // 2:], group[:len(group) // 2]]
+        return refused, error
+
+    def _write(self, batch_id: str, events: list[Event]) -> None:
         # The token names this batch and exactly the events sent: a retry of the same send
         # is deduplicated, while a retry that sends fewer events (some got stored) is not
         # mistaken for the first send.
-        digest = hashlib.blake2b("\n".join(e.event_id for e in new).encode(), digest_size=8)
+        digest = hashlib.blake2b("\n".join(e.event_id for e in events).encode(),
+                                 digest_size=8)
         self._writer.insert(
-            self.schema.qualified(self.schema.events), self.schema.column_batch(new),
+            self.schema.qualified(self.schema.events), self.schema.column_batch(events),
             column_names=[c.name for c in self.schema.inserted], column_oriented=True,
             settings=insert_settings(self.config, f"{batch_id}:{digest.hexdigest()}"))
 
