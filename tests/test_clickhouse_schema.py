@@ -165,6 +165,8 @@ def test_inserts_on_a_server_wait_for_async_inserts_and_for_the_shards():
     ("async_insert: true", "3: exporters.clickhouse:", "apply to a ClickHouse server"),
     ("database: 'a-b'", "3: exporters.clickhouse:", "plain identifiers"),
     ("cluster: {name: 'x y'}", "4: exporters.clickhouse.cluster:", "plain identifier"),
+    ("{ttl: 1d, repair_lookback: 2d}", "3: exporters.clickhouse:",
+     "repair_lookback (172800s) must be shorter than ttl (86400s)"),
 ])
 def test_bad_settings_are_refused_with_the_reason(block, where, message):
     text = f"""\

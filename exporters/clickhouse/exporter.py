@@ -11,6 +11,10 @@ Each batch is one column-oriented insert. Nothing is counted twice:
   the table is ordered by hour and id, so this reads little), and inserts the rest.
   Filtering before the insert matters because the materialized view would add a
   duplicate to the rollup whatever the raw table later merges away.
+- Two writers storing the same event at the same moment (both checks ran before either
+  insert) leave two copies: queries on raw events read them deduplicated (`FINAL`), and
+  every `repair_interval` the rollups of recent hours are checked against the events and
+  rebuilt where they count more (`repair.py`).
 
 The exporter also serves the analytics API on the admin server and keeps the budget
 gauges current (`analytics: true`).
@@ -20,12 +24,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from exporters.clickhouse import api, budgets
+from exporters.clickhouse import api, budgets, repair
 from exporters.clickhouse.config import ClickHouseConfig
 from exporters.clickhouse.connection import classify, insert_settings, is_row_error, open_client
-from exporters.clickhouse.query import Reader, literal
+from exporters.clickhouse.query import Reader, iso, literal
 from exporters.clickhouse.schema import Schema, ensure_schema
 from meterline.component import (
     AdminHandler,
@@ -57,9 +62,14 @@ class ClickHouseExporter(Exporter):
         self._closed = False
         self._budget_task: asyncio.Task[None] | None = None
         self._reached: dict[tuple[str, str], float] = {}  # (budget, period start) -> threshold
+        self._repair_task: asyncio.Task[None] | None = None
         self._duplicates = context.meter.create_counter(
             "meterline_exporter_duplicate_events",
             description="Events not stored again: their event_id was already stored")
+        self._repaired = context.meter.create_counter(
+            "meterline_exporter_rollup_repaired_hours",
+            description="Hours of the rollups rebuilt from the deduplicated events, because "
+                        "two writers had both stored some event of the hour")
         self._attrs = {"exporter": context.id}
 
     # --- lifecycle -----------------------------------------------------------------
@@ -71,10 +81,14 @@ class ClickHouseExporter(Exporter):
         if self.config.analytics:
             self._budget_task = asyncio.create_task(self._track_budgets(),
                                                     name=f"{self.context.id} budgets")
+        if self.config.repair_interval:
+            self._repair_task = asyncio.create_task(self._keep_repairing(),
+                                                    name=f"{self.context.id} rollup repair")
 
     async def shutdown(self) -> None:
         self._closed = True  # an API request still running must not open the clients again
         await cancel_and_wait(self._budget_task)
+        await cancel_and_wait(self._repair_task)
         if self.config.analytics:
             budgets.BudgetGauges.of(self.context.meter).publish([])
         for client in (self._writer, self.reader.client if self.reader else None):
@@ -186,6 +200,26 @@ class ClickHouseExporter(Exporter):
             stored = self._writer.query(
                 f"SELECT event_id FROM {table} WHERE {where} AND event_id IN ({ids})").result_rows
         return {event_id for (event_id,) in stored}
+
+    # --- rollup repair -------------------------------------------------------------
+    async def repair_rollups(self) -> list[int]:
+        """One repair pass (see repair.py): the hours rebuilt, as Unix seconds."""
+        reader = await self.connect()
+        lookback = timedelta(seconds=float(self.config.repair_lookback))
+        hours = await asyncio.to_thread(repair.repair, reader.client, self.schema, lookback)
+        if hours:
+            self._repaired.add(len(hours), self._attrs)
+            self.log.warning("rollups rebuilt for hours where an event was stored twice",
+                             hours=[iso(datetime.fromtimestamp(h, UTC)) for h in hours])
+        return hours
+
+    async def _keep_repairing(self) -> None:
+        while True:
+            await asyncio.sleep(float(self.config.repair_interval))
+            try:
+                await self.repair_rollups()
+            except Exception as e:
+                self.log.warning("cannot check the rollups against the events", error=str(e))
 
     # --- analytics and budgets -----------------------------------------------------
     def admin_routes(self) -> dict[str, AdminHandler]:

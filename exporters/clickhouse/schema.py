@@ -38,6 +38,7 @@ from exporters.clickhouse.metrics import AGGREGATES, ROLLUP_DIMENSIONS
 from meterline.event import Event
 
 VIEW_VERSION = 1
+FINAL_SETTINGS = {"do_not_merge_across_partitions_select_final": 1}
 _TTL = re.compile(r" TTL (.+?)(?: SETTINGS |$)")
 Prepare = Callable[[Sequence[Any]], Sequence[Any]]
 
@@ -234,7 +235,9 @@ class Schema:
                 f"PARTITION BY toYYYYMM({rollup.time_column})\nORDER BY ({key})\n"
                 f"{self._settings()}")
 
-    def create_view(self, rollup: Rollup) -> str:
+    def rollup_select(self, rollup: Rollup, source: str, where: str | None = None) -> str:
+        """The rollup rows of the events in `source` (optionally only those `where` holds):
+        what the view writes for an inserted block, and what a repair writes for an hour."""
         # The inner query names its results apart (`_x`): ClickHouse resolves a name to an
         # alias before a column, so `sum(cost_usd) AS cost_usd` would capture `cost_usd`
         # in the other aggregates.
@@ -248,10 +251,34 @@ class Schema:
                                                                             strict=True))
         group = ", ".join(f"_{name}" for name in names[:1 + len(ROLLUP_DIMENSIONS)])
         outer = ", ".join(f"_{name} AS {name}" for name in names)
+        filtered = f"\n  WHERE {where}" if where else ""
+        return (f"SELECT {outer}\nFROM (\n  SELECT\n    {select}\n  FROM {source}{filtered}\n"
+                f"  GROUP BY {group}\n)")
+
+    def create_view(self, rollup: Rollup) -> str:
         return (f"CREATE MATERIALIZED VIEW IF NOT EXISTS "
                 f"{self.qualified(rollup.view)}{self.on_cluster}\n"
-                f"TO {self._stored(rollup.table)}\nAS SELECT {outer}\nFROM (\n  SELECT\n    "
-                f"{select}\n  FROM {self._stored(self.events)}\n  GROUP BY {group}\n)")
+                f"TO {self._stored(rollup.table)}\n"
+                f"AS {self.rollup_select(rollup, self._stored(self.events))}")
+
+    @property
+    def deduplicated_events(self) -> str:
+        """`llm_events` as queries read it: one row per event even before merges have
+        dropped a second copy (`FINAL`; copies of an event share a timestamp, hence a month
+        partition, so `FINAL_SETTINGS` lets each partition be deduplicated on its own)."""
+        return f"{self.qualified(self.events)} FINAL"
+
+    def delete_rollup_hours(self, rollup: Rollup, hours: str) -> str:
+        """Delete a rollup's rows of the hours listed (`hours`: SQL DateTimes, comma-separated)."""
+        return (f"DELETE FROM {self._stored(rollup.table)}{self.on_cluster} "
+                f"WHERE toStartOfHour({rollup.time_column}) IN ({hours})")
+
+    def rebuild_rollup_hours(self, rollup: Rollup, hours: str) -> str:
+        """Write a rollup's rows of the hours listed again, from the deduplicated events."""
+        columns = ", ".join(c.name for c in self.rollup_columns(rollup))
+        return (f"INSERT INTO {self.qualified(rollup.table)} ({columns})\n"
+                + self.rollup_select(rollup, self.deduplicated_events,
+                                     f"toStartOfHour(timestamp) IN ({hours})"))
 
     def create_distributed(self, table: str, sharding_key: str) -> str:
         return (f"CREATE TABLE IF NOT EXISTS {self.qualified(table)}{self.on_cluster} "
