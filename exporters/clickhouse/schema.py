@@ -5,7 +5,8 @@
 content), partitioned by month and ordered by (hour, event_id): FinOps queries
 select time ranges, and the exporter's "already stored?" check looks event ids
 up within their hour. It is a `ReplacingMergeTree`, so should two writers ever
-store the same event, merges keep one copy.
+store the same event, merges keep one copy; queries read it `FINAL` meanwhile,
+and `repair.py` rebuilds the rollup hours that counted both.
 
 `llm_usage_1m` and `llm_usage_1h` are `AggregatingMergeTree`s, each fed by a
 materialized view: per minute and per hour, by provider, model, team, API key
