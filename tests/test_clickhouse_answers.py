@@ -5,20 +5,17 @@ Every answer is compared with the same answer from a second database, in the sam
 that received each event once."""
 
 import asyncio
-import dataclasses
 import threading
 from datetime import UTC, datetime
 
 import pytest
 
 from exporters.clickhouse import analytics, budgets, finops
-from exporters.clickhouse.config import ClickHouseConfig
-from exporters.clickhouse.exporter import ClickHouseExporter
 from exporters.clickhouse.query import Window
 from meterline.component import ExportBatch
-from meterline.config import convert
 from tests import clickhouse_data as data
-from tests.conftest import eventually, make_context, metric_value
+from tests.clickhouse_helpers import clickhouse_exporters
+from tests.conftest import eventually, metric_value
 
 NOW = datetime.now(UTC)
 EVENTS = data.dataset(NOW)
@@ -32,21 +29,10 @@ BUDGETS = {"search": budgets.Budget(limit_usd=40, scope=budgets.BudgetScope(team
 
 @pytest.fixture
 async def make_exporter(tmp_path):
-    """Exporters on one chDB directory (`database` apart), shut down at the end."""
-    made = []
-
-    async def make(name="a", **config):
-        config = {"endpoint": f"chdb://{tmp_path / 'ch'}", "analytics": False,
-                  "repair_interval": 0, "repair_lookback": "100d", **config}
-        context = dataclasses.replace(make_context(tmp_path / name, "clickhouse"), sections={})
-        exporter = ClickHouseExporter(convert(config, ClickHouseConfig), context)
-        made.append(exporter)
-        await exporter.start()
-        return exporter
-
-    yield make
-    for exporter in made:
-        await exporter.shutdown()
+    """Exporters on one chDB directory (`database` apart); repairs only when asked."""
+    async with clickhouse_exporters(tmp_path, analytics=False, repair_interval=0,
+                                    repair_lookback="100d") as make:
+        yield make
 
 
 @pytest.fixture

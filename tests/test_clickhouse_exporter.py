@@ -1,6 +1,5 @@
 """Exporter `clickhouse` against chDB: nothing counted twice, failures told apart, budgets."""
 
-import dataclasses
 import time
 
 import clickhouse_connect
@@ -9,38 +8,22 @@ from aiohttp import web
 from clickhouse_connect.driver.exceptions import DatabaseError, OperationalError
 
 from exporters.clickhouse.budgets import Budget, BudgetScope
-from exporters.clickhouse.config import ClickHouseConfig
 from exporters.clickhouse.connection import (
     RETRYABLE_CODES,
     ROW_CODES,
     classify,
     insert_settings,
 )
-from exporters.clickhouse.exporter import ClickHouseExporter
 from exporters.clickhouse.schema import COLUMNS, Schema, ensure_schema
 from meterline.component import ExportBatch, PermanentError, RetryableError
-from meterline.config import convert
-from tests.conftest import eventually, free_port, make_context, make_event, metric_value
+from tests.clickhouse_helpers import clickhouse_exporters
+from tests.conftest import eventually, free_port, make_event, metric_value
 
 
 @pytest.fixture
 async def make_exporter(tmp_path):
-    """Exporters on a chDB directory under tmp_path, shut down (chDB released) at the end."""
-    made = []
-
-    async def make(sections=None, start=True, **config):
-        config.setdefault("endpoint", f"chdb://{tmp_path / 'ch'}")
-        context = dataclasses.replace(make_context(tmp_path, "clickhouse"),
-                                      sections=sections or {})
-        exporter = ClickHouseExporter(convert(config, ClickHouseConfig), context)
-        made.append(exporter)
-        if start:
-            await exporter.start()
-        return exporter
-
-    yield make
-    for exporter in made:
-        await exporter.shutdown()
+    async with clickhouse_exporters(tmp_path) as make:
+        yield make
 
 
 @pytest.fixture
