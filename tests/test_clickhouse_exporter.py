@@ -5,7 +5,12 @@ import time
 import clickhouse_connect
 import pytest
 from aiohttp import web
-from clickhouse_connect.driver.exceptions import DatabaseError, OperationalError
+from clickhouse_connect.driver.exceptions import (
+    DatabaseError,
+    DataError,
+    OperationalError,
+    ProgrammingError,
+)
 
 from exporters.clickhouse.budgets import Budget, BudgetScope
 from exporters.clickhouse.connection import (
@@ -13,6 +18,7 @@ from exporters.clickhouse.connection import (
     ROW_CODES,
     classify,
     insert_settings,
+    is_row_error,
 )
 from exporters.clickhouse.schema import COLUMNS, Schema, ensure_schema
 from meterline.component import ExportBatch, PermanentError, RetryableError
@@ -164,6 +170,17 @@ def proxy_error(status):
 ])
 def test_overload_is_retryable_and_a_refused_statement_permanent(error, kind):
     assert isinstance(classify(error), kind)
+
+
+@pytest.mark.parametrize(("error", "one_row"), [
+    (DataError("Unable to create native array for column `input_tokens`"), True),
+    (ValueError("could not convert string to float: 'x'"), True),
+    (DatabaseError("Code: 53. Type mismatch", code=53), True),
+    (ProgrammingError("Unrecognized column 'itl_ms' in table"), False),
+    (DatabaseError("Code: 16. No such column foo in table", code=16), False),
+])
+def test_a_value_that_cannot_be_stored_is_told_from_a_bad_statement(error, one_row):
+    assert is_row_error(error) is one_row
 
 
 def test_the_error_codes_told_apart_are_the_clickhouse_errors_they_name(engine):

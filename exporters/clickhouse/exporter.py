@@ -45,7 +45,7 @@ from meterline.component import (
 from meterline.event import Event
 
 # Looking for the rows a batch was refused for: at most this many inserts (one bad row in
-# 10,000 takes about 28), and the first few refused ids named in the error.
+# 10,000 takes 29), and the first few refused ids named in the error.
 _ISOLATING_INSERTS = 64
 _NAMED_IDS = 10
 
