@@ -4,8 +4,9 @@ Inserts `--events` events (default 10 million) spread over the last 90 days
 through the `clickhouse` exporter's own path (events -> "already stored?" check
 -> column batch -> deduplicated insert, with the rollup view), in time order as
 a live stream would arrive, then times the FinOps reports and analytics answers
-over them (each run `--repeat` times; median and best). Runs on embedded chDB
-unless `--endpoint` names a server.
+over them (each run `--repeat` times; median and best), and one rollup repair
+pass (and a rebuild of every hour it looks back over, its worst case). Runs on
+embedded chDB unless `--endpoint` names a server.
 
     python bench/clickhouse_bench.py --events 10000000
     python bench/clickhouse_bench.py --events 200000 --repeat 3       # a quick check
@@ -26,7 +27,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from exporters.clickhouse import analytics, budgets, finops
+from exporters.clickhouse import analytics, budgets, finops, repair
 from exporters.clickhouse.config import ClickHouseConfig
 from exporters.clickhouse.exporter import ClickHouseExporter
 from exporters.clickhouse.query import Reader, Window
@@ -130,6 +131,26 @@ def time_queries(reader: Reader, repeat: int) -> None:
         print(f"{name:<42} {statistics.median(times):>10.1f} {min(times):>9.1f}")
 
 
+async def time_repair(exporter: ClickHouseExporter) -> None:
+    """One rollup repair pass over `repair_lookback` (48h by default): the check, and the
+    rebuild of any hour whose rollups count an event twice."""
+    start = time.perf_counter()
+    hours = await exporter.repair_rollups()
+    took = 1000 * (time.perf_counter() - start)
+    lookback = float(exporter.config.repair_lookback) / 3600
+    print(f"\nrollup repair pass over the last {lookback:g} h: {took:.1f} ms "
+          f"({len(hours)} hours rebuilt)")
+    # The worst case: every hour of the look-back over-counted, all rebuilt (rebuilding an
+    # hour that counts right writes the same figures again).
+    reader = await exporter.connect()
+    now = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+    every = [int((now - timedelta(hours=h)).timestamp()) for h in range(int(lookback) + 1)]
+    start = time.perf_counter()
+    await asyncio.to_thread(repair.rebuild, reader.client, reader.schema, every)
+    took = 1000 * (time.perf_counter() - start)
+    print(f"rebuilding all {len(every)} hours of the look-back: {took:.1f} ms")
+
+
 def sizes(reader: Reader) -> None:
     schema = reader.schema
     for table in (schema.events, *(r.table for r in schema.rollups)):
@@ -166,6 +187,7 @@ async def main() -> None:
             reader = await exporter.connect()
             sizes(reader)
             time_queries(reader, args.repeat)
+            await time_repair(exporter)
         finally:
             await exporter.shutdown()
 

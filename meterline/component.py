@@ -135,7 +135,12 @@ class RetryableError(Exception):
 
 
 class PermanentError(Exception):
-    """A send that will never succeed as it is (bad row, schema mismatch)."""
+    """A send that will never succeed as it is (bad row, schema mismatch). `events`, when
+    given, are the only events of the batch not delivered (the others were)."""
+
+    def __init__(self, message: str, events: list[Event] | None = None) -> None:
+        super().__init__(message)
+        self.events = events
 
 
 class Exporter(Component):

@@ -195,7 +195,12 @@ class ExporterRunner:
             except asyncio.CancelledError:
                 raise
             except PermanentError as e:
-                self._give_up(batch, f"permanent error: {e}")
+                failed = batch.events if e.events is None else e.events
+                if len(failed) < len(batch.events):
+                    self.telemetry.exporter_sent.add(len(batch.events) - len(failed),
+                                                     self._attrs)
+                self._give_up(ExportBatch(batch.id, failed, batch.attempt),
+                              f"permanent error: {e}")
                 return
             except Exception as e:
                 hint = e.retry_after if isinstance(e, RetryableError) else None

@@ -1,39 +1,43 @@
 """Exporter `clickhouse` against chDB: nothing counted twice, failures told apart, budgets."""
 
-import dataclasses
 import time
 
+import clickhouse_connect
 import pytest
-from clickhouse_connect.driver.exceptions import DatabaseError, OperationalError
+from aiohttp import web
+from clickhouse_connect.driver.exceptions import (
+    DatabaseError,
+    DataError,
+    OperationalError,
+    ProgrammingError,
+)
 
 from exporters.clickhouse.budgets import Budget, BudgetScope
-from exporters.clickhouse.config import ClickHouseConfig
-from exporters.clickhouse.connection import classify, insert_settings
-from exporters.clickhouse.exporter import ClickHouseExporter
+from exporters.clickhouse.connection import (
+    RETRYABLE_CODES,
+    ROW_CODES,
+    classify,
+    insert_settings,
+    is_row_error,
+)
 from exporters.clickhouse.schema import COLUMNS, Schema, ensure_schema
 from meterline.component import ExportBatch, PermanentError, RetryableError
-from meterline.config import convert
-from tests.conftest import eventually, free_port, make_context, make_event, metric_value
+from tests.clickhouse_helpers import clickhouse_exporters
+from tests.conftest import eventually, free_port, make_event, metric_value
 
 
 @pytest.fixture
 async def make_exporter(tmp_path):
-    """Exporters on a chDB directory under tmp_path, shut down (chDB released) at the end."""
-    made = []
+    async with clickhouse_exporters(tmp_path) as make:
+        yield make
 
-    async def make(sections=None, start=True, **config):
-        config.setdefault("endpoint", f"chdb://{tmp_path / 'ch'}")
-        context = dataclasses.replace(make_context(tmp_path, "clickhouse"),
-                                      sections=sections or {})
-        exporter = ClickHouseExporter(convert(config, ClickHouseConfig), context)
-        made.append(exporter)
-        if start:
-            await exporter.start()
-        return exporter
 
-    yield make
-    for exporter in made:
-        await exporter.shutdown()
+@pytest.fixture
+def engine():
+    """A plain in-memory chDB client, for questions about the engine itself."""
+    client = clickhouse_connect.get_client(interface="chdb", path=":memory:")
+    yield client
+    client.close()
 
 
 def counts(exporter, figure="events"):
@@ -101,6 +105,34 @@ async def test_a_value_that_does_not_fit_its_column_is_permanent_and_names_it(ma
         await exporter.export(ExportBatch("a", [make_event(1, input_tokens=-5)]))
 
 
+async def test_the_good_events_of_a_batch_with_bad_rows_are_stored_and_the_bad_named(
+        make_exporter):
+    exporter = await make_exporter()
+    bad = {17: {"input_tokens": -5}, 600: {"status_code": 70_000}}
+    events = [make_event(i, **bad.get(i, {})) for i in range(1000)]
+    with pytest.raises(PermanentError) as refused:
+        await exporter.export(ExportBatch("a", events))
+    assert [e.event_id for e in refused.value.events] == ["evt-00000017", "evt-00000600"]
+    message = str(refused.value)
+    assert "ClickHouse refused the batch: column status_code" in message  # the first found
+    assert "2 of 1000 events refused (event_id evt-00000017, evt-00000600)" in message
+    assert counts(exporter) == (998, 998, 998)
+
+
+async def test_looking_for_bad_rows_is_bounded_and_refuses_what_is_left(make_exporter):
+    exporter = await make_exporter()
+    events = [make_event(i, input_tokens=-5 if i % 2 else 1) for i in range(1000)]
+    writes = []
+    write = exporter._write
+    exporter._write = lambda batch_id, group: (writes.append(len(group)), write(batch_id, group))
+    with pytest.raises(PermanentError) as refused:
+        await exporter.export(ExportBatch("a", events))
+    assert len(writes) <= 64 + 10  # the cap, and the halves still waiting when it is reached
+    stored = counts(exporter)[0]
+    assert stored + len(refused.value.events) == 1000
+    assert all(e.input_tokens == 1 for e in events if e not in refused.value.events)
+
+
 async def test_a_column_missing_from_the_table_is_permanent_and_names_it(make_exporter):
     exporter = await make_exporter(start=False, create_schema=False)
     older = Schema(columns=tuple(c for c in COLUMNS if c.name != "itl_ms"))
@@ -117,14 +149,64 @@ async def test_a_server_that_does_not_answer_is_retryable(make_exporter):
         await exporter.export(ExportBatch("a", [make_event(1)]))
 
 
+def proxy_error(status):
+    """What clickhouse-connect raises for an HTTP error that carries no ClickHouse code."""
+    return DatabaseError(f"HTTP driver received HTTP status {status}, server response: "
+                         "<html>Bad Gateway</html>")
+
+
 @pytest.mark.parametrize(("error", "kind"), [
     (DatabaseError("Code: 252. Too many parts", code=252), RetryableError),
     (DatabaseError("Code: 241. Memory limit exceeded", code=241), RetryableError),
+    (DatabaseError("Code: 394. Query was cancelled", code=394), RetryableError),
+    (DatabaseError("Code: 236. Aborted", code=236), RetryableError),
+    (DatabaseError("Code: 745. Server overloaded", code=745), RetryableError),
+    (DatabaseError("Code: 243. Not enough space", code=243), RetryableError),
     (OperationalError("connection reset"), RetryableError),
+    *((proxy_error(status), RetryableError) for status in (429, 502, 503, 504)),
+    (proxy_error(400), PermanentError),
     (DatabaseError("Code: 16. No such column foo in table", code=16), PermanentError),
+    (DatabaseError("Code: 53. Type mismatch in column status_code", code=53), PermanentError),
 ])
 def test_overload_is_retryable_and_a_refused_statement_permanent(error, kind):
     assert isinstance(classify(error), kind)
+
+
+@pytest.mark.parametrize(("error", "one_row"), [
+    (DataError("Unable to create native array for column `input_tokens`"), True),
+    (ValueError("could not convert string to float: 'x'"), True),
+    (DatabaseError("Code: 53. Type mismatch", code=53), True),
+    (ProgrammingError("Unrecognized column 'itl_ms' in table"), False),
+    (DatabaseError("Code: 16. No such column foo in table", code=16), False),
+])
+def test_a_value_that_cannot_be_stored_is_told_from_a_bad_statement(error, one_row):
+    assert is_row_error(error) is one_row
+
+
+def test_the_error_codes_told_apart_are_the_clickhouse_errors_they_name(engine):
+    codes = {**RETRYABLE_CODES, **ROW_CODES}
+    names = dict(engine.query(
+        "SELECT number, errorCodeToName(toInt32(number)) FROM system.numbers "
+        f"WHERE number IN ({', '.join(map(str, codes))}) LIMIT {len(codes)}").result_rows)
+    assert names == codes
+
+
+async def test_a_proxy_answering_502_in_front_of_the_server_is_retryable(make_exporter):
+    async def bad_gateway(request):
+        return web.Response(status=502, text="<html>502 Bad Gateway</html>")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", bad_gateway)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        exporter = await make_exporter(endpoint=f"http://127.0.0.1:{port}", analytics=False)
+        with pytest.raises(RetryableError, match="HTTP status 502"):
+            await exporter.export(ExportBatch("a", [make_event(1)]))
+    finally:
+        await runner.cleanup()
 
 
 BUDGETS = {"acme": Budget(limit_usd=4, scope=BudgetScope(metadata={"customer": "acme"}),

@@ -80,6 +80,27 @@ def test_a_newer_rollup_view_replaces_the_old_one(chdb, monkeypatch):
         assert events == 1  # one view feeds each rollup, not two
 
 
+def ttl_of(client):
+    [(engine,)] = client.query("SELECT engine_full FROM system.tables WHERE database = "
+                               "'meterline' AND name = 'llm_events'").result_rows
+    return engine.partition(" TTL ")[2].partition(" SETTINGS ")[0] or None
+
+
+def test_a_changed_ttl_is_applied_to_the_existing_table(chdb):
+    ensure_schema(chdb, Schema(ttl_seconds=90 * 86400))
+    changes = ensure_schema(chdb, Schema(ttl_seconds=30 * 86400))
+    assert changes == ["ALTER TABLE `meterline`.`llm_events` MODIFY TTL "
+                       "toDateTime(timestamp) + toIntervalSecond(2592000)"]
+    assert ttl_of(chdb) == "toDateTime(timestamp) + toIntervalSecond(2592000)"
+    assert ensure_schema(chdb, Schema(ttl_seconds=30 * 86400)) == []
+
+
+def test_a_ttl_taken_out_of_the_config_is_removed_from_the_table(chdb):
+    ensure_schema(chdb, Schema(ttl_seconds=90 * 86400))
+    assert ensure_schema(chdb, Schema()) == ["ALTER TABLE `meterline`.`llm_events` REMOVE TTL"]
+    assert ttl_of(chdb) is None
+
+
 def test_content_columns_are_compressed_and_counts_nullable():
     types = {c.name: c.type for c in COLUMNS}
     assert types["input_messages"] == "String CODEC(ZSTD(3))"
@@ -144,6 +165,8 @@ def test_inserts_on_a_server_wait_for_async_inserts_and_for_the_shards():
     ("async_insert: true", "3: exporters.clickhouse:", "apply to a ClickHouse server"),
     ("database: 'a-b'", "3: exporters.clickhouse:", "plain identifiers"),
     ("cluster: {name: 'x y'}", "4: exporters.clickhouse.cluster:", "plain identifier"),
+    ("{ttl: 1d, repair_lookback: 2d}", "3: exporters.clickhouse:",
+     "repair_lookback (172800s) must be shorter than ttl (86400s)"),
 ])
 def test_bad_settings_are_refused_with_the_reason(block, where, message):
     text = f"""\

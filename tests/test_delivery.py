@@ -83,6 +83,34 @@ async def test_a_permanent_error_goes_to_the_dead_letter_directory(tmp_path):
     await runner.shutdown(1)
 
 
+class RefusingSome(Exporter):
+    """Delivers every event but those named, and says which it did not deliver."""
+
+    def __init__(self, refused):
+        self.refused = refused
+        self.delivered = []
+
+    async def export(self, batch):
+        bad = [e for e in batch.events if e.event_id in self.refused]
+        self.delivered += [e.event_id for e in batch.events if e not in bad]
+        if bad:
+            raise PermanentError("bad rows", events=bad)
+
+
+async def test_only_the_events_a_permanent_error_names_go_to_the_dead_letter_directory(
+        tmp_path):
+    exporter = RefusingSome({"evt-00000001"})
+    runner, telemetry = runner_for(exporter, tmp_path, batch={"max_size": 4, "timeout": "1s"})
+    await runner.start()
+    await put(runner, 0, 4)
+    await eventually(lambda: metric_value(telemetry, "meterline_exporter_send_failed_events_total"))
+    [dead] = list((tmp_path / "queue" / "test" / "dead-letter").glob("*.jsonl"))
+    assert [e["event_id"] for e in read_jsonl(dead)] == ["evt-00000001"]
+    assert metric_value(telemetry, "meterline_exporter_send_failed_events_total") == 1
+    assert metric_value(telemetry, "meterline_exporter_sent_events_total", exporter="test") == 3
+    await runner.shutdown(1)
+
+
 async def test_retries_stop_after_max_elapsed_time(tmp_path):
     exporter = Recording(failures=1000)
     runner, telemetry = runner_for(exporter, tmp_path, retry={

@@ -41,6 +41,10 @@ class ClickHouseConfig(ExporterConfig):
     query_timeout: Duration = Duration(60)
     analytics: bool = True  # serve the analytics API and compute budgets from this exporter
     budget_refresh: Duration = Duration(15)  # how often budget spend is recomputed
+    # How often the rollups of recent hours are checked for events two writers both stored,
+    # and those hours rebuilt (0: never); and how far back (see repair.py).
+    repair_interval: Duration = Duration(300)
+    repair_lookback: Duration = Duration(48 * 3600)
     batch: BatchConfig = msgspec.field(
         default_factory=lambda: BatchConfig(max_size=10_000, timeout=Duration(1)))
 
@@ -59,3 +63,9 @@ class ClickHouseConfig(ExporterConfig):
             raise ValueError("dedup_window must be at least 1")
         if self.ttl is not None and self.ttl <= 0:
             raise ValueError("ttl must be a positive duration such as 90d")
+        if self.repair_interval and self.repair_lookback < 3600:
+            raise ValueError("repair_lookback must be at least 1h")
+        if self.repair_interval and self.ttl is not None and self.repair_lookback >= self.ttl:
+            # past the TTL the raw events are gone: their rollup rows must not be "repaired"
+            raise ValueError(f"repair_lookback ({self.repair_lookback:g}s) must be shorter "
+                             f"than ttl ({self.ttl:g}s)")

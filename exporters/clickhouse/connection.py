@@ -28,24 +28,62 @@ from exporters.clickhouse.config import ClickHouseConfig
 from meterline.component import PermanentError, RetryableError
 
 # Server error codes that say "later" rather than "never": overload, timeouts, network,
-# replicas or ZooKeeper away, too many parts waiting to merge.
-_RETRYABLE_CODES = frozenset({
-    3,  # UNEXPECTED_END_OF_FILE
-    159,  # TIMEOUT_EXCEEDED
-    164,  # READONLY
-    202,  # TOO_MANY_SIMULTANEOUS_QUERIES
-    203,  # NO_FREE_CONNECTION
-    209,  # SOCKET_TIMEOUT
-    210,  # NETWORK_ERROR
-    241,  # MEMORY_LIMIT_EXCEEDED
-    242,  # TABLE_IS_READ_ONLY
-    252,  # TOO_MANY_PARTS
-    285,  # TOO_FEW_LIVE_REPLICAS
-    319,  # UNKNOWN_STATUS_OF_INSERT
-    425,  # SYSTEM_ERROR
-    439,  # CANNOT_SCHEDULE_TASK
-    999,  # KEEPER_EXCEPTION
-})
+# queries cancelled or aborted (a server restarting, a replica switching), replicas or
+# ZooKeeper away, too many parts waiting to merge, a full disk, an exhausted quota.
+# (tests check each name against ClickHouse's own table, errorCodeToName.)
+RETRYABLE_CODES = {
+    3: "UNEXPECTED_END_OF_FILE",
+    32: "ATTEMPT_TO_READ_AFTER_EOF",
+    95: "CANNOT_READ_FROM_SOCKET",
+    96: "CANNOT_WRITE_TO_SOCKET",
+    159: "TIMEOUT_EXCEEDED",
+    164: "READONLY",
+    173: "CANNOT_ALLOCATE_MEMORY",
+    198: "DNS_ERROR",
+    201: "QUOTA_EXCEEDED",
+    202: "TOO_MANY_SIMULTANEOUS_QUERIES",
+    203: "NO_FREE_CONNECTION",
+    209: "SOCKET_TIMEOUT",
+    210: "NETWORK_ERROR",
+    225: "NO_ZOOKEEPER",
+    236: "ABORTED",
+    241: "MEMORY_LIMIT_EXCEEDED",
+    242: "TABLE_IS_READ_ONLY",
+    243: "NOT_ENOUGH_SPACE",
+    252: "TOO_MANY_PARTS",
+    279: "ALL_CONNECTION_TRIES_FAILED",
+    285: "TOO_FEW_LIVE_REPLICAS",
+    289: "REPLICA_IS_NOT_IN_QUORUM",
+    319: "UNKNOWN_STATUS_OF_INSERT",
+    369: "ALL_REPLICAS_ARE_STALE",
+    373: "SESSION_IS_LOCKED",
+    394: "QUERY_WAS_CANCELLED",
+    415: "ALL_REPLICAS_LOST",
+    416: "REPLICA_STATUS_CHANGED",
+    425: "SYSTEM_ERROR",
+    439: "CANNOT_SCHEDULE_TASK",
+    473: "DEADLOCK_AVOIDED",
+    735: "QUERY_WAS_CANCELLED_BY_CLIENT",
+    745: "SERVER_OVERLOADED",
+    999: "KEEPER_EXCEPTION",
+}
+# Codes of a value ClickHouse cannot store (one bad row, not a bad statement): the exporter
+# then looks for the rows at fault and stores the others.
+ROW_CODES = {
+    6: "CANNOT_PARSE_TEXT",
+    27: "CANNOT_PARSE_INPUT_ASSERTION_FAILED",
+    41: "CANNOT_PARSE_DATETIME",
+    53: "TYPE_MISMATCH",
+    69: "ARGUMENT_OUT_OF_BOUND",
+    70: "CANNOT_CONVERT_TYPE",
+    72: "CANNOT_PARSE_NUMBER",
+    117: "INCORRECT_DATA",
+    321: "VALUE_IS_OUT_OF_RANGE_OF_DATA_TYPE",
+}
+# A gateway, proxy or load balancer in front of the server, answering without a ClickHouse
+# error code: the server is away or busy, not refusing the statement.
+RETRYABLE_HTTP = frozenset({408, 429, 500, 502, 503, 504})
+_HTTP_STATUS = re.compile(r"HTTP status (\d{3})")
 _NAMED_COLUMN = re.compile(r"column `?'?([A-Za-z0-9_.]+)")
 
 # Big enough for the "already stored?" check of a 100,000-event batch (ids inlined in SQL).
@@ -101,8 +139,11 @@ def classify(error: Exception) -> Exception:
         return error
     if isinstance(error, OperationalError):
         return RetryableError(f"cannot reach ClickHouse: {error}")
-    if isinstance(error, DatabaseError) and getattr(error, "code", None) in _RETRYABLE_CODES:
+    code = getattr(error, "code", None)
+    if isinstance(error, DatabaseError) and code in RETRYABLE_CODES:
         return RetryableError(f"ClickHouse is busy or unavailable: {_first_line(error)}")
+    if isinstance(error, DatabaseError) and code is None and _http_status(error) in RETRYABLE_HTTP:
+        return RetryableError(f"ClickHouse is unavailable behind a proxy: {_first_line(error)}")
     if isinstance(error, ProgrammingError) and "Unable to open the chdb engine" in str(error):
         return RetryableError(f"{_first_line(error)} (is another process using the directory?)")
     if isinstance(error, DataError | ProgrammingError | DatabaseError | ValueError | TypeError):
@@ -110,6 +151,21 @@ def classify(error: Exception) -> Exception:
         where = f"column {named.group(1)}: " if named else ""
         return PermanentError(f"ClickHouse refused the batch: {where}{_first_line(error)}")
     return RetryableError(f"ClickHouse error: {_first_line(error)}")
+
+
+def is_row_error(error: Exception) -> bool:
+    """Whether a refused insert failed on a value of some row (so that the other rows of the
+    batch would be stored), rather than on the statement or the table."""
+    if isinstance(error, ProgrammingError):  # a column the table lacks, a bad statement
+        return False
+    if isinstance(error, DataError | ValueError | TypeError):  # refused while encoding a row
+        return True
+    return isinstance(error, DatabaseError) and getattr(error, "code", None) in ROW_CODES
+
+
+def _http_status(error: Exception) -> int | None:
+    m = _HTTP_STATUS.search(str(error))
+    return int(m.group(1)) if m else None
 
 
 def _first_line(error: Exception) -> str:

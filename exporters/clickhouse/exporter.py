@@ -11,6 +11,10 @@ Each batch is one column-oriented insert. Nothing is counted twice:
   the table is ordered by hour and id, so this reads little), and inserts the rest.
   Filtering before the insert matters because the materialized view would add a
   duplicate to the rollup whatever the raw table later merges away.
+- Two writers storing the same event at the same moment (both checks ran before either
+  insert) leave two copies: queries on raw events read them deduplicated (`FINAL`), and
+  every `repair_interval` the rollups of recent hours are checked against the events and
+  rebuilt where they count more (`repair.py`).
 
 The exporter also serves the analytics API on the admin server and keeps the budget
 gauges current (`analytics: true`).
@@ -20,12 +24,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from exporters.clickhouse import api, budgets
+from exporters.clickhouse import api, budgets, repair
 from exporters.clickhouse.config import ClickHouseConfig
-from exporters.clickhouse.connection import classify, insert_settings, open_client
-from exporters.clickhouse.query import Reader, literal
+from exporters.clickhouse.connection import classify, insert_settings, is_row_error, open_client
+from exporters.clickhouse.query import Reader, iso, literal
 from exporters.clickhouse.schema import Schema, ensure_schema
 from meterline.component import (
     AdminHandler,
@@ -33,10 +38,16 @@ from meterline.component import (
     ExportBatch,
     Exporter,
     Factory,
+    PermanentError,
     RetryableError,
     cancel_and_wait,
 )
 from meterline.event import Event
+
+# Looking for the rows a batch was refused for: at most this many inserts (one bad row in
+# 10,000 takes 29), and the first few refused ids named in the error.
+_ISOLATING_INSERTS = 64
+_NAMED_IDS = 10
 
 
 class ClickHouseExporter(Exporter):
@@ -51,9 +62,14 @@ class ClickHouseExporter(Exporter):
         self._closed = False
         self._budget_task: asyncio.Task[None] | None = None
         self._reached: dict[tuple[str, str], float] = {}  # (budget, period start) -> threshold
+        self._repair_task: asyncio.Task[None] | None = None
         self._duplicates = context.meter.create_counter(
             "meterline_exporter_duplicate_events",
             description="Events not stored again: their event_id was already stored")
+        self._repaired = context.meter.create_counter(
+            "meterline_exporter_rollup_repaired_hours",
+            description="Hours of the rollups rebuilt from the deduplicated events, because "
+                        "two writers had both stored some event of the hour")
         self._attrs = {"exporter": context.id}
 
     # --- lifecycle -----------------------------------------------------------------
@@ -65,10 +81,14 @@ class ClickHouseExporter(Exporter):
         if self.config.analytics:
             self._budget_task = asyncio.create_task(self._track_budgets(),
                                                     name=f"{self.context.id} budgets")
+        if self.config.repair_interval:
+            self._repair_task = asyncio.create_task(self._keep_repairing(),
+                                                    name=f"{self.context.id} rollup repair")
 
     async def shutdown(self) -> None:
         self._closed = True  # an API request still running must not open the clients again
         await cancel_and_wait(self._budget_task)
+        await cancel_and_wait(self._repair_task)
         if self.config.analytics:
             budgets.BudgetGauges.of(self.context.meter).publish([])
         for client in (self._writer, self.reader.client if self.reader else None):
@@ -120,12 +140,45 @@ class ClickHouseExporter(Exporter):
             self._duplicates.add(len(events) - len(new), self._attrs)
         if not new:
             return
+        refused, error = self._store(batch_id, new)
+        if refused:
+            ids = ", ".join(e.event_id for e in refused[:_NAMED_IDS])
+            more = f" and {len(refused) - _NAMED_IDS} more" if len(refused) > _NAMED_IDS else ""
+            raise PermanentError(
+                f"{error}; {len(refused)} of {len(new)} events refused (event_id {ids}{more}), "
+                f"the other {len(new) - len(refused)} stored", events=refused) from error
+
+    def _store(self, batch_id: str, events: list[Event]) -> tuple[list[Event], Exception | None]:
+        """Insert the events; if ClickHouse refuses a value of some row, find the rows at
+        fault by inserting halves (recursively, within `_ISOLATING_INSERTS` inserts) and
+        store the others. Returns the refused events and why. Any other error is raised:
+        a retry sends the batch again, and the "already stored?" check skips what got in."""
+        pending, refused = [events], []
+        error: Exception | None = None
+        inserts = 0
+        while pending:
+            group = pending.pop()
+            try:
+                inserts += 1
+                self._write(batch_id, group)
+            except Exception as e:
+                if not is_row_error(e):
+                    raise classify(e) from e
+                error = error or classify(e)
+                if len(group) == 1 or inserts >= _ISOLATING_INSERTS:
+                    refused += group
+                else:
+                    pending += [group[len(group) // 2:], group[:len(group) // 2]]
+        return refused, error
+
+    def _write(self, batch_id: str, events: list[Event]) -> None:
         # The token names this batch and exactly the events sent: a retry of the same send
         # is deduplicated, while a retry that sends fewer events (some got stored) is not
         # mistaken for the first send.
-        digest = hashlib.blake2b("\n".join(e.event_id for e in new).encode(), digest_size=8)
+        digest = hashlib.blake2b("\n".join(e.event_id for e in events).encode(),
+                                 digest_size=8)
         self._writer.insert(
-            self.schema.qualified(self.schema.events), self.schema.column_batch(new),
+            self.schema.qualified(self.schema.events), self.schema.column_batch(events),
             column_names=[c.name for c in self.schema.inserted], column_oriented=True,
             settings=insert_settings(self.config, f"{batch_id}:{digest.hexdigest()}"))
 
@@ -147,6 +200,26 @@ class ClickHouseExporter(Exporter):
             stored = self._writer.query(
                 f"SELECT event_id FROM {table} WHERE {where} AND event_id IN ({ids})").result_rows
         return {event_id for (event_id,) in stored}
+
+    # --- rollup repair -------------------------------------------------------------
+    async def repair_rollups(self) -> list[int]:
+        """One repair pass (see repair.py): the hours rebuilt, as Unix seconds."""
+        reader = await self.connect()
+        lookback = timedelta(seconds=float(self.config.repair_lookback))
+        hours = await asyncio.to_thread(repair.repair, reader.client, self.schema, lookback)
+        if hours:
+            self._repaired.add(len(hours), self._attrs)
+            self.log.warning("rollups rebuilt for hours where an event was stored twice",
+                             hours=[iso(datetime.fromtimestamp(h, UTC)) for h in hours])
+        return hours
+
+    async def _keep_repairing(self) -> None:
+        while True:
+            await asyncio.sleep(float(self.config.repair_interval))
+            try:
+                await self.repair_rollups()
+            except Exception as e:
+                self.log.warning("cannot check the rollups against the events", error=str(e))
 
     # --- analytics and budgets -----------------------------------------------------
     def admin_routes(self) -> dict[str, AdminHandler]:

@@ -4,8 +4,9 @@ A question is: a time `Window`, the `Dimension`s to group by, `Filter`s, and the
 figures wanted (`metrics.AGGREGATES`). `Reader.select` answers it from the
 rollups when every dimension and filter is a rollup column (whole hours from
 `llm_usage_1h`, the minutes around them from `llm_usage_1m`), and from raw
-events otherwise (`metadata.KEY`, `user`, `organization`...); the figures are
-defined once, so both give the same numbers.
+events otherwise (`metadata.KEY`, `user`, `organization`...), deduplicated
+(`FINAL`: an event two writers stored is counted once); the figures are defined
+once, so both give the same numbers.
 
 Windows are whole minutes (the finest rollup's grain): `since` is rounded down
 to its minute and `until` up, so `--range 24h` is the 24 hours up to the end of
@@ -25,7 +26,7 @@ from clickhouse_connect.driver.binding import format_str
 
 from exporters.clickhouse.metrics import BY_NAME, ROLLUP_COLUMNS, Source, status_expression
 from exporters.clickhouse.metrics import time_column as _time_column
-from exporters.clickhouse.schema import Schema
+from exporters.clickhouse.schema import FINAL_SETTINGS, Schema
 
 RANGES = ("24h", "7d", "30d", "90d")
 _RANGE = re.compile(r"^(\d+)([hd])$")
@@ -265,6 +266,8 @@ class Reader:
                                             for o in order_by)
         if limit:
             sql += f" LIMIT {int(limit)}"
+        if source == "raw":
+            sql += " SETTINGS " + ", ".join(f"{k} = {v}" for k, v in FINAL_SETTINGS.items())
         return self.rows(sql)
 
     def _rows_of(self, source: Source, window: Window, filters: list[Filter],
@@ -273,7 +276,7 @@ class Reader:
         matching = [f.sql(source) for f in filters]
         if source == "raw":
             where = " AND ".join([window.condition("timestamp"), *matching])
-            return f"{self.schema.qualified(self.schema.events)} WHERE {where}"
+            return f"{self.schema.deduplicated_events} WHERE {where}"
         minute, hour = self.schema.rollups
         hours, minutes = split(window, cuts)
         columns = ", ".join(c.name for c in self.schema.rollup_columns(minute)[1:])

@@ -5,7 +5,8 @@
 content), partitioned by month and ordered by (hour, event_id): FinOps queries
 select time ranges, and the exporter's "already stored?" check looks event ids
 up within their hour. It is a `ReplacingMergeTree`, so should two writers ever
-store the same event, merges keep one copy.
+store the same event, merges keep one copy; queries read it `FINAL` meanwhile,
+and `repair.py` rebuilds the rollup hours that counted both.
 
 `llm_usage_1m` and `llm_usage_1h` are `AggregatingMergeTree`s, each fed by a
 materialized view: per minute and per hour, by provider, model, team, API key
@@ -17,14 +18,16 @@ Every table keeps a window of insert deduplication tokens
 (`non_replicated_deduplication_window`; replicated tables have their own), so a
 retried batch is stored once, in the rollup too.
 
-The schema migrates itself forward: `ensure_schema` creates what is missing
-and adds the columns a newer version defines to an existing table. A change to
+The schema migrates itself forward: `ensure_schema` creates what is missing,
+adds the columns a newer version defines to an existing table and applies a
+changed `ttl` (`MODIFY TTL`, or `REMOVE TTL`). A change to
 a view's query gets a new view name (`_mv_vN`); the old view is dropped.
 """
 
 from __future__ import annotations
 
 import itertools
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +39,8 @@ from exporters.clickhouse.metrics import AGGREGATES, ROLLUP_DIMENSIONS
 from meterline.event import Event
 
 VIEW_VERSION = 1
+FINAL_SETTINGS = {"do_not_merge_across_partitions_select_final": 1}
+_TTL = re.compile(r" TTL (.+?)(?: SETTINGS |$)")
 Prepare = Callable[[Sequence[Any]], Sequence[Any]]
 
 _json = msgspec.json.Encoder()
@@ -203,9 +208,15 @@ class Schema:
     def create_database(self) -> str:
         return f"CREATE DATABASE IF NOT EXISTS `{self.database}`{self.on_cluster}"
 
+    @property
+    def ttl(self) -> str | None:
+        """The raw events' TTL expression, as ClickHouse writes it back in `engine_full`."""
+        if not self.ttl_seconds:
+            return None
+        return f"toDateTime(timestamp) + toIntervalSecond({self.ttl_seconds})"
+
     def create_events(self) -> str:
-        ttl = (f"\nTTL toDateTime(timestamp) + toIntervalSecond({self.ttl_seconds})"
-               if self.ttl_seconds else "")
+        ttl = f"\nTTL {self.ttl}" if self.ttl else ""
         columns = ",\n  ".join(c.ddl() for c in self.columns)
         return (f"CREATE TABLE IF NOT EXISTS {self._stored(self.events)}{self.on_cluster} (\n"
                 f"  {columns}\n)\nENGINE = {self._engine('Replacing')}\n"
@@ -225,7 +236,9 @@ class Schema:
                 f"PARTITION BY toYYYYMM({rollup.time_column})\nORDER BY ({key})\n"
                 f"{self._settings()}")
 
-    def create_view(self, rollup: Rollup) -> str:
+    def rollup_select(self, rollup: Rollup, source: str, where: str | None = None) -> str:
+        """The rollup rows of the events in `source` (optionally only those `where` holds):
+        what the view writes for an inserted block, and what a repair writes for an hour."""
         # The inner query names its results apart (`_x`): ClickHouse resolves a name to an
         # alias before a column, so `sum(cost_usd) AS cost_usd` would capture `cost_usd`
         # in the other aggregates.
@@ -239,10 +252,34 @@ class Schema:
                                                                             strict=True))
         group = ", ".join(f"_{name}" for name in names[:1 + len(ROLLUP_DIMENSIONS)])
         outer = ", ".join(f"_{name} AS {name}" for name in names)
+        filtered = f"\n  WHERE {where}" if where else ""
+        return (f"SELECT {outer}\nFROM (\n  SELECT\n    {select}\n  FROM {source}{filtered}\n"
+                f"  GROUP BY {group}\n)")
+
+    def create_view(self, rollup: Rollup) -> str:
         return (f"CREATE MATERIALIZED VIEW IF NOT EXISTS "
                 f"{self.qualified(rollup.view)}{self.on_cluster}\n"
-                f"TO {self._stored(rollup.table)}\nAS SELECT {outer}\nFROM (\n  SELECT\n    "
-                f"{select}\n  FROM {self._stored(self.events)}\n  GROUP BY {group}\n)")
+                f"TO {self._stored(rollup.table)}\n"
+                f"AS {self.rollup_select(rollup, self._stored(self.events))}")
+
+    @property
+    def deduplicated_events(self) -> str:
+        """`llm_events` as queries read it: one row per event even before merges have
+        dropped a second copy (`FINAL`; copies of an event share a timestamp, hence a month
+        partition, so `FINAL_SETTINGS` lets each partition be deduplicated on its own)."""
+        return f"{self.qualified(self.events)} FINAL"
+
+    def delete_rollup_hours(self, rollup: Rollup, hours: str) -> str:
+        """Delete a rollup's rows of the hours listed (`hours`: SQL DateTimes, comma-separated)."""
+        return (f"DELETE FROM {self._stored(rollup.table)}{self.on_cluster} "
+                f"WHERE toStartOfHour({rollup.time_column}) IN ({hours})")
+
+    def rebuild_rollup_hours(self, rollup: Rollup, hours: str) -> str:
+        """Write a rollup's rows of the hours listed again, from the deduplicated events."""
+        columns = ", ".join(c.name for c in self.rollup_columns(rollup))
+        return (f"INSERT INTO {self.qualified(rollup.table)} ({columns})\n"
+                + self.rollup_select(rollup, self.deduplicated_events,
+                                     f"toStartOfHour(timestamp) IN ({hours})"))
 
     def create_distributed(self, table: str, sharding_key: str) -> str:
         return (f"CREATE TABLE IF NOT EXISTS {self.qualified(table)}{self.on_cluster} "
@@ -270,6 +307,12 @@ class Schema:
         bare = Column(column.name, column.type.split(" CODEC")[0].split(" DEFAULT")[0])
         return [alter, f"ALTER TABLE {self.qualified(table)}{self.on_cluster} "
                        f"ADD COLUMN IF NOT EXISTS {bare.ddl()} AFTER `{after}`"]
+
+    def change_ttl(self) -> str:
+        """The ALTER that gives an existing events table this schema's TTL (or none). Rows
+        past a new, shorter TTL are deleted in the background (`materialize_ttl_after_modify`)."""
+        change = f"MODIFY TTL {self.ttl}" if self.ttl else "REMOVE TTL"
+        return f"ALTER TABLE {self._stored(self.events)}{self.on_cluster} {change}"
 
     # --- rows ----------------------------------------------------------------------
     def column_batch(self, events: Sequence[Event]) -> list[Sequence[Any]]:
@@ -304,6 +347,9 @@ def ensure_schema(client: Any, schema: Schema) -> list[str]:
                 for sql in schema.add_column(table, column, previous.name):
                     execute(sql)
     present = _tables(client, schema)
+    stored_events = schema.events + ("_local" if schema.cluster else "")
+    if stored_events in present and present[stored_events] != schema.ttl:
+        execute(schema.change_ttl())
     for name, create in schema.objects():
         if name not in present:
             execute(create)
@@ -329,7 +375,8 @@ def _existing_columns(client: Any, schema: Schema) -> dict[str, set[str]]:
     return out
 
 
-def _tables(client: Any, schema: Schema) -> set[str]:
-    rows = client.query("SELECT name FROM system.tables WHERE database = {db:String}",
+def _tables(client: Any, schema: Schema) -> dict[str, str | None]:
+    """The tables and views of the database, with the TTL each table has (None: none)."""
+    rows = client.query("SELECT name, engine_full FROM system.tables WHERE database = {db:String}",
                         parameters={"db": schema.database}).result_rows
-    return {name for (name,) in rows}
+    return {name: (m.group(1) if (m := _TTL.search(engine)) else None) for name, engine in rows}
