@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from meterline.event import Event
+from meterline.genai import failure
 
 MODELS = [("openai", "gpt-4o"), ("openai", "gpt-4o-mini"), ("anthropic", "claude-sonnet-4"),
           ("anthropic", "claude-haiku-3"), ("mistral_ai", "mistral-large")]
@@ -34,7 +35,7 @@ def dataset(now: datetime, count: int = 600, seed: int = 5) -> list[Event]:
         low, high = rng.choice(_BANDS)
         ts = (now_s - rng.randint(int(low), int(high))) * 1_000_000_000 + rng.randint(0, 999)
         provider, model = rng.choice(MODELS)
-        status = rng.choice([200] * 8 + [429, 500])
+        status = rng.choice([200] * 8 + [429, 500, 499])  # 499: cancelled, no error
         error = {429: "rate_limit_error", 500: "server_error"}.get(status)
         cost = rng.choice([0.125, 0.25, 0.5, 1.0, 2.5, None])
         anonymous_model = rng.random() < 0.1
@@ -69,7 +70,7 @@ def model_of(e: Event) -> str:
 
 
 def is_error(e: Event) -> bool:
-    return (e.status_code or 0) >= 400 or bool(e.error_type)
+    return failure(e.error_type, e.status_code) is not None
 
 
 KEYS: dict[str, Callable[[Event], Any]] = {

@@ -5,7 +5,7 @@ import pytest
 
 from exporters.clickhouse.config import ClickHouseConfig
 from exporters.clickhouse.connection import insert_settings
-from exporters.clickhouse.schema import COLUMNS, Column, Schema, ensure_schema
+from exporters.clickhouse.schema import COLUMNS, VIEW_VERSION, Column, Schema, ensure_schema
 from meterline.config import ConfigError, convert, loads
 from meterline.event import FIELDS
 from tests.conftest import make_event
@@ -40,8 +40,8 @@ def test_the_schema_is_created_once_and_then_left_alone(chdb):
         "CREATE TABLE IF NOT EXISTS `meterline`.`llm_events`",
         "CREATE TABLE IF NOT EXISTS `meterline`.`llm_usage_1m`",
         "CREATE TABLE IF NOT EXISTS `meterline`.`llm_usage_1h`",
-        "CREATE MATERIALIZED VIEW IF NOT EXISTS `meterline`.`llm_usage_1m_mv_v1`",
-        "CREATE MATERIALIZED VIEW IF NOT EXISTS `meterline`.`llm_usage_1h_mv_v1`"]
+        f"CREATE MATERIALIZED VIEW IF NOT EXISTS `meterline`.`llm_usage_1m_mv_v{VIEW_VERSION}`",
+        f"CREATE MATERIALIZED VIEW IF NOT EXISTS `meterline`.`llm_usage_1h_mv_v{VIEW_VERSION}`"]
     assert ensure_schema(chdb, Schema()) == []
 
 
@@ -67,13 +67,14 @@ def test_a_later_version_adds_its_columns_to_an_existing_table_and_keeps_the_row
 
 def test_a_newer_rollup_view_replaces_the_old_one(chdb, monkeypatch):
     ensure_schema(chdb, Schema())
-    monkeypatch.setattr("exporters.clickhouse.schema.VIEW_VERSION", 2)
+    old, new = VIEW_VERSION, VIEW_VERSION + 1
+    monkeypatch.setattr("exporters.clickhouse.schema.VIEW_VERSION", new)
     changes = [c.splitlines()[0] for c in ensure_schema(chdb, Schema())]
     assert changes == [
-        "CREATE MATERIALIZED VIEW IF NOT EXISTS `meterline`.`llm_usage_1m_mv_v2`",
-        "CREATE MATERIALIZED VIEW IF NOT EXISTS `meterline`.`llm_usage_1h_mv_v2`",
-        "DROP VIEW IF EXISTS `meterline`.`llm_usage_1m_mv_v1`",
-        "DROP VIEW IF EXISTS `meterline`.`llm_usage_1h_mv_v1`"]
+        f"CREATE MATERIALIZED VIEW IF NOT EXISTS `meterline`.`llm_usage_1m_mv_v{new}`",
+        f"CREATE MATERIALIZED VIEW IF NOT EXISTS `meterline`.`llm_usage_1h_mv_v{new}`",
+        f"DROP VIEW IF EXISTS `meterline`.`llm_usage_1m_mv_v{old}`",
+        f"DROP VIEW IF EXISTS `meterline`.`llm_usage_1h_mv_v{old}`"]
     insert(chdb, Schema(), [make_event(1)], "t")
     for table in ("llm_usage_1m", "llm_usage_1h"):
         [(events,)] = chdb.query(f"SELECT sum(events) FROM meterline.{table}").result_rows
@@ -126,7 +127,8 @@ def test_a_cluster_gets_replicated_local_tables_behind_distributed_ones():
     objects = dict(Schema.of(config).objects())
     assert list(objects) == ["llm_events_local", "llm_usage_1m_local", "llm_usage_1h_local",
                              "llm_events", "llm_usage_1m", "llm_usage_1h",
-                             "llm_usage_1m_mv_v1", "llm_usage_1h_mv_v1"]
+                             f"llm_usage_1m_mv_v{VIEW_VERSION}",
+                             f"llm_usage_1h_mv_v{VIEW_VERSION}"]
     local = objects["llm_events_local"]
     assert local.startswith("CREATE TABLE IF NOT EXISTS `meterline`.`llm_events_local` "
                             "ON CLUSTER `llm` (")
@@ -137,7 +139,7 @@ def test_a_cluster_gets_replicated_local_tables_behind_distributed_ones():
         "CREATE TABLE IF NOT EXISTS `meterline`.`llm_events` ON CLUSTER `llm` AS "
         "`meterline`.`llm_events_local`\nENGINE = Distributed(`llm`, `meterline`, "
         "`llm_events_local`, cityHash64(event_id))")
-    view = objects["llm_usage_1h_mv_v1"]
+    view = objects[f"llm_usage_1h_mv_v{VIEW_VERSION}"]
     assert "ON CLUSTER `llm`\nTO `meterline`.`llm_usage_1h_local`" in view
     assert "FROM `meterline`.`llm_events_local`" in view
 

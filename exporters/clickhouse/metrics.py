@@ -16,7 +16,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-IS_ERROR = "(ifNull(status_code, 0) >= 400 OR error_type != '')"
+from meterline.genai import CLIENT_CLOSED
+
+# As `meterline.genai.failure` decides it: a call with an error category, or an HTTP
+# error status other than a cancelled call (499: the client left, nothing failed).
+IS_ERROR = (f"(error_type != '' OR (ifNull(status_code, 0) >= 400 "
+            f"AND status_code != {CLIENT_CLOSED}))")
 QUANTILES = (0.5, 0.95, 0.99)
 
 Source = Literal["rollup", "raw"]

@@ -38,7 +38,7 @@ from exporters.clickhouse.config import ClickHouseConfig
 from exporters.clickhouse.metrics import AGGREGATES, ROLLUP_DIMENSIONS
 from meterline.event import Event
 
-VIEW_VERSION = 1
+VIEW_VERSION = 2  # 2: a cancelled call (499) is not an error
 FINAL_SETTINGS = {"do_not_merge_across_partitions_select_final": 1}
 _TTL = re.compile(r" TTL (.+?)(?: SETTINGS |$)")
 Prepare = Callable[[Sequence[Any]], Sequence[Any]]
