@@ -59,8 +59,9 @@ class KafkaExporterConfig(ExporterConfig):
     acks: Literal["all", 0, 1] = "all"
     idempotence: bool = True  # with acks: all only
     compression: Literal["none", "gzip", "snappy", "lz4", "zstd"] = "none"
-    linger: Duration = Duration(0.005)  # how long the producer waits to fill a request
-    max_batch_bytes: int = 1 << 20  # per partition and request
+    # No `linger`: the `batch` block is the linger (`batch.timeout` is how long the exporter
+    # waits to fill a batch), and the batch is handed to the producer whole.
+    max_batch_bytes: int = 1 << 20  # per partition and request: a larger batch is split
     max_message_bytes: int = 1_000_000  # larger events fail permanently (under the broker's
     # message.max.bytes, 1048588 by default, with room for the key and headers)
     timeout: Duration = Duration(30)  # for a message to be acknowledged
@@ -116,7 +117,7 @@ class KafkaExporter(Exporter):
         options: dict[str, Any] = {
             "acks": config.acks,
             "compression_type": None if config.compression == "none" else config.compression,
-            "linger_ms": int(config.linger * 1000),
+            "linger_ms": 0,  # the record batches are complete when handed over
             "max_batch_size": config.max_batch_bytes,
             "request_timeout_ms": int(config.timeout * 1000),
         }

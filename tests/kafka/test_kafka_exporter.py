@@ -29,7 +29,7 @@ from tests.conftest import (
     post_json,
     running,
 )
-from tests.kafka.conftest import Tansu, consume, create_topic
+from tests.kafka.conftest import Tansu, consume, create_topic, stored_batches
 
 
 def make_exporter(tmp_path, **config):
@@ -66,7 +66,8 @@ async def test_events_become_json_messages_with_event_id_and_schema_headers(
 
 
 @pytest.mark.parametrize("compression", ["none", "gzip", "snappy", "lz4", "zstd"])
-async def test_every_compression_round_trips(tmp_path, kafka_bootstrap, topic, compression):
+async def test_every_compression_is_used_on_the_wire_and_round_trips(
+        tmp_path, kafka_bootstrap, topic, compression):
     exporter, _ = make_exporter(tmp_path, brokers=kafka_bootstrap, topic=topic,
                                 compression=compression)
     events = [make_event(i, input_messages=[{"role": "user", "content": "hi " * 50}])
@@ -75,6 +76,23 @@ async def test_every_compression_round_trips(tmp_path, kafka_bootstrap, topic, c
     records = await consume(kafka_bootstrap, topic, 30)
     assert sorted(msgspec.json.decode(r.value)["event_id"] for r in records) == \
         [e.event_id for e in events]
+    stored = await stored_batches(kafka_bootstrap, topic)  # the consumer hid the codec
+    assert {b.compression for b in stored} == {compression}
+    assert sum(b.records for b in stored) == 30
+
+
+async def test_max_batch_bytes_splits_a_large_batch_into_record_batches_that_fit(
+        tmp_path, kafka_bootstrap, topic):
+    await create_topic(kafka_bootstrap, topic, 1)
+    exporter, _ = make_exporter(tmp_path, brokers=kafka_bootstrap, topic=topic,
+                                max_batch_bytes=4000)
+    events = [make_event(i, input_messages=[{"role": "user", "content": "hi " * 100}])
+              for i in range(40)]
+    await export(exporter, events)
+    stored = await stored_batches(kafka_bootstrap, topic)
+    assert len(stored) > 1
+    assert all(b.size <= 4000 for b in stored)
+    assert sum(b.records for b in stored) == 40
 
 
 async def test_the_topic_follows_event_fields(tmp_path, kafka_bootstrap, topic):
