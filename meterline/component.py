@@ -135,7 +135,14 @@ class RetryableError(Exception):
 
 
 class PermanentError(Exception):
-    """A send that will never succeed as it is (bad row, schema mismatch)."""
+    """A send that will never succeed as it is (bad row, schema mismatch).
+
+    `failed` names the events that failed when the others were sent: only those are
+    then counted as failed and dead-lettered. By default the whole batch failed."""
+
+    def __init__(self, message: str, failed: list[Event] | None = None) -> None:
+        super().__init__(message)
+        self.failed = failed
 
 
 class Exporter(Component):

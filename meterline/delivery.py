@@ -6,7 +6,9 @@ exporter: the pipeline puts events into its queue, and its loop forms batches,
 sends them with exponential backoff and jitter, and acks them. A batch that fails
 permanently (or exhausts `max_elapsed_time`) is written to the queue's
 dead-letter directory as JSON lines when the queue is persistent, so nothing
-acknowledged is silently lost; the file receiver can replay it.
+acknowledged is silently lost; the file receiver can replay it. When the
+exporter names the events that failed (`PermanentError.failed`, the others having
+been sent), only those are dead-lettered.
 """
 
 from __future__ import annotations
@@ -195,7 +197,11 @@ class ExporterRunner:
             except asyncio.CancelledError:
                 raise
             except PermanentError as e:
-                self._give_up(batch, f"permanent error: {e}")
+                failed = batch if e.failed is None else ExportBatch(batch.id, e.failed)
+                sent = len(batch.events) - len(failed.events)
+                if sent:
+                    self.telemetry.exporter_sent.add(sent, self._attrs)
+                self._give_up(failed, f"permanent error: {e}")
                 return
             except Exception as e:
                 hint = e.retry_after if isinstance(e, RetryableError) else None

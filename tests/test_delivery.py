@@ -83,6 +83,28 @@ async def test_a_permanent_error_goes_to_the_dead_letter_directory(tmp_path):
     await runner.shutdown(1)
 
 
+class FailingSome(Recording):
+    """Sends every event but the odd-numbered ones, which fail permanently."""
+
+    async def export(self, batch):
+        odd = [e for e in batch.events if int(e.event_id[-1]) % 2]
+        await super().export(ExportBatch(batch.id, [e for e in batch.events if e not in odd]))
+        if odd:
+            raise PermanentError("too large", failed=odd)
+
+
+async def test_a_permanent_error_naming_its_events_dead_letters_only_those(tmp_path):
+    runner, telemetry = runner_for(FailingSome(), tmp_path, batch={"max_size": 4})
+    await runner.start()
+    await put(runner, 0, 4)
+    await eventually(lambda: list((tmp_path / "queue" / "test" / "dead-letter").glob("*")))
+    [dead] = list((tmp_path / "queue" / "test" / "dead-letter").glob("*.jsonl"))
+    assert [e["event_id"] for e in read_jsonl(dead)] == ["evt-00000001", "evt-00000003"]
+    assert metric_value(telemetry, "meterline_exporter_send_failed_events_total") == 2
+    assert metric_value(telemetry, "meterline_exporter_sent_events_total") == 2
+    await runner.shutdown(1)
+
+
 async def test_retries_stop_after_max_elapsed_time(tmp_path):
     exporter = Recording(failures=1000)
     runner, telemetry = runner_for(exporter, tmp_path, retry={

@@ -89,6 +89,8 @@ class KafkaExporter(Exporter):
         messages = self.builder.build(batch.events)
         limit = self.config.max_message_bytes
         fitting = [m for m in messages if len(m.value) <= limit]
+        too_big = [e for e, m in zip(batch.events, messages, strict=True)
+                   if len(m.value) > limit]
         producer = await self._producer()
         try:
             await self._send(producer, fitting)
@@ -103,12 +105,10 @@ class KafkaExporter(Exporter):
                 await producer.stop()
             raise RetryableError(f"kafka: {len(fitting)} messages not all acknowledged: "
                                  f"{e!r}") from e
-        if len(fitting) < len(messages):
-            too_big = [e.event_id for e, m in zip(batch.events, messages, strict=True)
-                       if len(m.value) > limit]
+        if too_big:  # only these fail (and are dead-lettered): the others were sent
             raise PermanentError(f"{len(too_big)} events larger than max_message_bytes "
-                                 f"({limit}): {', '.join(too_big[:5])}; the other "
-                                 f"{len(fitting)} were sent")
+                                 f"({limit}): {', '.join(e.event_id for e in too_big[:5])}; "
+                                 f"the other {len(fitting)} were sent", failed=too_big)
 
     async def _producer(self) -> AIOKafkaProducer:
         if self.producer is not None:

@@ -147,14 +147,15 @@ async def test_the_producer_is_idempotent_when_the_broker_allows_it(tmp_path, to
     assert idempotent_flag(context) == [1.0]
 
 
-async def test_an_event_over_max_message_bytes_fails_permanently_once_the_rest_is_sent(
+async def test_an_event_over_max_message_bytes_fails_alone_once_the_rest_is_sent(
         tmp_path, kafka_bootstrap, topic):
     exporter, _ = make_exporter(tmp_path, brokers=kafka_bootstrap, topic=topic,
                                 max_message_bytes=2000)
     huge = make_event(1, input_messages=[{"role": "user", "content": "x" * 5000}])
     with pytest.raises(PermanentError, match=r"1 events larger than max_message_bytes.*"
-                                             r"evt-00000001"):
+                                             r"evt-00000001") as caught:
         await export(exporter, [make_event(0), huge, make_event(2)])
+    assert caught.value.failed == [huge]  # what the delivery dead-letters
     records = await consume(kafka_bootstrap, topic, 2)
     assert sorted(dict(r.headers)["meterline.event_id"] for r in records) == \
         [b"evt-00000000", b"evt-00000002"]
