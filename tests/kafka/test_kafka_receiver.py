@@ -20,7 +20,14 @@ from tests.conftest import (
     read_jsonl,
     running,
 )
-from tests.kafka.conftest import Tansu, consume, group_timeouts, produce
+from tests.kafka.conftest import (
+    Tansu,
+    consume,
+    create_topic,
+    group_timeouts,
+    produce,
+    stored_batches,
+)
 
 PIPELINE = """
 receivers:
@@ -128,6 +135,29 @@ async def test_an_undecodable_message_goes_to_the_dead_letter_topic_and_the_rest
         (topic.encode(), b"5")
     assert empty.value is None
     assert dict(empty.headers)["meterline.error"] == b"the message has no value"
+
+
+async def test_otoroshi_events_that_are_not_llm_calls_are_skipped_not_dead_lettered(
+        tmp_path, kafka_bootstrap, topic):
+    audit = msgspec.json.decode((FIXTURES / "otoroshi-llm-usage-audit.json").read_bytes())
+    broken = {k: v for k, v in audit.items() if k != "@timestamp"}  # real poison
+    await create_topic(kafka_bootstrap, topic, 1)
+    await produce(kafka_bootstrap, topic, [msgspec.json.encode(item) for item in [
+        {"@type": "GatewayEvent", "@id": "g1"}, audit, {"@type": "AlertEvent", "@id": "a1"},
+        broken]])
+    async with running(pipeline(kafka_bootstrap, topic, tmp_path), tmp_path) as service:
+        await eventually(lambda: exported(tmp_path) == [audit["@id"]])
+        registry = service.telemetry.registry
+        await eventually(lambda: metric_value(registry, "meterline_receiver_refused_events_total",
+                                              reason="undecodable") == 1)
+        assert metric_value(registry, "meterline_receiver_refused_events_total",
+                            reason="not_llm_call") == 2
+        await eventually(lambda: service.receivers["kafka"].component.status()["partitions"][0]
+                         ["committed"] == 4)
+    [dead] = await stored_batches(kafka_bootstrap, f"{topic}.dead-letter")
+    assert dead.records == 1  # the broken LLMUsageAudit alone
+    [record] = await consume(kafka_bootstrap, f"{topic}.dead-letter", 1)
+    assert b"without @timestamp" in dict(record.headers)["meterline.error"]
 
 
 async def test_without_a_dead_letter_topic_undecodable_messages_are_counted_and_skipped(
