@@ -171,6 +171,23 @@ async def test_without_a_dead_letter_topic_undecodable_messages_are_counted_and_
                             reason="undecodable") == 1
 
 
+async def test_a_dead_letter_topic_that_cannot_be_written_stalls_its_partition_loudly(
+        tmp_path, kafka_bootstrap, topic, capsys):
+    # The broker refuses this name as it refuses a missing topic where topics are not
+    # auto-created (UnknownTopicOrPartition): a dead-letter topic that cannot be written.
+    await create_topic(kafka_bootstrap, topic, 1)
+    await produce(kafka_bootstrap, topic, [*events(0, 3), b"{not json", *events(3, 3)])
+    config = pipeline(kafka_bootstrap, topic, tmp_path,
+                      extra="dead_letter_topic: '{topic} dlq'\n    dead_letter_timeout: 300ms")
+    async with running(config, tmp_path) as service:
+        receiver = service.receivers["kafka"].component
+        await eventually(lambda: receiver.status()["dead_letter_blocked"], timeout=20)
+        assert receiver.status()["paused"]
+        await eventually(lambda: len(exported(tmp_path)) == 6)  # the good ones went on
+    assert "cannot write the dead-letter topic" in capsys.readouterr().out
+    assert await committed(kafka_bootstrap, topic, topic) == 0  # nothing skipped
+
+
 async def test_a_restart_resumes_after_the_committed_offsets(tmp_path, kafka_bootstrap, topic):
     await produce(kafka_bootstrap, topic, events(0, 20))
     config = pipeline(kafka_bootstrap, topic, tmp_path, max_batch=7)
