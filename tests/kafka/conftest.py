@@ -103,6 +103,18 @@ async def create_topic(bootstrap: str, name: str, partitions: int) -> None:
         await admin.close()
 
 
+async def group_is_stable(bootstrap: str, group: str) -> bool:
+    """Whether the broker has `group` in the Stable state (members joined, partitions
+    assigned)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        [answer] = await admin.describe_consumer_groups([group])
+    finally:
+        await admin.close()
+    return any(state == "Stable" and members for _, _, state, _, _, members in answer.groups)
+
+
 async def produce(bootstrap: str, topic: str, values: list[bytes | None], **send: Any) -> None:
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
     await producer.start()
