@@ -31,7 +31,7 @@ from meterline.component import (
 from meterline.event import Event
 from meterline.queue import QueueWriteError
 from meterline.units import Duration
-from receivers.decoders import DecodeError, decode_item
+from receivers.decoders import DecodeError, NotAnLLMCall, decode_item
 
 _raw = msgspec.json.Decoder()
 _CHUNK = 1 << 20
@@ -132,6 +132,8 @@ class FileReceiver(Receiver):
     def _decode(self, line: bytes, line_no: int, events: list[Event]) -> None:
         try:
             events.append(decode_item(_raw.decode(line)))
+        except NotAnLLMCall:
+            self.consumer.refused(1, "not_llm_call")
         except (DecodeError, msgspec.DecodeError) as e:
             self.consumer.refused(1, "undecodable")
             self.log.warning("line skipped", path=str(self.path), line=line_no, reason=str(e))

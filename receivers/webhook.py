@@ -4,8 +4,11 @@ Takes a JSON object, a JSON array or NDJSON (gzip-encoded or not): meterline's
 own events, Otoroshi's `LLMUsageAudit` events (its webhook data exporter) and
 LiteLLM's `StandardLoggingPayload` (its generic API logger). It answers only
 once the accepted events are durably queued, with how many were accepted and,
-for each refused item, why. When a queue is full it answers 429 with
-`Retry-After`, having queued nothing, so the sender's retry loses nothing.
+for each refused item, why. Otoroshi events other than `LLMUsageAudit` (an
+unfiltered data exporter sends them all) are skipped and counted as
+`not_llm_call`, not refused: the answer says how many (`skipped`). When a queue
+is full it answers 429 with `Retry-After`, having queued nothing, so the
+sender's retry loses nothing.
 """
 
 from __future__ import annotations
@@ -79,6 +82,8 @@ class WebhookReceiver(Receiver):
         except DecodeError as e:
             self.consumer.refused(1, "undecodable")
             return _error(400, str(e))
+        if decoded.skipped:
+            self.consumer.refused(decoded.skipped, "not_llm_call")
         if decoded.rejected:
             self.consumer.refused(len(decoded.rejected), "undecodable")
             self.log.info("items refused", count=len(decoded.rejected),
@@ -96,6 +101,8 @@ class WebhookReceiver(Receiver):
             "accepted": len(decoded.events),
             "rejected": [{"index": i, "reason": r} for i, r in decoded.rejected[:_MAX_REASONS]],
         }
+        if decoded.skipped:
+            answer["skipped"] = decoded.skipped
         if len(decoded.rejected) > _MAX_REASONS:
             answer["rejected_count"] = len(decoded.rejected)
         status = 400 if decoded.rejected and not decoded.events else 200

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import os
 import signal
 import socket
@@ -112,10 +113,13 @@ async def post_raw(url: str, data: bytes, **kwargs: Any) -> tuple[int, Any, dict
 
 
 async def eventually(check: Any, timeout: float = 10.0, interval: float = 0.05) -> Any:
-    """Poll `check()` until it returns something truthy, or fail after `timeout`."""
+    """Poll `check()` (a function or a coroutine function) until it returns something
+    truthy, or fail after `timeout`."""
     deadline = time.monotonic() + timeout
     while True:
         result = check()
+        if inspect.isawaitable(result):
+            result = await result
         if result:
             return result
         if time.monotonic() > deadline:

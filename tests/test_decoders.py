@@ -7,7 +7,7 @@ import msgspec
 import pytest
 
 from meterline.event import to_json
-from receivers.decoders import DecodeError, decode_body, decode_item
+from receivers.decoders import DecodeError, NotAnLLMCall, decode_body, decode_item
 from tests.conftest import FIXTURES, make_event
 
 OTOROSHI = json.loads((FIXTURES / "otoroshi-llm-usage-audit.json").read_text())
@@ -57,9 +57,23 @@ def test_otoroshi_streaming_embeddings_and_errors_map():
                        ).operation == "embeddings"
 
 
-def test_other_otoroshi_events_are_refused_with_the_filter_to_use():
-    with pytest.raises(DecodeError, match=r'include \[\{"audit": "LLMUsageAudit"\}\]'):
+def test_other_otoroshi_events_are_not_llm_calls_and_name_the_filter_to_use():
+    with pytest.raises(NotAnLLMCall, match=r'include \[\{"audit": "LLMUsageAudit"\}\]'):
         decode_item({"@type": "GatewayEvent", "@id": "1", "@timestamp": 1})
+
+
+def test_an_llm_usage_audit_without_timestamp_is_undecodable_not_skipped():
+    item = {**OTOROSHI}
+    del item["@timestamp"]
+    with pytest.raises(DecodeError, match="without @timestamp") as caught:
+        decode_item(item)
+    assert not isinstance(caught.value, NotAnLLMCall)
+
+
+def test_a_body_counts_otoroshi_events_that_are_not_llm_calls_as_skipped():
+    decoded = decode_body(msgspec.json.encode(
+        [OTOROSHI, {"@type": "GatewayEvent", "@id": "g"}, {"@type": "AlertEvent"}]))
+    assert (len(decoded.events), decoded.skipped, decoded.rejected) == (1, 2, [])
 
 
 def test_litellm_payload_decodes_to_the_expected_fields():

@@ -11,6 +11,7 @@ from tests.conftest import (
     event_dicts,
     eventually,
     free_port,
+    metric_value,
     post_json,
     post_raw,
     read_jsonl,
@@ -74,6 +75,21 @@ async def test_otoroshi_webhook_batch_is_accepted(tmp_path):
         assert (status, body["accepted"]) == (200, 1)
         rows = await eventually(lambda: read_jsonl(tmp_path / "data/out.jsonl"))
         assert rows[0]["source"] == "otoroshi"
+
+
+async def test_otoroshi_events_that_are_not_llm_calls_are_skipped_and_counted(tmp_path):
+    port = free_port()
+    audit = json.loads((FIXTURES / "otoroshi-llm-usage-audit.json").read_text())
+    others = [{"@type": "GatewayEvent", "@id": "g1"}, {"@type": "AlertEvent", "@id": "a1"}]
+    async with running(pipeline(port), tmp_path) as service:
+        status, body, _ = await post_json(f"http://127.0.0.1:{port}/v1/events",
+                                          [others[0], audit, others[1]])
+        assert (status, body) == (200, {"accepted": 1, "rejected": [], "skipped": 2})
+        assert metric_value(service.telemetry.registry,
+                            "meterline_receiver_refused_events_total",
+                            reason="not_llm_call") == 2
+        status, body, _ = await post_json(f"http://127.0.0.1:{port}/v1/events", others)
+        assert (status, body["accepted"]) == (200, 0)  # not the sender's mistake: no 400
 
 
 async def test_each_refused_item_gets_its_reason_and_the_rest_is_accepted(tmp_path):

@@ -59,8 +59,9 @@ class KafkaExporterConfig(ExporterConfig):
     acks: Literal["all", 0, 1] = "all"
     idempotence: bool = True  # with acks: all only
     compression: Literal["none", "gzip", "snappy", "lz4", "zstd"] = "none"
-    linger: Duration = Duration(0.005)  # how long the producer waits to fill a request
-    max_batch_bytes: int = 1 << 20  # per partition and request
+    # No `linger`: the `batch` block is the linger (`batch.timeout` is how long the exporter
+    # waits to fill a batch), and the batch is handed to the producer whole.
+    max_batch_bytes: int = 1 << 20  # per partition and request: a larger batch is split
     max_message_bytes: int = 1_000_000  # larger events fail permanently (under the broker's
     # message.max.bytes, 1048588 by default, with room for the key and headers)
     timeout: Duration = Duration(30)  # for a message to be acknowledged
@@ -88,6 +89,8 @@ class KafkaExporter(Exporter):
         messages = self.builder.build(batch.events)
         limit = self.config.max_message_bytes
         fitting = [m for m in messages if len(m.value) <= limit]
+        too_big = [e for e, m in zip(batch.events, messages, strict=True)
+                   if len(m.value) > limit]
         producer = await self._producer()
         try:
             await self._send(producer, fitting)
@@ -102,12 +105,10 @@ class KafkaExporter(Exporter):
                 await producer.stop()
             raise RetryableError(f"kafka: {len(fitting)} messages not all acknowledged: "
                                  f"{e!r}") from e
-        if len(fitting) < len(messages):
-            too_big = [e.event_id for e, m in zip(batch.events, messages, strict=True)
-                       if len(m.value) > limit]
+        if too_big:  # only these fail (and are dead-lettered): the others were sent
             raise PermanentError(f"{len(too_big)} events larger than max_message_bytes "
-                                 f"({limit}): {', '.join(too_big[:5])}; the other "
-                                 f"{len(fitting)} were sent")
+                                 f"({limit}): {', '.join(e.event_id for e in too_big[:5])}; "
+                                 f"the other {len(fitting)} were sent", events=too_big)
 
     async def _producer(self) -> AIOKafkaProducer:
         if self.producer is not None:
@@ -116,7 +117,7 @@ class KafkaExporter(Exporter):
         options: dict[str, Any] = {
             "acks": config.acks,
             "compression_type": None if config.compression == "none" else config.compression,
-            "linger_ms": int(config.linger * 1000),
+            "linger_ms": 0,  # the record batches are complete when handed over
             "max_batch_size": config.max_batch_bytes,
             "request_timeout_ms": int(config.timeout * 1000),
         }

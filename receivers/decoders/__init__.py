@@ -4,7 +4,9 @@ Every receiver that takes JSON (webhook, file, kafka) goes through `decode_body`
 or `decode_item`. The decoder is chosen per item by what the item carries:
 Otoroshi audit events have `@type`/`audit`, LiteLLM's `StandardLoggingPayload`
 has its own keys, and anything else must be meterline's own JSON form. An item
-that fits none is refused with the reason, never dropped silently.
+that fits none is refused with the reason, never dropped silently; an item that
+is well-formed but not an LLM call (`NotAnLLMCall`: an Otoroshi GatewayEvent...)
+is skipped and counted apart.
 """
 
 from __future__ import annotations
@@ -16,9 +18,9 @@ import msgspec
 
 from meterline.event import FIELDS, Event, from_dict, list_from_json
 from receivers.decoders import litellm, otoroshi
-from receivers.decoders.errors import DecodeError
+from receivers.decoders.errors import DecodeError, NotAnLLMCall
 
-__all__ = ["DecodeError", "Decoded", "decode_body", "decode_item"]
+__all__ = ["DecodeError", "Decoded", "NotAnLLMCall", "decode_body", "decode_item"]
 
 _raw = msgspec.json.Decoder()
 
@@ -27,6 +29,7 @@ _raw = msgspec.json.Decoder()
 class Decoded:
     events: list[Event] = field(default_factory=list)
     rejected: list[tuple[int, str]] = field(default_factory=list)  # (item index, reason)
+    skipped: int = 0  # items that are not LLM calls
 
 
 def decode_item(item: Any) -> Event:
@@ -80,6 +83,8 @@ def decode_body(body: bytes, ndjson: bool = False) -> Decoded:
             if isinstance(item, DecodeError):
                 raise item
             decoded.events.append(decode_item(item))
+        except NotAnLLMCall:
+            decoded.skipped += 1
         except DecodeError as e:
             decoded.rejected.append((index, str(e)))
         except Exception as e:

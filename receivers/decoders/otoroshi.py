@@ -1,8 +1,10 @@
 """Otoroshi's `LLMUsageAudit` audit event (its LLM extension's usage record).
 
 Otoroshi's webhook exporter posts a JSON array of such events, its Kafka exporter
-one per message. Other Otoroshi events (GatewayEvent, AlertEvent...) are refused
-with the filter that keeps them out. The audit event's `@timestamp` is written
+one per message. Other Otoroshi events (GatewayEvent, AlertEvent...), which an
+unfiltered data exporter sends too, are not LLM calls (`NotAnLLMCall`, naming the
+filter that keeps them out); an `LLMUsageAudit` that cannot be read is a
+`DecodeError`. The audit event's `@timestamp` is written
 when the call ends, so the request start is `@timestamp - duration`.
 """
 
@@ -13,7 +15,7 @@ from typing import Any
 from meterline.event import Event, uuid7
 from meterline.genai import error_type_for_name, provider_name
 from meterline.lenient import as_dict, as_float, as_int, as_messages
-from receivers.decoders.errors import DecodeError
+from receivers.decoders.errors import DecodeError, NotAnLLMCall
 
 _OPERATIONS = {
     "chat": "chat",
@@ -32,9 +34,9 @@ def decode(item: dict[str, Any]) -> Event:
     audit = item.get("audit")
     if audit != "LLMUsageAudit":
         kind = audit or item.get("@type") or "unknown"
-        raise DecodeError(f"Otoroshi {kind} event is not an LLM usage event; keep only "
-                          "LLMUsageAudit in the data exporter: "
-                          'include [{"audit": "LLMUsageAudit"}]')
+        raise NotAnLLMCall(f"Otoroshi {kind} event is not an LLM usage event; keep only "
+                           "LLMUsageAudit in the data exporter: "
+                           'include [{"audit": "LLMUsageAudit"}]')
     usage = as_dict(item.get("usage")) or as_dict(as_dict(item.get("output")).get("metadata")).get(
         "usage") or {}
     rate = as_dict(item.get("rate_limit"))

@@ -3,10 +3,11 @@
 `json` takes what the `webhook` receiver takes: meterline's own event JSON (what
 the `kafka` exporter writes by default), Otoroshi's events (one per message, as
 its Kafka data exporter writes them) and LiteLLM payloads; a message may hold one
-item, a JSON array or NDJSON. `otlp_proto` and `otlp_json` take OTLP
-`ExportLogsServiceRequest`s (what the exporter's OTLP encodings write, or the
-OpenTelemetry Collector's `kafka` exporter); log records that are not LLM calls
-are skipped and counted.
+item, a JSON array or NDJSON; Otoroshi events other than `LLMUsageAudit` (an
+unfiltered data exporter writes every kind) are skipped and counted, not dead
+letters. `otlp_proto` and `otlp_json` take OTLP `ExportLogsServiceRequest`s
+(what the exporter's OTLP encodings write, or the OpenTelemetry Collector's
+`kafka` exporter); log records that are not LLM calls are skipped and counted.
 
 A message decodes whole or not at all: one with an item that fails is a dead
 letter as a whole, so replaying it once fixed never duplicates its other items.
@@ -35,7 +36,7 @@ Record = ConsumerRecord[bytes, bytes]
 class Decoded:
     events: list[Event] = field(default_factory=list)
     poison: list[tuple[Record, str]] = field(default_factory=list)  # (message, why)
-    skipped: int = 0  # OTLP log records that are not LLM calls
+    skipped: int = 0  # items that are not LLM calls (OTLP log records, Otoroshi events)
 
 
 def decode_records(records: list[Record], encoding: Encoding) -> Decoded:
@@ -70,9 +71,9 @@ def _json(value: bytes) -> tuple[list[Event], int]:
     decoded = decode_body(value)
     if decoded.rejected:
         raise DecodeError("; ".join(f"item {i}: {reason}" for i, reason in decoded.rejected[:3]))
-    if not decoded.events:
+    if not decoded.events and not decoded.skipped:
         raise DecodeError("the message holds no event")
-    return decoded.events, 0
+    return decoded.events, decoded.skipped
 
 
 def _otlp(request: ExportLogsServiceRequest) -> tuple[list[Event], int]:

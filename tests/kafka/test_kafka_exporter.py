@@ -29,7 +29,7 @@ from tests.conftest import (
     post_json,
     running,
 )
-from tests.kafka.conftest import Tansu, consume, create_topic
+from tests.kafka.conftest import Tansu, consume, create_topic, stored_batches
 
 
 def make_exporter(tmp_path, **config):
@@ -66,7 +66,8 @@ async def test_events_become_json_messages_with_event_id_and_schema_headers(
 
 
 @pytest.mark.parametrize("compression", ["none", "gzip", "snappy", "lz4", "zstd"])
-async def test_every_compression_round_trips(tmp_path, kafka_bootstrap, topic, compression):
+async def test_every_compression_is_used_on_the_wire_and_round_trips(
+        tmp_path, kafka_bootstrap, topic, compression):
     exporter, _ = make_exporter(tmp_path, brokers=kafka_bootstrap, topic=topic,
                                 compression=compression)
     events = [make_event(i, input_messages=[{"role": "user", "content": "hi " * 50}])
@@ -75,6 +76,23 @@ async def test_every_compression_round_trips(tmp_path, kafka_bootstrap, topic, c
     records = await consume(kafka_bootstrap, topic, 30)
     assert sorted(msgspec.json.decode(r.value)["event_id"] for r in records) == \
         [e.event_id for e in events]
+    stored = await stored_batches(kafka_bootstrap, topic)  # the consumer hid the codec
+    assert {b.compression for b in stored} == {compression}
+    assert sum(b.records for b in stored) == 30
+
+
+async def test_max_batch_bytes_splits_a_large_batch_into_record_batches_that_fit(
+        tmp_path, kafka_bootstrap, topic):
+    await create_topic(kafka_bootstrap, topic, 1)
+    exporter, _ = make_exporter(tmp_path, brokers=kafka_bootstrap, topic=topic,
+                                max_batch_bytes=4000)
+    events = [make_event(i, input_messages=[{"role": "user", "content": "hi " * 100}])
+              for i in range(40)]
+    await export(exporter, events)
+    stored = await stored_batches(kafka_bootstrap, topic)
+    assert len(stored) > 1
+    assert all(b.size <= 4000 for b in stored)
+    assert sum(b.records for b in stored) == 40
 
 
 async def test_the_topic_follows_event_fields(tmp_path, kafka_bootstrap, topic):
@@ -129,14 +147,15 @@ async def test_the_producer_is_idempotent_when_the_broker_allows_it(tmp_path, to
     assert idempotent_flag(context) == [1.0]
 
 
-async def test_an_event_over_max_message_bytes_fails_permanently_once_the_rest_is_sent(
+async def test_an_event_over_max_message_bytes_fails_alone_once_the_rest_is_sent(
         tmp_path, kafka_bootstrap, topic):
     exporter, _ = make_exporter(tmp_path, brokers=kafka_bootstrap, topic=topic,
                                 max_message_bytes=2000)
     huge = make_event(1, input_messages=[{"role": "user", "content": "x" * 5000}])
     with pytest.raises(PermanentError, match=r"1 events larger than max_message_bytes.*"
-                                             r"evt-00000001"):
+                                             r"evt-00000001") as caught:
         await export(exporter, [make_event(0), huge, make_event(2)])
+    assert caught.value.events == [huge]  # what the delivery dead-letters
     records = await consume(kafka_bootstrap, topic, 2)
     assert sorted(dict(r.headers)["meterline.event_id"] for r in records) == \
         [b"evt-00000000", b"evt-00000002"]

@@ -3,6 +3,8 @@ pipeline accepted, pausing under back-pressure, and a broker that is not up yet.
 
 from __future__ import annotations
 
+import asyncio
+
 import msgspec
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -20,7 +22,15 @@ from tests.conftest import (
     read_jsonl,
     running,
 )
-from tests.kafka.conftest import Tansu, consume, group_timeouts, produce
+from tests.kafka.conftest import (
+    Tansu,
+    consume,
+    create_topic,
+    group_is_stable,
+    group_timeouts,
+    produce,
+    stored_batches,
+)
 
 PIPELINE = """
 receivers:
@@ -130,6 +140,29 @@ async def test_an_undecodable_message_goes_to_the_dead_letter_topic_and_the_rest
     assert dict(empty.headers)["meterline.error"] == b"the message has no value"
 
 
+async def test_otoroshi_events_that_are_not_llm_calls_are_skipped_not_dead_lettered(
+        tmp_path, kafka_bootstrap, topic):
+    audit = msgspec.json.decode((FIXTURES / "otoroshi-llm-usage-audit.json").read_bytes())
+    broken = {k: v for k, v in audit.items() if k != "@timestamp"}  # real poison
+    await create_topic(kafka_bootstrap, topic, 1)
+    await produce(kafka_bootstrap, topic, [msgspec.json.encode(item) for item in [
+        {"@type": "GatewayEvent", "@id": "g1"}, audit, {"@type": "AlertEvent", "@id": "a1"},
+        broken]])
+    async with running(pipeline(kafka_bootstrap, topic, tmp_path), tmp_path) as service:
+        await eventually(lambda: exported(tmp_path) == [audit["@id"]])
+        registry = service.telemetry.registry
+        await eventually(lambda: metric_value(registry, "meterline_receiver_refused_events_total",
+                                              reason="undecodable") == 1)
+        assert metric_value(registry, "meterline_receiver_refused_events_total",
+                            reason="not_llm_call") == 2
+        await eventually(lambda: service.receivers["kafka"].component.status()["partitions"][0]
+                         ["committed"] == 4)
+    [dead] = await stored_batches(kafka_bootstrap, f"{topic}.dead-letter")
+    assert dead.records == 1  # the broken LLMUsageAudit alone
+    [record] = await consume(kafka_bootstrap, f"{topic}.dead-letter", 1)
+    assert b"without @timestamp" in dict(record.headers)["meterline.error"]
+
+
 async def test_without_a_dead_letter_topic_undecodable_messages_are_counted_and_skipped(
         tmp_path, kafka_bootstrap, topic):
     await produce(kafka_bootstrap, topic, [b"[1, 2]", *events(0, 3)])
@@ -139,6 +172,23 @@ async def test_without_a_dead_letter_topic_undecodable_messages_are_counted_and_
         assert metric_value(service.telemetry.registry,
                             "meterline_receiver_refused_events_total",
                             reason="undecodable") == 1
+
+
+async def test_a_dead_letter_topic_that_cannot_be_written_stalls_its_partition_loudly(
+        tmp_path, kafka_bootstrap, topic, capsys):
+    # The broker refuses this name as it refuses a missing topic where topics are not
+    # auto-created (UnknownTopicOrPartition): a dead-letter topic that cannot be written.
+    await create_topic(kafka_bootstrap, topic, 1)
+    await produce(kafka_bootstrap, topic, [*events(0, 3), b"{not json", *events(3, 3)])
+    config = pipeline(kafka_bootstrap, topic, tmp_path,
+                      extra="dead_letter_topic: '{topic} dlq'\n    dead_letter_timeout: 300ms")
+    async with running(config, tmp_path) as service:
+        receiver = service.receivers["kafka"].component
+        await eventually(lambda: receiver.status()["dead_letter_blocked"], timeout=20)
+        assert receiver.status()["paused"]
+        await eventually(lambda: len(exported(tmp_path)) == 6)  # the good ones went on
+    assert "cannot write the dead-letter topic" in capsys.readouterr().out
+    assert await committed(kafka_bootstrap, topic, topic) == 0  # nothing skipped
 
 
 async def test_a_restart_resumes_after_the_committed_offsets(tmp_path, kafka_bootstrap, topic):
@@ -209,3 +259,32 @@ async def test_a_broker_that_is_not_up_yet_is_waited_for(tmp_path, topic):
     finally:
         broker.stop()
 
+
+async def test_a_broker_that_goes_away_mid_consumption_and_comes_back_is_reconnected_to(
+        tmp_path, tansu, topic):
+    # Tansu keeps its log in memory, so the broker that comes back is empty: no topic, no
+    # group, a log that starts again at offset 0. What is asserted is the receiver's side:
+    # the outage does not stop it, what it accepted before is exported (the pipeline does
+    # not need the broker), it rejoins the group on the broker that came back, and it
+    # consumes and commits everything produced there. (The test produces only once the
+    # group is back: before that, positions in the old log would skip the new log's first
+    # offsets, which a Kafka that keeps its log never shows. Against such a Kafka, a batch
+    # in hand when the broker left is read again after the restart: duplicates, never
+    # loss.)
+    await create_topic(tansu.bootstrap, topic, 2)
+    config = pipeline(tansu.bootstrap, topic, tmp_path)
+    async with running(config, tmp_path) as service:
+        receiver = service.receivers["kafka"].component
+        await produce(tansu.bootstrap, topic, events(0, 10))
+        await eventually(lambda: len(exported(tmp_path)) == 10, timeout=20)
+        tansu.stop()
+        await asyncio.sleep(1)  # the outage: polls, heartbeats and commits fail
+        assert receiver.status()["started"] and not receiver._task.done()
+        tansu.start()
+        await create_topic(tansu.bootstrap, topic, 2)
+        await eventually(lambda: group_is_stable(tansu.bootstrap, topic), timeout=30,
+                         interval=0.2)
+        await produce(tansu.bootstrap, topic, events(10, 10))
+        await eventually(lambda: len(exported(tmp_path)) == 20, timeout=20)
+    assert sorted(exported(tmp_path)) == [f"evt-{i:08d}" for i in range(20)]
+    assert await committed(tansu.bootstrap, topic, topic) == 10  # on the broker now up
