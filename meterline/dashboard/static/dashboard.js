@@ -186,9 +186,11 @@
       label: provider, backgroundColor: colour(provider), stack: "p",
       data: answer.points.map((p) => p[figure]),
     }));
-    const rest = total.points.map((p, i) =>
-      p[figure] - perProvider.reduce((sum, s) => sum + s.answer.points[i][figure], 0));
-    if (rest.some((x) => Math.abs(x) > 1e-9)) {
+    // The answers are read one after the other while events keep arriving in the window's
+    // last minute, so a provider's may already hold a few the total did not: never below 0.
+    const rest = total.points.map((p, i) => Math.max(0,
+      p[figure] - perProvider.reduce((sum, s) => sum + s.answer.points[i][figure], 0)));
+    if (rest.some((x) => x > 1e-9)) {
       datasets.push({ label: "other", backgroundColor: "#bab0ac", stack: "p", data: rest });
     }
     return datasets;
