@@ -14,11 +14,10 @@ import sys
 import msgspec
 
 from meterline import config as config_mod
+from meterline.cli import DEFAULT_CONFIG
 from meterline.genai import provider_name
 from processors.cost import CostConfig
 from processors.cost.prices import Price, Rates, Resolution
-
-DEFAULT_CONFIG = "pipeline.yaml"
 
 
 def add(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
