@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -129,8 +130,9 @@ class ExporterRunner:
     def count_dropped(self, n: int) -> None:
         self.telemetry.exporter_dropped.add(n, self._attrs)
 
-    async def put(self, batch: Batch) -> None:
-        await self.queue.put(batch)
+    def put(self, batch: Batch) -> Awaitable[None]:
+        """Take room in the queue now; await the result for the batch to be stored."""
+        return self.queue.put(batch)
 
     # --- lifecycle -----------------------------------------------------------------
     async def start(self) -> None:
