@@ -6,9 +6,11 @@ import argparse
 import asyncio
 import gc
 import json
+import os
 import sys
 import urllib.parse
 from collections.abc import Callable
+from importlib import resources
 from typing import Any
 
 from meterline import __version__, logs, registry
@@ -17,7 +19,28 @@ from meterline.config import ConfigError
 from meterline.yamlsource import SourceError, load_file
 
 DEFAULT_CONFIG = "pipeline.yaml"
+CONFIG_HELP = ("the pipeline file (default: ./pipeline.yaml if it exists, else the embedded "
+               "default that ships inside the package)")
 Command = Callable[[argparse.Namespace], int]
+
+
+def packaged_config() -> str:
+    """The path of the embedded default pipeline.yaml shipped inside the package."""
+    return str(resources.files("meterline").joinpath("default_pipeline.yaml"))
+
+
+def config_path(given: str | None) -> str:
+    """The file a command reads: `-c FILE` when given, else ./pipeline.yaml when it
+    exists, else the embedded default (so a non-editable install runs out of the box)."""
+    if given is not None:
+        return given
+    return DEFAULT_CONFIG if os.path.exists(DEFAULT_CONFIG) else packaged_config()
+
+
+def add_config_argument(parser: argparse.ArgumentParser) -> None:
+    """`-c/--config` as every command that reads pipeline.yaml takes it (resolve it with
+    `config_path`)."""
+    parser.add_argument("-c", "--config", default=None, help=CONFIG_HELP)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,19 +49,20 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="run the daemon")
-    run.add_argument("-c", "--config", default=DEFAULT_CONFIG)
+    add_config_argument(run)
     run.add_argument("--demo", action="store_true",
                      help="also start a fake LLM upstream and synthetic traffic through the "
                           "gateway, so dashboards, /metrics and finops fill within a minute")
     run.set_defaults(func=cmd_run)
 
     validate = commands.add_parser("validate", help="check a pipeline.yaml; exit 1 on errors")
-    validate.add_argument("-c", "--config", default=DEFAULT_CONFIG)
+    add_config_argument(validate)
     validate.set_defaults(func=cmd_validate)
 
     tap = commands.add_parser("tap", help="stream live events from a running daemon")
-    tap.add_argument("-c", "--config", default=DEFAULT_CONFIG,
-                     help="the daemon's pipeline.yaml (for its admin address)")
+    tap.add_argument("-c", "--config", default=None,
+                     help="the daemon's pipeline.yaml, for its admin address (default: "
+                          "./pipeline.yaml if it exists, else the embedded default)")
     tap.add_argument("--admin", help="admin URL, e.g. http://127.0.0.1:8888 (instead of -c)")
     tap.add_argument("--filter", default="", help='an include pattern, e.g. {"provider":"openai"}')
     tap.add_argument("--token", help="bearer token of the admin API")
@@ -74,11 +98,12 @@ def admin_address(loaded: config_mod.PipelineFile) -> tuple[str, str | None] | N
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    loaded = load_config(args.config)
+    path = config_path(args.config)
+    loaded = load_config(path)
     if loaded is None:
         return 1
     pipelines = ", ".join(loaded.service.pipelines)
-    print(f"{args.config}: valid ({len(loaded.receivers)} receivers, {len(loaded.processors)} "
+    print(f"{path}: valid ({len(loaded.receivers)} receivers, {len(loaded.processors)} "
           f"processors, {len(loaded.exporters)} exporters; pipelines: {pipelines})")
     return 0
 
@@ -90,6 +115,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 async def _run(args: argparse.Namespace) -> int:
     from meterline.service import Service, StartError
 
+    args.config = config_path(args.config)
     demo = None
     overlay = None
     if args.demo:
@@ -115,6 +141,8 @@ async def _run(args: argparse.Namespace) -> int:
             return 1
         log_cfg = loaded.service.telemetry.logs
         logs.configure(log_cfg.level, log_cfg.encoding)
+        logs.get(component="service").info("configuration",
+                                           file=os.path.abspath(args.config))
         _tune_gc()
         companion = (lambda: demo.drive(loaded)) if demo is not None else None
         try:
@@ -140,12 +168,13 @@ def cmd_tap(args: argparse.Namespace) -> int:
     base = args.admin
     token = args.token
     if base is None:
-        loaded = load_config(args.config)
+        path = config_path(args.config)
+        loaded = load_config(path)
         if loaded is None:
             return 1
         found = admin_address(loaded)
         if found is None:
-            print(f"{args.config}: service.admin is off; nothing to tap", file=sys.stderr)
+            print(f"{path}: service.admin is off; nothing to tap", file=sys.stderr)
             return 1
         base, configured_token = found
         token = token or configured_token

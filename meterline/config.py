@@ -231,9 +231,10 @@ class _Validator:
     def struct(self, path: Path_, body: Any, cls: type[Any]) -> Any:
         try:
             return convert(body, cls)
-        except msgspec.ValidationError as e:
-            rel, message = _explain(str(e), cls)
-            self.problem((*path, *rel), message)
+        except msgspec.ValidationError:
+            # msgspec stops at the first error: walk the block to report every one
+            for rel, message in _problems_in({} if body is None else body, cls):
+                self.problem((*path, *rel), message)
             return None
 
     def wiring(self, result: PipelineFile) -> None:
@@ -284,6 +285,45 @@ _AT = re.compile(r"^(.*?)(?: - at `\$(.*)`)?$", re.DOTALL)
 _STEP = re.compile(r"\.([^.\[]+)|\[(\d+)\]|\[[\"'](.*?)[\"']\]")
 
 
+def _problems_in(data: Any, tp: Any) -> list[tuple[Path_, str]]:
+    """Every problem of `data` read as `tp`, by path relative to it.
+
+    msgspec reports one error per conversion, so a struct's keys are checked one by one:
+    every unknown key, and every field whose value does not convert (recursing into
+    nested structs, lists and mappings, so two bad keys at different depths are both
+    found). Only when the parts are all fine is the whole converted, for what only the
+    whole can tell (a missing required key, a check across fields)."""
+    found: list[tuple[Path_, str]] = []
+    inner = _struct_of(tp)
+    origin = typing.get_origin(inner)
+    if isinstance(inner, type) and issubclass(inner, msgspec.Struct) and isinstance(data, dict):
+        hints = typing.get_type_hints(inner)
+        names = dict(zip(inner.__struct_encode_fields__, inner.__struct_fields__, strict=True))
+        forbid = inner.__struct_config__.forbid_unknown_fields
+        for key, value in data.items():
+            if key in names:
+                found += [((key, *rel), message)
+                          for rel, message in _problems_in(value, hints[names[key]])]
+            elif forbid:
+                found.append(((key,), f"unknown key (expected one of: {', '.join(names)})"))
+    elif origin in (list, tuple, set, frozenset) and isinstance(data, list):
+        args = typing.get_args(inner)
+        if args and (origin is not tuple or (len(args) == 2 and args[1] is Ellipsis)):
+            for i, item in enumerate(data):
+                found += [((i, *rel), message) for rel, message in _problems_in(item, args[0])]
+    elif origin is dict and isinstance(data, dict) and len(typing.get_args(inner)) == 2:
+        value_type = typing.get_args(inner)[1]
+        for key, value in data.items():
+            found += [((key, *rel), message) for rel, message in _problems_in(value, value_type)]
+    if found:
+        return found
+    try:
+        msgspec.convert(data, tp, dec_hook=_decode_hook)
+    except msgspec.ValidationError as e:
+        return [_explain(str(e), tp)]
+    return []
+
+
 def _explain(error: str, cls: type[Any]) -> tuple[Path_, str]:
     """Turn a msgspec validation message into (relative key path, plain message)."""
     m = _AT.match(error)
@@ -306,24 +346,40 @@ def _explain(error: str, cls: type[Any]) -> tuple[Path_, str]:
         path.append(missing.group(1))
         return tuple(path), "missing required key"
     text = re.sub(r"`([^`]*)`", r"\1", text)
+    if text.startswith("Invalid enum value") and (values := _literal_values(_type_at(cls, path))):
+        text += f" (expected one of: {', '.join(str(v) for v in values)})"
     return tuple(path), text[:1].lower() + text[1:]
 
 
-def _keys_at(cls: Any, path: list[str | int]) -> list[str]:
-    """The keys a config class accepts at `path` (for 'unknown key' hints)."""
+def _type_at(cls: Any, path: list[str | int]) -> Any:
+    """The type a config class expects at `path` (None when it cannot tell)."""
     tp: Any = cls
     for part in path:
         tp = _struct_of(tp)
         if tp is None:
-            return []
+            return None
         if isinstance(part, int) or not hasattr(tp, "__struct_fields__"):
             args = typing.get_args(tp)
             tp = args[-1] if args else None
             continue
         hints = typing.get_type_hints(tp)
         tp = hints.get(part)
-    tp = _struct_of(tp)
+    return tp
+
+
+def _keys_at(cls: Any, path: list[str | int]) -> list[str]:
+    """The keys a config class accepts at `path` (for 'unknown key' hints)."""
+    tp = _struct_of(_type_at(cls, path))
     return list(tp.__struct_fields__) if tp is not None and hasattr(tp, "__struct_fields__") else []
+
+
+def _literal_values(tp: Any) -> list[Any]:
+    """The values a `Literal[...]` (or `Literal[...] | None`) type allows, else []."""
+    if typing.get_origin(tp) is Literal:
+        return list(typing.get_args(tp))
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        return [v for arg in typing.get_args(tp) for v in _literal_values(arg)]
+    return []
 
 
 def _struct_of(tp: Any) -> Any:

@@ -14,11 +14,13 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any, Literal
 
 import msgspec
 
+from meterline import logs
 from meterline.component import (
     Config,
     Context,
@@ -129,8 +131,9 @@ class ExporterRunner:
     def count_dropped(self, n: int) -> None:
         self.telemetry.exporter_dropped.add(n, self._attrs)
 
-    async def put(self, batch: Batch) -> None:
-        await self.queue.put(batch)
+    def put(self, batch: Batch) -> Awaitable[None]:
+        """Take room in the queue now; await the result for the batch to be stored."""
+        return self.queue.put(batch)
 
     # --- lifecycle -----------------------------------------------------------------
     async def start(self) -> None:
@@ -200,7 +203,7 @@ class ExporterRunner:
                     self.telemetry.exporter_sent.add(len(batch.events) - len(failed),
                                                      self._attrs)
                 self._give_up(ExportBatch(batch.id, failed, batch.attempt),
-                              f"permanent error: {e}")
+                              f"permanent error: {self._error_text(e, batch)}")
                 return
             except Exception as e:
                 hint = e.retry_after if isinstance(e, RetryableError) else None
@@ -208,16 +211,24 @@ class ExporterRunner:
                 elapsed = time.monotonic() - started
                 limit = float(retry.max_elapsed_time)
                 if not retry.enabled or (limit and elapsed + delay > limit):
-                    self._give_up(batch, f"retries exhausted after {elapsed:.1f}s: {e}")
+                    self._give_up(batch, f"retries exhausted after {elapsed:.1f}s: "
+                                         f"{self._error_text(e, batch)}")
                     return
                 batch.attempt += 1
                 self.telemetry.exporter_retries.add(1, self._attrs)
                 self.log.warning("send failed, will retry", batch=batch.id,
-                                 attempt=batch.attempt, delay_s=round(delay, 2), error=str(e))
+                                 attempt=batch.attempt, delay_s=round(delay, 2),
+                                 error=self._error_text(e, batch))
                 await asyncio.sleep(delay)
                 continue
             self.telemetry.exporter_sent.add(len(batch.events), self._attrs)
             return
+
+    @staticmethod
+    def _error_text(error: Exception, batch: ExportBatch) -> str:
+        """An exporter's error as the logs show it: bounded, and with anything it quotes
+        of the batch's content masked."""
+        return logs.scrub(str(error) or type(error).__name__, logs.contents(batch.events))
 
     def _give_up(self, batch: ExportBatch, reason: str) -> None:
         self.telemetry.exporter_failed.add(len(batch.events), self._attrs)

@@ -14,6 +14,7 @@ Beyond Otoroshi: `$exists: true|false` on a field tests presence, and
 
 from __future__ import annotations
 
+import json
 import operator
 import re
 from collections.abc import Callable
@@ -80,8 +81,14 @@ def _compile(spec: Any, where: str) -> Matcher:
         dollar = [k for k in spec if k.startswith("$")]
         if dollar:
             if len(spec) != 1:
+                hint = ""
+                if len(dollar) < len(spec):  # field keys beside an operator
+                    fields = {k: v for k, v in spec.items() if not k.startswith("$")}
+                    parts = [json.dumps(fields), *(json.dumps({k: spec[k]}) for k in dollar)]
+                    hint = (" (Otoroshi's syntax does not mix field keys with an operator in "
+                            f"one object; write {{\"$and\": [{', '.join(parts)}]}})")
                 raise FilterError(f"{where or 'pattern'}: an operator object holds exactly one "
-                                  f"$ key, got {sorted(spec)}")
+                                  f"$ key, got {sorted(spec)}{hint}")
             op = dollar[0]
             return _operator(op, spec[op], f"{where}.{op}" if where else op)
         checks = [(key, _compile(sub, f"{where}.{key}" if where else key))

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
+METADATA_VALUE_CHARS = 128
+"""An event's metadata values are at most this long (DESIGN.md)."""
+
 
 def as_dict(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
@@ -33,3 +36,11 @@ def as_messages(value: Any) -> list[dict[str, Any]] | None:
         return None
     messages = [m for m in value if isinstance(m, dict)]
     return messages or None
+
+
+def as_metadata(value: Any) -> dict[str, str] | None:
+    """A source's free labels as event metadata: string values, each cut to
+    `METADATA_VALUE_CHARS`; null values are left out. None when there are none."""
+    metadata = {str(k): str(v)[:METADATA_VALUE_CHARS]
+                for k, v in as_dict(value).items() if v is not None}
+    return metadata or None

@@ -1,12 +1,17 @@
 """Structured logs: one line per noteworthy thing, JSON or console.
 
-Never log the content of prompts or outputs: log counts, ids and reasons.
+Never log the content of prompts or outputs: log counts, ids and reasons. Text that
+comes from elsewhere (an exporter's error, which may quote what a server was sent; a
+decoder's reason) goes through `bounded`, and an exporter's error through `scrub`
+against the batch it was about, so that neither can carry a prompt into the logs.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import structlog
 from structlog.typing import FilteringBoundLogger
@@ -32,3 +37,57 @@ def configure(level: str = "info", encoding: str = "console") -> None:
 
 def get(**bound: object) -> FilteringBoundLogger:
     return structlog.get_logger().bind(**bound)
+
+
+MAX_TEXT_CHARS = 300
+"""Foreign text in a log line (an error, a reason) is cut to this length."""
+_WINDOW = 16  # a run of this many characters shared with the content is masked
+
+
+def bounded(text: str, limit: int = MAX_TEXT_CHARS) -> str:
+    """`text` on one line and at most `limit` characters long."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def scrub(text: str, contents: Iterable[str]) -> str:
+    """`bounded(text)` with every run of 16 or more characters that also occurs in
+    `contents` (the prompts and outputs of the batch an error is about) masked as
+    `<content>`: an exporter's error may quote the payload it was refused for."""
+    text = bounded(text)
+    blob = "\0".join(contents)
+    if len(text) < _WINDOW or not blob:
+        return text
+    masked = [False] * len(text)
+    for i in range(len(text) - _WINDOW + 1):
+        if text[i:i + _WINDOW] in blob:
+            masked[i:i + _WINDOW] = [True] * _WINDOW
+    if not any(masked):
+        return text
+    out: list[str] = []
+    for i, ch in enumerate(text):
+        if not masked[i]:
+            out.append(ch)
+        elif i == 0 or not masked[i - 1]:
+            out.append("<content>")
+    return "".join(out)
+
+
+def contents(events: Iterable[Any]) -> Iterator[str]:
+    """Every string inside the events' `input_messages` and `output_messages`."""
+    for e in events:
+        for messages in (e.input_messages, e.output_messages):
+            if messages:
+                yield from _strings(messages)
+
+
+def _strings(value: Any) -> Iterator[str]:
+    if isinstance(value, str):
+        # whitespace as `bounded` writes it, so that a quoted run still matches
+        yield " ".join(value.split())
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _strings(item)

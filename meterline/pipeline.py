@@ -129,6 +129,8 @@ class Entry:
                 if not runner.drops_when_full and not runner.queue.has_room(batch):
                     self.refused(len(events), "backpressure")
                     raise Backpressure(f"the queue of exporter {runner.id} is full")
+            # no await between the checks above and the puts below, and each put takes
+            # its room at once: a concurrent call checks against these batches too
             puts = []
             for runner, batch in routes:
                 if runner.queue.has_room(batch):

@@ -20,8 +20,12 @@ always kept, with weight 1.
 
 With `max_per_second`, the rate is further scaled each second to what last
 second's traffic allows (weights follow), and events beyond the limit within a
-second are not kept (in `content` mode: lose their content). This part is per
-instance: it depends on the traffic each one sees.
+second are not kept (in `content` mode: lose their content). In `event` mode the
+weight those cut events would have carried is not lost: it is owed, and the next
+kept events carry it (each second's kept events take on the debt in proportion to
+their weight, spread over about one second of traffic), so that weighted totals stay
+exact over time even in a burst that the scaled rate did not foresee, the first
+second included. This part is per instance: it depends on the traffic each one sees.
 """
 
 from __future__ import annotations
@@ -90,15 +94,29 @@ class RateLimit:
         self.factor = 1.0  # this second's scale of the probability
         self.arrived = 0  # events offered this second
         self.kept = 0  # events kept this second
+        self.owed = 0.0  # weight of events cut by the limit, not yet carried by kept ones
+        self.surcharge = 0.0  # extra weight a kept event takes on, per unit of its weight
 
     def tick(self) -> None:
         window = int(self.clock())
         if window != self.window:
+            seen = float(self.arrived)
             if self.window >= 0:
                 # last second's arrivals, if they came again, would be kept at the limit
                 seen = self.arrived / max(window - self.window, 1)
                 self.factor = min(1.0, self.limit / seen) if seen else 1.0
+            # a second's kept events weigh about as much as its arrivals: spread the debt
+            # over about one second of them
+            self.surcharge = self.owed / seen if seen else 0.0
             self.window, self.arrived, self.kept = window, 0, 0
+
+    def weigh(self, weight: float) -> float:
+        """A kept event's weight once it carries its share of what the limit cut."""
+        if not self.owed or not self.surcharge:
+            return weight
+        extra = min(self.owed, weight * self.surcharge)
+        self.owed -= extra
+        return weight + extra
 
 
 class SampleProcessor(Processor):
@@ -144,11 +162,14 @@ class SampleProcessor(Processor):
                 if limit.kept >= limit.limit:
                     sampled = False
                     limited += 1
+                    if not content_mode:
+                        limit.owed += e.sample_weight / p
                 else:
                     limit.kept += 1
             if sampled:
-                if not content_mode and p < 1:
-                    e.sample_weight = e.sample_weight / p
+                if not content_mode:
+                    weight = e.sample_weight / p if p < 1 else e.sample_weight
+                    e.sample_weight = limit.weigh(weight) if limit is not None else weight
                 kept.append(e)
                 continue
             out += 1

@@ -19,6 +19,7 @@ from typing import Any
 
 from aiohttp import web
 
+from meterline import logs
 from meterline.component import Backpressure, Config, Consumer, Context, Factory, Receiver
 from meterline.httpserver import serve
 from meterline.queue import QueueWriteError
@@ -87,7 +88,7 @@ class WebhookReceiver(Receiver):
         if decoded.rejected:
             self.consumer.refused(len(decoded.rejected), "undecodable")
             self.log.info("items refused", count=len(decoded.rejected),
-                          first_reason=decoded.rejected[0][1])
+                          first_reason=logs.bounded(decoded.rejected[0][1]))
         try:
             await self.consumer.consume(decoded.events)
         except Backpressure as e:

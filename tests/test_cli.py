@@ -17,6 +17,28 @@ def test_the_embedded_default_is_valid():
     assert "valid" in result.stdout
 
 
+def test_the_packaged_default_is_the_repository_pipeline_yaml():
+    packaged = ROOT / "meterline" / "default_pipeline.yaml"
+    assert packaged.read_text() == (ROOT / "pipeline.yaml").read_text(), (
+        "edit pipeline.yaml, then copy it over meterline/default_pipeline.yaml")
+
+
+def test_without_c_and_without_a_local_file_the_packaged_default_is_used(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "meterline", "validate"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert "default_pipeline.yaml: valid" in result.stdout
+
+
+def test_without_c_a_local_pipeline_yaml_is_preferred(tmp_path):
+    (tmp_path / "pipeline.yaml").write_text("receivers: {}\n")
+    result = subprocess.run([sys.executable, "-m", "meterline", "validate"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    assert "pipeline.yaml: invalid configuration" in result.stderr
+    assert "default_pipeline" not in result.stderr
+
+
 def test_a_bad_file_exits_1_with_line_and_key(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text((ROOT / "pipeline.yaml").read_text().replace("listen: 127.0.0.1:9464",

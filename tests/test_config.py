@@ -142,3 +142,32 @@ def test_duplicate_key_is_an_error():
 def test_unknown_top_level_key_is_an_error():
     [p] = problems(GOOD + "extras: {}\n")
     assert "extras: unknown top-level key" in p
+
+
+def test_every_unknown_key_of_a_block_is_reported_at_every_depth():
+    found = problems(GOOD.replace("    path: ./out.jsonl", "    path: ./out.jsonl\n    pth: x")
+                     .replace("{max_size: 50, timeout: 50ms}", "{max_size: 50, tmeout: 1s}"))
+    assert [p.split(": ")[:2] for p in found] == [
+        ["pipeline.yaml:10", "exporters.file.pth"],
+        ["pipeline.yaml:11", "exporters.file.batch.tmeout"],
+    ]
+    assert all("unknown key" in p for p in found)
+
+
+def test_every_wrong_typed_field_of_a_block_is_reported():
+    found = problems(GOOD.replace("{max_size: 50, timeout: 50ms}",
+                                  "{max_size: many, timeout: 50ms}\n    retry: "
+                                  "{initial_interval: soon}\n    queue: {fsync: maybe}"))
+    assert found == [
+        "pipeline.yaml:10: exporters.file.batch.max_size: expected int, got str",
+        "pipeline.yaml:11: exporters.file.retry.initial_interval: expected a duration such as "
+        "200ms, 1s or 10m, got 'soon'",
+        "pipeline.yaml:12: exporters.file.queue.fsync: expected bool, got str",
+    ]
+
+
+def test_an_enum_error_says_which_values_are_expected():
+    [p] = problems(GOOD.replace("{max_size: 50, timeout: 50ms}",
+                                "{max_size: 50}\n    queue: {when_full: explode}"))
+    assert p == ("pipeline.yaml:11: exporters.file.queue.when_full: invalid enum value "
+                 "'explode' (expected one of: block, drop_newest)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -201,6 +202,19 @@ def test_litellm_price_file_extends_the_table(tmp_path: Path) -> None:
     assert batch.cost_usd == pytest.approx((1000 * 1 + 1000 * 4) / 2 / 1e6)
 
 
+def test_litellm_output_batch_price_is_read_apart_from_the_input_one(tmp_path: Path) -> None:
+    prices = tmp_path / "prices.json"
+    prices.write_text(json.dumps({"acme-batchy-1": {
+        "litellm_provider": "openai", "mode": "chat",
+        "input_cost_per_token": 1e-06, "input_cost_per_token_batches": 5e-07,
+        "output_cost_per_token": 4e-06, "output_cost_per_token_batches": 3e-06}}))
+    e = priced(tmp_path, {"price_files": [str(prices)]}, request_model="acme-batchy-1",
+               endpoint="/v1/batches", input_tokens=1000, output_tokens=1000)
+    assert e.cost_input_usd == pytest.approx(1000 * 0.5 / 1e6)
+    assert e.cost_output_usd == pytest.approx(1000 * 3 / 1e6)
+    assert e.pricing_ref.endswith(";batch")
+
+
 def test_litellm_price_file_overrides_the_bundled_entry(tmp_path: Path) -> None:
     e = priced(tmp_path, {"price_files": [LITELLM_FILE]}, request_model="gpt-4o",
                input_tokens=1000, output_tokens=1000)
@@ -320,7 +334,7 @@ def test_pricing_command_fails_on_an_unpriced_model_listing_the_names_tried(
     assert "looked up as: home-grown-llm-2025-01-01, home-grown-llm" in err
 
 
-def test_an_invalid_entry_of_prices_is_reported_at_the_prices_key() -> None:
+def test_an_invalid_entry_of_prices_is_reported_at_its_own_key_and_line() -> None:
     text = """
 receivers: {webhook: {}}
 processors:
@@ -333,5 +347,5 @@ service: {pipelines: {p: {receivers: [webhook], processors: [cost], exporters: [
 """
     with pytest.raises(config_mod.ConfigError) as e:
         config_mod.loads(text, "pipeline.yaml")
-    assert str(e.value) == ("pipeline.yaml:5: processors.cost.prices: prices must not be "
-                            "negative (in one of its entries)")
+    assert str(e.value) == ("pipeline.yaml:7: processors.cost.prices.broken: prices must not "
+                            "be negative")

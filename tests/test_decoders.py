@@ -6,7 +6,7 @@ import json
 import msgspec
 import pytest
 
-from meterline.event import to_json
+from meterline.event import api_key_id, to_json
 from receivers.decoders import DecodeError, NotAnLLMCall, decode_body, decode_item
 from tests.conftest import FIXTURES, make_event
 
@@ -27,8 +27,9 @@ def test_otoroshi_fixture_decodes_to_the_expected_fields():
     assert e.timestamp == (1743001850151 - 960) * 1_000_000  # request start
     assert (e.ratelimit_requests_limit, e.ratelimit_requests_remaining) == (10000, 9998)
     assert (e.ratelimit_tokens_limit, e.ratelimit_tokens_remaining) == (200000, 199992)
-    assert e.api_key_id == "the_client_id"
+    assert e.api_key_id == api_key_id("the_client_id")
     assert e.api_key_name == "default-apikey"
+    assert e.metadata["llm_tokens_limit"] == "201"
     assert e.route == "demo-llm-events"
     assert e.input_messages == [{"role": "user", "content": "tell me a joke"}]
     assert e.output_messages[0]["role"] == "assistant"
@@ -44,6 +45,56 @@ def test_otoroshi_cost_figures_become_actual_cost():
         "costs": {"input_cost": 0.0000021, "output_cost": 0.0000234, "reasoning_cost": 0,
                   "total_cost": 0.0000255, "currency": "USD"}}}}
     assert decode_item(item).actual_cost_usd == pytest.approx(0.0000255)
+
+
+def with_costs(costs, where="output"):
+    if where == "top":
+        return {**OTOROSHI, "costs": costs}
+    return {**OTOROSHI, "output": {**OTOROSHI["output"], "metadata": {
+        **OTOROSHI["output"]["metadata"], "costs": costs}}}
+
+
+def test_otoroshi_top_level_costs_become_actual_cost():
+    item = with_costs({"total_cost": 0.5, "currency": "USD"}, where="top")
+    assert decode_item(item).actual_cost_usd == pytest.approx(0.5)
+
+
+def test_otoroshi_cost_parts_are_summed_when_there_is_no_total():
+    item = with_costs({"input_cost": 0.25, "output_cost": 0.5, "reasoning_cost": 0.125,
+                       "currency": "USD"})
+    assert decode_item(item).actual_cost_usd == pytest.approx(0.875)
+
+
+def test_otoroshi_costs_in_another_currency_are_not_taken_as_usd():
+    item = with_costs({"total_cost": 0.5, "currency": "EUR"})
+    e = decode_item(item)
+    assert e.actual_cost_usd is None
+    assert e.attributes["otoroshi.cost_currency"] == "EUR"
+
+
+def test_otoroshi_api_key_id_is_the_hash_prefix_and_the_client_id_an_attribute():
+    e = decode_item(OTOROSHI)
+    assert e.api_key_id == api_key_id("the_client_id") != "the_client_id"
+    assert e.attributes["otoroshi.apikey.client_id"] == "the_client_id"
+
+
+def test_otoroshi_key_without_a_name_is_named_by_its_client_id():
+    apikey = {k: v for k, v in OTOROSHI["apikey"].items() if k != "clientName"}
+    assert decode_item({**OTOROSHI, "apikey": apikey}).api_key_name == "the_client_id"
+
+
+def test_otoroshi_apikey_metadata_and_tags_map():
+    apikey = {**OTOROSHI["apikey"], "metadata": {"customer_id": "acme-42", "long": "x" * 300},
+              "tags": ["prod", "search"]}
+    e = decode_item({**OTOROSHI, "apikey": apikey})
+    assert e.metadata == {"customer_id": "acme-42", "long": "x" * 128}
+    assert e.attributes["otoroshi.apikey.tags"] == ["prod", "search"]
+
+
+def test_otoroshi_user_becomes_user_id():
+    user = {"name": "Alice", "email": "alice@example.com", "metadata": {}}
+    assert decode_item({**OTOROSHI, "user": user}).user_id == "alice@example.com"
+    assert decode_item({**OTOROSHI, "user": {"name": "Alice"}}).user_id == "Alice"
 
 
 def test_otoroshi_streaming_embeddings_and_errors_map():

@@ -127,3 +127,13 @@ def test_bad_pattern_is_refused_with_a_reason(pattern, message):
 def test_patterns_compare_by_source():
     assert Pattern({"a": 1}) == Pattern({"a": 1})
     assert Pattern({"a": 1}) != Pattern({"a": 2})
+
+
+def test_an_operator_beside_field_keys_is_refused_with_the_and_form_to_write():
+    with pytest.raises(FilterError) as e:
+        compile_pattern({"provider": "openai", "$or": [{"request_model": "a"}]})
+    assert 'write {"$and": [{"provider": "openai"}, {"$or": [{"request_model": "a"}]}]}' \
+        in str(e.value)
+    matches = compile_pattern({"$and": [{"provider": "openai"}, {"$or": [{"request_model": "a"}]}]})
+    assert matches({"provider": "openai", "request_model": "a"})
+    assert not matches({"provider": "openai", "request_model": "b"})

@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry
 
 from meterline.config import convert
 from meterline.event import Event, clone
-from processors.sample import SampleConfig, SampleProcessor
+from processors.sample import SampleConfig, SampleProcessor, position
 from tests.conftest import make_context, make_event, metric_value
 
 N = 100_000
@@ -152,13 +152,20 @@ def test_rate_limit_keeps_at_most_the_limit_and_adjusts_weights(tmp_path: Path) 
             start = second * 1000 + batch * 100
             kept += p.process([Event(event_id=f"evt-{i}") for i in range(start, start + 100)])
         per_second.append(len(kept))
-        if second > 0:
-            weighted += sum(e.sample_weight for e in kept)
+        weighted += sum(e.sample_weight for e in kept)
     assert max(per_second) <= 100
     assert per_second[0] == 100  # no history yet: the first 100 pass, the rest are cut
-    # from the second second on, p = 100/1000 and weights of 10 account for the traffic
-    assert abs(weighted - 9000) < 4 * math.sqrt(9000 * 0.1 * 0.9) * 10
     assert metric_value(registry, "meterline_sample_rate_limited_events_total") >= 900
+    # the cap loses no weight: what it cut (900 in the first second, some later) is carried
+    # by later kept events, so kept weights plus what the last second still owes are
+    # exactly what sampling alone estimates: 1,000 for the first second (p = 1), then
+    # weight 10 for each event sampled at p = 0.1 ...
+    assert p.limit is not None
+    sampled_later = sum(position(Event(event_id=f"evt-{i}")) < 0.1 for i in range(1000, 10_000))
+    assert weighted + p.limit.owed == pytest.approx(1000 + 10 * sampled_later, abs=1e-6)
+    assert p.limit.owed <= 0.01 * 10_000
+    # ... which is within 4 sigma of the 10,000 that arrived
+    assert abs(weighted - 10_000) < 4 * 10 * math.sqrt(9000 * 0.1 * 0.9)
 
 
 def test_empty_config_keeps_everything_untouched(tmp_path: Path) -> None:

@@ -110,19 +110,31 @@ async def test_a_body_with_nothing_acceptable_is_a_400(tmp_path):
         assert status == 400 and body["accepted"] == 0
 
 
-async def test_malformed_json_is_a_400_that_says_where(tmp_path):
+async def valid_batch_still_arrives(url, tmp_path):
+    """After a refused request: the next good batch is accepted and exported whole."""
+    status, body, _ = await post_json(url, event_dicts(500, 3))
+    assert (status, body["accepted"]) == (200, 3)
+    rows = await eventually(lambda: read_jsonl(tmp_path / "data/out.jsonl"))
+    assert [r["event_id"] for r in rows] == [f"evt-{i:08d}" for i in range(500, 503)]
+
+
+async def test_malformed_json_is_a_400_that_says_where_and_disturbs_nothing(tmp_path):
     port = free_port()
     async with running(pipeline(port), tmp_path):
-        status, body, _ = await post_raw(f"http://127.0.0.1:{port}/v1/events", b'[{"a": 1},',
+        url = f"http://127.0.0.1:{port}/v1/events"
+        status, body, _ = await post_raw(url, b'[{"a": 1},',
                                          headers={"Content-Type": "application/json"})
         assert status == 400 and "malformed JSON" in body["error"]
+        await valid_batch_still_arrives(url, tmp_path)
 
 
-async def test_a_wrong_content_type_is_a_415(tmp_path):
+async def test_a_wrong_content_type_is_a_415_and_disturbs_nothing(tmp_path):
     port = free_port()
     async with running(pipeline(port), tmp_path):
-        status, body, _ = await post_raw(f"http://127.0.0.1:{port}/v1/events", b"a=b")
+        url = f"http://127.0.0.1:{port}/v1/events"
+        status, body, _ = await post_raw(url, b"a=b")
         assert status == 415 and "application/json" in body["error"]
+        await valid_batch_still_arrives(url, tmp_path)
 
 
 async def test_an_oversized_body_is_a_413_and_the_next_request_works(tmp_path):

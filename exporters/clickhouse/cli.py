@@ -27,7 +27,7 @@ from exporters.clickhouse.config import ClickHouseConfig
 from exporters.clickhouse.connection import chdb_path, endpoint_of, open_client
 from exporters.clickhouse.query import DIMENSION_NAMES, RANGES, Reader, Window
 from exporters.clickhouse.schema import Schema
-from meterline.cli import DEFAULT_CONFIG, admin_address, load_config
+from meterline.cli import add_config_argument, admin_address, config_path, load_config
 from meterline.config import PipelineFile
 
 REPORTS: dict[str, Callable[..., dict[str, Any]]] = {
@@ -50,7 +50,7 @@ def add(subparsers: Any) -> None:
         "finops", help="spend, growth, estimated vs actual cost and budgets, from ClickHouse",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("report", nargs="?", default="spend", choices=[*REPORTS, "budgets"])
-    p.add_argument("-c", "--config", default=DEFAULT_CONFIG)
+    add_config_argument(p)
     p.add_argument("--by", help=f"group by: {', '.join(DIMENSION_NAMES)} "
                                 "(default: provider; model for growth)")
     p.add_argument("--range", choices=RANGES, default="30d")
@@ -67,7 +67,7 @@ class FinOpsError(Exception):
 
 
 def run(args: argparse.Namespace) -> int:
-    loaded = load_config(args.config)
+    loaded = load_config(config_path(args.config))
     if loaded is None:
         return 1
     try:

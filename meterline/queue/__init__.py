@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 from abc import ABC, abstractmethod
 from collections import deque
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,8 +80,11 @@ class Queue(ABC):
     def has_room(self, batch: Batch) -> bool: ...
 
     @abstractmethod
-    async def put(self, batch: Batch) -> None:
-        """Store the batch; returns once it is as durable as this queue makes things."""
+    def put(self, batch: Batch) -> Awaitable[None]:
+        """Store the batch; the awaitable completes once it is as durable as this queue
+        makes things. Room is taken at the call itself, before any await, so that a
+        `has_room` check made after it (by a concurrent receiver call) counts this batch:
+        checks followed by puts with no await between them cannot overshoot the bound."""
 
     @abstractmethod
     def _events_of(self, record: Record) -> list[Event]: ...
@@ -130,8 +134,12 @@ class Queue(ABC):
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return
+            # asyncio.timeout, not asyncio.wait_for: on Python 3.11 wait_for swallows a
+            # cancellation that arrives as the wait completes, and the delivery loop then
+            # outlives `stop_loop` (a reload hand-over would hang on it)
             try:
-                await asyncio.wait_for(self._changed.wait(), remaining)
+                async with asyncio.timeout(remaining):
+                    await self._changed.wait()
             except TimeoutError:
                 return
 

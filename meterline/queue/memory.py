@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Awaitable
 
 from meterline.event import Event
 from meterline.queue import Batch, Queue, Record
@@ -17,8 +18,9 @@ class MemoryQueue(Queue):
     def has_room(self, batch: Batch) -> bool:
         return self._queued == 0 or self._queued + len(batch) <= self.max_events
 
-    async def put(self, batch: Batch) -> None:
+    def put(self, batch: Batch) -> Awaitable[None]:
         self.put_now(batch.events)
+        return _done()
 
     def put_now(self, events: list[Event]) -> None:
         self._seq += 1
@@ -30,3 +32,7 @@ class MemoryQueue(Queue):
 
     def capacity(self) -> dict[str, float]:
         return {"capacity_events": self.max_events}
+
+
+async def _done() -> None:
+    return None

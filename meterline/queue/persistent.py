@@ -27,6 +27,7 @@ import os
 import struct
 import uuid
 import zlib
+from collections.abc import Awaitable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -133,13 +134,18 @@ class PersistentQueue(Queue):
         used = sum(list(self._segments.values())) + self._reserved
         return used + _HEADER.size + len(batch.packed) <= self.max_bytes
 
-    async def put(self, batch: Batch) -> None:
+    def put(self, batch: Batch) -> Awaitable[None]:
+        # the reservation is taken here, synchronously; the writer releases it whether
+        # the write succeeds (the bytes then count in `_segments`) or fails
         self._seq += 1
         pending = _Pending(self._seq, batch, asyncio.get_running_loop().create_future())
         self._pending.append(pending)
         self._reserved += pending.size
         if self._writer is None or self._writer.done():
             self._writer = asyncio.create_task(self._write_loop())
+        return self._stored(pending)
+
+    async def _stored(self, pending: _Pending) -> None:
         record = await pending.future
         if self._cached_bytes + record.size <= self.cache_bytes:
             self._cached_bytes += record.size

@@ -106,10 +106,11 @@ class CostProcessor(Processor):
             if price.tiers and inp and (tier := price.tier_for(inp)) is not None:
                 rates = tier.rates
                 ref = f"{ref};above_{tier.above}"
-            scale = 1e-6
-            if price.batch is not None and (endpoint := e.endpoint) is not None \
-                    and self.batch_endpoint(endpoint):
-                scale *= price.batch
+            scale = scale_out = 1e-6
+            if (fractions := price.batch_fractions) is not None \
+                    and (endpoint := e.endpoint) is not None and self.batch_endpoint(endpoint):
+                scale *= fractions[0]
+                scale_out *= fractions[1]
                 ref += ";batch"
             cost_in = cost_out = None
             if inp is not None:
@@ -121,7 +122,7 @@ class CostProcessor(Processor):
             if out is not None:
                 reasoning = e.reasoning_tokens or 0
                 cost_out = ((max(out - reasoning, 0)) * rates.output
-                            + reasoning * rates.reasoning) * scale
+                            + reasoning * rates.reasoning) * scale_out
             e.cost_input_usd = cost_in
             e.cost_output_usd = cost_out
             e.cost_usd = (cost_in or 0.0) + (cost_out or 0.0)

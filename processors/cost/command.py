@@ -14,11 +14,10 @@ import sys
 import msgspec
 
 from meterline import config as config_mod
+from meterline.cli import DEFAULT_CONFIG
 from meterline.genai import provider_name
 from processors.cost import CostConfig
 from processors.cost.prices import Price, Rates, Resolution
-
-DEFAULT_CONFIG = "pipeline.yaml"
 
 
 def add(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -111,8 +110,10 @@ def _as_text(found: Resolution, provider: str | None, origin: str) -> str:
     ]
     for tier in price.tiers:
         lines.append(f"  above {tier.above:,} prompt tokens: {_rate_line(tier.rates)}")
-    if price.batch is not None:
-        lines.append(f"  batch API: {price.batch:.0%} of these")
+    if (fractions := price.batch_fractions) is not None:
+        inp, out = fractions
+        share = f"{inp:.0%}" if inp == out else f"input {inp:.0%}, output {out:.0%}"
+        lines.append(f"  batch API: {share} of these")
     return "\n".join(lines)
 
 
@@ -126,4 +127,5 @@ def _as_dict(found: Resolution, provider: str | None, origin: str) -> dict[str, 
         "table": origin, "usd_per_million_tokens": price.rates._asdict(),
         "tiers": [{"above": t.above, **t.rates._asdict()} for t in price.tiers],
         "batch": price.batch,
+        "batch_output": price.batch_output,
     }

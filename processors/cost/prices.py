@@ -65,6 +65,7 @@ class PriceSpec(msgspec.Struct, forbid_unknown_fields=True):
     reasoning: float | None = None
     tiers: list[TierSpec] = msgspec.field(default_factory=list)
     batch: float | None = None  # batch-API price as a fraction of the standard one (0.5)
+    batch_output: float | None = None  # the output's own fraction, when not `batch`
     source: str | None = None  # a key of the file's `sources`, or a URL
     as_of: str | None = None  # when this entry's figures were published, if not the file's
 
@@ -74,9 +75,11 @@ class PriceSpec(msgspec.Struct, forbid_unknown_fields=True):
             rates += [tier.input, tier.output, tier.cache_read, tier.cache_write, tier.reasoning]
         if any(r is not None and r < 0 for r in rates):
             raise ValueError("prices must not be negative")
-        if self.batch is not None and not 0 < self.batch <= 1:
-            raise ValueError(f"batch is a fraction of the standard price in (0, 1], "
-                             f"got {self.batch}")
+        for name in ("batch", "batch_output"):
+            fraction = getattr(self, name)
+            if fraction is not None and not 0 < fraction <= 1:
+                raise ValueError(f"{name} is a fraction of the standard price in (0, 1], "
+                                 f"got {fraction}")
         if any(t.above <= 0 for t in self.tiers):
             raise ValueError("a tier's `above` is a positive number of prompt tokens")
 
@@ -114,7 +117,16 @@ class Price:
     as_of: str | None
     rates: Rates
     tiers: tuple[Tier, ...] = ()  # ascending by `above`
-    batch: float | None = None
+    batch: float | None = None  # batch-API fraction of the input rates (and of the output's
+    batch_output: float | None = None  # unless this one is given)
+
+    @property
+    def batch_fractions(self) -> tuple[float, float] | None:
+        """(input, output) fractions of the standard price for batch-API calls."""
+        if self.batch is None and self.batch_output is None:
+            return None
+        inp = 1.0 if self.batch is None else self.batch
+        return inp, inp if self.batch_output is None else self.batch_output
 
     @property
     def ref(self) -> str:
@@ -140,7 +152,8 @@ def make_price(key: str, spec: PriceSpec, origin: str, source: str,
             _or(t.cache_write, _scaled(base.cache_write, base.input, t.input)),
             _or(t.reasoning, _scaled(base.reasoning, base.output, t.output))))
          for t in spec.tiers), key=lambda t: t.above))
-    return Price(key, origin, source, spec.as_of or as_of, base, tiers, spec.batch)
+    return Price(key, origin, source, spec.as_of or as_of, base, tiers, spec.batch,
+                 spec.batch_output)
 
 
 def _or(value: float | None, default: float) -> float:
@@ -339,12 +352,13 @@ def litellm_layer(data: Any, origin: str) -> Layer:
             if m := _LITELLM_TIER.match(f):
                 tiers.setdefault(int(m.group(2)) * 1000, {})[
                     _LITELLM_RATE[m.group(1)]] = value * 1e6
-        batch = per_token.get("input_cost_per_token_batches")
-        base_input = per_token["input_cost_per_token"]
         spec = msgspec.convert({
             **fields,
             "tiers": [{"above": above, **rates} for above, rates in sorted(tiers.items())],
-            "batch": batch / base_input if batch and base_input and batch <= base_input else None,
+            "batch": _fraction(per_token.get("input_cost_per_token_batches"),
+                               per_token["input_cost_per_token"]),
+            "batch_output": _fraction(per_token.get("output_cost_per_token_batches"),
+                                      per_token.get("output_cost_per_token")),
             "source": entry.get("source") if isinstance(entry.get("source"), str) else None,
         }, PriceSpec)
         raw_provider = entry.get("litellm_provider")
@@ -357,6 +371,11 @@ def litellm_layer(data: Any, origin: str) -> Layer:
         layer.add(provider, model,
                   make_price(ref, spec, origin, spec.source or f"{origin}: {key}", None))
     return layer
+
+
+def _fraction(batch: float | None, standard: float | None) -> float | None:
+    """A batch price as a fraction of the standard one (None when it is not a discount)."""
+    return batch / standard if batch and standard and batch <= standard else None
 
 
 def load_file(path: str) -> tuple[Layer, str]:

@@ -140,14 +140,47 @@ def _ssn(text: str) -> bool:
     return area not in ("000", "666") and area[0] != "9" and group != "00" and serial != "0000"
 
 
+_IPV4 = re.compile(r"\d(?<![\w.]\d)\d{0,2}(?:\.\d{1,3}){3}(?!\.?\d|\w)")
+# What makes a dotted quad of small numbers (8.8.8.8, 1.1.1.1) an address rather than
+# a version or a section number: the words or syntax just before it, or a port or
+# prefix length just after it.
+_IPV4_BEFORE = re.compile(
+    r"(?:\b(?:ips?|ipv4|ip\s+address(?:es)?|address(?:es)?|addr|hosts?|hostname|servers?|"
+    r"dns|resolvers?|nameservers?|gateway|router|peers?|remote|client|origin|upstream|"
+    r"proxy|ping|nslookup|dig|traceroute|ssh|connect(?:ing|ed)?\s+to)"
+    r"\b[\s:=\"'(\[,]*(?:(?:is|was|at|of|on|to)\s+)?|://|@)$", re.IGNORECASE)
+_IPV4_AFTER = re.compile(r":\d{1,5}\b|/\d{1,2}\b")  # matched right at the quad's end
+# ... and what makes any dotted quad a version or a numbered part of a document
+_NOT_ADDRESS_BEFORE = re.compile(r"(?:\b(?:v|version|release|build|rev|ver|section|sec|"
+                                 r"figure|fig|chapter|table|step|clause)\.?\s*|§\s*)$",
+                                 re.IGNORECASE)
+
+
 def _ipv4(text: str) -> bool:
     octets = [int(o) for o in text.split(".")]
     if max(octets) > 255:
         return False
-    if octets[0] in (0, 127, 255):  # unspecified, loopback, netmasks: not anyone's address
-        return False
-    # 3.2.1.4 is a section or a version far more often than an address outside 10/8
-    return octets[0] == 10 or max(octets) >= 32
+    # unspecified, loopback, netmasks: not anyone's address
+    return octets[0] not in (0, 127, 255)
+
+
+def _ipv4_spans(text: str) -> Iterator[tuple[int, int]]:
+    """Dotted quads that are addresses. One with an octet of 32 or more, or in 10/8, is
+    taken as an address; one of small numbers only (3.2.1.4 is a section or a version
+    far more often) needs an address's context: `DNS 8.8.8.8`, `host: 1.1.1.1`,
+    `https://1.2.3.4`, `user@1.2.3.4`, `1.2.3.4:8080`, `1.2.3.0/24`."""
+    for m in _IPV4.finditer(text):
+        quad = m.group()
+        if not _ipv4(quad):
+            continue
+        start, end = m.span()
+        octets = [int(o) for o in quad.split(".")]
+        before = text[max(0, start - 40):start]
+        if _NOT_ADDRESS_BEFORE.search(before):
+            continue
+        if (octets[0] == 10 or max(octets) >= 32 or _IPV4_BEFORE.search(before)
+                or _IPV4_AFTER.match(text, end)):
+            yield start, end
 
 
 def _ipv6(text: str) -> bool:
@@ -283,8 +316,7 @@ BUILTIN: tuple[Detector, ...] = (
         r"(?:[0-9a-f:]{2,29}(?<=:)(?:\d{1,3}\.){3}\d{1,3}|[0-9a-f:]{2,39}(?!\.\d))"
         r"(?:%[\w.]+)?(?![\w:])", _I),),
         valid=_ipv6, needles=(":",)),
-    Detector("ipv4", (re.compile(r"\d(?<![\w.]\d)\d{0,2}(?:\.\d{1,3}){3}(?!\.?\d|\w)"),),
-             valid=_ipv4, needs_number=True),
+    Detector("ipv4", (_IPV4,), spans=_ipv4_spans, needs_number=True),
     Detector("phone", (_PHONE,), valid=_phone, needs_number=True),
 )
 

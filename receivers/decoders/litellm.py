@@ -12,7 +12,7 @@ from typing import Any
 
 from meterline.event import API_KEY_ID_CHARS, Event, uuid7
 from meterline.genai import error_type_for_name, error_type_for_status, provider_name
-from meterline.lenient import as_dict, as_float, as_int, as_messages
+from meterline.lenient import as_dict, as_float, as_int, as_messages, as_metadata
 from receivers.decoders.errors import DecodeError
 
 _MARKERS = frozenset({"litellm_call_id", "call_type", "custom_llm_provider", "model_group",
@@ -28,7 +28,6 @@ _OPERATIONS = {
     "speech": "speech", "aspeech": "speech",
     "moderation": "moderation", "amoderation": "moderation",
 }
-_METADATA_VALUE_CHARS = 128
 
 
 def recognises(item: dict[str, Any]) -> bool:
@@ -92,8 +91,7 @@ def decode(item: dict[str, Any]) -> Event:
         team=meta.get("user_api_key_team_id") or None,
         organization=meta.get("user_api_key_org_id") or None,
         session_id=item.get("session_id") or None,
-        metadata={str(k): str(v)[:_METADATA_VALUE_CHARS]
-                  for k, v in as_dict(meta.get("spend_logs_metadata")).items()} or None,
+        metadata=as_metadata(meta.get("spend_logs_metadata")),
         input_messages=as_messages(item.get("messages")),
         output_messages=as_messages([c.get("message") for c in choices]),
         actual_cost_usd=as_float(item.get("response_cost")),

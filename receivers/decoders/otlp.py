@@ -51,6 +51,7 @@ from meterline.genai import (
     error_type_for_status,
     provider_name,
 )
+from meterline.lenient import METADATA_VALUE_CHARS
 from receivers.decoders.errors import DecodeError
 
 __all__ = ["OtlpDecoded", "decode_logs", "decode_spans", "parse_json", "value_of"]
@@ -81,7 +82,6 @@ _INT_FIELDS: Final = frozenset({"input_tokens", "output_tokens", "cache_read_tok
                                 "ratelimit_requests_remaining", "ratelimit_tokens_limit",
                                 "ratelimit_tokens_remaining"})
 _INDEXED: Final = re.compile(r"^gen_ai\.(prompt|completion)\.(\d+)\.(\w+)$")
-_METADATA_VALUE_CHARS: Final = 128
 
 
 @dataclass
@@ -202,7 +202,7 @@ def _fields(attrs: dict[str, Any], service: str | None) -> dict[str, Any]:
     if params:
         fields["params"] = params
     if maps["metadata"]:
-        fields["metadata"] = {k: str(v)[:_METADATA_VALUE_CHARS]
+        fields["metadata"] = {k: str(v)[:METADATA_VALUE_CHARS]
                               for k, v in maps["metadata"].items()}
     if maps["redactions"]:
         fields["redactions"] = maps["redactions"]

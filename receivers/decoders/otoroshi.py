@@ -6,15 +6,22 @@ unfiltered data exporter sends too, are not LLM calls (`NotAnLLMCall`, naming th
 filter that keeps them out); an `LLMUsageAudit` that cannot be read is a
 `DecodeError`. The audit event's `@timestamp` is written
 when the call ends, so the request start is `@timestamp - duration`.
+
+The API key: `api_key_id` is the hash prefix of its `clientId` (`meterline.event.api_key_id`,
+the rule every source follows, so ids never carry a source's own identifiers); the raw
+`clientId` is kept as the attribute `otoroshi.apikey.client_id`, and `api_key_name` is the
+key's `clientName` (its `clientId` when it has none), so that the key tables users keep by
+Otoroshi client id still join. The key's `metadata` becomes the event's `metadata`, its
+`tags` the attribute `otoroshi.apikey.tags`.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from meterline.event import Event, uuid7
+from meterline.event import Event, api_key_id, uuid7
 from meterline.genai import error_type_for_name, provider_name
-from meterline.lenient import as_dict, as_float, as_int, as_messages
+from meterline.lenient import as_dict, as_float, as_int, as_messages, as_metadata
 from receivers.decoders.errors import DecodeError, NotAnLLMCall
 
 _OPERATIONS = {
@@ -54,7 +61,12 @@ def decode(item: dict[str, Any]) -> Event:
     error = item.get("error")
     costs = _costs(item)
     domains = as_dict(route.get("frontend")).get("domains") or []
+    client_id = str(apikey.get("clientId") or "") or None
+    tags = [str(tag) for tag in apikey.get("tags") or [] if tag is not None] \
+        if isinstance(apikey.get("tags"), list) else []
     attributes = {k: v for k, v in {
+        "otoroshi.apikey.client_id": client_id,
+        "otoroshi.apikey.tags": tags or None,
         "otoroshi.provider_id": item.get("provider"),
         "otoroshi.route_id": route.get("id"),
         "otoroshi.instance": item.get("instance-name"),
@@ -82,10 +94,11 @@ def decode(item: dict[str, Any]) -> Event:
         reasoning_tokens=as_int(usage.get("reasoning_tokens")),
         duration_ms=duration,
         user_id=user.get("email") or user.get("name") or user.get("id") if user else None,
-        api_key_id=apikey.get("clientId"),
-        api_key_name=apikey.get("clientName"),
+        api_key_id=api_key_id(client_id) if client_id else None,
+        api_key_name=apikey.get("clientName") or client_id,
         team=teams[0] if len(teams) == 1 else None,
         organization=location.get("tenant"),
+        metadata=as_metadata(apikey.get("metadata")),
         ratelimit_requests_limit=as_int(rate.get("requests_limit")),
         ratelimit_requests_remaining=as_int(rate.get("requests_remaining")),
         ratelimit_tokens_limit=as_int(rate.get("tokens_limit")),
@@ -98,9 +111,6 @@ def decode(item: dict[str, Any]) -> Event:
     )
 
 
-
-
-
 def _params(item: dict[str, Any]) -> dict[str, Any] | None:
     options = as_dict(as_dict(item.get("provider_details")).get("options"))
     params = {k: int(n) if n.is_integer() else n
@@ -108,16 +118,24 @@ def _params(item: dict[str, Any]) -> dict[str, Any] | None:
     return params or None
 
 
-
 def _costs(item: dict[str, Any]) -> dict[str, Any]:
     output_meta = as_dict(as_dict(item.get("output")).get("metadata"))
     return as_dict(output_meta.get("costs")) or as_dict(item.get("costs"))
 
 
+_COST_PARTS = ("input_cost", "output_cost", "reasoning_cost")
+
+
 def _usd(costs: dict[str, Any]) -> float | None:
+    """Otoroshi's `total_cost`, else the sum of the parts it reports; only in USD."""
     currency = str(costs.get("currency") or "USD").upper()
+    if currency != "USD":
+        return None
     total = as_float(costs.get("total_cost"))
-    return total if currency == "USD" else None
+    if total is None:
+        parts = [n for part in _COST_PARTS if (n := as_float(costs.get(part))) is not None]
+        total = sum(parts) if parts else None
+    return total
 
 
 def _error_name(error: Any) -> str:

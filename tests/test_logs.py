@@ -1,0 +1,87 @@
+"""The daemon's logs: JSON lines when asked, and never the content of prompts, even when
+an item is refused and an exporter's error quotes what it was sent."""
+
+import json
+import time
+
+from aiohttp import web
+from google.rpc.status_pb2 import Status
+
+from meterline import logs
+from meterline.event import Event
+from tests.conftest import event_dicts, eventually, free_port, post_json, read_jsonl
+
+MARKER = "zebra-canary 7f3a9c: the customer's secret prompt"
+
+
+async def echoing_otlp_server(port):
+    """An OTLP/HTTP server that refuses every request, quoting the prompt back."""
+
+    async def refuse(request):
+        await request.read()
+        status = Status(code=3, message=f'span rejected: attribute "{MARKER}" too long')
+        return web.Response(status=503, body=status.SerializeToString(),
+                            content_type="application/x-protobuf")
+
+    app = web.Application()
+    app.router.add_post("/v1/traces", refuse)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return runner
+
+
+async def test_json_logs_never_carry_prompt_content(daemon_factory, tmp_path):
+    webhook, otlp = free_port(), free_port()
+    server = await echoing_otlp_server(otlp)
+    daemon = daemon_factory(f"""
+    receivers:
+      webhook: {{listen: "127.0.0.1:{webhook}"}}
+    exporters:
+      file:
+        path: {{data}}/out.jsonl
+        batch: {{timeout: 10ms}}
+      otlp:
+        endpoint: http://127.0.0.1:{otlp}
+        protocol: http
+        queue: {{type: memory}}
+        batch: {{timeout: 10ms}}
+        retry: {{initial_interval: 20ms, max_interval: 50ms, max_elapsed_time: 300ms}}
+    service:
+      data_dir: {{data}}
+      admin: {{listen: "127.0.0.1:{{admin}}"}}
+      telemetry: {{logs: {{level: debug, encoding: json}}}}
+      pipelines:
+        p: {{receivers: [webhook], exporters: [file, otlp]}}
+    """)
+    try:
+        daemon.start()
+        prompts = event_dicts(0, 3, input_messages=[{"role": "user", "content": MARKER}],
+                              output_messages=[{"role": "assistant", "content": MARKER}])
+        refused = {"colour": MARKER}
+        status, body, _ = await post_json(f"http://127.0.0.1:{webhook}/v1/events",
+                                          [*prompts, refused])
+        assert (status, body["accepted"], len(body["rejected"])) == (200, 3, 1)
+        await eventually(lambda: len(read_jsonl(tmp_path / "data/out.jsonl")) == 3)
+        await eventually(lambda: "batch not delivered" in daemon.log.read_text())
+        assert daemon.stop() == 0
+    finally:
+        await server.cleanup()
+    lines = daemon.log.read_text().splitlines()
+    records = [json.loads(line) for line in lines]  # every line is JSON
+    events = {r["event"] for r in records}
+    assert {"items refused", "send failed, will retry", "batch not delivered"} <= events
+    assert all(MARKER not in line and "zebra-canary" not in line for line in lines)
+
+
+def test_scrub_masks_what_an_error_quotes_of_the_content_and_bounds_the_rest():
+    event = Event(event_id="e", input_messages=[{"role": "user", "content": [
+        {"type": "text", "text": f"please summarize:\n{MARKER}"}]}])
+    text = logs.scrub(f"HTTP 400: bad row {MARKER!r} near column 3" + " x" * 500,
+                      logs.contents([event]))
+    assert "zebra" not in text and "<content>" in text
+    assert text.startswith('HTTP 400: bad row "<content>" near column 3')
+    assert len(text) <= logs.MAX_TEXT_CHARS + 3
+    started = time.perf_counter()
+    logs.scrub("y" * 300, ["z" * 1_000_000])
+    assert time.perf_counter() - started < 0.5  # a big batch does not stall the loop
