@@ -40,6 +40,7 @@ import msgspec
 from meterline.component import Config, Context, Factory, Processor
 from meterline.event import Event
 from meterline.filtering import Pattern
+from meterline.genai import failure
 from meterline.units import Duration
 
 _SCALE = float(1 << 64)
@@ -184,7 +185,7 @@ class SampleProcessor(Processor):
         return kept
 
     def _always_kept(self, e: Event) -> bool:
-        if self.keep_errors and (e.error_type is not None or (e.status_code or 0) >= 400):
+        if self.keep_errors and failure(e.error_type, e.status_code) is not None:
             return True
         slow = self.slow_ms
         return slow is not None and e.duration_ms is not None and e.duration_ms > slow

@@ -101,6 +101,11 @@ def test_errors_and_slow_events_are_always_kept_with_weight_one(tmp_path: Path) 
     assert {e.sample_weight for e in kept} == {1.0}
 
 
+def test_a_call_the_client_cancelled_is_sampled_like_a_success(tmp_path: Path) -> None:
+    p, _ = sampler(tmp_path, rate=0.0)
+    assert p.process([make_event(0, status_code=499)]) == []  # 499: no error to keep
+
+
 def test_first_matching_rule_sets_the_rate(tmp_path: Path) -> None:
     p, _ = sampler(tmp_path, rate=0.0, rules=[
         {"match": {"provider": "anthropic"}, "rate": 1.0},
