@@ -19,8 +19,8 @@ from meterline.config import ConfigError
 from meterline.yamlsource import SourceError, load_file
 
 DEFAULT_CONFIG = "pipeline.yaml"
-CONFIG_HELP = ("the pipeline file (default: ./pipeline.yaml if it exists, else the embedded "
-               "default that ships inside the package)")
+CONFIG_HELP = ("(default: ./pipeline.yaml if it exists, else the embedded default that ships "
+               "inside the package)")
 Command = Callable[[argparse.Namespace], int]
 
 
@@ -37,10 +37,10 @@ def config_path(given: str | None) -> str:
     return DEFAULT_CONFIG if os.path.exists(DEFAULT_CONFIG) else packaged_config()
 
 
-def add_config_argument(parser: argparse.ArgumentParser) -> None:
+def add_config_argument(parser: argparse.ArgumentParser, what: str = "the pipeline file") -> None:
     """`-c/--config` as every command that reads pipeline.yaml takes it (resolve it with
     `config_path`)."""
-    parser.add_argument("-c", "--config", default=None, help=CONFIG_HELP)
+    parser.add_argument("-c", "--config", default=None, help=f"{what} {CONFIG_HELP}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,9 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     validate.set_defaults(func=cmd_validate)
 
     tap = commands.add_parser("tap", help="stream live events from a running daemon")
-    tap.add_argument("-c", "--config", default=None,
-                     help="the daemon's pipeline.yaml, for its admin address (default: "
-                          "./pipeline.yaml if it exists, else the embedded default)")
+    add_config_argument(tap, "the daemon's pipeline.yaml, for its admin address")
     tap.add_argument("--admin", help="admin URL, e.g. http://127.0.0.1:8888 (instead of -c)")
     tap.add_argument("--filter", default="", help='an include pattern, e.g. {"provider":"openai"}')
     tap.add_argument("--token", help="bearer token of the admin API")

@@ -156,25 +156,17 @@ _NOT_ADDRESS_BEFORE = re.compile(r"(?:\b(?:v|version|release|build|rev|ver|secti
                                  re.IGNORECASE)
 
 
-def _ipv4(text: str) -> bool:
-    octets = [int(o) for o in text.split(".")]
-    if max(octets) > 255:
-        return False
-    # unspecified, loopback, netmasks: not anyone's address
-    return octets[0] not in (0, 127, 255)
-
-
 def _ipv4_spans(text: str) -> Iterator[tuple[int, int]]:
-    """Dotted quads that are addresses. One with an octet of 32 or more, or in 10/8, is
+    """Dotted quads that are addresses. Unspecified (0.), loopback (127.) and netmask
+    (255.) quads are no one's address. One with an octet of 32 or more, or in 10/8, is
     taken as an address; one of small numbers only (3.2.1.4 is a section or a version
     far more often) needs an address's context: `DNS 8.8.8.8`, `host: 1.1.1.1`,
     `https://1.2.3.4`, `user@1.2.3.4`, `1.2.3.4:8080`, `1.2.3.0/24`."""
     for m in _IPV4.finditer(text):
-        quad = m.group()
-        if not _ipv4(quad):
+        octets = [int(o) for o in m.group().split(".")]
+        if max(octets) > 255 or octets[0] in (0, 127, 255):
             continue
         start, end = m.span()
-        octets = [int(o) for o in quad.split(".")]
         before = text[max(0, start - 40):start]
         if _NOT_ADDRESS_BEFORE.search(before):
             continue

@@ -51,7 +51,7 @@ from meterline.genai import (
     error_type_for_status,
     provider_name,
 )
-from meterline.lenient import METADATA_VALUE_CHARS
+from meterline.lenient import as_metadata
 from receivers.decoders.errors import DecodeError
 
 __all__ = ["OtlpDecoded", "decode_logs", "decode_spans", "parse_json", "value_of"]
@@ -201,9 +201,8 @@ def _fields(attrs: dict[str, Any], service: str | None) -> dict[str, Any]:
     _normalise(fields)
     if params:
         fields["params"] = params
-    if maps["metadata"]:
-        fields["metadata"] = {k: str(v)[:METADATA_VALUE_CHARS]
-                              for k, v in maps["metadata"].items()}
+    if metadata := as_metadata(maps["metadata"]):
+        fields["metadata"] = metadata
     if maps["redactions"]:
         fields["redactions"] = maps["redactions"]
     if service and "event_id" not in fields:  # the calling application, unless it is ours
