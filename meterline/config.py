@@ -67,6 +67,13 @@ class ServiceConfig(Config):
     data_dir: str = "./data"
     shutdown_timeout: Duration = Duration(10)
     watch_config: bool = False  # reload when the file changes, not only on SIGHUP
+    workers: int | None = None
+    """Processes that run the processors, so that the loop serving clients never does and
+    every core works: absent, one per core; 1 runs them in the daemon's own process."""
+
+    def __post_init__(self) -> None:
+        if self.workers is not None and self.workers < 1:
+            raise ValueError("service.workers must be at least 1 (absent: one per core)")
 
 
 @dataclass
@@ -76,6 +83,9 @@ class ComponentConfig:
     id: str
     factory: Factory
     config: Config
+    raw: Any = None
+    """The block as written (after `${env:...}`): plain data that pickles, from which a
+    worker process builds the same component (a compiled config may hold closures)."""
 
     @property
     def kind(self) -> Kind:
@@ -212,7 +222,7 @@ class _Validator:
             self.problem(path, f"unknown {kind} type '{type_}' (available: {known})")
             return None
         config = self.struct(path, body, factory.config)
-        return ComponentConfig(cid, factory, config) if config is not None else None
+        return ComponentConfig(cid, factory, config, body) if config is not None else None
 
     def section(self, name: str, body: Any, cls: Any) -> Any:
         """A plugin section. One typed `dict[str, X]` is validated entry by entry, as

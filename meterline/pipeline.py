@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 
 from meterline.component import Backpressure, Processor
 from meterline.delivery import ExporterRunner
-from meterline.event import Event, clone
+from meterline.event import Event, clone, unpack
 from meterline.filtering import Filter
 from meterline.queue import Batch
 from meterline.telemetry import Telemetry
+from meterline.workers import ProcessorPool
 
 
 class Tap:
@@ -55,20 +56,32 @@ class Pipeline:
         self.telemetry = telemetry
         self.taps = taps
 
-    def route(self, events: list[Event]) -> list[tuple[ExporterRunner, Batch]]:
-        """Run the processors, then pick what each exporter takes."""
+    def process(self, events: list[Event]) -> list[Event]:
+        """Run the processors here, on the calling thread (`service.workers: 1`)."""
         for pid, processor in self.processors:
-            attrs = {"processor": pid, "pipeline": self.name}
             before = len(events)
-            self.telemetry.processor_incoming.add(before, attrs)
             events = processor.process(events)
-            if len(events) != before:
-                self.telemetry.processor_dropped.add(before - len(events), attrs)
+            self.count(pid, before, len(events))
             if not events:
-                return []
+                break
+        return events
+
+    def count(self, pid: str, before: int, after: int) -> None:
+        """Self-telemetry of one processor's pass over a batch, wherever it ran."""
+        attrs = {"processor": pid, "pipeline": self.name}
+        self.telemetry.processor_incoming.add(before, attrs)
+        if after != before:
+            self.telemetry.processor_dropped.add(before - after, attrs)
+
+    def route(self, events: list[Event],
+              packed: bytes | None = None) -> list[tuple[ExporterRunner, Batch]]:
+        """Pick what each exporter takes of the processed `events` (`packed`, when given,
+        is their msgpack form, reused by the queues that take them all)."""
+        if not events:
+            return []
         if self.taps.active:
             self.taps.publish(events)
-        shared = Batch(events)
+        shared = Batch(events, packed)
         routes = []
         for runner in self.exporters:
             selected = runner.select(events)
@@ -109,10 +122,12 @@ class Flow:
 class Entry:
     """The consumer a receiver hands batches to (see `meterline.component.Consumer`)."""
 
-    def __init__(self, receiver_id: str, flow: Flow, telemetry: Telemetry) -> None:
+    def __init__(self, receiver_id: str, flow: Flow, telemetry: Telemetry,
+                 pool: ProcessorPool | None = None) -> None:
         self.receiver_id = receiver_id
         self.flow = flow
         self.telemetry = telemetry
+        self.pool = pool  # worker processes for the processors; None runs them inline
         self.pipelines: list[Pipeline] = []
         self._attrs = {"receiver": receiver_id}
 
@@ -122,9 +137,8 @@ class Entry:
         await self.flow.enter()
         try:
             routes: list[tuple[ExporterRunner, Batch]] = []
-            last = len(self.pipelines) - 1
-            for i, pipeline in enumerate(self.pipelines):
-                routes.extend(pipeline.route(events if i == last else clone(events)))
+            for pipeline, processed, packed in await self._processed(events):
+                routes.extend(pipeline.route(processed, packed))
             for runner, batch in routes:
                 if not runner.drops_when_full and not runner.queue.has_room(batch):
                     self.refused(len(events), "backpressure")
@@ -141,6 +155,27 @@ class Entry:
         finally:
             self.flow.leave()
         self.telemetry.receiver_accepted.add(len(events), self._attrs)
+
+    async def _processed(
+            self, events: list[Event]) -> list[tuple[Pipeline, list[Event], bytes | None]]:
+        """Each pipeline's processed copy of `events`, in a worker process when there is
+        a pool (the loop only awaits it), else here."""
+        pipelines = self.pipelines
+        if self.pool is None:
+            last = len(pipelines) - 1
+            return [(p, p.process(events if i == last else clone(events)), None)
+                    for i, p in enumerate(pipelines)]
+        try:
+            results = await self.pool.process([p.name for p in pipelines], events)
+        except Backpressure:
+            self.refused(len(events), "worker_restart")
+            raise
+        out = []
+        for pipeline, result in zip(pipelines, results, strict=True):
+            for pid, before, after in result.counts:
+                pipeline.count(pid, before, after)
+            out.append((pipeline, unpack(result.packed), result.packed))
+        return out
 
     def refused(self, count: int, reason: str) -> None:
         """Count events the receiver could not take (undecodable, pushed back...)."""

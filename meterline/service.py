@@ -31,6 +31,7 @@ from meterline.pipeline import Entry, Flow, Pipeline, Taps
 from meterline.queue import Batch
 from meterline.queue.memory import MemoryQueue
 from meterline.telemetry import Telemetry
+from meterline.workers import Plan, ProcessorPool, ProcessorSpec, default_workers
 
 
 @dataclass
@@ -60,6 +61,10 @@ class Service:
         self._sections: dict[str, Any] = dict(config.sections)  # what Context.sections shows
         self._reloading = asyncio.Lock()
         self._stop = asyncio.Event()
+        workers = config.service.workers or default_workers()
+        log_cfg = config.service.telemetry.logs
+        self.pool = (ProcessorPool(workers, log_cfg.level, log_cfg.encoding, self.telemetry)
+                     if workers > 1 else None)
 
     def context(self, cid: str) -> Context:
         return Context(cid, self.data_dir, self.telemetry, logs.get(component=cid),
@@ -160,6 +165,8 @@ class Service:
                 processor: Processor = spec.factory.create(spec.config, self.context(spec.id))
                 await _started(f"processor {key}", processor.start())
                 self.processors[(name, key)] = _Running(spec, processor)
+        if self.pool is not None:
+            await self._plan_workers(new)
         self.pipelines = {
             name: Pipeline(
                 name,
@@ -167,6 +174,17 @@ class Service:
                 [self.exporters[eid].component for eid in p.exporters],
                 self.telemetry, self.taps)
             for name, p in new.service.pipelines.items()}
+
+    async def _plan_workers(self, new: PipelineFile) -> None:
+        """Have the worker processes build the same processors (started on first use)."""
+        assert self.pool is not None
+        self.pool.configure(Plan(
+            {name: [ProcessorSpec(pid, new.processors[pid].factory.type,
+                                  new.processors[pid].raw) for pid in p.processors]
+             for name, p in new.service.pipelines.items()},
+            str(self.data_dir), dict(new.sections)))
+        if not self.pool.started:
+            await _started("processing workers", self.pool.start())
 
     async def _swap_receivers(self, new: PipelineFile) -> None:
         for cid, running in list(self.receivers.items()):
@@ -178,7 +196,8 @@ class Service:
             if cid not in new.receivers:
                 del self.entries[cid]
         for cid, spec in new.receivers.items():
-            entry = self.entries.setdefault(cid, Entry(cid, self.flow, self.telemetry))
+            entry = self.entries.setdefault(cid, Entry(cid, self.flow, self.telemetry,
+                                                        self.pool))
             entry.pipelines = [self.pipelines[name]
                                for name, p in new.service.pipelines.items() if cid in p.receivers]
             if cid not in self.receivers:
@@ -225,6 +244,8 @@ class Service:
         return {
             "ready": self.ready,
             "reloads": self.reloads,
+            "workers": ({"processes": self.pool.workers, "restarts": self.pool.restarts}
+                        if self.pool is not None else {"processes": 0}),
             "pipelines": {name: {"receivers": p.receivers, "processors": p.processors,
                                  "exporters": p.exporters}
                           for name, p in self.config.service.pipelines.items()},
@@ -241,6 +262,8 @@ class Service:
                 await running.component.shutdown()
         for running in self.processors.values():
             await running.component.shutdown()
+        if self.pool is not None:
+            await self.pool.shutdown()
         await asyncio.gather(*(r.component.shutdown(grace) for r in self.exporters.values()))
         if self.admin is not None:
             await self.admin.shutdown()

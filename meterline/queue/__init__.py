@@ -37,9 +37,9 @@ class Batch:
 
     __slots__ = ("_packed", "events")
 
-    def __init__(self, events: list[Event]) -> None:
+    def __init__(self, events: list[Event], packed: bytes | None = None) -> None:
         self.events = events
-        self._packed: bytes | None = None
+        self._packed = packed  # when given, must be `pack(events)`
 
     def __len__(self) -> int:
         return len(self.events)

@@ -1,0 +1,176 @@
+"""Processors in worker processes: off the loop that serves clients, on every core, with
+the guarantees of the single-process daemon (nothing acknowledged lost, counters whole)."""
+
+import asyncio
+import os
+import signal
+
+import aiohttp
+import msgspec
+import pytest
+
+from meterline import config as config_mod
+from tests.conftest import (
+    event_dicts,
+    eventually,
+    free_port,
+    metric_value,
+    post_json,
+    read_jsonl,
+    running,
+)
+
+PIPELINE = """
+receivers:
+  webhook: {{listen: 127.0.0.1:{port}}}
+processors:
+  labels: {{static: {{region: {region}}}}}
+  redact: {{}}
+exporters:
+  file:
+    path: {{data}}/out.jsonl
+    batch: {{max_size: 200, timeout: 20ms}}
+service:
+  data_dir: {{data}}
+  admin: null
+  workers: {workers}
+  pipelines:
+    p: {{receivers: [webhook], processors: [labels, redact], exporters: [file]}}
+"""
+
+
+def pipeline(port: int, workers: int = 2, region: str = "eu") -> str:
+    return PIPELINE.format(port=port, workers=workers, region=region)
+
+
+def with_pii(start: int, count: int) -> list[dict]:
+    return event_dicts(start, count, user_id="someone",
+                       input_messages=[{"role": "user", "content": "write to ann@example.com"}])
+
+
+async def test_processors_run_in_worker_processes_not_in_the_daemons_own(tmp_path):
+    port = free_port()
+    async with running(pipeline(port), tmp_path) as service:
+        for running_processor in service.processors.values():
+            running_processor.component.process = _must_not_run
+        status, body, _ = await post_json(f"http://127.0.0.1:{port}/v1/events", with_pii(0, 5))
+        assert (status, body["accepted"]) == (200, 5)
+        out = tmp_path / "data" / "out.jsonl"
+        rows = await eventually(lambda: read_jsonl(out))
+        assert rows[0]["metadata"]["region"] == "eu"
+        assert "ann@example.com" not in str(rows)
+        pids = service.pool.pids()
+        assert len(pids) == 2 and os.getpid() not in pids
+
+
+def _must_not_run(events):
+    raise AssertionError("a processor ran in the daemon's own process")
+
+
+async def test_workers_1_runs_the_processors_in_the_daemons_own_process(tmp_path):
+    port = free_port()
+    async with running(pipeline(port, workers=1), tmp_path) as service:
+        assert service.pool is None
+        status, _, _ = await post_json(f"http://127.0.0.1:{port}/v1/events", with_pii(0, 3))
+        assert status == 200
+        rows = await eventually(lambda: read_jsonl(tmp_path / "data" / "out.jsonl"))
+        assert "ann@example.com" not in str(rows)
+
+
+async def test_counters_of_processors_in_workers_reach_the_daemons_metrics(tmp_path):
+    port = free_port()
+    async with running(pipeline(port), tmp_path) as service:
+        await post_json(f"http://127.0.0.1:{port}/v1/events", with_pii(0, 7))
+        registry = service.telemetry.registry
+        assert metric_value(registry, "meterline_redact_redactions_total", detector="email") == 7
+        assert metric_value(registry, "meterline_processor_incoming_events_total",
+                            processor="redact", pipeline="p") == 7
+
+
+async def test_a_reload_reaches_the_processors_in_the_workers(tmp_path):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/v1/events"
+    async with running(pipeline(port, region="eu"), tmp_path) as service:
+        await post_json(url, with_pii(0, 2))
+        path = tmp_path / "pipeline.yaml"
+        path.write_text(path.read_text().replace("region: eu", "region: us"))
+        assert await service.reload(str(path))
+        await post_json(url, with_pii(2, 2))
+        out = tmp_path / "data" / "out.jsonl"
+        rows = await eventually(lambda: len(read_jsonl(out)) == 4 and read_jsonl(out))
+        regions = {r["event_id"]: r["metadata"]["region"] for r in rows}
+        assert regions == {"evt-00000000": "eu", "evt-00000001": "eu",
+                           "evt-00000002": "us", "evt-00000003": "us"}
+
+
+async def test_a_worker_killed_mid_stream_loses_no_acknowledged_event(tmp_path):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/v1/events"
+    async with running(pipeline(port), tmp_path) as service:
+        acked: list[str] = []
+        answers: list[int] = []
+        senders = [asyncio.create_task(_send_batches(url, i * 10_000, 30, acked, answers))
+                   for i in range(3)]
+        await eventually(lambda: len(acked) >= 1000, timeout=30)
+        os.kill(service.pool.pids()[0], signal.SIGKILL)
+        await asyncio.gather(*senders)
+        assert len(acked) == 3 * 30 * 50  # every batch got in, retried where pushed back
+        out = tmp_path / "data" / "out.jsonl"
+        await eventually(lambda: len(read_jsonl(out)) >= len(acked), timeout=30)
+        ids = [r["event_id"] for r in read_jsonl(out)]
+        assert sorted(ids) == sorted(acked)  # each acknowledged event exactly once
+        assert service.pool.restarts >= 1
+        assert 429 in answers  # the batches the dead worker held were pushed back
+
+
+async def _send_batches(url: str, first: int, batches: int, acked: list[str],
+                        answers: list[int]) -> None:
+    """Post `batches` batches of 50, retrying each until it is acknowledged."""
+    async with aiohttp.ClientSession() as session:
+        for n in range(batches):
+            items = with_pii(first + n * 50, 50)
+            for _ in range(100):
+                async with session.post(url, data=msgspec.json.encode(items), headers={
+                        "Content-Type": "application/json"}) as r:
+                    answers.append(r.status)
+                    if r.status == 200:
+                        acked.extend(e["event_id"] for e in items)
+                        break
+                await asyncio.sleep(0.05)
+
+
+async def test_workers_exit_when_the_daemon_is_killed(tmp_path, daemon_factory):
+    port = free_port()
+    daemon = daemon_factory(pipeline(port).replace("admin: null",
+                                                   'admin: {listen: "127.0.0.1:{admin}"}'))
+    daemon.start()
+    status, _, _ = await post_json(f"http://127.0.0.1:{port}/v1/events", with_pii(0, 1))
+    assert status == 200
+    children = _children(daemon.proc.pid)
+    assert len(children) >= 2
+    daemon.kill()
+    await eventually(lambda: not any(_alive(pid) for pid in children), timeout=10)
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            found += [int(c) for c in f.read().split()]
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[1][0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_workers_below_1_are_refused_with_the_reason(tmp_path):
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(pipeline(free_port(), workers=0).replace("{data}", str(tmp_path)))
+    with pytest.raises(config_mod.ConfigError) as e:
+        config_mod.load(str(path))
+    assert "service.workers must be at least 1" in str(e.value)
