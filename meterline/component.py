@@ -46,6 +46,9 @@ class Context:
     """The top-level `pipeline.yaml` sections plugins contribute (`meterline.sections`), by
     name. A live view: after a reload it holds the new file's values, so a component that
     reads it when it needs it follows the change without being rebuilt."""
+    replicas: int = 1
+    """How many processes run this component side by side (processors run in every worker
+    process): a limit meant for the whole daemon, such as a rate, is divided by it."""
 
     @property
     def meter(self) -> Meter:

@@ -182,7 +182,7 @@ class Service:
             {name: [ProcessorSpec(pid, new.processors[pid].factory.type,
                                   new.processors[pid].raw) for pid in p.processors]
              for name, p in new.service.pipelines.items()},
-            str(self.data_dir), dict(new.sections)))
+            str(self.data_dir), dict(new.sections), self.pool.workers))
         if not self.pool.started:
             await _started("processing workers", self.pool.start())
 

@@ -129,7 +129,7 @@ class SampleProcessor(Processor):
         self.keep_errors = config.keep_errors
         slow = config.keep_slower_than
         self.slow_ms = float(slow) * 1000 if slow is not None else None
-        self.limit = (RateLimit(config.max_per_second, clock)
+        self.limit = (RateLimit(config.max_per_second / context.replicas, clock)
                       if config.max_per_second is not None else None)
         self.id = context.id
         meter = context.meter

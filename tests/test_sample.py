@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from pathlib import Path
@@ -171,6 +172,17 @@ def test_rate_limit_keeps_at_most_the_limit_and_adjusts_weights(tmp_path: Path) 
     assert p.limit.owed <= 0.01 * 10_000
     # ... which is within 4 sigma of the 10,000 that arrived
     assert abs(weighted - 10_000) < 4 * 10 * math.sqrt(9000 * 0.1 * 0.9)
+
+
+def test_max_per_second_is_shared_by_the_worker_processes_that_run_the_sampler(
+        tmp_path: Path) -> None:
+    """Each of 4 workers runs its own sampler: together they keep the daemon's limit."""
+    now = [1000.0]
+    context = dataclasses.replace(make_context(tmp_path, "sample"), replicas=4)
+    p = SampleProcessor(convert({"max_per_second": 100}, SampleConfig), context,
+                        clock=lambda: now[0])
+    kept = p.process([Event(event_id=f"evt-{i}") for i in range(1000)])
+    assert len(kept) == 25
 
 
 def test_empty_config_keeps_everything_untouched(tmp_path: Path) -> None:
