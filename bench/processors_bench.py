@@ -4,8 +4,10 @@ the MB/s of text redact scans.
 Each processor gets batches of events (fresh copies each round: processors change
 events in place) and only its `process` call is timed, in this one process. The
 events are chat calls with token usage, cache and reasoning counts, metadata, and
-~1 KB of message text of which one message in ten carries PII or a secret; redact is
-also measured on the tests' labelled PII corpus.
+~1 KB of message text of which one message in ten carries PII or a secret. Redact is
+also measured on the daemon's usual event (a 700-byte prompt with an e-mail address
+and a phone number, a 250-byte answer, metadata), on the tests' labelled PII corpus
+(dense PII), and on one 1 MB prompt with PII spread through it.
 
     python bench/processors_bench.py --events 50000 --batch 1000
 """
@@ -88,6 +90,29 @@ def make_events(n: int, seed: int = 1) -> list[Event]:
     return events
 
 
+def daemon_events(n: int) -> list[Event]:
+    """The daemon's usual event: a 700-byte prompt with one e-mail address and one phone
+    number, a 250-byte answer, metadata."""
+    prompt = (PROSE * 5)[:640] + " Reply to ann.lee@example.org or call +1 415 555 0132."
+    answer = (PROSE * 2)[:250]
+    return [Event(event_id=f"d{i}", provider="openai", operation="chat",
+                  request_model="gpt-4o", input_tokens=180, output_tokens=60,
+                  metadata={"cust": f"c-{i % 90}", "feature": "support"},
+                  input_messages=[{"role": "user", "content": prompt}],
+                  output_messages=[{"role": "assistant", "content": answer}])
+            for i in range(n)]
+
+
+def big_prompt(megabytes: float = 1.0) -> list[Event]:
+    """One prompt of `megabytes` of prose with PII every ~4 KB (one of `PII` each time)."""
+    parts: list[str] = []
+    size = 0
+    while size < megabytes * 1e6:
+        parts += [PROSE * 25, PII[len(parts) % len(PII)], " "]
+        size += len(parts[-3]) + len(parts[-2]) + 1
+    return [Event(event_id="big", input_messages=[{"role": "user", "content": "".join(parts)}])]
+
+
 def corpus_events() -> list[Event]:
     """The labelled redaction corpus of the tests, one text per event: text dense in
     PII, secrets and numbers, in several languages."""
@@ -146,10 +171,22 @@ def main() -> None:
             if type_ == "redact":
                 line += f"  {scanned * args.rounds / seconds / 1e6:7.1f} MB/s of text"
             print(line)
+        redact = build("redact", {}, Path(tmp))
+        daemon = daemon_events(args.events)
+        batches = [daemon[i:i + args.batch] for i in range(0, len(daemon), args.batch)]
+        seconds = run(redact, batches, args.rounds)
+        rate = len(daemon) * args.rounds / seconds
+        print(f"{'redact {} on 700 B prompts with e-mail+phone':42s} {rate:12,.0f} events/s  "
+              f"{1e6 / rate:7.2f} us/event  "
+              f"{text_bytes(daemon) * args.rounds / seconds / 1e6:7.1f} MB/s of text")
         corpus = corpus_events()
-        seconds = run(build("redact", {}, Path(tmp)), [corpus], args.rounds * 10)
+        seconds = run(redact, [corpus], args.rounds * 10)
         print(f"{'redact {} on the PII corpus (dense PII)':42s} "
               f"{text_bytes(corpus) * args.rounds * 10 / seconds / 1e6:7.1f} MB/s of text")
+        big = big_prompt()
+        seconds = run(redact, [big], args.rounds)
+        print(f"{'redact {} on one 1 MB prompt (PII every 4 KB)':42s} "
+              f"{text_bytes(big) * args.rounds / seconds / 1e6:7.1f} MB/s of text")
 
 
 if __name__ == "__main__":

@@ -15,15 +15,19 @@ the detectors (see `detectors.py`), each with its action:
 `redactions` on the event counts findings by detector. What was found is never
 logged; the self-telemetry counts findings by detector and dropped events.
 Strings that are data URIs (`data:image/png;base64,...`) are not scanned.
+
+A batch is scanned at once: the strings of all its events go through one pass of
+all the detectors (`engine.py`), and only the events with findings are visited again
+(`redactor.py`).
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import os
 import re
 import secrets
+from bisect import bisect_right
+from operator import attrgetter
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,11 +36,12 @@ import msgspec
 from meterline.component import Config, Context, Factory, Processor
 from meterline.event import Event
 from processors.fieldpath import FieldPath
-from processors.redact.detectors import BUILTIN, NAMES, Detector, DetectorSet
+from processors.redact.detectors import BUILTIN, NAMES, Detector
+from processors.redact.engine import Span
+from processors.redact.redactor import DropEvent, DropField, Redactor, Strings
 
 Action = Literal["mask", "hash", "drop", "drop_event", "off"]
 ACTIONS: tuple[Action, ...] = ("mask", "hash", "drop", "drop_event", "off")
-_SKIPPED_KEYS = frozenset({"role", "type", "id", "tool_call_id", "finish_reason"})
 
 
 def _check_action(action: str, where: str) -> None:
@@ -95,89 +100,12 @@ class RedactConfig(Config):
         return [(d, a) for d, a in chosen if a != "off"]
 
 
-class _DropField(Exception):
-    """A `drop` finding: abandon the field being scanned."""
-
-
-class _DropEvent(Exception):
-    """A `drop_event` finding: abandon the event."""
-
-
-Slot = tuple[Any, Any, str]  # (container, key, string): where a string sits in a value
-
-
-def _strings(value: Any, slots: list[Slot], container: Any = None, key: Any = None) -> None:
-    """Every string inside `value`, with where it sits (dicts and lists are walked)."""
-    if isinstance(value, str):
-        if not value.startswith("data:"):  # inline images and files: base64, not text
-            slots.append((container, key, value))
-    elif isinstance(value, dict):
-        for k, v in value.items():
-            if k not in _SKIPPED_KEYS:
-                _strings(v, slots, value, k)
-    elif isinstance(value, list):
-        for i, v in enumerate(value):
-            _strings(v, slots, value, i)
-
-
-class Redactor:
-    """Finds and replaces in a field's strings, tallying findings by detector."""
-
-    def __init__(self, detectors: list[tuple[Detector, str]], hash_key: bytes) -> None:
-        self.detectors = DetectorSet([d for d, _ in detectors])
-        self.actions = [a for _, a in detectors]
-        self.names = [d.name for d, _ in detectors]
-        self.placeholders = [d.placeholder for d, _ in detectors]
-        self.hash_key = hash_key
-
-    def redact_value(self, value: Any, counts: dict[str, int]) -> Any:
-        """`value` with its strings redacted (in place inside dicts and lists). Which
-        detectors can match is settled once for all of them together."""
-        slots: list[Slot] = []
-        _strings(value, slots)
-        if not slots:
-            return value
-        whole = slots[0][2] if len(slots) == 1 else "\n".join(s for _, _, s in slots)
-        candidates = self.detectors.candidates(whole)
-        if not candidates:
-            return value
-        for container, key, text in slots:
-            new = self.redact(text, candidates, counts)
-            if new is not text:
-                if container is None:
-                    return new
-                container[key] = new
-        return value
-
-    def redact(self, text: str, candidates: list[int], counts: dict[str, int]) -> str:
-        findings = self.detectors.find(text, candidates)
-        if not findings:
-            return text
-        parts = []
-        last = 0
-        for start, end, index in findings:
-            name = self.names[index]
-            counts[name] = counts.get(name, 0) + 1
-            action = self.actions[index]
-            if action == "drop_event":
-                raise _DropEvent
-            if action == "drop":
-                raise _DropField
-            parts.append(text[last:start])
-            if action == "hash":
-                digest = hmac.new(self.hash_key, text[start:end].encode(), hashlib.sha256)
-                parts.append(f"<{name.upper()}:{digest.hexdigest()[:16]}>")
-            else:
-                parts.append(self.placeholders[index])
-            last = end
-        parts.append(text[last:])
-        return "".join(parts)
-
-
 _MESSAGES = (FieldPath("input_messages"), FieldPath("output_messages"))
 
 
 class RedactProcessor(Processor):
+    """A batch at a time (see the module's docstring)."""
+
     def __init__(self, config: RedactConfig, context: Context) -> None:
         active = config.active()
         needs_key = any(action == "hash" for _, action in active)
@@ -185,6 +113,7 @@ class RedactProcessor(Processor):
                else _stored_key(context) if needs_key else b"")
         self.redactor = Redactor(active, key)
         self.fields = [*_MESSAGES, *config.fields]
+        self._getters = [attrgetter(p.key) if p.kind == "field" else p.get for p in self.fields]
         self.id = context.id
         meter = context.meter
         self._redactions = meter.create_counter(
@@ -196,25 +125,34 @@ class RedactProcessor(Processor):
     def process(self, events: list[Event]) -> list[Event]:
         if not self.redactor.names:
             return events
-        redact = self.redactor.redact_value
+        # by event, then field: its value and where its strings begin in `strings`
+        values: list[Any] = []
+        starts: list[int] = []
+        strings = Strings()
+        for e in events:
+            for get in self._getters:
+                value = get(e)
+                values.append(value)
+                starts.append(len(strings.texts))
+                if value is not None:
+                    strings.add(value)
+        starts.append(len(strings.texts))
+        found = self.redactor.detectors.find_all(strings.texts)
+        if not found:
+            return events
+        width = len(self.fields)
+        hit = {(bisect_right(starts, i) - 1) // width for i in found}
         totals: dict[str, int] = {}
         kept: list[Event] = []
         dropped = 0
-        for e in events:
+        for i, e in enumerate(events):
+            if i not in hit:
+                kept.append(e)
+                continue
             counts: dict[str, int] = {}
             try:
-                for path in self.fields:
-                    value = path.get(e)
-                    if value is None:
-                        continue
-                    try:
-                        new = redact(value, counts)
-                    except _DropField:
-                        path.delete(e)
-                        continue
-                    if new is not value:
-                        path.set(e, new)
-            except _DropEvent:
+                self._redact_event(e, i * width, values, starts, strings, found, counts)
+            except DropEvent:
                 dropped += 1
                 for name, n in counts.items():
                     totals[name] = totals.get(name, 0) + n
@@ -233,6 +171,30 @@ class RedactProcessor(Processor):
         if dropped:
             self._dropped.add(dropped, {"processor": self.id})
         return kept
+
+    def _redact_event(self, e: Event, first: int, values: list[Any], starts: list[int],
+                      strings: Strings, found: dict[int, list[Span]],
+                      counts: dict[str, int]) -> None:
+        """The fields of `e` (`values[first:]`) in order, as if each were scanned only
+        when reached: one that an earlier field changed (a path listed twice, or inside
+        another) is scanned again."""
+        redactor = self.redactor
+        for k, path in enumerate(self.fields):
+            value = values[first + k]
+            indexes = range(starts[first + k], starts[first + k + 1])
+            current = self._getters[k](e)
+            if current is None:
+                continue
+            try:
+                if current is value and strings.unchanged(indexes, found):
+                    new = redactor.replace_value(value, strings, indexes, found, counts)
+                else:
+                    new = redactor.redact_value(current, counts)
+            except DropField:
+                path.delete(e)
+                continue
+            if new is not current:
+                path.set(e, new)
 
 
 def _stored_key(context: Context) -> bytes:

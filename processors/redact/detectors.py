@@ -1,12 +1,23 @@
-"""The built-in detectors of PII and secrets, and how their findings are combined.
+"""The built-in detectors of PII and secrets.
 
-Each detector is one or more precompiled regular expressions plus, where a format
-has one, a check that a regex cannot express (Luhn for card numbers, mod-97 for
-IBANs, a decodable header for JWTs, valid ranges for SSNs and IP addresses). A
-detector whose matches must contain some literal (`@` for e-mail, `eyJ` for a
-JWT) names it, so that a text without it costs one substring search instead of a
-regex scan. Where findings of several detectors overlap, the more specific one
-wins (a JWT over a bearer token, an SSN over a phone number).
+A detector is what its regular expressions match, kept by a check that a regex cannot
+express (Luhn for card numbers, mod-97 for IBANs, a decodable header for JWTs, valid
+ranges for SSNs and IP addresses, the words around a dotted quad). Python's `re`
+scanning a text once per detector is far too slow for every prompt, so each built-in
+detector also has probes: Hyperscan expressions that match wherever one of its
+regexes could start a match (see `engine.py`, which scans all the probes at once).
+The regex then runs only there, anchored (`pattern.match(text, start)`), which finds
+what `pattern.finditer(text)` finds, provided the probes miss no start.
+
+A probe is the regex with what Hyperscan cannot run taken out, so it matches more:
+a lookbehind becomes the character before the match, consumed (`[^\\w-]eyJ` for
+`(?<![\\w-])eyJ`), and is checked again in Python; lookaheads and backreferences are
+dropped; and the probe stops where the rest would make it match at many ends (a
+repeat of unbounded length), since each match costs a Python call. It must also have
+one start per end: Hyperscan reports only the leftmost start of each end. Where a
+probe matches and its regex does not, the regex says so; where the regex would match
+and no probe does, a finding is lost: tests/test_redact_engine.py checks on random
+text that the two ways find the same. Probes read the text through `image.py`.
 """
 
 from __future__ import annotations
@@ -15,9 +26,14 @@ import base64
 import binascii
 import ipaddress
 import re
-from collections.abc import Callable, Iterator
+from bisect import bisect_left, bisect_right
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import NamedTuple
+
+from processors.redact.image import ANY_WORDS, LETTERS_I, caseless
+from processors.redact.image import DIGITS as D
+from processors.redact.image import WORDS as W
 
 
 class Finding(NamedTuple):
@@ -26,38 +42,113 @@ class Finding(NamedTuple):
     detector: int  # index in the redactor's detector list (lower wins an overlap)
 
 
+Spans = list[tuple[int, int]]
+
+
+@dataclass(frozen=True)
+class Probe:
+    """A Hyperscan expression for the detector's regex number `pattern`, whose matches
+    begin `skip` characters before where the regex may (a boundary character)."""
+
+    expression: str
+    pattern: int = 0
+    skip: int = 0
+
+
+class Hits:
+    """Where one detector's probes matched: (start, end) of each match, by probe. The
+    text holds a batch of texts, each after a separator that no regex matches across,
+    so that the regexes run on the whole of it; text k begins at `bases[k]`, and the
+    last base is where a text after the last would begin."""
+
+    __slots__ = ("bases", "probes")
+
+    def __init__(self, probes: list[tuple[Probe, list[tuple[int, int]]]],
+                 bases: list[int]) -> None:
+        self.probes = probes
+        self.bases = bases
+
+    def starts(self, pattern: int = 0) -> list[int]:
+        """Where regex number `pattern` may match, ascending."""
+        found = [start + probe.skip for probe, hits in self.probes if probe.pattern == pattern
+                 for start, _ in hits]
+        found.sort()
+        return found
+
+    def ends(self, pattern: int = 0) -> list[int]:
+        """Where the probes for regex number `pattern` matched up to, ascending."""
+        found = [end for probe, hits in self.probes if probe.pattern == pattern
+                 for _, end in hits]
+        found.sort()
+        return found
+
+    def limit(self, position: int) -> int:
+        """The end of the text that holds `position`."""
+        return self.bases[bisect_right(self.bases, position)] - 1
+
+
 @dataclass(frozen=True)
 class Detector:
     """Patterns whose group named `value`, if they have one, is the finding (the token
-    after "Bearer"), else the whole match."""
+    after "Bearer"), else the whole match. `spans`, where a detector has one, turns the
+    matches into findings in its own way (an IBAN cut to its country's length)."""
 
     name: str
     patterns: tuple[re.Pattern[str], ...]
     valid: Callable[[str], bool] | None = None  # a further check of the matched text
-    needles: tuple[str, ...] = ()  # the text must contain one of these to match at all
-    needs_number: bool = False  # matches hold 7+ digits or a dotted quad (see DetectorSet)
-    spans: Callable[[str], Iterator[tuple[int, int]]] | None = None  # replaces the regex loop
+    probes: tuple[Probe, ...] = ()  # none: the patterns scan every text (custom detectors)
+    spans: Callable[[str, Hits | None], Spans] | None = None  # replaces the regex loop
 
     @property
     def placeholder(self) -> str:
         return f"<{self.name.upper()}>"
 
-    def find(self, text: str) -> Iterator[tuple[int, int]]:
-        """Spans of the findings in `text` (`needles` are the caller's to check)."""
+    def find(self, text: str, hits: Hits | None = None) -> Spans:
+        """Spans of the findings in `text`, looked for where the probes' `hits` say, or
+        everywhere (None): both give the same spans."""
         if self.spans is not None:
-            yield from self.spans(text)
-            return
+            return self.spans(text, hits)
         valid = self.valid
-        for pattern in self.patterns:
+        spans = []
+        for index, pattern in enumerate(self.patterns):
             group = "value" if "value" in pattern.groupindex else 0
-            for m in pattern.finditer(text):
+            for m in _matches(pattern, text, hits, index):
                 if valid is None or valid(m.group(group)):
-                    yield m.span(group)
+                    spans.append(m.span(group))
+        return spans
+
+
+def _matches(pattern: re.Pattern[str], text: str, hits: Hits | None,
+            index: int = 0) -> Iterable[re.Match[str]]:
+    """What `pattern.finditer(text)` gives, tried only where the probes of regex number
+    `index` matched when there are `hits`."""
+    if hits is None:
+        return pattern.finditer(text)
+    found = []
+    done = last = -1
+    match = pattern.match
+    for start in hits.starts(index):
+        if start >= done and start != last:
+            last = start
+            m = match(text, start)  # a lookbehind still sees the text before `start`
+            if m is not None:
+                done = m.end()
+                found.append(m)
+    return found
 
 
 # --- checks --------------------------------------------------------------------------
 
+# Luhn sums mod 10 of a doubled digit, by byte (digits are ASCII here; other bytes keep
+# the value the loop below gives them).
+_DOUBLED = bytes((2 * (b - 48) - 9 if b - 48 > 4 else 2 * (b - 48)) % 10 for b in range(256))
+
+
 def luhn(digits: str) -> bool:
+    if digits.isascii():  # the sum of the bytes, in C
+        raw = digits.encode()
+        kept, doubled = raw[-1::-2], raw[-2::-2]
+        return (sum(kept) - 48 * len(kept) + sum(doubled.translate(_DOUBLED))) % 10 == 0
     total = 0
     for i, ch in enumerate(reversed(digits)):
         d = ord(ch) - 48
@@ -75,15 +166,15 @@ _CARD_GROUPS = {(4, 4, 4, 4), (4, 6, 5), (4, 6, 4), (4, 4, 4, 4, 3), (4, 4, 4, 2
 
 
 def _card(text: str) -> bool:
-    digits = re.sub(r"[ -]", "", text)
+    """`text`: digits, with single spaces or dashes between some."""
+    digits = text.replace(" ", "").replace("-", "")
     if not 13 <= len(digits) <= 19 or not _CARD_PREFIX.match(digits) or not luhn(digits):
         return False
-    separators = set(re.sub(r"\d", "", text))
-    if not separators:
+    if len(digits) == len(text):
         return True
-    if len(separators) > 1:
+    if " " in text and "-" in text:
         return False
-    groups = tuple(len(g) for g in re.split(r"[ -]", text))
+    groups = tuple(map(len, text.split(" " if " " in text else "-")))
     return groups in _CARD_GROUPS
 
 
@@ -99,6 +190,7 @@ IBAN_LENGTHS = {
     "SC": 31, "SE": 24, "SI": 19, "SK": 24, "SM": 27, "ST": 25, "SV": 28, "TL": 23, "TN": 24,
     "TR": 26, "UA": 29, "VA": 22, "VG": 24, "XK": 20,
 }
+_BASE36 = {ord(c): str(int(c, 36)) for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ"}
 
 
 def iban_valid(text: str) -> bool:
@@ -106,37 +198,40 @@ def iban_valid(text: str) -> bool:
     if IBAN_LENGTHS.get(compact[:2]) != len(compact):
         return False
     rearranged = compact[4:] + compact[:4]
-    return int("".join(str(int(ch, 36)) for ch in rearranged)) % 97 == 1
+    if rearranged.isascii() and rearranged.isalnum():
+        return int(rearranged.translate(_BASE36)) % 97 == 1
+    try:  # digits of other scripts count; a letter such as the Kelvin sign does not
+        return int("".join(str(int(ch, 36)) for ch in rearranged)) % 97 == 1
+    except ValueError:
+        return False
 
 
-def _iban_spans(pattern: re.Pattern[str]) -> Callable[[str], Iterator[tuple[int, int]]]:
-    """`pattern` matches from an IBAN's check digits (a digit is a cheaper place for the
-    regex engine to start than any letter); the country code is the two letters before.
-    The loose match is then cut to the country's length: being greedy, it may have
-    taken the next word ("... 0130 00 AND")."""
+# `_IBAN` matches from an IBAN's check digits (a digit is a cheaper place for the regex
+# engine to start than any letter); the country code is the two letters before.
+_IBAN = re.compile(r"\d{2}(?<=(?<!\w)[A-Za-z]{2}\d{2})(?: ?[A-Z0-9]){11,30}", re.IGNORECASE)
 
-    def find(text: str) -> Iterator[tuple[int, int]]:
-        for m in pattern.finditer(text):
-            start = m.start() - 2
-            want = IBAN_LENGTHS.get(text[start:m.start()].upper())
-            if want is None:
-                continue
-            count, end = 0, start
-            for end in range(start, m.end()):
-                if text[end] != " ":
-                    count += 1
-                    if count == want:
-                        break
-            end += 1
-            if count == want and not (end < len(text) and text[end].isalnum()) \
-                    and iban_valid(text[start:end]):
-                yield start, end
 
-    return find
+def _iban_spans(text: str, hits: Hits | None) -> Spans:
+    """The loose match of `_IBAN` is cut to the country's length: being greedy, it may
+    have taken the next word ("... 0130 00 AND")."""
+    spans = []
+    for m in _matches(_IBAN, text, hits):
+        start = m.start() - 2
+        want = IBAN_LENGTHS.get(text[start:m.start()].upper())
+        if want is None:
+            continue
+        # the end of the first `want` characters but spaces (they come one at a time)
+        end = start + want
+        while (longer := start + want + text.count(" ", start, end)) != end:
+            end = longer
+        if end <= m.end() and not (end < len(text) and text[end].isalnum()) \
+                and iban_valid(text[start:end]):
+            spans.append((start, end))
+    return spans
 
 
 def _ssn(text: str) -> bool:
-    area, group, serial = re.split(r"[- ]", text)
+    area, group, serial = text[:3], text[4:6], text[7:]
     return area not in ("000", "666") and area[0] != "9" and group != "00" and serial != "0000"
 
 
@@ -156,37 +251,68 @@ _NOT_ADDRESS_BEFORE = re.compile(r"(?:\b(?:v|version|release|build|rev|ver|secti
                                  re.IGNORECASE)
 
 
-def _ipv4_spans(text: str) -> Iterator[tuple[int, int]]:
+def _ipv4_spans(text: str, hits: Hits | None) -> Spans:
     """Dotted quads that are addresses. Unspecified (0.), loopback (127.) and netmask
     (255.) quads are no one's address. One with an octet of 32 or more, or in 10/8, is
     taken as an address; one of small numbers only (3.2.1.4 is a section or a version
     far more often) needs an address's context: `DNS 8.8.8.8`, `host: 1.1.1.1`,
     `https://1.2.3.4`, `user@1.2.3.4`, `1.2.3.4:8080`, `1.2.3.0/24`."""
-    for m in _IPV4.finditer(text):
-        octets = [int(o) for o in m.group().split(".")]
+    spans = []
+    for m in _matches(_IPV4, text, hits):
+        octets = list(map(int, m.group().split(".")))
         if max(octets) > 255 or octets[0] in (0, 127, 255):
             continue
         start, end = m.span()
+        # No context regex reaches across a separator, so the window needs no clipping
+        # to the text in a batch.
         before = text[max(0, start - 40):start]
-        if _NOT_ADDRESS_BEFORE.search(before):
+        if not (octets[0] == 10 or max(octets) >= 32 or _IPV4_AFTER.match(text, end)
+                or (_may_name_address(before) and _IPV4_BEFORE.search(before))):
             continue
-        if (octets[0] == 10 or max(octets) >= 32 or _IPV4_BEFORE.search(before)
-                or _IPV4_AFTER.match(text, end)):
-            yield start, end
+        if _may_name_version(before) and _NOT_ADDRESS_BEFORE.search(before):
+            continue
+        spans.append((start, end))
+    return spans
+
+
+# The context regexes are searches over 40 characters, several microseconds each; what
+# they match ends in one of few characters (the words' last letters, under IGNORECASE,
+# then separators), which rules most windows out first.
+_ADDRESS_LAST = frozenset("pPsS\u017f4rRtTeEyYnNmMgGhHoOfF")
+_VERSION_LAST = frozenset("vVnNeEdDrRcCgGpP\u00a7")
+_CONTEXT_SEPARATORS = frozenset(":=\"'([,")
+
+
+def _may_name_address(before: str) -> bool:
+    """False where `_IPV4_BEFORE` cannot match `before`."""
+    if before.endswith(("://", "@", "://\n", "@\n")):  # `$` matches before a last newline
+        return True
+    i = len(before)
+    while i and (before[i - 1].isspace() or before[i - 1] in _CONTEXT_SEPARATORS):
+        i -= 1
+    return i > 0 and before[i - 1] in _ADDRESS_LAST
+
+
+def _may_name_version(before: str) -> bool:
+    """False where `_NOT_ADDRESS_BEFORE` cannot match `before`."""
+    tail = before.rstrip()
+    return tail.removesuffix(".")[-1:] in _VERSION_LAST
 
 
 def _ipv6(text: str) -> bool:
     address = text.split("%", 1)[0]
+    # `1::2` is a Python slice and `dead::beef` a C++ scope as often as an address:
+    # ask for three groups (an embedded IPv4 address is two) and a digit.
+    groups = sum(2 if "." in g else 1 for g in address.split(":") if g)
+    if groups < 3 or not _HAS_DIGIT(address):
+        return False
+    if groups != 8 and "::" not in address:  # 12:00:01, a time; a quick no for ipaddress's
+        return False
     try:
         ip = ipaddress.IPv6Address(address)
     except ValueError:
         return False
-    if ip.is_loopback or ip.is_unspecified:
-        return False
-    # `1::2` is a Python slice and `dead::beef` a C++ scope as often as an address:
-    # ask for three groups (an embedded IPv4 address is two) and a digit.
-    groups = sum(2 if "." in g else 1 for g in address.split(":") if g)
-    return groups >= 3 and any(c.isdigit() for c in address)
+    return not (ip.is_loopback or ip.is_unspecified)
 
 
 def _jwt(text: str) -> bool:
@@ -198,32 +324,19 @@ def _jwt(text: str) -> bool:
     return decoded.startswith(b"{") and b'"alg"' in decoded
 
 
+# The texts checked are ASCII but for the digits `\d` matched: what isdigit would say.
+_HAS_DIGIT = re.compile(r"\d").search
+_HAS_LETTER = re.compile(r"[A-Za-z]").search
+
+
 def _mixed(text: str) -> bool:
     """Random tokens have letters and digits; `sk-your-key-here` has no digit."""
-    return any(c.isdigit() for c in text) and any(c.isalpha() for c in text)
+    return _HAS_DIGIT(text) is not None and _HAS_LETTER(text) is not None
 
 
-def _around_at(pattern: re.Pattern[str], valid: Callable[[str], bool]
-               ) -> Callable[[str], Iterator[tuple[int, int]]]:
-    """E-mail addresses are searched for only around each `@`, within the lengths an
-    address allows (64 characters before it, 255 after): scanning the whole text from
-    every word character would cost more than the rest of redaction."""
-
-    def find(text: str) -> Iterator[tuple[int, int]]:
-        at = text.find("@")
-        done = 0
-        while at >= 0:
-            if at >= done:
-                m = pattern.search(text, max(done, at - 64), at + 256)
-                if m is not None and m.start() <= at:
-                    if valid(m.group()):
-                        yield m.span()
-                    done = m.end()
-            at = text.find("@", at + 1)
-
-    return find
-
-
+# At most 64 characters before the `@`, as an address allows.
+_EMAIL = re.compile(r"(?<![\w.%+-])\w[\w.%+'-]{0,63}@(?:[^\W_](?:[\w-]{0,61}[^\W_])?\.)+"
+                    r"[^\W\d_]{2,24}(?![\w-])")
 _FILE_SUFFIXES = frozenset({"png", "jpg", "jpeg", "gif", "svg", "webp", "css", "js", "ts", "py",
                             "json", "md", "txt", "html", "pdf", "ico"})
 
@@ -234,8 +347,40 @@ def _email(text: str) -> bool:
     return not (domain.count(".") == 1 and domain.rpartition(".")[2].lower() in _FILE_SUFFIXES)
 
 
+def _email_spans(text: str, hits: Hits | None) -> Spans:
+    found = _EMAIL.finditer(text) if hits is None else _email_matches(text, hits.ends())
+    return [m.span() for m in found if _email(m.group())]
+
+
+_LOCAL = re.compile(r"[\w.%+'-]*")  # what a local part is made of
+
+
+def _email_matches(text: str, ends: list[int]) -> list[re.Match[str]]:
+    """What `_EMAIL.finditer(text)` gives, from where the probe found an `@` after a
+    character of a local part (it ends after the `@`). The address starts where that
+    run of characters does, or after an apostrophe in it (`o'brien@`), within 64
+    characters: `_EMAIL.match` there tells which."""
+    found = []
+    done = 0
+    for end in ends:
+        at = end - 1
+        if at < done:  # inside the previous address
+            continue
+        low = max(done, at - 64)
+        start = at - _LOCAL.match(text[low:at][::-1]).end()  # the run, read backwards
+        m = _EMAIL.match(text, start)
+        quote = text.find("'", start, at)
+        while m is None and quote >= 0:
+            m = _EMAIL.match(text, quote + 1)
+            quote = text.find("'", quote + 1, at)
+        if m is not None:
+            done = m.end()
+            found.append(m)
+    return found
+
+
 def _phone(text: str) -> bool:
-    digits = sum(c.isdigit() for c in text)
+    digits = len(text.translate(_PHONE_PUNCTUATION))  # all that `_PHONE` matches but digits
     if text.startswith("+"):
         return 8 <= digits <= 15
     if text.startswith("00"):  # the international prefix, as + is
@@ -245,15 +390,41 @@ def _phone(text: str) -> bool:
     return digits == 10
 
 
+_PHONE_PUNCTUATION = str.maketrans("", "", " .-()+")
+
+_KEY_MARKER = r"(?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----"
+_PRIVATE_KEY = re.compile(rf"-----BEGIN {_KEY_MARKER}[\s\S]*?-----END {_KEY_MARKER}")
+
+
+def _private_key_spans(text: str, hits: Hits | None) -> Spans:
+    """A key runs from a BEGIN line (probe 0) to the first END line after it in its
+    text (probe 1, whose matches are exact): no regex scans the body, and a BEGIN
+    with no END after it costs nothing."""
+    if hits is None:
+        return [m.span() for m in _PRIVATE_KEY.finditer(text)]
+    ends = sorted(end for probe, found in hits.probes if probe.pattern == 1 for end in found)
+    end_starts = [start for start, _ in ends]
+    spans = []
+    done = 0
+    for begin, begin_end in sorted(b for probe, found in hits.probes if probe.pattern == 0
+                                   for b in found):
+        if begin >= done:
+            i = bisect_left(end_starts, begin_end)
+            if i == len(ends):
+                break
+            if ends[i][0] < hits.limit(begin):
+                done = ends[i][1]
+                spans.append((begin, done))
+    return spans
+
+
 # --- the detectors -------------------------------------------------------------------
 
 _I = re.IGNORECASE
+_TOKEN_START = rf"[^{W}\-]"  # what `(?<![\w-])` lets through
 # Patterns whose first element is a character class let the regex engine skip ahead to
 # where one occurs; a leading lookbehind would not, so those come after the first
 # character (`\d(?<![\d-]\d)` is "a digit not preceded by a digit or dash").
-_IBAN = re.compile(r"\d{2}(?<=(?<!\w)[A-Za-z]{2}\d{2})(?: ?[A-Z0-9]){11,30}", _I)
-_EMAIL = re.compile(r"(?<![\w.%+-])\w[\w.%+'-]*@(?:[^\W_](?:[\w-]{0,61}[^\W_])?\.)+"
-                    r"[^\W\d_]{2,24}(?![\w-])")
 _PHONE = re.compile(
     r"[+(\d](?<![\w+.-][+(\d])(?<!\d[ .-][+(\d])"  # not the tail of a longer run of digits
     r"(?:(?<=\+)\d{1,3}[ .-]?(?:\(0?\d{1,4}\)[ .-]?)?\d{1,4}(?:[ .-]?\d{1,4}){1,5}"  # +44 20..
@@ -261,31 +432,45 @@ _PHONE = re.compile(
     r"|(?<=\d)\d{2}[ .-]\d{3}[ .-]\d{4}"  # 415-555-0132
     r"|(?<=0)\d{1,4}(?:[ .-]\d{2,8}){1,4}"  # 020 7946 0958, 06 12 34 56 78
     r")(?![\w-]|\.\d)")
+_PHONE_START = rf"[^{W}+.\-]"
 
+# What an address `_ipv6` takes begins with three colons, groups of four digits at
+# most between them (eight groups, or `::` and three groups or more), or else is one
+# group, `::` and an IPv4 address. Not a time (12:00:01), nor `std::vector` in C++.
+# (A probe that starts with a group rather than the colons costs Hyperscan much more
+# on prose, for all its literal colons.)
+_GROUP = "[0-9a-fA-F]{0,4}"
+_IPV6_PROBES = (Probe(f"{_GROUP}:{_GROUP}:{_GROUP}:"),
+                Probe(rf"{_GROUP}::[{D}]{{1,3}}\."))
 BUILTIN: tuple[Detector, ...] = (
-    Detector("private_key", (re.compile(
-        r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----[\s\S]*?"
-        r"-----END (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----"),),
-        needles=("PRIVATE KEY-----",)),
+    Detector("private_key", (_PRIVATE_KEY,), spans=_private_key_spans, probes=(
+        Probe(f"-----BEGIN {_KEY_MARKER}"), Probe(f"-----END {_KEY_MARKER}", pattern=1))),
     Detector("jwt", (re.compile(
         r"(?<![\w-])eyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]*"),),
-        valid=_jwt, needles=("eyJ",)),
+        valid=_jwt, probes=(Probe(
+            rf"{_TOKEN_START}eyJ[A-Za-z0-9_\-]{{8,}}\.eyJ[A-Za-z0-9_\-]{{8}}", skip=1),)),
     Detector("anthropic_key", (re.compile(
         r"(?<![\w-])sk-ant-(?:api|admin|sid|oat)\d{2}-[A-Za-z0-9_-]{32,}"),),
-        needles=("sk-ant-",)),
+        probes=(Probe(rf"{_TOKEN_START}sk-ant-(?:api|admin|sid|oat)[{D}]{{2}}-"
+                      r"[A-Za-z0-9_\-]{32}", skip=1),)),
     Detector("openai_key", (re.compile(
         r"(?<![\w-])sk-(?!ant-)(?:proj-|svcacct-|admin-)?[A-Za-z0-9_-]{20,}"),),
-        valid=_mixed, needles=("sk-",)),
+        valid=_mixed, probes=(Probe(rf"{_TOKEN_START}sk-[A-Za-z0-9_\-]{{20}}", skip=1),)),
     Detector("github_token", (re.compile(
         r"(?<![\w])(?:gh[pousr]_[A-Za-z0-9]{36,255}|github_pat_[A-Za-z0-9_]{22,255})"),),
-        needles=("ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_")),
+        probes=(Probe(rf"[^{W}](?:gh[pousr]_[A-Za-z0-9]{{36}}|github_pat_[A-Za-z0-9_]{{22}})",
+                      skip=1),)),
     Detector("slack_token", (
         re.compile(r"(?<![\w-])xox[abposre]-[A-Za-z0-9-]{10,}"),
         re.compile(r"(?<![\w-])xapp-\d-[A-Za-z0-9-]{10,}"),
         re.compile(r"https://hooks\.slack\.com/(?:services|workflows|triggers)/[A-Za-z0-9/_-]+"),
-    ), valid=_mixed, needles=("xox", "xapp-", "hooks.slack.com")),
+    ), valid=_mixed, probes=(
+        Probe(rf"{_TOKEN_START}xox[abposre]-[A-Za-z0-9\-]{{10}}", skip=1),
+        Probe(rf"{_TOKEN_START}xapp-[{D}]-[A-Za-z0-9\-]{{10}}", pattern=1, skip=1),
+        Probe(r"https://hooks\.slack\.com/(?:services|workflows|triggers)/[A-Za-z0-9/_\-]",
+              pattern=2))),
     Detector("google_api_key", (re.compile(r"(?<![\w-])AIza[0-9A-Za-z_-]{35}(?![\w-])"),),
-             needles=("AIza",)),
+             probes=(Probe(rf"{_TOKEN_START}AIza[0-9A-Za-z_\-]{{35}}", skip=1),)),
     Detector("aws_key", (  # access key ids: AKIA long-term, ASIA temporary (STS)
         re.compile(r"(?<![A-Z0-9])(?:AKIA|ASIA)[A-Z0-9]{16}(?![A-Z0-9])"),
         # a secret access key has no marker: it is known by what names it
@@ -293,75 +478,36 @@ BUILTIN: tuple[Detector, ...] = (
                    r"(?P<value>[A-Za-z0-9/+]{40})(?![A-Za-z0-9/+=])"),
         re.compile(r"(?i:secret[_ -]?(?:access[_ -]?)?key)[\"']?(?:\s*[:=]\s*|\s+)[\"']?"
                    r"(?P<value>[A-Za-z0-9/+]{40})(?![A-Za-z0-9/+=])"),
-    ), needles=("AKIA", "ASIA", "ecret", "ECRET")),
+    ), probes=(
+        Probe(r"[^A-Z0-9](?:AKIA|ASIA)[A-Z0-9]{16}", skip=1),
+        Probe(caseless("aws"), pattern=1),
+        Probe(caseless("secret"), pattern=2))),
     Detector("bearer_token", (re.compile(  # Bearer X, bearer_auth("X"), bearer_token = 'X'
         r"(?<![\w])(?i:bearer)(?:\s+|[_-]?(?i:auth|token)[\"']?\s*[:=(]\s*[\"']?)"
-        r"(?P<value>[A-Za-z0-9._~+/-]{16,}=*)"),), valid=_mixed, needles=("earer", "EARER")),
-    Detector("email", (_EMAIL,), spans=_around_at(_EMAIL, _email), needles=("@",)),
-    Detector("iban", (_IBAN,), spans=_iban_spans(_IBAN), needs_number=True),
+        r"(?P<value>[A-Za-z0-9._~+/-]{16,}=*)"),), valid=_mixed,
+        probes=(Probe(rf"[^{W}]{caseless('bearer')}", skip=1),)),
+    Detector("email", (_EMAIL,), spans=_email_spans,
+             probes=(Probe(rf"[{ANY_WORDS}.%+'\-]@"),)),
+    Detector("iban", (_IBAN,), spans=_iban_spans, probes=(
+        Probe(rf"[^{W}][{LETTERS_I}]{{2}}[{D}]{{2}}(?: ?[0-9{LETTERS_I}]){{11}}", skip=3),)),
     Detector("credit_card", (re.compile(
-        r"\d(?<![\d.,-]\d)(?:[ -]?\d){12,18}(?![\d-]|[.,]\d)"),), valid=_card, needs_number=True),
+        r"\d(?<![\d.,-]\d)(?:[ -]?\d){12,18}(?![\d-]|[.,]\d)"),), valid=_card,
+        probes=(Probe(rf"[^{D}.,\-][{D}](?:[ \-]?[{D}]){{12}}", skip=1),)),
     Detector("ssn", (re.compile(r"\d(?<![\d-]\d)\d{2}([- ])\d{2}\1\d{4}(?![\d-])"),),
-             valid=_ssn, needs_number=True),
+             valid=_ssn,
+             probes=(Probe(rf"[^{D}\-][{D}]{{3}}[\- ][{D}]{{2}}[\- ][{D}]{{4}}", skip=1),)),
     Detector("ipv6", (re.compile(
         r"(?<![\w:.])(?=[0-9a-f:]*:[0-9a-f]*:)"
         r"(?:[0-9a-f:]{2,29}(?<=:)(?:\d{1,3}\.){3}\d{1,3}|[0-9a-f:]{2,39}(?!\.\d))"
         r"(?:%[\w.]+)?(?![\w:])", _I),),
-        valid=_ipv6, needles=(":",)),
-    Detector("ipv4", (_IPV4,), spans=_ipv4_spans, needs_number=True),
-    Detector("phone", (_PHONE,), valid=_phone, needs_number=True),
+        valid=_ipv6, probes=_IPV6_PROBES),
+    Detector("ipv4", (_IPV4,), spans=_ipv4_spans, probes=(
+        Probe(rf"[^{W}.][{D}]{{1,3}}\.[{D}]{{1,3}}\.[{D}]{{1,3}}\.[{D}]", skip=1),)),
+    Detector("phone", (_PHONE,), valid=_phone, probes=(  # one probe per alternative
+        Probe(rf"{_PHONE_START}\+[{D}]", skip=1),
+        Probe(rf"{_PHONE_START}\([{D}]{{3}}\)", skip=1),
+        Probe(rf"{_PHONE_START}[{D}]{{3}}[ .\-][{D}]{{3}}[ .\-][{D}]{{4}}", skip=1),
+        Probe(rf"{_PHONE_START}0[{D}]{{1,4}}[ .\-][{D}]{{2}}", skip=1))),
 )
 
 NAMES = tuple(d.name for d in BUILTIN)
-
-
-# Phone, card, SSN and IBAN numbers hold a run of 7+ digits (separators allowed), an
-# IPv4 address a dotted quad: a text with neither (prose with a year or a price in it)
-# skips their five regex scans.
-_NUMBER = re.compile(r"\d(?:[ ().+/-]{0,2}\d){6}|\d\.\d{1,3}\.\d{1,3}\.\d")
-
-
-class DetectorSet:
-    """Detectors run together on a text. Which ones can match at all is settled first
-    (their needles; a long enough number), so that a text where none can costs a few
-    substring searches rather than a regex scan per detector."""
-
-    def __init__(self, detectors: list[Detector]) -> None:
-        self.detectors = detectors
-        self.always = [i for i, d in enumerate(detectors)
-                       if not d.needles and not d.needs_number]
-        self.numeric = [i for i, d in enumerate(detectors) if d.needs_number]
-        self.by_needle: dict[str, list[int]] = {}
-        for i, d in enumerate(detectors):
-            for needle in d.needles:
-                self.by_needle.setdefault(needle, []).append(i)
-
-    def candidates(self, text: str) -> list[int]:
-        """The detectors that can match somewhere in `text`."""
-        found = set(self.always)
-        for needle, indexes in self.by_needle.items():
-            if needle in text:
-                found.update(indexes)
-        if self.numeric and any(d in text for d in "0123456789") \
-                and _NUMBER.search(text) is not None:
-            found.update(self.numeric)
-        return sorted(found)
-
-    def find(self, text: str, candidates: list[int] | None = None) -> list[Finding]:
-        """The findings in `text` of the detectors (or of `candidates` among them),
-        without overlaps, in text order."""
-        if candidates is None:
-            candidates = self.candidates(text)
-        found: list[Finding] = []
-        for index in candidates:
-            found.extend(Finding(start, end, index)
-                         for start, end in self.detectors[index].find(text))
-        if len(found) < 2:
-            return found
-        found.sort(key=lambda f: (f.detector, f.start))
-        kept: list[Finding] = []
-        for f in found:
-            if all(f.end <= k.start or f.start >= k.end for k in kept):
-                kept.append(f)
-        kept.sort()
-        return kept

@@ -1,0 +1,131 @@
+"""Where the strings of an event's fields sit, and the findings in them replaced.
+
+A batch's strings are gathered into one `Strings` for a single detector pass (see
+`engine.py`); then only the values with findings are visited again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from typing import Any
+
+from processors.redact.detectors import Detector
+from processors.redact.engine import DetectorSet, Span
+
+# Keys whose values are names and ids, not content.
+_SKIPPED_KEYS = frozenset({"role", "type", "id", "tool_call_id", "finish_reason"})
+
+
+class DropField(Exception):
+    """A `drop` finding: abandon the field being scanned."""
+
+
+class DropEvent(Exception):
+    """A `drop_event` finding: abandon the event."""
+
+
+class Strings:
+    """The strings inside some values, in order, and where each sits: `containers[i]`
+    holds `texts[i]` at `keys[i]` (None: the string is the value itself). Lists side by
+    side rather than a tuple per string: a batch makes no garbage for the collector."""
+
+    __slots__ = ("containers", "keys", "texts")
+
+    def __init__(self) -> None:
+        self.texts: list[str] = []
+        self.containers: list[Any] = []
+        self.keys: list[Any] = []
+
+    def add(self, value: Any) -> None:
+        """Every string inside `value`, dicts and lists walked. Inline images and files
+        (data URIs) are base64, not text."""
+        if isinstance(value, str):
+            if not value.startswith("data:"):
+                self.texts.append(value)
+                self.containers.append(None)
+                self.keys.append(None)
+        else:
+            _inside(value, self.texts, self.containers, self.keys)
+
+    def unchanged(self, strings: range, found: dict[int, list[Span]]) -> bool:
+        """Whether those of `strings` with findings are still where they were found."""
+        for i in strings:
+            container = self.containers[i]
+            if i in found and container is not None:
+                try:
+                    if container[self.keys[i]] is not self.texts[i]:
+                        return False
+                except (KeyError, IndexError):  # a field or key an earlier one dropped
+                    return False
+        return True
+
+
+def _inside(value: Any, texts: list[str], containers: list[Any], keys: list[Any]) -> None:
+    if isinstance(value, dict):
+        items: Any = value.items()
+    elif isinstance(value, list):
+        items = enumerate(value)
+    else:
+        return
+    for key, v in items:
+        if isinstance(v, str):
+            if not v.startswith("data:") and key not in _SKIPPED_KEYS:
+                texts.append(v)
+                containers.append(value)
+                keys.append(key)
+        elif key not in _SKIPPED_KEYS:
+            _inside(v, texts, containers, keys)
+
+
+class Redactor:
+    """Finds and replaces in the strings of fields, tallying findings by detector."""
+
+    def __init__(self, detectors: list[tuple[Detector, str]], hash_key: bytes) -> None:
+        self.detectors = DetectorSet([d for d, _ in detectors])
+        self.actions = [a for _, a in detectors]
+        self.names = [d.name for d, _ in detectors]
+        self.placeholders = [d.placeholder for d, _ in detectors]
+        self.hash_key = hash_key
+
+    def redact_value(self, value: Any, counts: dict[str, int]) -> Any:
+        """`value` with its strings redacted (in place inside dicts and lists)."""
+        strings = Strings()
+        strings.add(value)
+        found = self.detectors.find_all(strings.texts)
+        return self.replace_value(value, strings, range(len(strings.texts)), found, counts)
+
+    def replace_value(self, value: Any, strings: Strings, indexes: range,
+                      found: dict[int, list[Span]], counts: dict[str, int]) -> Any:
+        """`value` with the findings of its strings (those of `strings.texts[i]`, for i
+        in `indexes`, are `found[i]`) replaced."""
+        for i in indexes:
+            findings = found.get(i)
+            if findings:
+                new = self.replace(strings.texts[i], findings, counts)
+                container = strings.containers[i]
+                if container is None:
+                    return new
+                container[strings.keys[i]] = new
+        return value
+
+    def replace(self, text: str, findings: list[Span], counts: dict[str, int]) -> str:
+        parts = []
+        last = 0
+        for start, end, index in findings:
+            name = self.names[index]
+            counts[name] = counts.get(name, 0) + 1
+            action = self.actions[index]
+            if action == "drop_event":
+                raise DropEvent
+            if action == "drop":
+                raise DropField
+            parts.append(text[last:start])
+            if action == "hash":
+                digest = hmac.new(self.hash_key, text[start:end].encode(), hashlib.sha256)
+                parts.append(f"<{name.upper()}:{digest.hexdigest()[:16]}>")
+            else:
+                parts.append(self.placeholders[index])
+            last = end
+        parts.append(text[last:])
+        return "".join(parts)
