@@ -215,7 +215,7 @@ class Service:
                 for problem in e.problems:
                     self.log.error("reload refused: invalid configuration", problem=str(problem))
                 return False
-            fixed = ("data_dir", "admin", "telemetry")
+            fixed = ("data_dir", "admin", "telemetry", "workers")
             for key in fixed:
                 if getattr(new.service, key) != getattr(self.config.service, key):
                     self.log.warning("service setting changes need a restart", setting=key)

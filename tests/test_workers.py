@@ -174,3 +174,14 @@ def test_workers_below_1_are_refused_with_the_reason(tmp_path):
     with pytest.raises(config_mod.ConfigError) as e:
         config_mod.load(str(path))
     assert "service.workers must be at least 1" in str(e.value)
+
+
+async def test_a_reload_that_changes_workers_keeps_the_running_pool_until_restart(tmp_path):
+    port = free_port()
+    async with running(pipeline(port, workers=2), tmp_path) as service:
+        path = tmp_path / "pipeline.yaml"
+        path.write_text(path.read_text().replace("workers: 2", "workers: 3"))
+        assert await service.reload(str(path))
+        assert service.pool.workers == 2 and len(service.pool.pids()) == 2
+        status, _, _ = await post_json(f"http://127.0.0.1:{port}/v1/events", with_pii(0, 2))
+        assert status == 200
