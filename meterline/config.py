@@ -54,6 +54,37 @@ class AdminConfig(Config):
     auth_token: str | None = None  # bearer token required on /api/*, when set
 
 
+class MemoryLimiterConfig(Config):
+    """`service.memory_limiter`: receivers push back (HTTP 429 with Retry-After, gRPC
+    RESOURCE_EXHAUSTED, Kafka paused) while the daemon's memory is high, as the
+    OpenTelemetry Collector's `memory_limiter` does. The memory is the resident set (RSS)
+    of the daemon's process and of its child processes (the processor workers), measured
+    every `check_interval`. `memory_limiter: null` turns it off (see meterline/memory.py)."""
+
+    limit_mib: int | None = None
+    """The hard limit, in MiB: past it a garbage collection is also forced at every check.
+    Absent: 2048, or 80% of the memory the daemon may have (its cgroup's limit, else the
+    machine's) when that is less."""
+    spike_limit_mib: int | None = None
+    """How much the memory may grow between two checks, in MiB: receivers are refused from
+    limit_mib - spike_limit_mib (the soft limit) on. Absent: a fifth of the hard limit."""
+    check_interval: Duration = Duration(1)
+    """How often the memory is measured; also the Retry-After given to refused clients
+    (at least 1s)."""
+
+    def __post_init__(self) -> None:
+        if self.limit_mib is not None and self.limit_mib < 1:
+            raise ValueError(f"limit_mib must be at least 1, got {self.limit_mib}")
+        if self.spike_limit_mib is not None and self.spike_limit_mib < 0:
+            raise ValueError(f"spike_limit_mib must not be negative, got {self.spike_limit_mib}")
+        if (self.limit_mib is not None and self.spike_limit_mib is not None
+                and self.spike_limit_mib >= self.limit_mib):
+            raise ValueError(f"spike_limit_mib ({self.spike_limit_mib}) must be less than "
+                             f"limit_mib ({self.limit_mib})")
+        if self.check_interval <= 0:
+            raise ValueError("check_interval must be a positive duration such as 1s")
+
+
 class PipelineConfig(Config):
     receivers: list[str]
     exporters: list[str]
@@ -64,6 +95,8 @@ class ServiceConfig(Config):
     pipelines: dict[str, PipelineConfig]
     admin: AdminConfig | None = msgspec.field(default_factory=AdminConfig)
     telemetry: TelemetryConfig = msgspec.field(default_factory=TelemetryConfig)
+    memory_limiter: MemoryLimiterConfig | None = msgspec.field(
+        default_factory=MemoryLimiterConfig)  # null: off
     data_dir: str = "./data"
     shutdown_timeout: Duration = Duration(10)
     watch_config: bool = False  # reload when the file changes, not only on SIGHUP

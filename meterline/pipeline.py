@@ -16,6 +16,7 @@ from meterline.component import Backpressure, Processor
 from meterline.delivery import ExporterRunner
 from meterline.event import Event, clone, unpack
 from meterline.filtering import Filter
+from meterline.memory import MemoryLimiter
 from meterline.queue import Batch
 from meterline.telemetry import Telemetry
 from meterline.workers import ProcessorPool
@@ -123,17 +124,22 @@ class Entry:
     """The consumer a receiver hands batches to (see `meterline.component.Consumer`)."""
 
     def __init__(self, receiver_id: str, flow: Flow, telemetry: Telemetry,
-                 pool: ProcessorPool | None = None) -> None:
+                 pool: ProcessorPool | None = None,
+                 limiter: MemoryLimiter | None = None) -> None:
         self.receiver_id = receiver_id
         self.flow = flow
         self.telemetry = telemetry
         self.pool = pool  # worker processes for the processors; None runs them inline
+        self.limiter = limiter  # refuses batches while the daemon's memory is high
         self.pipelines: list[Pipeline] = []
         self._attrs = {"receiver": receiver_id}
 
     async def consume(self, events: list[Event]) -> None:
         if not events:
             return
+        if self.limiter is not None and self.limiter.should_refuse():
+            self.refused(len(events), "memory_limit")
+            raise self.limiter.refusal(len(events), self.receiver_id)
         await self.flow.enter()
         try:
             routes: list[tuple[ExporterRunner, Batch]] = []

@@ -27,6 +27,7 @@ from meterline import logs
 from meterline.component import Context, Exporter, Processor, Receiver, cancel_and_wait
 from meterline.config import ComponentConfig, ConfigError, PipelineFile
 from meterline.delivery import ExporterConfig, ExporterRunner, open_queue
+from meterline.memory import MemoryLimiter, start_limiter
 from meterline.pipeline import Entry, Flow, Pipeline, Taps
 from meterline.queue import Batch
 from meterline.queue.memory import MemoryQueue
@@ -57,6 +58,7 @@ class Service:
         self.ready = False
         self.reloads = 0  # successful reloads since start
         self.admin: Any = None
+        self.limiter: MemoryLimiter | None = None
         self._lock_fd: int | None = None
         self._sections: dict[str, Any] = dict(config.sections)  # what Context.sections shows
         self._reloading = asyncio.Lock()
@@ -73,6 +75,8 @@ class Service:
     # --- start ---------------------------------------------------------------------
     async def start(self) -> None:
         self._lock_data_dir()
+        self.limiter = await start_limiter(self.config.service.memory_limiter,
+                                           self.telemetry.meter)
         await self._apply(self.config, first=True)
         admin_cfg = self.config.service.admin
         if admin_cfg is not None:
@@ -197,7 +201,7 @@ class Service:
                 del self.entries[cid]
         for cid, spec in new.receivers.items():
             entry = self.entries.setdefault(cid, Entry(cid, self.flow, self.telemetry,
-                                                        self.pool))
+                                                        self.pool, self.limiter))
             entry.pipelines = [self.pipelines[name]
                                for name, p in new.service.pipelines.items() if cid in p.receivers]
             if cid not in self.receivers:
@@ -215,7 +219,7 @@ class Service:
                 for problem in e.problems:
                     self.log.error("reload refused: invalid configuration", problem=str(problem))
                 return False
-            fixed = ("data_dir", "admin", "telemetry", "workers")
+            fixed = ("data_dir", "admin", "telemetry", "workers", "memory_limiter")
             for key in fixed:
                 if getattr(new.service, key) != getattr(self.config.service, key):
                     self.log.warning("service setting changes need a restart", setting=key)
@@ -267,6 +271,8 @@ class Service:
         await asyncio.gather(*(r.component.shutdown(grace) for r in self.exporters.values()))
         if self.admin is not None:
             await self.admin.shutdown()
+        if self.limiter is not None:
+            await self.limiter.shutdown()
         self.telemetry.shutdown()
         if self._lock_fd is not None:
             os.close(self._lock_fd)

@@ -45,6 +45,10 @@ class ClickHouseConfig(ExporterConfig):
     # and those hours rebuilt (0: never); and how far back (see repair.py).
     repair_interval: Duration = Duration(300)
     repair_lookback: Duration = Duration(48 * 3600)
+    # chdb:// only: the memory one query or insert may take (absent: 256); GROUP BY and
+    # ORDER BY spill to disk past half of it (see connection.py for the embedded engine's
+    # other bounds). A server's limits are the server's.
+    max_query_memory_mib: int | None = None
     batch: BatchConfig = msgspec.field(
         default_factory=lambda: BatchConfig(max_size=10_000, timeout=Duration(1)))
 
@@ -56,6 +60,12 @@ class ClickHouseConfig(ExporterConfig):
         if endpoint.startswith("chdb://") and (self.async_insert or self.cluster):
             raise ValueError("async_insert and cluster apply to a ClickHouse server "
                              "(an http(s):// endpoint), not to the embedded chdb://")
+        if not endpoint.startswith("chdb://") and self.max_query_memory_mib is not None:
+            raise ValueError("max_query_memory_mib applies to the embedded chdb:// ClickHouse; "
+                             "a server's memory limits are set on the server")
+        if self.max_query_memory_mib is not None and self.max_query_memory_mib < 16:
+            raise ValueError(f"max_query_memory_mib must be at least 16, "
+                             f"got {self.max_query_memory_mib}")
         for name in (self.database, self.table):
             if not _IDENTIFIER.match(name):
                 raise ValueError(f"database and table must be plain identifiers, got {name!r}")

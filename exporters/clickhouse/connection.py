@@ -8,11 +8,46 @@ relative to the working directory, as other paths in pipeline.yaml are);
 chDB hosts one data directory per process and locks it against other
 processes: while the daemon runs, `meterline finops` asks the daemon's admin
 API rather than opening the directory (see `cli.py`).
+
+The embedded engine is bounded: small caches, merges column by column, small
+parts in one file, freed memory handed back soon, a memory limit per query
+(`max_query_memory_mib`). chDB takes server settings in three ways, each
+honoured differently: the query parameters of its connection string (clickhouse-
+connect's `chdb_options`) are the engine's startup arguments, so server settings
+there count only for the connection that starts the engine (later ones are
+silently ignored while it runs) and `merge_tree.*` keys are not read at all; a
+`config-file` parameter names a ClickHouse XML configuration, `<merge_tree>`
+defaults included; and session settings (`SET`, the client's `settings`) hold
+per connection. A `chdb://PATH?key=value` DSN passes no server setting
+(clickhouse-connect drops unknown keys). So the server settings are written to
+`<PATH>/meterline-server.xml`, rewritten at every open, and the query limits are
+the clients' settings. chDB's allocator (jemalloc) reads only the
+`JE_MALLOC_CONF` environment variable, once, when the library loads.
+
+Measured (RSS of one process that opens chDB, creates the exporter's tables and
+inserts events of 1.3 KB as the exporter does, with its "already stored?" check
+and the rollup views): idle 295-300 MB either way, 175 MB of it (190 MB once
+used) pages of chDB's 555 MB library mapped from disk, which no setting changes,
+and 210 MB file-backed in all; 100,000 events in batches of 1,000: peak 610-670
+MB before, 435-440 MB after; 60,000 in batches of 10,000: 530-550 MB before, 465
+MB after; the same CPU, and the same query times on the 10-million-event bench.
+Most of the peak was merges of the ~60-column `llm_events`, made row-wise with
+every column stream open at once (up to 270 MB tracked in one merge), and
+jemalloc keeping freed pages for 5 s after each. Merges now go column by column,
+small parts are written in one file, and jemalloc hands freed pages back after
+250 ms (0 ms would save another 25 MB at 30% more CPU per insert). In the whole
+daemon (`bench/default_pipeline_bench.py --only ingest`: 60,000 events through
+the default pipeline) the main process peaked at 690 MB rather than 705-785 MB
+(the process tree at 765-780 MB rather than 750-845): the rest of its memory is
+not chDB's.
 """
 
 from __future__ import annotations
 
+import importlib
+import os
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +124,40 @@ _NAMED_COLUMN = re.compile(r"column `?'?([A-Za-z0-9_.]+)")
 # Big enough for the "already stored?" check of a 100,000-event batch (ids inlined in SQL).
 _MAX_QUERY_SIZE = 16 << 20
 
+_MIB = 1 << 20
+SERVER_CONFIG = "meterline-server.xml"  # in the chDB directory, written at every open
+DEFAULT_QUERY_MEMORY_MIB = 256  # max_query_memory_mib, absent
+# The engine's caches (ClickHouse's defaults are sized for a server: 5 GiB each for marks,
+# primary indexes and index marks). Our tables' marks and primary keys are a few MB even at
+# 10 million events; the uncompressed-block caches stay off. No max_server_memory_usage:
+# set to 512 MiB, or even 2 GiB (not 8 GiB), it made the queries on raw events of the
+# 10-million-event bench twice as slow, for no lower RSS (chDB 26.9).
+SERVER_SETTINGS = {
+    "mark_cache_size": 32 * _MIB,
+    "primary_index_cache_size": 16 * _MIB,
+    "index_mark_cache_size": 8 * _MIB,
+    "uncompressed_cache_size": 0,
+    "index_uncompressed_cache_size": 0,
+    "query_condition_cache_size": 8 * _MIB,
+    "compiled_expression_cache_size": 16 * _MIB,
+}
+MERGE_TREE = {
+    # Merge column by column (vertical) whatever the size of the parts: a row-wise merge of
+    # llm_events opens every one of its ~60 columns in every part at once.
+    "vertical_merge_algorithm_min_rows_to_activate": 1,
+    # A part written as one file per column stream (Wide) holds a compression buffer per
+    # stream (~150 for llm_events) while it is written: an insert of 10,000 events of
+    # 1.4 KB took over 256 MiB so. Parts under 32 MiB (an insert of ~25,000 events) are
+    # written Compact, in one file (that insert: 48 MiB), and stream buffers are 256 KiB
+    # rather than 1 MiB.
+    "min_bytes_for_wide_part": 32 * _MIB,
+    "max_compress_block_size": 256 << 10,
+}
+# jemalloc's default keeps freed pages for 5 s (dirty_decay_ms:5000), so the transient
+# memory of each insert and merge piles up; 250 ms costs no measurable CPU.
+ALLOCATOR_ENV = "JE_MALLOC_CONF"
+ALLOCATOR_CONF = "dirty_decay_ms:250"
+
 
 def chdb_path(endpoint: str) -> Path | None:
     """The data directory of a `chdb://` endpoint, or None for a server."""
@@ -105,16 +174,69 @@ def open_client(config: ClickHouseConfig, data_dir: Path) -> Any:
     """A clickhouse-connect client for the configured endpoint (blocking)."""
     endpoint = endpoint_of(config, data_dir)
     settings: dict[str, Any] = {"max_query_size": _MAX_QUERY_SIZE}
+    without_pandas()
     path = chdb_path(endpoint)
     if path is not None:
         path.mkdir(parents=True, exist_ok=True)
-        return clickhouse_connect.get_client(interface="chdb", path=str(path), settings=settings)
+        server_config = write_server_config(path)
+        tune_allocator()
+        return clickhouse_connect.get_client(
+            interface="chdb", path=str(path), chdb_options={"config-file": str(server_config)},
+            settings=settings | query_limits(config))
     return clickhouse_connect.get_client(
         dsn=endpoint, username=config.username, password=config.password,
         connect_timeout=float(config.connect_timeout),
         send_receive_timeout=float(config.query_timeout),
         autogenerate_session_id=False,  # concurrent queries from the API and the exporter
         settings=settings)
+
+
+def query_limits(config: ClickHouseConfig) -> dict[str, Any]:
+    """Session settings of every embedded client: the memory one query or insert may take.
+    GROUP BY and ORDER BY spill to disk past half of it (`max_bytes_ratio_before_external_*`
+    are 0.5 by default)."""
+    mib = config.max_query_memory_mib or DEFAULT_QUERY_MEMORY_MIB
+    return {"max_memory_usage": mib * _MIB}
+
+
+def write_server_config(path: Path) -> Path:
+    """Write the embedded engine's server settings as a ClickHouse configuration file in
+    the chDB directory (atomically: a crash leaves the old file or the new one) and return
+    its path. The engine reads it when it starts."""
+    lines = ["<clickhouse>",
+             "  <!-- written by meterline at every open: see exporters/clickhouse/connection.py"
+             " -->"]
+    lines += [f"  <{key}>{int(value)}</{key}>" for key, value in SERVER_SETTINGS.items()]
+    lines += ["  <merge_tree>"]
+    lines += [f"    <{key}>{int(value)}</{key}>" for key, value in MERGE_TREE.items()]
+    lines += ["  </merge_tree>", "</clickhouse>", ""]
+    target = path / SERVER_CONFIG
+    partial = target.with_suffix(".xml.partial")
+    partial.write_text("\n".join(lines))
+    partial.replace(target)
+    return target
+
+
+def tune_allocator() -> bool:
+    """Set chDB's jemalloc options, unless the operator set their own or the library is
+    loaded already (jemalloc reads them once, at load). Whether they are ours. Called when
+    this module is imported (in the daemon: on the main thread, while the configuration is
+    read, before any thread runs: changing the environment is not thread-safe in C), and
+    again before chDB is first opened."""
+    if ALLOCATOR_ENV in os.environ or "chdb" in sys.modules:
+        return os.environ.get(ALLOCATOR_ENV) == ALLOCATOR_CONF
+    os.environ[ALLOCATOR_ENV] = ALLOCATOR_CONF
+    return True
+
+
+def without_pandas() -> None:
+    """clickhouse-connect imports pandas at the first insert, only to ask whether the data
+    is a DataFrame. We insert Python columns: pandas would cost the daemon 80 MB of memory
+    and 1.6 s of CPU. Marking it absent is the state the library is in when pandas is not
+    installed (chDB's wheels bring it)."""
+    options = importlib.import_module("clickhouse_connect.driver.options")
+    if "pd" not in vars(options):
+        options.pd = None
 
 
 def insert_settings(config: ClickHouseConfig, token: str) -> dict[str, Any]:
@@ -170,3 +292,6 @@ def _http_status(error: Exception) -> int | None:
 
 def _first_line(error: Exception) -> str:
     return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
+tune_allocator()  # see its docstring: before any thread runs

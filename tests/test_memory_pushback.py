@@ -1,0 +1,37 @@
+"""The memory limiter in the data path: receivers push back, nothing is queued."""
+
+from tests.conftest import free_port, metric_value, post_json, read_jsonl, running
+
+PIPELINE = """
+receivers:
+  webhook: {{listen: 127.0.0.1:{port}}}
+exporters:
+  file: {{path: "{{data}}/out.jsonl"}}
+service:
+  data_dir: "{{data}}"
+  admin: null
+  workers: 1
+  memory_limiter: {{limit_mib: {limit}, check_interval: 2s}}
+  pipelines:
+    p: {{receivers: [webhook], exporters: [file]}}
+"""
+
+
+async def test_the_webhook_answers_429_with_retry_after_above_the_soft_limit(tmp_path):
+    port = free_port()
+    async with running(PIPELINE.format(port=port, limit=8), tmp_path) as service:
+        status, body, headers = await post_json(f"http://127.0.0.1:{port}/v1/events",
+                                                [{"provider": "openai"}])
+        assert status == 429 and "memory" in str(body)
+        assert headers["Retry-After"] == "2"
+        assert read_jsonl(tmp_path / "data" / "out.jsonl") == []
+        assert metric_value(service.telemetry.registry, "meterline_receiver_refused_events_total",
+                            receiver="webhook", reason="memory_limit") == 1
+
+
+async def test_the_webhook_accepts_below_the_soft_limit(tmp_path):
+    port = free_port()
+    async with running(PIPELINE.format(port=port, limit=16384), tmp_path):
+        status, body, _ = await post_json(f"http://127.0.0.1:{port}/v1/events",
+                                          [{"provider": "openai"}])
+        assert (status, body["accepted"]) == (200, 1)
