@@ -185,3 +185,25 @@ async def test_a_reload_that_changes_workers_keeps_the_running_pool_until_restar
         assert service.pool.workers == 2 and len(service.pool.pids()) == 2
         status, _, _ = await post_json(f"http://127.0.0.1:{port}/v1/events", with_pii(0, 2))
         assert status == 200
+
+
+async def test_the_daemon_takes_events_again_after_each_of_its_children_is_killed(
+        tmp_path, daemon_factory):
+    """kill -9 of any process of the daemon but the main one (the workers, multiprocessing's
+    resource tracker): the next batches are pushed back at worst, then accepted."""
+    port = free_port()
+    daemon = daemon_factory(pipeline(port).replace("admin: null",
+                                                   'admin: {listen: "127.0.0.1:{admin}"}'))
+    daemon.start()
+    url = f"http://127.0.0.1:{port}/v1/events"
+    assert (await post_json(url, with_pii(0, 1)))[0] == 200
+    children = _children(daemon.proc.pid)
+    assert len(children) >= 3  # two workers and the resource tracker
+    for pid in children:
+        os.kill(pid, signal.SIGKILL)
+    acked: list[str] = []
+    await _send_batches(url, 100, 5, acked, [])
+    assert len(acked) == 250
+    out = tmp_path / "data" / "out.jsonl"
+    await eventually(lambda: len(read_jsonl(out)) == 251, timeout=20)
+    assert daemon.stop() == 0
