@@ -21,10 +21,22 @@ from collections.abc import Callable
 from typing import Any
 
 import msgspec
+import re2
 
 from meterline.component import Config
 
 Matcher = Callable[[Any], bool]
+
+
+def _re2_options(dot_matches_newline: bool) -> re2.Options:
+    options = re2.Options()
+    options.log_errors = False  # a refused pattern is reported as a FilterError, once
+    options.dot_nl = dot_matches_newline
+    return options
+
+
+_RE2_OPTIONS = _re2_options(False)  # `.` as in Python's `re`
+_WILDCARD = _re2_options(True)  # `*` stands for anything, newlines included
 
 
 class _Missing:
@@ -126,13 +138,19 @@ def _values(arg: Any, where: str) -> list[Any]:
     return arg
 
 
-def _regex(arg: Any, where: str) -> re.Pattern[str]:
+def _regex(arg: Any, where: str) -> Any:
+    """A `$regex` compiled by RE2, whose matching time is linear in the input: a filter (in
+    `pipeline.yaml` or a `tap` anyone with the admin token opens) cannot stall the daemon
+    with a pattern that backtracks, such as `(a+)+b`. Lookarounds and backreferences, which
+    only a backtracking engine offers, are refused with RE2's reason."""
     if not isinstance(arg, str):
         raise FilterError(f"{where}: expected a string, got {arg!r}")
     try:
-        return re.compile(arg)
-    except re.error as e:
-        raise FilterError(f"{where}: invalid regular expression {arg!r}: {e}") from e
+        return re2.compile(arg, _RE2_OPTIONS)
+    except re2.error as e:
+        reason = e.args[0].decode() if e.args and isinstance(e.args[0], bytes) else str(e)
+        raise FilterError(f"{where}: invalid regular expression {arg!r}: {reason} "
+                          "(RE2 syntax: no lookarounds or backreferences)") from e
 
 
 def _operator(op: str, arg: Any, where: str) -> Matcher:
@@ -158,7 +176,7 @@ def _operator(op: str, arg: Any, where: str) -> Matcher:
     if op == "$wildcard":
         if not isinstance(arg, str):
             raise FilterError(f"{where}: expected a string, got {arg!r}")
-        rx = re.compile(".*".join(re.escape(part) for part in arg.split("*")), re.DOTALL)
+        rx = re2.compile(".*".join(re.escape(part) for part in arg.split("*")), _WILDCARD)
         return lambda v: isinstance(v, str) and rx.fullmatch(v) is not None
     if op == "$in":
         options = _values(arg, where)

@@ -137,3 +137,21 @@ def test_an_operator_beside_field_keys_is_refused_with_the_and_form_to_write():
     matches = compile_pattern({"$and": [{"provider": "openai"}, {"$or": [{"request_model": "a"}]}]})
     assert matches({"provider": "openai", "request_model": "a"})
     assert not matches({"provider": "openai", "request_model": "b"})
+
+
+def test_a_regex_that_would_backtrack_matches_in_linear_time():
+    """`(a+)+b` on a run of `a`s takes exponential time in a backtracking engine (26 of them:
+    seconds, 40: hours); RE2 answers at once, so a tap or filter cannot stall the daemon."""
+    pattern = Pattern({"request_model": {"$regex": "(a+)+b"}})
+    assert not pattern.matches(make_event(request_model="a" * 40))
+    assert pattern.matches(make_event(request_model="a" * 40 + "b"))
+
+
+def test_a_regex_with_a_lookbehind_is_refused_with_the_engines_reason():
+    with pytest.raises(FilterError, match=r"invalid perl operator: \(\?<.*no lookarounds"):
+        compile_pattern({"endpoint": {"$regex": "(?<=/v1)/chat"}})
+
+
+def test_a_wildcard_star_spans_newlines():
+    pattern = Pattern({"error_message": {"$wildcard": "upstream*timed out"}})
+    assert pattern.matches(make_event(error_message="upstream\nconnection timed out"))
