@@ -104,7 +104,13 @@ class ProcessorPool:
         """Start every worker and have it build the plan, so that a processor that cannot
         be built fails the start rather than the first batch."""
         self._executor = self._new_executor()
-        await asyncio.gather(*(self.process([], []) for _ in range(self.workers)))
+        try:
+            await asyncio.gather(*(self.process([], []) for _ in range(self.workers)))
+        except Backpressure:
+            raise RuntimeError(
+                "a processing worker exited while starting (its error is logged above; a "
+                "program that runs a Service itself must guard its entry point with "
+                "`if __name__ == '__main__':`)") from None
 
     def _new_executor(self) -> ProcessPoolExecutor:
         return ProcessPoolExecutor(self.workers, mp_context=get_context("spawn"),
