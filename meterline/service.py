@@ -57,6 +57,10 @@ class Service:
         self.pipelines: dict[str, Pipeline] = {}
         self.ready = False
         self.reloads = 0  # successful reloads since start
+        self.reloads_refused = 0  # reloads refused (invalid file) or applied in part
+        self._reload_results = self.telemetry.meter.create_counter(
+            "meterline_config_reloads", description="Reloads of pipeline.yaml, by result "
+            "(applied; refused: the file is invalid; partial: a component failed to start)")
         self.admin: Any = None
         self.limiter: MemoryLimiter | None = None
         self._lock_fd: int | None = None
@@ -218,6 +222,7 @@ class Service:
             except ConfigError as e:
                 for problem in e.problems:
                     self.log.error("reload refused: invalid configuration", problem=str(problem))
+                self._reloaded("refused")
                 return False
             fixed = ("data_dir", "admin", "telemetry", "workers", "memory_limiter")
             for key in fixed:
@@ -229,10 +234,18 @@ class Service:
             except StartError as e:
                 self.log.error("reload applied in part: a component failed to start",
                                error=str(e))
+                self._reloaded("partial")
                 return False
-            self.reloads += 1
+            self._reloaded("applied")
             self.log.info("reloaded", file=path, pipelines=sorted(self.pipelines))
             return True
+
+    def _reloaded(self, result: str) -> None:
+        if result == "applied":
+            self.reloads += 1
+        else:
+            self.reloads_refused += 1
+        self._reload_results.add(1, {"result": result})
 
     def admin_routes(self) -> dict[str, Any]:
         """The admin API paths the running components serve (see Component.admin_routes)."""
@@ -248,6 +261,7 @@ class Service:
         return {
             "ready": self.ready,
             "reloads": self.reloads,
+            "reloads_refused": self.reloads_refused,
             "workers": ({"processes": self.pool.workers, "restarts": self.pool.restarts}
                         if self.pool is not None else {"processes": 0}),
             "pipelines": {name: {"receivers": p.receivers, "processors": p.processors,

@@ -5,7 +5,15 @@ import signal
 
 import aiohttp
 
-from tests.conftest import event_dicts, eventually, free_port, post_json, read_jsonl, running
+from tests.conftest import (
+    event_dicts,
+    eventually,
+    free_port,
+    metric_value,
+    post_json,
+    read_jsonl,
+    running,
+)
 
 PIPELINE = """
 receivers:
@@ -87,7 +95,8 @@ async def test_an_invalid_file_is_refused_and_the_running_one_kept(tmp_path, dae
     daemon.signal(signal.SIGHUP)
     await eventually(lambda: "reload refused" in daemon.log.read_text())
     assert "unknown operator $inn" in daemon.log.read_text()
-    assert (await status(daemon.admin_port))["reloads"] == 0
+    answer = await status(daemon.admin_port)
+    assert (answer["reloads"], answer["reloads_refused"]) == (0, 1)
     code, body, _ = await post_json(f"http://127.0.0.1:{port}/v1/events", event_dicts(0, 2))
     assert (code, body["accepted"]) == (200, 2)
     await eventually(lambda: len(read_jsonl(tmp_path / "data" / "out.jsonl")) == 2)
@@ -144,3 +153,17 @@ async def test_service_settings_that_need_a_restart_are_kept_and_logged(tmp_path
                                                  "data_dir: /elsewhere"))
         assert await service.reload(str(path))
         assert service.config.service.data_dir == str(tmp_path / "data")
+
+
+async def test_reloads_are_counted_by_result_in_the_self_metrics(tmp_path):
+    async with running(pipeline(free_port(), "[openai]"), tmp_path) as service:
+        path = tmp_path / "pipeline.yaml"
+        valid = path.read_text()
+        path.write_text(valid.replace("$in", "$inn"))
+        assert not await service.reload(str(path))
+        path.write_text(valid)
+        assert await service.reload(str(path))
+        registry = service.telemetry.registry
+        counts = {result: metric_value(registry, "meterline_config_reloads_total", result=result)
+                  for result in ("applied", "refused", "partial")}
+        assert counts == {"applied": 1, "refused": 1, "partial": 0}
