@@ -39,8 +39,8 @@ from google.protobuf.message import Message
 from google.rpc import code_pb2
 from google.rpc.error_details_pb2 import RetryInfo
 from google.rpc.status_pb2 import Status as RpcStatus
-from opentelemetry.proto.collector.logs.v1 import logs_service_pb2, logs_service_pb2_grpc
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from opentelemetry.proto.collector.logs.v1 import logs_service_pb2
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
 from meterline.component import Backpressure, Config, Consumer, Context, Factory, Receiver
 from meterline.event import Event
@@ -82,18 +82,21 @@ class _Signal:
     """What differs between traces and logs."""
 
     name: str  # "spans" or "log records", for messages
+    service: str  # the gRPC service's full name
     request: type[Message]
     decode: Callable[[Any], OtlpDecoded]
     response: Callable[[int, str], Message]  # (rejected, message) -> Export*ServiceResponse
 
 
 _TRACES = _Signal(
-    "spans", trace_service_pb2.ExportTraceServiceRequest, decode_spans,
+    "spans", "opentelemetry.proto.collector.trace.v1.TraceService",
+    trace_service_pb2.ExportTraceServiceRequest, decode_spans,
     lambda n, msg: trace_service_pb2.ExportTraceServiceResponse(
         partial_success=trace_service_pb2.ExportTracePartialSuccess(
             rejected_spans=n, error_message=msg)))
 _LOGS = _Signal(
-    "log records", logs_service_pb2.ExportLogsServiceRequest, decode_logs,
+    "log records", "opentelemetry.proto.collector.logs.v1.LogsService",
+    logs_service_pb2.ExportLogsServiceRequest, decode_logs,
     lambda n, msg: logs_service_pb2.ExportLogsServiceResponse(
         partial_success=logs_service_pb2.ExportLogsPartialSuccess(
             rejected_log_records=n, error_message=msg)))
@@ -163,8 +166,7 @@ class OtlpReceiver(Receiver):
     async def _start_grpc(self, listen: Listen, max_bytes: int) -> None:
         server = grpc.aio.server(options=[("grpc.max_receive_message_length", max_bytes),
                                           ("grpc.so_reuseport", 0)])
-        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(_TraceService(self), server)
-        logs_service_pb2_grpc.add_LogsServiceServicer_to_server(_LogsService(self), server)
+        server.add_generic_rpc_handlers([self._grpc_service(_TRACES), self._grpc_service(_LOGS)])
         try:
             port = server.add_insecure_port(f"{listen.host}:{listen.port}")
         except RuntimeError:
@@ -215,11 +217,28 @@ class OtlpReceiver(Receiver):
         return signal.response(len(decoded.rejected), message)
 
     # --- gRPC ----------------------------------------------------------------------
-    async def export_grpc(self, request: Message, context: grpc.aio.ServicerContext,
+    def _grpc_service(self, signal: _Signal) -> grpc.GenericRpcHandler:
+        """The `Export` method of a signal's service. It takes the request as bytes and
+        parses it here: with the generated servicer, gRPC parses it and answers a malformed
+        one UNKNOWN, whereas a client must be told INVALID_ARGUMENT (not worth retrying)."""
+        async def export(request: bytes, context: grpc.aio.ServicerContext) -> Message:
+            return await self.export_grpc(request, context, signal)
+
+        handler = grpc.unary_unary_rpc_method_handler(
+            export, response_serializer=lambda message: message.SerializeToString())
+        return grpc.method_handlers_generic_handler(signal.service, {"Export": handler})
+
+    async def export_grpc(self, body: bytes, context: grpc.aio.ServicerContext,
                           signal: _Signal) -> Message:
         metadata = dict(context.invocation_metadata() or ())
         if not self._authorised(metadata.get("authorization")):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+        try:
+            request = signal.request.FromString(body)
+        except (ProtobufDecodeError, RecursionError) as e:
+            self.consumer.refused(1, "undecodable")
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"not a protobuf {signal.request.__name__}: {e}")
         try:
             return await self._accept(request, signal)
         except _Refusal as e:
@@ -262,22 +281,6 @@ class OtlpReceiver(Receiver):
             return _http_error(429 if e.overloaded else 503, str(e), json_body,
                                {"Retry-After": str(max(1, round(e.retry_after)))})
         return _http_answer(200, answer, json_body)
-
-
-class _TraceService(trace_service_pb2_grpc.TraceServiceServicer):
-    def __init__(self, receiver: OtlpReceiver) -> None:
-        self.receiver = receiver
-
-    async def Export(self, request: Any, context: Any) -> Any:
-        return await self.receiver.export_grpc(request, context, _TRACES)
-
-
-class _LogsService(logs_service_pb2_grpc.LogsServiceServicer):
-    def __init__(self, receiver: OtlpReceiver) -> None:
-        self.receiver = receiver
-
-    async def Export(self, request: Any, context: Any) -> Any:
-        return await self.receiver.export_grpc(request, context, _LOGS)
 
 
 def _retry_metadata(refusal: _Refusal, code: grpc.StatusCode) -> tuple[tuple[str, bytes], ...]:

@@ -264,3 +264,23 @@ async def test_a_call_pushed_back_is_taken_when_sent_again(tmp_path):
         out = await eventually(lambda: len(r := read_jsonl(tmp_path / "blocked/out.jsonl")) == 2
                                and r)
     assert [e["event_id"] for e in out] == [make_event(1).event_id, make_event(2).event_id]
+
+
+@pytest.mark.parametrize("service", ["opentelemetry.proto.collector.trace.v1.TraceService",
+                                     "opentelemetry.proto.collector.logs.v1.LogsService"])
+async def test_a_malformed_protobuf_over_grpc_is_answered_invalid_argument(tmp_path, service):
+    ports = Ports()
+    async with running_receiver(ports, tmp_path) as running_service, \
+            grpc.aio.insecure_channel(f"127.0.0.1:{ports.grpc}") as channel:
+        export = channel.unary_unary(f"/{service}/Export")  # bytes in, bytes out
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await export(b"\xff\xff\xff\xff not protobuf")
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "not a protobuf Export" in e.value.details()
+        refused = metric_value(running_service.telemetry.registry,
+                               "meterline_receiver_refused_events_total", reason="undecodable")
+        assert refused == 1
+        event = make_event(1, trace_id="4bf92f3577b34da6a3ce929d0e0e4736",
+                           span_id="a1b2c3d4e5f60718")
+        answer = await TraceServiceStub(channel).Export(to_traces_request([event]))
+        assert answer.partial_success.rejected_spans == 0  # the next request is taken
