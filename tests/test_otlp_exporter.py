@@ -336,3 +336,26 @@ async def test_an_otlp_exporter_to_otlp_receiver_round_trip_keeps_the_event(tmp_
                                and r)
     got = sorted((from_dict(e) for e in out), key=lambda e: e.event_id)
     assert got == sorted([from_dict(e) for e in sent], key=lambda e: e.event_id)
+
+
+async def test_logs_a_backend_does_not_implement_are_counted_and_the_spans_delivered(tmp_path):
+    """Jaeger and Tempo have the trace service only: the batch is delivered (no dead letter,
+    whose replay would send the spans twice) and the logs counted as unsupported."""
+    async with Sink() as sink, exporter(tmp_path, endpoint=f"http://127.0.0.1:{sink.port}",
+                                        logs=True) as (otlp, registry):
+        sink.failures = [("logs", grpc.StatusCode.UNIMPLEMENTED, None)] * 2
+        await otlp.export(ExportBatch("b1", [make_event(1), make_event(2)]))
+        await otlp.export(ExportBatch("b2", [make_event(3)]))
+    assert len(sink.spans()) == 3 and sink.requests["logs"] == []
+    assert metric_value(registry, "meterline_exporter_otlp_unsupported_events_total",
+                        signal="logs") == 3
+
+
+async def test_http_404_for_a_signal_is_unsupported_not_a_failed_batch(tmp_path):
+    async with http_sink(404) as (port, seen), exporter(
+            tmp_path, protocol="http", endpoint=f"http://127.0.0.1:{port}",
+            traces=False, logs=True) as (otlp, registry):
+        await otlp.export(ExportBatch("b1", [make_event(1)]))
+    assert [path for path, _, _ in seen] == ["/v1/logs"]
+    assert metric_value(registry, "meterline_exporter_otlp_unsupported_events_total",
+                        signal="logs") == 1

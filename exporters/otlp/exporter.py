@@ -5,7 +5,11 @@ A batch is sent signal by signal (traces, then logs, then metrics). When a later
 signal fails and the batch is retried, the signals already accepted are not sent
 again. A partial success (the server rejected some items) is logged and counted
 (`meterline_exporter_otlp_rejected_items_total`), not retried: the OTLP spec says
-a retry would be rejected the same way.
+a retry would be rejected the same way. A backend without a signal's service (Jaeger
+and Tempo take no logs) answers UNIMPLEMENTED (HTTP 404): that signal of the batch is
+counted as unsupported (`meterline_exporter_otlp_unsupported_events_total`) and logged
+once, and the other signals are delivered as usual. The batch is not dead-lettered:
+replaying it would send its spans a second time.
 """
 
 from __future__ import annotations
@@ -22,7 +26,13 @@ from exporters.otlp.encode import (
     to_metrics_request,
     to_traces_request,
 )
-from exporters.otlp.transport import GrpcTransport, HttpTransport, Transport, split_endpoint
+from exporters.otlp.transport import (
+    GrpcTransport,
+    HttpTransport,
+    SignalUnsupported,
+    Transport,
+    split_endpoint,
+)
 from meterline.component import Config, Context, ExportBatch, Exporter, Factory
 from meterline.delivery import ExporterConfig
 from meterline.event import Event
@@ -79,8 +89,13 @@ class OtlpExporter(Exporter):
             "meterline_exporter_otlp_rejected_items",
             description="Spans, log records or data points an OTLP server rejected "
                         "(partial success)")
+        self._unsupported = context.meter.create_counter(
+            "meterline_exporter_otlp_unsupported_events",
+            description="Events whose signal the OTLP backend has no service for "
+                        "(UNIMPLEMENTED, HTTP 404), by signal")
         self._transport: Transport | None = None
         self._done: tuple[str, set[str]] = ("", set())  # signals of this batch already sent
+        self._said_unsupported: set[str] = set()  # signals logged as unsupported
 
     async def start(self) -> None:
         c = self.config
@@ -109,9 +124,21 @@ class OtlpExporter(Exporter):
             if signal == "metrics" and not _has_points(request):
                 done.add(signal)
                 continue
-            response = await self._transport.send(signal, request)
+            try:
+                response = await self._transport.send(signal, request)
+            except SignalUnsupported as e:
+                done.add(signal)
+                self._signal_unsupported(signal, len(batch.events), e)
+                continue
             done.add(signal)
             self._partial_success(signal, response, batch.events)
+
+    def _signal_unsupported(self, signal: str, events: int, error: SignalUnsupported) -> None:
+        self._unsupported.add(events, {"exporter": self.id, "signal": signal})
+        if signal not in self._said_unsupported:
+            self._said_unsupported.add(signal)
+            self.log.warning(f"the otlp backend takes no {signal}; they are not sent "
+                             f"(set {signal}: false)", error=str(error))
 
     def _partial_success(self, signal: str, response: Any, events: list[Event]) -> None:
         partial = response.partial_success

@@ -46,6 +46,11 @@ _SIGNALS: Final[dict[str, tuple[Callable[[Any], Any], str, type[Message]]]] = {
 }
 
 
+class SignalUnsupported(PermanentError):
+    """The backend has no service for this signal (gRPC UNIMPLEMENTED, HTTP 404/405): Jaeger
+    and Tempo take traces but not logs. Sending it again would fail the same way."""
+
+
 class Transport(Protocol):
     async def send(self, signal: str, request: Message) -> Message:
         """Export `request`; the server's response (which may report partial success)."""
@@ -95,6 +100,8 @@ class GrpcTransport:
             if code in _RETRYABLE_CODES or (code == grpc.StatusCode.RESOURCE_EXHAUSTED
                                             and delay is not None):
                 raise RetryableError(message, retry_after=delay) from None
+            if code == grpc.StatusCode.UNIMPLEMENTED:
+                raise SignalUnsupported(message) from None
             raise PermanentError(message) from None
         return response
 
@@ -158,6 +165,8 @@ class HttpTransport:
         message = f"{url}: HTTP {status}{_status_message(data)}"
         if status in _RETRYABLE_STATUSES:
             raise RetryableError(message, retry_after=_seconds(retry_after))
+        if status in (404, 405):
+            raise SignalUnsupported(message)
         raise PermanentError(message)
 
     async def close(self) -> None:
