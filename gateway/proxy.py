@@ -56,7 +56,16 @@ _JSON: Final = b"content-type: application/json\r\n"
 _MAX_PARSED_BODY: Final = 16 << 20  # a larger response is relayed but not read
 _MAX_METADATA_VALUE: Final = 128
 
-_decode = msgspec.json.decode
+
+def _decode(data: bytes) -> Any:
+    """JSON; a document nested past the interpreter's recursion limit is malformed JSON like
+    any other (the client gets a 400, not a 500)."""
+    try:
+        return msgspec.json.decode(data)
+    except RecursionError:
+        raise msgspec.DecodeError("JSON nested too deeply") from None
+
+
 _encode = msgspec.json.Encoder().encode
 
 

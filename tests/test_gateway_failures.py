@@ -276,3 +276,14 @@ async def test_a_hundred_concurrent_streams_all_complete_with_their_events(fake)
     assert texts == ["tok0 tok1 tok2 tok3 "] * 100
     assert sorted(e.request_model for e in events) == sorted(f"m{i}" for i in range(100))
     assert all(e.status_code == 200 and e.output_tokens == 4 and e.ttft_ms > 0 for e in events)
+
+
+async def test_json_nested_too_deeply_is_a_400_that_never_reaches_the_upstream(fake):
+    deep = b'{"model": "m", "messages": ' + b"[" * 10_000 + b"]" * 10_000 + b"}"
+    async with gateway({"openai": openai_upstream(fake.url)}) as gw, \
+            aiohttp.ClientSession() as s, \
+            s.post(f"{gw.url}/v1/chat/completions", data=deep,
+                   headers={"Content-Type": "application/json"}) as r:
+        status, body = r.status, await r.json()
+    assert status == 400 and "nested too deeply" in body["error"]["message"]
+    assert not fake.requests

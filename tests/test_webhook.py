@@ -204,3 +204,24 @@ async def test_concurrent_posts_all_land(tmp_path):
                                          for i in range(20)))
         assert all(status == 200 for status, _, _ in results)
         await eventually(lambda: len(read_jsonl(tmp_path / "data/out.jsonl")) == 1000)
+
+
+async def test_json_nested_too_deeply_is_a_400_that_says_so(tmp_path):
+    port = free_port()
+    deep = b"[" * 10_000 + b"]" * 10_000
+    async with running(pipeline(port), tmp_path):
+        status, body, _ = await post_raw(f"http://127.0.0.1:{port}/v1/events", deep,
+                                         headers={"Content-Type": "application/json"})
+        assert status == 400 and "nested too deeply" in body["error"]
+
+
+async def test_an_ndjson_line_nested_too_deeply_is_refused_alone(tmp_path):
+    port = free_port()
+    good = msgspec.json.encode(event_dicts(0, 1)[0])
+    deep = b'{"event_id": "x", "metadata": ' + b'{"a": ' * 5_000 + b"1" + b"}" * 5_001
+    async with running(pipeline(port), tmp_path):
+        status, body, _ = await post_raw(f"http://127.0.0.1:{port}/v1/events",
+                                         good + b"\n" + deep + b"\n",
+                                         headers={"Content-Type": "application/x-ndjson"})
+        assert (status, body["accepted"]) == (200, 1)
+        assert "line 2: JSON nested too deeply" in str(body["rejected"])

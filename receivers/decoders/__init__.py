@@ -23,6 +23,7 @@ from receivers.decoders.errors import DecodeError, NotAnLLMCall
 __all__ = ["DecodeError", "Decoded", "NotAnLLMCall", "decode_body", "decode_item"]
 
 _raw = msgspec.json.Decoder()
+_TOO_DEEP = "JSON nested too deeply"  # msgspec stops at the interpreter's recursion limit
 
 
 @dataclass
@@ -61,7 +62,7 @@ def decode_body(body: bytes, ndjson: bool = False) -> Decoded:
     if not ndjson and text[:1] == b"[":
         try:
             return Decoded(list_from_json(text))
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, RecursionError):
             pass  # not all meterline events: go item by item below
     items: list[Any]
     if ndjson:
@@ -69,6 +70,8 @@ def decode_body(body: bytes, ndjson: bool = False) -> Decoded:
     else:
         try:
             parsed = _raw.decode(body)
+        except RecursionError:
+            raise DecodeError(_TOO_DEEP) from None
         except msgspec.DecodeError as e:
             if b"\n" not in text.rstrip():
                 raise DecodeError(f"malformed JSON: {e}") from None
@@ -102,4 +105,6 @@ def _lines(body: bytes) -> list[Any]:
             items.append(_raw.decode(line))
         except msgspec.DecodeError as e:
             items.append(DecodeError(f"line {number}: malformed JSON: {e}"))
+        except RecursionError:
+            items.append(DecodeError(f"line {number}: {_TOO_DEEP}"))
     return items
