@@ -272,7 +272,7 @@ class OtlpReceiver(Receiver):
         try:
             message = (parse_json(body, signal.request) if json_body
                        else signal.request.FromString(body))
-        except (DecodeError, ProtobufDecodeError) as e:
+        except (DecodeError, ProtobufDecodeError, RecursionError) as e:
             self.consumer.refused(1, "undecodable")
             return _http_error(400, f"not an OTLP {signal.request.__name__}: {e}", json_body)
         try:

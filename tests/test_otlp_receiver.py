@@ -284,3 +284,12 @@ async def test_a_malformed_protobuf_over_grpc_is_answered_invalid_argument(tmp_p
                            span_id="a1b2c3d4e5f60718")
         answer = await TraceServiceStub(channel).Export(to_traces_request([event]))
         assert answer.partial_success.rejected_spans == 0  # the next request is taken
+
+
+async def test_otlp_json_nested_too_deeply_is_a_400(tmp_path):
+    ports = Ports()
+    deep = b'{"resourceSpans": ' + b"[" * 10_000 + b"]" * 10_000 + b"}"
+    async with running_receiver(ports, tmp_path):
+        status, body, _ = await post_raw(f"http://127.0.0.1:{ports.http}/v1/traces", deep,
+                                         headers={"Content-Type": "application/json"})
+    assert status == 400 and "not an OTLP ExportTraceServiceRequest" in str(body)
