@@ -208,3 +208,16 @@ def test_gzip_is_not_the_decoders_business():
 def test_unknown_fields_in_meterline_json_are_refused_by_name():
     with pytest.raises(DecodeError, match="unknown field `colour`"):
         decode_item({"provider": "openai", "colour": "blue"})
+
+
+def test_an_item_whose_attributes_hold_an_integer_beyond_64_bits_is_refused_alone():
+    body = (b'{"event_id": "a", "provider": "openai", "attributes": {"n": %d}}\n'
+            b'{"event_id": "b", "provider": "openai"}\n' % 2**70)
+    decoded = decode_body(body, ndjson=True)
+    assert [e.event_id for e in decoded.events] == ["b"]
+    assert decoded.rejected == [(0, "an integer is out of range (more than 64 bits)")]
+
+
+def test_decode_item_refuses_an_integer_beyond_64_bits():
+    with pytest.raises(DecodeError, match="out of range"):
+        decode_item({"event_id": "a", "provider": "openai", "output_tokens": 2**64})

@@ -225,3 +225,17 @@ async def test_an_ndjson_line_nested_too_deeply_is_refused_alone(tmp_path):
                                          headers={"Content-Type": "application/x-ndjson"})
         assert (status, body["accepted"]) == (200, 1)
         assert "line 2: JSON nested too deeply" in str(body["rejected"])
+
+
+async def test_an_item_with_an_integer_beyond_64_bits_is_refused_alone(tmp_path):
+    port = free_port()
+    items = event_dicts(0, 3)
+    items[1]["input_tokens"] = 2**70
+    async with running(pipeline(port), tmp_path):
+        status, body, _ = await post_json(f"http://127.0.0.1:{port}/v1/events", items)
+        assert (status, body["accepted"]) == (200, 2)
+        assert body["rejected"] == [{"index": 1, "reason": "an integer is out of range "
+                                                           "(more than 64 bits)"}]
+        rows = await eventually(lambda: len(read_jsonl(tmp_path / "data/out.jsonl")) == 2
+                                and read_jsonl(tmp_path / "data/out.jsonl"))
+        assert {r["event_id"] for r in rows} == {items[0]["event_id"], items[2]["event_id"]}
