@@ -20,6 +20,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
+import urllib.parse
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -40,6 +42,14 @@ _HOP_BY_HOP: Final = frozenset({
     b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"upgrade", b"host",
     b"content-length", b"expect"})
 _CREDENTIALS: Final = frozenset({b"authorization", b"x-api-key", b"api-key"})
+# Headers that tell a server behind us which host or URL to serve: a client must not choose
+# them for the upstream (a path or host the gateway did not route)
+_ROUTING_OVERRIDES: Final = frozenset({
+    b"forwarded", b"x-forwarded-host", b"x-original-url", b"x-rewrite-url",
+    b"x-http-method-override"})
+_NOT_PROXIED: Final = frozenset({b"TRACE"})  # CONNECT is refused by the server (501)
+_DOT_SEGMENTS: Final = frozenset({".", ".."})
+_CONTROL: Final = re.compile(r"[\x00-\x1f\x7f]")  # CR, LF, NUL... in a metadata label
 _TFY_METADATA: Final = b"x-tfy-metadata"
 _RATELIMITS: Final = {
     b"x-ratelimit-limit-requests": "ratelimit_requests_limit",
@@ -250,6 +260,7 @@ class Call:
         """Route the request and read what the headers say about it."""
         path, _, self.query = self.request.target.partition(b"?")
         event = self.event
+        _check_target(self.request.method, path)
         route = self._route(path)
         if route is None:
             event.endpoint = path.decode("latin-1")
@@ -323,7 +334,7 @@ class Call:
         common: list[bytes] = []
         credentials: list[bytes] = []
         for name, value in self.request.headers.items():
-            if name in _HOP_BY_HOP or name in skip:
+            if name in _HOP_BY_HOP or name in skip or name in _ROUTING_OVERRIDES:
                 continue
             (credentials if name in _CREDENTIALS else common).append(
                 b"%s: %s\r\n" % (name, value))
@@ -537,6 +548,23 @@ def _client_key(headers: dict[bytes, bytes]) -> bytes | None:
     return headers.get(b"x-api-key") or headers.get(b"api-key") or None
 
 
+def _check_target(method: bytes, path: bytes) -> None:
+    """Refuse what a forwarding proxy must not pass on: TRACE, and targets that
+    could reach another path than the one routed. An absolute-form target (`http://host/x`)
+    is not a path; a dot segment (`/v1/../../admin`, percent-encoded too) would climb out of
+    the upstream's base path on a server that resolves it."""
+    if method in _NOT_PROXIED:
+        raise LocalError(405, "invalid_request_error",
+                         f"method {method.decode('latin-1')} is not proxied")
+    if not path.startswith(b"/"):
+        raise LocalError(400, "invalid_request_error",
+                         "the request target must be a path (origin-form: /v1/...)")
+    text = urllib.parse.unquote(path.decode("latin-1")).replace("\\", "/")
+    if _DOT_SEGMENTS.intersection(text.split("/")):
+        raise LocalError(400, "invalid_request_error",
+                         "the path must not hold '.' or '..' segments")
+
+
 def _metadata(raw: bytes, header: str) -> dict[str, str]:
     try:
         labels = _decode(raw)
@@ -546,5 +574,9 @@ def _metadata(raw: bytes, header: str) -> dict[str, str]:
     if not isinstance(labels, dict) or any(isinstance(v, dict | list) for v in labels.values()):
         raise LocalError(400, "invalid_request_error",
                          f"header {header}: expected a JSON object of string values")
-    return {str(k): (v if isinstance(v, str) else _encode(v).decode())[:_MAX_METADATA_VALUE]
-            for k, v in labels.items() if v is not None}
+    metadata = {str(k): (v if isinstance(v, str) else _encode(v).decode())[:_MAX_METADATA_VALUE]
+                for k, v in labels.items() if v is not None}
+    if any(_CONTROL.search(text) for item in metadata.items() for text in item):
+        raise LocalError(400, "invalid_request_error",
+                         f"header {header}: keys and values must not hold control characters")
+    return metadata

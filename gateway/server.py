@@ -110,7 +110,8 @@ class ClientConnection(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            self._refuse(501, "protocol upgrades (WebSocket) are not supported by the gateway")
+            self._refuse(501, "CONNECT tunnels and protocol upgrades (WebSocket) are not "
+                               "supported by the gateway")
         except httptools.HttpParserError as e:
             if not self.closed:
                 self._refuse(400, f"malformed HTTP request: {e}")
