@@ -53,6 +53,18 @@ class AdminConfig(Config):
     listen: Listen = Listen("127.0.0.1:8888")
     auth_token: str | None = None  # bearer token required on /api/*, when set
 
+    def __post_init__(self) -> None:
+        # the admin API serves FinOps analytics and a live tap of every prompt
+        if not self.auth_token and not is_loopback(self.listen.host):
+            raise ValueError(
+                f"admin listens on {self.listen}, beyond loopback: set auth_token (for example "
+                "auth_token: ${env:METERLINE_ADMIN_TOKEN}), since the admin API serves "
+                "analytics and a live tap of every prompt")
+
+
+def is_loopback(host: str) -> bool:
+    return host == "localhost" or host == "::1" or host.startswith("127.")
+
 
 class MemoryLimiterConfig(Config):
     """`service.memory_limiter`: receivers push back (HTTP 429 with Retry-After, gRPC

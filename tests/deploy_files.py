@@ -12,11 +12,16 @@ from tests.conftest import ROOT
 DEPLOY = ROOT / "deploy"
 
 _INTERPOLATION = re.compile(r"\$\{(\w+)(?::?-([^}]*))?\}")
+_REQUIRED = re.compile(r"\$\{(\w+):?\?[^}]*\}")
+OPERATOR_SET = "set-by-the-operator"
+"""What a compose-style `${NAME:?message}` stands for: the operator must set NAME."""
 
 
 def shell_default(value: object) -> str:
-    """A compose-style `${NAME:-default}` value as it is when NAME is not set."""
-    return _INTERPOLATION.sub(lambda m: m.group(2) or "", str(value))
+    """A compose-style `${NAME:-default}` value as it is when NAME is not set (a required
+    `${NAME:?message}` as `OPERATOR_SET`)."""
+    return _INTERPOLATION.sub(lambda m: m.group(2) or "",
+                              _REQUIRED.sub(OPERATOR_SET, str(value)))
 
 
 def pipeline_files() -> list[Path]:

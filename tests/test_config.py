@@ -171,3 +171,24 @@ def test_an_enum_error_says_which_values_are_expected():
                                 "{max_size: 50}\n    queue: {when_full: explode}"))
     assert p == ("pipeline.yaml:11: exporters.file.queue.when_full: invalid enum value "
                  "'explode' (expected one of: block, drop_newest)")
+
+
+def with_admin(admin: str) -> str:
+    return ("receivers: {webhook: {}}\nexporters: {debug: {}}\n"
+            f"service: {{admin: {admin}, pipelines: {{p: {{receivers: [webhook], "
+            "exporters: [debug]}}}\n")
+
+
+@pytest.mark.parametrize("listen", ["0.0.0.0:8888", ":8888", "10.0.0.5:8888", "[::]:8888"])
+def test_admin_beyond_loopback_without_a_token_is_refused(listen):
+    with pytest.raises(ConfigError, match="beyond loopback: set auth_token"):
+        loads(with_admin(f'{{listen: "{listen}"}}'))
+
+
+@pytest.mark.parametrize("listen", ["127.0.0.1:8888", "localhost:8888", "[::1]:8888"])
+def test_admin_on_loopback_needs_no_token(listen):
+    loads(with_admin(f'{{listen: "{listen}"}}'))
+
+
+def test_admin_beyond_loopback_with_a_token_is_accepted():
+    loads(with_admin('{listen: "0.0.0.0:8888", auth_token: t0k}'))

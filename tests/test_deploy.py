@@ -14,8 +14,9 @@ import subprocess
 import pytest
 import yaml
 
+from meterline import config as config_mod
 from tests.conftest import ROOT
-from tests.deploy_files import DEPLOY, load_pipeline, pipeline_files, shell_default
+from tests.deploy_files import DEPLOY, OPERATOR_SET, load_pipeline, pipeline_files, shell_default
 
 COMPOSE_DIR = DEPLOY / "compose"
 COMPOSE = COMPOSE_DIR / "docker-compose.yml"
@@ -54,7 +55,22 @@ def service_pipeline(name: str):
 # --- every shipped pipeline ------------------------------------------------------------
 @pytest.mark.parametrize("path", pipeline_files(), ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_shipped_pipeline_file_validates_on_its_defaults(path):
-    load_pipeline(path, {})
+    """With the one setting an operator must give: the admin token, wherever admin listens
+    beyond loopback."""
+    load_pipeline(path, {"METERLINE_ADMIN_TOKEN": OPERATOR_SET})
+
+
+@pytest.mark.parametrize("path", [p for p in pipeline_files() if "0.0.0.0:8888" in p.read_text()],
+                         ids=lambda p: str(p.relative_to(ROOT)))
+def test_a_shipped_pipeline_with_admin_beyond_loopback_needs_the_admin_token(path):
+    with pytest.raises(config_mod.ConfigError, match="METERLINE_ADMIN_TOKEN"):
+        load_pipeline(path, {})
+
+
+def test_compose_refuses_to_start_the_daemons_without_an_admin_token():
+    for name in meterline_services():
+        token = services()[name]["environment"]["METERLINE_ADMIN_TOKEN"]
+        assert token.startswith("${METERLINE_ADMIN_TOKEN:?"), name
 
 
 def test_the_compose_services_pipelines_validate_with_their_environment():
@@ -77,7 +93,8 @@ def test_the_image_runs_as_a_non_root_user():
 
 def test_the_image_healthcheck_asks_the_admin_port_for_healthz():
     [check] = [arg for op, arg in dockerfile_instructions() if op == "HEALTHCHECK"]
-    admin = load_pipeline(DEPLOY / "docker" / "pipeline.yaml", {}).service.admin
+    admin = load_pipeline(DEPLOY / "docker" / "pipeline.yaml",
+                          {"METERLINE_ADMIN_TOKEN": OPERATOR_SET}).service.admin
     assert f"http://127.0.0.1:{admin.listen.port}/healthz" in check
 
 
@@ -91,7 +108,8 @@ def test_the_image_copies_only_files_the_repository_has():
 def test_the_image_exposes_every_port_its_pipeline_listens_on():
     exposed = {int(p) for op, arg in dockerfile_instructions() if op == "EXPOSE"
                for p in arg.split()}
-    loaded = load_pipeline(DEPLOY / "docker" / "pipeline.yaml", {})
+    loaded = load_pipeline(DEPLOY / "docker" / "pipeline.yaml",
+                          {"METERLINE_ADMIN_TOKEN": OPERATOR_SET})
     listens = {c.config.listen.port for c in [*loaded.receivers.values(),
                                              *loaded.exporters.values()]
                if hasattr(c.config, "listen")}
