@@ -25,9 +25,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from exporters.clickhouse.budgets import BudgetGauges
 from exporters.clickhouse.schema import Schema, ensure_schema
 from exporters.prometheus.exporter import PrometheusExporter
-from meterline import config as config_mod
 from receivers.gateway import Instruments
 from tests.conftest import ROOT, make_context, make_event
+from tests.deploy_files import OPERATOR_SET, load_pipeline
 
 GRAFANA = ROOT / "deploy" / "grafana"
 PROMETHEUS_DASHBOARD = GRAFANA / "dashboards" / "meterline-llm.json"
@@ -65,7 +65,8 @@ def promql_expressions() -> list[str]:
 def exposed(tmp_path_factory) -> dict[str, set[str]]:
     """Sample name -> its label names, as the exporter configured like the compose edge
     exposes them after events that make every metric (and the republished gauges)."""
-    exporter_config = config_mod.load(str(EDGE)).exporters["prometheus"].config
+    edge = load_pipeline(EDGE, {"METERLINE_ADMIN_TOKEN": OPERATOR_SET})
+    exporter_config = edge.exporters["prometheus"].config
     context = make_context(tmp_path_factory.mktemp("prometheus"), "prometheus")
     exporter = PrometheusExporter(exporter_config, context)
     Instruments(context.meter)  # the gateway's live gauges (requests in flight...)
