@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-from meterline.component import Backpressure, Processor
+from meterline.component import Backpressure, Processor, run_processors
 from meterline.delivery import ExporterRunner
 from meterline.event import Event, clone, unpack
 from meterline.filtering import Filter
@@ -59,12 +59,9 @@ class Pipeline:
 
     def process(self, events: list[Event]) -> list[Event]:
         """Run the processors here, on the calling thread (`service.workers: 1`)."""
-        for pid, processor in self.processors:
-            before = len(events)
-            events = processor.process(events)
-            self.count(pid, before, len(events))
-            if not events:
-                break
+        events, counts = run_processors(self.processors, events)
+        for pid, before, after in counts:
+            self.count(pid, before, after)
         return events
 
     def count(self, pid: str, before: int, after: int) -> None:

@@ -25,9 +25,9 @@ from typing import Any
 from meterline import config as config_mod
 from meterline import logs
 from meterline.component import Context, Exporter, Processor, Receiver, cancel_and_wait
-from meterline.config import ComponentConfig, ConfigError, PipelineFile
+from meterline.config import ComponentConfig, ConfigError, MemoryLimiterConfig, PipelineFile
 from meterline.delivery import ExporterConfig, ExporterRunner, open_queue
-from meterline.memory import MemoryLimiter, start_limiter
+from meterline.memory import LimitsError, MemoryLimiter, start_limiter
 from meterline.pipeline import Entry, Flow, Pipeline, Taps
 from meterline.queue import Batch
 from meterline.queue.memory import MemoryQueue
@@ -224,7 +224,9 @@ class Service:
                     self.log.error("reload refused: invalid configuration", problem=str(problem))
                 self._reloaded("refused")
                 return False
-            fixed = ("data_dir", "admin", "telemetry", "workers", "memory_limiter")
+            fixed = ["data_dir", "admin", "telemetry", "workers"]
+            if not self._retune_limiter(new.service.memory_limiter):
+                fixed.append("memory_limiter")
             for key in fixed:
                 if getattr(new.service, key) != getattr(self.config.service, key):
                     self.log.warning("service setting changes need a restart", setting=key)
@@ -239,6 +241,19 @@ class Service:
             self._reloaded("applied")
             self.log.info("reloaded", file=path, pipelines=sorted(self.pipelines))
             return True
+
+    def _retune_limiter(self, config: MemoryLimiterConfig | None) -> bool:
+        """Apply new memory limits to the running limiter; False when that cannot be done
+        (turned on or off: a restart; limits that do not fit this machine: kept, logged)."""
+        if self.limiter is None or config is None:
+            return (self.limiter is None) == (config is None)
+        if config != self.config.service.memory_limiter:
+            try:
+                self.limiter.configure(config)
+            except LimitsError as e:
+                self.log.error("memory limits not changed", error=str(e))
+                return False
+        return True
 
     def _reloaded(self, result: str) -> None:
         if result == "applied":

@@ -39,7 +39,7 @@ from types import MappingProxyType
 from typing import Any
 
 from meterline import logs
-from meterline.component import Backpressure, Context, Processor
+from meterline.component import Backpressure, Context, Processor, run_processors
 from meterline.event import Event, pack, unpack
 
 
@@ -242,15 +242,8 @@ class _Worker:
 
     def run(self, names: list[str], packed: bytes) -> list[Processed]:
         results = []
-        for name in names:
-            events = unpack(packed)
-            counts = []
-            for pid, processor in self.pipelines[name]:
-                before = len(events)
-                events = processor.process(events)
-                counts.append((pid, before, len(events)))
-                if not events:
-                    break
+        for name in names:  # each pipeline its own copy, as clone() makes in one process
+            events, counts = run_processors(self.pipelines[name], unpack(packed))
             results.append(Processed(pack(events), counts))
         return results
 

@@ -35,3 +35,15 @@ async def test_the_webhook_accepts_below_the_soft_limit(tmp_path):
         status, body, _ = await post_json(f"http://127.0.0.1:{port}/v1/events",
                                           [{"provider": "openai"}])
         assert (status, body["accepted"]) == (200, 1)
+
+
+async def test_a_reload_applies_new_memory_limits_to_the_running_daemon(tmp_path):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/v1/events"
+    async with running(PIPELINE.format(port=port, limit=16384), tmp_path) as service:
+        assert (await post_json(url, [{"provider": "openai"}]))[0] == 200
+        path = tmp_path / "pipeline.yaml"
+        path.write_text(path.read_text().replace("limit_mib: 16384", "limit_mib: 8"))
+        assert await service.reload(str(path))
+        service.limiter.check()  # the next timer tick, without waiting for it
+        assert (await post_json(url, [{"provider": "openai"}]))[0] == 429

@@ -93,17 +93,22 @@ def decode_body(body: bytes, ndjson: bool = False) -> Decoded:
         else:
             items = parsed if isinstance(parsed, list) else [parsed]
     decoded = Decoded()
+    indexes = []  # the item each event came from
     for index, item in enumerate(items):
         try:
             if isinstance(item, DecodeError):
                 raise item
-            decoded.events.append(decode_item(item))
+            decoded.events.append(_decode_item(item))
+            indexes.append(index)
         except NotAnLLMCall:
             decoded.skipped += 1
         except DecodeError as e:
             decoded.rejected.append((index, str(e)))
         except Exception as e:
             decoded.rejected.append((index, f"cannot decode: {type(e).__name__}: {e}"))
+    if bad := _unstorable(decoded.events):
+        decoded.events = [e for n, e in enumerate(decoded.events) if n not in bad]
+        decoded.rejected = sorted(decoded.rejected + [(indexes[n], _OUT_OF_RANGE) for n in bad])
     return decoded
 
 
