@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from exporters.clickhouse import analytics, budgets, finops
 from exporters.clickhouse.config import ClickHouseConfig
 from exporters.clickhouse.exporter import ClickHouseExporter
+from exporters.clickhouse.query import Reader, Window
 from meterline.config import convert
 from tests.conftest import make_context
 
@@ -39,3 +42,43 @@ async def clickhouse_exporters(tmp_path: Path, **defaults: Any) -> AsyncIterator
     finally:
         for exporter in made:
             await exporter.shutdown()
+
+
+DIMENSIONS = ["provider", "model", "team", "api_key", "status", "day", "user",
+              "metadata.customer"]
+
+
+def clickhouse_windows(now: datetime) -> dict[str, Window]:
+    return {r: Window.parse(r, now=now) for r in ("24h", "7d", "30d", "90d")}
+
+
+def every_finops_answer(reader: Reader, now: datetime,
+                        budgeted: Mapping[str, budgets.Budget] | None = None) -> dict[str, Any]:
+    """Every FinOps report and analytics answer over what `reader` reads (latency
+    percentiles left out: t-digest estimates depend on the order states are merged in)."""
+    w = clickhouse_windows(now)
+    out = {f"spend {by} {r}": finops.spend(reader, w[r], by, top=1000)
+           for by in DIMENSIONS for r in ("24h", "90d")}
+    out |= {"growth": finops.growth(reader, w["30d"], "model", top=1000),
+            "growth by user": finops.growth(reader, w["30d"], "user", top=1000),
+            "variance": finops.variance(reader, w["90d"], "provider"),
+            "models": analytics.models(reader, w["90d"]),
+            "timeseries 24h": analytics.timeseries(reader, w["24h"]),
+            "timeseries 90d": analytics.timeseries(reader, w["90d"]),
+            "providers": analytics.providers(reader, w["90d"]),
+            "costs by day": analytics.costs(reader, w["30d"], "day"),
+            "usage of u2": analytics.usage_report(reader, w["90d"], user_id="u2"),
+            "performance": analytics.performance(reader, w["7d"]),
+            "users": analytics.users(reader, w["90d"])}
+    if budgeted:
+        out["budgets"] = budgets.status(reader, budgeted, now=now)
+    return _without_percentiles(out)
+
+
+def _without_percentiles(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_percentiles(v) for k, v in value.items()
+                if k not in ("p50_latency_ms", "p95_latency_ms", "p99_latency_ms")}
+    if isinstance(value, list):
+        return [_without_percentiles(v) for v in value]
+    return value

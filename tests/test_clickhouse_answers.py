@@ -11,16 +11,18 @@ from datetime import UTC, datetime
 import pytest
 
 from exporters.clickhouse import analytics, budgets, finops
-from exporters.clickhouse.query import Window
 from meterline.component import ExportBatch
 from tests import clickhouse_data as data
-from tests.clickhouse_helpers import clickhouse_exporters
+from tests.clickhouse_helpers import (
+    DIMENSIONS,
+    clickhouse_exporters,
+    clickhouse_windows,
+    every_finops_answer,
+)
 from tests.conftest import eventually, metric_value
 
 NOW = datetime.now(UTC)
 EVENTS = data.dataset(NOW)
-DIMENSIONS = ["provider", "model", "team", "api_key", "status", "day", "user",
-              "metadata.customer"]
 ROLLED = ["provider", "model", "team", "api_key", "status", "day"]
 BUDGETS = {"search": budgets.Budget(limit_usd=40, scope=budgets.BudgetScope(team="search")),
            "acme": budgets.Budget(limit_usd=5, period="day",
@@ -80,7 +82,7 @@ def stored(exporter):
 
 
 def windows():
-    return {r: Window.parse(r, now=NOW) for r in ("24h", "7d", "30d", "90d")}
+    return clickhouse_windows(NOW)
 
 
 def spend_answers(reader, dimensions):
@@ -89,33 +91,7 @@ def spend_answers(reader, dimensions):
 
 
 def every_answer(reader):
-    """Every FinOps report and analytics answer over the data set (latency percentiles
-    left out: t-digest estimates depend on the order states are merged in)."""
-    w = windows()
-    out = {f"spend {by} {r}": finops.spend(reader, w[r], by, top=1000)
-           for by in DIMENSIONS for r in ("24h", "90d")}
-    out |= {"growth": finops.growth(reader, w["30d"], "model", top=1000),
-            "growth by user": finops.growth(reader, w["30d"], "user", top=1000),
-            "variance": finops.variance(reader, w["90d"], "provider"),
-            "models": analytics.models(reader, w["90d"]),
-            "timeseries 24h": analytics.timeseries(reader, w["24h"]),
-            "timeseries 90d": analytics.timeseries(reader, w["90d"]),
-            "providers": analytics.providers(reader, w["90d"]),
-            "costs by day": analytics.costs(reader, w["30d"], "day"),
-            "usage of u2": analytics.usage_report(reader, w["90d"], user_id="u2"),
-            "performance": analytics.performance(reader, w["7d"]),
-            "users": analytics.users(reader, w["90d"]),
-            "budgets": budgets.status(reader, BUDGETS, now=NOW)}
-    return _without_percentiles(out)
-
-
-def _without_percentiles(value):
-    if isinstance(value, dict):
-        return {k: _without_percentiles(v) for k, v in value.items()
-                if k not in ("p50_latency_ms", "p95_latency_ms", "p99_latency_ms")}
-    if isinstance(value, list):
-        return [_without_percentiles(v) for v in value]
-    return value
+    return every_finops_answer(reader, NOW, BUDGETS)
 
 
 # --- which tables answers read ---------------------------------------------------------------
@@ -187,3 +163,52 @@ async def test_the_exporter_repairs_the_rollups_every_repair_interval(make_expor
     writers = [await make_exporter("a", repair_interval="50ms"), await make_exporter("b")]
     await export_at_once(writers, EVENTS)
     await eventually(lambda: stored(writers[0])[1:] == (len(EVENTS), len(EVENTS)), timeout=30)
+
+
+# --- inserts cut short by a kill -------------------------------------------------------------
+def lose_rollup_rows(exporter, rollups):
+    """The state a kill leaves between an insert and its views' inserts: the raw rows stored,
+    the rows of these rollups not."""
+    for rollup in rollups:
+        exporter.reader.client.command(
+            f"TRUNCATE TABLE {exporter.schema.qualified(rollup.table)}")
+
+
+@pytest.fixture
+async def cut_short(make_exporter):
+    """An exporter whose batch "ref" reached llm_events and the first rollup only."""
+    exporter = await make_exporter("cut", database="cut")
+    await exporter.export(ExportBatch("ref", EVENTS))
+    lose_rollup_rows(exporter, exporter.schema.rollups[1:])
+    return exporter
+
+
+async def test_a_batch_delivered_again_after_an_insert_cut_short_makes_every_answer_exact(
+        cut_short, reference):
+    await cut_short.export(ExportBatch("ref", EVENTS))  # the queue delivers it again
+    assert stored(cut_short) == (len(EVENTS), len(EVENTS), len(EVENTS))
+    assert every_answer(cut_short.reader) == every_answer(reference.reader)
+
+
+async def test_a_batch_delivered_again_rebuilds_only_the_hours_of_its_events(make_exporter):
+    exporter = await make_exporter("cut", database="cut")
+    old = [e for e in EVENTS if e.timestamp < (NOW.timestamp() - 7 * 86400) * 10**9]
+    recent = [e for e in EVENTS if e not in old]
+    await exporter.export(ExportBatch("old", old))
+    await exporter.export(ExportBatch("recent", recent))
+    lose_rollup_rows(exporter, exporter.schema.rollups)
+    await exporter.export(ExportBatch("recent", recent))
+    assert stored(exporter) == (len(EVENTS), len(recent), len(recent))
+
+
+async def test_a_batch_already_stored_whole_leaves_right_rollups_alone(reference):
+    await reference.export(ExportBatch("ref", EVENTS))
+    registry = reference.context.telemetry.registry
+    assert metric_value(registry, "meterline_exporter_rollup_repaired_hours_total") in (None, 0)
+    assert stored(reference) == (len(EVENTS), len(EVENTS), len(EVENTS))
+
+
+async def test_a_repair_rebuilds_the_hours_a_rollup_counts_short(cut_short, reference):
+    hours = await cut_short.repair_rollups()
+    assert hours == sorted({e.timestamp // 3_600_000_000_000 * 3600 for e in EVENTS})
+    assert every_answer(cut_short.reader) == every_answer(reference.reader)

@@ -14,7 +14,10 @@ Each batch is one column-oriented insert. Nothing is counted twice:
 - Two writers storing the same event at the same moment (both checks ran before either
   insert) leave two copies: queries on raw events read them deduplicated (`FINAL`), and
   every `repair_interval` the rollups of recent hours are checked against the events and
-  rebuilt where they count more (`repair.py`).
+  rebuilt where they count differently (`repair.py`).
+- A batch whose insert was cut short by a kill (raw rows stored, some view's rows not) is
+  delivered again after the restart; finding some of its events stored already, the
+  exporter checks the rollups of their hours and rebuilds those that fall short.
 
 The exporter also serves the analytics API on the admin server and keeps the budget
 gauges current (`analytics: true`).
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import threading
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -59,6 +63,9 @@ class ClickHouseExporter(Exporter):
         self._writer: Any = None
         self.reader: Reader | None = None
         self._connecting = asyncio.Lock()
+        # Inserts and rollup checks take turns, so that a check never sees an insert of
+        # this exporter half done (its raw rows in, its views' rows not yet).
+        self._writing = threading.Lock()
         self._closed = False
         self._budget_task: asyncio.Task[None] | None = None
         self._reached: dict[tuple[str, str], float] = {}  # (budget, period start) -> threshold
@@ -134,13 +141,18 @@ class ClickHouseExporter(Exporter):
         for e in events:
             first.setdefault(e.event_id, e)
         unique = list(first.values())
-        stored = self._already_stored(unique)
-        new = [e for e in unique if e.event_id not in stored] if stored else unique
-        if len(new) != len(events):
-            self._duplicates.add(len(events) - len(new), self._attrs)
-        if not new:
-            return
-        refused, error = self._store(batch_id, new)
+        with self._writing:
+            stored = self._already_stored(unique)
+            new = [e for e in unique if e.event_id not in stored] if stored else unique
+            if len(new) != len(events):
+                self._duplicates.add(len(events) - len(new), self._attrs)
+            try:
+                refused, error = self._store(batch_id, new) if new else ([], None)
+            finally:
+                if stored:  # perhaps a batch cut short by a kill: see repair.py
+                    hours = {e.timestamp // 3_600_000_000_000 * 3600
+                             for e in unique if e.event_id in stored}
+                    self._rebuilt(repair.reconcile(self._writer, self.schema, hours))
         if refused:
             ids = ", ".join(e.event_id for e in refused[:_NAMED_IDS])
             more = f" and {len(refused) - _NAMED_IDS} more" if len(refused) > _NAMED_IDS else ""
@@ -204,12 +216,20 @@ class ClickHouseExporter(Exporter):
     # --- rollup repair -------------------------------------------------------------
     async def repair_rollups(self) -> list[int]:
         """One repair pass (see repair.py): the hours rebuilt, as Unix seconds."""
-        reader = await self.connect()
+        await self.connect()
         lookback = timedelta(seconds=float(self.config.repair_lookback))
-        hours = await asyncio.to_thread(repair.repair, reader.client, self.schema, lookback)
+
+        def check() -> list[int]:
+            with self._writing:
+                return self._rebuilt(repair.repair(self._writer, self.schema, lookback))
+
+        return await asyncio.to_thread(check)
+
+    def _rebuilt(self, hours: list[int]) -> list[int]:
         if hours:
             self._repaired.add(len(hours), self._attrs)
-            self.log.warning("rollups rebuilt for hours where an event was stored twice",
+            self.log.warning("rollups rebuilt for hours they counted wrong (an event stored "
+                             "twice, or an insert cut short)",
                              hours=[iso(datetime.fromtimestamp(h, UTC)) for h in hours])
         return hours
 
