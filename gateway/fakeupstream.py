@@ -18,6 +18,9 @@ headers, which the gateway forwards:
 | `x-fake-tokens` | `tokens` | output tokens |
 | `x-fake-status` | `status` | answer this error status, with the provider's error body |
 | `x-fake-break-after` | | close the connection after this many stream chunks |
+| `x-fake-echo-key` | | answer 401 (or `x-fake-status`) with an error message that echoes the key |
+|  |  | received: `masked` as OpenAI does (`sk-proj-abc***…wxyz`), `clear` whole, as some |
+|  |  | proxies do (`Bearer sk-…`; Anthropic: `invalid x-api-key: sk-ant-…`) |
 
     python -m gateway.fakeupstream --listen 127.0.0.1:9000 --latency 20ms --tokens 16
 """
@@ -73,6 +76,7 @@ class _Plan:
     model: str
     input_tokens: int
     texts: list[str] = field(default_factory=list)
+    echo_key: str | None = None  # `masked` or `clear`: the error message echoes the key
 
 
 class FakeUpstream:
@@ -143,7 +147,7 @@ class FakeUpstream:
                 self.handlers_cut += 1
                 raise
         if plan.status is not None:
-            return self._error(path, plan.status)
+            return self._error(path, plan.status, _echoed(request, plan.echo_key))
         stream = isinstance(body, dict) and body.get("stream")
         for suffix, answer in self._routes:
             if path.endswith(suffix):
@@ -156,6 +160,9 @@ class FakeUpstream:
         h = request.headers
         status = h.get("x-fake-status")
         brk = h.get("x-fake-break-after")
+        echo = h.get("x-fake-echo-key")
+        if echo and not status:
+            status = "401"
         texts = _texts(body)
         return _Plan(
             latency=float(Duration.from_config(h.get("x-fake-latency", self.latency))),
@@ -165,7 +172,7 @@ class FakeUpstream:
             status=int(status) if status else self.status,
             break_after=int(brk) if brk else None,
             model=str(body.get("model") or "fake-model"),
-            input_tokens=sum(len(t.split()) for t in texts), texts=texts)
+            input_tokens=sum(len(t.split()) for t in texts), texts=texts, echo_key=echo)
 
     def _json(self, payload: Any, status: int = 200,
               headers: dict[str, str] | None = None) -> web.Response:
@@ -173,8 +180,12 @@ class FakeUpstream:
         return web.Response(body=_encode(payload), status=status, content_type="application/json",
                             headers=headers)
 
-    def _error(self, path: str, status: int) -> web.Response:
+    def _error(self, path: str, status: int, echoed: str | None = None) -> web.Response:
         message = f"fake upstream error {status}"
+        if echoed is not None:
+            message = (f"invalid x-api-key: {echoed}" if path.endswith("/messages") else
+                       f"Incorrect API key provided: {echoed}. You can find your API key at "
+                       "https://platform.openai.com/account/api-keys.")
         if path.endswith("/messages"):
             kind = _ANTHROPIC_ERRORS.get(status, "api_error")
             return self._json({"type": "error", "error": {"type": kind, "message": message}},
@@ -388,6 +399,22 @@ _ANTHROPIC_LIMITS = {"anthropic-ratelimit-requests-limit": "4000",
 def _sse(payload: dict[str, Any], event: str | None = None) -> bytes:
     head = b"event: " + event.encode() + b"\n" if event else b""
     return head + b"data: " + _encode(payload) + b"\n\n"
+
+
+def _echoed(request: web.Request, how: str | None) -> str | None:
+    """The credential received, as an error message echoes it: whole (`clear`: the
+    Authorization value with its scheme), or OpenAI's way (`masked`: the first 8 and the
+    last 4 characters of the key, stars between)."""
+    if how is None:
+        return None
+    h = request.headers
+    names = ("x-api-key", "authorization", "api-key") if request.path.endswith("/messages") \
+        else ("authorization", "api-key", "x-api-key")
+    value = next((h[name] for name in names if h.get(name)), "")
+    if how == "clear":
+        return value
+    key = value.removeprefix("Bearer ")
+    return key[:8] + "*" * max(len(key) - 12, 4) + key[-4:]
 
 
 def _output(tokens: int) -> str:

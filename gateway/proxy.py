@@ -9,6 +9,12 @@ response is over (or the client left), hands the event to `record`. `record`
 must not block: the `gateway` receiver buffers events and delivers them to the
 pipeline off the request path.
 
+`finish` is the one way out for every call, so two things happen there: a stream cut
+short (client gone, upstream broken off or silent, gateway stopping) gets the usage
+known so far from its reader, marked estimated (`StreamReader.cut`); and the
+`error_message`, whoever wrote it, is scrubbed of the call's credentials and of
+key-shaped words (`scrub_secrets`), so that only calls with an error pay for it.
+
 Times are `time.monotonic()` (the event loop's clock) throughout:
 `provider_duration_ms` runs from the first byte sent upstream to the last byte
 received from it (fallback attempts included), `overhead_ms` is the rest of
@@ -31,7 +37,15 @@ from structlog.typing import FilteringBoundLogger
 from gateway.config import ProxyConfig
 from gateway.deadlines import Deadlines
 from gateway.server import ClientConnection, Request
-from gateway.shapes import DROP, TOKEN, Shape, StreamReader, read_error, shape_for
+from gateway.shapes import (
+    DROP,
+    TOKEN,
+    Shape,
+    StreamReader,
+    input_chars,
+    read_error,
+    shape_for,
+)
 from gateway.streams import LineSplitter, SSESplitter
 from gateway.upstream import UNHEALTHY_AFTER, Exchange, Upstream, UpstreamFailure
 from meterline.event import Event, api_key_id
@@ -383,6 +397,10 @@ class Call:
                     length = None  # the body changes
         elif shape is not None or status >= 400:
             self.parsed = []
+            key = self.serving.config.api_key if self.serving is not None else None
+            if status >= 400 and key and self.request.method != b"HEAD":
+                await self._relay_error_without(key.encode(), status, head)
+                return
         client = self.client
         client.begin(status, head, length, self.request.http10)
         self.begun = True
@@ -399,6 +417,26 @@ class Call:
             self.upstream_end = exchange.last
         self.exchange = None  # (kept on cancellation, for `cancelled` to close it)
         self.complete()
+        self._read_response()
+
+    async def _relay_error_without(self, key: bytes, status: int, head: bytes) -> None:
+        """An error answered to the key the gateway put in place of the client's: the body is
+        read whole and that key, should the upstream echo it, replaced before the client
+        sees it (the client never had it). Only such errors are held back this way."""
+        exchange = self.exchange
+        assert exchange is not None
+        try:
+            body = await exchange.read_body(_MAX_PARSED_BODY)  # (an error body is small)
+        except UpstreamFailure as e:
+            self.upstream_end, self.exchange = exchange.last, None
+            self.fail(e.status, e.kind, str(e))
+            return
+        self.upstream_end, self.exchange = exchange.last, None  # (kept on cancellation)
+        if key in body:
+            body = body.replace(key, SECRET_MARKER.encode())
+        self.begun = self.ended = True
+        self.client.respond(status, head, body)
+        self.parsed = [body]
         self._read_response()
 
     def on_flush(self) -> None:
@@ -479,6 +517,7 @@ class Call:
         event = self.event
         if self.reader is not None:
             self.reader.finish()
+            self.reader = None  # read to its end (`finish` sees no stream cut short)
             return
         if not self.parsed:
             return
@@ -531,14 +570,79 @@ class Call:
             event.ttft_ms = (self.first_token - started) * 1000
             if self.tokens > 1:
                 event.itl_ms = (self.last_token - self.first_token) * 1000 / (self.tokens - 1)
+        if self.reader is not None:  # a stream cut short: the usage so far, estimated
+            self.reader.cut(self._input_chars)
+            self.reader = None
+        if event.error_message:
+            event.error_message = scrub_secrets(event.error_message, self._secrets())
         event.error_type = failure(event.error_type, event.status_code)
         if self.serving is not None:
             self.serving.active -= 1
             self.serving = None
         self.proxy.record(event)
 
+    def _input_chars(self) -> int:
+        """The characters of the request's text (read again: only a cut stream asks)."""
+        try:
+            return input_chars(_decode(self.body))
+        except msgspec.DecodeError:
+            return 0
+
+    def _secrets(self) -> list[str]:
+        """The credentials this call carried: the client's, and the key the gateway put in
+        their place for the upstream that answered."""
+        headers = self.request.headers
+        secrets: list[str] = []
+        for name in _CREDENTIALS:
+            if value := headers.get(name, b"").decode("latin-1").strip():
+                scheme, _, credential = value.partition(" ")
+                secrets.append(credential.strip() if scheme.lower() in ("bearer", "basic")
+                               and credential else value)
+        for upstream in (self.serving, self.upstream):
+            if upstream is not None and upstream.config.api_key:
+                secrets.append(upstream.config.api_key)
+        return secrets
+
 
 _DEFAULT_SHAPE: Final = Shape()
+
+SECRET_MARKER: Final = "[REDACTED:api_key]"
+_MIN_SECRET: Final = 8  # shorter values are not told apart from words
+_KEY_SHAPED: Final = re.compile(
+    # an Authorization value (a word after Bearer with a digit or a symbol: not "Bearer token")
+    r"(?P<scheme>\b(?i:bearer)\s+)(?=[A-Za-z.]*[0-9_\-~+/=*\u2026]|[A-Za-z]{20})"
+    r"[A-Za-z0-9._~+/=*\u2026-]{8,}"
+    r"|\bsk-[A-Za-z0-9_\-*\u2026\u2022]{12,}"  # OpenAI, Anthropic (sk-ant-), DeepSeek...
+    r"|\bAIza[0-9A-Za-z_\-]{20,}"  # Google API keys
+    r"|[A-Za-z0-9_\-]+\*{4,}[A-Za-z0-9_\-]*|\*{4,}[A-Za-z0-9_\-]+")  # a masked key: ab***yz
+_WORD: Final = re.compile(r"[^\s\"'`<>(),;]+")
+_MASKS: Final = frozenset("*\u2026\u2022")  # *, …, •
+
+
+def scrub_secrets(text: str, secrets: list[str]) -> str:
+    """`text` (an error message, often an upstream's) without credentials: each of
+    `secrets` where it appears whole, a word that echoes one of them in part (a fragment of
+    8 characters or more, or its first 6 characters followed by a mask or by its last 4,
+    as OpenAI's `sk-proj-abc***xyz0` does), and any key-shaped word (`Bearer ...`, `sk-...`,
+    `AIza...`, a masked `ab****yz`), each replaced by `SECRET_MARKER`."""
+    secrets = [s for s in secrets if len(s) >= _MIN_SECRET]
+    for secret in secrets:
+        if secret in text:
+            text = text.replace(secret, SECRET_MARKER)
+    if secrets:
+        text = _WORD.sub(lambda m: _scrub_word(m.group(), secrets), text)
+    return _KEY_SHAPED.sub(lambda m: (m.group("scheme") or "") + SECRET_MARKER, text)
+
+
+def _scrub_word(word: str, secrets: list[str]) -> str:
+    core = word.rstrip(".:!?")
+    if len(core) < _MIN_SECRET or SECRET_MARKER in core:
+        return word
+    for secret in secrets:
+        if core in secret or (core[:6] == secret[:6] and (
+                core[-4:] == secret[-4:] or not _MASKS.isdisjoint(core))):
+            return SECRET_MARKER + word[len(core):]
+    return word
 
 
 def _client_key(headers: dict[bytes, bytes]) -> bytes | None:

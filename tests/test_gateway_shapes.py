@@ -1,8 +1,19 @@
 """Reading provider streams and errors: the parts the fake upstream does not exercise."""
 
+import json
+
 import pytest
 
-from gateway.shapes import DROP, TOKEN, anthropic, openai, read_error, shape_for
+from gateway.shapes import (
+    DROP,
+    TOKEN,
+    USAGE_ESTIMATED,
+    anthropic,
+    input_chars,
+    openai,
+    read_error,
+    shape_for,
+)
 from gateway.streams import LineSplitter, SSESplitter
 from meterline.event import Event
 
@@ -98,3 +109,38 @@ def test_an_ollama_error_string_is_read():
     event = Event(status_code=404)
     read_error({"error": "model 'x' not found"}, event)
     assert (event.error_type, event.error_message) == ("not_found_error", "model 'x' not found")
+
+
+def test_a_cut_stream_estimates_tool_call_output_from_the_arguments_streamed():
+    event = Event()
+    reader = openai.CHAT.stream(event, capture=False, drop_usage=True)
+    for part in ('{"city": "Paris, ', 'France", "unit": "celsius"}'):  # 44 characters
+        reader.feed({"choices": [{"index": 0, "delta": {"tool_calls": [
+            {"index": 0, "function": {"arguments": part}}]}}]})
+    reader.cut(lambda: 40)
+    assert (event.input_tokens, event.output_tokens) == (10, 11)
+    assert event.attributes == {USAGE_ESTIMATED: True}
+
+
+def test_a_stream_cut_after_the_providers_final_usage_keeps_its_counts_unmarked():
+    event = Event()
+    reader = anthropic.MESSAGES.stream(event, capture=False, drop_usage=False)
+    reader.feed({"type": "message_start", "message": {"usage": {"input_tokens": 10,
+                                                                "output_tokens": 1}}})
+    reader.feed({"type": "content_block_delta", "index": 0,
+                 "delta": {"type": "text_delta", "text": "x" * 400}})
+    reader.feed({"type": "message_delta", "delta": {"stop_reason": "end_turn"},
+                 "usage": {"output_tokens": 90}})
+    reader.cut(lambda: 0)
+    assert (event.input_tokens, event.output_tokens) == (10, 90)
+    assert event.attributes is None and event.finish_reasons == ["end_turn"]
+
+
+def test_the_input_estimate_counts_text_and_tool_definitions_not_images():
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64," + "A" * 9000}}
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+    body = {"model": "gpt-4o", "tools": tools, "messages": [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": [{"type": "text", "text": "what is this?"}, image]}]}
+    assert input_chars(body) == len("be brief") + len("what is this?") + len(
+        json.dumps(tools, separators=(",", ":")))

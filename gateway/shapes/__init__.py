@@ -13,9 +13,18 @@ from __future__ import annotations
 from typing import Final
 
 from gateway.shapes import anthropic, ollama, openai
-from gateway.shapes.base import DROP, TOKEN, Shape, StreamReader, read_error
+from gateway.shapes.base import (
+    DROP,
+    TOKEN,
+    USAGE_ESTIMATED,
+    Shape,
+    StreamReader,
+    input_chars,
+    read_error,
+)
 
-__all__ = ["DROP", "TOKEN", "Shape", "StreamReader", "read_error", "shape_for"]
+__all__ = ["DROP", "TOKEN", "USAGE_ESTIMATED", "Shape", "StreamReader", "input_chars",
+           "read_error", "shape_for"]
 
 _SUFFIXES: Final[tuple[tuple[str, Shape], ...]] = (
     ("/api/chat", ollama.CHAT),

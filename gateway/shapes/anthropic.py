@@ -9,7 +9,7 @@ ask, so the three counts are summed and the cached ones also reported apart.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Final
 
 import msgspec
 
@@ -102,7 +102,8 @@ def _tool_call(block: dict[str, Any], arguments: Any) -> dict[str, Any]:
 
 
 class MessagesStream(StreamReader):
-    _OUTPUT_DELTAS = frozenset({"text_delta", "input_json_delta", "thinking_delta"})
+    _OUTPUT_DELTAS: Final = {"text_delta": "text", "input_json_delta": "partial_json",
+                             "thinking_delta": "thinking"}  # each delta type's output
 
     def __init__(self, event: Event, capture: bool) -> None:
         self.event = event
@@ -118,6 +119,10 @@ class MessagesStream(StreamReader):
             delta_kind = delta.get("type")
             if delta_kind not in self._OUTPUT_DELTAS:
                 return 0
+            self.output_deltas += 1
+            text = delta.get(self._OUTPUT_DELTAS[delta_kind])
+            if isinstance(text, str):
+                self.output_chars += len(text)
             if self.capture:
                 if delta_kind == "text_delta" and isinstance(delta.get("text"), str):
                     self.text.append(delta["text"])
@@ -133,7 +138,9 @@ class MessagesStream(StreamReader):
             self.usage.merge(as_dict(start.get("usage")))
             read_model_and_id(start, self.event)
         elif kind == "message_delta":
-            self.usage.merge(as_dict(message.get("usage")))
+            usage = as_dict(message.get("usage"))
+            self.usage.merge(usage)
+            self.final_usage = self.final_usage or bool(usage)
             reason = as_dict(message.get("delta")).get("stop_reason")
             if reason:
                 self.event.finish_reasons = [str(reason)]

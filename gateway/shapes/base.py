@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Final
 
 import msgspec
@@ -12,12 +13,31 @@ from meterline.genai import error_type
 TOKEN: Final = 1  # the stream message carried output (a token, a tool call delta...)
 DROP: Final = 2  # the stream message is not forwarded to the client
 
+# Set (true) on an event whose token counts are the gateway's estimate, not the provider's
+# figures: a stream cut before the provider reported its final usage
+USAGE_ESTIMATED: Final = "meterline.usage_estimated"
+CHARS_PER_TOKEN: Final = 4  # the usual rule of thumb for English text and code
+
 _MAX_ERROR_MESSAGE = 1024
 _encoder = msgspec.json.Encoder()
 
 
+def estimated_tokens(chars: int) -> int:
+    return -(-chars // CHARS_PER_TOKEN)
+
+
 class StreamReader:
-    """Reads the messages of one streamed response, then fills the event."""
+    """Reads the messages of one streamed response, then fills the event.
+
+    A reader counts the output it saw (`output_deltas`: messages that carried output;
+    `output_chars`: the characters of text, reasoning and tool-call arguments in them) and
+    notes whether the provider's final usage arrived (`final_usage`), so that a stream cut
+    short (`cut`) still records the usage known so far."""
+
+    event: Event
+    output_deltas = 0
+    output_chars = 0
+    final_usage = False  # the provider's counts for the whole call (or so far) were read
 
     def feed(self, message: dict[str, Any]) -> int:
         """Take one parsed message; return TOKEN and DROP flags."""
@@ -25,6 +45,29 @@ class StreamReader:
 
     def finish(self) -> None:
         """The stream ended: write what was gathered into the event."""
+
+    def cut(self, input_chars: Callable[[], int]) -> None:
+        """The stream ended before its end (the client left, the upstream broke off or went
+        silent, the gateway stopped): write what was gathered and, unless the provider
+        already reported its usage, the usage so far, marked as estimated:
+
+        - `output_tokens`: the larger of the output messages seen (each holds at least one
+          token) and their characters / `CHARS_PER_TOKEN`, or what the provider reported
+          so far if that is more (Anthropic's `message_start` count);
+        - `input_tokens`: what the provider reported (Anthropic's `message_start`), else
+          the request's text (messages, prompt, system, tool definitions: `input_chars()`)
+          / `CHARS_PER_TOKEN`.
+        """
+        self.finish()
+        if self.final_usage:
+            return
+        event = self.event
+        output = max(self.output_deltas, estimated_tokens(self.output_chars))
+        if event.output_tokens is None or event.output_tokens < output:
+            event.output_tokens = output
+        if event.input_tokens is None:
+            event.input_tokens = estimated_tokens(input_chars())
+        set_attribute(event, USAGE_ESTIMATED, True)
 
 
 class Shape:
@@ -74,6 +117,36 @@ def read_error(body: Any, event: Event) -> None:
     event.error_type = error_type(event.status_code, name if isinstance(name, str) else None)
     if message:
         event.error_message = str(message)[:_MAX_ERROR_MESSAGE]
+
+
+_TEXT_KEYS: Final = ("messages", "input", "prompt", "system", "instructions", "content",
+                     "text", "output", "arguments", "function", "tool_calls")
+
+
+def input_chars(body: Any) -> int:
+    """The characters of a request body's text (any shape): messages and their parts,
+    prompt, system and instructions, tool calls and results, and the tool definitions
+    (as JSON). Images and other binary parts are not counted."""
+    if not isinstance(body, dict):
+        return 0
+    try:
+        chars = _text_chars(body)
+    except RecursionError:  # nested deeper than any real request
+        return 0
+    tools = body.get("tools")
+    if isinstance(tools, list) and tools:
+        chars += len(_encoder.encode(tools))
+    return chars
+
+
+def _text_chars(value: Any) -> int:
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, list):
+        return sum(_text_chars(item) for item in value)
+    if isinstance(value, dict):
+        return sum(_text_chars(value[key]) for key in _TEXT_KEYS if key in value)
+    return 0
 
 
 def pick(body: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any] | None:

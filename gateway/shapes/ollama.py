@@ -97,9 +97,12 @@ class LinesStream(StreamReader):
     def feed(self, message: dict[str, Any]) -> int:
         if message.get("done"):
             read_final(message, self.event)
+            self.final_usage = True
         text = self.shape.output_text(message)
         if not text:
             return 0
+        self.output_deltas += 1
+        self.output_chars += len(text)
         if self.capture:
             self.text.append(text)
         return TOKEN

@@ -131,6 +131,7 @@ class ChoicesStream(StreamReader):
         usage = message.get("usage")
         if usage:
             read_usage(as_dict(usage), event)
+            self.final_usage = True
             if self.drop_usage and not choices:
                 flags |= DROP
         if choices:
@@ -142,6 +143,8 @@ class ChoicesStream(StreamReader):
                     flags |= self._delta(choice.get("index", 0), delta)
                 elif isinstance(text := choice.get("text"), str) and text:
                     flags |= TOKEN
+                    self.output_deltas += 1
+                    self.output_chars += len(text)
                     if self.capture:
                         self.texts.setdefault(choice.get("index", 0), []).append(text)
                 if choice.get("finish_reason"):
@@ -154,8 +157,18 @@ class ChoicesStream(StreamReader):
     def _delta(self, index: int, delta: dict[str, Any]) -> int:
         content = delta.get("content")
         tool_calls = delta.get("tool_calls")
-        if not (content or tool_calls or delta.get("reasoning_content") or delta.get("refusal")):
+        reasoning = delta.get("reasoning_content")
+        refusal = delta.get("refusal")
+        if not (content or tool_calls or reasoning or refusal):
             return 0
+        self.output_deltas += 1
+        self.output_chars += sum(len(text) for text in (content, reasoning, refusal)
+                                 if isinstance(text, str))
+        if isinstance(tool_calls, list):
+            for call in tool_calls:
+                function = as_dict(call.get("function")) if isinstance(call, dict) else {}
+                self.output_chars += sum(len(function[key]) for key in ("name", "arguments")
+                                         if isinstance(function.get(key), str))
         if self.capture:
             if isinstance(content, str) and content:
                 self.texts.setdefault(index, []).append(content)
@@ -273,9 +286,14 @@ class ResponsesStream(StreamReader):
     def feed(self, message: dict[str, Any]) -> int:
         kind = message.get("type")
         if kind in self._OUTPUT_EVENTS:
+            self.output_deltas += 1
+            delta = message.get("delta")
+            if isinstance(delta, str):
+                self.output_chars += len(delta)
             return TOKEN
         if kind in self._FINAL_EVENTS:
             self.shape.read_response(message.get("response"), self.event, self.capture)
+            self.final_usage = True
         elif kind == "response.created" and self.event.response_model is None:
             model = as_dict(message.get("response")).get("model")
             self.event.response_model = model if isinstance(model, str) else None
