@@ -6,8 +6,9 @@ events in place) and only its `process` call is timed, in this one process. The
 events are chat calls with token usage, cache and reasoning counts, metadata, and
 ~1 KB of message text of which one message in ten carries PII or a secret. Redact is
 also measured on the daemon's usual event (a 700-byte prompt with an e-mail address
-and a phone number, a 250-byte answer, metadata), on the tests' labelled PII corpus
-(dense PII), and on one 1 MB prompt with PII spread through it.
+and a phone number, a 250-byte answer, metadata), on the same with every other string
+field filled (ids, `error_message`, `params`, `attributes`), on the tests' labelled PII
+corpus (dense PII), and on one 1 MB prompt with PII spread through it.
 
     python bench/processors_bench.py --events 50000 --batch 1000
 """
@@ -26,7 +27,7 @@ import yaml
 from meterline import logs
 from meterline.component import Context, Processor
 from meterline.config import MetricsConfig, convert
-from meterline.event import Event, clone
+from meterline.event import Event, api_key_id, clone
 from meterline.registry import factory
 from meterline.telemetry import Telemetry
 
@@ -101,6 +102,32 @@ def daemon_events(n: int) -> list[Event]:
                   input_messages=[{"role": "user", "content": prompt}],
                   output_messages=[{"role": "assistant", "content": answer}])
             for i in range(n)]
+
+
+def field_events(n: int) -> list[Event]:
+    """`daemon_events` with every other string field filled as the OTLP receiver and the
+    gateway fill them: ids, team and organization, a session, `finish_reasons`, `params`,
+    eight resource and span `attributes`; one user in ten is an e-mail address, and one
+    event in twenty an upstream's 401 echoing the key."""
+    events = daemon_events(n)
+    for i, e in enumerate(events):
+        e.user_id = f"user{i % 300}@example.org" if i % 10 == 0 else f"u-{i % 300}"
+        e.session_id = f"sess-{i // 8:06d}"
+        e.api_key_id, e.api_key_name = api_key_id(f"key-{i % 25}"), f"key-{i % 25}"
+        e.team, e.organization = f"team-{i % 7}", "acme"
+        e.source, e.endpoint, e.route = "otlp", "/v1/chat/completions", "chat"
+        e.finish_reasons = ["stop"]
+        e.params = {"temperature": 0.2, "max_tokens": 512, "top_p": 1.0, "stream": False}
+        e.attributes = {"service.name": "checkout-api", "service.version": "2.14.1",
+                        "host.name": f"ip-10-0-{i % 4}-17", "deployment.environment": "prod",
+                        "telemetry.sdk.name": "opentelemetry", "telemetry.sdk.language": "python",
+                        "server.address": "api.openai.com", "server.port": 443}
+        if i % 20 == 0:
+            e.status_code, e.error_type = 401, "invalid_request_error"
+            e.error_message = ("Incorrect API key provided: sk-proj-Ab12Cd34Ef56Gh78Ij90Kl12"
+                               "Mn34Op56Qr78. You can find your API key at "
+                               "https://platform.openai.com/account/api-keys.")
+    return events
 
 
 def big_prompt(megabytes: float = 1.0) -> list[Event]:
@@ -179,6 +206,12 @@ def main() -> None:
         print(f"{'redact {} on 700 B prompts with e-mail+phone':42s} {rate:12,.0f} events/s  "
               f"{1e6 / rate:7.2f} us/event  "
               f"{text_bytes(daemon) * args.rounds / seconds / 1e6:7.1f} MB/s of text")
+        fields = field_events(args.events)
+        batches = [fields[i:i + args.batch] for i in range(0, len(fields), args.batch)]
+        seconds = run(redact, batches, args.rounds)
+        rate = len(fields) * args.rounds / seconds
+        print(f"{'redact {} on those, every string field filled':42s} {rate:12,.0f} events/s  "
+              f"{1e6 / rate:7.2f} us/event")
         corpus = corpus_events()
         seconds = run(redact, [corpus], args.rounds * 10)
         print(f"{'redact {} on the PII corpus (dense PII)':42s} "

@@ -53,7 +53,7 @@ class FileExporter(Exporter):
     def _write(self, data: bytes) -> None:
         if self._file is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            self._file = self._open()
         rotation = self.rotation
         if rotation is not None:
             size = os.fstat(self._file).st_size
@@ -84,7 +84,26 @@ class FileExporter(Exporter):
             backups = sorted(self.path.parent.glob(pattern))
             for old in backups[:-rotation.max_backups]:
                 old.unlink(missing_ok=True)
-        self._file = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        self._file = self._open()
+
+    def _open(self) -> int:
+        """Open the file for appending, without the torn last line a kill in the middle of a
+        write may have left: that batch was not acknowledged, so it is written again whole,
+        and a line appended after the torn one would be joined to it."""
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+        end = os.lseek(fd, 0, os.SEEK_END)
+        whole = end
+        while whole > 0:
+            chunk = os.pread(fd, min(whole, 1 << 16), whole - min(whole, 1 << 16))
+            if (newline := chunk.rfind(b"\n")) >= 0:
+                whole -= len(chunk) - newline - 1
+                break
+            whole -= len(chunk)
+        if whole != end:
+            os.ftruncate(fd, whole)
+            self.log.warning("torn last line cut off (the daemon stopped in the middle of a "
+                             "write; the batch is written again whole)", bytes=end - whole)
+        return fd
 
     async def shutdown(self) -> None:
         if self._file is not None:

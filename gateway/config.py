@@ -14,6 +14,7 @@ import msgspec
 
 from meterline.component import Config
 from meterline.genai import provider_name
+from meterline.httpserver import ListenerConfig
 from meterline.units import Duration, Listen
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -62,12 +63,15 @@ def _default_upstreams() -> dict[str, UpstreamConfig]:
                                      default=True)}
 
 
-class ProxyConfig(Config):
+class ProxyConfig(ListenerConfig):
+    """Also `read_timeout` (a request not received within it gets 408) and
+    `keepalive_timeout` (`ListenerConfig`). Request heads are bounded as on every listener
+    (`meterline.httpserver`: 431, 414)."""
+
     listen: Listen = Listen("127.0.0.1:8080")
     upstreams: dict[str, UpstreamConfig] = msgspec.field(default_factory=_default_upstreams)
     max_body_mb: float = 32  # a larger request body gets 413 without reaching an upstream
-    read_timeout: Duration = Duration(30)  # a request not received within this gets 408
-    keepalive_timeout: Duration = Duration(75)  # idle client connections are closed after
+    max_connections: int = 4096  # client connections open at once (streams last long)
     drain_timeout: Duration = Duration(10)  # on shutdown, how long requests in flight get
     metadata_header: str = "x-meterline-metadata"  # JSON object of labels (X-TFY-METADATA too)
     user_header: str = "x-meterline-user"
@@ -75,6 +79,7 @@ class ProxyConfig(Config):
     capture_content: bool = True  # record input and output messages in events
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not self.upstreams:
             raise ValueError("upstreams must name at least one upstream")
         for name, upstream in self.upstreams.items():

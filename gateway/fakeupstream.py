@@ -165,9 +165,8 @@ class FakeUpstream:
             status = "401"
         texts = _texts(body)
         return _Plan(
-            latency=float(Duration.from_config(h.get("x-fake-latency", self.latency))),
-            chunk_delay=float(Duration.from_config(h.get("x-fake-chunk-delay",
-                                                         self.chunk_delay))),
+            latency=_seconds(h.get("x-fake-latency"), self.latency),
+            chunk_delay=_seconds(h.get("x-fake-chunk-delay"), self.chunk_delay),
             tokens=int(h.get("x-fake-tokens", self.tokens)),
             status=int(status) if status else self.status,
             break_after=int(brk) if brk else None,
@@ -419,6 +418,16 @@ def _echoed(request: web.Request, how: str | None) -> str | None:
 
 def _output(tokens: int) -> str:
     return "".join(f"tok{i} " for i in range(tokens))
+
+
+def _seconds(header: str | None, default: float) -> float:
+    """A delay header: seconds (`0.05`), or a duration with its unit (`50ms`)."""
+    if header is None:
+        return default
+    try:
+        return float(header)
+    except ValueError:
+        return float(Duration.from_config(header))
 
 
 def _texts(body: dict[str, Any]) -> list[str]:

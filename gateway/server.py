@@ -5,7 +5,11 @@ refuses what cannot be served before any upstream is involved (malformed HTTP,
 a body over the limit, a request too slow to arrive, protocol upgrades; the rest
 of a body refused while it arrives is read and discarded after the answer, so
 that the client sees the answer rather than a reset), and hands each complete
-request to the proxy. It writes the response as the proxy
+request to the proxy. Request heads are bounded as on every listener
+(`meterline.httpserver`): a request target over `MAX_LINE_BYTES` gets 414, more than
+`MAX_HEADERS` header lines or `MAX_HEADER_BYTES` of them 431, and past
+`max_connections` open connections a new one gets 503 and is closed. It writes the
+response as the proxy
 gives it: the head is held back and sent with the first body bytes, so that a
 small response leaves in one write, and what one read from the upstream brought
 leaves in one write however many chunks it held. When the client goes away, the request's
@@ -19,13 +23,19 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+import weakref
 from collections import deque
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Protocol
 
 import httptools
 
+from meterline.httpserver import MAX_HEADER_BYTES, MAX_HEADERS, MAX_LINE_BYTES, ConnectionLimit
+
 if TYPE_CHECKING:
+    from structlog.typing import FilteringBoundLogger
+
+    from gateway.config import ProxyConfig
     from gateway.deadlines import Deadlines
     from gateway.upstream import UpstreamConnection
 
@@ -34,6 +44,9 @@ _NO_BODY = frozenset({204, 304})
 # After refusing a body while the client still sends it: at most this much more is
 # read (and thrown away) before the connection is closed anyway.
 _LINGER_BYTES = 256 << 20
+# A request head still incomplete after this many bytes is refused (431) before the
+# parser, which keeps a header's pieces until it is whole, holds more of it.
+_MAX_HEAD_BYTES = MAX_LINE_BYTES + MAX_HEADER_BYTES + 4 * MAX_HEADERS
 
 
 def status_line(status: int) -> bytes:
@@ -60,6 +73,8 @@ class Request:
 class Handler(Protocol):
     """What a connection hands requests to (the proxy)."""
 
+    config: ProxyConfig
+    log: FilteringBoundLogger
     max_body: int
     stopping: bool
     read_timeout: float
@@ -71,6 +86,28 @@ class Handler(Protocol):
 
     def refuse(self, request: Request, client: ClientConnection, status: int,
                message: str) -> None: ...
+
+
+class _Refusal(Exception):
+    """Raised in a parser callback: answer `status` with `message` and close."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+_limits: weakref.WeakKeyDictionary[Handler, ConnectionLimit] = weakref.WeakKeyDictionary()
+
+
+def _connection_limit(handler: Handler) -> ConnectionLimit:
+    """The handler's (the proxy's) bound on open connections, made on its first one."""
+    limit = _limits.get(handler)
+    if limit is None:
+        config = handler.config
+        limit = _limits[handler] = ConnectionLimit(config.max_connections, config.listen,
+                                                   handler.log)
+    return limit
 
 
 class ClientConnection(asyncio.Protocol):
@@ -93,9 +130,18 @@ class ClientConnection(asyncio.Protocol):
         self.must_close = False  # the response ends with the connection
         self.deadline = math.inf  # for the request to arrive, or for the next one to begin
         self.linger: int | None = None  # answered, closing: bytes still to read and discard
+        self.repeated: dict[bytes, list[bytes]] = {}  # values of headers sent more than once
+        self.header_count = 0
+        self.header_bytes = 0
+        self.in_head = False  # between a request's first byte and the end of its head
+        self.head_seen = 0  # bytes received while in the head (a lower bound of its size)
 
     # --- asyncio protocol ------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if not _connection_limit(self.handler).admits(len(self.handler.connections)):
+            self.closed = True
+            _connection_limit(self.handler).refuse(transport)
+            return
         self.transport = transport  # type: ignore[assignment]
         self.handler.connections.add(self)
         self.handler.deadlines.watched.add(self)
@@ -107,14 +153,26 @@ class ClientConnection(asyncio.Protocol):
             if self.linger <= 0:
                 self.close()
             return
+        if self.closed:
+            return  # (a refused connection, closing)
+        began_in_head = self.in_head
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self._refuse(501, "CONNECT tunnels and protocol upgrades (WebSocket) are not "
                                "supported by the gateway")
+            return
         except httptools.HttpParserError as e:
-            if not self.closed:
+            if isinstance(e.__context__, _Refusal) and not self.closed:  # from a callback
+                self._refuse(e.__context__.status, e.__context__.message, linger=True)
+            elif not self.closed:
                 self._refuse(400, f"malformed HTTP request: {e}")
+            return
+        if self.in_head and began_in_head:  # (all of `data` belongs to one head)
+            self.head_seen += len(data)
+            if self.head_seen > _MAX_HEAD_BYTES and not self.closed:
+                self._refuse(431, f"request head larger than {MAX_HEADER_BYTES} bytes of "
+                                  "headers", linger=True)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.gone = not self.closed
@@ -137,22 +195,44 @@ class ClientConnection(asyncio.Protocol):
         self.request = Request()
         self.body = []
         self.body_size = 0
+        self.in_head = True
+        self.head_seen = 0
+        self.header_count = self.header_bytes = 0
         if self.task is None:
             self._arm(self.handler.read_timeout)
 
     def on_url(self, url: bytes) -> None:
         assert self.request is not None
         self.request.target += url
+        if len(self.request.target) > MAX_LINE_BYTES:
+            raise _Refusal(414, f"request target longer than {MAX_LINE_BYTES} bytes")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         assert self.request is not None
+        self.header_count += 1
+        self.header_bytes += len(name) + len(value)
+        if self.header_count > MAX_HEADERS:
+            raise _Refusal(431, f"more than {MAX_HEADERS} request headers")
+        if self.header_bytes > MAX_HEADER_BYTES:
+            raise _Refusal(431, f"request headers larger than {MAX_HEADER_BYTES} bytes "
+                                "together")
         headers = self.request.headers
         name = name.lower()
-        headers[name] = headers[name] + b", " + value if name in headers else value
+        if name not in headers:
+            headers[name] = value
+        elif name in self.repeated:
+            self.repeated[name].append(value)
+        else:
+            self.repeated[name] = [headers[name], value]
 
     def on_headers_complete(self) -> None:
         request = self.request
         assert request is not None
+        self.in_head = False
+        if self.repeated:  # joined once here: joining at each repeat would be quadratic
+            for name, values in self.repeated.items():
+                request.headers[name] = b", ".join(values)
+            self.repeated = {}
         length = request.headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.handler.max_body:
             self._too_large(request)
@@ -238,12 +318,18 @@ class ClientConnection(asyncio.Protocol):
         if self.transport.can_write_eof():
             self.transport.write_eof()
 
-    def _refuse(self, status: int, message: str) -> None:
-        """Answer an error that no request can be built for, and close."""
+    def _refuse(self, status: int, message: str, linger: bool = False) -> None:
+        """Answer an error that no request can be built for, and close; with `linger`
+        (a head over the limits, which the client may still be sending), once what it
+        still sends has been read and thrown away unparsed (see `_linger`)."""
         body = b'{"error": {"message": "%s", "type": "invalid_request_error"}}' % (
             message.replace('"', "'").encode())
         self.respond(status, b"content-type: application/json\r\nconnection: close\r\n", body)
-        self.close()
+        if linger:
+            self.request = None
+            self._linger()
+        else:
+            self.close()
 
     # --- writing the response ----------------------------------------------------
     def respond(self, status: int, headers: bytes, body: bytes) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import json
 import os
@@ -142,6 +143,7 @@ async def _run(args: argparse.Namespace) -> int:
         logs.get(component="service").info("configuration",
                                            file=os.path.abspath(args.config))
         _tune_gc()
+        raise_open_files_limit()
         companion = (lambda: demo.drive(loaded)) if demo is not None else None
         try:
             await Service(loaded, overlay).run(args.config, companion)
@@ -152,6 +154,22 @@ async def _run(args: argparse.Namespace) -> int:
     finally:
         if demo is not None:
             await demo.stop()
+
+
+def raise_open_files_limit() -> None:
+    """Raise the soft limit on open files to the hard one. Each client connection, queue
+    segment and exporter socket is a file descriptor; at a soft limit of 1024 (a common
+    default) a few hundred slow clients leave none for the exporters (accept and epoll fail
+    with EMFILE). The listeners bound their connections (`max_connections`), within this."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on Windows
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == hard or soft == resource.RLIM_INFINITY:
+        return
+    with contextlib.suppress(ValueError, OSError):  # (macOS refuses an infinite soft limit)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def _tune_gc() -> None:

@@ -32,7 +32,7 @@ from meterline.component import (
 )
 from meterline.event import to_jsonl
 from meterline.filtering import Filter
-from meterline.queue import Batch, Queue
+from meterline.queue import Batch, Queue, Staged
 from meterline.queue.memory import MemoryQueue
 from meterline.queue.persistent import PersistentQueue
 from meterline.telemetry import Telemetry
@@ -130,6 +130,11 @@ class ExporterRunner:
 
     def count_dropped(self, n: int) -> None:
         self.telemetry.exporter_dropped.add(n, self._attrs)
+
+    def stage(self, batch: Batch) -> Staged:
+        """Take room in the queue now and start storing the batch; it is delivered once
+        committed (see `meterline.queue.put_all`)."""
+        return self.queue.stage(batch)
 
     def put(self, batch: Batch) -> Awaitable[None]:
         """Take room in the queue now; await the result for the batch to be stored."""
@@ -237,9 +242,9 @@ class ExporterRunner:
                        reason=reason, dead_letter=str(where) if where else None)
 
     def _dead_letter(self, batch: ExportBatch) -> Path | None:
-        if not isinstance(self.queue, PersistentQueue):
+        directory = self.queue.dead_letter_dir
+        if directory is None:
             return None
-        directory = self.queue.dir / "dead-letter"
         directory.mkdir(exist_ok=True)
         path = directory / f"{batch.id.replace(':', '_')}.jsonl"
         path.write_bytes(to_jsonl(batch.events))

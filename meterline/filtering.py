@@ -189,6 +189,8 @@ def _operator(op: str, arg: Any, where: str) -> Matcher:
             if set(arg) != {"key", "value"}:
                 raise FilterError(f"{where}: expected a value or {{key, value}}, got {arg!r}")
             key, expected = arg["key"], arg["value"]
+            if not isinstance(key, str):
+                raise FilterError(f"{where}.key: expected a key name, got {key!r}")
             return lambda v: _is_object(v) and _same(lookup(v, key), expected)
         if isinstance(arg, str):
             return lambda v: (isinstance(v, str) and arg in v) or (

@@ -45,7 +45,7 @@ ERROR_TYPES: Final = ("invalid_request_error", "authentication_error", "rate_lim
 
 def provider_name(raw: str | None) -> str | None:
     """The `gen_ai.provider.name` for a source's own provider name."""
-    if not raw:
+    if not raw or not isinstance(raw, str):  # (foreign JSON: a list, a number...)
         return None
     key = raw.strip().lower()
     return PROVIDER_ALIASES.get(key, key.replace("-", "_"))
@@ -80,7 +80,7 @@ def error_type_for_status(status: int | None) -> str | None:
 
 def error_type_for_name(name: str | None) -> str:
     """The error category of an exception or error-code name (`RateLimitError`...)."""
-    text = (name or "").lower().replace("_", "")
+    text = (name if isinstance(name, str) else "").lower().replace("_", "")  # (foreign JSON)
     for needle, category in _ERROR_NAMES:
         if needle in text:
             return category

@@ -3,6 +3,7 @@ a wrong type reads as absent rather than failing the whole item."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 METADATA_VALUE_CHARS = 128
@@ -13,19 +14,31 @@ def as_dict(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
+def as_list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
 def as_float(value: Any) -> float | None:
-    """A number, or a string holding one; anything else (booleans too) is None."""
+    """A number, or a string holding one; anything else (booleans too) is None. An integer
+    beyond the floats' range is an infinity (which the event bounds refuse)."""
     if isinstance(value, bool) or value is None:
         return None
     try:
         return float(value)
+    except OverflowError:  # float(10**400)
+        return math.inf if value > 0 else -math.inf
     except (TypeError, ValueError):
         return None
 
 
 def as_int(value: Any) -> int | None:
+    """An integer as it is (beyond 64 bits too: the event bounds refuse it with the
+    reason), a float or a numeric string truncated; NaN and infinities, which no integer
+    stands for, are None like any other value that is not a number."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
     number = as_float(value)
-    return None if number is None else int(number)
+    return None if number is None or not math.isfinite(number) else int(number)
 
 
 def as_messages(value: Any) -> list[dict[str, Any]] | None:

@@ -33,6 +33,8 @@ def parse_json(data: bytes, message_class: type[M]) -> M:
         parsed = msgspec.json.decode(data)
     except msgspec.DecodeError as e:
         raise ValueError(f"malformed JSON: {e}") from None
+    except RecursionError:
+        raise ValueError("malformed JSON: nested too deeply") from None
     if not isinstance(parsed, dict):
         raise ValueError("an OTLP/JSON body must be a JSON object")
     try:
@@ -40,6 +42,11 @@ def parse_json(data: bytes, message_class: type[M]) -> M:
                          ignore_unknown_fields=True)
     except ParseError as e:
         raise ValueError(f"not an OTLP {message_class.__name__}: {e}") from None
+    except RecursionError:
+        raise ValueError(f"not an OTLP {message_class.__name__}: nested too deeply") from None
+    except (TypeError, AttributeError) as e:  # json_format trips over some misplaced lists
+        raise ValueError(f"not an OTLP {message_class.__name__}: {type(e).__name__}: "
+                         f"{e}") from None
 
 
 def _hex_to_base64(key: str, value: str) -> str:

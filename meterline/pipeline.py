@@ -4,7 +4,9 @@
 a reload while the pipelines behind it are swapped, so a listener that did not
 change keeps running. A batch is checked against every queue it is bound for
 before any of them takes it: either all take it (and `consume` returns once it
-is durable) or none does and the receiver is told to push back.
+is durable) or none does and the receiver is told to push back. The same holds
+when a queue cannot store it (a full disk): the queues that stored it take it
+back (`meterline.queue.put_all`) before the receiver hears of the failure.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from meterline.delivery import ExporterRunner
 from meterline.event import Event, clone, unpack
 from meterline.filtering import Filter
 from meterline.memory import MemoryLimiter
-from meterline.queue import Batch
+from meterline.queue import Batch, Staged, abort_all, put_all
 from meterline.telemetry import Telemetry
 from meterline.workers import ProcessorPool
 
@@ -146,15 +148,20 @@ class Entry:
                 if not runner.drops_when_full and not runner.queue.has_room(batch):
                     self.refused(len(events), "backpressure")
                     raise Backpressure(f"the queue of exporter {runner.id} is full")
-            # no await between the checks above and the puts below, and each put takes
-            # its room at once: a concurrent call checks against these batches too
-            puts = []
-            for runner, batch in routes:
-                if runner.queue.has_room(batch):
-                    puts.append(runner.put(batch))
-                else:
-                    runner.count_dropped(len(batch))
-            await asyncio.gather(*puts)
+            # no await between the checks above and the stages below, and each stage
+            # takes its room at once: a concurrent call checks against these batches too
+            staged: list[Staged] = []
+            try:
+                for runner, batch in routes:
+                    if runner.queue.has_room(batch):
+                        staged.append(runner.stage(batch))
+                    else:
+                        runner.count_dropped(len(batch))
+            except BaseException:
+                await abort_all(staged)
+                raise
+            # every queue stores the batch, or none keeps it (QueueWriteError)
+            await put_all(staged)
         finally:
             self.flow.leave()
         self.telemetry.receiver_accepted.add(len(events), self._attrs)

@@ -19,6 +19,7 @@ import yaml
 
 Path_ = tuple[str | int, ...]
 
+_MAX_VALUES = 100_000  # a config has hundreds; aliases must not expand to billions
 _ENV = re.compile(r"\$\$|\$\{env:([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
@@ -65,10 +66,17 @@ def load_text(text: str, file: str = "<string>",
     except yaml.MarkedYAMLError as e:
         line = e.problem_mark.line + 1 if e.problem_mark else None
         raise SourceError(file, line, f"invalid YAML: {e.problem}") from e
+    except yaml.YAMLError as e:  # a ReaderError: a character YAML does not allow (NUL...)
+        raise SourceError(file, None, f"invalid YAML: {e}") from e
+    except RecursionError:
+        raise SourceError(file, None, "invalid YAML: nested too deeply") from None
     source = Source(file, {})
     if node is None:
         return source
-    data = _Builder(file, env, source.lines).build(node, ())
+    try:
+        data = _Builder(file, env, source.lines).build(node, ())
+    except RecursionError:
+        raise SourceError(file, None, "nested too deeply") from None
     if not isinstance(data, dict):
         raise SourceError(file, node.start_mark.line + 1, "expected a mapping at the top level")
     source.data = data
@@ -79,8 +87,26 @@ class _Builder:
     def __init__(self, file: str, env: Mapping[str, str], lines: dict[Path_, int]) -> None:
         self.file, self.env, self.lines = file, env, lines
         self.constructor = yaml.SafeLoader("")
+        self.built = 0  # values built, aliases expanded ("billion laughs" are refused)
+        self.open: set[int] = set()  # the nodes being built: an alias of one is a loop
 
     def build(self, node: yaml.Node, path: Path_) -> Any:
+        self.built += 1
+        if self.built > _MAX_VALUES:
+            raise SourceError(self.file, node.start_mark.line + 1,
+                              f"more than {_MAX_VALUES} values once aliases are expanded")
+        if id(node) in self.open:
+            raise SourceError(self.file, node.start_mark.line + 1,
+                              "an alias refers to a node that contains it")
+        if isinstance(node, yaml.ScalarNode):
+            return self._scalar(node)
+        self.open.add(id(node))
+        try:
+            return self._collection(node, path)
+        finally:
+            self.open.discard(id(node))
+
+    def _collection(self, node: yaml.Node, path: Path_) -> Any:
         if isinstance(node, yaml.MappingNode):
             out: dict[str, Any] = {}
             for key_node, value_node in node.value:
@@ -99,18 +125,30 @@ class _Builder:
                 self.lines[(*path, i)] = item.start_mark.line + 1
                 items.append(self.build(item, (*path, i)))
             return items
-        return self._scalar(node)
+        raise SourceError(self.file, node.start_mark.line + 1, f"unexpected YAML node {node.id}")
 
     def _scalar(self, node: yaml.ScalarNode) -> Any:
         if "$" not in node.value:
-            return self.constructor.construct_object(node, deep=True)
+            return self._construct(node, node)
         text = _ENV.sub(lambda m: self._substitute(m, node), node.value)
         if node.style is not None:  # quoted: stays a string
             return text
         resolved = yaml.ScalarNode(
             self.constructor.resolve(yaml.ScalarNode, text, (True, False)), text
         )
-        return self.constructor.construct_object(resolved, deep=True)
+        return self._construct(resolved, node)
+
+    def _construct(self, node: yaml.ScalarNode, where: yaml.ScalarNode) -> Any:
+        """The scalar's value; a tag that does not fit it (`!!int abc`, `2001-13-45` read as a
+        date, `!!binary` that is not base64, `<<` merge keys, unknown tags) is a SourceError."""
+        try:
+            return self.constructor.construct_object(node, deep=True)
+        except yaml.MarkedYAMLError as e:
+            message = e.problem or str(e)
+        except (ValueError, TypeError, OverflowError) as e:
+            message = str(e)
+        raise SourceError(self.file, where.start_mark.line + 1,
+                          f"invalid value {where.value[:80]!r} ({where.tag}): {message}")
 
     def _substitute(self, match: re.Match[str], node: yaml.ScalarNode) -> str:
         if match.group(0) == "$$":

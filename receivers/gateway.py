@@ -29,6 +29,7 @@ from structlog.typing import FilteringBoundLogger
 
 from gateway.config import ProxyConfig
 from gateway.proxy import Proxy
+from meterline import bounds
 from meterline.component import (
     Backpressure,
     Consumer,
@@ -123,6 +124,7 @@ class EventBuffer:
         events = self.events
         while events:
             batch = [events.popleft() for _ in range(min(self.batch_size, len(events)))]
+            bounds.repair(batch)  # hostile upstream numbers are dropped, the call recorded
             try:
                 await self.consumer.consume(batch)
             except (Backpressure, QueueWriteError) as e:

@@ -1,9 +1,10 @@
 """Receiver `otlp`: LLM calls from applications instrumented with OpenTelemetry.
 
 Takes OTLP traces and logs over gRPC (`TraceService/Export`, `LogsService/Export`)
-and over HTTP (`POST /v1/traces`, `POST /v1/logs`, protobuf or JSON, gzip or
-not). Spans and log records that describe an LLM call become events (see
-`receivers/decoders/otlp.py`); other spans are skipped and counted
+and over HTTP (`POST /v1/traces`, `POST /v1/logs`, protobuf or JSON, gzip, deflate,
+zstd or not; decoded step by step within `max_message_mb`, see
+`meterline.httpserver`). Spans and log records that describe an LLM call become
+events (see `receivers/decoders/otlp.py`); other spans are skipped and counted
 (`meterline_receiver_refused_events_total{reason="not_llm_call"}`), not reported
 back as rejected, so an application may send all its spans here. A call whose
 attributes are malformed is rejected and reported in the OTLP partial-success
@@ -24,7 +25,6 @@ The SDKs' OTLP exporters retry both.
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,11 +42,17 @@ from google.rpc.status_pb2 import Status as RpcStatus
 from opentelemetry.proto.collector.logs.v1 import logs_service_pb2
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
-from meterline.component import Backpressure, Config, Consumer, Context, Factory, Receiver
-from meterline.event import Event
-from meterline.httpserver import serve
+from meterline.component import Backpressure, Consumer, Context, Factory, Receiver
+from meterline.httpserver import (
+    MAX_HEADER_BYTES,
+    BodyRefused,
+    ListenerConfig,
+    read_body,
+    serve,
+)
 from meterline.queue import QueueWriteError
-from meterline.units import Duration, Listen
+from meterline.recent import RecentIds
+from meterline.units import Listen
 from receivers.decoders import DecodeError
 from receivers.decoders.otlp import OtlpDecoded, decode_logs, decode_spans, parse_json
 
@@ -60,15 +66,18 @@ _RPC_CODES = {400: code_pb2.INVALID_ARGUMENT, 401: code_pb2.UNAUTHENTICATED,
               503: code_pb2.UNAVAILABLE}
 
 
-class OtlpReceiverConfig(Config):
+class OtlpReceiverConfig(ListenerConfig):
+    """Also `read_timeout`, `keepalive_timeout` and `max_connections` (`ListenerConfig`),
+    for both listeners."""
+
     grpc: Listen | None = Listen("127.0.0.1:4317")  # null turns gRPC off
     http: Listen | None = Listen("127.0.0.1:4318")  # null turns HTTP off
     auth_token: str | None = None  # when set, require `authorization: Bearer <token>`
-    max_message_mb: float = 16  # per request (HTTP: after gzip decoding)
-    read_timeout: Duration = Duration(30)  # HTTP: a body slower than this gets 408
+    max_message_mb: float = 16  # per request (HTTP: after decoding gzip, deflate, zstd)
     dedupe_ids: int = 100_000  # ids of recent calls remembered, across traces and logs; 0: off
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.grpc is None and self.http is None:
             raise ValueError("set grpc, http or both: with neither, nothing is received")
         if self.max_message_mb <= 0:
@@ -102,34 +111,6 @@ _LOGS = _Signal(
             rejected_log_records=n, error_message=msg)))
 
 
-class RecentIds:
-    """The event ids of the latest calls taken, at most `size` of them (oldest forgotten
-    first)."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self.ids: dict[str, None] = {}  # in the order they came
-
-    def claim(self, events: list[Event]) -> tuple[list[Event], list[str]]:
-        """The events whose id is new (within `events` too), and their ids, now
-        remembered; `release` them if the events were not taken after all."""
-        if not self.size:
-            return events, []
-        ids = self.ids
-        fresh = []
-        for event in events:
-            if event.event_id not in ids:
-                ids[event.event_id] = None
-                fresh.append(event)
-        while len(ids) > self.size:
-            del ids[next(iter(ids))]
-        return fresh, [e.event_id for e in fresh]
-
-    def release(self, claimed: list[str]) -> None:
-        for event_id in claimed:
-            self.ids.pop(event_id, None)
-
-
 class _Refusal(Exception):
     """Nothing was queued; the client should retry after `retry_after` seconds."""
 
@@ -157,15 +138,15 @@ class OtlpReceiver(Receiver):
             app.router.add_post("/v1/traces", self._http_traces)
             app.router.add_post("/v1/logs", self._http_logs)
             try:
-                self.http_runner = await serve(app, self.config.http, shutdown_timeout=5.0)
+                self.http_runner = await serve(app, self.config.http, self.config, self.log,
+                                               decode_bodies=False, shutdown_timeout=5.0)
             except OSError:
                 await self.shutdown()  # the gRPC listener, if it started
                 raise
         self.log.info("otlp listening", grpc=self.config.grpc, http=self.config.http)
 
     async def _start_grpc(self, listen: Listen, max_bytes: int) -> None:
-        server = grpc.aio.server(options=[("grpc.max_receive_message_length", max_bytes),
-                                          ("grpc.so_reuseport", 0)])
+        server = grpc.aio.server(options=self._grpc_options(max_bytes))
         server.add_generic_rpc_handlers([self._grpc_service(_TRACES), self._grpc_service(_LOGS)])
         try:
             port = server.add_insecure_port(f"{listen.host}:{listen.port}")
@@ -175,6 +156,20 @@ class OtlpReceiver(Receiver):
             raise OSError(f"cannot listen on {listen} (gRPC): address in use or not available")
         await server.start()
         self.grpc_server = server
+
+    def _grpc_options(self, max_bytes: int) -> list[tuple[str, int]]:
+        """The listener limits, as gRPC core knows them (it decodes compressed messages
+        within `max_receive_message_length` by itself). HTTP/2 pings keep a connection
+        with a call in flight from being idle."""
+        config = self.config
+        options = [("grpc.max_receive_message_length", max_bytes), ("grpc.so_reuseport", 0),
+                   ("grpc.max_allowed_incoming_connections", config.max_connections),
+                   ("grpc.max_metadata_size", MAX_HEADER_BYTES)]
+        if config.read_timeout:
+            options.append(("grpc.server_handshake_timeout_ms", _ms(config.read_timeout)))
+        if config.keepalive_timeout:
+            options.append(("grpc.max_connection_idle_ms", _ms(config.keepalive_timeout)))
+        return options
 
     async def shutdown(self) -> None:
         if self.grpc_server is not None:
@@ -262,13 +257,10 @@ class OtlpReceiver(Receiver):
             return _http_error(415, f"unsupported Content-Type {request.content_type!r}: send "
                                     f"{_PROTOBUF} or {_JSON}", json_body)
         try:
-            body = await asyncio.wait_for(request.read(), float(self.config.read_timeout))
-        except web.HTTPRequestEntityTooLarge:
-            return _http_error(413, f"body larger than max_message_mb "
-                                    f"({self.config.max_message_mb} MB)", json_body)
-        except TimeoutError:
-            return _http_error(408, f"body not received within {self.config.read_timeout}s",
-                               json_body)
+            body = await read_body(request, int(self.config.max_message_mb * (1 << 20)),
+                                   "max_message_mb", float(self.config.read_timeout))
+        except BodyRefused as e:
+            return _http_error(e.status, e.message, json_body)
         try:
             message = (parse_json(body, signal.request) if json_body
                        else signal.request.FromString(body))
@@ -281,6 +273,10 @@ class OtlpReceiver(Receiver):
             return _http_error(429 if e.overloaded else 503, str(e), json_body,
                                {"Retry-After": str(max(1, round(e.retry_after)))})
         return _http_answer(200, answer, json_body)
+
+
+def _ms(seconds: float) -> int:
+    return max(1, round(seconds * 1000))
 
 
 def _retry_metadata(refusal: _Refusal, code: grpc.StatusCode) -> tuple[tuple[str, bytes], ...]:

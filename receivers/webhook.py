@@ -1,6 +1,7 @@
 """Receiver `webhook`: `POST /v1/events` with JSON events from anything that posts them.
 
-Takes a JSON object, a JSON array or NDJSON (gzip-encoded or not): meterline's
+Takes a JSON object, a JSON array or NDJSON (gzip, deflate or zstd encoded or
+not; decoded step by step within `max_body_mb`, see `meterline.httpserver`): meterline's
 own events, Otoroshi's `LLMUsageAudit` events (its webhook data exporter) and
 LiteLLM's `StandardLoggingPayload` (its generic API logger). It answers only
 once the accepted events are durably queued, with how many were accepted and,
@@ -13,17 +14,16 @@ sender's retry loses nothing.
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 from typing import Any
 
 from aiohttp import web
 
 from meterline import logs
-from meterline.component import Backpressure, Config, Consumer, Context, Factory, Receiver
-from meterline.httpserver import serve
+from meterline.component import Backpressure, Consumer, Context, Factory, Receiver
+from meterline.httpserver import BodyRefused, ListenerConfig, read_body, serve
 from meterline.queue import QueueWriteError
-from meterline.units import Duration, Listen
+from meterline.units import Listen
 from receivers.decoders import DecodeError, decode_body
 
 _JSON_TYPES = {"application/json", "text/json"}
@@ -32,14 +32,16 @@ _NDJSON_TYPES = {"application/x-ndjson", "application/ndjson", "application/json
 _MAX_REASONS = 100
 
 
-class WebhookConfig(Config):
+class WebhookConfig(ListenerConfig):
+    """Also `read_timeout`, `keepalive_timeout` and `max_connections` (`ListenerConfig`)."""
+
     listen: Listen = Listen("127.0.0.1:8090")
     path: str = "/v1/events"
     auth_token: str | None = None  # when set, requests need `Authorization: Bearer <token>`
-    max_body_mb: float = 16  # after gzip decoding
-    read_timeout: Duration = Duration(30)  # a client slower than this gets 408
+    max_body_mb: float = 16  # after decoding (gzip, deflate, zstd)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not self.path.startswith("/"):
             raise ValueError(f"path must start with /, got {self.path!r}")
         if self.max_body_mb <= 0:
@@ -56,7 +58,8 @@ class WebhookReceiver(Receiver):
     async def start(self) -> None:
         app = web.Application(client_max_size=int(self.config.max_body_mb * (1 << 20)))
         app.router.add_post(self.config.path, self.handle)
-        self.runner = await serve(app, self.config.listen, shutdown_timeout=5.0)
+        self.runner = await serve(app, self.config.listen, self.config, self.log,
+                                  decode_bodies=False, shutdown_timeout=5.0)
         self.log.info("webhook listening", listen=self.config.listen, path=self.config.path)
 
     async def shutdown(self) -> None:
@@ -73,11 +76,10 @@ class WebhookReceiver(Receiver):
             return _error(415, f"unsupported Content-Type {ctype!r}: send application/json "
                                "(an object or an array) or application/x-ndjson")
         try:
-            body = await asyncio.wait_for(request.read(), float(self.config.read_timeout))
-        except web.HTTPRequestEntityTooLarge:
-            return _error(413, f"body larger than max_body_mb ({self.config.max_body_mb} MB)")
-        except TimeoutError:
-            return _error(408, f"body not received within {self.config.read_timeout}s")
+            body = await read_body(request, int(self.config.max_body_mb * (1 << 20)),
+                                   "max_body_mb", float(self.config.read_timeout))
+        except BodyRefused as e:
+            return _error(e.status, e.message)
         try:
             decoded = decode_body(body, ndjson=ctype in _NDJSON_TYPES)
         except DecodeError as e:

@@ -95,6 +95,29 @@ def test_bad_duration_says_what_a_duration_looks_like():
     assert "expected a duration such as 200ms" in p
 
 
+def test_a_bare_number_is_not_a_duration_and_the_error_says_which_units():
+    [p] = problems(GOOD.replace("timeout: 50ms", "timeout: 200"))
+    assert p == ("pipeline.yaml:10: exporters.file.batch.timeout: a duration needs a unit: "
+                 "write 200ms, 200s or 200m, got the bare number 200")
+
+
+def test_zero_is_a_duration_without_a_unit():
+    loaded = loads(GOOD.replace("timeout: 50ms", "timeout: 0"), "pipeline.yaml", {})
+    assert loaded.exporters["file"].config.batch.timeout == 0
+
+
+def test_a_components_own_check_is_reported_beside_its_bad_keys():
+    sampled = GOOD.replace("    exclude: [{endpoint: {$regex: \"^/health\"}}]\n",
+                           "    exclude: [{endpoint: {$regex: \"^/health\"}}]\n"
+                           "  sample: {rate: 1.5, keep_slower_than: fast}\n")
+    sampled = sampled.replace("processors: [filter/no-health]",
+                              "processors: [filter/no-health, sample]")
+    assert problems(sampled) == [
+        "pipeline.yaml:7: processors.sample.keep_slower_than: expected a duration such as "
+        "200ms, 1s or 10m, got 'fast'",
+        "pipeline.yaml:7: processors.sample: rate is a probability between 0 and 1, got 1.5"]
+
+
 def test_bad_filter_operator_names_the_pattern_line():
     [p] = problems(GOOD.replace("$regex", "$regx"))
     assert p.startswith("pipeline.yaml:6: processors.filter/no-health.exclude[0]:")

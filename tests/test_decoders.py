@@ -221,3 +221,22 @@ def test_an_item_whose_attributes_hold_an_integer_beyond_64_bits_is_refused_alon
 def test_decode_item_refuses_an_integer_beyond_64_bits():
     with pytest.raises(DecodeError, match="out of range"):
         decode_item({"event_id": "a", "provider": "openai", "output_tokens": 2**64})
+
+
+def test_an_otoroshi_event_with_negative_tokens_is_refused_alone():
+    bad = {**OTOROSHI, "@id": "bad", "usage": {**OTOROSHI["usage"], "prompt_tokens": -14}}
+    decoded = decode_body(json.dumps([bad, OTOROSHI]).encode())
+    assert [e.event_id for e in decoded.events] == [OTOROSHI["@id"]]
+    [(index, reason)] = decoded.rejected
+    assert index == 0 and "$.input_tokens" in reason
+
+
+def test_a_litellm_payload_with_an_infinite_cost_is_refused():
+    decoded = decode_body(json.dumps([{**LITELLM, "response_cost": "inf"}]).encode())
+    [(index, reason)] = decoded.rejected
+    assert index == 0 and not decoded.events and "$.actual_cost_usd" in reason
+
+
+def test_a_litellm_payload_from_before_2000_is_refused():
+    with pytest.raises(DecodeError, match="timestamp"):
+        decode_item({**LITELLM, "startTime": 12.5, "endTime": 13.0})

@@ -67,9 +67,11 @@ async def test_default_processors_price_and_redact_every_event(tmp_path: Path) -
     async with running(pipeline(port, DEFAULTS), tmp_path) as service:
         rows = await send_and_read(port, tmp_path, [otoroshi, litellm, own], 3)
         registry = service.telemetry.registry
+        # the message's address, and LiteLLM's user id alice@example.com
         assert metric_value(registry, "meterline_redact_redactions_total",
-                            detector="email") == 1
+                            detector="email") == 2
     by_source = {r.get("source"): r for r in rows}
+    assert by_source["litellm"]["user_id"].startswith("<EMAIL:")  # a stable pseudonym
     # Otoroshi's gpt-4o-mini call: 14 input, 39 output tokens at $0.15 / $0.60 per 1M
     oto = by_source["otoroshi"]
     assert oto["cost_usd"] == pytest.approx((14 * 0.15 + 39 * 0.60) / 1e6)

@@ -7,7 +7,7 @@ import pytest
 from exporters.file import FileExporter, FileExporterConfig
 from meterline.component import ExportBatch, RetryableError
 from meterline.config import convert
-from meterline.event import from_json
+from meterline.event import from_json, to_json
 from tests.conftest import make_context, make_event
 
 
@@ -22,6 +22,26 @@ async def test_each_event_is_one_json_line(tmp_path):
     await e.shutdown()
     lines = (tmp_path / "out.jsonl").read_bytes().splitlines()
     assert [from_json(line) for line in lines] == [make_event(1), make_event(2)]
+
+
+async def test_a_torn_last_line_left_by_a_kill_is_cut_off_before_appending(tmp_path):
+    out = tmp_path / "out.jsonl"
+    whole = b"".join(to_json(make_event(i)) + b"\n" for i in (1, 2))
+    out.write_bytes(whole + to_json(make_event(3))[:40])  # killed in the middle of a write
+    e = exporter(tmp_path, path=str(out))
+    await e.export(ExportBatch("b", [make_event(3)]))
+    await e.shutdown()
+    lines = out.read_bytes().splitlines()
+    assert [from_json(line) for line in lines] == [make_event(1), make_event(2), make_event(3)]
+
+
+async def test_a_file_of_one_torn_line_is_emptied_before_appending(tmp_path):
+    out = tmp_path / "out.jsonl"
+    out.write_bytes(to_json(make_event(1))[:40])
+    e = exporter(tmp_path, path=str(out))
+    await e.export(ExportBatch("b", [make_event(1)]))
+    await e.shutdown()
+    assert [from_json(line) for line in out.read_bytes().splitlines()] == [make_event(1)]
 
 
 def test_the_default_path_is_under_the_data_dir_and_named_after_the_exporter(tmp_path):

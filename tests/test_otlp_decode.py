@@ -160,3 +160,21 @@ def test_otlp_json_with_a_malformed_id_is_refused_with_the_reason():
     body = b'{"resourceSpans":[{"scopeSpans":[{"spans":[{"traceId":"xyz"}]}]}]}'
     with pytest.raises(DecodeError, match="traceId must be hex"):
         parse_json(body, ExportTraceServiceRequest)
+
+
+def test_a_span_with_a_token_count_out_of_bounds_is_rejected_naming_its_attribute():
+    decoded = decode_spans(request(span({"gen_ai.request.model": "gpt-4o",
+                                         "gen_ai.usage.output_tokens": 2**40}),
+                                   span({"gen_ai.request.model": "gpt-4o"},
+                                        span_id="0000000000000002")))
+    [event] = decoded.events
+    assert event.span_id == "0000000000000002"
+    [reason] = decoded.rejected
+    assert reason.startswith("span 'chat gpt-4o': out of bounds (gen_ai.usage.output_tokens)")
+
+
+def test_a_log_record_whose_user_holds_a_control_character_is_rejected():
+    decoded = decode_logs(to_logs_request([make_event(1, user_id="eve\x00")]))
+    assert not decoded.events
+    [reason] = decoded.rejected
+    assert "control characters" in reason and "$.user_id" in reason

@@ -112,7 +112,8 @@ async def test_delivered_segments_are_deleted(tmp_path):
     while len(q):
         batch = await q.take(4)
         await q.ack(batch)
-    assert len(list((tmp_path / "q").glob("*.seg"))) == 1  # only the one being written
+    [current] = list((tmp_path / "q").glob("*.seg"))  # the one being written, emptied
+    assert current.stat().st_size == 0
     await q.close()
 
 
@@ -191,4 +192,85 @@ async def test_a_corrupt_record_in_an_older_segment_cuts_that_segment_there(tmp_
     batch = await q2.take(100)
     assert "evt-00000000" not in [e.event_id for e in batch.events]
     assert batch.events[-1].event_id == "evt-00000007"
+    await q2.close()
+
+
+def segment_files(tmp_path):
+    return sorted((tmp_path / "q").glob("*.seg"))
+
+
+async def test_a_drained_queue_gives_its_segment_space_back(tmp_path):
+    q = open_queue(tmp_path)
+    await q.put(Batch(events(0, 3)))
+    await q.ack(await q.take(10))
+    assert [p.stat().st_size for p in segment_files(tmp_path)] == [0]
+    assert q.capacity()["bytes"] == 0
+    await q.put(Batch(events(3, 2)))  # written from the start of the emptied segment
+    await q.close()
+    q2 = open_queue(tmp_path)
+    assert [e.event_id for e in (await q2.take(10)).events] == ["evt-00000003", "evt-00000004"]
+    await q2.close()
+
+
+async def test_events_put_after_a_drained_queue_was_reopened_twice_are_delivered(tmp_path):
+    q = open_queue(tmp_path)
+    await q.put(Batch(events(0, 3)))
+    await q.ack(await q.take(10))
+    await q.close()
+    await open_queue(tmp_path).close()  # a restart (or reload) with nothing to do
+    q = open_queue(tmp_path)
+    await q.put(Batch(events(3, 2)))
+    assert [e.event_id for e in (await q.take(10)).events] == ["evt-00000003", "evt-00000004"]
+    await q.close()
+    q = open_queue(tmp_path)
+    assert len(q) == 2
+    await q.close()
+
+
+async def test_an_aborted_record_is_not_delivered_after_a_restart(tmp_path):
+    q = open_queue(tmp_path)
+    aborted, kept = q.stage(Batch(events(0, 2))), q.stage(Batch(events(2, 2)))
+    await aborted.wait()
+    await kept.wait()
+    await aborted.abort()  # not the last record of its segment: named in the journal
+    kept.commit()
+    assert [e.event_id for e in (await q.take(10)).events] == ["evt-00000002", "evt-00000003"]
+    await q.close()
+    q2 = open_queue(tmp_path)
+    assert [e.event_id for e in (await q2.take(10)).events] == ["evt-00000002", "evt-00000003"]
+    await q2.close()
+    q3 = open_queue(tmp_path)  # the journal, rewritten at the last start, still says so
+    assert len(q3) == 2
+    await q3.close()
+
+
+async def test_an_aborted_record_at_the_end_of_the_segment_gives_its_space_back(tmp_path):
+    q = open_queue(tmp_path)
+    await q.put(Batch(events(0, 2)))
+    before = q.capacity()["bytes"]
+    staged = q.stage(Batch(events(2, 50)))
+    await staged.wait()
+    await staged.abort()
+    assert q.capacity()["bytes"] == before
+    assert sum(p.stat().st_size for p in segment_files(tmp_path)) == before
+    await q.close()
+
+
+async def test_a_failed_fsync_keeps_nothing_of_the_write(tmp_path, monkeypatch):
+    q = open_queue(tmp_path)
+    await q.put(Batch(events(0, 2)))
+    real_fsync = os.fsync
+    failures = [OSError(errno.ENOSPC, "No space left on device")]
+
+    def fsync(fd):
+        if failures and os.readlink(f"/proc/self/fd/{fd}").endswith(".seg"):
+            raise failures.pop()
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(QueueWriteError, match="No space left"):
+        await q.put(Batch(events(2, 2)))
+    await q.close()
+    q2 = open_queue(tmp_path)
+    assert [e.event_id for e in (await q2.take(10)).events] == ["evt-00000000", "evt-00000001"]
     await q2.close()

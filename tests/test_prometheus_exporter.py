@@ -366,3 +366,67 @@ async def test_events_posted_as_json_reach_the_metrics(tmp_path):
                                               "meterline_exporter_sent_events_total") == 4)
         found = await daemon.samples()
     assert value(found, "llm_gateway_requests_total") == 4
+
+
+async def test_a_batch_posted_twice_counts_once(tmp_path):
+    events = [make_event(i, input_tokens=10) for i in range(5)]
+    async with Daemon(tmp_path).run() as daemon:
+        await daemon.send(events)
+        await daemon.send(events)  # a client's retry after a timeout: the same event ids
+        found = await daemon.samples()
+        duplicates = metric_value(daemon.service.telemetry.registry,
+                                  "meterline_prometheus_duplicate_events_total")
+    assert value(found, "llm_gateway_requests_total", **BASE) == 5
+    assert value(found, "llm_gateway_tokens_prompt_total", **BASE) == 50
+    assert duplicates == 5
+
+
+async def test_an_event_id_repeated_within_a_batch_counts_once(tmp_path):
+    async with exporter(tmp_path) as (prom, port, _):
+        await prom.export(ExportBatch("b1", [make_event(1), make_event(1), make_event(2)]))
+        found = samples((await scrape(port))[1])
+    assert value(found, "llm_gateway_requests_total", **BASE) == 2
+
+
+async def test_an_export_that_failed_counts_its_batch_once_when_retried(tmp_path):
+    async with exporter(tmp_path) as (prom, port, _):
+        update = prom.store.update
+        calls = []
+
+        def fails_once(events, now=None):
+            calls.append(len(events))
+            if len(calls) == 1:
+                raise RuntimeError("boom")
+            return update(events, now)
+
+        prom.store.update = fails_once
+        batch = ExportBatch("b1", [make_event(i) for i in range(3)])
+        with pytest.raises(RuntimeError):
+            await prom.export(batch)
+        await prom.export(batch)  # the delivery loop's retry
+        await prom.export(batch)  # and the same events once more
+        found = samples((await scrape(port))[1])
+    assert calls == [3, 3]
+    assert value(found, "llm_gateway_requests_total", **BASE) == 3
+
+
+async def test_dedupe_ids_0_counts_every_copy(tmp_path):
+    async with exporter(tmp_path, dedupe_ids=0) as (prom, port, _):
+        for name in ("b1", "b2"):
+            await prom.export(ExportBatch(name, [make_event(i) for i in range(3)]))
+        found = samples((await scrape(port))[1])
+    assert value(found, "llm_gateway_requests_total", **BASE) == 6
+
+
+async def test_only_the_last_dedupe_ids_event_ids_are_remembered(tmp_path):
+    async with exporter(tmp_path, dedupe_ids=2) as (prom, port, _):
+        await prom.export(ExportBatch("b1", [make_event(i) for i in range(3)]))
+        await prom.export(ExportBatch("b2", [make_event(0), make_event(2)]))  # 0 forgotten
+        found = samples((await scrape(port))[1])
+    assert value(found, "llm_gateway_requests_total", **BASE) == 4
+    assert len(prom.recent) == 2
+
+
+def test_a_negative_dedupe_ids_is_refused():
+    with pytest.raises(msgspec.ValidationError, match="dedupe_ids must be >= 0"):
+        convert({"dedupe_ids": -1}, PrometheusConfig)

@@ -6,6 +6,7 @@ import time
 
 import aiohttp
 import msgspec
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporters.prometheus.exporter import PrometheusConfig, PrometheusExporter
@@ -135,3 +136,31 @@ async def test_only_label_sets_seen_within_the_expiration_count_toward_max_serie
     assert folded == 0
     # `b` took the place `a` left; `a` came back in the place `b` left, from its total
     assert {dict(labels)["model"]: value for labels, value in requests.items()} == {"a": 2.0}
+
+
+async def test_an_export_retried_after_a_failed_shared_write_counts_once(tmp_path):
+    context = make_context(tmp_path, "prometheus")
+    port = free_port()
+    config = convert({"listen": f"127.0.0.1:{port}", "multiprocess_dir": str(tmp_path / "mp")},
+                     PrometheusConfig)
+    exporter = PrometheusExporter(config, context)
+    await exporter.start()
+    try:
+        write = exporter.shared.write
+        failures = [OSError(28, "No space left on device")]
+
+        def fails_once(*args):
+            if failures:
+                raise failures.pop()
+            return write(*args)
+
+        exporter.shared.write = fails_once
+        batch = ExportBatch("b1", [make_event(i) for i in range(3)])
+        with pytest.raises(OSError):
+            await exporter.export(batch)
+        await exporter.export(batch)  # the delivery loop's retry
+        requests = sample_values(await get(f"http://127.0.0.1:{port}/metrics"),
+                                 "llm_gateway_requests_total")
+    finally:
+        await exporter.shutdown()
+    assert list(requests.values()) == [3.0]

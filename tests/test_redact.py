@@ -96,12 +96,17 @@ def test_every_string_inside_messages_is_scanned(tmp_path: Path) -> None:
     assert call["id"] == "call_1"
 
 
-def test_listed_fields_and_metadata_keys_are_redacted_too(tmp_path: Path) -> None:
+def test_a_list_of_fields_narrows_the_scan_to_the_messages_and_those(tmp_path: Path) -> None:
     p, _ = redactor(tmp_path, fields=["error_message", "metadata.note"])
-    e = p.process([make_event(error_message="user ann@corp.example.com not allowed",
-                              metadata={"note": "ssn 123-45-6789", "customer": "a@b.co"})])[0]
+    e = p.process([chat("mail ann@corp.example.com",
+                        error_message="user ann@corp.example.com not allowed",
+                        user_id="bob@corp.example.com",
+                        metadata={"note": "ssn 123-45-6789", "customer": "a@b.co"})])[0]
+    assert e.input_messages == [{"role": "user", "content": "mail <EMAIL>"}]
     assert e.error_message == "user <EMAIL> not allowed"
-    assert e.metadata == {"note": "ssn <SSN>", "customer": "a@b.co"}
+    assert e.metadata is not None and e.metadata["customer"] == "a@b.co"
+    assert e.metadata["note"].startswith("ssn <SSN:")  # a metadata value is a label
+    assert e.user_id == "bob@corp.example.com"
 
 
 def test_hash_gives_the_same_token_for_the_same_value_across_events(tmp_path: Path) -> None:

@@ -207,8 +207,17 @@ def test_a_megabyte_of_hostile_text_is_scanned(unit: str) -> None:
     assert [f for f in ENGINE.find(text) if f.detector != NAMES.index("email")] == []
 
 
+def test_a_private_key_block_never_spans_a_nul() -> None:
+    """A NUL separates the fields of an event joined into one text: a BEGIN line in
+    one field and an END line in another are no key."""
+    text = "-----BEGIN PRIVATE KEY-----\nMIIEvQ\x00-----END PRIVATE KEY-----"
+    assert ENGINE.find(text) == []
+    assert regexes_alone(text) == []
+
+
 def test_a_field_listed_twice_is_redacted_and_counted_once(tmp_path: Path) -> None:
-    config = convert({"fields": ["input_messages", "metadata", "metadata.note"]}, RedactConfig)
+    config = convert({"fields": ["input_messages", "metadata", "metadata.note"],
+                      "identifiers": "mask"}, RedactConfig)
     p = RedactProcessor(config, make_context(tmp_path, "redact"))
     e = p.process([Event(input_messages=[{"role": "user", "content": "mail a@corp.example.com"}],
                          metadata={"note": "ssn 123-45-6789"})])[0]

@@ -4,6 +4,8 @@ Every path takes `range` (24h, 7d, 30d, 90d; default 30d) or `since`/`until`
 (ISO 8601), and the parameters of its function (`provider`, `granularity`,
 `group_by`, `model_id`, `user_id`, `limit`, `by`, `top`), which are matched by
 name. A bad parameter is a 400 naming it; ClickHouse unavailable is a 503.
+Answers are JSON: a non-finite number (a table written before events were bounded
+may sum to one) is `null`, never `Infinity` or `NaN`, which JSON does not have.
 `meterline finops` reads `finops/*` and `budgets` when the daemon runs.
 """
 
@@ -14,6 +16,7 @@ import inspect
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import msgspec
 from aiohttp import web
 
 from exporters.clickhouse import analytics, finops
@@ -88,4 +91,9 @@ async def _answer(compute: Callable[[], Any]) -> web.StreamResponse:
         error = classify(e)
         status = 503 if isinstance(error, RetryableError) else 500
         return web.json_response({"error": str(error)}, status=status)
-    return web.json_response(body)
+    return web.json_response(body, dumps=_dumps)
+
+
+def _dumps(body: Any) -> str:
+    """JSON, with non-finite floats as null (json.dumps writes `Infinity`, not JSON)."""
+    return msgspec.json.encode(body).decode()

@@ -14,6 +14,7 @@ import contextlib
 import csv
 import io
 import json
+import math
 import sys
 import urllib.error
 import urllib.parse
@@ -163,6 +164,7 @@ def _data_dir(loaded: PipelineFile) -> Path:
 
 # --- output ---------------------------------------------------------------------------
 def render(answer: dict[str, Any] | list[Any], report: str, fmt: str) -> str:
+    answer = _finite(answer)
     if fmt == "json":
         return json.dumps(answer, indent=2) + "\n"
     rows, total, keys = _rows(answer, report)
@@ -206,3 +208,15 @@ def _cell(value: Any) -> str:
     if isinstance(value, list | dict):
         return json.dumps(value)
     return str(value)
+
+
+def _finite(value: Any) -> Any:
+    """Non-finite numbers (sums over a table written before events were bounded) as
+    None: shown `-`, or `null` in JSON, never `inf`."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value

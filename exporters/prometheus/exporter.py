@@ -9,6 +9,14 @@ registry, without the OpenTelemetry scope labels.
 
 Its queue is in memory by default: the metrics are counters in this process,
 which a restart resets anyway, and Prometheus handles resets.
+
+An event counts once: the ids of the last `dedupe_ids` events counted are
+remembered, and an event with one of them (a batch a client re-sent after a
+timeout, which ClickHouse stores once too) is left out and counted in
+`meterline_prometheus_duplicate_events_total`. Ids are remembered once the batch
+is counted, so an export retried after a failure counts its batch once. The memory
+is this process's: with `multiprocess_dir`, a copy received by another process
+counts there.
 """
 
 from __future__ import annotations
@@ -33,14 +41,16 @@ from exporters.prometheus.metrics import (
     DEFAULT_LABELS,
     LABELS,
     METADATA_PREFIX,
+    Key,
     labeler,
 )
 from exporters.prometheus.multiprocess import PUBLISH_INTERVAL, SharedSeries
-from exporters.prometheus.series import SeriesStore
+from exporters.prometheus.series import Family, SeriesStore
 from meterline.component import Config, Context, ExportBatch, Exporter, Factory, cancel_and_wait
 from meterline.delivery import ExporterConfig, QueueConfig
 from meterline.genai import DURATION_BUCKETS, TIME_PER_TOKEN_BUCKETS, TTFT_BUCKETS
 from meterline.httpserver import serve
+from meterline.recent import RecentIds
 from meterline.units import Duration, Listen
 
 TELEMETRY_PREFIX = "llm_gateway_"
@@ -74,6 +84,7 @@ class PrometheusConfig(ExporterConfig):
     metric_expiration: Duration = Duration(3600)  # forget a label set unseen this long
     buckets: BucketsConfig = msgspec.field(default_factory=BucketsConfig)
     multiprocess_dir: str | None = None  # share series with other processes (one scrape)
+    dedupe_ids: int = 100_000  # ids of recent events remembered, to count each once; 0: off
     queue: QueueConfig = msgspec.field(default_factory=lambda: QueueConfig(type="memory"))
 
     def __post_init__(self) -> None:
@@ -83,6 +94,8 @@ class PrometheusConfig(ExporterConfig):
             raise ValueError("max_series must be at least 1")
         if self.metric_expiration <= 0:
             raise ValueError("metric_expiration must be positive")
+        if self.dedupe_ids < 0:
+            raise ValueError("dedupe_ids must be >= 0")
         for name in self.labels:
             metadata = name.startswith(METADATA_PREFIX) and len(name) > len(METADATA_PREFIX)
             if name not in LABELS and not (metadata and _LABEL_NAME.match(name)):
@@ -107,13 +120,22 @@ class PrometheusExporter(Exporter):
         expired = context.meter.create_counter(
             "meterline_prometheus_expired_series",
             description="Label sets forgotten after metric_expiration without events")
+        self._duplicates = context.meter.create_counter(
+            "meterline_prometheus_duplicate_events",
+            description="Events not counted again: their event_id was counted lately "
+                        "(within the last dedupe_ids events)")
+        self._attrs = attrs
         self.store = SeriesStore(
             list(config.labels), [labeler(name) for name in config.labels],
             {name: tuple(getattr(config.buckets, name)) for name in BUCKET_SETS},
             config.max_series, float(config.metric_expiration),
             keep_values=config.multiprocess_dir is not None,
             on_fold=lambda n: folded.add(n, attrs), on_expire=lambda n: expired.add(n, attrs))
+        self.recent = RecentIds(config.dedupe_ids)
         self.shared: SharedSeries | None = None
+        # series counted but not yet in the shared file (a write failed): written first
+        # by the next export, the retry of the failed one
+        self._unwritten: dict[tuple[str, Key], tuple[Family, Key, list[float]]] = {}
         self.clock = time.time  # when a batch was seen, when a scrape is
         self.runner: web.AppRunner | None = None
         self._publisher: asyncio.Task[None] | None = None
@@ -137,10 +159,23 @@ class PrometheusExporter(Exporter):
 
     async def export(self, batch: ExportBatch) -> None:
         now = self.clock()
-        changed = self.store.update(batch.events, now)
+        events, claimed = self.recent.claim(batch.events)
+        if len(events) != len(batch.events):
+            self._duplicates.add(len(batch.events) - len(events), self._attrs)
+        try:
+            changed = self.store.update(events, now) if events else []
+        except BaseException:
+            self.recent.release(claimed)  # not counted: a retry counts them
+            raise
+        # Counted from here on: a retry of this batch finds every id claimed and counts
+        # nothing again; it only writes what did not reach the shared file.
         if self.shared is not None:
+            unwritten = self._unwritten
             for family, key, values in changed:
-                self.shared.write(family, key, values, now)
+                unwritten[(family.name, key)] = (family, key, values)
+            for ident, (family, key, values) in list(unwritten.items()):
+                self.shared.write(family, key, values, now)  # values: the totals
+                del unwritten[ident]
 
     async def scrape(self, request: web.Request) -> web.StreamResponse:
         token = self.config.auth_token

@@ -7,15 +7,24 @@ stream; its id is derived from that range and the queue's incarnation, which is
 what makes the id stable across retries and, for the persistent queue, across
 restarts. There is one batch in flight at a time: until it is acked, `take`
 hands out the same batch again.
+
+A batch bound for several queues goes into all of them or into none (`put_all`):
+each queue first *stages* it (takes its room and stores it, durably for the
+persistent queue, but does not hand it to its consumer), and only once every
+queue has stored it are all the stages committed; if one queue fails, the others
+take their copy back (the persistent queue durably, before the caller hears of
+the failure). Staged batches reach the consumer in the order they were staged.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Awaitable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from meterline.component import ExportBatch
@@ -61,6 +70,56 @@ class Record:
     offset: int = 0
 
 
+_PENDING, _COMMITTED, _ABORTED = 0, 1, 2
+
+
+class Staged:
+    """A batch stored in one queue but not yet handed to its consumer. Every staged
+    batch must end committed or aborted (`put_all` sees to it): until then, the batches
+    staged after it in the same queue wait too."""
+
+    __slots__ = ("_write", "count", "queue", "record", "seq", "state")
+
+    def __init__(self, queue: Queue, seq: int, count: int,
+                 write: Record | Awaitable[Record]) -> None:
+        self.queue = queue
+        self.seq = seq
+        self.count = count
+        self.state = _PENDING
+        self.record: Record | None = write if isinstance(write, Record) else None
+        self._write = None if isinstance(write, Record) else write
+
+    @property
+    def written(self) -> bool:
+        return self.record is not None
+
+    async def wait(self) -> None:
+        """Until the batch is stored; QueueWriteError when it could not be."""
+        if self.record is None:
+            assert self._write is not None
+            self.record = await self._write
+
+    def commit(self) -> None:
+        assert self.record is not None and self.state == _PENDING
+        self.state = _COMMITTED
+        self.queue._settle_staged()
+
+    async def abort(self) -> None:
+        """Take the batch back: it is never delivered (for the persistent queue, not
+        after a restart either, once this returns)."""
+        if self.state != _PENDING:
+            return
+        try:
+            if self.record is None:
+                with contextlib.suppress(Exception):
+                    await self.wait()  # a write still in progress must not outlive this
+            if self.record is not None:
+                await self.queue._cancel(self.record)
+        finally:
+            self.state = _ABORTED
+            self.queue._settle_staged()
+
+
 class Queue(ABC):
     """What both queue types share: record bookkeeping, batch forming, waiting."""
 
@@ -68,8 +127,13 @@ class Queue(ABC):
         self.incarnation = incarnation
         self._records: deque[Record] = deque()
         self._acked: Position = (0, 0)
+        self._seq = 0  # of the last record staged
         self._available = 0  # events not yet taken
         self._queued = 0  # events not yet acked (taken ones included)
+        self._staging: deque[Staged] = deque()  # in seq order
+        self._staged_events = 0  # events staged, not yet appended (or dropped)
+        self._unstaged = asyncio.Event()  # set while nothing is staged
+        self._unstaged.set()
         self._replay: tuple[Position, Position] | None = None
         self._inflight: tuple[ExportBatch, Position] | None = None
         self._changed = asyncio.Event()
@@ -77,14 +141,17 @@ class Queue(ABC):
 
     # --- what a subclass provides --------------------------------------------------
     @abstractmethod
-    def has_room(self, batch: Batch) -> bool: ...
+    def has_room(self, batch: Batch) -> bool:
+        """Whether the batch fits, counting what is staged (see `stage`)."""
 
     @abstractmethod
-    def put(self, batch: Batch) -> Awaitable[None]:
-        """Store the batch; the awaitable completes once it is as durable as this queue
-        makes things. Room is taken at the call itself, before any await, so that a
-        `has_room` check made after it (by a concurrent receiver call) counts this batch:
-        checks followed by puts with no await between them cannot overshoot the bound."""
+    def _store(self, seq: int, batch: Batch) -> Record | Awaitable[Record]:
+        """Start storing the batch as record `seq`: its room is taken now, before any
+        await. The record, or an awaitable of it that completes once the record is as
+        durable as this queue makes things (QueueWriteError if it cannot be)."""
+
+    async def _cancel(self, record: Record) -> None:  # noqa: B027
+        """Hook: a stored record was aborted; it must never be delivered."""
 
     @abstractmethod
     def _events_of(self, record: Record) -> list[Event]: ...
@@ -101,6 +168,11 @@ class Queue(ABC):
     @property
     def durable(self) -> bool:
         return False
+
+    @property
+    def dead_letter_dir(self) -> Path | None:
+        """Where batches given up on are written (None: nowhere, they are only logged)."""
+        return None
 
     def capacity(self) -> dict[str, float]:
         """Figures for self-telemetry: size and capacity in the queue's own units."""
@@ -121,6 +193,40 @@ class Queue(ABC):
         self._available += record.count
         self._queued += record.count
         self._changed.set()
+
+    def stage(self, batch: Batch) -> Staged:
+        """Take room for the batch now (a `has_room` check made after this counts it)
+        and start storing it; the consumer sees it once it is committed. See `put_all`."""
+        self._seq += 1
+        staged = Staged(self, self._seq, len(batch), self._store(self._seq, batch))
+        self._staging.append(staged)
+        self._staged_events += staged.count
+        self._unstaged.clear()
+        return staged
+
+    def put(self, batch: Batch) -> Awaitable[None]:
+        """Store the batch in this queue alone: `put_all` of one stage. Room is taken at
+        the call itself, before any await, so that checks followed by puts with no await
+        between them cannot overshoot the bound."""
+        return put_all([self.stage(batch)])
+
+    def _settle_staged(self) -> None:
+        """Hand committed stages to the consumer, in seq order; forget aborted ones."""
+        staging = self._staging
+        while staging and staging[0].state != _PENDING:
+            staged = staging.popleft()
+            self._staged_events -= staged.count
+            if staged.state == _COMMITTED:
+                assert staged.record is not None
+                self._appended(staged.record)
+        if not staging:
+            self._unstaged.set()
+
+    async def _until_unstaged(self, timeout: float = 10.0) -> None:
+        """Wait (a bounded time) for stages in progress to be committed or aborted."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._unstaged.wait()
 
     async def wait_for(self, count: int, timeout: float | None) -> None:
         """Wait until `count` events are available, or `timeout` seconds pass."""
@@ -214,3 +320,55 @@ class Queue(ABC):
 
     def describe(self) -> dict[str, Any]:
         return {"events": len(self), **self.capacity()}
+
+
+def put_all(staged: list[Staged]) -> Awaitable[None]:
+    """Store a batch in every queue it was staged in, or in none.
+
+    Completes once every stage is stored, and then commits them all; if one could
+    not be stored, the others are aborted (durably) before the QueueWriteError is
+    raised, so nothing of the batch is delivered anywhere. The outcome is settled
+    even if the caller is cancelled meanwhile. Stages already stored (memory
+    queues) are committed at once, without a task."""
+    if all(s.written for s in staged):
+        for s in staged:
+            s.commit()
+        return _done()
+    task = asyncio.ensure_future(_settle(staged))
+    task.add_done_callback(_retrieve)
+    return asyncio.shield(task)
+
+
+async def abort_all(staged: list[Staged]) -> None:
+    """Take back stages that will not be committed (once each is stored or failed)."""
+    await asyncio.gather(*(s.wait() for s in staged), return_exceptions=True)
+    await asyncio.gather(*(s.abort() for s in staged), return_exceptions=True)
+
+
+async def _settle(staged: list[Staged]) -> None:
+    results = await asyncio.gather(*(s.wait() for s in staged), return_exceptions=True)
+    failed = [r for r in results if isinstance(r, BaseException)]
+    if not failed:
+        for s in staged:
+            s.commit()
+        return
+    rollback = await asyncio.gather(*(s.abort() for s in staged), return_exceptions=True)
+    error = failed[0]
+    undone = [r for r in rollback if isinstance(r, BaseException)]
+    if undone:
+        raise QueueWriteError(f"{error}; taking the batch back from the other queues "
+                              f"failed too (it may be delivered after a restart): "
+                              f"{undone[0]}") from error
+    if isinstance(error, QueueWriteError):
+        raise error
+    raise QueueWriteError(f"cannot queue the batch: {error!r}") from error
+
+
+def _retrieve(task: asyncio.Future[None]) -> None:
+    """Mark the outcome as seen, for a caller that was cancelled meanwhile."""
+    if not task.cancelled():
+        task.exception()
+
+
+async def _done() -> None:
+    return None

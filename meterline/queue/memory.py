@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Awaitable
 
 from meterline.event import Event
 from meterline.queue import Batch, Queue, Record
@@ -13,18 +12,16 @@ class MemoryQueue(Queue):
     def __init__(self, max_events: int) -> None:
         super().__init__(uuid.uuid4().hex[:12])
         self.max_events = max_events
-        self._seq = 0
 
     def has_room(self, batch: Batch) -> bool:
-        return self._queued == 0 or self._queued + len(batch) <= self.max_events
+        held = self._queued + self._staged_events
+        return held == 0 or held + len(batch) <= self.max_events
 
-    def put(self, batch: Batch) -> Awaitable[None]:
-        self.put_now(batch.events)
-        return _done()
+    def _store(self, seq: int, batch: Batch) -> Record:
+        return Record(seq, len(batch), events=batch.events)
 
     def put_now(self, events: list[Event]) -> None:
-        self._seq += 1
-        self._appended(Record(self._seq, len(events), events=events))
+        self.stage(Batch(events)).commit()
 
     def _events_of(self, record: Record) -> list[Event]:
         assert record.events is not None
@@ -32,7 +29,3 @@ class MemoryQueue(Queue):
 
     def capacity(self) -> dict[str, float]:
         return {"capacity_events": self.max_events}
-
-
-async def _done() -> None:
-    return None

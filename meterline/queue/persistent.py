@@ -9,13 +9,23 @@ Layout of the queue directory:
   payload is the events in msgpack. A torn record at the tail (a crash mid-write)
   fails its CRC and is cut off at the next start.
 - `journal`: lines `F s i s2 i2` (a batch covering [(s,i), (s2,i2)) was formed and
-  handed to the exporter) and `A s i` (everything before (s,i) was delivered). On
-  restart a formed-but-unacked batch is formed again with the same extent, hence
-  the same id, so the exporter's downstream deduplication recognises the retry.
+  handed to the exporter), `A s i` (everything before (s,i) was delivered) and
+  `C s` (record s was taken back: never deliver it). On restart a formed-but-unacked
+  batch is formed again with the same extent, hence the same id, so the exporter's
+  downstream deduplication recognises the retry.
 
 Writes go through one thread per queue, with group commit: every put that arrives
 while a write is in progress joins the next write and shares its fsync. Segments
-are fsynced before a put returns; the journal is not (see `_formed`).
+are fsynced before a put returns; the journal is not (see `_formed`), except for
+`C` lines, which are fsynced before the abort that wrote them returns.
+
+A record written but aborted (another queue of the same batch failed, see
+`meterline.queue.put_all`), or whose fsync failed, is taken back: cut off when it
+is at the end of the segment being written (which also gives the space back on a
+full disk), else named in a `C` line. A segment is deleted as soon as none of its
+records is still to be delivered; the one being written is cut to 0 bytes instead
+and written on from there (deleting it would cost the next put a file creation and
+a directory fsync). A drained queue holds at most one empty segment file.
 """
 
 from __future__ import annotations
@@ -27,7 +37,6 @@ import os
 import struct
 import uuid
 import zlib
-from collections.abc import Awaitable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,21 +71,28 @@ class PersistentQueue(Queue):
         self.cache_bytes = cache_bytes  # recent records also kept decoded, up to this size
         self._cached_bytes = 0
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"wal-{directory.name}")
+        # The segment table, `_live`, `_cancelled` and `_fd` are changed by the writer
+        # thread only (and by `__init__`, before it runs).
         self._segments: dict[int, int] = {}  # segment number -> bytes on disk
+        self._live: dict[int, int] = {}  # segment number -> records still to deliver
+        self._cancelled: dict[int, int] = {}  # record seq taken back -> its segment
         self._readers: dict[int, int] = {}  # segment number -> read fd
         self._pending: list[_Pending] = []
         self._reserved = 0
         self._writer: asyncio.Task[None] | None = None
-        self._seq = 0
         self.discarded_bytes = 0  # torn or corrupt tails cut off when opening
+        self._segment = 0  # the segment being written (opened at the first write)
+        self._fd: int | None = None
         self._recover()
-        self._segment = max(self._segments, default=0) + 1
-        self._fd = self._open_segment(self._segment)
         self._journal = open(self.dir / "journal", "ab")  # noqa: SIM115 - held open
 
     @property
     def durable(self) -> bool:
         return True
+
+    @property
+    def dead_letter_dir(self) -> Path:
+        return self.dir / "dead-letter"
 
     # --- opening -------------------------------------------------------------------
     def _incarnation(self) -> str:
@@ -89,19 +105,25 @@ class PersistentQueue(Queue):
             return incarnation
 
     def _recover(self) -> None:
-        acked, formed = _read_journal(self.dir / "journal")
+        acked, formed, cancelled = _read_journal(self.dir / "journal")
         self._acked = acked
         numbers = sorted(int(p.stem) for p in self.dir.glob("*.seg") if p.stem.isdigit())
         for n in numbers:
-            self._scan_segment(n)
+            self._scan_segment(n, cancelled)
         for n in numbers:
-            if not any(r.segment == n for r in self._records):
+            if not self._live.get(n):
                 self._delete_segment(n)
+        self._segment = max(numbers, default=0)  # the next write opens a new segment
+        # Never hand out a seq the journal may name: records past the acked position
+        # with a seq it covers would count as delivered, and a `C` line would take
+        # back a new record that reused its seq.
+        self._seq = max(self._seq, acked[0], max(cancelled, default=0),
+                        formed[1][0] if formed else 0)
         if formed is not None and formed[0] == self._acked:
             self._replay = formed
         self._rewrite_journal()
 
-    def _scan_segment(self, n: int) -> None:
+    def _scan_segment(self, n: int, cancelled: set[int]) -> None:
         """Index the segment's records; cut it off at the first torn or corrupt one."""
         path = self._segment_path(n)
         data = memoryview(path.read_bytes())
@@ -114,9 +136,12 @@ class PersistentQueue(Queue):
                 break
             self._seq = max(self._seq, seq)
             acked_seq, acked_index = self._acked
-            if seq > acked_seq or (seq == acked_seq and acked_index < count):
+            if seq in cancelled:
+                self._cancelled[seq] = n
+            elif seq > acked_seq or (seq == acked_seq and acked_index < count):
                 record = Record(seq, count, end - offset, None, n, offset)
                 self._records.append(record)
+                self._live[n] = self._live.get(n, 0) + 1
                 skipped = acked_index if seq == acked_seq else 0
                 self._available += count - skipped
                 self._queued += count - skipped
@@ -129,29 +154,27 @@ class PersistentQueue(Queue):
 
     # --- writing -------------------------------------------------------------------
     def has_room(self, batch: Batch) -> bool:
-        if self._queued == 0 and not self._pending:
+        if self._queued == 0 and not self._staging:
             return True  # an empty queue takes any one batch, however large
         used = sum(list(self._segments.values())) + self._reserved
         return used + _HEADER.size + len(batch.packed) <= self.max_bytes
 
-    def put(self, batch: Batch) -> Awaitable[None]:
+    def _store(self, seq: int, batch: Batch) -> asyncio.Future[Record]:
         # the reservation is taken here, synchronously; the writer releases it whether
         # the write succeeds (the bytes then count in `_segments`) or fails
-        self._seq += 1
-        pending = _Pending(self._seq, batch, asyncio.get_running_loop().create_future())
+        pending = _Pending(seq, batch, asyncio.get_running_loop().create_future())
         self._pending.append(pending)
         self._reserved += pending.size
         if self._writer is None or self._writer.done():
             self._writer = asyncio.create_task(self._write_loop())
-        return self._stored(pending)
+        return pending.future
 
-    async def _stored(self, pending: _Pending) -> None:
-        record = await pending.future
-        if self._cached_bytes + record.size <= self.cache_bytes:
+    def _appended(self, record: Record) -> None:
+        if record.events is not None and self._cached_bytes + record.size <= self.cache_bytes:
             self._cached_bytes += record.size
         else:
             record.events = None  # read back from disk when its turn comes
-        self._appended(record)
+        super()._appended(record)
 
     async def _write_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -172,35 +195,63 @@ class PersistentQueue(Queue):
                     pending.future.set_result(result)
 
     def _write_group(self, group: list[_Pending]) -> list[Record | BaseException]:
-        """In the writer thread: append every record, then one fsync for all."""
+        """In the writer thread: append every record, then one fsync for all. A record
+        whose write fails is cut off (it and those after it fail); if the fsync fails,
+        every record of the group is taken back and fails."""
         results: list[Record | BaseException] = []
-        for pending in group:
-            if self._segments[self._segment] >= self.segment_bytes:
-                self._rotate()
-            offset = self._segments[self._segment]
-            payload = pending.batch.packed
-            count = len(pending.batch)
-            header = _HEADER.pack(len(payload), _crc(pending.seq, count, payload), pending.seq,
-                                  count)
-            try:
-                _write_all(self._fd, header + payload)
-            except OSError as e:
-                os.ftruncate(self._fd, offset)  # leave no partial record behind
-                results.extend([e] * (len(group) - len(results)))
-                break
-            self._segments[self._segment] = offset + pending.size
-            results.append(Record(pending.seq, count, pending.size, pending.batch.events,
-                                  self._segment, offset))
-        if self.fsync:
-            try:
+        written: list[Record] = []
+        try:
+            for pending in group:
+                if self._fd is None or self._segments[self._segment] >= self.segment_bytes:
+                    self._next_segment()  # on failure, all fail (see below)
+                assert self._fd is not None
+                offset = self._segments[self._segment]
+                payload = pending.batch.packed
+                count = len(pending.batch)
+                header = _HEADER.pack(len(payload), _crc(pending.seq, count, payload),
+                                      pending.seq, count)
+                try:
+                    _write_all(self._fd, header + payload)
+                except OSError as e:
+                    self._cut(offset)
+                    results.extend([e] * (len(group) - len(results)))
+                    break
+                self._segments[self._segment] = offset + pending.size
+                self._live[self._segment] = self._live.get(self._segment, 0) + 1
+                record = Record(pending.seq, count, pending.size, pending.batch.events,
+                                self._segment, offset)
+                written.append(record)
+                results.append(record)
+            if written and self.fsync and self._fd is not None:
                 os.fsync(self._fd)
-            except OSError as e:
-                return [e] * len(group)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                self._take_back(written)
+            return [e] * len(group)
         return results
 
-    def _rotate(self) -> None:
-        os.fsync(self._fd)
-        os.close(self._fd)
+    def _cut(self, offset: int) -> None:
+        """Remove a partial record at the end of the segment being written; if even
+        that fails, leave the segment (the next start cuts the torn tail) for a new one."""
+        assert self._fd is not None
+        try:
+            os.ftruncate(self._fd, offset)
+        except OSError:
+            fd, self._fd = self._fd, None
+            try:
+                if self.fsync:
+                    os.fsync(fd)  # what was written before it is kept
+            finally:
+                os.close(fd)
+        self._segments[self._segment] = offset
+
+    def _next_segment(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         self._segment += 1
         self._fd = self._open_segment(self._segment)
 
@@ -208,8 +259,66 @@ class PersistentQueue(Queue):
         fd = os.open(self._segment_path(n), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         self._segments[n] = os.fstat(fd).st_size
         if self.fsync:
-            _fsync_dir(self.dir)
+            try:
+                _fsync_dir(self.dir)
+            except OSError:
+                os.close(fd)
+                raise
         return fd
+
+    def _take_back(self, records: list[Record]) -> None:
+        """In the writer thread: make written records never delivered, durably. Those at
+        the end of the segment being written are cut off; the others are named in `C`
+        lines of the journal."""
+        named: list[Record] = []
+        end = self._segments.get(self._segment, 0) if self._fd is not None else -1
+        cut = end
+        for record in sorted(records, key=lambda r: r.seq, reverse=True):
+            self._live[record.segment] -= 1
+            if record.segment == self._segment and record.offset + record.size == cut:
+                cut = record.offset
+            else:
+                named.append(record)
+        if cut != end:
+            try:
+                assert self._fd is not None
+                os.ftruncate(self._fd, cut)
+                if self.fsync:
+                    os.fsync(self._fd)
+                self._segments[self._segment] = cut
+            except OSError:
+                named.extend(r for r in records if r.segment == self._segment
+                             and r.offset >= cut and r not in named)
+        if named:
+            for record in named:
+                self._cancelled[record.seq] = record.segment
+            self._journal_append(b"".join(b"C %d\n" % r.seq for r in named))
+            if self.fsync:
+                os.fsync(self._journal.fileno())
+        self._release_segments()
+
+    def _release_segments(self) -> None:
+        """In the writer thread: give back the space of segments none of whose records
+        is still to be delivered. The one being written is cut to 0 bytes and reused
+        (no fsync needed: a later write's fsync makes the cut durable with it, and
+        should the cut be lost, what it held was delivered or taken back)."""
+        for n in [n for n in self._segments if not self._live.get(n)]:
+            if n == self._segment and self._fd is not None:
+                if self._segments[n] == 0:
+                    continue
+                try:
+                    os.ftruncate(self._fd, 0)
+                except OSError:
+                    self._delete_segment(n)
+                    continue
+                self._segments[n] = 0
+                self._forget_cancelled(n)
+            else:
+                self._delete_segment(n)
+
+    async def _cancel(self, record: Record) -> None:
+        await asyncio.get_running_loop().run_in_executor(
+            self._executor, self._take_back, [record])
 
     def _segment_path(self, n: int) -> Path:
         return self.dir / f"{n:012d}.seg"
@@ -242,16 +351,18 @@ class PersistentQueue(Queue):
             if record.events is not None:
                 self._cached_bytes -= record.size
                 record.events = None
-        live = {r.segment for r in self._records}
+        segments = [r.segment for r in released]
         line = f"A {end[0]} {end[1]}\n".encode()
         await asyncio.get_running_loop().run_in_executor(
-            self._executor, self._after_ack, line, live)
+            self._executor, self._after_ack, line, segments)
 
-    def _after_ack(self, line: bytes, live: set[int]) -> None:
-        """In the writer thread (which alone changes the segment table)."""
+    def _after_ack(self, line: bytes, released: list[int]) -> None:
+        """In the writer thread (which alone changes the segment table). A segment none
+        of whose records is still to be delivered is deleted, the current one too."""
         self._journal_append(line)
-        for n in [n for n in self._segments if n not in live and n != self._segment]:
-            self._delete_segment(n)
+        for n in released:
+            self._live[n] -= 1
+        self._release_segments()
         if self._journal.tell() > _JOURNAL_COMPACT_BYTES:
             self._journal.close()
             self._rewrite_journal()
@@ -264,20 +375,32 @@ class PersistentQueue(Queue):
     def _rewrite_journal(self) -> None:
         seq, index = self._acked
         text = f"A {seq} {index}\n"
+        text += "".join(f"C {c}\n" for c in sorted(self._cancelled))
         if self._replay is not None:
             (s, i), (s2, i2) = self._replay
             text += f"F {s} {i} {s2} {i2}\n"
         _atomic_write(self.dir / "journal", text.encode(), sync=self.fsync)
 
     def _delete_segment(self, n: int) -> None:
+        if n == self._segment and self._fd is not None:
+            os.close(self._fd)
+            self._fd = None  # the next write opens a new segment
         if (fd := self._readers.pop(n, None)) is not None:
             os.close(fd)
         with contextlib.suppress(FileNotFoundError):
             self._segment_path(n).unlink()
         self._segments.pop(n, None)
+        self._live.pop(n, None)
+        self._forget_cancelled(n)
+
+    def _forget_cancelled(self, n: int) -> None:
+        """Segment n no longer holds its records: `C` lines need not name them."""
+        for seq in [s for s, segment in self._cancelled.items() if segment == n]:
+            del self._cancelled[seq]
 
     # --- lifecycle -----------------------------------------------------------------
     async def close(self) -> None:
+        await self._until_unstaged()  # a batch being put everywhere settles first
         if self._writer is not None:
             await asyncio.shield(self._writer)
         loop = asyncio.get_running_loop()
@@ -288,9 +411,11 @@ class PersistentQueue(Queue):
         for fd in self._readers.values():
             os.close(fd)
         self._readers.clear()
-        if self.fsync:
-            os.fsync(self._fd)
-        os.close(self._fd)
+        if self._fd is not None:
+            if self.fsync:
+                os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = None
         self._journal.close()
 
     def capacity(self) -> dict[str, float]:
@@ -327,14 +452,17 @@ def _atomic_write(path: Path, data: bytes, sync: bool = True) -> None:
         _fsync_dir(path.parent)
 
 
-def _read_journal(path: Path) -> tuple[Position, tuple[Position, Position] | None]:
-    """The last acked position, and a batch formed after it (if one was)."""
+def _read_journal(path: Path
+                  ) -> tuple[Position, tuple[Position, Position] | None, set[int]]:
+    """The last acked position, a batch formed after it (if one was), and the seqs of
+    records taken back."""
     acked: Position = (0, 0)
     formed: tuple[Position, Position] | None = None
+    cancelled: set[int] = set()
     try:
         lines = path.read_bytes().splitlines()
     except FileNotFoundError:
-        return acked, None
+        return acked, None, cancelled
     for line in lines:
         parts = line.split()
         try:
@@ -346,4 +474,6 @@ def _read_journal(path: Path) -> tuple[Position, tuple[Position, Position] | Non
             formed = None
         elif parts[:1] == [b"F"] and len(numbers) == 4:
             formed = ((numbers[0], numbers[1]), (numbers[2], numbers[3]))
-    return acked, formed
+        elif parts[:1] == [b"C"] and len(numbers) == 1:
+            cancelled.add(numbers[0])
+    return acked, formed, cancelled

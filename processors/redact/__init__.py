@@ -1,24 +1,45 @@
-"""Processor `redact`: PII and secrets out of the content before it is stored.
+"""Processor `redact`: PII and secrets out of every string of the event before it
+leaves the daemon ("never in clear, in any field").
 
-Every string inside `input_messages` and `output_messages` (message text, content
-parts, tool-call arguments) and inside the `fields` the config lists is scanned by
-the detectors (see `detectors.py`), each with its action:
+The detectors (see `detectors.py`) scan, by default, every field of `Event` that holds
+strings (read from its definition, so a field added later is covered) but the
+correlation keys `EXCLUDED_FIELDS`. Each scanned field is of one of two kinds:
+
+- free text (`TEXT_FIELDS`: the messages, `error_message`, `finish_reasons`, `params`,
+  `attributes`, every string inside them, nested in dicts and lists at any depth):
+  a finding takes its detector's action;
+- an identifier or label (every other string field: `user_id`, `session_id`,
+  `api_key_id`, `api_key_name`, `team`, `organization`, `metadata` values, the model,
+  route and upstream names...): what FinOps groups by. There `mask` becomes `hash`
+  (`identifiers: hash`, the default), so an e-mail `user_id` becomes a stable
+  pseudonym (`<EMAIL:3f9a0c1d2b4e5f67>`) and users stay apart, rather than all merging
+  into one `<EMAIL>`.
+
+The actions:
 
 - `mask`: replaced by a typed placeholder, `<EMAIL>`;
 - `hash`: replaced by `<EMAIL:3f9a0c1d2b4e5f67>`, a keyed HMAC-SHA256 of the value,
   so the same value gives the same token across events (and daemons sharing
   `hash_key`) while the value itself cannot be read back;
-- `drop`: the whole field that held it is removed from the event;
+- `drop`: the whole field that held it is removed from the event (a `metadata` key,
+  not the whole of `metadata`);
 - `drop_event`: the event is not kept;
 - `off`: the detector does not run.
 
+`fields`, a list, narrows the scan to the messages and the paths listed (the messages
+are always scanned); `exclude` leaves whole fields out of the default.
+
 `redactions` on the event counts findings by detector. What was found is never
 logged; the self-telemetry counts findings by detector and dropped events.
-Strings that are data URIs (`data:image/png;base64,...`) are not scanned.
+Strings that are base64 data URIs (`data:image/png;base64,...`) inside the messages,
+`params` and `attributes` are not scanned.
 
 A batch is scanned at once: the strings of all its events go through one pass of
 all the detectors (`engine.py`), and only the events with findings are visited again
-(`redactor.py`).
+(`redactor.py`). The short string fields of an event (identifiers, `error_message`,
+`metadata` values, `finish_reasons`) go into that pass as one text per event, joined
+by a separator no detector matches across, so that covering them costs one join per
+event rather than a text per field.
 """
 
 from __future__ import annotations
@@ -27,9 +48,10 @@ import os
 import re
 import secrets
 from bisect import bisect_right
+from itertools import repeat
 from operator import attrgetter
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Final, Literal, get_args, get_origin
 
 import msgspec
 
@@ -37,11 +59,67 @@ from meterline.component import Config, Context, Factory, Processor
 from meterline.event import Event
 from processors.fieldpath import FieldPath
 from processors.redact.detectors import BUILTIN, NAMES, Detector
-from processors.redact.engine import Span
-from processors.redact.redactor import DropEvent, DropField, Redactor, Strings
+from processors.redact.engine import SEPARATOR, Span
+from processors.redact.redactor import (
+    MESSAGE_KEYS,
+    DropEvent,
+    DropField,
+    Redactor,
+    Strings,
+)
 
 Action = Literal["mask", "hash", "drop", "drop_event", "off"]
 ACTIONS: tuple[Action, ...] = ("mask", "hash", "drop", "drop_event", "off")
+
+# --- which fields, and of which kind --------------------------------------------------
+
+
+def _holds_strings(tp: Any) -> bool:
+    """Whether a value of type `tp` can hold a string (a dict's keys do not count: they
+    are names, such as metadata keys)."""
+    if tp is str or tp is Any:
+        return True
+    args = get_args(tp)
+    if get_origin(tp) is dict:
+        return _holds_strings(args[1])
+    return any(_holds_strings(a) for a in args)
+
+
+def _shape(tp: Any) -> str:
+    """`str`, `list` (of strings), `map` (of strings) or `nested` (Any inside)."""
+    args = [a for a in get_args(tp) if a is not type(None)] or [tp]
+    if args == [str]:
+        return "str"
+    inner = args[0]
+    origin = get_origin(inner)
+    if origin is list and get_args(inner) == (str,):
+        return "list"
+    if origin is dict and get_args(inner) == (str, str):
+        return "map"
+    return "nested"
+
+
+_TYPES: Final = {f.name: f.type for f in msgspec.structs.fields(Event)}
+STRING_FIELDS: Final = tuple(name for name, tp in _TYPES.items() if _holds_strings(tp))
+"""Every field of `Event` that can hold a string, in the order of its definition."""
+
+EXCLUDED_FIELDS: Final = {
+    "event_id": "the deduplication key of every exporter and of the client's retries",
+    "trace_id": "the OpenTelemetry trace the call belongs to; sampling is decided on it",
+    "span_id": "the OpenTelemetry span of the call",
+    "parent_span_id": "the OpenTelemetry span of the caller",
+}
+"""String fields left alone by default, and why: correlation keys that must stay equal
+to what other systems hold (the client, the trace backend), machine-made (UUIDs, hex).
+`fields` may still name them."""
+
+TEXT_FIELDS: Final = frozenset({"input_messages", "output_messages", "error_message",
+                                "finish_reasons", "params", "attributes"})
+"""Free text: findings take their detector's action. Every other string field is an
+identifier or a label, where `mask` becomes a pseudonym (see `identifiers`)."""
+
+DEFAULT_FIELDS: Final = tuple(n for n in STRING_FIELDS if n not in EXCLUDED_FIELDS)
+_MESSAGES: Final = ("input_messages", "output_messages")
 
 
 def _check_action(action: str, where: str) -> None:
@@ -72,7 +150,10 @@ class RedactConfig(Config):
     detectors: dict[str, str | bool] = msgspec.field(default_factory=dict)
     default_action: str = "mask"  # for built-in detectors not listed in `detectors`
     custom: list[CustomDetector] = msgspec.field(default_factory=list)
-    fields: list[FieldPath] = msgspec.field(default_factory=list)  # besides the messages
+    # `all`: every string field but EXCLUDED_FIELDS; a list: the messages and those paths
+    fields: list[FieldPath] | str = "all"
+    exclude: list[FieldPath] = msgspec.field(default_factory=list)  # whole fields, from `all`
+    identifiers: str = "hash"  # what `mask` does in identifiers and labels: hash or mask
     hash_key: str | None = None  # HMAC key of `hash`; default: one kept in the data dir
 
     def __post_init__(self) -> None:
@@ -91,6 +172,17 @@ class RedactConfig(Config):
             raise ValueError("custom detector names must be unique")
         if self.hash_key is not None and len(self.hash_key) < 16:
             raise ValueError("hash_key must be at least 16 characters")
+        if isinstance(self.fields, str) and self.fields != "all":
+            raise ValueError(f"fields: expected `all` or a list of paths, got {self.fields!r}")
+        if self.identifiers not in ("hash", "mask"):
+            raise ValueError(f"identifiers: expected hash or mask, got {self.identifiers!r}")
+        for path in self.exclude:
+            if path.kind != "field":
+                raise ValueError(f"exclude: '{path.text}': whole fields only "
+                                 "(list the paths to scan in `fields` instead)")
+        if self.exclude and not isinstance(self.fields, str):
+            raise ValueError("exclude narrows `fields: all`; with a list of fields, "
+                             "leave the field out of the list")
 
     def active(self) -> list[tuple[Detector, str]]:
         """The detectors that run, most specific first: custom ones, then built-ins."""
@@ -99,8 +191,31 @@ class RedactConfig(Config):
         chosen += [(d, str(self.detectors.get(d.name, self.default_action))) for d in BUILTIN]
         return [(d, a) for d, a in chosen if a != "off"]
 
+    def paths(self) -> list[FieldPath]:
+        """The paths scanned, without repeats nor paths inside another listed whole."""
+        if isinstance(self.fields, str):
+            skipped = {p.key for p in self.exclude}
+            return [FieldPath(n) for n in DEFAULT_FIELDS if n not in skipped]
+        listed = [*map(FieldPath, _MESSAGES), *self.fields]
+        wholes = {p.key for p in listed if p.kind == "field"}
+        paths: list[FieldPath] = []
+        for p in listed:
+            if p not in paths and not (p.kind != "field" and p.kind in wholes):
+                paths.append(p)
+        return paths
 
-_MESSAGES = (FieldPath("input_messages"), FieldPath("output_messages"))
+
+class _Path:
+    """A path scanned string by string (`Strings`): the messages, `params`, `attributes`,
+    `metadata.KEY`, `attributes.KEY`."""
+
+    __slots__ = ("get", "path", "skip", "text")
+
+    def __init__(self, path: FieldPath) -> None:
+        self.path = path
+        self.get = attrgetter(path.key) if path.kind == "field" else path.get
+        self.skip = MESSAGE_KEYS if path.kind == "field" and path.key in _MESSAGES else None
+        self.text = path.kind == "attributes" or path.key in TEXT_FIELDS
 
 
 class RedactProcessor(Processor):
@@ -108,12 +223,27 @@ class RedactProcessor(Processor):
 
     def __init__(self, config: RedactConfig, context: Context) -> None:
         active = config.active()
-        needs_key = any(action == "hash" for _, action in active)
+        paths = config.paths()
+        # short string fields, scanned as one text per event: scalars, then lists and maps
+        flat = [p.key for p in paths if p.kind == "field" and p.key in _TYPES
+                and _shape(_TYPES[p.key]) != "nested"]
+        self._scalars = tuple(n for n in flat if _shape(_TYPES[n]) == "str")
+        self._containers = tuple((n, _shape(_TYPES[n]) == "map") for n in flat
+                                 if _shape(_TYPES[n]) != "str")
+        self._get_scalars = attrgetter(*self._scalars) if len(self._scalars) > 1 else (
+            (lambda e, get=attrgetter(self._scalars[0]): (get(e),)) if self._scalars
+            else (lambda e: ()))
+        self._paths = [_Path(p) for p in paths if not (p.kind == "field" and p.key in flat)
+                       and (p.kind != "field" or _holds_strings(_TYPES.get(p.key, Any)))]
+        identity = config.identifiers == "hash" and (
+            any(n not in TEXT_FIELDS for n in flat) or any(not p.text for p in self._paths))
+        needs_key = any(action == "hash" or (identity and action == "mask")
+                        for _, action in active)
         key = (config.hash_key.encode() if config.hash_key is not None
                else _stored_key(context) if needs_key else b"")
-        self.redactor = Redactor(active, key)
-        self.fields = [*_MESSAGES, *config.fields]
-        self._getters = [attrgetter(p.key) if p.kind == "field" else p.get for p in self.fields]
+        self.redactor = Redactor(active, key, pseudonyms=config.identifiers == "hash")
+        self.fields = [p.path for p in self._paths]  # the paths scanned string by string
+        self.flat_fields = flat  # the fields scanned as one text per event
         self.id = context.id
         meter = context.meter
         self._redactions = meter.create_counter(
@@ -125,81 +255,181 @@ class RedactProcessor(Processor):
     def process(self, events: list[Event]) -> list[Event]:
         if not self.redactor.names:
             return events
-        # by event, then field: its value and where its strings begin in `strings`
+        # by path, then event: its value and where its strings begin in `strings`
+        n = len(events)
         values: list[Any] = []
         starts: list[int] = []
         strings = Strings()
-        for e in events:
-            for get in self._getters:
-                value = get(e)
+        texts = strings.texts
+        for scanned in self._paths:
+            column = list(map(scanned.get, events))
+            if not any(column):  # `params`, `attributes`: mostly absent, skipped in C
+                values += column
+                starts += [len(texts)] * n
+                continue
+            skip = scanned.skip
+            for value in column:
                 values.append(value)
-                starts.append(len(strings.texts))
+                starts.append(len(texts))
                 if value is not None:
-                    strings.add(value)
-        starts.append(len(strings.texts))
-        found = self.redactor.detectors.find_all(strings.texts)
+                    strings.add(value, skip)
+        starts.append(len(texts))
+        count = len(texts)
+        if self.flat_fields:
+            texts = texts + self._flat_texts(events)
+        found = self.redactor.detectors.find_all(texts)
         if not found:
             return events
-        width = len(self.fields)
-        hit = {(bisect_right(starts, i) - 1) // width for i in found}
+        # by event with findings: where (path k of event i is k * n + i) they are
+        hit: dict[int, set[int]] = {}
+        for t in found:
+            if t < count:
+                at = bisect_right(starts, t) - 1
+                hit.setdefault(at % n, set()).add(at)
+            else:
+                hit.setdefault(t - count, set())
         totals: dict[str, int] = {}
         kept: list[Event] = []
         dropped = 0
         for i, e in enumerate(events):
-            if i not in hit:
+            where = hit.get(i)
+            if where is None:
                 kept.append(e)
                 continue
             counts: dict[str, int] = {}
             try:
-                self._redact_event(e, i * width, values, starts, strings, found, counts)
+                flat_found = found.get(count + i)
+                if flat_found:
+                    self._redact_flat(e, flat_found, counts)
+                if where:
+                    self._redact_paths(e, sorted(where), n, values, starts, strings, found,
+                                       counts)
             except DropEvent:
                 dropped += 1
-                for name, n in counts.items():
-                    totals[name] = totals.get(name, 0) + n
+                for name, c in counts.items():
+                    totals[name] = totals.get(name, 0) + c
                 continue
             if counts:
                 if e.redactions:
-                    for name, n in counts.items():
-                        e.redactions[name] = e.redactions.get(name, 0) + n
+                    for name, c in counts.items():
+                        e.redactions[name] = e.redactions.get(name, 0) + c
                 else:
                     e.redactions = counts
-                for name, n in counts.items():
-                    totals[name] = totals.get(name, 0) + n
+                for name, c in counts.items():
+                    totals[name] = totals.get(name, 0) + c
             kept.append(e)
-        for name, n in totals.items():
-            self._redactions.add(n, {"processor": self.id, "detector": name})
+        for name, c in totals.items():
+            self._redactions.add(c, {"processor": self.id, "detector": name})
         if dropped:
             self._dropped.add(dropped, {"processor": self.id})
         return kept
 
-    def _redact_event(self, e: Event, first: int, values: list[Any], starts: list[int],
-                      strings: Strings, found: dict[int, list[Span]],
-                      counts: dict[str, int]) -> None:
-        """The fields of `e` (`values[first:]`) in order, as if each were scanned only
-        when reached: one that an earlier field changed (a path listed twice, or inside
-        another) is scanned again."""
+    def _flat_texts(self, events: list[Event]) -> list[str]:
+        """By event, its short string fields joined: the non-empty scalars, then each
+        list's items and each map's values, a group per field, groups joined in turn
+        (`_slots` lists the parts in that order). Joins and maps run in C: no Python
+        loop over the fields, nor a text per field for the engine."""
+        try:
+            columns = [list(map(SEPARATOR.join,
+                                map(filter, repeat(None), map(self._get_scalars, events))))]
+            for name, is_map in self._containers:
+                column = map(attrgetter(name), events)
+                columns.append([SEPARATOR.join(v.values()) if v else "" for v in column]
+                               if is_map else [SEPARATOR.join(v) if v else "" for v in column])
+        except TypeError:  # a processor before set a non-string: it holds no text
+            return [SEPARATOR.join([p if isinstance(p, str) else "" for _, _, p in
+                                    self._slots(e)]) for e in events]
+        if len(columns) == 1:
+            return columns[0]
+        return list(map(SEPARATOR.join, zip(*columns, strict=True)))
+
+    def _slots(self, e: Event) -> list[tuple[str, Any, Any]]:
+        """(field, key or None, value) of each part of the event's text in
+        `_flat_texts`, in order; a group with no part is one empty part."""
+        empty = ("", None, "")
+        slots: list[tuple[str, Any, Any]] = [
+            (name, None, value) for name, value in zip(
+                self._scalars, self._get_scalars(e), strict=True) if value] or [empty]
+        for name, is_map in self._containers:
+            value = getattr(e, name)
+            slots += ([(name, k, v) for k, v in (value.items() if is_map else enumerate(value))]
+                      if value else [empty])
+        return slots
+
+    def _redact_flat(self, e: Event, found: list[Span], counts: dict[str, int]) -> None:
+        """Findings of the event's joined short fields (`found`, sorted) replaced in each
+        field they fall in."""
         redactor = self.redactor
-        for k, path in enumerate(self.fields):
-            value = values[first + k]
-            indexes = range(starts[first + k], starts[first + k + 1])
-            current = self._getters[k](e)
+        offset = 0
+        k = 0
+        for name, key, value in self._slots(e):
+            text = value if isinstance(value, str) else ""
+            end = offset + len(text)
+            mine: list[Span] = []
+            while k < len(found) and found[k][0] < end:
+                start, stop, detector = found[k]
+                if stop > end:  # reaches into the next field (a private key's body): cut
+                    mine.append((max(start - offset, 0), len(text), detector))
+                    found[k] = (end + len(SEPARATOR), stop, detector)
+                    break
+                mine.append((max(start - offset, 0), stop - offset, detector))
+                k += 1
+            offset = end + len(SEPARATOR)
+            if not mine:
+                continue
+            identifier = name not in TEXT_FIELDS
+            try:
+                new = redactor.replace(text, mine, counts, identifier=identifier,
+                                       required=name in EXCLUDED_FIELDS)
+            except DropField:
+                if key is None or not isinstance(getattr(e, name), dict):
+                    setattr(e, name, None)
+                else:
+                    getattr(e, name).pop(key, None)
+                continue
+            if key is None:
+                setattr(e, name, new)
+            else:
+                container = getattr(e, name)
+                if container is not None:
+                    container[key] = new
+            if k == len(found):
+                break
+
+    def _redact_paths(self, e: Event, where: list[int], n: int, values: list[Any],
+                      starts: list[int], strings: Strings, found: dict[int, list[Span]],
+                      counts: dict[str, int]) -> None:
+        """The paths of `e` with findings (`where`: `k * n + i` for path k of event i, in
+        order). Paths are disjoint (`RedactConfig.paths`), so none changes another's
+        strings; one whose value is not what was scanned is scanned again."""
+        redactor = self.redactor
+        for at in where:
+            scanned = self._paths[at // n]
+            value = values[at]
+            indexes = range(starts[at], starts[at + 1])
+            current = scanned.get(e)
             if current is None:
                 continue
+            identifier = not scanned.text
             try:
                 if current is value and strings.unchanged(indexes, found):
-                    new = redactor.replace_value(value, strings, indexes, found, counts)
+                    new = redactor.replace_value(value, strings, indexes, found, counts,
+                                                 identifier=identifier)
                 else:
-                    new = redactor.redact_value(current, counts)
+                    new = redactor.redact_value(current, counts, scanned.skip,
+                                                identifier=identifier)
             except DropField:
-                path.delete(e)
+                scanned.path.delete(e)
                 continue
             if new is not current:
-                path.set(e, new)
+                scanned.path.set(e, new)
 
 
 def _stored_key(context: Context) -> bytes:
     """The HMAC key kept under the data directory, created on first use, so that hashes
-    stay the same across restarts without a key in pipeline.yaml."""
+    and pseudonyms stay the same across restarts without a key in pipeline.yaml. Two
+    processes creating it at once (workers) agree: the first link wins, the other reads
+    it."""
     path = Path(f"{context.state_path('redact')}.key")
     try:
         return path.read_bytes()
@@ -207,13 +437,19 @@ def _stored_key(context: Context) -> bytes:
         pass
     path.parent.mkdir(parents=True, exist_ok=True)
     key = secrets.token_hex(32).encode()
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(key)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    tmp = path.with_suffix(f".{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(key)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return path.read_bytes()
+    finally:
+        tmp.unlink(missing_ok=True)
     return key
 
 

@@ -337,8 +337,10 @@ def _mixed(text: str) -> bool:
 # At most 64 characters before the `@`, as an address allows.
 _EMAIL = re.compile(r"(?<![\w.%+-])\w[\w.%+'-]{0,63}@(?:[^\W_](?:[\w-]{0,61}[^\W_])?\.)+"
                     r"[^\W\d_]{2,24}(?![\w-])")
+# (none of them a top-level domain: `gpt-4o@prices.yaml`, a price file in `pricing_ref`)
 _FILE_SUFFIXES = frozenset({"png", "jpg", "jpeg", "gif", "svg", "webp", "css", "js", "ts", "py",
-                            "json", "md", "txt", "html", "pdf", "ico"})
+                            "json", "md", "txt", "html", "pdf", "ico", "yaml", "yml", "toml",
+                            "csv", "xml", "ini", "cfg"})
 
 
 def _email(text: str) -> bool:
@@ -393,26 +395,31 @@ def _phone(text: str) -> bool:
 _PHONE_PUNCTUATION = str.maketrans("", "", " .-()+")
 
 _KEY_MARKER = r"(?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----"
-_PRIVATE_KEY = re.compile(rf"-----BEGIN {_KEY_MARKER}[\s\S]*?-----END {_KEY_MARKER}")
+# (never across a NUL, which separates the texts of a batch and the fields of an event)
+_PRIVATE_KEY = re.compile(rf"-----BEGIN {_KEY_MARKER}[^\x00]*?-----END {_KEY_MARKER}")
 
 
 def _private_key_spans(text: str, hits: Hits | None) -> Spans:
     """A key runs from a BEGIN line (probe 0) to the first END line after it in its
-    text (probe 1, whose matches are exact): no regex scans the body, and a BEGIN
-    with no END after it costs nothing."""
+    text, with no NUL between (probe 1, whose matches are exact): no regex scans the
+    body, and a BEGIN with no END after it costs nothing."""
     if hits is None:
         return [m.span() for m in _PRIVATE_KEY.finditer(text)]
     ends = sorted(end for probe, found in hits.probes if probe.pattern == 1 for end in found)
     end_starts = [start for start, _ in ends]
     spans = []
     done = 0
+    nul = -1  # the first NUL after the last BEGIN looked at (begins ascend: linear work)
     for begin, begin_end in sorted(b for probe, found in hits.probes if probe.pattern == 0
                                    for b in found):
         if begin >= done:
             i = bisect_left(end_starts, begin_end)
             if i == len(ends):
                 break
-            if ends[i][0] < hits.limit(begin):
+            if nul < begin_end:
+                nul = text.find("\x00", begin_end)
+                nul = len(text) if nul < 0 else nul
+            if ends[i][0] < min(nul, hits.limit(begin)):
                 done = ends[i][1]
                 spans.append((begin, done))
     return spans

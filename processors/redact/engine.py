@@ -39,7 +39,7 @@ from processors.redact.detectors import Detector, Finding, Hits, Probe
 from processors.redact.image import image
 
 Span = tuple[int, int, int]  # a finding as a plain tuple: (start, end, detector)
-_SEPARATOR = "\x00"  # before each text: no regex matches it, and it reads as a text's edge
+SEPARATOR = "\x00"  # before each text: no regex matches it, and it reads as a text's edge
 
 
 class DetectorSet:
@@ -81,18 +81,23 @@ class DetectorSet:
         for index in self._unprobed:
             scan = self.detectors[index].find
             for text, base in zip(texts, bases, strict=False):
-                found += [(base + start, base + end, index) for start, end in scan(text)]
+                if SEPARATOR in text:  # as the built-ins, never across one (see `_segments`)
+                    found += [(base + offset + start, base + offset + end, index)
+                              for offset, segment in _segments(text)
+                              for start, end in scan(segment)]
+                else:
+                    found += [(base + start, base + end, index) for start, end in scan(text)]
         return _by_text(_without_overlaps(found), bases) if found else {}
 
     def _probe(self, texts: Sequence[str], bases: list[int]) -> list[Span]:
         """What the probed detectors find in `texts`, in offsets of the texts joined."""
         if self._database is None:
             return []
-        joined = _SEPARATOR + _SEPARATOR.join(texts)
+        joined = SEPARATOR + SEPARATOR.join(texts)
         # One image of the whole, unless some text needs more than an encode: then the
         # others need not be searched for characters to mark.
         data = (joined.encode() if joined.isascii()
-                else _SEPARATOR.encode().join([b"", *map(image, texts)]))
+                else SEPARATOR.encode().join([b"", *map(image, texts)]))
         hits: list[list[tuple[int, int]]] = [[] for _ in range(self._probe_count)]
         self._database.scan(data, match_event_handler=_collect, context=hits)
         found: list[Span] = []
@@ -102,6 +107,19 @@ class DetectorSet:
                 found += [(start, end, index)
                           for start, end in detector.find(joined, Hits(mine, bases))]
         return found
+
+
+def _segments(text: str) -> list[tuple[int, str]]:
+    """The parts of `text` between separators, with their offsets. A custom detector (a
+    Python regex, no probe) scans each alone, so that it reads a text that joins several
+    fields (see the processor) as it reads each field: `^`, `$` and lookbehinds at their
+    edges, and no match across two of them."""
+    parts = []
+    offset = 0
+    for segment in text.split(SEPARATOR):
+        parts.append((offset, segment))
+        offset += len(segment) + 1
+    return parts
 
 
 def _collect(probe: int, start: int, end: int, _flags: int,

@@ -8,13 +8,19 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 from typing import Any
 
 from processors.redact.detectors import Detector
 from processors.redact.engine import DetectorSet, Span
 
-# Keys whose values are names and ids, not content.
-_SKIPPED_KEYS = frozenset({"role", "type", "id", "tool_call_id", "finish_reason"})
+# Keys whose values are names and ids, not content, in the messages (elsewhere, in
+# `params` and `attributes`, an `id` may be anything and is scanned).
+MESSAGE_KEYS = frozenset({"role", "type", "id", "tool_call_id", "finish_reason"})
+
+# An inline image or file: base64, not text. (`data:` alone is not enough: an upstream's
+# error may be a server-sent event, `data: {"error": ...}`, and `data:text/plain,` is text.)
+_BASE64_DATA_URI = re.compile(r"data:[\w.+-]+/[\w.+-]+(?:;[\w.+-]+=[^;,]*)*;base64,").match
 
 
 class DropField(Exception):
@@ -37,16 +43,16 @@ class Strings:
         self.containers: list[Any] = []
         self.keys: list[Any] = []
 
-    def add(self, value: Any) -> None:
-        """Every string inside `value`, dicts and lists walked. Inline images and files
-        (data URIs) are base64, not text."""
+    def add(self, value: Any, skip: frozenset[str] | None = None) -> None:
+        """Every string inside `value`, dicts and lists walked to any depth, but the
+        values of the keys in `skip` and base64 data URIs."""
         if isinstance(value, str):
-            if not value.startswith("data:"):
+            if not (value.startswith("data:") and _BASE64_DATA_URI(value)):
                 self.texts.append(value)
                 self.containers.append(None)
                 self.keys.append(None)
-        else:
-            _inside(value, self.texts, self.containers, self.keys)
+        elif isinstance(value, (dict, list)):
+            _inside(value, self.texts, self.containers, self.keys, skip or frozenset())
 
     def unchanged(self, strings: range, found: dict[int, list[Span]]) -> bool:
         """Whether those of `strings` with findings are still where they were found."""
@@ -61,64 +67,76 @@ class Strings:
         return True
 
 
-def _inside(value: Any, texts: list[str], containers: list[Any], keys: list[Any]) -> None:
-    if isinstance(value, dict):
-        items: Any = value.items()
-    elif isinstance(value, list):
-        items = enumerate(value)
-    else:
-        return
-    for key, v in items:
-        if isinstance(v, str):
-            if not v.startswith("data:") and key not in _SKIPPED_KEYS:
-                texts.append(v)
-                containers.append(value)
-                keys.append(key)
-        elif key not in _SKIPPED_KEYS:
-            _inside(v, texts, containers, keys)
+def _inside(value: dict[Any, Any] | list[Any], texts: list[str], containers: list[Any],
+            keys: list[Any], skip: frozenset[str]) -> None:
+    """An explicit stack rather than recursion: nesting of any depth is walked (decoders
+    bound it; a deep one must not be left in clear, nor raise RecursionError)."""
+    stack = [value]
+    while stack:
+        container = stack.pop()
+        items: Any = container.items() if isinstance(container, dict) else enumerate(container)
+        for key, v in items:
+            if isinstance(v, str):
+                if key not in skip and not (v.startswith("data:") and _BASE64_DATA_URI(v)):
+                    texts.append(v)
+                    containers.append(container)
+                    keys.append(key)
+            elif isinstance(v, (dict, list)) and key not in skip:
+                stack.append(v)
 
 
 class Redactor:
-    """Finds and replaces in the strings of fields, tallying findings by detector."""
+    """Finds and replaces in the strings of fields, tallying findings by detector.
+    Identifiers (`identifier=True`) take `id_actions`: `mask` is `hash` there when
+    `pseudonyms`, so that a masked identifier keeps telling its values apart."""
 
-    def __init__(self, detectors: list[tuple[Detector, str]], hash_key: bytes) -> None:
+    def __init__(self, detectors: list[tuple[Detector, str]], hash_key: bytes,
+                 pseudonyms: bool = True) -> None:
         self.detectors = DetectorSet([d for d, _ in detectors])
         self.actions = [a for _, a in detectors]
+        self.id_actions = [("hash" if pseudonyms and a == "mask" else a) for a in self.actions]
         self.names = [d.name for d, _ in detectors]
         self.placeholders = [d.placeholder for d, _ in detectors]
         self.hash_key = hash_key
 
-    def redact_value(self, value: Any, counts: dict[str, int]) -> Any:
+    def redact_value(self, value: Any, counts: dict[str, int],
+                     skip: frozenset[str] | None = None, *, identifier: bool = False) -> Any:
         """`value` with its strings redacted (in place inside dicts and lists)."""
         strings = Strings()
-        strings.add(value)
+        strings.add(value, skip)
         found = self.detectors.find_all(strings.texts)
-        return self.replace_value(value, strings, range(len(strings.texts)), found, counts)
+        return self.replace_value(value, strings, range(len(strings.texts)), found, counts,
+                                  identifier=identifier)
 
     def replace_value(self, value: Any, strings: Strings, indexes: range,
-                      found: dict[int, list[Span]], counts: dict[str, int]) -> Any:
+                      found: dict[int, list[Span]], counts: dict[str, int], *,
+                      identifier: bool = False) -> Any:
         """`value` with the findings of its strings (those of `strings.texts[i]`, for i
         in `indexes`, are `found[i]`) replaced."""
         for i in indexes:
             findings = found.get(i)
             if findings:
-                new = self.replace(strings.texts[i], findings, counts)
+                new = self.replace(strings.texts[i], findings, counts, identifier=identifier)
                 container = strings.containers[i]
                 if container is None:
                     return new
                 container[strings.keys[i]] = new
         return value
 
-    def replace(self, text: str, findings: list[Span], counts: dict[str, int]) -> str:
+    def replace(self, text: str, findings: list[Span], counts: dict[str, int], *,
+                identifier: bool = False, required: bool = False) -> str:
+        """`text` with `findings` replaced. A `required` field cannot be dropped: its
+        findings are masked instead."""
+        actions = self.id_actions if identifier else self.actions
         parts = []
         last = 0
         for start, end, index in findings:
             name = self.names[index]
             counts[name] = counts.get(name, 0) + 1
-            action = self.actions[index]
+            action = actions[index]
             if action == "drop_event":
                 raise DropEvent
-            if action == "drop":
+            if action == "drop" and not required:
                 raise DropField
             parts.append(text[last:start])
             if action == "hash":

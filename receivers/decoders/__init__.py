@@ -6,7 +6,9 @@ Otoroshi audit events have `@type`/`audit`, LiteLLM's `StandardLoggingPayload`
 has its own keys, and anything else must be meterline's own JSON form. An item
 that fits none is refused with the reason, never dropped silently; an item that
 is well-formed but not an LLM call (`NotAnLLMCall`: an Otoroshi GatewayEvent...)
-is skipped and counted apart.
+is skipped and counted apart. Every event is then checked against the bounds of
+`meterline.bounds` (token counts, weights, timestamps, status codes, id lengths, control
+characters...): an item out of bounds is refused alone, with the reason.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from typing import Any
 
 import msgspec
 
-from meterline.event import FIELDS, Event, from_dict, list_from_json, pack
+from meterline import bounds
+from meterline.event import FIELDS, Event, from_dict, list_from_json
 from receivers.decoders import litellm, otoroshi
 from receivers.decoders.errors import DecodeError, NotAnLLMCall
 
@@ -24,7 +27,7 @@ __all__ = ["DecodeError", "Decoded", "NotAnLLMCall", "decode_body", "decode_item
 
 _raw = msgspec.json.Decoder()
 _TOO_DEEP = "JSON nested too deeply"  # msgspec stops at the interpreter's recursion limit
-_OUT_OF_RANGE = "an integer is out of range (more than 64 bits)"
+_UNEXPECTED = "cannot decode: "  # the reason given for an exception no decoder expected
 
 
 @dataclass
@@ -36,9 +39,14 @@ class Decoded:
 
 def decode_item(item: Any) -> Event:
     """One parsed JSON item to an event, whichever format it is in."""
-    event = _decode_item(item)
-    if _unstorable([event]):
-        raise DecodeError(_OUT_OF_RANGE)
+    try:
+        event = _decode_item(item)
+    except DecodeError:
+        raise
+    except Exception as e:  # a decoder's bug: refused with its name, as in `decode_body`
+        raise DecodeError(f"{_UNEXPECTED}{type(e).__name__}: {e}") from e
+    if bad := bounds.refused([event]):
+        raise DecodeError(_out_of_bounds(bad[0]))
     return event
 
 
@@ -73,9 +81,9 @@ def decode_body(body: bytes, ndjson: bool = False) -> Decoded:
         except (msgspec.DecodeError, RecursionError):
             pass  # not all meterline events: go item by item below
         else:
-            bad = _unstorable(events)
+            bad = bounds.refused(events)
             return Decoded([e for i, e in enumerate(events) if i not in bad],
-                           [(i, _OUT_OF_RANGE) for i in sorted(bad)])
+                           [(i, _out_of_bounds(bad[i])) for i in sorted(bad)])
     items: list[Any]
     if ndjson:
         items = _lines(body)
@@ -105,30 +113,16 @@ def decode_body(body: bytes, ndjson: bool = False) -> Decoded:
         except DecodeError as e:
             decoded.rejected.append((index, str(e)))
         except Exception as e:
-            decoded.rejected.append((index, f"cannot decode: {type(e).__name__}: {e}"))
-    if bad := _unstorable(decoded.events):
+            decoded.rejected.append((index, f"{_UNEXPECTED}{type(e).__name__}: {e}"))
+    if bad := bounds.refused(decoded.events):
         decoded.events = [e for n, e in enumerate(decoded.events) if n not in bad]
-        decoded.rejected = sorted(decoded.rejected + [(indexes[n], _OUT_OF_RANGE) for n in bad])
+        decoded.rejected = sorted(decoded.rejected + [(indexes[n], _out_of_bounds(reason))
+                                                      for n, reason in bad.items()])
     return decoded
 
 
-def _unstorable(events: list[Event]) -> set[int]:
-    """The positions of events the queues cannot store: JSON integers have no size limit,
-    the queues' msgpack stops at 64 bits. One encoding of the whole batch when all is well
-    (half a microsecond an event); event by event only when it fails."""
-    try:
-        pack(events)
-    except OverflowError:
-        pass
-    else:
-        return set()
-    bad = set()
-    for index, event in enumerate(events):
-        try:
-            pack([event])
-        except OverflowError:
-            bad.add(index)
-    return bad
+def _out_of_bounds(reason: str) -> str:
+    return reason if reason == bounds.OUT_OF_RANGE else f"out of bounds: {reason}"
 
 
 def _lines(body: bytes) -> list[Any]:

@@ -8,11 +8,12 @@ user come from `metadata.user_api_key_*`; `spend_logs_metadata` becomes
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from meterline.event import API_KEY_ID_CHARS, Event, uuid7
 from meterline.genai import error_type_for_name, error_type_for_status, provider_name
-from meterline.lenient import as_dict, as_float, as_int, as_messages, as_metadata
+from meterline.lenient import as_dict, as_float, as_int, as_list, as_messages, as_metadata
 from receivers.decoders.errors import DecodeError
 
 _MARKERS = frozenset({"litellm_call_id", "call_type", "custom_llm_provider", "model_group",
@@ -38,6 +39,8 @@ def decode(item: dict[str, Any]) -> Event:
     start = as_float(item.get("startTime"))
     if start is None:
         raise DecodeError("LiteLLM payload without startTime")
+    if not math.isfinite(start * 1e6):
+        raise DecodeError(f"LiteLLM startTime is not a time in epoch seconds: {start}")
     end = as_float(item.get("endTime"))
     first_token = as_float(item.get("completionStartTime"))
     streaming = bool(item.get("stream")) if item.get("stream") is not None else None
@@ -48,7 +51,7 @@ def decode(item: dict[str, Any]) -> Event:
     error_info = as_dict(item.get("error_information"))
     status = _status(error_info.get("error_code")) if failed else 200
     key_hash = meta.get("user_api_key_hash")
-    choices = [c for c in response.get("choices") or [] if isinstance(c, dict)]
+    choices = [c for c in as_list(response.get("choices")) if isinstance(c, dict)]
     attributes = {k: v for k, v in {
         "litellm.call_id": item.get("litellm_call_id"),
         "litellm.model_id": item.get("model_id"),

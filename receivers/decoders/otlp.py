@@ -19,8 +19,9 @@ too). Attributes with no field are kept in `attributes`, with the resource's
 `service.name` (the calling application).
 
 A call whose attributes are malformed (a token count that is not a
-non-negative integer, say) is rejected with the reason, so that the sender's
-partial-success answer says what was wrong.
+non-negative integer, say) or out of the bounds of `meterline.bounds` (a token
+count beyond 10^9, a control character in a user id...) is rejected with the
+reason, so that the sender's partial-success answer says what was wrong.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Status
 
-from meterline import otlpjson
+from meterline import bounds, otlpjson
 from meterline.event import FIELDS, Event, from_dict, uuid7
 from meterline.genai import (
     ATTRIBUTES,
@@ -81,7 +82,8 @@ _INT_FIELDS: Final = frozenset({"input_tokens", "output_tokens", "cache_read_tok
                                 "attempts", "ratelimit_requests_limit",
                                 "ratelimit_requests_remaining", "ratelimit_tokens_limit",
                                 "ratelimit_tokens_remaining"})
-_INDEXED: Final = re.compile(r"^gen_ai\.(prompt|completion)\.(\d+)\.(\w+)$")
+_STATUS: Final = re.compile(r"[0-9]{3}")  # an HTTP status as an error.type
+_INDEXED: Final = re.compile(r"^gen_ai\.(prompt|completion)\.([0-9]{1,9})\.(\w+)$")
 
 
 @dataclass
@@ -108,6 +110,7 @@ def _decode(resources: Iterable[tuple[Any, list[Any]]],
             describe: Callable[[Any], str]) -> OtlpDecoded:
     """The LLM calls among spans or log records, grouped by their resource."""
     out = OtlpDecoded()
+    decoded = []  # the item each event came from
     for resource, items in resources:
         service = _service_name(resource.attributes)
         for item in items:
@@ -117,14 +120,20 @@ def _decode(resources: Iterable[tuple[Any, list[Any]]],
                 continue
             try:
                 out.events.append(to_event(item, attrs, service))
+                decoded.append(item)
             except DecodeError as e:
                 out.rejected.append(f"{describe(item)}: {e}")
+    if bad := bounds.refused(out.events):
+        out.events = [e for n, e in enumerate(out.events) if n not in bad]
+        out.rejected += [f"{describe(decoded[n])}: {_out_of_bounds(reason)}"
+                         for n, reason in bad.items()]
     return out
 
 
 # --- one call ------------------------------------------------------------------------
 def _is_model_call(attrs: dict[str, Any]) -> bool:
-    if attrs.get("gen_ai.operation.name") in NON_MODEL_OPERATIONS:
+    operation = attrs.get("gen_ai.operation.name")
+    if isinstance(operation, str) and operation in NON_MODEL_OPERATIONS:
         return False
     return not _MARKERS.isdisjoint(attrs)
 
@@ -230,9 +239,9 @@ def _normalise(fields: dict[str, Any]) -> None:
     if isinstance(fields.get("finish_reasons"), str):
         fields["finish_reasons"] = [fields["finish_reasons"]]
     error = fields.get("error_type")
-    if error is not None and error not in ERROR_TYPES:
+    if error is not None and not (isinstance(error, str) and error in ERROR_TYPES):
         text = str(error)
-        fields["error_type"] = (error_type_for_status(int(text)) if text.isdigit()
+        fields["error_type"] = (error_type_for_status(int(text)) if _STATUS.fullmatch(text)
                                 else error_type_for_name(text))
     elif error is None and fields.get("status_code", 0) >= 400:
         fields["error_type"] = error_type_for_status(fields["status_code"])
@@ -245,6 +254,12 @@ def _event(fields: dict[str, Any]) -> Event:
         path = re.search(r"\$\.(\w+)", str(e))
         where = f" ({_attribute(path[1])})" if path else ""
         raise DecodeError(f"invalid value{where}: {e}") from None
+
+
+def _out_of_bounds(reason: str) -> str:
+    """A reason of `meterline.bounds`, naming the attribute the field came from."""
+    path = re.search(r"\$\.(\w+)", reason)
+    return f"out of bounds{f' ({_attribute(path[1])})' if path else ''}: {reason}"
 
 
 def _attribute(name: str) -> str:

@@ -17,11 +17,12 @@ Otoroshi client id still join. The key's `metadata` becomes the event's `metadat
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from meterline.event import Event, api_key_id, uuid7
 from meterline.genai import error_type_for_name, provider_name
-from meterline.lenient import as_dict, as_float, as_int, as_messages, as_metadata
+from meterline.lenient import as_dict, as_float, as_int, as_list, as_messages, as_metadata
 from receivers.decoders.errors import DecodeError, NotAnLLMCall
 
 _OPERATIONS = {
@@ -49,7 +50,7 @@ def decode(item: dict[str, Any]) -> Event:
     rate = as_dict(item.get("rate_limit"))
     apikey = as_dict(item.get("apikey"))
     location = as_dict(apikey.get("_loc"))
-    teams = location.get("teams") or []
+    teams = as_list(location.get("teams"))
     route = as_dict(item.get("route"))
     user = as_dict(item.get("user"))
     consumed = str(item.get("consumed_using") or "")
@@ -57,10 +58,14 @@ def decode(item: dict[str, Any]) -> Event:
     stamp_ms = as_float(item.get("@timestamp"))
     if stamp_ms is None:
         raise DecodeError("Otoroshi LLMUsageAudit without @timestamp")
-    start_us = round((stamp_ms - (duration or 0)) * 1000)
+    start_us_f = (stamp_ms - (duration or 0)) * 1000
+    if not math.isfinite(start_us_f):
+        raise DecodeError(f"Otoroshi LLMUsageAudit @timestamp ({stamp_ms}) or duration "
+                          f"({duration}) is not a time in epoch milliseconds")
+    start_us = round(start_us_f)
     error = item.get("error")
     costs = _costs(item)
-    domains = as_dict(route.get("frontend")).get("domains") or []
+    domains = as_list(as_dict(route.get("frontend")).get("domains"))
     client_id = str(apikey.get("clientId") or "") or None
     tags = [str(tag) for tag in apikey.get("tags") or [] if tag is not None] \
         if isinstance(apikey.get("tags"), list) else []
@@ -105,7 +110,7 @@ def decode(item: dict[str, Any]) -> Event:
         ratelimit_tokens_remaining=as_int(rate.get("tokens_remaining")),
         input_messages=as_messages(item.get("input_prompt")),
         output_messages=as_messages([as_dict(g).get("message") for g in
-                                   as_dict(item.get("output")).get("generations") or []]),
+                                   as_list(as_dict(item.get("output")).get("generations"))]),
         actual_cost_usd=_usd(costs),
         attributes=attributes or None,
     )

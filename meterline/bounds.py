@@ -1,0 +1,289 @@
+"""Bounds on what an event may hold: the values an LLM call can really have.
+
+`Event` itself stays unconstrained (the persistent queue decodes stored batches with
+it: a bound there could make a stored batch unreadable). What enters the daemon is
+checked against twins of `Event` derived from its fields (`msgspec.defstruct`), whose
+types carry msgspec constraints: one `pack` of a batch and msgpack decodes into the
+twins check it in C (about 2 µs for a 1.2 KB event, see `refused`); only when that
+fails is each event checked alone, to give each bad one its reason. Events the
+gateway builds from upstream answers are repaired instead (`repair`): a value out of
+bounds is dropped, the call is still recorded.
+
+The bounds (a numeric field without a rule here fails at import, so that a new field
+gets one):
+
+| fields | bound |
+|---|---|
+| `timestamp` (epoch ns) | 2000-01-01T00:00:00Z ... now + 1 day |
+| `*_tokens` | integer, 0 ... 10^9 |
+| `status_code` | 100 ... 599 |
+| `ratelimit_*` | integer, 0 ... 10^12 |
+| `attempts` | 1 ... 1000 |
+| `*_ms` | finite, 0 ... 30 days |
+| `*_usd` | finite, 0 ... 1,000,000 |
+| `sample_weight` | finite, > 0 ... 1,000,000 |
+| `event_id` | 1 ... 256 characters |
+| `trace_id`, `span_id`, `parent_span_id` | at most 128 characters |
+| `endpoint`, `upstream` | at most 4096 characters |
+| `error_message` | at most 65,536 characters; tab, newline and CR allowed |
+| other strings (models, ids, names) | at most 1024 characters |
+| `metadata` | at most 256 entries, keys 256 and values 4096 characters |
+| `attributes`, `params`, `redactions` | at most 1024 / 256 / 256 entries, keys 256 characters |
+| `finish_reasons` | at most 1024 |
+
+Strings, `finish_reasons` and metadata keys and values hold no control character (C0,
+DEL); `error_message` may hold tab, newline and CR. Message content (`input_messages`,
+`output_messages`), attribute and parameter values (and their keys' characters) are
+free, bounded only by the receivers' body size limits.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import types
+import typing
+from collections.abc import Callable
+from typing import Annotated, Any, Final
+
+import msgspec
+
+from meterline.event import SCHEMA_VERSION, Event, pack, uuid7
+
+TOKENS_MAX: Final = 10**9  # 100x the largest context windows; ClickHouse stores UInt32
+RATELIMIT_MAX: Final = 10**12
+STATUS_MIN, STATUS_MAX = 100, 599  # RFC 9110's range; 499 (client closed) is in it
+ATTEMPTS_MAX: Final = 1000
+DURATION_MAX_MS: Final = 30 * 86_400_000.0  # batch jobs take hours, not a month
+COST_MAX_USD: Final = 1_000_000.0
+WEIGHT_MAX: Final = 1_000_000.0  # a sampling rate of one in a million
+TIMESTAMP_MIN: Final = 946_684_800 * 10**9  # 2000-01-01T00:00:00Z, in ns
+TIMESTAMP_AHEAD: Final = 86_400 * 10**9  # now + 1 day: clocks differ, not by days
+_REFRESH_S: Final = 3600.0  # the upper timestamp bound follows the clock hourly
+
+NAME_CHARS: Final = 1024
+ID_CHARS: Final = 256
+TRACE_ID_CHARS: Final = 128
+URL_CHARS: Final = 4096
+ERROR_MESSAGE_CHARS: Final = 65_536
+KEY_CHARS: Final = 256
+METADATA_VALUE_CHARS: Final = 4096
+METADATA_ENTRIES: Final = 256
+ATTRIBUTE_ENTRIES: Final = 1024
+PARAM_ENTRIES: Final = 256
+LIST_ITEMS: Final = 1024
+
+NO_CONTROL: Final = r"\A[^\x00-\x1f\x7f]*\Z"
+TEXT: Final = r"\A[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f]*\Z"  # tab, newline, CR allowed
+_PATTERN_WORDS: Final = {
+    repr(NO_CONTROL): "without control characters (NUL, C0, DEL)",
+    repr(TEXT): "without control characters other than tab, newline and CR"}
+OUT_OF_RANGE: Final = "an integer is out of range (more than 64 bits)"
+
+_STRING_CHARS: Final = {"event_id": ID_CHARS, "trace_id": TRACE_ID_CHARS,
+                        "span_id": TRACE_ID_CHARS, "parent_span_id": TRACE_ID_CHARS,
+                        "endpoint": URL_CHARS, "upstream": URL_CHARS,
+                        "error_message": ERROR_MESSAGE_CHARS}
+_MAP_ENTRIES: Final = {"metadata": METADATA_ENTRIES, "attributes": ATTRIBUTE_ENTRIES,
+                       "params": PARAM_ENTRIES, "redactions": PARAM_ENTRIES}
+_HINTS: Final = {"timestamp": " (timestamp: epoch nanoseconds, 2000-01-01 to now + 1 day)"}
+
+
+def _text(chars: int, pattern: str | None = NO_CONTROL, min_length: int = 0) -> Any:
+    return Annotated[str, msgspec.Meta(min_length=min_length, max_length=chars,
+                                       pattern=pattern)]
+
+
+def _int_bounds(name: str, now_ns: int) -> msgspec.Meta:
+    if name == "timestamp":
+        return msgspec.Meta(ge=TIMESTAMP_MIN, le=now_ns + TIMESTAMP_AHEAD)
+    if name.endswith("_tokens"):
+        return msgspec.Meta(ge=0, le=TOKENS_MAX)
+    if name.startswith("ratelimit_"):
+        return msgspec.Meta(ge=0, le=RATELIMIT_MAX)
+    if name == "status_code":
+        return msgspec.Meta(ge=STATUS_MIN, le=STATUS_MAX)
+    if name == "attempts":
+        return msgspec.Meta(ge=1, le=ATTEMPTS_MAX)
+    raise TypeError(f"Event.{name}: an integer field needs a bound in meterline/bounds.py")
+
+
+def _float_bounds(name: str) -> msgspec.Meta:
+    if name.endswith("_ms"):
+        return msgspec.Meta(ge=0, le=DURATION_MAX_MS)
+    if name.endswith("_usd"):
+        return msgspec.Meta(ge=0, le=COST_MAX_USD)
+    if name == "sample_weight":
+        return msgspec.Meta(gt=0, le=WEIGHT_MAX)
+    raise TypeError(f"Event.{name}: a float field needs a bound in meterline/bounds.py")
+
+
+def _checked_type(name: str, tp: Any, now_ns: int, patterns: bool) -> Any:
+    """The constrained form of field `name`'s type (NaN and infinities fail any bound).
+    Without `patterns`, the control-character patterns are left to `_named` (see
+    `refused`), except `error_message`'s. Free content (messages, attribute and
+    parameter values) is skipped (`Raw`)."""
+    args = typing.get_args(tp)
+    if isinstance(tp, types.UnionType) and type(None) in args:
+        (inner,) = (a for a in args if a is not type(None))
+        checked = _checked_type(name, inner, now_ns, patterns)
+        return checked if checked is msgspec.Raw else checked | None  # Raw takes nil too
+    plain = NO_CONTROL if patterns else None
+    origin = typing.get_origin(tp)
+    if tp is int:
+        return Annotated[int, _int_bounds(name, now_ns)]
+    if tp is float:
+        return Annotated[float, _float_bounds(name)]
+    if tp is str:
+        if name == "error_message":
+            return _text(ERROR_MESSAGE_CHARS, TEXT)
+        return _text(_STRING_CHARS.get(name, NAME_CHARS), plain, 1 if name == "event_id" else 0)
+    if origin is dict:
+        key: Any = _text(KEY_CHARS, None)
+        value = args[1]
+        if value is str:
+            key, value = _text(KEY_CHARS, plain), _text(METADATA_VALUE_CHARS, plain)
+        elif value is int:
+            value = Annotated[int, msgspec.Meta(ge=0, le=TOKENS_MAX)]
+        else:
+            value = msgspec.Raw
+        return Annotated[dict[key, value],
+                         msgspec.Meta(max_length=_MAP_ENTRIES.get(name, ATTRIBUTE_ENTRIES))]
+    if origin is list and args[0] is str:
+        return Annotated[list[_text(NAME_CHARS, plain)],
+                         msgspec.Meta(max_length=LIST_ITEMS)]
+    if origin is list:
+        return msgspec.Raw  # messages: their content is free text
+    return tp  # booleans
+
+
+def _named(name: str, tp: Any) -> bool:
+    """Whether the control-character rule applies to field `name` of type `tp`: strings
+    (but `error_message`), lists of strings, maps of strings to strings (metadata)."""
+    inner = [a for a in typing.get_args(tp) if a is not type(None)] \
+        if isinstance(tp, types.UnionType) else [tp]
+    return name != "error_message" and len(inner) == 1 and (
+        inner[0] is str or all(a is str for a in typing.get_args(inner[0]) or [None]))
+
+
+class _Checker:
+    """The decoders of the checked twins of `Event`. Rebuilt hourly (the upper
+    timestamp bound follows the clock)."""
+
+    def __init__(self) -> None:
+        self.built = -_REFRESH_S
+        self.current()
+
+    def current(self) -> _Checker:
+        now = time.monotonic()
+        if now - self.built >= _REFRESH_S:
+            self._build(time.time_ns())
+            self.built = now
+        return self
+
+    def _build(self, now_ns: int) -> None:
+        hints = typing.get_type_hints(Event)
+        names = [f.name for f in msgspec.structs.fields(Event)]
+
+        def twin(kind: str, which: Callable[[str], bool], patterns: bool) -> Any:
+            fields = [(n, _checked_type(n, hints[n], now_ns, patterns), None)
+                      for n in names if which(n)]
+            return msgspec.defstruct(  # messages are left out: not checked
+                kind, [f for f in fields if f[1] is not msgspec.Raw], kw_only=True,
+                gc=False, tag_field="schema_version", tag=SCHEMA_VERSION)
+
+        def named(n: str) -> bool:
+            return _named(n, hints[n])
+
+        def other(n: str) -> bool:
+            return not _named(n, hints[n])
+
+        # Checking a batch: its numbers and maps in one decode, its names (strings the
+        # control-character rule covers) in another, whose JSON form holds a backslash
+        # or DEL when one of them holds a control character (see `refused`).
+        self.numbers = msgspec.msgpack.Decoder(list[twin("Numbers", other, False)])
+        self.names = msgspec.msgpack.Decoder(list[twin("Names", named, False)])
+        exact = twin("Checked", lambda n: True, True)
+        self.exact = msgspec.msgpack.Decoder(list[exact])
+        self.one = msgspec.msgpack.Decoder(exact)
+
+
+_checker = _Checker()
+_encode = msgspec.msgpack.Encoder().encode
+_json = msgspec.json.Encoder().encode
+
+
+def refused(events: list[Event]) -> dict[int, str]:
+    """The events that are out of bounds, by position, with the reason of each.
+
+    When all is well: one encode of the batch, one decode checking bounds and lengths,
+    and one decode of its names, whose JSON form is searched (memchr) for a backslash or
+    DEL: only then are the control-character patterns run (a regex costs 0.3 µs a
+    string). Event by event only when the batch fails."""
+    checker = _checker.current()
+    try:
+        data = pack(events)
+        checker.numbers.decode(data)
+        named = _json(checker.names.decode(data))
+        if b"\\" in named or b"\x7f" in named:
+            checker.exact.decode(data)
+    except (OverflowError, msgspec.ValidationError):
+        pass
+    else:
+        return {}
+    bad = {}
+    for index, event in enumerate(events):
+        if (reason := why(event, checker)) is not None:
+            bad[index] = reason
+    return bad
+
+
+def why(event: Event, checker: _Checker | None = None) -> str | None:
+    """Why an event is out of bounds, or None when it is within them."""
+    checker = checker or _checker.current()
+    try:
+        checker.one.decode(_encode(event))
+    except OverflowError:
+        return OUT_OF_RANGE
+    except msgspec.ValidationError as e:
+        return explain(e)
+    return None
+
+
+def explain(error: msgspec.ValidationError) -> str:
+    """msgspec's message, with the control-character patterns said in words."""
+    text = str(error)
+    for pattern, words in _PATTERN_WORDS.items():
+        text = text.replace(f"matching regex {pattern}", words)
+    field = _FIELD.search(text)
+    return text + (_HINTS.get(field[1], "") if field else "")
+
+
+_FIELD: Final = re.compile(r"\$\.(\w+)")
+_DEFAULTS: Final = {"event_id": uuid7, "timestamp": time.time_ns, "sample_weight": lambda: 1.0}
+
+
+def repair(events: list[Event]) -> None:
+    """Bring events that the daemon built itself (the gateway, from upstream answers)
+    within bounds, in place: a value out of bounds is dropped (`event_id`, `timestamp`
+    and `sample_weight` get their defaults), so that the call is still recorded."""
+    for index in refused(events):
+        event = events[index]
+        for _ in range(len(Event.__struct_fields__)):
+            reason = why(event)
+            if reason is None:
+                break
+            field = _FIELD.search(reason)
+            names = [field[1]] if field else _unencodable(event)
+            for name in names:
+                setattr(event, name, _DEFAULTS[name]() if name in _DEFAULTS else None)
+
+
+def _unencodable(event: Event) -> list[str]:
+    names = []
+    for name in Event.__struct_fields__:
+        try:
+            _encode(getattr(event, name))
+        except OverflowError:
+            names.append(name)
+    return names

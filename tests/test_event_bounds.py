@@ -1,0 +1,266 @@
+"""Event bounds (meterline/bounds.py): an event out of bounds is refused alone with its
+reason wherever events enter (webhook, file, Kafka, OTLP); the gateway's own events are
+repaired, not lost; answers computed over a table written before never hold Infinity."""
+
+import time
+from datetime import UTC, datetime
+from types import SimpleNamespace
+
+import grpc
+import msgspec
+import pytest
+from aiohttp.test_utils import make_mocked_request
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2_grpc import TraceServiceStub
+
+from exporters.clickhouse import api
+from exporters.clickhouse.cli import render
+from exporters.otlp.encode import to_traces_request
+from meterline import bounds
+from meterline.component import ExportBatch
+from meterline.event import Event
+from receivers.decoders import DecodeError, decode_body, decode_item
+from receivers.gateway import EventBuffer
+from tests.clickhouse_helpers import clickhouse_exporters
+from tests.conftest import (
+    event_dicts,
+    eventually,
+    free_port,
+    make_event,
+    post_json,
+    read_jsonl,
+    running,
+)
+from tests.test_otlp_receiver import Ports, received, running_receiver
+
+POISON = {"event_id": "x", "provider": "openai", "request_model": "gpt-4o-mini",
+          "input_tokens": 1000, "sample_weight": 1e308}
+
+
+def webhook_pipeline(port):
+    return f"""
+    receivers:
+      webhook: {{listen: "127.0.0.1:{port}"}}
+    exporters:
+      file: {{path: "{{data}}/out.jsonl", batch: {{timeout: 10ms}}}}
+    service:
+      data_dir: {{data}}
+      admin: null
+      pipelines:
+        p: {{receivers: [webhook], exporters: [file]}}
+    """
+
+
+def refusal(**fields):
+    """The reason the decoders give for one meterline event with `fields`."""
+    item = {**event_dicts(0, 1)[0], **fields}
+    decoded = decode_body(msgspec.json.encode([item]))
+    assert not decoded.events
+    [(_, reason)] = decoded.rejected
+    return reason
+
+
+def accepted(**fields):
+    decoded = decode_body(msgspec.json.encode([{**event_dicts(0, 1)[0], **fields}]))
+    return decoded.events
+
+
+# --- through the webhook ----------------------------------------------------------------
+async def test_the_poison_weight_is_refused_naming_sample_weight_and_its_neighbour_kept(
+        tmp_path):
+    port = free_port()
+    good = event_dicts(0, 1)[0]
+    async with running(webhook_pipeline(port), tmp_path):
+        status, body, _ = await post_json(f"http://127.0.0.1:{port}/v1/events",
+                                          [POISON, good])
+        assert (status, body["accepted"]) == (200, 1)
+        [rejected] = body["rejected"]
+        assert rejected["index"] == 0 and "sample_weight" in rejected["reason"]
+        rows = await eventually(lambda: read_jsonl(tmp_path / "data/out.jsonl"))
+        assert [r["event_id"] for r in rows] == [good["event_id"]]
+
+
+# --- one bound each -----------------------------------------------------------------------
+def test_negative_tokens_are_refused():
+    assert "Expected `int` >= 0 - at `$.input_tokens`" in refusal(input_tokens=-1)
+
+
+def test_tokens_of_2_63_minus_1_are_refused():
+    assert "$.output_tokens" in refusal(output_tokens=2**63 - 1)
+
+
+def test_a_context_of_ten_million_tokens_is_accepted():
+    assert accepted(input_tokens=10_000_000)
+
+
+def test_status_70000_is_refused():
+    assert "Expected `int` <= 599 - at `$.status_code`" in refusal(status_code=70000)
+
+
+def test_status_499_of_a_call_the_client_cancelled_is_accepted():
+    assert accepted(status_code=499)
+
+
+def test_a_negative_timestamp_is_refused():
+    assert "$.timestamp" in refusal(timestamp=-1)
+
+
+def test_a_timestamp_two_days_ahead_is_refused():
+    assert "$.timestamp" in refusal(timestamp=time.time_ns() + 2 * 86_400 * 10**9)
+
+
+def test_an_empty_event_id_is_refused():
+    assert "Expected `str` of length >= 1 - at `$.event_id`" in refusal(event_id="")
+
+
+def test_a_1_mb_event_id_is_refused():
+    reason = refusal(event_id="x" * (1 << 20))
+    assert "Expected `str` of length <= 256 - at `$.event_id`" in reason
+
+
+def test_a_nul_in_user_id_is_refused():
+    assert "control characters" in refusal(user_id="alice\x00")
+    assert "$.user_id" in refusal(user_id="alice\x00")
+
+
+def test_a_control_character_in_a_metadata_key_is_refused():
+    assert "`key` in `$.metadata`" in refusal(metadata={"customer\x1b": "acme"})
+
+
+def test_a_newline_in_a_metadata_value_is_refused():
+    assert "$.metadata" in refusal(metadata={"customer": "acme\n"})
+
+
+def test_more_metadata_entries_than_the_bound_are_refused():
+    metadata = {f"k{i}": "v" for i in range(bounds.METADATA_ENTRIES + 1)}
+    assert "$.metadata" in refusal(metadata=metadata)
+
+
+def test_an_error_message_and_message_content_may_hold_newlines_and_tabs():
+    assert accepted(error_message="Traceback:\n\tline 1\r\n",
+                    input_messages=[{"role": "user", "content": "a\n\tb\x00"}])
+
+
+def test_a_backslash_in_a_name_is_accepted():
+    assert accepted(user_id="DOMAIN\\alice", request_model="a\\nb")
+
+
+def test_a_duration_beyond_thirty_days_is_refused():
+    assert "Expected `float` <= 2592000000.0 - at `$.duration_ms`" in refusal(duration_ms=1e300)
+
+
+def test_a_negative_cost_is_refused():
+    assert "$.cost_usd" in refusal(cost_usd=-0.01)
+
+
+def test_a_weight_of_zero_is_refused():
+    assert "Expected `float` > 0.0 - at `$.sample_weight`" in refusal(sample_weight=0)
+
+
+def test_a_thousand_attempts_and_one_are_refused():
+    assert "$.attempts" in refusal(attempts=1001)
+
+
+def test_a_ratelimit_beyond_the_bound_is_refused():
+    assert "$.ratelimit_tokens_limit" in refusal(ratelimit_tokens_limit=10**13)
+
+
+def test_each_bad_item_of_a_batch_is_refused_alone_with_its_own_reason():
+    items = event_dicts(0, 4)
+    items[1]["input_tokens"] = -5
+    items[3]["status_code"] = 70000
+    decoded = decode_body(msgspec.json.encode(items))
+    assert [e.event_id for e in decoded.events] == [items[0]["event_id"], items[2]["event_id"]]
+    assert [(i, "input_tokens" in r, "status_code" in r) for i, r in decoded.rejected] == [
+        (1, True, False), (3, False, True)]
+
+
+def test_ndjson_items_are_checked_too():
+    lines = [msgspec.json.encode(e) for e in event_dicts(0, 2)]
+    lines.append(msgspec.json.encode({**event_dicts(2, 1)[0], "user_id": "a\x01"}))
+    decoded = decode_body(b"\n".join(lines), ndjson=True)
+    assert len(decoded.events) == 2 and [i for i, _ in decoded.rejected] == [2]
+
+
+def test_an_item_read_from_a_file_or_kafka_is_checked():
+    with pytest.raises(DecodeError, match="sample_weight"):
+        decode_item(POISON)
+
+
+def test_a_numeric_field_without_a_bound_fails_loudly():
+    with pytest.raises(TypeError, match="needs a bound"):
+        bounds._checked_type("retries", int, 0, True)
+
+
+# --- the gateway's own events -------------------------------------------------------------
+def test_the_gateway_repairs_hostile_upstream_numbers_and_keeps_the_call():
+    events = [make_event(0, input_tokens=2**70, output_tokens=-4, status_code=999,
+                         sample_weight=float("inf")), make_event(1)]
+    bounds.repair(events)
+    assert bounds.refused(events) == {}
+    assert (events[0].input_tokens, events[0].output_tokens, events[0].status_code,
+            events[0].sample_weight) == (None, None, None, 1.0)
+    assert events[0].event_id == "evt-00000000" and events[1] == make_event(1)
+
+
+async def test_the_gateway_buffer_hands_over_its_events_repaired():
+    got = []
+
+    class Consumer:
+        async def consume(self, batch):
+            got.extend(batch)
+
+    config = SimpleNamespace(buffer_size=10, batch_size=10, flush_interval=1)
+    buffer = EventBuffer(config, Consumer(), None, None)
+    buffer.add(make_event(0, input_tokens=10**12, user_id="a\x00"))
+    assert await buffer._flush()
+    [event] = got
+    assert (event.event_id, event.input_tokens, event.user_id) == ("evt-00000000", None, None)
+
+
+# --- OTLP -----------------------------------------------------------------------------------
+async def test_an_otlp_span_with_out_of_range_tokens_is_rejected_in_the_partial_success(
+        tmp_path):
+    ports = Ports()
+    request = to_traces_request([make_event(1), make_event(2)])
+    bad = request.resource_spans[0].scope_spans[0].spans[1]
+    next(a for a in bad.attributes if a.key == "gen_ai.usage.input_tokens").value.int_value = \
+        2**40
+    async with running_receiver(ports, tmp_path), \
+            grpc.aio.insecure_channel(f"127.0.0.1:{ports.grpc}") as channel:
+        answer = await TraceServiceStub(channel).Export(request)
+        assert answer.partial_success.rejected_spans == 1
+        assert "out of bounds (gen_ai.usage.input_tokens)" in (
+            answer.partial_success.error_message)
+        [got] = await received(tmp_path, 1)
+        assert got["event_id"] == "evt-00000001"
+
+
+# --- answers over a table written before --------------------------------------------------
+async def test_the_analytics_api_answers_null_not_infinity_for_an_infinite_weight(tmp_path):
+    async with clickhouse_exporters(tmp_path) as make:
+        exporter = await make("ch")
+        now = time.time_ns()
+        await exporter.export(ExportBatch("b", [make_event(0, timestamp=now,
+                                                           sample_weight=float("inf"))]))
+        handler = api.routes(exporter)["analytics/providers"]
+        response = await handler(make_mocked_request(
+            "GET", "/api/v1/analytics/providers?range=24h"))
+        assert response.status == 200
+        assert b"Infinity" not in response.body and b"NaN" not in response.body
+        msgspec.json.decode(response.body)  # strict JSON
+
+
+def test_finops_output_shows_no_inf():
+    answer = {"by": "model", "since": str(datetime.now(UTC)), "until": str(datetime.now(UTC)),
+              "rows": [{"model": "gpt-4o-mini", "requests": float("inf"),
+                        "cost_usd": float("nan")}],
+              "total": {"requests": float("inf"), "cost_usd": float("nan")}}
+    for fmt in ("table", "json", "csv"):
+        text = render(answer, "spend", fmt)
+        assert "inf" not in text.lower().replace("info", "") and "nan" not in text.lower()
+
+
+def test_checked_events_are_the_events_as_they_were():
+    events = [make_event(i) for i in range(3)]
+    assert bounds.refused(events) == {} and events == [make_event(i) for i in range(3)]
+    assert isinstance(events[0], Event)
