@@ -50,6 +50,7 @@ from gateway.streams import LineSplitter, SSESplitter
 from gateway.upstream import UNHEALTHY_AFTER, Exchange, Upstream, UpstreamFailure
 from meterline.event import Event, api_key_id
 from meterline.genai import ROUTING_ATTRIBUTE, failure
+from meterline.httpserver import ConnectionLimit
 
 _HOP_BY_HOP: Final = frozenset({
     b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization",
@@ -118,6 +119,7 @@ class Proxy:
         self.max_body = int(config.max_body_mb * (1 << 20))
         self.read_timeout = float(config.read_timeout)
         self.keepalive_timeout = float(config.keepalive_timeout)
+        self.connection_limit = ConnectionLimit(config.max_connections, config.listen, log)
         self.own_headers = frozenset({config.metadata_header.encode(), _TFY_METADATA,
                                       config.user_header.encode(),
                                       config.session_header.encode(), b"traceparent",

@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-import weakref
 from collections import deque
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Protocol
@@ -80,6 +79,7 @@ class Handler(Protocol):
     read_timeout: float
     keepalive_timeout: float
     connections: set[ClientConnection]
+    connection_limit: ConnectionLimit
     deadlines: Deadlines
 
     async def handle(self, request: Request, client: ClientConnection) -> None: ...
@@ -95,19 +95,6 @@ class _Refusal(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
-
-
-_limits: weakref.WeakKeyDictionary[Handler, ConnectionLimit] = weakref.WeakKeyDictionary()
-
-
-def _connection_limit(handler: Handler) -> ConnectionLimit:
-    """The handler's (the proxy's) bound on open connections, made on its first one."""
-    limit = _limits.get(handler)
-    if limit is None:
-        config = handler.config
-        limit = _limits[handler] = ConnectionLimit(config.max_connections, config.listen,
-                                                   handler.log)
-    return limit
 
 
 class ClientConnection(asyncio.Protocol):
@@ -138,9 +125,9 @@ class ClientConnection(asyncio.Protocol):
 
     # --- asyncio protocol ------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if not _connection_limit(self.handler).admits(len(self.handler.connections)):
+        if not self.handler.connection_limit.admits(len(self.handler.connections)):
             self.closed = True
-            _connection_limit(self.handler).refuse(transport)
+            self.handler.connection_limit.refuse(transport)
             return
         self.transport = transport  # type: ignore[assignment]
         self.handler.connections.add(self)

@@ -134,9 +134,10 @@ class FileReceiver(Receiver):
             events.append(decode_item(_raw.decode(line)))
         except NotAnLLMCall:
             self.consumer.refused(1, "not_llm_call")
-        except (DecodeError, msgspec.DecodeError) as e:
+        except (DecodeError, msgspec.DecodeError, RecursionError) as e:
+            reason = "JSON nested too deeply" if isinstance(e, RecursionError) else str(e)
             self.consumer.refused(1, "undecodable")
-            self.log.warning("line skipped", path=str(self.path), line=line_no, reason=str(e))
+            self.log.warning("line skipped", path=str(self.path), line=line_no, reason=reason)
 
     async def _deliver(self, events: list[Event], offset: int, line_no: int) -> None:
         """Hand a batch over, waiting out back-pressure, then checkpoint past it."""

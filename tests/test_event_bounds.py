@@ -10,6 +10,7 @@ import grpc
 import msgspec
 import pytest
 from aiohttp.test_utils import make_mocked_request
+from aiokafka.structs import ConsumerRecord
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2_grpc import TraceServiceStub
 
 from exporters.clickhouse import api
@@ -20,6 +21,7 @@ from meterline.component import ExportBatch
 from meterline.event import Event
 from receivers.decoders import DecodeError, decode_body, decode_item
 from receivers.gateway import EventBuffer
+from receivers.kafka.messages import decode_records
 from tests.clickhouse_helpers import clickhouse_exporters
 from tests.conftest import (
     event_dicts,
@@ -181,9 +183,30 @@ def test_ndjson_items_are_checked_too():
     assert len(decoded.events) == 2 and [i for i, _ in decoded.rejected] == [2]
 
 
-def test_an_item_read_from_a_file_or_kafka_is_checked():
+def test_an_item_read_from_a_file_is_checked():
     with pytest.raises(DecodeError, match="sample_weight"):
         decode_item(POISON)
+
+
+def kafka_records(*values):
+    return [ConsumerRecord("t", 0, n, 0, 0, None, v, None, 0, len(v), ()) for n, v in
+            enumerate(values)]
+
+
+def test_a_kafka_message_out_of_bounds_is_poison_alone_when_its_batch_is_all_meterline_json():
+    good = [msgspec.json.encode(e) for e in event_dicts(0, 2)]
+    decoded = decode_records(kafka_records(good[0], msgspec.json.encode(POISON), good[1]), "json")
+    assert [e.event_id for e in decoded.events] == ["evt-00000000", "evt-00000001"]
+    [(record, reason)] = decoded.poison
+    assert record.offset == 1 and "sample_weight" in reason
+
+
+def test_a_kafka_message_nested_too_deep_is_poison_alone():
+    good = msgspec.json.encode(event_dicts(0, 1)[0])
+    decoded = decode_records(kafka_records(b"[" * 100_000 + b"]" * 100_000, good), "json")
+    assert len(decoded.events) == 1
+    [(record, reason)] = decoded.poison
+    assert record.offset == 0 and "nested too deeply" in reason
 
 
 def test_a_numeric_field_without_a_bound_fails_loudly():

@@ -51,6 +51,16 @@ async def test_bad_lines_are_skipped_and_the_rest_read(tmp_path):
         await eventually(lambda: len(read_jsonl(tmp_path / "data/out.jsonl")) == 4)
 
 
+async def test_a_line_nested_too_deep_is_skipped_and_the_rest_read(tmp_path):
+    source = tmp_path / "in.jsonl"
+    write_events(source, 0, 2)
+    with open(source, "ab") as f:
+        f.write(b"[" * 100_000 + b"]" * 100_000 + b"\n")
+    write_events(source, 2, 2)
+    async with running(pipeline(source), tmp_path):
+        await eventually(lambda: len(read_jsonl(tmp_path / "data/out.jsonl")) == 4)
+
+
 async def test_a_restart_resumes_from_the_checkpoint(tmp_path):
     source = tmp_path / "in.jsonl"
     write_events(source, 0, 20)

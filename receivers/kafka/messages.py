@@ -24,6 +24,7 @@ from aiokafka.structs import ConsumerRecord
 from google.protobuf.message import DecodeError as ProtobufDecodeError
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
 
+from meterline import bounds
 from meterline.event import Event, list_from_json
 from receivers.decoders import DecodeError, decode_body
 from receivers.decoders.otlp import decode_logs, parse_json
@@ -48,9 +49,9 @@ def decode_records(records: list[Record], encoding: Encoding) -> Decoded:
     if encoding == "json":
         try:
             events = list_from_json(b"[" + b",".join(r.value for r in records) + b"]")
-            if len(events) == len(records):
+            if len(events) == len(records) and not bounds.refused(events):
                 return Decoded(events)
-        except (msgspec.DecodeError, TypeError):  # TypeError: a message without a value
+        except (msgspec.DecodeError, TypeError, RecursionError):  # TypeError: no value
             pass
     decode = _DECODERS[encoding]
     out = Decoded()
