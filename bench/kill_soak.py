@@ -10,7 +10,7 @@ acknowledged (a send cut by a kill is sent again, as any client would). Meanwhil
 daemon is killed with SIGKILL at random moments and started again. Then the senders
 stop, the daemon drains its queues and stops, and the check opens the chDB directory:
 
-- `llm_events` holds every event acknowledged, once (`uniqExact(event_id)`);
+- `llm_events` holds every event acknowledged, once (its rows read `FINAL`);
 - no hour of any rollup counts differently from the raw events;
 - every FinOps report and analytics answer equals the same answer from a database
   that received each stored event once, in one insert.
@@ -44,7 +44,7 @@ from exporters.clickhouse.config import ClickHouseConfig  # noqa: E402
 from exporters.clickhouse.connection import open_client  # noqa: E402
 from exporters.clickhouse.query import Reader  # noqa: E402
 from exporters.clickhouse.repair import miscounted_hours  # noqa: E402
-from exporters.clickhouse.schema import Schema, ensure_schema  # noqa: E402
+from exporters.clickhouse.schema import FINAL_SETTINGS, Schema, ensure_schema  # noqa: E402
 from meterline.config import convert  # noqa: E402
 from tests.clickhouse_helpers import every_finops_answer  # noqa: E402
 
@@ -110,14 +110,17 @@ class Daemon:
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait()
 
-    def drain_and_stop(self, timeout: float = 300) -> None:
+    def drain_and_stop(self, timeout: float = 900) -> None:
         deadline = time.monotonic() + timeout
+        queued: dict[str, int] = {}
         while True:
             status, body = self._get("/api/v1/status")
-            if status == 200 and all(q["events"] == 0 for q in body["exporters"].values()):
-                break
+            if status == 200:
+                queued = {name: q["events"] for name, q in body["exporters"].items()}
+                if not any(queued.values()):
+                    break
             if time.monotonic() > deadline:
-                raise RuntimeError("the queues did not drain")
+                raise RuntimeError(f"the queues did not drain in {timeout:g} s: {queued}")
             time.sleep(0.2)
         assert self.proc is not None
         self.proc.send_signal(signal.SIGTERM)
@@ -214,7 +217,8 @@ def check(chdb_dir: Path, result: Soak) -> None:
     try:
         schema = Schema.of(config)
         events = schema.qualified(schema.events)
-        [(result.stored,)] = client.query(f"SELECT uniqExact(event_id) FROM {events}").result_rows
+        [(result.stored,)] = client.query(f"SELECT count() FROM {schema.deduplicated_events}",
+                                          settings=FINAL_SETTINGS).result_rows
         result.miscounted_hours = miscounted_hours(client, schema, since=0)
         reference = Schema.of(convert({"endpoint": f"chdb://{chdb_dir}", "database": "reference"},
                                       ClickHouseConfig))

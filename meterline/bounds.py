@@ -29,9 +29,9 @@ gets one):
 | other strings (models, ids, names) | at most 1024 characters |
 | `metadata` | at most 256 entries, keys 256 and values 4096 characters |
 | `attributes`, `params`, `redactions` | at most 1024 / 256 / 256 entries, keys 256 characters |
-| `finish_reasons` | at most 1024 |
+| `finish_reasons`, `tags` (lists of names) | at most 1024 |
 
-Strings, `finish_reasons` and metadata keys and values hold no control character (C0,
+Strings, `finish_reasons`, `tags` and metadata keys and values hold no control character (C0,
 DEL); `error_message` may hold tab, newline and CR. Message content (`input_messages`,
 `output_messages`), attribute and parameter values (and their keys' characters) are
 free, bounded only by the receivers' body size limits.

@@ -91,6 +91,8 @@ class Event(
 
     attempts: int | None = None
     fallback: bool | None = None
+    cache_hit: bool | None = None  # answered from a cache (a proxy's, a gateway's), not a provider
+    tags: list[str] | None = None  # the request's own tags (LiteLLM `request_tags`...)
 
     input_messages: list[dict[str, Any]] | None = None
     output_messages: list[dict[str, Any]] | None = None
@@ -99,6 +101,7 @@ class Event(
     cost_output_usd: float | None = None
     cost_usd: float | None = None
     actual_cost_usd: float | None = None
+    saved_cost_usd: float | None = None  # a cache hit: what the provider would have billed
     pricing_ref: str | None = None
 
     sample_weight: float = 1.0

@@ -6,6 +6,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import msgspec
+
 METADATA_VALUE_CHARS = 128
 """An event's metadata values are at most this long (DESIGN.md)."""
 
@@ -53,7 +55,18 @@ def as_messages(value: Any) -> list[dict[str, Any]] | None:
 
 def as_metadata(value: Any) -> dict[str, str] | None:
     """A source's free labels as event metadata: string values, each cut to
-    `METADATA_VALUE_CHARS`; null values are left out. None when there are none."""
-    metadata = {str(k): str(v)[:METADATA_VALUE_CHARS]
+    `METADATA_VALUE_CHARS`; a value of another JSON type is its JSON text (`1`, `true`,
+    `{"a":1}`); null values are left out. None when there are none."""
+    metadata = {str(k): metadata_text(v)[:METADATA_VALUE_CHARS]
                 for k, v in as_dict(value).items() if v is not None}
     return metadata or None
+
+
+def metadata_text(value: Any) -> str:
+    """A label value as text: a string as it is, anything else as its JSON."""
+    if isinstance(value, str):
+        return value
+    try:
+        return msgspec.json.encode(value).decode()
+    except (TypeError, ValueError, OverflowError):
+        return str(value)

@@ -5,6 +5,7 @@ import pytest
 
 from exporters.clickhouse.config import ClickHouseConfig
 from exporters.clickhouse.connection import insert_settings
+from exporters.clickhouse.metrics import AGGREGATES
 from exporters.clickhouse.schema import COLUMNS, VIEW_VERSION, Column, Schema, ensure_schema
 from meterline.config import ConfigError, convert, loads
 from meterline.event import FIELDS
@@ -79,6 +80,40 @@ def test_a_newer_rollup_view_replaces_the_old_one(chdb, monkeypatch):
     for table in ("llm_usage_1m", "llm_usage_1h"):
         [(events,)] = chdb.query(f"SELECT sum(events) FROM meterline.{table}").result_rows
         assert events == 1  # one view feeds each rollup, not two
+
+
+def test_tables_of_the_previous_version_gain_the_cache_and_estimate_columns_and_figures(
+        chdb, monkeypatch):
+    added = ("cache_hits", "saved_cost_usd", "unestimated_actual_requests",
+             "unestimated_actual_cost_usd")
+    older = Schema(columns=tuple(c for c in COLUMNS
+                                 if c.name not in ("cache_hit", "tags", "saved_cost_usd")))
+    with monkeypatch.context() as previous:
+        previous.setattr("exporters.clickhouse.schema.AGGREGATES",
+                         tuple(a for a in AGGREGATES if a.name not in added))
+        previous.setattr("exporters.clickhouse.schema.VIEW_VERSION", VIEW_VERSION - 1)
+        ensure_schema(chdb, older)
+        insert(chdb, older, [make_event(1)], "old")
+    changes = [c.split(" SimpleAggregateFunction")[0].splitlines()[0]
+               for c in ensure_schema(chdb, Schema())]
+    alter = "ALTER TABLE `meterline`.`{}` ADD COLUMN IF NOT EXISTS `{}`"
+    rollup = ["cache_hits", "saved_cost_usd", "unestimated_actual_requests",
+              "unestimated_actual_cost_usd"]
+    assert changes == [
+        alter.format("llm_events", "cache_hit") + " Nullable(Bool) AFTER `fallback`",
+        alter.format("llm_events", "tags") + " Array(LowCardinality(String)) AFTER `cache_hit`",
+        alter.format("llm_events", "saved_cost_usd") + " Nullable(Float64) AFTER "
+                                                       "`actual_cost_usd`",
+        *(alter.format(table, name) for table in ("llm_usage_1m", "llm_usage_1h")
+          for name in rollup),
+        f"CREATE MATERIALIZED VIEW IF NOT EXISTS `meterline`.`llm_usage_1m_mv_v{VIEW_VERSION}`",
+        f"CREATE MATERIALIZED VIEW IF NOT EXISTS `meterline`.`llm_usage_1h_mv_v{VIEW_VERSION}`",
+        f"DROP VIEW IF EXISTS `meterline`.`llm_usage_1m_mv_v{VIEW_VERSION - 1}`",
+        f"DROP VIEW IF EXISTS `meterline`.`llm_usage_1h_mv_v{VIEW_VERSION - 1}`"]
+    insert(chdb, Schema(), [make_event(2, cache_hit=True, saved_cost_usd=0.5)], "new")
+    for table in ("llm_usage_1m", "llm_usage_1h"):
+        assert chdb.query(f"SELECT sum(events), sum(cache_hits), sum(saved_cost_usd) FROM "
+                          f"meterline.{table}").result_rows == [(2, 1, 0.5)]
 
 
 def ttl_of(client):

@@ -127,6 +127,29 @@ def test_event_without_token_usage_is_not_priced_nor_counted(tmp_path: Path) -> 
     assert metric_value(registry, "meterline_cost_unpriced_events_total") == 0
 
 
+def test_a_cache_hit_is_billed_nothing_and_saves_the_price_of_its_tokens(
+        tmp_path: Path) -> None:
+    e = priced(tmp_path, request_model="gpt-4o", input_tokens=1000, output_tokens=200,
+               cache_hit=True)
+    assert (e.cost_input_usd, e.cost_output_usd, e.cost_usd) == (0.0, 0.0, 0.0)
+    assert e.saved_cost_usd == pytest.approx((1000 * 2.5 + 200 * 10.0) / 1e6)
+    assert e.pricing_ref == "openai/gpt-4o@bundled;cache_hit"
+
+
+def test_a_cache_hit_keeps_the_saved_cost_its_source_reported(tmp_path: Path) -> None:
+    e = priced(tmp_path, request_model="gpt-4o", input_tokens=1000, output_tokens=200,
+               cache_hit=True, saved_cost_usd=4.8e-06, actual_cost_usd=0.0)
+    assert (e.cost_usd, e.saved_cost_usd, e.actual_cost_usd) == (0.0, 4.8e-06, 0.0)
+
+
+def test_a_cache_hit_of_an_unpriced_model_costs_0_saves_an_unknown_and_is_not_unpriced(
+        tmp_path: Path) -> None:
+    p, registry = with_registry(tmp_path)
+    e = p.process([make_event(request_model="home-grown-llm-7b", cache_hit=True)])[0]
+    assert (e.cost_usd, e.saved_cost_usd, e.pricing_ref) == (0.0, None, None)
+    assert metric_value(registry, "meterline_cost_unpriced_events_total") == 0
+
+
 @pytest.mark.parametrize(("provider", "model", "entry"), [
     ("openai", "gpt-4o-2024-08-06", "openai/gpt-4o"),
     ("openai", "gpt-4o-2024-05-13", "openai/gpt-4o-2024-05-13"),  # a snapshot priced apart

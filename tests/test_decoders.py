@@ -134,7 +134,8 @@ def test_litellm_payload_decodes_to_the_expected_fields():
     assert e.provider == "openai"
     assert e.operation == "chat"
     assert e.request_model == "gpt-4o"
-    assert e.response_model == "gpt-4o-2024-08-06"
+    assert e.route == "gpt-4o"  # the model group: the name the client asked for
+    assert e.response_model == "gpt-4o-2024-08-06"  # not the model group: the provider's
     assert e.streaming is True
     assert e.timestamp == 1763913600250000000
     assert e.duration_ms == pytest.approx(1500)
@@ -145,6 +146,8 @@ def test_litellm_payload_decodes_to_the_expected_fields():
     assert (e.team, e.organization, e.user_id) == ("team-payments", "org-acme",
                                                    "alice@example.com")
     assert e.metadata == {"customer_id": "acme-42", "feature": "refund-bot"}
+    assert e.tags == ["prod"]
+    assert e.cache_hit is False and e.saved_cost_usd is None
     assert e.actual_cost_usd == pytest.approx(0.0004125)
     assert e.finish_reasons == ["stop"]
     assert e.params == {"temperature": 0.2, "max_tokens": 256}

@@ -137,6 +137,18 @@ def test_more_metadata_entries_than_the_bound_are_refused():
     assert "$.metadata" in refusal(metadata=metadata)
 
 
+def test_a_control_character_in_a_tag_is_refused():
+    assert "$.tags[1]" in refusal(tags=["prod", "User-Agent\x00"])
+
+
+def test_more_tags_than_the_bound_are_refused():
+    assert "$.tags" in refusal(tags=[f"t{i}" for i in range(bounds.LIST_ITEMS + 1)])
+
+
+def test_a_tag_longer_than_a_name_is_refused():
+    assert "$.tags[0]" in refusal(tags=["x" * (bounds.NAME_CHARS + 1)])
+
+
 def test_an_error_message_and_message_content_may_hold_newlines_and_tabs():
     assert accepted(error_message="Traceback:\n\tline 1\r\n",
                     input_messages=[{"role": "user", "content": "a\n\tb\x00"}])

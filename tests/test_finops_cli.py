@@ -124,3 +124,26 @@ def test_the_table_shows_a_total_and_right_aligned_figures():
         "TOTAL         10       1           900       2.5                  0.25"
         "                2.777778      -",
     ]
+
+
+def test_the_spend_table_shows_cache_hits_and_savings_when_there_are_cache_hits():
+    row = {"requests": 10, "errors": 0, "total_tokens": 900, "cost_usd": 2.5,
+           "cost_per_request_usd": 0.25, "cost_per_1k_tokens_usd": 2.777778,
+           "cache_hits": 4, "saved_cost_usd": 0.75}
+    answer = {"report": "spend", "by": "model", "since": "S", "until": "U",
+              "rows": [{"model": "gpt-4o", **row, "share": 1}], "total": row}
+    header, first, total = render(answer, "spend", "table").splitlines()[1:]
+    assert header.split()[-3:] == ["share", "cache_hits", "saved_cost_usd"]
+    assert first.split()[-2:] == ["4", "0.75"] and total.split()[-2:] == ["4", "0.75"]
+
+
+def test_the_variance_table_shows_a_model_without_estimate_as_not_estimated():
+    row = {"model": "claude-haiku", "requests_with_actual": 3, "requests_without_estimate": 3,
+           "estimated_cost_usd": None, "actual_cost_usd": None, "variance_usd": None,
+           "variance_ratio": None, "actual_cost_without_estimate_usd": 0}
+    answer = {"report": "variance", "by": "model", "since": "S", "until": "U", "rows": [row]}
+    assert render(answer, "variance", "table").splitlines()[1:] == [
+        "model         requests_with_actual  requests_without_estimate  estimated_cost_usd"
+        "  actual_cost_usd  variance_usd  variance_ratio",
+        "claude-haiku                     3                          3                   -"
+        "                -             -               -"]

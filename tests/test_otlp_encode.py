@@ -65,6 +65,16 @@ def test_span_attributes_use_genai_names_and_meterline_names_for_the_rest():
     assert "meterline.sample_weight" not in attrs  # 1.0 is the default
 
 
+def test_a_cache_hit_its_saved_cost_and_tags_are_meterline_attributes_of_span_and_log():
+    event = make_event(1, cache_hit=True, saved_cost_usd=4.8e-06, cost_usd=0.0,
+                       tags=["prod", "checkout"])
+    record = to_logs_request([event]).resource_logs[0].scope_logs[0].log_records[0]
+    for attrs in (attributes(only_span([event])), attributes(record)):
+        assert attrs["meterline.cache_hit"] is True
+        assert attrs["meterline.saved_cost_usd"] == 4.8e-06
+        assert [v.string_value for v in attrs["meterline.tags"].values] == ["prod", "checkout"]
+
+
 def test_messages_are_json_in_the_parts_form():
     event = make_event(1, input_messages=[{"role": "user", "content": "hi"}],
                        output_messages=[{"role": "assistant", "content": "hello",

@@ -187,6 +187,19 @@ async def test_a_call_the_client_cancelled_counts_as_a_request_and_in_no_error(t
                                                "llm_gateway_provider_errors_total")]
 
 
+async def test_a_cache_hit_counts_as_a_request_and_a_cache_hit_with_its_saving_not_as_spend(
+        tmp_path):
+    billed = make_event(1, cost_usd=0.001)
+    hit = make_event(2, cache_hit=True, cost_usd=0.004, saved_cost_usd=0.004, sample_weight=2.0)
+    async with Daemon(tmp_path).run() as daemon:
+        await daemon.send([billed, hit])
+        found = await daemon.samples()
+    assert value(found, "llm_gateway_requests_total", **BASE) == 3
+    assert value(found, "llm_gateway_cache_hits_total", **BASE) == 2
+    assert value(found, "llm_gateway_saved_cost_usd_total", **BASE) == pytest.approx(0.008)
+    assert value(found, "llm_gateway_estimated_cost_usd_total", **BASE) == pytest.approx(0.001)
+
+
 async def test_routing_decisions_are_counted_by_method(tmp_path):
     events = [make_event(i, attributes={"meterline.routing_method": method})
               for i, method in enumerate(["explicit", "explicit", "default"])] + [make_event(5)]

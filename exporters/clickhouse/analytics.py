@@ -14,12 +14,13 @@ from datetime import timedelta
 from typing import Any
 
 from exporters.clickhouse import finops
-from exporters.clickhouse.finops import number, ratio, usage
+from exporters.clickhouse.finops import cache, number, ratio, usage
 from exporters.clickhouse.query import Dimension, Filter, Reader, Window, dimension, iso
 
 _MODEL = [dimension("model"), dimension("provider")]
 _ROLLING = {"24h": timedelta(hours=24), "7d": timedelta(days=7), "30d": timedelta(days=30)}
 _TOKENS = ("requests", "input_tokens", "output_tokens", "cost_usd")
+_CACHE = ("cache_hits", "saved_cost_usd")
 _LATENCY = ("duration_ms_sum", "duration_ms_count", "duration_ms_quantiles")
 _GRANULARITIES = {"hourly": ("toStartOfHour", timedelta(hours=1)),
                   "daily": ("toStartOfDay", timedelta(days=1))}
@@ -55,7 +56,8 @@ def models(reader: Reader, window: Window, provider: str | None = None) -> dict[
     longest = window.ending(max(_ROLLING.values()))
     span = Window(min(window.since, longest.since), window.until)
     within = {name: (name, window) for name in
-              ("requests", "errors", "input_tokens", "output_tokens", "cost_usd", *_LATENCY)}
+              ("requests", "errors", "input_tokens", "output_tokens", "cost_usd", *_CACHE,
+               *_LATENCY)}
     for label, length in _ROLLING.items():
         within |= {f"{name}_{label}": (name, window.ending(length)) for name in _TOKENS}
     rows = reader.select(span, by=_MODEL, filters=_filters(provider), within=within,
@@ -70,7 +72,7 @@ def models(reader: Reader, window: Window, provider: str | None = None) -> dict[
             "input_tokens": number(r["input_tokens"]),
             "output_tokens": number(r["output_tokens"]),
             "total_tokens": number(r["input_tokens"] + r["output_tokens"]),
-            **_latency(r), **_rates(r), "cost_usd": number(r["cost_usd"]),
+            **_latency(r), **_rates(r), "cost_usd": number(r["cost_usd"]), **cache(r),
             "rolling": {label: {
                 "requests": number(r[f"requests_{label}"]),
                 "total_tokens": number(r[f"input_tokens_{label}"] + r[f"output_tokens_{label}"]),
@@ -90,7 +92,7 @@ def timeseries(reader: Reader, window: Window, granularity: str | None = None,
     bucket = Dimension("time", None, f"formatDateTime({function}({{t}}), '%FT%TZ', 'UTC')")
     rows = {r["time"]: r for r in reader.select(
         window, by=[bucket], filters=_filters(provider),
-        figures=("requests", "errors", "input_tokens", "output_tokens", "cost_usd",
+        figures=("requests", "errors", "input_tokens", "output_tokens", "cost_usd", *_CACHE,
                  "duration_ms_sum", "duration_ms_count"))}
     points = []
     start = window.since.replace(minute=0)
@@ -109,19 +111,20 @@ def _point(r: dict[str, Any]) -> dict[str, Any]:
             "input_tokens": number(r["input_tokens"]),
             "output_tokens": number(r["output_tokens"]),
             "total_tokens": number(r["input_tokens"] + r["output_tokens"]),
-            "cost_usd": number(r["cost_usd"]),
+            "cost_usd": number(r["cost_usd"]), **cache(r),
             "avg_latency_ms": ratio(r["duration_ms_sum"], r["duration_ms_count"], 1)}
 
 
 _EMPTY_POINT = {"requests": 0, "errors": 0, "input_tokens": 0, "output_tokens": 0,
-                "total_tokens": 0, "cost_usd": 0, "avg_latency_ms": None}
+                "total_tokens": 0, "cost_usd": 0, "cache_hits": 0, "saved_cost_usd": 0,
+                "avg_latency_ms": None}
 
 
 def providers(reader: Reader, window: Window, provider: str | None = None) -> dict[str, Any]:
     """Per provider: how many models, requests, tokens, latency, cost, success rate."""
     rows = reader.select(window, by=[dimension("provider")], filters=_filters(provider),
                          figures=("requests", "errors", "input_tokens", "output_tokens",
-                                  "cost_usd", "duration_ms_sum", "duration_ms_count"),
+                                  "cost_usd", *_CACHE, "duration_ms_sum", "duration_ms_count"),
                          extra={"model_count": "uniqExactIf(cityHash64(model), model != '')"},
                          order_by=["cost_usd DESC", "provider"])
     return {**_header(window, provider=provider or "all"), "providers": [{
@@ -131,7 +134,7 @@ def providers(reader: Reader, window: Window, provider: str | None = None) -> di
         "output_tokens": number(r["output_tokens"]),
         "total_tokens": number(r["input_tokens"] + r["output_tokens"]),
         "avg_latency_ms": ratio(r["duration_ms_sum"], r["duration_ms_count"], 1),
-        "cost_usd": number(r["cost_usd"]), **_rates(r)} for r in rows]}
+        "cost_usd": number(r["cost_usd"]), **cache(r), **_rates(r)} for r in rows]}
 
 
 def costs(reader: Reader, window: Window, group_by: str = "model",
@@ -186,8 +189,8 @@ def users(reader: Reader, window: Window, limit: int = 100,
     rows = reader.select(
         window, by=[dimension("user")], filters=_filters(provider),
         figures=("requests", "errors", "input_tokens", "output_tokens", "cost_usd",
-                 "unpriced_requests", "duration_ms_sum", "duration_ms_count", "first_seen",
-                 "last_seen", "max_request_tokens"),
+                 "unpriced_requests", *_CACHE, "duration_ms_sum", "duration_ms_count",
+                 "first_seen", "last_seen", "max_request_tokens"),
         extra={"unique_models": "uniqExactIf(cityHash64(model), model != '')",
                "providers": "arraySort(groupUniqArrayIf(provider, provider != ''))",
                "days_active": "uniqExact(toDate({t}))"},

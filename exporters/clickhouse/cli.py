@@ -34,16 +34,18 @@ from meterline.config import PipelineFile
 REPORTS: dict[str, Callable[..., dict[str, Any]]] = {
     "spend": finops.spend, "growth": finops.growth, "variance": finops.variance}
 
-# What the table shows of each report (JSON and CSV have every figure).
+# What the table shows of each report (JSON and CSV have every figure); `_CACHE` too
+# when the window has cache hits.
 _TABLE = {
     "spend": ["requests", "errors", "total_tokens", "cost_usd", "cost_per_request_usd",
               "cost_per_1k_tokens_usd", "share"],
     "growth": ["cost_usd", "previous_cost_usd", "change_usd", "growth", "requests"],
-    "variance": ["requests_with_actual", "estimated_cost_usd", "actual_cost_usd",
-                 "variance_usd", "variance_ratio"],
+    "variance": ["requests_with_actual", "requests_without_estimate", "estimated_cost_usd",
+                 "actual_cost_usd", "variance_usd", "variance_ratio"],
     "budgets": ["period", "limit_usd", "spend_usd", "remaining_usd", "utilization",
                 "threshold_reached", "status"],
 }
+_CACHE = ["cache_hits", "saved_cost_usd"]
 
 
 def add(subparsers: Any) -> None:
@@ -175,12 +177,15 @@ def render(answer: dict[str, Any] | list[Any], report: str, fmt: str) -> str:
         writer.writeheader()
         writer.writerows({k: _cell(v) for k, v in row.items()} for row in rows)
         return out.getvalue()
-    columns = keys + _TABLE[report]
+    figures = _TABLE[report]
+    if any(r.get(c) for r in [*rows, total or {}] for c in _CACHE):
+        figures = [*figures, *_CACHE]
+    columns = keys + figures
     lines = [[*columns]]
     lines += [[_cell(row.get(c)) for c in columns] for row in rows]
     if total:
         lines.append(["TOTAL", *([""] * (len(keys) - 1)), *(_cell(total.get(c))
-                                                               for c in _TABLE[report])])
+                                                               for c in figures)])
     widths = [max(len(line[i]) for line in lines) for i in range(len(columns))]
     title = (f"{report} by {answer['by']}, {answer['since']} to {answer['until']}\n"
              if isinstance(answer, dict) else "")

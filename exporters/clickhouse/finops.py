@@ -13,7 +13,9 @@ from typing import Any
 from exporters.clickhouse.query import Dimension, Filter, Reader, Window, dimension
 
 SPEND_FIGURES = ("requests", "errors", "input_tokens", "output_tokens", "cost_usd",
-                 "unpriced_requests")
+                 "unpriced_requests", "cache_hits", "saved_cost_usd")
+VARIANCE_FIGURES = ("estimated_cost_of_actual_usd", "actual_cost_usd", "actual_cost_requests",
+                    "unestimated_actual_requests", "unestimated_actual_cost_usd")
 
 
 def number(value: Any, digits: int = 6) -> Any:
@@ -30,7 +32,9 @@ def ratio(part: float, whole: float, digits: int = 6) -> float | None:
 
 
 def usage(row: dict[str, Any]) -> dict[str, Any]:
-    """Requests, errors, tokens and cost of a row, with the rates derived from them."""
+    """Requests, errors, tokens and cost of a row, with the rates derived from them, and
+    the cache hits among the requests (answered without a provider: no spend) with what
+    the provider would have billed for them."""
     requests, cost = row["requests"], row["cost_usd"]
     tokens = row["input_tokens"] + row["output_tokens"]
     return {
@@ -41,7 +45,13 @@ def usage(row: dict[str, Any]) -> dict[str, Any]:
         "cost_usd": number(cost), "cost_per_request_usd": ratio(cost, requests),
         "cost_per_1k_tokens_usd": ratio(cost * 1000, tokens),
         "unpriced_requests": number(row["unpriced_requests"]),
+        **cache(row),
     }
+
+
+def cache(row: dict[str, Any]) -> dict[str, Any]:
+    return {"cache_hits": number(row["cache_hits"]),
+            "saved_cost_usd": number(row["saved_cost_usd"])}
 
 
 def keys(row: dict[str, Any], by: Dimension) -> dict[str, Any]:
@@ -106,16 +116,22 @@ def growth(reader: Reader, window: Window, by: str = "model",
 
 def variance(reader: Reader, window: Window, by: str = "provider",
              top: int | None = 20) -> dict[str, Any]:
-    """Estimated (cost processor) against actual (reported by the source) cost, over the
-    requests whose source reported an actual cost, biggest gap first."""
+    """Estimated (cost processor) against actual (reported by the source) cost, biggest gap
+    first (then the most requests without estimate). The comparison is over the requests
+    with both: a request whose source reported a cost but which has no estimate (its
+    model has no price) is counted apart (`requests_without_estimate`,
+    `actual_cost_without_estimate_usd`), never taken as an estimate of 0; a group with no
+    request to compare shows no estimate and no variance (None), not a perfect match."""
     dim = dimension(by)
-    figures = ("estimated_cost_of_actual_usd", "actual_cost_usd", "actual_cost_requests")
+    compared_actual = "_actual_cost_usd - _unestimated_actual_cost_usd"
     rows = reader.select(
-        window, by=[dim], figures=figures,
-        extra={**_key_extra(dim), "gap": "abs(_actual_cost_usd - _estimated_cost_of_actual_usd)"},
+        window, by=[dim], figures=VARIANCE_FIGURES,
+        extra={**_key_extra(dim),
+               "gap": f"abs({compared_actual} - _estimated_cost_of_actual_usd)"},
         having="_actual_cost_requests > 0",
-        order_by=[dim.name] if dim.is_time else ["gap DESC", dim.name], limit=top)
-    [total] = reader.select(window, figures=figures)
+        order_by=[dim.name] if dim.is_time
+        else ["gap DESC", "unestimated_actual_requests DESC", dim.name], limit=top)
+    [total] = reader.select(window, figures=VARIANCE_FIGURES)
     return {
         "report": "variance", "by": by, **window.describe(),
         "rows": [{**keys(r, dim), **_variance(r)} for r in rows],
@@ -124,8 +140,18 @@ def variance(reader: Reader, window: Window, by: str = "provider",
 
 
 def _variance(row: dict[str, Any]) -> dict[str, Any]:
-    estimated, actual = row["estimated_cost_of_actual_usd"], row["actual_cost_usd"]
-    return {"requests_with_actual": number(row["actual_cost_requests"]),
-            "estimated_cost_usd": number(estimated), "actual_cost_usd": number(actual),
-            "variance_usd": number(actual - estimated),
-            "variance_ratio": ratio(actual - estimated, estimated, 4)}
+    unestimated = row["unestimated_actual_requests"]
+    compared = row["actual_cost_requests"] - unestimated
+    out: dict[str, Any] = {"requests_with_actual": number(row["actual_cost_requests"]),
+                           "requests_without_estimate": number(unestimated)}
+    if round(compared, 6) > 0:  # weighted counts are float sums: 1e-9 is none
+        estimated = row["estimated_cost_of_actual_usd"]
+        actual = row["actual_cost_usd"] - row["unestimated_actual_cost_usd"]
+        out |= {"estimated_cost_usd": number(estimated), "actual_cost_usd": number(actual),
+                "variance_usd": number(actual - estimated),
+                "variance_ratio": ratio(actual - estimated, estimated, 4)}
+    else:
+        out |= {"estimated_cost_usd": None, "actual_cost_usd": None, "variance_usd": None,
+                "variance_ratio": None}
+    out["actual_cost_without_estimate_usd"] = number(row["unestimated_actual_cost_usd"])
+    return out

@@ -77,6 +77,10 @@ def _weighted(column: str) -> str:
     return f"ifNull({column}, 0) * sample_weight"
 
 
+IS_CACHE_HIT = "ifNull(cache_hit, false)"
+_UNESTIMATED_ACTUAL = "actual_cost_usd IS NOT NULL AND cost_usd IS NULL"
+
+
 AGGREGATES: tuple[Aggregate, ...] = (
     Aggregate("requests", "sum", "sample_weight", "Float64"),
     Aggregate("events", "sum", "toUInt64(1)", "UInt64"),
@@ -88,12 +92,22 @@ AGGREGATES: tuple[Aggregate, ...] = (
     Aggregate("reasoning_tokens", "sum", _weighted("reasoning_tokens"), "Float64"),
     Aggregate("cost_usd", "sum", _weighted("cost_usd"), "Float64"),
     Aggregate("unpriced_requests", "sum", "if(cost_usd IS NULL, sample_weight, 0)", "Float64"),
-    # estimated against actual: only over the events whose source reported an actual cost
+    # calls answered from a cache: requests without provider spend (the cost processor
+    # leaves their cost_usd 0), and what the provider would have billed for them
+    Aggregate("cache_hits", "sum", f"if({IS_CACHE_HIT}, sample_weight, 0)", "Float64"),
+    Aggregate("saved_cost_usd", "sum", _weighted("saved_cost_usd"), "Float64"),
+    # estimated against actual: only over the events whose source reported an actual cost;
+    # those of them without an estimate (cost_usd NULL: unpriced) are counted apart, so
+    # that variance compares an estimate with the actual cost, never a missing one as 0
     Aggregate("actual_cost_usd", "sum", _weighted("actual_cost_usd"), "Float64"),
     Aggregate("estimated_cost_of_actual_usd", "sum",
               f"if(actual_cost_usd IS NULL, 0, {_weighted('cost_usd')})", "Float64"),
     Aggregate("actual_cost_requests", "sum", "if(actual_cost_usd IS NULL, 0, sample_weight)",
               "Float64"),
+    Aggregate("unestimated_actual_requests", "sum",
+              f"if({_UNESTIMATED_ACTUAL}, sample_weight, 0)", "Float64"),
+    Aggregate("unestimated_actual_cost_usd", "sum",
+              f"if({_UNESTIMATED_ACTUAL}, {_weighted('actual_cost_usd')}, 0)", "Float64"),
     Aggregate("duration_ms_sum", "sum", "ifNull(duration_ms, 0)", "Float64"),
     Aggregate("duration_ms_count", "sum", "toUInt64(duration_ms IS NOT NULL)", "UInt64"),
     Aggregate("duration_ms_quantiles", f"quantilesTDigest{QUANTILES}", "duration_ms",

@@ -4,9 +4,9 @@ A question is: a time `Window`, the `Dimension`s to group by, `Filter`s, and the
 figures wanted (`metrics.AGGREGATES`). `Reader.select` answers it from the
 rollups when every dimension and filter is a rollup column (whole hours from
 `llm_usage_1h`, the minutes around them from `llm_usage_1m`), and from raw
-events otherwise (`metadata.KEY`, `user`, `organization`...), deduplicated
-(`FINAL`: an event two writers stored is counted once); the figures are defined
-once, so both give the same numbers.
+events otherwise (`metadata.KEY`, `user`, `organization`, `route`, `tag`...),
+deduplicated (`FINAL`: an event two writers stored is counted once); the figures
+are defined once, so both give the same numbers.
 
 Windows are whole minutes (the finest rollup's grain): `since` is rounded down
 to its minute and `until` up, so `--range 24h` is the 24 hours up to the end of
@@ -181,6 +181,9 @@ _DIMENSIONS = {d.name: d for d in (
     Dimension("source", "source"),
     Dimension("route", "route"),
     Dimension("upstream", "upstream"),
+    # each of an event's tags (an event with two counts in both groups; one without, in
+    # the "not reported" group): raw events only
+    Dimension("tag", "tags", "arrayJoin(if(empty(tags), [''], tags))"),
 )}
 DIMENSION_NAMES = (*_DIMENSIONS, "metadata.KEY")
 _METADATA_KEY = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")

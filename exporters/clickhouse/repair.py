@@ -15,8 +15,8 @@ can make them disagree with the raw events for good:
   the restart, but its events are already stored, so nothing would reach the views.
 
 A check compares, per hour and per rollup, the events the rollup counts (`sum(events)`)
-with the distinct `event_id`s in `llm_events`; an hour where any rollup counts
-differently is rebuilt: its rollup rows are deleted and written again from the
+with the distinct events in `llm_events` (its rows read `FINAL`); an hour where any
+rollup counts differently is rebuilt: its rollup rows are deleted and written again from the
 deduplicated events with the views' own query (`Schema.rollup_select`, over
 `metrics.AGGREGATES`). The exporter runs the check on two occasions, both between
 its own inserts (so an insert of its own is never half-visible to the check):
@@ -39,7 +39,7 @@ from collections.abc import Collection
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from exporters.clickhouse.schema import Schema
+from exporters.clickhouse.schema import FINAL_SETTINGS, Schema
 
 # Deleting waits until the rows are gone. A rewrite is never taken for a retry of an
 # earlier one: servers that deduplicate `INSERT ... SELECT` blocks would otherwise skip an
@@ -58,10 +58,13 @@ def miscounted_hours(client: Any, schema: Schema, *, since: int | None = None,
             return f"{hour} >= toDateTime({since}, 'UTC')"
         return f"{hour} IN ({_listed(among)})"
 
+    # Distinct ids counted as the rows of `FINAL` (copies of an event share its hour, the
+    # table's key is (hour, event_id)): a merge of sorted parts, where `uniqExact` would
+    # hold every id of an hour in memory (millions, past the query memory cap).
     stored = dict(client.query(
-        "SELECT toUnixTimestamp(toStartOfHour(timestamp)) AS h, uniqExact(event_id) "
-        f"FROM {schema.qualified(schema.events)} WHERE {chosen('toStartOfHour(timestamp)')} "
-        "GROUP BY h").result_rows)
+        "SELECT toUnixTimestamp(toStartOfHour(timestamp)) AS h, count() "
+        f"FROM {schema.deduplicated_events} WHERE {chosen('toStartOfHour(timestamp)')} "
+        "GROUP BY h", settings=FINAL_SETTINGS).result_rows)
     wrong: set[int] = set()
     for rollup in schema.rollups:
         hour = f"toStartOfHour({rollup.time_column})"

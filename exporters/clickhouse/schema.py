@@ -38,7 +38,7 @@ from exporters.clickhouse.config import ClickHouseConfig
 from exporters.clickhouse.metrics import AGGREGATES, ROLLUP_DIMENSIONS
 from meterline.event import Event
 
-VIEW_VERSION = 2  # 2: a cancelled call (499) is not an error
+VIEW_VERSION = 3  # 2: a cancelled call (499) is not an error; 3: cache hits, unestimated costs
 FINAL_SETTINGS = {"do_not_merge_across_partitions_select_final": 1}
 _TTL = re.compile(r" TTL (.+?)(?: SETTINGS |$)")
 Prepare = Callable[[Sequence[Any]], Sequence[Any]]
@@ -124,12 +124,15 @@ COLUMNS: tuple[Column, ...] = (
     Column("ratelimit_tokens_remaining", "Nullable(UInt64)"),
     Column("attempts", "Nullable(UInt16)"),
     Column("fallback", "Nullable(Bool)"),
+    Column("cache_hit", "Nullable(Bool)"),
+    Column("tags", "Array(LowCardinality(String))", _empty_list),
     Column("input_messages", _TEXT, _json_text),
     Column("output_messages", _TEXT, _json_text),
     Column("cost_input_usd", "Nullable(Float64)"),
     Column("cost_output_usd", "Nullable(Float64)"),
     Column("cost_usd", "Nullable(Float64)"),
     Column("actual_cost_usd", "Nullable(Float64)"),
+    Column("saved_cost_usd", "Nullable(Float64)"),
     Column("pricing_ref", _LC, _empty_string),
     Column("sample_weight", "Float64 DEFAULT 1"),
     Column("redactions", "Map(LowCardinality(String), UInt32)", _empty_map),

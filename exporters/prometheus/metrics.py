@@ -7,6 +7,11 @@ unchanged. Every metric carries the configured labels (`provider`, `model`,
 (`error_type`, `type`, `method`). Each event counts `sample_weight` times, so a
 sampled pipeline's totals estimate the whole traffic.
 
+A cache hit (`cache_hit`) is a request (`llm_gateway_requests_total`) counted in
+`llm_gateway_cache_hits_total` too, rather than a `cache_hit` label on every metric
+(which would double their series). It adds nothing to the estimated spend; what it
+saved goes to `llm_gateway_saved_cost_usd_total`.
+
 A batch is grouped by label set first (`group`); then each series is updated once
 with the group's sum (`counter_sums`) or all its observations (`observations`).
 """
@@ -141,7 +146,8 @@ METRICS: Final[tuple[MetricDef, ...]] = (
               lambda e: float(e.output_tokens or 0) if _usage(e) else None,
               ("type", lambda e: "completion")),
     MetricDef("llm_gateway_estimated_cost_usd", "counter",
-              "Estimated spend from token usage and prices (USD)", lambda e: e.cost_usd),
+              "Estimated spend from token usage and prices (USD)",
+              lambda e: None if e.cache_hit else e.cost_usd),
     MetricDef("llm_gateway_actual_cost_usd", "untyped",
               "Spend reported by the source (USD), a running total: use increase()",
               lambda e: e.actual_cost_usd),
@@ -156,6 +162,12 @@ METRICS: Final[tuple[MetricDef, ...]] = (
               lambda e: 1.0 if routing_method(e) else None, ("method", routing_method)),
     MetricDef("llm_gateway_fallbacks", "counter", "Calls served by a fallback target",
               lambda e: 1.0 if e.fallback else None),
+    MetricDef("llm_gateway_cache_hits", "counter",
+              "Calls answered from a cache, without calling the provider",
+              lambda e: 1.0 if e.cache_hit else None),
+    MetricDef("llm_gateway_saved_cost_usd", "counter",
+              "What cache hits would have cost at the provider (USD)",
+              lambda e: e.saved_cost_usd if e.cache_hit else None),
 )
 
 Key = tuple[str, ...]

@@ -11,6 +11,15 @@ to a batch endpoint (`batch_endpoints`) gets the entry's batch discount.
 An event whose model has no price keeps a null cost (an unknown figure, not a
 free call): it is counted per model and logged once. The cost the source reported
 (`actual_cost_usd`) is never touched.
+
+A cache hit (`cache_hit: true`: answered from a cache, a proxy's or a gateway's,
+without calling the provider) was billed nothing: its `cost_input_usd`,
+`cost_output_usd` and `cost_usd` are 0, whatever its tokens and whether or not its
+model has a price. What the cache saved is the price of its tokens, what the provider
+would have billed: it goes into `saved_cost_usd` unless the source reported it
+(LiteLLM's `saved_cache_cost`), and `pricing_ref` says which entry priced it, with
+`;cache_hit`. A cache hit whose model has no price keeps `saved_cost_usd` null
+(unknown) and is not counted as unpriced (its cost, 0, is known).
 """
 
 from __future__ import annotations
@@ -91,6 +100,8 @@ class CostProcessor(Processor):
             inp = e.input_tokens
             out = e.output_tokens
             if inp is None and out is None:
+                if e.cache_hit:
+                    _unbilled(e)
                 continue
             key = (e.provider, e.response_model, e.request_model)
             try:
@@ -98,6 +109,9 @@ class CostProcessor(Processor):
             except KeyError:
                 price = self._resolve(key)
             if price is None:
+                if e.cache_hit:
+                    _unbilled(e)
+                    continue
                 model = e.response_model or e.request_model or "(none)"
                 unpriced[model] = unpriced.get(model, 0) + 1
                 continue
@@ -123,6 +137,12 @@ class CostProcessor(Processor):
                 reasoning = e.reasoning_tokens or 0
                 cost_out = ((max(out - reasoning, 0)) * rates.output
                             + reasoning * rates.reasoning) * scale_out
+            if e.cache_hit:
+                if e.saved_cost_usd is None:
+                    e.saved_cost_usd = (cost_in or 0.0) + (cost_out or 0.0)
+                _unbilled(e)
+                e.pricing_ref = f"{ref};cache_hit"
+                continue
             e.cost_input_usd = cost_in
             e.cost_output_usd = cost_out
             e.cost_usd = (cost_in or 0.0) + (cost_out or 0.0)
@@ -151,6 +171,11 @@ class CostProcessor(Processor):
             self._memo.clear()
         self._memo[key] = price
         return price
+
+
+def _unbilled(e: Event) -> None:
+    """A cache hit: the provider billed nothing."""
+    e.cost_input_usd = e.cost_output_usd = e.cost_usd = 0.0
 
 
 factory = Factory(kind="processor", type="cost", config=CostConfig, create=CostProcessor)

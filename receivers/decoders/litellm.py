@@ -1,9 +1,29 @@
 """LiteLLM's `StandardLoggingPayload`, as its generic API logger posts it.
 
-Times are epoch seconds (floats). The key's hash becomes `api_key_id` (a prefix:
-enough to tell keys apart, never the key); the key alias, team, organization and
-user come from `metadata.user_api_key_*`; `spend_logs_metadata` becomes
-`metadata`. LiteLLM's own `response_cost` is the source-reported cost.
+Read against what the LiteLLM proxy (1.100.5) really sends (tests/test_litellm_proxy.py
+runs it; docs/howto/litellm.md lists the mapping):
+
+- `model` is the deployment LiteLLM called (`anthropic/claude-3-5-haiku-20241022`): it
+  is `request_model`, without the provider's own prefix; `model_group` is the name the
+  client asked for (an alias such as `claude-haiku`): it is the `route`.
+- LiteLLM rewrites `response.model` to the name the client asked for, so it names the
+  provider's answer only when it differs from `model_group` (after a fallback, say):
+  only then, and only for a call that got a response, is it `response_model`. A failed
+  call's `prompt_tokens: 0` / `completion_tokens: 0` are LiteLLM's defaults, not counts.
+- `stream` is set for streams only; `model_parameters.stream` says `false` for most other
+  calls, and a completion that says neither (a cache hit) was not streamed.
+- `user_api_key_hash: "litellm_proxy_master_key"` is LiteLLM's stand-in for its master
+  key (neither the key nor its hash): the key is named `master` and has no id;
+  `default_user_id` is LiteLLM's placeholder for the proxy admin, not a user.
+- `cache_hit: true` is a call answered from LiteLLM's cache: nothing was billed
+  (`actual_cost_usd` 0) and `saved_cache_cost` is `saved_cost_usd`.
+- `spend_logs_metadata` becomes `metadata`, whose values are strings: other JSON values
+  are written as JSON (`1`, `true`), and the typed originals are kept in the attribute
+  `litellm.spend_logs_metadata`. `request_tags` are `tags`, without the `User-Agent: …`
+  tags LiteLLM adds itself; response messages lose the fields LiteLLM adds as null.
+- `response_cost: 0` for a call that used tokens is LiteLLM's answer for a model its
+  cost map does not price (no entry, or the zero-cost placeholder without a `mode` it
+  makes for an unknown deployment): that cost is not reported (None), not $0.
 """
 
 from __future__ import annotations
@@ -43,34 +63,54 @@ def decode(item: dict[str, Any]) -> Event:
         raise DecodeError(f"LiteLLM startTime is not a time in epoch seconds: {start}")
     end = as_float(item.get("endTime"))
     first_token = as_float(item.get("completionStartTime"))
-    streaming = bool(item.get("stream")) if item.get("stream") is not None else None
     meta = as_dict(item.get("metadata"))
+    params = as_dict(item.get("model_parameters"))
     response = as_dict(item.get("response"))
     usage = as_dict(response.get("usage"))
     failed = item.get("status") == "failure"
+    operation = _OPERATIONS.get(str(item.get("call_type") or ""))
+    streaming = _streaming(item, params, operation)
     error_info = as_dict(item.get("error_information"))
     status = _status(error_info.get("error_code")) if failed else 200
-    key_hash = meta.get("user_api_key_hash")
+    provider_raw = item.get("custom_llm_provider")
+    group = _text(item.get("model_group"))
+    deployed = _deployed_model(_text(item.get("model")), provider_raw) or group
+    cache_hit = item.get("cache_hit") is True
+    input_tokens = as_int(item.get("prompt_tokens"))
+    output_tokens = as_int(item.get("completion_tokens"))
+    if failed and not usage and not input_tokens and not output_tokens:
+        input_tokens = output_tokens = None  # LiteLLM's 0 for a call without a response
+    used_tokens = (input_tokens or 0) + (output_tokens or 0) > 0
+    priced = _priced_by_litellm(item)
+    key_hash = _text(meta.get("user_api_key_hash"))
+    master = key_hash == MASTER_KEY_ALIAS
     choices = [c for c in as_list(response.get("choices")) if isinstance(c, dict)]
+    spend_metadata = as_dict(meta.get("spend_logs_metadata"))
     attributes = {k: v for k, v in {
         "litellm.call_id": item.get("litellm_call_id"),
         "litellm.model_id": item.get("model_id"),
-        "litellm.cache_hit": item.get("cache_hit"),
-        "litellm.request_tags": item.get("request_tags") or None,
         "litellm.end_user": item.get("end_user") or None,
         "litellm.trace_id": item.get("trace_id"),
+        "litellm.cache_key": item.get("cache_key") or None,
+        # the typed originals of `metadata`, whose values are strings
+        "litellm.spend_logs_metadata": spend_metadata if any(
+            not isinstance(v, str) for v in spend_metadata.values() if v is not None) else None,
+        "user_agent.original": item.get("user_agent") or None,
     }.items() if v is not None}
+    response_model = _text(response.get("model"))
     return Event(
         event_id=str(item.get("id") or item.get("litellm_call_id") or "") or uuid7(),
         timestamp=round(start * 1e6) * 1000,
         source="litellm",
-        provider=provider_name(item.get("custom_llm_provider")),
-        operation=_OPERATIONS.get(str(item.get("call_type") or "")),
-        request_model=item.get("model_group") or item.get("model"),
-        response_model=response.get("model") or item.get("model"),
+        provider=provider_name(provider_raw),
+        operation=operation,
+        request_model=deployed,
+        response_model=response_model if not failed and response_model
+        and response_model != group else None,
+        route=group,
         streaming=streaming,
         upstream=item.get("api_base") or None,
-        params=as_dict(item.get("model_parameters")) or None,
+        params=params or None,
         status_code=status,
         error_type=(error_type_for_status(status) or error_type_for_name(
             error_info.get("error_class"))) if failed else None,
@@ -78,8 +118,8 @@ def decode(item: dict[str, Any]) -> Event:
         or None if failed else None,
         finish_reasons=[str(c["finish_reason"]) for c in choices if c.get("finish_reason")]
         or None,
-        input_tokens=as_int(item.get("prompt_tokens")),
-        output_tokens=as_int(item.get("completion_tokens")),
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
         cache_read_tokens=as_int(as_dict(usage.get("prompt_tokens_details")).get("cached_tokens")
                                or usage.get("cache_read_input_tokens")),
         cache_creation_tokens=as_int(usage.get("cache_creation_input_tokens")),
@@ -88,21 +128,101 @@ def decode(item: dict[str, Any]) -> Event:
         duration_ms=(end - start) * 1000 if end is not None else None,
         ttft_ms=(first_token - start) * 1000
         if streaming and first_token is not None and first_token > start else None,
-        user_id=meta.get("user_api_key_user_id") or None,
-        api_key_id=str(key_hash)[:API_KEY_ID_CHARS] if key_hash else None,
-        api_key_name=meta.get("user_api_key_alias") or None,
-        team=meta.get("user_api_key_team_id") or None,
-        organization=meta.get("user_api_key_org_id") or None,
+        # the key's user; else the request's own `user` (what the gateway records too)
+        user_id=_user(meta.get("user_api_key_user_id")) or _text(item.get("end_user")),
+        api_key_id=None if master or not key_hash else key_hash[:API_KEY_ID_CHARS],
+        api_key_name="master" if master else _text(meta.get("user_api_key_alias")),
+        team=_text(meta.get("user_api_key_team_id")),
+        organization=_text(meta.get("user_api_key_org_id")),
         session_id=item.get("session_id") or None,
-        metadata=as_metadata(meta.get("spend_logs_metadata")),
+        metadata=as_metadata(spend_metadata),
+        cache_hit=cache_hit,
+        tags=[t for t in as_list(item.get("request_tags"))
+              if isinstance(t, str) and t and not t.startswith(_INTERNAL_TAG_PREFIXES)]
+        or None,
         input_messages=as_messages(item.get("messages")),
-        output_messages=as_messages([c.get("message") for c in choices]),
-        actual_cost_usd=as_float(item.get("response_cost")),
+        output_messages=[_clean_message(m) for m in as_messages(
+            [c.get("message") for c in choices]) or []] or None,
+        actual_cost_usd=_actual_cost(item, cache_hit, used_tokens, priced),
+        saved_cost_usd=_saved_cost(item, priced) if cache_hit else None,
         attributes=attributes or None,
     )
 
 
+MASTER_KEY_ALIAS = "litellm_proxy_master_key"  # LiteLLM's LITELLM_PROXY_MASTER_KEY_ALIAS
+_PLACEHOLDER_USERS = frozenset({"default_user_id"})  # LiteLLM's LITELLM_PROXY_ADMIN_NAME
+_INTERNAL_TAG_PREFIXES = ("User-Agent: ",)  # tags LiteLLM adds to every request's own
+_COMPLETIONS = frozenset({"chat", "text_completion"})
+# fields LiteLLM's response objects carry on every message, null unless used
+_NULL_MESSAGE_FIELDS = frozenset({"tool_calls", "function_call", "audio", "reasoning_content",
+                                  "thinking_blocks", "annotations", "images", "refusal"})
 
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def _user(value: Any) -> str | None:
+    text = _text(value)
+    return None if text in _PLACEHOLDER_USERS else text
+
+
+def _deployed_model(model: str | None, provider: Any) -> str | None:
+    """The deployment's model without LiteLLM's prefix naming its provider
+    (`anthropic/claude-3-5-haiku-20241022` → `claude-3-5-haiku-20241022`)."""
+    if model and isinstance(provider, str) and provider:
+        bare = model.removeprefix(f"{provider}/")
+        return bare or model
+    return model
+
+
+def _streaming(item: dict[str, Any], params: dict[str, Any], operation: str | None) -> bool | None:
+    said = [v for v in (item.get("stream"), params.get("stream")) if isinstance(v, bool)]
+    if said:
+        return any(said)
+    # neither says: LiteLLM marks every stream, so a completion that says nothing (a
+    # cache hit) was not one; of other operations nothing is known
+    return False if operation in _COMPLETIONS else None
+
+
+def _priced_by_litellm(item: dict[str, Any]) -> bool:
+    """Whether LiteLLM's cost map had a price for the call's model. For a deployment it
+    does not know, LiteLLM reports no map entry, or the placeholder it registers for
+    it: zero rates and no `mode`; a failed cost computation leaves debug information."""
+    if item.get("response_cost_failure_debug_info") or item.get(
+            "response_cost_failure_debug_information"):
+        return False
+    value = as_dict(as_dict(item.get("model_map_information")).get("model_map_value"))
+    if not value:
+        return False
+    if value.get("mode"):
+        return True
+    return any((as_float(v) or 0) > 0 for k, v in value.items()
+               if k.endswith(("_cost_per_token", "_cost_per_second", "_cost_per_image",
+                              "_cost_per_query", "_cost_per_character", "_cost_per_request")))
+
+
+def _actual_cost(item: dict[str, Any], cache_hit: bool, used_tokens: bool,
+                 priced: bool) -> float | None:
+    cost = as_float(item.get("response_cost"))
+    if cost is None or cost != 0 or cache_hit:
+        return cost  # a cache hit's 0 is a real 0: no provider was called
+    return cost if priced or not used_tokens else None
+
+
+def _saved_cost(item: dict[str, Any], priced: bool) -> float | None:
+    saved = as_float(item.get("saved_cache_cost"))
+    return saved if saved is None or saved != 0 or priced else None
+
+
+def _clean_message(message: dict[str, Any]) -> dict[str, Any]:
+    """A response message without the fields LiteLLM adds as null (`tool_calls`,
+    `function_call`…) and its empty `provider_specific_fields`."""
+    extra = message.get("provider_specific_fields")
+    return {k: v for k, v in message.items()
+            if not (v is None and k in _NULL_MESSAGE_FIELDS)
+            and not (k == "provider_specific_fields" and (
+                not isinstance(extra, dict) or all(x is None for x in extra.values())))}
 
 
 def _status(code: Any) -> int | None:
