@@ -17,6 +17,7 @@ from meterline.event import Event
 
 
 class DebugConfig(ExporterConfig):
+    # basic: a line per batch; normal: a line per event; detailed: whole events as JSON
     verbosity: Literal["basic", "normal", "detailed"] = "basic"
     queue: QueueConfig = msgspec.field(default_factory=lambda: QueueConfig(type="memory"))
 

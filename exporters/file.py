@@ -19,7 +19,7 @@ from meterline.event import to_jsonl
 
 
 class RotationConfig(Config):
-    max_megabytes: float = 100
+    max_megabytes: float = 100  # the file is rotated past this size
     max_backups: int = 10  # 0 keeps them all
 
     def __post_init__(self) -> None:
@@ -29,7 +29,7 @@ class RotationConfig(Config):
 
 class FileExporterConfig(ExporterConfig):
     path: str | None = None  # default <data_dir>/events.jsonl (events-<name>.jsonl for file/name)
-    rotation: RotationConfig | None = None
+    rotation: RotationConfig | None = None  # null: one file that grows
     fsync: bool = False  # fsync after every batch (survives power loss, not only kill -9)
 
 

@@ -27,7 +27,7 @@ class TimeoutsConfig(Config):
 
     connect: Duration = Duration(10)  # opening a connection (TCP and TLS)
     first_byte: Duration = Duration(600)  # request sent -> response head (a whole
-    # non-streaming completion comes back at once, so this is generous)
+                                          # non-streaming completion comes back at once)
     idle: Duration = Duration(300)  # silence between two chunks of the response
     total: Duration = Duration(3600)  # request sent -> response end
 
@@ -68,14 +68,15 @@ class ProxyConfig(ListenerConfig):
     `keepalive_timeout` (`ListenerConfig`). Request heads are bounded as on every listener
     (`meterline.httpserver`: 431, 414)."""
 
-    listen: Listen = Listen("127.0.0.1:8080")
+    listen: Listen = Listen("127.0.0.1:8080")  # where clients call the gateway
+    # the providers served, by name: /NAME/... goes to upstream NAME
     upstreams: dict[str, UpstreamConfig] = msgspec.field(default_factory=_default_upstreams)
     max_body_mb: float = 32  # a larger request body gets 413 without reaching an upstream
     max_connections: int = 4096  # client connections open at once (streams last long)
     drain_timeout: Duration = Duration(10)  # on shutdown, how long requests in flight get
     metadata_header: str = "x-meterline-metadata"  # JSON object of labels (X-TFY-METADATA too)
-    user_header: str = "x-meterline-user"
-    session_header: str = "x-meterline-session"
+    user_header: str = "x-meterline-user"  # header naming the end user
+    session_header: str = "x-meterline-session"  # header naming the session
     capture_content: bool = True  # record input and output messages in events
 
     def __post_init__(self) -> None:

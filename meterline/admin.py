@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
 from typing import TYPE_CHECKING
 
@@ -24,6 +23,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from meterline import dashboard
+from meterline.auth import BearerToken, unauthorised
 from meterline.config import AdminConfig
 from meterline.event import to_jsonl
 from meterline.filtering import Filter, FilterError, Pattern
@@ -40,6 +40,7 @@ class AdminServer:
         self.service = service
         self.config = config
         self.limits = limits or ListenerConfig()  # timeouts and connections: the defaults
+        self.auth = BearerToken(config.auth_token)
         self.app = web.Application(middlewares=[self._auth])
         self.app.router.add_get("/healthz", self.healthz)
         self.app.router.add_get("/readyz", self.readyz)
@@ -62,11 +63,8 @@ class AdminServer:
 
     @web.middleware
     async def _auth(self, request: web.Request, handler: web.RequestHandler) -> web.StreamResponse:
-        token = self.config.auth_token
-        if token and request.path.startswith("/api/"):
-            given = request.headers.get("Authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
-                return web.json_response({"error": "missing or wrong bearer token"}, status=401)
+        if request.path.startswith("/api/") and not self.auth.admits_request(request):
+            return unauthorised()
         return await handler(request)
 
     async def healthz(self, _: web.Request) -> web.Response:

@@ -1,4 +1,5 @@
-"""The `meterline` command: run, validate, tap, and the commands components add."""
+"""The `meterline` command: run, validate, tap, components, and the commands components
+add."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from collections.abc import Callable
 from importlib import resources
 from typing import Any
 
-from meterline import __version__, logs, registry
+from meterline import __version__, describe, logs, registry
 from meterline import config as config_mod
 from meterline.config import ConfigError
 from meterline.yamlsource import SourceError, load_file
@@ -67,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     tap.add_argument("--token", help="bearer token of the admin API")
     tap.set_defaults(func=cmd_tap)
 
+    describe.add(commands)  # meterline components [TYPE] [--markdown DIR]
     registry.add_commands(commands)
     args = parser.parse_args(argv)
     func: Command = args.func

@@ -32,25 +32,25 @@ _ID = re.compile(r"^([a-z][a-z0-9_]*)(?:/([A-Za-z0-9][A-Za-z0-9_.-]*))?$")
 
 
 class LogsConfig(Config):
-    level: Literal["debug", "info", "warning", "error"] = "info"
-    encoding: Literal["console", "json"] = "console"
+    level: Literal["debug", "info", "warning", "error"] = "info"  # the least severe logged
+    encoding: Literal["console", "json"] = "console"  # json: one object per line
 
 
 class MetricsConfig(Config):
     """Self-telemetry: always on the admin `/metrics`; pushed over OTLP when an
     endpoint is given."""
 
-    otlp_endpoint: str | None = None
-    interval: Duration = Duration(60)
+    otlp_endpoint: str | None = None  # OTLP/gRPC collector to push the metrics to
+    interval: Duration = Duration(60)  # how often they are pushed
 
 
 class TelemetryConfig(Config):
-    logs: LogsConfig = msgspec.field(default_factory=LogsConfig)
+    logs: LogsConfig = msgspec.field(default_factory=LogsConfig)  # the daemon's own logs
     metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
 
 
 class AdminConfig(Config):
-    listen: Listen = Listen("127.0.0.1:8888")
+    listen: Listen = Listen("127.0.0.1:8888")  # beyond loopback, auth_token is required
     auth_token: str | None = None  # bearer token required on /api/*, when set
 
     def __post_init__(self) -> None:
@@ -98,19 +98,20 @@ class MemoryLimiterConfig(Config):
 
 
 class PipelineConfig(Config):
-    receivers: list[str]
-    exporters: list[str]
-    processors: list[str] = msgspec.field(default_factory=list)
+    receivers: list[str]  # ids of receivers (`type` or `type/name`) feeding it
+    exporters: list[str]  # ids of the exporters every event left is sent to
+    processors: list[str] = msgspec.field(default_factory=list)  # run in this order
 
 
 class ServiceConfig(Config):
-    pipelines: dict[str, PipelineConfig]
+    pipelines: dict[str, PipelineConfig]  # by name: receivers -> processors -> exporters
+    # the admin server (health, metrics, status, tap, analytics API); null: off
     admin: AdminConfig | None = msgspec.field(default_factory=AdminConfig)
-    telemetry: TelemetryConfig = msgspec.field(default_factory=TelemetryConfig)
+    telemetry: TelemetryConfig = msgspec.field(default_factory=TelemetryConfig)  # own logs, metrics
     memory_limiter: MemoryLimiterConfig | None = msgspec.field(
         default_factory=MemoryLimiterConfig)  # null: off
-    data_dir: str = "./data"
-    shutdown_timeout: Duration = Duration(10)
+    data_dir: str = "./data"  # where components keep state: queues, checkpoints, chDB
+    shutdown_timeout: Duration = Duration(10)  # for exporters to drain on SIGTERM
     watch_config: bool = False  # reload when the file changes, not only on SIGHUP
     workers: int | None = None
     """Processes that run the processors, so that the loop serving clients never does and

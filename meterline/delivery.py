@@ -12,15 +12,15 @@ acknowledged is silently lost; the file receiver can replay it.
 from __future__ import annotations
 
 import asyncio
-import random
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
 import msgspec
 
 from meterline import logs
+from meterline.backoff import exponential
 from meterline.component import (
     Config,
     Context,
@@ -40,10 +40,12 @@ from meterline.units import Duration
 
 
 class QueueConfig(Config):
+    # persistent: a write-ahead log on disk; memory: held in memory, lost on a crash
     type: Literal["memory", "persistent"] = "persistent"
     dir: str | None = None  # persistent only; default <data_dir>/queue/<exporter>
     max_size_mb: float = 1024  # persistent: bytes on disk
     max_events: int = 100_000  # memory: events held
+    # block: receivers are pushed back (HTTP 429); drop_newest: new events dropped, counted
     when_full: Literal["block", "drop_newest"] = "block"
     fsync: bool = True  # persistent: fsync before acknowledging (group commit)
 
@@ -64,12 +66,12 @@ class BatchConfig(Config):
 
 
 class RetryConfig(Config):
-    enabled: bool = True
-    initial_interval: Duration = Duration(1)
-    max_interval: Duration = Duration(30)
-    max_elapsed_time: Duration = Duration(0)  # 0: retry until it succeeds
-    multiplier: float = 2.0
-    randomization_factor: float = 0.5
+    enabled: bool = True  # false: a failed batch is given up on (dead-lettered) at once
+    initial_interval: Duration = Duration(1)  # the wait after the first failure
+    max_interval: Duration = Duration(30)  # the longest wait between two attempts
+    max_elapsed_time: Duration = Duration(0)  # then give up; 0: retry until it succeeds
+    multiplier: float = 2.0  # each wait is the previous one times this
+    randomization_factor: float = 0.5  # jitter: each wait is spread by +- this fraction
 
     def __post_init__(self) -> None:
         if self.multiplier < 1 or not 0 <= self.randomization_factor <= 1:
@@ -79,19 +81,19 @@ class RetryConfig(Config):
 class ExporterConfig(Config):
     """The blocks every exporter takes; an exporter's config class derives from it."""
 
+    # where events wait for this exporter (see "Queues" in docs/architecture.md)
     queue: QueueConfig = msgspec.field(default_factory=QueueConfig)
-    batch: BatchConfig = msgspec.field(default_factory=BatchConfig)
+    batch: BatchConfig = msgspec.field(default_factory=BatchConfig)  # events sent at once
+    # how a failed export is retried: exponential backoff with jitter
     retry: RetryConfig = msgspec.field(default_factory=RetryConfig)
+    # which events this exporter takes: include/exclude patterns
     filtering: Filter = msgspec.field(default_factory=Filter)
 
 
-def backoff_delays(config: RetryConfig) -> Any:
+def backoff_delays(config: RetryConfig) -> Iterator[float]:
     """Exponential backoff with jitter: initial * multiplier^n, capped, +-randomization."""
-    interval = float(config.initial_interval)
-    while True:
-        spread = interval * config.randomization_factor
-        yield random.uniform(interval - spread, interval + spread)
-        interval = min(interval * config.multiplier, float(config.max_interval))
+    return exponential(float(config.initial_interval), float(config.max_interval),
+                       config.multiplier, config.randomization_factor)
 
 
 def open_queue(config: QueueConfig, context: Context) -> Queue:
@@ -147,7 +149,7 @@ class ExporterRunner:
         self._task = asyncio.create_task(self._loop(), name=f"exporter {self.id}")
         if self.queue.durable and len(self.queue):
             self.log.info("queue replay", events=len(self.queue))
-        if discarded := getattr(self.queue, "discarded_bytes", 0):
+        if discarded := self.queue.discarded_bytes:
             self.log.warning("queue recovery cut off a torn or corrupt tail", bytes=discarded)
 
     async def shutdown(self, grace: float) -> None:

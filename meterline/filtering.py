@@ -257,8 +257,8 @@ class Filter(Config):
     """`{include: [...], exclude: [...]}`: kept when (no include or one include
     matches) and no exclude matches."""
 
-    include: list[Pattern] = msgspec.field(default_factory=list)
-    exclude: list[Pattern] = msgspec.field(default_factory=list)
+    include: list[Pattern] = msgspec.field(default_factory=list)  # kept if one matches
+    exclude: list[Pattern] = msgspec.field(default_factory=list)  # dropped if one matches
 
     @property
     def empty(self) -> bool:

@@ -30,7 +30,6 @@ from meterline.delivery import ExporterConfig, ExporterRunner, open_queue
 from meterline.memory import LimitsError, MemoryLimiter, start_limiter
 from meterline.pipeline import Entry, Flow, Pipeline, Taps
 from meterline.queue import Batch
-from meterline.queue.memory import MemoryQueue
 from meterline.telemetry import Telemetry
 from meterline.workers import Plan, ProcessorPool, ProcessorSpec, default_workers
 
@@ -128,7 +127,7 @@ class Service:
                 continue
             runner: ExporterRunner = running.component
             await runner.stop_loop()
-            if isinstance(runner.queue, MemoryQueue):
+            if not runner.queue.durable:  # what it holds goes to its replacement, if any
                 left = runner.queue.untaken()
                 if spec is not None:
                     handover[cid] = left

@@ -32,10 +32,10 @@ from processors.fieldpath import FieldPath
 class KeyInfo(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     """What the table knows about one API key."""
 
-    name: str | None = None
-    team: str | None = None
-    organization: str | None = None
-    metadata: dict[str, str] = msgspec.field(default_factory=dict)
+    name: str | None = None  # written into api_key_name
+    team: str | None = None  # written into team
+    organization: str | None = None  # written into organization
+    metadata: dict[str, str] = msgspec.field(default_factory=dict)  # merged into metadata
 
 
 _KEY_COLUMNS = ("api_key_id", "name", "team", "organization")
@@ -74,9 +74,9 @@ def _keys_from_csv(raw: str) -> dict[str, KeyInfo]:
 
 
 class ApiKeysConfig(Config):
-    keys: dict[str, KeyInfo] = msgspec.field(default_factory=dict)
+    keys: dict[str, KeyInfo] = msgspec.field(default_factory=dict)  # by api_key_id
     file: str | None = None  # entries here win over `keys`
-    check_interval: Duration = Duration(5)
+    check_interval: Duration = Duration(5)  # how often `file` is checked for changes
 
     def __post_init__(self) -> None:
         if self.file is not None:
@@ -87,12 +87,12 @@ class Action(Config):
     """One of `{set: PATH, value: V}`, `{copy: PATH, to: PATH}`,
     `{rename: PATH, to: PATH}`, `{delete: PATH}`."""
 
-    set: FieldPath | None = None
-    copy: FieldPath | None = None
-    rename: FieldPath | None = None
-    delete: FieldPath | None = None
-    value: str | None = None
-    to: FieldPath | None = None
+    set: FieldPath | None = None  # the path to write `value` to
+    copy: FieldPath | None = None  # the path whose value is copied `to`
+    rename: FieldPath | None = None  # the path whose value moves `to` (and is removed)
+    delete: FieldPath | None = None  # the path removed
+    value: str | None = None  # what `set` writes
+    to: FieldPath | None = None  # where `copy` and `rename` write
 
     def __post_init__(self) -> None:
         verbs = [v for v in ("set", "copy", "rename", "delete") if getattr(self, v) is not None]
@@ -142,10 +142,10 @@ class Action(Config):
 
 class LabelsConfig(Config):
     static: dict[str, str] = msgspec.field(default_factory=dict)  # metadata on every event
-    actions: list[Action] = msgspec.field(default_factory=list)
-    api_keys: ApiKeysConfig | None = None
+    actions: list[Action] = msgspec.field(default_factory=list)  # run in order
+    api_keys: ApiKeysConfig | None = None  # a table of API keys: name, team, metadata
     metadata_allowlist: list[str] | None = None  # keys kept from the source; None keeps all
-    max_value_length: int = 128
+    max_value_length: int = 128  # metadata values are cut to this many characters
 
     def __post_init__(self) -> None:
         if self.max_value_length < 1:

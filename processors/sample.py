@@ -47,8 +47,8 @@ _SCALE = float(1 << 64)
 
 
 class Rule(Config):
-    match: Pattern
-    rate: float
+    match: Pattern  # an Otoroshi filter pattern on the event
+    rate: float  # fraction kept (0 to 1) of the events it matches
 
     def __post_init__(self) -> None:
         _check_rate(self.rate, "rule rate")
@@ -60,12 +60,12 @@ def _check_rate(rate: float, what: str) -> None:
 
 
 class SampleConfig(Config):
-    mode: Literal["event", "content"] = "event"
-    rate: float = 1.0
+    mode: Literal["event", "content"] = "event"  # content: keep every event, drop messages
+    rate: float = 1.0  # fraction kept (0 to 1) when no rule matches
     rules: list[Rule] = msgspec.field(default_factory=list)  # first match wins
-    keep_errors: bool = True
-    keep_slower_than: Duration | None = None
-    max_per_second: float | None = None
+    keep_errors: bool = True  # failed calls are always kept, with weight 1
+    keep_slower_than: Duration | None = None  # calls slower than this are always kept
+    max_per_second: float | None = None  # cap on kept events per second (whole daemon)
 
     def __post_init__(self) -> None:
         _check_rate(self.rate, "rate")

@@ -19,17 +19,9 @@ from typing import BinaryIO, Literal
 
 import msgspec
 
-from meterline.component import (
-    Backpressure,
-    Config,
-    Consumer,
-    Context,
-    Factory,
-    Receiver,
-    cancel_and_wait,
-)
+from meterline.backpressure import offer
+from meterline.component import Config, Consumer, Context, Factory, Receiver, cancel_and_wait
 from meterline.event import Event
-from meterline.queue import QueueWriteError
 from meterline.units import Duration
 from receivers.decoders import DecodeError, NotAnLLMCall, decode_item
 
@@ -38,12 +30,12 @@ _CHUNK = 1 << 20
 
 
 class FileReceiverConfig(Config):
-    path: str
-    batch_size: int = 1000
+    path: str  # the JSONL file read (one event per line; a dead-letter file too)
+    batch_size: int = 1000  # events handed to the pipeline at once
     start_at: Literal["beginning", "end"] = "beginning"  # where a file never read starts
     follow: bool = False  # keep reading lines appended later
-    poll_interval: Duration = Duration(1)
-    progress_interval: Duration = Duration(5)
+    poll_interval: Duration = Duration(1)  # how often to look for new lines, or retry
+    progress_interval: Duration = Duration(5)  # how often progress is logged
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -141,14 +133,14 @@ class FileReceiver(Receiver):
 
     async def _deliver(self, events: list[Event], offset: int, line_no: int) -> None:
         """Hand a batch over, waiting out back-pressure, then checkpoint past it."""
-        while events:
-            try:
-                await self.consumer.consume(events)
-                break
-            except (Backpressure, QueueWriteError) as e:
-                self.log.info("pipeline pushing back; waiting", reason=str(e))
-                await asyncio.sleep(float(self.config.poll_interval))
+        if events:
+            await offer(self.consumer, events, self._wait)
         self._checkpoint(offset, line_no)
+
+    async def _wait(self, pushback: Exception) -> bool:
+        self.log.info("pipeline pushing back; waiting", reason=str(pushback))
+        await asyncio.sleep(float(self.config.poll_interval))
+        return True
 
     def _checkpoint(self, offset: int, line_no: int) -> None:
         self.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)

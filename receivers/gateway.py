@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 import weakref
 from collections import deque
@@ -30,15 +31,9 @@ from structlog.typing import FilteringBoundLogger
 from gateway.config import ProxyConfig
 from gateway.proxy import Proxy
 from meterline import bounds
-from meterline.component import (
-    Backpressure,
-    Consumer,
-    Context,
-    Factory,
-    Receiver,
-)
+from meterline.backpressure import offer
+from meterline.component import Consumer, Context, Factory, Receiver
 from meterline.event import Event
-from meterline.queue import QueueWriteError
 from meterline.telemetry import Telemetry
 from meterline.units import Duration
 
@@ -125,14 +120,17 @@ class EventBuffer:
         while events:
             batch = [events.popleft() for _ in range(min(self.batch_size, len(events)))]
             bounds.repair(batch)  # hostile upstream numbers are dropped, the call recorded
-            try:
-                await self.consumer.consume(batch)
-            except (Backpressure, QueueWriteError) as e:
-                events.extendleft(reversed(batch))
-                self.log.info("pipeline pushing back; gateway events stay buffered",
-                              buffered=len(events), reason=str(e))
+            if not await offer(self.consumer, batch, functools.partial(self._keep, batch)):
                 return False
         return True
+
+    async def _keep(self, batch: list[Event], pushback: Exception) -> bool:
+        """Pushed back: the batch goes back in front, offered again by the next flush
+        (the loop waits for it, never the request path)."""
+        self.events.extendleft(reversed(batch))
+        self.log.info("pipeline pushing back; gateway events stay buffered",
+                      buffered=len(self.events), reason=str(pushback))
+        return False
 
     def _report(self) -> None:
         now = time.monotonic()

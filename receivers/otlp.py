@@ -25,7 +25,6 @@ The SDKs' OTLP exporters retry both.
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -42,7 +41,9 @@ from google.rpc.status_pb2 import Status as RpcStatus
 from opentelemetry.proto.collector.logs.v1 import logs_service_pb2
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
-from meterline.component import Backpressure, Consumer, Context, Factory, Receiver
+from meterline.auth import REFUSAL, BearerToken
+from meterline.backpressure import Refused, refuse
+from meterline.component import Consumer, Context, Factory, Receiver
 from meterline.httpserver import (
     MAX_HEADER_BYTES,
     BodyRefused,
@@ -50,7 +51,6 @@ from meterline.httpserver import (
     read_body,
     serve,
 )
-from meterline.queue import QueueWriteError
 from meterline.recent import RecentIds
 from meterline.units import Listen
 from receivers.decoders import DecodeError
@@ -111,20 +111,12 @@ _LOGS = _Signal(
             rejected_log_records=n, error_message=msg)))
 
 
-class _Refusal(Exception):
-    """Nothing was queued; the client should retry after `retry_after` seconds."""
-
-    def __init__(self, message: str, retry_after: float, overloaded: bool) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
-        self.overloaded = overloaded  # a full queue (429) rather than a failed write (503)
-
-
 class OtlpReceiver(Receiver):
     def __init__(self, config: OtlpReceiverConfig, context: Context, consumer: Consumer) -> None:
         super().__init__(consumer)
         self.config = config
         self.log = context.log
+        self.auth = BearerToken(config.auth_token)
         self.grpc_server: grpc.aio.Server | None = None
         self.http_runner: web.AppRunner | None = None
         self.recent = RecentIds(config.dedupe_ids)
@@ -178,11 +170,6 @@ class OtlpReceiver(Receiver):
             await self.http_runner.cleanup()
 
     # --- the same for both transports ----------------------------------------------
-    def _authorised(self, header: str | None) -> bool:
-        token = self.config.auth_token
-        return not token or hmac.compare_digest((header or "").encode(),
-                                                f"Bearer {token}".encode())
-
     async def _accept(self, request: Message, signal: _Signal) -> Message:
         """Queue the calls a request carries; the partial-success answer to give."""
         decoded = signal.decode(request)
@@ -194,15 +181,9 @@ class OtlpReceiver(Receiver):
                           first_reason=decoded.rejected[0])
         events, claimed = self.recent.claim(decoded.events)
         try:
-            await self.consumer.consume(events)
-        except BaseException as e:
+            await refuse(self.consumer, events, self.log)
+        except BaseException:
             self.recent.release(claimed)  # not taken: the client sends them again
-            if isinstance(e, Backpressure):
-                raise _Refusal(f"back-pressure: {e}; retry later", e.retry_after, True) from e
-            if isinstance(e, QueueWriteError):
-                self.consumer.refused(len(events), "unavailable")
-                self.log.error("cannot queue events", error=str(e))
-                raise _Refusal(f"cannot queue events: {e}", 5.0, False) from e
             raise
         if len(events) < len(decoded.events):
             self.consumer.refused(len(decoded.events) - len(events), "duplicate")
@@ -226,8 +207,8 @@ class OtlpReceiver(Receiver):
     async def export_grpc(self, body: bytes, context: grpc.aio.ServicerContext,
                           signal: _Signal) -> Message:
         metadata = dict(context.invocation_metadata() or ())
-        if not self._authorised(metadata.get("authorization")):
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+        if not self.auth.admits(metadata.get("authorization")):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, REFUSAL)
         try:
             request = signal.request.FromString(body)
         except (ProtobufDecodeError, RecursionError) as e:
@@ -236,7 +217,7 @@ class OtlpReceiver(Receiver):
                                 f"not a protobuf {signal.request.__name__}: {e}")
         try:
             return await self._accept(request, signal)
-        except _Refusal as e:
+        except Refused as e:
             code = (grpc.StatusCode.RESOURCE_EXHAUSTED if e.overloaded
                     else grpc.StatusCode.UNAVAILABLE)
             await context.abort(code, str(e), _retry_metadata(e, code))
@@ -251,8 +232,8 @@ class OtlpReceiver(Receiver):
 
     async def _handle_http(self, request: web.Request, signal: _Signal) -> web.Response:
         json_body = request.content_type.lower() == _JSON
-        if not self._authorised(request.headers.get("Authorization")):
-            return _http_error(401, "missing or wrong bearer token", json_body)
+        if not self.auth.admits_request(request):
+            return _http_error(401, REFUSAL, json_body)
         if request.content_type.lower() not in (_PROTOBUF, _JSON):
             return _http_error(415, f"unsupported Content-Type {request.content_type!r}: send "
                                     f"{_PROTOBUF} or {_JSON}", json_body)
@@ -269,9 +250,8 @@ class OtlpReceiver(Receiver):
             return _http_error(400, f"not an OTLP {signal.request.__name__}: {e}", json_body)
         try:
             answer = await self._accept(message, signal)
-        except _Refusal as e:
-            return _http_error(429 if e.overloaded else 503, str(e), json_body,
-                               {"Retry-After": str(max(1, round(e.retry_after)))})
+        except Refused as e:
+            return _http_error(e.status, str(e), json_body, e.headers)
         return _http_answer(200, answer, json_body)
 
 
@@ -279,7 +259,7 @@ def _ms(seconds: float) -> int:
     return max(1, round(seconds * 1000))
 
 
-def _retry_metadata(refusal: _Refusal, code: grpc.StatusCode) -> tuple[tuple[str, bytes], ...]:
+def _retry_metadata(refusal: Refused, code: grpc.StatusCode) -> tuple[tuple[str, bytes], ...]:
     """RetryInfo, both where gRPC's rich status puts it (`grpc-status-details-bin`, read by
     the Collector) and where the Python SDK reads it (`google.rpc.retryinfo-bin`)."""
     seconds = max(1, round(refusal.retry_after))

@@ -14,15 +14,15 @@ sender's retry loses nothing.
 
 from __future__ import annotations
 
-import hmac
 from typing import Any
 
 from aiohttp import web
 
 from meterline import logs
-from meterline.component import Backpressure, Consumer, Context, Factory, Receiver
+from meterline.auth import BearerToken, unauthorised
+from meterline.backpressure import Refused, refuse
+from meterline.component import Consumer, Context, Factory, Receiver
 from meterline.httpserver import BodyRefused, ListenerConfig, read_body, serve
-from meterline.queue import QueueWriteError
 from meterline.units import Listen
 from receivers.decoders import DecodeError, decode_body
 
@@ -35,8 +35,8 @@ _MAX_REASONS = 100
 class WebhookConfig(ListenerConfig):
     """Also `read_timeout`, `keepalive_timeout` and `max_connections` (`ListenerConfig`)."""
 
-    listen: Listen = Listen("127.0.0.1:8090")
-    path: str = "/v1/events"
+    listen: Listen = Listen("127.0.0.1:8090")  # where events are received (:8090: all interfaces)
+    path: str = "/v1/events"  # where events are POSTed
     auth_token: str | None = None  # when set, requests need `Authorization: Bearer <token>`
     max_body_mb: float = 16  # after decoding (gzip, deflate, zstd)
 
@@ -53,6 +53,7 @@ class WebhookReceiver(Receiver):
         super().__init__(consumer)
         self.config = config
         self.log = context.log
+        self.auth = BearerToken(config.auth_token)
         self.runner: web.AppRunner | None = None
 
     async def start(self) -> None:
@@ -67,10 +68,8 @@ class WebhookReceiver(Receiver):
             await self.runner.cleanup()
 
     async def handle(self, request: web.Request) -> web.Response:
-        token = self.config.auth_token
-        if token and not hmac.compare_digest(
-                request.headers.get("Authorization", "").encode(), f"Bearer {token}".encode()):
-            return _error(401, "missing or wrong bearer token")
+        if not self.auth.admits_request(request):
+            return unauthorised()
         ctype = request.content_type.lower()
         if ctype not in _JSON_TYPES and ctype not in _NDJSON_TYPES:
             return _error(415, f"unsupported Content-Type {ctype!r}: send application/json "
@@ -92,14 +91,9 @@ class WebhookReceiver(Receiver):
             self.log.info("items refused", count=len(decoded.rejected),
                           first_reason=logs.bounded(decoded.rejected[0][1]))
         try:
-            await self.consumer.consume(decoded.events)
-        except Backpressure as e:
-            retry = str(max(1, round(e.retry_after)))
-            return _error(429, f"back-pressure: {e}; retry later", {"Retry-After": retry})
-        except QueueWriteError as e:
-            self.consumer.refused(len(decoded.events), "unavailable")
-            self.log.error("cannot queue events", error=str(e))
-            return _error(503, f"cannot queue events: {e}", {"Retry-After": "5"})
+            await refuse(self.consumer, decoded.events, self.log)
+        except Refused as e:
+            return _error(e.status, str(e), e.headers)
         answer: dict[str, Any] = {
             "accepted": len(decoded.events),
             "rejected": [{"index": i, "reason": r} for i, r in decoded.rejected[:_MAX_REASONS]],

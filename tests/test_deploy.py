@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import tomllib
 
 import pytest
 import yaml
@@ -103,6 +104,14 @@ def test_the_image_copies_only_files_the_repository_has():
         if op == "COPY" and not arg.startswith("--from"):
             for source in arg.split()[:-1]:
                 assert (ROOT / source).exists(), source
+
+
+def test_the_image_copies_every_package_the_wheel_installs():
+    include = tomllib.loads((ROOT / "pyproject.toml").read_text())[
+        "tool"]["setuptools"]["packages"]["find"]["include"]
+    copied = {source for op, arg in dockerfile_instructions()
+              if op == "COPY" and not arg.startswith("--from") for source in arg.split()[:-1]}
+    assert {pattern.rstrip("*") for pattern in include} <= copied
 
 
 def test_the_image_exposes_every_port_its_pipeline_listens_on():

@@ -50,6 +50,7 @@ DEPLOYED = {"gpt-4o-mini": ("openai", "gpt-4o-mini"),
             "unmapped": ("openai", "meterline-unmapped-model"),
             "broken-500": ("openai", "gpt-4o-mini"), "limited-429": ("openai", "gpt-4o-mini")}
 GPT_4O_MINI = (0.15, 0.6)  # USD per 1M tokens, in LiteLLM's map and meterline's alike
+CLAUDE_3_5_HAIKU = (0.8, 4.0)  # in meterline's price table (not in LiteLLM 1.100.5's map)
 
 
 @dataclass
@@ -69,6 +70,8 @@ def pipeline(port: int) -> str:
       webhook:
         listen: 127.0.0.1:{port}
         auth_token: {TOKEN}
+    processors:
+      cost: {{}}
     exporters:
       file:
         path: {{data}}/events.jsonl
@@ -77,7 +80,7 @@ def pipeline(port: int) -> str:
       data_dir: {{data}}
       admin: null
       pipelines:
-        p: {{receivers: [webhook], exporters: [file]}}
+        p: {{receivers: [webhook], processors: [cost], exporters: [file]}}
     """
 
 
@@ -243,6 +246,23 @@ async def test_costs_litellm_knows_are_kept_and_unknown_ones_are_not_zero(run: R
     # model): it reports 0.0 for both, which is no price
     for name in ("alias", "unmapped"):
         assert "actual_cost_usd" not in run.events[name], name
+
+
+def price(name: str, rates: tuple[float, float]) -> float:
+    words = len(CALLS[name]["text"].split())
+    return (words * rates[0] + OUTPUT_TOKENS * rates[1]) / 1e6
+
+
+async def test_meterline_prices_the_deployed_model_and_bills_a_cache_hit_nothing(
+        run: Run) -> None:
+    for name in ("plain", "stream", "cache-miss"):  # the estimate meets LiteLLM's own
+        e = run.events[name]
+        assert e["cost_usd"] == pytest.approx(price(name, GPT_4O_MINI)) == e["actual_cost_usd"]
+    assert run.events["alias"]["cost_usd"] == pytest.approx(price("alias", CLAUDE_3_5_HAIKU))
+    assert run.events["cache-hit"]["cost_usd"] == 0
+    assert "cost_usd" not in run.events["unmapped"]  # nobody prices it: unknown, not $0
+    for name in ("broken-500", "limited-429"):  # no tokens reported: no estimate
+        assert "cost_usd" not in run.events[name], name
 
 
 async def test_keys_users_and_teams(run: Run) -> None:

@@ -5,6 +5,7 @@ import shutil
 import subprocess
 
 import grpc
+import msgspec
 import pytest
 from aiohttp import web
 from google.protobuf.duration_pb2 import Duration
@@ -359,3 +360,15 @@ async def test_http_404_for_a_signal_is_unsupported_not_a_failed_batch(tmp_path)
     assert [path for path, _, _ in seen] == ["/v1/logs"]
     assert metric_value(registry, "meterline_exporter_otlp_unsupported_events_total",
                         signal="logs") == 1
+
+
+@pytest.mark.parametrize("tls", [{"insecure_skip_verify": True}, {"key_password": "x"}])
+def test_tls_options_grpc_cannot_honour_are_config_errors(tls):
+    with pytest.raises(msgspec.ValidationError, match="apply to protocol: http only"):
+        convert({"protocol": "grpc", "tls": tls}, OtlpExporterConfig)
+
+
+def test_insecure_skip_verify_is_taken_over_http():
+    config = convert({"protocol": "http", "tls": {"insecure_skip_verify": True}},
+                     OtlpExporterConfig)
+    assert config.tls.insecure_skip_verify and not config.tls.insecure

@@ -34,12 +34,12 @@ from meterline.component import Config
 class BudgetScope(Config):
     """Which spend counts against the budget: every key given must match."""
 
-    team: str | None = None
-    api_key_id: str | None = None
-    api_key_name: str | None = None
-    provider: str | None = None
-    model: str | None = None
-    metadata: dict[str, str] = msgspec.field(default_factory=dict)
+    team: str | None = None  # spend of this team
+    api_key_id: str | None = None  # of this API key id
+    api_key_name: str | None = None  # of this API key name
+    provider: str | None = None  # with this provider
+    model: str | None = None  # on this model
+    metadata: dict[str, str] = msgspec.field(default_factory=dict)  # with these metadata
 
     def filters(self) -> list[Filter]:
         fields = {name: getattr(self, name) for name in
@@ -54,9 +54,10 @@ class BudgetScope(Config):
 
 
 class Budget(Config):
-    limit_usd: float
-    period: Literal["day", "month"] = "month"
+    limit_usd: float  # the spend allowed per period, in USD
+    period: Literal["day", "month"] = "month"  # calendar day or month, UTC
     scope: BudgetScope = msgspec.field(default_factory=BudgetScope)
+    # fractions of the limit at which an alert is logged and counted
     alert_thresholds: list[float] = msgspec.field(default_factory=lambda: [0.5, 0.8, 1.0])
 
     def __post_init__(self) -> None:

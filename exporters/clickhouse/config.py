@@ -19,7 +19,7 @@ class ClusterConfig(Config):
     behind a `Distributed` table sharded by event id, so a re-sent event lands on the
     shard that already holds it."""
 
-    name: str
+    name: str  # the cluster, as the servers' remote_servers name it
 
     def __post_init__(self) -> None:
         if not _IDENTIFIER.match(self.name):
@@ -28,23 +28,23 @@ class ClusterConfig(Config):
 
 class ClickHouseConfig(ExporterConfig):
     endpoint: str | None = None  # chdb://PATH or http(s)://HOST:PORT; default chdb://<data_dir>/clickhouse
-    database: str = "meterline"
-    table: str = "llm_events"
+    database: str = "meterline"  # created when create_schema is on
+    table: str = "llm_events"  # the raw events (the rollups are named after it)
     username: str = "default"  # servers only
-    password: str = ""
+    password: str = ""  # servers only
     create_schema: bool = True  # create and migrate the tables on start
     ttl: Duration | None = None  # raw events older than this are deleted (rollups are kept)
     dedup_window: int = 10_000  # recent insert tokens remembered, so a retried batch lands once
     async_insert: bool = False  # servers only: server-side batching, still waited for
     cluster: ClusterConfig | None = None  # servers only
-    connect_timeout: Duration = Duration(10)
-    query_timeout: Duration = Duration(60)
+    connect_timeout: Duration = Duration(10)  # servers only: to open a connection
+    query_timeout: Duration = Duration(60)  # for one insert or query
     analytics: bool = True  # serve the analytics API and compute budgets from this exporter
     budget_refresh: Duration = Duration(15)  # how often budget spend is recomputed
     # How often the rollups of recent hours are checked for events two writers both stored,
     # and those hours rebuilt (0: never); and how far back (see repair.py).
     repair_interval: Duration = Duration(300)
-    repair_lookback: Duration = Duration(48 * 3600)
+    repair_lookback: Duration = Duration(48 * 3600)  # how far back repair checks hours
     # chdb:// only: the memory one query or insert may take (absent: 256); GROUP BY and
     # ORDER BY spill to disk past half of it (see connection.py for the embedded engine's
     # other bounds). A server's limits are the server's.

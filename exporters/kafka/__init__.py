@@ -1,3 +1,3 @@
-"""Kafka: the `kafka` exporter (`exporter.py`), how events become messages
-(`messages.py`), and the connection settings it shares with the `kafka` receiver
-(`connection.py`)."""
+"""Kafka: the `kafka` exporter (`exporter.py`) and how events become messages
+(`messages.py`). Its connection settings are shared with the `kafka` receiver
+(`clients/kafka.py`)."""

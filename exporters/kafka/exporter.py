@@ -21,7 +21,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 from aiokafka.producer.message_accumulator import BatchBuilder
 
-from exporters.kafka.connection import (
+from clients.kafka import (
     Brokers,
     SaslConfig,
     TlsConfig,
@@ -49,21 +49,23 @@ from meterline.units import Duration
 
 
 class KafkaExporterConfig(ExporterConfig):
-    brokers: Brokers = msgspec.field(default_factory=default_brokers)
-    client_id: str = "meterline"
-    sasl: SaslConfig | None = None
-    tls: TlsConfig | None = None
+    brokers: Brokers = msgspec.field(default_factory=default_brokers)  # bootstrap servers
+    client_id: str = "meterline"  # as the brokers log it
+    sasl: SaslConfig | None = None  # null: no authentication
+    tls: TlsConfig | None = None  # null: plaintext
     topic: TopicTemplate = TopicTemplate("meterline.events")  # may name fields: llm.{provider}
     key: FieldPath | None = None  # event field whose value keys the message (api_key_id...)
-    encoding: Encoding = "json"
-    acks: Literal["all", 0, 1] = "all"
+    encoding: Encoding = "json"  # json: meterline's events; otlp_*: OTLP logs
+    acks: Literal["all", 0, 1] = "all"  # replicas that must have a message
     idempotence: bool = True  # with acks: all only
-    compression: Literal["none", "gzip", "snappy", "lz4", "zstd"] = "none"
+    compression: Literal["none", "gzip", "snappy", "lz4", "zstd"] = "none"  # of batches
     # No `linger`: the `batch` block is the linger (`batch.timeout` is how long the exporter
     # waits to fill a batch), and the batch is handed to the producer whole.
+
     max_batch_bytes: int = 1 << 20  # per partition and request: a larger batch is split
     max_message_bytes: int = 1_000_000  # larger events fail permanently (under the broker's
-    # message.max.bytes, 1048588 by default, with room for the key and headers)
+                                        # message.max.bytes, 1048588 by default, with room
+                                        # for the key and headers)
     timeout: Duration = Duration(30)  # for a message to be acknowledged
 
     def __post_init__(self) -> None:

@@ -33,9 +33,10 @@ from exporters.otlp.transport import (
     Transport,
     split_endpoint,
 )
-from meterline.component import Config, Context, ExportBatch, Exporter, Factory
+from meterline.component import Context, ExportBatch, Exporter, Factory
 from meterline.delivery import ExporterConfig
 from meterline.event import Event
+from meterline.tls import TlsConfig
 from meterline.units import Duration
 
 _DEFAULT_ENDPOINTS = {"grpc": "http://127.0.0.1:4317", "http": "http://127.0.0.1:4318"}
@@ -45,27 +46,24 @@ _REJECTED_FIELDS = {"traces": "rejected_spans", "logs": "rejected_log_records",
                     "metrics": "rejected_data_points"}
 
 
-class TlsConfig(Config):
-    insecure: bool = False  # plaintext when the endpoint has no http:// or https:// scheme
-    ca_file: str | None = None  # PEM roots to verify the server; default: the system's
-    cert_file: str | None = None  # client certificate (mutual TLS), with key_file
-    key_file: str | None = None
+class OtlpTlsConfig(TlsConfig):
+    """The client TLS every component takes (`meterline.tls`), and whether an endpoint
+    written without a scheme is plaintext."""
 
-    def __post_init__(self) -> None:
-        if (self.cert_file is None) != (self.key_file is None):
-            raise ValueError("cert_file and key_file go together (mutual TLS)")
+    insecure: bool = False  # plaintext when the endpoint has no http:// or https:// scheme
 
 
 class OtlpExporterConfig(ExporterConfig):
     endpoint: str | None = None  # default http://127.0.0.1:4317 (grpc) or :4318 (http)
-    protocol: Literal["grpc", "http"] = "grpc"
-    headers: dict[str, str] = msgspec.field(default_factory=dict)
-    tls: TlsConfig = msgspec.field(default_factory=TlsConfig)
-    compression: Literal["gzip", "none"] = "gzip"
+    protocol: Literal["grpc", "http"] = "grpc"  # http: OTLP/HTTP protobuf
+    headers: dict[str, str] = msgspec.field(default_factory=dict)  # sent with every request
+    tls: OtlpTlsConfig = msgspec.field(default_factory=OtlpTlsConfig)
+    compression: Literal["gzip", "none"] = "gzip"  # of request bodies
     timeout: Duration = Duration(10)  # per request
-    traces: bool = True
+    traces: bool = True  # one CLIENT span per event
     logs: bool = False  # one log record per event (gen_ai.client.inference.operation.details)
     metrics: bool = False  # the GenAI client histograms, delta temporality
+    # resource attributes of everything sent (service.name...)
     resource: dict[str, str | int | float | bool] = msgspec.field(
         default_factory=lambda: dict(DEFAULT_RESOURCE))
 
@@ -74,6 +72,10 @@ class OtlpExporterConfig(ExporterConfig):
             raise ValueError("enable at least one of traces, logs, metrics")
         if self.timeout <= 0:
             raise ValueError("timeout must be positive")
+        if self.protocol == "grpc" and (self.tls.key_password or self.tls.insecure_skip_verify):
+            raise ValueError("tls.key_password and tls.insecure_skip_verify apply to protocol: "
+                             "http only (gRPC reads an unencrypted key_file and always "
+                             "verifies the server)")
 
     @property
     def signals(self) -> list[str]:
@@ -102,9 +104,8 @@ class OtlpExporter(Exporter):
         endpoint, tls = split_endpoint(c.endpoint or _DEFAULT_ENDPOINTS[c.protocol],
                                        c.tls.insecure)
         transport = GrpcTransport if c.protocol == "grpc" else HttpTransport
-        self._transport = transport(endpoint, tls, c.headers, float(c.timeout),
-                                    c.compression == "gzip", c.tls.ca_file, c.tls.cert_file,
-                                    c.tls.key_file)
+        self._transport = transport(endpoint, c.tls if tls else None, c.headers,
+                                    float(c.timeout), c.compression == "gzip")
         self.log.info("otlp exporter ready", endpoint=endpoint, protocol=c.protocol, tls=tls,
                       signals=c.signals)
 

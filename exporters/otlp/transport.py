@@ -16,7 +16,6 @@ import gzip
 import ssl
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, Final, Protocol
 
 import aiohttp
@@ -30,6 +29,7 @@ from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metric
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 from meterline.component import PermanentError, RetryableError
+from meterline.tls import TlsConfig, client_context, read_pem
 
 _RETRYABLE_CODES: Final = frozenset({
     grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -68,18 +68,16 @@ def split_endpoint(endpoint: str, insecure: bool) -> tuple[str, bool]:
     return endpoint.rstrip("/"), not insecure
 
 
-def _read(path: str | None) -> bytes | None:
-    return Path(path).read_bytes() if path else None
-
-
 class GrpcTransport:
-    def __init__(self, endpoint: str, tls: bool, headers: dict[str, str], timeout: float,
-                 gzip_: bool, ca_file: str | None, cert_file: str | None,
-                 key_file: str | None) -> None:
-        if tls:
+    """`tls` None: plaintext. gRPC takes PEM files, not an `ssl.SSLContext`: it verifies
+    the server always, and reads unencrypted keys (the config refuses the other options)."""
+
+    def __init__(self, endpoint: str, tls: TlsConfig | None, headers: dict[str, str],
+                 timeout: float, gzip_: bool) -> None:
+        if tls is not None:
             credentials = grpc.ssl_channel_credentials(
-                root_certificates=_read(ca_file), private_key=_read(key_file),
-                certificate_chain=_read(cert_file))
+                root_certificates=read_pem(tls.ca_file), private_key=read_pem(tls.key_file),
+                certificate_chain=read_pem(tls.cert_file))
             self.channel = grpc.aio.secure_channel(endpoint, credentials)
         else:
             self.channel = grpc.aio.insecure_channel(endpoint)
@@ -126,15 +124,12 @@ def _retry_delay(trailers: Any) -> float | None:
 
 
 class HttpTransport:
-    def __init__(self, base_url: str, tls: bool, headers: dict[str, str], timeout: float,
-                 gzip_: bool, ca_file: str | None, cert_file: str | None,
-                 key_file: str | None) -> None:
-        self.base = f"{'https' if tls else 'http'}://{base_url}"
-        self.ssl: ssl.SSLContext | bool = False
-        if tls:
-            self.ssl = ssl.create_default_context(cafile=ca_file)
-            if cert_file:
-                self.ssl.load_cert_chain(cert_file, key_file)
+    """`tls` None: plaintext."""
+
+    def __init__(self, base_url: str, tls: TlsConfig | None, headers: dict[str, str],
+                 timeout: float, gzip_: bool) -> None:
+        self.base = f"{'https' if tls is not None else 'http'}://{base_url}"
+        self.ssl: ssl.SSLContext | bool = client_context(tls) if tls is not None else False
         self.headers = {**headers, "Content-Type": "application/x-protobuf"}
         if gzip_:
             self.headers["Content-Encoding"] = "gzip"

@@ -22,7 +22,6 @@ counts there.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import itertools
 import math
 import re
@@ -46,6 +45,7 @@ from exporters.prometheus.metrics import (
 )
 from exporters.prometheus.multiprocess import PUBLISH_INTERVAL, SharedSeries
 from exporters.prometheus.series import Family, SeriesStore
+from meterline.auth import BearerToken, unauthorised
 from meterline.component import Config, Context, ExportBatch, Exporter, Factory, cancel_and_wait
 from meterline.delivery import ExporterConfig, QueueConfig
 from meterline.genai import DURATION_BUCKETS, TIME_PER_TOKEN_BUCKETS, TTFT_BUCKETS
@@ -61,9 +61,13 @@ _LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 class BucketsConfig(Config):
     """Histogram bucket upper bounds, in seconds (GenAI conventions by default)."""
 
+    # gen_ai.client.operation.duration
     duration: list[float] = msgspec.field(default_factory=lambda: list(DURATION_BUCKETS))
+    # the gateway's own added latency
     overhead: list[float] = msgspec.field(default_factory=lambda: list(OVERHEAD_BUCKETS))
+    # gen_ai.server.time_to_first_token
     time_to_first_token: list[float] = msgspec.field(default_factory=lambda: list(TTFT_BUCKETS))
+    # gen_ai.server.time_per_output_token
     inter_token_latency: list[float] = msgspec.field(
         default_factory=lambda: list(TIME_PER_TOKEN_BUCKETS))
 
@@ -76,9 +80,10 @@ class BucketsConfig(Config):
 
 
 class PrometheusConfig(ExporterConfig):
-    listen: Listen = Listen("127.0.0.1:9464")
-    path: str = "/metrics"
+    listen: Listen = Listen("127.0.0.1:9464")  # the scrape listener
+    path: str = "/metrics"  # the scrape path
     auth_token: str | None = None  # when set, scrapes need `Authorization: Bearer <token>`
+    # labels of every series: event fields, or metadata_<key> for a metadata key
     labels: list[str] = msgspec.field(default_factory=lambda: list(DEFAULT_LABELS))
     max_series: int = 2000  # label sets tracked; beyond, new ones fold into __other__
     metric_expiration: Duration = Duration(3600)  # forget a label set unseen this long
@@ -111,6 +116,7 @@ class PrometheusExporter(Exporter):
     def __init__(self, config: PrometheusConfig, context: Context) -> None:
         self.config = config
         self.log = context.log
+        self.auth = BearerToken(config.auth_token)
         self.telemetry_registry = context.telemetry.registry
         attrs = {"exporter": context.id}
         folded = context.meter.create_counter(
@@ -178,10 +184,8 @@ class PrometheusExporter(Exporter):
                 del unwritten[ident]
 
     async def scrape(self, request: web.Request) -> web.StreamResponse:
-        token = self.config.auth_token
-        if token and not hmac.compare_digest(
-                request.headers.get("Authorization", "").encode(), f"Bearer {token}".encode()):
-            return web.Response(status=401, text="missing or wrong bearer token\n")
+        if not self.auth.admits_request(request):
+            return unauthorised(plain_text=True)
         encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
         # Rendering text is most of a scrape's cost: done in a thread, on a copy taken
         # here, so that receivers keep answering during a large scrape.

@@ -138,6 +138,7 @@ class Queue(ABC):
         self._inflight: tuple[ExportBatch, Position] | None = None
         self._changed = asyncio.Event()
         self._interrupted = False
+        self.discarded_bytes = 0  # torn or corrupt tails cut off when opening (durable queues)
 
     # --- what a subclass provides --------------------------------------------------
     @abstractmethod
@@ -167,6 +168,8 @@ class Queue(ABC):
 
     @property
     def durable(self) -> bool:
+        """Whether what it holds outlives the process (else it is handed over on reload,
+        see `untaken`, and lost on a crash)."""
         return False
 
     @property

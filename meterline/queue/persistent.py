@@ -80,7 +80,6 @@ class PersistentQueue(Queue):
         self._pending: list[_Pending] = []
         self._reserved = 0
         self._writer: asyncio.Task[None] | None = None
-        self.discarded_bytes = 0  # torn or corrupt tails cut off when opening
         self._segment = 0  # the segment being written (opened at the first write)
         self._fd: int | None = None
         self._recover()

@@ -66,7 +66,9 @@ class PriceFile:
 
 
 class CostConfig(Config):
+    # prices by model (`provider/model` or `model`), over the bundled table and files
     prices: dict[str, PriceSpec] = msgspec.field(default_factory=dict)
+    # price files (meterline's YAML, or LiteLLM's JSON), later ones win
     price_files: list[PriceFile] = msgspec.field(default_factory=list)
     bundled: bool = True  # false: price only from price_files and prices
     aliases: dict[str, str] = msgspec.field(default_factory=dict)  # e.g. Azure deployments

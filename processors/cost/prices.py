@@ -48,22 +48,22 @@ class Rates(NamedTuple):
 
 class TierSpec(msgspec.Struct, forbid_unknown_fields=True):
     above: int  # prompt tokens (cache included) above which the whole call is priced so
-    input: float | None = None
-    output: float | None = None
-    cache_read: float | None = None
-    cache_write: float | None = None
-    reasoning: float | None = None
+    input: float | None = None  # the tier's input rate; default: the entry's
+    output: float | None = None  # the tier's output rate; default: the entry's
+    cache_read: float | None = None  # the tier's cache read rate; default: the entry's
+    cache_write: float | None = None  # the tier's cache write rate; default: the entry's
+    reasoning: float | None = None  # the tier's reasoning rate; default: the entry's
 
 
 class PriceSpec(msgspec.Struct, forbid_unknown_fields=True):
     """One model's prices as written in YAML, USD per million tokens."""
 
-    input: float
+    input: float  # USD per million input tokens
     output: float = 0.0  # embeddings have no output
-    cache_read: float | None = None
-    cache_write: float | None = None
-    reasoning: float | None = None
-    tiers: list[TierSpec] = msgspec.field(default_factory=list)
+    cache_read: float | None = None  # cached input tokens read; default: the input rate
+    cache_write: float | None = None  # input tokens written to the cache; default: input
+    reasoning: float | None = None  # reasoning tokens; default: the output rate
+    tiers: list[TierSpec] = msgspec.field(default_factory=list)  # long-prompt prices
     batch: float | None = None  # batch-API price as a fraction of the standard one (0.5)
     batch_output: float | None = None  # the output's own fraction, when not `batch`
     source: str | None = None  # a key of the file's `sources`, or a URL

@@ -129,9 +129,9 @@ def _check_action(action: str, where: str) -> None:
 
 
 class CustomDetector(Config):
-    name: str
-    pattern: str
-    action: str = "mask"
+    name: str  # lower_snake_case, counted by this name
+    pattern: str  # a Python regular expression
+    action: str = "mask"  # what a match becomes: mask, hash, drop... (as built-ins)
 
     def __post_init__(self) -> None:
         _check_action(self.action, f"custom detector {self.name}")
@@ -149,7 +149,7 @@ class RedactConfig(Config):
     # action per built-in detector; YAML reads a bare `off` as false, so false is off too
     detectors: dict[str, str | bool] = msgspec.field(default_factory=dict)
     default_action: str = "mask"  # for built-in detectors not listed in `detectors`
-    custom: list[CustomDetector] = msgspec.field(default_factory=list)
+    custom: list[CustomDetector] = msgspec.field(default_factory=list)  # your own regexes
     # `all`: every string field but EXCLUDED_FIELDS; a list: the messages and those paths
     fields: list[FieldPath] | str = "all"
     exclude: list[FieldPath] = msgspec.field(default_factory=list)  # whole fields, from `all`

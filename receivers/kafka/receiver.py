@@ -32,7 +32,7 @@ from aiohttp import web
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 
-from exporters.kafka.connection import (
+from clients.kafka import (
     Brokers,
     SaslConfig,
     TlsConfig,
@@ -40,9 +40,10 @@ from exporters.kafka.connection import (
     default_brokers,
     start_producer,
 )
+from meterline.backoff import exponential
+from meterline.backpressure import offer, retry_hint
 from meterline.component import (
     AdminHandler,
-    Backpressure,
     Config,
     Consumer,
     Context,
@@ -51,7 +52,6 @@ from meterline.component import (
     cancel_and_wait,
 )
 from meterline.event import Event
-from meterline.queue import QueueWriteError
 from meterline.units import Duration
 from receivers.kafka.messages import Encoding, Record, decode_records
 
@@ -61,20 +61,20 @@ Records = dict[TopicPartition, list[Record]]
 
 
 class KafkaReceiverConfig(Config):
-    brokers: Brokers = msgspec.field(default_factory=default_brokers)
-    client_id: str = "meterline"
-    sasl: SaslConfig | None = None
-    tls: TlsConfig | None = None
-    topics: list[str] = msgspec.field(default_factory=lambda: ["meterline.events"])
-    group_id: str = "meterline"
+    brokers: Brokers = msgspec.field(default_factory=default_brokers)  # bootstrap servers
+    client_id: str = "meterline"  # as the brokers log it
+    sasl: SaslConfig | None = None  # null: no authentication
+    tls: TlsConfig | None = None  # null: plaintext
+    topics: list[str] = msgspec.field(default_factory=lambda: ["meterline.events"])  # read
+    group_id: str = "meterline"  # the consumer group: its members share the partitions
     encoding: Encoding = "json"  # or otlp_proto, otlp_json (OTLP logs)
     start_at: Literal["earliest", "latest"] = "earliest"  # for a group with no offset yet
     dead_letter_topic: str | None = "{topic}.dead-letter"  # null: log and skip instead
     dead_letter_timeout: Duration = Duration(10)  # for a dead-letter write, before a retry
     max_batch: int = 1000  # messages per poll
-    session_timeout: Duration = Duration(30)
-    heartbeat_interval: Duration = Duration(3)
-    rebalance_timeout: Duration = Duration(30)
+    session_timeout: Duration = Duration(30)  # a member silent this long leaves the group
+    heartbeat_interval: Duration = Duration(3)  # how often the member tells it is alive
+    rebalance_timeout: Duration = Duration(30)  # for members to rejoin in a rebalance
     retry_interval: Duration = Duration(1)  # first wait while the brokers are away (doubles)
 
     def __post_init__(self) -> None:
@@ -165,7 +165,7 @@ class KafkaReceiver(Receiver):
 
     async def _connect(self) -> AIOKafkaConsumer:
         config = self.config
-        delay = float(config.retry_interval)
+        delays = exponential(float(config.retry_interval), _MAX_RETRY_INTERVAL)
         while True:
             kafka = AIOKafkaConsumer(
                 **client_options(config), group_id=config.group_id,
@@ -181,10 +181,10 @@ class KafkaReceiver(Receiver):
                 await kafka.stop()
                 if not isinstance(e, KafkaError):
                     raise
+                delay = next(delays)
                 self.log.warning("cannot reach kafka; retrying", brokers=config.brokers,
                                  error=repr(e), retry_in_s=delay)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, _MAX_RETRY_INTERVAL)
                 continue
             self.log.info("kafka consumer started", topics=config.topics,
                           group_id=config.group_id)
@@ -244,19 +244,18 @@ class KafkaReceiver(Receiver):
         False when the batch was let go (a rebalance or shutdown is waiting)."""
         assert self.kafka is not None
         try:
-            while True:
-                try:
-                    await self.consumer.consume(events)
-                    return True
-                except (Backpressure, QueueWriteError) as e:
-                    if self._letting_go:
-                        return False
-                    if not self._paused:
-                        self.log.info("pipeline pushing back; partitions paused", reason=str(e))
-                    await self._paused_wait(e.retry_after if isinstance(e, Backpressure)
-                                            else float(self.config.retry_interval))
+            return await offer(self.consumer, events, self._wait_pushed_back)
         finally:
             self._resume()
+
+    async def _wait_pushed_back(self, pushback: Exception) -> bool:
+        if self._letting_go:
+            return False
+        if not self._paused:
+            self.log.info("pipeline pushing back; partitions paused", reason=str(pushback))
+        hint = retry_hint(pushback)
+        await self._paused_wait(hint if hint is not None else float(self.config.retry_interval))
+        return True
 
     async def _paused_wait(self, seconds: float) -> None:
         """Wait with the partitions paused: they return nothing, and polling keeps this
@@ -283,7 +282,7 @@ class KafkaReceiver(Receiver):
             self.log.warning("undecodable message", topic=record.topic,
                              partition=record.partition, offset=record.offset, reason=reason,
                              dead_letter=template.format(topic=record.topic) if template else None)
-        delay, attempts = float(self.config.retry_interval), 0
+        delays, attempts = exponential(float(self.config.retry_interval), _MAX_RETRY_INTERVAL), 0
         try:
             while template is not None:
                 try:
@@ -293,6 +292,7 @@ class KafkaReceiver(Receiver):
                     if self._letting_go:
                         return False
                     attempts += 1
+                    delay = next(delays)
                     if not self._dead_letter_blocked:
                         self._dead_letter_blocked = True
                         self.log.error(
@@ -306,7 +306,6 @@ class KafkaReceiver(Receiver):
                         self.log.warning("dead-letter topic still not writable; retrying",
                                          attempts=attempts, retry_in_s=delay, error=repr(e))
                     await self._paused_wait(delay)
-                    delay = min(delay * 2, _MAX_RETRY_INTERVAL)
         finally:
             self._resume()
             blocked, self._dead_letter_blocked = self._dead_letter_blocked, False

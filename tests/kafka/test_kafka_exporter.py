@@ -14,7 +14,7 @@ import pytest
 import trustme
 from aiokafka.partitioner import DefaultPartitioner
 
-from exporters.kafka.connection import client_options
+from clients.kafka import client_options
 from exporters.kafka.exporter import KafkaExporter, KafkaExporterConfig
 from meterline.component import ExportBatch, PermanentError, RetryableError
 from meterline.config import ConfigError, convert, loads

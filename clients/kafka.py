@@ -1,25 +1,24 @@
 """Kafka connection settings, written once for the `kafka` exporter and the `kafka` receiver.
 
 Both take the same keys (`brokers`, `client_id`, `sasl`, `tls`: the options
-Otoroshi's Kafka data exporter has), so the edge that writes a topic and the
-collectors that read it are configured alike. This module turns them into
-aiokafka client options and starts producers, falling back to a non-idempotent
-producer when the broker refuses idempotence rather than failing for ever.
+Otoroshi's Kafka data exporter has; `tls` is the core's `meterline.tls.TlsConfig`),
+so the edge that writes a topic and the collectors that read it are configured
+alike. This module turns them into aiokafka client options and starts producers,
+falling back to a non-idempotent producer when the broker refuses idempotence
+rather than failing for ever.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import ssl
 from typing import Any, Literal, Protocol
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaConnectionError, KafkaError, KafkaTimeoutError, NodeNotReadyError
-from aiokafka.helpers import create_ssl_context
 from structlog.typing import FilteringBoundLogger
 
 from meterline.component import Config
+from meterline.tls import TlsConfig, client_context
 
 # What a broker that is down or unreachable raises; anything else from starting an
 # idempotent producer means the broker would not give it a producer id.
@@ -31,36 +30,16 @@ logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
 
 
 class SaslConfig(Config):
-    username: str
-    password: str
-    mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
-
-
-class TlsConfig(Config):
-    """TLS to the brokers. `tls: {}` verifies them against the system's CAs."""
-
-    ca_file: str | None = None  # PEM bundle of the CAs that signed the brokers' certificates
-    cert_file: str | None = None  # client certificate (mutual TLS), with key_file
-    key_file: str | None = None
-    key_password: str | None = None
-    insecure_skip_verify: bool = False  # accept any certificate and host name (tests only)
-
-    def __post_init__(self) -> None:
-        if (self.cert_file is None) != (self.key_file is None):
-            raise ValueError("cert_file and key_file go together (mutual TLS)")
-        for name in ("ca_file", "cert_file", "key_file"):
-            path = getattr(self, name)
-            if path is not None and not os.path.isfile(path):
-                raise ValueError(f"{name}: no such file: {path}")
-        try:
-            ssl_context(self)  # a bad certificate, key or password is a config error
-        except (ssl.SSLError, OSError) as e:
-            raise ValueError(f"cannot load the certificates: {e}") from None
+    username: str  # the SASL user
+    password: str  # its password (use ${env:...})
+    mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"  # over TLS
 
 
 class Brokers(list[str]):
     """`host:port` bootstrap addresses: a list, or a comma-separated string (handy with
     `${env:KAFKA_BROKERS}`)."""
+
+    config_type = "list of host:port"  # as `meterline components` names it
 
     @classmethod
     def from_config(cls, value: Any) -> Brokers:
@@ -98,21 +77,12 @@ def client_options(conn: Connection) -> dict[str, Any]:
     transport = "SSL" if conn.tls is not None else "PLAINTEXT"
     options["security_protocol"] = f"SASL_{transport}" if conn.sasl is not None else transport
     if conn.tls is not None:
-        options["ssl_context"] = ssl_context(conn.tls)
+        options["ssl_context"] = client_context(conn.tls)
     if conn.sasl is not None:
         options.update(sasl_mechanism=conn.sasl.mechanism,
                        sasl_plain_username=conn.sasl.username,
                        sasl_plain_password=conn.sasl.password)
     return options
-
-
-def ssl_context(tls: TlsConfig) -> ssl.SSLContext:
-    context = create_ssl_context(cafile=tls.ca_file, certfile=tls.cert_file,
-                                 keyfile=tls.key_file, password=tls.key_password)
-    if tls.insecure_skip_verify:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    return context
 
 
 async def start_producer(conn: Connection, log: FilteringBoundLogger, idempotent: bool,

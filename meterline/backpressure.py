@@ -1,0 +1,77 @@
+"""What a receiver does when the pipeline pushes back, written once for every receiver.
+
+`consume` (the `Consumer`'s) raises `Backpressure` when a queue is full and
+`QueueWriteError` when a queue cannot be written; in both cases nothing was queued.
+A receiver either
+
+- answers its client, which retries (`webhook`, `otlp`): `refuse` turns the two into
+  one `Refused`, with the HTTP status (429, or 503 for a failed write), the message and
+  the `Retry-After` to send; gRPC answers `RESOURCE_EXHAUSTED` or `UNAVAILABLE` from the
+  same; or
+- keeps the events and offers them again (`file`, `gateway`, `kafka`): `offer` retries
+  after a wait the receiver chooses, for as long as that wait says to go on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+from structlog.typing import FilteringBoundLogger
+
+from meterline.component import Backpressure, Consumer
+from meterline.event import Event
+from meterline.queue import QueueWriteError
+
+PUSHBACK: tuple[type[Exception], ...] = (Backpressure, QueueWriteError)
+"""The errors of `consume` after which the events may be offered again."""
+WRITE_RETRY_AFTER = 5.0  # seconds a client is told to wait after a failed queue write
+
+
+class Refused(Exception):
+    """Nothing was queued; the client should retry after `retry_after` seconds."""
+
+    def __init__(self, message: str, retry_after: float, overloaded: bool) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+        self.overloaded = overloaded  # a full queue (429) rather than a failed write (503)
+
+    @property
+    def status(self) -> int:
+        return 429 if self.overloaded else 503
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(max(1, round(self.retry_after)))}
+
+
+async def refuse(consumer: Consumer, events: list[Event], log: FilteringBoundLogger) -> None:
+    """`consumer.consume(events)`, with a push-back raised as `Refused`. A failed write is
+    counted (`unavailable`) and logged as an error; a full queue is the client's to wait
+    out, and neither."""
+    try:
+        await consumer.consume(events)
+    except Backpressure as e:
+        raise Refused(f"back-pressure: {e}; retry later", e.retry_after, True) from e
+    except QueueWriteError as e:
+        consumer.refused(len(events), "unavailable")
+        log.error("cannot queue events", error=str(e))
+        raise Refused(f"cannot queue events: {e}", WRITE_RETRY_AFTER, False) from e
+
+
+def retry_hint(error: Exception) -> float | None:
+    """The pipeline's suggested wait (`Backpressure.retry_after`), if it gave one."""
+    return error.retry_after if isinstance(error, Backpressure) else None
+
+
+async def offer(consumer: Consumer, events: list[Event],
+                wait: Callable[[Exception], Awaitable[bool]]) -> bool:
+    """Hand `events` over, and while the pipeline pushes back, `await wait(error)` and try
+    again. `wait` returns False to stop trying: then so does this (True once handed over).
+    Any other error of `consume` is raised."""
+    while True:
+        try:
+            await consumer.consume(events)
+            return True
+        except PUSHBACK as e:
+            if not await wait(e):
+                return False

@@ -1,0 +1,57 @@
+"""Client TLS, written once for every component that connects to a server over TLS (the
+`kafka` exporter and receiver, the `otlp` exporter): the `tls` block's keys, their checks
+and the `ssl.SSLContext` they make.
+
+`tls: {}` verifies the server against the system's CAs. The files are checked and loaded
+when the config is read, so a missing file, a bad certificate or a wrong key password is
+a config error naming the key, not a failure at the first connection.
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+from pathlib import Path
+
+from meterline.component import Config
+
+
+class TlsConfig(Config):
+    """TLS to a server. `tls: {}` verifies it against the system's CAs."""
+
+    ca_file: str | None = None  # PEM bundle of the CAs that signed the server's certificate
+    cert_file: str | None = None  # client certificate (mutual TLS), with key_file
+    key_file: str | None = None  # the client certificate's private key (PEM)
+    key_password: str | None = None  # when key_file is encrypted
+    insecure_skip_verify: bool = False  # accept any certificate and host name (tests only)
+
+    def __post_init__(self) -> None:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together (mutual TLS)")
+        for name in ("ca_file", "cert_file", "key_file"):
+            path = getattr(self, name)
+            if path is not None and not os.path.isfile(path):
+                raise ValueError(f"{name}: no such file: {path}")
+        if self.ca_file is None and self.cert_file is None:
+            return  # the system's CAs: nothing of ours to load
+        try:
+            client_context(self)  # a bad certificate, key or password is a config error
+        except (ssl.SSLError, OSError) as e:
+            raise ValueError(f"cannot load the certificates: {e}") from None
+
+
+def client_context(tls: TlsConfig) -> ssl.SSLContext:
+    """The context for connecting to a server: its CAs (else the system's), the client
+    certificate if any, and verification unless `insecure_skip_verify`."""
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=tls.ca_file)
+    if tls.cert_file is not None:
+        context.load_cert_chain(tls.cert_file, tls.key_file, tls.key_password)
+    if tls.insecure_skip_verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def read_pem(path: str | None) -> bytes | None:
+    """A file's bytes (None for None), for libraries that take PEM, not a context (gRPC)."""
+    return Path(path).read_bytes() if path else None
