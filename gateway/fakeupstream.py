@@ -327,7 +327,7 @@ class FakeUpstream:
                                "usage": usage}, headers=_ANTHROPIC_LIMITS)
 
         async def chunks() -> AsyncIterator[bytes]:
-            start = {**message, "content": [], "stop_reason": None,
+            start: dict[str, Any] = {**message, "content": [], "stop_reason": None,
                      "usage": {**usage, "output_tokens": 1}}
             yield _sse({"type": "message_start", "message": start}, "message_start")
             yield _sse({"type": "content_block_start", "index": 0,

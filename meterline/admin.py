@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 import msgspec
 from aiohttp import web
+from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from meterline import dashboard
@@ -62,7 +63,7 @@ class AdminServer:
             await self.runner.cleanup()
 
     @web.middleware
-    async def _auth(self, request: web.Request, handler: web.RequestHandler) -> web.StreamResponse:
+    async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path.startswith("/api/") and not self.auth.admits_request(request):
             return unauthorised()
         return await handler(request)

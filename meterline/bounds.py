@@ -147,10 +147,10 @@ def _checked_type(name: str, tp: Any, now_ns: int, patterns: bool) -> Any:
             value = Annotated[int, msgspec.Meta(ge=0, le=TOKENS_MAX)]
         else:
             value = msgspec.Raw
-        return Annotated[dict[key, value],
+        return Annotated[dict[key, value],  # type: ignore[valid-type]  # (built at run time)
                          msgspec.Meta(max_length=_MAP_ENTRIES.get(name, ATTRIBUTE_ENTRIES))]
     if origin is list and args[0] is str:
-        return Annotated[list[_text(NAME_CHARS, plain)],
+        return Annotated[list[_text(NAME_CHARS, plain)],  # type: ignore[misc]  # (run time)
                          msgspec.Meta(max_length=LIST_ITEMS)]
     if origin is list:
         return msgspec.Raw  # messages: their content is free text
@@ -201,10 +201,11 @@ class _Checker:
         # Checking a batch: its numbers and maps in one decode, its names (strings the
         # control-character rule covers) in another, whose JSON form holds a backslash
         # or DEL when one of them holds a control character (see `refused`).
-        self.numbers = msgspec.msgpack.Decoder(list[twin("Numbers", other, False)])
-        self.names = msgspec.msgpack.Decoder(list[twin("Names", named, False)])
+        # (types made at run time, which a type checker cannot follow)
+        self.numbers = msgspec.msgpack.Decoder(list[twin("Numbers", other, False)])  # type: ignore[misc]
+        self.names = msgspec.msgpack.Decoder(list[twin("Names", named, False)])  # type: ignore[misc]
         exact = twin("Checked", lambda n: True, True)
-        self.exact = msgspec.msgpack.Decoder(list[exact])
+        self.exact = msgspec.msgpack.Decoder(list[exact])  # type: ignore[valid-type]
         self.one = msgspec.msgpack.Decoder(exact)
 
 

@@ -10,6 +10,7 @@ points; the core never imports a component by name.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -174,7 +175,7 @@ class Factory:
 
     kind: Kind
     type: str
-    config: type[Config]
+    config: builtins.type[Config]  # (`type` is the field above here)
     create: Callable[..., Any]
     """`create(config, context)` for processors and exporters,
     `create(config, context, consumer)` for receivers."""

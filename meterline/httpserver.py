@@ -30,11 +30,12 @@ import asyncio
 import logging
 import time
 import zlib
-from collections.abc import Awaitable, Iterator
-from typing import Protocol
+from collections.abc import Iterator
+from typing import Any, Protocol
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.typedefs import Handler
 from structlog.typing import FilteringBoundLogger
 
 from meterline import logs
@@ -226,10 +227,6 @@ async def _track_requests(request: web.Request, handler: Handler) -> web.StreamR
         connection.request_ended(request, response)
 
 
-class Handler(Protocol):
-    def __call__(self, request: web.Request) -> Awaitable[web.StreamResponse]: ...
-
-
 class _Site(web.BaseSite):
     """aiohttp's `TCPSite`, with the connection bound and the head deadline."""
 
@@ -262,7 +259,7 @@ class _Site(web.BaseSite):
 
 async def serve(app: web.Application, listen: Listen, limits: ListenerConfig | None = None,
                 log: FilteringBoundLogger | None = None, decode_bodies: bool = True,
-                **runner_options: object) -> web.AppRunner:
+                **runner_options: Any) -> web.AppRunner:
     """Start `app` on `listen` with `limits` (else the defaults); call `cleanup()` on the
     result to stop it. `decode_bodies=False` leaves request bodies as sent, for handlers
     that read them with `read_body` (which decodes them within limits); else aiohttp

@@ -180,7 +180,7 @@ class Entry:
         except Backpressure:
             self.refused(len(events), "worker_restart")
             raise
-        out = []
+        out: list[tuple[Pipeline, list[Event], bytes | None]] = []
         for pipeline, result in zip(pipelines, results, strict=True):
             for pid, before, after in result.counts:
                 pipeline.count(pid, before, after)

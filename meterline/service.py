@@ -16,7 +16,7 @@ import contextlib
 import fcntl
 import os
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -166,12 +166,12 @@ class Service:
             if key not in wanted or spec is None or spec.config != running.spec.config:
                 await running.component.shutdown()
                 del self.processors[key]
-        for name, key in sorted(wanted):
-            if (name, key) not in self.processors:
-                spec = new.processors[key]
+        for name, pid in sorted(wanted):
+            if (name, pid) not in self.processors:
+                spec = new.processors[pid]
                 processor: Processor = spec.factory.create(spec.config, self.context(spec.id))
-                await _started(f"processor {key}", processor.start())
-                self.processors[(name, key)] = _Running(spec, processor)
+                await _started(f"processor {pid}", processor.start())
+                self.processors[(name, pid)] = _Running(spec, processor)
         if self.pool is not None:
             await self._plan_workers(new)
         self.pipelines = {
@@ -307,7 +307,7 @@ class Service:
         self.log.info("stopped")
 
     async def run(self, path: str,
-                  companion: Callable[[], Awaitable[None]] | None = None) -> None:
+                  companion: Callable[[], Coroutine[Any, Any, None]] | None = None) -> None:
         """Run until SIGTERM/SIGINT; reload on SIGHUP (and on change when watched).
         `companion`, when given, runs beside the started daemon until it stops (the demo's
         traffic)."""

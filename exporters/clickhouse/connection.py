@@ -236,7 +236,7 @@ def without_pandas() -> None:
     installed (chDB's wheels bring it)."""
     options = importlib.import_module("clickhouse_connect.driver.options")
     if "pd" not in vars(options):
-        options.pd = None
+        vars(options)["pd"] = None
 
 
 def insert_settings(config: ClickHouseConfig, token: str) -> dict[str, Any]:

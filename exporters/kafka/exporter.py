@@ -159,8 +159,8 @@ class KafkaExporter(Exporter):
                     sent.append(await producer.send_batch(batch, where[0], partition=where[1]))
                     batch = batches[where] = producer.create_batch()
                     batch.append(key=m.key, value=m.value, timestamp=None, headers=m.headers)
-            for (topic, partition), batch in batches.items():
-                sent.append(await producer.send_batch(batch, topic, partition=partition))
+            for (name, partition), batch in batches.items():
+                sent.append(await producer.send_batch(batch, name, partition=partition))
         except Exception:
             await asyncio.gather(*sent, return_exceptions=True)  # the batch fails whole
             raise

@@ -76,14 +76,14 @@ class Family:
     def expose(self, series: Iterable[tuple[Key, list[float]]]) -> Metric:
         """A prometheus_client metric family of these series."""
         if self.kind == "histogram":
-            family: Metric = HistogramMetricFamily(self.name, self.help, labels=self.labels)
+            histogram = HistogramMetricFamily(self.name, self.help, labels=self.labels)
             for key, values in series:
                 cumulative, buckets = 0.0, []
                 for le, count in zip(self._le, values, strict=False):
                     cumulative += count
                     buckets.append((le, float(round(cumulative))))
-                family.add_metric(list(key), buckets, values[-1])
-            return family
+                histogram.add_metric(list(key), buckets, values[-1])
+            return histogram
         cls = CounterMetricFamily if self.kind == "counter" else UnknownMetricFamily
         family = cls(self.name, self.help, labels=self.labels)
         for key, values in series:

@@ -33,7 +33,10 @@ class Usage:
     __slots__ = ("cache_creation", "cache_read", "input", "output")
 
     def __init__(self) -> None:
-        self.input = self.output = self.cache_read = self.cache_creation = None
+        self.input: int | None = None
+        self.output: int | None = None
+        self.cache_read: int | None = None
+        self.cache_creation: int | None = None
 
     def merge(self, usage: dict[str, Any]) -> None:
         for attr, key in (("input", "input_tokens"), ("output", "output_tokens"),

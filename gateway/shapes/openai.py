@@ -53,7 +53,7 @@ def _read_user(body: dict[str, Any], event: Event) -> None:
 
 class ChatCompletions(Shape):
     operation = "chat"
-    params = (*_SAMPLING, "max_completion_tokens", "reasoning_effort", "logprobs",
+    params: tuple[str, ...] = (*_SAMPLING, "max_completion_tokens", "reasoning_effort", "logprobs",
               "top_logprobs", "service_tier", "parallel_tool_calls")
 
     def read_request(self, body: dict[str, Any], event: Event, capture: bool) -> None:

@@ -369,7 +369,8 @@ def _email_matches(text: str, ends: list[int]) -> list[re.Match[str]]:
         if at < done:  # inside the previous address
             continue
         low = max(done, at - 64)
-        start = at - _LOCAL.match(text[low:at][::-1]).end()  # the run, read backwards
+        run = _LOCAL.match(text[low:at][::-1])  # the run, read backwards (may be empty)
+        start = at - (run.end() if run else 0)
         m = _EMAIL.match(text, start)
         quote = text.find("'", start, at)
         while m is None and quote >= 0:

@@ -32,6 +32,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from itertools import accumulate
 from operator import itemgetter
+from typing import cast
 
 import hyperscan
 
@@ -122,9 +123,8 @@ def _segments(text: str) -> list[tuple[int, str]]:
     return parts
 
 
-def _collect(probe: int, start: int, end: int, _flags: int,
-             hits: list[list[tuple[int, int]]]) -> None:
-    hits[probe].append((start, end))
+def _collect(probe: int, start: int, end: int, _flags: int, hits: object) -> None:
+    cast(list[list[tuple[int, int]]], hits)[probe].append((start, end))
 
 
 def _without_overlaps(found: list[Span]) -> list[Span]:

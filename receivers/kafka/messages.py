@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, TypeAlias
 
 import msgspec
 from aiokafka.structs import ConsumerRecord
@@ -30,7 +30,7 @@ from receivers.decoders import DecodeError, decode_body
 from receivers.decoders.otlp import decode_logs, parse_json
 
 Encoding = Literal["json", "otlp_proto", "otlp_json"]
-Record = ConsumerRecord[bytes, bytes]
+Record: TypeAlias = ConsumerRecord  # of bytes keys and values
 
 
 @dataclass

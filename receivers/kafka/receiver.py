@@ -204,7 +204,8 @@ class KafkaReceiver(Receiver):
         for tp in sorted(kafka.assignment() if kafka is not None else ()):
             committed = self._committed.get(tp)
             highwater = kafka.highwater(tp) if kafka is not None else None
-            lag = highwater - committed if None not in (highwater, committed) else None
+            lag = (highwater - committed if highwater is not None and committed is not None
+                   else None)
             partitions.append({"topic": tp.topic, "partition": tp.partition,
                                "committed": committed, "highwater": highwater, "lag": lag})
         return {"group_id": self.config.group_id, "topics": self.config.topics,
