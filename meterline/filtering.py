@@ -24,6 +24,7 @@ import msgspec
 import re2
 
 from meterline.component import Config
+from meterline.fieldpath import MISSING, FieldPath
 
 Matcher = Callable[[Any], bool]
 
@@ -39,32 +40,8 @@ _RE2_OPTIONS = _re2_options(False)  # `.` as in Python's `re`
 _WILDCARD = _re2_options(True)  # `*` stands for anything, newlines included
 
 
-class _Missing:
-    __slots__ = ()
-
-    def __repr__(self) -> str:
-        return "MISSING"
-
-
-MISSING: Any = _Missing()
-
-
 class FilterError(ValueError):
     pass
-
-
-def lookup(obj: Any, key: str) -> Any:
-    """`obj[key]` for mappings and structs; dotted keys walk nested values."""
-    if isinstance(obj, dict):
-        value = obj.get(key, MISSING)
-    elif isinstance(obj, msgspec.Struct):
-        value = getattr(obj, key, MISSING)
-    else:
-        return MISSING
-    if value is MISSING and "." in key:
-        head, _, rest = key.partition(".")
-        return lookup(lookup(obj, head), rest)
-    return MISSING if value is None else value
 
 
 def _is_object(value: Any) -> bool:
@@ -103,13 +80,13 @@ def _compile(spec: Any, where: str) -> Matcher:
                                   f"$ key, got {sorted(spec)}{hint}")
             op = dollar[0]
             return _operator(op, spec[op], f"{where}.{op}" if where else op)
-        checks = [(key, _compile(sub, f"{where}.{key}" if where else key))
-                  for key, sub in spec.items()]
+        checks = [(FieldPath.json(key).lookup,
+                   _compile(sub, f"{where}.{key}" if where else key)) for key, sub in spec.items()]
 
         def nested(value: Any) -> bool:
             if not _is_object(value):
                 return False
-            return all(check(lookup(value, key)) for key, check in checks)
+            return all(check(lookup(value)) for lookup, check in checks)
 
         return nested
     if spec is None:
@@ -191,7 +168,8 @@ def _operator(op: str, arg: Any, where: str) -> Matcher:
             key, expected = arg["key"], arg["value"]
             if not isinstance(key, str):
                 raise FilterError(f"{where}.key: expected a key name, got {key!r}")
-            return lambda v: _is_object(v) and _same(lookup(v, key), expected)
+            lookup = FieldPath.json(key).lookup
+            return lambda v: _is_object(v) and _same(lookup(v), expected)
         if isinstance(arg, str):
             return lambda v: (isinstance(v, str) and arg in v) or (
                 isinstance(v, list) and any(_same(x, arg) for x in v))
@@ -208,7 +186,8 @@ def _operator(op: str, arg: Any, where: str) -> Matcher:
             return lambda v: (v is not MISSING) == arg
         if not isinstance(arg, str):
             raise FilterError(f"{where}: expected a key name (or true/false), got {arg!r}")
-        return lambda v: _is_object(v) and lookup(v, arg) is not MISSING
+        present = FieldPath.json(arg).lookup
+        return lambda v: _is_object(v) and present(v) is not MISSING
     if op in ("$and", "$or", "$nor"):
         subs = [_compile(s, f"{where}[{i}]") for i, s in enumerate(_values(arg, where))]
         if op == "$and":

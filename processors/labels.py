@@ -25,8 +25,8 @@ import msgspec
 
 from meterline.component import Config, Context, Factory, Processor
 from meterline.event import Event
+from meterline.fieldpath import FieldPath
 from meterline.units import Duration
-from processors.fieldpath import FieldPath
 
 
 class KeyInfo(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):

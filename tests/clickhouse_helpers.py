@@ -14,7 +14,7 @@ from exporters.clickhouse.config import ClickHouseConfig
 from exporters.clickhouse.exporter import ClickHouseExporter
 from exporters.clickhouse.query import Reader, Window
 from meterline.config import convert
-from tests.conftest import make_context
+from tests.helpers import make_context
 
 Make = Callable[..., Awaitable[ClickHouseExporter]]
 

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from meterline import config as config_mod
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 DEPLOY = ROOT / "deploy"
 

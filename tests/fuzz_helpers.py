@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from meterline import config as config_mod
 from meterline.event import FIELDS
 from meterline.service import Service
-from tests.conftest import config_text
+from tests.helpers import config_text
 
 T = TypeVar("T")
 

@@ -8,7 +8,7 @@ import sys
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import event_dicts, eventually, free_port, post_json, running
+from tests.helpers import event_dicts, eventually, free_port, post_json, running
 
 PIPELINE = """
 receivers:

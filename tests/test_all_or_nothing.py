@@ -14,7 +14,7 @@ from meterline.pipeline import Entry, Flow, Pipeline, Taps
 from meterline.queue import Batch, QueueWriteError, put_all
 from meterline.queue.memory import MemoryQueue
 from meterline.queue.persistent import PersistentQueue
-from tests.conftest import (
+from tests.helpers import (
     event_dicts,
     free_port,
     make_context,

@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 import tomllib
 
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 DOC = ROOT / "docs" / "architecture.md"
 CORE = "meterline"

@@ -6,7 +6,7 @@ from meterline.backpressure import Refused, offer, refuse
 from meterline.component import Backpressure
 from meterline.logs import get as get_log
 from meterline.queue import QueueWriteError
-from tests.conftest import make_event
+from tests.helpers import make_event
 
 
 class Pipeline:

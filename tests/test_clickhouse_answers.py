@@ -19,7 +19,7 @@ from tests.clickhouse_helpers import (
     clickhouse_windows,
     every_finops_answer,
 )
-from tests.conftest import eventually, metric_value
+from tests.helpers import eventually, metric_value
 
 NOW = datetime.now(UTC)
 EVENTS = data.dataset(NOW)

@@ -23,7 +23,7 @@ from exporters.clickhouse.connection import (
 from exporters.clickhouse.schema import COLUMNS, Schema, ensure_schema
 from meterline.component import ExportBatch, PermanentError, RetryableError
 from tests.clickhouse_helpers import clickhouse_exporters
-from tests.conftest import eventually, free_port, make_event, metric_value
+from tests.helpers import eventually, free_port, make_event, metric_value
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ from exporters.clickhouse.metrics import AGGREGATES
 from exporters.clickhouse.schema import COLUMNS, VIEW_VERSION, Column, Schema, ensure_schema
 from meterline.config import ConfigError, convert, loads
 from meterline.event import FIELDS
-from tests.conftest import make_event
+from tests.helpers import make_event
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ from meterline.config import convert
 from meterline.delivery import ExporterConfig, ExporterRunner, open_queue
 from meterline.event import Event
 from meterline.queue import Batch
-from tests.conftest import ROOT, free_port, make_context, make_event
+from tests.helpers import ROOT, free_port, make_context, make_event
 
 CASES = [(kind, type_) for kind in describe.KINDS for type_ in sorted(registry.available(kind))]
 IDS = [f"{kind}/{type_}" for kind, type_ in CASES]

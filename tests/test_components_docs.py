@@ -13,7 +13,7 @@ import msgspec
 from meterline import cli, describe, registry
 from meterline.component import Config
 from meterline.units import Duration, Listen
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 DOCS = ROOT / "docs" / "components"
 

@@ -16,7 +16,7 @@ from meterline.config import convert
 from meterline.event import Event
 from processors.cost import CostConfig, CostProcessor
 from processors.cost.prices import bundled
-from tests.conftest import FIXTURES, make_context, make_event, metric_value
+from tests.helpers import FIXTURES, make_context, make_event, metric_value
 
 LITELLM_FILE = str(FIXTURES / "litellm-prices.json")
 

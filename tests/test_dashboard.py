@@ -27,7 +27,7 @@ from playwright.sync_api import Browser, Page, sync_playwright
 
 from meterline.event import Event
 from tests import clickhouse_data as data
-from tests.conftest import Daemon, free_port
+from tests.helpers import Daemon, free_port
 
 CHROMIUM = Path("/usr/bin/chromium")
 TOKEN = "s3cret-dashboard-token"

@@ -5,7 +5,7 @@ import json
 from exporters.debug import DebugConfig, DebugExporter
 from meterline.component import ExportBatch
 from meterline.config import convert
-from tests.conftest import make_context, make_event
+from tests.helpers import make_context, make_event
 
 
 async def export(tmp_path, verbosity):

@@ -8,7 +8,7 @@ import pytest
 
 from meterline.event import api_key_id, to_json
 from receivers.decoders import DecodeError, NotAnLLMCall, decode_body, decode_item
-from tests.conftest import FIXTURES, make_event
+from tests.helpers import FIXTURES, make_event
 
 OTOROSHI = json.loads((FIXTURES / "otoroshi-llm-usage-audit.json").read_text())
 LITELLM = json.loads((FIXTURES / "litellm-standard-logging-payload.json").read_text())

@@ -9,7 +9,7 @@ from meterline.component import ExportBatch, Exporter, PermanentError, Retryable
 from meterline.config import convert
 from meterline.delivery import ExporterConfig, ExporterRunner, backoff_delays, open_queue
 from meterline.queue import Batch
-from tests.conftest import eventually, make_context, make_event, metric_value, read_jsonl
+from tests.helpers import eventually, make_context, make_event, metric_value, read_jsonl
 
 
 class Recording(Exporter):
@@ -190,8 +190,9 @@ def test_invalid_delivery_settings_are_refused(bad):
         convert(bad, ExporterConfig)
 
 
-async def test_exporters_get_batches_they_must_not_mutate_shared_with_others(tmp_path):
-    # Two queues taking the same Batch object share its events (one pack for both).
+async def test_one_batch_put_on_two_queues_reaches_both_exporters_unchanged(tmp_path):
+    # Two queues taking the same Batch object share its events (one pack for both): both
+    # exporters get the events as they were put, and the shared batch is left as it was.
     exporter_a, exporter_b = Recording(), Recording()
     a, _ = runner_for(exporter_a, tmp_path / "a")
     b, _ = runner_for(exporter_b, tmp_path / "b")
@@ -200,6 +201,8 @@ async def test_exporters_get_batches_they_must_not_mutate_shared_with_others(tmp
     shared = Batch([make_event(1)])
     await asyncio.gather(a.put(shared), b.put(shared))
     await eventually(lambda: exporter_a.delivered and exporter_b.delivered)
-    assert exporter_a.delivered == exporter_b.delivered
+    assert exporter_a.delivered == exporter_b.delivered == ["evt-00000001"]
+    assert exporter_a.batches[0].events == exporter_b.batches[0].events == [make_event(1)]
+    assert shared.events == [make_event(1)]
     await a.shutdown(1)
     await b.shutdown(1)

@@ -7,7 +7,7 @@ import re
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import ROOT, Daemon, eventually, free_port, read_jsonl
+from tests.helpers import ROOT, Daemon, eventually, free_port, read_jsonl
 
 DEFAULT_PORTS = ("8080", "8090", "4317", "4318", "9464", "8888")
 

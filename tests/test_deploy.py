@@ -16,8 +16,8 @@ import pytest
 import yaml
 
 from meterline import config as config_mod
-from tests.conftest import ROOT
 from tests.deploy_files import DEPLOY, OPERATOR_SET, load_pipeline, pipeline_files, shell_default
+from tests.helpers import ROOT
 
 COMPOSE_DIR = DEPLOY / "compose"
 COMPOSE = COMPOSE_DIR / "docker-compose.yml"

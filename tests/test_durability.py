@@ -6,21 +6,15 @@ import signal
 import aiohttp
 import msgspec
 
-from tests.conftest import event_dicts, eventually, free_port, post_json, read_jsonl
+from tests.helpers import event_dicts, eventually, free_port, post_json, read_jsonl, webhook_to_file
 
-PIPELINE = """
-receivers:
-  webhook: {{listen: 127.0.0.1:{port}}}
-exporters:
-  file:
-    path: {{data}}/out.jsonl
-    batch: {{max_size: 200, timeout: 20ms}}
-service:
-  data_dir: {{data}}
-  admin: {{listen: "127.0.0.1:{{admin}}"}}
-  pipelines:
-    p: {{receivers: [webhook], exporters: [file]}}
-"""
+ADMIN = {"admin": {"listen": "127.0.0.1:{admin}"}}
+
+
+def pipeline(port, **file):
+    """The webhook into the file exporter (batches of 200 or 20ms), the admin port on."""
+    return webhook_to_file(port, file={"batch": {"max_size": 200, "timeout": "20ms"}, **file},
+                           service=ADMIN)
 
 
 async def send_until_stopped(url, acked, stop, batch=100):
@@ -41,7 +35,7 @@ async def send_until_stopped(url, acked, stop, batch=100):
 
 async def test_kill_9_mid_stream_loses_no_acknowledged_event(tmp_path, daemon_factory):
     port = free_port()
-    daemon = daemon_factory(PIPELINE.format(port=port))
+    daemon = daemon_factory(pipeline(port))
     daemon.start()
     url = f"http://127.0.0.1:{port}/v1/events"
     acked: list[str] = []
@@ -64,8 +58,7 @@ async def test_events_acknowledged_while_the_exporter_was_down_survive_kill_9(
     port = free_port()
     blocked = tmp_path / "blocked"
     blocked.write_text("a file where the exporter wants a directory")
-    daemon = daemon_factory(PIPELINE.format(port=port).replace("{data}/out.jsonl",
-                                                               f"{blocked}/out.jsonl"))
+    daemon = daemon_factory(pipeline(port, path=f"{blocked}/out.jsonl"))
     daemon.start()
     acked: list[str] = []
     stop = asyncio.Event()
@@ -85,8 +78,7 @@ async def test_events_acknowledged_while_the_exporter_was_down_survive_kill_9(
 
 async def test_sigterm_drains_the_queue_before_exiting(tmp_path, daemon_factory):
     port = free_port()
-    daemon = daemon_factory(PIPELINE.format(port=port).replace("timeout: 20ms", "timeout: 60s")
-                            .replace("max_size: 200", "max_size: 100000"))
+    daemon = daemon_factory(pipeline(port, batch={"max_size": 100000, "timeout": "60s"}))
     daemon.start()
     status, _, _ = await post_json(f"http://127.0.0.1:{port}/v1/events", event_dicts(0, 500))
     assert status == 200
@@ -97,9 +89,9 @@ async def test_sigterm_drains_the_queue_before_exiting(tmp_path, daemon_factory)
 
 async def test_a_second_daemon_on_the_same_data_dir_is_refused(tmp_path, daemon_factory):
     port = free_port()
-    first = daemon_factory(PIPELINE.format(port=port))
+    first = daemon_factory(pipeline(port))
     first.start()
-    second = daemon_factory(PIPELINE.format(port=free_port()))
+    second = daemon_factory(pipeline(free_port()))
     second.config = first.config.with_name("second.yaml")
     second.config.write_text(first.config.read_text().replace(str(port), str(free_port())))
     import subprocess

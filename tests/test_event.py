@@ -17,7 +17,7 @@ from meterline.event import (
     unpack,
     uuid7,
 )
-from tests.conftest import make_event
+from tests.helpers import make_event
 
 
 def full_event() -> Event:

@@ -23,7 +23,7 @@ from receivers.decoders import DecodeError, decode_body, decode_item
 from receivers.gateway import EventBuffer
 from receivers.kafka.messages import decode_records
 from tests.clickhouse_helpers import clickhouse_exporters
-from tests.conftest import (
+from tests.helpers import (
     event_dicts,
     eventually,
     free_port,
@@ -31,25 +31,12 @@ from tests.conftest import (
     post_json,
     read_jsonl,
     running,
+    webhook_to_file,
 )
 from tests.test_otlp_receiver import Ports, received, running_receiver
 
 POISON = {"event_id": "x", "provider": "openai", "request_model": "gpt-4o-mini",
           "input_tokens": 1000, "sample_weight": 1e308}
-
-
-def webhook_pipeline(port):
-    return f"""
-    receivers:
-      webhook: {{listen: "127.0.0.1:{port}"}}
-    exporters:
-      file: {{path: "{{data}}/out.jsonl", batch: {{timeout: 10ms}}}}
-    service:
-      data_dir: {{data}}
-      admin: null
-      pipelines:
-        p: {{receivers: [webhook], exporters: [file]}}
-    """
 
 
 def refusal(**fields):
@@ -71,7 +58,7 @@ async def test_the_poison_weight_is_refused_naming_sample_weight_and_its_neighbo
         tmp_path):
     port = free_port()
     good = event_dicts(0, 1)[0]
-    async with running(webhook_pipeline(port), tmp_path):
+    async with running(webhook_to_file(port), tmp_path):
         status, body, _ = await post_json(f"http://127.0.0.1:{port}/v1/events",
                                           [POISON, good])
         assert (status, body["accepted"]) == (200, 1)

@@ -8,7 +8,7 @@ from exporters.file import FileExporter, FileExporterConfig
 from meterline.component import ExportBatch, RetryableError
 from meterline.config import convert
 from meterline.event import from_json, to_json
-from tests.conftest import make_context, make_event
+from tests.helpers import make_context, make_event
 
 
 def exporter(tmp_path, **config):

@@ -3,7 +3,7 @@
 import msgspec
 
 from meterline.event import to_jsonl
-from tests.conftest import eventually, make_event, read_jsonl, running
+from tests.helpers import eventually, make_event, read_jsonl, running
 
 PIPELINE = """
 receivers:

@@ -3,7 +3,7 @@
 import pytest
 
 from meterline.filtering import Filter, FilterError, Pattern, compile_pattern
-from tests.conftest import make_event
+from tests.helpers import make_event
 
 EVENT = make_event(
     1, provider="openai", request_model="gpt-4o-mini", status_code=429, duration_ms=250.0,

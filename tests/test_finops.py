@@ -14,7 +14,7 @@ import pytest_asyncio
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests import clickhouse_data as data
-from tests.conftest import eventually, free_port, metric_value, post_json, running
+from tests.helpers import eventually, free_port, metric_value, post_json, running
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 

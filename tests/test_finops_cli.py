@@ -8,7 +8,7 @@ import sys
 import time
 
 from exporters.clickhouse.cli import render
-from tests.conftest import config_text, eventually, free_port, make_event, post_json
+from tests.helpers import config_text, eventually, free_port, make_event, post_json
 
 PIPELINE = """
 receivers:

@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 
 from meterline.event import FIELDS, from_dict
 from meterline.filtering import OPERATORS, FilterError, compile_pattern
-from tests.conftest import make_event
 from tests.fuzz_helpers import SCALARS, TEXT, fuzz, json_values, meterline_events, within
+from tests.helpers import make_event
 
 REGEXES = st.sampled_from([
     "(a+)+b", "(a|aa)*c", "(.*a){20}", "^(\\w+\\s?)*$", "a{1000}", "a{0,1001}", "(?=a)", "(a)\\1",

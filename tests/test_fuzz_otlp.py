@@ -25,8 +25,8 @@ from meterline.event import FIELDS, pack
 from meterline.genai import ATTRIBUTES, INFERENCE_EVENT
 from receivers.decoders import DecodeError
 from receivers.decoders.otlp import decode_logs, decode_spans, parse_json
-from tests.conftest import free_port
 from tests.fuzz_helpers import FLOATS, NUMERIC_STRINGS, TEXT, fuzz, service_in_thread, within
+from tests.helpers import free_port
 
 # --- building requests ---------------------------------------------------------------
 INT64 = st.integers(-(2**63), 2**63 - 1)

@@ -14,8 +14,8 @@ from gateway.fakeupstream import FakeUpstream
 from gateway.shapes import USAGE_ESTIMATED
 from meterline.config import convert
 from processors.cost import CostConfig, CostProcessor
-from tests.conftest import eventually, make_context
 from tests.gateway_helpers import gateway, openai_upstream
+from tests.helpers import eventually, make_context
 
 MESSAGES = [{"role": "user", "content": "tell me a joke"}]  # 14 characters: 4 tokens
 SLOW = {"x-fake-chunk-delay": "0.05", "x-fake-tokens": "200"}  # 10 s if left to run

@@ -11,8 +11,8 @@ import openai
 import pytest
 
 from gateway.fakeupstream import FakeUpstream
-from tests.conftest import eventually, free_port
 from tests.gateway_helpers import gateway, openai_upstream
+from tests.helpers import eventually, free_port
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 

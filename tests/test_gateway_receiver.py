@@ -11,7 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway.fakeupstream import FakeUpstream
 from meterline import config as config_mod
 from meterline.config import ConfigError
-from tests.conftest import eventually, free_port, metric_value, read_jsonl, running
+from tests.helpers import eventually, free_port, metric_value, read_jsonl, running
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 

@@ -26,8 +26,8 @@ from exporters.clickhouse.budgets import BudgetGauges
 from exporters.clickhouse.schema import Schema, ensure_schema
 from exporters.prometheus.exporter import PrometheusExporter
 from receivers.gateway import Instruments
-from tests.conftest import ROOT, make_context, make_event
 from tests.deploy_files import OPERATOR_SET, load_pipeline
+from tests.helpers import ROOT, make_context, make_event
 
 GRAFANA = ROOT / "deploy" / "grafana"
 PROMETHEUS_DASHBOARD = GRAFANA / "dashboards" / "meterline-llm.json"

@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry
 from meterline import config as config_mod
 from meterline.config import convert
 from processors.labels import LabelsConfig, LabelsProcessor
-from tests.conftest import make_context, make_event, metric_value
+from tests.helpers import make_context, make_event, metric_value
 
 
 def labels(tmp_path: Path, **config: Any) -> tuple[LabelsProcessor, CollectorRegistry]:

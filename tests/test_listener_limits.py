@@ -22,7 +22,7 @@ from meterline.cli import raise_open_files_limit
 from meterline.config import AdminConfig, convert
 from meterline.httpserver import ListenerConfig
 from meterline.units import Listen
-from tests.conftest import free_port, running
+from tests.helpers import free_port, running
 
 FAST = "read_timeout: 200ms, keepalive_timeout: 200ms"
 

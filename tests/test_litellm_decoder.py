@@ -14,7 +14,7 @@ import pytest
 from meterline.event import api_key_id
 from processors.cost.prices import PriceTable, bundled
 from receivers.decoders import decode_item
-from tests.conftest import FIXTURES
+from tests.helpers import FIXTURES
 
 
 def payload(name: str) -> dict[str, Any]:

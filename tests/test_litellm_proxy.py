@@ -26,7 +26,7 @@ import pytest_asyncio
 from gateway.fakeupstream import FakeUpstream
 from meterline.event import api_key_id
 from tests import litellm_proxy
-from tests.conftest import eventually, free_port, metric_value, read_jsonl, running
+from tests.helpers import eventually, free_port, metric_value, read_jsonl, running
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 

@@ -8,7 +8,7 @@ from google.rpc.status_pb2 import Status
 
 from meterline import logs
 from meterline.event import Event
-from tests.conftest import event_dicts, eventually, free_port, post_json, read_jsonl
+from tests.helpers import event_dicts, eventually, free_port, post_json, read_jsonl
 
 MARKER = "zebra-canary 7f3a9c: the customer's secret prompt"
 

@@ -30,7 +30,7 @@ from meterline.memory import (
 )
 from meterline.telemetry import Telemetry
 from meterline.units import Duration
-from tests.conftest import metric_value
+from tests.helpers import metric_value
 
 
 class Fake:

@@ -1,25 +1,17 @@
 """The memory limiter in the data path: receivers push back, nothing is queued."""
 
-from tests.conftest import free_port, metric_value, post_json, read_jsonl, running
+from tests.helpers import free_port, metric_value, post_json, read_jsonl, running, webhook_to_file
 
-PIPELINE = """
-receivers:
-  webhook: {{listen: 127.0.0.1:{port}}}
-exporters:
-  file: {{path: "{{data}}/out.jsonl"}}
-service:
-  data_dir: "{{data}}"
-  admin: null
-  workers: 1
-  memory_limiter: {{limit_mib: {limit}, check_interval: 2s}}
-  pipelines:
-    p: {{receivers: [webhook], exporters: [file]}}
-"""
+
+def pipeline(port, limit):
+    """The webhook into the file exporter, one worker, the memory limiter at `limit` MiB."""
+    return webhook_to_file(port, file={"batch": {}}, service={
+        "workers": 1, "memory_limiter": {"limit_mib": limit, "check_interval": "2s"}})
 
 
 async def test_the_webhook_answers_429_with_retry_after_above_the_soft_limit(tmp_path):
     port = free_port()
-    async with running(PIPELINE.format(port=port, limit=8), tmp_path) as service:
+    async with running(pipeline(port, 8), tmp_path) as service:
         status, body, headers = await post_json(f"http://127.0.0.1:{port}/v1/events",
                                                 [{"provider": "openai"}])
         assert status == 429 and "memory" in str(body)
@@ -31,7 +23,7 @@ async def test_the_webhook_answers_429_with_retry_after_above_the_soft_limit(tmp
 
 async def test_the_webhook_accepts_below_the_soft_limit(tmp_path):
     port = free_port()
-    async with running(PIPELINE.format(port=port, limit=16384), tmp_path):
+    async with running(pipeline(port, 16384), tmp_path):
         status, body, _ = await post_json(f"http://127.0.0.1:{port}/v1/events",
                                           [{"provider": "openai"}])
         assert (status, body["accepted"]) == (200, 1)
@@ -40,7 +32,7 @@ async def test_the_webhook_accepts_below_the_soft_limit(tmp_path):
 async def test_a_reload_applies_new_memory_limits_to_the_running_daemon(tmp_path):
     port = free_port()
     url = f"http://127.0.0.1:{port}/v1/events"
-    async with running(PIPELINE.format(port=port, limit=16384), tmp_path) as service:
+    async with running(pipeline(port, 16384), tmp_path) as service:
         assert (await post_json(url, [{"provider": "openai"}]))[0] == 200
         path = tmp_path / "pipeline.yaml"
         path.write_text(path.read_text().replace("limit_mib: 16384", "limit_mib: 8"))

@@ -11,7 +11,7 @@ from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Sp
 from exporters.otlp.encode import any_value, to_json, to_logs_request, to_traces_request
 from receivers.decoders.errors import DecodeError
 from receivers.decoders.otlp import decode_logs, decode_spans, parse_json
-from tests.conftest import make_event
+from tests.helpers import make_event
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 START = 1_700_000_000_000_000_000

@@ -11,7 +11,7 @@ from exporters.otlp.encode import (
     to_traces_request,
 )
 from meterline.genai import INFERENCE_EVENT
-from tests.conftest import make_event
+from tests.helpers import make_event
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT = "00f067aa0ba902b7"

@@ -22,7 +22,7 @@ from meterline.event import from_dict
 from meterline.httpserver import serve
 from meterline.units import Listen
 from receivers.decoders.otlp import value_of
-from tests.conftest import (
+from tests.helpers import (
     event_dicts,
     eventually,
     free_port,

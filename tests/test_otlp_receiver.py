@@ -25,7 +25,7 @@ from opentelemetry.trace import SpanKind
 
 from exporters.otlp.encode import to_json, to_logs_request, to_traces_request
 from meterline.event import from_dict
-from tests.conftest import (
+from tests.helpers import (
     eventually,
     free_port,
     make_event,

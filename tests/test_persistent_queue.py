@@ -7,7 +7,7 @@ import pytest
 
 from meterline.queue import Batch, QueueWriteError
 from meterline.queue.persistent import PersistentQueue
-from tests.conftest import make_event
+from tests.helpers import make_event
 
 
 def events(start, count):

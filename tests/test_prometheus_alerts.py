@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from exporters.prometheus.metrics import METRICS
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 RULES = ROOT / "deploy" / "prometheus"
 PROMTOOL = shutil.which("promtool")

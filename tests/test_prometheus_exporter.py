@@ -1,6 +1,5 @@
 """Exporter `prometheus`: /metrics parsed with prometheus_client's parsers after known events."""
 
-import asyncio
 import contextlib
 
 import aiohttp
@@ -15,7 +14,7 @@ from exporters.prometheus.exporter import PrometheusConfig, PrometheusExporter
 from meterline.component import ExportBatch
 from meterline.config import convert
 from meterline.genai import TTFT_BUCKETS
-from tests.conftest import (
+from tests.helpers import (
     event_dicts,
     eventually,
     free_port,
@@ -295,8 +294,10 @@ async def exporter(tmp_path, **config):
 
 async def test_label_sets_without_events_expire(tmp_path):
     async with exporter(tmp_path, metric_expiration="100ms") as (prom, port, context):
+        now = [1000.0]
+        prom.clock = lambda: now[0]
         await prom.export(ExportBatch("b1", [make_event(1, request_model="old")]))
-        await asyncio.sleep(0.2)
+        now[0] += 0.2  # past the expiration, on the exporter's clock
         await prom.export(ExportBatch("b2", [make_event(2, request_model="new")]))
         found = samples((await scrape(port))[1])
         expired = metric_value(context.telemetry.registry,

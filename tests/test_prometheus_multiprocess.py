@@ -12,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from exporters.prometheus.exporter import PrometheusConfig, PrometheusExporter
 from meterline.component import ExportBatch
 from meterline.config import convert
-from tests.conftest import free_port, make_context, make_event, metric_value, post_json
+from tests.helpers import free_port, make_context, make_event, metric_value, post_json
 
 PIPELINE = """
 receivers:
@@ -102,10 +102,12 @@ async def test_a_label_set_no_process_has_seen_for_a_while_is_left_out(tmp_path)
     config = convert({"listen": f"127.0.0.1:{port}", "multiprocess_dir": str(tmp_path / "mp"),
                       "metric_expiration": "100ms"}, PrometheusConfig)
     exporter = PrometheusExporter(config, context)
+    now = [1000.0]
+    exporter.clock = lambda: now[0]
     await exporter.start()
     try:
         await exporter.export(ExportBatch("b1", [make_event(1, request_model="old")]))
-        await asyncio.sleep(0.2)
+        now[0] += 0.2  # past the expiration, on the exporter's clock
         await exporter.export(ExportBatch("b2", [make_event(2, request_model="new")]))
         requests = sample_values(await get(f"http://127.0.0.1:{port}/metrics"),
                                  "llm_gateway_requests_total")

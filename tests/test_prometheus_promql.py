@@ -21,7 +21,7 @@ import openai
 import pytest
 
 from gateway.fakeupstream import FakeUpstream
-from tests.conftest import eventually, free_port, make_event, metric_value, post_json, running
+from tests.helpers import eventually, free_port, make_event, metric_value, post_json, running
 
 pytestmark = pytest.mark.skipif(shutil.which("prometheus") is None,
                                 reason="needs the prometheus server (apt-get install prometheus)")

@@ -9,7 +9,7 @@ from meterline.delivery import ExporterConfig, ExporterRunner, open_queue
 from meterline.pipeline import Entry, Flow, Pipeline, Taps
 from meterline.queue import Batch
 from meterline.queue.persistent import PersistentQueue
-from tests.conftest import make_context, make_event, metric_value
+from tests.helpers import make_context, make_event, metric_value
 
 
 class Down(Exporter):

@@ -2,7 +2,7 @@
 use to take or count an event once."""
 
 from meterline.recent import RecentIds
-from tests.conftest import make_event
+from tests.helpers import make_event
 
 
 def ids(events):

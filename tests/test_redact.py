@@ -17,7 +17,7 @@ from meterline.event import Event
 from processors.redact import RedactConfig, RedactProcessor
 from processors.redact.detectors import BUILTIN, NAMES, iban_valid, luhn
 from processors.redact.engine import DetectorSet
-from tests.conftest import FIXTURES, make_context, make_event, metric_value
+from tests.helpers import FIXTURES, make_context, make_event, metric_value
 
 CORPUS = FIXTURES / "redact-corpus.yaml"
 

@@ -21,7 +21,7 @@ from processors.redact import RedactConfig, RedactProcessor
 from processors.redact.detectors import BUILTIN, NAMES, Finding, iban_valid
 from processors.redact.engine import DetectorSet
 from processors.redact.image import DIGIT, FOLD_K, FOLD_S, OTHER, image
-from tests.conftest import make_context
+from tests.helpers import make_context
 
 ENGINE = DetectorSet(list(BUILTIN))
 

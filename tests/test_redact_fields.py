@@ -20,7 +20,7 @@ from processors.redact import (
     RedactProcessor,
 )
 from processors.redact.engine import DetectorSet
-from tests.conftest import make_context, make_event
+from tests.helpers import make_context, make_event
 
 EMAIL = "jane.doe@acme-corp.com"
 OPENAI_KEY = "sk-proj-Ab12Cd34Ef56Gh78Ij90Kl12Mn34Op56Qr78St90Uv12Wx34"

@@ -4,8 +4,10 @@ import asyncio
 import signal
 
 import aiohttp
+from structlog.testing import capture_logs
 
-from tests.conftest import (
+from tests.helpers import (
+    config_text,
     event_dicts,
     eventually,
     free_port,
@@ -13,30 +15,18 @@ from tests.conftest import (
     post_json,
     read_jsonl,
     running,
+    webhook_to_file,
 )
 
-PIPELINE = """
-receivers:
-  webhook: {{listen: 127.0.0.1:{port}}}
-processors:
-  filter/only:
-    include: [{{provider: {{$in: {providers}}}}}]
-exporters:
-  file:
-    path: {{data}}/out.jsonl
-    batch: {{timeout: 10ms}}
-    {exporter_extra}
-service:
-  data_dir: {{data}}
-  admin: {admin}
-  pipelines:
-    p: {{receivers: [webhook], processors: [filter/only], exporters: [file]}}
-"""
+
+def pipeline(port, providers, admin=None, file=None, service=None):
+    """The webhook into the file exporter through a filter keeping `providers`."""
+    return webhook_to_file(
+        port, processors={"filter/only": {"include": [{"provider": {"$in": providers}}]}},
+        file=file, service={"admin": admin, **(service or {})})
 
 
-def pipeline(port, providers, admin="null", exporter_extra=""):
-    return PIPELINE.format(port=port, providers=providers, admin=admin,
-                           exporter_extra=exporter_extra)
+ADMIN = {"listen": "127.0.0.1:{admin}"}
 
 
 async def status(admin_port):
@@ -47,7 +37,7 @@ async def status(admin_port):
 
 async def test_sighup_with_a_changed_filter_changes_what_is_exported(tmp_path, daemon_factory):
     port = free_port()
-    daemon = daemon_factory(pipeline(port, "[openai]", admin='{listen: "127.0.0.1:{admin}"}'))
+    daemon = daemon_factory(pipeline(port, ["openai"], admin=ADMIN))
     daemon.start()
     url = f"http://127.0.0.1:{port}/v1/events"
     acked: list[dict] = []
@@ -89,7 +79,7 @@ async def test_sighup_with_a_changed_filter_changes_what_is_exported(tmp_path, d
 
 async def test_an_invalid_file_is_refused_and_the_running_one_kept(tmp_path, daemon_factory):
     port = free_port()
-    daemon = daemon_factory(pipeline(port, "[openai]", admin='{listen: "127.0.0.1:{admin}"}'))
+    daemon = daemon_factory(pipeline(port, ["openai"], admin=ADMIN))
     daemon.start()
     daemon.config.write_text(daemon.config.read_text().replace("$in", "$inn"))
     daemon.signal(signal.SIGHUP)
@@ -105,7 +95,7 @@ async def test_an_invalid_file_is_refused_and_the_running_one_kept(tmp_path, dae
 
 async def test_an_unchanged_listener_keeps_running_through_a_reload(tmp_path):
     port = free_port()
-    async with running(pipeline(port, "[openai]"), tmp_path) as service:
+    async with running(pipeline(port, ["openai"]), tmp_path) as service:
         webhook = service.receivers["webhook"].component
         exporter = service.exporters["file"].component
         (tmp_path / "pipeline.yaml").write_text((tmp_path / "pipeline.yaml").read_text()
@@ -121,7 +111,7 @@ async def test_an_unchanged_listener_keeps_running_through_a_reload(tmp_path):
 
 async def test_a_changed_listener_moves_to_its_new_address(tmp_path):
     port, new_port = free_port(), free_port()
-    async with running(pipeline(port, "[openai]"), tmp_path) as service:
+    async with running(pipeline(port, ["openai"]), tmp_path) as service:
         path = tmp_path / "pipeline.yaml"
         path.write_text(path.read_text().replace(str(port), str(new_port)))
         assert await service.reload(str(path))
@@ -133,8 +123,8 @@ async def test_a_changed_exporter_keeps_the_events_of_its_memory_queue(tmp_path)
     port = free_port()
     blocked = tmp_path / "blocked"
     blocked.write_text("not a directory")
-    body = pipeline(port, "[openai]", exporter_extra="queue: {type: memory}").replace(
-        "{data}/out.jsonl", f"{blocked}/out.jsonl")
+    body = pipeline(port, ["openai"], file={"path": f"{blocked}/out.jsonl",
+                                             "queue": {"type": "memory"}})
     async with running(body, tmp_path) as service:
         code, _, _ = await post_json(f"http://127.0.0.1:{port}/v1/events", event_dicts(0, 30))
         assert code == 200
@@ -147,16 +137,19 @@ async def test_a_changed_exporter_keeps_the_events_of_its_memory_queue(tmp_path)
 
 async def test_service_settings_that_need_a_restart_are_kept_and_logged(tmp_path):
     port = free_port()
-    async with running(pipeline(port, "[openai]"), tmp_path) as service:
+    async with running(pipeline(port, ["openai"]), tmp_path) as service:
         path = tmp_path / "pipeline.yaml"
-        path.write_text(path.read_text().replace("data_dir: " + str(tmp_path / "data"),
-                                                 "data_dir: /elsewhere"))
-        assert await service.reload(str(path))
+        path.write_text(config_text(pipeline(port, ["openai"],
+                                             service={"data_dir": "/elsewhere"}), tmp_path))
+        with capture_logs() as logged:
+            assert await service.reload(str(path))
         assert service.config.service.data_dir == str(tmp_path / "data")
+    assert {"event": "service setting changes need a restart", "setting": "data_dir",
+            "log_level": "warning", "component": "service"} in logged
 
 
 async def test_reloads_are_counted_by_result_in_the_self_metrics(tmp_path):
-    async with running(pipeline(free_port(), "[openai]"), tmp_path) as service:
+    async with running(pipeline(free_port(), ["openai"]), tmp_path) as service:
         path = tmp_path / "pipeline.yaml"
         valid = path.read_text()
         path.write_text(valid.replace("$in", "$inn"))

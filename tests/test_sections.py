@@ -7,7 +7,7 @@ import pytest
 from meterline import registry
 from meterline.component import Config
 from meterline.config import ConfigError, loads
-from tests.conftest import free_port, running
+from tests.helpers import free_port, running
 
 
 class Quota(Config):

@@ -6,7 +6,7 @@ import json
 
 import msgspec
 
-from tests.conftest import (
+from tests.helpers import (
     FIXTURES,
     event_dicts,
     eventually,
@@ -16,31 +16,13 @@ from tests.conftest import (
     post_raw,
     read_jsonl,
     running,
+    webhook_to_file,
 )
-
-
-def pipeline(port, extra_webhook="", exporter_extra=""):
-    return f"""
-    receivers:
-      webhook:
-        listen: 127.0.0.1:{port}
-        {extra_webhook}
-    exporters:
-      file:
-        path: {{data}}/out.jsonl
-        batch: {{timeout: 10ms}}
-        {exporter_extra}
-    service:
-      data_dir: {{data}}
-      admin: null
-      pipelines:
-        p: {{receivers: [webhook], exporters: [file]}}
-    """
 
 
 async def test_a_json_array_is_accepted_and_exported(tmp_path):
     port = free_port()
-    async with running(pipeline(port), tmp_path):
+    async with running(webhook_to_file(port), tmp_path):
         status, body, _ = await post_json(f"http://127.0.0.1:{port}/v1/events",
                                           event_dicts(0, 20))
         assert (status, body) == (200, {"accepted": 20, "rejected": []})
@@ -51,7 +33,7 @@ async def test_a_json_array_is_accepted_and_exported(tmp_path):
 
 async def test_a_single_object_is_accepted(tmp_path):
     port = free_port()
-    async with running(pipeline(port), tmp_path):
+    async with running(webhook_to_file(port), tmp_path):
         status, body, _ = await post_json(f"http://127.0.0.1:{port}/v1/events",
                                           {"provider": "openai", "input_tokens": 3})
         assert (status, body["accepted"]) == (200, 1)
@@ -60,7 +42,7 @@ async def test_a_single_object_is_accepted(tmp_path):
 async def test_ndjson_gzip_body_is_accepted(tmp_path):
     port = free_port()
     lines = b"\n".join(msgspec.json.encode(e) for e in event_dicts(0, 5))
-    async with running(pipeline(port), tmp_path):
+    async with running(webhook_to_file(port), tmp_path):
         status, body, _ = await post_raw(
             f"http://127.0.0.1:{port}/v1/events", gzip.compress(lines),
             headers={"Content-Type": "application/x-ndjson", "Content-Encoding": "gzip"})
@@ -70,7 +52,7 @@ async def test_ndjson_gzip_body_is_accepted(tmp_path):
 async def test_otoroshi_webhook_batch_is_accepted(tmp_path):
     port = free_port()
     audit = json.loads((FIXTURES / "otoroshi-llm-usage-audit.json").read_text())
-    async with running(pipeline(port), tmp_path):
+    async with running(webhook_to_file(port), tmp_path):
         status, body, _ = await post_json(f"http://127.0.0.1:{port}/v1/events", [audit])
         assert (status, body["accepted"]) == (200, 1)
         rows = await eventually(lambda: read_jsonl(tmp_path / "data/out.jsonl"))
@@ -81,7 +63,7 @@ async def test_otoroshi_events_that_are_not_llm_calls_are_skipped_and_counted(tm
     port = free_port()
     audit = json.loads((FIXTURES / "otoroshi-llm-usage-audit.json").read_text())
     others = [{"@type": "GatewayEvent", "@id": "g1"}, {"@type": "AlertEvent", "@id": "a1"}]
-    async with running(pipeline(port), tmp_path) as service:
+    async with running(webhook_to_file(port), tmp_path) as service:
         status, body, _ = await post_json(f"http://127.0.0.1:{port}/v1/events",
                                           [others[0], audit, others[1]])
         assert (status, body) == (200, {"accepted": 1, "rejected": [], "skipped": 2})
@@ -94,7 +76,7 @@ async def test_otoroshi_events_that_are_not_llm_calls_are_skipped_and_counted(tm
 
 async def test_each_refused_item_gets_its_reason_and_the_rest_is_accepted(tmp_path):
     port = free_port()
-    async with running(pipeline(port), tmp_path):
+    async with running(webhook_to_file(port), tmp_path):
         items = [*event_dicts(0, 2), {"what": "ever"}, 42]
         status, body, _ = await post_json(f"http://127.0.0.1:{port}/v1/events", items)
         assert status == 200
@@ -105,7 +87,7 @@ async def test_each_refused_item_gets_its_reason_and_the_rest_is_accepted(tmp_pa
 
 async def test_a_body_with_nothing_acceptable_is_a_400(tmp_path):
     port = free_port()
-    async with running(pipeline(port), tmp_path):
+    async with running(webhook_to_file(port), tmp_path):
         status, body, _ = await post_json(f"http://127.0.0.1:{port}/v1/events", [{"x": 1}])
         assert status == 400 and body["accepted"] == 0
 
@@ -120,7 +102,7 @@ async def valid_batch_still_arrives(url, tmp_path):
 
 async def test_malformed_json_is_a_400_that_says_where_and_disturbs_nothing(tmp_path):
     port = free_port()
-    async with running(pipeline(port), tmp_path):
+    async with running(webhook_to_file(port), tmp_path):
         url = f"http://127.0.0.1:{port}/v1/events"
         status, body, _ = await post_raw(url, b'[{"a": 1},',
                                          headers={"Content-Type": "application/json"})
@@ -130,7 +112,7 @@ async def test_malformed_json_is_a_400_that_says_where_and_disturbs_nothing(tmp_
 
 async def test_a_wrong_content_type_is_a_415_and_disturbs_nothing(tmp_path):
     port = free_port()
-    async with running(pipeline(port), tmp_path):
+    async with running(webhook_to_file(port), tmp_path):
         url = f"http://127.0.0.1:{port}/v1/events"
         status, body, _ = await post_raw(url, b"a=b")
         assert status == 415 and "application/json" in body["error"]
@@ -139,7 +121,7 @@ async def test_a_wrong_content_type_is_a_415_and_disturbs_nothing(tmp_path):
 
 async def test_an_oversized_body_is_a_413_and_the_next_request_works(tmp_path):
     port = free_port()
-    async with running(pipeline(port, "max_body_mb: 0.01"), tmp_path):
+    async with running(webhook_to_file(port, {"max_body_mb": 0.01}), tmp_path):
         url = f"http://127.0.0.1:{port}/v1/events"
         status, body, _ = await post_json(url, event_dicts(0, 200))
         assert status == 413 and "max_body_mb" in body["error"]
@@ -150,7 +132,7 @@ async def test_an_oversized_body_is_a_413_and_the_next_request_works(tmp_path):
 async def test_a_gzip_bomb_is_stopped_by_the_body_limit(tmp_path):
     port = free_port()
     bomb = gzip.compress(b"[" + b" " * (20 << 20) + b"]")
-    async with running(pipeline(port, "max_body_mb: 1"), tmp_path):
+    async with running(webhook_to_file(port, {"max_body_mb": 1}), tmp_path):
         status, _, _ = await post_raw(f"http://127.0.0.1:{port}/v1/events", bomb, headers={
             "Content-Type": "application/json", "Content-Encoding": "gzip"})
         assert status == 413
@@ -158,7 +140,7 @@ async def test_a_gzip_bomb_is_stopped_by_the_body_limit(tmp_path):
 
 async def test_bearer_token_is_required_when_configured(tmp_path):
     port = free_port()
-    async with running(pipeline(port, "auth_token: s3cret"), tmp_path):
+    async with running(webhook_to_file(port, {"auth_token": "s3cret"}), tmp_path):
         url = f"http://127.0.0.1:{port}/v1/events"
         status, _, _ = await post_json(url, event_dicts(0, 1))
         assert status == 401
@@ -173,9 +155,9 @@ async def test_a_full_queue_answers_429_and_loses_nothing(tmp_path):
     # small queue fills and the webhook must push back.
     blocker = tmp_path / "blocked"
     blocker.write_text("not a directory")
-    body = pipeline(port, exporter_extra="queue: {max_size_mb: 0.02}\n"
-                    "        retry: {initial_interval: 20ms, max_interval: 50ms}").replace(
-        "{data}/out.jsonl", str(blocker / "out.jsonl"))
+    body = webhook_to_file(port, file={
+        "path": str(blocker / "out.jsonl"), "queue": {"max_size_mb": 0.02},
+        "retry": {"initial_interval": "20ms", "max_interval": "50ms"}})
     accepted: list[str] = []
     async with running(body, tmp_path):
         url = f"http://127.0.0.1:{port}/v1/events"
@@ -198,7 +180,7 @@ async def test_a_full_queue_answers_429_and_loses_nothing(tmp_path):
 
 async def test_concurrent_posts_all_land(tmp_path):
     port = free_port()
-    async with running(pipeline(port), tmp_path):
+    async with running(webhook_to_file(port), tmp_path):
         url = f"http://127.0.0.1:{port}/v1/events"
         results = await asyncio.gather(*(post_json(url, event_dicts(i * 50, 50))
                                          for i in range(20)))
@@ -209,7 +191,7 @@ async def test_concurrent_posts_all_land(tmp_path):
 async def test_json_nested_too_deeply_is_a_400_that_says_so(tmp_path):
     port = free_port()
     deep = b"[" * 10_000 + b"]" * 10_000
-    async with running(pipeline(port), tmp_path):
+    async with running(webhook_to_file(port), tmp_path):
         status, body, _ = await post_raw(f"http://127.0.0.1:{port}/v1/events", deep,
                                          headers={"Content-Type": "application/json"})
         assert status == 400 and "nested too deeply" in body["error"]
@@ -219,7 +201,7 @@ async def test_an_ndjson_line_nested_too_deeply_is_refused_alone(tmp_path):
     port = free_port()
     good = msgspec.json.encode(event_dicts(0, 1)[0])
     deep = b'{"event_id": "x", "metadata": ' + b'{"a": ' * 5_000 + b"1" + b"}" * 5_001
-    async with running(pipeline(port), tmp_path):
+    async with running(webhook_to_file(port), tmp_path):
         status, body, _ = await post_raw(f"http://127.0.0.1:{port}/v1/events",
                                          good + b"\n" + deep + b"\n",
                                          headers={"Content-Type": "application/x-ndjson"})
@@ -231,7 +213,7 @@ async def test_an_item_with_an_integer_beyond_64_bits_is_refused_alone(tmp_path)
     port = free_port()
     items = event_dicts(0, 3)
     items[1]["input_tokens"] = 2**70
-    async with running(pipeline(port), tmp_path):
+    async with running(webhook_to_file(port), tmp_path):
         status, body, _ = await post_json(f"http://127.0.0.1:{port}/v1/events", items)
         assert (status, body["accepted"]) == (200, 2)
         assert body["rejected"] == [{"index": 1, "reason": "an integer is out of range "

@@ -10,7 +10,7 @@ import msgspec
 import pytest
 
 from meterline import config as config_mod
-from tests.conftest import (
+from tests.helpers import (
     event_dicts,
     eventually,
     free_port,
@@ -18,29 +18,14 @@ from tests.conftest import (
     post_json,
     read_jsonl,
     running,
+    webhook_to_file,
 )
-
-PIPELINE = """
-receivers:
-  webhook: {{listen: 127.0.0.1:{port}}}
-processors:
-  labels: {{static: {{region: {region}}}}}
-  redact: {{}}
-exporters:
-  file:
-    path: {{data}}/out.jsonl
-    batch: {{max_size: 200, timeout: 20ms}}
-service:
-  data_dir: {{data}}
-  admin: null
-  workers: {workers}
-  pipelines:
-    p: {{receivers: [webhook], processors: [labels, redact], exporters: [file]}}
-"""
 
 
 def pipeline(port: int, workers: int = 2, region: str = "eu") -> str:
-    return PIPELINE.format(port=port, workers=workers, region=region)
+    return webhook_to_file(
+        port, processors={"labels": {"static": {"region": region}}, "redact": {}},
+        file={"batch": {"max_size": 200, "timeout": "20ms"}}, service={"workers": workers})
 
 
 def with_pii(start: int, count: int) -> list[dict]:

@@ -27,6 +27,7 @@ from clickhouse_connect.driver.binding import format_str
 from exporters.clickhouse.metrics import BY_NAME, ROLLUP_COLUMNS, Source, status_expression
 from exporters.clickhouse.metrics import time_column as _time_column
 from exporters.clickhouse.schema import FINAL_SETTINGS, Schema
+from meterline.fieldpath import FieldPath
 
 RANGES = ("24h", "7d", "30d", "90d")
 _RANGE = re.compile(r"^(\d+)([hd])$")
@@ -197,7 +198,8 @@ def dimension(name: str) -> Dimension:
         key = name.removeprefix("metadata.")
         if not _METADATA_KEY.match(key):
             raise ValueError(f"metadata key must be letters, digits and _.:- , got {key!r}")
-        return Dimension(name, "metadata", f"metadata[{literal(key)}]")
+        path = FieldPath(name)  # the one grammar: the `metadata` map, key `key`
+        return Dimension(name, path.kind, f"{path.kind}[{literal(path.key)}]")
     raise ValueError(f"cannot group by {name!r} (expected one of: {', '.join(DIMENSION_NAMES)})")
 
 

@@ -30,7 +30,6 @@ from clients.kafka import (
 )
 from exporters.kafka.messages import (
     Encoding,
-    FieldPath,
     Message,
     MessageBuilder,
     TopicTemplate,
@@ -45,6 +44,7 @@ from meterline.component import (
     RetryableError,
 )
 from meterline.delivery import ExporterConfig
+from meterline.fieldpath import ReadPath
 from meterline.units import Duration
 
 
@@ -54,7 +54,7 @@ class KafkaExporterConfig(ExporterConfig):
     sasl: SaslConfig | None = None  # null: no authentication
     tls: TlsConfig | None = None  # null: plaintext
     topic: TopicTemplate = TopicTemplate("meterline.events")  # may name fields: llm.{provider}
-    key: FieldPath | None = None  # event field whose value keys the message (api_key_id...)
+    key: ReadPath | None = None  # event field whose value keys the message (api_key_id...)
     encoding: Encoding = "json"  # json: meterline's events; otlp_*: OTLP logs
     acks: Literal["all", 0, 1] = "all"  # replicas that must have a message
     idempotence: bool = True  # with acks: all only

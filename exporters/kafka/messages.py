@@ -25,14 +25,14 @@ from aiokafka.partitioner import murmur2
 
 from exporters.otlp.encode import to_json as otlp_json
 from exporters.otlp.encode import to_logs_request
-from meterline.event import FIELDS, SCHEMA_VERSION, Event, to_jsonl
+from meterline.event import SCHEMA_VERSION, Event, to_jsonl
+from meterline.fieldpath import ReadPath
 
 Encoding = Literal["json", "otlp_proto", "otlp_json"]
 
 EVENT_ID_HEADER = "meterline.event_id"
 SCHEMA_HEADER = "meterline.schema_version"
 _SCHEMA = str(SCHEMA_VERSION).encode()
-_MAPS = ("metadata", "attributes", "params")
 _NOT_IN_TOPIC = re.compile(r"[^A-Za-z0-9._-]")
 MISSING = "unknown"  # a templated topic's part when the event has no value for the field
 
@@ -48,40 +48,12 @@ class TopicTemplate(str):
         return cls(value)
 
 
-class FieldPath(str):
-    """An event field (`api_key_id`) or a key of one of its maps (`metadata.customer_id`)."""
-
-    @classmethod
-    def from_config(cls, value: Any) -> FieldPath:
-        if not isinstance(value, str):
-            raise ValueError(f"expected an event field name, got {value!r}")
-        field_getter(value)
-        return cls(value)
-
-
 @dataclass(frozen=True, slots=True)
 class Message:
     topic: str
     key: bytes | None
     value: bytes
     headers: list[tuple[str, bytes]]
-
-
-def field_getter(path: str) -> Callable[[Event], Any]:
-    """A function reading `path` from an event: a field (`provider`) or a key of one of
-    its maps (`metadata.customer_id`). Raises ValueError for what no event has."""
-    name, _, key = path.partition(".")
-    if name not in FIELDS:
-        raise ValueError(f"{path!r} is not an event field")
-    if not key:
-        return lambda event: getattr(event, name)
-    if name not in _MAPS:
-        raise ValueError(f"{path!r}: only {', '.join(_MAPS)} have keys")
-
-    def get(event: Event) -> Any:
-        mapping = getattr(event, name)
-        return mapping.get(key) if mapping else None
-    return get
 
 
 def topic_router(template: str) -> Callable[[Event], str] | str:
@@ -95,7 +67,7 @@ def topic_router(template: str) -> Callable[[Event], str] | str:
         if field is not None:
             if not field or spec or conversion:
                 raise ValueError(f"{template!r}: write fields as {{name}}, e.g. llm.{{provider}}")
-            parts.append(field_getter(field))
+            parts.append(ReadPath(field).get)
     if all(isinstance(p, str) for p in parts):
         if _NOT_IN_TOPIC.search(template) or not template:
             raise ValueError(f"{template!r} is not a valid topic name (letters, digits, . _ -)")
@@ -116,9 +88,9 @@ def topic_router(template: str) -> Callable[[Event], str] | str:
 class MessageBuilder:
     """Builds a batch's messages; the whole batch is encoded in as few calls as it can."""
 
-    def __init__(self, topic: str, key: str | None, encoding: Encoding) -> None:
+    def __init__(self, topic: str, key: ReadPath | None, encoding: Encoding) -> None:
         self.topic = topic_router(topic)
-        self.key = field_getter(key) if key else None
+        self.key = key.get if key is not None else None
         self.encoding = encoding
 
     def build(self, events: list[Event]) -> list[Message]:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Final, Literal
 
 from meterline.event import Event
+from meterline.fieldpath import FieldPath
 from meterline.genai import (
     OTHER_ROUTING_METHOD,
     ROUTING_ATTRIBUTE,
@@ -69,8 +70,7 @@ METADATA_PREFIX: Final = "metadata_"
 def labeler(name: str) -> Labeler:
     """How an event gives the value of label `name`; KeyError for an unknown label."""
     if name.startswith(METADATA_PREFIX) and len(name) > len(METADATA_PREFIX):
-        key = name[len(METADATA_PREFIX):]
-        return lambda e: (e.metadata or {}).get(key, "")
+        return FieldPath(f"metadata.{name[len(METADATA_PREFIX):]}").getter("")
     return LABELS[name]
 
 

@@ -57,7 +57,7 @@ import msgspec
 
 from meterline.component import Config, Context, Factory, Processor
 from meterline.event import Event
-from processors.fieldpath import FieldPath
+from meterline.fieldpath import FieldPath
 from processors.redact.detectors import BUILTIN, NAMES, Detector
 from processors.redact.engine import SEPARATOR, Span
 from processors.redact.redactor import (

@@ -22,7 +22,7 @@ from aiokafka.client import AIOKafkaClient
 from aiokafka.protocol.fetch import FetchRequest
 from aiokafka.structs import ConsumerRecord
 
-from tests.conftest import free_port
+from tests.helpers import free_port
 
 # Group timeouts for the receivers under test: short, so that joins and rebalances take
 # about a second (Tansu waits out a departed member's session), within what Kafka allows

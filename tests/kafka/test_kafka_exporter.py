@@ -18,7 +18,7 @@ from clients.kafka import client_options
 from exporters.kafka.exporter import KafkaExporter, KafkaExporterConfig
 from meterline.component import ExportBatch, PermanentError, RetryableError
 from meterline.config import ConfigError, convert, loads
-from tests.conftest import (
+from tests.helpers import (
     ROOT,
     event_dicts,
     eventually,

@@ -13,7 +13,7 @@ from exporters.kafka.exporter import KafkaExporter, KafkaExporterConfig
 from meterline.component import ExportBatch
 from meterline.config import convert
 from meterline.event import to_json
-from tests.conftest import (
+from tests.helpers import (
     FIXTURES,
     eventually,
     make_context,

@@ -14,7 +14,7 @@ import aiohttp
 import msgspec
 import pytest
 
-from tests.conftest import Daemon, event_dicts, eventually, free_port, read_jsonl, running
+from tests.helpers import Daemon, event_dicts, eventually, free_port, read_jsonl, running
 from tests.kafka.conftest import create_topic, group_timeouts
 
 EDGE = """

@@ -1,0 +1,213 @@
+"""Shared test helpers: free ports, events, pipeline files, running the daemon in-process
+or as a process. Fixtures live in conftest.py; tests import these from `tests.helpers`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import msgspec
+import yaml
+from prometheus_client import CollectorRegistry
+
+from meterline import config as config_mod
+from meterline import logs
+from meterline.component import Context
+from meterline.config import MetricsConfig
+from meterline.event import Event
+from meterline.service import Service
+from meterline.telemetry import Telemetry
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+def make_context(tmp_path: Path, cid: str = "test") -> Context:
+    """A component context with its own self-telemetry, for testing one component."""
+    return Context(cid, tmp_path, Telemetry(MetricsConfig()), logs.get(component=cid))
+
+
+def metric_value(registry: CollectorRegistry, name: str, **labels: str) -> float:
+    """The sum of the samples of `name` whose labels include `labels`."""
+    total = 0.0
+    for family in registry.collect():
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def make_event(i: int = 0, **fields: Any) -> Event:
+    base: dict[str, Any] = {
+        "event_id": f"evt-{i:08d}", "timestamp": 1_700_000_000_000_000_000 + i,
+        "source": "gateway", "provider": "openai", "operation": "chat",
+        "request_model": "gpt-4o-mini", "status_code": 200, "input_tokens": 10 + i % 7,
+        "output_tokens": 20, "duration_ms": 120.5, "endpoint": "/v1/chat/completions",
+    }
+    base.update(fields)
+    return Event(**base)
+
+
+def event_dicts(start: int, count: int, **fields: Any) -> list[dict[str, Any]]:
+    return [msgspec.to_builtins(make_event(i, **fields)) for i in range(start, start + count)]
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The complete lines of a JSONL file (a line still being written is left out)."""
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    complete = data[:data.rfind(b"\n") + 1]
+    return [msgspec.json.decode(line) for line in complete.splitlines() if line.strip()]
+
+
+def config_text(body: str, tmp_path: Path) -> str:
+    """A pipeline.yaml body with `{data}` standing for a data dir under tmp_path."""
+    return textwrap.dedent(body).replace("{data}", str(tmp_path / "data"))
+
+
+FILE_OUT: dict[str, Any] = {"path": "{data}/out.jsonl", "batch": {"timeout": "10ms"}}
+"""The file exporter most tests read back: `{data}/out.jsonl`, flushed every 10ms."""
+
+
+def pipeline(receivers: dict[str, Any], processors: dict[str, Any] | None = None,
+             exporters: dict[str, Any] | None = None,
+             service: dict[str, Any] | None = None) -> str:
+    """The text of a pipeline.yaml with one pipeline `p` through every receiver, every
+    processor (in the order given) and every exporter.
+
+    `exporters` defaults to `{"file": FILE_OUT}`; `service` is laid over
+    `{data_dir: "{data}", admin: null}` and may replace `pipelines`. `{data}` (and
+    `{admin}` for `daemon_factory`) are left for `config_text` to fill in. Collections
+    of scalars are written inline (`[openai]`, `{timeout: 10ms}`), so a test may still
+    edit the text it wrote."""
+    exporters = {"file": dict(FILE_OUT)} if exporters is None else exporters
+    flow: dict[str, Any] = {"receivers": list(receivers)}
+    if processors:
+        flow["processors"] = list(processors)
+    flow["exporters"] = list(exporters)
+    settings: dict[str, Any] = {"data_dir": "{data}", "admin": None, **(service or {})}
+    settings.setdefault("pipelines", {"p": flow})
+    doc: dict[str, Any] = {"receivers": receivers}
+    if processors:
+        doc["processors"] = processors
+    doc["exporters"] = exporters
+    doc["service"] = settings
+    return str(yaml.safe_dump(doc, sort_keys=False, default_flow_style=None, width=1000))
+
+
+def webhook_to_file(port: int, webhook: dict[str, Any] | None = None,
+                    processors: dict[str, Any] | None = None,
+                    file: dict[str, Any] | None = None,
+                    service: dict[str, Any] | None = None) -> str:
+    """`pipeline` for the common case: the webhook on 127.0.0.1:`port` (plus `webhook`
+    options) into the file exporter (`FILE_OUT` with `file` laid over it)."""
+    return pipeline({"webhook": {"listen": f"127.0.0.1:{port}", **(webhook or {})}},
+                    processors, {"file": {**FILE_OUT, **(file or {})}}, service)
+
+
+@contextlib.asynccontextmanager
+async def running(body: str, tmp_path: Path) -> AsyncIterator[Service]:
+    """Run a Service in-process on the given pipeline.yaml body."""
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(config_text(body, tmp_path))
+    service = Service(config_mod.load(str(path)))
+    await service.start()
+    try:
+        yield service
+    finally:
+        await service.shutdown()
+
+
+async def post_json(url: str, payload: Any, **kwargs: Any) -> tuple[int, Any, dict[str, str]]:
+    headers = {"Content-Type": "application/json", **kwargs.pop("headers", {})}
+    return await post_raw(url, msgspec.json.encode(payload), headers=headers, **kwargs)
+
+
+async def post_raw(url: str, data: bytes, **kwargs: Any) -> tuple[int, Any, dict[str, str]]:
+    """POST bytes; the answer's status, its JSON (or text) and its headers."""
+    async with aiohttp.ClientSession() as session, session.post(url, data=data, **kwargs) as r:
+        body = await r.read()
+        try:
+            parsed = msgspec.json.decode(body)
+        except msgspec.DecodeError:
+            parsed = body.decode()
+        return r.status, parsed, dict(r.headers)
+
+
+async def eventually(check: Any, timeout: float = 10.0, interval: float = 0.05) -> Any:
+    """Poll `check()` (a function or a coroutine function) until it returns something
+    truthy, or fail after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        await asyncio.sleep(interval)
+
+
+class Daemon:
+    """`meterline run` as a real process (for crash, signal and CLI tests)."""
+
+    def __init__(self, config: Path, admin_port: int, cwd: Path) -> None:
+        self.config, self.admin_port, self.cwd = config, admin_port, cwd
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = cwd / "daemon.log"
+
+    def start(self, timeout: float = 15.0, extra_args: list[str] | None = None) -> None:
+        log = open(self.log, "ab")  # noqa: SIM115 - the process owns it
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "meterline", "run", "-c", str(self.config),
+             *(extra_args or [])],
+            cwd=self.cwd, stdout=log, stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"daemon exited: {self.log.read_text()}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.admin_port), timeout=0.2) as s:
+                    s.sendall(b"GET /readyz HTTP/1.0\r\n\r\n")
+                    if b" 200 " in s.recv(100):
+                        return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise AssertionError(f"daemon not ready: {self.log.read_text()}")
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def stop(self, timeout: float = 20.0) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait()
