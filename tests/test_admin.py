@@ -8,30 +8,24 @@ import sys
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.helpers import event_dicts, eventually, free_port, post_json, running
-
-PIPELINE = """
-receivers:
-  webhook: {{listen: 127.0.0.1:{port}}}
-processors:
-  filter/no-anthropic:
-    exclude: [{{provider: anthropic}}]
-exporters:
-  file:
-    path: {{data}}/out.jsonl
-    batch: {{timeout: 10ms}}
-    filtering:
-      exclude: [{{status_code: 500}}]
-service:
-  data_dir: {{data}}
-  admin: {{listen: "127.0.0.1:{admin}"{auth}}}
-  pipelines:
-    p: {{receivers: [webhook], processors: [filter/no-anthropic], exporters: [file]}}
-"""
+from tests.helpers import (
+    event_dicts,
+    eventually,
+    free_port,
+    post_json,
+    running,
+    webhook_to_file,
+)
 
 
 def pipeline(port, admin, auth=""):
-    return PIPELINE.format(port=port, admin=admin, auth=auth)
+    admin_settings = {"listen": f"127.0.0.1:{admin}"}
+    if auth:
+        admin_settings["auth_token"] = auth
+    return webhook_to_file(
+        port, processors={"filter/no-anthropic": {"exclude": [{"provider": "anthropic"}]}},
+        file={"filtering": {"exclude": [{"status_code": 500}]}},
+        service={"admin": admin_settings})
 
 
 def samples(text):
@@ -94,7 +88,7 @@ async def test_status_shows_pipelines_and_queues(tmp_path):
 
 async def test_api_requires_the_token_when_one_is_set(tmp_path):
     port, admin = free_port(), free_port()
-    async with running(pipeline(port, admin, ", auth_token: t0k"), tmp_path):
+    async with running(pipeline(port, admin, "t0k"), tmp_path):
         assert (await get(f"http://127.0.0.1:{admin}/api/v1/status"))[0] == 401
         ok = await get(f"http://127.0.0.1:{admin}/api/v1/status",
                        headers={"Authorization": "Bearer t0k"})

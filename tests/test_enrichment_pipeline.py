@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import textwrap
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.helpers import (
     FIXTURES,
@@ -15,28 +17,13 @@ from tests.helpers import (
     post_json,
     read_jsonl,
     running,
+    webhook_to_file,
 )
 
 
 def pipeline(port: int, processors: str) -> str:
-    return f"""
-    receivers:
-      webhook: {{listen: 127.0.0.1:{port}}}
-    processors:
-{processors}
-    exporters:
-      file:
-        path: {{data}}/out.jsonl
-        batch: {{timeout: 10ms}}
-    service:
-      data_dir: {{data}}
-      admin: null
-      pipelines:
-        usage:
-          receivers: [webhook]
-          processors: [labels, cost, redact, sample]
-          exporters: [file]
-    """
+    """The webhook into the file exporter through `processors` (their YAML block)."""
+    return webhook_to_file(port, processors=yaml.safe_load(textwrap.dedent(processors)))
 
 
 DEFAULTS = """

@@ -13,6 +13,7 @@ import zlib
 from collections.abc import AsyncIterator
 
 import pytest
+import yaml
 
 from gateway.config import ProxyConfig
 from gateway.proxy import Proxy
@@ -23,24 +24,18 @@ from meterline.config import AdminConfig, convert
 from meterline.httpserver import ListenerConfig
 from meterline.units import Listen
 from tests.helpers import free_port, running
+from tests.helpers import pipeline as pipeline_file
 
 FAST = "read_timeout: 200ms, keepalive_timeout: 200ms"
 
 
 def pipeline(port: int, receiver: str = "webhook", options: str = "") -> str:
-    listen = (f"listen: 127.0.0.1:{port}" if receiver == "webhook"
-              else f"grpc: null, http: 127.0.0.1:{port}")
-    return f"""
-    receivers:
-      {receiver}: {{{listen}, {options}}}
-    exporters:
-      file: {{path: "{{data}}/out.jsonl"}}
-    service:
-      data_dir: {{data}}
-      admin: null
-      pipelines:
-        p: {{receivers: [{receiver}], exporters: [file]}}
-    """
+    """`receiver` (webhook, or OTLP over HTTP only) on `port` with `options` (YAML flow
+    mapping entries, `a: 1, b: 2s`) into the file exporter."""
+    listen = ({"listen": f"127.0.0.1:{port}"} if receiver == "webhook"
+              else {"grpc": None, "http": f"127.0.0.1:{port}"})
+    settings = {**listen, **(yaml.safe_load(f"{{{options}}}") or {})}
+    return pipeline_file({receiver: settings}, exporters={"file": {"path": "{data}/out.jsonl"}})
 
 
 def gzip_bomb(gib: int = 1) -> bytes:
