@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from meterline import config as config_mod
 from meterline.event import FIELDS
 from meterline.service import Service
-from tests.helpers import config_text
+from tests.helpers import config_text, pipeline
 
 T = TypeVar("T")
 
@@ -243,28 +243,11 @@ class LoopThread:
         self.loop.close()
 
 
-INTO_A_FILE = """
-receivers:
-  {receiver}
-exporters:
-  file:
-    path: {{data}}/out.jsonl
-    batch: {{timeout: 10ms}}
-service:
-  data_dir: {{data}}
-  admin: null
-  workers: 1
-  shutdown_timeout: 200ms
-  pipelines:
-    p: {{receivers: [{name}], exporters: [file]}}
-"""
-
-
 @contextlib.contextmanager
-def service_in_thread(receiver: str, tmp_path: Path) -> Iterator[tuple[LoopThread, Service]]:
-    """A Service taking events with the receiver configured by `receiver` (one line of
-    YAML, `type: {...}`) into a file."""
-    body = INTO_A_FILE.format(receiver=receiver, name=receiver.partition(":")[0])
+def service_in_thread(receivers: dict[str, Any], tmp_path: Path
+                      ) -> Iterator[tuple[LoopThread, Service]]:
+    """A Service taking events with `receivers` (their config, by id) into a file."""
+    body = pipeline(receivers, service={"workers": 1, "shutdown_timeout": "200ms"})
     path = tmp_path / "pipeline.yaml"
     path.write_text(config_text(body, tmp_path))
     thread = LoopThread()

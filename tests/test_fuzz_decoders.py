@@ -70,7 +70,8 @@ def test_any_body_gets_events_or_reasons_never_an_exception(body_ndjson: tuple[b
 def webhook(tmp_path_factory: pytest.TempPathFactory) -> Any:
     port = free_port()
     tmp = tmp_path_factory.mktemp("fuzz-webhook")
-    with service_in_thread(f"webhook: {{listen: 127.0.0.1:{port}, max_body_mb: 0.25}}", tmp):
+    with service_in_thread(
+            {"webhook": {"listen": f"127.0.0.1:{port}", "max_body_mb": 0.25}}, tmp):
         yield port
 
 

@@ -251,8 +251,8 @@ def otlp(tmp_path_factory: pytest.TempPathFactory) -> Any:
     grpc_port, http_port = free_port(), free_port()
     tmp = tmp_path_factory.mktemp("fuzz-otlp")
     with service_in_thread(
-            f'otlp: {{grpc: "127.0.0.1:{grpc_port}", http: "127.0.0.1:{http_port}", '
-            "max_message_mb: 0.25}", tmp), \
+            {"otlp": {"grpc": f"127.0.0.1:{grpc_port}", "http": f"127.0.0.1:{http_port}",
+                      "max_message_mb": 0.25}}, tmp), \
             grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
         yield http_port, channel
 

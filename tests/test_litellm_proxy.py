@@ -26,7 +26,14 @@ import pytest_asyncio
 from gateway.fakeupstream import FakeUpstream
 from meterline.event import api_key_id
 from tests import litellm_proxy
-from tests.helpers import eventually, free_port, metric_value, read_jsonl, running
+from tests.helpers import (
+    eventually,
+    free_port,
+    metric_value,
+    read_jsonl,
+    running,
+    webhook_to_file,
+)
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -65,23 +72,7 @@ class Run:
 
 
 def pipeline(port: int) -> str:
-    return f"""
-    receivers:
-      webhook:
-        listen: 127.0.0.1:{port}
-        auth_token: {TOKEN}
-    processors:
-      cost: {{}}
-    exporters:
-      file:
-        path: {{data}}/events.jsonl
-        batch: {{timeout: 10ms}}
-    service:
-      data_dir: {{data}}
-      admin: null
-      pipelines:
-        p: {{receivers: [webhook], processors: [cost], exporters: [file]}}
-    """
+    return webhook_to_file(port, webhook={"auth_token": TOKEN}, processors={"cost": {}})
 
 
 async def drive(proxy: litellm_proxy.Proxy, key: str) -> None:
@@ -126,7 +117,7 @@ async def run(request: pytest.FixtureRequest,
     tmp = tmp_path_factory.mktemp(form)
     port = free_port()
     endpoint = f"http://127.0.0.1:{port}/v1/events"
-    out = tmp / "data" / "events.jsonl"
+    out = tmp / "data" / "out.jsonl"
     async with FakeUpstream(tokens=OUTPUT_TOKENS) as upstream, \
             running(pipeline(port), tmp) as service:
         workdir = tmp / "litellm"

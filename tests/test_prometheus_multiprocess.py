@@ -1,6 +1,7 @@
 """Exporter `prometheus` with `multiprocess_dir`: several processes, one scrape sees the sum."""
 
 import asyncio
+import contextlib
 import signal
 import time
 
@@ -80,52 +81,47 @@ async def test_one_scrape_sees_the_sum_of_two_processes(daemon_factory):
     second.daemon.signal(signal.SIGTERM)
 
 
-async def test_self_telemetry_is_shown_per_process(tmp_path):
+@contextlib.asynccontextmanager
+async def shared_exporter(tmp_path, now=None, **config):
+    """A started exporter in multiprocess mode on a free port (its clock `now[0]`, when
+    given): (exporter, its context, the port)."""
     context = make_context(tmp_path, "prometheus")
     port = free_port()
-    config = convert({"listen": f"127.0.0.1:{port}", "multiprocess_dir": str(tmp_path / "mp")},
-                     PrometheusConfig)
-    exporter = PrometheusExporter(config, context)
+    exporter = PrometheusExporter(convert({
+        "listen": f"127.0.0.1:{port}", "multiprocess_dir": str(tmp_path / "mp"), **config},
+        PrometheusConfig), context)
+    if now is not None:
+        exporter.clock = lambda: now[0]
     await exporter.start()
     try:
-        context.meter.create_up_down_counter("llm_gateway_requests_inflight").add(4)
-        text = await get(f"http://127.0.0.1:{port}/metrics")
+        yield exporter, context, port
     finally:
         await exporter.shutdown()
+
+
+async def test_self_telemetry_is_shown_per_process(tmp_path):
+    async with shared_exporter(tmp_path) as (_, context, port):
+        context.meter.create_up_down_counter("llm_gateway_requests_inflight").add(4)
+        text = await get(f"http://127.0.0.1:{port}/metrics")
     [(labels, value)] = sample_values(text, "llm_gateway_requests_inflight").items()
     assert value == 4 and dict(labels)["pid"].isdigit()
 
 
 async def test_a_label_set_no_process_has_seen_for_a_while_is_left_out(tmp_path):
-    context = make_context(tmp_path, "prometheus")
-    port = free_port()
-    config = convert({"listen": f"127.0.0.1:{port}", "multiprocess_dir": str(tmp_path / "mp"),
-                      "metric_expiration": "100ms"}, PrometheusConfig)
-    exporter = PrometheusExporter(config, context)
     now = [1000.0]
-    exporter.clock = lambda: now[0]
-    await exporter.start()
-    try:
+    async with shared_exporter(tmp_path, now, metric_expiration="100ms") as (exporter, _, port):
         await exporter.export(ExportBatch("b1", [make_event(1, request_model="old")]))
         now[0] += 0.2  # past the expiration, on the exporter's clock
         await exporter.export(ExportBatch("b2", [make_event(2, request_model="new")]))
         requests = sample_values(await get(f"http://127.0.0.1:{port}/metrics"),
                                  "llm_gateway_requests_total")
-    finally:
-        await exporter.shutdown()
     assert [dict(labels)["model"] for labels in requests] == ["new"]
 
 
 async def test_only_label_sets_seen_within_the_expiration_count_toward_max_series(tmp_path):
-    context = make_context(tmp_path, "prometheus")
-    port = free_port()
-    config = convert({"listen": f"127.0.0.1:{port}", "multiprocess_dir": str(tmp_path / "mp"),
-                      "max_series": 1, "metric_expiration": "10s"}, PrometheusConfig)
-    exporter = PrometheusExporter(config, context)
     now = [1000.0]
-    exporter.clock = lambda: now[0]
-    await exporter.start()
-    try:
+    async with shared_exporter(tmp_path, now, max_series=1, metric_expiration="10s") as (
+            exporter, context, port):
         for i, (at, model) in enumerate([(1000.0, "a"), (1020.0, "b"), (1040.0, "a")]):
             now[0] = at
             await exporter.export(ExportBatch(f"b{i}", [make_event(i, request_model=model)]))
@@ -133,21 +129,13 @@ async def test_only_label_sets_seen_within_the_expiration_count_toward_max_serie
                                  "llm_gateway_requests_total")
         folded = metric_value(context.telemetry.registry,
                               "meterline_prometheus_folded_events_total")
-    finally:
-        await exporter.shutdown()
     assert folded == 0
     # `b` took the place `a` left; `a` came back in the place `b` left, from its total
     assert {dict(labels)["model"]: value for labels, value in requests.items()} == {"a": 2.0}
 
 
 async def test_an_export_retried_after_a_failed_shared_write_counts_once(tmp_path):
-    context = make_context(tmp_path, "prometheus")
-    port = free_port()
-    config = convert({"listen": f"127.0.0.1:{port}", "multiprocess_dir": str(tmp_path / "mp")},
-                     PrometheusConfig)
-    exporter = PrometheusExporter(config, context)
-    await exporter.start()
-    try:
+    async with shared_exporter(tmp_path) as (exporter, _, port):
         write = exporter.shared.write
         failures = [OSError(28, "No space left on device")]
 
@@ -163,6 +151,4 @@ async def test_an_export_retried_after_a_failed_shared_write_counts_once(tmp_pat
         await exporter.export(batch)  # the delivery loop's retry
         requests = sample_values(await get(f"http://127.0.0.1:{port}/metrics"),
                                  "llm_gateway_requests_total")
-    finally:
-        await exporter.shutdown()
     assert list(requests.values()) == [3.0]
