@@ -27,14 +27,14 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from exporters.clickhouse import analytics, budgets, finops, repair
-from exporters.clickhouse.config import ClickHouseConfig
-from exporters.clickhouse.exporter import ClickHouseExporter
-from exporters.clickhouse.query import Reader, Window
 from meterline import logs
 from meterline.component import Context, ExportBatch
 from meterline.config import MetricsConfig, convert
 from meterline.event import Event
+from meterline.exporters.clickhouse import analytics, budgets, finops, repair
+from meterline.exporters.clickhouse.config import ClickHouseConfig
+from meterline.exporters.clickhouse.exporter import ClickHouseExporter
+from meterline.exporters.clickhouse.query import Reader, Window
 from meterline.telemetry import Telemetry
 
 MODELS = [("openai", "gpt-4o-mini"), ("openai", "gpt-4o"), ("anthropic", "claude-sonnet-4"),

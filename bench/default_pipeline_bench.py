@@ -75,9 +75,9 @@ sys.path[:0] = [str(ROOT), str(BENCH)]
 from gateway_bench import free_port, percentile, wait_port  # noqa: E402
 from pipeline_bench import send as post_batches  # noqa: E402
 
-from gateway.config import UpstreamConfig  # noqa: E402
-from gateway.deadlines import Deadlines  # noqa: E402
-from gateway.upstream import Exchange, Upstream  # noqa: E402
+from meterline.gateway.config import UpstreamConfig  # noqa: E402
+from meterline.gateway.deadlines import Deadlines  # noqa: E402
+from meterline.gateway.upstream import Exchange, Upstream  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -784,7 +784,8 @@ class Proxies:
         work.mkdir()
         fake_port, floor_port = free_port(), free_port()
         fake = self.procs.start("fakeupstream", [
-            sys.executable, "-m", "gateway.fakeupstream", "--listen", f"127.0.0.1:{fake_port}",
+            sys.executable, "-m", "meterline.gateway.fakeupstream",
+            "--listen", f"127.0.0.1:{fake_port}",
             "--latency", self.args.delay, "--tokens", "20", "--chunk-delay", "1ms"], work)
         wait_port(fake_port, fake)
         floor = self.procs.start("floor-proxy", [

@@ -22,14 +22,14 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 )
 from prometheus_client.exposition import generate_latest
 
-from exporters.otlp.encode import to_logs_request, to_traces_request
-from exporters.prometheus.exporter import PrometheusConfig, PrometheusExporter
 from meterline import logs
 from meterline.component import Context
 from meterline.config import MetricsConfig
 from meterline.event import Event
+from meterline.exporters.otlp.encode import to_logs_request, to_traces_request
+from meterline.exporters.prometheus.exporter import PrometheusConfig, PrometheusExporter
+from meterline.receivers.decoders.otlp import decode_spans
 from meterline.telemetry import Telemetry
-from receivers.decoders.otlp import decode_spans
 
 PROVIDERS = ("openai", "anthropic", "gcp.gemini", "mistral_ai")
 

@@ -2,7 +2,7 @@
 gateway and through LiteLLM, all pointed at one fake upstream with a fixed delay.
 
 Each target runs in its own process: the fake upstream
-(`python -m gateway.fakeupstream`), the floor (a bare pass-through proxy written
+(`python -m meterline.gateway.fakeupstream`), the floor (a bare pass-through proxy written
 here: httptools, no JSON, no events; the least a Python proxy adds), the gateway
 (`meterline run`: the `gateway` receiver into a `file` exporter on a persistent
 queue, the whole daemon in one process) and, when installed, the LiteLLM proxy.
@@ -40,9 +40,9 @@ import msgspec
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from gateway.config import UpstreamConfig  # noqa: E402
-from gateway.deadlines import Deadlines  # noqa: E402
-from gateway.upstream import Upstream  # noqa: E402
+from meterline.gateway.config import UpstreamConfig  # noqa: E402
+from meterline.gateway.deadlines import Deadlines  # noqa: E402
+from meterline.gateway.upstream import Upstream  # noqa: E402
 
 GATEWAY_PIPELINE = """
 receivers:
@@ -356,7 +356,7 @@ def main() -> None:
 
     try:
         fake_port = free_port()
-        fake = start([sys.executable, "-m", "gateway.fakeupstream", "--listen",
+        fake = start([sys.executable, "-m", "meterline.gateway.fakeupstream", "--listen",
                       f"127.0.0.1:{fake_port}", "--latency", args.delay, "--chunk-delay",
                       args.chunk_delay, "--tokens", str(args.tokens)], fake_port)
         upstream = f"http://127.0.0.1:{fake_port}"

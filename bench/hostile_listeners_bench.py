@@ -42,9 +42,9 @@ from meterline import logs
 from meterline.component import Context
 from meterline.telemetry import Telemetry
 from meterline.config import MetricsConfig, convert
-from receivers.webhook import WebhookConfig, WebhookReceiver
-from gateway.config import ProxyConfig
-from gateway.proxy import Proxy
+from meterline.receivers.webhook import WebhookConfig, WebhookReceiver
+from meterline.gateway.config import ProxyConfig
+from meterline.gateway.proxy import Proxy
 
 class Sink:
     async def consume(self, events): pass

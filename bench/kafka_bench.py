@@ -75,8 +75,8 @@ async def fill(bootstrap: str, events: int, partitions: int, encoding: str) -> i
     if encoding == "json":
         encode = msgspec.json.encode
     else:  # the exporter's own OTLP form, so that the receiver reads what it would in use
-        from exporters.kafka.messages import MessageBuilder
         from meterline.event import from_dict
+        from meterline.exporters.kafka.messages import MessageBuilder
 
         builder = MessageBuilder("bench-in", None, encoding)
 

@@ -40,12 +40,12 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT)]
 
-from exporters.clickhouse.config import ClickHouseConfig  # noqa: E402
-from exporters.clickhouse.connection import open_client  # noqa: E402
-from exporters.clickhouse.query import Reader  # noqa: E402
-from exporters.clickhouse.repair import miscounted_hours  # noqa: E402
-from exporters.clickhouse.schema import FINAL_SETTINGS, Schema, ensure_schema  # noqa: E402
 from meterline.config import convert  # noqa: E402
+from meterline.exporters.clickhouse.config import ClickHouseConfig  # noqa: E402
+from meterline.exporters.clickhouse.connection import open_client  # noqa: E402
+from meterline.exporters.clickhouse.query import Reader  # noqa: E402
+from meterline.exporters.clickhouse.repair import miscounted_hours  # noqa: E402
+from meterline.exporters.clickhouse.schema import FINAL_SETTINGS, Schema, ensure_schema  # noqa: E402
 from tests.clickhouse_helpers import every_finops_answer  # noqa: E402
 
 PIPELINE = """

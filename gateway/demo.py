@@ -26,9 +26,9 @@ from typing import Any
 import aiohttp
 import msgspec
 
-from gateway.fakeupstream import FakeUpstream
 from meterline.config import PipelineFile
 from meterline.event import api_key_id
+from meterline.gateway.fakeupstream import FakeUpstream
 
 # key -> (name, team, organization)
 KEYS = {

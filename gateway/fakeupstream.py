@@ -22,7 +22,7 @@ headers, which the gateway forwards:
 |  |  | received: `masked` as OpenAI does (`sk-proj-abc***…wxyz`), `clear` whole, as some |
 |  |  | proxies do (`Bearer sk-…`; Anthropic: `invalid x-api-key: sk-ant-…`) |
 
-    python -m gateway.fakeupstream --listen 127.0.0.1:9000 --latency 20ms --tokens 16
+    python -m meterline.gateway.fakeupstream --listen 127.0.0.1:9000 --latency 20ms --tokens 16
 """
 
 from __future__ import annotations

@@ -34,10 +34,11 @@ from typing import Any, Final
 import msgspec
 from structlog.typing import FilteringBoundLogger
 
-from gateway.config import ProxyConfig
-from gateway.deadlines import Deadlines
-from gateway.server import ClientConnection, Request
-from gateway.shapes import (
+from meterline.event import Event, api_key_id
+from meterline.gateway.config import ProxyConfig
+from meterline.gateway.deadlines import Deadlines
+from meterline.gateway.server import ClientConnection, Request
+from meterline.gateway.shapes import (
     DROP,
     TOKEN,
     Shape,
@@ -46,9 +47,8 @@ from gateway.shapes import (
     read_error,
     shape_for,
 )
-from gateway.streams import LineSplitter, SSESplitter
-from gateway.upstream import UNHEALTHY_AFTER, Exchange, Upstream, UpstreamFailure
-from meterline.event import Event, api_key_id
+from meterline.gateway.streams import LineSplitter, SSESplitter
+from meterline.gateway.upstream import UNHEALTHY_AFTER, Exchange, Upstream, UpstreamFailure
 from meterline.genai import ROUTING_ATTRIBUTE, failure
 from meterline.httpserver import ConnectionLimit
 

@@ -34,9 +34,9 @@ from meterline.httpserver import MAX_HEADER_BYTES, MAX_HEADERS, MAX_LINE_BYTES, 
 if TYPE_CHECKING:
     from structlog.typing import FilteringBoundLogger
 
-    from gateway.config import ProxyConfig
-    from gateway.deadlines import Deadlines
-    from gateway.upstream import UpstreamConnection
+    from meterline.gateway.config import ProxyConfig
+    from meterline.gateway.deadlines import Deadlines
+    from meterline.gateway.upstream import UpstreamConnection
 
 _REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
 _NO_BODY = frozenset({204, 304})

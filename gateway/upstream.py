@@ -25,8 +25,8 @@ from urllib.parse import urlsplit
 
 import httptools
 
-from gateway.config import TimeoutsConfig, UpstreamConfig
-from gateway.deadlines import Deadlines
+from meterline.gateway.config import TimeoutsConfig, UpstreamConfig
+from meterline.gateway.deadlines import Deadlines
 
 UNHEALTHY_AFTER = 3  # consecutive connection failures or timeouts
 

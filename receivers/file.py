@@ -22,8 +22,8 @@ import msgspec
 from meterline.backpressure import offer
 from meterline.component import Config, Consumer, Context, Factory, Receiver, cancel_and_wait
 from meterline.event import Event
+from meterline.receivers.decoders import DecodeError, NotAnLLMCall, decode_item
 from meterline.units import Duration
-from receivers.decoders import DecodeError, NotAnLLMCall, decode_item
 
 _raw = msgspec.json.Decoder()
 _CHUNK = 1 << 20

@@ -28,12 +28,12 @@ from collections.abc import Iterable
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 from structlog.typing import FilteringBoundLogger
 
-from gateway.config import ProxyConfig
-from gateway.proxy import Proxy
 from meterline import bounds
 from meterline.backpressure import offer
 from meterline.component import Consumer, Context, Factory, Receiver
 from meterline.event import Event
+from meterline.gateway.config import ProxyConfig
+from meterline.gateway.proxy import Proxy
 from meterline.telemetry import Telemetry
 from meterline.units import Duration
 

@@ -51,10 +51,10 @@ from meterline.httpserver import (
     read_body,
     serve,
 )
+from meterline.receivers.decoders import DecodeError
+from meterline.receivers.decoders.otlp import OtlpDecoded, decode_logs, decode_spans, parse_json
 from meterline.recent import RecentIds
 from meterline.units import Listen
-from receivers.decoders import DecodeError
-from receivers.decoders.otlp import OtlpDecoded, decode_logs, decode_spans, parse_json
 
 _PROTOBUF = "application/x-protobuf"
 _JSON = "application/json"

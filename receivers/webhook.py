@@ -23,8 +23,8 @@ from meterline.auth import BearerToken, unauthorised
 from meterline.backpressure import Refused, refuse
 from meterline.component import Consumer, Context, Factory, Receiver
 from meterline.httpserver import BodyRefused, ListenerConfig, read_body, serve
+from meterline.receivers.decoders import DecodeError, decode_body
 from meterline.units import Listen
-from receivers.decoders import DecodeError, decode_body
 
 _JSON_TYPES = {"application/json", "text/json"}
 _NDJSON_TYPES = {"application/x-ndjson", "application/ndjson", "application/jsonl",

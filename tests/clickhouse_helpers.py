@@ -9,11 +9,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from exporters.clickhouse import analytics, budgets, finops
-from exporters.clickhouse.config import ClickHouseConfig
-from exporters.clickhouse.exporter import ClickHouseExporter
-from exporters.clickhouse.query import Reader, Window
 from meterline.config import convert
+from meterline.exporters.clickhouse import analytics, budgets, finops
+from meterline.exporters.clickhouse.config import ClickHouseConfig
+from meterline.exporters.clickhouse.exporter import ClickHouseExporter
+from meterline.exporters.clickhouse.query import Reader, Window
 from tests.helpers import make_context
 
 Make = Callable[..., Awaitable[ClickHouseExporter]]

@@ -10,11 +10,11 @@ from typing import Any
 import anthropic
 import openai
 
-from gateway.config import ProxyConfig
-from gateway.proxy import Proxy
 from meterline import logs
 from meterline.config import convert
 from meterline.event import Event
+from meterline.gateway.config import ProxyConfig
+from meterline.gateway.proxy import Proxy
 
 
 @dataclass

@@ -1,8 +1,9 @@
 """docs/architecture.md's "Where things live" table is true: what it lists exists, and it
 lists every package and module of the code.
 
-The rule, for the import packages `pyproject.toml` installs (`meterline`, `receivers`,
-`processors`, `exporters`, `gateway`, ...: its `packages.find` include list):
+The rule, for the packages `pyproject.toml` installs: `meterline` and the component
+packages it links to (`receivers/`, `processors/`, `exporters/`, `gateway/`, ...: the
+top-level directories that install as `meterline.receivers` and so on):
 
 - A row's first column holds one or more paths in backticks, relative to the repository
   root (`meterline/queue/`: a directory; `tests/a.py`, `tests/b.py`: several). Every path
@@ -20,7 +21,6 @@ The rule, for the import packages `pyproject.toml` installs (`meterline`, `recei
 from __future__ import annotations
 
 import re
-import tomllib
 
 from tests.helpers import ROOT
 
@@ -45,9 +45,10 @@ def _table() -> list[tuple[list[str], str]]:
 
 
 def _packages() -> list[str]:
-    config = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
-    include = config["tool"]["setuptools"]["packages"]["find"]["include"]
-    return sorted({pattern.rstrip("*").rstrip(".") for pattern in include})
+    """The core and the top-level directories its links install as its subpackages."""
+    linked = [link.resolve().relative_to(ROOT).as_posix()
+              for link in (ROOT / CORE).iterdir() if link.is_symlink()]
+    return sorted([CORE, *linked])
 
 
 def _code(package: str) -> list[str]:
@@ -55,8 +56,8 @@ def _code(package: str) -> list[str]:
     found = []
     for path in sorted((ROOT / package).rglob("*")):
         relative = path.relative_to(ROOT).as_posix()
-        if "__pycache__" in path.parts:
-            continue
+        if "__pycache__" in path.parts or path.is_symlink():
+            continue  # a link is the package it points to, listed under its own name
         if path.is_dir() and (path / "__init__.py").exists():
             found.append(relative + "/")
         elif path.suffix == ".py" and path.name not in ("__init__.py", "__main__.py"):

@@ -10,8 +10,8 @@ from datetime import UTC, datetime
 
 import pytest
 
-from exporters.clickhouse import analytics, budgets, finops
 from meterline.component import ExportBatch
+from meterline.exporters.clickhouse import analytics, budgets, finops
 from tests import clickhouse_data as data
 from tests.clickhouse_helpers import (
     DIMENSIONS,

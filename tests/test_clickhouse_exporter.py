@@ -12,16 +12,16 @@ from clickhouse_connect.driver.exceptions import (
     ProgrammingError,
 )
 
-from exporters.clickhouse.budgets import Budget, BudgetScope
-from exporters.clickhouse.connection import (
+from meterline.component import ExportBatch, PermanentError, RetryableError
+from meterline.exporters.clickhouse.budgets import Budget, BudgetScope
+from meterline.exporters.clickhouse.connection import (
     RETRYABLE_CODES,
     ROW_CODES,
     classify,
     insert_settings,
     is_row_error,
 )
-from exporters.clickhouse.schema import COLUMNS, Schema, ensure_schema
-from meterline.component import ExportBatch, PermanentError, RetryableError
+from meterline.exporters.clickhouse.schema import COLUMNS, Schema, ensure_schema
 from tests.clickhouse_helpers import clickhouse_exporters
 from tests.helpers import eventually, free_port, make_event, metric_value
 

@@ -20,9 +20,9 @@ from typing import Any
 import msgspec
 import pytest
 
-from exporters.clickhouse.config import ClickHouseConfig
-from exporters.clickhouse.connection import SERVER_CONFIG
 from meterline.config import convert
+from meterline.exporters.clickhouse.config import ClickHouseConfig
+from meterline.exporters.clickhouse.connection import SERVER_CONFIG
 
 ROOT = Path(__file__).resolve().parent.parent
 MIB = 1 << 20
@@ -33,9 +33,9 @@ from pathlib import Path
 
 import msgspec
 
-from exporters.clickhouse.config import ClickHouseConfig
-from exporters.clickhouse.connection import insert_settings, open_client
-from exporters.clickhouse.schema import Schema, ensure_schema
+from meterline.exporters.clickhouse.config import ClickHouseConfig
+from meterline.exporters.clickhouse.connection import insert_settings, open_client
+from meterline.exporters.clickhouse.schema import Schema, ensure_schema
 from meterline.config import convert
 from meterline.event import Event
 

@@ -4,7 +4,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from exporters.clickhouse.query import Window, split
+from meterline.exporters.clickhouse.query import Window, split
 
 
 def at(text):

@@ -3,12 +3,18 @@
 import clickhouse_connect
 import pytest
 
-from exporters.clickhouse.config import ClickHouseConfig
-from exporters.clickhouse.connection import insert_settings
-from exporters.clickhouse.metrics import AGGREGATES
-from exporters.clickhouse.schema import COLUMNS, VIEW_VERSION, Column, Schema, ensure_schema
 from meterline.config import ConfigError, convert, loads
 from meterline.event import FIELDS
+from meterline.exporters.clickhouse.config import ClickHouseConfig
+from meterline.exporters.clickhouse.connection import insert_settings
+from meterline.exporters.clickhouse.metrics import AGGREGATES
+from meterline.exporters.clickhouse.schema import (
+    COLUMNS,
+    VIEW_VERSION,
+    Column,
+    Schema,
+    ensure_schema,
+)
 from tests.helpers import make_event
 
 
@@ -69,7 +75,7 @@ def test_a_later_version_adds_its_columns_to_an_existing_table_and_keeps_the_row
 def test_a_newer_rollup_view_replaces_the_old_one(chdb, monkeypatch):
     ensure_schema(chdb, Schema())
     old, new = VIEW_VERSION, VIEW_VERSION + 1
-    monkeypatch.setattr("exporters.clickhouse.schema.VIEW_VERSION", new)
+    monkeypatch.setattr("meterline.exporters.clickhouse.schema.VIEW_VERSION", new)
     changes = [c.splitlines()[0] for c in ensure_schema(chdb, Schema())]
     assert changes == [
         f"CREATE MATERIALIZED VIEW IF NOT EXISTS `meterline`.`llm_usage_1m_mv_v{new}`",
@@ -89,9 +95,9 @@ def test_tables_of_the_previous_version_gain_the_cache_and_estimate_columns_and_
     older = Schema(columns=tuple(c for c in COLUMNS
                                  if c.name not in ("cache_hit", "tags", "saved_cost_usd")))
     with monkeypatch.context() as previous:
-        previous.setattr("exporters.clickhouse.schema.AGGREGATES",
+        previous.setattr("meterline.exporters.clickhouse.schema.AGGREGATES",
                          tuple(a for a in AGGREGATES if a.name not in added))
-        previous.setattr("exporters.clickhouse.schema.VIEW_VERSION", VIEW_VERSION - 1)
+        previous.setattr("meterline.exporters.clickhouse.schema.VIEW_VERSION", VIEW_VERSION - 1)
         ensure_schema(chdb, older)
         insert(chdb, older, [make_event(1)], "old")
     changes = [c.split(" SimpleAggregateFunction")[0].splitlines()[0]

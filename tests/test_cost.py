@@ -14,8 +14,8 @@ from meterline import config as config_mod
 from meterline.cli import main
 from meterline.config import convert
 from meterline.event import Event
-from processors.cost import CostConfig, CostProcessor
-from processors.cost.prices import bundled
+from meterline.processors.cost import CostConfig, CostProcessor
+from meterline.processors.cost.prices import bundled
 from tests.helpers import FIXTURES, make_context, make_event, metric_value
 
 LITELLM_FILE = str(FIXTURES / "litellm-prices.json")

@@ -2,9 +2,9 @@
 
 import json
 
-from exporters.debug import DebugConfig, DebugExporter
 from meterline.component import ExportBatch
 from meterline.config import convert
+from meterline.exporters.debug import DebugConfig, DebugExporter
 from tests.helpers import make_context, make_event
 
 

@@ -7,7 +7,7 @@ import msgspec
 import pytest
 
 from meterline.event import api_key_id, to_json
-from receivers.decoders import DecodeError, NotAnLLMCall, decode_body, decode_item
+from meterline.receivers.decoders import DecodeError, NotAnLLMCall, decode_body, decode_item
 from tests.helpers import FIXTURES, make_event
 
 OTOROSHI = json.loads((FIXTURES / "otoroshi-llm-usage-audit.json").read_text())

@@ -13,15 +13,15 @@ from aiohttp.test_utils import make_mocked_request
 from aiokafka.structs import ConsumerRecord
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2_grpc import TraceServiceStub
 
-from exporters.clickhouse import api
-from exporters.clickhouse.cli import render
-from exporters.otlp.encode import to_traces_request
 from meterline import bounds
 from meterline.component import ExportBatch
 from meterline.event import Event
-from receivers.decoders import DecodeError, decode_body, decode_item
-from receivers.gateway import EventBuffer
-from receivers.kafka.messages import decode_records
+from meterline.exporters.clickhouse import api
+from meterline.exporters.clickhouse.cli import render
+from meterline.exporters.otlp.encode import to_traces_request
+from meterline.receivers.decoders import DecodeError, decode_body, decode_item
+from meterline.receivers.gateway import EventBuffer
+from meterline.receivers.kafka.messages import decode_records
 from tests.clickhouse_helpers import clickhouse_exporters
 from tests.helpers import (
     event_dicts,

@@ -4,10 +4,10 @@ import asyncio
 
 import pytest
 
-from exporters.file import FileExporter, FileExporterConfig
 from meterline.component import ExportBatch, RetryableError
 from meterline.config import convert
 from meterline.event import from_json, to_json
+from meterline.exporters.file import FileExporter, FileExporterConfig
 from tests.helpers import make_context, make_event
 
 

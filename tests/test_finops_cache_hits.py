@@ -11,10 +11,10 @@ from datetime import UTC, datetime, timedelta
 import pytest
 import pytest_asyncio
 
-from exporters.clickhouse import analytics, finops
-from exporters.clickhouse.query import Window
 from meterline.component import ExportBatch
 from meterline.event import Event
+from meterline.exporters.clickhouse import analytics, finops
+from meterline.exporters.clickhouse.query import Window
 from tests.clickhouse_helpers import clickhouse_exporters
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")

@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 
-from exporters.clickhouse.cli import render
+from meterline.exporters.clickhouse.cli import render
 from tests.helpers import config_text, eventually, free_port, make_event, post_json
 
 PIPELINE = """

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from meterline import bounds
 from meterline.event import Event, pack
-from receivers.decoders import Decoded, DecodeError, decode_body, decode_item
+from meterline.receivers.decoders import Decoded, DecodeError, decode_body, decode_item
 from tests.fuzz_helpers import deep, fuzz, items, json_bodies, service_in_thread, within
 from tests.helpers import free_port
 

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.fakeupstream import FakeUpstream
+from meterline.gateway.fakeupstream import FakeUpstream
 from tests.fuzz_helpers import LoopThread, fuzz
 from tests.gateway_helpers import gateway, openai_upstream
 

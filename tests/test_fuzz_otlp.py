@@ -23,8 +23,8 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from meterline import bounds, otlpjson
 from meterline.event import FIELDS, pack
 from meterline.genai import ATTRIBUTES, INFERENCE_EVENT
-from receivers.decoders import DecodeError
-from receivers.decoders.otlp import decode_logs, decode_spans, parse_json
+from meterline.receivers.decoders import DecodeError
+from meterline.receivers.decoders.otlp import decode_logs, decode_spans, parse_json
 from tests.fuzz_helpers import FLOATS, NUMERIC_STRINGS, TEXT, fuzz, service_in_thread, within
 from tests.helpers import free_port
 

@@ -10,10 +10,10 @@ import aiohttp
 import openai
 import pytest
 
-from gateway.fakeupstream import FakeUpstream
-from gateway.shapes import USAGE_ESTIMATED
 from meterline.config import convert
-from processors.cost import CostConfig, CostProcessor
+from meterline.gateway.fakeupstream import FakeUpstream
+from meterline.gateway.shapes import USAGE_ESTIMATED
+from meterline.processors.cost import CostConfig, CostProcessor
 from tests.gateway_helpers import gateway, openai_upstream
 from tests.helpers import eventually, make_context
 

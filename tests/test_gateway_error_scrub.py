@@ -6,9 +6,9 @@ import anthropic
 import openai
 import pytest
 
-from gateway.fakeupstream import FakeUpstream
-from gateway.proxy import SECRET_MARKER, scrub_secrets
 from meterline.event import to_json
+from meterline.gateway.fakeupstream import FakeUpstream
+from meterline.gateway.proxy import SECRET_MARKER, scrub_secrets
 from tests.gateway_helpers import gateway, openai_upstream
 
 MESSAGES = [{"role": "user", "content": "hi"}]

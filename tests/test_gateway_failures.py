@@ -10,7 +10,7 @@ import anthropic
 import openai
 import pytest
 
-from gateway.fakeupstream import FakeUpstream
+from meterline.gateway.fakeupstream import FakeUpstream
 from tests.gateway_helpers import gateway, openai_upstream
 from tests.helpers import eventually, free_port
 

@@ -8,8 +8,8 @@ import aiohttp
 import openai
 import pytest
 
-from gateway.fakeupstream import FakeUpstream
 from meterline.event import to_json
+from meterline.gateway.fakeupstream import FakeUpstream
 from tests.gateway_helpers import gateway, openai_upstream
 
 MESSAGES = [{"role": "user", "content": "tell me a joke"}]

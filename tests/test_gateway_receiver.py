@@ -8,9 +8,9 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.fakeupstream import FakeUpstream
 from meterline import config as config_mod
 from meterline.config import ConfigError
+from meterline.gateway.fakeupstream import FakeUpstream
 from tests.helpers import eventually, free_port, metric_value, read_jsonl, running
 
 MESSAGES = [{"role": "user", "content": "hi"}]

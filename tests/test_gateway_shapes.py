@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from gateway.shapes import (
+from meterline.event import Event
+from meterline.gateway.shapes import (
     DROP,
     TOKEN,
     USAGE_ESTIMATED,
@@ -14,8 +15,7 @@ from gateway.shapes import (
     read_error,
     shape_for,
 )
-from gateway.streams import LineSplitter, SSESplitter
-from meterline.event import Event
+from meterline.gateway.streams import LineSplitter, SSESplitter
 
 
 def test_sse_events_split_across_reads_come_out_whole():

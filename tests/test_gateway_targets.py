@@ -7,7 +7,7 @@ import json
 import msgspec
 import pytest
 
-from gateway.fakeupstream import FakeUpstream
+from meterline.gateway.fakeupstream import FakeUpstream
 from tests.gateway_helpers import gateway, openai_upstream
 
 BODY = msgspec.json.encode({"model": "m", "messages": [{"role": "user", "content": "hi"}]})

@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry
 
 from meterline import config as config_mod
 from meterline.config import convert
-from processors.labels import LabelsConfig, LabelsProcessor
+from meterline.processors.labels import LabelsConfig, LabelsProcessor
 from tests.helpers import make_context, make_event, metric_value
 
 

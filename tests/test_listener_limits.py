@@ -15,12 +15,12 @@ from collections.abc import AsyncIterator
 import pytest
 import yaml
 
-from gateway.config import ProxyConfig
-from gateway.proxy import Proxy
 from meterline import logs
 from meterline.admin import AdminServer
 from meterline.cli import raise_open_files_limit
 from meterline.config import AdminConfig, convert
+from meterline.gateway.config import ProxyConfig
+from meterline.gateway.proxy import Proxy
 from meterline.httpserver import ListenerConfig
 from meterline.units import Listen
 from tests.helpers import free_port, running

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from meterline.event import api_key_id
-from processors.cost.prices import PriceTable, bundled
-from receivers.decoders import decode_item
+from meterline.processors.cost.prices import PriceTable, bundled
+from meterline.receivers.decoders import decode_item
 from tests.helpers import FIXTURES
 
 

@@ -23,8 +23,8 @@ import openai
 import pytest
 import pytest_asyncio
 
-from gateway.fakeupstream import FakeUpstream
 from meterline.event import api_key_id
+from meterline.gateway.fakeupstream import FakeUpstream
 from tests import litellm_proxy
 from tests.helpers import (
     eventually,

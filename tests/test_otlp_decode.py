@@ -8,9 +8,9 @@ from opentelemetry.proto.logs.v1.logs_pb2 import LogRecord, ResourceLogs, ScopeL
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span, Status
 
-from exporters.otlp.encode import any_value, to_json, to_logs_request, to_traces_request
-from receivers.decoders.errors import DecodeError
-from receivers.decoders.otlp import decode_logs, decode_spans, parse_json
+from meterline.exporters.otlp.encode import any_value, to_json, to_logs_request, to_traces_request
+from meterline.receivers.decoders.errors import DecodeError
+from meterline.receivers.decoders.otlp import decode_logs, decode_spans, parse_json
 from tests.helpers import make_event
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"

@@ -4,7 +4,7 @@ import json
 
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
-from exporters.otlp.encode import (
+from meterline.exporters.otlp.encode import (
     to_json,
     to_logs_request,
     to_metrics_request,

@@ -15,13 +15,13 @@ from opentelemetry.proto.collector.logs.v1 import logs_service_pb2, logs_service
 from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
-from exporters.otlp.exporter import OtlpExporter, OtlpExporterConfig
 from meterline.component import ExportBatch, PermanentError, RetryableError
 from meterline.config import convert
 from meterline.event import from_dict
+from meterline.exporters.otlp.exporter import OtlpExporter, OtlpExporterConfig
 from meterline.httpserver import serve
+from meterline.receivers.decoders.otlp import value_of
 from meterline.units import Listen
-from receivers.decoders.otlp import value_of
 from tests.helpers import (
     event_dicts,
     eventually,

@@ -23,8 +23,8 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
-from exporters.otlp.encode import to_json, to_logs_request, to_traces_request
 from meterline.event import from_dict
+from meterline.exporters.otlp.encode import to_json, to_logs_request, to_traces_request
 from tests.helpers import (
     eventually,
     free_port,

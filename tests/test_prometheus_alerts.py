@@ -8,7 +8,7 @@ import subprocess
 import pytest
 import yaml
 
-from exporters.prometheus.metrics import METRICS
+from meterline.exporters.prometheus.metrics import METRICS
 from tests.helpers import ROOT
 
 RULES = ROOT / "deploy" / "prometheus"

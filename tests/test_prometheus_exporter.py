@@ -10,9 +10,9 @@ from prometheus_client.openmetrics.parser import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 
-from exporters.prometheus.exporter import PrometheusConfig, PrometheusExporter
 from meterline.component import ExportBatch
 from meterline.config import convert
+from meterline.exporters.prometheus.exporter import PrometheusConfig, PrometheusExporter
 from meterline.genai import TTFT_BUCKETS
 from tests.helpers import (
     event_dicts,

@@ -10,9 +10,9 @@ import msgspec
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from exporters.prometheus.exporter import PrometheusConfig, PrometheusExporter
 from meterline.component import ExportBatch
 from meterline.config import convert
+from meterline.exporters.prometheus.exporter import PrometheusConfig, PrometheusExporter
 from tests.helpers import free_port, make_context, make_event, metric_value, post_json
 
 PIPELINE = """

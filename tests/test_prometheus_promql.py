@@ -20,7 +20,7 @@ import msgspec
 import openai
 import pytest
 
-from gateway.fakeupstream import FakeUpstream
+from meterline.gateway.fakeupstream import FakeUpstream
 from tests.helpers import eventually, free_port, make_event, metric_value, post_json, running
 
 pytestmark = pytest.mark.skipif(shutil.which("prometheus") is None,

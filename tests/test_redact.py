@@ -14,9 +14,9 @@ from prometheus_client import CollectorRegistry
 
 from meterline.config import convert
 from meterline.event import Event
-from processors.redact import RedactConfig, RedactProcessor
-from processors.redact.detectors import BUILTIN, NAMES, iban_valid, luhn
-from processors.redact.engine import DetectorSet
+from meterline.processors.redact import RedactConfig, RedactProcessor
+from meterline.processors.redact.detectors import BUILTIN, NAMES, iban_valid, luhn
+from meterline.processors.redact.engine import DetectorSet
 from tests.helpers import FIXTURES, make_context, make_event, metric_value
 
 CORPUS = FIXTURES / "redact-corpus.yaml"

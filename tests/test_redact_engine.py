@@ -17,10 +17,10 @@ import pytest
 
 from meterline.config import convert
 from meterline.event import Event
-from processors.redact import RedactConfig, RedactProcessor
-from processors.redact.detectors import BUILTIN, NAMES, Finding, iban_valid
-from processors.redact.engine import DetectorSet
-from processors.redact.image import DIGIT, FOLD_K, FOLD_S, OTHER, image
+from meterline.processors.redact import RedactConfig, RedactProcessor
+from meterline.processors.redact.detectors import BUILTIN, NAMES, Finding, iban_valid
+from meterline.processors.redact.engine import DetectorSet
+from meterline.processors.redact.image import DIGIT, FOLD_K, FOLD_S, OTHER, image
 from tests.helpers import make_context
 
 ENGINE = DetectorSet(list(BUILTIN))

@@ -12,14 +12,14 @@ import pytest
 
 from meterline.config import convert
 from meterline.event import Event
-from processors.redact import (
+from meterline.processors.redact import (
     EXCLUDED_FIELDS,
     STRING_FIELDS,
     TEXT_FIELDS,
     RedactConfig,
     RedactProcessor,
 )
-from processors.redact.engine import DetectorSet
+from meterline.processors.redact.engine import DetectorSet
 from tests.helpers import make_context, make_event
 
 EMAIL = "jane.doe@acme-corp.com"

@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry
 
 from meterline.config import convert
 from meterline.event import Event, clone
-from processors.sample import SampleConfig, SampleProcessor, position
+from meterline.processors.sample import SampleConfig, SampleProcessor, position
 from tests.helpers import make_context, make_event, metric_value
 
 N = 100_000

@@ -13,9 +13,9 @@ import math
 from datetime import timedelta
 from typing import Any
 
-from exporters.clickhouse import finops
-from exporters.clickhouse.finops import cache, number, ratio, usage
-from exporters.clickhouse.query import Dimension, Filter, Reader, Window, dimension, iso
+from meterline.exporters.clickhouse import finops
+from meterline.exporters.clickhouse.finops import cache, number, ratio, usage
+from meterline.exporters.clickhouse.query import Dimension, Filter, Reader, Window, dimension, iso
 
 _MODEL = [dimension("model"), dimension("provider")]
 _ROLLING = {"24h": timedelta(hours=24), "7d": timedelta(days=7), "30d": timedelta(days=30)}

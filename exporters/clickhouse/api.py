@@ -19,13 +19,13 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 from aiohttp import web
 
-from exporters.clickhouse import analytics, finops
-from exporters.clickhouse.connection import classify
-from exporters.clickhouse.query import Window
 from meterline.component import AdminHandler, RetryableError
+from meterline.exporters.clickhouse import analytics, finops
+from meterline.exporters.clickhouse.connection import classify
+from meterline.exporters.clickhouse.query import Window
 
 if TYPE_CHECKING:
-    from exporters.clickhouse.exporter import ClickHouseExporter
+    from meterline.exporters.clickhouse.exporter import ClickHouseExporter
 
 REPORTS: dict[str, Callable[..., dict[str, Any]]] = {
     "analytics/models": analytics.models,

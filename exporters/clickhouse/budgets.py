@@ -26,9 +26,9 @@ from weakref import WeakKeyDictionary
 import msgspec
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 
-from exporters.clickhouse.finops import number, ratio
-from exporters.clickhouse.query import Filter, Reader, Window, iso
 from meterline.component import Config
+from meterline.exporters.clickhouse.finops import number, ratio
+from meterline.exporters.clickhouse.query import Filter, Reader, Window, iso
 
 
 class BudgetScope(Config):

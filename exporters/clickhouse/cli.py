@@ -23,13 +23,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from exporters.clickhouse import budgets, finops
-from exporters.clickhouse.config import ClickHouseConfig
-from exporters.clickhouse.connection import chdb_path, endpoint_of, open_client
-from exporters.clickhouse.query import DIMENSION_NAMES, RANGES, Reader, Window
-from exporters.clickhouse.schema import Schema
 from meterline.cli import add_config_argument, admin_address, config_path, load_config
 from meterline.config import PipelineFile
+from meterline.exporters.clickhouse import budgets, finops
+from meterline.exporters.clickhouse.config import ClickHouseConfig
+from meterline.exporters.clickhouse.connection import chdb_path, endpoint_of, open_client
+from meterline.exporters.clickhouse.query import DIMENSION_NAMES, RANGES, Reader, Window
+from meterline.exporters.clickhouse.schema import Schema
 
 REPORTS: dict[str, Callable[..., dict[str, Any]]] = {
     "spend": finops.spend, "growth": finops.growth, "variance": finops.variance}

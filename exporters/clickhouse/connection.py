@@ -59,8 +59,8 @@ from clickhouse_connect.driver.exceptions import (
     ProgrammingError,
 )
 
-from exporters.clickhouse.config import ClickHouseConfig
 from meterline.component import PermanentError, RetryableError
+from meterline.exporters.clickhouse.config import ClickHouseConfig
 
 # Server error codes that say "later" rather than "never": overload, timeouts, network,
 # queries cancelled or aborted (a server restarting, a replica switching), replicas or

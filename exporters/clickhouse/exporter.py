@@ -31,11 +31,6 @@ import threading
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from exporters.clickhouse import api, budgets, repair
-from exporters.clickhouse.config import ClickHouseConfig
-from exporters.clickhouse.connection import classify, insert_settings, is_row_error, open_client
-from exporters.clickhouse.query import Reader, iso, literal
-from exporters.clickhouse.schema import Schema, ensure_schema
 from meterline.component import (
     AdminHandler,
     Context,
@@ -47,6 +42,16 @@ from meterline.component import (
     cancel_and_wait,
 )
 from meterline.event import Event
+from meterline.exporters.clickhouse import api, budgets, repair
+from meterline.exporters.clickhouse.config import ClickHouseConfig
+from meterline.exporters.clickhouse.connection import (
+    classify,
+    insert_settings,
+    is_row_error,
+    open_client,
+)
+from meterline.exporters.clickhouse.query import Reader, iso, literal
+from meterline.exporters.clickhouse.schema import Schema, ensure_schema
 
 # Looking for the rows a batch was refused for: at most this many inserts (one bad row in
 # 10,000 takes 29), and the first few refused ids named in the error.

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from exporters.clickhouse.query import Dimension, Filter, Reader, Window, dimension
+from meterline.exporters.clickhouse.query import Dimension, Filter, Reader, Window, dimension
 
 SPEND_FIGURES = ("requests", "errors", "input_tokens", "output_tokens", "cost_usd",
                  "unpriced_requests", "cache_hits", "saved_cost_usd")

@@ -24,9 +24,14 @@ from typing import Any
 
 from clickhouse_connect.driver.binding import format_str
 
-from exporters.clickhouse.metrics import BY_NAME, ROLLUP_COLUMNS, Source, status_expression
-from exporters.clickhouse.metrics import time_column as _time_column
-from exporters.clickhouse.schema import FINAL_SETTINGS, Schema
+from meterline.exporters.clickhouse.metrics import (
+    BY_NAME,
+    ROLLUP_COLUMNS,
+    Source,
+    status_expression,
+)
+from meterline.exporters.clickhouse.metrics import time_column as _time_column
+from meterline.exporters.clickhouse.schema import FINAL_SETTINGS, Schema
 from meterline.fieldpath import FieldPath
 
 RANGES = ("24h", "7d", "30d", "90d")

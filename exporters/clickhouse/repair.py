@@ -39,7 +39,7 @@ from collections.abc import Collection
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from exporters.clickhouse.schema import FINAL_SETTINGS, Schema
+from meterline.exporters.clickhouse.schema import FINAL_SETTINGS, Schema
 
 # Deleting waits until the rows are gone. A rewrite is never taken for a retry of an
 # earlier one: servers that deduplicate `INSERT ... SELECT` blocks would otherwise skip an

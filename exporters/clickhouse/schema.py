@@ -34,9 +34,9 @@ from typing import Any
 
 import msgspec
 
-from exporters.clickhouse.config import ClickHouseConfig
-from exporters.clickhouse.metrics import AGGREGATES, ROLLUP_DIMENSIONS
 from meterline.event import Event
+from meterline.exporters.clickhouse.config import ClickHouseConfig
+from meterline.exporters.clickhouse.metrics import AGGREGATES, ROLLUP_DIMENSIONS
 
 VIEW_VERSION = 3  # 2: a cancelled call (499) is not an error; 3: cache hits, unestimated costs
 FINAL_SETTINGS = {"do_not_merge_across_partitions_select_final": 1}

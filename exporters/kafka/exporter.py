@@ -21,19 +21,12 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 from aiokafka.producer.message_accumulator import BatchBuilder
 
-from clients.kafka import (
+from meterline.clients.kafka import (
     Brokers,
     SaslConfig,
     TlsConfig,
     default_brokers,
     start_producer,
-)
-from exporters.kafka.messages import (
-    Encoding,
-    Message,
-    MessageBuilder,
-    TopicTemplate,
-    key_partition,
 )
 from meterline.component import (
     Context,
@@ -44,6 +37,13 @@ from meterline.component import (
     RetryableError,
 )
 from meterline.delivery import ExporterConfig
+from meterline.exporters.kafka.messages import (
+    Encoding,
+    Message,
+    MessageBuilder,
+    TopicTemplate,
+    key_partition,
+)
 from meterline.fieldpath import ReadPath
 from meterline.units import Duration
 

@@ -23,9 +23,9 @@ from typing import Any, Literal
 
 from aiokafka.partitioner import murmur2
 
-from exporters.otlp.encode import to_json as otlp_json
-from exporters.otlp.encode import to_logs_request
 from meterline.event import SCHEMA_VERSION, Event, to_jsonl
+from meterline.exporters.otlp.encode import to_json as otlp_json
+from meterline.exporters.otlp.encode import to_logs_request
 from meterline.fieldpath import ReadPath
 
 Encoding = Literal["json", "otlp_proto", "otlp_json"]

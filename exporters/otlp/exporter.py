@@ -20,22 +20,22 @@ from typing import Any, Literal
 import msgspec
 from google.protobuf.message import Message
 
-from exporters.otlp.encode import (
+from meterline.component import Context, ExportBatch, Exporter, Factory
+from meterline.delivery import ExporterConfig
+from meterline.event import Event
+from meterline.exporters.otlp.encode import (
     DEFAULT_RESOURCE,
     to_logs_request,
     to_metrics_request,
     to_traces_request,
 )
-from exporters.otlp.transport import (
+from meterline.exporters.otlp.transport import (
     GrpcTransport,
     HttpTransport,
     SignalUnsupported,
     Transport,
     split_endpoint,
 )
-from meterline.component import Context, ExportBatch, Exporter, Factory
-from meterline.delivery import ExporterConfig
-from meterline.event import Event
 from meterline.tls import TlsConfig
 from meterline.units import Duration
 

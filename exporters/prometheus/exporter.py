@@ -35,7 +35,10 @@ from prometheus_client.core import Metric
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.samples import Sample
 
-from exporters.prometheus.metrics import (
+from meterline.auth import BearerToken, unauthorised
+from meterline.component import Config, Context, ExportBatch, Exporter, Factory, cancel_and_wait
+from meterline.delivery import ExporterConfig, QueueConfig
+from meterline.exporters.prometheus.metrics import (
     BUCKET_SETS,
     DEFAULT_LABELS,
     LABELS,
@@ -43,11 +46,8 @@ from exporters.prometheus.metrics import (
     Key,
     labeler,
 )
-from exporters.prometheus.multiprocess import PUBLISH_INTERVAL, SharedSeries
-from exporters.prometheus.series import Family, SeriesStore
-from meterline.auth import BearerToken, unauthorised
-from meterline.component import Config, Context, ExportBatch, Exporter, Factory, cancel_and_wait
-from meterline.delivery import ExporterConfig, QueueConfig
+from meterline.exporters.prometheus.multiprocess import PUBLISH_INTERVAL, SharedSeries
+from meterline.exporters.prometheus.series import Family, SeriesStore
 from meterline.genai import DURATION_BUCKETS, TIME_PER_TOKEN_BUCKETS, TTFT_BUCKETS
 from meterline.httpserver import serve
 from meterline.recent import RecentIds

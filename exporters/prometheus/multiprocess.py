@@ -32,7 +32,7 @@ from prometheus_client.core import Metric
 from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.samples import Sample
 
-from exporters.prometheus.series import Family, Key
+from meterline.exporters.prometheus.series import Family, Key
 
 PUBLISH_INTERVAL: Final = 1.0
 _STALE: Final = 10.0

@@ -29,7 +29,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.utils import floatToGoString
 
-from exporters.prometheus.metrics import (
+from meterline.event import Event
+from meterline.exporters.prometheus.metrics import (
     METRICS,
     Key,
     Labeler,
@@ -38,7 +39,6 @@ from exporters.prometheus.metrics import (
     group,
     observations,
 )
-from meterline.event import Event
 
 OTHER: Final = "__other__"
 _SWEEP_INTERVAL: Final = 1.0  # at most one expiry sweep a second when full

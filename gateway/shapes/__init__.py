@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from typing import Final
 
-from gateway.shapes import anthropic, ollama, openai
-from gateway.shapes.base import (
+from meterline.gateway.shapes import anthropic, ollama, openai
+from meterline.gateway.shapes.base import (
     DROP,
     TOKEN,
     USAGE_ESTIMATED,

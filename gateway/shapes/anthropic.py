@@ -13,7 +13,8 @@ from typing import Any, Final
 
 import msgspec
 
-from gateway.shapes.base import (
+from meterline.event import Event
+from meterline.gateway.shapes.base import (
     TOKEN,
     Shape,
     StreamReader,
@@ -21,7 +22,6 @@ from gateway.shapes.base import (
     read_model_and_id,
     text_of,
 )
-from meterline.event import Event
 from meterline.lenient import as_dict, as_int
 
 _encoder = msgspec.json.Encoder()

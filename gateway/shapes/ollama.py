@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from gateway.shapes.base import (
+from meterline.event import Event
+from meterline.gateway.shapes.base import (
     TOKEN,
     Shape,
     StreamReader,
@@ -17,7 +18,6 @@ from gateway.shapes.base import (
     pick,
     read_model_and_id,
 )
-from meterline.event import Event
 from meterline.lenient import as_dict, as_int
 
 _OPTIONS = ("temperature", "top_p", "top_k", "num_predict", "num_ctx", "seed", "stop",

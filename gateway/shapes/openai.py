@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from gateway.shapes.base import (
+from meterline.event import Event
+from meterline.gateway.shapes.base import (
     DROP,
     TOKEN,
     Shape,
@@ -22,7 +23,6 @@ from gateway.shapes.base import (
     set_attribute,
     text_of,
 )
-from meterline.event import Event
 from meterline.lenient import as_dict, as_int
 
 _SAMPLING = ("temperature", "top_p", "max_tokens", "frequency_penalty", "presence_penalty",

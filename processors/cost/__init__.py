@@ -31,8 +31,15 @@ import msgspec
 
 from meterline.component import Config, Context, Factory, Processor
 from meterline.event import Event
-from processors.cost.prices import Layer, Price, PriceSpec, PriceTable, bundled, config_layer
-from processors.cost.prices import load_file as load_price_file
+from meterline.processors.cost.prices import (
+    Layer,
+    Price,
+    PriceSpec,
+    PriceTable,
+    bundled,
+    config_layer,
+)
+from meterline.processors.cost.prices import load_file as load_price_file
 
 _MEMO_LIMIT = 10_000  # distinct (provider, model) pairs remembered; cleared beyond
 _LOG_LIMIT = 1_000  # distinct unpriced models logged

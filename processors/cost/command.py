@@ -16,8 +16,8 @@ import msgspec
 from meterline import config as config_mod
 from meterline.cli import DEFAULT_CONFIG
 from meterline.genai import provider_name
-from processors.cost import CostConfig
-from processors.cost.prices import Price, Rates, Resolution
+from meterline.processors.cost import CostConfig
+from meterline.processors.cost.prices import Price, Rates, Resolution
 
 
 def add(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

@@ -58,9 +58,9 @@ import msgspec
 from meterline.component import Config, Context, Factory, Processor
 from meterline.event import Event
 from meterline.fieldpath import FieldPath
-from processors.redact.detectors import BUILTIN, NAMES, Detector
-from processors.redact.engine import SEPARATOR, Span
-from processors.redact.redactor import (
+from meterline.processors.redact.detectors import BUILTIN, NAMES, Detector
+from meterline.processors.redact.engine import SEPARATOR, Span
+from meterline.processors.redact.redactor import (
     MESSAGE_KEYS,
     DropEvent,
     DropField,

@@ -31,9 +31,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from processors.redact.image import ANY_WORDS, LETTERS_I, caseless
-from processors.redact.image import DIGITS as D
-from processors.redact.image import WORDS as W
+from meterline.processors.redact.image import ANY_WORDS, LETTERS_I, caseless
+from meterline.processors.redact.image import DIGITS as D
+from meterline.processors.redact.image import WORDS as W
 
 
 class Finding(NamedTuple):

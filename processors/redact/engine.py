@@ -36,8 +36,8 @@ from typing import cast
 
 import hyperscan
 
-from processors.redact.detectors import Detector, Finding, Hits, Probe
-from processors.redact.image import image
+from meterline.processors.redact.detectors import Detector, Finding, Hits, Probe
+from meterline.processors.redact.image import image
 
 Span = tuple[int, int, int]  # a finding as a plain tuple: (start, end, detector)
 SEPARATOR = "\x00"  # before each text: no regex matches it, and it reads as a text's edge

@@ -11,8 +11,8 @@ import hmac
 import re
 from typing import Any
 
-from processors.redact.detectors import Detector
-from processors.redact.engine import DetectorSet, Span
+from meterline.processors.redact.detectors import Detector
+from meterline.processors.redact.engine import DetectorSet, Span
 
 # Keys whose values are names and ids, not content, in the messages (elsewhere, in
 # `params` and `attributes`, an `id` may be anything and is scanned).

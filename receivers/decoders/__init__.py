@@ -20,8 +20,8 @@ import msgspec
 
 from meterline import bounds
 from meterline.event import FIELDS, Event, from_dict, list_from_json
-from receivers.decoders import litellm, otoroshi
-from receivers.decoders.errors import DecodeError, NotAnLLMCall
+from meterline.receivers.decoders import litellm, otoroshi
+from meterline.receivers.decoders.errors import DecodeError, NotAnLLMCall
 
 __all__ = ["DecodeError", "Decoded", "NotAnLLMCall", "decode_body", "decode_item"]
 

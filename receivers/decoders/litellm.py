@@ -34,7 +34,7 @@ from typing import Any
 from meterline.event import API_KEY_ID_CHARS, Event, uuid7
 from meterline.genai import error_type_for_name, error_type_for_status, provider_name
 from meterline.lenient import as_dict, as_float, as_int, as_list, as_messages, as_metadata
-from receivers.decoders.errors import DecodeError
+from meterline.receivers.decoders.errors import DecodeError
 
 _MARKERS = frozenset({"litellm_call_id", "call_type", "custom_llm_provider", "model_group",
                       "response_cost"})

@@ -53,7 +53,7 @@ from meterline.genai import (
     provider_name,
 )
 from meterline.lenient import as_metadata
-from receivers.decoders.errors import DecodeError
+from meterline.receivers.decoders.errors import DecodeError
 
 __all__ = ["OtlpDecoded", "decode_logs", "decode_spans", "parse_json", "value_of"]
 

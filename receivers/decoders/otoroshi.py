@@ -23,7 +23,7 @@ from typing import Any
 from meterline.event import Event, api_key_id, uuid7
 from meterline.genai import error_type_for_name, provider_name
 from meterline.lenient import as_dict, as_float, as_int, as_list, as_messages, as_metadata
-from receivers.decoders.errors import DecodeError, NotAnLLMCall
+from meterline.receivers.decoders.errors import DecodeError, NotAnLLMCall
 
 _OPERATIONS = {
     "chat": "chat",

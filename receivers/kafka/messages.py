@@ -26,8 +26,8 @@ from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsSer
 
 from meterline import bounds
 from meterline.event import Event, list_from_json
-from receivers.decoders import DecodeError, decode_body
-from receivers.decoders.otlp import decode_logs, parse_json
+from meterline.receivers.decoders import DecodeError, decode_body
+from meterline.receivers.decoders.otlp import decode_logs, parse_json
 
 Encoding = Literal["json", "otlp_proto", "otlp_json"]
 Record: TypeAlias = ConsumerRecord  # of bytes keys and values

@@ -32,7 +32,9 @@ from aiohttp import web
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 
-from clients.kafka import (
+from meterline.backoff import exponential
+from meterline.backpressure import offer, retry_hint
+from meterline.clients.kafka import (
     Brokers,
     SaslConfig,
     TlsConfig,
@@ -40,8 +42,6 @@ from clients.kafka import (
     default_brokers,
     start_producer,
 )
-from meterline.backoff import exponential
-from meterline.backpressure import offer, retry_hint
 from meterline.component import (
     AdminHandler,
     Config,
@@ -52,8 +52,8 @@ from meterline.component import (
     cancel_and_wait,
 )
 from meterline.event import Event
+from meterline.receivers.kafka.messages import Encoding, Record, decode_records
 from meterline.units import Duration
-from receivers.kafka.messages import Encoding, Record, decode_records
 
 ERROR_HEADER = "meterline.error"
 _MAX_RETRY_INTERVAL = 30.0  # connection attempts back off up to this many seconds

@@ -14,10 +14,10 @@ import pytest
 import trustme
 from aiokafka.partitioner import DefaultPartitioner
 
-from clients.kafka import client_options
-from exporters.kafka.exporter import KafkaExporter, KafkaExporterConfig
+from meterline.clients.kafka import client_options
 from meterline.component import ExportBatch, PermanentError, RetryableError
 from meterline.config import ConfigError, convert, loads
+from meterline.exporters.kafka.exporter import KafkaExporter, KafkaExporterConfig
 from tests.helpers import (
     ROOT,
     event_dicts,

@@ -9,10 +9,10 @@ import msgspec
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from exporters.kafka.exporter import KafkaExporter, KafkaExporterConfig
 from meterline.component import ExportBatch
 from meterline.config import convert
 from meterline.event import to_json
+from meterline.exporters.kafka.exporter import KafkaExporter, KafkaExporterConfig
 from tests.helpers import (
     FIXTURES,
     eventually,
