@@ -1,8 +1,8 @@
-"""The proxy's settings: where it listens, its named upstreams and their timeouts.
+"""The gateway's settings, all of them: the proxy's (where it listens, its named upstreams
+and their timeouts) and the `gateway` receiver's (how its events reach the pipeline).
 
-These are plain config structs so that the gateway can run without the daemon
-(the bench and the demo start a `Proxy` directly); the `gateway` receiver's own
-config class derives from `ProxyConfig` and adds how events reach the pipeline.
+`ProxyConfig` stands alone so that the gateway can run without the daemon (the bench and
+the demo start a `Proxy` directly); `GatewayConfig`, the receiver's, adds the event buffer.
 """
 
 from __future__ import annotations
@@ -110,3 +110,19 @@ class ProxyConfig(ListenerConfig):
             if upstream.default:
                 return name
         return next(iter(self.upstreams)) if len(self.upstreams) == 1 else None
+
+
+class GatewayConfig(ProxyConfig):
+    """The `gateway` receiver: the proxy's settings, and how its events reach the pipeline
+    (recording never delays a response; see `receiver.py`)."""
+
+    buffer_size: int = 10_000  # events waiting for the pipeline, at most
+    batch_size: int = 1000  # events handed to the pipeline at once, at most
+    flush_interval: Duration = Duration(0.1)  # how often buffered events are handed over
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.buffer_size < 1 or self.batch_size < 1:
+            raise ValueError("buffer_size and batch_size must be at least 1")
+        if self.flush_interval <= 0:
+            raise ValueError("flush_interval must be positive")

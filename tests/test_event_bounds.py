@@ -19,8 +19,8 @@ from meterline.event import Event
 from meterline.exporters.clickhouse import api
 from meterline.exporters.clickhouse.cli import render
 from meterline.exporters.otlp.encode import to_traces_request
+from meterline.gateway.receiver import EventBuffer
 from meterline.receivers.decoders import DecodeError, decode_body, decode_item
-from meterline.receivers.gateway import EventBuffer
 from meterline.receivers.kafka.messages import decode_records
 from tests.clickhouse_helpers import clickhouse_exporters
 from tests.helpers import (

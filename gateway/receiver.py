@@ -1,4 +1,5 @@
-"""Receiver `gateway`: the thin forwarding proxy, run inside the daemon.
+"""Receiver `gateway`: the thin forwarding proxy, run inside the daemon (its settings:
+`config.py`).
 
 Applications point their SDK's base URL at it; it forwards to the configured
 upstreams and turns every call into one event (see `gateway/`). Recording never
@@ -32,26 +33,12 @@ from meterline import bounds
 from meterline.backpressure import offer
 from meterline.component import Consumer, Context, Factory, Receiver
 from meterline.event import Event
-from meterline.gateway.config import ProxyConfig
+from meterline.gateway.config import GatewayConfig
 from meterline.gateway.proxy import Proxy
 from meterline.telemetry import Telemetry
-from meterline.units import Duration
 
 _REPORT_EVERY = 10.0  # seconds between two log lines about dropped events
 _RETRY_CAP = 1.0  # seconds at most between two offers of a refused batch
-
-
-class GatewayConfig(ProxyConfig):
-    buffer_size: int = 10_000  # events waiting for the pipeline, at most
-    batch_size: int = 1000  # events handed to the pipeline at once, at most
-    flush_interval: Duration = Duration(0.1)  # how often buffered events are handed over
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.buffer_size < 1 or self.batch_size < 1:
-            raise ValueError("buffer_size and batch_size must be at least 1")
-        if self.flush_interval <= 0:
-            raise ValueError("flush_interval must be positive")
 
 
 class EventBuffer:
