@@ -19,6 +19,7 @@ gets one):
 | `status_code` | 100 ... 599 |
 | `ratelimit_*` | integer, 0 ... 10^12 |
 | `attempts` | 1 ... 1000 |
+| `*_bytes` | integer, 0 ... 2^40 |
 | `*_ms` | finite, 0 ... 30 days |
 | `*_usd` | finite, 0 ... 1,000,000 |
 | `sample_weight` | finite, > 0 ... 1,000,000 |
@@ -29,7 +30,8 @@ gets one):
 | other strings (models, ids, names) | at most 1024 characters |
 | `metadata` | at most 256 entries, keys 256 and values 4096 characters |
 | `attributes`, `params`, `redactions` | at most 1024 / 256 / 256 entries, keys 256 characters |
-| `finish_reasons`, `tags` (lists of names) | at most 1024 |
+| `finish_reasons`, `tags`, `policies` (lists of names) | at most 1024 |
+| `guardrails` | at most 1024, each of names (`rule`, `stage`, `action`, `detector`) |
 
 Strings, `finish_reasons`, `tags` and metadata keys and values hold no control character (C0,
 DEL); `error_message` may hold tab, newline and CR. Message content (`input_messages`,
@@ -39,6 +41,7 @@ free, bounded only by the receivers' body size limits.
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 import types
@@ -54,6 +57,7 @@ TOKENS_MAX: Final = 10**9  # 100x the largest context windows; ClickHouse stores
 RATELIMIT_MAX: Final = 10**12
 STATUS_MIN, STATUS_MAX = 100, 599  # RFC 9110's range; 499 (client closed) is in it
 ATTEMPTS_MAX: Final = 1000
+BYTES_MAX: Final = 1 << 40  # a body of a terabyte: no call sends more
 DURATION_MAX_MS: Final = 30 * 86_400_000.0  # batch jobs take hours, not a month
 COST_MAX_USD: Final = 1_000_000.0
 WEIGHT_MAX: Final = 1_000_000.0  # a sampling rate of one in a million
@@ -105,6 +109,8 @@ def _int_bounds(name: str, now_ns: int) -> msgspec.Meta:
         return msgspec.Meta(ge=STATUS_MIN, le=STATUS_MAX)
     if name == "attempts":
         return msgspec.Meta(ge=1, le=ATTEMPTS_MAX)
+    if name.endswith("_bytes"):
+        return msgspec.Meta(ge=0, le=BYTES_MAX)
     raise TypeError(f"Event.{name}: an integer field needs a bound in meterline/bounds.py")
 
 
@@ -152,9 +158,26 @@ def _checked_type(name: str, tp: Any, now_ns: int, patterns: bool) -> Any:
     if origin is list and args[0] is str:
         return Annotated[list[_text(NAME_CHARS, plain)],  # type: ignore[misc]  # (run time)
                          msgspec.Meta(max_length=LIST_ITEMS)]
+    if origin is list and isinstance(args[0], type) and issubclass(args[0], msgspec.Struct):
+        return Annotated[list[_checked_struct(args[0])],  # type: ignore[misc]  # (run time)
+                         msgspec.Meta(max_length=LIST_ITEMS)]
     if origin is list:
         return msgspec.Raw  # messages: their content is free text
     return tp  # booleans
+
+
+@functools.cache
+def _checked_struct(struct: type[msgspec.Struct]) -> Any:
+    """The twin of a struct of names (`Guardrail`): each string a name, always checked for
+    control characters (such lists are short and rare)."""
+    hints = typing.get_type_hints(struct)
+    fields = []
+    for f in msgspec.structs.fields(struct):
+        text = _text(NAME_CHARS)
+        tp = text if hints[f.name] is str else text | None
+        fields.append((f.name, tp) if f.required else (f.name, tp, f.default))
+    return msgspec.defstruct(f"Checked{struct.__name__}", fields, kw_only=True,
+                             forbid_unknown_fields=True)
 
 
 def _named(name: str, tp: Any) -> bool:

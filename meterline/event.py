@@ -31,6 +31,16 @@ def uuid7() -> str:
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
+class Guardrail(msgspec.Struct, kw_only=True, omit_defaults=True, forbid_unknown_fields=True,
+                gc=False):
+    """One guardrail rule that fired on a call (a rule that passed is not recorded)."""
+
+    rule: str  # the rule's name in its gateway's config
+    stage: str  # "input" (the request) or "output" (the answer)
+    action: str  # "monitor" (only recorded), "redact" (masked, then sent on) or "block"
+    detector: str | None = None  # what matched: a detector (email), a pattern set, a topic
+
+
 class Event(
     msgspec.Struct,
     kw_only=True,
@@ -58,6 +68,17 @@ class Event(
     route: str | None = None
     upstream: str | None = None
     params: dict[str, Any] | None = None
+
+    # agents and tools (OpenTelemetry GenAI agent spans, MCP): operation is then
+    # execute_tool, invoke_agent, create_agent or an MCP method's operation
+    agent_name: str | None = None
+    agent_id: str | None = None
+    tool_name: str | None = None
+    tool_call_id: str | None = None
+    mcp_method: str | None = None  # the MCP JSON-RPC method (tools/call, initialize...)
+    mcp_session_id: str | None = None
+    request_bytes: int | None = None  # the body sent (a tool call's arguments)
+    response_bytes: int | None = None  # the body answered (a tool call's result)
 
     status_code: int | None = None
     error_type: str | None = None
@@ -93,6 +114,9 @@ class Event(
     fallback: bool | None = None
     cache_hit: bool | None = None  # answered from a cache (a proxy's, a gateway's), not a provider
     tags: list[str] | None = None  # the request's own tags (LiteLLM `request_tags`...)
+    # policies that acted on the call: rate_limit, load_balanced, fallback, budget, guardrails
+    policies: list[str] | None = None
+    guardrails: list[Guardrail] | None = None  # the guardrail rules that fired
 
     input_messages: list[dict[str, Any]] | None = None
     output_messages: list[dict[str, Any]] | None = None
