@@ -31,10 +31,11 @@ from meterline import logs
 from meterline.component import Context, ExportBatch
 from meterline.config import MetricsConfig, convert
 from meterline.event import Event
-from meterline.exporters.clickhouse import analytics, budgets, finops, repair
+from meterline.exporters.clickhouse import repair
 from meterline.exporters.clickhouse.config import ClickHouseConfig
 from meterline.exporters.clickhouse.exporter import ClickHouseExporter
 from meterline.exporters.clickhouse.query import Reader, Window
+from meterline.extensions.finops import analytics, budgets, finops
 from meterline.telemetry import Telemetry
 
 MODELS = [("openai", "gpt-4o-mini"), ("openai", "gpt-4o"), ("anthropic", "claude-sonnet-4"),
@@ -175,7 +176,7 @@ async def main() -> None:
     logs.configure("warning", "console")
     with tempfile.TemporaryDirectory(prefix="meterline-ch-bench-") as tmp:
         endpoint = args.endpoint or f"chdb://{tmp}/clickhouse"
-        config = convert({"endpoint": endpoint, "analytics": False}, ClickHouseConfig)
+        config = convert({"endpoint": endpoint}, ClickHouseConfig)
         context = Context("clickhouse", Path(tmp), Telemetry(MetricsConfig()),
                           logs.get(component="clickhouse"))
         exporter = ClickHouseExporter(config, context)

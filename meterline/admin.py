@@ -5,7 +5,7 @@ started; `/metrics` is the self-telemetry in Prometheus text format;
 `/api/v1/status` shows the running pipelines, the reload count and the queues;
 `/api/v1/tap?filter=JSON` streams the events leaving the processors as NDJSON
 (what `meterline tap` reads). Other `/api/v1/...` paths are served by components
-(`Component.admin_routes`), such as the ClickHouse exporter's analytics.
+(`Component.admin_routes`), such as the analytics API of the `finops` extension.
 `/` is the embedded dashboard (`meterline.dashboard`), which reads those APIs.
 `/api/*` requires the bearer token when `service.admin.auth_token` is set.
 The listener has the limits of every listener (`meterline.httpserver`), at their defaults.

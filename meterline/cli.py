@@ -105,7 +105,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
         return 1
     pipelines = ", ".join(loaded.service.pipelines)
     print(f"{path}: valid ({len(loaded.receivers)} receivers, {len(loaded.processors)} "
-          f"processors, {len(loaded.exporters)} exporters; pipelines: {pipelines})")
+          f"processors, {len(loaded.exporters)} exporters, {len(loaded.extensions)} extensions; "
+          f"pipelines: {pipelines})")
     return 0
 
 

@@ -3,8 +3,8 @@
 A component is three things: a config class (a msgspec `Struct` with defaults and
 validation), a factory that builds it, and an object with `start`/`shutdown`.
 Each component module exposes one `Factory` and registers it through the
-`meterline.receivers` / `meterline.processors` / `meterline.exporters` entry
-points; the core never imports a component by name.
+`meterline.receivers` / `meterline.processors` / `meterline.exporters` /
+`meterline.extensions` entry points; the core never imports a component by name.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
@@ -26,9 +26,10 @@ if TYPE_CHECKING:
     from opentelemetry.metrics import Meter
     from structlog.typing import FilteringBoundLogger
 
+    from meterline.config import PipelineFile
     from meterline.telemetry import Telemetry
 
-Kind = Literal["receiver", "processor", "exporter"]
+Kind = Literal["receiver", "processor", "exporter", "extension"]
 
 
 class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -43,10 +44,6 @@ class Context:
     data_dir: Path  # where the component keeps state (checkpoints, queues)
     telemetry: Telemetry  # the daemon's own metrics (see `meter`)
     log: FilteringBoundLogger
-    sections: Mapping[str, Any] = field(default_factory=dict)
-    """The top-level `pipeline.yaml` sections plugins contribute (`meterline.sections`), by
-    name. A live view: after a reload it holds the new file's values, so a component that
-    reads it when it needs it follows the change without being rebuilt."""
     replicas: int = 1
     """How many processes run this component side by side (processors run in every worker
     process): a limit meant for the whole daemon, such as a rate, is divided by it."""
@@ -169,6 +166,11 @@ class Exporter(Component):
         raise NotImplementedError
 
 
+class Extension(Component):
+    """Runs beside the pipelines, in no pipeline: no events in or out. What it does is in
+    its `start` (a background task), `shutdown` and `admin_routes` (an API)."""
+
+
 @dataclass(frozen=True)
 class Factory:
     """How the runtime finds, configures and builds one component type."""
@@ -177,8 +179,14 @@ class Factory:
     type: str
     config: builtins.type[Config]  # (`type` is the field above here)
     create: Callable[..., Any]
-    """`create(config, context)` for processors and exporters,
+    """`create(config, context)` for processors, exporters and extensions,
     `create(config, context, consumer)` for receivers."""
+    link: Callable[[Any, PipelineFile], Config] | None = None
+    """For a component whose config names other components of the file (the `finops`
+    extension names a `clickhouse` exporter): `link(config, file)` is run once the whole
+    file is valid; it raises `ValueError` (the message says which key names what) or
+    returns the config `create` gets, with what it names filled in. A reload compares that
+    config, so a change of what it names rebuilds the component too."""
 
 
 async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:

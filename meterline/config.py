@@ -2,12 +2,10 @@
 
 The shape is the OpenTelemetry Collector's: `receivers`, `processors` and
 `exporters` sections of components named `type` or `type/name`, wired by
-`service.pipelines`. Each component's block is validated against the config
-class its factory declares (msgspec converts and checks types and defaults);
-every problem found is reported at once, each naming file, line, key and what
-was expected. Plugins may add top-level sections of their own (such as
-`budgets:`) through the `meterline.sections` entry points; they are validated
-the same way and handed to components through `Context.sections`.
+`service.pipelines`, and `extensions`, components in no pipeline (each one defined
+runs). Each component's block is validated against the config class its factory
+declares (msgspec converts and checks types and defaults); every problem found is
+reported at once, each naming file, line, key and what was expected.
 """
 
 from __future__ import annotations
@@ -26,8 +24,10 @@ from meterline.component import Config, Factory, Kind
 from meterline.units import Duration, Listen
 from meterline.yamlsource import Path_, Source, SourceError, load_file, load_text
 
-SECTIONS: dict[str, Kind] = {"receivers": "receiver", "processors": "processor",
-                             "exporters": "exporter"}
+PIPELINE_SECTIONS: dict[str, Kind] = {"receivers": "receiver", "processors": "processor",
+                                      "exporters": "exporter"}
+"""The sections whose components `service.pipelines` wires."""
+SECTIONS: dict[str, Kind] = {**PIPELINE_SECTIONS, "extensions": "extension"}
 _ID = re.compile(r"^([a-z][a-z0-9_]*)(?:/([A-Za-z0-9][A-Za-z0-9_.-]*))?$")
 
 
@@ -146,9 +146,8 @@ class PipelineFile:
     receivers: dict[str, ComponentConfig] = field(default_factory=dict)
     processors: dict[str, ComponentConfig] = field(default_factory=dict)
     exporters: dict[str, ComponentConfig] = field(default_factory=dict)
+    extensions: dict[str, ComponentConfig] = field(default_factory=dict)
     service: ServiceConfig = field(default_factory=lambda: ServiceConfig(pipelines={}))
-    sections: dict[str, Any] = field(default_factory=dict)
-    """Plugin sections by name, validated; an absent one holds its type's empty value."""
 
 
 @dataclass(frozen=True)
@@ -228,15 +227,10 @@ class _Validator:
     def run(self) -> PipelineFile:
         data = self.source.data
         result = PipelineFile(self.source.file)
-        plugin_sections = registry.sections()
-        known = (*SECTIONS, "service", *plugin_sections)
+        known = (*SECTIONS, "service")
         for key in data:
             if key not in known:
                 self.problem((key,), f"unknown top-level key (expected one of: {', '.join(known)})")
-        for name, cls in plugin_sections.items():
-            value = self.section(name, data.get(name), cls)
-            if value is not None:
-                result.sections[name] = value
         for section, kind in SECTIONS.items():
             block = data.get(section) or {}
             if not isinstance(block, dict):
@@ -252,6 +246,8 @@ class _Validator:
         if service is not None:
             result.service = service
             self.wiring(result)
+        if not self.problems:
+            self.links(result)
         return result
 
     def component(self, path: Path_, kind: Kind, cid: str, body: Any) -> ComponentConfig | None:
@@ -270,20 +266,6 @@ class _Validator:
         config = self.struct(path, body, factory.config)
         return ComponentConfig(cid, factory, config, body) if config is not None else None
 
-    def section(self, name: str, body: Any, cls: Any) -> Any:
-        """A plugin section. One typed `dict[str, X]` is validated entry by entry, as
-        components are, so that an error names the entry (msgspec's own paths omit keys)."""
-        if typing.get_origin(cls) is not dict:
-            return self.struct((name,), body, cls)
-        if body is None:
-            return {}
-        if not isinstance(body, dict):
-            self.problem((name,), "expected a mapping of names to their settings")
-            return None
-        entries = {key: self.struct((name, key), item, typing.get_args(cls)[1])
-                   for key, item in body.items()}
-        return {key: value for key, value in entries.items() if value is not None}
-
     def struct(self, path: Path_, body: Any, cls: type[Any]) -> Any:
         try:
             return convert(body, cls)
@@ -293,8 +275,20 @@ class _Validator:
                 self.problem((*path, *rel), message)
             return None
 
+    def links(self, result: PipelineFile) -> None:
+        """What components name of each other (`Factory.link`), once the rest is valid."""
+        for section in SECTIONS:
+            specs: dict[str, ComponentConfig] = getattr(result, section)
+            for cid, spec in specs.items():
+                if spec.factory.link is None:
+                    continue
+                try:
+                    spec.config = spec.factory.link(spec.config, result)
+                except ValueError as e:
+                    self.problem((section, cid), str(e))
+
     def wiring(self, result: PipelineFile) -> None:
-        used: dict[str, set[str]] = {section: set() for section in SECTIONS}
+        used: dict[str, set[str]] = {section: set() for section in PIPELINE_SECTIONS}
         if not result.service.pipelines:
             self.problem(("service", "pipelines"), "expected at least one pipeline")
         for name, pipeline in result.service.pipelines.items():
@@ -303,7 +297,7 @@ class _Validator:
                 self.problem((*base, "receivers"), "expected at least one receiver")
             if not pipeline.exporters:
                 self.problem((*base, "exporters"), "expected at least one exporter")
-            for section in SECTIONS:
+            for section in PIPELINE_SECTIONS:
                 names: list[str] = getattr(pipeline, section)
                 raw = self.source.data.get(section) or {}
                 for i, cid in enumerate(names):
@@ -312,14 +306,14 @@ class _Validator:
                     elif cid not in raw:
                         known = ", ".join(raw) or "none"
                         self.problem((*base, section, i),
-                                     f"names {SECTIONS[section]} '{cid}', which is not defined "
-                                     f"under {section} (defined: {known})")
+                                     f"names {PIPELINE_SECTIONS[section]} '{cid}', which is not "
+                                     f"defined under {section} (defined: {known})")
                     used[section].add(cid)
-        for section in SECTIONS:
+        for section in PIPELINE_SECTIONS:
             for cid in self.source.data.get(section) or {}:
                 if cid not in used[section]:
-                    self.problem((section, cid), f"{SECTIONS[section]} '{cid}' is defined but no "
-                                                 "pipeline uses it")
+                    self.problem((section, cid), f"{PIPELINE_SECTIONS[section]} '{cid}' is "
+                                                 "defined but no pipeline uses it")
 
 
 def validate(source: Source) -> PipelineFile:

@@ -1,4 +1,5 @@
-"""Finds component factories through entry points, so the core names none of them."""
+"""Finds component factories (and commands, the demo) through entry points, so the core names
+none of them."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ _GROUPS: dict[Kind, str] = {
     "receiver": "meterline.receivers",
     "processor": "meterline.processors",
     "exporter": "meterline.exporters",
+    "extension": "meterline.extensions",
 }
 
 
@@ -32,14 +34,6 @@ def factory(kind: Kind, type_: str) -> Factory:
     if not isinstance(loaded, Factory) or loaded.kind != kind or loaded.type != type_:
         raise TypeError(f"entry point {ep.value} is not the {kind} factory of '{type_}'")
     return loaded
-
-
-@cache
-def sections() -> dict[str, Any]:
-    """Top-level `pipeline.yaml` sections that plugins contribute (`meterline.sections` entry
-    points): section name -> the msgspec type its value is validated against (a `Config`
-    struct, or a container of them such as `dict[str, Budget]`)."""
-    return {ep.name: ep.load() for ep in entry_points(group="meterline.sections")}
 
 
 def add_commands(subparsers: object) -> None:

@@ -1,12 +1,15 @@
 """The running daemon: builds components from a `PipelineFile`, starts them in
-order (exporters, processors, receivers), reloads, and shuts down.
+order (exporters, processors, receivers, extensions), reloads, and shuts down.
 
 Reload compares the new file's components with the running ones by id and
 config: unchanged receivers keep their listeners, unchanged exporters keep their
 queues and loops, and only what changed is rebuilt. Intake pauses for the swap
 (`Flow`), so no batch sees half a graph. A changed exporter's queue carries over:
 a persistent queue is reopened from the same directory, a memory queue's events
-are handed to the new one.
+are handed to the new one. Extensions start last and stop first: they read what
+the pipelines write (the `finops` extension reads the tables a `clickhouse` exporter
+creates), and one being replaced lets go of what it holds (an embedded chDB directory)
+before the components it reads are rebuilt.
 """
 
 from __future__ import annotations
@@ -19,12 +22,18 @@ import signal
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any
 
 from meterline import config as config_mod
 from meterline import logs
-from meterline.component import Context, Exporter, Processor, Receiver, cancel_and_wait
+from meterline.component import (
+    Context,
+    Exporter,
+    Extension,
+    Processor,
+    Receiver,
+    cancel_and_wait,
+)
 from meterline.config import ComponentConfig, ConfigError, MemoryLimiterConfig, PipelineFile
 from meterline.delivery import ExporterConfig, ExporterRunner, open_queue
 from meterline.memory import LimitsError, MemoryLimiter, start_limiter
@@ -37,7 +46,7 @@ from meterline.workers import Plan, ProcessorPool, ProcessorSpec, default_worker
 @dataclass
 class _Running:
     spec: ComponentConfig
-    component: Any  # Receiver, Processor or ExporterRunner
+    component: Any  # Receiver, Processor, ExporterRunner or Extension
 
 
 class Service:
@@ -53,6 +62,7 @@ class Service:
         self.entries: dict[str, Entry] = {}
         self.processors: dict[tuple[str, str], _Running] = {}
         self.exporters: dict[str, _Running] = {}
+        self.extensions: dict[str, _Running] = {}
         self.pipelines: dict[str, Pipeline] = {}
         self.ready = False
         self.reloads = 0  # successful reloads since start
@@ -63,7 +73,6 @@ class Service:
         self.admin: Any = None
         self.limiter: MemoryLimiter | None = None
         self._lock_fd: int | None = None
-        self._sections: dict[str, Any] = dict(config.sections)  # what Context.sections shows
         self._reloading = asyncio.Lock()
         self._stop = asyncio.Event()
         workers = config.service.workers or default_workers()
@@ -72,8 +81,7 @@ class Service:
                      if workers > 1 else None)
 
     def context(self, cid: str) -> Context:
-        return Context(cid, self.data_dir, self.telemetry, logs.get(component=cid),
-                       MappingProxyType(self._sections))
+        return Context(cid, self.data_dir, self.telemetry, logs.get(component=cid))
 
     # --- start ---------------------------------------------------------------------
     async def start(self) -> None:
@@ -89,7 +97,8 @@ class Service:
             await self.admin.start()
         self.ready = True
         self.log.info("started", pipelines=sorted(self.pipelines),
-                      receivers=sorted(self.receivers), exporters=sorted(self.exporters))
+                      receivers=sorted(self.receivers), exporters=sorted(self.exporters),
+                      extensions=sorted(self.extensions))
 
     def _lock_data_dir(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -109,12 +118,12 @@ class Service:
         """Make the running graph that of `new`, rebuilding only what changed."""
         if not first:
             await self.flow.pause()
-        self._sections.clear()
-        self._sections.update(new.sections)
         try:
+            await _stop_changed(self.extensions, new.extensions)  # first, started last
             await self._swap_exporters(new)
             await self._swap_processors(new)
             await self._swap_receivers(new)
+            await self._start_extensions(new)
         finally:
             self.flow.resume()
         self.config = new
@@ -189,16 +198,12 @@ class Service:
             {name: [ProcessorSpec(pid, new.processors[pid].factory.type,
                                   new.processors[pid].raw) for pid in p.processors]
              for name, p in new.service.pipelines.items()},
-            str(self.data_dir), dict(new.sections), self.pool.workers))
+            str(self.data_dir), self.pool.workers))
         if not self.pool.started:
             await _started("processing workers", self.pool.start())
 
     async def _swap_receivers(self, new: PipelineFile) -> None:
-        for cid, running in list(self.receivers.items()):
-            spec = new.receivers.get(cid)
-            if spec is None or spec.config != running.spec.config:
-                await running.component.shutdown()
-                del self.receivers[cid]
+        await _stop_changed(self.receivers, new.receivers)
         for cid in list(self.entries):
             if cid not in new.receivers:
                 del self.entries[cid]
@@ -211,6 +216,13 @@ class Service:
                 receiver: Receiver = spec.factory.create(spec.config, self.context(cid), entry)
                 await _started(f"receiver {cid}", receiver.start())
                 self.receivers[cid] = _Running(spec, receiver)
+
+    async def _start_extensions(self, new: PipelineFile) -> None:
+        for cid, spec in new.extensions.items():
+            if cid not in self.extensions:
+                extension: Extension = spec.factory.create(spec.config, self.context(cid))
+                await _started(f"extension {cid}", extension.start())
+                self.extensions[cid] = _Running(spec, extension)
 
     # --- reload --------------------------------------------------------------------
     async def reload(self, path: str) -> bool:
@@ -266,6 +278,7 @@ class Service:
         routes: dict[str, Any] = {}
         components = [r.component for r in (*self.receivers.values(), *self.processors.values())]
         components += [r.component.exporter for r in self.exporters.values()]
+        components += [r.component for r in self.extensions.values()]
         for component in components:
             routes.update(component.admin_routes())
         return routes
@@ -282,6 +295,7 @@ class Service:
                                  "exporters": p.exporters}
                           for name, p in self.config.service.pipelines.items()},
             "exporters": {cid: r.component.queue.describe() for cid, r in self.exporters.items()},
+            "extensions": sorted(self.extensions),
         }
 
     # --- stop ----------------------------------------------------------------------
@@ -290,6 +304,9 @@ class Service:
         self.ready = False
         grace = float(self.config.service.shutdown_timeout)
         for running in self.receivers.values():
+            with contextlib.suppress(Exception):
+                await running.component.shutdown()
+        for running in self.extensions.values():
             with contextlib.suppress(Exception):
                 await running.component.shutdown()
         for running in self.processors.values():
@@ -345,6 +362,16 @@ class Service:
             if now is not None and now != last:
                 last = now
                 await self.reload(path)
+
+
+async def _stop_changed(running: dict[str, _Running],
+                        wanted: dict[str, ComponentConfig]) -> None:
+    """Shut down (and forget) the components `wanted` drops or configures otherwise."""
+    for cid, current in list(running.items()):
+        spec = wanted.get(cid)
+        if spec is None or spec.config != current.spec.config:
+            await current.component.shutdown()
+            del running[cid]
 
 
 class StartError(Exception):

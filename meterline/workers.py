@@ -35,7 +35,6 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any
 
 from meterline import logs
@@ -63,7 +62,6 @@ class Plan:
 
     pipelines: dict[str, list[ProcessorSpec]]
     data_dir: str
-    sections: dict[str, Any] = field(default_factory=dict)
     replicas: int = 1  # how many workers run the plan
 
 
@@ -210,7 +208,6 @@ class _Worker:
         self.telemetry = _RelayTelemetry()
         self.built: dict[tuple[str, str], _Built] = {}
         self.pipelines: dict[str, list[tuple[str, Processor]]] = {}
-        self.sections: dict[str, Any] = {}  # what every Context.sections shows, kept live
 
     def adopt(self, generation: int, plan_bytes: bytes) -> None:
         if generation == self.generation:
@@ -219,8 +216,6 @@ class _Worker:
         from meterline.config import convert
 
         plan: Plan = pickle.loads(plan_bytes)
-        self.sections.clear()
-        self.sections.update(plan.sections)
         wanted = {(name, s.id): s for name, specs in plan.pipelines.items() for s in specs}
         for key, built in list(self.built.items()):
             if wanted.get(key) != built.spec:
@@ -231,8 +226,7 @@ class _Worker:
                 continue
             factory = registry.factory("processor", spec.type)
             context = Context(spec.id, Path(plan.data_dir), self.telemetry,  # type: ignore[arg-type]
-                              logs.get(component=spec.id), MappingProxyType(self.sections),
-                              plan.replicas)
+                              logs.get(component=spec.id), plan.replicas)
             processor = factory.create(convert(spec.raw, factory.config), context)
             asyncio.run(processor.start())
             self.built[key] = _Built(spec, processor)

@@ -1,4 +1,5 @@
-"""ClickHouse exporters on a chDB directory, for the tests that need several or one."""
+"""ClickHouse exporters on a chDB directory, for the tests that need several or one, and
+`finops` extensions reading them."""
 
 from __future__ import annotations
 
@@ -9,11 +10,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from meterline.config import convert
-from meterline.exporters.clickhouse import analytics, budgets, finops
+from meterline import registry
+from meterline.config import ComponentConfig, PipelineFile, convert
 from meterline.exporters.clickhouse.config import ClickHouseConfig
 from meterline.exporters.clickhouse.exporter import ClickHouseExporter
 from meterline.exporters.clickhouse.query import Reader, Window
+from meterline.extensions.finops import analytics, budgets, finops
+from meterline.extensions.finops.config import FinOpsConfig, link
+from meterline.extensions.finops.extension import FinOps
 from tests.helpers import make_context
 
 Make = Callable[..., Awaitable[ClickHouseExporter]]
@@ -21,16 +25,14 @@ Make = Callable[..., Awaitable[ClickHouseExporter]]
 
 @contextlib.asynccontextmanager
 async def clickhouse_exporters(tmp_path: Path, **defaults: Any) -> AsyncIterator[Make]:
-    """`make(name, sections=None, start=True, **config)` builds an exporter on the chDB
-    directory `tmp_path/ch` (`defaults` under `config`), its own data directory under
+    """`make(name, start=True, **config)` builds an exporter on the chDB directory
+    `tmp_path/ch` (`defaults` under `config`), its own data directory under
     `tmp_path/name`; all are shut down (chDB released) on leaving."""
     made: list[ClickHouseExporter] = []
 
-    async def make(name: str = "", sections: dict[str, Any] | None = None,
-                   start: bool = True, **config: Any) -> ClickHouseExporter:
+    async def make(name: str = "", start: bool = True, **config: Any) -> ClickHouseExporter:
         config = {"endpoint": f"chdb://{tmp_path / 'ch'}", **defaults, **config}
-        context = dataclasses.replace(make_context(tmp_path / name, "clickhouse"),
-                                      sections=sections or {})
+        context = make_context(tmp_path / name, "clickhouse")
         exporter = ClickHouseExporter(convert(config, ClickHouseConfig), context)
         made.append(exporter)
         if start:
@@ -42,6 +44,16 @@ async def clickhouse_exporters(tmp_path: Path, **defaults: Any) -> AsyncIterator
     finally:
         for exporter in made:
             await exporter.shutdown()
+
+
+def finops_of(exporter: ClickHouseExporter, **config: Any) -> FinOps:
+    """A `finops` extension (not started) reading `exporter`'s tables, with its context (data
+    directory, meter); `config`: the extension's options, budgets for one."""
+    spec = ComponentConfig("clickhouse", registry.factory("exporter", "clickhouse"),
+                           exporter.config)
+    linked = link(convert(config, FinOpsConfig), PipelineFile("pipeline.yaml",
+                                                              exporters={"clickhouse": spec}))
+    return FinOps(linked, dataclasses.replace(exporter.context, id="finops"))
 
 
 DIMENSIONS = ["provider", "model", "team", "api_key", "status", "day", "user",

@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 import pytest
 
 from meterline.component import ExportBatch
-from meterline.exporters.clickhouse import analytics, budgets, finops
+from meterline.extensions.finops import analytics, budgets, finops
 from tests import clickhouse_data as data
 from tests.clickhouse_helpers import (
     DIMENSIONS,
@@ -32,7 +32,7 @@ BUDGETS = {"search": budgets.Budget(limit_usd=40, scope=budgets.BudgetScope(team
 @pytest.fixture
 async def make_exporter(tmp_path):
     """Exporters on one chDB directory (`database` apart); repairs only when asked."""
-    async with clickhouse_exporters(tmp_path, analytics=False, repair_interval=0,
+    async with clickhouse_exporters(tmp_path, repair_interval=0,
                                     repair_lookback="100d") as make:
         yield make
 

@@ -1,4 +1,5 @@
-"""Exporter `clickhouse` against chDB: nothing counted twice, failures told apart, budgets."""
+"""Exporter `clickhouse` against chDB: nothing counted twice, failures told apart; and the
+budgets of the `finops` extension reading it."""
 
 import time
 
@@ -13,7 +14,7 @@ from clickhouse_connect.driver.exceptions import (
 )
 
 from meterline.component import ExportBatch, PermanentError, RetryableError
-from meterline.exporters.clickhouse.budgets import Budget, BudgetScope
+from meterline.event import Guardrail
 from meterline.exporters.clickhouse.connection import (
     RETRYABLE_CODES,
     ROW_CODES,
@@ -22,7 +23,8 @@ from meterline.exporters.clickhouse.connection import (
     is_row_error,
 )
 from meterline.exporters.clickhouse.schema import COLUMNS, Schema, ensure_schema
-from tests.clickhouse_helpers import clickhouse_exporters
+from meterline.extensions.finops.budgets import Budget, BudgetScope
+from tests.clickhouse_helpers import clickhouse_exporters, finops_of
 from tests.helpers import eventually, free_port, make_event, metric_value
 
 
@@ -47,6 +49,26 @@ def counts(exporter, figure="events"):
     rolled = [client.query(f"SELECT sum({figure}) FROM {schema.qualified(r.table)}").result_rows
               [0][0] for r in schema.rollups]
     return (raw, *rolled)
+
+
+async def test_agent_tool_and_guardrail_fields_are_stored_and_can_be_queried(make_exporter):
+    exporter = await make_exporter()
+    tool_call = make_event(0, operation="execute_tool", tool_name="search", tool_call_id="c1",
+                           agent_name="planner", mcp_method="tools/call",
+                           mcp_session_id="s1", request_bytes=12, response_bytes=345)
+    blocked = make_event(1, policies=["guardrails"], guardrails=[
+        Guardrail(rule="no-pii", stage="input", action="redact", detector="email"),
+        Guardrail(rule="no-injection", stage="input", action="block")])
+    await exporter.export(ExportBatch("inc:0-2", [tool_call, blocked]))
+    schema, client = exporter.schema, exporter.reader.client
+    rows = client.query(
+        "SELECT tool_name, agent_name, mcp_method, response_bytes, policies, "
+        "arrayMap(g -> (g.rule, g.action, g.detector), guardrails) "
+        f"FROM {schema.qualified(schema.events)} ORDER BY event_id").result_rows
+    assert [tuple(r) for r in rows] == [
+        ("search", "planner", "tools/call", 345, [], []),
+        ("", "", "", None, ["guardrails"],
+         [("no-pii", "redact", "email"), ("no-injection", "block", "")])]
 
 
 async def test_a_retried_batch_is_stored_once_in_the_events_and_the_rollup(make_exporter):
@@ -144,7 +166,7 @@ async def test_a_column_missing_from_the_table_is_permanent_and_names_it(make_ex
 
 async def test_a_server_that_does_not_answer_is_retryable(make_exporter):
     exporter = await make_exporter(endpoint=f"http://127.0.0.1:{free_port()}",
-                                   connect_timeout="1s", analytics=False)
+                                   connect_timeout="1s")
     with pytest.raises(RetryableError, match="cannot reach ClickHouse"):
         await exporter.export(ExportBatch("a", [make_event(1)]))
 
@@ -202,7 +224,7 @@ async def test_a_proxy_answering_502_in_front_of_the_server_is_retryable(make_ex
     port = free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()
     try:
-        exporter = await make_exporter(endpoint=f"http://127.0.0.1:{port}", analytics=False)
+        exporter = await make_exporter(endpoint=f"http://127.0.0.1:{port}")
         with pytest.raises(RetryableError, match="HTTP status 502"):
             await exporter.export(ExportBatch("a", [make_event(1)]))
     finally:
@@ -222,9 +244,11 @@ def acme_events(n):
 
 
 async def test_budget_gauges_show_spend_limit_and_utilization(make_exporter):
-    exporter = await make_exporter(sections={"budgets": BUDGETS}, budget_refresh="50ms")
+    exporter = await make_exporter()
     await exporter.export(ExportBatch("a", acme_events(12)))  # 6 acme events at 0.5
-    registry = exporter.context.telemetry.registry
+    extension = finops_of(exporter, budgets=BUDGETS, budget_refresh="50ms")
+    await extension.start()
+    registry = extension.context.telemetry.registry
 
     def gauge(name, budget):
         return metric_value(registry, name, budget=budget)
@@ -237,12 +261,15 @@ async def test_budget_gauges_show_spend_limit_and_utilization(make_exporter):
     assert gauge("llm_gateway_budget_threshold_reached_ratio", "acme") == 0.5
     assert metric_value(registry, "llm_gateway_budget_utilization_ratio", budget="acme",
                         period="month", scope="metadata.customer=acme") == 0.75
+    await extension.shutdown()
+    assert gauge("llm_gateway_budget_spend_usd", "acme") == 0  # gone with the extension
 
 
 async def test_budget_spend_is_recomputed_from_clickhouse_after_a_restart(make_exporter):
-    first = await make_exporter(sections={"budgets": BUDGETS})
+    first = await make_exporter()
     await first.export(ExportBatch("a", acme_events(12)))
     await first.shutdown()
-    second = await make_exporter(sections={"budgets": BUDGETS})
+    second = finops_of(await make_exporter(), budgets=BUDGETS)
     spend = {b["budget"]: b["spend_usd"] for b in await second.budget_status()}
+    await second.shutdown()
     assert spend == {"acme": 3, "openai": 6}

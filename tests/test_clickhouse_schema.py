@@ -231,12 +231,14 @@ def test_a_budget_with_a_bad_limit_is_refused_with_its_line():
 receivers: {webhook: {}}
 exporters: {clickhouse: {}}
 service: {pipelines: {p: {receivers: [webhook], exporters: [clickhouse]}}}
-budgets:
-  search:
-    scope: {team: search}
-    limit_usd: -5
+extensions:
+  finops:
+    budgets:
+      search:
+        scope: {team: search}
+        limit_usd: -5
 """
     with pytest.raises(ConfigError) as e:
         loads(text, "pipeline.yaml", {})
     assert [str(p) for p in e.value.problems] == [
-        "pipeline.yaml:5: budgets.search: limit_usd must be positive, got -5.0"]
+        "pipeline.yaml:7: extensions.finops.budgets.search: limit_usd must be positive, got -5.0"]

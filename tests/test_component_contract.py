@@ -5,7 +5,7 @@ in docs/components is the one its config class generates; and built from a minim
 starts and shuts down cleanly, each within a few seconds.
 
 New components are covered as soon as they are registered (entry points); only
-`REQUIRED_VALUES` and `NO_SERVER` may need a line for them."""
+`REQUIRED_VALUES`, `NO_SERVER` and `NAMED` may need a line for them."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import msgspec
 import pytest
 
 from meterline import describe, registry
-from meterline.config import convert
+from meterline.config import SECTIONS, ComponentConfig, PipelineFile, convert
 from meterline.delivery import ExporterConfig, ExporterRunner, open_queue
 from meterline.event import Event
 from meterline.queue import Batch
@@ -42,6 +42,12 @@ NO_SERVER: dict[str, Any] = {
 server that happens to run on the default port changes nothing). ClickHouse needs none:
 its default endpoint is chDB embedded in the data directory (here, tmp_path)."""
 
+NAMED: dict[str, dict[str, dict[str, Any]]] = {
+    "extension/finops": {"exporters": {"clickhouse": {}}},
+}
+"""The other components a component's config names (`Factory.link`), as the sections of
+pipeline.yaml that define them, with their minimal configs."""
+
 SKIPPED: dict[str, str] = {}
 """Components that cannot start without external state, with the reason. Empty: every
 registered component starts without any."""
@@ -62,6 +68,20 @@ def _minimal(kind: str, type_: str, tmp_path: Path) -> dict[str, Any]:
     if name in NO_SERVER:
         raw |= NO_SERVER[name]()
     return raw
+
+
+def _linked(kind: str, type_: str, config: Any) -> Any:
+    """The config `create` gets: linked to the components it names (`NAMED`), if it does."""
+    factory = registry.factory(kind, type_)
+    if factory.link is None:
+        return config
+    file = PipelineFile("pipeline.yaml")
+    for section, blocks in NAMED.get(f"{kind}/{type_}", {}).items():
+        for cid, raw in blocks.items():
+            other = registry.factory(SECTIONS[section], cid.partition("/")[0])
+            getattr(file, section)[cid] = ComponentConfig(cid, other, convert(raw, other.config))
+    return factory.link(config, file)
+
 
 
 class _Consumer:
@@ -122,7 +142,7 @@ async def test_it_starts_and_shuts_down_cleanly(kind, type_, tmp_path):
     if name in SKIPPED:
         pytest.skip(SKIPPED[name])
     factory = registry.factory(kind, type_)
-    config = convert(_minimal(kind, type_, tmp_path), factory.config)
+    config = _linked(kind, type_, convert(_minimal(kind, type_, tmp_path), factory.config))
     context = make_context(tmp_path / "data", type_)
     began = time.monotonic()
     if kind == "receiver":
@@ -133,6 +153,11 @@ async def test_it_starts_and_shuts_down_cleanly(kind, type_, tmp_path):
         component = factory.create(config, context)
         await asyncio.wait_for(component.start(), START_TIMEOUT)
         assert isinstance(component.process([make_event()]), list)
+        await asyncio.wait_for(component.shutdown(), START_TIMEOUT)
+    elif kind == "extension":
+        component = factory.create(config, context)
+        await asyncio.wait_for(component.start(), START_TIMEOUT)
+        assert isinstance(component.admin_routes(), dict)
         await asyncio.wait_for(component.shutdown(), START_TIMEOUT)
     else:
         assert isinstance(config, ExporterConfig)

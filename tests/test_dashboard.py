@@ -42,8 +42,10 @@ service:
   data_dir: {data}
   admin: {{listen: "127.0.0.1:{admin}", auth_token: {token}}}
   pipelines: {{p: {{receivers: [webhook], exporters: [clickhouse]}}}}
-budgets:
-  search-monthly: {{scope: {{team: search}}, period: month, limit_usd: 40}}
+extensions:
+  finops:
+    budgets:
+      search-monthly: {{scope: {{team: search}}, period: month, limit_usd: 40}}
 """
 
 
@@ -291,7 +293,7 @@ def test_without_a_token_the_page_asks_for_one(tab: Tab, site: Site) -> None:
     assert tab.page.is_hidden("#token-form")
 
 
-def test_without_a_clickhouse_exporter_the_page_says_so(tab: Tab, daemon_factory) -> None:
+def test_without_the_finops_extension_the_page_says_so(tab: Tab, daemon_factory) -> None:
     daemon = daemon_factory(f"""
 receivers: {{webhook: {{listen: "127.0.0.1:{free_port()}"}}}}
 exporters: {{debug: {{}}}}
@@ -303,7 +305,7 @@ service:
     daemon.start()
     try:
         failed(tab, f"http://127.0.0.1:{daemon.admin_port}/")
-        assert "clickhouse exporter" in tab.text("#notice")
+        assert "finops extension" in tab.text("#notice")
         assert tab.page.is_hidden("#content")
         assert [e for e in tab.errors if "404" not in e] == []
     finally:

@@ -16,13 +16,13 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2_grpc import TraceS
 from meterline import bounds
 from meterline.component import ExportBatch
 from meterline.event import Event
-from meterline.exporters.clickhouse import api
-from meterline.exporters.clickhouse.cli import render
 from meterline.exporters.otlp.encode import to_traces_request
+from meterline.extensions.finops import api
+from meterline.extensions.finops.cli import render
 from meterline.gateway.receiver import EventBuffer
 from meterline.receivers.decoders import DecodeError, decode_body, decode_item
 from meterline.receivers.kafka.messages import decode_records
-from tests.clickhouse_helpers import clickhouse_exporters
+from tests.clickhouse_helpers import clickhouse_exporters, finops_of
 from tests.helpers import (
     event_dicts,
     eventually,
@@ -264,9 +264,11 @@ async def test_the_analytics_api_answers_null_not_infinity_for_an_infinite_weigh
         now = time.time_ns()
         await exporter.export(ExportBatch("b", [make_event(0, timestamp=now,
                                                            sample_weight=float("inf"))]))
-        handler = api.routes(exporter)["analytics/providers"]
+        extension = finops_of(exporter)
+        handler = api.routes(extension)["analytics/providers"]
         response = await handler(make_mocked_request(
             "GET", "/api/v1/analytics/providers?range=24h"))
+        await extension.shutdown()
         assert response.status == 200
         assert b"Infinity" not in response.body and b"NaN" not in response.body
         msgspec.json.decode(response.body)  # strict JSON

@@ -25,21 +25,23 @@ exporters:
   clickhouse:
     endpoint: chdb://{{data}}/clickhouse
     batch: {{max_size: 5000, timeout: 20ms}}
-    budget_refresh: 200ms
   prometheus: {{listen: "127.0.0.1:{prometheus}"}}
 service:
   data_dir: {{data}}
   admin: {{listen: "127.0.0.1:{admin}"}}
   pipelines:
     p: {{receivers: [webhook], exporters: [clickhouse, prometheus]}}
-budgets:
-  search-monthly: {{scope: {{team: search}}, period: month, limit_usd: 40}}
-  acme-daily:
-    scope: {{metadata: {{customer: acme}}}}
-    period: day
-    limit_usd: 5
-    alert_thresholds: [0.25, 0.5]
-  openai-prod: {{scope: {{provider: openai, api_key_name: prod}}, limit_usd: 100000}}
+extensions:
+  finops:
+    budget_refresh: 200ms
+    budgets:
+      search-monthly: {{scope: {{team: search}}, period: month, limit_usd: 40}}
+      acme-daily:
+        scope: {{metadata: {{customer: acme}}}}
+        period: day
+        limit_usd: 5
+        alert_thresholds: [0.25, 0.5]
+      openai-prod: {{scope: {{provider: openai, api_key_name: prod}}, limit_usd: 100000}}
 """
 
 

@@ -13,8 +13,8 @@ import pytest_asyncio
 
 from meterline.component import ExportBatch
 from meterline.event import Event
-from meterline.exporters.clickhouse import analytics, finops
 from meterline.exporters.clickhouse.query import Window
+from meterline.extensions.finops import analytics, finops
 from tests.clickhouse_helpers import clickhouse_exporters
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -49,7 +49,7 @@ EVENTS = [
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def reader(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cache-hits")
-    async with clickhouse_exporters(tmp, analytics=False, repair_interval=0) as make:
+    async with clickhouse_exporters(tmp, repair_interval=0) as make:
         exporter = await make()
         await exporter.export(ExportBatch("cache-hits", EVENTS))
         yield exporter.reader

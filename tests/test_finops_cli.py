@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 
-from meterline.exporters.clickhouse.cli import render
+from meterline.extensions.finops.cli import render
 from tests.helpers import config_text, eventually, free_port, make_event, post_json
 
 PIPELINE = """
@@ -22,8 +22,10 @@ service:
   admin: {admin}
   pipelines:
     p: {{receivers: [webhook], exporters: [clickhouse]}}
-budgets:
-  search: {{scope: {{team: search}}, period: day, limit_usd: 10}}
+extensions:
+  finops:
+    budgets:
+      search: {{scope: {{team: search}}, period: day, limit_usd: 10}}
 """
 
 
@@ -96,16 +98,17 @@ def test_finops_explains_a_data_directory_held_by_a_daemon_without_admin(daemon_
     assert "a daemon is using it" in result.stderr
 
 
-def test_finops_without_a_clickhouse_exporter_says_so(tmp_path):
+def test_finops_without_a_finops_extension_says_so(tmp_path):
     path = tmp_path / "p.yaml"
     path.write_text(config_text("""
         receivers: {webhook: {}}
-        exporters: {debug: {}}
-        service: {pipelines: {p: {receivers: [webhook], exporters: [debug]}}}
+        exporters: {clickhouse: {}}
+        service: {pipelines: {p: {receivers: [webhook], exporters: [clickhouse]}}}
         """, tmp_path))
     result = finops(path)
     assert result.returncode == 1
-    assert "has no clickhouse exporters" in result.stderr
+    assert "has no finops extension" in result.stderr
+    assert "extensions: {finops: {clickhouse: <its id>}}" in result.stderr
 
 
 def test_the_table_shows_a_total_and_right_aligned_figures():

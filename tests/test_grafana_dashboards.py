@@ -22,9 +22,9 @@ import yaml
 from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from meterline.exporters.clickhouse.budgets import BudgetGauges
 from meterline.exporters.clickhouse.schema import Schema, ensure_schema
 from meterline.exporters.prometheus.exporter import PrometheusExporter
+from meterline.extensions.finops.budgets import BudgetGauges
 from meterline.gateway.receiver import Instruments
 from tests.deploy_files import OPERATOR_SET, load_pipeline
 from tests.helpers import ROOT, make_context, make_event

@@ -16,7 +16,7 @@ import pytest
 
 from tests.helpers import ROOT
 
-COMPONENT_PACKAGES = ("receivers", "processors", "exporters", "gateway", "clients")
+COMPONENT_PACKAGES = ("receivers", "processors", "exporters", "extensions", "gateway", "clients")
 BARE_IMPORT = re.compile(
     rf"^\s*(?:from|import)\s+({'|'.join(COMPONENT_PACKAGES)})\b", re.MULTILINE)
 

@@ -39,8 +39,6 @@ class ClickHouseConfig(ExporterConfig):
     cluster: ClusterConfig | None = None  # servers only
     connect_timeout: Duration = Duration(10)  # servers only: to open a connection
     query_timeout: Duration = Duration(60)  # for one insert or query
-    analytics: bool = True  # serve the analytics API and compute budgets from this exporter
-    budget_refresh: Duration = Duration(15)  # how often budget spend is recomputed
     # How often the rollups of recent hours are checked for events two writers both stored,
     # and those hours rebuilt (0: never); and how far back (see repair.py).
     repair_interval: Duration = Duration(300)

@@ -1,4 +1,4 @@
-"""Exporter `clickhouse`: events into `llm_events`, FinOps answers out of it.
+"""Exporter `clickhouse`: events into `llm_events` and its rollups, for FinOps.
 
 Each batch is one column-oriented insert. Nothing is counted twice:
 
@@ -19,8 +19,8 @@ Each batch is one column-oriented insert. Nothing is counted twice:
   delivered again after the restart; finding some of its events stored already, the
   exporter checks the rollups of their hours and rebuilds those that fall short.
 
-The exporter also serves the analytics API on the admin server and keeps the budget
-gauges current (`analytics: true`).
+It only writes: the analytics API, budgets and `meterline finops` are the `finops`
+extension's, which reads these tables (and which this package knows nothing of).
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from meterline.component import (
-    AdminHandler,
     Context,
     ExportBatch,
     Exporter,
@@ -42,7 +41,7 @@ from meterline.component import (
     cancel_and_wait,
 )
 from meterline.event import Event
-from meterline.exporters.clickhouse import api, budgets, repair
+from meterline.exporters.clickhouse import repair
 from meterline.exporters.clickhouse.config import ClickHouseConfig
 from meterline.exporters.clickhouse.connection import (
     classify,
@@ -72,8 +71,6 @@ class ClickHouseExporter(Exporter):
         # this exporter half done (its raw rows in, its views' rows not yet).
         self._writing = threading.Lock()
         self._closed = False
-        self._budget_task: asyncio.Task[None] | None = None
-        self._reached: dict[tuple[str, str], float] = {}  # (budget, period start) -> threshold
         self._repair_task: asyncio.Task[None] | None = None
         self._duplicates = context.meter.create_counter(
             "meterline_exporter_duplicate_events",
@@ -90,19 +87,13 @@ class ClickHouseExporter(Exporter):
             await self.connect()
         except Exception as e:  # the queue holds the events; export() connects again
             self.log.warning("ClickHouse not available yet; will retry", error=str(e))
-        if self.config.analytics:
-            self._budget_task = asyncio.create_task(self._track_budgets(),
-                                                    name=f"{self.context.id} budgets")
         if self.config.repair_interval:
             self._repair_task = asyncio.create_task(self._keep_repairing(),
                                                     name=f"{self.context.id} rollup repair")
 
     async def shutdown(self) -> None:
-        self._closed = True  # an API request still running must not open the clients again
-        await cancel_and_wait(self._budget_task)
+        self._closed = True  # an export or repair still running must not open them again
         await cancel_and_wait(self._repair_task)
-        if self.config.analytics:
-            budgets.BudgetGauges.of(self.context.meter).publish([])
         for client in (self._writer, self.reader.client if self.reader else None):
             if client is not None:
                 await asyncio.to_thread(client.close)
@@ -127,7 +118,8 @@ class ClickHouseExporter(Exporter):
             if self.config.create_schema:
                 for statement in ensure_schema(writer, self.schema):
                     self.log.info("schema changed", statement=statement.splitlines()[0])
-            # A second client, so that a long analytics query never holds up an insert.
+            # A second client for reads (what tests and benches ask of the tables), so that
+            # a long query never holds up an insert.
             return writer, Reader(open_client(self.config, self.context.data_dir), self.schema)
         except Exception:
             writer.close()
@@ -245,39 +237,6 @@ class ClickHouseExporter(Exporter):
                 await self.repair_rollups()
             except Exception as e:
                 self.log.warning("cannot check the rollups against the events", error=str(e))
-
-    # --- analytics and budgets -----------------------------------------------------
-    def admin_routes(self) -> dict[str, AdminHandler]:
-        return api.routes(self) if self.config.analytics else {}
-
-    def budgets(self) -> dict[str, budgets.Budget]:
-        return self.context.sections.get("budgets") or {}
-
-    async def budget_status(self) -> list[dict[str, Any]]:
-        reader = await self.connect()
-        return await asyncio.to_thread(budgets.status, reader, self.budgets())
-
-    async def _track_budgets(self) -> None:
-        gauges = budgets.BudgetGauges.of(self.context.meter)
-        while True:
-            try:
-                statuses = await self.budget_status()
-            except Exception as e:
-                self.log.warning("cannot compute budget spend", error=str(e))
-            else:
-                gauges.publish(statuses)
-                self._log_thresholds(statuses)
-            await asyncio.sleep(float(self.config.budget_refresh))
-
-    def _log_thresholds(self, statuses: list[dict[str, Any]]) -> None:
-        for s in statuses:
-            key = (s["budget"], s["period_start"])
-            reached = s["threshold_reached"]
-            if reached is not None and reached > self._reached.get(key, 0):
-                self._reached[key] = reached
-                self.log.warning("budget alert threshold reached", budget=s["budget"],
-                                 threshold=reached, spend_usd=s["spend_usd"],
-                                 limit_usd=s["limit_usd"], period_start=s["period_start"])
 
 
 factory = Factory(kind="exporter", type="clickhouse", config=ClickHouseConfig,

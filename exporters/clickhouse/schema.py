@@ -58,6 +58,11 @@ def _empty_list(values: Sequence[Any]) -> list[Any]:
     return [v or [] for v in values]
 
 
+def _guardrail_tuples(values: Sequence[Any]) -> list[Any]:
+    return [[(g.rule, g.stage, g.action, g.detector or "") for g in v] if v else []
+            for v in values]
+
+
 def _json_text(values: Sequence[Any]) -> list[str]:
     return [_json.encode(v).decode() if v is not None else "" for v in values]
 
@@ -97,6 +102,14 @@ COLUMNS: tuple[Column, ...] = (
     Column("route", _LC, _empty_string),
     Column("upstream", _LC, _empty_string),
     Column("params", _TEXT, _json_text),
+    Column("agent_name", _LC, _empty_string),
+    Column("agent_id", "String", _empty_string),
+    Column("tool_name", _LC, _empty_string),
+    Column("tool_call_id", "String", _empty_string),
+    Column("mcp_method", _LC, _empty_string),
+    Column("mcp_session_id", "String", _empty_string),
+    Column("request_bytes", "Nullable(UInt64)"),
+    Column("response_bytes", "Nullable(UInt64)"),
     Column("status_code", "Nullable(UInt16)"),
     Column("error_type", _LC, _empty_string),
     Column("error_message", _TEXT, _empty_string),
@@ -126,6 +139,10 @@ COLUMNS: tuple[Column, ...] = (
     Column("fallback", "Nullable(Bool)"),
     Column("cache_hit", "Nullable(Bool)"),
     Column("tags", "Array(LowCardinality(String))", _empty_list),
+    Column("policies", "Array(LowCardinality(String))", _empty_list),
+    Column("guardrails", "Array(Tuple(rule LowCardinality(String), stage LowCardinality(String), "
+                         "action LowCardinality(String), detector LowCardinality(String)))",
+           _guardrail_tuples),
     Column("input_messages", _TEXT, _json_text),
     Column("output_messages", _TEXT, _json_text),
     Column("cost_input_usd", "Nullable(Float64)"),
@@ -376,6 +393,13 @@ def _existing_columns(client: Any, schema: Schema) -> dict[str, set[str]]:
     for table, name in rows:
         out.setdefault(table.removesuffix("_local"), set()).add(name)
     return out
+
+
+def missing_tables(client: Any, schema: Schema) -> list[str]:
+    """The tables queries read (`llm_events` and the rollups) that the database lacks: a
+    reader of another component's tables waits until that component has created them."""
+    present = _tables(client, schema)
+    return [t for t in (schema.events, *(r.table for r in schema.rollups)) if t not in present]
 
 
 def _tables(client: Any, schema: Schema) -> dict[str, str | None]:

@@ -407,10 +407,11 @@
       $("token-input").focus();
     } else if (error.status === 404) {
       showContent(false);
-      notice("No analytics on this daemon: the analytics API is served by the clickhouse " +
-             "exporter, and pipeline.yaml configures none. Add one (exporters: clickhouse: {}) " +
-             "to a pipeline to see traffic, latency and spend here; /metrics and " +
-             "/api/v1/status work without it.");
+      notice("No analytics on this daemon: the analytics API is served by the finops " +
+             "extension, which reads a clickhouse exporter, and pipeline.yaml configures none. " +
+             "Add both (exporters: clickhouse: {} in a pipeline, extensions: finops: {}) " +
+             "to see traffic, latency and spend here; /metrics and " +
+             "/api/v1/status work without them.");
     } else {
       // Keep the last figures on screen: the next refresh may well succeed.
       notice(`Cannot read the analytics API (${error.status || "network"}): ${error.message}`, true);

@@ -1,6 +1,7 @@
 """`meterline finops`: spend, growth, estimated against actual cost, and budgets.
 
-It reads the ClickHouse of the `clickhouse` exporter in pipeline.yaml. chDB
+It reads the ClickHouse of the `finops` extension in pipeline.yaml (that of the
+`clickhouse` exporter it names), with its budgets. chDB
 allows one process per data directory and the daemon holds it, so when the
 daemon answers on its admin address the command asks the daemon's admin API
 (`/api/v1/finops/*`, `/api/v1/budgets`); otherwise it opens ClickHouse itself.
@@ -25,11 +26,11 @@ from typing import Any
 
 from meterline.cli import add_config_argument, admin_address, config_path, load_config
 from meterline.config import PipelineFile
-from meterline.exporters.clickhouse import budgets, finops
-from meterline.exporters.clickhouse.config import ClickHouseConfig
 from meterline.exporters.clickhouse.connection import chdb_path, endpoint_of, open_client
 from meterline.exporters.clickhouse.query import DIMENSION_NAMES, RANGES, Reader, Window
 from meterline.exporters.clickhouse.schema import Schema
+from meterline.extensions.finops import budgets, finops
+from meterline.extensions.finops.config import LinkedConfig
 
 REPORTS: dict[str, Callable[..., dict[str, Any]]] = {
     "spend": finops.spend, "growth": finops.growth, "variance": finops.variance}
@@ -61,7 +62,7 @@ def add(subparsers: Any) -> None:
     p.add_argument("--until", help="end, ISO 8601 (default: now)")
     p.add_argument("--top", type=int, default=20, help="at most this many rows (default 20)")
     p.add_argument("--format", choices=["table", "json", "csv"], default="table")
-    p.add_argument("--exporter", help="which clickhouse exporter (when there are several)")
+    p.add_argument("--extension", help="which finops extension (when there are several)")
     p.set_defaults(func=run)
 
 
@@ -76,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.top < 1:
             raise FinOpsError("--top must be at least 1")
-        config = _exporter(loaded, args.exporter)
+        config = _extension(loaded, args.extension)
         answer = _from_daemon(loaded, args, config)
         if answer is None:
             answer = _from_clickhouse(loaded, args, config)
@@ -87,17 +88,20 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _exporter(loaded: PipelineFile, wanted: str | None) -> ClickHouseConfig:
-    found = {cid: spec.config for cid, spec in loaded.exporters.items()
-             if isinstance(spec.config, ClickHouseConfig)}
+def _extension(loaded: PipelineFile, wanted: str | None) -> LinkedConfig:
+    found = {cid: spec.config for cid, spec in loaded.extensions.items()
+             if isinstance(spec.config, LinkedConfig)}
     if wanted:
         if wanted not in found:
-            raise FinOpsError(f"{loaded.file} has no clickhouse exporter {wanted!r} "
+            raise FinOpsError(f"{loaded.file} has no finops extension {wanted!r} "
                               f"(it has: {', '.join(found) or 'none'})")
         return found[wanted]
-    if len(found) != 1:
-        raise FinOpsError(f"{loaded.file} has {len(found) or 'no'} clickhouse exporters"
-                          + (f" ({', '.join(found)}): choose one with --exporter" if found else ""))
+    if not found:
+        raise FinOpsError(f"{loaded.file} has no finops extension: add one that reads your "
+                          "clickhouse exporter (extensions: {finops: {clickhouse: <its id>}})")
+    if len(found) > 1:
+        raise FinOpsError(f"{loaded.file} has {len(found)} finops extensions "
+                          f"({', '.join(found)}): choose one with --extension")
     return next(iter(found.values()))
 
 
@@ -109,10 +113,10 @@ def _params(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _from_daemon(loaded: PipelineFile, args: argparse.Namespace,
-                 config: ClickHouseConfig) -> dict[str, Any] | list[Any] | None:
+                 config: LinkedConfig) -> dict[str, Any] | list[Any] | None:
     """The daemon's answer, or None when no daemon answers (or ClickHouse is a server)."""
     address = admin_address(loaded)
-    if address is None or chdb_path(endpoint_of(config, _data_dir(loaded))) is None:
+    if address is None or chdb_path(endpoint_of(config.exporter, _data_dir(loaded))) is None:
         return None
     base, token = address
     path = "budgets" if args.report == "budgets" else f"finops/{args.report}"
@@ -120,13 +124,15 @@ def _from_daemon(loaded: PipelineFile, args: argparse.Namespace,
     request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"}
                                      if token else {})
     try:
-        with urllib.request.urlopen(request, timeout=float(config.query_timeout)) as response:
+        timeout = float(config.exporter.query_timeout)
+        with urllib.request.urlopen(request, timeout=timeout) as response:
             return json.load(response)
     except urllib.error.HTTPError as e:
         detail = e.read().decode(errors="replace")
         with contextlib.suppress(ValueError):
             detail = json.loads(detail).get("error", detail)
-        hint = (" (is the exporter's analytics off?)" if e.code == 404 else "")
+        hint = (" (does the running daemon have the finops extension? reload it)"
+                if e.code == 404 else "")
         raise FinOpsError(f"the daemon at {base} answered {e.code}: {detail}{hint}") from None
     except urllib.error.URLError as e:
         if isinstance(e.reason, ConnectionRefusedError):
@@ -135,21 +141,21 @@ def _from_daemon(loaded: PipelineFile, args: argparse.Namespace,
 
 
 def _from_clickhouse(loaded: PipelineFile, args: argparse.Namespace,
-                     config: ClickHouseConfig) -> dict[str, Any] | list[Any]:
-    endpoint = endpoint_of(config, _data_dir(loaded))
+                     config: LinkedConfig) -> dict[str, Any] | list[Any]:
+    endpoint = endpoint_of(config.exporter, _data_dir(loaded))
     path = chdb_path(endpoint)
     if path is not None and not path.exists():
         raise FinOpsError(f"no ClickHouse data at {path}: has the daemon stored anything yet?")
     try:
-        client = open_client(config, _data_dir(loaded))
+        client = open_client(config.exporter, _data_dir(loaded))
     except Exception as e:
         busy = " (a daemon is using it: is its admin server off?)" if path else ""
         raise FinOpsError(f"cannot open ClickHouse at {endpoint}{busy}: {e}") from None
     try:
-        reader = Reader(client, Schema.of(config))
+        reader = Reader(client, Schema.of(config.exporter))
         window = Window.parse(args.range, args.since, args.until)
         if args.report == "budgets":
-            return budgets.status(reader, loaded.sections.get("budgets") or {})
+            return budgets.status(reader, config.budgets)
         kwargs: dict[str, Any] = {"top": args.top} | ({"by": args.by} if args.by else {})
         return REPORTS[args.report](reader, window, **kwargs)
     except ValueError:

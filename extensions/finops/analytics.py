@@ -13,9 +13,9 @@ import math
 from datetime import timedelta
 from typing import Any
 
-from meterline.exporters.clickhouse import finops
-from meterline.exporters.clickhouse.finops import cache, number, ratio, usage
 from meterline.exporters.clickhouse.query import Dimension, Filter, Reader, Window, dimension, iso
+from meterline.extensions.finops import finops
+from meterline.extensions.finops.finops import cache, number, ratio, usage
 
 _MODEL = [dimension("model"), dimension("provider")]
 _ROLLING = {"24h": timedelta(hours=24), "7d": timedelta(days=7), "30d": timedelta(days=30)}

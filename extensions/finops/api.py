@@ -1,4 +1,5 @@
-"""The exporter's admin API paths: `/api/v1/analytics/*`, `/api/v1/finops/*`, `/api/v1/budgets`.
+"""The `finops` extension's admin API paths: `/api/v1/analytics/*`, `/api/v1/finops/*`,
+`/api/v1/budgets`.
 
 Every path takes `range` (24h, 7d, 30d, 90d; default 30d) or `since`/`until`
 (ISO 8601), and the parameters of its function (`provider`, `granularity`,
@@ -20,12 +21,12 @@ import msgspec
 from aiohttp import web
 
 from meterline.component import AdminHandler, RetryableError
-from meterline.exporters.clickhouse import analytics, finops
 from meterline.exporters.clickhouse.connection import classify
 from meterline.exporters.clickhouse.query import Window
+from meterline.extensions.finops import analytics, finops
 
 if TYPE_CHECKING:
-    from meterline.exporters.clickhouse.exporter import ClickHouseExporter
+    from meterline.extensions.finops.extension import FinOps
 
 REPORTS: dict[str, Callable[..., dict[str, Any]]] = {
     "analytics/models": analytics.models,
@@ -42,17 +43,17 @@ REPORTS: dict[str, Callable[..., dict[str, Any]]] = {
 _INTEGERS = {"limit": (1, 10_000), "top": (1, 10_000)}
 
 
-def routes(exporter: ClickHouseExporter) -> dict[str, AdminHandler]:
-    out: dict[str, AdminHandler] = {path: _report(exporter, fn) for path, fn in REPORTS.items()}
+def routes(extension: FinOps) -> dict[str, AdminHandler]:
+    out: dict[str, AdminHandler] = {path: _report(extension, fn) for path, fn in REPORTS.items()}
 
     async def budgets(_: web.Request) -> web.StreamResponse:
-        return await _answer(exporter.budget_status)
+        return await _answer(extension.budget_status)
 
     out["budgets"] = budgets
     return out
 
 
-def _report(exporter: ClickHouseExporter, fn: Callable[..., dict[str, Any]]) -> AdminHandler:
+def _report(extension: FinOps, fn: Callable[..., dict[str, Any]]) -> AdminHandler:
     accepted = [name for name in inspect.signature(fn).parameters
                 if name not in ("reader", "window", "filters")]
 
@@ -65,7 +66,7 @@ def _report(exporter: ClickHouseExporter, fn: Callable[..., dict[str, Any]]) -> 
             return web.json_response({"error": str(e)}, status=400)
 
         async def run() -> dict[str, Any]:
-            reader = await exporter.connect()
+            reader = await extension.connect()
             return await asyncio.to_thread(fn, reader, window, **kwargs)
 
         return await _answer(run)

@@ -1,16 +1,16 @@
-"""Budgets: the top-level `budgets:` section of pipeline.yaml, and spend against them.
+"""Budgets: the `budgets` of the `finops` extension, and spend against them.
 
 ```yaml
-budgets:
-  search-team:
-    scope: {team: search}            # team, api_key_id, api_key_name, provider, model,
-    period: month                    # metadata: {KEY: VALUE}; all must match; {} is all
-    limit_usd: 5000
-    alert_thresholds: [0.5, 0.8, 1.0]
+extensions:
+  finops:
+    budgets:
+      search-team:
+        scope: {team: search}            # team, api_key_id, api_key_name, provider, model,
+        period: month                    # metadata: {KEY: VALUE}; all must match; {} is all
+        limit_usd: 5000
+        alert_thresholds: [0.5, 0.8, 1.0]
 ```
 
-The section is contributed through the `meterline.sections` entry point (the core
-knows no budgets) and reaches the exporter as `context.sections["budgets"]`.
 Spend is always computed from ClickHouse (the period so far, UTC), so it
 survives restarts; it is published as `llm_gateway_budget_*` gauges on the
 daemon's meter, which the `prometheus` exporter republishes.
@@ -27,8 +27,8 @@ import msgspec
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 
 from meterline.component import Config
-from meterline.exporters.clickhouse.finops import number, ratio
 from meterline.exporters.clickhouse.query import Filter, Reader, Window, iso
+from meterline.extensions.finops.finops import number, ratio
 
 
 class BudgetScope(Config):
@@ -69,9 +69,6 @@ class Budget(Config):
         self.alert_thresholds = sorted(set(self.alert_thresholds))
 
 
-Budgets = dict[str, Budget]  # the `budgets:` section: name -> budget
-
-
 def period_window(period: str, now: datetime) -> Window:
     """The current day or calendar month, UTC."""
     day = now.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
@@ -109,8 +106,8 @@ class BudgetGauges:
     """The `llm_gateway_budget_*` gauges of one meter.
 
     The OpenTelemetry SDK keeps the callbacks of an instrument's first registration and
-    ignores a second one's, so an exporter rebuilt on reload cannot register its own:
-    the gauges are registered once per meter and read what the current exporter
+    ignores a second one's, so an extension rebuilt on reload cannot register its own:
+    the gauges are registered once per meter and read what the current extension
     `publish`es here."""
 
     _by_meter: WeakKeyDictionary[Meter, BudgetGauges] = WeakKeyDictionary()

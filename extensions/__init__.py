@@ -1,0 +1,1 @@
+"""Extensions: components beside the pipelines (APIs, background tasks), in no pipeline."""

@@ -1,0 +1,115 @@
+"""Extension `finops`: the analytics API, budgets and their gauges, read from the tables a
+`clickhouse` exporter writes.
+
+It serves `/api/v1/analytics/*`, `/api/v1/finops/*` and `/api/v1/budgets` on the admin
+server (`api.py`), and recomputes the spend of its `budgets` every `budget_refresh`,
+published as `llm_gateway_budget_*` gauges. It reads through a ClickHouse client of its
+own, opened as the exporter opens its clients (for `chdb://`, the embedded engine of this
+process), and waits for the exporter to have created the tables: until then its answers
+are 503 and the budget gauges stay empty.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from meterline.component import (
+    AdminHandler,
+    Context,
+    Extension,
+    Factory,
+    RetryableError,
+    cancel_and_wait,
+)
+from meterline.exporters.clickhouse.connection import classify, open_client
+from meterline.exporters.clickhouse.query import Reader
+from meterline.exporters.clickhouse.schema import Schema, missing_tables
+from meterline.extensions.finops import api, budgets
+from meterline.extensions.finops.config import FinOpsConfig, LinkedConfig, link
+
+
+class FinOps(Extension):
+    def __init__(self, config: LinkedConfig, context: Context) -> None:
+        self.config = config
+        self.context = context
+        self.log = context.log
+        self.schema = Schema.of(config.exporter)
+        self.reader: Reader | None = None
+        self._connecting = asyncio.Lock()
+        self._closed = False
+        self._budget_task: asyncio.Task[None] | None = None
+        self._reached: dict[tuple[str, str], float] = {}  # (budget, period start) -> threshold
+
+    async def start(self) -> None:
+        if self.config.budgets:
+            self._budget_task = asyncio.create_task(self._track_budgets(),
+                                                    name=f"{self.context.id} budgets")
+
+    async def shutdown(self) -> None:
+        await cancel_and_wait(self._budget_task)
+        if self.config.budgets:
+            budgets.BudgetGauges.of(self.context.meter).publish([])
+        async with self._connecting:  # after a connect under way, and before any other
+            self._closed = True  # an API request still running must not open one again
+            if self.reader is not None:
+                await asyncio.to_thread(self.reader.client.close)
+            self.reader = None
+
+    async def connect(self) -> Reader:
+        """The reader, opened unless done already; `RetryableError` until the exporter has
+        created its tables."""
+        async with self._connecting:
+            if self._closed:
+                raise RetryableError(f"the {self.context.id} extension is shutting down")
+            if self.reader is None:
+                try:
+                    self.reader = await asyncio.to_thread(self._open)
+                except Exception as e:
+                    raise classify(e) from e
+            return self.reader
+
+    def _open(self) -> Reader:
+        client = open_client(self.config.exporter, self.context.data_dir)
+        try:
+            if missing := missing_tables(client, self.schema):
+                raise RetryableError(
+                    f"exporter {self.config.clickhouse} has not created "
+                    f"{', '.join(missing)} in database {self.schema.database} yet")
+        except Exception:
+            client.close()
+            raise
+        return Reader(client, self.schema)
+
+    # --- the admin API and budgets ---------------------------------------------------
+    def admin_routes(self) -> dict[str, AdminHandler]:
+        return api.routes(self)
+
+    async def budget_status(self) -> list[dict[str, Any]]:
+        reader = await self.connect()
+        return await asyncio.to_thread(budgets.status, reader, self.config.budgets)
+
+    async def _track_budgets(self) -> None:
+        gauges = budgets.BudgetGauges.of(self.context.meter)
+        while True:
+            try:
+                statuses = await self.budget_status()
+            except Exception as e:
+                self.log.warning("cannot compute budget spend", error=str(e))
+            else:
+                gauges.publish(statuses)
+                self._log_thresholds(statuses)
+            await asyncio.sleep(float(self.config.budget_refresh))
+
+    def _log_thresholds(self, statuses: list[dict[str, Any]]) -> None:
+        for s in statuses:
+            key = (s["budget"], s["period_start"])
+            reached = s["threshold_reached"]
+            if reached is not None and reached > self._reached.get(key, 0):
+                self._reached[key] = reached
+                self.log.warning("budget alert threshold reached", budget=s["budget"],
+                                 threshold=reached, spend_usd=s["spend_usd"],
+                                 limit_usd=s["limit_usd"], period_start=s["period_start"])
+
+
+factory = Factory(kind="extension", type="finops", config=FinOpsConfig, create=FinOps, link=link)
