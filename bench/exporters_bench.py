@@ -2,7 +2,8 @@
 measured in CPU seconds of this process.
 
 Prints events/s for: the prometheus exporter's batch update (grouping by label
-set, one update per series), one scrape of what that left, OTLP encoding of
+set, one update per series) and one scrape of what that left, with each set of
+`families` (standard, truefoundry, both: the default), OTLP encoding of
 events as spans and log records (serialized), and OTLP decoding of spans back
 into events (the receiver's work once gRPC has parsed the request).
 
@@ -46,7 +47,9 @@ def events(count: int, label_sets: int) -> list[Event]:
             error_type=None if i % 50 else "rate_limit_error", input_tokens=420 + i % 97,
             output_tokens=180, duration_ms=812.4, provider_duration_ms=811.9, overhead_ms=0.5,
             ttft_ms=210.0 if i % 3 == 0 else None, cost_usd=0.00042, api_key_id="k-3f9a1c2b",
-            trace_id=f"{i:032x}", span_id=f"{i + 1:016x}", metadata={"customer_id": "acme-42"}))
+            trace_id=f"{i:032x}", span_id=f"{i + 1:016x}", metadata={"customer_id": "acme-42"},
+            policies=["load_balanced"] if i % 4 == 0 else None,
+            ratelimit_requests_limit=10_000, ratelimit_requests_remaining=9_000 - i % 1000))
     return out
 
 
@@ -72,15 +75,19 @@ def main() -> None:
     logs.configure("warning", "console")
     data = events(args.events, args.label_sets)
 
-    context = Context("prometheus", Path(tempfile.mkdtemp()), Telemetry(MetricsConfig()),
-                      logs.get(component="bench"))
-    prometheus = PrometheusExporter(PrometheusConfig(), context)
-    rate("prometheus: batch update", args.events, args.batch,
-         lambda b: prometheus.store.update(b), data)
-    started = time.process_time()
-    body = generate_latest(prometheus.snapshot())  # type: ignore[arg-type]
-    print(f"{'prometheus: one scrape (CPU)':<44} {(time.process_time() - started) * 1000:>12.1f} ms"
-          f"  ({len(body) / 1e6:.1f} MB, {args.label_sets} label sets)")
+    for families in (["standard"], ["truefoundry"], ["standard", "truefoundry"]):
+        context = Context("prometheus", Path(tempfile.mkdtemp()), Telemetry(MetricsConfig()),
+                          logs.get(component="bench"))
+        config = PrometheusConfig(families=families)  # type: ignore[arg-type]
+        prometheus = PrometheusExporter(config, context)
+        name = "+".join(families)
+        rate(f"prometheus [{name}]: batch update", args.events, args.batch,
+             prometheus.store.update, data)
+        started = time.process_time()
+        body = generate_latest(prometheus.snapshot())  # type: ignore[arg-type]
+        print(f"{f'prometheus [{name}]: one scrape (CPU)':<44} "
+              f"{(time.process_time() - started) * 1000:>12.1f} ms"
+              f"  ({len(body) / 1e6:.1f} MB, {args.label_sets} label sets)")
 
     rate("otlp: events -> spans, serialized", args.events, args.batch,
          lambda b: to_traces_request(b).SerializeToString(), data)

@@ -8,11 +8,13 @@ the demo start a `Proxy` directly); `GatewayConfig`, the receiver's, adds the ev
 from __future__ import annotations
 
 import re
+from typing import Literal
 from urllib.parse import urlsplit
 
 import msgspec
 
 from meterline.component import Config
+from meterline.gateway.guardrails import GuardrailRule, check_names
 from meterline.genai import provider_name
 from meterline.httpserver import ListenerConfig
 from meterline.units import Duration, Listen
@@ -34,7 +36,12 @@ class TimeoutsConfig(Config):
 
 class UpstreamConfig(Config):
     base_url: str  # scheme://host[:port][/path]; without the API's /v1
-    provider: str = "openai"  # gen_ai.provider.name (aliases such as `azure` accepted)
+    # llm: the LLM APIs read from the path (OpenAI, Anthropic, Ollama); mcp: an MCP server
+    # (Streamable HTTP), its JSON-RPC requests recorded (docs/gateway.md)
+    protocol: Literal["llm", "mcp"] = "llm"
+    # gen_ai.provider.name (aliases such as `azure` accepted); unset: openai, or mcp for an
+    # mcp upstream
+    provider: str | None = None
     api_key: str | None = None  # injected upstream in place of the client's credentials
     default: bool = False  # serves requests at the root (no /NAME prefix)
     fallback: list[str] = msgspec.field(default_factory=list)  # tried in order on failure
@@ -52,7 +59,8 @@ class UpstreamConfig(Config):
             parts.port  # noqa: B018 - validates the port
         except ValueError as e:
             raise ValueError(f"base_url has an invalid port: {self.base_url!r}") from e
-        self.provider = provider_name(self.provider) or "openai"
+        self.provider = provider_name(self.provider) or (
+            "mcp" if self.protocol == "mcp" else "openai")
         self.api_key = self.api_key or None  # `${env:KEY:-}` left empty means none
         if self.max_idle_connections < 0:
             raise ValueError("max_idle_connections must be >= 0")
@@ -78,6 +86,8 @@ class ProxyConfig(ListenerConfig):
     user_header: str = "x-meterline-user"  # header naming the end user
     session_header: str = "x-meterline-session"  # header naming the session
     capture_content: bool = True  # record input and output messages in events
+    # rules checked on prompts and answers, each to monitor, redact or block
+    guardrails: list[GuardrailRule] = msgspec.field(default_factory=list)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -94,11 +104,15 @@ class ProxyConfig(ListenerConfig):
                 if other == name or other not in self.upstreams:
                     raise ValueError(f"upstream {name!r}: fallback {other!r} must name another "
                                      f"upstream (defined: {', '.join(self.upstreams)})")
+                if self.upstreams[other].protocol != upstream.protocol:
+                    raise ValueError(f"upstream {name!r}: fallback {other!r} must speak the "
+                                     f"same protocol ({upstream.protocol})")
         defaults = [n for n, u in self.upstreams.items() if u.default]
         if len(defaults) > 1:
             raise ValueError(f"only one upstream may be the default, got {', '.join(defaults)}")
         if self.max_body_mb <= 0:
             raise ValueError("max_body_mb must be positive")
+        check_names(self.guardrails)
         self.metadata_header = self.metadata_header.lower()
         self.user_header = self.user_header.lower()
         self.session_header = self.session_header.lower()

@@ -18,6 +18,7 @@ headers, which the gateway forwards:
 | `x-fake-tokens` | `tokens` | output tokens |
 | `x-fake-status` | `status` | answer this error status, with the provider's error body |
 | `x-fake-break-after` | | close the connection after this many stream chunks |
+| `x-fake-reply` | | the answer's text (its words are the output tokens) instead of `tok0 tok1 …` |
 | `x-fake-echo-key` | | answer 401 (or `x-fake-status`) with an error message that echoes the key |
 |  |  | received: `masked` as OpenAI does (`sk-proj-abc***…wxyz`), `clear` whole, as some |
 |  |  | proxies do (`Bearer sk-…`; Anthropic: `invalid x-api-key: sk-ant-…`) |
@@ -77,6 +78,14 @@ class _Plan:
     input_tokens: int
     texts: list[str] = field(default_factory=list)
     echo_key: str | None = None  # `masked` or `clear`: the error message echoes the key
+    reply: list[str] | None = None  # the answer's words, when the request set them
+
+    def word(self, i: int) -> str:
+        """Output token `i`, as streams send it."""
+        return f"{self.reply[i]} " if self.reply is not None else f"tok{i} "
+
+    def output(self) -> str:
+        return "".join(self.word(i) for i in range(self.tokens))
 
 
 class FakeUpstream:
@@ -164,14 +173,16 @@ class FakeUpstream:
         if echo and not status:
             status = "401"
         texts = _texts(body)
+        reply = h["x-fake-reply"].split() if h.get("x-fake-reply") else None
         return _Plan(
             latency=_seconds(h.get("x-fake-latency"), self.latency),
             chunk_delay=_seconds(h.get("x-fake-chunk-delay"), self.chunk_delay),
-            tokens=int(h.get("x-fake-tokens", self.tokens)),
+            tokens=len(reply) if reply is not None else int(h.get("x-fake-tokens", self.tokens)),
             status=int(status) if status else self.status,
             break_after=int(brk) if brk else None,
             model=str(body.get("model") or "fake-model"),
-            input_tokens=sum(len(t.split()) for t in texts), texts=texts, echo_key=echo)
+            input_tokens=sum(len(t.split()) for t in texts), texts=texts, echo_key=echo,
+            reply=reply)
 
     def _json(self, payload: Any, status: int = 200,
               headers: dict[str, str] | None = None) -> web.Response:
@@ -243,9 +254,9 @@ class FakeUpstream:
         if not stream:
             choice: dict[str, Any] = {"index": 0, "finish_reason": "stop", "logprobs": None}
             if text_completion:
-                choice["text"] = _output(plan.tokens)
+                choice["text"] = plan.output()
             else:
-                choice["message"] = {"role": "assistant", "content": _output(plan.tokens)}
+                choice["message"] = {"role": "assistant", "content": plan.output()}
             return self._json({**base, "object": kind, "choices": [choice],
                                "usage": self._openai_usage(plan)}, headers=_OPENAI_LIMITS)
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
@@ -265,7 +276,7 @@ class FakeUpstream:
                     "role": "assistant", "content": ""}, "finish_reason": None}]})
             for i in range(plan.tokens):
                 await self._pace(plan, i)
-                yield _sse({**head, "choices": [choice_of(f"tok{i} ", None)]})
+                yield _sse({**head, "choices": [choice_of(plan.word(i), None)]})
             yield _sse({**head, "choices": [choice_of(None, "stop")]})
             if include_usage:
                 yield _sse({**head, "choices": [], "usage": self._openai_usage(plan)})
@@ -287,7 +298,7 @@ class FakeUpstream:
 
     async def _responses(self, request: web.Request, body: dict[str, Any], plan: _Plan,
                          stream: bool) -> web.StreamResponse:
-        text = _output(plan.tokens)
+        text = plan.output()
         response = {"id": f"resp_fake{self.served}", "object": "response",
                     "created_at": int(time.time()), "model": f"{plan.model}-2025-01-01",
                     "status": "completed", "output": [
@@ -306,7 +317,7 @@ class FakeUpstream:
                 await self._pace(plan, i)
                 yield _sse({"type": "response.output_text.delta", "sequence_number": i + 1,
                             "item_id": "msg_fake", "output_index": 0, "content_index": 0,
-                            "delta": f"tok{i} ", "logprobs": []},
+                            "delta": plan.word(i), "logprobs": []},
                            "response.output_text.delta")
             yield _sse({"type": "response.completed", "sequence_number": plan.tokens + 1,
                         "response": response}, "response.completed")
@@ -323,7 +334,7 @@ class FakeUpstream:
                    "model": plan.model, "stop_reason": "end_turn", "stop_sequence": None}
         if not stream:
             return self._json({**message, "content": [{"type": "text",
-                                                       "text": _output(plan.tokens)}],
+                                                       "text": plan.output()}],
                                "usage": usage}, headers=_ANTHROPIC_LIMITS)
 
         async def chunks() -> AsyncIterator[bytes]:
@@ -336,7 +347,7 @@ class FakeUpstream:
             for i in range(plan.tokens):
                 await self._pace(plan, i)
                 yield _sse({"type": "content_block_delta", "index": 0,
-                            "delta": {"type": "text_delta", "text": f"tok{i} "}},
+                            "delta": {"type": "text_delta", "text": plan.word(i)}},
                            "content_block_delta")
             yield _sse({"type": "content_block_stop", "index": 0}, "content_block_stop")
             yield _sse({"type": "message_delta", "delta": {"stop_reason": "end_turn",
@@ -365,12 +376,12 @@ class FakeUpstream:
             return out
 
         if not stream:
-            return self._json(line(_output(plan.tokens), True))
+            return self._json(line(plan.output(), True))
 
         async def chunks() -> AsyncIterator[bytes]:
             for i in range(plan.tokens):
                 await self._pace(plan, i)
-                yield _encode(line(f"tok{i} ", False)) + b"\n"
+                yield _encode(line(plan.word(i), False)) + b"\n"
             yield _encode(line("", True)) + b"\n"
 
         return await self._stream(request, plan, "application/x-ndjson", chunks, {})
@@ -414,10 +425,6 @@ def _echoed(request: web.Request, how: str | None) -> str | None:
         return value
     key = value.removeprefix("Bearer ")
     return key[:8] + "*" * max(len(key) - 12, 4) + key[-4:]
-
-
-def _output(tokens: int) -> str:
-    return "".join(f"tok{i} " for i in range(tokens))
 
 
 def _seconds(header: str | None, default: float) -> float:

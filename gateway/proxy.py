@@ -34,9 +34,11 @@ from typing import Any, Final
 import msgspec
 from structlog.typing import FilteringBoundLogger
 
-from meterline.event import Event, api_key_id
+from meterline.event import Event, add_policy, api_key_id
 from meterline.gateway.config import ProxyConfig
 from meterline.gateway.deadlines import Deadlines
+from meterline.gateway.guardrails import Guardrails, text_slots
+from meterline.gateway.mcp import McpRecorder
 from meterline.gateway.server import ClientConnection, Request
 from meterline.gateway.shapes import (
     DROP,
@@ -78,6 +80,7 @@ _RATELIMITS: Final = {
 }
 _NO_CONTENT_LENGTH: Final = frozenset({b"GET", b"HEAD", b"DELETE", b"OPTIONS"})
 _JSON: Final = b"content-type: application/json\r\n"
+_GUARDRAIL_BLOCKED: Final = "guardrail_blocked"  # the error type of a blocked call
 _MAX_PARSED_BODY: Final = 16 << 20  # a larger response is relayed but not read
 _MAX_METADATA_VALUE: Final = 128
 
@@ -124,6 +127,7 @@ class Proxy:
                                       config.user_header.encode(),
                                       config.session_header.encode(), b"traceparent",
                                       b"accept-encoding"})
+        self.guardrails = Guardrails(config.guardrails) if config.guardrails else None
         self.connections: set[ClientConnection] = set()
         self.inflight = 0  # requests being served
         self.stopping = False
@@ -159,6 +163,8 @@ class Proxy:
             conn.close()
         for upstream in self.upstreams.values():
             upstream.close()
+        if self.guardrails is not None:
+            self.guardrails.close()
         self.deadlines.stop()
 
     @property
@@ -206,10 +212,9 @@ class Call:
     """One request through the gateway, from its arrival to its event."""
 
     __slots__ = ("begun", "body", "client", "drop_usage", "ended", "event", "exchange",
-                 "first_token",
-                 "last_token", "loop", "parsed", "path", "proxy", "query", "reader", "request",
-                 "sent", "serving", "shape", "splitter", "tokens", "traceflags", "upstream",
-                 "upstream_end")
+                 "first_token", "json", "last_token", "loop", "mcp", "output_checked", "parsed",
+                 "path", "proxy", "query", "reader", "request", "sent", "serving", "shape",
+                 "splitter", "tokens", "traceflags", "upstream", "upstream_end")
 
     def __init__(self, proxy: Proxy, request: Request, client: ClientConnection) -> None:
         self.proxy = proxy
@@ -221,9 +226,12 @@ class Call:
         self.serving: Upstream | None = None  # the one being tried, then the one serving
         self.exchange: Exchange | None = None
         self.shape: Shape | None = None
+        self.mcp: McpRecorder | None = None  # (an MCP upstream) reads its JSON-RPC
         self.path = b"/"
         self.query = b""
         self.body = request.body
+        self.json: dict[str, Any] | None = None  # the request body, parsed
+        self.output_checked = False  # the output guardrails have read the answer
         self.drop_usage = False
         self.sent: float | None = None  # first byte sent upstream
         self.upstream_end: float | None = None  # last byte received from upstream
@@ -242,6 +250,8 @@ class Call:
             self.read_body()
         except LocalError as e:
             self.fail(e.status, e.kind, str(e))
+            return
+        if self.proxy.guardrails is not None and await self.guard_input(self.proxy.guardrails):
             return
         assert self.upstream is not None
         chain = [self.upstream, *self.proxy.fallbacks[self.upstream.name]]
@@ -270,6 +280,8 @@ class Call:
             self.upstream_end = self.exchange.last
             self.exchange = None
         await self.relay()
+        if self.proxy.guardrails is not None and not self.output_checked:
+            await self.monitor_output(self.proxy.guardrails)
 
     # --- the request -----------------------------------------------------------------
     def describe(self) -> None:
@@ -325,6 +337,9 @@ class Call:
 
     def read_body(self) -> None:
         """Parse a JSON body the path's shape knows; refuse one that is not JSON."""
+        if self.upstream is not None and self.upstream.config.protocol == "mcp":
+            self.mcp = McpRecorder(self.request, self.proxy.max_body)  # reads, never refuses
+            return
         if self.request.method != b"POST":
             return
         self.shape = shape = shape_for(self.event.endpoint or "/")
@@ -338,11 +353,77 @@ class Call:
         if not isinstance(body, dict):
             raise LocalError(400, "invalid_request_error",
                              "request body must be a JSON object")
+        self.json = body
         self.event.operation = shape.operation
         shape.read_request(body, self.event, self.proxy.config.capture_content)
         if shape.ask_usage(body):
             self.drop_usage = True
             self.body = _encode(body)
+
+    async def guard_input(self, guardrails: Guardrails) -> bool:
+        """The input rules on the prompt: True when one blocked the call (answered, then).
+        A masked prompt is what goes upstream, and what the event records."""
+        body, model = self.json, self.event.request_model
+        if body is None or not guardrails.active("input", model):
+            return False
+        verdict = await guardrails.guard("input", body, model)
+        verdict.record(self.event)
+        if verdict.blocked_by is not None:
+            self.fail(400, _GUARDRAIL_BLOCKED, verdict.refusal())
+            return True
+        if verdict.masked:
+            self.body = _encode(body)
+            assert self.shape is not None
+            self.shape.read_request(body, self.event, self.proxy.config.capture_content)
+        return False
+
+    async def guard_output(self, guardrails: Guardrails, status: int, head: bytes) -> None:
+        """A whole answer held back for the output rules that may change or stop it."""
+        exchange = self.exchange
+        assert exchange is not None
+        try:
+            raw = await exchange.read_body(_MAX_PARSED_BODY)
+        except UpstreamFailure as e:
+            self.upstream_end, self.exchange = exchange.last, None
+            self.fail(e.status, e.kind, str(e))
+            return
+        self.upstream_end, self.exchange = exchange.last, None  # (kept on cancellation)
+        self.output_checked = True
+        try:
+            body = _decode(raw)
+        except msgspec.DecodeError:
+            self.fail(502, "bad_gateway", "the upstream's answer is not JSON: the output "
+                                          "guardrails cannot read it")
+            return
+        verdict = await guardrails.guard("output", body, self.event.request_model)
+        verdict.record(self.event)
+        if verdict.blocked_by is not None:
+            self.fail(400, _GUARDRAIL_BLOCKED, verdict.refusal())
+            return
+        if verdict.masked:
+            raw = _encode(body)
+        self.begun = self.ended = True
+        self.client.respond(status, head, raw)
+        self.parsed = [raw]
+        self._read_response()
+
+    async def monitor_output(self, guardrails: Guardrails) -> None:
+        """The output rules on an answer already relayed (a stream, or rules that only
+        monitor): recorded, nothing changed. The texts are the event's output messages,
+        else the answer's body when it was kept."""
+        event = self.event
+        if not guardrails.active("output", event.request_model):
+            return
+        answer: Any = event.output_messages
+        if answer is None and self.parsed:
+            with contextlib.suppress(msgspec.DecodeError):
+                answer = _decode(b"".join(self.parsed))
+        if answer is not None:
+            verdict = await guardrails.check(
+                "output", [c[k] for c, k in text_slots(answer)], event.request_model)
+            for outcome in verdict.fired:
+                outcome.action = "monitor"  # the answer had gone: only recorded
+            verdict.record(event)
 
     def forward_headers(self) -> tuple[bytes, bytes]:
         """The client's headers to forward: (everything but credentials, credentials)."""
@@ -387,6 +468,8 @@ class Call:
         event = self.event
         event.status_code = status = exchange.status
         head, length, ctype = self._response_head(exchange.headers)
+        if self.mcp is not None:
+            self.mcp.respond(status, exchange.headers, ctype)
         shape = self.shape
         if shape is not None and status < 300 and ctype.startswith((b"text/event-stream",
                                                                      b"application/x-ndjson")):
@@ -397,6 +480,11 @@ class Call:
                 self.splitter = SSESplitter() if sse else LineSplitter()
                 if self.drop_usage:
                     length = None  # the body changes
+        elif (status < 300 and shape is not None and self.proxy.guardrails is not None
+              and self.request.method != b"HEAD"
+              and self.proxy.guardrails.holds("output", event.request_model)):
+            await self.guard_output(self.proxy.guardrails, status, head)
+            return
         elif shape is not None or status >= 400:
             self.parsed = []
             key = self.serving.config.api_key if self.serving is not None else None
@@ -449,6 +537,8 @@ class Call:
             self.complete()
         else:
             self.client.flush()
+        if self.mcp is not None:  # read once written out: recording never delays the relay
+            self.mcp.scan(self.loop.time())
 
     def complete(self) -> None:
         if self.ended:
@@ -484,6 +574,8 @@ class Call:
             self._stream_blocks(self.splitter.feed(data))
             return
         self.client.send(data)
+        if self.mcp is not None:
+            self.mcp.feed(data)
         parsed = self.parsed
         if parsed is not None:
             parsed.append(data)
@@ -578,9 +670,16 @@ class Call:
         if event.error_message:
             event.error_message = scrub_secrets(event.error_message, self._secrets())
         event.error_type = failure(event.error_type, event.status_code)
+        if event.fallback:
+            add_policy(event, "fallback")
         if self.serving is not None:
             self.serving.active -= 1
             self.serving = None
+        if self.mcp is not None:  # one event per JSON-RPC request or notification
+            for each in self.mcp.events(event, self.sent,
+                                        lambda text: scrub_secrets(text, self._secrets())):
+                self.proxy.record(each)
+            return
         self.proxy.record(event)
 
     def _input_chars(self) -> int:

@@ -267,14 +267,14 @@ class Upstream:
         self.name = name
         self.config = config
         self.deadlines = deadlines
-        self.provider = config.provider
+        self.provider = config.provider or "openai"  # (set by the config's validation)
         parts = urlsplit(config.base_url)
         self.host = parts.hostname or ""
         self.port = parts.port or (443 if parts.scheme == "https" else 80)
         self.ssl = ssl.create_default_context() if parts.scheme == "https" else None
         self.base_path = parts.path.rstrip("/")
         self.host_header = parts.netloc.rpartition("@")[2].encode()
-        self.credentials = _credentials(config.provider, config.api_key)
+        self.credentials = _credentials(self.provider, config.api_key)
         self.idle: deque[UpstreamConnection] = deque()
         self.failures = 0  # consecutive connection failures and timeouts
         self.active = 0  # requests being served

@@ -138,6 +138,12 @@ FIELDS: Final = frozenset(Event.__struct_fields__)
 API_KEY_ID_CHARS: Final = 16
 
 
+def add_policy(event: Event, policy: str) -> None:
+    """Note on the event that a policy acted on the call (once, whatever the times)."""
+    if policy not in (event.policies or ()):
+        event.policies = [*(event.policies or ()), policy]
+
+
 def api_key_id(key: bytes | str) -> str:
     """The `api_key_id` of a key: a prefix of its sha256, never the key. LiteLLM's
     `user_api_key_hash` is the same sha256, so a key seen by either gets the same id."""

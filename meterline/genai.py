@@ -40,7 +40,7 @@ PROVIDER_ALIASES: Final[dict[str, str]] = {
 
 ERROR_TYPES: Final = ("invalid_request_error", "authentication_error", "rate_limit_error",
                       "server_error", "not_found_error", "service_unavailable", "timeout",
-                      "unknown")
+                      "tool_error", "unknown")  # tool_error: a tool answered with an error
 
 
 def provider_name(raw: str | None) -> str | None:
@@ -135,6 +135,12 @@ ATTRIBUTES: Final[dict[str, str]] = {
     "error_type": "error.type",
     "status_code": "http.response.status_code",
     "session_id": "gen_ai.conversation.id",
+    "agent_name": "gen_ai.agent.name",
+    "agent_id": "gen_ai.agent.id",
+    "tool_name": "gen_ai.tool.name",
+    "tool_call_id": "gen_ai.tool.call.id",
+    "mcp_method": "mcp.method.name",  # the OpenTelemetry MCP conventions
+    "mcp_session_id": "mcp.session.id",
     "input_messages": "gen_ai.input.messages",
     "output_messages": "gen_ai.output.messages",
 }
@@ -143,13 +149,57 @@ PARAM_ATTRIBUTES: Final[dict[str, str]] = {"n": "choice.count", "stop": "stop_se
 MESSAGE_FIELDS: Final = ("input_messages", "output_messages")
 # Operations that are not one call to a model: agent and tool spans.
 NON_MODEL_OPERATIONS: Final = frozenset({"execute_tool", "create_agent", "invoke_agent"})
+# MCP requests (the gateway's MCP upstreams, OTLP MCP spans): the operation of each
+# method; `tools/call` is a tool call. Methods the MCP specification does not list are
+# `mcp_other`, so that a server's own methods add no operation names.
+MCP_TOOL_CALL: Final = "tools/call"
+_MCP_OPERATIONS: Final = {
+    MCP_TOOL_CALL: "execute_tool",
+    "initialize": "mcp_initialize", "ping": "mcp_ping",
+    "tools/list": "mcp_list", "prompts/list": "mcp_list", "resources/list": "mcp_list",
+    "resources/templates/list": "mcp_list", "roots/list": "mcp_list",
+    "prompts/get": "mcp_get_prompt", "resources/read": "mcp_read_resource",
+    "resources/subscribe": "mcp_subscribe", "resources/unsubscribe": "mcp_subscribe",
+    "completion/complete": "mcp_complete", "logging/setLevel": "mcp_set_logging_level",
+    "sampling/createMessage": "mcp_sampling", "elicitation/create": "mcp_elicitation",
+}
+# JSON-RPC and MCP error codes -> error categories; any other code is `unknown`.
+_JSONRPC_ERRORS: Final = {
+    -32700: "invalid_request_error",  # parse error
+    -32600: "invalid_request_error",  # invalid request
+    -32601: "not_found_error",  # method not found
+    -32602: "invalid_request_error",  # invalid params
+    -32603: "server_error",  # internal error
+    -32000: "service_unavailable",  # connection closed
+    -32001: "timeout",  # request timeout
+    -32002: "not_found_error",  # resource not found
+    -32020: "invalid_request_error",  # header mismatch
+    -32021: "invalid_request_error",  # missing required client capability
+    -32022: "invalid_request_error",  # unsupported protocol version
+}
+
+
+def mcp_operation(method: str) -> str:
+    """The `operation` of an MCP request, by its JSON-RPC method."""
+    return _MCP_OPERATIONS.get(method) or (
+        "mcp_notification" if method.startswith("notifications/") else "mcp_other")
+
+
+def jsonrpc_error_type(code: int | None) -> str:
+    """The error category of a JSON-RPC error code."""
+    return _JSONRPC_ERRORS.get(code, "unknown") if code is not None else "unknown"
+
+
 # The event name of the GenAI log record that carries a whole call.
 INFERENCE_EVENT: Final = "gen_ai.client.inference.operation.details"
-# How the gateway chose the upstream (`attributes`): by the path's prefix, or the
-# default upstream. Other values (any source may set the attribute) are not methods
-# the metrics know: they count as `OTHER_ROUTING_METHOD`, so they add no series.
+# How the upstream was chosen (`attributes`): by the path's prefix or the default
+# upstream (the gateway's), or by a router's heuristic, semantic or classifier method
+# (seed 001's; other gateways report them). Other values (any source may set the
+# attribute) are not methods the metrics know: they count as `OTHER_ROUTING_METHOD`, so
+# they add no series.
 ROUTING_ATTRIBUTE: Final = "meterline.routing_method"
-ROUTING_METHODS: Final = frozenset({"explicit", "default"})
+ROUTING_METHODS: Final = frozenset({"explicit", "default", "heuristic", "semantic",
+                                    "classifier"})
 OTHER_ROUTING_METHOD: Final = "__other__"
 
 # --- histogram bucket bounds (the GenAI metric conventions' advice) -----------------

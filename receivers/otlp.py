@@ -3,8 +3,10 @@
 Takes OTLP traces and logs over gRPC (`TraceService/Export`, `LogsService/Export`)
 and over HTTP (`POST /v1/traces`, `POST /v1/logs`, protobuf or JSON, gzip, deflate,
 zstd or not; decoded step by step within `max_message_mb`, see
-`meterline.httpserver`). Spans and log records that describe an LLM call become
-events (see `receivers/decoders/otlp.py`); other spans are skipped and counted
+`meterline.httpserver`). Spans and log records that describe an LLM call, an agent
+(`invoke_agent`, `create_agent`), a tool call (`execute_tool`) or an MCP request
+(`mcp.method.name`) become events (see `receivers/decoders/otlp.py`); other spans
+are skipped and counted
 (`meterline_receiver_refused_events_total{reason="not_llm_call"}`), not reported
 back as rejected, so an application may send all its spans here. A call whose
 attributes are malformed is rejected and reported in the OTLP partial-success

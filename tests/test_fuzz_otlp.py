@@ -49,7 +49,10 @@ ATTRIBUTE_NAMES = (
        "gen_ai.prompt.0.content", "gen_ai.prompt.0.role", "gen_ai.completion.1.content",
        "gen_ai.prompt.99999999999999999999.content", "gen_ai.prompt.٣.role",
        "meterline.metadata.team", "meterline.redactions.email", "meterline.metadata.",
-       "meterline.attributes.x", "meterline.params"]
+       "meterline.attributes.x", "meterline.params",
+       "gen_ai.agent.name", "gen_ai.agent.id", "gen_ai.tool.name", "gen_ai.tool.call.id",
+       "gen_ai.tool.call.arguments", "gen_ai.tool.call.result", "mcp.method.name",
+       "mcp.session.id", "rpc.response.status_code", "rpc.jsonrpc.error_code"]
     + [f"meterline.{name}" for name in sorted(FIELDS)])
 _TYPED = {
     "gen_ai.input.messages": MESSAGES.map(json.dumps) | MESSAGES | TEXT,
@@ -57,6 +60,10 @@ _TYPED = {
     "error.type": TEXT | NUMERIC_STRINGS | st.sampled_from(["429", "²", "9" * 5000, "timeout"]),
     "http.response.status_code": st.integers(-1, 70000) | FLOATS,
     "meterline.timestamp": UINT64, "meterline.sample_weight": FLOATS,
+    "gen_ai.operation.name": st.sampled_from(["execute_tool", "invoke_agent", "create_agent",
+                                              "chat"]) | TEXT,
+    "mcp.method.name": st.sampled_from(["tools/call", "tools/list", "notifications/x"]) | TEXT,
+    "rpc.response.status_code": st.sampled_from(["-32602", "-32001", "-99999999999"]) | TEXT,
 }
 ATTRIBUTE_VALUES = {name: (_TYPED[name] | VALUES) if name in _TYPED else VALUES
                     for name in ATTRIBUTE_NAMES}

@@ -185,6 +185,7 @@ async def test_fallback_serves_when_the_upstream_is_unreachable(fake):
     assert (event.route, event.upstream, event.provider) == ("primary", "backup",
                                                              "azure.ai.openai")
     assert (event.attempts, event.fallback, event.status_code) == (2, True, 200)
+    assert event.policies == ["fallback"]
 
 
 @pytest.mark.parametrize("status", [429, 503])

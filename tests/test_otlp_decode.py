@@ -106,15 +106,15 @@ def test_openllmetry_indexed_messages_are_read():
     assert event.output_messages == [{"role": "assistant", "content": "hello"}]
 
 
-def test_spans_that_are_not_llm_calls_are_skipped_and_counted():
+def test_spans_that_are_neither_llm_calls_nor_agent_tool_or_mcp_spans_are_skipped_and_counted():
     decoded = decode_spans(request(
         span({"http.request.method": "GET"}, span_id="0000000000000001"),
-        span({"gen_ai.operation.name": "execute_tool", "gen_ai.tool.name": "search"},
+        span({"db.system.name": "postgresql", "gen_ai.tool.name": "search"},
              span_id="0000000000000002"),
-        span({"gen_ai.operation.name": "invoke_agent", "gen_ai.request.model": "gpt-4o"},
+        span({"gen_ai.operation.name": "execute_tool", "gen_ai.tool.name": "search"},
              span_id="0000000000000003"),
         span({"gen_ai.request.model": "gpt-4o"}, span_id="0000000000000004")))
-    assert (len(decoded.events), decoded.skipped) == (1, 3)
+    assert (len(decoded.events), decoded.skipped) == (2, 2)
 
 
 def test_a_malformed_token_count_rejects_the_span_with_the_attribute_named():

@@ -4,6 +4,7 @@ import json
 
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
+from meterline.event import Guardrail
 from meterline.exporters.otlp.encode import (
     to_json,
     to_logs_request,
@@ -11,6 +12,7 @@ from meterline.exporters.otlp.encode import (
     to_traces_request,
 )
 from meterline.genai import INFERENCE_EVENT
+from meterline.receivers.decoders.otlp import decode_spans
 from tests.helpers import make_event
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -73,6 +75,21 @@ def test_a_cache_hit_its_saved_cost_and_tags_are_meterline_attributes_of_span_an
         assert attrs["meterline.cache_hit"] is True
         assert attrs["meterline.saved_cost_usd"] == 4.8e-06
         assert [v.string_value for v in attrs["meterline.tags"].values] == ["prod", "checkout"]
+
+
+def test_agent_tool_and_guardrail_fields_go_out_under_their_names_and_come_back_equal():
+    event = make_event(1, operation="execute_tool", agent_name="planner", tool_name="search",
+                       tool_call_id="c1", mcp_method="tools/call", mcp_session_id="s1",
+                       request_bytes=12, response_bytes=340, policies=["guardrails"],
+                       guardrails=[Guardrail(rule="no-pii", stage="input", action="redact",
+                                             detector="email")])
+    attrs = attributes(only_span([event]))
+    assert (attrs["gen_ai.agent.name"], attrs["gen_ai.tool.name"], attrs["mcp.method.name"]) \
+        == ("planner", "search", "tools/call")
+    (back,) = decode_spans(to_traces_request([event])).events
+    fields = ("agent_name", "tool_name", "tool_call_id", "mcp_method", "mcp_session_id",
+              "request_bytes", "response_bytes", "policies", "guardrails")
+    assert [getattr(back, f) for f in fields] == [getattr(event, f) for f in fields]
 
 
 def test_messages_are_json_in_the_parts_form():

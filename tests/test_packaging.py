@@ -8,6 +8,7 @@ so that no bare top-level name can collide with another distribution's modules.
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -25,9 +26,13 @@ BARE_IMPORT = re.compile(
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> zipfile.ZipFile:
     """The wheel `pip` builds from this checkout."""
     out = tmp_path_factory.mktemp("wheel")
+    build = ROOT / "build"  # where setuptools builds; not left behind by this test
+    had_build = build.exists()
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(out), str(ROOT)],
         check=True, capture_output=True, timeout=300)
+    if not had_build:
+        shutil.rmtree(build, ignore_errors=True)
     (built,) = out.glob("meterline-*.whl")
     return zipfile.ZipFile(built)
 

@@ -249,15 +249,28 @@ async def test_user_team_key_and_metadata_labels_appear_only_when_listed(tmp_pat
     async with Daemon(tmp_path).run() as daemon:
         await daemon.send([event])
         default = await daemon.samples()
-    extra = "labels: [provider, model, user, team, api_key_name, metadata_customer_id]"
+    extra = ("labels: [provider, model, user, team, api_key_name, "
+             "llm_gateway_metadata_customer_id]")
     async with Daemon(tmp_path / "listed", extra).run() as daemon:
         await daemon.send([event])
         listed = await daemon.samples()
     assert set(value_labels(default, "llm_gateway_requests_total")) == {
         "provider", "model", "status", "streaming", "operation", "error_type"}
     assert value(listed, "llm_gateway_requests_total", user="u-7", team="search",
-                 api_key_name="ci-key", metadata_customer_id="acme-42") == 1
+                 api_key_name="ci-key", llm_gateway_metadata_customer_id="acme-42") == 1
     assert "status" not in value_labels(listed, "llm_gateway_requests_total")
+
+
+async def test_a_metadata_label_configured_with_its_old_name_gets_the_seed_004_name(tmp_path):
+    event = make_event(1, metadata={"customer_id": "acme-42"})
+    async with Daemon(tmp_path, "labels: [provider, metadata_customer_id]").run() as daemon:
+        await daemon.send([event])
+        found = await daemon.samples()
+    assert value(found, "llm_gateway_requests_total",
+                 llm_gateway_metadata_customer_id="acme-42") == 1
+    assert value(found, "llm_gateway_input_tokens",
+                 llm_gateway_metadata_customer_id="acme-42") == event.input_tokens
+    assert not [s for s in found if "metadata_customer_id" in s.labels]
 
 
 def value_labels(found, name):
@@ -361,6 +374,7 @@ async def test_llm_gateway_instruments_of_the_self_telemetry_are_republished(tmp
     (["provider", "colour"], "unknown label 'colour'"),
     (["metadata_customer-id"], "unknown label 'metadata_customer-id'"),
     (["provider", "provider"], "labels listed twice"),
+    (["metadata_team", "llm_gateway_metadata_team"], "labels listed twice"),
 ])
 def test_bad_labels_are_refused_with_the_reason(labels, message):
     with pytest.raises(msgspec.ValidationError, match=message):

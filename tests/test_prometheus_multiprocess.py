@@ -152,3 +152,33 @@ async def test_an_export_retried_after_a_failed_shared_write_counts_once(tmp_pat
         requests = sample_values(await get(f"http://127.0.0.1:{port}/metrics"),
                                  "llm_gateway_requests_total")
     assert list(requests.values()) == [3.0]
+
+
+async def test_seed_004_families_add_up_across_processes(tmp_path):
+    async with shared_exporter(tmp_path) as (first, _, port), \
+            shared_exporter(tmp_path) as (second, _, _):
+        await first.export(ExportBatch("b1", [make_event(i, input_tokens=10, policies=[
+            "load_balanced"], duration_ms=100.0) for i in range(3)]))
+        await second.export(ExportBatch("b2", [make_event(i, input_tokens=10, policies=[
+            "load_balanced"], duration_ms=100.0) for i in range(3, 8)]))
+        text = await get(f"http://127.0.0.1:{port}/metrics")
+    assert list(sample_values(text, "llm_gateway_input_tokens").values()) == [80.0]
+    assert list(sample_values(text, "llm_gateway_load_balanced_requests_total").values()) == [8.0]
+    assert list(sample_values(text, "llm_gateway_request_processing_ms_count").values()) == [8.0]
+    assert list(sample_values(text, "llm_gateway_request_processing_ms_sum").values()) == [
+        pytest.approx(800.0)]
+
+
+async def test_rate_limit_utilization_shows_the_latest_value_of_any_process_not_a_sum(
+        tmp_path):
+    now = [1000.0]
+    async with shared_exporter(tmp_path, now) as (first, _, port), \
+            shared_exporter(tmp_path, now) as (second, _, _):
+        await first.export(ExportBatch("b1", [make_event(
+            1, ratelimit_requests_limit=100, ratelimit_requests_remaining=80)]))
+        now[0] += 1
+        await second.export(ExportBatch("b2", [make_event(
+            2, ratelimit_requests_limit=100, ratelimit_requests_remaining=40)]))
+        text = await get(f"http://127.0.0.1:{port}/metrics")
+    assert list(sample_values(text, "llm_gateway_rate_limit_utilization_ratio").values()) == [
+        pytest.approx(0.6)]

@@ -157,6 +157,8 @@ def set_value(target: AnyValue, value: Any) -> None:
             set_value(pairs.add(key=str(key)).value, item)
     elif isinstance(value, bytes):
         target.bytes_value = value
+    elif isinstance(value, msgspec.Struct):  # a guardrail outcome: a map of its fields
+        set_value(target, msgspec.to_builtins(value))
     elif value is not None:
         target.string_value = str(value)
 

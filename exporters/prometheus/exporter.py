@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import math
-import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,10 +39,13 @@ from meterline.component import Config, Context, ExportBatch, Exporter, Factory,
 from meterline.delivery import ExporterConfig, QueueConfig
 from meterline.exporters.prometheus.metrics import (
     BUCKET_SETS,
+    CONFIG_PARSING_FAILURES,
     DEFAULT_LABELS,
+    FAMILY_SETS,
     LABELS,
-    METADATA_PREFIX,
+    FamilySet,
     Key,
+    label_name,
     labeler,
 )
 from meterline.exporters.prometheus.multiprocess import PUBLISH_INTERVAL, SharedSeries
@@ -54,8 +56,9 @@ from meterline.recent import RecentIds
 from meterline.units import Duration, Listen
 
 TELEMETRY_PREFIX = "llm_gateway_"
+# the daemon's reloads, by result: a refused one is a config that failed to parse
+CONFIG_RELOADS, REFUSED = "meterline_config_reloads", "refused"
 OVERHEAD_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
-_LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 
 
 class BucketsConfig(Config):
@@ -83,8 +86,12 @@ class PrometheusConfig(ExporterConfig):
     listen: Listen = Listen("127.0.0.1:9464")  # the scrape listener
     path: str = "/metrics"  # the scrape path
     auth_token: str | None = None  # when set, scrapes need `Authorization: Bearer <token>`
-    # labels of every series: event fields, or metadata_<key> for a metadata key
+    # labels of every series: event fields, or llm_gateway_metadata_<key> for a metadata
+    # key (metadata_<key> is accepted too; the label is named llm_gateway_metadata_<key>)
     labels: list[str] = msgspec.field(default_factory=lambda: list(DEFAULT_LABELS))
+    # which names the metrics are exposed under: standard (seeds 001 and 002's names),
+    # truefoundry (seed 004's: llm_gateway_input_tokens, policy and agent counters...)
+    families: list[FamilySet] = msgspec.field(default_factory=lambda: list(FAMILY_SETS))
     max_series: int = 2000  # label sets tracked; beyond, new ones fold into __other__
     metric_expiration: Duration = Duration(3600)  # forget a label set unseen this long
     buckets: BucketsConfig = msgspec.field(default_factory=BucketsConfig)
@@ -102,14 +109,17 @@ class PrometheusConfig(ExporterConfig):
         if self.dedupe_ids < 0:
             raise ValueError("dedupe_ids must be >= 0")
         for name in self.labels:
-            metadata = name.startswith(METADATA_PREFIX) and len(name) > len(METADATA_PREFIX)
-            if name not in LABELS and not (metadata and _LABEL_NAME.match(name)):
+            if label_name(name) is None:
                 known = ", ".join(LABELS)
                 raise ValueError(f"unknown label {name!r}: expected one of {known}, or "
-                                 "metadata_<key> for a metadata key made of letters, digits "
-                                 "and _")
-        if len(set(self.labels)) != len(self.labels):
+                                 "llm_gateway_metadata_<key> for a metadata key made of "
+                                 "letters, digits and _")
+        if len({label_name(name) for name in self.labels}) != len(self.labels):
             raise ValueError(f"labels listed twice: {self.labels}")
+        if not self.families:
+            raise ValueError(f"families: expected at least one of {', '.join(FAMILY_SETS)}")
+        if len(set(self.families)) != len(self.families):
+            raise ValueError(f"families listed twice: {self.families}")
 
 
 class PrometheusExporter(Exporter):
@@ -132,11 +142,14 @@ class PrometheusExporter(Exporter):
                         "(within the last dedupe_ids events)")
         self._attrs = attrs
         self.store = SeriesStore(
-            list(config.labels), [labeler(name) for name in config.labels],
+            [str(label_name(name)) for name in config.labels],
+            [labeler(name) for name in config.labels],
             {name: tuple(getattr(config.buckets, name)) for name in BUCKET_SETS},
             config.max_series, float(config.metric_expiration),
             keep_values=config.multiprocess_dir is not None,
-            on_fold=lambda n: folded.add(n, attrs), on_expire=lambda n: expired.add(n, attrs))
+            on_fold=lambda n: folded.add(n, attrs), on_expire=lambda n: expired.add(n, attrs),
+            sets=tuple(config.families))
+        self._exposed_names = {e.name for e in self.store.exposed}
         self.recent = RecentIds(config.dedupe_ids)
         self.shared: SharedSeries | None = None
         # series counted but not yet in the shared file (a write failed): written first
@@ -209,21 +222,35 @@ class PrometheusExporter(Exporter):
         self.shared.publish(self.telemetry(), now)
         live, telemetry = self.shared.read(self.store.families, now,
                                            float(self.config.metric_expiration))
-        for name, family in self.store.families.items():
-            yield family.expose(live.get(name, []))
+        for exposed in self.store.exposed:
+            yield exposed.expose(live.get(exposed.family.name, []))
         yield from telemetry
 
     def telemetry(self) -> Iterator[Metric]:
         """The daemon's `llm_gateway_*` instruments, without OpenTelemetry's scope labels
-        (a name the events already give is left out)."""
+        (a name the events already give is left out); with the truefoundry families, the
+        refused reloads as `llm_gateway_config_parsing_failures`."""
+        parsing_failures = 0.0
         for family in self.telemetry_registry.collect():
-            if not family.name.startswith(TELEMETRY_PREFIX) or family.name in self.store.families:
+            if family.name == CONFIG_RELOADS:
+                parsing_failures += sum(s.value for s in family.samples
+                                        if s.labels.get("result") == REFUSED
+                                        and s.name.endswith("_total"))
+            if not family.name.startswith(TELEMETRY_PREFIX) \
+                    or family.name in self._exposed_names:
                 continue
             copy = Metric(family.name, family.documentation, family.type, family.unit)
             copy.samples = [Sample(s.name, {k: v for k, v in s.labels.items()
                                             if not k.startswith("otel_scope_")}, s.value)
                             for s in family.samples]
             yield copy
+        if "truefoundry" in self.config.families:
+            failures = Metric(CONFIG_PARSING_FAILURES,
+                              "Reloads of the configuration refused because it failed to "
+                              "parse or validate (a counter, without `_total`: use "
+                              "increase())", "unknown")
+            failures.add_sample(CONFIG_PARSING_FAILURES, {}, parsing_failures)
+            yield failures
 
     async def _publish_telemetry(self) -> None:
         assert self.shared is not None

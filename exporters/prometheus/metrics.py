@@ -1,11 +1,24 @@
 """Which Prometheus metrics events make, and how a batch becomes one update per series.
 
-The names are the ones seeds 001 and 002 use (`llm_gateway_requests_total`,
-`llm_gateway_request_duration_seconds`...), so their dashboards and PromQL work
-unchanged. Every metric carries the configured labels (`provider`, `model`,
-`status`, `streaming`, `operation` by default); a few add one label of their own
-(`error_type`, `type`, `method`). Each event counts `sample_weight` times, so a
-sampled pipeline's totals estimate the whole traffic.
+Two sets of names (`families` in the config), both exposed by default:
+
+- `standard`: the names seeds 001 and 002 use (`llm_gateway_requests_total`,
+  `llm_gateway_request_duration_seconds`...), so their dashboards and PromQL work
+  unchanged;
+- `truefoundry`: the names of TrueFoundry's AI gateway (seed 004):
+  `llm_gateway_input_tokens`, `llm_gateway_request_processing_ms`..., the policy
+  counters (`llm_gateway_rate_limit_requests_total`...) and the agent and MCP metrics
+  (`llm_gateway_agent_tool_calls_total`...). There the configured labels `model`,
+  `user` and `organization` are named `model_name`, `username` and `tenant_name`, as
+  that gateway names them.
+
+Where the two sets count the same thing (tokens, spend, latencies, failures), the
+series are stored once (a `MetricDef`) and exposed under both names (`View`s; the
+`_ms` histograms scale the stored seconds), so the second set costs nothing per
+event. Every metric carries the configured labels (`provider`, `model`, `status`,
+`streaming`, `operation` by default); a few add labels of their own (`error_type`,
+`type`, `method`, `tool_name`, `rule` and `action`). Each event counts
+`sample_weight` times, so a sampled pipeline's totals estimate the whole traffic.
 
 A cache hit (`cache_hit`) is a request (`llm_gateway_requests_total`) counted in
 `llm_gateway_cache_hits_total` too, rather than a `cache_hit` label on every metric
@@ -18,6 +31,7 @@ with the group's sum (`counter_sums`) or all its observations (`observations`).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final, Literal
@@ -25,14 +39,25 @@ from typing import Final, Literal
 from meterline.event import Event
 from meterline.fieldpath import FieldPath
 from meterline.genai import (
+    NON_MODEL_OPERATIONS,
     OTHER_ROUTING_METHOD,
     ROUTING_ATTRIBUTE,
-    ROUTING_METHODS,
     failure,
 )
+from meterline.genai import ROUTING_METHODS as GATEWAY_ROUTING_METHODS
 
-Kind = Literal["counter", "histogram", "untyped"]
+Kind = Literal["counter", "histogram", "untyped", "gauge"]
+Scope = Literal["all", "policy", "agent"]
 Labeler = Callable[[Event], str]
+Key = tuple[str, ...]
+# Own labels' values of one event, with the amount each counts (a guardrail counter
+# counts once per rule that fired)
+Splitter = Callable[[Event], list[tuple[Key, float]]]
+
+FamilySet = Literal["standard", "truefoundry"]
+FAMILY_SETS: Final[tuple[FamilySet, ...]] = ("standard", "truefoundry")
+STANDARD: Final[tuple[FamilySet, ...]] = ("standard",)
+TRUEFOUNDRY: Final[tuple[FamilySet, ...]] = ("truefoundry",)
 
 DEFAULT_LABELS: Final = ("provider", "model", "status", "streaming", "operation")
 
@@ -46,7 +71,7 @@ def _bool(value: bool | None) -> str:
 
 
 # Label name -> how an event gives its value; "" when not reported (Prometheus then
-# treats the label as absent). `metadata_<key>` labels are made by `labeler()`.
+# treats the label as absent). Metadata labels are made by `labeler()`.
 LABELS: Final[dict[str, Labeler]] = {
     "provider": lambda e: e.provider or "",
     "model": lambda e: e.request_model or e.response_model or "",
@@ -63,18 +88,42 @@ LABELS: Final[dict[str, Labeler]] = {
     "organization": lambda e: e.organization or "",
     "api_key_name": lambda e: e.api_key_name or "",
     "api_key_id": lambda e: e.api_key_id or "",
+    "agent_name": lambda e: e.agent_name or "",
+    "tool_name": lambda e: e.tool_name or "",
 }
-METADATA_PREFIX: Final = "metadata_"
+# A metadata key's label: `llm_gateway_metadata_<key>` (seed 004's name, the one
+# exposed); `metadata_<key>`, the name it had before, is accepted in `labels` too.
+METADATA_PREFIX: Final = "llm_gateway_metadata_"
+OLD_METADATA_PREFIX: Final = "metadata_"
+_METADATA_LABEL: Final = re.compile(r"^(?:llm_gateway_)?metadata_([a-zA-Z0-9_]+)$")
+# The truefoundry families name these configured labels as that gateway does.
+TRUEFOUNDRY_NAMES: Final = {"model": "model_name", "user": "username",
+                            "organization": "tenant_name"}
+
+
+def label_name(name: str) -> str | None:
+    """The exposed name of a configured label (a metadata label's seed-004 name), None
+    for an unknown one."""
+    if name in LABELS:
+        return name
+    found = _METADATA_LABEL.match(name)
+    return METADATA_PREFIX + found.group(1) if found else None
 
 
 def labeler(name: str) -> Labeler:
     """How an event gives the value of label `name`; KeyError for an unknown label."""
-    if name.startswith(METADATA_PREFIX) and len(name) > len(METADATA_PREFIX):
-        return FieldPath(f"metadata.{name[len(METADATA_PREFIX):]}").getter("")
+    found = _METADATA_LABEL.match(name)
+    if found and name not in LABELS:
+        return FieldPath(f"metadata.{found.group(1)}").getter("")
     return LABELS[name]
 
 
 # --- what counts -----------------------------------------------------------------------
+# How the gateway chose the upstream: by the path, the default upstream, or one of a
+# semantic router's layers (keyword rules, embeddings similarity, a classifier model).
+ROUTING_METHODS: Final = GATEWAY_ROUTING_METHODS | {"heuristic", "semantic", "classifier"}
+
+
 def error_type(e: Event) -> str:
     """The error category of a failed call, "" for a success."""
     return failure(e.error_type, e.status_code) or ""
@@ -103,9 +152,52 @@ def _usage(e: Event) -> bool:
     return e.input_tokens is not None or e.output_tokens is not None
 
 
+def _policy(name: str) -> Callable[[Event], float | None]:
+    return lambda e: 1.0 if e.policies is not None and name in e.policies else None
+
+
+def _fallback(e: Event) -> float | None:
+    return 1.0 if e.fallback or (e.policies is not None and "fallback" in e.policies) else None
+
+
+def guardrail_outcomes(e: Event) -> list[tuple[Key, float]]:
+    """A call the guardrails acted on: once per rule that fired, by rule and action; once,
+    with both labels empty, when only `policies` says so."""
+    if e.guardrails:
+        return [((g.rule, g.action), 1.0) for g in e.guardrails]
+    if e.policies is not None and "guardrails" in e.policies:
+        return [(("", ""), 1.0)]
+    return []
+
+
+def _model_call_in_agent(e: Event) -> bool:
+    """An LLM call an agent made: a model call (not an agent, tool or MCP event) that
+    names its agent."""
+    return (e.agent_name is not None or e.agent_id is not None) \
+        and e.operation not in NON_MODEL_OPERATIONS and e.mcp_method is None
+
+
+_NOT_LETTERS: Final = re.compile(r"[^a-z]")
+# error_type spellings, letters only, that say an agent ran out of iterations:
+# iteration_limit_reached, IterationLimitError, max_iterations, MaxTurnsExceeded...
+ITERATION_LIMIT_WORDS: Final = ("iterationlimit", "maxiteration", "maxturns")
+
+
+def iteration_limit_reached(e: Event) -> bool:
+    """An agent run (`invoke_agent`) that stopped at its iteration limit: its
+    `error_type`, lower-cased with everything but letters removed, contains one of
+    `ITERATION_LIMIT_WORDS`."""
+    if e.operation != "invoke_agent" or not e.error_type:
+        return False
+    letters = _NOT_LETTERS.sub("", e.error_type.lower())
+    return any(word in letters for word in ITERATION_LIMIT_WORDS)
+
+
 @dataclass(frozen=True)
 class MetricDef:
-    """One metric, or one part of it (`llm_gateway_tokens_total` has two: by `type`)."""
+    """One stored metric, or one part of it (`llm_gateway_tokens_total` has two: by
+    `type`). `sets`: the sets of families that expose it under its own name (none: it
+    is only exposed through a `View`)."""
 
     name: str  # counters without the `_total` suffix, as prometheus_client wants them
     kind: Kind
@@ -113,6 +205,31 @@ class MetricDef:
     value: Callable[[Event], float | None]  # None: the event does not count here
     extra: tuple[str, Callable[[Event], str]] | None = None  # the metric's own label
     buckets: str | None = None  # histograms: which bucket set (see BUCKET_SETS)
+    sets: tuple[FamilySet, ...] = STANDARD
+    # own labels whose values an event may give several of (`value` is then unused)
+    split: tuple[tuple[str, ...], Splitter] | None = None
+    bounded: bool = False  # own label values are open-ended: at most max_series series
+    # the events it can count: all, or only those `in_scope` keeps (most events are
+    # plain model calls: a batch's agent and policy metrics then look at no event)
+    scope: Scope = "all"
+
+    @property
+    def own_labels(self) -> tuple[str, ...]:
+        if self.split is not None:
+            return self.split[0]
+        return (self.extra[0],) if self.extra is not None else ()
+
+
+@dataclass(frozen=True)
+class View:
+    """A stored metric exposed under another name (seed 004's), its values scaled."""
+
+    name: str
+    kind: Kind
+    help: str
+    source: str  # the MetricDef's name
+    scale: float = 1.0  # seconds stored, milliseconds exposed: 1000
+    sets: tuple[FamilySet, ...] = TRUEFOUNDRY
 
 
 BUCKET_SETS: Final = ("duration", "overhead", "time_to_first_token", "inter_token_latency")
@@ -168,9 +285,88 @@ METRICS: Final[tuple[MetricDef, ...]] = (
     MetricDef("llm_gateway_saved_cost_usd", "counter",
               "What cache hits would have cost at the provider (USD)",
               lambda e: e.saved_cost_usd if e.cache_hit else None),
+    # --- seed 004: policy activity (`policies`) ---
+    MetricDef("llm_gateway_rate_limit_requests", "counter",
+              "Calls a rate-limit policy acted on", _policy("rate_limit"), sets=TRUEFOUNDRY,
+              scope="policy"),
+    MetricDef("llm_gateway_load_balanced_requests", "counter",
+              "Calls a load-balancing policy routed", _policy("load_balanced"),
+              sets=TRUEFOUNDRY, scope="policy"),
+    MetricDef("llm_gateway_fallback_requests", "counter",
+              "Calls a fallback policy served from another target", _fallback,
+              sets=TRUEFOUNDRY, scope="policy"),
+    MetricDef("llm_gateway_budget_requests", "counter", "Calls a budget policy acted on",
+              _policy("budget"), sets=TRUEFOUNDRY, scope="policy"),
+    MetricDef("llm_gateway_guardrails_requests", "counter",
+              "Guardrail rules that fired, by rule and action (monitor, redact, block)",
+              lambda e: None, sets=TRUEFOUNDRY,
+              split=(("rule", "action"), guardrail_outcomes), bounded=True,
+              scope="policy"),
+    # --- seed 004: agents and MCP (stored in seconds, exposed in ms by VIEWS) ---
+    MetricDef("agent_request_duration", "histogram", "",
+              lambda e: _seconds(e.duration_ms) if e.operation == "invoke_agent" else None,
+              buckets="duration", sets=(), scope="agent"),
+    MetricDef("agent_llm_latency", "histogram", "",
+              lambda e: _seconds(e.duration_ms) if _model_call_in_agent(e) else None,
+              buckets="duration", sets=(), scope="agent"),
+    MetricDef("agent_tool_latency", "histogram", "",
+              lambda e: _seconds(e.duration_ms) if e.operation == "execute_tool" else None,
+              ("tool_name", lambda e: e.tool_name or ""), buckets="duration", sets=(),
+              bounded=True, scope="agent"),
+    MetricDef("llm_gateway_agent_tool_calls", "counter", "Tool calls made by agents, by tool",
+              lambda e: 1.0 if e.operation == "execute_tool" else None,
+              ("tool_name", lambda e: e.tool_name or ""), sets=TRUEFOUNDRY, bounded=True,
+              scope="agent"),
+    MetricDef("agent_mcp_connect_latency", "histogram", "",
+              lambda e: _seconds(e.duration_ms) if e.mcp_method == "initialize" else None,
+              buckets="duration", sets=(), scope="agent"),
+    MetricDef("llm_gateway_agent_request_iteration_limit_reached", "counter",
+              "Agent runs stopped at their iteration limit",
+              lambda e: 1.0 if iteration_limit_reached(e) else None, sets=TRUEFOUNDRY,
+              scope="agent"),
 )
 
-Key = tuple[str, ...]
+_TOTAL = "a counter, without `_total` so that seed 004's queries find it: use rate()"
+VIEWS: Final[tuple[View, ...]] = (
+    View("llm_gateway_input_tokens", "untyped", f"Input tokens ({_TOTAL})",
+         "llm_gateway_tokens_prompt"),
+    View("llm_gateway_output_tokens", "untyped", f"Output tokens ({_TOTAL})",
+         "llm_gateway_tokens_completion"),
+    View("llm_gateway_request_cost", "untyped", f"Estimated spend, USD ({_TOTAL})",
+         "llm_gateway_estimated_cost_usd"),
+    View("llm_gateway_request_processing_ms", "histogram",
+         "End-to-end duration of LLM calls (ms)", "llm_gateway_request_duration_seconds", 1000),
+    View("llm_gateway_first_token_latency_ms", "histogram",
+         "Time to the first token of streamed responses (ms)",
+         "llm_gateway_time_to_first_token_seconds", 1000),
+    View("llm_gateway_inter_token_latency_ms", "histogram",
+         "Mean time between tokens of streamed responses (ms)",
+         "llm_gateway_inter_token_latency_seconds", 1000),
+    View("llm_gateway_request_model_inference_failure", "untyped",
+         f"Failed model calls that reached a provider, by error_type ({_TOTAL})",
+         "llm_gateway_provider_errors"),
+    View("llm_gateway_agent_request_duration_ms", "histogram",
+         "Duration of agent runs (invoke_agent, ms)", "agent_request_duration", 1000),
+    View("llm_gateway_agent_llm_latency_ms", "histogram",
+         "Duration of the LLM calls agents made (ms)", "agent_llm_latency", 1000),
+    View("llm_gateway_agent_tool_latency_ms", "histogram",
+         "Duration of tool calls (execute_tool, ms), by tool", "agent_tool_latency", 1000),
+    View("llm_gateway_agent_mcp_connect_latency_ms", "histogram",
+         "Duration of MCP session set-up (initialize, ms)", "agent_mcp_connect_latency", 1000),
+)
+# Not from events: the daemon's refused reloads (`meterline_config_reloads_total`)
+CONFIG_PARSING_FAILURES: Final = "llm_gateway_config_parsing_failures"
+
+
+def in_scope(events: list[Event], scope: Scope) -> list[Event]:
+    """The events a metric of `scope` can count: with policies (or a fallback), or of
+    an agent (an agent, tool or MCP event, or a call that names its agent)."""
+    if scope == "policy":
+        return [e for e in events if e.policies or e.guardrails or e.fallback]
+    if scope == "agent":
+        return [e for e in events if e.agent_name is not None or e.agent_id is not None
+                or e.mcp_method is not None or e.operation in NON_MODEL_OPERATIONS]
+    return events
 
 
 def group(events: list[Event], labelers: list[Labeler]) -> dict[Key, list[Event]]:
@@ -186,13 +382,20 @@ def group(events: list[Event], labelers: list[Labeler]) -> dict[Key, list[Event]
     return groups
 
 
-def counter_sums(events: list[Event], metric: MetricDef) -> dict[str, float]:
-    """A counter's weighted increments over one label set's events, by its own label
-    ("" when it has none)."""
+def counter_sums(events: list[Event], metric: MetricDef) -> dict[Key, float]:
+    """A counter's weighted increments over one label set's events, by the values of its
+    own labels (`()` when it has none)."""
+    if metric.split is not None:
+        split = metric.split[1]
+        parts: dict[Key, float] = {}
+        for e in events:
+            for labels, amount in split(e):
+                parts[labels] = parts.get(labels, 0.0) + amount * e.sample_weight
+        return parts
     value_of = metric.value
     if metric.extra is None:
         found = [v * e.sample_weight for e in events if (v := value_of(e)) is not None]
-        return {"": sum(found)} if found else {}
+        return {(): sum(found)} if found else {}
     sums: dict[str, float] = {}
     own_of = metric.extra[1]
     for e in events:
@@ -200,9 +403,21 @@ def counter_sums(events: list[Event], metric: MetricDef) -> dict[str, float]:
         if value is not None:
             own = own_of(e)
             sums[own] = sums.get(own, 0.0) + value * e.sample_weight
-    return sums
+    return {(own,): amount for own, amount in sums.items()}
 
 
-def observations(events: list[Event], metric: MetricDef) -> list[tuple[float, float]]:
-    """A histogram's (value, weight) observations over one label set's events."""
-    return [(v, e.sample_weight) for e in events if (v := metric.value(e)) is not None]
+def observations(events: list[Event], metric: MetricDef
+                 ) -> dict[Key, list[tuple[float, float]]]:
+    """A histogram's (value, weight) observations over one label set's events, by the
+    values of its own labels."""
+    value_of = metric.value
+    if metric.extra is None:
+        points = [(v, e.sample_weight) for e in events if (v := value_of(e)) is not None]
+        return {(): points} if points else {}
+    found: dict[Key, list[tuple[float, float]]] = {}
+    own_of = metric.extra[1]
+    for e in events:
+        value = value_of(e)
+        if value is not None:
+            found.setdefault((own_of(e),), []).append((value, e.sample_weight))
+    return found

@@ -12,6 +12,8 @@ Each value is stored with the time its label set was last seen. A label set that
 no process has seen for `metric_expiration` is left out of scrapes, but not out
 of the files: a process dropping its share of a series that another process
 still counts would make the sum go down, which Prometheus reads as a reset.
+A gauge (rate-limit utilization) is not added up: a scrape shows the value last
+written by any process, left out once unwritten for `metric_expiration`.
 
 Each process also publishes its self-telemetry (`llm_gateway_*` instruments, such
 as requests in flight) every second; a scrape shows each process's values with a
@@ -80,7 +82,8 @@ class SharedSeries:
         """Every process's series added up (by family, label sets seen within
         `expiration` only), and the live processes' self-telemetry."""
         sums: dict[tuple[str, Key], list[float]] = {}
-        seen: dict[tuple[str, ...], float] = {}
+        seen: dict[tuple[str, ...], float] = {}  # label set -> when last seen
+        latest: dict[tuple[str, Key], float] = {}  # a gauge's series -> when last written
         telemetry: dict[str, Metric] = {}
         for path in glob.glob(str(self.directory / "series_*.db")):
             pid = Path(path).name.split("_")[1]
@@ -95,9 +98,15 @@ class SharedSeries:
                     family = families.get(name)
                     if family is None or len(key) != len(family.labels) or slot >= family.size:
                         continue  # written by a process configured otherwise
-                    values = sums.setdefault((name, tuple(key)), [0.0] * family.size)
+                    key = tuple(key)
+                    if family.kind == "gauge":  # the latest value any process wrote
+                        if stamp >= latest.get((name, key), -1.0):
+                            latest[(name, key)] = stamp
+                            sums[(name, key)] = [value]
+                        continue
+                    values = sums.setdefault((name, key), [0.0] * family.size)
                     values[slot] += value
-                    label_set = tuple(key[:len(family.base_labels)])
+                    label_set = key[:len(family.base_labels)]
                     seen[label_set] = max(seen.get(label_set, 0.0), stamp)
                 elif now - stamp <= _STALE:
                     _, name, kind, help_, sample, labels = entry
@@ -107,7 +116,9 @@ class SharedSeries:
         live: dict[str, list[tuple[Key, list[float]]]] = {}
         for (name, key), values in sums.items():
             family = families[name]
-            if now - seen[key[:len(family.base_labels)]] <= expiration:
+            last = latest[(name, key)] if family.kind == "gauge" \
+                else seen[key[:len(family.base_labels)]]
+            if now - last <= expiration:
                 live.setdefault(name, []).append((key, values))
         return live, list(telemetry.values())
 

@@ -24,6 +24,16 @@ runs it; docs/howto/litellm.md lists the mapping):
 - `response_cost: 0` for a call that used tokens is LiteLLM's answer for a model its
   cost map does not price (no entry, or the zero-cost placeholder without a `mode` it
   makes for an unknown deployment): that cost is not reported (None), not $0.
+- `guardrail_information` (a list; a single object in older versions) says what each
+  guardrail that ran did: one that intervened or masked fired, and is in `guardrails`
+  (`_guardrails`); one that passed, failed to respond or did not run is not.
+- `policies`: `guardrails` when one fired; `fallback` when the headers LiteLLM answered
+  with (`hidden_params.additional_headers`) count `x-litellm-attempted-fallbacks` above
+  0; `rate_limit` when `error_information` says LiteLLM's own limiter refused the call
+  (`error_rate_limit_category` `litellm_rate_limit`, `litellm_batch_rate_limit`; a
+  provider's 429 is no policy); `budget` when a budget was exceeded
+  (`error_budget_entity_type`, `error_rate_limit_type: budget`, `BudgetExceededError`).
+  The provider's rate-limit headers there (`x_ratelimit_*`) fill `ratelimit_*`.
 """
 
 from __future__ import annotations
@@ -31,7 +41,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from meterline.event import API_KEY_ID_CHARS, Event, uuid7
+from meterline.event import API_KEY_ID_CHARS, Event, Guardrail, uuid7
 from meterline.genai import error_type_for_name, error_type_for_status, provider_name
 from meterline.lenient import as_dict, as_float, as_int, as_list, as_messages, as_metadata
 from meterline.receivers.decoders.errors import DecodeError
@@ -98,6 +108,9 @@ def decode(item: dict[str, Any]) -> Event:
         "user_agent.original": item.get("user_agent") or None,
     }.items() if v is not None}
     response_model = _text(response.get("model"))
+    headers = as_dict(as_dict(item.get("hidden_params")).get("additional_headers"))
+    guardrails = _guardrails(item.get("guardrail_information"))
+    policies = _policies(headers, error_info if failed else {}, bool(guardrails))
     return Event(
         event_id=str(item.get("id") or item.get("litellm_call_id") or "") or uuid7(),
         timestamp=round(start * 1e6) * 1000,
@@ -136,6 +149,13 @@ def decode(item: dict[str, Any]) -> Event:
         organization=_text(meta.get("user_api_key_org_id")),
         session_id=item.get("session_id") or None,
         metadata=as_metadata(spend_metadata),
+        ratelimit_requests_limit=as_int(headers.get("x_ratelimit_limit_requests")),
+        ratelimit_requests_remaining=as_int(headers.get("x_ratelimit_remaining_requests")),
+        ratelimit_tokens_limit=as_int(headers.get("x_ratelimit_limit_tokens")),
+        ratelimit_tokens_remaining=as_int(headers.get("x_ratelimit_remaining_tokens")),
+        fallback=True if "fallback" in policies else None,
+        policies=policies or None,
+        guardrails=guardrails or None,
         cache_hit=cache_hit,
         tags=[t for t in as_list(item.get("request_tags"))
               if isinstance(t, str) and t and not t.startswith(_INTERNAL_TAG_PREFIXES)]
@@ -228,3 +248,63 @@ def _clean_message(message: dict[str, Any]) -> dict[str, Any]:
 def _status(code: Any) -> int | None:
     number = as_int(code)
     return number if number is not None and 100 <= number < 600 else None
+
+
+# --- guardrails and policies -------------------------------------------------------------
+# LiteLLM's guardrail modes (event hooks) to the stage they check: a request (before or
+# while the call runs) or an answer. `logging_only` masks only what is logged, of either.
+_STAGES = {"pre_call": "input", "during_call": "input", "pre_mcp_call": "input",
+           "during_mcp_call": "input", "realtime_input_transcription": "input",
+           "post_call": "output", "post_mcp_call": "output"}
+_INTERVENED = frozenset({"guardrail_intervened", "blocked"})  # "blocked": older versions
+_OWN_RATE_LIMITS = frozenset({"litellm_rate_limit", "litellm_batch_rate_limit"})
+
+
+def _guardrails(value: Any) -> list[Guardrail]:
+    """The guardrails that fired, from `guardrail_information`: one that intervened
+    blocked the call, unless it masked entities (`masked_entity_count`, or a custom code
+    guardrail's `mask` answer): then it redacted them, one entry per entity type
+    (`detector`). Entries without a name or whose mode names no one stage are left out."""
+    entries = [value] if isinstance(value, dict) else as_list(value)
+    fired = []
+    for entry in (as_dict(e) for e in entries):
+        rule = _text(entry.get("guardrail_name")) or _text(entry.get("guardrail_id"))
+        stage = _stage(entry.get("guardrail_mode"))
+        masked = sorted(str(k) for k, n in as_dict(entry.get("masked_entity_count")).items()
+                        if (as_int(n) or 0) > 0)
+        if entry.get("guardrail_response") == "mask" and not masked:
+            masked = [_text(entry.get("detection_method")) or ""]
+        if rule is None or stage is None:
+            continue
+        if masked:
+            fired += [Guardrail(rule=rule, stage=stage, action="redact", detector=d or None)
+                      for d in masked]
+        elif _text(entry.get("guardrail_status")) in _INTERVENED:
+            fired.append(Guardrail(rule=rule, stage=stage, action="block",
+                                   detector=_text(entry.get("detection_method"))))
+    return fired
+
+
+def _stage(mode: Any) -> str | None:
+    """The stage of a guardrail mode: a hook name, a list of them, or `{default, tags}`."""
+    if isinstance(mode, dict):
+        mode = mode.get("default")
+    modes = mode if isinstance(mode, list) else [mode]
+    stages = {_STAGES.get(m) for m in modes if isinstance(m, str)}
+    return stages.pop() if len(stages) == 1 else None
+
+
+def _policies(headers: dict[str, Any], error: dict[str, Any], guardrails: bool) -> list[str]:
+    policies = []
+    if (as_int(headers.get("x-litellm-attempted-fallbacks")) or 0) > 0:
+        policies.append("fallback")
+    budget = bool(error.get("error_budget_entity_type")) or error.get(
+        "error_rate_limit_type") == "budget" or "BudgetExceeded" in str(
+        error.get("error_class") or "")
+    if _text(error.get("error_rate_limit_category")) in _OWN_RATE_LIMITS and not budget:
+        policies.append("rate_limit")
+    if budget:
+        policies.append("budget")
+    if guardrails:
+        policies.append("guardrails")
+    return policies

@@ -1,14 +1,22 @@
-"""OTLP spans and log records that describe an LLM call, to events.
+"""OTLP spans and log records that describe an LLM call, an agent, a tool or an MCP
+request, to events.
 
 A span (or log record) is an LLM call when it carries a model, usage or a GenAI
 operation (`gen_ai.request.model`, `gen_ai.response.model`, `gen_ai.usage.*`,
-`gen_ai.operation.name`, OpenLLMetry's `llm.request.type`), and its operation is
-not an agent or tool one (`invoke_agent`, `create_agent`, `execute_tool`). Other
-spans (HTTP handlers, database calls, agent steps) are skipped, and counted by
-the receiver. The current GenAI names are read, and the older ones too:
-`gen_ai.system` for the provider, `gen_ai.usage.prompt_tokens` /
-`completion_tokens`, OpenLLMetry's indexed `gen_ai.prompt.N.*` /
-`gen_ai.completion.N.*` messages.
+`gen_ai.operation.name`, OpenLLMetry's `llm.request.type`). It is an agent or
+tool span when its `gen_ai.operation.name` is `invoke_agent`, `create_agent` or
+`execute_tool`, and an MCP span when it carries `mcp.method.name` (the
+OpenTelemetry MCP conventions): these are events too, with `agent_name`,
+`agent_id`, `tool_name`, `tool_call_id`, `mcp_method` and `mcp_session_id`, and
+the sizes of a tool call's arguments and result (`request_bytes`,
+`response_bytes`; the content itself is not kept). An MCP span's operation is
+`genai.mcp_operation` of its method (`execute_tool` for `tools/call`), and its
+JSON-RPC error code gives its error category (`genai.jsonrpc_error_type`; the
+code itself stays in `attributes`). Other spans (HTTP handlers, database calls) are
+skipped, and counted by the receiver. The current GenAI names are read, and
+the older ones too: `gen_ai.system` for the provider,
+`gen_ai.usage.prompt_tokens` / `completion_tokens`, OpenLLMetry's indexed
+`gen_ai.prompt.N.*` / `gen_ai.completion.N.*` messages.
 
 What the `otlp` exporter writes (see `exporters/otlp/encode.py`) comes back as
 the same event: `meterline.<field>` attributes fill the event's fields, and a
@@ -19,9 +27,10 @@ too). Attributes with no field are kept in `attributes`, with the resource's
 `service.name` (the calling application).
 
 A call whose attributes are malformed (a token count that is not a
-non-negative integer, say) or out of the bounds of `meterline.bounds` (a token
-count beyond 10^9, a control character in a user id...) is rejected with the
-reason, so that the sender's partial-success answer says what was wrong.
+non-negative integer, an agent name that is not a string, say) or out of the
+bounds of `meterline.bounds` (a token count beyond 10^9, a control character
+in a user id...) is rejected with the reason, so that the sender's
+partial-success answer says what was wrong.
 """
 
 from __future__ import annotations
@@ -50,6 +59,8 @@ from meterline.genai import (
     PARAM_ATTRIBUTES,
     error_type_for_name,
     error_type_for_status,
+    jsonrpc_error_type,
+    mcp_operation,
     provider_name,
 )
 from meterline.lenient import as_metadata
@@ -73,6 +84,17 @@ _MARKERS: Final = frozenset({
     "gen_ai.usage.input_tokens", "gen_ai.usage.output_tokens", "gen_ai.usage.prompt_tokens",
     "gen_ai.usage.completion_tokens", "llm.request.type"})
 _OPERATIONS: Final = {"completion": "text_completion", "embedding": "embeddings"}
+# Agent runs: their usage is their model calls' (see `_keep_run_usage_aside`).
+_AGENT_RUNS: Final = frozenset({"invoke_agent", "create_agent"})
+_USAGE_FIELDS: Final = frozenset({"input_tokens", "output_tokens", "cache_read_tokens",
+                                  "cache_creation_tokens", "reasoning_tokens"})
+_RUN_COSTS: Final = frozenset({"cost_usd", "cost_input_usd", "cost_output_usd",
+                               "actual_cost_usd"})
+# A tool call's arguments and result: only their sizes are kept.
+_SIZE_ATTRIBUTES: Final = {"gen_ai.tool.call.arguments": "request_bytes",
+                           "gen_ai.tool.call.result": "response_bytes"}
+_NAMES: Final = {**ATTRIBUTES, **{f: a for a, f in _SIZE_ATTRIBUTES.items()}}
+_JSONRPC_CODE: Final = re.compile(r"-?[0-9]{1,9}")
 _PARAMS: Final = {attr: key for key, attr in PARAM_ATTRIBUTES.items()}
 # `meterline.parent_span_id` is on log records, which have no field for it.
 _OWN_FIELDS: Final = FIELDS - {"trace_id", "span_id", "timestamp", "metadata", "redactions",
@@ -108,7 +130,8 @@ def decode_logs(request: ExportLogsServiceRequest) -> OtlpDecoded:
 def _decode(resources: Iterable[tuple[Any, list[Any]]],
             to_event: Callable[[Any, dict[str, Any], str | None], Event],
             describe: Callable[[Any], str]) -> OtlpDecoded:
-    """The LLM calls among spans or log records, grouped by their resource."""
+    """The LLM calls, agent, tool and MCP spans among spans or log records, grouped by
+    their resource."""
     out = OtlpDecoded()
     decoded = []  # the item each event came from
     for resource, items in resources:
@@ -132,9 +155,13 @@ def _decode(resources: Iterable[tuple[Any, list[Any]]],
 
 # --- one call ------------------------------------------------------------------------
 def _is_model_call(attrs: dict[str, Any]) -> bool:
+    """Whether a span or record becomes an event: an LLM call, an agent or tool span
+    (`invoke_agent`, `create_agent`, `execute_tool`), an MCP request."""
+    if "mcp.method.name" in attrs:
+        return True
     operation = attrs.get("gen_ai.operation.name")
     if isinstance(operation, str) and operation in NON_MODEL_OPERATIONS:
-        return False
+        return True
     return not _MARKERS.isdisjoint(attrs)
 
 
@@ -189,6 +216,9 @@ def _fields(attrs: dict[str, Any], service: str | None) -> dict[str, Any]:
                 maps[prefix][sub] = value
             else:
                 rest[key] = value
+        elif key in _SIZE_ATTRIBUTES:
+            if (size := _size(value)) is not None:
+                fields[_SIZE_ATTRIBUTES[key]] = size
         elif key.startswith("gen_ai.request."):
             param = key[15:]
             params[_PARAMS.get(param, param)] = value
@@ -207,7 +237,11 @@ def _fields(attrs: dict[str, Any], service: str | None) -> dict[str, Any]:
             found = [m for (k, _), m in sorted(indexed.items()) if k == kind]
             if found and name not in fields:
                 fields[name] = found
+    if "mcp.method.name" in attrs:
+        _mcp(fields, attrs, rest)
     _normalise(fields)
+    if fields.get("operation") in _AGENT_RUNS:
+        _keep_run_usage_aside(fields, rest)
     if params:
         fields["params"] = params
     if metadata := as_metadata(maps["metadata"]):
@@ -220,6 +254,16 @@ def _fields(attrs: dict[str, Any], service: str | None) -> dict[str, Any]:
         fields["attributes"] = rest
     fields.setdefault("source", "otlp")
     return fields
+
+
+def _keep_run_usage_aside(fields: dict[str, Any], rest: dict[str, Any]) -> None:
+    """An agent run's usage is the sum of its model calls' usage, which are events of
+    their own: counted on the run as well, every token (and its cost) would count twice.
+    The run keeps its figures in `attributes`, under their attribute names."""
+    for name in _USAGE_FIELDS & fields.keys():
+        rest[ATTRIBUTES[name]] = fields.pop(name)
+    for name in _RUN_COSTS & fields.keys():
+        rest[f"meterline.{name}"] = fields.pop(name)
 
 
 def _normalise(fields: dict[str, Any]) -> None:
@@ -247,6 +291,43 @@ def _normalise(fields: dict[str, Any]) -> None:
         fields["error_type"] = error_type_for_status(fields["status_code"])
 
 
+def _mcp(fields: dict[str, Any], attrs: dict[str, Any], rest: dict[str, Any]) -> None:
+    """An MCP span's operation, from its method, and its error category: from its JSON-RPC
+    error code (`error.type`, `rpc.response.status_code` or `rpc.jsonrpc.error_code`) when
+    it has one, else its `error.type` (`tool_error`: a tool that answered an error). An
+    `error.type` the category replaced stays in `attributes`."""
+    method = fields["mcp_method"]
+    if isinstance(method, str):
+        fields["operation"] = mcp_operation(method)
+    error = fields.get("error_type")
+    if error is None:
+        return
+    for value in (error, attrs.get("rpc.response.status_code"),
+                  attrs.get("rpc.jsonrpc.error_code")):
+        text = str(value) if isinstance(value, int | str) and not isinstance(value, bool) \
+            else ""
+        if _JSONRPC_CODE.fullmatch(text) and int(text) < 0:  # a code says the most
+            fields["error_type"] = jsonrpc_error_type(int(text))
+            break
+    if fields["error_type"] != error:
+        rest["error.type"] = error
+
+
+def _size(value: Any) -> int | None:
+    """The size in bytes of a tool call's arguments or result: a string's UTF-8, bytes
+    as they are, a structured value's JSON."""
+    if isinstance(value, str):
+        return len(value.encode("utf-8", "surrogatepass"))
+    if isinstance(value, bytes):
+        return len(value)
+    if value is None:
+        return None
+    try:
+        return len(msgspec.json.encode(value))
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
 def _event(fields: dict[str, Any]) -> Event:
     try:
         return from_dict(fields)
@@ -263,7 +344,7 @@ def _out_of_bounds(reason: str) -> str:
 
 
 def _attribute(name: str) -> str:
-    return ATTRIBUTES.get(name, f"meterline.{name}")
+    return _NAMES.get(name, f"meterline.{name}")
 
 
 def _messages(value: Any, attribute: str) -> list[dict[str, Any]]:

@@ -13,6 +13,15 @@ the rule every source follows, so ids never carry a source's own identifiers); t
 key's `clientName` (its `clientId` when it has none), so that the key tables users keep by
 Otoroshi client id still join. The key's `metadata` becomes the event's `metadata`, its
 `tags` the attribute `otoroshi.apikey.tags`.
+
+Guardrails: a provider whose guardrails deny a call fails it when its
+`guardrails_fail_on_deny` is set, and the audit event's `error` says so:
+`{"error": "guardrail_denied", "error_description": ..., "phase": "before" | "after"}`.
+That is a guardrail that blocked the request (`before`: stage `input`) or the answer
+(`after`: `output`); its rule is the id of the only enabled guardrail of the provider
+(`provider_details.guardrails`) that runs in that phase, `unknown` when several do. A
+denial without `guardrails_fail_on_deny` is answered as a normal completion, and the
+event cannot tell it from one.
 """
 
 from __future__ import annotations
@@ -20,7 +29,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from meterline.event import Event, api_key_id, uuid7
+from meterline.event import Event, Guardrail, api_key_id, uuid7
 from meterline.genai import error_type_for_name, provider_name
 from meterline.lenient import as_dict, as_float, as_int, as_list, as_messages, as_metadata
 from meterline.receivers.decoders.errors import DecodeError, NotAnLLMCall
@@ -64,6 +73,7 @@ def decode(item: dict[str, Any]) -> Event:
                           f"({duration}) is not a time in epoch milliseconds")
     start_us = round(start_us_f)
     error = item.get("error")
+    guardrail = _guardrail(error, as_dict(item.get("provider_details")))
     costs = _costs(item)
     domains = as_list(as_dict(route.get("frontend")).get("domains"))
     client_id = str(apikey.get("clientId") or "") or None
@@ -108,6 +118,8 @@ def decode(item: dict[str, Any]) -> Event:
         ratelimit_requests_remaining=as_int(rate.get("requests_remaining")),
         ratelimit_tokens_limit=as_int(rate.get("tokens_limit")),
         ratelimit_tokens_remaining=as_int(rate.get("tokens_remaining")),
+        policies=["guardrails"] if guardrail else None,
+        guardrails=[guardrail] if guardrail else None,
         input_messages=as_messages(item.get("input_prompt")),
         output_messages=as_messages([as_dict(g).get("message") for g in
                                    as_list(as_dict(item.get("output")).get("generations"))]),
@@ -156,3 +168,21 @@ def _error_text(error: Any) -> str | None:
         text = error.get("message") or error.get("error") or error
         return str(text)[:1024]
     return str(error)[:1024]
+
+
+_PHASES = {"before": "input", "after": "output"}
+UNKNOWN_RULE = "unknown"
+
+
+def _guardrail(error: Any, provider: dict[str, Any]) -> Guardrail | None:
+    """The guardrail that blocked the call, from a `guardrail_denied` error."""
+    error = as_dict(error)
+    phase = error.get("phase")
+    if error.get("error") != "guardrail_denied" or not isinstance(phase, str) \
+            or phase not in _PHASES:
+        return None
+    rules = {str(g["id"]) for g in map(as_dict, as_list(provider.get("guardrails")))
+             if g.get("enabled") is True and g.get(phase) is True
+             and isinstance(g.get("id"), str) and g["id"]}
+    return Guardrail(rule=rules.pop() if len(rules) == 1 else UNKNOWN_RULE,
+                     stage=_PHASES[phase], action="block")
