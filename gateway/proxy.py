@@ -53,6 +53,7 @@ from meterline.gateway.streams import LineSplitter, SSESplitter
 from meterline.gateway.upstream import UNHEALTHY_AFTER, Exchange, Upstream, UpstreamFailure
 from meterline.genai import ROUTING_ATTRIBUTE, failure
 from meterline.httpserver import ConnectionLimit
+from meterline.tls import server_context
 
 _HOP_BY_HOP: Final = frozenset({
     b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization",
@@ -137,8 +138,9 @@ class Proxy:
         loop = asyncio.get_running_loop()
         listen = self.config.listen
         try:
-            self.server = await loop.create_server(lambda: ClientConnection(self), listen.host,
-                                                   listen.port, reuse_address=True)
+            self.server = await loop.create_server(
+                lambda: ClientConnection(self), listen.host, listen.port, reuse_address=True,
+                ssl=server_context(self.config.tls) if self.config.tls is not None else None)
         except OSError as e:
             raise OSError(e.errno, f"cannot listen on {listen}: {e.strerror}") from e
         self.deadlines.start()

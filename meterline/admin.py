@@ -8,7 +8,7 @@ started; `/metrics` is the self-telemetry in Prometheus text format;
 (`Component.admin_routes`), such as the analytics API of the `finops` extension.
 `/` is the embedded dashboard (`meterline.dashboard`), which reads those APIs.
 `/api/*` requires the bearer token when `service.admin.auth_token` is set.
-The listener has the limits of every listener (`meterline.httpserver`), at their defaults.
+The listener takes the settings of every listener (`meterline.httpserver`): limits and TLS.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from meterline.auth import BearerToken, unauthorised
 from meterline.config import AdminConfig
 from meterline.event import to_jsonl
 from meterline.filtering import Filter, FilterError, Pattern
-from meterline.httpserver import ListenerConfig, serve
+from meterline.httpserver import serve
 from meterline.pipeline import Tap
 
 if TYPE_CHECKING:
@@ -36,11 +36,9 @@ if TYPE_CHECKING:
 
 
 class AdminServer:
-    def __init__(self, service: Service, config: AdminConfig,
-                 limits: ListenerConfig | None = None) -> None:
+    def __init__(self, service: Service, config: AdminConfig) -> None:
         self.service = service
         self.config = config
-        self.limits = limits or ListenerConfig()  # timeouts and connections: the defaults
         self.auth = BearerToken(config.auth_token)
         self.app = web.Application(middlewares=[self._auth])
         self.app.router.add_get("/healthz", self.healthz)
@@ -54,7 +52,7 @@ class AdminServer:
         self._closing = False
 
     async def start(self) -> None:
-        self.runner = await serve(self.app, self.config.listen, self.limits, self.service.log)
+        self.runner = await serve(self.app, self.config.listen, self.config, self.service.log)
         self.service.log.info("admin server listening", listen=self.config.listen)
 
     async def shutdown(self) -> None:

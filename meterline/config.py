@@ -21,6 +21,7 @@ import msgspec
 
 from meterline import registry
 from meterline.component import Config, Factory, Kind
+from meterline.httpserver import BearerListenerConfig
 from meterline.units import Duration, Listen
 from meterline.yamlsource import Path_, Source, SourceError, load_file, load_text
 
@@ -49,11 +50,14 @@ class TelemetryConfig(Config):
     metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
 
 
-class AdminConfig(Config):
+class AdminConfig(BearerListenerConfig):
+    """Also `tls` and the limits of every listener (`BearerListenerConfig`); `auth_token`
+    is asked on `/api/*` (`/healthz` and `/metrics` stay open to probes and scrapers)."""
+
     listen: Listen = Listen("127.0.0.1:8888")  # beyond loopback, auth_token is required
-    auth_token: str | None = None  # bearer token required on /api/*, when set
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         # the admin API serves FinOps analytics and a live tap of every prompt
         if not self.auth_token and not is_loopback(self.listen.host):
             raise ValueError(

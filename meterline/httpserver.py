@@ -40,6 +40,7 @@ from structlog.typing import FilteringBoundLogger
 
 from meterline import logs
 from meterline.component import Config
+from meterline.tls import ServerTlsConfig, server_context
 from meterline.units import Duration, Listen
 
 try:  # Python 3.14+, else the backport (a dependency of aiokafka[zstd])
@@ -65,16 +66,25 @@ _CONNECTIONS_FULL = (
 
 
 class ListenerConfig(Config):
-    """The settings every HTTP listener takes; a component's config class derives from it
-    (the `webhook` and `otlp` receivers, the gateway). Defaults are safe without config."""
+    """The settings every listener takes; a component's config class derives from it (the
+    gateway, and through `BearerListenerConfig` the `webhook` and `otlp` receivers and the
+    admin server). Defaults are safe without config."""
 
     read_timeout: Duration = Duration(30)  # for a request to arrive (head, then body): 408
     keepalive_timeout: Duration = Duration(75)  # idle client connections are closed after
     max_connections: int = 1024  # open at once; more are answered 503 and closed
+    tls: ServerTlsConfig | None = None  # serve HTTPS (gRPC: TLS); none: plain HTTP
 
     def __post_init__(self) -> None:
         if self.max_connections < 1:
             raise ValueError("max_connections must be at least 1")
+
+
+class BearerListenerConfig(ListenerConfig):
+    """A listener whose clients are services holding a token shared with the daemon (the
+    webhook and OTLP receivers, the admin server; the check is `meterline.auth`)."""
+
+    auth_token: str | None = None  # when set, requests need `Authorization: Bearer <token>`
 
 
 # --- connections ----------------------------------------------------------------------
@@ -231,22 +241,24 @@ class _Site(web.BaseSite):
     """aiohttp's `TCPSite`, with the connection bound and the head deadline."""
 
     def __init__(self, runner: web.AppRunner, listen: Listen, limits: ListenerConfig,
-                 log: FilteringBoundLogger) -> None:
+                 log: FilteringBoundLogger, tls: ServerTlsConfig | None) -> None:
         super().__init__(runner)
         self.listen = listen
+        self.ssl = server_context(tls) if tls is not None else None
         self.read_timeout = float(limits.read_timeout)  # 0: none
         self.limit = ConnectionLimit(limits.max_connections, listen, log)
         self.open = 0
 
     @property
     def name(self) -> str:
-        return f"http://{self.listen}"
+        return f"{'https' if self.ssl else 'http'}://{self.listen}"
 
     async def start(self) -> None:
         await super().start()
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(self._protocol, self.listen.host,
-                                                self.listen.port, reuse_address=True)
+        self._server = await loop.create_server(
+            self._protocol, self.listen.host, self.listen.port, reuse_address=True,
+            ssl=self.ssl, ssl_handshake_timeout=(self.read_timeout or None) if self.ssl else None)
 
     def _protocol(self) -> asyncio.Protocol:
         if not self.limit.admits(self.open):
@@ -259,11 +271,12 @@ class _Site(web.BaseSite):
 
 async def serve(app: web.Application, listen: Listen, limits: ListenerConfig | None = None,
                 log: FilteringBoundLogger | None = None, decode_bodies: bool = True,
-                **runner_options: Any) -> web.AppRunner:
-    """Start `app` on `listen` with `limits` (else the defaults); call `cleanup()` on the
-    result to stop it. `decode_bodies=False` leaves request bodies as sent, for handlers
-    that read them with `read_body` (which decodes them within limits); else aiohttp
-    decodes them as they arrive, for `request.read()` (bounded by `client_max_size`)."""
+                tls: ServerTlsConfig | None = None, **runner_options: Any) -> web.AppRunner:
+    """Start `app` on `listen` with `limits` (else the defaults) and TLS when `limits` or
+    `tls` has it; call `cleanup()` on the result to stop it. `decode_bodies=False` leaves
+    request bodies as sent, for handlers that read them with `read_body` (which decodes
+    them within limits); else aiohttp decodes them as they arrive, for `request.read()`
+    (bounded by `client_max_size`)."""
     limits = limits if limits is not None else ListenerConfig()
     if _track_requests not in app.middlewares:
         app.middlewares.insert(0, _track_requests)
@@ -274,7 +287,7 @@ async def serve(app: web.Application, listen: Listen, limits: ListenerConfig | N
         logger=_server_logger(listen), **runner_options)
     await runner.setup()
     try:
-        await _Site(runner, listen, limits, log or logs.get()).start()
+        await _Site(runner, listen, limits, log or logs.get(), tls or limits.tls).start()
     except OSError as e:
         await runner.cleanup()
         raise OSError(e.errno, f"cannot listen on {listen}: {e.strerror}") from e

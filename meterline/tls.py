@@ -1,10 +1,11 @@
-"""Client TLS, written once for every component that connects to a server over TLS (the
-`kafka` exporter and receiver, the `otlp` exporter): the `tls` block's keys, their checks
-and the `ssl.SSLContext` they make.
+"""TLS, written once: the `tls` block of every component that connects to a server (the
+`kafka` exporter and receiver, the `otlp` exporter: `TlsConfig`) and of every listener
+(the receivers', the gateway's, the admin and Prometheus scrape listeners:
+`ServerTlsConfig`), their checks and the `ssl.SSLContext` they make.
 
-`tls: {}` verifies the server against the system's CAs. The files are checked and loaded
-when the config is read, so a missing file, a bad certificate or a wrong key password is
-a config error naming the key, not a failure at the first connection.
+A client's `tls: {}` verifies the server against the system's CAs. The files are checked
+and loaded when the config is read, so a missing file, a bad certificate or a wrong key
+password is a config error naming the key, not a failure at the first connection.
 """
 
 from __future__ import annotations
@@ -38,6 +39,37 @@ class TlsConfig(Config):
             client_context(self)  # a bad certificate, key or password is a config error
         except (ssl.SSLError, OSError) as e:
             raise ValueError(f"cannot load the certificates: {e}") from None
+
+
+class ServerTlsConfig(Config):
+    """TLS on a listener: HTTPS (gRPC over TLS for OTLP). With `client_ca_file`, clients
+    must present a certificate those CAs signed (mutual TLS)."""
+
+    cert_file: str  # the listener's certificate chain (PEM)
+    key_file: str  # its private key (PEM, unencrypted: mount it from a secret)
+    client_ca_file: str | None = None  # require client certificates signed by these CAs
+
+    def __post_init__(self) -> None:
+        for name in ("cert_file", "key_file", "client_ca_file"):
+            path = getattr(self, name)
+            if path is not None and not os.path.isfile(path):
+                raise ValueError(f"{name}: no such file: {path}")
+        try:
+            server_context(self)
+        except (ssl.SSLError, OSError) as e:
+            raise ValueError(f"cannot load the certificates: {e}") from None
+
+
+def server_context(tls: ServerTlsConfig) -> ssl.SSLContext:
+    """The context a listener serves with: TLS 1.2 at least, client certificates required
+    when there are client CAs."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(tls.cert_file, tls.key_file)
+    if tls.client_ca_file is not None:
+        context.load_verify_locations(tls.client_ca_file)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
 
 
 def client_context(tls: TlsConfig) -> ssl.SSLContext:

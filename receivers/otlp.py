@@ -48,14 +48,15 @@ from meterline.backpressure import Refused, refuse
 from meterline.component import Consumer, Context, Factory, Receiver
 from meterline.httpserver import (
     MAX_HEADER_BYTES,
+    BearerListenerConfig,
     BodyRefused,
-    ListenerConfig,
     read_body,
     serve,
 )
 from meterline.receivers.decoders import DecodeError
 from meterline.receivers.decoders.otlp import OtlpDecoded, decode_logs, decode_spans, parse_json
 from meterline.recent import RecentIds
+from meterline.tls import ServerTlsConfig, read_pem
 from meterline.units import Listen
 
 _PROTOBUF = "application/x-protobuf"
@@ -68,13 +69,12 @@ _RPC_CODES = {400: code_pb2.INVALID_ARGUMENT, 401: code_pb2.UNAUTHENTICATED,
               503: code_pb2.UNAVAILABLE}
 
 
-class OtlpReceiverConfig(ListenerConfig):
-    """Also `read_timeout`, `keepalive_timeout` and `max_connections` (`ListenerConfig`),
-    for both listeners."""
+class OtlpReceiverConfig(BearerListenerConfig):
+    """Also `auth_token`, `tls`, `read_timeout`, `keepalive_timeout` and `max_connections`
+    (`BearerListenerConfig`), for both listeners."""
 
     grpc: Listen | None = Listen("127.0.0.1:4317")  # null turns gRPC off
     http: Listen | None = Listen("127.0.0.1:4318")  # null turns HTTP off
-    auth_token: str | None = None  # when set, require `authorization: Bearer <token>`
     max_message_mb: float = 16  # per request (HTTP: after decoding gzip, deflate, zstd)
     dedupe_ids: int = 100_000  # ids of recent calls remembered, across traces and logs; 0: off
 
@@ -86,6 +86,15 @@ class OtlpReceiverConfig(ListenerConfig):
             raise ValueError("max_message_mb must be positive")
         if self.dedupe_ids < 0:
             raise ValueError("dedupe_ids must be >= 0")
+
+
+def _grpc_credentials(tls: ServerTlsConfig) -> grpc.ServerCredentials:
+    """The listener's TLS as gRPC takes it: PEM bytes, not an `ssl` context."""
+    key, chain = read_pem(tls.key_file), read_pem(tls.cert_file)
+    assert key is not None and chain is not None
+    client_ca = read_pem(tls.client_ca_file)
+    return grpc.ssl_server_credentials([(key, chain)], root_certificates=client_ca,
+                                       require_client_auth=client_ca is not None)
 
 
 @dataclass(frozen=True)
@@ -142,8 +151,11 @@ class OtlpReceiver(Receiver):
     async def _start_grpc(self, listen: Listen, max_bytes: int) -> None:
         server = grpc.aio.server(options=self._grpc_options(max_bytes))
         server.add_generic_rpc_handlers([self._grpc_service(_TRACES), self._grpc_service(_LOGS)])
+        address = f"{listen.host}:{listen.port}"
+        tls = self.config.tls
         try:
-            port = server.add_insecure_port(f"{listen.host}:{listen.port}")
+            port = (server.add_secure_port(address, _grpc_credentials(tls)) if tls is not None
+                    else server.add_insecure_port(address))
         except RuntimeError:
             port = 0
         if not port:

@@ -22,7 +22,7 @@ from meterline import logs
 from meterline.auth import BearerToken, unauthorised
 from meterline.backpressure import Refused, refuse
 from meterline.component import Consumer, Context, Factory, Receiver
-from meterline.httpserver import BodyRefused, ListenerConfig, read_body, serve
+from meterline.httpserver import BearerListenerConfig, BodyRefused, read_body, serve
 from meterline.receivers.decoders import DecodeError, decode_body
 from meterline.units import Listen
 
@@ -32,12 +32,12 @@ _NDJSON_TYPES = {"application/x-ndjson", "application/ndjson", "application/json
 _MAX_REASONS = 100
 
 
-class WebhookConfig(ListenerConfig):
-    """Also `read_timeout`, `keepalive_timeout` and `max_connections` (`ListenerConfig`)."""
+class WebhookConfig(BearerListenerConfig):
+    """Also `auth_token`, `tls`, `read_timeout`, `keepalive_timeout` and `max_connections`
+    (`BearerListenerConfig`)."""
 
     listen: Listen = Listen("127.0.0.1:8090")  # where events are received (:8090: all interfaces)
     path: str = "/v1/events"  # where events are POSTed
-    auth_token: str | None = None  # when set, requests need `Authorization: Bearer <token>`
     max_body_mb: float = 16  # after decoding (gzip, deflate, zstd)
 
     def __post_init__(self) -> None:

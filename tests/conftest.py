@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from tests.helpers import Daemon, config_text, free_port
+from tests.prometheus_exposure import exposed_metrics
 
 
 @pytest.fixture
@@ -27,3 +28,10 @@ def daemon_factory(tmp_path: Path) -> Iterator[Any]:
     for d in daemons:
         if d.proc is not None and d.proc.poll() is None:
             d.kill()
+
+
+@pytest.fixture(scope="module")
+def exposed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, set[str]]:
+    """Sample name -> its label names, as the Prometheus exporter exposes them (see
+    tests/prometheus_exposure.py)."""
+    return exposed_metrics(tmp_path_factory.mktemp("prometheus"))

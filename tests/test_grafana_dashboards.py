@@ -19,15 +19,9 @@ from typing import Any
 import clickhouse_connect
 import pytest
 import yaml
-from prometheus_client.exposition import generate_latest
-from prometheus_client.parser import text_string_to_metric_families
 
 from meterline.exporters.clickhouse.schema import Schema, ensure_schema
-from meterline.exporters.prometheus.exporter import PrometheusExporter
-from meterline.extensions.finops.budgets import BudgetGauges
-from meterline.gateway.receiver import Instruments
-from tests.deploy_files import OPERATOR_SET, load_pipeline
-from tests.helpers import ROOT, make_context, make_event
+from tests.helpers import ROOT, make_event
 
 GRAFANA = ROOT / "deploy" / "grafana"
 PROMETHEUS_DASHBOARD = GRAFANA / "dashboards" / "meterline-llm.json"
@@ -59,34 +53,6 @@ def promql_expressions() -> list[str]:
     for name, value in PROMQL_VARIABLES.items():
         found = [e.replace(name, value) for e in found]
     return found
-
-
-@pytest.fixture(scope="module")
-def exposed(tmp_path_factory) -> dict[str, set[str]]:
-    """Sample name -> its label names, as the exporter configured like the compose edge
-    exposes them after events that make every metric (and the republished gauges)."""
-    edge = load_pipeline(EDGE, {"METERLINE_ADMIN_TOKEN": OPERATOR_SET})
-    exporter_config = edge.exporters["prometheus"].config
-    context = make_context(tmp_path_factory.mktemp("prometheus"), "prometheus")
-    exporter = PrometheusExporter(exporter_config, context)
-    Instruments(context.meter)  # the gateway's live gauges (requests in flight...)
-    BudgetGauges.of(context.meter).publish([{
-        "budget": "all-monthly", "period": "month", "scope": {"team": "search"},
-        "spend_usd": 5.0, "limit_usd": 10.0, "utilization": 0.5, "threshold_reached": 0.5}])
-    events = [
-        make_event(1, streaming=True, ttft_ms=80.0, itl_ms=12.0, provider_duration_ms=100.0,
-                   overhead_ms=1.5, cost_usd=0.25, actual_cost_usd=0.25, team="search",
-                   api_key_name="checkout", fallback=True,
-                   attributes={"meterline.routing_method": "explicit"}),
-        make_event(2, status_code=429, error_type="rate_limit_error", upstream="openai"),
-    ]
-    exporter.store.update(events, time.time())
-    text = generate_latest(exporter.snapshot()).decode()
-    names: dict[str, set[str]] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            names.setdefault(sample.name, set()).update(sample.labels)
-    return names
 
 
 def metric_names(expression: str) -> set[str]:
@@ -130,6 +96,48 @@ def test_the_prometheus_dashboard_uses_only_labels_its_metrics_carry(exposed):
                 carried = carried | {"le"}
             wrong += [f"{name}: {label}" for label in sorted(labels - carried)]
     assert wrong == []
+
+
+def test_the_prometheus_dashboard_has_the_agents_and_guardrails_rows():
+    rows: dict[str, list[str]] = {}
+    for panel in load(PROMETHEUS_DASHBOARD)["panels"]:
+        if panel["type"] == "row":
+            rows[panel["title"]] = []
+        else:
+            list(rows.values())[-1].append(panel["title"])
+    assert rows["Agents and MCP"] == [
+        "Agent run duration p50 / p95", "Agent LLM call latency p50 / p95",
+        "MCP connect latency p50 / p95", "Tool calls / s by tool", "Tool latency p95 by tool",
+        "Agent runs and iteration-limit hits / s"]
+    assert rows["Guardrails and policies"] == [
+        "Guardrail hits / s by rule and action", "Blocked vs redacted / s",
+        "Policy activity / s", "Rate-limit utilization by provider and key"]
+
+
+def test_the_agents_and_guardrails_rows_query_every_agent_and_policy_metric():
+    used = set().union(*map(metric_names, promql_expressions()))
+    wanted = {f"llm_gateway_agent_{name}_ms_bucket" for name in (
+        "request_duration", "llm_latency", "tool_latency", "mcp_connect_latency")}
+    wanted |= {f"llm_gateway_{name}_requests_total" for name in (
+        "rate_limit", "load_balanced", "fallback", "budget", "guardrails")}
+    wanted |= {"llm_gateway_agent_tool_calls_total", "llm_gateway_rate_limit_utilization_ratio",
+               "llm_gateway_agent_request_iteration_limit_reached_total"}
+    assert wanted <= used, sorted(wanted - used)
+
+
+def test_the_dashboards_panels_have_unique_ids_and_do_not_overlap():
+    for path in (PROMETHEUS_DASHBOARD, FINOPS_DASHBOARD):
+        every = load(path)["panels"]
+        ids = [p["id"] for p in every]
+        assert len(ids) == len(set(ids)), path.name
+        cells: dict[tuple[int, int], str] = {}
+        for panel in every:
+            pos = panel["gridPos"]
+            assert pos["x"] + pos["w"] <= 24, panel["title"]
+            for x in range(pos["x"], pos["x"] + pos["w"]):
+                for y in range(pos["y"], pos["y"] + pos["h"]):
+                    assert (x, y) not in cells, f"{panel['title']} over {cells[(x, y)]}"
+                    cells[(x, y)] = panel["title"]
 
 
 # --- ClickHouse ------------------------------------------------------------------------

@@ -214,8 +214,8 @@ async def test_the_webhook_refuses_more_than_100_headers(tmp_path):
 async def admin(**limits: object) -> AsyncIterator[int]:
     port = free_port()
     service = types.SimpleNamespace(log=logs.get(component="admin-test"))
-    server = AdminServer(service, AdminConfig(listen=Listen(f"127.0.0.1:{port}")),  # type: ignore[arg-type]
-                         ListenerConfig(**limits))  # type: ignore[arg-type]
+    config = AdminConfig(listen=Listen(f"127.0.0.1:{port}"), **limits)  # type: ignore[arg-type]
+    server = AdminServer(service, config)  # type: ignore[arg-type]
     await server.start()
     try:
         yield port

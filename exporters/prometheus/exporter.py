@@ -53,6 +53,7 @@ from meterline.exporters.prometheus.series import Family, SeriesStore
 from meterline.genai import DURATION_BUCKETS, TIME_PER_TOKEN_BUCKETS, TTFT_BUCKETS
 from meterline.httpserver import serve
 from meterline.recent import RecentIds
+from meterline.tls import ServerTlsConfig
 from meterline.units import Duration, Listen
 
 TELEMETRY_PREFIX = "llm_gateway_"
@@ -86,6 +87,7 @@ class PrometheusConfig(ExporterConfig):
     listen: Listen = Listen("127.0.0.1:9464")  # the scrape listener
     path: str = "/metrics"  # the scrape path
     auth_token: str | None = None  # when set, scrapes need `Authorization: Bearer <token>`
+    tls: ServerTlsConfig | None = None  # serve the scrapes over HTTPS
     # labels of every series: event fields, or llm_gateway_metadata_<key> for a metadata
     # key (metadata_<key> is accepted too; the label is named llm_gateway_metadata_<key>)
     labels: list[str] = msgspec.field(default_factory=lambda: list(DEFAULT_LABELS))
@@ -165,7 +167,8 @@ class PrometheusExporter(Exporter):
             self._publisher = asyncio.create_task(self._publish_telemetry())
         app = web.Application()
         app.router.add_get(self.config.path, self.scrape)
-        self.runner = await serve(app, self.config.listen, shutdown_timeout=2.0)
+        self.runner = await serve(app, self.config.listen, tls=self.config.tls,
+                                  shutdown_timeout=2.0)
         self.log.info("prometheus listening", listen=self.config.listen, path=self.config.path,
                       shared=str(self.shared.path) if self.shared else None)
 
