@@ -26,6 +26,7 @@ import pytest
 from playwright.sync_api import Browser, Page, sync_playwright
 
 from meterline.event import Event
+from tests import agent_data
 from tests import clickhouse_data as data
 from tests.helpers import Daemon, free_port
 
@@ -73,6 +74,15 @@ class Site:
         return data.in_window(self.events, json.loads(body))
 
 
+def post_events(webhook: int, events: list[Event]) -> None:
+    """Send `events` to the webhook on port `webhook`; all must be accepted."""
+    post = urllib.request.Request(f"http://127.0.0.1:{webhook}/v1/events",
+                                  data=msgspec.json.encode(events),
+                                  headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(post, timeout=30) as r:
+        assert json.loads(r.read())["accepted"] == len(events)
+
+
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     tmp = tmp_path_factory.mktemp("dashboard")
@@ -84,11 +94,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     daemon.start(timeout=30)
     try:
         events = data.dataset(datetime.now(UTC))
-        post = urllib.request.Request(f"http://127.0.0.1:{webhook}/v1/events",
-                                      data=msgspec.json.encode(events),
-                                      headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(post, timeout=30) as r:
-            assert json.loads(r.read())["accepted"] == len(events)
+        post_events(webhook, events)
         s = Site(f"http://127.0.0.1:{admin}", events)
         wanted = data.totals(events)["requests"]  # every event is within 90 days
         deadline = time.monotonic() + 30
@@ -309,4 +315,65 @@ service:
         assert tab.page.is_hidden("#content")
         assert [e for e in tab.errors if "404" not in e] == []
     finally:
+        assert daemon.stop() == 0
+
+
+AGENTS_PIPELINE = """
+receivers:
+  webhook: {{listen: "127.0.0.1:{webhook}"}}
+  gateway:
+    listen: "127.0.0.1:{gateway}"
+    upstreams: {{openai: {{base_url: "http://127.0.0.1:9", default: true}}}}
+    guardrails: {rules}
+exporters:
+  clickhouse: {{endpoint: "chdb://{{data}}/clickhouse", batch: {{timeout: 20ms}}}}
+service:
+  data_dir: {{data}}
+  admin: {{listen: "127.0.0.1:{{admin}}"}}
+  pipelines: {{p: {{receivers: [webhook, gateway], exporters: [clickhouse]}}}}
+extensions: {{finops: {{}}}}
+"""
+
+
+def test_the_agents_and_guardrails_views_show_the_figures_of_known_events(
+        browser: Browser, daemon_factory) -> None:
+    webhook = free_port()
+    daemon = daemon_factory(AGENTS_PIPELINE.format(
+        webhook=webhook, gateway=free_port(), rules=json.dumps(agent_data.RULES)))
+    daemon.start(timeout=30)
+    context = browser.new_context(viewport={"width": 1400, "height": 900})
+    try:
+        post_events(webhook, agent_data.events())
+        tab = Tab(context.new_page(), [])
+        tab.page.on("pageerror", lambda e: tab.errors.append(str(e)))
+        base = f"http://127.0.0.1:{daemon.admin_port}/?range=24h"
+        deadline = time.monotonic() + 30
+        while True:  # until the events are in ClickHouse and the page has drawn them
+            tab.page.goto(base)
+            tab.wait_refreshed(0)
+            if tab.text("#tile-runs") == "3" or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert tab.text("#tile-runs") == "3"
+        assert tab.text("#tile-run-cost") == "$5.75"
+        assert tab.text("#tile-tool-calls") == "4"
+        assert tab.text("#tile-mcp-connects") == "2"
+        assert "average 50 ms" in tab.text("#tile-mcp-latency")
+        assert tab.series("chart-agents") == {"USD": 5.75}
+        agents = [row.split("\t") for row in
+                  tab.page.locator("#table-agents tbody tr").all_inner_texts()]
+        assert [(a[0], a[1], a[2]) for a in agents] == [("writer", "1", "$4.00"),
+                                                         ("planner", "2", "$1.75")]
+        tools = tab.page.locator("#table-tools tbody tr td:first-child").all_inner_texts()
+        assert tools == ["search", "fetch"]
+        assert "initialize" in tab.text("#table-mcp")
+        assert (tab.text("#tile-models"), tab.text("#tile-rules")) == ("2", "4")
+        assert (tab.text("#tile-blocked"), tab.text("#tile-modified")) == ("2", "2")
+        assert tab.text("#tile-protected") == "2 protected"
+        gpt = tab.page.locator("#table-guardrails tbody tr").first.inner_text().split("\t")
+        assert gpt == ["gpt-4o", "yes", "3", "3", "2", "7", "2", "1", "28.6%"]
+        assert "u1" in tab.text("#table-violations")
+        assert tab.errors == []
+    finally:
+        context.close()
         assert daemon.stop() == 0

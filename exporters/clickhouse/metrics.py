@@ -16,13 +16,28 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from meterline.genai import CLIENT_CLOSED
+from meterline.genai import CLIENT_CLOSED, NON_MODEL_OPERATIONS
 
 # As `meterline.genai.failure` decides it: a call with an error category, or an HTTP
 # error status other than a cancelled call (499: the client left, nothing failed).
 IS_ERROR = (f"(error_type != '' OR (ifNull(status_code, 0) >= 400 "
             f"AND status_code != {CLIENT_CLOSED}))")
 QUANTILES = (0.5, 0.95, 0.99)
+
+# Kinds of events, for the questions about agents, tools, MCP and guardrails (raw events):
+# a model call is an event that is no agent run, tool call or MCP request.
+IS_MODEL_CALL = (f"(operation NOT IN ({', '.join(repr(o) for o in sorted(NON_MODEL_OPERATIONS))}) "
+                 "AND NOT startsWith(operation, 'mcp_') AND mcp_method = '')")
+IS_TOOL_CALL = "operation = 'execute_tool'"
+IS_MCP = "(mcp_method != '' OR mcp_session_id != '' OR startsWith(operation, 'mcp_'))"
+IS_MCP_CONNECT = "mcp_method = 'initialize'"
+# A call a guardrail blocked (a rule with action block fired, or the gateway's own error
+# for it), and one it modified (a redact rule fired, and none blocked it).
+_GUARDRAIL_ACTED = "arrayExists(g -> tupleElement(g, 'action') = '{}', guardrails)"
+IS_GUARDRAIL_BLOCKED = (f"({_GUARDRAIL_ACTED.format('block')} "
+                        "OR error_type = 'guardrail_blocked')")
+IS_GUARDRAIL_MODIFIED = f"({_GUARDRAIL_ACTED.format('redact')} AND NOT {IS_GUARDRAIL_BLOCKED})"
+HAS_GUARDRAIL = f"(notEmpty(guardrails) OR {IS_GUARDRAIL_BLOCKED})"
 
 Source = Literal["rollup", "raw"]
 
@@ -120,6 +135,11 @@ AGGREGATES: tuple[Aggregate, ...] = (
     Aggregate("last_seen", "max", "timestamp", "DateTime64(9, 'UTC')"),
 )
 BY_NAME = {a.name: a for a in AGGREGATES}
+
+
+def raw(figure: str, condition: str | None = None) -> str:
+    """SQL of a figure over raw events, over those `condition` holds for when given."""
+    return BY_NAME[figure].sql("raw", condition)
 
 # The rollup's key: per minute, by these event columns (`model` is request_model, or
 # response_model when no model was requested; absent values are '' and status 0). Users

@@ -8,6 +8,11 @@ events otherwise (`metadata.KEY`, `user`, `organization`, `route`, `tag`...),
 deduplicated (`FINAL`: an event two writers stored is counted once); the figures
 are defined once, so both give the same numbers.
 
+Agents, sessions and traces (`agent`, `session`, `trace`) are read from raw events: an
+event that does not name its agent (or session) takes that of its trace (`Dimension.trace`,
+a window function over each trace's events), and `select(per_run=...)` computes figures
+per run (a trace) before summing them by the dimensions asked.
+
 Windows are whole minutes (the finest rollup's grain): `since` is rounded down
 to its minute and `until` up, so `--range 24h` is the 24 hours up to the end of
 the current minute, and a rollup answer equals the raw one.
@@ -158,6 +163,9 @@ class Dimension:
     name: str
     column: str | None  # the event column; None for time buckets
     expression: str = ""  # SQL over the source, `{t}` standing for its time column
+    # for an event without a `column` value, SQL over the events of its trace giving the
+    # trace's value (an aggregate, run as a window function): raw events only
+    trace: str = ""
 
     @property
     def rollup(self) -> bool:
@@ -167,9 +175,16 @@ class Dimension:
     def is_time(self) -> bool:
         return self.column is None
 
+    @property
+    def traced(self) -> str:
+        """The column `Reader` adds to raw events for a `trace` dimension."""
+        return f"trace_{self.name}"
+
     def sql(self, source: Source) -> str:
         if self.column == "status_code":
             return status_expression(source)
+        if self.trace:
+            return f"if({self.column} != '', {self.column}, {self.traced})"
         return (self.expression or self.column or "").replace("{t}", _time_column(source))
 
 
@@ -190,7 +205,17 @@ _DIMENSIONS = {d.name: d for d in (
     # each of an event's tags (an event with two counts in both groups; one without, in
     # the "not reported" group): raw events only
     Dimension("tag", "tags", "arrayJoin(if(empty(tags), [''], tags))"),
+    # agents, tools and conversations (raw events only). An event without agent_name is
+    # the agent's of its trace: the invoke_agent event's (the first, when a run starts
+    # sub-agents), else the first agent_name any event of the trace carries.
+    Dimension("agent", "agent_name", trace="argMinIf(agent_name, "
+              "(operation != 'invoke_agent', timestamp), agent_name != '')"),
+    Dimension("session", "session_id", trace="minIf(session_id, session_id != '')"),
+    Dimension("trace", "trace_id"),
+    Dimension("tool", "tool_name"),
 )}
+# What `select(per_run=...)` groups by first: a trace, or a call without one on its own.
+RUN = Dimension("run", "trace_id", "if(trace_id != '', trace_id, event_id)")
 DIMENSION_NAMES = (*_DIMENSIONS, "metadata.KEY")
 _METADATA_KEY = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 
@@ -206,6 +231,19 @@ def dimension(name: str) -> Dimension:
         path = FieldPath(name)  # the one grammar: the `metadata` map, key `key`
         return Dimension(name, path.kind, f"{path.kind}[{literal(path.key)}]")
     raise ValueError(f"cannot group by {name!r} (expected one of: {', '.join(DIMENSION_NAMES)})")
+
+
+@dataclass(frozen=True)
+class Condition:
+    """Any SQL condition over raw events (`metrics.IS_TOOL_CALL`...); one over the value
+    of a dimension with a `trace` value (`Dimension.sql`) names it in `uses`."""
+
+    expression: str
+    uses: tuple[Dimension, ...] = ()
+    rollup = False
+
+    def sql(self, source: Source) -> str:
+        return self.expression
 
 
 @dataclass(frozen=True)
@@ -228,6 +266,9 @@ class Filter:
         return f"{self.column} = {literal(str(self.value))}"
 
 
+Where = Filter | Condition  # what narrows the events a question is about
+
+
 # --- reading ---------------------------------------------------------------------------
 @dataclass
 class Reader:
@@ -245,30 +286,33 @@ class Reader:
                 for row in result.named_results()]
 
     def select(self, window: Window, *, by: Sequence[Dimension] = (),
-               filters: Iterable[Filter] = (), figures: Iterable[str] = (),
+               filters: Iterable[Where] = (), figures: Iterable[str] = (),
                extra: dict[str, str] | None = None,
                within: dict[str, tuple[str, Window]] | None = None,
                having: str | None = None, order_by: Sequence[str] = (),
-               limit: int | None = None) -> list[dict[str, Any]]:
+               limit: int | None = None,
+               per_run: dict[str, str] | None = None) -> list[dict[str, Any]]:
         """One row per group: the dimensions (by name), the figures, `extra` SQL
         expressions (`{t}` standing for the time of a row; results usable as `_name`
         there and in `having`), and figures `within` a part of the window (name ->
-        (figure, window)). `order_by` items are result names, optionally with DESC."""
+        (figure, window)). `order_by` items are result names, optionally with DESC.
+
+        With `per_run` (name -> SQL aggregate over raw events), the events are first
+        grouped by run (`RUN`: a trace) within each group, those expressions computed per
+        run as `_name`, and `extra` then aggregates the runs' rows (`count()`: runs)."""
         filters = list(filters)
         within = within or {}
-        rolled = all(d.rollup for d in by) and all(f.rollup for f in filters)
-        source: Source = "rollup" if rolled else "raw"
-        t = _time_column(source)
-        exprs = {d.name: d.sql(source) for d in by}
-        exprs |= {f: BY_NAME[f].sql(source) for f in figures}
-        exprs |= {name: sql.replace("{t}", t) for name, sql in (extra or {}).items()}
-        exprs |= {name: BY_NAME[figure].sql(source, part.condition(t))
-                  for name, (figure, part) in within.items()}
-        columns = ", ".join(f"{sql} AS `_{name}`" for name, sql in exprs.items())
-        cuts = [bound for _, part in within.values() for bound in (part.since, part.until)]
-        sql = f"SELECT {columns} FROM {self._rows_of(source, window, filters, cuts)}"
-        if by:
-            sql += f" GROUP BY {', '.join(f'`_{d.name}`' for d in by)}"
+        if per_run is not None:
+            inner = self._query("raw", window, [*by, RUN], filters, (), per_run, {}, [])
+            sql = self._query("raw", window, [Dimension(d.name, f"_{d.name}") for d in by],
+                              [], figures, extra or {}, {}, [], rows=f"({inner})")
+            source: Source = "raw"
+        else:
+            rolled = all(d.rollup for d in by) and all(f.rollup for f in filters)
+            source = "rollup" if rolled else "raw"
+            sql = self._query(source, window, by, filters, figures, extra or {}, within,
+                              [bound for _, part in within.values()
+                               for bound in (part.since, part.until)])
         if having:
             sql += f" HAVING {having}"
         if order_by:
@@ -280,13 +324,41 @@ class Reader:
             sql += " SETTINGS " + ", ".join(f"{k} = {v}" for k, v in FINAL_SETTINGS.items())
         return self.rows(sql)
 
-    def _rows_of(self, source: Source, window: Window, filters: list[Filter],
-                 cuts: list[datetime]) -> str:
-        """The FROM clause: raw events in the window, or the rollup rows covering it."""
+    def _query(self, source: Source, window: Window, by: Sequence[Dimension],
+               filters: list[Where], figures: Iterable[str],
+               extra: dict[str, str], within: dict[str, tuple[str, Window]],
+               cuts: list[datetime], rows: str | None = None) -> str:
+        """SELECT ... FROM ... GROUP BY: the groups of `rows` (default: the window's
+        events or rollup rows, filtered)."""
+        t = _time_column(source)
+        exprs = {d.name: d.sql(source) for d in by}
+        exprs |= {f: BY_NAME[f].sql(source) for f in figures}
+        exprs |= {name: sql.replace("{t}", t) for name, sql in extra.items()}
+        exprs |= {name: BY_NAME[figure].sql(source, part.condition(t))
+                  for name, (figure, part) in within.items()}
+        columns = ", ".join(f"{sql} AS `_{name}`" for name, sql in exprs.items())
+        rows = rows or self._rows_of(source, window, filters, cuts, by)
+        sql = f"SELECT {columns} FROM {rows}"
+        if by:
+            sql += f" GROUP BY {', '.join(f'`_{d.name}`' for d in by)}"
+        return sql
+
+    def _rows_of(self, source: Source, window: Window, filters: list[Where],
+                 cuts: list[datetime], by: Sequence[Dimension] = ()) -> str:
+        """The FROM clause: raw events in the window, or the rollup rows covering it. For
+        a dimension with a `trace` value, raw events get it as a column (computed over
+        every event of the window, before the filters, so that a filter leaving out a
+        run's agent event does not leave its calls without agent)."""
         matching = [f.sql(source) for f in filters]
         if source == "raw":
-            where = " AND ".join([window.condition("timestamp"), *matching])
-            return f"{self.schema.deduplicated_events} WHERE {where}"
+            rows = f"{self.schema.deduplicated_events} WHERE {window.condition('timestamp')}"
+            uses = [d for f in filters if isinstance(f, Condition) for d in f.uses]
+            if traced := list({d.name: d for d in (*by, *uses) if d.trace}.values()):
+                columns = ", ".join(f"if(trace_id = '', '', {d.trace} OVER "
+                                    f"(PARTITION BY trace_id)) AS {d.traced}" for d in traced)
+                rows = f"(SELECT *, model, {columns} FROM {rows})"
+                return rows + (f" WHERE {' AND '.join(matching)}" if matching else "")
+            return " AND ".join([rows, *matching])
         minute, hour = self.schema.rollups
         hours, minutes = split(window, cuts)
         columns = ", ".join(c.name for c in self.schema.rollup_columns(minute)[1:])

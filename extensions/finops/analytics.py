@@ -3,19 +3,40 @@
 Each function takes a `Reader`, a `Window` and the endpoint's parameters and
 returns the JSON body. They read the rollups, so a 90-day question does not
 scan raw events, except questions about users (`users`, a `user_id` filter),
-which read raw events. Latency percentiles are t-digest estimates merged from
+agents, tools, MCP and guardrails (`agents`, `guardrails`), which read raw events
+in the window. Latency percentiles are t-digest estimates merged from
 the rollups' states; everything else is exact.
 """
 
 from __future__ import annotations
 
-import math
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from meterline.exporters.clickhouse.query import Dimension, Filter, Reader, Window, dimension, iso
+from meterline.exporters.clickhouse.metrics import (
+    HAS_GUARDRAIL,
+    IS_GUARDRAIL_BLOCKED,
+    IS_GUARDRAIL_MODIFIED,
+    IS_MCP,
+    IS_MCP_CONNECT,
+    IS_MODEL_CALL,
+    raw,
+)
+from meterline.exporters.clickhouse.query import (
+    Condition,
+    Dimension,
+    Filter,
+    Reader,
+    Where,
+    Window,
+    dimension,
+    iso,
+)
 from meterline.extensions.finops import finops
-from meterline.extensions.finops.finops import cache, number, ratio, usage
+from meterline.extensions.finops.finops import cache, number, quantile, ratio, tool_call, usage
+
+if TYPE_CHECKING:
+    from meterline.gateway.guardrails import GuardrailRule
 
 _MODEL = [dimension("model"), dimension("provider")]
 _ROLLING = {"24h": timedelta(hours=24), "7d": timedelta(days=7), "30d": timedelta(days=30)}
@@ -27,15 +48,14 @@ _GRANULARITIES = {"hourly": ("toStartOfHour", timedelta(hours=1)),
 
 
 def _filters(provider: str | None = None, model: str | None = None,
-             user: str | None = None) -> list[Filter]:
+             user: str | None = None) -> list[Where]:
     wanted = {"provider": provider, "model": model, "user_id": user}
     return [Filter(column, value) for column, value in wanted.items()
             if value not in (None, "", "all")]
 
 
 def _latency(row: dict[str, Any]) -> dict[str, Any]:
-    p50, p95, p99 = (None if v is None or math.isnan(v) else number(v, 1)
-                     for v in row["duration_ms_quantiles"])
+    p50, p95, p99 = (quantile(v) for v in row["duration_ms_quantiles"])
     return {"avg_latency_ms": ratio(row["duration_ms_sum"], row["duration_ms_count"], 1),
             "p50_latency_ms": p50, "p95_latency_ms": p95, "p99_latency_ms": p99}
 
@@ -140,6 +160,9 @@ def providers(reader: Reader, window: Window, provider: str | None = None) -> di
 def costs(reader: Reader, window: Window, group_by: str = "model",
           provider: str | None = None, limit: int = 100) -> dict[str, Any]:
     """Spend grouped by model, provider, day (or any FinOps dimension), with shares."""
+    if group_by == finops.TOOL_DIMENSION:
+        raise ValueError("group_by tool has no cost (a run's model calls are no one tool's): "
+                         "see /api/v1/analytics/agents for tool calls")
     report = finops.spend(reader, window, by=group_by, top=limit, filters=_filters(provider))
     return {**_header(window, group_by=group_by, provider=provider or "all"),
             "total_cost_usd": report["total"]["cost_usd"],
@@ -193,7 +216,8 @@ def users(reader: Reader, window: Window, limit: int = 100,
                  "first_seen", "last_seen", "max_request_tokens"),
         extra={"unique_models": "uniqExactIf(cityHash64(model), model != '')",
                "providers": "arraySort(groupUniqArrayIf(provider, provider != ''))",
-               "days_active": "uniqExact(toDate({t}))"},
+               "days_active": "uniqExact(toDate({t}))",
+               "guardrail_violations": _GUARDED["blocked"]},
         order_by=["cost_usd DESC", "user"], limit=limit)
     return {**_header(window, provider=provider or "all"), "users": [{
         "user_id": r["user"] or None, **usage(r), **_rates(r),
@@ -203,4 +227,108 @@ def users(reader: Reader, window: Window, limit: int = 100,
         "days_active": r["days_active"],
         "avg_requests_per_day": ratio(r["requests"], r["days_active"], 2),
         "max_tokens_single_request": r["max_request_tokens"],
+        "guardrail_violations": number(r["guardrail_violations"]),
     } for r in rows]}
+
+
+# --- agents, tools and MCP ---------------------------------------------------------------
+def agents(reader: Reader, window: Window, limit: int = 100) -> dict[str, Any]:
+    """Agent runs (traces with an agent) per agent, with their cost; tool calls per tool;
+    and MCP: requests, sessions, connects (`initialize`) and their latency, per method."""
+    agent = dimension("agent")
+    named = Condition(f"{agent.sql('raw')} != ''", uses=(agent,))
+    runs = finops.runs(reader, window, "agent", top=limit, filters=[named])
+    tools = finops.tools(reader, window, top=limit)
+    return {**_header(window), "totals": runs["total"], "agents": runs["rows"],
+            "tools": tools["rows"], "tool_totals": tools["total"],
+            "mcp": mcp(reader, window, limit)}
+
+
+_MCP_METHOD = Dimension("method", "mcp_method")
+
+
+def mcp(reader: Reader, window: Window, limit: int = 100) -> dict[str, Any]:
+    """MCP requests (the gateway's MCP upstreams, MCP spans): sessions, connects and their
+    latency, and per method calls, errors and latency."""
+    where = [Condition(IS_MCP)]
+    connect = {"connects": raw("requests", IS_MCP_CONNECT),
+               "connect_ms_sum": raw("duration_ms_sum", IS_MCP_CONNECT),
+               "connect_ms_count": raw("duration_ms_count", IS_MCP_CONNECT),
+               "connect_ms_quantiles": raw("duration_ms_quantiles", IS_MCP_CONNECT),
+               "sessions": "uniqExactIf(mcp_session_id, mcp_session_id != '')"}
+    [total] = reader.select(window, filters=where, figures=("requests", "errors"),
+                            extra=connect)
+    methods = reader.select(window, by=[_MCP_METHOD], filters=where,
+                            figures=finops.TOOL_FIGURES, extra={"sessions": connect["sessions"]},
+                            order_by=["requests DESC", "method"], limit=limit)
+    _, p95, _ = total["connect_ms_quantiles"]
+    return {"requests": number(total["requests"]), "errors": number(total["errors"]),
+            "sessions": total["sessions"], "connects": number(total["connects"]),
+            "avg_connect_latency_ms": ratio(total["connect_ms_sum"], total["connect_ms_count"], 1),
+            "p95_connect_latency_ms": quantile(p95),
+            "methods": [{"method": r["method"] or None, **tool_call(r), "sessions": r["sessions"]}
+                        for r in methods]}
+
+
+# --- guardrails --------------------------------------------------------------------------
+_GUARDED = {"blocked": raw("requests", IS_GUARDRAIL_BLOCKED),
+            "modified": raw("requests", IS_GUARDRAIL_MODIFIED),
+            "flagged": raw("requests", HAS_GUARDRAIL)}
+_TODAY = timedelta(hours=24)
+
+
+def guardrails(reader: Reader, window: Window, provider: str | None = None, limit: int = 100,
+               rules: list[GuardrailRule] | None = None,
+               gateway: str | None = None) -> dict[str, Any]:
+    """Seed 003's guardrails monitoring. Platform-wide: the models seen in the window, those
+    that configured rules protect, the rules, and the calls blocked and modified in the
+    last 24 hours of the window (and in the whole window); per model: its rules (all,
+    input, output), calls, blocked, modified, block rate; per user with guardrail
+    outcomes: violations (blocked calls) and modified calls. The rules are those of the
+    `gateway` receiver (`rules` None: no gateway linked, so rule figures are unknown,
+    None); the outcomes are every source's (gateway, LiteLLM, Otoroshi) events."""
+    where = [*_filters(provider), Condition(IS_MODEL_CALL)]
+    today = window.ending(min(_TODAY, window.length)).condition("timestamp")
+    [total] = reader.select(window, filters=where, figures=("requests",), extra={
+        **_GUARDED, "models": "arraySort(groupUniqArrayIf(model, model != ''))",
+        "blocked_today": raw("requests", f"{IS_GUARDRAIL_BLOCKED} AND {today}"),
+        "modified_today": raw("requests", f"{IS_GUARDRAIL_MODIFIED} AND {today}")})
+    per_model = reader.select(window, by=[dimension("model")], filters=where,
+                              figures=("requests",), extra=_GUARDED, limit=limit,
+                              order_by=["blocked DESC", "modified DESC", "requests DESC",
+                                        "model"])
+    per_user = reader.select(window, by=[dimension("user")], filters=where,
+                             figures=("requests",), extra=_GUARDED, having="_flagged > 0",
+                             order_by=["blocked DESC", "modified DESC", "user"], limit=limit)
+    protected = (None if rules is None else
+                 sum(1 for m in total["models"] if _rules_of(rules, m)["rules_count"]))
+    return {
+        **_header(window, provider=provider or "all", gateway=gateway),
+        "platform": {"total_models": len(total["models"]), "protected_models": protected,
+                     "total_rules": None if rules is None else len(rules),
+                     "blocked_today": number(total["blocked_today"]),
+                     "modified_today": number(total["modified_today"]),
+                     "requests": number(total["requests"]),
+                     "blocked": number(total["blocked"]), "modified": number(total["modified"]),
+                     "block_rate": ratio(total["blocked"], total["requests"], 4)},
+        "models": [{"model": r["model"] or None, **_rules_of(rules, r["model"]),
+                    "total_requests": number(r["requests"]), "blocked": number(r["blocked"]),
+                    "modified": number(r["modified"]), "flagged": number(r["flagged"]),
+                    "block_rate": ratio(r["blocked"], r["requests"], 4)} for r in per_model],
+        "users": [{"user_id": r["user"] or None, "requests": number(r["requests"]),
+                   "guardrail_violations": number(r["blocked"]),
+                   "modified": number(r["modified"]), "flagged": number(r["flagged"])}
+                  for r in per_user],
+    }
+
+
+def _rules_of(rules: list[GuardrailRule] | None, model: str) -> dict[str, Any]:
+    """Whether configured rules protect `model`, and how many (all, on the prompt, on the
+    answer); None for each when no gateway's rules are known."""
+    if rules is None:
+        return {"enabled": None, "rules_count": None, "input_rules": None, "output_rules": None}
+    inputs = [r.name for r in rules if r.applies("input", model)]
+    outputs = [r.name for r in rules if r.applies("output", model)]
+    count = len({*inputs, *outputs})
+    return {"enabled": count > 0, "rules_count": count, "input_rules": len(inputs),
+            "output_rules": len(outputs)}

@@ -36,11 +36,15 @@ REPORTS: dict[str, Callable[..., dict[str, Any]]] = {
     "analytics/usage": analytics.usage_report,
     "analytics/performance": analytics.performance,
     "analytics/users": analytics.users,
+    "analytics/agents": analytics.agents,
+    "analytics/guardrails": analytics.guardrails,
     "finops/spend": finops.spend,
     "finops/growth": finops.growth,
     "finops/variance": finops.variance,
 }
 _INTEGERS = {"limit": (1, 10_000), "top": (1, 10_000)}
+# What a report gets from the extension, never from the query: the configured guardrails.
+_LINKED = ("rules", "gateway")
 
 
 def routes(extension: FinOps) -> dict[str, AdminHandler]:
@@ -54,8 +58,11 @@ def routes(extension: FinOps) -> dict[str, AdminHandler]:
 
 
 def _report(extension: FinOps, fn: Callable[..., dict[str, Any]]) -> AdminHandler:
-    accepted = [name for name in inspect.signature(fn).parameters
-                if name not in ("reader", "window", "filters")]
+    parameters = inspect.signature(fn).parameters
+    accepted = [name for name in parameters
+                if name not in ("reader", "window", "filters", *_LINKED)]
+    linked = {"rules": extension.config.guardrails, "gateway": extension.config.gateway}
+    linked = {k: v for k, v in linked.items() if k in parameters}
 
     async def handler(request: web.Request) -> web.StreamResponse:
         query = request.query
@@ -67,7 +74,7 @@ def _report(extension: FinOps, fn: Callable[..., dict[str, Any]]) -> AdminHandle
 
         async def run() -> dict[str, Any]:
             reader = await extension.connect()
-            return await asyncio.to_thread(fn, reader, window, **kwargs)
+            return await asyncio.to_thread(fn, reader, window, **kwargs, **linked)
 
         return await _answer(run)
 

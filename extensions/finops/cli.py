@@ -43,6 +43,10 @@ _TABLE = {
     "growth": ["cost_usd", "previous_cost_usd", "change_usd", "growth", "requests"],
     "variance": ["requests_with_actual", "requests_without_estimate", "estimated_cost_usd",
                  "actual_cost_usd", "variance_usd", "variance_ratio"],
+    "runs": ["runs", "cost_usd", "cost_per_run_usd", "llm_calls", "total_tokens", "tool_calls",
+             "avg_tool_latency_ms", "avg_run_duration_ms", "errors", "share"],
+    "tools": ["calls", "errors", "avg_latency_ms", "p95_latency_ms", "request_bytes",
+              "response_bytes", "runs"],
     "budgets": ["period", "limit_usd", "spend_usd", "remaining_usd", "utilization",
                 "threshold_reached", "status"],
 }
@@ -56,7 +60,9 @@ def add(subparsers: Any) -> None:
     p.add_argument("report", nargs="?", default="spend", choices=[*REPORTS, "budgets"])
     add_config_argument(p)
     p.add_argument("--by", help=f"group by: {', '.join(DIMENSION_NAMES)} "
-                                "(default: provider; model for growth)")
+                                "(default: provider; model for growth; spend by agent, "
+                                "session or trace is the cost of agent runs, by tool the "
+                                "tool calls)")
     p.add_argument("--range", choices=RANGES, default="30d")
     p.add_argument("--since", help="start, ISO 8601 (instead of --range)")
     p.add_argument("--until", help="end, ISO 8601 (default: now)")
@@ -173,6 +179,8 @@ def _data_dir(loaded: PipelineFile) -> Path:
 # --- output ---------------------------------------------------------------------------
 def render(answer: dict[str, Any] | list[Any], report: str, fmt: str) -> str:
     answer = _finite(answer)
+    if isinstance(answer, dict):  # spend by agent, session, trace or tool: runs, tools
+        report = answer.get("report", report)
     if fmt == "json":
         return json.dumps(answer, indent=2) + "\n"
     rows, total, keys = _rows(answer, report)

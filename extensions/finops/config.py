@@ -2,23 +2,32 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import msgspec
 
 from meterline.component import Config
 from meterline.exporters.clickhouse.config import ClickHouseConfig
 from meterline.extensions.finops.budgets import Budget
+from meterline.gateway.config import GatewayConfig
+from meterline.gateway.guardrails import GuardrailRule
 from meterline.units import Duration
 
 if TYPE_CHECKING:
     from meterline.config import PipelineFile
+
+C = TypeVar("C", bound=Config)
 
 
 class FinOpsConfig(Config):
     # The id of the clickhouse exporter (in the same pipeline.yaml) whose tables are read,
     # with its endpoint, database and table.
     clickhouse: str = "clickhouse"
+    # The id of the gateway receiver whose guardrails are the configured rules of the
+    # guardrails analytics (protected models, rules per model). Default: the receiver
+    # `gateway` (or the only gateway receiver) when the file has one; with none, rule
+    # figures are unknown (null) while the blocked/modified counts still come from events.
+    gateway: str | None = None
     # Spend limits by name, computed from ClickHouse every budget_refresh and published as
     # llm_gateway_budget_* gauges (and at /api/v1/budgets).
     budgets: dict[str, Budget] = msgspec.field(default_factory=dict)
@@ -34,17 +43,37 @@ class LinkedConfig(FinOpsConfig, kw_only=True):
     `clickhouse` names (so that a change of them on reload rebuilds the extension too)."""
 
     exporter: ClickHouseConfig
+    # the guardrail rules of the linked gateway receiver; None when none is linked
+    guardrails: list[GuardrailRule] | None = None
 
 
 def link(config: FinOpsConfig, file: PipelineFile) -> LinkedConfig:
-    """`Factory.link`: the `clickhouse` exporter `config.clickhouse` names, or why not."""
-    named = config.clickhouse
-    ours = [cid for cid, spec in file.exporters.items()
-            if isinstance(spec.config, ClickHouseConfig)]
-    spec = file.exporters.get(named)
-    if spec is None or not isinstance(spec.config, ClickHouseConfig):
-        why = ("which is not defined under exporters" if spec is None
-               else f"which is a {spec.factory.type} exporter, not a clickhouse one")
-        raise ValueError(f"clickhouse: names exporter '{named}', {why} (clickhouse exporters "
+    """`Factory.link`: the `clickhouse` exporter `config.clickhouse` names, and the gateway
+    receiver whose guardrails are read (`gateway`, or by default the receiver `gateway` or
+    the only gateway receiver; none is no rules), or why not."""
+    exporter = _named(file, "exporter", ClickHouseConfig, "clickhouse", config.clickhouse)
+    gateways = [cid for cid, spec in file.receivers.items()
+                if isinstance(spec.config, GatewayConfig)]
+    gateway_id = config.gateway
+    if gateway_id is None and gateways:
+        gateway_id = "gateway" if "gateway" in gateways else (
+            gateways[0] if len(gateways) == 1 else None)
+    gateway = (_named(file, "receiver", GatewayConfig, "gateway", gateway_id)
+               if gateway_id else None)
+    return LinkedConfig(**msgspec.structs.asdict(config) | {"gateway": gateway_id},
+                        exporter=exporter,
+                        guardrails=list(gateway.guardrails) if gateway else None)
+
+
+def _named(file: PipelineFile, kind: str, cls: type[C], type_: str, named: str) -> C:
+    """The config of the `kind` (exporter, receiver) `named`, which must be a `type_` one
+    (`option: names ...` otherwise, the option being the type's name)."""
+    specs = getattr(file, f"{kind}s")
+    ours = [cid for cid, spec in specs.items() if isinstance(spec.config, cls)]
+    spec = specs.get(named)
+    if spec is None or not isinstance(spec.config, cls):
+        why = (f"which is not defined under {kind}s" if spec is None
+               else f"which is a {spec.factory.type} {kind}, not a {type_} one")
+        raise ValueError(f"{type_}: names {kind} '{named}', {why} ({type_} {kind}s "
                          f"here: {', '.join(ours) or 'none'})")
-    return LinkedConfig(**msgspec.structs.asdict(config), exporter=spec.config)
+    return spec.config

@@ -4,16 +4,33 @@ Each report is a plain dict (`report`, the window, `by`, `rows`, and `total`
 where a total makes sense), the same whether `meterline finops` computes it
 itself or gets it from the daemon's admin API (`/api/v1/finops/<report>`).
 Budgets are in `budgets.py`.
+
+`spend` by `agent`, `session` or `trace` is the `runs` report (the cost of agent runs
+and conversations: their model calls, tool calls and durations), and by `tool` the
+`tools` report (calls, errors, latency and sizes of each tool; no cost: a run's model
+calls are not any one tool's).
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from typing import Any
 
-from meterline.exporters.clickhouse.query import Dimension, Filter, Reader, Window, dimension
+from meterline.exporters.clickhouse.metrics import IS_MODEL_CALL, IS_TOOL_CALL, raw
+from meterline.exporters.clickhouse.query import (
+    Condition,
+    Dimension,
+    Reader,
+    Where,
+    Window,
+    dimension,
+)
 
 SPEND_FIGURES = ("requests", "errors", "input_tokens", "output_tokens", "cost_usd",
                  "unpriced_requests", "cache_hits", "saved_cost_usd")
+RUN_DIMENSIONS = ("agent", "session", "trace")
+TOOL_DIMENSION = "tool"
 VARIANCE_FIGURES = ("estimated_cost_of_actual_usd", "actual_cost_usd", "actual_cost_requests",
                     "unestimated_actual_requests", "unestimated_actual_cost_usd")
 
@@ -72,14 +89,19 @@ def _order(by: Dimension, figure: str) -> list[str]:
 
 
 def spend(reader: Reader, window: Window, by: str = "provider", top: int | None = 20,
-          filters: list[Filter] | None = None) -> dict[str, Any]:
+          filters: Sequence[Where] | None = None) -> dict[str, Any]:
     """Requests, errors, tokens and cost by `by`, biggest spend first (time buckets in
-    order), with cost per request and per 1K tokens and each group's share of the spend."""
+    order), with cost per request and per 1K tokens and each group's share of the spend.
+    By agent, session or trace: the `runs` report; by tool: the `tools` report."""
+    if by in RUN_DIMENSIONS:
+        return runs(reader, window, by, top, filters)
+    if by == TOOL_DIMENSION:
+        return tools(reader, window, top, filters)
     dim = dimension(by)
-    rows = reader.select(window, by=[dim], filters=filters or [], figures=SPEND_FIGURES,
+    rows = reader.select(window, by=[dim], filters=filters or (), figures=SPEND_FIGURES,
                          extra=_key_extra(dim), order_by=_order(dim, "cost_usd"),
                          limit=None if dim.is_time else top)
-    [total] = reader.select(window, filters=filters or [], figures=SPEND_FIGURES)
+    [total] = reader.select(window, filters=filters or (), figures=SPEND_FIGURES)
     total_cost = total["cost_usd"]
     return {
         "report": "spend", "by": by, **window.describe(),
@@ -87,6 +109,120 @@ def spend(reader: Reader, window: Window, by: str = "provider", top: int | None 
                  for r in rows],
         "total": usage(total),
     }
+
+
+# --- agent runs, conversations and tools ---------------------------------------------------
+# Per run (a trace): its model calls' figures (the agent run's own event, which may repeat
+# their usage, and tool and MCP calls are no model calls), its tool calls, its failed
+# calls (of any kind), and how long it took: its first event's start to its last one's end.
+_PER_RUN = {
+    "run_llm_calls": raw("requests", IS_MODEL_CALL),
+    "run_input_tokens": raw("input_tokens", IS_MODEL_CALL),
+    "run_output_tokens": raw("output_tokens", IS_MODEL_CALL),
+    "run_cost_usd": raw("cost_usd", IS_MODEL_CALL),
+    "run_unpriced": raw("unpriced_requests", IS_MODEL_CALL),
+    "run_tool_calls": raw("requests", IS_TOOL_CALL),
+    "run_tool_ms_sum": raw("duration_ms_sum", IS_TOOL_CALL),
+    "run_tool_ms_count": raw("duration_ms_count", IS_TOOL_CALL),
+    "run_errors": raw("errors"),
+    "run_start": "min(timestamp)",
+    "run_ms": "(max(toUnixTimestamp64Nano(timestamp) + toInt64(ifNull(duration_ms, 0) * 1e6))"
+              " - min(toUnixTimestamp64Nano(timestamp))) / 1e6",
+    "run_agents": "groupUniqArrayIf(agent_name, agent_name != '')",
+}
+_RUNS = {
+    "runs": "count()", "llm_calls": "sum(_run_llm_calls)",
+    "input_tokens": "sum(_run_input_tokens)", "output_tokens": "sum(_run_output_tokens)",
+    "cost_usd": "sum(_run_cost_usd)", "unpriced_llm_calls": "sum(_run_unpriced)",
+    "tool_calls": "sum(_run_tool_calls)", "tool_ms_sum": "sum(_run_tool_ms_sum)",
+    "tool_ms_count": "sum(_run_tool_ms_count)", "errors": "sum(_run_errors)",
+    "failed_runs": "countIf(_run_errors > 0)", "run_ms_sum": "sum(_run_ms)",
+    "first_seen": "formatDateTime(min(_run_start), '%FT%TZ', 'UTC')",
+    "last_seen": "formatDateTime(max(_run_start), '%FT%TZ', 'UTC')",
+    "agents": "arraySort(groupUniqArrayArray(_run_agents))",
+}
+
+
+def runs(reader: Reader, window: Window, by: str = "agent", top: int | None = 20,
+         filters: Sequence[Where] | None = None) -> dict[str, Any]:
+    """The cost of agent runs (a run is a trace) by agent, session or trace, biggest spend
+    first: runs, the runs' model calls (their count, tokens and cost), tool calls and
+    their average latency, failed calls and runs, and the average run duration."""
+    if by not in RUN_DIMENSIONS:
+        raise ValueError(f"runs are grouped by {', '.join(RUN_DIMENSIONS)}, got {by!r}")
+    dim = dimension(by)
+    rows = reader.select(window, by=[dim], filters=filters or (), per_run=_PER_RUN,
+                         extra=_RUNS, order_by=["cost_usd DESC", "runs DESC", by], limit=top)
+    [total] = reader.select(window, filters=filters or (), per_run=_PER_RUN, extra=_RUNS)
+    return {
+        "report": "runs", "by": by, **window.describe(),
+        "rows": [{**keys(r, dim), **_run(r, by),
+                  "share": ratio(r["cost_usd"], total["cost_usd"], 4)} for r in rows],
+        "total": _run(total, by),
+    }
+
+
+def _run(row: dict[str, Any], by: str) -> dict[str, Any]:
+    runs_, cost = row["runs"], row["cost_usd"]
+    tokens = row["input_tokens"] + row["output_tokens"]
+    return {
+        "runs": runs_, "cost_usd": number(cost), "cost_per_run_usd": ratio(cost, runs_),
+        "llm_calls": number(row["llm_calls"]), "input_tokens": number(row["input_tokens"]),
+        "output_tokens": number(row["output_tokens"]), "total_tokens": number(tokens),
+        "unpriced_llm_calls": number(row["unpriced_llm_calls"]),
+        "tool_calls": number(row["tool_calls"]),
+        "avg_tool_latency_ms": ratio(row["tool_ms_sum"], row["tool_ms_count"], 1),
+        "errors": number(row["errors"]), "failed_runs": row["failed_runs"],
+        "avg_run_duration_ms": ratio(row["run_ms_sum"], runs_, 1),
+        **({} if by == "agent" else {"agents": row["agents"]}),
+        "first_seen": row["first_seen"] if runs_ else None,
+        "last_seen": row["last_seen"] if runs_ else None,
+    }
+
+
+TOOL_FIGURES = ("requests", "errors", "duration_ms_sum", "duration_ms_count",
+                "duration_ms_quantiles")
+
+
+def tools(reader: Reader, window: Window, top: int | None = 20,
+          filters: Sequence[Where] | None = None) -> dict[str, Any]:
+    """Per tool (`tool_name` of the tool calls: `execute_tool` events, an MCP `tools/call`
+    included), most called first: calls, errors, latency (average, p95) and the bytes of
+    arguments and results, and the runs (traces) that called it."""
+    dim = dimension(TOOL_DIMENSION)
+    where = [*(filters or []), Condition(IS_TOOL_CALL)]
+    extra = {"request_bytes": "sum(ifNull(request_bytes, 0))",
+             "response_bytes": "sum(ifNull(response_bytes, 0))",
+             "runs": "uniqExactIf(trace_id, trace_id != '')"}
+    rows = reader.select(window, by=[dim], filters=where, figures=TOOL_FIGURES, extra=extra,
+                         order_by=["requests DESC", TOOL_DIMENSION], limit=top)
+    [total] = reader.select(window, filters=where, figures=TOOL_FIGURES, extra=extra)
+    return {"report": "tools", "by": TOOL_DIMENSION, **window.describe(),
+            "rows": [{**keys(r, dim), **tool_call(r)} for r in rows], "total": tool_call(total)}
+
+
+def tool_call(row: dict[str, Any]) -> dict[str, Any]:
+    """Calls, errors, latency and sizes of a row of calls (tools, MCP methods)."""
+    p50, p95, _ = (quantile(v) for v in row["duration_ms_quantiles"])
+    return {"calls": number(row["requests"]), "errors": number(row["errors"]),
+            "error_rate": ratio(row["errors"], row["requests"], 4),
+            "avg_latency_ms": ratio(row["duration_ms_sum"], row["duration_ms_count"], 1),
+            "p50_latency_ms": p50, "p95_latency_ms": p95,
+            **{k: row[k] for k in ("request_bytes", "response_bytes", "runs") if k in row}}
+
+
+def quantile(value: float | None) -> float | None:
+    """A t-digest estimate for output; None (not NaN) when there was nothing to measure."""
+    return None if value is None or math.isnan(value) else number(value, 1)
+
+
+def _model_calls(by: str) -> list[Where]:
+    """By agent, session or trace, the cost is that of model calls only (as in `runs`: an
+    agent run's own event repeats their usage); tools have none."""
+    if by == TOOL_DIMENSION:
+        raise ValueError("tools have no cost (a run's model calls are no one tool's): "
+                         "--by tool is for spend (the tools report) only")
+    return [Condition(IS_MODEL_CALL)] if by in RUN_DIMENSIONS else []
 
 
 def growth(reader: Reader, window: Window, by: str = "model",
@@ -97,7 +233,7 @@ def growth(reader: Reader, window: Window, by: str = "model",
         raise ValueError("growth compares groups across two periods: --by cannot be a time")
     previous = window.previous()
     rows = reader.select(
-        Window(previous.since, window.until), by=[dim],
+        Window(previous.since, window.until), by=[dim], filters=_model_calls(by),
         extra={**_key_extra(dim), "change_usd": "_cost_usd - _previous_cost_usd"},
         within={"cost_usd": ("cost_usd", window), "previous_cost_usd": ("cost_usd", previous),
                 "requests": ("requests", window), "previous_requests": ("requests", previous)},
@@ -123,15 +259,16 @@ def variance(reader: Reader, window: Window, by: str = "provider",
     `actual_cost_without_estimate_usd`), never taken as an estimate of 0; a group with no
     request to compare shows no estimate and no variance (None), not a perfect match."""
     dim = dimension(by)
+    filters = _model_calls(by)
     compared_actual = "_actual_cost_usd - _unestimated_actual_cost_usd"
     rows = reader.select(
-        window, by=[dim], figures=VARIANCE_FIGURES,
+        window, by=[dim], filters=filters, figures=VARIANCE_FIGURES,
         extra={**_key_extra(dim),
                "gap": f"abs({compared_actual} - _estimated_cost_of_actual_usd)"},
         having="_actual_cost_requests > 0",
         order_by=[dim.name] if dim.is_time
         else ["gap DESC", "unestimated_actual_requests DESC", dim.name], limit=top)
-    [total] = reader.select(window, figures=VARIANCE_FIGURES)
+    [total] = reader.select(window, filters=filters, figures=VARIANCE_FIGURES)
     return {
         "report": "variance", "by": by, **window.describe(),
         "rows": [{**keys(r, dim), **_variance(r)} for r in rows],

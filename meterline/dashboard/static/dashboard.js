@@ -1,5 +1,6 @@
 // The meterline dashboard: reads the admin API (/api/v1/analytics/*, /api/v1/budgets)
-// every REFRESH_MS and draws tiles, Chart.js charts and tables. Plain script, no build
+// every REFRESH_MS and draws tiles, Chart.js charts and tables: traffic and spend, then
+// agents and MCP (analytics/agents), then guardrails (analytics/guardrails). Plain script, no build
 // step: the daemon serves this file as it is. body[data-state] and body[data-refreshes]
 // say when a refresh has landed (for people, and for the browser tests).
 "use strict";
@@ -246,11 +247,16 @@
 
   function drawBreakdown(costs) {
     const rows = costs.costs.slice(0, 12);
-    chart("chart-breakdown", {
+    spendBars("chart-breakdown", rows.map((r) => breakdownLabel(r)), rows, "#4e79a7");
+  }
+
+  // Horizontal bars of the rows' cost_usd, one per label.
+  function spendBars(id, labels, rows, barColour) {
+    chart(id, {
       type: "bar",
       data: {
-        labels: rows.map((r) => breakdownLabel(r)),
-        datasets: [{ label: "USD", backgroundColor: "#4e79a7", data: rows.map((r) => r.cost_usd) }],
+        labels,
+        datasets: [{ label: "USD", backgroundColor: barColour, data: rows.map((r) => r.cost_usd) }],
       },
       options: { indexAxis: "y", plugins: { legend: { display: false } },
                  scales: { x: { beginAtZero: true } } },
@@ -332,6 +338,83 @@
     ], budgets, "No budgets: add a budgets: section to pipeline.yaml.");
   }
 
+  // --- agents, tools, MCP and guardrails ----------------------------------------------------
+  const yes = (x) => (x == null ? dash : x ? "yes" : "no");
+  // A right-aligned column of the figure `key` of each row.
+  const num = (title, key, format = count) => ({ title, value: (r) => r[key], format, numeric: true });
+
+  function drawAgents(answer) {
+    const t = answer.totals;
+    $("tile-runs").textContent = count(t.runs);
+    $("tile-run-duration").textContent = `average ${ms(t.avg_run_duration_ms)}`;
+    $("tile-run-cost").textContent = usd(t.cost_usd);
+    $("tile-run-calls").textContent = `${count(t.llm_calls)} model calls`;
+    $("tile-tool-calls").textContent = count(answer.tool_totals.calls);
+    $("tile-tool-latency").textContent = `average ${ms(answer.tool_totals.avg_latency_ms)}`;
+    $("tile-mcp-connects").textContent = count(answer.mcp.connects);
+    $("tile-mcp-latency").textContent =
+      `${count(answer.mcp.sessions)} sessions · average ${ms(answer.mcp.avg_connect_latency_ms)}`;
+    const agents = answer.agents.slice(0, 12);
+    spendBars("chart-agents", agents.map((a) => label(a.agent)), agents, "#59a14f");
+    renderTable("table-agents", [
+      { title: "agent", value: (r) => r.agent },
+      num("runs", "runs"),
+      num("cost USD", "cost_usd", usd),
+      num("USD per run", "cost_per_run_usd", usd),
+      num("model calls", "llm_calls"),
+      num("tool calls", "tool_calls"),
+      num("avg run ms", "avg_run_duration_ms"),
+      num("errors", "errors"),
+    ], answer.agents, "No agent runs in this range.");
+    renderTable("table-tools", [
+      { title: "tool", value: (r) => r.tool },
+      num("calls", "calls"),
+      num("errors", "errors"),
+      num("avg ms", "avg_latency_ms"),
+      num("p95 ms", "p95_latency_ms"),
+      num("bytes sent", "request_bytes"),
+      num("bytes received", "response_bytes"),
+    ], answer.tools, "No tool calls in this range.");
+    renderTable("table-mcp", [
+      { title: "method", value: (r) => r.method },
+      num("requests", "calls"),
+      num("sessions", "sessions"),
+      num("errors", "errors"),
+      num("avg ms", "avg_latency_ms"),
+      num("p95 ms", "p95_latency_ms"),
+    ], answer.mcp.methods, "No MCP requests in this range.");
+  }
+
+  function drawGuardrails(answer) {
+    const p = answer.platform;
+    $("guardrails-source").textContent = answer.gateway
+      ? `rules of receiver ${answer.gateway}` : "no gateway receiver: rules unknown";
+    $("tile-models").textContent = count(p.total_models);
+    $("tile-protected").textContent = `${count(p.protected_models)} protected`;
+    $("tile-rules").textContent = count(p.total_rules);
+    $("tile-blocked").textContent = count(p.blocked_today);
+    $("tile-block-rate").textContent = `${pct(p.block_rate)} of the range's calls blocked`;
+    $("tile-modified").textContent = count(p.modified_today);
+    renderTable("table-guardrails", [
+      { title: "model", value: (r) => r.model },
+      { title: "enabled", value: (r) => r.enabled, format: yes },
+      num("rules", "rules_count"),
+      num("input rules", "input_rules"),
+      num("output rules", "output_rules"),
+      num("requests", "total_requests"),
+      num("blocked", "blocked"),
+      num("modified", "modified"),
+      num("block rate", "block_rate", pct),
+    ], answer.models, "No model calls in this range.");
+    renderTable("table-violations", [
+      { title: "user", value: (r) => r.user_id },
+      num("requests", "requests"),
+      num("violations (blocked)", "guardrail_violations"),
+      num("modified", "modified"),
+      num("guardrails fired", "flagged"),
+    ], answer.users, "No guardrail fired in this range.");
+  }
+
   function fillProviders(providers) {
     const select = $("provider");
     const names = providers.map((p) => p.provider).filter((p) => p);
@@ -360,13 +443,16 @@
       const drawn = (provider === "all"
         ? everyProvider.providers.map((p) => p.provider).filter((p) => p).slice(0, MAX_SERIES)
         : [provider]);
-      const [usage, performance, models, costs, keys, budgets, total, ...series] = await Promise.all([
+      const [usage, performance, models, costs, keys, budgets, agents, guardrails, total,
+             ...series] = await Promise.all([
         api("analytics/usage", filter),
         api("analytics/performance", filter),
         api("analytics/models", filter),
         api("analytics/costs", { ...filter, group_by: breakdownDimension() }),
         api("analytics/costs", { ...filter, group_by: "api_key" }),
         api("budgets"),
+        api("analytics/agents", { range }),
+        api("analytics/guardrails", filter),
         api("analytics/timeseries", filter),
         ...drawn.map((name) => api("analytics/timeseries", { range, provider: name })),
       ]);
@@ -381,6 +467,8 @@
       drawLatency(performance);
       drawBreakdown(costs);
       drawTables(costs, models, keys, budgets);
+      drawAgents(agents);
+      drawGuardrails(guardrails);
       for (const el of document.querySelectorAll(".breakdown-name")) el.textContent = costs.group_by;
       const when = (iso) => iso.replace("T", " ").replace(":00Z", " UTC");
       $("window").textContent = `${when(usage.since)} to ${when(usage.until)}`;
