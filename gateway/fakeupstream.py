@@ -1,4 +1,6 @@
-"""A fake LLM provider: OpenAI, Anthropic and Ollama shapes, streaming and not.
+"""A fake LLM provider: OpenAI, Anthropic and Ollama shapes, streaming and not; OpenAI's
+images, speech and transcriptions, Cohere's rerank, Gemini's generateContent and
+Imagen's predict, not streamed.
 
 Tests, the gateway benchmark and the demo point the gateway at it instead of a
 real provider (there is no internet at run time, and a real provider is neither
@@ -19,6 +21,8 @@ headers, which the gateway forwards:
 | `x-fake-status` | `status` | answer this error status, with the provider's error body |
 | `x-fake-break-after` | | close the connection after this many stream chunks |
 | `x-fake-reply` | | the answer's text (its words are the output tokens) instead of `tok0 tok1 …` |
+| `x-fake-images` | | images answered (OpenAI images, Gemini) |
+| `x-fake-audio-seconds` | | the duration a transcription answers (default 3.5) |
 | `x-fake-echo-key` | | answer 401 (or `x-fake-status`) with an error message that echoes the key |
 |  |  | received: `masked` as OpenAI does (`sk-proj-abc***…wxyz`), `clear` whole, as some |
 |  |  | proxies do (`Bearer sk-…`; Anthropic: `invalid x-api-key: sk-ant-…`) |
@@ -41,6 +45,7 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
+from meterline.gateway.shapes.media import read_form  # (the gateway's own form reader)
 from meterline.httpserver import serve
 from meterline.units import Duration, Listen
 
@@ -391,10 +396,97 @@ class FakeUpstream:
         return self._json({"model": plan.model, "embeddings": [[0.1, 0.2, 0.3]],
                            "prompt_eval_count": plan.input_tokens})
 
+    # --- media, rerank, Gemini -------------------------------------------------------------
+    async def _images(self, request: web.Request, body: dict[str, Any], plan: _Plan,
+                      stream: bool) -> web.StreamResponse:
+        """OpenAI's images: `n` images (`x-fake-images` overrides); gpt-image-1 also
+        answers its size, quality and the tokens of its images."""
+        count = int(request.headers.get("x-fake-images", body.get("n") or 1))
+        answer: dict[str, Any] = {"created": int(time.time()), "data": [
+            {"b64_json": "aW1hZ2U=", "revised_prompt": None} for _ in range(count)]}
+        if str(body.get("model", "")).startswith("gpt-image"):
+            size = body.get("size") if body.get("size") not in (None, "auto") else "1024x1024"
+            quality = body.get("quality") if body.get("quality") not in (None, "auto") \
+                else "medium"
+            answer.update(size=size, quality=quality, output_format="png", usage={
+                "input_tokens": plan.input_tokens, "output_tokens": 1056 * count,
+                "total_tokens": plan.input_tokens + 1056 * count,
+                "input_tokens_details": {"text_tokens": plan.input_tokens, "image_tokens": 0}})
+        return self._json(answer, headers=_OPENAI_LIMITS)
+
+    async def _speech(self, request: web.Request, body: dict[str, Any], plan: _Plan,
+                      stream: bool) -> web.StreamResponse:
+        """OpenAI's speech: audio bytes (as many as characters asked for, times 100)."""
+        self.served += 1
+        return web.Response(body=b"ID3" + b"\0" * (100 * len(str(body.get("input", "")))),
+                            content_type="audio/mpeg", headers=_OPENAI_LIMITS)
+
+    async def _transcription(self, request: web.Request, body: dict[str, Any], plan: _Plan,
+                             stream: bool) -> web.StreamResponse:
+        """OpenAI's transcriptions: the form's `response_format`; `x-fake-audio-seconds`
+        (default 3.5) is the duration answered. whisper-1 reports it as `usage.seconds`,
+        the gpt-4o-*-transcribe models report tokens."""
+        form = read_form(await request.read(), request.headers.get("content-type", "").encode())
+        fields = form.fields if form is not None else {}
+        seconds = float(request.headers.get("x-fake-audio-seconds", "3.5"))
+        text = plan.output().strip()
+        model = fields.get("model", "whisper-1")
+        response_format = fields.get("response_format", "json")
+        if response_format == "text":
+            self.served += 1
+            return web.Response(text=text, content_type="text/plain")
+        if response_format == "verbose_json":
+            return self._json({"task": "transcribe", "language": "english",
+                               "duration": seconds, "text": text, "segments": []})
+        usage: dict[str, Any] = {"type": "duration", "seconds": int(seconds + 0.5)}
+        if "transcribe" in model:
+            audio = int(seconds * 10)
+            usage = {"type": "tokens", "input_tokens": audio, "output_tokens": plan.tokens,
+                     "total_tokens": audio + plan.tokens,
+                     "input_token_details": {"text_tokens": 0, "audio_tokens": audio}}
+        return self._json({"text": text, "usage": usage})
+
+    async def _rerank(self, request: web.Request, body: dict[str, Any], plan: _Plan,
+                      stream: bool) -> web.StreamResponse:
+        """Cohere's rerank: one search unit per 100 documents."""
+        documents = body.get("documents") or []
+        return self._json({"id": f"rerank-fake-{self.served}", "results": [
+            {"index": i, "relevance_score": round(1 - i / (len(documents) + 1), 3)}
+            for i in range(min(len(documents), int(body.get("top_n") or len(documents))))],
+            "meta": {"api_version": {"version": "2"},
+                     "billed_units": {"search_units": max(1, -(-len(documents) // 100))}}})
+
+    async def _gemini(self, request: web.Request, body: dict[str, Any], plan: _Plan,
+                      stream: bool) -> web.StreamResponse:
+        """Gemini's generateContent (not streamed): text, and `x-fake-images` images."""
+        images = int(request.headers.get("x-fake-images", "0"))
+        model = request.path.rsplit("/", 1)[-1].split(":")[0]
+        texts = [p for c in body.get("contents") or [] for p in c.get("parts") or []
+                 if isinstance(p, dict) and isinstance(p.get("text"), str)]
+        prompt = sum(len(p["text"].split()) for p in texts)
+        parts: list[dict[str, Any]] = [{"text": plan.output()}]
+        parts += [{"inlineData": {"mimeType": "image/png", "data": "aW1hZ2U="}}] * images
+        return self._json({"candidates": [{"content": {"role": "model", "parts": parts},
+                                           "finishReason": "STOP", "index": 0}],
+                           "usageMetadata": {"promptTokenCount": prompt,
+                                             "candidatesTokenCount": plan.tokens + 1290 * images,
+                                             "totalTokenCount": prompt + plan.tokens},
+                           "modelVersion": model, "responseId": f"gemini-fake-{self.served}"})
+
+    async def _imagen(self, request: web.Request, body: dict[str, Any], plan: _Plan,
+                      stream: bool) -> web.StreamResponse:
+        """Imagen's predict: `parameters.sampleCount` images."""
+        count = int((body.get("parameters") or {}).get("sampleCount") or 1)
+        return self._json({"predictions": [{"mimeType": "image/png",
+                                            "bytesBase64Encoded": "aW1hZ2U="}] * count})
+
     _routes = (("/api/chat", _ollama), ("/api/generate", _ollama), ("/api/embed", _ollama_embed),
                ("/chat/completions", _chat), ("/completions", _completions),
                ("/embeddings", _embeddings), ("/responses", _responses),
-               ("/messages", _messages))
+               ("/messages", _messages), ("/images/generations", _images),
+               ("/audio/speech", _speech), ("/audio/transcriptions", _transcription),
+               ("/audio/translations", _transcription), ("/rerank", _rerank),
+               (":generateContent", _gemini), (":predict", _imagen))
 
 
 _OPENAI_LIMITS = {"x-ratelimit-limit-requests": "10000", "x-ratelimit-remaining-requests": "9999",

@@ -49,6 +49,7 @@ from meterline.gateway.shapes import (
     read_error,
     shape_for,
 )
+from meterline.gateway.shapes.media import read_form
 from meterline.gateway.streams import LineSplitter, SSESplitter
 from meterline.gateway.upstream import UNHEALTHY_AFTER, Exchange, Upstream, UpstreamFailure
 from meterline.genai import ROUTING_ATTRIBUTE, failure
@@ -347,6 +348,12 @@ class Call:
         self.shape = shape = shape_for(self.event.endpoint or "/")
         if shape is None:
             return
+        if shape.multipart:  # an upload: its small fields read, its files left alone
+            form = read_form(self.body, self.request.headers.get(b"content-type", b""))
+            if form is not None:
+                self.event.operation = shape.operation
+                shape.read_form_request(form, self.event, self.proxy.config.capture_content)
+            return
         try:
             body = _decode(self.body)
         except msgspec.DecodeError as e:
@@ -482,12 +489,12 @@ class Call:
                 self.splitter = SSESplitter() if sse else LineSplitter()
                 if self.drop_usage:
                     length = None  # the body changes
-        elif (status < 300 and shape is not None and self.proxy.guardrails is not None
-              and self.request.method != b"HEAD"
+        elif (status < 300 and shape is not None and shape.reads_response
+              and self.proxy.guardrails is not None and self.request.method != b"HEAD"
               and self.proxy.guardrails.holds("output", event.request_model)):
             await self.guard_output(self.proxy.guardrails, status, head)
             return
-        elif shape is not None or status >= 400:
+        elif (shape is not None and shape.reads_response) or status >= 400:
             self.parsed = []
             key = self.serving.config.api_key if self.serving is not None else None
             if status >= 400 and key and self.request.method != b"HEAD":

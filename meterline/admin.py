@@ -3,6 +3,9 @@
 `/healthz` answers while the process runs; `/readyz` once every component has
 started; `/metrics` is the self-telemetry in Prometheus text format;
 `/api/v1/status` shows the running pipelines, the reload count and the queues;
+`/api/v1/audit?limit=N` the audit log of configuration changes, newest first (what
+`meterline audit` reads), and `POST /api/v1/reload` reloads pipeline.yaml as SIGHUP does
+(recorded with the trigger `admin_api`);
 `/api/v1/tap?filter=JSON` streams the events leaving the processors as NDJSON
 (what `meterline tap` reads). Other `/api/v1/...` paths are served by components
 (`Component.admin_routes`), such as the analytics API of the `finops` extension.
@@ -24,6 +27,7 @@ from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from meterline import dashboard
+from meterline.audit import KEEP as AUDIT_KEEP
 from meterline.auth import BearerToken, unauthorised
 from meterline.config import AdminConfig
 from meterline.event import to_jsonl
@@ -46,6 +50,8 @@ class AdminServer:
         self.app.router.add_get("/metrics", self.metrics)
         self.app.router.add_get("/api/v1/status", self.status)
         self.app.router.add_get("/api/v1/tap", self.tap)
+        self.app.router.add_get("/api/v1/audit", self.audit)
+        self.app.router.add_post("/api/v1/reload", self.reload)
         self.app.router.add_get("/api/v1/{path:.+}", self.component_route)
         dashboard.add_routes(self.app)
         self.runner: web.AppRunner | None = None
@@ -80,6 +86,21 @@ class AdminServer:
 
     async def status(self, _: web.Request) -> web.Response:
         return web.json_response(self.service.status())
+
+    async def audit(self, request: web.Request) -> web.Response:
+        text = request.query.get("limit", "100")
+        if not text.isdigit() or not 1 <= int(text) <= 2 * AUDIT_KEEP:
+            return web.json_response(
+                {"error": f"limit must be a whole number from 1 to {2 * AUDIT_KEEP}, "
+                          f"got {text!r}"}, status=400)
+        entries = await asyncio.to_thread(self.service.audit.entries, int(text))
+        return web.json_response({"entries": entries})
+
+    async def reload(self, _: web.Request) -> web.Response:
+        """Reload as SIGHUP does; 200 with the audit entry when applied, else 422."""
+        applied = await self.service.reload(self.service.config_path, "admin_api")
+        return web.json_response({"applied": applied, "entry": self.service.last_reload},
+                                 status=200 if applied else 422)
 
     async def component_route(self, request: web.Request) -> web.StreamResponse:
         """Paths served by components; looked up per request, so a reload may change them."""

@@ -16,11 +16,13 @@ gets one):
 |---|---|
 | `timestamp` (epoch ns) | 2000-01-01T00:00:00Z ... now + 1 day |
 | `*_tokens` | integer, 0 ... 10^9 |
+| `images`, `characters`, `search_queries` | integer, 0 ... 10^9 |
 | `status_code` | 100 ... 599 |
 | `ratelimit_*` | integer, 0 ... 10^12 |
 | `attempts` | 1 ... 1000 |
 | `*_bytes` | integer, 0 ... 2^40 |
 | `*_ms` | finite, 0 ... 30 days |
+| `*_seconds` (audio, video) | finite, 0 ... 30 days in seconds |
 | `*_usd` | finite, 0 ... 1,000,000 |
 | `sample_weight` | finite, > 0 ... 1,000,000 |
 | `event_id` | 1 ... 256 characters |
@@ -63,6 +65,9 @@ COST_MAX_USD: Final = 1_000_000.0
 WEIGHT_MAX: Final = 1_000_000.0  # a sampling rate of one in a million
 TIMESTAMP_MIN: Final = 946_684_800 * 10**9  # 2000-01-01T00:00:00Z, in ns
 TIMESTAMP_AHEAD: Final = 86_400 * 10**9  # now + 1 day: clocks differ, not by days
+UNITS_MAX: Final = 10**9  # images, characters, searches in one call
+SECONDS_MAX: Final = DURATION_MAX_MS / 1000  # audio or video in one call
+_COUNTS: Final = frozenset({"images", "characters", "search_queries"})
 _REFRESH_S: Final = 3600.0  # the upper timestamp bound follows the clock hourly
 
 NAME_CHARS: Final = 1024
@@ -103,6 +108,8 @@ def _int_bounds(name: str, now_ns: int) -> msgspec.Meta:
         return msgspec.Meta(ge=TIMESTAMP_MIN, le=now_ns + TIMESTAMP_AHEAD)
     if name.endswith("_tokens"):
         return msgspec.Meta(ge=0, le=TOKENS_MAX)
+    if name in _COUNTS:
+        return msgspec.Meta(ge=0, le=UNITS_MAX)
     if name.startswith("ratelimit_"):
         return msgspec.Meta(ge=0, le=RATELIMIT_MAX)
     if name == "status_code":
@@ -119,6 +126,8 @@ def _float_bounds(name: str) -> msgspec.Meta:
         return msgspec.Meta(ge=0, le=DURATION_MAX_MS)
     if name.endswith("_usd"):
         return msgspec.Meta(ge=0, le=COST_MAX_USD)
+    if name.endswith("_seconds"):
+        return msgspec.Meta(ge=0, le=SECONDS_MAX)
     if name == "sample_weight":
         return msgspec.Meta(gt=0, le=WEIGHT_MAX)
     raise TypeError(f"Event.{name}: a float field needs a bound in meterline/bounds.py")

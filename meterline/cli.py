@@ -13,6 +13,7 @@ import sys
 import urllib.parse
 from collections.abc import Callable
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 from meterline import __version__, describe, logs, registry
@@ -68,6 +69,15 @@ def main(argv: list[str] | None = None) -> int:
     tap.add_argument("--token", help="bearer token of the admin API")
     tap.set_defaults(func=cmd_tap)
 
+    audit = commands.add_parser(
+        "audit", help="the recent configuration changes: starts and reloads, applied or "
+                      "refused (from the running daemon, else the data directory)")
+    add_config_argument(audit, "the daemon's pipeline.yaml, for its admin address and data_dir")
+    audit.add_argument("--limit", type=int, default=20, help="at most this many, newest first "
+                                                             "(default 20)")
+    audit.add_argument("--json", action="store_true", help="the entries as a JSON array")
+    audit.set_defaults(func=cmd_audit)
+
     describe.add(commands)  # meterline components [TYPE] [--markdown DIR]
     registry.add_commands(commands)
     args = parser.parse_args(argv)
@@ -96,6 +106,87 @@ def admin_address(loaded: config_mod.PipelineFile) -> tuple[str, str | None] | N
         return None
     host = "127.0.0.1" if admin.listen.host in ("0.0.0.0", "::") else admin.listen.host
     return f"http://{host}:{admin.listen.port}", admin.auth_token
+
+
+class AdminError(Exception):
+    """The daemon answered, but not with what was asked; printed as is."""
+
+
+def admin_get(loaded: config_mod.PipelineFile, path: str, params: dict[str, Any],
+              timeout: float = 10.0) -> Any:
+    """GET `/api/v1/<path>` from the daemon running `loaded`, as JSON; None when no daemon
+    answers there (its admin server off, or nobody listening)."""
+    import urllib.error
+    import urllib.request
+
+    address = admin_address(loaded)
+    if address is None:
+        return None
+    base, token = address
+    url = f"{base}/api/v1/{path}?{urllib.parse.urlencode(params)}"
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"}
+                                     if token else {})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return json.load(response)
+    except urllib.error.HTTPError as e:
+        detail = e.read().decode(errors="replace")
+        with contextlib.suppress(ValueError, AttributeError):
+            detail = json.loads(detail).get("error", detail)
+        raise AdminError(f"the daemon at {base} answered {e.code}: {detail}") from None
+    except urllib.error.URLError as e:
+        if isinstance(e.reason, ConnectionRefusedError):
+            return None
+        raise AdminError(f"the daemon at {base} did not answer: {e.reason}") from None
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from meterline import audit
+
+    if not 1 <= args.limit <= 2 * audit.KEEP:
+        print(f"meterline audit: --limit must be from 1 to {2 * audit.KEEP}", file=sys.stderr)
+        return 1
+    loaded = load_config(config_path(args.config))
+    if loaded is None:
+        return 1
+    try:
+        answer = admin_get(loaded, "audit", {"limit": args.limit})
+    except AdminError as e:
+        print(f"meterline audit: {e}", file=sys.stderr)
+        return 1
+    entries = (answer["entries"] if answer is not None
+               else audit.read(Path(loaded.service.data_dir), args.limit))
+    if args.json:
+        print(json.dumps(entries, indent=2))
+    elif not entries:
+        print(f"no audit entries in {loaded.service.data_dir}: has the daemon run?")
+    else:
+        sys.stdout.write("".join(render_audit_entry(e) for e in entries))
+    return 0
+
+
+def render_audit_entry(entry: dict[str, Any]) -> str:
+    """One entry as `meterline audit` prints it: a heading line, then what changed."""
+    digest = (entry.get("sha256") or "-")[:12]
+    lines = [f"{entry['time']}  #{entry['seq']}  {entry['result']:<8} {entry['trigger']:<12} "
+             f"sha256:{digest}  {entry['file']}"]
+    changes = entry.get("changes") or {}
+    for sign, part in (("+", "added"), ("-", "removed"), ("~", "changed")):
+        for change in changes.get(part) or []:
+            keys = "; ".join(
+                f"{key}: {_shown(side, 'from')} -> {_shown(side, 'to')}"
+                for key, side in (change.get("keys") or {}).items())
+            lines.append(f"  {sign} {change['kind']} {change['id']}" + (f": {keys}" if keys
+                                                                          else ""))
+    if entry.get("restart_needed"):
+        lines.append(f"  restart needed: {', '.join(entry['restart_needed'])}")
+    if entry.get("error"):
+        lines += ["  " + line for line in entry["error"].splitlines()]
+    return "\n".join(lines) + "\n"
+
+
+def _shown(side: dict[str, Any], key: str) -> str:
+    return json.dumps(side[key], ensure_ascii=False) if key in side else "(absent)"
 
 
 def cmd_validate(args: argparse.Namespace) -> int:

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from opentelemetry.metrics import Meter
     from structlog.typing import FilteringBoundLogger
 
+    from meterline.audit import AuditLog
     from meterline.config import PipelineFile
     from meterline.telemetry import Telemetry
 
@@ -47,6 +48,10 @@ class Context:
     replicas: int = 1
     """How many processes run this component side by side (processors run in every worker
     process): a limit meant for the whole daemon, such as a rate, is divided by it."""
+    audit: AuditLog | None = None
+    """The daemon's audit log of configuration changes (`meterline/audit.py`): `entries()`
+    and `subscribe(callback)`, for a component that keeps them elsewhere. None where no
+    daemon runs (worker processes, tools)."""
 
     @property
     def meter(self) -> Meter:

@@ -10,6 +10,7 @@ reported at once, each naming file, line, key and what was expected.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import types
 import typing
@@ -23,7 +24,7 @@ from meterline import registry
 from meterline.component import Config, Factory, Kind
 from meterline.httpserver import BearerListenerConfig
 from meterline.units import Duration, Listen
-from meterline.yamlsource import Path_, Source, SourceError, load_file, load_text
+from meterline.yamlsource import Path_, Source, SourceError, load_text
 
 PIPELINE_SECTIONS: dict[str, Kind] = {"receivers": "receiver", "processors": "processor",
                                       "exporters": "exporter"}
@@ -152,6 +153,10 @@ class PipelineFile:
     exporters: dict[str, ComponentConfig] = field(default_factory=dict)
     extensions: dict[str, ComponentConfig] = field(default_factory=dict)
     service: ServiceConfig = field(default_factory=lambda: ServiceConfig(pipelines={}))
+    text: str = ""
+    """The file as read, before `${env:...}` (the audit log records what changed from it,
+    with references rather than values)."""
+    sha256: str | None = None  # of the bytes read
 
 
 @dataclass(frozen=True)
@@ -179,13 +184,17 @@ def load(file: str, environ: Mapping[str, str] | None = None,
     `overlay` is merged into the file's data before validation (mappings merged key by
     key, anything else replaced): how `meterline run --demo` points the file's gateway
     at its fake upstream without another file to keep in step."""
+    return loads(read(file), file, environ, overlay)
+
+
+def read(file: str) -> bytes:
+    """The bytes of `file` (once: a reload hashes and validates the same bytes)."""
     try:
-        source = load_file(file, environ)
-    except SourceError as e:
-        raise ConfigError([Problem(e.file, e.line, "", e.message)]) from e
-    if overlay:
-        source.data = merge(source.data, overlay)
-    return validate(source)
+        with open(file, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise ConfigError([Problem(file, None, "", f"cannot read the file: {e.strerror}")]) \
+            from e
 
 
 def merge(base: Mapping[str, Any], overlay: Mapping[str, Any]) -> dict[str, Any]:
@@ -199,13 +208,23 @@ def merge(base: Mapping[str, Any], overlay: Mapping[str, Any]) -> dict[str, Any]
     return merged
 
 
-def loads(text: str, file: str = "<string>",
-          environ: Mapping[str, str] | None = None) -> PipelineFile:
+def loads(text: str | bytes, file: str = "<string>",
+          environ: Mapping[str, str] | None = None,
+          overlay: Mapping[str, Any] | None = None) -> PipelineFile:
+    """Validate the text of a pipeline file (bytes: as read, hashed into `sha256`)."""
+    raw = text if isinstance(text, bytes) else text.encode()
     try:
-        source = load_text(text, file, environ)
+        decoded = raw.decode("utf-8")
+        source = load_text(decoded, file, environ)
+    except UnicodeDecodeError as e:
+        raise ConfigError([Problem(file, None, "", f"not UTF-8 text: {e}")]) from e
     except SourceError as e:
         raise ConfigError([Problem(e.file, e.line, "", e.message)]) from e
-    return validate(source)
+    if overlay:
+        source.data = merge(source.data, overlay)
+    result = validate(source)
+    result.text, result.sha256 = decoded, hashlib.sha256(raw).hexdigest()
+    return result
 
 
 def convert(data: Any, cls: type[Config]) -> Config:

@@ -91,6 +91,17 @@ class Event(
     cache_creation_tokens: int | None = None
     reasoning_tokens: int | None = None
 
+    # what a call is billed for besides tokens (see docs/event.md, "Units")
+    images: int | None = None  # images generated
+    image_size: str | None = None  # their size, as answered or requested: 1024x1024
+    image_quality: str | None = None  # their quality: standard, hd, low, medium, high
+    audio_input_seconds: float | None = None  # audio transcribed or translated
+    audio_output_seconds: float | None = None  # audio synthesised
+    characters: int | None = None  # text characters synthesised into speech
+    video_seconds: float | None = None  # video generated
+    search_queries: int | None = None  # rerank searches (search units), web searches
+    batch: bool | None = None  # a batch-API call (billed at the batch price)
+
     duration_ms: float | None = None
     provider_duration_ms: float | None = None
     overhead_ms: float | None = None

@@ -24,8 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from meterline import audit as audit_mod
 from meterline import config as config_mod
 from meterline import logs
+from meterline.audit import AuditLog, Trigger
 from meterline.component import (
     Context,
     Exporter,
@@ -67,10 +69,10 @@ class Service:
         self.ready = False
         self.reloads = 0  # successful reloads since start
         self.reloads_refused = 0  # reloads refused (invalid file) or applied in part
-        self._reload_results = self.telemetry.meter.create_counter(
-            "meterline_config_reloads", description="Reloads of pipeline.yaml, by result "
-            "(applied; refused: the file is invalid; partial: a component failed to start)")
+        self.audit = AuditLog(self.data_dir)  # every start and reload, in the data dir
+        self.last_reload: dict[str, Any] | None = None  # the audit entry of the last reload
         self.admin: Any = None
+        self.config_path = config.file  # the file reloads read (`run` sets the one given)
         self.limiter: MemoryLimiter | None = None
         self._lock_fd: int | None = None
         self._reloading = asyncio.Lock()
@@ -81,14 +83,19 @@ class Service:
                      if workers > 1 else None)
 
     def context(self, cid: str) -> Context:
-        return Context(cid, self.data_dir, self.telemetry, logs.get(component=cid))
+        return Context(cid, self.data_dir, self.telemetry, logs.get(component=cid),
+                       audit=self.audit)
 
     # --- start ---------------------------------------------------------------------
     async def start(self) -> None:
         self._lock_data_dir()
         self.limiter = await start_limiter(self.config.service.memory_limiter,
                                            self.telemetry.meter)
+        self.audit.open()
         await self._apply(self.config, first=True)
+        await self.audit.record(self.audit.entry(
+            "start", self.config.file, self.config.sha256, "applied",
+            changes=audit_mod.diff(None, self.config, self.overlay)))
         admin_cfg = self.config.service.admin
         if admin_cfg is not None:
             from meterline.admin import AdminServer
@@ -225,31 +232,42 @@ class Service:
                 self.extensions[cid] = _Running(spec, extension)
 
     # --- reload --------------------------------------------------------------------
-    async def reload(self, path: str) -> bool:
-        """Re-read `path`; apply it if valid, else log why and keep running as before."""
+    async def reload(self, path: str, trigger: Trigger = "signal") -> bool:
+        """Re-read `path`; apply it if valid, else log why and keep running as before.
+        Either way the audit log records it, with what `trigger`ed it."""
         async with self._reloading:
+            data: bytes | None = None
             try:
-                new = config_mod.load(path, overlay=self.overlay)
+                data = config_mod.read(path)
+                new = config_mod.loads(data, path, overlay=self.overlay)
             except ConfigError as e:
                 for problem in e.problems:
                     self.log.error("reload refused: invalid configuration", problem=str(problem))
-                self._reloaded("refused")
+                await self._reloaded(self.audit.entry(
+                    trigger, path, None if data is None else audit_mod.digest(data), "refused",
+                    error=audit_mod.scrub(str(e), (data or b"").decode(errors="replace"))))
                 return False
+            changes = audit_mod.diff(self.config, new, self.overlay)
             fixed = ["data_dir", "admin", "telemetry", "workers"]
             if not self._retune_limiter(new.service.memory_limiter):
                 fixed.append("memory_limiter")
+            kept = []
             for key in fixed:
                 if getattr(new.service, key) != getattr(self.config.service, key):
                     self.log.warning("service setting changes need a restart", setting=key)
                     setattr(new.service, key, getattr(self.config.service, key))
+                    kept.append(key)
+            entry = self.audit.entry(trigger, path, new.sha256, "applied", changes=changes,
+                                     restart_needed=kept)
             try:
                 await self._apply(new)
             except StartError as e:
                 self.log.error("reload applied in part: a component failed to start",
                                error=str(e))
-                self._reloaded("partial")
+                entry.result, entry.error = "partial", audit_mod.scrub(str(e), new.text)
+                await self._reloaded(entry)
                 return False
-            self._reloaded("applied")
+            await self._reloaded(entry)
             self.log.info("reloaded", file=path, pipelines=sorted(self.pipelines))
             return True
 
@@ -266,12 +284,13 @@ class Service:
                 return False
         return True
 
-    def _reloaded(self, result: str) -> None:
-        if result == "applied":
+    async def _reloaded(self, entry: audit_mod.Entry) -> None:
+        if entry.result == "applied":
             self.reloads += 1
         else:
             self.reloads_refused += 1
-        self._reload_results.add(1, {"result": result})
+        self.telemetry.config_reloaded(entry.result)
+        self.last_reload = await self.audit.record(entry)
 
     def admin_routes(self) -> dict[str, Any]:
         """The admin API paths the running components serve (see Component.admin_routes)."""
@@ -333,6 +352,7 @@ class Service:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload(path)))
+        self.config_path = path  # what `POST /api/v1/reload` reloads
         background = [asyncio.create_task(self._watch(path))] if (
             self.config.service.watch_config) else []
         if companion is not None:
@@ -361,7 +381,7 @@ class Service:
             now = stamp()
             if now is not None and now != last:
                 last = now
-                await self.reload(path)
+                await self.reload(path, "file_change")
 
 
 async def _stop_changed(running: dict[str, _Running],

@@ -8,6 +8,7 @@ Collector's `otelcol_*` set with a `meterline_` prefix and `events` as the unit.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable
 
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
@@ -62,6 +63,21 @@ class Telemetry:
         self.exporter_filtered = m.create_counter(
             "meterline_exporter_filtered_events",
             description="Events an exporter's filtering block left out")
+        self._config_reloads = m.create_counter(
+            "meterline_config_reloads", description="Reloads of pipeline.yaml, by result "
+            "(applied; refused: the file is invalid; partial: a component failed to start)")
+        # as Prometheus' own prometheus_config_last_reload_*: alert on `== 0`
+        self.last_reload_successful = 1.0
+        self.last_reload_success_time = time.time()  # the start counts as a success
+        m.create_observable_gauge(
+            "meterline_config_last_reload_successful",
+            callbacks=[lambda _: [Observation(self.last_reload_successful)]],
+            description="1 when the last reload of pipeline.yaml was applied, 0 when it was "
+                        "refused or applied in part (the audit log says why)")
+        m.create_observable_gauge(
+            "meterline_config_last_reload_success_timestamp_seconds",
+            callbacks=[lambda _: [Observation(self.last_reload_success_time)]],
+            description="When the configuration was last applied (start or reload), Unix time")
         self._queues: dict[str, QueueFigures] = {}
         for name, key, description in (
             ("meterline_exporter_queue_size", "events", "Events waiting in an exporter's queue"),
@@ -73,6 +89,14 @@ class Telemetry:
         ):
             m.create_observable_gauge(name, callbacks=[self._observe(key)],
                                       description=description)
+
+    def config_reloaded(self, result: str) -> None:
+        """Count a reload by result (applied, refused, partial) and set the last-reload
+        gauges."""
+        self._config_reloads.add(1, {"result": result})
+        self.last_reload_successful = 1.0 if result == "applied" else 0.0
+        if result == "applied":
+            self.last_reload_success_time = time.time()
 
     def watch_queue(self, exporter: str, figures: QueueFigures | None) -> None:
         """Report (or, with None, stop reporting) an exporter's queue figures."""

@@ -21,6 +21,9 @@ Path_ = tuple[str | int, ...]
 
 _MAX_VALUES = 100_000  # a config has hundreds; aliases must not expand to billions
 _ENV = re.compile(r"\$\$|\$\{env:([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+ENV_REFERENCE = _ENV
+"""`${env:NAME}` (group 1: NAME, group 2: the default) or `$$` (no group): for readers of the
+file that must know which values come from the environment (the audit log masks them)."""
 
 
 class SourceError(Exception):

@@ -60,6 +60,7 @@ def dataset(now: datetime, count: int = 600, seed: int = 5) -> list[Event]:
             actual_cost_usd=(cost + rng.choice([0.125, -0.0625, 0.0])
                              if cost is not None and rng.random() < 0.3 else None),
             sample_weight=rng.choice([1.0, 1.0, 1.0, 2.0, 4.0]),
+            session_id=f"s{i % 7}" if i % 3 else None,
         ))
     return events
 

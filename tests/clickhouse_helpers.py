@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +61,11 @@ DIMENSIONS = ["provider", "model", "team", "api_key", "status", "day", "user",
 
 
 def clickhouse_windows(now: datetime) -> dict[str, Window]:
-    return {r: Window.parse(r, now=now) for r in ("24h", "7d", "30d", "90d")}
+    """The ranges ending now, and `days`: the last 60 whole days (UTC), which the daily
+    rollups answer without raw events."""
+    midnight = now.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    return {**{r: Window.parse(r, now=now) for r in ("24h", "7d", "30d", "90d")},
+            "days": Window(midnight - timedelta(days=60), midnight)}
 
 
 def every_finops_answer(reader: Reader, now: datetime,
@@ -70,7 +74,8 @@ def every_finops_answer(reader: Reader, now: datetime,
     percentiles left out: t-digest estimates depend on the order states are merged in)."""
     w = clickhouse_windows(now)
     out = {f"spend {by} {r}": finops.spend(reader, w[r], by, top=1000)
-           for by in DIMENSIONS for r in ("24h", "90d")}
+           for by in DIMENSIONS for r in ("24h", "90d", "days")}
+    out["spend session 90d"] = finops.spend(reader, w["90d"], "session", top=1000)
     out |= {"growth": finops.growth(reader, w["30d"], "model", top=1000),
             "growth by user": finops.growth(reader, w["30d"], "user", top=1000),
             "variance": finops.variance(reader, w["90d"], "provider"),
@@ -80,6 +85,9 @@ def every_finops_answer(reader: Reader, now: datetime,
             "providers": analytics.providers(reader, w["90d"]),
             "costs by day": analytics.costs(reader, w["30d"], "day"),
             "usage of u2": analytics.usage_report(reader, w["90d"], user_id="u2"),
+            "usage of u2, days": analytics.usage_report(reader, w["days"], user_id="u2"),
+            "costs by customer": analytics.costs(reader, w["30d"], "metadata.customer"),
+            "users, days": analytics.users(reader, w["days"]),
             "performance": analytics.performance(reader, w["7d"]),
             "users": analytics.users(reader, w["90d"])}
     if budgeted:

@@ -1,16 +1,23 @@
 """FinOps answers straight from chDB: which tables they read, and events that two writers
-stored at the same moment counted once (raw events read deduplicated, rollups repaired).
+stored at the same moment, or a batch delivered again after a partial insert, counted once
+at every moment (the hours being written are read from the events, deduplicated, until
+their rollups are known right).
 
 Every answer is compared with the same answer from a second database, in the same chDB,
 that received each event once."""
 
 import asyncio
 import threading
+from dataclasses import replace
 from datetime import UTC, datetime
 
 import pytest
 
-from meterline.component import ExportBatch
+from meterline.component import ExportBatch, RetryableError
+from meterline.exporters.clickhouse import repair
+from meterline.exporters.clickhouse import schema as schema_module
+from meterline.exporters.clickhouse.metrics import AGGREGATES
+from meterline.exporters.clickhouse.schema import Schema, ensure_schema
 from meterline.extensions.finops import analytics, budgets, finops
 from tests import clickhouse_data as data
 from tests.clickhouse_helpers import (
@@ -23,17 +30,22 @@ from tests.helpers import eventually, metric_value
 
 NOW = datetime.now(UTC)
 EVENTS = data.dataset(NOW)
+N = len(EVENTS)
 ROLLED = ["provider", "model", "team", "api_key", "status", "day"]
+DAILY = ["user", "metadata.customer"]  # whole days from daily rollups
 BUDGETS = {"search": budgets.Budget(limit_usd=40, scope=budgets.BudgetScope(team="search")),
            "acme": budgets.Budget(limit_usd=5, period="day",
+                                  scope=budgets.BudgetScope(metadata={"customer": "acme"}))}
+
+MONTHLY = {"acme": budgets.Budget(limit_usd=5, period="month",
                                   scope=budgets.BudgetScope(metadata={"customer": "acme"}))}
 
 
 @pytest.fixture
 async def make_exporter(tmp_path):
     """Exporters on one chDB directory (`database` apart); repairs only when asked."""
-    async with clickhouse_exporters(tmp_path, repair_interval=0,
-                                    repair_lookback="100d") as make:
+    async with clickhouse_exporters(tmp_path, repair_interval=0, repair_lookback="100d",
+                                    rollup_metadata=["customer"]) as make:
         yield make
 
 
@@ -45,23 +57,33 @@ async def reference(make_exporter):
     return exporter
 
 
-async def export_at_once(exporters, events):
+async def export_at_once(exporters, events, meanwhile=None):
     """Each exporter exports `events` in its own batch, both "already stored?" checks done
-    before either insert: two collectors of a consumer group during a rebalance."""
+    before either insert: two collectors of a consumer group during a rebalance.
+    `meanwhile(exporter)` runs in each writer right after its insert, before it checks
+    for copies: the moment two copies are stored and no rollup was put right yet."""
     both_checked = threading.Barrier(len(exporters), timeout=30)
+    both_stored = threading.Barrier(len(exporters), timeout=30)
     for exporter in exporters:
-        check = exporter._already_stored
+        check, twice = exporter._already_stored, exporter._stored_twice
 
         def checked_then_wait(events, check=check):
             stored = check(events)
             both_checked.wait()
             return stored
 
+        def stored_then_look(events, twice=twice, exporter=exporter):
+            both_stored.wait()
+            if meanwhile:
+                meanwhile(exporter)
+            return twice(events)
+
         exporter._already_stored = checked_then_wait
+        exporter._stored_twice = stored_then_look
     await asyncio.gather(*(e.export(ExportBatch(f"{i}", list(events)))
                            for i, e in enumerate(exporters)))
     for exporter in exporters:
-        del exporter._already_stored
+        del exporter._already_stored, exporter._stored_twice
 
 
 @pytest.fixture
@@ -69,24 +91,41 @@ async def raced(make_exporter):
     """Two exporters (one ClickHouse) that both stored every event."""
     writers = [await make_exporter("a"), await make_exporter("b")]
     await export_at_once(writers, EVENTS)
-    assert stored(writers[0]) == (2 * len(EVENTS), 2 * len(EVENTS), 2 * len(EVENTS))
+    [raw, *rolled] = stored(writers[0])
+    assert raw == 2 * N  # two copies, until merges
+    assert rolled == [N] * len(rolled)  # the rollups were put right at once
     return writers[0]
 
 
 def stored(exporter):
-    """Rows in llm_events, and events counted by each rollup."""
+    """Rows in llm_events, and events counted by each rollup (per key for metadata)."""
     schema, client = exporter.schema, exporter.reader.client
     [(raw,)] = client.query(f"SELECT count() FROM {schema.qualified(schema.events)}").result_rows
-    return (raw, *(client.query(f"SELECT sum(events) FROM {schema.qualified(r.table)}")
-                   .result_rows[0][0] for r in schema.rollups))
+    return (raw, *(client.query(f"SELECT sum(events) / {max(len(r.metadata_keys), 1)} "
+                                f"FROM {schema.qualified(r.table)}").result_rows[0][0]
+                   for r in schema.rollups))
+
+
+def store_around_the_exporters(exporter, events, token):
+    """Events inserted as a writer that holds no hours open would (an older version):
+    the views count them whether or not they were stored already."""
+    exporter._writer.insert(exporter.schema.qualified(exporter.schema.events),
+                            exporter.schema.column_batch(events),
+                            column_names=[c.name for c in exporter.schema.inserted],
+                            column_oriented=True, settings={"insert_deduplication_token": token})
+
+
+def open_marks(exporter):
+    return exporter.reader.client.query(
+        f"SELECT count() FROM {exporter.schema.open_hours}").result_rows[0][0]
 
 
 def windows():
     return clickhouse_windows(NOW)
 
 
-def spend_answers(reader, dimensions):
-    w = windows()["90d"]
+def spend_answers(reader, dimensions, window="90d"):
+    w = windows()[window]
     return {by: finops.spend(reader, w, by, top=1000) for by in dimensions}
 
 
@@ -94,75 +133,164 @@ def every_answer(reader):
     return every_finops_answer(reader, NOW, BUDGETS)
 
 
+def event_hours(events):
+    return {e.timestamp // 3_600_000_000_000 * 3600 for e in events}
+
+
 # --- which tables answers read ---------------------------------------------------------------
 async def test_answers_by_rollup_dimensions_read_the_rollups_not_the_events(reference):
     reader = reference.reader
     before = spend_answers(reader, DIMENSIONS)
+    days = spend_answers(reader, DAILY, "days")
+    w = windows()["days"]
+    users, u2 = analytics.users(reader, w), analytics.usage_report(reader, w, user_id="u2")
+    customer = budgets.status(reader, MONTHLY, now=w.until)
     reader.client.command("TRUNCATE TABLE reference.llm_events")
     after = spend_answers(reader, DIMENSIONS)
     assert {by: after[by] for by in ROLLED} == {by: before[by] for by in ROLLED}
-    for by in ("user", "metadata.customer"):  # these only the events can answer
-        assert before[by]["rows"] and after[by]["rows"] == []
+    # by user or a configured metadata key: whole days from the daily rollups, the partial
+    # days at the ends of a range from the events
+    assert spend_answers(reader, DAILY, "days") == days
+    assert all(days[by]["rows"] for by in DAILY)
+    assert analytics.users(reader, w) == users and users["users"]
+    assert analytics.usage_report(reader, w, user_id="u2") == u2
+    assert budgets.status(reader, MONTHLY, now=w.until) == customer
+    for by in DAILY:
+        assert after[by]["rows"] != before[by]["rows"]  # the partial days are gone
+
+
+async def test_a_metadata_key_not_configured_is_answered_from_the_events(reference):
+    w = windows()["days"]
+    before = finops.spend(reference.reader, w, "metadata.env")
+    reference.reader.client.command("TRUNCATE TABLE reference.llm_events")
+    assert before["rows"] and finops.spend(reference.reader, w, "metadata.env")["rows"] == []
 
 
 # --- events two writers stored at once ---------------------------------------------------------
-async def test_answers_from_raw_events_count_an_event_two_writers_stored_once(raced, reference):
-    """Even before a repair (a report's total and the shares of it come from the rollups,
-    so here the rows without their shares)."""
-    def rows(reader, by):
-        return [{k: v for k, v in row.items() if k != "share"}
-                for row in spend_answers(reader, [by])[by]["rows"]]
-
-    for by in ("user", "metadata.customer"):
-        assert rows(raced.reader, by) == rows(reference.reader, by)
-    w = windows()["90d"]
-    assert analytics.users(raced.reader, w) == analytics.users(reference.reader, w)
+async def test_events_two_writers_stored_at_once_count_once_in_every_answer(raced, reference):
+    assert every_answer(raced.reader) == every_answer(reference.reader)
+    assert open_marks(raced) == 0
 
 
-async def test_after_a_repair_every_answer_counts_an_event_two_writers_stored_once(
-        raced, reference):
-    assert await raced.repair_rollups()
-    assert stored(raced)[1:] == (len(EVENTS), len(EVENTS))
+async def test_no_answer_counts_twice_while_two_copies_are_stored(make_exporter, reference):
+    """The moment both writers' inserts are done and neither has looked for copies: the
+    views have counted every event twice, and the hours are read from the events."""
+    expected = every_answer(reference.reader)
+    seen = []
+
+    def answers(exporter):
+        seen.append(every_answer(exporter.reader))
+
+    writers = [await make_exporter("a"), await make_exporter("b")]
+    await export_at_once(writers, EVENTS, meanwhile=answers)
+    assert len(seen) == 2 and seen[0] == expected and seen[1] == expected
+
+
+async def test_after_a_repair_every_answer_still_counts_once(raced, reference):
+    assert await raced.repair_rollups() == []
     assert every_answer(raced.reader) == every_answer(reference.reader)
 
 
-async def test_a_repair_counts_the_hours_it_rebuilt(raced):
-    hours = await raced.repair_rollups()
-    expected = {e.timestamp // 3_600_000_000_000 * 3600 for e in EVENTS}
-    assert hours == sorted(expected)
-    registry = raced.context.telemetry.registry
+async def test_the_writer_that_finds_the_copies_counts_the_hours_it_rebuilt(make_exporter):
+    writers = [await make_exporter("a"), await make_exporter("b")]
+    await export_at_once(writers, EVENTS)
+    registry = [w.context.telemetry.registry for w in writers]
+    rebuilt = [metric_value(r, "meterline_exporter_rollup_repaired_hours_total") or 0
+               for r in registry]
+    days = {h - h % 86400 for h in event_hours(EVENTS)}  # a daily rollup's day: first hour
+    assert sorted(rebuilt) == [0, len(event_hours(EVENTS) | days)]
+
+
+# --- redelivery -------------------------------------------------------------------------------
+async def test_a_batch_retried_after_a_partial_insert_counts_once_at_every_moment(
+        make_exporter, reference):
+    exporter = await make_exporter("w")
+    write = exporter._write
+
+    def half_then_fail(batch_id, events):
+        write(batch_id, events[: len(events) // 2])
+        raise RetryableError("connection lost after the first half")
+
+    exporter._write = half_then_fail
+    with pytest.raises(RetryableError):
+        await exporter.export(ExportBatch("one", EVENTS))
+    del exporter._write
+    half = {e.event_id for e in EVENTS[: N // 2]}
+    # the failed attempt's hours stay open: every answer reads the stored half once
+    assert open_marks(exporter) > 0
+    first = [e for e in EVENTS if e.event_id in half]
+    partial = await make_exporter("half", database="half")
+    await partial.export(ExportBatch("half", first))
+    assert every_answer(exporter.reader) == every_answer(partial.reader)
+    await exporter.export(ExportBatch("one", EVENTS))  # the retry
+    assert every_answer(exporter.reader) == every_answer(reference.reader)
+
+
+async def test_an_abandoned_mark_is_closed_by_the_repair_once_its_hours_count_right(
+        make_exporter, reference, monkeypatch):
+    exporter = await make_exporter("w")
+    await exporter.export(ExportBatch("one", EVENTS))
+    repair.open_hours(exporter._writer, exporter.schema, event_hours(EVENTS), "killed")
+    lose_rollup_rows(exporter, exporter.schema.rollups[1:])  # a kill mid-insert
+    assert every_answer(exporter.reader) == every_answer(reference.reader)
+    assert await exporter.repair_rollups()  # not abandoned yet: the hours stay open
+    assert open_marks(exporter) > 0
+    monkeypatch.setattr(repair, "ABANDONED_AFTER", 0)
+    await exporter.repair_rollups()
+    assert open_marks(exporter) == 0
+    assert stored(exporter)[1:] == (N,) * len(exporter.schema.rollups)
+    assert every_answer(exporter.reader) == every_answer(reference.reader)
+
+
+# --- repair of what writers outside this protocol leave ------------------------------------------
+@pytest.fixture
+async def doubled(make_exporter):
+    """An exporter's events stored again around it: the rollups count them twice."""
+    exporter = await make_exporter("a")
+    await exporter.export(ExportBatch("a", EVENTS))
+    store_around_the_exporters(exporter, EVENTS, "again")
+    return exporter
+
+
+async def test_a_repair_rebuilds_and_counts_the_hours_counted_twice(doubled, reference):
+    hours = await doubled.repair_rollups()
+    days = {h - h % 86400 for h in event_hours(EVENTS)}
+    assert hours == sorted(event_hours(EVENTS) | days)
+    registry = doubled.context.telemetry.registry
     assert metric_value(registry, "meterline_exporter_rollup_repaired_hours_total") == len(hours)
+    assert every_answer(doubled.reader) == every_answer(reference.reader)
 
 
 async def test_a_repair_leaves_rollups_that_count_right_alone(reference):
     assert await reference.repair_rollups() == []
-    assert stored(reference) == (len(EVENTS), len(EVENTS), len(EVENTS))
+    assert stored(reference) == (N,) * (1 + len(reference.schema.rollups))
 
 
 async def test_a_repair_looks_back_only_repair_lookback(make_exporter):
-    writers = [await make_exporter("a", repair_lookback="3d"), await make_exporter("b")]
-    await export_at_once(writers, EVENTS)
-    hours = await writers[0].repair_rollups()
-    assert hours and min(hours) >= NOW.timestamp() - 3 * 86400 - 3600
-    recent = sum(1 for e in EVENTS if e.timestamp >= min(hours) * 10**9)
-    assert stored(writers[0])[1:] == (2 * len(EVENTS) - recent,) * 2
+    exporter = await make_exporter("a", repair_lookback="3d")
+    await exporter.export(ExportBatch("a", EVENTS))
+    store_around_the_exporters(exporter, EVENTS, "again")
+    hours = await exporter.repair_rollups()
+    assert hours and min(hours) >= NOW.timestamp() - 4 * 86400
+    recent = sum(1 for e in EVENTS if e.timestamp // 3_600_000_000_000 * 3600 in hours)
+    [minute, hour, *_] = stored(exporter)[1:]
+    assert minute == hour == 2 * N - recent
 
 
-async def test_an_hour_rebuilt_again_with_the_same_events_is_written_again(raced, reference):
-    await raced.repair_rollups()
-    third_copy = raced.schema.column_batch(EVENTS)
-    raced._writer.insert(raced.schema.qualified(raced.schema.events), third_copy,
-                         column_names=[c.name for c in raced.schema.inserted],
-                         column_oriented=True, settings={"insert_deduplication_token": "3rd"})
-    assert await raced.repair_rollups()  # the same hours, rebuilt from the same events
-    assert stored(raced)[1:] == (len(EVENTS), len(EVENTS))
-    assert spend_answers(raced.reader, ROLLED) == spend_answers(reference.reader, ROLLED)
+async def test_an_hour_rebuilt_again_with_the_same_events_is_written_again(doubled, reference):
+    await doubled.repair_rollups()
+    store_around_the_exporters(doubled, EVENTS, "3rd")
+    assert await doubled.repair_rollups()  # the same hours, rebuilt from the same events
+    assert stored(doubled)[1:] == (N,) * len(doubled.schema.rollups)
+    assert spend_answers(doubled.reader, ROLLED) == spend_answers(reference.reader, ROLLED)
 
 
 async def test_the_exporter_repairs_the_rollups_every_repair_interval(make_exporter):
-    writers = [await make_exporter("a", repair_interval="50ms"), await make_exporter("b")]
-    await export_at_once(writers, EVENTS)
-    await eventually(lambda: stored(writers[0])[1:] == (len(EVENTS), len(EVENTS)), timeout=30)
+    exporter = await make_exporter("a", repair_interval="50ms")
+    await exporter.export(ExportBatch("a", EVENTS))
+    store_around_the_exporters(exporter, EVENTS, "again")
+    await eventually(lambda: stored(exporter)[1:] == (N,) * len(exporter.schema.rollups),
+                     timeout=30)
 
 
 # --- inserts cut short by a kill -------------------------------------------------------------
@@ -186,7 +314,7 @@ async def cut_short(make_exporter):
 async def test_a_batch_delivered_again_after_an_insert_cut_short_makes_every_answer_exact(
         cut_short, reference):
     await cut_short.export(ExportBatch("ref", EVENTS))  # the queue delivers it again
-    assert stored(cut_short) == (len(EVENTS), len(EVENTS), len(EVENTS))
+    assert stored(cut_short) == (N,) * (1 + len(cut_short.schema.rollups))
     assert every_answer(cut_short.reader) == every_answer(reference.reader)
 
 
@@ -198,17 +326,55 @@ async def test_a_batch_delivered_again_rebuilds_only_the_hours_of_its_events(mak
     await exporter.export(ExportBatch("recent", recent))
     lose_rollup_rows(exporter, exporter.schema.rollups)
     await exporter.export(ExportBatch("recent", recent))
-    assert stored(exporter) == (len(EVENTS), len(recent), len(recent))
+    [raw, minute, hour, *_] = stored(exporter)
+    assert (raw, minute, hour) == (N, len(recent), len(recent))
 
 
 async def test_a_batch_already_stored_whole_leaves_right_rollups_alone(reference):
     await reference.export(ExportBatch("ref", EVENTS))
     registry = reference.context.telemetry.registry
     assert metric_value(registry, "meterline_exporter_rollup_repaired_hours_total") in (None, 0)
-    assert stored(reference) == (len(EVENTS), len(EVENTS), len(EVENTS))
+    assert stored(reference) == (N,) * (1 + len(reference.schema.rollups))
 
 
 async def test_a_repair_rebuilds_the_hours_a_rollup_counts_short(cut_short, reference):
     hours = await cut_short.repair_rollups()
-    assert hours == sorted({e.timestamp // 3_600_000_000_000 * 3600 for e in EVENTS})
+    assert set(hours) >= event_hours(EVENTS)
     assert every_answer(cut_short.reader) == every_answer(reference.reader)
+
+
+# --- migration ----------------------------------------------------------------------------------
+async def test_a_database_of_the_previous_version_gets_the_new_rollups_filled(
+        make_exporter, reference, monkeypatch):
+    """Tables of the previous version (per-minute and per-hour rollups only, no
+    guardrail figure), with events, gain the daily, user and metadata rollups, filled
+    from the events: every answer is then the reference's."""
+    old = Schema(database="old")
+    with monkeypatch.context() as previous:
+        previous.setattr(Schema, "rollups", property(lambda s: s.time_rollups[:2]))
+        previous.setattr(schema_module, "AGGREGATES",
+                         tuple(a for a in AGGREGATES if a.name != "guardrail_blocked"))
+        previous.setattr(schema_module, "VIEW_VERSION", 3)
+        exporter = await make_exporter("old", database="old", create_schema=False)
+        await exporter.connect()
+        ensure_schema(exporter._writer, old)
+        store_around_the_exporters(exporter, EVENTS, "old")
+    changes = ensure_schema(exporter._writer, replace(old, rollup_metadata=("customer",)))
+    assert [c.split(" (")[0].splitlines()[0] for c in changes if "INSERT" in c] == [
+        "INSERT INTO `old`.`llm_usage_1d`", "INSERT INTO `old`.`llm_usage_user_1d`",
+        "INSERT INTO `old`.`llm_usage_metadata_1d`"]
+    assert every_answer(exporter.reader) == every_answer(reference.reader)
+    assert await exporter.repair_rollups() == []
+
+
+async def test_a_metadata_key_added_to_the_config_is_filled_from_the_events(
+        make_exporter, reference):
+    exporter = await make_exporter("a", database="keys", rollup_metadata=["env"])
+    await exporter.export(ExportBatch("a", EVENTS))
+    schema = replace(exporter.schema, rollup_metadata=("env", "customer"))
+    changes = ensure_schema(exporter._writer, schema)
+    assert any("INSERT INTO `keys`.`llm_usage_metadata_1d`" in c for c in changes)
+    exporter.schema = exporter.reader.schema = schema
+    w = windows()["days"]
+    for key in ("metadata.customer", "metadata.env"):
+        assert finops.spend(exporter.reader, w, key) == finops.spend(reference.reader, w, key)

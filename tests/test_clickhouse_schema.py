@@ -47,9 +47,24 @@ def test_the_schema_is_created_once_and_then_left_alone(chdb):
         "CREATE TABLE IF NOT EXISTS `meterline`.`llm_events`",
         "CREATE TABLE IF NOT EXISTS `meterline`.`llm_usage_1m`",
         "CREATE TABLE IF NOT EXISTS `meterline`.`llm_usage_1h`",
-        f"CREATE MATERIALIZED VIEW IF NOT EXISTS `meterline`.`llm_usage_1m_mv_v{VIEW_VERSION}`",
-        f"CREATE MATERIALIZED VIEW IF NOT EXISTS `meterline`.`llm_usage_1h_mv_v{VIEW_VERSION}`"]
+        "CREATE TABLE IF NOT EXISTS `meterline`.`llm_usage_1d`",
+        "CREATE TABLE IF NOT EXISTS `meterline`.`llm_usage_user_1d`",
+        "CREATE TABLE IF NOT EXISTS `meterline`.`llm_usage_open_hours`",
+        *(f"CREATE MATERIALIZED VIEW IF NOT EXISTS `meterline`.`llm_usage_{t}_mv_v{VIEW_VERSION}`"
+          for t in ("1m", "1h", "1d", "user_1d"))]
     assert ensure_schema(chdb, Schema()) == []
+
+
+def test_metadata_keys_in_the_config_get_a_daily_rollup_by_value(chdb):
+    created = ensure_schema(chdb, Schema(rollup_metadata=("customer", "env")))
+    [table] = [s for s in created if s.startswith("CREATE TABLE IF NOT EXISTS `meterline`."
+                                                  "`llm_usage_metadata_1d`")]
+    assert "ORDER BY (day, meta_key, meta_value, provider, model)" in table
+    insert(chdb, Schema(), [make_event(1, metadata={"customer": "acme"})], "t")
+    rows = chdb.query("SELECT meta_key, meta_value, sum(events) FROM "
+                      "meterline.llm_usage_metadata_1d GROUP BY meta_key, meta_value "
+                      "ORDER BY meta_key").result_rows
+    assert rows == [("customer", "acme", 1), ("env", "", 1)]  # every key counts every event
 
 
 def test_a_later_version_adds_its_columns_to_an_existing_table_and_keeps_the_rows(chdb):
@@ -77,13 +92,13 @@ def test_a_newer_rollup_view_replaces_the_old_one(chdb, monkeypatch):
     old, new = VIEW_VERSION, VIEW_VERSION + 1
     monkeypatch.setattr("meterline.exporters.clickhouse.schema.VIEW_VERSION", new)
     changes = [c.splitlines()[0] for c in ensure_schema(chdb, Schema())]
+    tables = ("1m", "1h", "1d", "user_1d")
     assert changes == [
-        f"CREATE MATERIALIZED VIEW IF NOT EXISTS `meterline`.`llm_usage_1m_mv_v{new}`",
-        f"CREATE MATERIALIZED VIEW IF NOT EXISTS `meterline`.`llm_usage_1h_mv_v{new}`",
-        f"DROP VIEW IF EXISTS `meterline`.`llm_usage_1m_mv_v{old}`",
-        f"DROP VIEW IF EXISTS `meterline`.`llm_usage_1h_mv_v{old}`"]
+        *(f"CREATE MATERIALIZED VIEW IF NOT EXISTS `meterline`.`llm_usage_{t}_mv_v{new}`"
+          for t in tables),
+        *(f"DROP VIEW IF EXISTS `meterline`.`llm_usage_{t}_mv_v{old}`" for t in tables)]
     insert(chdb, Schema(), [make_event(1)], "t")
-    for table in ("llm_usage_1m", "llm_usage_1h"):
+    for table in ("llm_usage_1m", "llm_usage_1h", "llm_usage_1d", "llm_usage_user_1d"):
         [(events,)] = chdb.query(f"SELECT sum(events) FROM meterline.{table}").result_rows
         assert events == 1  # one view feeds each rollup, not two
 
@@ -91,10 +106,11 @@ def test_a_newer_rollup_view_replaces_the_old_one(chdb, monkeypatch):
 def test_tables_of_the_previous_version_gain_the_cache_and_estimate_columns_and_figures(
         chdb, monkeypatch):
     added = ("cache_hits", "saved_cost_usd", "unestimated_actual_requests",
-             "unestimated_actual_cost_usd")
+             "unestimated_actual_cost_usd", "guardrail_blocked")
     older = Schema(columns=tuple(c for c in COLUMNS
                                  if c.name not in ("cache_hit", "tags", "saved_cost_usd")))
-    with monkeypatch.context() as previous:
+    with monkeypatch.context() as previous:  # per-minute and per-hour rollups only
+        previous.setattr(Schema, "rollups", property(lambda s: s.time_rollups[:2]))
         previous.setattr("meterline.exporters.clickhouse.schema.AGGREGATES",
                          tuple(a for a in AGGREGATES if a.name not in added))
         previous.setattr("meterline.exporters.clickhouse.schema.VIEW_VERSION", VIEW_VERSION - 1)
@@ -104,7 +120,8 @@ def test_tables_of_the_previous_version_gain_the_cache_and_estimate_columns_and_
                for c in ensure_schema(chdb, Schema())]
     alter = "ALTER TABLE `meterline`.`{}` ADD COLUMN IF NOT EXISTS `{}`"
     rollup = ["cache_hits", "saved_cost_usd", "unestimated_actual_requests",
-              "unestimated_actual_cost_usd"]
+              "unestimated_actual_cost_usd", "guardrail_blocked"]
+    view = "CREATE MATERIALIZED VIEW IF NOT EXISTS `meterline`.`llm_usage_{}_mv_v{}`"
     assert changes == [
         alter.format("llm_events", "cache_hit") + " Nullable(Bool) AFTER `fallback`",
         alter.format("llm_events", "tags") + " Array(LowCardinality(String)) AFTER `cache_hit`",
@@ -112,12 +129,29 @@ def test_tables_of_the_previous_version_gain_the_cache_and_estimate_columns_and_
                                                        "`actual_cost_usd`",
         *(alter.format(table, name) for table in ("llm_usage_1m", "llm_usage_1h")
           for name in rollup),
-        f"CREATE MATERIALIZED VIEW IF NOT EXISTS `meterline`.`llm_usage_1m_mv_v{VIEW_VERSION}`",
-        f"CREATE MATERIALIZED VIEW IF NOT EXISTS `meterline`.`llm_usage_1h_mv_v{VIEW_VERSION}`",
-        f"DROP VIEW IF EXISTS `meterline`.`llm_usage_1m_mv_v{VIEW_VERSION - 1}`",
-        f"DROP VIEW IF EXISTS `meterline`.`llm_usage_1h_mv_v{VIEW_VERSION - 1}`"]
+        # the new rollups, filled from the events stored, then their views
+        "CREATE TABLE IF NOT EXISTS `meterline`.`llm_usage_1d` (",
+        "INSERT INTO `meterline`.`llm_usage_1d` (day, provider, model, team, api_key_id, "
+        "api_key_name, status_code, requests, events, errors, input_tokens, output_tokens, "
+        "cache_read_tokens, cache_creation_tokens, reasoning_tokens, cost_usd, "
+        "unpriced_requests, cache_hits, saved_cost_usd, actual_cost_usd, "
+        "estimated_cost_of_actual_usd, actual_cost_requests, unestimated_actual_requests, "
+        "unestimated_actual_cost_usd, duration_ms_sum, duration_ms_count, "
+        "duration_ms_quantiles, ttft_ms_sum, ttft_ms_count, max_request_tokens, "
+        "guardrail_blocked, first_seen, last_seen)",
+        "CREATE TABLE IF NOT EXISTS `meterline`.`llm_usage_user_1d` (",
+        "INSERT INTO `meterline`.`llm_usage_user_1d` (day, user_id, provider, model, "
+        "requests, events, errors, input_tokens, output_tokens, cache_read_tokens, "
+        "cache_creation_tokens, reasoning_tokens, cost_usd, unpriced_requests, cache_hits, "
+        "saved_cost_usd, actual_cost_usd, estimated_cost_of_actual_usd, "
+        "actual_cost_requests, unestimated_actual_requests, unestimated_actual_cost_usd, "
+        "duration_ms_sum, duration_ms_count, duration_ms_quantiles, ttft_ms_sum, "
+        "ttft_ms_count, max_request_tokens, guardrail_blocked, first_seen, last_seen)",
+        *(view.format(t, VIEW_VERSION) for t in ("1m", "1h", "1d", "user_1d")),
+        *(f"DROP VIEW IF EXISTS `meterline`.`llm_usage_{t}_mv_v{VIEW_VERSION - 1}`"
+          for t in ("1m", "1h"))]
     insert(chdb, Schema(), [make_event(2, cache_hit=True, saved_cost_usd=0.5)], "new")
-    for table in ("llm_usage_1m", "llm_usage_1h"):
+    for table in ("llm_usage_1m", "llm_usage_1h", "llm_usage_1d", "llm_usage_user_1d"):
         assert chdb.query(f"SELECT sum(events), sum(cache_hits), sum(saved_cost_usd) FROM "
                           f"meterline.{table}").result_rows == [(2, 1, 0.5)]
 
@@ -166,10 +200,11 @@ def test_a_cluster_gets_replicated_local_tables_behind_distributed_ones():
     config = convert({"endpoint": "https://ch:8443", "cluster": {"name": "llm"}},
                      ClickHouseConfig)
     objects = dict(Schema.of(config).objects())
-    assert list(objects) == ["llm_events_local", "llm_usage_1m_local", "llm_usage_1h_local",
-                             "llm_events", "llm_usage_1m", "llm_usage_1h",
-                             f"llm_usage_1m_mv_v{VIEW_VERSION}",
-                             f"llm_usage_1h_mv_v{VIEW_VERSION}"]
+    tables = ["llm_usage_1m", "llm_usage_1h", "llm_usage_1d", "llm_usage_user_1d"]
+    assert list(objects) == ["llm_events_local", *(f"{t}_local" for t in tables),
+                             "llm_usage_open_hours_local", "llm_events", *tables,
+                             "llm_usage_open_hours",
+                             *(f"{t}_mv_v{VIEW_VERSION}" for t in tables)]
     local = objects["llm_events_local"]
     assert local.startswith("CREATE TABLE IF NOT EXISTS `meterline`.`llm_events_local` "
                             "ON CLUSTER `llm` (")

@@ -11,6 +11,7 @@ from meterline.delivery import BatchConfig, ExporterConfig
 from meterline.units import Duration
 
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_METADATA_KEY = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 
 
 class ClusterConfig(Config):
@@ -34,6 +35,9 @@ class ClickHouseConfig(ExporterConfig):
     password: str = ""  # servers only
     create_schema: bool = True  # create and migrate the tables on start
     ttl: Duration | None = None  # raw events older than this are deleted (rollups are kept)
+    # metadata keys answers group or filter by (`--by metadata.customer`, budget scopes):
+    # each gets a daily rollup by value, so those answers read no raw events
+    rollup_metadata: list[str] = msgspec.field(default_factory=list)
     dedup_window: int = 10_000  # recent insert tokens remembered, so a retried batch lands once
     async_insert: bool = False  # servers only: server-side batching, still waited for
     cluster: ClusterConfig | None = None  # servers only
@@ -67,6 +71,12 @@ class ClickHouseConfig(ExporterConfig):
         for name in (self.database, self.table):
             if not _IDENTIFIER.match(name):
                 raise ValueError(f"database and table must be plain identifiers, got {name!r}")
+        for key in self.rollup_metadata:
+            if not _METADATA_KEY.match(key):
+                raise ValueError(f"rollup_metadata keys must be letters, digits and _.:- , "
+                                 f"got {key!r}")
+        if len(set(self.rollup_metadata)) != len(self.rollup_metadata):
+            raise ValueError("rollup_metadata lists a key twice")
         if self.dedup_window < 1:
             raise ValueError("dedup_window must be at least 1")
         if self.ttl is not None and self.ttl <= 0:

@@ -12,9 +12,10 @@ Each batch is one column-oriented insert. Nothing is counted twice:
   Filtering before the insert matters because the materialized view would add a
   duplicate to the rollup whatever the raw table later merges away.
 - Two writers storing the same event at the same moment (both checks ran before either
-  insert) leave two copies: queries on raw events read them deduplicated (`FINAL`), and
-  every `repair_interval` the rollups of recent hours are checked against the events and
-  rebuilt where they count differently (`repair.py`).
+  insert) leave two copies, which no answer counts twice: each writer holds the hours
+  it writes open (answers read them from the events, deduplicated) until it has
+  looked its ids up for copies and, finding some, had the hours' rollups rebuilt
+  (`repair.py`). Every `repair_interval` the rollups of recent hours are checked too.
 - A batch whose insert was cut short by a kill (raw rows stored, some view's rows not) is
   delivered again after the restart; finding some of its events stored already, the
   exporter checks the rollups of their hours and rebuilds those that fall short.
@@ -28,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import threading
+import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -143,13 +145,25 @@ class ClickHouseExporter(Exporter):
             new = [e for e in unique if e.event_id not in stored] if stored else unique
             if len(new) != len(events):
                 self._duplicates.add(len(events) - len(new), self._attrs)
+            # The hours written are held open (answers read them from the events) until
+            # they are known to count right: another writer may be storing the same
+            # events this very moment (see repair.py).
+            token = f"{batch_id}:{uuid.uuid4().hex}"
+            written = {_hour(e) for e in new}
+            repair.open_hours(self._writer, self.schema, written, token)
             try:
                 refused, error = self._store(batch_id, new) if new else ([], None)
             finally:
                 if stored:  # perhaps a batch cut short by a kill: see repair.py
-                    hours = {e.timestamp // 3_600_000_000_000 * 3600
-                             for e in unique if e.event_id in stored}
-                    self._rebuilt(repair.reconcile(self._writer, self.schema, hours))
+                    hours = {_hour(e) for e in unique if e.event_id in stored}
+                    self._rebuilt(repair.reconcile(self._writer, self.schema, hours, token))
+            # An insert that failed leaves its hours open: a retry, or the repair pass
+            # once the mark is abandoned, makes them right before answers read the rollups.
+            if twice := self._stored_twice(new):
+                self._rebuilt(repair.reconcile(
+                    self._writer, self.schema, {_hour(e) for e in new if e.event_id in twice},
+                    token))
+            repair.close_hours(self._writer, self.schema, written, token)
         if refused:
             ids = ", ".join(e.event_id for e in refused[:_NAMED_IDS])
             more = f" and {len(refused) - _NAMED_IDS} more" if len(refused) > _NAMED_IDS else ""
@@ -210,6 +224,22 @@ class ClickHouseExporter(Exporter):
                 f"SELECT event_id FROM {table} WHERE {where} AND event_id IN ({ids})").result_rows
         return {event_id for (event_id,) in stored}
 
+    def _stored_twice(self, events: list[Event]) -> set[str]:
+        """The ids of `events` (just stored) that `llm_events` holds more than once:
+        another writer stored them at the same moment. Of two writers racing, the one that
+        checks last sees both copies (both inserts are done by then)."""
+        if not events:
+            return set()
+        low = min(e.timestamp for e in events)
+        high = max(e.timestamp for e in events)
+        ids = ",".join(literal(e.event_id) for e in events)
+        rows = self._writer.query(
+            f"SELECT event_id FROM {self.schema.qualified(self.schema.events)} "
+            f"WHERE timestamp >= fromUnixTimestamp64Nano({low}, 'UTC') "
+            f"AND timestamp <= fromUnixTimestamp64Nano({high}, 'UTC') "
+            f"AND event_id IN ({ids}) GROUP BY event_id HAVING count() > 1").result_rows
+        return {event_id for (event_id,) in rows}
+
     # --- rollup repair -------------------------------------------------------------
     async def repair_rollups(self) -> list[int]:
         """One repair pass (see repair.py): the hours rebuilt, as Unix seconds."""
@@ -237,6 +267,10 @@ class ClickHouseExporter(Exporter):
                 await self.repair_rollups()
             except Exception as e:
                 self.log.warning("cannot check the rollups against the events", error=str(e))
+
+
+def _hour(event: Event) -> int:
+    return event.timestamp // 3_600_000_000_000 * 3600
 
 
 factory = Factory(kind="exporter", type="clickhouse", config=ClickHouseConfig,

@@ -131,6 +131,9 @@ AGGREGATES: tuple[Aggregate, ...] = (
     Aggregate("ttft_ms_count", "sum", "toUInt64(ttft_ms IS NOT NULL)", "UInt64"),
     Aggregate("max_request_tokens", "max",
               "toUInt64(ifNull(input_tokens, 0) + ifNull(output_tokens, 0))", "UInt64"),
+    # calls a guardrail blocked (the users' "violations", read from the user rollup)
+    Aggregate("guardrail_blocked", "sum", f"if({IS_GUARDRAIL_BLOCKED}, sample_weight, 0)",
+              "Float64"),
     Aggregate("first_seen", "min", "timestamp", "DateTime64(9, 'UTC')"),
     Aggregate("last_seen", "max", "timestamp", "DateTime64(9, 'UTC')"),
 )
@@ -141,11 +144,11 @@ def raw(figure: str, condition: str | None = None) -> str:
     """SQL of a figure over raw events, over those `condition` holds for when given."""
     return BY_NAME[figure].sql("raw", condition)
 
-# The rollup's key: per minute, by these event columns (`model` is request_model, or
-# response_model when no model was requested; absent values are '' and status 0). Users
-# are left out on purpose: there are so many of them that a per-minute rollup by user
-# has about as many rows as there are events (measured: bench/clickhouse_bench.py), so
-# questions about users read the raw events, which cost the same and stay exact.
+# The time rollups' key: per minute, hour and day, by these event columns (`model` is
+# request_model, or response_model when no model was requested; absent values are '' and
+# status 0). Users and metadata have rollups of their own, per day (`USER_DIMENSIONS`,
+# `METADATA_DIMENSIONS`): a per-minute rollup by user has about as many rows as there
+# are events (measured: bench/clickhouse_bench.py), a per-day one a few per active user.
 ROLLUP_DIMENSIONS: tuple[tuple[str, str], ...] = (
     ("provider", "LowCardinality(String)"),
     ("model", "LowCardinality(String)"),
@@ -153,6 +156,19 @@ ROLLUP_DIMENSIONS: tuple[tuple[str, str], ...] = (
     ("api_key_id", "LowCardinality(String)"),
     ("api_key_name", "LowCardinality(String)"),
     ("status_code", "UInt16"),
+)
+USER_DIMENSIONS: tuple[tuple[str, str], ...] = (
+    ("user_id", "LowCardinality(String)"),
+    ("provider", "LowCardinality(String)"),
+    ("model", "LowCardinality(String)"),
+)
+# One row per configured metadata key (`rollup_metadata`) and value: an event without the
+# key counts under '' (not reported), so every key's rows count every event.
+METADATA_DIMENSIONS: tuple[tuple[str, str], ...] = (
+    ("meta_key", "LowCardinality(String)"),
+    ("meta_value", "String"),
+    ("provider", "LowCardinality(String)"),
+    ("model", "LowCardinality(String)"),
 )
 ROLLUP_COLUMNS = frozenset(name for name, _ in ROLLUP_DIMENSIONS)
 

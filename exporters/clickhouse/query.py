@@ -2,11 +2,15 @@
 
 A question is: a time `Window`, the `Dimension`s to group by, `Filter`s, and the
 figures wanted (`metrics.AGGREGATES`). `Reader.select` answers it from the
-rollups when every dimension and filter is a rollup column (whole hours from
-`llm_usage_1h`, the minutes around them from `llm_usage_1m`), and from raw
-events otherwise (`metadata.KEY`, `user`, `organization`, `route`, `tag`...),
-deduplicated (`FINAL`: an event two writers stored is counted once); the figures
-are defined once, so both give the same numbers.
+rollups that can: the time rollups when every dimension and filter is one of
+their columns (whole days from `llm_usage_1d`, the hours around them from
+`llm_usage_1h`, the minutes around those from `llm_usage_1m`); the daily user or
+metadata rollup for questions by users or one configured metadata key (the
+partial days at the window's ends from raw events). The hours some writer holds
+open are read from raw events in the same query. Anything else (`organization`,
+`route`, `tag`...) reads raw events, deduplicated (`FINAL`: an event two writers
+stored is counted once); the figures are defined once, so all give the same
+numbers.
 
 Agents, sessions and traces (`agent`, `session`, `trace`) are read from raw events: an
 event that does not name its agent (or session) takes that of its trace (`Dimension.trace`,
@@ -20,6 +24,7 @@ the current minute, and a rollup answer equals the raw one.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import re
 from collections.abc import Iterable, Sequence
@@ -36,13 +41,12 @@ from meterline.exporters.clickhouse.metrics import (
     status_expression,
 )
 from meterline.exporters.clickhouse.metrics import time_column as _time_column
-from meterline.exporters.clickhouse.schema import FINAL_SETTINGS, Schema
+from meterline.exporters.clickhouse.schema import FINAL_SETTINGS, Rollup, Schema
 from meterline.fieldpath import FieldPath
 
 RANGES = ("24h", "7d", "30d", "90d")
 _RANGE = re.compile(r"^(\d+)([hd])$")
 _MINUTE = timedelta(minutes=1)
-_HOUR = timedelta(hours=1)
 
 
 def literal(value: str) -> str:
@@ -117,19 +121,43 @@ def split(window: Window, cuts: Iterable[datetime] = ()) -> tuple[list[Window], 
     """The window as whole hours (for the hourly rollup) and the minutes around them (for
     the per-minute one). `cuts` are times no hour may straddle: the bounds of the
     sub-windows a question compares (this period and the previous one, rolling 24h...)."""
+    hours, minutes = split_grains(window, (3600,), cuts)
+    return hours, minutes
+
+
+def split_grains(window: Window, grains: Sequence[int],
+                 cuts: Iterable[datetime] = ()) -> list[list[Window]]:
+    """The window as whole buckets of each grain (seconds, coarsest first: the
+    buckets of a finer grain are what the coarser ones leave), and what is left: one list
+    of windows per grain, and the rest. No bucket straddles a cut."""
     inside = (c for c in cuts if window.since < c < window.until)
     points = sorted({window.since, window.until, *inside})
-    hours: list[Window] = []
-    minutes: list[Window] = []
-    for start, end in itertools.pairwise(points):
-        first_hour = _floor_hour(start) + (_HOUR if _floor_hour(start) < start else timedelta())
-        last_hour = _floor_hour(end)
-        if first_hour >= last_hour:
-            minutes.append(Window(start, end))
-            continue
-        hours.append(Window(first_hour, last_hour))
-        minutes += [Window(a, b) for a, b in ((start, first_hour), (last_hour, end)) if a < b]
-    return _joined(hours), _joined(minutes)
+    pending = [Window(a, b) for a, b in itertools.pairwise(points)]
+    out: list[list[Window]] = []
+    for grain in grains:
+        taken: list[Window] = []
+        rest: list[Window] = []
+        for part in pending:
+            first = _ceil(part.since, grain)
+            last = _floor(part.until, grain)
+            if first >= last:
+                rest.append(part)
+                continue
+            taken.append(Window(first, last))
+            rest += [Window(a, b) for a, b in ((part.since, first), (last, part.until)) if a < b]
+        out.append(_joined(taken))
+        pending = rest
+    return [*out, _joined(sorted(pending, key=lambda w: w.since))]
+
+
+def _floor(value: datetime, grain: int) -> datetime:
+    seconds = int(value.timestamp())
+    return datetime.fromtimestamp(seconds - seconds % grain, UTC)
+
+
+def _ceil(value: datetime, grain: int) -> datetime:
+    floor = _floor(value, grain)
+    return floor if floor == value else floor + timedelta(seconds=grain)
 
 
 def _joined(windows: list[Window]) -> list[Window]:
@@ -140,10 +168,6 @@ def _joined(windows: list[Window]) -> list[Window]:
         else:
             out.append(w)
     return out
-
-
-def _floor_hour(value: datetime) -> datetime:
-    return value.replace(minute=0, second=0, microsecond=0)
 
 
 def _floor_minute(value: datetime) -> datetime:
@@ -166,10 +190,7 @@ class Dimension:
     # for an event without a `column` value, SQL over the events of its trace giving the
     # trace's value (an aggregate, run as a window function): raw events only
     trace: str = ""
-
-    @property
-    def rollup(self) -> bool:
-        return self.column is None or self.column in ROLLUP_COLUMNS
+    grain: int = 60  # a time bucket: its length in seconds (a rollup must be as fine)
 
     @property
     def is_time(self) -> bool:
@@ -180,9 +201,15 @@ class Dimension:
         """The column `Reader` adds to raw events for a `trace` dimension."""
         return f"trace_{self.name}"
 
+    @property
+    def metadata_key(self) -> str | None:
+        return self.name.removeprefix("metadata.") if self.column == "metadata" else None
+
     def sql(self, source: Source) -> str:
         if self.column == "status_code":
             return status_expression(source)
+        if self.metadata_key is not None and source == "rollup":
+            return "meta_value"  # the metadata rollup, on this key's rows
         if self.trace:
             return f"if({self.column} != '', {self.column}, {self.traced})"
         return (self.expression or self.column or "").replace("{t}", _time_column(source))
@@ -195,8 +222,9 @@ _DIMENSIONS = {d.name: d for d in (
     Dimension("api_key", "api_key_id"),
     Dimension("user", "user_id"),
     Dimension("status", "status_code"),
-    Dimension("day", None, "toString(toDate({t}))"),
-    Dimension("hour", None, "formatDateTime(toStartOfHour({t}), '%FT%H:00:00Z', 'UTC')"),
+    Dimension("day", None, "toString(toDate({t}))", grain=86400),
+    Dimension("hour", None, "formatDateTime(toStartOfHour({t}), '%FT%H:00:00Z', 'UTC')",
+              grain=3600),
     Dimension("organization", "organization"),
     Dimension("operation", "operation"),
     Dimension("source", "source"),
@@ -254,11 +282,9 @@ class Filter:
     value: str | int
     metadata_key: str | None = None
 
-    @property
-    def rollup(self) -> bool:
-        return self.metadata_key is None and self.column in ROLLUP_COLUMNS
-
     def sql(self, source: Source) -> str:
+        if self.metadata_key is not None and source == "rollup":
+            return f"meta_value = {literal(str(self.value))}"  # the metadata rollup
         if self.metadata_key is not None:
             return f"metadata[{literal(self.metadata_key)}] = {literal(str(self.value))}"
         if self.column == "status_code":
@@ -308,11 +334,11 @@ class Reader:
                               [], figures, extra or {}, {}, [], rows=f"({inner})")
             source: Source = "raw"
         else:
-            rolled = all(d.rollup for d in by) and all(f.rollup for f in filters)
-            source = "rollup" if rolled else "raw"
+            plan = self._plan(by, filters)
+            source = "rollup" if plan else "raw"
             sql = self._query(source, window, by, filters, figures, extra or {}, within,
                               [bound for _, part in within.values()
-                               for bound in (part.since, part.until)])
+                               for bound in (part.since, part.until)], plan=plan)
         if having:
             sql += f" HAVING {having}"
         if order_by:
@@ -320,14 +346,15 @@ class Reader:
                                             for o in order_by)
         if limit:
             sql += f" LIMIT {int(limit)}"
-        if source == "raw":
-            sql += " SETTINGS " + ", ".join(f"{k} = {v}" for k, v in FINAL_SETTINGS.items())
+        # (a rollup answer reads the hours being written from raw events too)
+        sql += " SETTINGS " + ", ".join(f"{k} = {v}" for k, v in FINAL_SETTINGS.items())
         return self.rows(sql)
 
     def _query(self, source: Source, window: Window, by: Sequence[Dimension],
                filters: list[Where], figures: Iterable[str],
                extra: dict[str, str], within: dict[str, tuple[str, Window]],
-               cuts: list[datetime], rows: str | None = None) -> str:
+               cuts: list[datetime], rows: str | None = None,
+               plan: tuple[Rollup, ...] = ()) -> str:
         """SELECT ... FROM ... GROUP BY: the groups of `rows` (default: the window's
         events or rollup rows, filtered)."""
         t = _time_column(source)
@@ -337,11 +364,42 @@ class Reader:
         exprs |= {name: BY_NAME[figure].sql(source, part.condition(t))
                   for name, (figure, part) in within.items()}
         columns = ", ".join(f"{sql} AS `_{name}`" for name, sql in exprs.items())
+        if not rows and plan:  # the rollup figures the expressions read, and no others
+            used = set(re.findall(r"\w+", columns + " ".join(f.sql("rollup") for f in filters)))
+            rows = self._rolled_rows(window, filters, cuts, plan,
+                                     [name for name in BY_NAME if name in used])
         rows = rows or self._rows_of(source, window, filters, cuts, by)
         sql = f"SELECT {columns} FROM {rows}"
         if by:
             sql += f" GROUP BY {', '.join(f'`_{d.name}`' for d in by)}"
         return sql
+
+    def _plan(self, by: Sequence[Dimension], filters: list[Where]) -> tuple[Rollup, ...]:
+        """The rollups that can answer (coarsest first), or () for raw events: the time
+        rollups when every dimension and filter is one of their columns; else the daily
+        user or metadata rollup when the question is by (or about) users or one configured
+        metadata key, and no time bucket is finer than a day."""
+        if any(isinstance(f, Condition) for f in filters) or any(d.trace for d in by):
+            return ()
+        columns = ({d.column for d in by if d.column is not None}
+                   | {f.column for f in filters if isinstance(f, Filter)})
+        keys = ({d.metadata_key for d in by if d.metadata_key is not None}
+                | {f.metadata_key for f in filters
+                   if isinstance(f, Filter) and f.metadata_key is not None})
+        finest = min((d.grain for d in by if d.is_time), default=86400)
+        minute, hour, day = self.schema.time_rollups
+        if not keys and columns <= ROLLUP_COLUMNS:
+            return tuple(r for r in (day, hour, minute) if r.seconds <= finest)
+        if finest < 86400:
+            return ()
+        user = self.schema.user_rollup
+        if not keys and columns <= user.event_columns:
+            return (user,)
+        meta = self.schema.metadata_rollup
+        if (meta and len(keys) == 1 and keys <= set(meta.metadata_keys)
+                and columns <= meta.event_columns):
+            return (dataclasses.replace(meta, metadata_keys=tuple(keys)),)
+        return ()
 
     def _rows_of(self, source: Source, window: Window, filters: list[Where],
                  cuts: list[datetime], by: Sequence[Dimension] = ()) -> str:
@@ -359,14 +417,37 @@ class Reader:
                 rows = f"(SELECT *, model, {columns} FROM {rows})"
                 return rows + (f" WHERE {' AND '.join(matching)}" if matching else "")
             return " AND ".join([rows, *matching])
-        minute, hour = self.schema.rollups
-        hours, minutes = split(window, cuts)
-        columns = ", ".join(c.name for c in self.schema.rollup_columns(minute)[1:])
+        raise ValueError("rollup rows are read by _rolled_rows")
+
+    def _rolled_rows(self, window: Window, filters: list[Where], cuts: list[datetime],
+                     plan: tuple[Rollup, ...], figures: Sequence[str]) -> str:
+        """Rows shaped as `plan`'s rollup rows (`t`, dimensions, figures): whole buckets
+        from each rollup, coarsest first, and from raw events (deduplicated, per minute)
+        what is left (the partial days around a daily rollup's) and every bucket that
+        holds an hour some writer holds open (an insert or a rebuild in progress: see
+        repair.py), so that no answer ever counts what a rollup holds twice or short."""
+        parts = split_grains(window, [r.seconds for r in plan], cuts)
+        finest = plan[-1]
+        open_hours = self.schema.open_hours
+        columns = ", ".join([*(name for name, _ in finest.dimensions), *figures])
+        matching = [f.sql("rollup") for f in filters]
+        if finest.metadata_keys:
+            matching.append(f"meta_key = {literal(finest.metadata_keys[0])}")
         branches = []
-        for rollup, parts in ((hour, hours), (minute, minutes)):
-            if parts:
-                when = " OR ".join(f"({p.condition(rollup.time_column)})" for p in parts)
-                where = " AND ".join([f"({when})", *matching])
-                branches.append(f"SELECT {rollup.time_column} AS t, {columns} FROM "
-                                f"{self.schema.qualified(rollup.table)} WHERE {where}")
+        raw = [p.condition("timestamp") for p in parts[-1]]
+        for rollup, windows in zip(plan, parts, strict=False):
+            if not windows:
+                continue
+            when = " OR ".join(f"({p.condition(rollup.time_column)})" for p in windows)
+            opened = rollup.open_buckets(open_hours)
+            where = " AND ".join([f"({when})", f"{rollup.bucket_of(rollup.time_column)} NOT IN "
+                                               f"{opened}", *matching])
+            branches.append(f"SELECT {rollup.time_column} AS t, {columns} FROM "
+                            f"{self.schema.qualified(rollup.table)} WHERE {where}")
+            raw_when = " OR ".join(f"({p.condition('timestamp')})" for p in windows)
+            raw.append(f"(({raw_when}) AND {rollup.bucket_of('timestamp')} IN {opened})")
+        where = " AND ".join([f"({' OR '.join(f'({r})' for r in raw)})",
+                              *(f.sql("raw") for f in filters)])
+        branches.append(self.schema.rollup_select(finest, self.schema.deduplicated_events,
+                                                  where, "toStartOfMinute", "t", figures))
         return f"({' UNION ALL '.join(branches)})"

@@ -1,31 +1,40 @@
-"""The tables: `llm_events` (one row per event) and the `llm_usage_1m`/`_1h` rollups.
+"""The tables: `llm_events` (one row per event), its rollups, and the open hours.
 
 `llm_events` has a column per event field, typed (`DateTime64`,
 `LowCardinality(String)`, `Map`, nullable counts and costs, ZSTD-compressed
 content), partitioned by month and ordered by (hour, event_id): FinOps queries
 select time ranges, and the exporter's "already stored?" check looks event ids
 up within their hour. It is a `ReplacingMergeTree`, so should two writers ever
-store the same event, merges keep one copy; queries read it `FINAL` meanwhile,
-and `repair.py` rebuilds the rollup hours that counted both.
+store the same event, merges keep one copy; queries read it `FINAL` meanwhile.
 
-`llm_usage_1m` and `llm_usage_1h` are `AggregatingMergeTree`s, each fed by a
-materialized view: per minute and per hour, by provider, model, team, API key
-and status, the figures of `metrics.AGGREGATES`. A question reads whole hours
-from the hourly rollup and the minutes around them from the per-minute one
-(`query.Reader`), so a 90-day answer reads about 2,000 hours, not every event.
+The rollups are `AggregatingMergeTree`s, each fed by a materialized view, of the
+figures of `metrics.AGGREGATES`: `llm_usage_1m`, `_1h` and `_1d` per minute, hour
+and day by provider, model, team, API key and status; `llm_usage_user_1d` per day
+by user, provider and model; `llm_usage_metadata_1d` per day by each configured
+metadata key (`rollup_metadata`) and value, provider and model. `query.Reader`
+answers from the coarsest rollups that fit a question.
+
+`llm_usage_open_hours` holds the hours some writer is writing (an insert, or a
+rebuild of the rollups): answers read those from the events, deduplicated, so
+that no answer counts an event two writers stored at once twice, nor a rollup
+half rebuilt (see repair.py).
 
 Every table keeps a window of insert deduplication tokens
 (`non_replicated_deduplication_window`; replicated tables have their own), so a
-retried batch is stored once, in the rollup too.
+retried batch is stored once, in the rollups too.
 
-The schema migrates itself forward: `ensure_schema` creates what is missing,
-adds the columns a newer version defines to an existing table and applies a
-changed `ttl` (`MODIFY TTL`, or `REMOVE TTL`). A change to
-a view's query gets a new view name (`_mv_vN`); the old view is dropped.
+The schema migrates itself forward: `ensure_schema` creates what is missing
+(a rollup new to a database with events is filled from them before its view
+exists), adds the columns a newer version defines to an existing table and
+applies a changed `ttl` (`MODIFY TTL`, or `REMOVE TTL`). A change to a view's
+query gets a new view name (`_mv_vN`; the metadata rollup's also names its keys);
+the old view is dropped.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import itertools
 import re
 from collections.abc import Callable, Sequence
@@ -36,10 +45,19 @@ import msgspec
 
 from meterline.event import Event
 from meterline.exporters.clickhouse.config import ClickHouseConfig
-from meterline.exporters.clickhouse.metrics import AGGREGATES, ROLLUP_DIMENSIONS
+from meterline.exporters.clickhouse.metrics import (
+    AGGREGATES,
+    METADATA_DIMENSIONS,
+    ROLLUP_DIMENSIONS,
+    USER_DIMENSIONS,
+)
 
-VIEW_VERSION = 3  # 2: a cancelled call (499) is not an error; 3: cache hits, unestimated costs
+VIEW_VERSION = 4  # 2: a cancelled call (499) is not an error; 3: cache hits, unestimated costs;
+# 4: guardrail_blocked
 FINAL_SETTINGS = {"do_not_merge_across_partitions_select_final": 1}
+# A fill reads the events deduplicated, each month partition on its own.
+_FILL_SETTINGS = ("\nSETTINGS do_not_merge_across_partitions_select_final = 1, "
+                  "insert_deduplicate = 0")
 _TTL = re.compile(r" TTL (.+?)(?: SETTINGS |$)")
 Prepare = Callable[[Sequence[Any]], Sequence[Any]]
 
@@ -119,6 +137,15 @@ COLUMNS: tuple[Column, ...] = (
     Column("cache_read_tokens", "Nullable(UInt32)"),
     Column("cache_creation_tokens", "Nullable(UInt32)"),
     Column("reasoning_tokens", "Nullable(UInt32)"),
+    Column("images", "Nullable(UInt32)"),
+    Column("image_size", _LC, _empty_string),
+    Column("image_quality", _LC, _empty_string),
+    Column("audio_input_seconds", "Nullable(Float64)"),
+    Column("audio_output_seconds", "Nullable(Float64)"),
+    Column("characters", "Nullable(UInt32)"),
+    Column("video_seconds", "Nullable(Float64)"),
+    Column("search_queries", "Nullable(UInt32)"),
+    Column("batch", "Nullable(Bool)"),
     Column("duration_ms", "Nullable(Float64)"),
     Column("provider_duration_ms", "Nullable(Float64)"),
     Column("overhead_ms", "Nullable(Float64)"),
@@ -161,15 +188,55 @@ _EVENT_FIELDS = {name: i for i, name in enumerate(Event.__struct_fields__)}
 
 @dataclass(frozen=True)
 class Rollup:
-    """One aggregate table: the figures per `time_column` bucket, by the rollup dimensions."""
+    """One aggregate table: the figures per `time_column` bucket, by `dimensions`."""
 
-    table: str  # llm_usage_1m, llm_usage_1h
-    time_column: str  # minute, hour
+    table: str  # llm_usage_1m, llm_usage_1h, llm_usage_1d, llm_usage_user_1d...
+    time_column: str  # minute, hour, day
     bucket: str  # the function that takes a timestamp to its bucket
+    dimensions: tuple[tuple[str, str], ...] = ROLLUP_DIMENSIONS
+    metadata_keys: tuple[str, ...] = ()  # the metadata rollup: the keys it keeps
 
     @property
     def view(self) -> str:
-        return f"{self.table}_mv_v{VIEW_VERSION}"
+        keys = ""
+        if self.metadata_keys:
+            keys = "_" + hashlib.blake2b(",".join(self.metadata_keys).encode(),
+                                         digest_size=4).hexdigest()
+        return f"{self.view_prefix}{VIEW_VERSION}{keys}"
+
+    @property
+    def view_prefix(self) -> str:
+        return f"{self.table}_mv_v"
+
+    @property
+    def seconds(self) -> int:
+        return {"minute": 60, "hour": 3600, "day": 86400}[self.time_column]
+
+    @property
+    def event_columns(self) -> frozenset[str]:
+        """The event columns (and filters) this rollup can answer by."""
+        names = {name for name, _ in self.dimensions} - {"meta_key", "meta_value"}
+        return frozenset(names | ({"metadata"} if self.metadata_keys else set()))
+
+    def dimension_sql(self) -> list[str]:
+        """The dimensions as SQL over raw events (results named `_name`)."""
+        keys = ", ".join(f"'{k}'" for k in self.metadata_keys)
+        sql = {"status_code": "ifNull(status_code, 0)", "meta_key": f"arrayJoin([{keys}])",
+               "meta_value": "metadata[_meta_key]"}
+        return [sql.get(name, name) for name, _ in self.dimensions]
+
+    def open_buckets(self, open_hours: str) -> str:
+        """SQL: the buckets of this rollup that hold an open hour (`open_hours`: a
+        subquery of hours)."""
+        if self.time_column == "minute":
+            return open_hours
+        return f"(SELECT {self.bucket}(hour) FROM {open_hours})"
+
+    def bucket_of(self, column: str) -> str:
+        """SQL: the `open_buckets` value a time (an event's, or a row's bucket) falls in."""
+        if self.time_column == "minute":
+            return f"toStartOfHour({column})"
+        return f"{self.bucket}({column})"
 
 
 @dataclass(frozen=True)
@@ -182,6 +249,7 @@ class Schema:
     dedup_window: int = 10_000
     ttl_seconds: int | None = None
     cluster: str | None = None
+    rollup_metadata: tuple[str, ...] = ()  # metadata keys with a rollup of their own
     inserted: tuple[Column, ...] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -192,15 +260,49 @@ class Schema:
         return cls(database=config.database, events=config.table,
                    dedup_window=config.dedup_window,
                    ttl_seconds=int(config.ttl) if config.ttl else None,
-                   cluster=config.cluster.name if config.cluster else None)
+                   cluster=config.cluster.name if config.cluster else None,
+                   rollup_metadata=tuple(config.rollup_metadata))
 
     # --- names ---------------------------------------------------------------------
     @property
-    def rollups(self) -> tuple[Rollup, Rollup]:
-        """The per-minute and the per-hour rollup."""
-        base = "llm_usage" if self.events == "llm_events" else f"{self.events}_usage"
+    def _base(self) -> str:
+        return "llm_usage" if self.events == "llm_events" else f"{self.events}_usage"
+
+    @property
+    def time_rollups(self) -> tuple[Rollup, Rollup, Rollup]:
+        """The per-minute, per-hour and per-day rollups by `ROLLUP_DIMENSIONS`."""
+        base = self._base
         return (Rollup(f"{base}_1m", "minute", "toStartOfMinute"),
-                Rollup(f"{base}_1h", "hour", "toStartOfHour"))
+                Rollup(f"{base}_1h", "hour", "toStartOfHour"),
+                Rollup(f"{base}_1d", "day", "toStartOfDay"))
+
+    @property
+    def user_rollup(self) -> Rollup:
+        return Rollup(f"{self._base}_user_1d", "day", "toStartOfDay", USER_DIMENSIONS)
+
+    @property
+    def metadata_rollup(self) -> Rollup | None:
+        if not self.rollup_metadata:
+            return None
+        return Rollup(f"{self._base}_metadata_1d", "day", "toStartOfDay", METADATA_DIMENSIONS,
+                      self.rollup_metadata)
+
+    @property
+    def rollups(self) -> tuple[Rollup, ...]:
+        """Every rollup, finest time rollup first."""
+        meta = self.metadata_rollup
+        return (*self.time_rollups, self.user_rollup, *((meta,) if meta else ()))
+
+    @property
+    def open_hours_table(self) -> str:
+        """Hours being written: an insert, or a rollup rebuild, in progress (see repair.py)."""
+        return f"{self._base}_open_hours"
+
+    @property
+    def open_hours(self) -> str:
+        """SQL subquery: the hours some writer holds open now."""
+        return (f"(SELECT hour FROM {self.qualified(self.open_hours_table)} "
+                "GROUP BY hour, token HAVING sum(state) > 0)")
 
     def qualified(self, table: str) -> str:
         """The name queries use (on a cluster, the Distributed table)."""
@@ -245,32 +347,46 @@ class Schema:
 
     def rollup_columns(self, rollup: Rollup) -> tuple[Column, ...]:
         return (Column(rollup.time_column, "DateTime('UTC')"),
-                *(Column(name, type_) for name, type_ in ROLLUP_DIMENSIONS),
+                *(Column(name, type_) for name, type_ in rollup.dimensions),
                 *(Column(a.name, a.column_type()) for a in AGGREGATES))
 
     def create_rollup(self, rollup: Rollup) -> str:
-        key = ", ".join([rollup.time_column, *(name for name, _ in ROLLUP_DIMENSIONS)])
+        key = ", ".join([rollup.time_column, *(name for name, _ in rollup.dimensions)])
         body = ",\n  ".join(c.ddl() for c in self.rollup_columns(rollup))
         return (f"CREATE TABLE IF NOT EXISTS {self._stored(rollup.table)}{self.on_cluster} (\n"
                 f"  {body}\n)\nENGINE = {self._engine('Aggregating')}\n"
                 f"PARTITION BY toYYYYMM({rollup.time_column})\nORDER BY ({key})\n"
                 f"{self._settings()}")
 
-    def rollup_select(self, rollup: Rollup, source: str, where: str | None = None) -> str:
+    def create_open_hours(self) -> str:
+        # Each writer adds +1 for the hours it is about to write and -1 once they are
+        # right again; an hour is open while some token sums to more than 0. Old marks
+        # expire (an abandoned one is closed by the repair pass long before).
+        return (f"CREATE TABLE IF NOT EXISTS {self._stored(self.open_hours_table)}"
+                f"{self.on_cluster} (\n  hour DateTime('UTC'), token String, state Int8,\n"
+                "  at DateTime('UTC') DEFAULT now()\n)\n"
+                f"ENGINE = {self._engine('')}\nORDER BY (hour, token)\n"
+                "TTL at + INTERVAL 30 DAY")
+
+    def rollup_select(self, rollup: Rollup, source: str, where: str | None = None,
+                      bucket: str | None = None, time_name: str | None = None,
+                      figures: Sequence[str] | None = None) -> str:
         """The rollup rows of the events in `source` (optionally only those `where` holds):
-        what the view writes for an inserted block, and what a repair writes for an hour."""
+        what the view writes for an inserted block, what a repair writes for an hour, and
+        (with a finer `bucket`, named `time_name`, and only the `figures` it needs) how a
+        query reads raw events alongside the rollup."""
         # The inner query names its results apart (`_x`): ClickHouse resolves a name to an
         # alias before a column, so `sum(cost_usd) AS cost_usd` would capture `cost_usd`
         # in the other aggregates.
-        names = [rollup.time_column, *(name for name, _ in ROLLUP_DIMENSIONS),
-                 *(a.name for a in AGGREGATES)]
-        dims = [f"ifNull({name}, 0)" if name == "status_code" else name
-                for name, _ in ROLLUP_DIMENSIONS]
-        inner = [f"{rollup.bucket}(timestamp)", *dims,
-                 *(a.view_expression() for a in AGGREGATES)]
+        dims = [name for name, _ in rollup.dimensions]
+        time_name = time_name or rollup.time_column
+        aggregates = [a for a in AGGREGATES if figures is None or a.name in figures]
+        names = [time_name, *dims, *(a.name for a in aggregates)]
+        inner = [f"{bucket or rollup.bucket}(timestamp)", *rollup.dimension_sql(),
+                 *(a.view_expression() for a in aggregates)]
         select = ",\n    ".join(f"{expr} AS _{name}" for expr, name in zip(inner, names,
                                                                             strict=True))
-        group = ", ".join(f"_{name}" for name in names[:1 + len(ROLLUP_DIMENSIONS)])
+        group = ", ".join(f"_{name}" for name in names[:1 + len(dims)])
         outer = ", ".join(f"_{name} AS {name}" for name in names)
         filtered = f"\n  WHERE {where}" if where else ""
         return (f"SELECT {outer}\nFROM (\n  SELECT\n    {select}\n  FROM {source}{filtered}\n"
@@ -282,6 +398,12 @@ class Schema:
                 f"TO {self._stored(rollup.table)}\n"
                 f"AS {self.rollup_select(rollup, self._stored(self.events))}")
 
+    def fill_rollup(self, rollup: Rollup, where: str | None = None) -> str:
+        """Write a rollup's rows from the deduplicated events (those `where` holds)."""
+        columns = ", ".join(c.name for c in self.rollup_columns(rollup))
+        return (f"INSERT INTO {self.qualified(rollup.table)} ({columns})\n"
+                + self.rollup_select(rollup, self.deduplicated_events, where))
+
     @property
     def deduplicated_events(self) -> str:
         """`llm_events` as queries read it: one row per event even before merges have
@@ -290,16 +412,21 @@ class Schema:
         return f"{self.qualified(self.events)} FINAL"
 
     def delete_rollup_hours(self, rollup: Rollup, hours: str) -> str:
-        """Delete a rollup's rows of the hours listed (`hours`: SQL DateTimes, comma-separated)."""
+        """Delete a rollup's rows of the buckets holding the hours listed (`hours`: SQL
+        DateTimes, comma-separated): for a daily rollup, their whole days."""
         return (f"DELETE FROM {self._stored(rollup.table)}{self.on_cluster} "
-                f"WHERE toStartOfHour({rollup.time_column}) IN ({hours})")
+                f"WHERE {self._buckets_of(rollup, rollup.time_column, hours)}")
 
     def rebuild_rollup_hours(self, rollup: Rollup, hours: str) -> str:
-        """Write a rollup's rows of the hours listed again, from the deduplicated events."""
-        columns = ", ".join(c.name for c in self.rollup_columns(rollup))
-        return (f"INSERT INTO {self.qualified(rollup.table)} ({columns})\n"
-                + self.rollup_select(rollup, self.deduplicated_events,
-                                     f"toStartOfHour(timestamp) IN ({hours})"))
+        """Write a rollup's rows of those buckets again, from the deduplicated events."""
+        return self.fill_rollup(rollup, self._buckets_of(rollup, "timestamp", hours))
+
+    @staticmethod
+    def _buckets_of(rollup: Rollup, column: str, hours: str) -> str:
+        if rollup.time_column in ("minute", "hour"):
+            return f"toStartOfHour({column}) IN ({hours})"
+        return f"toStartOfDay({column}) IN (SELECT DISTINCT toStartOfDay(h) FROM " \
+               f"(SELECT arrayJoin([{hours}]) AS h))"
 
     def create_distributed(self, table: str, sharding_key: str) -> str:
         return (f"CREATE TABLE IF NOT EXISTS {self.qualified(table)}{self.on_cluster} "
@@ -312,10 +439,12 @@ class Schema:
         local = "_local" if self.cluster else ""
         out = [(self.events + local, self.create_events())]
         out += [(r.table + local, self.create_rollup(r)) for r in self.rollups]
+        out.append((self.open_hours_table + local, self.create_open_hours()))
         if self.cluster:
             out.append((self.events, self.create_distributed(self.events,
                                                              "cityHash64(event_id)")))
-            out += [(r.table, self.create_distributed(r.table, "rand()")) for r in self.rollups]
+            out += [(t, self.create_distributed(t, "rand()"))
+                    for t in (*(r.table for r in self.rollups), self.open_hours_table)]
         return out + [(r.view, self.create_view(r)) for r in self.rollups]
 
     def add_column(self, table: str, column: Column, after: str) -> list[str]:
@@ -370,13 +499,28 @@ def ensure_schema(client: Any, schema: Schema) -> list[str]:
     stored_events = schema.events + ("_local" if schema.cluster else "")
     if stored_events in present and present[stored_events] != schema.ttl:
         execute(schema.change_ttl())
+    meta = schema.metadata_rollup
+    if meta and meta.view not in present and meta.table in present:
+        kept = {k for (k,) in client.query(
+            f"SELECT DISTINCT meta_key FROM {schema.qualified(meta.table)}").result_rows}
+        new_keys = tuple(k for k in meta.metadata_keys if k not in kept)
+        if new_keys and stored_events in present:  # keys added to rollup_metadata: filled
+            # before the new view exists
+            execute(schema.fill_rollup(dataclasses.replace(meta, metadata_keys=new_keys))
+                    + _FILL_SETTINGS)
+    rollups = {r.table: r for r in schema.rollups}
     for name, create in schema.objects():
-        if name not in present:
-            execute(create)
+        if name in present:
+            continue
+        execute(create)
+        added = rollups.get(name.removesuffix("_local"))
+        if added is not None and stored_events in present:
+            # a rollup new to an existing database: filled from the events stored so far
+            # (before its view exists, so that nothing is counted twice)
+            execute(schema.fill_rollup(added) + _FILL_SETTINGS)
     for rollup in schema.rollups:
-        prefix = rollup.view.removesuffix(str(VIEW_VERSION))
         for name in sorted(present):
-            if name.startswith(prefix) and name != rollup.view:
+            if name.startswith(rollup.view_prefix) and name != rollup.view:
                 execute(f"DROP VIEW IF EXISTS {schema.qualified(name)}{schema.on_cluster}")
     return run
 
@@ -399,7 +543,8 @@ def missing_tables(client: Any, schema: Schema) -> list[str]:
     """The tables queries read (`llm_events` and the rollups) that the database lacks: a
     reader of another component's tables waits until that component has created them."""
     present = _tables(client, schema)
-    return [t for t in (schema.events, *(r.table for r in schema.rollups)) if t not in present]
+    wanted = (schema.events, *(r.table for r in schema.rollups), schema.open_hours_table)
+    return [t for t in wanted if t not in present]
 
 
 def _tables(client: Any, schema: Schema) -> dict[str, str | None]:

@@ -1,10 +1,10 @@
 """The analytics API's answers (`/api/v1/analytics/*`, after seed 003).
 
 Each function takes a `Reader`, a `Window` and the endpoint's parameters and
-returns the JSON body. They read the rollups, so a 90-day question does not
-scan raw events, except questions about users (`users`, a `user_id` filter),
-agents, tools, MCP and guardrails (`agents`, `guardrails`), which read raw events
-in the window. Latency percentiles are t-digest estimates merged from
+returns the JSON body. They read the rollups (users and configured metadata keys
+from daily ones), so a 90-day question does not scan raw events, except
+questions about agents, tools, MCP and guardrails (`agents`, `guardrails`),
+which read raw events in the window. Latency percentiles are t-digest estimates merged from
 the rollups' states; everything else is exact.
 """
 
@@ -109,7 +109,8 @@ def timeseries(reader: Reader, window: Window, granularity: str | None = None,
     if granularity not in _GRANULARITIES:
         raise ValueError(f"granularity must be hourly or daily, got {granularity!r}")
     function, step = _GRANULARITIES[granularity]
-    bucket = Dimension("time", None, f"formatDateTime({function}({{t}}), '%FT%TZ', 'UTC')")
+    bucket = Dimension("time", None, f"formatDateTime({function}({{t}}), '%FT%TZ', 'UTC')",
+                       grain=int(step.total_seconds()))
     rows = {r["time"]: r for r in reader.select(
         window, by=[bucket], filters=_filters(provider),
         figures=("requests", "errors", "input_tokens", "output_tokens", "cost_usd", *_CACHE,
@@ -213,11 +214,10 @@ def users(reader: Reader, window: Window, limit: int = 100,
         window, by=[dimension("user")], filters=_filters(provider),
         figures=("requests", "errors", "input_tokens", "output_tokens", "cost_usd",
                  "unpriced_requests", *_CACHE, "duration_ms_sum", "duration_ms_count",
-                 "first_seen", "last_seen", "max_request_tokens"),
+                 "first_seen", "last_seen", "max_request_tokens", "guardrail_blocked"),
         extra={"unique_models": "uniqExactIf(cityHash64(model), model != '')",
                "providers": "arraySort(groupUniqArrayIf(provider, provider != ''))",
-               "days_active": "uniqExact(toDate({t}))",
-               "guardrail_violations": _GUARDED["blocked"]},
+               "days_active": "uniqExact(toDate({t}))"},
         order_by=["cost_usd DESC", "user"], limit=limit)
     return {**_header(window, provider=provider or "all"), "users": [{
         "user_id": r["user"] or None, **usage(r), **_rates(r),
@@ -227,7 +227,7 @@ def users(reader: Reader, window: Window, limit: int = 100,
         "days_active": r["days_active"],
         "avg_requests_per_day": ratio(r["requests"], r["days_active"], 2),
         "max_tokens_single_request": r["max_request_tokens"],
-        "guardrail_violations": number(r["guardrail_violations"]),
+        "guardrail_violations": number(r["guardrail_blocked"]),
     } for r in rows]}
 
 

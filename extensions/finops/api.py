@@ -24,6 +24,7 @@ from meterline.component import AdminHandler, RetryableError
 from meterline.exporters.clickhouse.connection import classify
 from meterline.exporters.clickhouse.query import Window
 from meterline.extensions.finops import analytics, finops
+from meterline.extensions.finops.billing.reconcile import reconcile
 
 if TYPE_CHECKING:
     from meterline.extensions.finops.extension import FinOps
@@ -41,6 +42,9 @@ REPORTS: dict[str, Callable[..., dict[str, Any]]] = {
     "finops/spend": finops.spend,
     "finops/growth": finops.growth,
     "finops/variance": finops.variance,
+    # billing (billing/reconcile.py): estimated against the providers' bills
+    "finops/reconcile": reconcile,
+    "analytics/reconciliation": reconcile,
 }
 _INTEGERS = {"limit": (1, 10_000), "top": (1, 10_000)}
 # What a report gets from the extension, never from the query: the configured guardrails.

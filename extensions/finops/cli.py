@@ -30,10 +30,12 @@ from meterline.exporters.clickhouse.connection import chdb_path, endpoint_of, op
 from meterline.exporters.clickhouse.query import DIMENSION_NAMES, RANGES, Reader, Window
 from meterline.exporters.clickhouse.schema import Schema
 from meterline.extensions.finops import budgets, finops
+from meterline.extensions.finops.billing.reconcile import reconcile
 from meterline.extensions.finops.config import LinkedConfig
 
 REPORTS: dict[str, Callable[..., dict[str, Any]]] = {
-    "spend": finops.spend, "growth": finops.growth, "variance": finops.variance}
+    "spend": finops.spend, "growth": finops.growth, "variance": finops.variance,
+    "reconcile": reconcile}  # billing/: estimated against the providers' bills
 
 # What the table shows of each report (JSON and CSV have every figure); `_CACHE` too
 # when the window has cache hits.
@@ -47,6 +49,8 @@ _TABLE = {
              "avg_tool_latency_ms", "avg_run_duration_ms", "errors", "share"],
     "tools": ["calls", "errors", "avg_latency_ms", "p95_latency_ms", "request_bytes",
               "response_bytes", "runs"],
+    "reconcile": ["estimated_cost_usd", "billed_cost_usd", "variance_usd", "variance_ratio",
+                  "unexplained_usd", "billing_lines"],
     "budgets": ["period", "limit_usd", "spend_usd", "remaining_usd", "utilization",
                 "threshold_reached", "status"],
 }
@@ -55,7 +59,8 @@ _CACHE = ["cache_hits", "saved_cost_usd"]
 
 def add(subparsers: Any) -> None:
     p = subparsers.add_parser(
-        "finops", help="spend, growth, estimated vs actual cost and budgets, from ClickHouse",
+        "finops", help="spend, growth, estimated vs actual cost, estimated vs billed "
+        "(reconcile) and budgets, from ClickHouse",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("report", nargs="?", default="spend", choices=[*REPORTS, "budgets"])
     add_config_argument(p)
@@ -218,6 +223,8 @@ def _rows(answer: dict[str, Any] | list[Any],
         return rows, None, ["budget", "scope"]
     assert isinstance(answer, dict)
     keys = [answer["by"], *(["api_key_name"] if answer["by"] == "api_key" else [])]
+    if report == "reconcile" and answer["by"] == "model":
+        keys = ["provider", "model"]
     return answer["rows"], answer.get("total"), keys
 
 

@@ -8,6 +8,7 @@ import msgspec
 
 from meterline.component import Config
 from meterline.exporters.clickhouse.config import ClickHouseConfig
+from meterline.extensions.finops.billing.pull import BillingConfig
 from meterline.extensions.finops.budgets import Budget
 from meterline.gateway.config import GatewayConfig
 from meterline.gateway.guardrails import GuardrailRule
@@ -32,6 +33,9 @@ class FinOpsConfig(Config):
     # llm_gateway_budget_* gauges (and at /api/v1/budgets).
     budgets: dict[str, Budget] = msgspec.field(default_factory=dict)
     budget_refresh: Duration = Duration(15)  # how often budget spend is recomputed
+    # The providers' bills: pulling the OpenAI and Anthropic cost APIs, and the
+    # meterline_billing_* variance gauges (docs/finops.md#billing); none: neither.
+    billing: BillingConfig | None = None
 
     def __post_init__(self) -> None:
         if self.budget_refresh <= 0:

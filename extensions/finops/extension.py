@@ -6,13 +6,16 @@ server (`api.py`), and recomputes the spend of its `budgets` every `budget_refre
 published as `llm_gateway_budget_*` gauges. It reads through a ClickHouse client of its
 own, opened as the exporter opens its clients (for `chdb://`, the embedded engine of this
 process), and waits for the exporter to have created the tables: until then its answers
-are 503 and the budget gauges stay empty.
+are 503 and the budget gauges stay empty. It also copies the daemon's audit log of
+configuration changes into the table `audit_log` (`audit.py`).
 """
 
 from __future__ import annotations
 
 import asyncio
 from typing import Any
+
+import aiohttp
 
 from meterline.component import (
     AdminHandler,
@@ -26,6 +29,8 @@ from meterline.exporters.clickhouse.connection import classify, open_client
 from meterline.exporters.clickhouse.query import Reader
 from meterline.exporters.clickhouse.schema import Schema, missing_tables
 from meterline.extensions.finops import api, budgets
+from meterline.extensions.finops.audit import AuditCopy
+from meterline.extensions.finops.billing import pull, reconcile, store
 from meterline.extensions.finops.config import FinOpsConfig, LinkedConfig, link
 
 
@@ -39,17 +44,27 @@ class FinOps(Extension):
         self._connecting = asyncio.Lock()
         self._closed = False
         self._budget_task: asyncio.Task[None] | None = None
+        self._billing_task: asyncio.Task[None] | None = None
         self._reached: dict[tuple[str, str], float] = {}  # (budget, period start) -> threshold
+        self._audit = AuditCopy(self)  # the audit log into ClickHouse
 
     async def start(self) -> None:
+        self._audit.start()
         if self.config.budgets:
             self._budget_task = asyncio.create_task(self._track_budgets(),
                                                     name=f"{self.context.id} budgets")
+        if self.config.billing:
+            self._billing_task = asyncio.create_task(self._track_billing(),
+                                                     name=f"{self.context.id} billing")
 
     async def shutdown(self) -> None:
+        await self._audit.stop()
         await cancel_and_wait(self._budget_task)
+        await cancel_and_wait(self._billing_task)
         if self.config.budgets:
             budgets.BudgetGauges.of(self.context.meter).publish([])
+        if self.config.billing:
+            reconcile.VarianceGauges.of(self.context.meter).publish([])
         async with self._connecting:  # after a connect under way, and before any other
             self._closed = True  # an API request still running must not open one again
             if self.reader is not None:
@@ -110,6 +125,38 @@ class FinOps(Extension):
                 self.log.warning("budget alert threshold reached", budget=s["budget"],
                                  threshold=reached, spend_usd=s["spend_usd"],
                                  limit_usd=s["limit_usd"], period_start=s["period_start"])
+
+
+    # --- billing (billing/: the cost APIs pulled, the variance gauges) -----------------
+    async def _track_billing(self) -> None:
+        billing = self.config.billing
+        assert billing is not None
+        gauges = reconcile.VarianceGauges.of(self.context.meter)
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+            while True:
+                for provider in ("openai", "anthropic"):
+                    if api_ := getattr(billing, provider):
+                        await self._pull(session, provider, api_, billing.lookback_days)
+                try:
+                    reader = await self.connect()
+                    rows = await asyncio.to_thread(reconcile.variance_by_provider, reader,
+                                                   billing.variance_days)
+                except Exception as e:
+                    self.log.warning("cannot compute the billing variance", error=str(e))
+                else:
+                    gauges.publish(rows)
+                await asyncio.sleep(float(billing.refresh))
+
+    async def _pull(self, session: aiohttp.ClientSession, provider: str, api_: pull.CostApi,
+                    days: int) -> None:
+        try:
+            lines = await pull.pull(session, provider, api_, days)
+            reader = await self.connect()
+            await asyncio.to_thread(store.insert, reader.client, reader.schema, lines)
+        except Exception as e:
+            self.log.warning("cannot pull the cost API", provider=provider, error=str(e))
+        else:
+            self.log.info("cost API pulled", provider=provider, lines=len(lines))
 
 
 factory = Factory(kind="extension", type="finops", config=FinOpsConfig, create=FinOps, link=link)

@@ -1,18 +1,21 @@
 """API shapes: how each provider API's requests, responses and streams read.
 
-The shape is chosen by the path called, not by the upstream: Ollama serves both
-its own `/api/chat` and OpenAI's `/v1/chat/completions`, and many providers
-speak OpenAI's API. A shape reads the request body (model, parameters, stream,
-messages), may adjust it (ask OpenAI for the usage of a stream), and reads the
-response, whole or as a stream of messages, into the event. Paths no shape
-knows are forwarded untouched and recorded with what the HTTP exchange tells.
+The shape is chosen by the path called (its end: `/chat/completions`,
+`/images/generations`, `/audio/transcriptions`, `/rerank`, `:generateContent`...),
+not by the upstream: Ollama serves both its own `/api/chat` and OpenAI's
+`/v1/chat/completions`, and many providers speak OpenAI's API. A shape reads the
+request body (model, parameters, stream, messages; an upload's form fields), may
+adjust it (ask OpenAI for the usage of a stream), and reads the response, whole or
+as a stream of messages, into the event, with the units it is billed for (images,
+characters, seconds of audio, searches). Paths no shape knows are forwarded
+untouched and recorded with what the HTTP exchange tells.
 """
 
 from __future__ import annotations
 
 from typing import Final
 
-from meterline.gateway.shapes import anthropic, ollama, openai
+from meterline.gateway.shapes import anthropic, cohere, gemini, media, ollama, openai
 from meterline.gateway.shapes.base import (
     DROP,
     TOKEN,
@@ -36,6 +39,17 @@ _SUFFIXES: Final[tuple[tuple[str, Shape], ...]] = (
     ("/embeddings", openai.EMBEDDINGS),
     ("/responses", openai.RESPONSES),
     ("/messages", anthropic.MESSAGES),
+    ("/images/generations", media.IMAGES),
+    ("/images/edits", media.IMAGE_EDITS),
+    ("/images/variations", media.IMAGE_EDITS),
+    ("/audio/speech", media.SPEECH),
+    ("/audio/transcriptions", media.TRANSCRIPTIONS),
+    ("/audio/translations", media.TRANSCRIPTIONS),
+    ("/rerank", cohere.RERANK),
+    (":generateContent", gemini.GENERATE_CONTENT),
+    (":streamGenerateContent", gemini.GENERATE_CONTENT),
+    (":predict", gemini.PREDICT),
+    (":predictLongRunning", gemini.PREDICT_LONG_RUNNING),
 )
 _by_path: dict[str, Shape | None] = {}
 

@@ -4,7 +4,9 @@ Usage comes in `message_start` (input and cache counts) and `message_delta`
 (the output count so far, and in newer versions the input counts again).
 Anthropic's `input_tokens` excludes cached tokens; the event's `input_tokens`
 counts all input, as OpenAI's `prompt_tokens` does and as the GenAI conventions
-ask, so the three counts are summed and the cached ones also reported apart.
+ask, so the three counts are summed and the cached ones also reported apart. The
+web search tool's requests (`usage.server_tool_use.web_search_requests`, billed
+apart) are the event's `search_queries`.
 """
 
 from __future__ import annotations
@@ -30,13 +32,14 @@ _encoder = msgspec.json.Encoder()
 class Usage:
     """Anthropic's counts, merged as they arrive, written as the event's."""
 
-    __slots__ = ("cache_creation", "cache_read", "input", "output")
+    __slots__ = ("cache_creation", "cache_read", "input", "output", "web_searches")
 
     def __init__(self) -> None:
         self.input: int | None = None
         self.output: int | None = None
         self.cache_read: int | None = None
         self.cache_creation: int | None = None
+        self.web_searches: int | None = None  # the web search tool's requests
 
     def merge(self, usage: dict[str, Any]) -> None:
         for attr, key in (("input", "input_tokens"), ("output", "output_tokens"),
@@ -45,6 +48,9 @@ class Usage:
             value = as_int(usage.get(key))
             if value is not None:
                 setattr(self, attr, value)
+        searches = as_int(as_dict(usage.get("server_tool_use")).get("web_search_requests"))
+        if searches is not None:
+            self.web_searches = searches
 
     def write(self, event: Event) -> None:
         counts = [c for c in (self.input, self.cache_read, self.cache_creation) if c is not None]
@@ -52,6 +58,7 @@ class Usage:
         event.output_tokens = self.output
         event.cache_read_tokens = self.cache_read
         event.cache_creation_tokens = self.cache_creation
+        event.search_queries = self.web_searches
 
 
 class Messages(Shape):

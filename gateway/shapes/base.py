@@ -76,6 +76,8 @@ class Shape:
     operation: str = ""
     streams_by_default = False  # Ollama streams unless told `"stream": false`
     params: tuple[str, ...] = ()  # request keys recorded in `params`
+    multipart = False  # the request is a form (an upload): `read_form_request`, not JSON
+    reads_response = True  # the answer is JSON to read (false: audio, relayed unread)
 
     def read_request(self, body: dict[str, Any], event: Event, capture: bool) -> None:
         model = body.get("model")
@@ -83,6 +85,9 @@ class Shape:
         stream = body.get("stream")
         event.streaming = stream if isinstance(stream, bool) else self.streams_by_default
         event.params = pick(body, self.params)
+
+    def read_form_request(self, form: Any, event: Event, capture: bool) -> None:
+        """A `multipart` request's fields (a `media.Form`)."""
 
     def ask_usage(self, body: dict[str, Any]) -> bool:
         """Change the request so that a stream reports its usage; True if it was changed

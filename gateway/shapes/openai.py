@@ -4,7 +4,8 @@ embeddings and responses.
 A chat or completions stream reports its usage only when the request asked for
 it (`stream_options.include_usage`); when the client did not, the gateway asks
 and drops the extra final chunk (no choices, only usage) from what the client
-sees. `prompt_tokens` already counts cached tokens, as `input_tokens` should.
+sees. `prompt_tokens` already counts cached tokens, as `input_tokens` should. The
+Responses API's `web_search_call` output items are the event's `search_queries`.
 """
 
 from __future__ import annotations
@@ -251,8 +252,13 @@ class Responses(Shape):
             event.finish_reasons = [str(reason or status)]
         if body.get("error"):
             read_error(body, event)
+        items = body.get("output")
+        if isinstance(items, list):  # the built-in web search tool's calls, billed apart
+            searches = sum(1 for item in items if isinstance(item, dict)
+                           and item.get("type") == "web_search_call")
+            event.search_queries = searches or None
         if capture:
-            event.output_messages = _response_outputs(body.get("output")) or None
+            event.output_messages = _response_outputs(items) or None
 
     def stream(self, event: Event, capture: bool, drop_usage: bool) -> StreamReader:
         return ResponsesStream(self, event, capture)

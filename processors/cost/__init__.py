@@ -5,11 +5,19 @@ the cache reads and writes, `output_tokens` includes the reasoning tokens. So
 the uncached input is priced at the input rate, cache reads and writes at their
 own rates (never a second time at the input rate), and reasoning tokens at the
 reasoning rate, which is the output rate unless the table gives one. A call whose
-prompt passes a tier's threshold is priced whole at that tier's rates; a call
-to a batch endpoint (`batch_endpoints`) gets the entry's batch discount.
+prompt passes a tier's threshold is priced whole at that tier's rates; a batch call
+(`batch: true`, or a call to a batch endpoint, `batch_endpoints`) gets the entry's
+batch discount.
+
+What a call bills besides tokens is priced per unit: images (by size and quality),
+audio transcribed and synthesised (per minute), characters synthesised, video (per
+second), searches (rerank search units, built-in web searches, per 1,000); see `_cost`
+for how units and tokens combine.
 
 An event whose model has no price keeps a null cost (an unknown figure, not a
-free call): it is counted per model and logged once. The cost the source reported
+free call): it is counted per model and logged once. So does an event with a unit
+its entry gives no price for (`cost_usd` null; the side of the bill that is known,
+`cost_input_usd` or `cost_output_usd`, is kept). The cost the source reported
 (`actual_cost_usd`) is never touched.
 
 A cache hit (`cache_hit: true`: answered from a cache, a proxy's or a gateway's,
@@ -25,13 +33,15 @@ would have billed: it goes into `saved_cost_usd` unless the source reported it
 from __future__ import annotations
 
 import re
-from typing import Any
+from pathlib import Path
+from typing import Any, Final
 
 import msgspec
 
 from meterline.component import Config, Context, Factory, Processor
 from meterline.event import Event
 from meterline.processors.cost.prices import (
+    NO_UNITS,
     Layer,
     Price,
     PriceSpec,
@@ -40,6 +50,12 @@ from meterline.processors.cost.prices import (
     config_layer,
 )
 from meterline.processors.cost.prices import load_file as load_price_file
+
+
+def updated_prices(data_dir: Path | str) -> Path:
+    """Where `meterline pricing update` keeps the LiteLLM price map it merged."""
+    return Path(data_dir) / "prices" / "litellm.json"
+
 
 _MEMO_LIMIT = 10_000  # distinct (provider, model) pairs remembered; cleared beyond
 _LOG_LIMIT = 1_000  # distinct unpriced models logged
@@ -82,8 +98,12 @@ class CostConfig(Config):
     # calls whose endpoint contains one of these get the batch-API price
     batch_endpoints: list[str] = msgspec.field(default_factory=lambda: ["/batches"])
 
-    def table(self) -> PriceTable:
+    def table(self, data_dir: Path | str | None = None) -> PriceTable:
+        """The table: the bundled one, the price map `meterline pricing update` keeps in
+        `data_dir` (if any), the price files, then the `prices` written here."""
         layers: list[Layer] = [bundled()[1]] if self.bundled else []
+        if data_dir is not None and (updated := updated_prices(data_dir)).is_file():
+            layers.append(load_price_file(str(updated))[0])
         layers += [f.layer for f in self.price_files]
         layers.append(config_layer(self.prices))
         return PriceTable(layers, self.aliases)
@@ -91,7 +111,7 @@ class CostConfig(Config):
 
 class CostProcessor(Processor):
     def __init__(self, config: CostConfig, context: Context) -> None:
-        self.table = config.table()
+        self.table = config.table(context.data_dir)
         self.batch_endpoint = re.compile("|".join(map(re.escape, config.batch_endpoints))
                                          or "(?!)").search
         self.log = context.log
@@ -100,15 +120,14 @@ class CostProcessor(Processor):
         self._logged: set[tuple[str | None, str]] = set()
         self._unpriced = context.meter.create_counter(
             "meterline_cost_unpriced_events",
-            description="Events with token usage whose model has no price (cost left null)")
+            description="Events with usage whose model, or one of whose units, has no price "
+                        "(cost left null)")
 
     def process(self, events: list[Event]) -> list[Event]:
         memo = self._memo
         unpriced: dict[str, int] = {}
         for e in events:
-            inp = e.input_tokens
-            out = e.output_tokens
-            if inp is None and out is None:
+            if e.input_tokens is None and e.output_tokens is None and not _has_units(e):
                 if e.cache_hit:
                     _unbilled(e)
                 continue
@@ -124,41 +143,37 @@ class CostProcessor(Processor):
                 model = e.response_model or e.request_model or "(none)"
                 unpriced[model] = unpriced.get(model, 0) + 1
                 continue
-            rates = price.rates
-            ref = price.ref
-            if price.tiers and inp and (tier := price.tier_for(inp)) is not None:
-                rates = tier.rates
-                ref = f"{ref};above_{tier.above}"
-            scale = scale_out = 1e-6
-            if (fractions := price.batch_fractions) is not None \
-                    and (endpoint := e.endpoint) is not None and self.batch_endpoint(endpoint):
-                scale *= fractions[0]
-                scale_out *= fractions[1]
-                ref += ";batch"
-            cost_in = cost_out = None
-            if inp is not None:
-                cached = e.cache_read_tokens or 0
-                written = e.cache_creation_tokens or 0
-                uncached = inp - cached - written
-                cost_in = (max(uncached, 0) * rates.input + cached * rates.cache_read
-                           + written * rates.cache_write) * scale
-            if out is not None:
-                reasoning = e.reasoning_tokens or 0
-                cost_out = ((max(out - reasoning, 0)) * rates.output
-                            + reasoning * rates.reasoning) * scale_out
+            batch = e.batch if e.batch is not None else (
+                (endpoint := e.endpoint) is not None and bool(self.batch_endpoint(endpoint)))
+            cost_in, cost_out, ref = _cost(e, price, batch)
+            known = not isinstance(cost_in, _Unknown) and not isinstance(cost_out, _Unknown)
             if e.cache_hit:
-                if e.saved_cost_usd is None:
-                    e.saved_cost_usd = (cost_in or 0.0) + (cost_out or 0.0)
+                if e.saved_cost_usd is None and known:
+                    e.saved_cost_usd = _known(cost_in) + _known(cost_out)
                 _unbilled(e)
                 e.pricing_ref = f"{ref};cache_hit"
                 continue
-            e.cost_input_usd = cost_in
-            e.cost_output_usd = cost_out
-            e.cost_usd = (cost_in or 0.0) + (cost_out or 0.0)
+            e.cost_input_usd = None if isinstance(cost_in, _Unknown) else cost_in
+            e.cost_output_usd = None if isinstance(cost_out, _Unknown) else cost_out
             e.pricing_ref = ref
+            if not known:
+                e.cost_usd = None  # a unit without a price: the total is unknown
+                model = e.response_model or e.request_model or "(none)"
+                unpriced[model] = unpriced.get(model, 0) + 1
+                self._log_unpriced(e.provider, model, price.ref, _units_of(e))
+                continue
+            e.cost_usd = _known(cost_in) + _known(cost_out)
         for model, count in unpriced.items():
             self._unpriced.add(count, {"processor": self.id, "model": model})
         return events
+
+    def _log_unpriced(self, provider: str | None, model: str, entry: str,
+                      units: list[str]) -> None:
+        if (provider, model) not in self._logged and len(self._logged) < _LOG_LIMIT:
+            self._logged.add((provider, model))
+            self.log.warning("no price for some units of this model's calls; their cost "
+                             "stays null (add the unit prices under `prices`)",
+                             provider=provider, model=model, entry=entry, units=units)
 
     def _resolve(self, key: tuple[str | None, str | None, str | None]) -> Price | None:
         """The response model is what served the call (a dated snapshot, or the model
@@ -180,6 +195,104 @@ class CostProcessor(Processor):
             self._memo.clear()
         self._memo[key] = price
         return price
+
+
+class _Unknown:
+    """A side of the bill (input or output) with a unit the entry has no price for."""
+
+    def __repr__(self) -> str:
+        return "unknown"
+
+
+_UNKNOWN: Final = _Unknown()
+Cost = float | None | _Unknown  # None: nothing to bill on that side
+
+
+def _has_units(e: Event) -> bool:
+    return (e.images is not None or e.audio_input_seconds is not None or e.characters
+            is not None or e.audio_output_seconds is not None or e.video_seconds is not None
+            or bool(e.search_queries))
+
+
+def _units_of(e: Event) -> list[str]:
+    return [name for name in ("images", "audio_input_seconds", "characters",
+                              "audio_output_seconds", "video_seconds", "search_queries")
+            if getattr(e, name)]
+
+
+def _cost(e: Event, price: Price, batch: bool) -> tuple[Cost, Cost, str]:
+    """(input cost, output cost, pricing_ref) of one call.
+
+    Tokens are priced at the token rates (the tier's for a long prompt), units at the
+    unit rates. Media units (images, audio, characters, video) are what the tokens of
+    their side measure when a call reports both (gpt-image-1 reports the tokens of its
+    images, gpt-4o-transcribe those of its audio): they are priced per unit only when
+    the entry has no token rate for that side or the call reports no tokens for it.
+    Searches are billed on top of tokens. A unit the entry has no price for makes its
+    side unknown; a batch call gets the entry's batch fractions on tokens and units."""
+    rates = price.rates
+    ref = price.ref
+    inp, out = e.input_tokens, e.output_tokens
+    if price.tiers and inp and (tier := price.tier_for(inp)) is not None:
+        rates = tier.rates
+        ref = f"{ref};above_{tier.above}"
+    scale_in = scale_out = 1.0
+    if batch and (fractions := price.batch_fractions) is not None:
+        scale_in, scale_out = fractions
+        ref += ";batch"
+    units = price.units or NO_UNITS
+    # input: tokens, audio transcribed, characters synthesised, searches
+    tokens_in: Cost = None
+    if inp is not None:
+        cached = e.cache_read_tokens or 0
+        written = e.cache_creation_tokens or 0
+        tokens_in = (max(inp - cached - written, 0) * rates.input + cached * rates.cache_read
+                     + written * rates.cache_write) * 1e-6 if price.tokens else _UNKNOWN
+    by_tokens = price.tokens and inp is not None and rates.input > 0
+    media_in = [(e.audio_input_seconds, units.audio_input_second),
+                (e.characters, units.character)]
+    cost_in = _side(tokens_in, by_tokens, media_in, (e.search_queries, units.search))
+    # output: tokens, images, audio synthesised, video
+    tokens_out: Cost = None
+    if out is not None:
+        reasoning = e.reasoning_tokens or 0
+        tokens_out = ((max(out - reasoning, 0)) * rates.output
+                      + reasoning * rates.reasoning) * 1e-6 if price.tokens else _UNKNOWN
+    by_tokens = price.tokens and out is not None and rates.output > 0
+    image = units.image_price(e.image_size, e.image_quality) if e.images else None
+    media_out = [(e.images, image), (e.audio_output_seconds, units.audio_output_second),
+                 (e.video_seconds, units.video_second)]
+    cost_out = _side(tokens_out, by_tokens, media_out, (None, None))
+    return _scaled(cost_in, scale_in), _scaled(cost_out, scale_out), ref
+
+
+def _side(tokens: Cost, by_tokens: bool, media: list[tuple[float | None, float | None]],
+          extra: tuple[float | None, float | None]) -> Cost:
+    total: float | None = None if isinstance(tokens, _Unknown) else tokens
+    billed_by_units = False
+    for count, rate in media:
+        if count is None or by_tokens:
+            continue
+        if rate is None:
+            return _UNKNOWN
+        billed_by_units = True
+        total = (total or 0.0) + count * rate
+    if isinstance(tokens, _Unknown) and not billed_by_units:
+        return _UNKNOWN  # tokens, and no token rate: no unit bills them either
+    count, rate = extra
+    if count:
+        if rate is None:
+            return _UNKNOWN
+        total = (total or 0.0) + count * rate
+    return total
+
+
+def _known(cost: Cost) -> float:
+    return cost if isinstance(cost, float) else 0.0
+
+
+def _scaled(cost: Cost, scale: float) -> Cost:
+    return cost * scale if isinstance(cost, float) else cost
 
 
 def _unbilled(e: Event) -> None:

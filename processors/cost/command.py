@@ -1,29 +1,50 @@
 """`meterline pricing MODEL`: the price entry a model resolves to, and why.
+`meterline pricing update FILE`: merge a newer LiteLLM price map into the daemon's.
 
-It builds the table as the `cost` processor of the given `pipeline.yaml` would
-(its `prices`, `price_files`, `aliases`, `bundled`), so an operator can check an
-override or a price file before the daemon uses it.
+`pricing MODEL` builds the table as the `cost` processor of the given `pipeline.yaml`
+would (its `prices`, `price_files`, `aliases`, `bundled`, and the map `pricing update`
+keeps in the data directory), so an operator can check an override or a price file
+before the daemon uses it.
+
+`pricing update FILE` merges FILE (LiteLLM's `model_prices_and_context_window.json`,
+or any map in its format) into `<data_dir>/prices/litellm.json` (or `--into PATH`, e.g.
+a file the config lists in `price_files`): models it adds are added, prices it changes
+are changed, models it lacks are kept unless `--prune`. It prints each change, and
+refuses a malformed file (not JSON, an entry that is not an object, a price that is not
+a non-negative number) naming the line and the key, leaving the map as it was.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+from pathlib import Path
+from typing import Any
 
 import msgspec
 
 from meterline import config as config_mod
 from meterline.cli import DEFAULT_CONFIG
 from meterline.genai import provider_name
-from meterline.processors.cost import CostConfig
-from meterline.processors.cost.prices import Price, Rates, Resolution
+from meterline.processors.cost import CostConfig, updated_prices
+from meterline.processors.cost.prices import Price, Rates, Resolution, litellm_layer
 
 
 def add(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     parser = subparsers.add_parser(
         "pricing", help="show the price entry a model resolves to, and why")
-    parser.add_argument("model", help="a model name as events report it, e.g. gpt-4o-2024-08-06")
+    parser.add_argument("model", help="a model name as events report it, e.g. "
+                                      "gpt-4o-2024-08-06; or `update`, to merge FILE")
+    parser.add_argument("file", nargs="?", help="(update) a LiteLLM price map (JSON)")
+    parser.add_argument("--into", help="(update) the price map to merge into (default: "
+                                       "<data_dir>/prices/litellm.json, which the cost "
+                                       "processor reads when it starts)")
+    parser.add_argument("--prune", action="store_true",
+                        help="(update) remove the models FILE does not list")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="(update) print the changes, write nothing")
     parser.add_argument("--provider", help="the provider serving it (openai, aws.bedrock...)")
     parser.add_argument("-c", "--config", help=f"read the cost processor's prices from this "
                                                f"pipeline.yaml (default: {DEFAULT_CONFIG} if it "
@@ -35,13 +56,24 @@ def add(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.model == "update":
+        return update(args)
+    if args.file is not None:
+        print(f"unexpected argument {args.file!r} (only `pricing update` takes a file)",
+              file=sys.stderr)
+        return 2
     try:
-        config, origin = _cost_config(args.config, args.processor)
+        config, origin, data_dir = _cost_config(args.config, args.processor)
     except ValueError as e:
         print(str(e), file=sys.stderr)
         return 1
     provider = provider_name(args.provider)
-    found = config.table().resolve(provider, args.model)
+    try:
+        table = config.table(data_dir)
+    except ValueError as e:
+        print(str(e), file=sys.stderr)
+        return 1
+    found = table.resolve(provider, args.model)
     if found.price is None:
         print(f"no price for {args.model!r} (provider {provider or 'not given'}) in {origin}; "
               f"looked up as: {', '.join(found.tried)}", file=sys.stderr)
@@ -53,16 +85,18 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cost_config(path: str | None, processor: str | None) -> tuple[CostConfig, str]:
-    """The cost config to price with, and a description of where it came from."""
+def _cost_config(path: str | None, processor: str | None) -> tuple[CostConfig, str, str]:
+    """The cost config to price with, a description of where it came from, and the
+    daemon's data directory."""
     if path is None and not os.path.exists(DEFAULT_CONFIG):
-        return CostConfig(), "the bundled table"
+        return CostConfig(), "the bundled table", _DEFAULT_DATA_DIR
     path = path or DEFAULT_CONFIG
     try:
         loaded = config_mod.load(path)
     except config_mod.ConfigError as e:
         raise ValueError(f"{path}: invalid configuration:\n" +
                          "\n".join(f"  {p}" for p in e.problems)) from e
+    data_dir = loaded.service.data_dir
     costs = {cid: spec.config for cid, spec in loaded.processors.items()
              if spec.factory.type == "cost"}
     if processor is not None:
@@ -76,10 +110,10 @@ def _cost_config(path: str | None, processor: str | None) -> tuple[CostConfig, s
     elif costs:
         chosen = next(iter(costs))
     else:
-        return CostConfig(), f"the bundled table ({path} has no cost processor)"
+        return CostConfig(), f"the bundled table ({path} has no cost processor)", data_dir
     config = costs[chosen]
     assert isinstance(config, CostConfig)
-    return config, f"{path} (processor {chosen})"
+    return config, f"{path} (processor {chosen})", data_dir
 
 
 def _origin(price: Price) -> str:
@@ -114,6 +148,13 @@ def _as_text(found: Resolution, provider: str | None, origin: str) -> str:
         inp, out = fractions
         share = f"{inp:.0%}" if inp == out else f"input {inp:.0%}, output {out:.0%}"
         lines.append(f"  batch API: {share} of these")
+    if price.units is not None:
+        lines.append("USD per unit (image, minute of audio, 1M characters, second of video, "
+                     "1,000 searches):")
+        lines.append("  " + "  ".join(f"{name.replace('_', ' ')} {value}" for name, value in
+                                      price.units.as_spec().items()))
+    if not price.tokens:
+        lines.append("  (no token prices: this entry bills units only)")
     return "\n".join(lines)
 
 
@@ -128,4 +169,149 @@ def _as_dict(found: Resolution, provider: str | None, origin: str) -> dict[str, 
         "tiers": [{"above": t.above, **t.rates._asdict()} for t in price.tiers],
         "batch": price.batch,
         "batch_output": price.batch_output,
+        "units_usd": price.units.as_spec() if price.units is not None else {},
+        "tokens_priced": price.tokens,
     }
+
+
+# --- pricing update -------------------------------------------------------------------
+
+_DEFAULT_DATA_DIR = "./data"
+
+
+class Malformed(ValueError):
+    """A price map meterline refuses, with where."""
+
+
+def update(args: argparse.Namespace) -> int:
+    if args.file is None:
+        print("usage: meterline pricing update FILE [--into PATH] [--prune] [--dry-run]",
+              file=sys.stderr)
+        return 2
+    try:
+        if args.into is not None:
+            target = Path(args.into)
+        else:
+            target = updated_prices(_data_dir(args.config))
+        newer = read_map(Path(args.file))
+        current = read_map(target) if target.exists() else {}
+    except (Malformed, OSError) as e:
+        print(f"refused: {e}", file=sys.stderr)
+        return 1
+    merged, lines, counts = merge(current, newer, prune=args.prune)
+    try:
+        litellm_layer(merged, target.name)  # what the daemon will load must load
+    except (ValueError, msgspec.ValidationError) as e:
+        print(f"refused: {args.file}: {e}", file=sys.stderr)
+        return 1
+    for line in lines:
+        print(line)
+    verb = "would write" if args.dry_run else "wrote"
+    print(f"{counts['added']} added, {counts['changed']} changed, {counts['removed']} "
+          f"removed, {counts['kept']} kept (not in {args.file}"
+          f"{'' if args.prune else '; --prune removes them'}), {counts['same']} unchanged; "
+          f"{verb} {target}")
+    if not args.dry_run and (lines or not target.exists()):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        temporary = target.with_name(target.name + ".tmp")
+        temporary.write_text(json.dumps(merged, indent=1, sort_keys=True) + "\n")
+        os.replace(temporary, target)
+    return 0
+
+
+def _data_dir(path: str | None) -> str:
+    if path is None and not os.path.exists(DEFAULT_CONFIG):
+        return _DEFAULT_DATA_DIR
+    try:
+        return config_mod.load(path or DEFAULT_CONFIG).service.data_dir
+    except config_mod.ConfigError as e:
+        raise Malformed(f"{path or DEFAULT_CONFIG}: invalid configuration:\n" +
+                        "\n".join(f"  {p}" for p in e.problems)) from e
+
+
+def read_map(path: Path) -> dict[str, Any]:
+    """A LiteLLM price map, checked: a JSON object of objects whose prices (`*cost*`
+    keys) are non-negative numbers (or objects of them: `search_context_cost_per_query`)."""
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise Malformed(f"{path}:{e.lineno}: not valid JSON: {e.msg} (column {e.colno})"
+                        ) from None
+    if not isinstance(data, dict):
+        raise Malformed(f"{path}: expected a JSON object keyed by model name")
+    for key, entry in data.items():
+        if key == "sample_spec":
+            continue
+        if not isinstance(entry, dict):
+            raise Malformed(f"{path}:{_line(text, key)}: {key}: expected an object, got "
+                            f"{type(entry).__name__}")
+        for field, value in entry.items():
+            if "cost" in field and not _is_price(value):
+                raise Malformed(f"{path}:{_line(text, key, field)}: {key}.{field}: expected "
+                                f"a non-negative number, got {value!r}")
+    return data
+
+
+def _is_price(value: Any) -> bool:
+    if isinstance(value, dict):
+        return all(_is_price(v) for v in value.values())
+    return isinstance(value, int | float) and not isinstance(value, bool) and value >= 0
+
+
+def _line(text: str, key: str, field: str | None = None) -> int:
+    """The line of `key` (and of `field` after it) in the JSON text, 1-based."""
+    at = text.find(json.dumps(key) + ":")
+    if at < 0:
+        at = text.find(json.dumps(key))
+    if field is not None and at >= 0:
+        found = text.find(json.dumps(field), at)
+        at = found if found >= 0 else at
+    return text.count("\n", 0, max(at, 0)) + 1
+
+
+def _prices(entry: Any) -> dict[str, Any]:
+    return {k: v for k, v in entry.items() if "cost" in k} if isinstance(entry, dict) else {}
+
+
+def merge(current: dict[str, Any], newer: dict[str, Any], prune: bool
+          ) -> tuple[dict[str, Any], list[str], dict[str, int]]:
+    """The merged map, a line per change, and the counts of each kind of change."""
+    merged = dict(current)
+    added: list[str] = []
+    changed: list[str] = []
+    removed: list[str] = []
+    counts = dict.fromkeys(("added", "changed", "removed", "kept", "same"), 0)
+    for key, entry in newer.items():
+        if key == "sample_spec":
+            merged[key] = entry
+            continue
+        old = current.get(key)
+        merged[key] = entry
+        if old is None:
+            counts["added"] += 1
+            kind = f"{entry.get('litellm_provider', '?')}, {entry.get('mode', '?')}"
+            added.append(f"added    {key}  ({kind})")
+            continue
+        before, after = _prices(old), _prices(entry)
+        if before == after:
+            counts["same"] += 1
+            continue
+        counts["changed"] += 1
+        changes = [f"{f} {_show(before.get(f))} -> {_show(after.get(f))}"
+                   for f in sorted(before.keys() | after.keys()) if before.get(f) != after.get(f)]
+        changed.append(f"changed  {key}  {'; '.join(changes)}")
+    for key in sorted(current.keys() - newer.keys()):
+        if key == "sample_spec":
+            continue
+        if prune:
+            del merged[key]
+            counts["removed"] += 1
+            removed.append(f"removed  {key}")
+        else:
+            counts["kept"] += 1
+    return merged, added + changed + removed, counts
+
+
+def _show(value: Any) -> str:
+    return "none" if value is None else json.dumps(value)

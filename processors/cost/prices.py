@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Final, NamedTuple
 
 import msgspec
 
@@ -32,7 +32,8 @@ from meterline.genai import provider_name
 # and hosts of open models (Bedrock, Azure, Groq, Together...) never do: their price is
 # theirs alone.
 MAKERS = frozenset({"openai", "anthropic", "gcp.gemini", "mistral_ai", "deepseek", "x_ai",
-                    "cohere"})
+                    "cohere", "elevenlabs", "stability_ai", "black_forest_labs", "runway",
+                    "luma"})
 
 
 class Rates(NamedTuple):
@@ -56,9 +57,10 @@ class TierSpec(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class PriceSpec(msgspec.Struct, forbid_unknown_fields=True):
-    """One model's prices as written in YAML, USD per million tokens."""
+    """One model's prices as written in YAML: tokens in USD per million, and the units a
+    model bills besides tokens (images, audio, video, characters, searches) in USD."""
 
-    input: float  # USD per million input tokens
+    input: float | None = None  # USD per million input tokens; none: it bills no tokens
     output: float = 0.0  # embeddings have no output
     cache_read: float | None = None  # cached input tokens read; default: the input rate
     cache_write: float | None = None  # input tokens written to the cache; default: input
@@ -66,15 +68,28 @@ class PriceSpec(msgspec.Struct, forbid_unknown_fields=True):
     tiers: list[TierSpec] = msgspec.field(default_factory=list)  # long-prompt prices
     batch: float | None = None  # batch-API price as a fraction of the standard one (0.5)
     batch_output: float | None = None  # the output's own fraction, when not `batch`
+    image: float | None = None  # USD per image generated, whatever its size and quality
+    images: dict[str, float] = msgspec.field(default_factory=dict)  # USD per image, by
+    # `size/quality` (1024x1792/hd), `size` or `quality`; `image` for the others
+    audio_input_minute: float | None = None  # USD per minute of audio transcribed
+    audio_output_minute: float | None = None  # USD per minute of audio synthesised
+    characters: float | None = None  # USD per million characters synthesised into speech
+    video_second: float | None = None  # USD per second of video generated
+    searches: float | None = None  # USD per 1,000 searches (rerank search units, web search)
     source: str | None = None  # a key of the file's `sources`, or a URL
     as_of: str | None = None  # when this entry's figures were published, if not the file's
 
     def __post_init__(self) -> None:
-        rates = [self.input, self.output, self.cache_read, self.cache_write, self.reasoning]
+        rates = [self.input, self.output, self.cache_read, self.cache_write, self.reasoning,
+                 *self.units(), *self.images.values()]
         for tier in self.tiers:
             rates += [tier.input, tier.output, tier.cache_read, tier.cache_write, tier.reasoning]
         if any(r is not None and r < 0 for r in rates):
             raise ValueError("prices must not be negative")
+        if self.input is None and not self.images and all(u is None for u in self.units()):
+            raise ValueError("an entry gives `input` (USD per 1M tokens) or a unit price "
+                             "(image, images, audio_input_minute, audio_output_minute, "
+                             "characters, video_second, searches)")
         for name in ("batch", "batch_output"):
             fraction = getattr(self, name)
             if fraction is not None and not 0 < fraction <= 1:
@@ -82,6 +97,10 @@ class PriceSpec(msgspec.Struct, forbid_unknown_fields=True):
                                  f"got {fraction}")
         if any(t.above <= 0 for t in self.tiers):
             raise ValueError("a tier's `above` is a positive number of prompt tokens")
+
+    def units(self) -> tuple[float | None, ...]:
+        return (self.image, self.audio_input_minute, self.audio_output_minute, self.characters,
+                self.video_second, self.searches)
 
 
 class PriceFileSpec(msgspec.Struct, forbid_unknown_fields=True):
@@ -92,6 +111,9 @@ class PriceFileSpec(msgspec.Struct, forbid_unknown_fields=True):
     currency: str = "USD"
     unit: str = "per 1M tokens"
     sources: dict[str, str] = msgspec.field(default_factory=dict)
+    # USD per 1,000 web searches by provider: the price of every entry of that provider
+    # that prices tokens and gives no `searches` of its own (its search tool's price)
+    searches: dict[str, float] = msgspec.field(default_factory=dict)
     note: str = ""
 
     def __post_init__(self) -> None:
@@ -107,6 +129,68 @@ class Tier:
     rates: Rates
 
 
+def size_key(size: str) -> str:
+    """`1024x1024`, `1024-x-1024` (LiteLLM's keys), `1024X1024` -> `1024x1024`."""
+    return size.strip().lower().replace("-x-", "x").replace(" ", "")
+
+
+@dataclass(frozen=True)
+class Units:
+    """What a model bills besides tokens, USD per one unit (None: not priced)."""
+
+    image: float | None = None  # an image whose size and quality `images` does not list
+    images: tuple[tuple[str, float], ...] = ()  # by `size/quality`, `size` or `quality`
+    audio_input_second: float | None = None
+    audio_output_second: float | None = None
+    character: float | None = None
+    video_second: float | None = None
+    search: float | None = None
+
+    @classmethod
+    def of(cls, spec: PriceSpec, searches: float | None = None) -> Units | None:
+        per_1k = spec.searches if spec.searches is not None else searches
+        units = cls(spec.image, tuple(sorted((_image_key(k), v) for k, v in spec.images.items())),
+                    _per(spec.audio_input_minute, 60), _per(spec.audio_output_minute, 60),
+                    _per(spec.characters, 1e6), spec.video_second, _per(per_1k, 1000))
+        return None if units == NO_UNITS else units
+
+    def image_price(self, size: str | None, quality: str | None) -> float | None:
+        """The price of one image: by size and quality, by size, by quality, else `image`."""
+        by = dict(self.images)
+        size = size_key(size) if size else None
+        quality = quality.strip().lower() if quality else None
+        for key in (f"{size}/{quality}" if size and quality else None, size, quality):
+            if key is not None and key in by:
+                return by[key]
+        return self.image
+
+    def as_spec(self) -> dict[str, Any]:
+        """The unit prices as `PriceSpec` writes them (per minute, per 1M characters...)."""
+        spec = {"image": self.image, "images": dict(self.images) or None,
+                "audio_input_minute": _times(self.audio_input_second, 60),
+                "audio_output_minute": _times(self.audio_output_second, 60),
+                "characters": _times(self.character, 1e6), "video_second": self.video_second,
+                "searches": _times(self.search, 1000)}
+        return {k: v for k, v in spec.items() if v is not None}
+
+
+NO_UNITS: Final = Units()
+
+
+def _image_key(key: str) -> str:
+    size, sep, quality = key.partition("/")
+    return f"{size_key(size)}/{quality.strip().lower()}" if sep else (
+        size_key(key) if "x" in key.lower() and key[:1].isdigit() else key.strip().lower())
+
+
+def _per(value: float | None, count: float) -> float | None:
+    return None if value is None else value / count
+
+
+def _times(value: float | None, count: float) -> float | None:
+    return None if value is None else round(value * count, 12)
+
+
 @dataclass(frozen=True)
 class Price:
     """One resolved table entry."""
@@ -119,6 +203,8 @@ class Price:
     tiers: tuple[Tier, ...] = ()  # ascending by `above`
     batch: float | None = None  # batch-API fraction of the input rates (and of the output's
     batch_output: float | None = None  # unless this one is given)
+    units: Units | None = None  # what it bills besides tokens
+    tokens: bool = True  # it bills tokens (false: an entry of unit prices only)
 
     @property
     def batch_fractions(self) -> tuple[float, float] | None:
@@ -142,8 +228,9 @@ class Price:
 
 
 def make_price(key: str, spec: PriceSpec, origin: str, source: str,
-               as_of: str | None) -> Price:
-    base = _rates(spec.input, spec.output, spec.cache_read, spec.cache_write, spec.reasoning)
+               as_of: str | None, searches: float | None = None) -> Price:
+    base = _rates(_or(spec.input, 0.0), spec.output, spec.cache_read, spec.cache_write,
+                  spec.reasoning)
     tiers = tuple(sorted(
         (Tier(t.above, _rates(
             _or(t.input, base.input), _or(t.output, base.output),
@@ -153,7 +240,7 @@ def make_price(key: str, spec: PriceSpec, origin: str, source: str,
             _or(t.reasoning, _scaled(base.reasoning, base.output, t.output))))
          for t in spec.tiers), key=lambda t: t.above))
     return Price(key, origin, source, spec.as_of or as_of, base, tiers, spec.batch,
-                 spec.batch_output)
+                 spec.batch_output, Units.of(spec, searches), spec.input is not None)
 
 
 def _or(value: float | None, default: float) -> float:
@@ -301,7 +388,9 @@ def meterline_layer(spec: PriceFileSpec, origin: str, default_source: str) -> La
         provider, model = _split_key(key)
         source_name = entry.source or provider or ""
         source = spec.sources.get(source_name, entry.source or default_source)
-        layer.add(provider, model, make_price(key, entry, origin, source, spec.as_of or None))
+        searches = spec.searches.get(provider or "") if entry.input is not None else None
+        layer.add(provider, model, make_price(key, entry, origin, source, spec.as_of or None,
+                                              searches))
     return layer
 
 
@@ -333,44 +422,111 @@ def litellm_provider(raw: str) -> str | None:
     return provider_name(raw)
 
 
+_LITELLM_PIXELS = re.compile(r"^(?:(?P<quality>[a-z]+)/)?(?P<w>\d+)-x-(?P<h>\d+)/(?P<model>.+)$")
+
+
+def _numbers(entry: dict[str, Any]) -> dict[str, float]:
+    return {f: v for f, v in entry.items() if isinstance(v, int | float)
+            and not isinstance(v, bool)}
+
+
+def _litellm_units(entry: dict[str, Any], numbers: dict[str, float]) -> dict[str, Any]:
+    """The unit prices of a LiteLLM entry, as `PriceSpec` fields. Its per-second and
+    per-character prices mean what its `mode` says (Vertex AI's chat models carry
+    `input_cost_per_character` too: those are not speech)."""
+    mode = entry.get("mode")
+    units: dict[str, Any] = {}
+    if "output_cost_per_image" in numbers:
+        units["image"] = numbers["output_cost_per_image"]
+    if (second := numbers.get("input_cost_per_second")) is not None \
+            and mode in ("audio_transcription", None):
+        units["audio_input_minute"] = second * 60
+    if (second := numbers.get("output_cost_per_second")) is not None:
+        if mode == "audio_speech":
+            units["audio_output_minute"] = second * 60
+        elif mode == "video_generation":
+            units["video_second"] = second
+    if "output_cost_per_video_per_second" in numbers:
+        units["video_second"] = numbers["output_cost_per_video_per_second"]
+    if mode == "audio_speech":
+        per_char = numbers.get("input_cost_per_character", numbers.get(
+            "output_cost_per_character"))
+        if per_char is not None:
+            units["characters"] = per_char * 1e6
+    if "input_cost_per_query" in numbers:  # rerank
+        units["searches"] = numbers["input_cost_per_query"] * 1000
+    search = entry.get("search_context_cost_per_query")
+    if isinstance(search, dict):  # web search, by context size: the default (medium)
+        per_query = _numbers(search)
+        value = per_query.get("search_context_size_medium", per_query.get(
+            "search_context_size_low"))
+        if value is not None:
+            units["searches"] = value * 1000
+    return units
+
+
 def litellm_layer(data: Any, origin: str) -> Layer:
-    """A layer from LiteLLM's `model_prices_and_context_window.json` (USD per token;
-    `sample_spec` and entries priced per image, second or call are skipped)."""
+    """A layer from LiteLLM's `model_prices_and_context_window.json`: USD per token, and
+    per image (`output_cost_per_image`; per pixel under `quality/WxH/model` keys), second
+    of audio or video, character of speech, rerank query or web search. `sample_spec` and
+    entries with no price meterline reads are skipped."""
     if not isinstance(data, dict):
         raise ValueError("expected a JSON object keyed by model name")
     layer = Layer(origin)
+    specs: dict[tuple[str | None, str], tuple[str, dict[str, Any]]] = {}
     for key, entry in data.items():
         if key == "sample_spec" or not isinstance(entry, dict):
             continue
-        per_token = {f: v for f, v in entry.items() if isinstance(v, int | float)
-                     and not isinstance(v, bool)}
-        if "input_cost_per_token" not in per_token:
-            continue
-        fields = {name: per_token[f] * 1e6 for f, name in _LITELLM_RATE.items() if f in per_token}
-        tiers: dict[int, dict[str, float]] = {}
-        for f, value in per_token.items():
-            if m := _LITELLM_TIER.match(f):
-                tiers.setdefault(int(m.group(2)) * 1000, {})[
-                    _LITELLM_RATE[m.group(1)]] = value * 1e6
-        spec = msgspec.convert({
-            **fields,
-            "tiers": [{"above": above, **rates} for above, rates in sorted(tiers.items())],
-            "batch": _fraction(per_token.get("input_cost_per_token_batches"),
-                               per_token["input_cost_per_token"]),
-            "batch_output": _fraction(per_token.get("output_cost_per_token_batches"),
-                                      per_token.get("output_cost_per_token")),
-            "source": entry.get("source") if isinstance(entry.get("source"), str) else None,
-        }, PriceSpec)
+        numbers = _numbers(entry)
         raw_provider = entry.get("litellm_provider")
         provider = litellm_provider(raw_provider) if isinstance(raw_provider, str) else None
-        model = key
-        head, sep, rest = key.partition("/")
-        if sep and raw_provider and (head == raw_provider or litellm_provider(head) == provider):
-            model = rest
+        if (pixels := _LITELLM_PIXELS.match(key)) and "input_cost_per_pixel" in numbers:
+            size = f"{pixels['w']}x{pixels['h']}"
+            per_image = numbers["input_cost_per_pixel"] * int(pixels["w"]) * int(pixels["h"])
+            image_key = f"{size}/{pixels['quality']}" if pixels["quality"] else size
+            _, fields = specs.setdefault(
+                (provider, _model_of(pixels["model"], raw_provider, provider)),
+                (f"{origin}: {key}", {}))
+            fields.setdefault("images", {})[image_key] = round(per_image, 9)
+            continue
+        fields = _litellm_units(entry, numbers)
+        if "input_cost_per_token" in numbers:
+            fields.update(_litellm_tokens(numbers))
+        if not fields:
+            continue
+        if isinstance(entry.get("source"), str):
+            fields["source"] = entry["source"]
+        model = _model_of(key, raw_provider, provider)
+        _, known = specs.setdefault((provider, model), (f"{origin}: {key}", {}))
+        known.update(fields)
+    for (provider, model), (where, fields) in specs.items():
+        spec = msgspec.convert(fields, PriceSpec)
         ref = f"{provider}/{model}" if provider else model
-        layer.add(provider, model,
-                  make_price(ref, spec, origin, spec.source or f"{origin}: {key}", None))
+        layer.add(provider, model, make_price(ref, spec, origin, spec.source or where, None))
     return layer
+
+
+def _litellm_tokens(numbers: dict[str, float]) -> dict[str, Any]:
+    fields: dict[str, Any] = {name: numbers[f] * 1e6 for f, name in _LITELLM_RATE.items()
+                              if f in numbers}
+    tiers: dict[int, dict[str, float]] = {}
+    for f, value in numbers.items():
+        if m := _LITELLM_TIER.match(f):
+            tiers.setdefault(int(m.group(2)) * 1000, {})[_LITELLM_RATE[m.group(1)]] = value * 1e6
+    fields["tiers"] = [{"above": above, **rates} for above, rates in sorted(tiers.items())]
+    fields["batch"] = _fraction(numbers.get("input_cost_per_token_batches"),
+                                numbers["input_cost_per_token"])
+    fields["batch_output"] = _fraction(numbers.get("output_cost_per_token_batches"),
+                                       numbers.get("output_cost_per_token"))
+    return fields
+
+
+def _model_of(key: str, raw_provider: Any, provider: str | None) -> str:
+    """A LiteLLM key without its provider prefix (`gemini/gemini-2.5-pro`)."""
+    head, sep, rest = key.partition("/")
+    if sep and raw_provider and (head == raw_provider or litellm_provider(head) == provider):
+        return rest
+    return key
 
 
 def _fraction(batch: float | None, standard: float | None) -> float | None:

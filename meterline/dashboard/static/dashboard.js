@@ -338,6 +338,20 @@
     ], budgets, "No budgets: add a budgets: section to pipeline.yaml.");
   }
 
+  // Billed (the providers' imported bills) against estimated, per provider with a bill.
+  function drawReconciliation(answer) {
+    const rows = answer.rows.length ? [...answer.rows, { ...answer.total, provider: "total" }] : [];
+    renderTable("table-reconciliation", [
+      { title: "provider", value: (r) => r.provider },
+      { title: "estimated USD", value: (r) => r.estimated_cost_usd, format: usd, numeric: true },
+      { title: "billed USD", value: (r) => r.billed_cost_usd, format: usd, numeric: true },
+      { title: "variance USD", value: (r) => r.variance_usd, format: usd, numeric: true },
+      { title: "variance", value: (r) => r.variance_ratio, format: pct, numeric: true },
+      { title: "unexplained USD", value: (r) => r.unexplained_usd, format: usd, numeric: true },
+      { title: "billing lines", value: (r) => r.billing_lines, format: count, numeric: true },
+    ], rows, "No bills in this range: meterline billing import FILE (docs/finops.md#billing).");
+  }
+
   // --- agents, tools, MCP and guardrails ----------------------------------------------------
   const yes = (x) => (x == null ? dash : x ? "yes" : "no");
   // A right-aligned column of the figure `key` of each row.
@@ -444,7 +458,7 @@
         ? everyProvider.providers.map((p) => p.provider).filter((p) => p).slice(0, MAX_SERIES)
         : [provider]);
       const [usage, performance, models, costs, keys, budgets, agents, guardrails, total,
-             ...series] = await Promise.all([
+             reconciliation, ...series] = await Promise.all([
         api("analytics/usage", filter),
         api("analytics/performance", filter),
         api("analytics/models", filter),
@@ -454,6 +468,7 @@
         api("analytics/agents", { range }),
         api("analytics/guardrails", filter),
         api("analytics/timeseries", filter),
+        api("analytics/reconciliation", { ...filter, by: "provider" }),
         ...drawn.map((name) => api("analytics/timeseries", { range, provider: name })),
       ]);
       if (range !== state.range || provider !== state.provider) return; // changed meanwhile
@@ -467,6 +482,7 @@
       drawLatency(performance);
       drawBreakdown(costs);
       drawTables(costs, models, keys, budgets);
+      drawReconciliation(reconciliation);
       drawAgents(agents);
       drawGuardrails(guardrails);
       for (const el of document.querySelectorAll(".breakdown-name")) el.textContent = costs.group_by;
@@ -540,6 +556,39 @@
     $("forget-token").hidden = true;
     refresh();
   });
+
+  // --- audit: the last configuration changes (/api/v1/audit) -----------------------------
+  // Apart from the analytics: shown whenever the admin API answers, with or without finops.
+  const AUDIT_SIGNS = { added: "+", removed: "−", changed: "~" };
+
+  function auditChanges(entry) {
+    const c = entry.changes || {};
+    return Object.entries(AUDIT_SIGNS).flatMap(([part, sign]) => (c[part] || []).map((x) => {
+      const keys = Object.keys(x.keys || {});
+      return `${sign} ${x.kind} ${x.id}${keys.length ? ` (${keys.join(", ")})` : ""}`;
+    })).join("; ");
+  }
+
+  async function refreshAudit() {
+    try {
+      const answer = await api("audit", { limit: 10 });
+      $("audit").hidden = false;
+      renderTable("table-audit", [
+        { title: "time", value: (r) => r.time.replace("T", " ").replace("Z", "") },
+        { title: "trigger", value: (r) => r.trigger },
+        { title: "result", value: (r) => r.result, className: (r) => `result-${r.result}` },
+        { title: "file sha256", value: (r) => (r.sha256 || "").slice(0, 12), format: String },
+        { title: "what changed", value: auditChanges, format: String, className: () => "wrap" },
+        { title: "error", value: (r) => r.error || "", format: String, className: () => "wrap" },
+      ], answer.entries, "No configuration change recorded yet.");
+    } catch {
+      $("audit").hidden = true; // a token is asked for above; an older daemon has no log
+    }
+  }
+
+  refreshAudit();
+  setInterval(refreshAudit, REFRESH_MS);
+  // --- end audit ----------------------------------------------------------------------------
 
   refresh();
   setInterval(refresh, REFRESH_MS);
