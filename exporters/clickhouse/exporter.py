@@ -211,10 +211,7 @@ class ClickHouseExporter(Exporter):
         costs milliseconds. A batch over a long stretch (a backfill, a replay) would fetch
         too many, so then the batch's ids are looked up instead."""
         table = self.schema.qualified(self.schema.events)
-        low = min(e.timestamp for e in events)
-        high = max(e.timestamp for e in events)
-        where = (f"timestamp >= fromUnixTimestamp64Nano({low}, 'UTC') "
-                 f"AND timestamp <= fromUnixTimestamp64Nano({high}, 'UTC')")
+        where = _time_range(events)
         cap = 4 * len(events)
         stored = self._writer.query(f"SELECT event_id FROM {table} WHERE {where} "
                                     f"LIMIT {cap + 1}").result_rows
@@ -230,14 +227,11 @@ class ClickHouseExporter(Exporter):
         checks last sees both copies (both inserts are done by then)."""
         if not events:
             return set()
-        low = min(e.timestamp for e in events)
-        high = max(e.timestamp for e in events)
         ids = ",".join(literal(e.event_id) for e in events)
         rows = self._writer.query(
             f"SELECT event_id FROM {self.schema.qualified(self.schema.events)} "
-            f"WHERE timestamp >= fromUnixTimestamp64Nano({low}, 'UTC') "
-            f"AND timestamp <= fromUnixTimestamp64Nano({high}, 'UTC') "
-            f"AND event_id IN ({ids}) GROUP BY event_id HAVING count() > 1").result_rows
+            f"WHERE {_time_range(events)} AND event_id IN ({ids}) "
+            "GROUP BY event_id HAVING count() > 1").result_rows
         return {event_id for (event_id,) in rows}
 
     # --- rollup repair -------------------------------------------------------------
@@ -267,6 +261,15 @@ class ClickHouseExporter(Exporter):
                 await self.repair_rollups()
             except Exception as e:
                 self.log.warning("cannot check the rollups against the events", error=str(e))
+
+
+def _time_range(events: list[Event]) -> str:
+    """The condition on `timestamp` that holds the batch's events (the table's order
+    starts with the hour, so this reads little)."""
+    low = min(e.timestamp for e in events)
+    high = max(e.timestamp for e in events)
+    return (f"timestamp >= fromUnixTimestamp64Nano({low}, 'UTC') "
+            f"AND timestamp <= fromUnixTimestamp64Nano({high}, 'UTC')")
 
 
 def _hour(event: Event) -> int:
