@@ -2,13 +2,14 @@
 
 Fills the tables with `--events` events (default 10 million) generated inside
 ClickHouse (`INSERT INTO llm_events ... SELECT ... FROM numbers()`, in chunks, in
-time order), so they go through the same schema and materialized views as the
-exporter's inserts: 365 days, with a Zipf-like spread of 20,000 users, 500 API
-keys (each of one of 40 teams), 200 customers (`metadata.customer`, a
-`rollup_metadata` key) and 8 models. It then prints each table's rows and
-on-disk size, times every report and answer (each run `--repeat` times: median
-and best; those read from raw events by design, agents and guardrails, are
-marked), and one rollup repair pass. With `--exporter`, the events go through
+time order), the rollups filled from each chunk with the materialized views' own
+query (the views dropped meanwhile, then created again): 365 days, with a
+Zipf-like spread of 20,000 users, 500 API keys (each of one of 40 teams), 200
+customers (`metadata.customer`, a `rollup_metadata` key), 8 models, sessions of
+25 calls and agent runs of 5 events (30% of them). It then prints each table's
+rows and on-disk size, times every report and answer (each run `--repeat` times:
+median and best; those read from raw events by design, guardrails, are marked),
+and one rollup repair pass. With `--exporter`, the events go through
 the exporter's own path instead (the "already stored?" check, column batches,
 deduplicated inserts, hours held open): the insert rate. Runs on embedded chDB
 unless `--endpoint` names a server.
@@ -41,6 +42,7 @@ from meterline.exporters.clickhouse import repair
 from meterline.exporters.clickhouse.config import ClickHouseConfig
 from meterline.exporters.clickhouse.exporter import ClickHouseExporter
 from meterline.exporters.clickhouse.query import Reader, Window
+from meterline.exporters.clickhouse.schema import FINAL_SETTINGS, ensure_schema
 from meterline.extensions.finops import analytics, budgets, finops
 from meterline.telemetry import Telemetry
 
@@ -52,6 +54,13 @@ SPAN = timedelta(days=90)  # (--exporter)
 GENERATED_SPAN = timedelta(days=365)
 GENERATED = {"users": 20_000, "keys": 500, "teams": 40, "customers": 200}
 CHUNK = 2_000_000  # events per generating INSERT
+# A generating insert's blocks: ~130,000 events (larger ones, of 80 columns, exceed the
+# 2 GiB query memory). The views are dropped while the tables fill:
+# each rollup is filled from each chunk of events with the views' own query
+# (`Schema.fill_rollup`), which gives the rollups the views would, at a fraction of the
+# cost of running every view on every block.
+_FILL = {"insert_deduplicate": 0, "max_insert_threads": 2, "max_block_size": 131072,
+         "min_insert_block_size_rows": 131072, "min_insert_block_size_bytes": 64 << 20}
 
 
 def make_batches(total: int, size: int, users: int, end: datetime) -> Any:
@@ -121,9 +130,14 @@ def _zipf(n: int, salt: int, skew: float = 3.0) -> str:
     return f"toUInt32(floor({n} * pow({_uniform(salt)}, {skew})))"
 
 
+# 30% of the events are agent runs of 5 (a trace: the run's invoke_agent event, model
+# calls and a tool call), the others calls of no trace
+_AGENT_RUN = "intDiv(number, 5) % 10 < 3"
+
+
 def generate(reader: Reader, total: int) -> None:
     """`total` events over the 365 days before now, in time order, generated in
-    ClickHouse and inserted into `llm_events` (the views fill the rollups)."""
+    ClickHouse and inserted into `llm_events`, the rollups filled from each chunk."""
     schema = reader.schema
     end = datetime.now(UTC) - timedelta(minutes=5)
     start_ns = int((end - GENERATED_SPAN).timestamp() * 1e9)
@@ -137,7 +151,14 @@ def generate(reader: Reader, total: int) -> None:
         "event_id": "concat('bench-', leftPad(toString(number), 10, '0'))",
         "timestamp": f"fromUnixTimestamp64Nano(toInt64({start_ns} + number * {step}), 'UTC')",
         "session_id": "concat('session-', toString(intDiv(number, 25)))",
-        "source": "'gateway'", "operation": "'chat'",
+        "trace_id": f"if({_AGENT_RUN}, concat('trace-', toString(intDiv(number, 5))), '')",
+        "agent_name": f"if({_AGENT_RUN} AND number % 5 = 0, concat('agent-', "
+                      "toString(cityHash64(intDiv(number, 5), 12) % 20)), '')",
+        "operation": f"multiIf({_AGENT_RUN} AND number % 5 = 0, 'invoke_agent', "
+                     f"{_AGENT_RUN} AND number % 5 = 3, 'execute_tool', 'chat')",
+        "tool_name": f"if({_AGENT_RUN} AND number % 5 = 3, concat('tool-', "
+                     "toString(cityHash64(number, 13) % 50)), '')",
+        "source": "'gateway'",
         "provider": f"{providers}[{model}]", "request_model": f"{models}[{model}]",
         "response_model": f"{models}[{model}]", "endpoint": "'/v1/chat/completions'",
         "status_code": status,
@@ -158,23 +179,31 @@ def generate(reader: Reader, total: int) -> None:
     }
     names = ", ".join(columns)
     select = ", ".join(f"{sql} AS `{name}`" for name, sql in columns.items())
+    client = reader.client
+    for rollup in schema.rollups:  # the views again at the end (`ensure_schema`)
+        client.command(f"DROP VIEW IF EXISTS {schema.qualified(rollup.view)}")
     clock = time.perf_counter()
+    spent = {"llm_events": 0.0} | {r.table: 0.0 for r in schema.rollups}
     for first in range(0, total, CHUNK):
         count = min(CHUNK, total - first)
-        reader.client.command(
-            f"INSERT INTO {schema.qualified(schema.events)} ({names}) SELECT {select} "
-            f"FROM numbers({first}, {count})",
-            # blocks of ~130,000 events, as large exporter batches: the per-minute view's
-            # t-digest states of a block of a million take GBs
-            settings={"insert_deduplicate": 0, "max_insert_threads": 2,
-                      "max_block_size": 131072, "min_insert_block_size_rows": 131072,
-                      "min_insert_block_size_bytes": 64 << 20})
+        took = time.perf_counter()
+        client.command(f"INSERT INTO {schema.qualified(schema.events)} ({names}) "
+                       f"SELECT {select} FROM numbers({first}, {count})", settings=_FILL)
+        spent["llm_events"] += time.perf_counter() - took
+        since, until = start_ns + first * step, start_ns + (first + count) * step
+        chunk = (f"timestamp >= fromUnixTimestamp64Nano(toInt64({since}), 'UTC') "
+                 f"AND timestamp < fromUnixTimestamp64Nano(toInt64({until}), 'UTC')")
+        for rollup in schema.rollups:
+            took = time.perf_counter()
+            client.command(schema.fill_rollup(rollup, chunk), settings={**_FILL, **FINAL_SETTINGS})
+            spent[rollup.table] += time.perf_counter() - took
         done = first + count
-        took = time.perf_counter() - clock
-        print(f"  {done:>11,} events, {done / took:,.0f} events/s", flush=True)
+        print(f"  {done:>11,} events, {done / (time.perf_counter() - clock):,.0f} events/s",
+              flush=True)
+    ensure_schema(client, schema)
     took = time.perf_counter() - clock
     print(f"generated {total:,} events in {took:.1f} s ({total / took:,.0f} events/s, "
-          "views included)")
+          "rollups included): " + ", ".join(f"{t} {s:.1f} s" for t, s in spent.items()))
 
 
 def time_queries(reader: Reader, repeat: int) -> None:
@@ -208,7 +237,10 @@ def time_queries(reader: Reader, repeat: int) -> None:
         ("budgets (team + customer scopes)", lambda: budgets.status(reader, {
             "team": budgets.Budget(limit_usd=1000, scope=budgets.BudgetScope(team="team-3")),
             "customer": budgets.Budget(limit_usd=50, scope=customer)})),
-        ("analytics/agents, 24h (raw)", lambda: analytics.agents(reader, w24)),
+        *((f"spend by {by}, 30d", lambda by=by: finops.spend(reader, w30, by))
+          for by in ("agent", "session", "trace", "tool")),
+        ("analytics/agents, 24h", lambda: analytics.agents(reader, w24)),
+        ("analytics/agents, 30d", lambda: analytics.agents(reader, w30)),
         ("analytics/guardrails, 24h (raw)", lambda: analytics.guardrails(reader, w24)),
     ]
     print(f"\n{'query':<42} {'median ms':>10} {'best ms':>9}")

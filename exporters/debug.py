@@ -1,7 +1,9 @@
 """Exporter `debug`: events to stdout for a human, as the Collector's debug exporter.
 
 `basic` prints one line per batch, `normal` one line per event, `detailed` every
-event as indented JSON. Content fields are printed only at `detailed`.
+event as indented JSON. Content fields are printed only at `detailed`. With a
+`projection`, `normal` and `detailed` print each projected document instead (one line, or
+indented): what a file, kafka or http exporter with the same blueprint would send.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import msgspec
 from meterline.component import Context, ExportBatch, Exporter, Factory
 from meterline.delivery import ExporterConfig, QueueConfig
 from meterline.event import Event
+from meterline.projection import documents
 
 
 class DebugConfig(ExporterConfig):
@@ -25,15 +28,18 @@ class DebugConfig(ExporterConfig):
 class DebugExporter(Exporter):
     def __init__(self, config: DebugConfig, context: Context) -> None:
         self.verbosity = config.verbosity
+        self.projection = config.projection
         self.id = context.id
 
     async def export(self, batch: ExportBatch) -> None:
         lines = [f"{self.id}: batch {batch.id}: {len(batch.events)} events"]
-        if self.verbosity == "normal":
+        if self.verbosity == "normal" and self.projection is None:
             lines += [_summary(e) for e in batch.events]
-        elif self.verbosity == "detailed":
-            lines += [msgspec.json.format(msgspec.json.encode(e), indent=2).decode()
-                      for e in batch.events]
+        elif self.verbosity != "basic":
+            docs = [msgspec.json.encode(d) for d in documents(batch.events, self.projection)]
+            if self.verbosity == "detailed":
+                docs = [msgspec.json.format(d, indent=2) for d in docs]
+            lines += [d.decode() for d in docs]
         sys.stdout.write("\n".join(lines) + "\n")
         sys.stdout.flush()
 

@@ -1,4 +1,5 @@
-"""Exporter `file`: events as JSON lines, the same form the webhook accepts.
+"""Exporter `file`: events as JSON lines, the same form the webhook accepts (or, with a
+`projection`, the documents it makes of them).
 
 With `rotation`, a file that would pass `max_megabytes` is renamed with a UTC
 timestamp (`events-20261123T182530.123.jsonl`) and a new one started; only the
@@ -15,7 +16,8 @@ from pathlib import Path
 
 from meterline.component import Config, Context, ExportBatch, Exporter, Factory, RetryableError
 from meterline.delivery import ExporterConfig
-from meterline.event import to_jsonl
+from meterline.event import Event
+from meterline.projection import jsonl_pieces
 
 
 class RotationConfig(Config):
@@ -40,30 +42,33 @@ class FileExporter(Exporter):
         self.path = Path(config.path) if config.path else default
         self.rotation = config.rotation
         self.fsync = config.fsync
+        self.projection = config.projection
         self.log = context.log
         self._file: int | None = None
 
     async def export(self, batch: ExportBatch) -> None:
-        data = to_jsonl(batch.events)
         try:
-            await asyncio.to_thread(self._write, data)
+            await asyncio.to_thread(self._write, batch.events)
         except OSError as e:
             raise RetryableError(f"cannot write {self.path}: {e.strerror}") from e
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, events: list[Event]) -> None:
+        # encoded here, in this thread, and in pieces: the loop runs between them
+        pieces = jsonl_pieces(events, self.projection)
         if self._file is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file = self._open()
         rotation = self.rotation
         if rotation is not None:
             size = os.fstat(self._file).st_size
-            if size and size + len(data) > rotation.max_megabytes * (1 << 20):
+            if size and size + sum(map(len, pieces)) > rotation.max_megabytes * (1 << 20):
                 self._rotate(rotation)
         start = os.lseek(self._file, 0, os.SEEK_END)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(self._file, view):]
+            for piece in pieces:
+                view = memoryview(piece)
+                while view:
+                    view = view[os.write(self._file, view):]
             if self.fsync:
                 os.fsync(self._file)
         except OSError:

@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import os
 import re
+import time
 import urllib.parse
 from collections.abc import Callable
 from typing import Any, Final
@@ -35,6 +36,7 @@ import msgspec
 from structlog.typing import FilteringBoundLogger
 
 from meterline.event import Event, add_policy, api_key_id
+from meterline.gateway.budgets import BUDGET_EXCEEDED, Block, BudgetBlocks
 from meterline.gateway.config import ProxyConfig
 from meterline.gateway.deadlines import Deadlines
 from meterline.gateway.guardrails import Guardrails, text_slots
@@ -109,10 +111,11 @@ class LocalError(Exception):
 
 class Proxy:
     def __init__(self, config: ProxyConfig, record: Callable[[Event], None],
-                 log: FilteringBoundLogger) -> None:
+                 log: FilteringBoundLogger, budgets: BudgetBlocks | None = None) -> None:
         self.config = config
         self.record = record
         self.log = log
+        self.budgets = budgets  # spent hard budgets (gateway/budgets.py); None: none checked
         self.deadlines = Deadlines()
         self.upstreams = {name: Upstream(name, cfg, self.deadlines)
                           for name, cfg in config.upstreams.items()}
@@ -254,6 +257,10 @@ class Call:
         except LocalError as e:
             self.fail(e.status, e.kind, str(e))
             return
+        if self.proxy.budgets is not None and (
+                block := self.proxy.budgets.check(self.event)) is not None:
+            self.over_budget(block)
+            return
         if self.proxy.guardrails is not None and await self.guard_input(self.proxy.guardrails):
             return
         assert self.upstream is not None
@@ -368,6 +375,13 @@ class Call:
         if shape.ask_usage(body):
             self.drop_usage = True
             self.body = _encode(body)
+
+    def over_budget(self, block: Block) -> None:
+        """A spent hard budget: 429 in the API's error shape, never forwarded, and counted as
+        the `budget` policy."""
+        add_policy(self.event, "budget")
+        wait = block.seconds_left(time.time())
+        self.fail(429, BUDGET_EXCEEDED, block.message, b"retry-after: %d\r\n" % wait)
 
     async def guard_input(self, guardrails: Guardrails) -> bool:
         """The input rules on the prompt: True when one blocked the call (answered, then).
@@ -634,15 +648,16 @@ class Call:
             self.shape.read_response(body, event, self.proxy.config.capture_content)
 
     # --- endings -----------------------------------------------------------------------
-    def fail(self, status: int, kind: str, message: str) -> None:
-        """Answer the client with an error of the gateway's own."""
+    def fail(self, status: int, kind: str, message: str, headers: bytes = b"") -> None:
+        """Answer the client with an error of the gateway's own (`headers`: more of them,
+        each ending in CRLF)."""
         event = self.event
         event.status_code, event.error_type, event.error_message = status, kind, message
         if self.begun:
             self.client.close()  # a response had begun: the client sees it cut off
             return
         body = (self.shape or _DEFAULT_SHAPE).error_body(kind, message)
-        self.client.respond(status, _JSON, body)
+        self.client.respond(status, _JSON + headers, body)
 
     def cancelled(self) -> None:
         """The task was cancelled: the client left (499), or the gateway is stopping."""

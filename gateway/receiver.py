@@ -33,6 +33,7 @@ from meterline import bounds
 from meterline.backpressure import offer
 from meterline.component import Consumer, Context, Factory, Receiver
 from meterline.event import Event
+from meterline.gateway.budgets import blocks_of
 from meterline.gateway.config import GatewayConfig
 from meterline.gateway.proxy import Proxy
 from meterline.telemetry import Telemetry
@@ -185,7 +186,10 @@ class GatewayReceiver(Receiver):
         self.log = context.log
         self.instruments = instruments_for(context.telemetry)
         self.buffer = EventBuffer(config, consumer, context.log, self.instruments)
-        self.proxy = Proxy(config, self.buffer.add, context.log)
+        # spent hard budgets, published here by whatever enforces budgets (the finops
+        # extension): the receiver knows it by its id only
+        self.proxy = Proxy(config, self.buffer.add, context.log,
+                           blocks_of(context.telemetry, context.id))
 
     async def start(self) -> None:
         await self.proxy.start()

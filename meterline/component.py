@@ -154,6 +154,18 @@ class RetryableError(Exception):
         self.retry_after = retry_after
 
 
+class PartialError(RetryableError):
+    """A send that delivered part of a batch (an Elasticsearch bulk answer with per-item
+    errors): `retry` are sent again after the backoff, `failed` never will be and are
+    dead-lettered at once; the batch's other events were delivered."""
+
+    def __init__(self, message: str, retry: list[Event], failed: list[Event],
+                 retry_after: float | None = None) -> None:
+        super().__init__(message, retry_after)
+        self.retry = retry
+        self.failed = failed
+
+
 class PermanentError(Exception):
     """A send that will never succeed as it is (bad row, schema mismatch). `events`, when
     given, are the only events of the batch not delivered (the others were)."""

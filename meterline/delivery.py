@@ -26,12 +26,15 @@ from meterline.component import (
     Context,
     ExportBatch,
     Exporter,
+    PartialError,
     PermanentError,
     RetryableError,
     cancel_and_wait,
 )
+from meterline.content import Policy, enforcer
 from meterline.event import to_jsonl
 from meterline.filtering import Filter
+from meterline.projection import Projection
 from meterline.queue import Batch, Queue, Staged
 from meterline.queue.memory import MemoryQueue
 from meterline.queue.persistent import PersistentQueue
@@ -88,6 +91,19 @@ class ExporterConfig(Config):
     retry: RetryConfig = msgspec.field(default_factory=RetryConfig)
     # which events this exporter takes: include/exclude patterns
     filtering: Filter = msgspec.field(default_factory=Filter)
+    # the document sent for each event (Otoroshi's blueprint), after filtering; null: as is
+    projection: Projection | None = None
+    # prompts and answers: full (kept), metadata (their sizes and sha256 only), none (dropped)
+    content: Policy = "full"
+
+
+def refuse_projection(config: ExporterConfig, exporter: str, why: str) -> None:
+    """For an exporter with a fixed schema (`__post_init__`): a projection, which reshapes
+    JSON documents, has nothing to apply to, so it is refused rather than ignored."""
+    if config.projection is not None:
+        raise ValueError(f"projection: the {exporter} exporter {why}, so it takes no "
+                         "projection; use content: to keep prompts out, or send documents "
+                         "with a file, kafka or http exporter")
 
 
 def backoff_delays(config: RetryConfig) -> Iterator[float]:
@@ -115,15 +131,19 @@ class ExporterRunner:
         self.log = context.log
         self.telemetry = telemetry
         self._attrs = {"exporter": self.id}
+        self._content = enforcer(config.content)
         self._task: asyncio.Task[None] | None = None
         self._draining = False
 
     # --- the pipeline side ---------------------------------------------------------
     def select(self, events: list[Any]) -> list[Any]:
-        """The events this exporter takes (its `filtering` block)."""
+        """The events this exporter takes (its `filtering` block), under its `content`
+        policy (applied here, so that its queue never holds what it must not send)."""
         kept = self.config.filtering.apply(events)
         if len(kept) != len(events):
             self.telemetry.exporter_filtered.add(len(events) - len(kept), self._attrs)
+        if self._content is not None and kept:
+            return self._content(kept)
         return kept
 
     @property
@@ -213,6 +233,10 @@ class ExporterRunner:
                               f"permanent error: {self._error_text(e, batch)}")
                 return
             except Exception as e:
+                if isinstance(e, PartialError):
+                    batch = self._settle(batch, e)
+                    if not batch.events:
+                        return
                 hint = e.retry_after if isinstance(e, RetryableError) else None
                 delay = max(next(delays), hint or 0.0)
                 elapsed = time.monotonic() - started
@@ -230,6 +254,19 @@ class ExporterRunner:
                 continue
             self.telemetry.exporter_sent.add(len(batch.events), self._attrs)
             return
+
+    def _settle(self, batch: ExportBatch, partial: PartialError) -> ExportBatch:
+        """Count what a partial send delivered, dead-letter what will never be, and give
+        the batch of what is to be sent again (same id: the dead letters of each attempt
+        are kept apart)."""
+        done = len(batch.events) - len(partial.retry) - len(partial.failed)
+        if done:
+            self.telemetry.exporter_sent.add(done, self._attrs)
+        if partial.failed:
+            self._give_up(ExportBatch(f"{batch.id}.{batch.attempt}", partial.failed,
+                                      batch.attempt),
+                          f"permanent error: {self._error_text(partial, batch)}")
+        return ExportBatch(batch.id, partial.retry, batch.attempt)
 
     @staticmethod
     def _error_text(error: Exception, batch: ExportBatch) -> str:

@@ -83,6 +83,10 @@ def _compile(spec: Any, where: str) -> Matcher:
         checks = [(FieldPath.json(key).lookup,
                    _compile(sub, f"{where}.{key}" if where else key)) for key, sub in spec.items()]
 
+        if len(checks) == 1:  # the usual pattern, one field: no generator per event
+            [(lookup, check)] = checks
+            return lambda value: _is_object(value) and check(lookup(value))
+
         def nested(value: Any) -> bool:
             if not _is_object(value):
                 return False
@@ -130,6 +134,31 @@ def _regex(arg: Any, where: str) -> Any:
                           "(RE2 syntax: no lookarounds or backreferences)") from e
 
 
+_REMEMBERED = 4096  # answers a pattern remembers, by value
+_REMEMBERED_LENGTH = 256  # longer values are matched each time
+
+
+def _full_match(rx: Any) -> Matcher:
+    """Whether a string matches `rx` whole. The fields filters look at take few values
+    (endpoints, models, routes), and a call into RE2 through its Python wrapper costs about
+    a microsecond per event: so the answer for each short value is remembered (up to
+    `_REMEMBERED` of them, then forgotten at once)."""
+    known: dict[str, bool] = {}
+
+    def match(v: Any) -> bool:
+        if not isinstance(v, str):
+            return False
+        found = known.get(v)
+        if found is None:
+            found = rx.fullmatch(v) is not None
+            if len(v) <= _REMEMBERED_LENGTH:
+                if len(known) >= _REMEMBERED:
+                    known.clear()
+                known[v] = found
+        return found
+    return match
+
+
 def _operator(op: str, arg: Any, where: str) -> Matcher:
     if op == "$eq":
         return _compile(arg, where) if not isinstance(arg, dict) else (
@@ -148,13 +177,12 @@ def _operator(op: str, arg: Any, where: str) -> Matcher:
         lo, hi = _bounds(arg, where)
         return lambda v: _is_number(v) and lo <= v <= hi
     if op == "$regex":
-        rx = _regex(arg, where)
-        return lambda v: isinstance(v, str) and rx.fullmatch(v) is not None
+        return _full_match(_regex(arg, where))
     if op == "$wildcard":
         if not isinstance(arg, str):
             raise FilterError(f"{where}: expected a string, got {arg!r}")
-        rx = re2.compile(".*".join(re.escape(part) for part in arg.split("*")), _WILDCARD)
-        return lambda v: isinstance(v, str) and rx.fullmatch(v) is not None
+        return _full_match(
+            re2.compile(".*".join(re.escape(part) for part in arg.split("*")), _WILDCARD))
     if op == "$in":
         options = _values(arg, where)
         return lambda v: v is not MISSING and any(_same(v, o) for o in options)

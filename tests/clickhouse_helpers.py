@@ -58,6 +58,7 @@ def finops_of(exporter: ClickHouseExporter, **config: Any) -> FinOps:
 
 DIMENSIONS = ["provider", "model", "team", "api_key", "status", "day", "user",
               "metadata.customer"]
+RUN_DIMENSIONS = ["agent", "session", "trace", "tool"]  # the trace rollup's
 
 
 def clickhouse_windows(now: datetime) -> dict[str, Window]:
@@ -75,9 +76,12 @@ def every_finops_answer(reader: Reader, now: datetime,
     w = clickhouse_windows(now)
     out = {f"spend {by} {r}": finops.spend(reader, w[r], by, top=1000)
            for by in DIMENSIONS for r in ("24h", "90d", "days")}
-    out["spend session 90d"] = finops.spend(reader, w["90d"], "session", top=1000)
+    out |= {f"spend {by} {r}": finops.spend(reader, w[r], by, top=1000)
+            for by in RUN_DIMENSIONS for r in ("24h", "90d", "days")}
+    out |= {f"agents {r}": analytics.agents(reader, w[r]) for r in ("90d", "days")}
     out |= {"growth": finops.growth(reader, w["30d"], "model", top=1000),
             "growth by user": finops.growth(reader, w["30d"], "user", top=1000),
+            "growth by agent": finops.growth(reader, w["30d"], "agent", top=1000),
             "variance": finops.variance(reader, w["90d"], "provider"),
             "models": analytics.models(reader, w["90d"]),
             "timeseries 24h": analytics.timeseries(reader, w["24h"]),

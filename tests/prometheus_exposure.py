@@ -29,7 +29,7 @@ def exposed_metrics(directory: Path) -> dict[str, set[str]]:
     exporter = PrometheusExporter(exporter_config, context)
     Instruments(context.meter)  # the gateway's live gauges (requests in flight...)
     BudgetGauges.of(context.meter).publish([{
-        "budget": "all-monthly", "period": "month", "scope": {"team": "search"},
+        "budget": "all-monthly", "period": "month", "scope": {"team": "search"}, "member": None,
         "spend_usd": 5.0, "limit_usd": 10.0, "utilization": 0.5, "threshold_reached": 0.5}])
     events = [
         make_event(1, streaming=True, ttft_ms=80.0, itl_ms=12.0, provider_duration_ms=100.0,

@@ -19,9 +19,11 @@ from meterline.exporters.clickhouse import schema as schema_module
 from meterline.exporters.clickhouse.metrics import AGGREGATES
 from meterline.exporters.clickhouse.schema import Schema, ensure_schema
 from meterline.extensions.finops import analytics, budgets, finops
+from tests import agent_data
 from tests import clickhouse_data as data
 from tests.clickhouse_helpers import (
     DIMENSIONS,
+    RUN_DIMENSIONS,
     clickhouse_exporters,
     clickhouse_windows,
     every_finops_answer,
@@ -29,7 +31,8 @@ from tests.clickhouse_helpers import (
 from tests.helpers import eventually, metric_value
 
 NOW = datetime.now(UTC)
-EVENTS = data.dataset(NOW)
+# and agent runs, tool and MCP calls three days ago (a whole day of the `days` window)
+EVENTS = data.dataset(NOW) + agent_data.events(int((NOW.timestamp() - 3 * 86400) * 1e9))
 N = len(EVENTS)
 ROLLED = ["provider", "model", "team", "api_key", "status", "day"]
 DAILY = ["user", "metadata.customer"]  # whole days from daily rollups
@@ -65,6 +68,9 @@ async def export_at_once(exporters, events, meanwhile=None):
     both_checked = threading.Barrier(len(exporters), timeout=30)
     both_stored = threading.Barrier(len(exporters), timeout=30)
     for exporter in exporters:
+        # as writers of a server (several daemons) are: on one embedded directory they
+        # take turns and cannot race
+        exporter._writing, exporter._may_race = threading.Lock(), True
         check, twice = exporter._already_stored, exporter._stored_twice
 
         def checked_then_wait(events, check=check):
@@ -133,6 +139,17 @@ def every_answer(reader):
     return every_finops_answer(reader, NOW, BUDGETS)
 
 
+_REFERENCE_ANSWERS: dict[str, dict] = {}
+
+
+def reference_answers(reference):
+    """Every answer of the reference database: the same in every test (the same events and
+    `NOW`), so asked once."""
+    if not _REFERENCE_ANSWERS:
+        _REFERENCE_ANSWERS["every"] = every_answer(reference.reader)
+    return _REFERENCE_ANSWERS["every"]
+
+
 def event_hours(events):
     return {e.timestamp // 3_600_000_000_000 * 3600 for e in events}
 
@@ -159,6 +176,17 @@ async def test_answers_by_rollup_dimensions_read_the_rollups_not_the_events(refe
         assert after[by]["rows"] != before[by]["rows"]  # the partial days are gone
 
 
+async def test_answers_by_run_dimensions_read_the_trace_rollup_not_the_events(reference):
+    reader = reference.reader
+    w = windows()["days"]
+    runs, agents = spend_answers(reader, RUN_DIMENSIONS, "days"), analytics.agents(reader, w)
+    reader.client.command("TRUNCATE TABLE reference.llm_events")
+    assert spend_answers(reader, RUN_DIMENSIONS, "days") == runs
+    assert all(len(runs[by]["rows"]) > 1 for by in RUN_DIMENSIONS)
+    assert analytics.agents(reader, w) == agents
+    assert agents["agents"] and agents["tools"] and agents["mcp"]["methods"]
+
+
 async def test_a_metadata_key_not_configured_is_answered_from_the_events(reference):
     w = windows()["days"]
     before = finops.spend(reference.reader, w, "metadata.env")
@@ -168,14 +196,14 @@ async def test_a_metadata_key_not_configured_is_answered_from_the_events(referen
 
 # --- events two writers stored at once ---------------------------------------------------------
 async def test_events_two_writers_stored_at_once_count_once_in_every_answer(raced, reference):
-    assert every_answer(raced.reader) == every_answer(reference.reader)
+    assert every_answer(raced.reader) == reference_answers(reference)
     assert open_marks(raced) == 0
 
 
 async def test_no_answer_counts_twice_while_two_copies_are_stored(make_exporter, reference):
     """The moment both writers' inserts are done and neither has looked for copies: the
     views have counted every event twice, and the hours are read from the events."""
-    expected = every_answer(reference.reader)
+    expected = reference_answers(reference)
     seen = []
 
     def answers(exporter):
@@ -188,7 +216,7 @@ async def test_no_answer_counts_twice_while_two_copies_are_stored(make_exporter,
 
 async def test_after_a_repair_every_answer_still_counts_once(raced, reference):
     assert await raced.repair_rollups() == []
-    assert every_answer(raced.reader) == every_answer(reference.reader)
+    assert every_answer(raced.reader) == reference_answers(reference)
 
 
 async def test_the_writer_that_finds_the_copies_counts_the_hours_it_rebuilt(make_exporter):
@@ -203,7 +231,10 @@ async def test_the_writer_that_finds_the_copies_counts_the_hours_it_rebuilt(make
 
 # --- redelivery -------------------------------------------------------------------------------
 async def test_a_batch_retried_after_a_partial_insert_counts_once_at_every_moment(
-        make_exporter, reference):
+        make_exporter, reference, monkeypatch):
+    # the retry waits for the failed attempt's mark (still open: nothing closes it before
+    # it is abandoned) only so long
+    monkeypatch.setattr(repair, "WAIT_FOR_OLDER", 0.5)
     exporter = await make_exporter("w")
     write = exporter._write
 
@@ -223,23 +254,24 @@ async def test_a_batch_retried_after_a_partial_insert_counts_once_at_every_momen
     await partial.export(ExportBatch("half", first))
     assert every_answer(exporter.reader) == every_answer(partial.reader)
     await exporter.export(ExportBatch("one", EVENTS))  # the retry
-    assert every_answer(exporter.reader) == every_answer(reference.reader)
+    assert every_answer(exporter.reader) == reference_answers(reference)
 
 
 async def test_an_abandoned_mark_is_closed_by_the_repair_once_its_hours_count_right(
         make_exporter, reference, monkeypatch):
+    monkeypatch.setattr(repair, "WAIT_FOR_OLDER", 0.5)  # the rebuild's wait for the killed
     exporter = await make_exporter("w")
     await exporter.export(ExportBatch("one", EVENTS))
     repair.open_hours(exporter._writer, exporter.schema, event_hours(EVENTS), "killed")
     lose_rollup_rows(exporter, exporter.schema.rollups[1:])  # a kill mid-insert
-    assert every_answer(exporter.reader) == every_answer(reference.reader)
+    assert every_answer(exporter.reader) == reference_answers(reference)
     assert await exporter.repair_rollups()  # not abandoned yet: the hours stay open
     assert open_marks(exporter) > 0
     monkeypatch.setattr(repair, "ABANDONED_AFTER", 0)
     await exporter.repair_rollups()
     assert open_marks(exporter) == 0
     assert stored(exporter)[1:] == (N,) * len(exporter.schema.rollups)
-    assert every_answer(exporter.reader) == every_answer(reference.reader)
+    assert every_answer(exporter.reader) == reference_answers(reference)
 
 
 # --- repair of what writers outside this protocol leave ------------------------------------------
@@ -258,7 +290,7 @@ async def test_a_repair_rebuilds_and_counts_the_hours_counted_twice(doubled, ref
     assert hours == sorted(event_hours(EVENTS) | days)
     registry = doubled.context.telemetry.registry
     assert metric_value(registry, "meterline_exporter_rollup_repaired_hours_total") == len(hours)
-    assert every_answer(doubled.reader) == every_answer(reference.reader)
+    assert every_answer(doubled.reader) == reference_answers(reference)
 
 
 async def test_a_repair_leaves_rollups_that_count_right_alone(reference):
@@ -315,7 +347,7 @@ async def test_a_batch_delivered_again_after_an_insert_cut_short_makes_every_ans
         cut_short, reference):
     await cut_short.export(ExportBatch("ref", EVENTS))  # the queue delivers it again
     assert stored(cut_short) == (N,) * (1 + len(cut_short.schema.rollups))
-    assert every_answer(cut_short.reader) == every_answer(reference.reader)
+    assert every_answer(cut_short.reader) == reference_answers(reference)
 
 
 async def test_a_batch_delivered_again_rebuilds_only_the_hours_of_its_events(make_exporter):
@@ -340,14 +372,14 @@ async def test_a_batch_already_stored_whole_leaves_right_rollups_alone(reference
 async def test_a_repair_rebuilds_the_hours_a_rollup_counts_short(cut_short, reference):
     hours = await cut_short.repair_rollups()
     assert set(hours) >= event_hours(EVENTS)
-    assert every_answer(cut_short.reader) == every_answer(reference.reader)
+    assert every_answer(cut_short.reader) == reference_answers(reference)
 
 
 # --- migration ----------------------------------------------------------------------------------
 async def test_a_database_of_the_previous_version_gets_the_new_rollups_filled(
         make_exporter, reference, monkeypatch):
     """Tables of the previous version (per-minute and per-hour rollups only, no
-    guardrail figure), with events, gain the daily, user and metadata rollups, filled
+    guardrail figure), with events, gain the daily, user, trace and metadata rollups, filled
     from the events: every answer is then the reference's."""
     old = Schema(database="old")
     with monkeypatch.context() as previous:
@@ -362,8 +394,8 @@ async def test_a_database_of_the_previous_version_gets_the_new_rollups_filled(
     changes = ensure_schema(exporter._writer, replace(old, rollup_metadata=("customer",)))
     assert [c.split(" (")[0].splitlines()[0] for c in changes if "INSERT" in c] == [
         "INSERT INTO `old`.`llm_usage_1d`", "INSERT INTO `old`.`llm_usage_user_1d`",
-        "INSERT INTO `old`.`llm_usage_metadata_1d`"]
-    assert every_answer(exporter.reader) == every_answer(reference.reader)
+        "INSERT INTO `old`.`llm_usage_trace_1d`", "INSERT INTO `old`.`llm_usage_metadata_1d`"]
+    assert every_answer(exporter.reader) == reference_answers(reference)
     assert await exporter.repair_rollups() == []
 
 

@@ -2,19 +2,26 @@
 budgets of the `finops` extension reading it."""
 
 import time
+import typing
+from typing import Any
 
 import clickhouse_connect
+import msgspec
 import pytest
 from aiohttp import web
+from clickhouse_connect.driver.binding import format_str
 from clickhouse_connect.driver.exceptions import (
     DatabaseError,
     DataError,
     OperationalError,
     ProgrammingError,
 )
+from msgspec import convert
 
 from meterline.component import ExportBatch, PermanentError, RetryableError
-from meterline.event import Guardrail
+from meterline.event import Event, Guardrail
+from meterline.exporters.clickhouse import repair
+from meterline.exporters.clickhouse.config import ClickHouseConfig
 from meterline.exporters.clickhouse.connection import (
     RETRYABLE_CODES,
     ROW_CODES,
@@ -22,10 +29,12 @@ from meterline.exporters.clickhouse.connection import (
     insert_settings,
     is_row_error,
 )
+from meterline.exporters.clickhouse.exporter import ClickHouseExporter
+from meterline.exporters.clickhouse.query import literal
 from meterline.exporters.clickhouse.schema import COLUMNS, Schema, ensure_schema
 from meterline.extensions.finops.budgets import Budget, BudgetScope
 from tests.clickhouse_helpers import clickhouse_exporters, finops_of
-from tests.helpers import eventually, free_port, make_event, metric_value
+from tests.helpers import eventually, free_port, make_context, make_event, metric_value
 
 
 @pytest.fixture
@@ -72,6 +81,43 @@ async def test_agent_tool_and_guardrail_fields_are_stored_and_can_be_queried(mak
          [("no-pii", "redact", "email"), ("no-injection", "block", "")])]
 
 
+def every_field_set() -> Event:
+    """An event with every field away from its default (strings that need escaping, nested
+    JSON), built from the event's own field list so that a new field is covered too."""
+    values = {str: "v'\"\\\n\tx é", int: 7, float: 0.25, bool: True,
+              dict[str, str]: {"customer": "a'b"}, list[str]: ["stop", "x\"y"],
+              dict[str, Any]: {"x": [1, {"y": "z"}], "n": None},
+              list[dict[str, Any]]: [{"role": "user", "content": "hi \"there\"\n"}],
+              dict[str, int]: {"email": 2},
+              list[Guardrail]: [Guardrail(rule="r", stage="input", action="block")]}
+    fields = {}
+    for field in msgspec.structs.fields(Event):
+        kind = next(t for t in typing.get_args(field.type) or [field.type] if t is not type(None))
+        fields[field.name] = values[kind]
+    return Event(**fields | {"event_id": "e1", "timestamp": time.time_ns(), "status_code": 200})
+
+
+@pytest.mark.parametrize("event", [every_field_set(), Event(event_id="e1", timestamp=1)],
+                         ids=["every field set", "every field at its default"])
+async def test_the_embedded_insert_stores_what_a_column_insert_stores(make_exporter, event):
+    """chDB is given JSON lines to read (a third of the cost of building columns here):
+    the row must be the one a server's column-oriented insert stores."""
+    lines = await make_exporter("lines")
+    columns = await make_exporter("columns", database="columns")
+    await lines.export(ExportBatch("a", [event]))
+    columns._writer.insert(columns.schema.qualified(columns.schema.events),
+                           columns.schema.column_batch([event]),
+                           column_names=[c.name for c in columns.schema.inserted],
+                           column_oriented=True)
+
+    def row(exporter):
+        return exporter.reader.client.query(
+            f"SELECT * FROM {exporter.schema.qualified(exporter.schema.events)}").result_rows
+
+    assert row(lines) == row(columns)
+    assert len(row(lines)) == 1
+
+
 async def test_a_retried_batch_is_stored_once_in_the_events_and_the_rollup(make_exporter):
     exporter = await make_exporter()
     batch = ExportBatch("inc:0-10", [make_event(i, sample_weight=2.0) for i in range(10)])
@@ -114,6 +160,45 @@ async def test_a_resent_event_is_recognised_in_a_batch_spanning_many_stored_ones
     replay = [make_event(0), make_event(50), make_event(99), make_event(500)]
     await exporter.export(ExportBatch("b", replay))
     assert counts(exporter) == (101, 101, 101)
+
+
+async def test_writers_of_one_embedded_directory_take_turns_and_skip_the_look_for_copies(
+        make_exporter):
+    """One process opens an embedded directory, and its writers share one lock: no two of
+    them can store the same event at once, so none asks which ids are stored twice."""
+    first, second = await make_exporter("a"), await make_exporter("b")
+    assert first._writing is second._writing
+    looked = []
+    second._stored_twice = lambda events: looked.append(events) or set()
+    await first.export(ExportBatch("a", [make_event(i) for i in range(10)]))
+    await second.export(ExportBatch("b", [make_event(i) for i in range(5, 15)]))
+    assert counts(first) == (15, 15, 15) and looked == []
+
+
+async def test_a_redelivered_batch_on_an_embedded_directory_waits_for_no_dead_writer(
+        make_exporter, monkeypatch):
+    """A mark left open by a daemon killed mid-insert is a dead writer's: the batch it was
+    writing, delivered again, is checked and its hours set right at once."""
+    exporter = await make_exporter()
+    events = [make_event(i) for i in range(10)]
+    await exporter.export(ExportBatch("a", events))
+    repair.open_hours(exporter._writer, exporter.schema, {e.timestamp // 3_600_000_000_000
+                                                           * 3600 for e in events}, "dead")
+    waited = []
+    monkeypatch.setattr(repair, "wait_for_older", lambda *args, **kw: waited.append(args))
+    await exporter.export(ExportBatch("a", events))
+    assert waited == [] and counts(exporter) == (10, 10, 10)
+
+
+async def test_writers_of_a_server_look_for_copies_another_writer_stored(tmp_path):
+    exporter = ClickHouseExporter(convert({"endpoint": "http://127.0.0.1:1"}, ClickHouseConfig),
+                                  make_context(tmp_path, "clickhouse"))
+    assert exporter._may_race
+
+
+@pytest.mark.parametrize("value", ["evt-1", "o'k", "back\\slash", "tab\tline\nfeed`", ""])
+def test_literals_are_escaped_as_clickhouse_connect_escapes_them(value):
+    assert literal(value) == format_str(value)
 
 
 async def test_an_event_twice_in_one_batch_is_stored_once(make_exporter):
@@ -233,7 +318,7 @@ async def test_a_proxy_answering_502_in_front_of_the_server_is_retryable(make_ex
 
 
 BUDGETS = {"acme": Budget(limit_usd=4, scope=BudgetScope(metadata={"customer": "acme"}),
-                          alert_thresholds=[0.5, 0.9]),
+                          notify_at=[0.5, 0.9]),
            "openai": Budget(limit_usd=100, period="day", scope=BudgetScope(provider="openai"))}
 
 

@@ -49,9 +49,10 @@ def test_the_schema_is_created_once_and_then_left_alone(chdb):
         "CREATE TABLE IF NOT EXISTS `meterline`.`llm_usage_1h`",
         "CREATE TABLE IF NOT EXISTS `meterline`.`llm_usage_1d`",
         "CREATE TABLE IF NOT EXISTS `meterline`.`llm_usage_user_1d`",
+        "CREATE TABLE IF NOT EXISTS `meterline`.`llm_usage_trace_1d`",
         "CREATE TABLE IF NOT EXISTS `meterline`.`llm_usage_open_hours`",
         *(f"CREATE MATERIALIZED VIEW IF NOT EXISTS `meterline`.`llm_usage_{t}_mv_v{VIEW_VERSION}`"
-          for t in ("1m", "1h", "1d", "user_1d"))]
+          for t in ("1m", "1h", "1d", "user_1d", "trace_1d"))]
     assert ensure_schema(chdb, Schema()) == []
 
 
@@ -92,7 +93,7 @@ def test_a_newer_rollup_view_replaces_the_old_one(chdb, monkeypatch):
     old, new = VIEW_VERSION, VIEW_VERSION + 1
     monkeypatch.setattr("meterline.exporters.clickhouse.schema.VIEW_VERSION", new)
     changes = [c.splitlines()[0] for c in ensure_schema(chdb, Schema())]
-    tables = ("1m", "1h", "1d", "user_1d")
+    tables = ("1m", "1h", "1d", "user_1d", "trace_1d")
     assert changes == [
         *(f"CREATE MATERIALIZED VIEW IF NOT EXISTS `meterline`.`llm_usage_{t}_mv_v{new}`"
           for t in tables),
@@ -147,11 +148,22 @@ def test_tables_of_the_previous_version_gain_the_cache_and_estimate_columns_and_
         "actual_cost_requests, unestimated_actual_requests, unestimated_actual_cost_usd, "
         "duration_ms_sum, duration_ms_count, duration_ms_quantiles, ttft_ms_sum, "
         "ttft_ms_count, max_request_tokens, guardrail_blocked, first_seen, last_seen)",
-        *(view.format(t, VIEW_VERSION) for t in ("1m", "1h", "1d", "user_1d")),
+        "CREATE TABLE IF NOT EXISTS `meterline`.`llm_usage_trace_1d` (",
+        "INSERT INTO `meterline`.`llm_usage_trace_1d` (day, trace_id, session_id, agent_name, "
+        "tool_name, operation, mcp_method, mcp_session_id, requests, events, errors, "
+        "input_tokens, output_tokens, cache_read_tokens, cache_creation_tokens, "
+        "reasoning_tokens, cost_usd, unpriced_requests, cache_hits, saved_cost_usd, "
+        "actual_cost_usd, estimated_cost_of_actual_usd, actual_cost_requests, "
+        "unestimated_actual_requests, unestimated_actual_cost_usd, duration_ms_sum, "
+        "duration_ms_count, duration_ms_quantiles, ttft_ms_sum, ttft_ms_count, "
+        "max_request_tokens, guardrail_blocked, first_seen, last_seen, first_ns, last_ns, "
+        "last_end_ns, failed_events, event_ms, request_bytes, response_bytes)",
+        *(view.format(t, VIEW_VERSION) for t in ("1m", "1h", "1d", "user_1d", "trace_1d")),
         *(f"DROP VIEW IF EXISTS `meterline`.`llm_usage_{t}_mv_v{VIEW_VERSION - 1}`"
           for t in ("1m", "1h"))]
     insert(chdb, Schema(), [make_event(2, cache_hit=True, saved_cost_usd=0.5)], "new")
-    for table in ("llm_usage_1m", "llm_usage_1h", "llm_usage_1d", "llm_usage_user_1d"):
+    for table in ("llm_usage_1m", "llm_usage_1h", "llm_usage_1d", "llm_usage_user_1d",
+                  "llm_usage_trace_1d"):
         assert chdb.query(f"SELECT sum(events), sum(cache_hits), sum(saved_cost_usd) FROM "
                           f"meterline.{table}").result_rows == [(2, 1, 0.5)]
 
@@ -200,7 +212,8 @@ def test_a_cluster_gets_replicated_local_tables_behind_distributed_ones():
     config = convert({"endpoint": "https://ch:8443", "cluster": {"name": "llm"}},
                      ClickHouseConfig)
     objects = dict(Schema.of(config).objects())
-    tables = ["llm_usage_1m", "llm_usage_1h", "llm_usage_1d", "llm_usage_user_1d"]
+    tables = ["llm_usage_1m", "llm_usage_1h", "llm_usage_1d", "llm_usage_user_1d",
+              "llm_usage_trace_1d"]
     assert list(objects) == ["llm_events_local", *(f"{t}_local" for t in tables),
                              "llm_usage_open_hours_local", "llm_events", *tables,
                              "llm_usage_open_hours",

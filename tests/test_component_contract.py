@@ -30,6 +30,8 @@ ENTRIES = {e.name: e for e in describe.entries()}
 
 REQUIRED_VALUES: dict[str, Any] = {
     "receiver/file": lambda tmp: {"path": str(tmp / "events.jsonl")},
+    "exporter/http": lambda tmp: {"endpoint": f"http://127.0.0.1:{free_port()}/in"},
+    "exporter/s3": lambda tmp: {"bucket": "archive"},
 }
 """Test values for the keys a component requires, by component (`tmp` is its tmp_path)."""
 
@@ -37,6 +39,7 @@ NO_SERVER: dict[str, Any] = {
     "receiver/kafka": lambda: {"brokers": f"127.0.0.1:{free_port()}"},
     "exporter/kafka": lambda: {"brokers": f"127.0.0.1:{free_port()}"},
     "exporter/otlp": lambda: {"endpoint": f"http://127.0.0.1:{free_port()}"},
+    "exporter/s3": lambda: {"endpoint": f"http://127.0.0.1:{free_port()}", "timeout": "1s"},
 }
 """Servers a component talks to, pointed at a free port where nothing listens (so a
 server that happens to run on the default port changes nothing). ClickHouse needs none:

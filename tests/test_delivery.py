@@ -5,7 +5,13 @@ import asyncio
 import msgspec
 import pytest
 
-from meterline.component import ExportBatch, Exporter, PermanentError, RetryableError
+from meterline.component import (
+    ExportBatch,
+    Exporter,
+    PartialError,
+    PermanentError,
+    RetryableError,
+)
 from meterline.config import convert
 from meterline.delivery import ExporterConfig, ExporterRunner, backoff_delays, open_queue
 from meterline.queue import Batch
@@ -206,3 +212,36 @@ async def test_one_batch_put_on_two_queues_reaches_both_exporters_unchanged(tmp_
     assert shared.events == [make_event(1)]
     await a.shutdown(1)
     await b.shutdown(1)
+
+
+class PartlyStoring(Exporter):
+    """Stores a batch's events but those it refuses (never stored) and those busy the
+    first time (stored when sent again), as an Elasticsearch bulk answer says per item."""
+
+    def __init__(self, refused, busy):
+        self.refused, self.busy = refused, set(busy)
+        self.attempts: list[list[str]] = []
+        self.stored: list[str] = []
+
+    async def export(self, batch):
+        self.attempts.append([e.event_id for e in batch.events])
+        failed = [e for e in batch.events if e.event_id in self.refused]
+        retry = [e for e in batch.events if e.event_id in self.busy]
+        self.busy.clear()
+        self.stored += [e.event_id for e in batch.events if e not in failed + retry]
+        if failed or retry:
+            raise PartialError("some items failed", retry, failed)
+
+
+async def test_a_partial_error_dead_letters_its_failed_and_resends_only_the_others(tmp_path):
+    exporter = PartlyStoring(refused={"evt-00000001"}, busy={"evt-00000002"})
+    runner, telemetry = runner_for(exporter, tmp_path, batch={"max_size": 4, "timeout": "1s"})
+    await runner.start()
+    await put(runner, 0, 4)
+    await eventually(lambda: len(exporter.stored) == 3)
+    assert exporter.attempts == [[f"evt-0000000{i}" for i in range(4)], ["evt-00000002"]]
+    [dead] = list((tmp_path / "queue" / "test" / "dead-letter").glob("*.jsonl"))
+    assert [e["event_id"] for e in read_jsonl(dead)] == ["evt-00000001"]
+    assert metric_value(telemetry, "meterline_exporter_sent_events_total", exporter="test") == 3
+    assert metric_value(telemetry, "meterline_exporter_send_failed_events_total") == 1
+    await runner.shutdown(1)

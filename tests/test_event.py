@@ -6,10 +6,12 @@ import msgspec
 import pytest
 
 from meterline.event import (
+    JSONL_PIECE,
     SCHEMA_VERSION,
     Event,
     clone,
     from_json,
+    jsonl_pieces,
     list_from_json,
     pack,
     to_json,
@@ -33,6 +35,13 @@ def full_event() -> Event:
 def test_json_round_trip_is_exact():
     event = full_event()
     assert from_json(to_json(event)) == event
+
+
+def test_jsonl_in_pieces_is_the_whole_jsonl_a_few_events_a_piece():
+    events = [make_event(i) for i in range(JSONL_PIECE * 3 + 5)]
+    pieces = jsonl_pieces(events)
+    assert b"".join(pieces) == to_jsonl(events)
+    assert [p.count(b"\n") for p in pieces] == [JSONL_PIECE] * 3 + [5]
 
 
 def test_json_form_carries_the_schema_version():

@@ -147,6 +147,17 @@ def test_a_regex_that_would_backtrack_matches_in_linear_time():
     assert pattern.matches(make_event(request_model="a" * 40 + "b"))
 
 
+def test_a_regex_answers_each_value_alike_past_the_values_it_remembers():
+    """Answers are remembered per value (4,096 of them, then forgotten): every value keeps
+    its own answer, long ones and those seen after the memory was cleared too."""
+    matches = compile_pattern({"endpoint": {"$regex": "/v1/.*[02468]"}})
+    values = [f"/v1/{i}" for i in range(10_000)] + ["/v1/" + "x" * 300 + "2"]
+    for _ in range(2):
+        assert [matches({"endpoint": v}) for v in values] == \
+            [v[-1] in "02468" for v in values]
+    assert not matches({"endpoint": 2}) and not matches({"endpoint": None})
+
+
 def test_a_regex_with_a_lookbehind_is_refused_with_the_engines_reason():
     with pytest.raises(FilterError, match=r"invalid perl operator: \(\?<.*no lookarounds"):
         compile_pattern({"endpoint": {"$regex": "(?<=/v1)/chat"}})

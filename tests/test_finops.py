@@ -40,7 +40,7 @@ extensions:
         scope: {{metadata: {{customer: acme}}}}
         period: day
         limit_usd: 5
-        alert_thresholds: [0.25, 0.5]
+        notify_at: [0.25, 0.5]
       openai-prod: {{scope: {{provider: openai, api_key_name: prod}}, limit_usd: 100000}}
 """
 
@@ -187,7 +187,7 @@ async def test_budgets_report_spend_in_their_period_against_the_limit(api):
         spend = data.totals(e for e in data.in_window(api.events, period) if in_scope(e))
         assert b["spend_usd"] == money(spend["cost_usd"]), name
         assert b["utilization"] == round(spend["cost_usd"] / b["limit_usd"], 4)
-        reached = [t for t in b["alert_thresholds"] if spend["cost_usd"] >= t * b["limit_usd"]]
+        reached = [t for t in b["notify_at"] if spend["cost_usd"] >= t * b["limit_usd"]]
         assert b["threshold_reached"] == (max(reached) if reached else None)
 
 

@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import clickhouse_connect
+import pytest
 
 from meterline.exporters.clickhouse.schema import Schema, ensure_schema
 from tests.deploy_files import load_pipeline
@@ -82,3 +83,15 @@ def test_the_metrics_named_are_exposed(exposed):
     histograms = {n for n in named if n.endswith("_ms")}
     wanted = (named - histograms) | {f"{n}_bucket" for n in histograms}
     assert histograms and wanted <= set(exposed), sorted(wanted - set(exposed))
+
+
+@pytest.mark.parametrize("page", ["prompts-in-archive-only.md", "datadog-splunk-http.md"])
+def test_the_export_how_tos_yaml_examples_are_valid_pipelines(tmp_path, page):
+    text = (ROOT / "docs" / "howto" / page).read_text()
+    examples = re.findall(r"^```yaml\n(.*?)^```", text, re.M | re.S)
+    assert examples
+    environ = {"DD_API_KEY": "k", "SPLUNK_HEC_TOKEN": "t", "ES_PASSWORD": "p"}
+    for i, example in enumerate(examples):
+        path = tmp_path / f"example{i}.yaml"
+        path.write_text(example)
+        assert load_pipeline(path, environ).service.pipelines, f"{page} example {i}"

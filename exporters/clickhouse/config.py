@@ -7,7 +7,7 @@ import re
 import msgspec
 
 from meterline.component import Config
-from meterline.delivery import BatchConfig, ExporterConfig
+from meterline.delivery import BatchConfig, ExporterConfig, refuse_projection
 from meterline.units import Duration
 
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -55,6 +55,7 @@ class ClickHouseConfig(ExporterConfig):
         default_factory=lambda: BatchConfig(max_size=10_000, timeout=Duration(1)))
 
     def __post_init__(self) -> None:
+        refuse_projection(self, "clickhouse", "writes the fixed columns of its table")
         endpoint = self.endpoint or "chdb://"
         if not endpoint.startswith(("chdb://", "http://", "https://")):
             raise ValueError(f"endpoint must start with chdb://, http:// or https://, "

@@ -114,6 +114,7 @@ ROW_CODES = {
     72: "CANNOT_PARSE_NUMBER",
     117: "INCORRECT_DATA",
     321: "VALUE_IS_OUT_OF_RANGE_OF_DATA_TYPE",
+    395: "FUNCTION_THROW_IF_VALUE_IS_NON_ZERO",  # the embedded insert's range checks
 }
 # A gateway, proxy or load balancer in front of the server, answering without a ClickHouse
 # error code: the server is away or busy, not refusing the statement.

@@ -1,6 +1,7 @@
 """Exporter `clickhouse`: events into `llm_events` and its rollups, for FinOps.
 
-Each batch is one column-oriented insert. Nothing is counted twice:
+Each batch is one insert: column-oriented into a server, JSON lines that the engine reads
+itself into an embedded chDB (`_write_lines`). Nothing is counted twice:
 
 - A retried batch carries the same `insert_deduplication_token` (the queue's batch id,
   stable across retries and restarts), so ClickHouse stores it once, and the rollup
@@ -16,6 +17,9 @@ Each batch is one column-oriented insert. Nothing is counted twice:
   it writes open (answers read them from the events, deduplicated) until it has
   looked its ids up for copies and, finding some, had the hours' rollups rebuilt
   (`repair.py`). Every `repair_interval` the rollups of recent hours are checked too.
+  An embedded chDB directory is opened by one process only, and its exporters in that
+  process take turns (one lock per directory): they cannot race, so they skip the look
+  for copies, which costs a query naming every id of the batch.
 - A batch whose insert was cut short by a kill (raw rows stored, some view's rows not) is
   delivered again after the restart; finding some of its events stored already, the
   exporter checks the rollups of their hours and rebuilds those that fall short.
@@ -28,9 +32,12 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import re
+import tempfile
 import threading
 import uuid
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from meterline.component import (
@@ -42,11 +49,13 @@ from meterline.component import (
     RetryableError,
     cancel_and_wait,
 )
-from meterline.event import Event
+from meterline.event import Event, jsonl_pieces
 from meterline.exporters.clickhouse import repair
 from meterline.exporters.clickhouse.config import ClickHouseConfig
 from meterline.exporters.clickhouse.connection import (
+    chdb_path,
     classify,
+    endpoint_of,
     insert_settings,
     is_row_error,
     open_client,
@@ -59,6 +68,9 @@ from meterline.exporters.clickhouse.schema import Schema, ensure_schema
 _ISOLATING_INSERTS = 64
 _NAMED_IDS = 10
 
+# The writers of each embedded chDB directory in this process, which take turns.
+_EMBEDDED_WRITERS: dict[Path, threading.Lock] = {}
+
 
 class ClickHouseExporter(Exporter):
     def __init__(self, config: ClickHouseConfig, context: Context) -> None:
@@ -70,8 +82,14 @@ class ClickHouseExporter(Exporter):
         self.reader: Reader | None = None
         self._connecting = asyncio.Lock()
         # Inserts and rollup checks take turns, so that a check never sees an insert of
-        # this exporter half done (its raw rows in, its views' rows not yet).
-        self._writing = threading.Lock()
+        # this exporter half done (its raw rows in, its views' rows not yet); on an
+        # embedded directory, with every other writer of the directory.
+        embedded = chdb_path(endpoint_of(config, context.data_dir))
+        self._writing = (threading.Lock() if embedded is None
+                         else _EMBEDDED_WRITERS.setdefault(embedded, threading.Lock()))
+        self._may_race = embedded is None  # another writer may store the same events
+        self._embedded = embedded
+        self._lines_insert = _lines_insert(self.schema)
         self._closed = False
         self._repair_task: asyncio.Task[None] | None = None
         self._duplicates = context.meter.create_counter(
@@ -156,10 +174,11 @@ class ClickHouseExporter(Exporter):
             finally:
                 if stored:  # perhaps a batch cut short by a kill: see repair.py
                     hours = {_hour(e) for e in unique if e.event_id in stored}
-                    self._rebuilt(repair.reconcile(self._writer, self.schema, hours, token))
+                    self._rebuilt(repair.reconcile(self._writer, self.schema, hours, token,
+                                                   wait=self._may_race))
             # An insert that failed leaves its hours open: a retry, or the repair pass
             # once the mark is abandoned, makes them right before answers read the rollups.
-            if twice := self._stored_twice(new):
+            if self._may_race and (twice := self._stored_twice(new)):
                 self._rebuilt(repair.reconcile(
                     self._writer, self.schema, {_hour(e) for e in new if e.event_id in twice},
                     token))
@@ -200,10 +219,30 @@ class ClickHouseExporter(Exporter):
         # mistaken for the first send.
         digest = hashlib.blake2b("\n".join(e.event_id for e in events).encode(),
                                  digest_size=8)
+        settings = insert_settings(self.config, f"{batch_id}:{digest.hexdigest()}")
+        if self._embedded is not None:
+            self._write_lines(events, settings)
+            return
         self._writer.insert(
             self.schema.qualified(self.schema.events), self.schema.column_batch(events),
             column_names=[c.name for c in self.schema.inserted], column_oriented=True,
-            settings=insert_settings(self.config, f"{batch_id}:{digest.hexdigest()}"))
+            settings=settings)
+
+    def _write_lines(self, events: list[Event], settings: dict[str, Any]) -> None:
+        """The embedded engine's insert: the events' JSON lines (msgspec writes them in
+        one call) read by ClickHouse itself, which converts them to the columns in C++.
+        That is a third of the cost of building the columns here (`bench/`), the
+        insert's largest share. The deduplication token still keeps a retried insert
+        out of `llm_events`, though chDB's views do not skip an `INSERT ... SELECT`
+        twice: for an embedded engine, the "already stored?" check (which always sees an
+        earlier insert: one process writes) is what keeps a retry out of the rollups."""
+        assert self._embedded is not None
+        with tempfile.NamedTemporaryFile(dir=self._embedded, prefix=".insert-",
+                                         suffix=".jsonl") as lines:
+            lines.writelines(jsonl_pieces(events))  # in pieces: the loop runs between
+            lines.flush()
+            self._writer.command(self._lines_insert.format(path=literal(lines.name)),
+                                 settings=settings | _LINES_SETTINGS)
 
     def _already_stored(self, events: list[Event]) -> set[str]:
         """The ids of `events` stored already. A live stream's batch covers the last moments,
@@ -242,7 +281,8 @@ class ClickHouseExporter(Exporter):
 
         def check() -> list[int]:
             with self._writing:
-                return self._rebuilt(repair.repair(self._writer, self.schema, lookback))
+                return self._rebuilt(repair.repair(self._writer, self.schema, lookback,
+                                                   wait=self._may_race))
 
         return await asyncio.to_thread(check)
 
@@ -261,6 +301,47 @@ class ClickHouseExporter(Exporter):
                 await self.repair_rollups()
             except Exception as e:
                 self.log.warning("cannot check the rollups against the events", error=str(e))
+
+
+# JSON lines of events, read as the columns: fields the table lacks are skipped, and the
+# messages, params and attributes are kept as their JSON text.
+_LINES_SETTINGS = {"input_format_skip_unknown_fields": 1,
+                   "input_format_json_read_arrays_as_strings": 1,
+                   "input_format_json_read_objects_as_strings": 1,
+                   "input_format_null_as_default": 1}
+
+
+# Unsigned integer columns by their range: JSON text wraps a number past the column's type
+# silently, so these are read as Int64 and refused (naming the column) when out of range.
+_RANGES = {"UInt16": 0xFFFF, "UInt32": 0xFFFF_FFFF, "UInt64": 2**63 - 1}
+_INTEGER = re.compile(r"^(Nullable\()?(UInt16|UInt32|UInt64)\)?$")
+
+
+def _lines_insert(schema: Schema) -> str:
+    """The statement that inserts a file of event JSON lines (`{path}` left to fill in):
+    each inserted column read with its own type, but the timestamp as the integer
+    nanoseconds the event holds, unsigned integers checked against their range, and
+    fields the JSON leaves out at their default given the column's default."""
+    structure, checks = [], ["fromUnixTimestamp64Nano(`timestamp`, 'UTC') AS `timestamp`"]
+    for column in schema.inserted:
+        type_, _, default = column.type.split(" CODEC")[0].partition(" DEFAULT ")
+        name = column.name
+        if name == "timestamp":
+            type_ = "Int64"
+        elif default:  # a field left out (at its default) reads as the column's default
+            type_ = f"Nullable({type_})"
+            checks.append(f"ifNull(`{name}`, {default}) AS `{name}`")
+        elif integer := _INTEGER.match(type_):
+            type_ = "Nullable(Int64)" if integer.group(1) else "Int64"
+            high = _RANGES[integer.group(2)]
+            checks.append(f"if(isNull(`{name}`) OR `{name}` BETWEEN 0 AND {high}, `{name}`, "
+                          f"throwIf(true, 'column {name}: a value out of the range of "
+                          f"{integer.group(2)}')) AS `{name}`")
+        structure.append(f"`{name}` {type_}")
+    names = ", ".join(f"`{c.name}`" for c in schema.inserted)
+    return (f"INSERT INTO {schema.qualified(schema.events)} ({names}) "
+            f"SELECT * REPLACE ({', '.join(checks)}) "
+            f"FROM file({{path}}, 'JSONEachRow', {literal(', '.join(structure))})")
 
 
 def _time_range(events: list[Event]) -> str:

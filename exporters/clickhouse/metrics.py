@@ -137,12 +137,37 @@ AGGREGATES: tuple[Aggregate, ...] = (
     Aggregate("first_seen", "min", "timestamp", "DateTime64(9, 'UTC')"),
     Aggregate("last_seen", "max", "timestamp", "DateTime64(9, 'UTC')"),
 )
-BY_NAME = {a.name: a for a in AGGREGATES}
+# What the trace rollup keeps besides: a run's (trace's) start, last start and end, and for
+# the calls of no trace (each a run of its own) how many failed and their durations summed.
+RUN_AGGREGATES: tuple[Aggregate, ...] = (
+    Aggregate("first_ns", "min", "toUnixTimestamp64Nano(timestamp)", "Int64"),
+    Aggregate("last_ns", "max", "toUnixTimestamp64Nano(timestamp)", "Int64"),
+    Aggregate("last_end_ns", "max",
+              "toUnixTimestamp64Nano(timestamp) + toInt64(ifNull(duration_ms, 0) * 1e6)", "Int64"),
+    Aggregate("failed_events", "sum", f"toUInt64(if({IS_ERROR}, sample_weight, 0) > 0)", "UInt64"),
+    Aggregate("event_ms", "sum", "toInt64(ifNull(duration_ms, 0) * 1e6) / 1e6", "Float64"),
+    Aggregate("request_bytes", "sum", "ifNull(request_bytes, 0)", "UInt64"),
+    Aggregate("response_bytes", "sum", "ifNull(response_bytes, 0)", "UInt64"),
+)
+BY_NAME = {a.name: a for a in (*AGGREGATES, *RUN_AGGREGATES)}
 
 
 def raw(figure: str, condition: str | None = None) -> str:
     """SQL of a figure over raw events, over those `condition` holds for when given."""
     return BY_NAME[figure].sql("raw", condition)
+
+
+@dataclass(frozen=True)
+class Figure:
+    """A figure in a query's expressions (optionally over the events `condition` holds),
+    as SQL over whichever source answers: rollup rows or raw events."""
+
+    name: str
+    condition: str | None = None
+
+    def sql(self, source: Source) -> str:
+        return BY_NAME[self.name].sql(source, self.condition)
+
 
 # The time rollups' key: per minute, hour and day, by these event columns (`model` is
 # request_model, or response_model when no model was requested; absent values are '' and
@@ -169,6 +194,17 @@ METADATA_DIMENSIONS: tuple[tuple[str, str], ...] = (
     ("meta_value", "String"),
     ("provider", "LowCardinality(String)"),
     ("model", "LowCardinality(String)"),
+)
+# The trace rollup's key, per day: runs (traces), sessions, agents, tools and MCP, with the
+# columns the questions about them filter on (`IS_MODEL_CALL`, `IS_TOOL_CALL`, `IS_MCP`...).
+TRACE_DIMENSIONS: tuple[tuple[str, str], ...] = (
+    ("trace_id", "String"),
+    ("session_id", "String"),
+    ("agent_name", "LowCardinality(String)"),
+    ("tool_name", "LowCardinality(String)"),
+    ("operation", "LowCardinality(String)"),
+    ("mcp_method", "LowCardinality(String)"),
+    ("mcp_session_id", "String"),
 )
 ROLLUP_COLUMNS = frozenset(name for name, _ in ROLLUP_DIMENSIONS)
 

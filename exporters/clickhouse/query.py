@@ -2,20 +2,21 @@
 
 A question is: a time `Window`, the `Dimension`s to group by, `Filter`s, and the
 figures wanted (`metrics.AGGREGATES`). `Reader.select` answers it from the
-rollups that can: the time rollups when every dimension and filter is one of
-their columns (whole days from `llm_usage_1d`, the hours around them from
-`llm_usage_1h`, the minutes around those from `llm_usage_1m`); the daily user or
-metadata rollup for questions by users or one configured metadata key (the
-partial days at the window's ends from raw events). The hours some writer holds
-open are read from raw events in the same query. Anything else (`organization`,
-`route`, `tag`...) reads raw events, deduplicated (`FINAL`: an event two writers
-stored is counted once); the figures are defined once, so all give the same
-numbers.
+rollups that can: the time rollups when every column the question's dimensions,
+filters, conditions and expressions read is one of theirs (whole days from
+`llm_usage_1d`, the hours around them from `llm_usage_1h`, the minutes around
+those from `llm_usage_1m`); else the daily user, trace or metadata rollup that
+keeps those columns (the partial days at the window's ends from raw events). The
+hours some writer holds open are read from raw events in the same query. Anything
+else (`organization`, `route`, `tag`, guardrails...) reads raw events,
+deduplicated (`FINAL`: an event two writers stored is counted once); the figures
+are defined once, so all give the same numbers.
 
-Agents, sessions and traces (`agent`, `session`, `trace`) are read from raw events: an
-event that does not name its agent (or session) takes that of its trace (`Dimension.trace`,
-a window function over each trace's events), and `select(per_run=...)` computes figures
-per run (a trace) before summing them by the dimensions asked.
+Agents, sessions and traces (`agent`, `session`, `trace`) are read from the trace
+rollup: an event that does not name its agent (or session) takes that of its trace
+(`Dimension.trace`, a window function over the rows of each trace, rollup rows or
+events alike), and `select(per_run=...)` computes figures per run (a trace) before
+summing them by the dimensions asked.
 
 Windows are whole minutes (the finest rollup's grain): `since` is rounded down
 to its minute and `until` up, so `--range 24h` is the 24 hours up to the end of
@@ -27,21 +28,20 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from clickhouse_connect.driver.binding import format_str
-
 from meterline.exporters.clickhouse.metrics import (
     BY_NAME,
     ROLLUP_COLUMNS,
+    Figure,
     Source,
     status_expression,
 )
 from meterline.exporters.clickhouse.metrics import time_column as _time_column
-from meterline.exporters.clickhouse.schema import FINAL_SETTINGS, Rollup, Schema
+from meterline.exporters.clickhouse.schema import COLUMNS, FINAL_SETTINGS, Rollup, Schema
 from meterline.fieldpath import FieldPath
 
 RANGES = ("24h", "7d", "30d", "90d")
@@ -49,9 +49,24 @@ _RANGE = re.compile(r"^(\d+)([hd])$")
 _MINUTE = timedelta(minutes=1)
 
 
+# What ClickHouse string literals escape with a backslash (clickhouse-connect's `escape_str`,
+# as one C-level `translate`: a batch's ids go into a query 10,000 at a time).
+_ESCAPES = str.maketrans({c: "\\" + c for c in ("\\", "'", "`", "\t", "\n")})
+
+
 def literal(value: str) -> str:
     """A string as a quoted, escaped ClickHouse literal."""
-    return format_str(value)
+    return f"'{value.translate(_ESCAPES)}'"
+
+
+_LITERALS = re.compile(r"'(?:[^'\\]|\\.)*'")
+_EVENT_COLUMNS = frozenset(c.name for c in COLUMNS)
+
+
+def columns_read(sql: str) -> frozenset[str]:
+    """The event columns an SQL expression reads (the words outside its string literals
+    that name one): which rollups can answer a question that uses it."""
+    return frozenset(re.findall(r"\w+", _LITERALS.sub("", sql))) & _EVENT_COLUMNS
 
 
 # --- time windows ----------------------------------------------------------------------
@@ -188,7 +203,8 @@ class Dimension:
     column: str | None  # the event column; None for time buckets
     expression: str = ""  # SQL over the source, `{t}` standing for its time column
     # for an event without a `column` value, SQL over the events of its trace giving the
-    # trace's value (an aggregate, run as a window function): raw events only
+    # trace's value (an aggregate, run as a window function over raw events or the trace
+    # rollup's rows; `{first}` stands for the time of the first event of a row)
     trace: str = ""
     grain: int = 60  # a time bucket: its length in seconds (a rollup must be as fine)
 
@@ -200,6 +216,21 @@ class Dimension:
     def traced(self) -> str:
         """The column `Reader` adds to raw events for a `trace` dimension."""
         return f"trace_{self.name}"
+
+    @property
+    def columns(self) -> frozenset[str]:
+        """The event columns a rollup needs to answer by this dimension."""
+        if self.column is None:
+            return frozenset()
+        if not self.trace:
+            return frozenset({self.column})
+        return frozenset({self.column, "trace_id"}) | columns_read(self.trace)
+
+    def traced_sql(self, source: Source) -> str:
+        """The column `Reader` adds for a `trace` dimension: the value of the row's trace."""
+        first = "timestamp" if source == "raw" else "first_seen"
+        return (f"if(trace_id = '', '', {self.trace.replace('{first}', first)} OVER "
+                f"(PARTITION BY trace_id)) AS {self.traced}")
 
     @property
     def metadata_key(self) -> str | None:
@@ -233,17 +264,18 @@ _DIMENSIONS = {d.name: d for d in (
     # each of an event's tags (an event with two counts in both groups; one without, in
     # the "not reported" group): raw events only
     Dimension("tag", "tags", "arrayJoin(if(empty(tags), [''], tags))"),
-    # agents, tools and conversations (raw events only). An event without agent_name is
+    # agents, tools and conversations (the trace rollup). An event without agent_name is
     # the agent's of its trace: the invoke_agent event's (the first, when a run starts
     # sub-agents), else the first agent_name any event of the trace carries.
     Dimension("agent", "agent_name", trace="argMinIf(agent_name, "
-              "(operation != 'invoke_agent', timestamp), agent_name != '')"),
+              "(operation != 'invoke_agent', {first}), agent_name != '')"),
     Dimension("session", "session_id", trace="minIf(session_id, session_id != '')"),
     Dimension("trace", "trace_id"),
     Dimension("tool", "tool_name"),
 )}
-# What `select(per_run=...)` groups by first: a trace, or a call without one on its own.
-RUN = Dimension("run", "trace_id", "if(trace_id != '', trace_id, event_id)")
+# What `select(per_run=...)` groups by first: a trace. The calls of no trace (each a run of
+# its own) make one group, '', which the `per_run` figures take as that many runs.
+RUN = Dimension("run", "trace_id")
 DIMENSION_NAMES = (*_DIMENSIONS, "metadata.KEY")
 _METADATA_KEY = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 
@@ -268,7 +300,11 @@ class Condition:
 
     expression: str
     uses: tuple[Dimension, ...] = ()
-    rollup = False
+
+    @property
+    def columns(self) -> frozenset[str]:
+        """The event columns it reads: a rollup that keeps them all can answer."""
+        return columns_read(self.expression).union(*(d.columns for d in self.uses))
 
     def sql(self, source: Source) -> str:
         return self.expression
@@ -293,6 +329,7 @@ class Filter:
 
 
 Where = Filter | Condition  # what narrows the events a question is about
+Expressions = Mapping[str, str | Figure]  # a query's named expressions: SQL, or figures
 
 
 # --- reading ---------------------------------------------------------------------------
@@ -313,30 +350,34 @@ class Reader:
 
     def select(self, window: Window, *, by: Sequence[Dimension] = (),
                filters: Iterable[Where] = (), figures: Iterable[str] = (),
-               extra: dict[str, str] | None = None,
+               extra: Expressions | None = None,
                within: dict[str, tuple[str, Window]] | None = None,
                having: str | None = None, order_by: Sequence[str] = (),
                limit: int | None = None,
-               per_run: dict[str, str] | None = None) -> list[dict[str, Any]]:
-        """One row per group: the dimensions (by name), the figures, `extra` SQL
-        expressions (`{t}` standing for the time of a row; results usable as `_name`
-        there and in `having`), and figures `within` a part of the window (name ->
+               per_run: Expressions | None = None) -> list[dict[str, Any]]:
+        """One row per group: the dimensions (by name), the figures, `extra` expressions
+        (SQL, `{t}` standing for the time of a row, or a `Figure`; results usable as
+        `_name` there and in `having`), and figures `within` a part of the window (name ->
         (figure, window)). `order_by` items are result names, optionally with DESC.
 
-        With `per_run` (name -> SQL aggregate over raw events), the events are first
-        grouped by run (`RUN`: a trace) within each group, those expressions computed per
-        run as `_name`, and `extra` then aggregates the runs' rows (`count()`: runs)."""
+        With `per_run` (name -> an aggregate: SQL or a `Figure`), the events are first
+        grouped by run (`RUN`: a trace; the calls of no trace together) within each group,
+        those expressions computed per run as `_name`, and `extra` then aggregates the
+        runs' rows (`_run` is the trace, '' for the calls of no trace)."""
         filters = list(filters)
         within = within or {}
+        extra = extra or {}
+        inner = per_run if per_run is not None else extra
+        plan = self._plan([*by, *((RUN,) if per_run is not None else ())], filters,
+                          " ".join(v for v in inner.values() if isinstance(v, str)))
+        source: Source = "rollup" if plan else "raw"
         if per_run is not None:
-            inner = self._query("raw", window, [*by, RUN], filters, (), per_run, {}, [])
+            runs = self._query(source, window, [*by, RUN], filters, (), per_run, {}, [],
+                               plan=plan)
             sql = self._query("raw", window, [Dimension(d.name, f"_{d.name}") for d in by],
-                              [], figures, extra or {}, {}, [], rows=f"({inner})")
-            source: Source = "raw"
+                              [], figures, extra, {}, [], rows=f"({runs})")
         else:
-            plan = self._plan(by, filters)
-            source = "rollup" if plan else "raw"
-            sql = self._query(source, window, by, filters, figures, extra or {}, within,
+            sql = self._query(source, window, by, filters, figures, extra, within,
                               [bound for _, part in within.values()
                                for bound in (part.since, part.until)], plan=plan)
         if having:
@@ -351,38 +392,34 @@ class Reader:
         return self.rows(sql)
 
     def _query(self, source: Source, window: Window, by: Sequence[Dimension],
-               filters: list[Where], figures: Iterable[str],
-               extra: dict[str, str], within: dict[str, tuple[str, Window]],
-               cuts: list[datetime], rows: str | None = None,
-               plan: tuple[Rollup, ...] = ()) -> str:
+               filters: list[Where], figures: Iterable[str], extra: Expressions,
+               within: dict[str, tuple[str, Window]], cuts: list[datetime],
+               rows: str | None = None, plan: tuple[Rollup, ...] = ()) -> str:
         """SELECT ... FROM ... GROUP BY: the groups of `rows` (default: the window's
         events or rollup rows, filtered)."""
         t = _time_column(source)
         exprs = {d.name: d.sql(source) for d in by}
         exprs |= {f: BY_NAME[f].sql(source) for f in figures}
-        exprs |= {name: sql.replace("{t}", t) for name, sql in extra.items()}
+        exprs |= {name: sql.sql(source) if isinstance(sql, Figure) else sql.replace("{t}", t)
+                  for name, sql in extra.items()}
         exprs |= {name: BY_NAME[figure].sql(source, part.condition(t))
                   for name, (figure, part) in within.items()}
         columns = ", ".join(f"{sql} AS `_{name}`" for name, sql in exprs.items())
-        if not rows and plan:  # the rollup figures the expressions read, and no others
-            used = set(re.findall(r"\w+", columns + " ".join(f.sql("rollup") for f in filters)))
-            rows = self._rolled_rows(window, filters, cuts, plan,
-                                     [name for name in BY_NAME if name in used])
-        rows = rows or self._rows_of(source, window, filters, cuts, by)
+        rows = rows or self._rows_of(window, filters, cuts, by, plan, columns)
         sql = f"SELECT {columns} FROM {rows}"
         if by:
             sql += f" GROUP BY {', '.join(f'`_{d.name}`' for d in by)}"
         return sql
 
-    def _plan(self, by: Sequence[Dimension], filters: list[Where]) -> tuple[Rollup, ...]:
+    def _plan(self, by: Sequence[Dimension], filters: list[Where],
+              reads: str = "") -> tuple[Rollup, ...]:
         """The rollups that can answer (coarsest first), or () for raw events: the time
-        rollups when every dimension and filter is one of their columns; else the daily
-        user or metadata rollup when the question is by (or about) users or one configured
-        metadata key, and no time bucket is finer than a day."""
-        if any(isinstance(f, Condition) for f in filters) or any(d.trace for d in by):
-            return ()
-        columns = ({d.column for d in by if d.column is not None}
-                   | {f.column for f in filters if isinstance(f, Filter)})
+        rollups when every dimension, filter and expression (`reads`: SQL over events)
+        reads only their columns; else a daily rollup that keeps all those columns (users,
+        one configured metadata key, traces), when no time bucket is finer than a day."""
+        columns = (columns_read(reads).union(*(d.columns for d in by))
+                   | {f.column for f in filters if isinstance(f, Filter)}
+                   | set().union(*(f.columns for f in filters if isinstance(f, Condition))))
         keys = ({d.metadata_key for d in by if d.metadata_key is not None}
                 | {f.metadata_key for f in filters
                    if isinstance(f, Filter) and f.metadata_key is not None})
@@ -392,33 +429,42 @@ class Reader:
             return tuple(r for r in (day, hour, minute) if r.seconds <= finest)
         if finest < 86400:
             return ()
-        user = self.schema.user_rollup
-        if not keys and columns <= user.event_columns:
-            return (user,)
+        for daily in (self.schema.user_rollup, self.schema.trace_rollup):
+            if not keys and columns <= daily.event_columns:
+                return (daily,)
         meta = self.schema.metadata_rollup
         if (meta and len(keys) == 1 and keys <= set(meta.metadata_keys)
                 and columns <= meta.event_columns):
             return (dataclasses.replace(meta, metadata_keys=tuple(keys)),)
         return ()
 
-    def _rows_of(self, source: Source, window: Window, filters: list[Where],
-                 cuts: list[datetime], by: Sequence[Dimension] = ()) -> str:
-        """The FROM clause: raw events in the window, or the rollup rows covering it. For
-        a dimension with a `trace` value, raw events get it as a column (computed over
-        every event of the window, before the filters, so that a filter leaving out a
-        run's agent event does not leave its calls without agent)."""
+    def _rows_of(self, window: Window, filters: list[Where], cuts: list[datetime],
+                 by: Sequence[Dimension], plan: tuple[Rollup, ...], columns: str) -> str:
+        """The FROM clause: raw events in the window, or the rows of `plan`'s rollups
+        covering it (with the figures `columns`, the query's expressions, read). For a
+        dimension with a `trace` value, the rows get it as a column (computed over every
+        row of the window, before the filters, so that a filter leaving out a run's agent
+        event does not leave its calls without agent)."""
+        uses = [d for f in filters if isinstance(f, Condition) for d in f.uses]
+        traced = list({d.name: d for d in (*by, *uses) if d.trace}.values())
+        pushed = [] if traced else filters
+        source: Source = "rollup" if plan else "raw"
+        if plan:
+            used = set(re.findall(r"\w+", columns + " ".join(f.sql(source) for f in filters)))
+            used |= {"first_seen"} if traced else set()
+            rows = self._rolled_rows(window, pushed, cuts, plan,
+                                     [a.name for a in plan[-1].aggregates if a.name in used])
+        else:
+            rows = " AND ".join([f"{self.schema.deduplicated_events} WHERE "
+                                 f"{window.condition('timestamp')}",
+                                 *(f.sql(source) for f in pushed)])
+        if not traced:
+            return rows
+        model = ", model" if source == "raw" else ""  # (a materialized column: not in *)
+        added = ", ".join(d.traced_sql(source) for d in traced)
         matching = [f.sql(source) for f in filters]
-        if source == "raw":
-            rows = f"{self.schema.deduplicated_events} WHERE {window.condition('timestamp')}"
-            uses = [d for f in filters if isinstance(f, Condition) for d in f.uses]
-            if traced := list({d.name: d for d in (*by, *uses) if d.trace}.values()):
-                columns = ", ".join(f"if(trace_id = '', '', {d.trace} OVER "
-                                    f"(PARTITION BY trace_id)) AS {d.traced}" for d in traced)
-                rows = f"(SELECT *, model, {columns} FROM {rows})"
-                return rows + (f" WHERE {' AND '.join(matching)}" if matching else "")
-            return " AND ".join([rows, *matching])
-        raise ValueError("rollup rows are read by _rolled_rows")
-
+        return (f"(SELECT *{model}, {added} FROM {rows})"
+                + (f" WHERE {' AND '.join(matching)}" if matching else ""))
     def _rolled_rows(self, window: Window, filters: list[Where], cuts: list[datetime],
                      plan: tuple[Rollup, ...], figures: Sequence[str]) -> str:
         """Rows shaped as `plan`'s rollup rows (`t`, dimensions, figures): whole buckets

@@ -127,19 +127,19 @@ def _mark(client: Any, schema: Schema, hours: Collection[int], token: str, state
 
 
 def wait_for_older(client: Any, schema: Schema, hours: Collection[int], token: str,
-                   timeout: float = WAIT_FOR_OLDER) -> None:
+                   timeout: float | None = None) -> None:
     """Wait until no other mark on `hours` opened before `token`'s is open (marks are
     ordered by when they were opened, then by token: every writer sees the same order),
     so that of writers that found the same copies, one rebuilds at a time, the others
     find the hours right after it. Marks abandoned (older than `ABANDONED_AFTER`) are not
-    waited for, nor anything past `timeout`."""
+    waited for, nor anything past `timeout` (default `WAIT_FOR_OLDER`)."""
     table = schema.qualified(schema.open_hours_table)
     mine = literal(token)
     [(since,)] = client.query(f"SELECT toUnixTimestamp(min(at)) FROM {table} "
                               f"WHERE token = {mine}").result_rows
     if not since or not hours:
         return
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + (WAIT_FOR_OLDER if timeout is None else timeout)
     while time.monotonic() < deadline:
         [(older,)] = client.query(
             f"SELECT count() FROM (SELECT token, toUnixTimestamp(min(at)) AS opened "
@@ -175,13 +175,14 @@ def rebuild(client: Any, schema: Schema, hours: list[int], wait: bool = True) ->
 
 
 def repair(client: Any, schema: Schema, lookback: timedelta,
-           now: datetime | None = None) -> list[int]:
+           now: datetime | None = None, wait: bool = True) -> list[int]:
     """One pass over the hours of the last `lookback`, and over the hours of abandoned
-    marks: returns the hours rebuilt."""
+    marks: returns the hours rebuilt. `wait=False`: no other writer can hold an hour open
+    (see `reconcile`)."""
     start = ((now or datetime.now(UTC)) - lookback).replace(minute=0, second=0, microsecond=0)
     hours = miscounted_hours(client, schema, since=int(start.timestamp()))
     if hours:
-        rebuild(client, schema, hours)
+        rebuild(client, schema, hours, wait=wait)
     abandoned = client.query(
         f"SELECT toUnixTimestamp(hour), token FROM {schema.qualified(schema.open_hours_table)} "
         f"GROUP BY hour, token HAVING sum(state) > 0 "
@@ -189,7 +190,7 @@ def repair(client: Any, schema: Schema, lookback: timedelta,
     if abandoned:
         marked = {h for h, _ in abandoned}
         wrong = miscounted_hours(client, schema, among=marked)
-        if not wrong or rebuild(client, schema, wrong):
+        if not wrong or rebuild(client, schema, wrong, wait=wait):
             for token in {t for _, t in abandoned}:
                 close_hours(client, schema, [h for h, t in abandoned if t == token], token)
         hours = sorted({*hours, *wrong})
@@ -197,16 +198,19 @@ def repair(client: Any, schema: Schema, lookback: timedelta,
 
 
 def reconcile(client: Any, schema: Schema, hours: Collection[int],
-              token: str | None = None) -> list[int]:
+              token: str | None = None, wait: bool = True) -> list[int]:
     """Check the hours listed (Unix seconds) and rebuild those counted wrong: after a
     batch whose events were (some of them) stored already, or stored twice. With the
     `token` of the batch's mark, the writers that opened the hours before it are waited
-    for first. Returns the hours rebuilt."""
-    if token is not None:
+    for first. Returns the hours rebuilt. `wait=False` waits for no one: where no other
+    writer can be writing (the writers of an embedded directory take turns), a mark
+    still open is a dead writer's, left by a kill, and waiting for it would hold every
+    redelivered batch for `WAIT_FOR_OLDER`."""
+    if token is not None and wait:
         wait_for_older(client, schema, hours, token)
     wrong = miscounted_hours(client, schema, among=hours)
     if wrong:
-        rebuild(client, schema, wrong, wait=token is None)
+        rebuild(client, schema, wrong, wait=wait and token is None)
     return wrong
 
 

@@ -10,7 +10,9 @@ store the same event, merges keep one copy; queries read it `FINAL` meanwhile.
 The rollups are `AggregatingMergeTree`s, each fed by a materialized view, of the
 figures of `metrics.AGGREGATES`: `llm_usage_1m`, `_1h` and `_1d` per minute, hour
 and day by provider, model, team, API key and status; `llm_usage_user_1d` per day
-by user, provider and model; `llm_usage_metadata_1d` per day by each configured
+by user, provider and model; `llm_usage_trace_1d` per day by trace, session, agent,
+tool, operation, MCP method and MCP session (with `metrics.RUN_AGGREGATES` too: the
+runs, tools and MCP answers); `llm_usage_metadata_1d` per day by each configured
 metadata key (`rollup_metadata`) and value, provider and model. `query.Reader`
 answers from the coarsest rollups that fit a question.
 
@@ -49,7 +51,10 @@ from meterline.exporters.clickhouse.metrics import (
     AGGREGATES,
     METADATA_DIMENSIONS,
     ROLLUP_DIMENSIONS,
+    RUN_AGGREGATES,
+    TRACE_DIMENSIONS,
     USER_DIMENSIONS,
+    Aggregate,
 )
 
 VIEW_VERSION = 4  # 2: a cancelled call (499) is not an error; 3: cache hits, unestimated costs;
@@ -195,6 +200,11 @@ class Rollup:
     bucket: str  # the function that takes a timestamp to its bucket
     dimensions: tuple[tuple[str, str], ...] = ROLLUP_DIMENSIONS
     metadata_keys: tuple[str, ...] = ()  # the metadata rollup: the keys it keeps
+    extra: tuple[Aggregate, ...] = ()  # figures of its own, after `AGGREGATES`
+
+    @property
+    def aggregates(self) -> tuple[Aggregate, ...]:
+        return (*AGGREGATES, *self.extra)
 
     @property
     def view(self) -> str:
@@ -288,10 +298,19 @@ class Schema:
                       self.rollup_metadata)
 
     @property
+    def trace_rollup(self) -> Rollup:
+        """Per day by trace, session, agent, tool and MCP method: the runs, tools and MCP
+        answers (a run's figures are summed over its days, see query.py)."""
+        return Rollup(f"{self._base}_trace_1d", "day", "toStartOfDay", TRACE_DIMENSIONS,
+                      extra=RUN_AGGREGATES)
+
+    @property
     def rollups(self) -> tuple[Rollup, ...]:
-        """Every rollup, finest time rollup first."""
+        """Every rollup, finest time rollup first: what the views fill, and what
+        `ensure_schema` creates and fills and repair.py checks and rebuilds."""
         meta = self.metadata_rollup
-        return (*self.time_rollups, self.user_rollup, *((meta,) if meta else ()))
+        return (*self.time_rollups, self.user_rollup, self.trace_rollup,
+                *((meta,) if meta else ()))
 
     @property
     def open_hours_table(self) -> str:
@@ -348,7 +367,7 @@ class Schema:
     def rollup_columns(self, rollup: Rollup) -> tuple[Column, ...]:
         return (Column(rollup.time_column, "DateTime('UTC')"),
                 *(Column(name, type_) for name, type_ in rollup.dimensions),
-                *(Column(a.name, a.column_type()) for a in AGGREGATES))
+                *(Column(a.name, a.column_type()) for a in rollup.aggregates))
 
     def create_rollup(self, rollup: Rollup) -> str:
         key = ", ".join([rollup.time_column, *(name for name, _ in rollup.dimensions)])
@@ -380,7 +399,7 @@ class Schema:
         # in the other aggregates.
         dims = [name for name, _ in rollup.dimensions]
         time_name = time_name or rollup.time_column
-        aggregates = [a for a in AGGREGATES if figures is None or a.name in figures]
+        aggregates = [a for a in rollup.aggregates if figures is None or a.name in figures]
         names = [time_name, *dims, *(a.name for a in aggregates)]
         inner = [f"{bucket or rollup.bucket}(timestamp)", *rollup.dimension_sql(),
                  *(a.view_expression() for a in aggregates)]

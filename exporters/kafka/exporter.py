@@ -73,6 +73,9 @@ class KafkaExporterConfig(ExporterConfig):
             raise ValueError("max_batch_bytes and max_message_bytes must be positive")
         if self.timeout <= 0:
             raise ValueError("timeout must be positive")
+        if self.projection is not None and self.encoding != "json":
+            raise ValueError(f"projection: applies to encoding: json only ({self.encoding} "
+                             "messages are OTLP log records, whose shape the protocol fixes)")
 
 
 class KafkaExporter(Exporter):
@@ -80,7 +83,8 @@ class KafkaExporter(Exporter):
         self.config = config
         self.id = context.id
         self.log = context.log
-        self.builder = MessageBuilder(config.topic, config.key, config.encoding)
+        self.builder = MessageBuilder(config.topic, config.key, config.encoding,
+                                      config.projection)
         self.producer: AIOKafkaProducer | None = None
         self._idempotent = context.meter.create_gauge(
             "meterline_kafka_producer_idempotent",

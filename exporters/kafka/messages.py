@@ -1,10 +1,10 @@
 """Events to Kafka messages: one message per event, its topic, key, headers and value.
 
 The value is the event's meterline JSON (`json`, what the `kafka` and `webhook`
-receivers read), or an OTLP `ExportLogsServiceRequest` holding the event's one
-log record, as protobuf (`otlp_proto`) or OTLP/JSON (`otlp_json`), for consumers
-that speak OTLP (the OpenTelemetry Collector's `kafka` receiver with its
-`otlp_proto` / `otlp_json` encodings).
+receivers read; with a `projection`, the document it makes of the event), or an OTLP
+`ExportLogsServiceRequest` holding the event's one log record, as protobuf (`otlp_proto`)
+or OTLP/JSON (`otlp_json`), for consumers that speak OTLP (the OpenTelemetry Collector's
+`kafka` receiver with its `otlp_proto` / `otlp_json` encodings).
 
 One event per message keeps Kafka's tools meaningful: the key places related
 events (same API key, same trace) on one partition, in order; the headers carry
@@ -23,10 +23,11 @@ from typing import Any, Literal
 
 from aiokafka.partitioner import murmur2
 
-from meterline.event import SCHEMA_VERSION, Event, to_jsonl
+from meterline.event import SCHEMA_VERSION, Event
 from meterline.exporters.otlp.encode import to_json as otlp_json
 from meterline.exporters.otlp.encode import to_logs_request
 from meterline.fieldpath import ReadPath
+from meterline.projection import Projection, jsonl
 
 Encoding = Literal["json", "otlp_proto", "otlp_json"]
 
@@ -88,10 +89,12 @@ def topic_router(template: str) -> Callable[[Event], str] | str:
 class MessageBuilder:
     """Builds a batch's messages; the whole batch is encoded in as few calls as it can."""
 
-    def __init__(self, topic: str, key: ReadPath | None, encoding: Encoding) -> None:
+    def __init__(self, topic: str, key: ReadPath | None, encoding: Encoding,
+                 projection: Projection | None = None) -> None:
         self.topic = topic_router(topic)
         self.key = key.get if key is not None else None
         self.encoding = encoding
+        self.projection = projection  # json only: the value is the projected document
 
     def build(self, events: list[Event]) -> list[Message]:
         values = self.encode(events)
@@ -113,7 +116,7 @@ class MessageBuilder:
             return [otlp_json(to_logs_request([e])) for e in events]
         # The JSON form never holds a raw newline (strings escape it), so one
         # encode_lines call and a split give every event's JSON.
-        return to_jsonl(events).split(b"\n")[:-1]
+        return jsonl(events, self.projection).split(b"\n")[:-1]
 
 
 @functools.lru_cache(maxsize=65536)

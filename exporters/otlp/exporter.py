@@ -21,7 +21,7 @@ import msgspec
 from google.protobuf.message import Message
 
 from meterline.component import Context, ExportBatch, Exporter, Factory
-from meterline.delivery import ExporterConfig
+from meterline.delivery import ExporterConfig, refuse_projection
 from meterline.event import Event
 from meterline.exporters.otlp.encode import (
     DEFAULT_RESOURCE,
@@ -68,6 +68,8 @@ class OtlpExporterConfig(ExporterConfig):
         default_factory=lambda: dict(DEFAULT_RESOURCE))
 
     def __post_init__(self) -> None:
+        refuse_projection(self, "otlp", "sends OTLP spans, logs and metrics, whose shape "
+                                        "the protocol fixes")
         if not (self.traces or self.logs or self.metrics):
             raise ValueError("enable at least one of traces, logs, metrics")
         if self.timeout <= 0:

@@ -11,10 +11,8 @@ delivery loop waits at least. Anything else is a `PermanentError`.
 
 from __future__ import annotations
 
-import email.utils
 import gzip
 import ssl
-import time
 from collections.abc import Callable
 from typing import Any, Final, Protocol
 
@@ -28,6 +26,7 @@ from opentelemetry.proto.collector.logs.v1 import logs_service_pb2, logs_service
 from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
+from meterline.backoff import retry_after as retry_after_seconds
 from meterline.component import PermanentError, RetryableError
 from meterline.tls import TlsConfig, client_context, read_pem
 
@@ -159,7 +158,7 @@ class HttpTransport:
                 return response_class()  # a server that answers 200 without a body
         message = f"{url}: HTTP {status}{_status_message(data)}"
         if status in _RETRYABLE_STATUSES:
-            raise RetryableError(message, retry_after=_seconds(retry_after))
+            raise RetryableError(message, retry_after=retry_after_seconds(retry_after))
         if status in (404, 405):
             raise SignalUnsupported(message)
         raise PermanentError(message)
@@ -176,15 +175,3 @@ def _status_message(data: bytes) -> str:
         message = ""
     return f": {message}" if message else ""
 
-
-def _seconds(retry_after: str | None) -> float | None:
-    """`Retry-After` as seconds: a number of seconds or an HTTP date."""
-    if not retry_after:
-        return None
-    if retry_after.strip().isdigit():
-        return float(retry_after)
-    try:
-        when = email.utils.parsedate_to_datetime(retry_after).timestamp()
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when - time.time())

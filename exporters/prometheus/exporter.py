@@ -36,7 +36,7 @@ from prometheus_client.samples import Sample
 
 from meterline.auth import BearerToken, unauthorised
 from meterline.component import Config, Context, ExportBatch, Exporter, Factory, cancel_and_wait
-from meterline.delivery import ExporterConfig, QueueConfig
+from meterline.delivery import ExporterConfig, QueueConfig, refuse_projection
 from meterline.exporters.prometheus.metrics import (
     BUCKET_SETS,
     CONFIG_PARSING_FAILURES,
@@ -102,6 +102,7 @@ class PrometheusConfig(ExporterConfig):
     queue: QueueConfig = msgspec.field(default_factory=lambda: QueueConfig(type="memory"))
 
     def __post_init__(self) -> None:
+        refuse_projection(self, "prometheus", "counts events into fixed llm_gateway_* series")
         if not self.path.startswith("/"):
             raise ValueError(f"path must start with /, got {self.path!r}")
         if self.max_series < 1:

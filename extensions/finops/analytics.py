@@ -20,11 +20,13 @@ from meterline.exporters.clickhouse.metrics import (
     IS_MCP,
     IS_MCP_CONNECT,
     IS_MODEL_CALL,
+    Figure,
     raw,
 )
 from meterline.exporters.clickhouse.query import (
     Condition,
     Dimension,
+    Expressions,
     Filter,
     Reader,
     Where,
@@ -251,11 +253,12 @@ def mcp(reader: Reader, window: Window, limit: int = 100) -> dict[str, Any]:
     """MCP requests (the gateway's MCP upstreams, MCP spans): sessions, connects and their
     latency, and per method calls, errors and latency."""
     where = [Condition(IS_MCP)]
-    connect = {"connects": raw("requests", IS_MCP_CONNECT),
-               "connect_ms_sum": raw("duration_ms_sum", IS_MCP_CONNECT),
-               "connect_ms_count": raw("duration_ms_count", IS_MCP_CONNECT),
-               "connect_ms_quantiles": raw("duration_ms_quantiles", IS_MCP_CONNECT),
-               "sessions": "uniqExactIf(mcp_session_id, mcp_session_id != '')"}
+    connect: Expressions = {
+        "connects": Figure("requests", IS_MCP_CONNECT),
+        "connect_ms_sum": Figure("duration_ms_sum", IS_MCP_CONNECT),
+        "connect_ms_count": Figure("duration_ms_count", IS_MCP_CONNECT),
+        "connect_ms_quantiles": Figure("duration_ms_quantiles", IS_MCP_CONNECT),
+        "sessions": "uniqExactIf(mcp_session_id, mcp_session_id != '')"}
     [total] = reader.select(window, filters=where, figures=("requests", "errors"),
                             extra=connect)
     methods = reader.select(window, by=[_MCP_METHOD], filters=where,

@@ -51,7 +51,7 @@ _TABLE = {
               "response_bytes", "runs"],
     "reconcile": ["estimated_cost_usd", "billed_cost_usd", "variance_usd", "variance_ratio",
                   "unexplained_usd", "billing_lines"],
-    "budgets": ["period", "limit_usd", "spend_usd", "remaining_usd", "utilization",
+    "budgets": ["member", "period", "limit_usd", "spend_usd", "remaining_usd", "utilization",
                 "threshold_reached", "status"],
 }
 _CACHE = ["cache_hits", "saved_cost_usd"]

@@ -10,6 +10,7 @@ from meterline.component import Config
 from meterline.exporters.clickhouse.config import ClickHouseConfig
 from meterline.extensions.finops.billing.pull import BillingConfig
 from meterline.extensions.finops.budgets import Budget
+from meterline.extensions.finops.notifiers import NotifierConfig
 from meterline.gateway.config import GatewayConfig
 from meterline.gateway.guardrails import GuardrailRule
 from meterline.units import Duration
@@ -30,9 +31,12 @@ class FinOpsConfig(Config):
     # figures are unknown (null) while the blocked/modified counts still come from events.
     gateway: str | None = None
     # Spend limits by name, computed from ClickHouse every budget_refresh and published as
-    # llm_gateway_budget_* gauges (and at /api/v1/budgets).
+    # llm_gateway_budget_* gauges (and at /api/v1/budgets); those with `action: enforce`
+    # are enforced by the gateway receiver `gateway` (above) names.
     budgets: dict[str, Budget] = msgspec.field(default_factory=dict)
     budget_refresh: Duration = Duration(15)  # how often budget spend is recomputed
+    # webhooks the budgets' `notify` name, each with an exporter's queue and retry blocks
+    notifiers: dict[str, NotifierConfig] = msgspec.field(default_factory=dict)
     # The providers' bills: pulling the OpenAI and Anthropic cost APIs, and the
     # meterline_billing_* variance gauges (docs/finops.md#billing); none: neither.
     billing: BillingConfig | None = None
@@ -40,6 +44,10 @@ class FinOpsConfig(Config):
     def __post_init__(self) -> None:
         if self.budget_refresh <= 0:
             raise ValueError("budget_refresh must be a positive duration such as 15s")
+        for name, budget in self.budgets.items():
+            if unknown := [n for n in budget.notify if n not in self.notifiers]:
+                raise ValueError(f"budgets.{name}.notify: {', '.join(unknown)} is not under "
+                                 f"notifiers (defined: {', '.join(self.notifiers) or 'none'})")
 
 
 class LinkedConfig(FinOpsConfig, kw_only=True):
@@ -64,6 +72,11 @@ def link(config: FinOpsConfig, file: PipelineFile) -> LinkedConfig:
             gateways[0] if len(gateways) == 1 else None)
     gateway = (_named(file, "receiver", GatewayConfig, "gateway", gateway_id)
                if gateway_id else None)
+    if gateway is None and (enforced := [n for n, b in config.budgets.items()
+                                         if b.action == "enforce"]):
+        raise ValueError(f"budgets {', '.join(enforced)} have action: enforce, which needs a "
+                         "gateway receiver: name one with gateway: (receivers here: "
+                         f"{', '.join(file.receivers) or 'none'})")
     return LinkedConfig(**msgspec.structs.asdict(config) | {"gateway": gateway_id},
                         exporter=exporter,
                         guardrails=list(gateway.guardrails) if gateway else None)

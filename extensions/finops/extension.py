@@ -2,17 +2,20 @@
 `clickhouse` exporter writes.
 
 It serves `/api/v1/analytics/*`, `/api/v1/finops/*` and `/api/v1/budgets` on the admin
-server (`api.py`), and recomputes the spend of its `budgets` every `budget_refresh`,
-published as `llm_gateway_budget_*` gauges. It reads through a ClickHouse client of its
-own, opened as the exporter opens its clients (for `chdb://`, the embedded engine of this
-process), and waits for the exporter to have created the tables: until then its answers
-are 503 and the budget gauges stay empty. It also copies the daemon's audit log of
-configuration changes into the table `audit_log` (`audit.py`).
+server (`api.py`), and recomputes the spend of its `budgets` every `budget_refresh`:
+published as `llm_gateway_budget_*` gauges, each threshold crossing notified once to the
+budget's notifiers (`crossings.py`), and the spent `action: enforce` budgets handed to the
+linked gateway receiver (`enforce.py`, `gateway/budgets.py`). It reads through a
+ClickHouse client of its own, opened as the exporter opens its clients (for `chdb://`,
+the embedded engine of this process), and waits for the exporter to have created the
+tables: until then its answers are 503 and the budget gauges stay empty. It also copies
+the daemon's audit log of configuration changes into the table `audit_log` (`audit.py`).
 """
 
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
@@ -28,10 +31,12 @@ from meterline.component import (
 from meterline.exporters.clickhouse.connection import classify, open_client
 from meterline.exporters.clickhouse.query import Reader
 from meterline.exporters.clickhouse.schema import Schema, missing_tables
-from meterline.extensions.finops import api, budgets
+from meterline.extensions.finops import api, budgets, enforce
 from meterline.extensions.finops.audit import AuditCopy
 from meterline.extensions.finops.billing import pull, reconcile, store
 from meterline.extensions.finops.config import FinOpsConfig, LinkedConfig, link
+from meterline.extensions.finops.crossings import Notifications
+from meterline.gateway.budgets import Block, BudgetBlocks, blocks_of
 
 
 class FinOps(Extension):
@@ -45,12 +50,16 @@ class FinOps(Extension):
         self._closed = False
         self._budget_task: asyncio.Task[None] | None = None
         self._billing_task: asyncio.Task[None] | None = None
-        self._reached: dict[tuple[str, str], float] = {}  # (budget, period start) -> threshold
+        self.notifications = Notifications(config.budgets, config.notifiers, context)
+        # where the spent hard budgets go: the linked gateway receiver's blocks
+        self.blocks: BudgetBlocks | None = (blocks_of(context.telemetry, config.gateway)
+                                            if config.gateway else None)
         self._audit = AuditCopy(self)  # the audit log into ClickHouse
 
     async def start(self) -> None:
         self._audit.start()
         if self.config.budgets:
+            await self.notifications.start()
             self._budget_task = asyncio.create_task(self._track_budgets(),
                                                     name=f"{self.context.id} budgets")
         if self.config.billing:
@@ -63,6 +72,9 @@ class FinOps(Extension):
         await cancel_and_wait(self._billing_task)
         if self.config.budgets:
             budgets.BudgetGauges.of(self.context.meter).publish([])
+            if self.blocks is not None:
+                self.blocks.publish([])
+            await self.notifications.shutdown()
         if self.config.billing:
             reconcile.VarianceGauges.of(self.context.meter).publish([])
         async with self._connecting:  # after a connect under way, and before any other
@@ -108,23 +120,27 @@ class FinOps(Extension):
         gauges = budgets.BudgetGauges.of(self.context.meter)
         while True:
             try:
-                statuses = await self.budget_status()
+                await self._evaluate_budgets(gauges)
             except Exception as e:
                 self.log.warning("cannot compute budget spend", error=str(e))
-            else:
-                gauges.publish(statuses)
-                self._log_thresholds(statuses)
             await asyncio.sleep(float(self.config.budget_refresh))
 
-    def _log_thresholds(self, statuses: list[dict[str, Any]]) -> None:
-        for s in statuses:
-            key = (s["budget"], s["period_start"])
-            reached = s["threshold_reached"]
-            if reached is not None and reached > self._reached.get(key, 0):
-                self._reached[key] = reached
-                self.log.warning("budget alert threshold reached", budget=s["budget"],
-                                 threshold=reached, spend_usd=s["spend_usd"],
-                                 limit_usd=s["limit_usd"], period_start=s["period_start"])
+    async def _evaluate_budgets(self, gauges: budgets.BudgetGauges) -> None:
+        """One pass: gauges, the gateway's blocks, then the notifications. Until ClickHouse
+        answers, the blocks published last stay (a hard budget stays enforced)."""
+        now = datetime.now(UTC)
+        reader = await self.connect()
+        refresh = float(self.config.budget_refresh)
+
+        def evaluate() -> tuple[list[dict[str, Any]], list[Block]]:
+            statuses = budgets.status(reader, self.config.budgets, now)
+            return statuses, enforce.blocks(reader, self.config.budgets, statuses, refresh)
+
+        statuses, blocks = await asyncio.to_thread(evaluate)
+        gauges.publish(statuses)
+        if self.blocks is not None:
+            self.blocks.publish(blocks)
+        await self.notifications.crossed(statuses, now)
 
 
     # --- billing (billing/: the cost APIs pulled, the variance gauges) -----------------

@@ -17,10 +17,11 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from meterline.exporters.clickhouse.metrics import IS_MODEL_CALL, IS_TOOL_CALL, raw
+from meterline.exporters.clickhouse.metrics import IS_MODEL_CALL, IS_TOOL_CALL, Figure
 from meterline.exporters.clickhouse.query import (
     Condition,
     Dimension,
+    Expressions,
     Reader,
     Where,
     Window,
@@ -115,30 +116,44 @@ def spend(reader: Reader, window: Window, by: str = "provider", top: int | None 
 # Per run (a trace): its model calls' figures (the agent run's own event, which may repeat
 # their usage, and tool and MCP calls are no model calls), its tool calls, its failed
 # calls (of any kind), and how long it took: its first event's start to its last one's end.
-_PER_RUN = {
-    "run_llm_calls": raw("requests", IS_MODEL_CALL),
-    "run_input_tokens": raw("input_tokens", IS_MODEL_CALL),
-    "run_output_tokens": raw("output_tokens", IS_MODEL_CALL),
-    "run_cost_usd": raw("cost_usd", IS_MODEL_CALL),
-    "run_unpriced": raw("unpriced_requests", IS_MODEL_CALL),
-    "run_tool_calls": raw("requests", IS_TOOL_CALL),
-    "run_tool_ms_sum": raw("duration_ms_sum", IS_TOOL_CALL),
-    "run_tool_ms_count": raw("duration_ms_count", IS_TOOL_CALL),
-    "run_errors": raw("errors"),
-    "run_start": "min(timestamp)",
-    "run_ms": "(max(toUnixTimestamp64Nano(timestamp) + toInt64(ifNull(duration_ms, 0) * 1e6))"
-              " - min(toUnixTimestamp64Nano(timestamp))) / 1e6",
+# The calls of no trace come as one row (`_run` ''), each call a run of its own: their
+# count, those that failed, their durations summed, their first and last start.
+_PER_RUN: Expressions = {
+    "run_llm_calls": Figure("requests", IS_MODEL_CALL),
+    "run_input_tokens": Figure("input_tokens", IS_MODEL_CALL),
+    "run_output_tokens": Figure("output_tokens", IS_MODEL_CALL),
+    "run_cost_usd": Figure("cost_usd", IS_MODEL_CALL),
+    "run_unpriced": Figure("unpriced_requests", IS_MODEL_CALL),
+    "run_tool_calls": Figure("requests", IS_TOOL_CALL),
+    "run_tool_ms_sum": Figure("duration_ms_sum", IS_TOOL_CALL),
+    "run_tool_ms_count": Figure("duration_ms_count", IS_TOOL_CALL),
+    "run_errors": Figure("errors"),
+    "run_events": Figure("events"),
+    "run_failed_events": Figure("failed_events"),
+    "run_events_ms": Figure("event_ms"),
+    "run_start": Figure("first_ns"),
+    "run_last_start": Figure("last_ns"),
+    "run_end": Figure("last_end_ns"),
     "run_agents": "groupUniqArrayIf(agent_name, agent_name != '')",
 }
+_TRACED = "_run != ''"
+
+
+def _iso_of_ns(sql: str) -> str:
+    """SQL: a time in Unix nanoseconds as ISO 8601 UTC text."""
+    return f"formatDateTime(fromUnixTimestamp64Nano({sql}, 'UTC'), '%FT%TZ', 'UTC')"
+
+
 _RUNS = {
-    "runs": "count()", "llm_calls": "sum(_run_llm_calls)",
+    "runs": f"sum(if({_TRACED}, 1, _run_events))", "llm_calls": "sum(_run_llm_calls)",
     "input_tokens": "sum(_run_input_tokens)", "output_tokens": "sum(_run_output_tokens)",
     "cost_usd": "sum(_run_cost_usd)", "unpriced_llm_calls": "sum(_run_unpriced)",
     "tool_calls": "sum(_run_tool_calls)", "tool_ms_sum": "sum(_run_tool_ms_sum)",
     "tool_ms_count": "sum(_run_tool_ms_count)", "errors": "sum(_run_errors)",
-    "failed_runs": "countIf(_run_errors > 0)", "run_ms_sum": "sum(_run_ms)",
-    "first_seen": "formatDateTime(min(_run_start), '%FT%TZ', 'UTC')",
-    "last_seen": "formatDateTime(max(_run_start), '%FT%TZ', 'UTC')",
+    "failed_runs": f"sum(if({_TRACED}, toUInt64(_run_errors > 0), _run_failed_events))",
+    "run_ms_sum": f"sum(if({_TRACED}, (_run_end - _run_start) / 1e6, _run_events_ms))",
+    "first_seen": _iso_of_ns("min(_run_start)"),
+    "last_seen": _iso_of_ns(f"max(if({_TRACED}, _run_start, _run_last_start))"),
     "agents": "arraySort(groupUniqArrayArray(_run_agents))",
 }
 
@@ -191,9 +206,9 @@ def tools(reader: Reader, window: Window, top: int | None = 20,
     arguments and results, and the runs (traces) that called it."""
     dim = dimension(TOOL_DIMENSION)
     where = [*(filters or []), Condition(IS_TOOL_CALL)]
-    extra = {"request_bytes": "sum(ifNull(request_bytes, 0))",
-             "response_bytes": "sum(ifNull(response_bytes, 0))",
-             "runs": "uniqExactIf(trace_id, trace_id != '')"}
+    extra: Expressions = {"request_bytes": Figure("request_bytes"),
+                          "response_bytes": Figure("response_bytes"),
+                          "runs": "uniqExactIf(trace_id, trace_id != '')"}
     rows = reader.select(window, by=[dim], filters=where, figures=TOOL_FIGURES, extra=extra,
                          order_by=["requests DESC", TOOL_DIMENSION], limit=top)
     [total] = reader.select(window, filters=where, figures=TOOL_FIGURES, extra=extra)

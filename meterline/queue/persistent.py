@@ -100,7 +100,7 @@ class PersistentQueue(Queue):
             return str(json.loads(meta.read_text())["incarnation"])
         except (OSError, ValueError, KeyError):
             incarnation = uuid.uuid4().hex[:12]
-            _atomic_write(meta, json.dumps({"incarnation": incarnation}).encode())
+            atomic_write(meta, json.dumps({"incarnation": incarnation}).encode())
             return incarnation
 
     def _recover(self) -> None:
@@ -378,7 +378,7 @@ class PersistentQueue(Queue):
         if self._replay is not None:
             (s, i), (s2, i2) = self._replay
             text += f"F {s} {i} {s2} {i2}\n"
-        _atomic_write(self.dir / "journal", text.encode(), sync=self.fsync)
+        atomic_write(self.dir / "journal", text.encode(), sync=self.fsync)
 
     def _delete_segment(self, n: int) -> None:
         if n == self._segment and self._fd is not None:
@@ -439,7 +439,9 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write(path: Path, data: bytes, sync: bool = True) -> None:
+def atomic_write(path: Path, data: bytes, sync: bool = True) -> None:
+    """Replace `path` with `data` whole: a crash leaves the old file or the new one (with
+    `sync`, the new one once this returns), never a torn one."""
     tmp = path.with_suffix(path.suffix + ".tmp")
     with open(tmp, "wb") as f:
         f.write(data)

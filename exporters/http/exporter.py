@@ -1,0 +1,148 @@
+"""Exporter `http`: each batch POSTed to a URL, for the services that take JSON over HTTP.
+
+Splunk HEC (`/services/collector/event`, NDJSON), Datadog's logs intake (`/api/v2/logs`,
+a JSON array), Elasticsearch and OpenSearch (`/_bulk`), or a service of one's own; the
+`projection` shapes each document for the service, `headers` carry its token.
+
+What an answer means, as the delivery loop (`meterline/delivery.py`) understands it:
+
+- 2xx: delivered;
+- 408, 429, 5xx, or no answer (refused, reset, timed out): retried with backoff, waiting at
+  least the server's `Retry-After`;
+- any other status: permanent; the batch is dead-lettered;
+- a `_bulk` answer with `"errors": true`: per item. Items answered 429 or 5xx are sent
+  again (alone), the others that failed (a 400 `mapper_parsing_exception`...) are
+  dead-lettered, the rest were stored. With `bulk_action: create`, a 409 is a document an
+  earlier attempt stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import gzip
+import ssl
+from typing import Any
+
+import aiohttp
+import msgspec
+
+from meterline.backoff import retry_after
+from meterline.component import (
+    Context,
+    ExportBatch,
+    Exporter,
+    Factory,
+    PartialError,
+    PermanentError,
+    RetryableError,
+)
+from meterline.event import Event
+from meterline.exporters.http.body import CONTENT_TYPES, encode
+from meterline.exporters.http.config import HttpExporterConfig
+from meterline.tls import client_context
+
+_ANSWER_EXCERPT = 300  # characters of an error answer quoted in the log
+
+
+def _retryable(status: int) -> bool:
+    return status in (408, 429) or status >= 500
+
+
+def request_headers(config: HttpExporterConfig) -> dict[str, str]:
+    headers = {"Content-Type": CONTENT_TYPES[config.format], **config.headers}
+    if config.bearer_token:
+        headers["Authorization"] = f"Bearer {config.bearer_token}"
+    if config.basic_auth is not None:
+        pair = f"{config.basic_auth.username}:{config.basic_auth.password}".encode()
+        headers["Authorization"] = f"Basic {base64.b64encode(pair).decode()}"
+    if config.compression == "gzip":
+        headers["Content-Encoding"] = "gzip"
+    return headers
+
+
+class HttpExporter(Exporter):
+    def __init__(self, config: HttpExporterConfig, context: Context) -> None:
+        self.config = config
+        self.headers = request_headers(config)
+        self.ssl: ssl.SSLContext | bool = client_context(config.tls) if config.tls else True
+        self.session: aiohttp.ClientSession | None = None
+
+    async def export(self, batch: ExportBatch) -> None:
+        config = self.config
+        body = await asyncio.to_thread(self._body, batch.events)
+        status, answer, wait = await self._post(body)
+        if not 200 <= status < 300:
+            message = f"{config.endpoint}: HTTP {status}: {answer[:_ANSWER_EXCERPT]!r}"
+            if _retryable(status):
+                raise RetryableError(message, retry_after=wait)
+            raise PermanentError(message)
+        if config.format == "bulk":
+            self._check_bulk(batch.events, answer, wait)
+
+    def _body(self, events: list[Event]) -> bytes:
+        """Projecting and compressing a batch is CPU work: it runs in a thread, off the loop
+        that serves the receivers."""
+        config = self.config
+        body = encode(events, config.projection, config.format, config.index,
+                      config.bulk_action)
+        return gzip.compress(body, 6) if config.compression == "gzip" else body
+
+    async def _post(self, body: bytes) -> tuple[int, bytes, float | None]:
+        """The answer's status, body and `Retry-After`; no answer is retryable."""
+        if self.session is None:
+            self.session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=float(self.config.timeout)))
+        try:
+            async with self.session.post(self.config.endpoint, data=body,
+                                         headers=self.headers, ssl=self.ssl) as response:
+                return (response.status, await response.read(),
+                        retry_after(response.headers.get("Retry-After")))
+        except (aiohttp.ClientError, TimeoutError, OSError) as e:
+            raise RetryableError(f"{self.config.endpoint}: {type(e).__name__}: {e}") from None
+
+    def _check_bulk(self, events: list[Event], answer: bytes, wait: float | None) -> None:
+        """Raise for the items of a `_bulk` answer that were not stored."""
+        try:
+            result = msgspec.json.decode(answer)
+        except msgspec.DecodeError:
+            raise RetryableError(f"{self.config.endpoint}: a _bulk answer that is not "
+                                 f"JSON: {answer[:_ANSWER_EXCERPT]!r}") from None
+        if not isinstance(result, dict) or not result.get("errors"):
+            return
+        items = result.get("items")
+        if not isinstance(items, list) or len(items) != len(events):
+            raise RetryableError(f"{self.config.endpoint}: a _bulk answer with errors and "
+                                 f"{len(items or ())} items for {len(events)} documents")
+        retry: list[Event] = []
+        failed: list[Event] = []
+        reasons: list[str] = []
+        for event, item in zip(events, items, strict=True):
+            status, reason = self._item(item)
+            if status is None:
+                continue
+            (retry if _retryable(status) else failed).append(event)
+            if len(reasons) < 3:
+                reasons.append(f"{event.event_id}: {status} {reason}")
+        if retry or failed:
+            raise PartialError(f"{self.config.endpoint}: _bulk: {len(retry)} items to retry, "
+                               f"{len(failed)} refused ({'; '.join(reasons)})",
+                               retry, failed, retry_after=wait)
+
+    def _item(self, item: Any) -> tuple[int | None, str]:
+        """An item's status when it was not stored (None when it was), and why."""
+        result: Any = next(iter(item.values()), {}) if isinstance(item, dict) and item else {}
+        status = result.get("status", 500) if isinstance(result, dict) else 500
+        if 200 <= status < 300 or (status == 409 and self.config.bulk_action == "create"):
+            return None, ""
+        error = result.get("error") if isinstance(result, dict) else None
+        kind = error.get("type", "") if isinstance(error, dict) else error or ""
+        return status, str(kind)
+
+    async def shutdown(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+            self.session = None
+
+
+factory = Factory(kind="exporter", type="http", config=HttpExporterConfig, create=HttpExporter)
