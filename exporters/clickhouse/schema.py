@@ -242,11 +242,23 @@ class Rollup:
             return open_hours
         return f"(SELECT {self.bucket}(hour) FROM {open_hours})"
 
-    def bucket_of(self, column: str) -> str:
-        """SQL: the `open_buckets` value a time (an event's, or a row's bucket) falls in."""
+    @property
+    def row_bucket(self) -> str:
+        """SQL: the `open_buckets` value a row of this rollup falls in (a minute's hour; a
+        row of a coarser rollup is a bucket of its own)."""
         if self.time_column == "minute":
-            return f"toStartOfHour({column})"
-        return f"{self.bucket}({column})"
+            return "toStartOfHour(minute)"
+        return self.time_column
+
+    def open_hours_of(self, open_hours: str) -> str:
+        """SQL: every hour of the buckets that hold an open hour. Raw events matched on
+        their hour (`toStartOfHour(timestamp) IN` this) are read from those hours only:
+        the hour leads `llm_events`' sort key, where a condition on their day would make
+        a query read every granule of its window."""
+        if self.time_column != "day":
+            return open_hours
+        return (f"(SELECT toStartOfDay(hour) + toIntervalHour(arrayJoin(range(24))) "
+                f"FROM {open_hours})")
 
 
 @dataclass(frozen=True)
@@ -388,12 +400,12 @@ class Schema:
                 "TTL at + INTERVAL 30 DAY")
 
     def rollup_select(self, rollup: Rollup, source: str, where: str | None = None,
-                      bucket: str | None = None, time_name: str | None = None,
+                      time: str | None = None, time_name: str | None = None,
                       figures: Sequence[str] | None = None) -> str:
         """The rollup rows of the events in `source` (optionally only those `where` holds):
         what the view writes for an inserted block, what a repair writes for an hour, and
-        (with a finer `bucket`, named `time_name`, and only the `figures` it needs) how a
-        query reads raw events alongside the rollup."""
+        (with the `time` of a row, SQL over `timestamp`, named `time_name`, and only the
+        `figures` it needs) how a query reads raw events alongside the rollup."""
         # The inner query names its results apart (`_x`): ClickHouse resolves a name to an
         # alias before a column, so `sum(cost_usd) AS cost_usd` would capture `cost_usd`
         # in the other aggregates.
@@ -401,7 +413,7 @@ class Schema:
         time_name = time_name or rollup.time_column
         aggregates = [a for a in rollup.aggregates if figures is None or a.name in figures]
         names = [time_name, *dims, *(a.name for a in aggregates)]
-        inner = [f"{bucket or rollup.bucket}(timestamp)", *rollup.dimension_sql(),
+        inner = [time or f"{rollup.bucket}(timestamp)", *rollup.dimension_sql(),
                  *(a.view_expression() for a in aggregates)]
         select = ",\n    ".join(f"{expr} AS _{name}" for expr, name in zip(inner, names,
                                                                             strict=True))

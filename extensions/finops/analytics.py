@@ -191,9 +191,8 @@ def performance(reader: Reader, window: Window, model_id: str | None = None,
     figures = ("requests", "errors", "input_tokens", "output_tokens", *_LATENCY,
                "ttft_ms_sum", "ttft_ms_count")
     filters = _filters(provider, model_id)
-    rows = reader.select(window, by=_MODEL, filters=filters, figures=figures,
-                         order_by=["requests DESC", "model"])
-    [total] = reader.select(window, filters=filters, figures=figures)
+    rows, total = reader.select_with_total(window, by=_MODEL, filters=filters,
+                                           figures=figures, order_by=["requests DESC", "model"])
     minutes = window.length / timedelta(minutes=1)
     return {**_header(window, model_id=model_id, provider=provider or "all"),
             "totals": _performance(total, minutes),

@@ -99,10 +99,9 @@ def spend(reader: Reader, window: Window, by: str = "provider", top: int | None 
     if by == TOOL_DIMENSION:
         return tools(reader, window, top, filters)
     dim = dimension(by)
-    rows = reader.select(window, by=[dim], filters=filters or (), figures=SPEND_FIGURES,
-                         extra=_key_extra(dim), order_by=_order(dim, "cost_usd"),
-                         limit=None if dim.is_time else top)
-    [total] = reader.select(window, filters=filters or (), figures=SPEND_FIGURES)
+    rows, total = reader.select_with_total(
+        window, by=[dim], filters=filters or (), figures=SPEND_FIGURES, extra=_key_extra(dim),
+        order_by=_order(dim, "cost_usd"), limit=None if dim.is_time else top)
     total_cost = total["cost_usd"]
     return {
         "report": "spend", "by": by, **window.describe(),
@@ -168,6 +167,7 @@ def runs(reader: Reader, window: Window, by: str = "agent", top: int | None = 20
     dim = dimension(by)
     rows = reader.select(window, by=[dim], filters=filters or (), per_run=_PER_RUN,
                          extra=_RUNS, order_by=["cost_usd DESC", "runs DESC", by], limit=top)
+    # (a run of two agents or sessions is in two groups: their sum would count it twice)
     [total] = reader.select(window, filters=filters or (), per_run=_PER_RUN, extra=_RUNS)
     return {
         "report": "runs", "by": by, **window.describe(),
@@ -209,9 +209,9 @@ def tools(reader: Reader, window: Window, top: int | None = 20,
     extra: Expressions = {"request_bytes": Figure("request_bytes"),
                           "response_bytes": Figure("response_bytes"),
                           "runs": "uniqExactIf(trace_id, trace_id != '')"}
-    rows = reader.select(window, by=[dim], filters=where, figures=TOOL_FIGURES, extra=extra,
-                         order_by=["requests DESC", TOOL_DIMENSION], limit=top)
-    [total] = reader.select(window, filters=where, figures=TOOL_FIGURES, extra=extra)
+    rows, total = reader.select_with_total(
+        window, by=[dim], filters=where, figures=TOOL_FIGURES, extra=extra,
+        order_by=["requests DESC", TOOL_DIMENSION], limit=top)
     return {"report": "tools", "by": TOOL_DIMENSION, **window.describe(),
             "rows": [{**keys(r, dim), **tool_call(r)} for r in rows], "total": tool_call(total)}
 
@@ -276,14 +276,13 @@ def variance(reader: Reader, window: Window, by: str = "provider",
     dim = dimension(by)
     filters = _model_calls(by)
     compared_actual = "_actual_cost_usd - _unestimated_actual_cost_usd"
-    rows = reader.select(
+    rows, total = reader.select_with_total(
         window, by=[dim], filters=filters, figures=VARIANCE_FIGURES,
         extra={**_key_extra(dim),
                "gap": f"abs({compared_actual} - _estimated_cost_of_actual_usd)"},
         having="_actual_cost_requests > 0",
         order_by=[dim.name] if dim.is_time
         else ["gap DESC", "unestimated_actual_requests DESC", dim.name], limit=top)
-    [total] = reader.select(window, filters=filters, figures=VARIANCE_FIGURES)
     return {
         "report": "variance", "by": by, **window.describe(),
         "rows": [{**keys(r, dim), **_variance(r)} for r in rows],
