@@ -25,13 +25,12 @@ exporter republishes.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
-from weakref import WeakKeyDictionary
 
 import msgspec
-from opentelemetry.metrics import CallbackOptions, Meter, Observation
+from opentelemetry.metrics import Observation
 
 from meterline.component import Config
 from meterline.exporters.clickhouse.query import (
@@ -43,6 +42,7 @@ from meterline.exporters.clickhouse.query import (
     parse_range,
 )
 from meterline.extensions.finops.finops import number, ratio
+from meterline.extensions.finops.gauges import PublishedGauges
 
 # scope key -> the event column it matches
 SCOPE_COLUMNS = {"user": "user_id", "team": "team", "api_key_id": "api_key_id",
@@ -168,15 +168,8 @@ def _row(name: str, budget: Budget, window: Window, member: str | None,
     }
 
 
-class BudgetGauges:
-    """The `llm_gateway_budget_*` gauges of one meter.
-
-    The OpenTelemetry SDK keeps the callbacks of an instrument's first registration and
-    ignores a second one's, so an extension rebuilt on reload cannot register its own:
-    the gauges are registered once per meter and read what the current extension
-    `publish`es here."""
-
-    _by_meter: WeakKeyDictionary[Meter, BudgetGauges] = WeakKeyDictionary()
+class BudgetGauges(PublishedGauges):
+    """The `llm_gateway_budget_*` gauges of one meter, from the budget statuses."""
 
     GAUGES = (
         ("llm_gateway_budget_spend_usd", "spend_usd",
@@ -188,26 +181,8 @@ class BudgetGauges:
          "The highest notify_at threshold the spend has reached (0: none)"),
     )
 
-    def __init__(self, meter: Meter) -> None:
-        self._statuses: list[dict[str, Any]] = []
-        for name, key, description in self.GAUGES:
-            meter.create_observable_gauge(name, callbacks=[self._observe(key)],
-                                          description=description)
-
-    @classmethod
-    def of(cls, meter: Meter) -> BudgetGauges:
-        if meter not in cls._by_meter:
-            cls._by_meter[meter] = cls(meter)
-        return cls._by_meter[meter]
-
-    def publish(self, statuses: list[dict[str, Any]]) -> None:
-        self._statuses = statuses
-
-    def _observe(self, key: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
-        def callback(_: CallbackOptions) -> Iterable[Observation]:
-            for s in self._statuses:
-                labels = {"budget": s["budget"], "period": s["period"],
-                          "scope": ",".join(f"{k}={v}" for k, v in s["scope"].items()),
-                          "member": s["member"] or ""}
-                yield Observation(float(s[key] or 0), labels)
-        return callback
+    def observe(self, row: dict[str, Any], key: str) -> Observation:
+        labels = {"budget": row["budget"], "period": row["period"],
+                  "scope": ",".join(f"{k}={v}" for k, v in row["scope"].items()),
+                  "member": row["member"] or ""}
+        return Observation(float(row[key] or 0), labels)

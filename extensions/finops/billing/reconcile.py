@@ -16,17 +16,17 @@ day without any event (a line naming no model: a provider and day without events
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any
-from weakref import WeakKeyDictionary
 
-from opentelemetry.metrics import CallbackOptions, Meter, Observation
+from opentelemetry.metrics import Observation
 
 from meterline.exporters.clickhouse.query import Reader, Window, dimension
 from meterline.extensions.finops.billing import store
 from meterline.extensions.finops.billing.lines import model_key
 from meterline.extensions.finops.finops import number, ratio
+from meterline.extensions.finops.gauges import PublishedGauges
 
 BY = ("provider", "model", "day")
 _DAY = timedelta(days=1)
@@ -138,12 +138,9 @@ def variance_by_provider(reader: Reader, days: int,
     return _reconcile(reader, window, "provider", billed_days_only=True)["rows"]
 
 
-class VarianceGauges:
+class VarianceGauges(PublishedGauges):
     """`meterline_billing_variance_ratio`, `_billed_usd`, `_estimated_usd` and
-    `_unexplained_usd`, labelled `provider`: registered once per meter (as the budget
-    gauges are) and reading what the current extension `publish`es."""
-
-    _by_meter: WeakKeyDictionary[Meter, VarianceGauges] = WeakKeyDictionary()
+    `_unexplained_usd`, labelled `provider`, from the reconciliation rows."""
 
     GAUGES = (
         ("meterline_billing_variance_ratio", "variance_ratio",
@@ -156,24 +153,7 @@ class VarianceGauges:
          "Billed cost (USD) of provider/model/days without events, in the variance window"),
     )
 
-    def __init__(self, meter: Meter) -> None:
-        self._rows: list[dict[str, Any]] = []
-        for name, key, description in self.GAUGES:
-            meter.create_observable_gauge(name, callbacks=[self._observe(key)],
-                                          description=description)
-
-    @classmethod
-    def of(cls, meter: Meter) -> VarianceGauges:
-        if meter not in cls._by_meter:
-            cls._by_meter[meter] = cls(meter)
-        return cls._by_meter[meter]
-
-    def publish(self, rows: list[dict[str, Any]]) -> None:
-        self._rows = rows
-
-    def _observe(self, key: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
-        def callback(_: CallbackOptions) -> Iterable[Observation]:
-            for row in self._rows:
-                if row[key] is not None:  # no estimate: no ratio
-                    yield Observation(float(row[key]), {"provider": row["provider"] or ""})
-        return callback
+    def observe(self, row: dict[str, Any], key: str) -> Observation | None:
+        if row[key] is None:  # no estimate: no ratio
+            return None
+        return Observation(float(row[key]), {"provider": row["provider"] or ""})
