@@ -8,7 +8,8 @@ started; `/metrics` is the self-telemetry in Prometheus text format;
 (recorded with the trigger `admin_api`);
 `/api/v1/tap?filter=JSON` streams the events leaving the processors as NDJSON
 (what `meterline tap` reads). Other `/api/v1/...` paths are served by components
-(`Component.admin_routes`), such as the analytics API of the `finops` extension.
+(`Component.admin_routes`), such as the analytics API of the `finops` extension (GET)
+and its billing import (`POST /api/v1/billing/import`).
 `/` is the embedded dashboard (`meterline.dashboard`), which reads those APIs.
 `/api/*` requires the bearer token when `service.admin.auth_token` is set.
 The listener takes the settings of every listener (`meterline.httpserver`): limits and TLS.
@@ -53,6 +54,7 @@ class AdminServer:
         self.app.router.add_get("/api/v1/audit", self.audit)
         self.app.router.add_post("/api/v1/reload", self.reload)
         self.app.router.add_get("/api/v1/{path:.+}", self.component_route)
+        self.app.router.add_post("/api/v1/{path:.+}", self.component_route)
         dashboard.add_routes(self.app)
         self.runner: web.AppRunner | None = None
         self._closing = False
@@ -103,9 +105,17 @@ class AdminServer:
                                  status=200 if applied else 422)
 
     async def component_route(self, request: web.Request) -> web.StreamResponse:
-        """Paths served by components; looked up per request, so a reload may change them."""
-        handler = self.service.admin_routes().get(request.match_info["path"])
+        """Paths served by components; looked up per request, so a reload may change them.
+        A GET (or HEAD) is served by the route named by its path, another method by the
+        one named `METHOD path` (see `Component.admin_routes`)."""
+        path = request.match_info["path"]
+        routes = self.service.admin_routes()
+        get = request.method in ("GET", "HEAD")
+        handler = routes.get(path if get else f"{request.method} {path}")
         if handler is None:
+            if (f"POST {path}" if get else path) in routes:
+                return web.json_response(
+                    {"error": f"{request.path} does not take {request.method}"}, status=405)
             return web.json_response({"error": f"no such endpoint: {request.path}"}, status=404)
         return await handler(request)
 

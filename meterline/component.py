@@ -78,8 +78,9 @@ class Component:
         return None
 
     def admin_routes(self) -> dict[str, AdminHandler]:
-        """GET handlers this component serves on the admin server, by path under
-        `/api/v1/` (e.g. `{"analytics/models": handler}`)."""
+        """Handlers this component serves on the admin server, by path under `/api/v1/`:
+        a GET handler by its path (`{"analytics/models": handler}`), a POST handler by
+        the method and path (`{"POST billing/import": handler}`)."""
         return {}
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -123,8 +123,12 @@ class ExporterRunner:
     """One exporter with its queue and its delivery loop."""
 
     def __init__(self, exporter: Exporter, config: ExporterConfig, context: Context,
-                 queue: Queue, telemetry: Telemetry) -> None:
+                 queue: Queue, telemetry: Telemetry,
+                 given_up: Callable[[list[Any]], None] | None = None) -> None:
+        """`given_up`: called with the events of each batch given up on (after they are
+        counted and dead-lettered), for an owner with figures of its own."""
         self.id = context.id
+        self.given_up = given_up
         self.exporter = exporter
         self.config = config
         self.queue = queue
@@ -279,6 +283,8 @@ class ExporterRunner:
         where = self._dead_letter(batch)
         self.log.error("batch not delivered", batch=batch.id, events=len(batch.events),
                        reason=reason, dead_letter=str(where) if where else None)
+        if self.given_up is not None:
+            self.given_up(batch.events)
 
     def _dead_letter(self, batch: ExportBatch) -> Path | None:
         directory = self.queue.dead_letter_dir

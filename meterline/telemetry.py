@@ -60,6 +60,13 @@ class Telemetry:
         self.exporter_dropped = m.create_counter(
             "meterline_exporter_dropped_events",
             description="Events dropped because the queue was full (when_full: drop_newest)")
+        # a budget notification that did not go out (crossings.py): reason gave_up (the
+        # delivery gave up: dead-lettered) or not_queued (tried again at the next evaluation)
+        self.budget_notifications_failed = m.create_counter(
+            "meterline_budget_notifications_failed",
+            description="Budget notifications not delivered, by notifier, budget and reason "
+                        "(gave_up: the webhook refused it or retries ran out, dead-lettered; "
+                        "not_queued: its queue refused it, tried again at the next evaluation)")
         self.exporter_filtered = m.create_counter(
             "meterline_exporter_filtered_events",
             description="Events an exporter's filtering block left out")

@@ -15,7 +15,7 @@ from meterline.config import convert
 from meterline.extensions.finops import budgets
 from meterline.extensions.finops.budgets import Budget
 from tests.clickhouse_helpers import clickhouse_exporters, finops_of
-from tests.helpers import eventually, free_port, make_event
+from tests.helpers import eventually, free_port, make_event, metric_value
 
 NOW = datetime.now(UTC)
 
@@ -32,19 +32,21 @@ async def make_exporter(tmp_path):
 
 
 class Webhook:
-    """A local webhook: records each POST's body; answers 500 to the first `fail` ones."""
+    """A local webhook: records each POST's body; answers 500 to the first `fail` ones
+    (`status` to them: 400 refuses them for good)."""
 
-    def __init__(self, fail: int = 0) -> None:
+    def __init__(self, fail: int = 0, status: int = 500) -> None:
         self.bodies: list[dict] = []
         self.ids: list[str] = []
         self.fail = fail
+        self.status = status
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/hook"
 
     async def handle(self, request: web.Request) -> web.Response:
         if self.fail:
             self.fail -= 1
-            return web.Response(status=500, text="down")
+            return web.Response(status=self.status, text="down")
         self.bodies.append(await request.json())
         self.ids.append(request.headers["X-Meterline-Notification-Id"])
         return web.Response(text="ok")
@@ -161,6 +163,38 @@ async def test_a_failing_webhook_gets_the_notification_once_it_answers(make_expo
     assert "Budget acme reached 100% of its limit: $12.00 of $10.00 this month" in body["text"]
     assert [b["type"] for b in body["blocks"]] == ["section", "context"]
     assert "metadata.customer=acme" in body["blocks"][1]["elements"][0]["text"]
+
+
+async def test_a_notification_the_webhook_refuses_is_counted_as_given_up(make_exporter):
+    async with Webhook(fail=10**6, status=400) as hook:
+        exporter, config = await notifying(make_exporter, hook)
+        await exporter.export(ExportBatch("a", [spend(1, 6.0, metadata={"customer": "acme"})]))
+        extension = finops_of(exporter, **config)
+        registry = exporter.context.telemetry.registry
+
+        def failed(reason):
+            return metric_value(registry, "meterline_budget_notifications_failed_total",
+                                notifier="finops/hook", budget="acme", reason=reason)
+
+        await extension.start()
+        await eventually(lambda: failed("gave_up") == 1)
+        await settle()
+        await extension.shutdown()
+    assert (failed("gave_up"), failed("not_queued"), hook.bodies) == (1, 0, [])
+
+
+async def test_the_failed_notifications_series_start_at_zero(make_exporter):
+    """So that the first failure is an increase the alert sees, not a series appearing."""
+    async with Webhook() as hook:
+        exporter, config = await notifying(make_exporter, hook)
+        extension = finops_of(exporter, **config)
+        registry = exporter.context.telemetry.registry
+        series = {(s.labels["notifier"], s.labels["budget"], s.labels["reason"]): s.value
+                  for family in registry.collect() for s in family.samples
+                  if s.name == "meterline_budget_notifications_failed_total"}
+        await extension.shutdown()
+    assert series == {("finops/hook", "acme", "gave_up"): 0,
+                      ("finops/hook", "acme", "not_queued"): 0}
 
 
 async def test_a_notification_queued_but_not_marked_before_a_crash_is_not_queued_again(

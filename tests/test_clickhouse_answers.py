@@ -154,6 +154,13 @@ def event_hours(events):
     return {e.timestamp // 3_600_000_000_000 * 3600 for e in events}
 
 
+def rollup_buckets(events):
+    """The buckets of every rollup that hold `events`, each named by its first hour: their
+    hours, days and weeks (7 days from the epoch)."""
+    hours = event_hours(events)
+    return hours | {h - h % grain for h in hours for grain in (86400, 7 * 86400)}
+
+
 # --- which tables answers read ---------------------------------------------------------------
 async def test_answers_by_rollup_dimensions_read_the_rollups_not_the_events(reference):
     reader = reference.reader
@@ -225,8 +232,7 @@ async def test_the_writer_that_finds_the_copies_counts_the_hours_it_rebuilt(make
     registry = [w.context.telemetry.registry for w in writers]
     rebuilt = [metric_value(r, "meterline_exporter_rollup_repaired_hours_total") or 0
                for r in registry]
-    days = {h - h % 86400 for h in event_hours(EVENTS)}  # a daily rollup's day: first hour
-    assert sorted(rebuilt) == [0, len(event_hours(EVENTS) | days)]
+    assert sorted(rebuilt) == [0, len(event_hours(EVENTS))]
 
 
 # --- redelivery -------------------------------------------------------------------------------
@@ -286,8 +292,7 @@ async def doubled(make_exporter):
 
 async def test_a_repair_rebuilds_and_counts_the_hours_counted_twice(doubled, reference):
     hours = await doubled.repair_rollups()
-    days = {h - h % 86400 for h in event_hours(EVENTS)}
-    assert hours == sorted(event_hours(EVENTS) | days)
+    assert hours == sorted(rollup_buckets(EVENTS))
     registry = doubled.context.telemetry.registry
     assert metric_value(registry, "meterline_exporter_rollup_repaired_hours_total") == len(hours)
     assert every_answer(doubled.reader) == reference_answers(reference)
@@ -303,7 +308,11 @@ async def test_a_repair_looks_back_only_repair_lookback(make_exporter):
     await exporter.export(ExportBatch("a", EVENTS))
     store_around_the_exporters(exporter, EVENTS, "again")
     hours = await exporter.repair_rollups()
-    assert hours and min(hours) >= NOW.timestamp() - 4 * 86400
+    # (back to the first hour of the week that holds the look-back's first hour: the
+    # weekly rollup is checked per week)
+    start = int(NOW.timestamp()) - 3 * 86400
+    assert hours and min(hours) >= start - start % (7 * 86400)
+    assert all(h % (7 * 86400) == 0 for h in hours if h < start - 86400)
     recent = sum(1 for e in EVENTS if e.timestamp // 3_600_000_000_000 * 3600 in hours)
     [minute, hour, *_] = stored(exporter)[1:]
     assert minute == hour == 2 * N - recent
@@ -378,12 +387,15 @@ async def test_a_repair_rebuilds_the_hours_a_rollup_counts_short(cut_short, refe
 # --- migration ----------------------------------------------------------------------------------
 async def test_a_database_of_the_previous_version_gets_the_new_rollups_filled(
         make_exporter, reference, monkeypatch):
-    """Tables of the previous version (per-minute and per-hour rollups only, no
-    guardrail figure), with events, gain the daily, user, trace and metadata rollups, filled
-    from the events: every answer is then the reference's."""
+    """Tables of the previous version (per-minute and per-hour rollups and a user rollup
+    without derived figures, no guardrail figure), with events, gain the other rollups,
+    filled from the events; those it had gain the guardrail figure and
+    are filled again, the user rollup gains its derived figures: every answer is then the
+    reference's."""
     old = Schema(database="old")
     with monkeypatch.context() as previous:
-        previous.setattr(Schema, "rollups", property(lambda s: s.time_rollups[:2]))
+        previous.setattr(Schema, "rollups", property(lambda s: (
+            *s.time_rollups[:2], replace(s.user_rollup, derived=()))))
         previous.setattr(schema_module, "AGGREGATES",
                          tuple(a for a in AGGREGATES if a.name != "guardrail_blocked"))
         previous.setattr(schema_module, "VIEW_VERSION", 3)
@@ -391,11 +403,20 @@ async def test_a_database_of_the_previous_version_gets_the_new_rollups_filled(
         await exporter.connect()
         ensure_schema(exporter._writer, old)
         store_around_the_exporters(exporter, EVENTS, "old")
-    changes = ensure_schema(exporter._writer, replace(old, rollup_metadata=("customer",)))
-    assert [c.split(" (")[0].splitlines()[0] for c in changes if "INSERT" in c] == [
-        "INSERT INTO `old`.`llm_usage_1d`", "INSERT INTO `old`.`llm_usage_user_1d`",
-        "INSERT INTO `old`.`llm_usage_trace_1d`", "INSERT INTO `old`.`llm_usage_metadata_1d`"]
+    new = replace(old, rollup_metadata=("customer",))
+    monkeypatch.setattr(schema_module, "FILL_EVENTS", 50)  # filled a few days at a time
+    changes = ensure_schema(exporter._writer, new)
+    filled = [c.split(" (")[0].splitlines()[0] for c in changes if "INSERT" in c]
+    assert all(int(c.split(" in ")[1].split()[0]) > 1 for c in changes if "INSERT" in c)
+    added = [r.table for r in new.rollups if r not in (*new.time_rollups[:2], new.user_rollup)]
+    refilled = sorted(r.table for r in (*new.time_rollups[:2], new.user_rollup))
+    assert filled == [f"INSERT INTO `old`.`{t}`" for t in (*refilled, *added)]
+    assert [c.split("ADD COLUMN IF NOT EXISTS ")[1].split()[0] for c in changes
+            if "`old`.`llm_usage_user_1d` ADD COLUMN" in c] == [
+        "`guardrail_blocked`", "`active_days`", "`models`", "`providers`"]
     assert every_answer(exporter.reader) == reference_answers(reference)
+    assert analytics.users(exporter.reader, windows()["90d"], provider="openai") == \
+        analytics.users(reference.reader, windows()["90d"], provider="openai")
     assert await exporter.repair_rollups() == []
 
 

@@ -41,18 +41,18 @@ def test_every_event_field_has_a_column():
     assert {c.name for c in COLUMNS if not c.materialized} == set(FIELDS)
 
 
+ROLLUPS = ("1m", "1h", "1d", "model_1m", "model_1h", "model_1d", "user_total_7d",
+           "user_total_1d", "user_1d", "tool_1d", "trace_1d")
+
+
 def test_the_schema_is_created_once_and_then_left_alone(chdb):
     created = ensure_schema(chdb, Schema())
     assert [s.split(" (")[0].splitlines()[0] for s in created] == [
         "CREATE TABLE IF NOT EXISTS `meterline`.`llm_events`",
-        "CREATE TABLE IF NOT EXISTS `meterline`.`llm_usage_1m`",
-        "CREATE TABLE IF NOT EXISTS `meterline`.`llm_usage_1h`",
-        "CREATE TABLE IF NOT EXISTS `meterline`.`llm_usage_1d`",
-        "CREATE TABLE IF NOT EXISTS `meterline`.`llm_usage_user_1d`",
-        "CREATE TABLE IF NOT EXISTS `meterline`.`llm_usage_trace_1d`",
+        *(f"CREATE TABLE IF NOT EXISTS `meterline`.`llm_usage_{t}`" for t in ROLLUPS),
         "CREATE TABLE IF NOT EXISTS `meterline`.`llm_usage_open_hours`",
         *(f"CREATE MATERIALIZED VIEW IF NOT EXISTS `meterline`.`llm_usage_{t}_mv_v{VIEW_VERSION}`"
-          for t in ("1m", "1h", "1d", "user_1d", "trace_1d"))]
+          for t in ROLLUPS)]
     assert ensure_schema(chdb, Schema()) == []
 
 
@@ -93,13 +93,12 @@ def test_a_newer_rollup_view_replaces_the_old_one(chdb, monkeypatch):
     old, new = VIEW_VERSION, VIEW_VERSION + 1
     monkeypatch.setattr("meterline.exporters.clickhouse.schema.VIEW_VERSION", new)
     changes = [c.splitlines()[0] for c in ensure_schema(chdb, Schema())]
-    tables = ("1m", "1h", "1d", "user_1d", "trace_1d")
     assert changes == [
         *(f"CREATE MATERIALIZED VIEW IF NOT EXISTS `meterline`.`llm_usage_{t}_mv_v{new}`"
-          for t in tables),
-        *(f"DROP VIEW IF EXISTS `meterline`.`llm_usage_{t}_mv_v{old}`" for t in tables)]
+          for t in ROLLUPS),
+        *(f"DROP VIEW IF EXISTS `meterline`.`llm_usage_{t}_mv_v{old}`" for t in ROLLUPS)]
     insert(chdb, Schema(), [make_event(1)], "t")
-    for table in ("llm_usage_1m", "llm_usage_1h", "llm_usage_1d", "llm_usage_user_1d"):
+    for table in (f"llm_usage_{t}" for t in ROLLUPS):
         [(events,)] = chdb.query(f"SELECT sum(events) FROM meterline.{table}").result_rows
         assert events == 1  # one view feeds each rollup, not two
 
@@ -123,6 +122,8 @@ def test_tables_of_the_previous_version_gain_the_cache_and_estimate_columns_and_
     rollup = ["cache_hits", "saved_cost_usd", "unestimated_actual_requests",
               "unestimated_actual_cost_usd", "guardrail_blocked"]
     view = "CREATE MATERIALIZED VIEW IF NOT EXISTS `meterline`.`llm_usage_{}_mv_v{}`"
+    filled = "INSERT INTO `meterline`.`llm_usage_{}` (filled from the events stored, in 1 spans " \
+             "of days)"
     assert changes == [
         alter.format("llm_events", "cache_hit") + " Nullable(Bool) AFTER `fallback`",
         alter.format("llm_events", "tags") + " Array(LowCardinality(String)) AFTER `cache_hit`",
@@ -130,40 +131,16 @@ def test_tables_of_the_previous_version_gain_the_cache_and_estimate_columns_and_
                                                        "`actual_cost_usd`",
         *(alter.format(table, name) for table in ("llm_usage_1m", "llm_usage_1h")
           for name in rollup),
-        # the new rollups, filled from the events stored, then their views
-        "CREATE TABLE IF NOT EXISTS `meterline`.`llm_usage_1d` (",
-        "INSERT INTO `meterline`.`llm_usage_1d` (day, provider, model, team, api_key_id, "
-        "api_key_name, status_code, requests, events, errors, input_tokens, output_tokens, "
-        "cache_read_tokens, cache_creation_tokens, reasoning_tokens, cost_usd, "
-        "unpriced_requests, cache_hits, saved_cost_usd, actual_cost_usd, "
-        "estimated_cost_of_actual_usd, actual_cost_requests, unestimated_actual_requests, "
-        "unestimated_actual_cost_usd, duration_ms_sum, duration_ms_count, "
-        "duration_ms_quantiles, ttft_ms_sum, ttft_ms_count, max_request_tokens, "
-        "guardrail_blocked, first_seen, last_seen)",
-        "CREATE TABLE IF NOT EXISTS `meterline`.`llm_usage_user_1d` (",
-        "INSERT INTO `meterline`.`llm_usage_user_1d` (day, user_id, provider, model, "
-        "requests, events, errors, input_tokens, output_tokens, cache_read_tokens, "
-        "cache_creation_tokens, reasoning_tokens, cost_usd, unpriced_requests, cache_hits, "
-        "saved_cost_usd, actual_cost_usd, estimated_cost_of_actual_usd, "
-        "actual_cost_requests, unestimated_actual_requests, unestimated_actual_cost_usd, "
-        "duration_ms_sum, duration_ms_count, duration_ms_quantiles, ttft_ms_sum, "
-        "ttft_ms_count, max_request_tokens, guardrail_blocked, first_seen, last_seen)",
-        "CREATE TABLE IF NOT EXISTS `meterline`.`llm_usage_trace_1d` (",
-        "INSERT INTO `meterline`.`llm_usage_trace_1d` (day, trace_id, session_id, agent_name, "
-        "tool_name, operation, mcp_method, mcp_session_id, requests, events, errors, "
-        "input_tokens, output_tokens, cache_read_tokens, cache_creation_tokens, "
-        "reasoning_tokens, cost_usd, unpriced_requests, cache_hits, saved_cost_usd, "
-        "actual_cost_usd, estimated_cost_of_actual_usd, actual_cost_requests, "
-        "unestimated_actual_requests, unestimated_actual_cost_usd, duration_ms_sum, "
-        "duration_ms_count, duration_ms_quantiles, ttft_ms_sum, ttft_ms_count, "
-        "max_request_tokens, guardrail_blocked, first_seen, last_seen, first_ns, last_ns, "
-        "last_end_ns, failed_events, event_ms, request_bytes, response_bytes)",
-        *(view.format(t, VIEW_VERSION) for t in ("1m", "1h", "1d", "user_1d", "trace_1d")),
-        *(f"DROP VIEW IF EXISTS `meterline`.`llm_usage_{t}_mv_v{VIEW_VERSION - 1}`"
-          for t in ("1m", "1h"))]
+        # the rollups that gained figures: emptied and filled again, under the new view only
+        *(line for t in ("1h", "1m") for line in (
+            f"DROP VIEW IF EXISTS `meterline`.`llm_usage_{t}_mv_v{VIEW_VERSION - 1}`",
+            f"TRUNCATE TABLE `meterline`.`llm_usage_{t}`", filled.format(t))),
+        # the new rollups, filled from the events stored, then every view
+        *(line for t in ROLLUPS[2:] for line in (
+            f"CREATE TABLE IF NOT EXISTS `meterline`.`llm_usage_{t}` (", filled.format(t))),
+        *(view.format(t, VIEW_VERSION) for t in ROLLUPS)]
     insert(chdb, Schema(), [make_event(2, cache_hit=True, saved_cost_usd=0.5)], "new")
-    for table in ("llm_usage_1m", "llm_usage_1h", "llm_usage_1d", "llm_usage_user_1d",
-                  "llm_usage_trace_1d"):
+    for table in (f"llm_usage_{t}" for t in ROLLUPS):
         assert chdb.query(f"SELECT sum(events), sum(cache_hits), sum(saved_cost_usd) FROM "
                           f"meterline.{table}").result_rows == [(2, 1, 0.5)]
 
@@ -212,8 +189,7 @@ def test_a_cluster_gets_replicated_local_tables_behind_distributed_ones():
     config = convert({"endpoint": "https://ch:8443", "cluster": {"name": "llm"}},
                      ClickHouseConfig)
     objects = dict(Schema.of(config).objects())
-    tables = ["llm_usage_1m", "llm_usage_1h", "llm_usage_1d", "llm_usage_user_1d",
-              "llm_usage_trace_1d"]
+    tables = [f"llm_usage_{t}" for t in ROLLUPS]
     assert list(objects) == ["llm_events_local", *(f"{t}_local" for t in tables),
                              "llm_usage_open_hours_local", "llm_events", *tables,
                              "llm_usage_open_hours",

@@ -85,13 +85,35 @@ def test_the_metrics_named_are_exposed(exposed):
     assert histograms and wanted <= set(exposed), sorted(wanted - set(exposed))
 
 
-@pytest.mark.parametrize("page", ["prompts-in-archive-only.md", "datadog-splunk-http.md"])
+@pytest.mark.parametrize("page", ["prompts-in-archive-only.md", "datadog-splunk-http.md",
+                                  "budgets.md"])
 def test_the_export_how_tos_yaml_examples_are_valid_pipelines(tmp_path, page):
     text = (ROOT / "docs" / "howto" / page).read_text()
     examples = re.findall(r"^```yaml\n(.*?)^```", text, re.M | re.S)
     assert examples
-    environ = {"DD_API_KEY": "k", "SPLUNK_HEC_TOKEN": "t", "ES_PASSWORD": "p"}
+    environ = {"DD_API_KEY": "k", "SPLUNK_HEC_TOKEN": "t", "ES_PASSWORD": "p",
+               "SLACK_WEBHOOK_URL": "https://hooks.slack.com/services/T0/B0/x", "OPS_TOKEN": "o"}
     for i, example in enumerate(examples):
         path = tmp_path / f"example{i}.yaml"
         path.write_text(example)
         assert load_pipeline(path, environ).service.pipelines, f"{page} example {i}"
+
+
+def test_the_budgets_how_to_shows_every_scope_window_notifier_and_action(tmp_path):
+    """The example has what the page explains: each scope key, per member, both kinds of
+    window, both notifier formats, and enforcement linked to its gateway."""
+    [example] = re.findall(r"^```yaml\n(.*?)^```", (ROOT / "docs" / "howto" / "budgets.md")
+                           .read_text(), re.M | re.S)
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(example)
+    environ = {"SLACK_WEBHOOK_URL": "https://hooks.slack.com/services/T0/B0/x",
+               "OPS_TOKEN": "o"}
+    finops = load_pipeline(path, environ).extensions["finops"].config
+    budgets = finops.budgets.values()
+    scoped = {key for b in budgets for key in b.scope.describe()}
+    assert {"team", "api_key_name", "user", "model", "metadata.customer_id"} <= scoped
+    assert {b.per for b in budgets} >= {"user", "metadata.customer_id"}
+    assert {b.period for b in budgets} >= {"day", "week", "month"}
+    assert {b.window for b in budgets} >= {"24h", "30d"}
+    assert {n.format for n in finops.notifiers.values()} == {"slack", "json"}
+    assert finops.gateway == "gateway" and "enforce" in {b.action for b in budgets}

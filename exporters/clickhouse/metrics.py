@@ -42,17 +42,22 @@ HAS_GUARDRAIL = f"(notEmpty(guardrails) OR {IS_GUARDRAIL_BLOCKED})"
 Source = Literal["rollup", "raw"]
 
 
+# Functions whose result is also their partial state (stored as a SimpleAggregateFunction);
+# any other is stored as a partial state (AggregateFunction) and merged when read.
+_SIMPLE = frozenset({"sum", "min", "max", "groupUniqArrayArray"})
+
+
 @dataclass(frozen=True)
 class Aggregate:
     name: str  # the rollup column, and the name of the figure
-    function: str  # sum, min, max, or a parametric function such as quantilesTDigest(0.5)
+    function: str  # sum, min, max, or a function such as quantilesTDigest(0.5) or groupBitmap
     argument: str  # an expression over llm_events columns
     type: str  # the type of the stored value
 
     @property
     def simple(self) -> bool:
         """Stored as its value (SimpleAggregateFunction) rather than as a partial state."""
-        return "(" not in self.function
+        return self.function in _SIMPLE
 
     def _split(self) -> tuple[str, str]:
         name, paren, params = self.function.partition("(")
@@ -149,7 +154,23 @@ RUN_AGGREGATES: tuple[Aggregate, ...] = (
     Aggregate("request_bytes", "sum", "ifNull(request_bytes, 0)", "UInt64"),
     Aggregate("response_bytes", "sum", "ifNull(response_bytes, 0)", "UInt64"),
 )
-BY_NAME = {a.name: a for a in (*AGGREGATES, *RUN_AGGREGATES)}
+# What the user totals keep besides (their weekly rows cannot be grouped by day, model or
+# provider): the days a user was active, as a bitmap of day numbers, and the models and
+# providers they called. The user rollup by model derives the same from its keys.
+USER_AGGREGATES: tuple[Aggregate, ...] = (
+    Aggregate("active_days", "groupBitmap", "toUInt32(toRelativeDayNum(timestamp))", "UInt32"),
+    Aggregate("models", "groupUniqArrayArray", "[model]", "Array(String)"),
+    Aggregate("providers", "groupUniqArrayArray", "[provider]",
+              "Array(String)"),
+)
+# What the tool rollup keeps besides: the runs (traces) that called each tool, and the bytes
+# of arguments and results.
+TOOL_AGGREGATES: tuple[Aggregate, ...] = (
+    Aggregate("traces", "uniqExact", "nullIf(trace_id, '')", "Nullable(String)"),
+    *(a for a in RUN_AGGREGATES if a.name in ("request_bytes", "response_bytes")),
+)
+BY_NAME = {a.name: a for a in (*AGGREGATES, *RUN_AGGREGATES, *USER_AGGREGATES,
+                               *TOOL_AGGREGATES)}
 
 
 def raw(figure: str, condition: str | None = None) -> str:
@@ -182,6 +203,7 @@ ROLLUP_DIMENSIONS: tuple[tuple[str, str], ...] = (
     ("api_key_name", "LowCardinality(String)"),
     ("status_code", "UInt16"),
 )
+USER_TOTAL_DIMENSIONS: tuple[tuple[str, str], ...] = (("user_id", "LowCardinality(String)"),)
 USER_DIMENSIONS: tuple[tuple[str, str], ...] = (
     ("user_id", "LowCardinality(String)"),
     ("provider", "LowCardinality(String)"),
@@ -206,7 +228,16 @@ TRACE_DIMENSIONS: tuple[tuple[str, str], ...] = (
     ("mcp_method", "LowCardinality(String)"),
     ("mcp_session_id", "String"),
 )
-ROLLUP_COLUMNS = frozenset(name for name, _ in ROLLUP_DIMENSIONS)
+# The model rollups' key: the time rollups' with only provider and model (a few rows per
+# minute, where the time rollups have one per key and status).
+MODEL_DIMENSIONS = ROLLUP_DIMENSIONS[:2]
+# The tool rollup's key, per day: tool calls and MCP requests (`IS_TOOL_CALL`, `IS_MCP`).
+TOOL_DIMENSIONS: tuple[tuple[str, str], ...] = (
+    ("tool_name", "LowCardinality(String)"),
+    ("operation", "LowCardinality(String)"),
+    ("mcp_method", "LowCardinality(String)"),
+    ("mcp_session_id", "String"),
+)
 
 
 def time_column(source: Source) -> str:

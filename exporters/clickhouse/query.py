@@ -35,7 +35,6 @@ from typing import Any
 
 from meterline.exporters.clickhouse.metrics import (
     BY_NAME,
-    ROLLUP_COLUMNS,
     Figure,
     Source,
     status_expression,
@@ -405,8 +404,11 @@ class Reader:
         """The query of `select` (with `total`, of `select_with_total`: the total row
         first, whatever `having` and `limit` leave out)."""
         inner = per_run if per_run is not None else extra
+        wanted = {*(v.name for v in inner.values() if isinstance(v, Figure))}
+        if per_run is None:
+            wanted |= {*figures, *(figure for figure, _ in within.values())}
         plan = self._plan([*by, *((RUN,) if per_run is not None else ())], filters,
-                          " ".join(v for v in inner.values() if isinstance(v, str)))
+                          " ".join(v for v in inner.values() if isinstance(v, str)), wanted)
         source: Source = "rollup" if plan else "raw"
         if per_run is not None:
             runs = self._query(source, window, [*by, RUN], filters, (), per_run, {}, [],
@@ -455,31 +457,35 @@ class Reader:
                     f"FROM {rows} GROUP BY GROUPING SETS (({keys}), ())")
         return f"SELECT {columns} FROM {rows}" + (f" GROUP BY {keys}" if by else "")
 
-    def _plan(self, by: Sequence[Dimension], filters: list[Where],
-              reads: str = "") -> tuple[Rollup, ...]:
-        """The rollups that can answer (coarsest first), or () for raw events: the time
-        rollups when every dimension, filter and expression (`reads`: SQL over events)
-        reads only their columns; else a daily rollup that keeps all those columns (users,
-        one configured metadata key, traces), when no time bucket is finer than a day."""
+    def _plan(self, by: Sequence[Dimension], filters: list[Where], reads: str = "",
+              figures: Iterable[str] = ()) -> tuple[Rollup, ...]:
+        """The rollups that can answer (coarsest first), or () for raw events: those of the
+        first family (`Schema.families`, fewest rows first) that keeps every column the
+        dimensions, filters and expressions (`reads`: SQL over events) read and every
+        figure wanted, at a grain no coarser than the finest time bucket asked (its
+        coarser grains skipped); by a metadata key, the metadata rollup when it keeps that
+        key and the question asks for no time bucket finer than a day."""
         columns = (columns_read(reads).union(*(d.columns for d in by))
                    | {f.column for f in filters if isinstance(f, Filter)}
                    | set().union(*(f.columns for f in filters if isinstance(f, Condition))))
         keys = ({d.metadata_key for d in by if d.metadata_key is not None}
                 | {f.metadata_key for f in filters
                    if isinstance(f, Filter) and f.metadata_key is not None})
-        finest = min((d.grain for d in by if d.is_time), default=86400)
-        minute, hour, day = self.schema.time_rollups
-        if not keys and columns <= ROLLUP_COLUMNS:
-            return tuple(r for r in (day, hour, minute) if r.seconds <= finest)
-        if finest < 86400:
+        finest = min((d.grain for d in by if d.is_time), default=None)
+        wanted = set(figures)
+
+        def usable(family: Sequence[Rollup]) -> tuple[Rollup, ...]:
+            finer = tuple(r for r in family if finest is None or r.seconds <= finest)
+            if finer and finer[-1] == family[-1] and columns <= family[-1].event_columns \
+                    and wanted <= family[-1].figures:
+                return finer
             return ()
-        for daily in (self.schema.user_rollup, self.schema.trace_rollup):
-            if not keys and columns <= daily.event_columns:
-                return (daily,)
+
+        if not keys:
+            return next(filter(None, map(usable, self.schema.families)), ())
         meta = self.schema.metadata_rollup
-        if (meta and len(keys) == 1 and keys <= set(meta.metadata_keys)
-                and columns <= meta.event_columns):
-            return (dataclasses.replace(meta, metadata_keys=tuple(keys)),)
+        if meta and len(keys) == 1 and keys <= set(meta.metadata_keys):
+            return usable((dataclasses.replace(meta, metadata_keys=tuple(keys)),))
         return ()
 
     def _rows_of(self, window: Window, filters: list[Where], cuts: list[datetime],
@@ -497,7 +503,7 @@ class Reader:
             used = set(re.findall(r"\w+", " ".join([columns, *(f.sql(source) for f in filters),
                                                     *(d.traced_sql(source) for d in traced)])))
             rows = self._rolled_rows(window, pushed, cuts, (*plan[:-1], _narrowed(plan[-1], used)),
-                                     [a.name for a in plan[-1].aggregates if a.name in used])
+                                     sorted(plan[-1].figures & used))
         else:
             rows = " AND ".join([f"{self.schema.deduplicated_events} WHERE "
                                  f"{window.condition('timestamp')}",
@@ -559,7 +565,7 @@ def _raw_time(rollup: Rollup, cuts: Iterable[datetime]) -> str:
     bucket of it (a day's events of a user are one row, not one per minute), or the last
     cut within that bucket they are past (growth's periods meet mid-day): a row's time is
     then in every part of the window its events are in, and in the day they are in."""
-    time = f"{rollup.bucket}(timestamp)"
+    time = rollup.bucket_of("timestamp")
     inside = sorted({c for c in cuts if int(c.timestamp()) % rollup.seconds}, reverse=True)
     if not inside:
         return time

@@ -42,7 +42,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from meterline.exporters.clickhouse.query import literal
-from meterline.exporters.clickhouse.schema import FINAL_SETTINGS, Schema
+from meterline.exporters.clickhouse.schema import FINAL_SETTINGS, Rollup, Schema
 
 # Deleting waits until the rows are gone. A rewrite is never taken for a retry of an
 # earlier one: servers that deduplicate `INSERT ... SELECT` blocks would otherwise skip an
@@ -63,48 +63,47 @@ def miscounted_hours(client: Any, schema: Schema, *, since: int | None = None,
                      among: Collection[int] = ()) -> list[int]:
     """The hours (Unix seconds) where some rollup counts a number of events other than
     the distinct event ids `llm_events` holds: the hours from `since` on, or those
-    `among` the hours listed. A daily rollup is compared per day; a day it counts wrong
-    is named by its first hour (rebuilding an hour rebuilds the day of the daily
-    rollups)."""
-    def chosen(hour: str, day: bool = False) -> str:
-        if day:
-            hour = f"toStartOfDay({hour})"
+    `among` the hours listed. A rollup is compared per hour, or per bucket when its
+    buckets are longer (a day, a week); a bucket it counts wrong is named by the hours
+    listed in it, or by its first hour (rebuilding an hour rebuilds the whole bucket of
+    the rollups that coarse)."""
+    def chosen(rollup: Rollup, hour: str) -> str:
+        """SQL: the check bucket of `hour` (SQL, a whole hour) is one of those asked."""
         if since is not None:
-            start = f"toDateTime({since}, 'UTC')"
-            return f"{hour} >= " + (f"toStartOfDay({start})" if day else start)
-        listed = _listed(among)
-        if day:
-            listed = f"SELECT toStartOfDay(h) FROM (SELECT arrayJoin([{listed}]) AS h)"
-        return f"{hour} IN ({listed})"
+            start = rollup.check_bucket(f"toDateTime({since}, 'UTC')")
+            return f"{rollup.check_bucket(hour)} >= {start}"
+        return (f"{rollup.check_bucket(hour)} IN (SELECT {rollup.check_bucket('h')} "
+                f"FROM (SELECT arrayJoin([{_listed(among)}]) AS h))")
 
     # Distinct ids counted as the rows of `FINAL` (copies of an event share its hour, the
     # table's key is (hour, event_id)): a merge of sorted parts, where `uniqExact` would
     # hold every id of an hour in memory (millions, past the query memory cap).
-    def stored(bucket: str, day: bool = False) -> dict[int, int]:
-        where = chosen("toStartOfHour(timestamp)", day)
+    def stored(rollup: Rollup) -> dict[int, int]:
         return dict(client.query(
-            f"SELECT toUnixTimestamp({bucket}(timestamp)) AS h, count() "
-            f"FROM {schema.deduplicated_events} WHERE {where} "
+            f"SELECT toUnixTimestamp({rollup.check_bucket('timestamp')}) AS h, count() "
+            f"FROM {schema.deduplicated_events} "
+            f"WHERE {chosen(rollup, 'toStartOfHour(timestamp)')} "
             "GROUP BY h", settings=FINAL_SETTINGS).result_rows)
 
-    per_hour = stored("toStartOfHour")
-    per_day: dict[int, int] | None = None
+    expected: dict[int, dict[int, int]] = {}  # by the length of the buckets compared
     wrong: set[int] = set()
     for rollup in schema.rollups:
-        daily = rollup.time_column == "day"
-        if daily and per_day is None:
-            per_day = stored("toStartOfDay", day=True)
-        expected = per_day if daily and per_day is not None else per_hour
-        bucket = rollup.time_column if daily else f"toStartOfHour({rollup.time_column})"
+        grain = max(rollup.seconds, 3600)
+        if grain not in expected:
+            expected[grain] = stored(rollup)
+        bucket = rollup.check_bucket(rollup.time_column)
         key = "meta_key" if rollup.metadata_keys else "''"
         counted: dict[tuple[int, str], int] = {
             (h, k): n for h, k, n in client.query(
                 f"SELECT toUnixTimestamp({bucket}) AS h, {key} AS k, sum(events) "
-                f"FROM {schema.qualified(rollup.table)} WHERE {chosen(bucket, daily)} "
+                f"FROM {schema.qualified(rollup.table)} WHERE {chosen(rollup, bucket)} "
                 "GROUP BY h, k").result_rows}
-        buckets = {h for h, _ in counted} | expected.keys()
+        buckets = {h for h, _ in counted} | expected[grain].keys()
         for k in rollup.metadata_keys or ("",):
-            wrong |= {h for h in buckets if counted.get((h, k), 0) != expected.get(h, 0)}
+            miscounted = {h for h in buckets
+                          if counted.get((h, k), 0) != expected[grain].get(h, 0)}
+            listed = {h for h in among if h - h % grain in miscounted}
+            wrong |= listed if among else miscounted
     return sorted(wrong)
 
 

@@ -26,8 +26,9 @@ Every table keeps a window of insert deduplication tokens
 retried batch is stored once, in the rollups too.
 
 The schema migrates itself forward: `ensure_schema` creates what is missing
-(a rollup new to a database with events is filled from them before its view
-exists), adds the columns a newer version defines to an existing table and
+(a rollup new to a database with events is filled from them, a span of days at a
+time, before its view exists), adds the columns a newer version defines to an existing
+table (a rollup that gains a stored figure is emptied and filled again) and
 applies a changed `ttl` (`MODIFY TTL`, or `REMOVE TTL`). A change to a view's
 query gets a new view name (`_mv_vN`; the metadata rollup's also names its keys);
 the old view is dropped.
@@ -49,11 +50,17 @@ from meterline.event import Event
 from meterline.exporters.clickhouse.config import ClickHouseConfig
 from meterline.exporters.clickhouse.metrics import (
     AGGREGATES,
+    BY_NAME,
     METADATA_DIMENSIONS,
+    MODEL_DIMENSIONS,
     ROLLUP_DIMENSIONS,
     RUN_AGGREGATES,
+    TOOL_AGGREGATES,
+    TOOL_DIMENSIONS,
     TRACE_DIMENSIONS,
+    USER_AGGREGATES,
     USER_DIMENSIONS,
+    USER_TOTAL_DIMENSIONS,
     Aggregate,
 )
 
@@ -96,9 +103,11 @@ class Column:
     type: str
     prepare: Prepare | None = None  # event field values -> column values (None: as they are)
     materialized: str | None = None  # computed by ClickHouse, not inserted
+    alias: str | None = None  # computed by ClickHouse when read, not stored
 
     def ddl(self) -> str:
-        tail = f" MATERIALIZED {self.materialized}" if self.materialized else ""
+        tail = (f" MATERIALIZED {self.materialized}" if self.materialized
+                else f" ALIAS {self.alias}" if self.alias else "")
         return f"`{self.name}` {self.type}{tail}"
 
 
@@ -191,20 +200,50 @@ COLUMNS: tuple[Column, ...] = (
 _EVENT_FIELDS = {name: i for i, name in enumerate(Event.__struct_fields__)}
 
 
+# Each grain a rollup can have: the SQL of a time's bucket, and its length in seconds.
+# Weeks are 7 days from the Unix epoch (Thursdays), so that a window splits into them as
+# into days (`query.split_grains`).
+GRAINS: dict[str, tuple[str, int]] = {
+    "minute": ("toStartOfMinute({})", 60),
+    "hour": ("toStartOfHour({})", 3600),
+    "day": ("toStartOfDay({})", 86400),
+    "week": ("toStartOfInterval({}, INTERVAL 7 DAY)", 7 * 86400),
+}
+
+
 @dataclass(frozen=True)
 class Rollup:
     """One aggregate table: the figures per `time_column` bucket, by `dimensions`."""
 
     table: str  # llm_usage_1m, llm_usage_1h, llm_usage_1d, llm_usage_user_1d...
-    time_column: str  # minute, hour, day
-    bucket: str  # the function that takes a timestamp to its bucket
+    time_column: str  # a grain of `GRAINS`: minute, hour, day, week
     dimensions: tuple[tuple[str, str], ...] = ROLLUP_DIMENSIONS
     metadata_keys: tuple[str, ...] = ()  # the metadata rollup: the keys it keeps
     extra: tuple[Aggregate, ...] = ()  # figures of its own, after `AGGREGATES`
+    # figures it derives from its keys (ALIAS columns: SQL over its columns, giving what
+    # the figure's partial result would be), where another rollup stores them
+    derived: tuple[tuple[str, str], ...] = ()
 
     @property
     def aggregates(self) -> tuple[Aggregate, ...]:
+        """The figures stored, which the view writes."""
         return (*AGGREGATES, *self.extra)
+
+    @property
+    def figures(self) -> frozenset[str]:
+        """The figures a query can read from it."""
+        return frozenset(a.name for a in self.aggregates) | {name for name, _ in self.derived}
+
+    def bucket_of(self, sql: str) -> str:
+        """SQL: the bucket of this rollup a time (SQL) falls in."""
+        return GRAINS[self.time_column][0].format(sql)
+
+    def check_bucket(self, sql: str) -> str:
+        """SQL: the bucket a repair compares counts per (an hour for the per-minute
+        rollups, whose minutes' counts an hour sums)."""
+        if self.time_column == "minute":
+            return f"toStartOfHour({sql})"
+        return self.bucket_of(sql)
 
     @property
     def view(self) -> str:
@@ -220,7 +259,7 @@ class Rollup:
 
     @property
     def seconds(self) -> int:
-        return {"minute": 60, "hour": 3600, "day": 86400}[self.time_column]
+        return GRAINS[self.time_column][1]
 
     @property
     def event_columns(self) -> frozenset[str]:
@@ -240,7 +279,7 @@ class Rollup:
         subquery of hours)."""
         if self.time_column == "minute":
             return open_hours
-        return f"(SELECT {self.bucket}(hour) FROM {open_hours})"
+        return f"(SELECT {self.bucket_of('hour')} FROM {open_hours})"
 
     @property
     def row_bucket(self) -> str:
@@ -255,10 +294,10 @@ class Rollup:
         their hour (`toStartOfHour(timestamp) IN` this) are read from those hours only:
         the hour leads `llm_events`' sort key, where a condition on their day would make
         a query read every granule of its window."""
-        if self.time_column != "day":
+        if self.seconds <= 3600:
             return open_hours
-        return (f"(SELECT toStartOfDay(hour) + toIntervalHour(arrayJoin(range(24))) "
-                f"FROM {open_hours})")
+        return (f"(SELECT {self.bucket_of('hour')} + toIntervalHour(arrayJoin("
+                f"range({self.seconds // 3600}))) FROM {open_hours})")
 
 
 @dataclass(frozen=True)
@@ -294,34 +333,71 @@ class Schema:
     def time_rollups(self) -> tuple[Rollup, Rollup, Rollup]:
         """The per-minute, per-hour and per-day rollups by `ROLLUP_DIMENSIONS`."""
         base = self._base
-        return (Rollup(f"{base}_1m", "minute", "toStartOfMinute"),
-                Rollup(f"{base}_1h", "hour", "toStartOfHour"),
-                Rollup(f"{base}_1d", "day", "toStartOfDay"))
+        return (Rollup(f"{base}_1m", "minute"), Rollup(f"{base}_1h", "hour"),
+                Rollup(f"{base}_1d", "day"))
+
+    @property
+    def model_rollups(self) -> tuple[Rollup, Rollup, Rollup]:
+        """The same by provider and model only: what most answers group by, in a few rows
+        per bucket (latency percentiles are merged from a state per row)."""
+        base = self._base
+        return (Rollup(f"{base}_model_1m", "minute", MODEL_DIMENSIONS),
+                Rollup(f"{base}_model_1h", "hour", MODEL_DIMENSIONS),
+                Rollup(f"{base}_model_1d", "day", MODEL_DIMENSIONS))
+
+    @property
+    def user_total_rollups(self) -> tuple[Rollup, Rollup]:
+        """Per week and per day by user alone: answers by user read a row per user and week,
+        the days around whole weeks from the daily one."""
+        base = self._base
+        return (Rollup(f"{base}_user_total_7d", "week", USER_TOTAL_DIMENSIONS,
+                       extra=USER_AGGREGATES),
+                Rollup(f"{base}_user_total_1d", "day", USER_TOTAL_DIMENSIONS,
+                       extra=USER_AGGREGATES))
 
     @property
     def user_rollup(self) -> Rollup:
-        return Rollup(f"{self._base}_user_1d", "day", "toStartOfDay", USER_DIMENSIONS)
+        """Per day by user, provider and model: answers by user with a provider or model."""
+        return Rollup(f"{self._base}_user_1d", "day", USER_DIMENSIONS, derived=(
+            ("active_days", "initializeAggregation('groupBitmapState', "
+                            "toUInt32(toRelativeDayNum(day)))"),
+            ("models", "[model]"), ("providers", "[provider]")))
 
     @property
     def metadata_rollup(self) -> Rollup | None:
         if not self.rollup_metadata:
             return None
-        return Rollup(f"{self._base}_metadata_1d", "day", "toStartOfDay", METADATA_DIMENSIONS,
+        return Rollup(f"{self._base}_metadata_1d", "day", METADATA_DIMENSIONS,
                       self.rollup_metadata)
 
     @property
+    def tool_rollup(self) -> Rollup:
+        """Per day by tool, operation, MCP method and MCP session: tool calls and MCP."""
+        return Rollup(f"{self._base}_tool_1d", "day", TOOL_DIMENSIONS, extra=TOOL_AGGREGATES)
+
+    @property
     def trace_rollup(self) -> Rollup:
-        """Per day by trace, session, agent, tool and MCP method: the runs, tools and MCP
-        answers (a run's figures are summed over its days, see query.py)."""
-        return Rollup(f"{self._base}_trace_1d", "day", "toStartOfDay", TRACE_DIMENSIONS,
+        """Per day by trace, session, agent, tool and MCP method: the runs (a run's figures
+        are summed over its days, see query.py)."""
+        return Rollup(f"{self._base}_trace_1d", "day", TRACE_DIMENSIONS,
                       extra=RUN_AGGREGATES)
+
+    @property
+    def families(self) -> tuple[tuple[Rollup, ...], ...]:
+        """The rollups that answer alike at several grains (coarsest first), fewest rows
+        first: the order in which `query.Reader` looks for one that can answer. (The
+        metadata rollup answers by its keys alone.)"""
+        return (tuple(reversed(self.model_rollups)), tuple(reversed(self.time_rollups)),
+                self.user_total_rollups, (self.user_rollup,), (self.tool_rollup,),
+                (self.trace_rollup,))
 
     @property
     def rollups(self) -> tuple[Rollup, ...]:
         """Every rollup, finest time rollup first: what the views fill, and what
         `ensure_schema` creates and fills and repair.py checks and rebuilds."""
         meta = self.metadata_rollup
-        return (*self.time_rollups, self.user_rollup, self.trace_rollup,
+        return (*self.time_rollups, *self.model_rollups, *self.user_total_rollups,
+                self.user_rollup, self.tool_rollup, self.trace_rollup,
                 *((meta,) if meta else ()))
 
     @property
@@ -379,7 +455,9 @@ class Schema:
     def rollup_columns(self, rollup: Rollup) -> tuple[Column, ...]:
         return (Column(rollup.time_column, "DateTime('UTC')"),
                 *(Column(name, type_) for name, type_ in rollup.dimensions),
-                *(Column(a.name, a.column_type()) for a in rollup.aggregates))
+                *(Column(a.name, a.column_type()) for a in rollup.aggregates),
+                *(Column(name, BY_NAME[name].column_type(), alias=sql)
+                  for name, sql in rollup.derived))
 
     def create_rollup(self, rollup: Rollup) -> str:
         key = ", ".join([rollup.time_column, *(name for name, _ in rollup.dimensions)])
@@ -411,9 +489,9 @@ class Schema:
         # in the other aggregates.
         dims = [name for name, _ in rollup.dimensions]
         time_name = time_name or rollup.time_column
-        aggregates = [a for a in rollup.aggregates if figures is None or a.name in figures]
+        aggregates = rollup.aggregates if figures is None else [BY_NAME[f] for f in figures]
         names = [time_name, *dims, *(a.name for a in aggregates)]
-        inner = [time or f"{rollup.bucket}(timestamp)", *rollup.dimension_sql(),
+        inner = [time or rollup.bucket_of("timestamp"), *rollup.dimension_sql(),
                  *(a.view_expression() for a in aggregates)]
         select = ",\n    ".join(f"{expr} AS _{name}" for expr, name in zip(inner, names,
                                                                             strict=True))
@@ -431,7 +509,7 @@ class Schema:
 
     def fill_rollup(self, rollup: Rollup, where: str | None = None) -> str:
         """Write a rollup's rows from the deduplicated events (those `where` holds)."""
-        columns = ", ".join(c.name for c in self.rollup_columns(rollup))
+        columns = ", ".join(c.name for c in self.rollup_columns(rollup) if not c.alias)
         return (f"INSERT INTO {self.qualified(rollup.table)} ({columns})\n"
                 + self.rollup_select(rollup, self.deduplicated_events, where))
 
@@ -454,10 +532,10 @@ class Schema:
 
     @staticmethod
     def _buckets_of(rollup: Rollup, column: str, hours: str) -> str:
-        if rollup.time_column in ("minute", "hour"):
+        if rollup.seconds <= 3600:
             return f"toStartOfHour({column}) IN ({hours})"
-        return f"toStartOfDay({column}) IN (SELECT DISTINCT toStartOfDay(h) FROM " \
-               f"(SELECT arrayJoin([{hours}]) AS h))"
+        return (f"{rollup.bucket_of(column)} IN (SELECT DISTINCT {rollup.bucket_of('h')} "
+                f"FROM (SELECT arrayJoin([{hours}]) AS h))")
 
     def create_distributed(self, table: str, sharding_key: str) -> str:
         return (f"CREATE TABLE IF NOT EXISTS {self.qualified(table)}{self.on_cluster} "
@@ -515,17 +593,33 @@ def ensure_schema(client: Any, schema: Schema) -> list[str]:
         client.command(sql)
         run.append(sql)
 
+    spans: list[tuple[int, int]] = []
+
+    def fill(rollup: Rollup) -> None:
+        """Fill a rollup from the events stored so far, a span of days at a time (see
+        `_fill_spans`), logged as one change."""
+        spans[:] = spans or _fill_spans(client, schema)
+        for since, until in spans:
+            client.command(schema.fill_rollup(
+                rollup, f"timestamp >= toDateTime({since}, 'UTC') "
+                        f"AND timestamp < toDateTime({until}, 'UTC')") + _FILL_SETTINGS)
+        run.append(f"INSERT INTO {schema.qualified(rollup.table)} (filled from the events "
+                   f"stored, in {len(spans)} spans of days)")
+
     execute(schema.create_database())
     run.clear()  # IF NOT EXISTS: not a change worth logging
     existing = _existing_columns(client, schema)
     tables = [(schema.events, schema.columns)]
     tables += [(r.table, schema.rollup_columns(r)) for r in schema.rollups]
+    refill: set[str] = set()  # rollups that gained a stored figure: their rows lack it
     for table, columns in tables:
         have = existing.get(table)
         for previous, column in itertools.pairwise(columns):
             if have and column.name not in have:
                 for sql in schema.add_column(table, column, previous.name):
                     execute(sql)
+                if table != schema.events and not column.alias:
+                    refill.add(table)
     present = _tables(client, schema)
     stored_events = schema.events + ("_local" if schema.cluster else "")
     if stored_events in present and present[stored_events] != schema.ttl:
@@ -537,9 +631,15 @@ def ensure_schema(client: Any, schema: Schema) -> list[str]:
         new_keys = tuple(k for k in meta.metadata_keys if k not in kept)
         if new_keys and stored_events in present:  # keys added to rollup_metadata: filled
             # before the new view exists
-            execute(schema.fill_rollup(dataclasses.replace(meta, metadata_keys=new_keys))
-                    + _FILL_SETTINGS)
+            fill(dataclasses.replace(meta, metadata_keys=new_keys))
     rollups = {r.table: r for r in schema.rollups}
+    for table in sorted(refill):  # written again from the events, under the new view only
+        for name in sorted(present):
+            if name.startswith(rollups[table].view_prefix):
+                execute(f"DROP VIEW IF EXISTS {schema.qualified(name)}{schema.on_cluster}")
+                del present[name]
+        execute(f"TRUNCATE TABLE {schema._stored(table)}{schema.on_cluster}")
+        fill(rollups[table])
     for name, create in schema.objects():
         if name in present:
             continue
@@ -548,12 +648,33 @@ def ensure_schema(client: Any, schema: Schema) -> list[str]:
         if added is not None and stored_events in present:
             # a rollup new to an existing database: filled from the events stored so far
             # (before its view exists, so that nothing is counted twice)
-            execute(schema.fill_rollup(added) + _FILL_SETTINGS)
+            fill(added)
     for rollup in schema.rollups:
         for name in sorted(present):
             if name.startswith(rollup.view_prefix) and name != rollup.view:
                 execute(f"DROP VIEW IF EXISTS {schema.qualified(name)}{schema.on_cluster}")
     return run
+
+
+FILL_EVENTS = 500_000  # events per query that fills a rollup (a day's at least)
+
+
+def _fill_spans(client: Any, schema: Schema) -> list[tuple[int, int]]:
+    """The stored events' days as spans (Unix seconds) of at most `FILL_EVENTS` events:
+    one query over them all would hold every group of a large rollup in memory at once
+    (a month of 8 million events by user and day takes over 2 GiB)."""
+    days = client.query(f"SELECT toUnixTimestamp(toStartOfDay(timestamp)) AS d, count() "
+                        f"FROM {schema.qualified(schema.events)} GROUP BY d ORDER BY d"
+                        ).result_rows
+    spans: list[tuple[int, int]] = []
+    events = 0
+    for day, count in days:
+        if spans and events + count <= FILL_EVENTS:
+            spans[-1], events = (spans[-1][0], day + 86400), events + count
+        else:
+            spans.append((day, day + 86400))
+            events = count
+    return spans
 
 
 def _existing_columns(client: Any, schema: Schema) -> dict[str, set[str]]:

@@ -33,6 +33,7 @@ from meterline.exporters.clickhouse.query import (
     Window,
     dimension,
     iso,
+    literal,
 )
 from meterline.extensions.finops import finops
 from meterline.extensions.finops.finops import cache, number, quantile, ratio, tool_call, usage
@@ -211,25 +212,35 @@ def users(reader: Reader, window: Window, limit: int = 100,
           provider: str | None = None) -> dict[str, Any]:
     """Per user, biggest spender first: usage, cost efficiency, latency, and activity
     (first and last request, active days, models and providers used)."""
+    user = dimension("user")
+    filters = _filters(provider)
     rows = reader.select(
-        window, by=[dimension("user")], filters=_filters(provider),
+        window, by=[user], filters=filters,
         figures=("requests", "errors", "input_tokens", "output_tokens", "cost_usd",
                  "unpriced_requests", *_CACHE, "duration_ms_sum", "duration_ms_count",
                  "first_seen", "last_seen", "max_request_tokens", "guardrail_blocked"),
-        extra={"unique_models": "uniqExactIf(cityHash64(model), model != '')",
-               "providers": "arraySort(groupUniqArrayIf(provider, provider != ''))",
-               "days_active": "uniqExact(toDate({t}))"},
         order_by=["cost_usd DESC", "user"], limit=limit)
+    # The models, providers and days of the users listed only: merged for every user, they
+    # would cost more than the rest of the answer.
+    listed = ", ".join(literal(r["user"]) for r in rows)
+    activity = {r["user"]: r for r in reader.select(
+        window, by=[user], filters=[*filters, Condition(f"user_id IN ({listed})")],
+        figures=("active_days", "models", "providers"))} if rows else {}
     return {**_header(window, provider=provider or "all"), "users": [{
         "user_id": r["user"] or None, **usage(r), **_rates(r),
         "avg_latency_ms": ratio(r["duration_ms_sum"], r["duration_ms_count"], 1),
-        "unique_models": r["unique_models"], "providers": r["providers"],
+        **_activity(activity[r["user"]], r["requests"]),
         "first_request": r["first_seen"], "last_request": r["last_seen"],
-        "days_active": r["days_active"],
-        "avg_requests_per_day": ratio(r["requests"], r["days_active"], 2),
         "max_tokens_single_request": r["max_request_tokens"],
         "guardrail_violations": number(r["guardrail_blocked"]),
     } for r in rows]}
+
+
+def _activity(row: dict[str, Any], requests: float) -> dict[str, Any]:
+    return {"unique_models": sum(1 for m in row["models"] if m),
+            "providers": sorted(p for p in row["providers"] if p),
+            "days_active": row["active_days"],
+            "avg_requests_per_day": ratio(requests, row["active_days"], 2)}
 
 
 # --- agents, tools and MCP ---------------------------------------------------------------

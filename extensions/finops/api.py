@@ -1,5 +1,5 @@
 """The `finops` extension's admin API paths: `/api/v1/analytics/*`, `/api/v1/finops/*`,
-`/api/v1/budgets`.
+`/api/v1/budgets`, and `POST /api/v1/billing/import`.
 
 Every path takes `range` (24h, 7d, 30d, 90d; default 30d) or `since`/`until`
 (ISO 8601), and the parameters of its function (`provider`, `granularity`,
@@ -8,13 +8,24 @@ name. A bad parameter is a 400 naming it; ClickHouse unavailable is a 503.
 Answers are JSON: a non-finite number (a table written before events were bounded
 may sum to one) is `null`, never `Infinity` or `NaN`, which JSON does not have.
 `meterline finops` reads `finops/*` and `budgets` when the daemon runs.
+
+`POST /api/v1/billing/import` stores billing lines (`{"lines": [...]}`, each with the
+fields of `billing.lines.BillingLine`, `day` as `YYYY-MM-DD`) through the extension's
+own client, which for `chdb://` is the daemon's embedded engine: what `meterline billing
+import` sends while the daemon holds the data directory. At most `MAX_IMPORT_LINES`
+lines and `MAX_IMPORT_BYTES` of body a request (413 past them); a body that is not such
+lines is a 400 naming the line and field; nothing of a refused request is stored. It
+answers `{"received": N, "stored": M}`, M the lines of the table in all.
 """
 
 from __future__ import annotations
 
 import asyncio
 import inspect
+import math
+import re
 from collections.abc import Callable
+from datetime import date
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -24,7 +35,11 @@ from meterline.component import AdminHandler, RetryableError
 from meterline.exporters.clickhouse.connection import classify
 from meterline.exporters.clickhouse.query import Window
 from meterline.extensions.finops import analytics, finops
+from meterline.extensions.finops.billing import store
+from meterline.extensions.finops.billing.formats import FORMATS
+from meterline.extensions.finops.billing.lines import BillingLine
 from meterline.extensions.finops.billing.reconcile import reconcile
+from meterline.httpserver import BodyRefused
 
 if TYPE_CHECKING:
     from meterline.extensions.finops.extension import FinOps
@@ -58,7 +73,106 @@ def routes(extension: FinOps) -> dict[str, AdminHandler]:
         return await _answer(extension.budget_status)
 
     out["budgets"] = budgets
+    out["POST billing/import"] = lambda request: billing_import(extension, request)
     return out
+
+
+# --- billing import ---------------------------------------------------------------------
+MAX_IMPORT_LINES = 10_000  # lines a request (`meterline billing import` sends batches)
+MAX_IMPORT_BYTES = 16 << 20  # body bytes a request (as decoded)
+_BODY_TIMEOUT = 60.0  # seconds for the body to arrive
+_CURRENCY = re.compile(r"[A-Z]{3}")
+
+
+class _Line(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    line_id: str
+    day: date
+    provider: str
+    model: str = ""
+    amount: float
+    currency: str
+    amount_usd: float | None = None
+    format: str
+    source: str = ""
+    description: str = ""
+    account: str = ""
+    region: str = ""
+
+
+class _Import(msgspec.Struct, forbid_unknown_fields=True):
+    lines: list[_Line]
+
+
+def parse_import(body: bytes) -> list[BillingLine]:
+    """The billing lines of an import request's body; `ValueError` naming the line and
+    field when it is not such lines."""
+    try:
+        lines = msgspec.json.decode(body, type=_Import).lines
+    except msgspec.ValidationError as e:
+        raise ValueError(f"invalid billing lines: {e}") from None
+    except msgspec.DecodeError as e:
+        raise ValueError(f"the body is not JSON: {e}") from None
+    if len(lines) > MAX_IMPORT_LINES:
+        raise ValueError(f"{len(lines)} lines in one request: at most {MAX_IMPORT_LINES}")
+    for i, line in enumerate(lines):
+        for name in ("line_id", "provider"):
+            if not getattr(line, name).strip():
+                raise ValueError(f"lines[{i}].{name}: must not be empty")
+        for name in ("amount", "amount_usd"):
+            value = getattr(line, name)
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"lines[{i}].{name}: expected a finite number, got {value}")
+        if not _CURRENCY.fullmatch(line.currency):
+            raise ValueError(f"lines[{i}].currency: expected an upper case ISO 4217 code "
+                             f"such as USD, got {line.currency!r}")
+        if line.format not in FORMATS:
+            raise ValueError(f"lines[{i}].format: expected one of {', '.join(FORMATS)}, "
+                             f"got {line.format!r}")
+    return [BillingLine(**msgspec.structs.asdict(line)) for line in lines]
+
+
+async def _read_bounded(request: web.Request) -> bytes:
+    """The body, refused (`BodyRefused`: 413, 408) past `MAX_IMPORT_BYTES` or the time."""
+    too_large = (f"body larger than {MAX_IMPORT_BYTES >> 20} MB: send at most "
+                 f"{MAX_IMPORT_LINES} lines a request")
+    if request.content_length is not None and request.content_length > MAX_IMPORT_BYTES:
+        raise BodyRefused(413, too_large)
+    parts: list[bytes] = []
+    size = 0
+    try:
+        async with asyncio.timeout(_BODY_TIMEOUT):
+            while chunk := await request.content.readany():
+                size += len(chunk)
+                if size > MAX_IMPORT_BYTES:
+                    raise BodyRefused(413, too_large)
+                parts.append(chunk)
+    except TimeoutError:
+        raise BodyRefused(408, f"body not received within {_BODY_TIMEOUT:g}s") from None
+    return b"".join(parts)
+
+
+async def billing_import(extension: FinOps, request: web.Request) -> web.StreamResponse:
+    try:
+        body = await _read_bounded(request)
+    except BodyRefused as e:
+        return web.json_response({"error": e.message}, status=e.status)
+    try:
+        lines = parse_import(body)
+    except ValueError as e:
+        return web.json_response({"error": str(e)}, status=400)
+
+    async def run() -> dict[str, Any]:
+        reader = await extension.connect()
+
+        def insert() -> int:
+            store.insert(reader.client, reader.schema, lines)
+            return store.count(reader.client, reader.schema)
+
+        stored = await asyncio.to_thread(insert)
+        extension.log.info("billing lines imported", lines=len(lines), stored=stored)
+        return {"received": len(lines), "stored": stored}
+
+    return await _answer(run)
 
 
 def _report(extension: FinOps, fn: Callable[..., dict[str, Any]]) -> AdminHandler:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import hashlib
 import json
 import time
@@ -113,11 +114,20 @@ class Notifications:
         self.log = context.log
         self.marks = Marks(context.state_path("budgets") / "notified.json")
         self.runners: dict[str, ExporterRunner] = {}
+        self.failed = context.telemetry.budget_notifications_failed
         for name, config in notifiers.items():
             own = dataclasses.replace(context, id=f"{context.id}/{name}")
             self.runners[name] = ExporterRunner(
                 WebhookExporter(config, self._delivered), config, own,
-                open_queue(config.queue, own), context.telemetry)
+                open_queue(config.queue, own), context.telemetry,
+                given_up=functools.partial(self._given_up, own.id))
+        # every series at 0 from the start, so that the first failure is an increase (the
+        # alert LLMBudgetNotificationFailed) rather than a series appearing at 1
+        for budget_name, budget in budgets.items():
+            for target in budget.notify or []:
+                for reason in ("gave_up", "not_queued"):
+                    self.failed.add(0, {"notifier": self.runners[target].id,
+                                        "budget": budget_name, "reason": reason})
 
     async def start(self) -> None:
         """Raise the marks of what the queues still hold, then deliver it."""
@@ -131,6 +141,13 @@ class Notifications:
     async def shutdown(self) -> None:
         for runner in self.runners.values():
             await runner.shutdown(_SHUTDOWN_GRACE)
+
+    def _given_up(self, notifier: str, events: list[Event]) -> None:
+        """Count the notifications a notifier's delivery gave up on (each is logged and
+        dead-lettered by the delivery; its crossing stays marked: it is not sent again)."""
+        for event in events:
+            budget = (event.attributes or {}).get(NOTIFICATION, {}).get("budget", "")
+            self.failed.add(1, {"notifier": notifier, "budget": budget, "reason": "gave_up"})
 
     async def _delivered(self, event: Event) -> None:
         if self.marks.raise_to((event.attributes or {})[_MARK]):
@@ -182,5 +199,7 @@ class Notifications:
             except Exception as e:  # full, or the disk: the next evaluation tries again
                 self.log.warning("cannot queue a budget notification", notifier=target,
                                  budget=s["budget"], error=str(e))
+                self.failed.add(1, {"notifier": self.runners[target].id,
+                                    "budget": s["budget"], "reason": "not_queued"})
                 return False
         return self.marks.raise_to(mark)

@@ -208,7 +208,7 @@ def tools(reader: Reader, window: Window, top: int | None = 20,
     where = [*(filters or []), Condition(IS_TOOL_CALL)]
     extra: Expressions = {"request_bytes": Figure("request_bytes"),
                           "response_bytes": Figure("response_bytes"),
-                          "runs": "uniqExactIf(trace_id, trace_id != '')"}
+                          "runs": Figure("traces")}
     rows, total = reader.select_with_total(
         window, by=[dim], filters=where, figures=TOOL_FIGURES, extra=extra,
         order_by=["requests DESC", TOOL_DIMENSION], limit=top)
