@@ -41,7 +41,7 @@ def test_every_event_field_has_a_column():
     assert {c.name for c in COLUMNS if not c.materialized} == set(FIELDS)
 
 
-ROLLUPS = ("1m", "1h", "1d", "model_1m", "model_1h", "model_1d", "user_total_7d",
+ROLLUPS = ("1m", "1h", "1d", "model_1h", "model_1d", "user_total_7d",
            "user_total_1d", "user_1d", "tool_1d", "trace_1d")
 
 

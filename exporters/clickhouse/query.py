@@ -476,8 +476,8 @@ class Reader:
 
         def usable(family: Sequence[Rollup]) -> tuple[Rollup, ...]:
             finer = tuple(r for r in family if finest is None or r.seconds <= finest)
-            if finer and finer[-1] == family[-1] and columns <= family[-1].event_columns \
-                    and wanted <= family[-1].figures:
+            if finer and finer[-1] == family[-1] and all(
+                    columns <= r.event_columns and wanted <= r.figures for r in finer):
                 return finer
             return ()
 

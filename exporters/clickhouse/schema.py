@@ -337,12 +337,13 @@ class Schema:
                 Rollup(f"{base}_1d", "day"))
 
     @property
-    def model_rollups(self) -> tuple[Rollup, Rollup, Rollup]:
-        """The same by provider and model only: what most answers group by, in a few rows
-        per bucket (latency percentiles are merged from a state per row)."""
+    def model_rollups(self) -> tuple[Rollup, Rollup]:
+        """Per hour and per day by provider and model only: what most answers group by, in
+        a few rows per bucket (latency percentiles are merged from a state per row). The
+        minutes around their hours are read from `llm_usage_1m`: a view more on every
+        insert would cost more than the few minutes it would save reading."""
         base = self._base
-        return (Rollup(f"{base}_model_1m", "minute", MODEL_DIMENSIONS),
-                Rollup(f"{base}_model_1h", "hour", MODEL_DIMENSIONS),
+        return (Rollup(f"{base}_model_1h", "hour", MODEL_DIMENSIONS),
                 Rollup(f"{base}_model_1d", "day", MODEL_DIMENSIONS))
 
     @property
@@ -385,9 +386,11 @@ class Schema:
     @property
     def families(self) -> tuple[tuple[Rollup, ...], ...]:
         """The rollups that answer alike at several grains (coarsest first), fewest rows
-        first: the order in which `query.Reader` looks for one that can answer. (The
-        metadata rollup answers by its keys alone.)"""
-        return (tuple(reversed(self.model_rollups)), tuple(reversed(self.time_rollups)),
+        first: the order in which `query.Reader` looks for one that can answer (each of a
+        family's rollups must keep what a question reads). The metadata rollup answers by
+        its keys alone."""
+        return ((*reversed(self.model_rollups), self.time_rollups[0]),
+                tuple(reversed(self.time_rollups)),
                 self.user_total_rollups, (self.user_rollup,), (self.tool_rollup,),
                 (self.trace_rollup,))
 
