@@ -14,8 +14,8 @@ are defined once, so all give the same numbers.
 
 Agents, sessions and traces (`agent`, `session`, `trace`) are read from the trace
 rollup: an event that does not name its agent (or session) takes that of its trace
-(`Dimension.trace`, a window function over the rows of each trace, rollup rows or
-events alike), and `select(per_run=...)` computes figures per run (a trace) before
+(`Dimension.trace`, an aggregate over the rows of each trace, rollup rows or events
+alike, joined back to them), and `select(per_run=...)` computes figures per run (a trace) before
 summing them by the dimensions asked.
 
 Windows are whole minutes (the finest rollup's grain): `since` is rounded down
@@ -202,8 +202,8 @@ class Dimension:
     column: str | None  # the event column; None for time buckets
     expression: str = ""  # SQL over the source, `{t}` standing for its time column
     # for an event without a `column` value, SQL over the events of its trace giving the
-    # trace's value (an aggregate, run as a window function over raw events or the trace
-    # rollup's rows; `{first}` stands for the time of the first event of a row)
+    # trace's value (an aggregate over raw events or the trace rollup's rows, grouped by
+    # trace; `{first}` stands for the time of the first event of a row)
     trace: str = ""
     grain: int = 60  # a time bucket: its length in seconds (a rollup must be as fine)
 
@@ -226,10 +226,10 @@ class Dimension:
         return frozenset({self.column, "trace_id"}) | columns_read(self.trace)
 
     def traced_sql(self, source: Source) -> str:
-        """The column `Reader` adds for a `trace` dimension: the value of the row's trace."""
+        """The column `Reader` adds for a `trace` dimension: the value of a trace, an
+        aggregate over its rows."""
         first = "timestamp" if source == "raw" else "first_seen"
-        return (f"if(trace_id = '', '', {self.trace.replace('{first}', first)} OVER "
-                f"(PARTITION BY trace_id)) AS {self.traced}")
+        return f"{self.trace.replace('{first}', first)} AS {self.traced}"
 
     @property
     def splits(self) -> bool:
@@ -502,6 +502,7 @@ class Reader:
         if plan:
             used = set(re.findall(r"\w+", " ".join([columns, *(f.sql(source) for f in filters),
                                                     *(d.traced_sql(source) for d in traced)])))
+            used |= {"trace_id"} if traced else set()  # (what the trace values join on)
             rows = self._rolled_rows(window, pushed, cuts, (*plan[:-1], _narrowed(plan[-1], used)),
                                      sorted(plan[-1].figures & used))
         else:
@@ -510,10 +511,15 @@ class Reader:
                                  *(f.sql(source) for f in pushed)])
         if not traced:
             return rows
+        # Each row joined with its trace's values (a row of no trace gets ''): a join
+        # rather than a window function over the rows, which would sort them all by trace
+        # (measured: 400 ms for the 1.8 million rows of 30 days at 100 million events).
         model = ", model" if source == "raw" else ""  # (a materialized column: not in *)
-        added = ", ".join(d.traced_sql(source) for d in traced)
+        every = f"(SELECT *{model} FROM {rows})"
+        values = ", ".join(d.traced_sql(source) for d in traced)
         matching = [f.sql(source) for f in filters]
-        return (f"(SELECT *{model}, {added} FROM {rows})"
+        return (f"(SELECT * FROM {every} AS _rows LEFT JOIN (SELECT trace_id, {values} FROM "
+                f"{every} WHERE trace_id != '' GROUP BY trace_id) AS _traces USING (trace_id))"
                 + (f" WHERE {' AND '.join(matching)}" if matching else ""))
 
     def _rolled_rows(self, window: Window, filters: list[Where], cuts: list[datetime],
