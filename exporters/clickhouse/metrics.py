@@ -160,8 +160,7 @@ RUN_AGGREGATES: tuple[Aggregate, ...] = (
 USER_AGGREGATES: tuple[Aggregate, ...] = (
     Aggregate("active_days", "groupBitmap", "toUInt32(toRelativeDayNum(timestamp))", "UInt32"),
     Aggregate("models", "groupUniqArrayArray", "[model]", "Array(String)"),
-    Aggregate("providers", "groupUniqArrayArray", "[provider]",
-              "Array(String)"),
+    Aggregate("providers", "groupUniqArrayArray", "[provider]", "Array(String)"),
 )
 # What the tool rollup keeps besides: the runs (traces) that called each tool, and the bytes
 # of arguments and results. The traces are counted by a 64-bit hash of their id (a set of

@@ -1,13 +1,13 @@
 """The query layer under the FinOps reports and the analytics API.
 
 A question is: a time `Window`, the `Dimension`s to group by, `Filter`s, and the
-figures wanted (`metrics.AGGREGATES`). `Reader.select` answers it from the
-rollups that can: the time rollups when every column the question's dimensions,
-filters, conditions and expressions read is one of theirs (whole days from
-`llm_usage_1d`, the hours around them from `llm_usage_1h`, the minutes around
-those from `llm_usage_1m`); else the daily user, trace or metadata rollup that
-keeps those columns (the partial days at the window's ends from raw events). The
-hours some writer holds open are read from raw events in the same query. Anything
+figures wanted (`metrics.AGGREGATES`). `Reader.select` answers it from the first
+family of rollups (`Schema.families`, fewest rows first) that keeps every column
+the question's dimensions, filters, conditions and expressions read and every
+figure it asks for: whole buckets of its coarsest grain (a week, a day), the
+buckets around them from its finer ones (hours, minutes), and what is left (the
+partial days around a daily rollup's) from raw events. The hours some writer
+holds open are read from raw events in the same query. Anything
 else (`organization`, `route`, `tag`, guardrails...) reads raw events,
 deduplicated (`FINAL`: an event two writers stored is counted once); the figures
 are defined once, so all give the same numbers.
@@ -15,8 +15,8 @@ are defined once, so all give the same numbers.
 Agents, sessions and traces (`agent`, `session`, `trace`) are read from the trace
 rollup: an event that does not name its agent (or session) takes that of its trace
 (`Dimension.trace`, an aggregate over the rows of each trace, rollup rows or events
-alike, joined back to them), and `select(per_run=...)` computes figures per run (a trace) before
-summing them by the dimensions asked.
+alike, joined back to them), and `select(per_run=...)` computes figures per run (a
+trace) before summing them by the dimensions asked.
 
 Windows are whole minutes (the finest rollup's grain): `since` is rounded down
 to its minute and `until` up, so `--range 24h` is the 24 hours up to the end of

@@ -9,12 +9,16 @@ store the same event, merges keep one copy; queries read it `FINAL` meanwhile.
 
 The rollups are `AggregatingMergeTree`s, each fed by a materialized view, of the
 figures of `metrics.AGGREGATES`: `llm_usage_1m`, `_1h` and `_1d` per minute, hour
-and day by provider, model, team, API key and status; `llm_usage_user_1d` per day
-by user, provider and model; `llm_usage_trace_1d` per day by trace, session, agent,
-tool, operation, MCP method and MCP session (with `metrics.RUN_AGGREGATES` too: the
-runs, tools and MCP answers); `llm_usage_metadata_1d` per day by each configured
-metadata key (`rollup_metadata`) and value, provider and model. `query.Reader`
-answers from the coarsest rollups that fit a question.
+and day by provider, model, team, API key and status; `llm_usage_model_1h` and
+`_1d` by provider and model; `llm_usage_user_total_7d` and `_1d` per week and day
+by user (with `metrics.USER_AGGREGATES`); `llm_usage_user_1d` per day by user,
+provider and model; `llm_usage_tool_1d` per day by tool, operation and MCP method
+and session (with `metrics.TOOL_AGGREGATES`); `llm_usage_trace_1d` per day by
+trace, session, agent, tool, operation, MCP method and MCP session (with
+`metrics.RUN_AGGREGATES`: the runs); `llm_usage_metadata_1d` per day by each
+configured metadata key (`rollup_metadata`) and value, provider and model.
+`query.Reader` answers from the first family of them (`Schema.families`) that fits
+a question.
 
 `llm_usage_open_hours` holds the hours some writer is writing (an insert, or a
 rebuild of the rollups): answers read those from the events, deduplicated, so

@@ -1,11 +1,11 @@
 """The analytics API's answers (`/api/v1/analytics/*`, after seed 003).
 
 Each function takes a `Reader`, a `Window` and the endpoint's parameters and
-returns the JSON body. They read the rollups (users and configured metadata keys
-from daily ones), so a 90-day question does not scan raw events, except
-questions about agents, tools, MCP and guardrails (`agents`, `guardrails`),
-which read raw events in the window. Latency percentiles are t-digest estimates merged from
-the rollups' states; everything else is exact.
+returns the JSON body. They read the rollups (by model, by user per week and day,
+by tool, by trace: see `query.Reader`), so a 90-day question does not scan raw
+events, except guardrails, which read raw events in the window. Latency
+percentiles are t-digest estimates merged from the rollups' states; everything
+else is exact.
 """
 
 from __future__ import annotations
