@@ -95,7 +95,9 @@ def pipeline(receivers: dict[str, Any], processors: dict[str, Any] | None = None
     processor (in the order given) and every exporter.
 
     `exporters` defaults to `{"file": FILE_OUT}`; `service` is laid over
-    `{data_dir: "{data}", admin: null}` and may replace `pipelines`. `{data}` (and
+    `{data_dir: "{data}", admin: null, memory_limiter: null}` and may replace
+    `pipelines` (no memory limiter unless a test sets one: a daemon run in-process would
+    measure the test runner's memory, chDB's of every earlier test included). `{data}` (and
     `{admin}` for `daemon_factory`) are left for `config_text` to fill in. Collections
     of scalars are written inline (`[openai]`, `{timeout: 10ms}`), so a test may still
     edit the text it wrote."""
@@ -104,7 +106,8 @@ def pipeline(receivers: dict[str, Any], processors: dict[str, Any] | None = None
     if processors:
         flow["processors"] = list(processors)
     flow["exporters"] = list(exporters)
-    settings: dict[str, Any] = {"data_dir": "{data}", "admin": None, **(service or {})}
+    settings: dict[str, Any] = {"data_dir": "{data}", "admin": None, "memory_limiter": None,
+                                **(service or {})}
     settings.setdefault("pipelines", {"p": flow})
     doc: dict[str, Any] = {"receivers": receivers}
     if processors:

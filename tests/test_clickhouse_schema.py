@@ -222,7 +222,7 @@ def test_inserts_on_a_server_wait_for_async_inserts_and_for_the_shards():
     config = convert({"endpoint": "http://ch:8123", "async_insert": True,
                       "cluster": {"name": "llm"}}, ClickHouseConfig)
     assert insert_settings(config, "b1") == {
-        "insert_deduplication_token": "b1", "parallel_view_processing": 1,
+        "insert_deduplication_token": "b1",
         "async_insert": 1, "wait_for_async_insert": 1, "async_insert_deduplicate": 1,
         "distributed_foreground_insert": 1}
 
