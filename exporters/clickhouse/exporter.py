@@ -248,7 +248,9 @@ class ClickHouseExporter(Exporter):
         """The ids of `events` stored already. A live stream's batch covers the last moments,
         where few events are stored yet: those ids are fetched and compared here, which
         costs milliseconds. A batch over a long stretch (a backfill, a replay) would fetch
-        too many, so then the batch's ids are looked up instead."""
+        too many, so then the batch's ids are looked up instead. Either way only the
+        batch's own ids come back: concurrent clients interleave their events in time, so
+        the stretch holds other batches' events too."""
         table = self.schema.qualified(self.schema.events)
         where = _time_range(events)
         cap = 4 * len(events)
@@ -258,7 +260,7 @@ class ClickHouseExporter(Exporter):
             ids = ",".join(literal(e.event_id) for e in events)
             stored = self._writer.query(
                 f"SELECT event_id FROM {table} WHERE {where} AND event_id IN ({ids})").result_rows
-        return {event_id for (event_id,) in stored}
+        return {event_id for (event_id,) in stored} & {e.event_id for e in events}
 
     def _stored_twice(self, events: list[Event]) -> set[str]:
         """The ids of `events` (just stored) that `llm_events` holds more than once:
