@@ -31,13 +31,13 @@ class Block:
     budget: str
     terms: frozenset[Term]  # empty: every request
     message: str  # the error message the client gets
-    until: float | None  # when the window resets (epoch seconds); None: a rolling window
-    retry_after: float  # seconds, for a rolling window (lifted when spend falls back)
+    # when the block lifts (epoch seconds): a calendar window's end, or when a rolling
+    # window's spend falls back under the limit if nothing more is spent
+    until: float
 
     def seconds_left(self, now: float) -> int:
-        """`Retry-After`: until the calendar window resets, else `retry_after`."""
-        wait = self.retry_after if self.until is None else self.until - now
-        return max(1, round(wait))
+        """`Retry-After`: until the block lifts."""
+        return max(1, round(self.until - now))
 
 
 def terms_of(event: Event) -> set[Term]:
@@ -69,7 +69,7 @@ class BudgetBlocks:
         terms = terms_of(event)
         for key in (None, *terms):
             for block in index.get(key, ()):
-                if block.terms <= terms and (block.until is None or now < block.until):
+                if block.terms <= terms and now < block.until:
                     return block
         return None
 

@@ -5,7 +5,7 @@ call is counted as the `budget` policy, and a request outside the scope still pa
 from __future__ import annotations
 
 import dataclasses
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import anthropic
 import openai
@@ -15,6 +15,8 @@ from meterline import registry
 from meterline.component import ExportBatch
 from meterline.config import ComponentConfig, PipelineFile, convert
 from meterline.event import Event
+from meterline.extensions.finops import budgets, enforce
+from meterline.extensions.finops.budgets import Budget
 from meterline.extensions.finops.config import FinOpsConfig, link
 from meterline.extensions.finops.extension import FinOps
 from meterline.gateway.budgets import Block, BudgetBlocks
@@ -115,14 +117,47 @@ async def test_the_anthropic_sdk_gets_its_own_error_shape(enforced):
     assert len(upstream.requests) == 0
 
 
-def test_blocks_match_every_term_and_lift_when_the_window_resets():
+def test_blocks_match_every_term_and_lift_when_they_say():
     blocks = BudgetBlocks()
     blocks.publish([Block("b", frozenset({("user_id", "ann"), ("metadata.env", "prod")}),
-                          "spent", until=100.0, retry_after=15)])
+                          "spent", until=100.0)])
     ann_prod = Event(user_id="ann", metadata={"env": "prod"})
-    assert blocks.check(ann_prod, now=50) is not None
-    assert blocks.check(Event(user_id="ann", metadata={"env": "dev"}), now=50) is None
-    assert blocks.check(ann_prod, now=100) is None  # the calendar window reset
-    blocks.publish([Block("all", frozenset(), "spent", until=None, retry_after=15)])
-    [block] = [blocks.check(Event(), now=0)]
-    assert block is not None and block.seconds_left(0) == 15
+    block = blocks.check(ann_prod, now=40)
+    assert block is not None and block.seconds_left(40) == 60  # the Retry-After
+    assert blocks.check(Event(user_id="ann", metadata={"env": "dev"}), now=40) is None
+    assert blocks.check(ann_prod, now=100) is None  # lifted
+
+
+async def rolling_block(tmp_path, spends: list[tuple[timedelta, float]]) -> tuple[Block, float]:
+    """The block of an enforced rolling 24h budget of $5 for user ann after `spends`
+    (how long ago, USD), and the evaluation's time (epoch seconds)."""
+    async with clickhouse_exporters(tmp_path) as make:
+        exporter = await make()
+        now = datetime.now(UTC)
+        await exporter.export(ExportBatch("a", [
+            make_event(i, timestamp=int((now - ago).timestamp() * 1e9), cost_usd=cost,
+                       user_id="ann") for i, (ago, cost) in enumerate(spends)]))
+        config = {"ann": convert({"limit_usd": 5, "window": "24h", "scope": {"user": "ann"},
+                                  "action": "enforce"}, Budget)}
+        [block] = enforce.blocks(exporter.reader, config,
+                                 budgets.status(exporter.reader, config, now))
+        return block, now.timestamp()
+
+
+def hour_of(t: float) -> float:
+    return t // 3600 * 3600
+
+
+async def test_a_rolling_budget_lifts_once_its_oldest_spend_has_left_the_window(tmp_path):
+    """$4 20 hours ago and $3 now: under $5 once the hour of the $4 has left the 24 hours."""
+    block, now = await rolling_block(tmp_path, [(timedelta(hours=20), 4.0),
+                                                (timedelta(minutes=1), 3.0)])
+    lifts = hour_of(now - 20 * 3600) + 3600 + 24 * 3600
+    assert block.until == pytest.approx(lifts, abs=1)
+    assert block.seconds_left(now) == pytest.approx(lifts - now, abs=1)  # about 5 hours
+
+
+async def test_a_rolling_budget_spent_in_its_last_hour_waits_for_that_hour_to_leave(tmp_path):
+    block, now = await rolling_block(tmp_path, [(timedelta(hours=10), 1.0),
+                                                (timedelta(minutes=1), 6.0)])
+    assert block.until == pytest.approx(hour_of(now - 60) + 3600 + 24 * 3600, abs=1)

@@ -68,12 +68,17 @@ class BudgetScope(Config):
         return out | {f"metadata.{k}": v for k, v in self.metadata.items()}
 
     def filters(self) -> list[Filter]:
-        return [Filter("metadata", v, metadata_key=c.removeprefix("metadata."))
-                if c.startswith("metadata.") else Filter(c, v) for c, v in self.given().items()]
+        return filters_of(self.given())
 
     def describe(self) -> dict[str, str]:
         out = {name: value for name in SCOPE_COLUMNS if (value := getattr(self, name)) is not None}
         return out | {f"metadata.{k}": v for k, v in self.metadata.items()}
+
+
+def filters_of(given: dict[str, str]) -> list[Filter]:
+    """{column: value} (metadata keys as `metadata.KEY`) as the filters of a question."""
+    return [Filter("metadata", v, metadata_key=c.removeprefix("metadata."))
+            if c.startswith("metadata.") else Filter(c, v) for c, v in given.items()]
 
 
 class Budget(Config):

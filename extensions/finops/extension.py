@@ -130,11 +130,10 @@ class FinOps(Extension):
         answers, the blocks published last stay (a hard budget stays enforced)."""
         now = datetime.now(UTC)
         reader = await self.connect()
-        refresh = float(self.config.budget_refresh)
 
         def evaluate() -> tuple[list[dict[str, Any]], list[Block]]:
             statuses = budgets.status(reader, self.config.budgets, now)
-            return statuses, enforce.blocks(reader, self.config.budgets, statuses, refresh)
+            return statuses, enforce.blocks(reader, self.config.budgets, statuses)
 
         statuses, blocks = await asyncio.to_thread(evaluate)
         gauges.publish(statuses)
