@@ -703,12 +703,16 @@ def scenario_ingest(args: argparse.Namespace, procs: Processes, shipped: dict[st
                 done = waiting.result()
             cpu = tree_cpu_seconds(daemon.pid) - cpu0
         hwm = vm_hwm_mb(daemon.pid)
+        after = daemon.metrics()
     finally:
         daemon.stop()
     finished = [v for v in done.values() if v is not None]
     end_to_end = max(finished) if len(finished) == len(done) else None
     for exporter, at in done.items():
-        print(f"  {exporter:<12} sent everything after {fmt(at, '.2f')} s")
+        # A retried send is a failure the run hid: it should be 0 here.
+        retries = delta(after, before, "meterline_exporter_retries_total", exporter=exporter)
+        print(f"  {exporter:<12} sent everything after {fmt(at, '.2f')} s; "
+              f"{retries:.0f} send(s) retried")
     print(f"  daemon: accepted in {accept_s:.2f} s; CPU {cpu:.2f} s; peak RSS "
           f"{rss.peak_mb:.0f} MB over {rss.most_processes} process(es); main VmHWM "
           f"{hwm:.0f} MB; idle {idle:.0f} MB")
