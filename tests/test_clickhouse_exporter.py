@@ -142,6 +142,27 @@ async def test_the_tables_keep_insert_tokens_so_a_repeated_insert_lands_once(mak
     assert counts(exporter) == (5, 5, 5)
 
 
+async def test_the_embedded_insert_carries_its_deduplication_token(make_exporter):
+    """The settings are written into the statement (`settings_clause`), not set around it:
+    a second insert under the same token, of other events here, is skipped."""
+    exporter = await make_exporter()
+    settings = insert_settings(exporter.config, "batch-7")
+    exporter._write_lines([make_event(i) for i in range(5)], settings)
+    exporter._write_lines([make_event(i) for i in range(5, 10)], settings)
+    assert counts(exporter)[0] == 5
+
+
+async def test_marks_opened_twice_alike_are_both_kept(make_exporter):
+    """A mark is counted by summing its rows: none may be taken for a repeated insert."""
+    exporter = await make_exporter()
+    schema = exporter.schema
+    for _ in range(2):
+        repair.open_hours(exporter._writer, schema, {1_700_000_000 // 3600 * 3600}, "t")
+    [(rows,)] = exporter.reader.client.query(
+        f"SELECT count() FROM {schema.qualified(schema.open_hours_table)}").result_rows
+    assert rows == 2
+
+
 async def test_an_event_sent_again_in_another_batch_is_not_counted_twice(make_exporter):
     exporter = await make_exporter()
     await exporter.export(ExportBatch("a", [make_event(i) for i in range(10)]))

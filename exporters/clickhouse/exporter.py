@@ -60,7 +60,7 @@ from meterline.exporters.clickhouse.connection import (
     is_row_error,
     open_client,
 )
-from meterline.exporters.clickhouse.query import Reader, iso, literal
+from meterline.exporters.clickhouse.query import Reader, iso, literal, settings_clause
 from meterline.exporters.clickhouse.schema import Schema, ensure_schema
 
 # Looking for the rows a batch was refused for: at most this many inserts (one bad row in
@@ -241,8 +241,8 @@ class ClickHouseExporter(Exporter):
                                          suffix=".jsonl") as lines:
             lines.writelines(jsonl_pieces(events))  # in pieces: the loop runs between
             lines.flush()
-            self._writer.command(self._lines_insert.format(path=literal(lines.name)),
-                                 settings=settings | _LINES_SETTINGS)
+            self._writer.command(self._lines_insert.format(
+                path=literal(lines.name), settings=settings_clause(settings | _LINES_SETTINGS)))
 
     def _already_stored(self, events: list[Event]) -> set[str]:
         """The ids of `events` stored already. A live stream's batch covers the last moments,
@@ -320,9 +320,9 @@ _INTEGER = re.compile(r"^(Nullable\()?(UInt16|UInt32|UInt64)\)?$")
 
 
 def _lines_insert(schema: Schema) -> str:
-    """The statement that inserts a file of event JSON lines (`{path}` left to fill in):
-    each inserted column read with its own type, but the timestamp as the integer
-    nanoseconds the event holds, unsigned integers checked against their range, and
+    """The statement that inserts a file of event JSON lines (`{path}` and `{settings}` left
+    to fill in): each inserted column read with its own type, but the timestamp as the
+    integer nanoseconds the event holds, unsigned integers checked against their range, and
     fields the JSON leaves out at their default given the column's default."""
     structure, checks = [], ["fromUnixTimestamp64Nano(`timestamp`, 'UTC') AS `timestamp`"]
     for column in schema.inserted:
@@ -341,7 +341,7 @@ def _lines_insert(schema: Schema) -> str:
                           f"{integer.group(2)}')) AS `{name}`")
         structure.append(f"`{name}` {type_}")
     names = ", ".join(f"`{c.name}`" for c in schema.inserted)
-    return (f"INSERT INTO {schema.qualified(schema.events)} ({names}) "
+    return (f"INSERT INTO {schema.qualified(schema.events)} ({names}) {{settings}} "
             f"SELECT * REPLACE ({', '.join(checks)}) "
             f"FROM file({{path}}, 'JSONEachRow', {literal(', '.join(structure))})")
 

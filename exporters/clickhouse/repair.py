@@ -41,7 +41,7 @@ from collections.abc import Collection
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from meterline.exporters.clickhouse.query import literal
+from meterline.exporters.clickhouse.query import literal, settings_clause
 from meterline.exporters.clickhouse.schema import FINAL_SETTINGS, Rollup, Schema
 
 # Deleting waits until the rows are gone. A rewrite is never taken for a retry of an
@@ -119,10 +119,11 @@ def close_hours(client: Any, schema: Schema, hours: Collection[int], token: str)
 def _mark(client: Any, schema: Schema, hours: Collection[int], token: str, state: int) -> None:
     if not hours:
         return
-    rows = ", ".join(f"(toDateTime({h}, 'UTC'), {literal(token)}, {state})"
-                     for h in sorted(hours))
+    rows = " UNION ALL ".join(f"SELECT toDateTime({h}, 'UTC'), {literal(token)}, {state}"
+                              for h in sorted(hours))
+    # (an INSERT ... SELECT: chDB applies no setting to an INSERT ... VALUES)
     client.command(f"INSERT INTO {schema.qualified(schema.open_hours_table)} "
-                   f"(hour, token, state) VALUES {rows}", settings=_MARK_SETTINGS)
+                   f"(hour, token, state) {settings_clause(_MARK_SETTINGS)} {rows}")
 
 
 def wait_for_older(client: Any, schema: Schema, hours: Collection[int], token: str,
