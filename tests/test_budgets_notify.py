@@ -14,6 +14,7 @@ from meterline.component import ExportBatch
 from meterline.config import convert
 from meterline.extensions.finops import budgets
 from meterline.extensions.finops.budgets import Budget
+from meterline.extensions.finops.crossings import Marks
 from tests.clickhouse_helpers import clickhouse_exporters, finops_of
 from tests.helpers import eventually, free_port, make_event, metric_value
 
@@ -232,3 +233,17 @@ async def test_a_rolling_window_is_notified_again_after_spend_fell_back(make_exp
             await extension.notifications.crossed([status], NOW)
         await eventually(lambda: len(hook.bodies) == 2)
         await extension.notifications.shutdown()
+
+
+def test_a_notification_delivered_after_its_rolling_mark_was_lowered_does_not_raise_it(
+        tmp_path):
+    """Queued at 50 %, the spend fell back before the webhook took it: its delivery must not
+    mark the crossing again, or the next crossing of 50 % would go unnotified."""
+    marks = Marks(tmp_path / "notified.json")
+    mark = {"key": "k", "threshold": 0.5, "budget": "acme", "member": None, "expires": None,
+            "turn": marks.turn}
+    assert marks.raise_to(mark)  # queued
+    marks.rearm({("acme", None): None}, now=0.0)  # the spend fell back
+    assert not marks.raise_to(mark)  # delivered now
+    assert marks.threshold("k") == 0.0
+    assert marks.raise_to({**mark, "turn": marks.turn})  # crossed again: notified

@@ -5,7 +5,8 @@ thresholds within one window. For each target of the budget (each notifier it na
 none: the log line alone) the highest threshold notified is kept per (target, budget,
 member, window start) in `notified.json` under the extension's data directory (a rolling
 window has no start: its mark is lowered when the spend falls back below a threshold,
-which re-arms it). A jump over several thresholds at once is one notification, of the
+which re-arms it; a notification queued before that and delivered after does not raise
+it again). A jump over several thresholds at once is one notification, of the
 highest.
 
 Exactly once, across restarts and kill -9 (with the default persistent queues):
@@ -61,23 +62,30 @@ class Marks:
             self.marks: dict[str, dict[str, Any]] = json.loads(path.read_bytes())
         except FileNotFoundError:
             self.marks = {}
+        # Rolling marks are lowered in turns (`rearm`): the turn each was last lowered in,
+        # and the current one. A notification queued before its mark was lowered and
+        # delivered after must not raise it again: the spend fell back meanwhile.
+        self.rearmed: dict[str, int] = {}
+        self.turn = 0
         self._saving = asyncio.Lock()
 
     def threshold(self, key: str) -> float:
         return float(self.marks.get(key, {}).get("threshold", 0.0))
 
     def raise_to(self, mark: dict[str, Any]) -> bool:
-        """Raise a mark (`key`, `threshold`, `budget`, `member`, `expires`); False when it
-        was at least as high."""
-        if mark["threshold"] <= self.threshold(mark["key"]):
+        """Raise a mark (`key`, `threshold`, `budget`, `member`, `expires`, `turn`); False
+        when it was at least as high, or lowered since that notification was queued."""
+        if mark["threshold"] <= self.threshold(mark["key"]) \
+                or mark.get("turn", 0) < self.rearmed.get(mark["key"], 0):
             return False
-        self.marks[mark["key"]] = {k: v for k, v in mark.items() if k != "key"}
+        self.marks[mark["key"]] = {k: v for k, v in mark.items() if k not in ("key", "turn")}
         return True
 
     def rearm(self, reached: Mapping[tuple[str, str | None], float | None], now: float) -> bool:
         """Drop the marks of ended calendar windows, and lower each rolling mark to the
         threshold its spend still reaches (`reached`, by (budget, member))."""
         changed = False
+        self.turn += 1
         for key, mark in list(self.marks.items()):
             expires = mark.get("expires")
             if expires is not None:
@@ -88,6 +96,7 @@ class Marks:
             still = reached.get((mark["budget"], mark["member"])) or 0.0
             if still < mark["threshold"]:
                 changed = True
+                self.rearmed[key] = self.turn
                 if still:
                     mark["threshold"] = still
                 else:
@@ -182,7 +191,8 @@ class Notifications:
             return False
         mark = {"key": key, "threshold": reached, "budget": s["budget"],
                 "member": s["member"], "expires": None if s["rolling"] else
-                parse_time(s["period_end"], "period_end").timestamp()}
+                parse_time(s["period_end"], "period_end").timestamp(),
+                "turn": self.marks.turn}
         if target:
             notification = {
                 "budget": s["budget"], "scope": s["scope"], "per": s["per"],
