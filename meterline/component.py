@@ -37,6 +37,20 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Base of every component's config class: unknown keys are errors."""
 
 
+def convert(data: Any, cls: type[Config]) -> Config:
+    """Validate `data` against a config class (raises msgspec.ValidationError). Here
+    rather than in `meterline.config`, so that a worker process building its processors
+    does not import the listeners' HTTP stack (aiohttp: 14 MB a worker)."""
+    return msgspec.convert({} if data is None else data, cls, dec_hook=decode_hook)
+
+
+def decode_hook(tp: type, value: Any) -> Any:
+    """Types of config values that read themselves (`from_config`: durations, sizes...)."""
+    if from_config := getattr(tp, "from_config", None):
+        return from_config(value)
+    raise NotImplementedError(f"cannot read a {tp.__name__} from config")
+
+
 @dataclass(frozen=True)
 class Context:
     """What the runtime gives a component when it builds it."""

@@ -21,7 +21,7 @@ from typing import Any, Literal
 import msgspec
 
 from meterline import registry
-from meterline.component import Config, Factory, Kind
+from meterline.component import Config, Factory, Kind, convert, decode_hook
 from meterline.httpserver import BearerListenerConfig
 from meterline.units import Duration, Listen
 from meterline.yamlsource import Path_, Source, SourceError, load_text
@@ -227,17 +227,6 @@ def loads(text: str | bytes, file: str = "<string>",
     return result
 
 
-def convert(data: Any, cls: type[Config]) -> Config:
-    """Validate `data` against a config class (raises msgspec.ValidationError)."""
-    return msgspec.convert({} if data is None else data, cls, dec_hook=_decode_hook)
-
-
-def _decode_hook(tp: type, value: Any) -> Any:
-    if from_config := getattr(tp, "from_config", None):
-        return from_config(value)
-    raise NotImplementedError(f"cannot read a {tp.__name__} from config")
-
-
 class _Validator:
     def __init__(self, source: Source) -> None:
         self.source = source
@@ -394,7 +383,7 @@ def _problems_in(data: Any, tp: Any) -> list[tuple[Path_, str]]:
     if found:
         return found
     try:
-        msgspec.convert(data, tp, dec_hook=_decode_hook)
+        msgspec.convert(data, tp, dec_hook=decode_hook)
     except msgspec.ValidationError as e:
         return [_explain(str(e), tp)]
     return []
@@ -406,7 +395,7 @@ def _checks_of_the_rest(data: dict[str, Any], tp: Any, bad: set[Any]) -> list[tu
     A complaint about a key left out is not one: the key's own problem is reported."""
     try:
         msgspec.convert({k: v for k, v in data.items() if k not in bad}, tp,
-                        dec_hook=_decode_hook)
+                        dec_hook=decode_hook)
     except msgspec.ValidationError as e:
         path, message = _explain(str(e), tp)
         if not (path and path[0] in bad):

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from meterline import logs
-from meterline.component import Backpressure, Context, Processor, run_processors
+from meterline.component import Backpressure, Context, Processor, convert, run_processors
 from meterline.event import Event, pack, unpack
 
 
@@ -213,7 +213,6 @@ class _Worker:
         if generation == self.generation:
             return
         from meterline import registry
-        from meterline.config import convert
 
         plan: Plan = pickle.loads(plan_bytes)
         wanted = {(name, s.id): s for name, specs in plan.pipelines.items() for s in specs}

@@ -3,13 +3,19 @@ the guarantees of the single-process daemon (nothing acknowledged lost, counters
 
 import asyncio
 import os
+import pickle
 import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import aiohttp
 import msgspec
 import pytest
+import yaml
 
 from meterline import config as config_mod
+from meterline.workers import Plan, ProcessorSpec
 from tests.helpers import (
     event_dicts,
     eventually,
@@ -192,3 +198,20 @@ async def test_the_daemon_takes_events_again_after_each_of_its_children_is_kille
     out = tmp_path / "data" / "out.jsonl"
     await eventually(lambda: len(read_jsonl(out)) == 251, timeout=20)
     assert daemon.stop() == 0
+
+
+def test_a_worker_with_the_default_processors_holds_no_http_stack(tmp_path):
+    """A worker builds and runs processors only: aiohttp (the listeners', 14 MB) would be
+    memory held for nothing in each worker."""
+    shipped = yaml.safe_load((Path(__file__).parent.parent / "pipeline.yaml").read_text())[
+        "processors"]
+    specs = [ProcessorSpec(name, name.split("/")[0], raw) for name, raw in shipped.items()]
+    plan = pickle.dumps(Plan({"usage": specs}, str(tmp_path)))
+    code = ("import sys; from meterline.event import Event, pack; "
+            "from meterline.workers import _init_worker, _process; "
+            "_init_worker('warning', 'console'); "
+            f"_process(1, {plan!r}, ['usage'], pack([Event(event_id='e', provider='openai')])); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'aiohttp'))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, check=True)
+    assert run.stdout.strip() == "[]"
