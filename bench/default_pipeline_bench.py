@@ -16,7 +16,8 @@ Scenarios (`--only` picks one):
   end-to-end events/s (until all exporters have sent everything, read from the
   daemon's self-metrics), CPU per event and memory, beside a bare aiohttp server
   that decodes the same bodies and appends them as JSON lines (no fsync, whereas the
-  daemon's persistent queues fsync before answering).
+  daemon's persistent queues fsync before answering). It also prints where the
+  daemon's CPU went, by thread (`cpu_by_thread`), and the sends each exporter retried.
 - `gateway`: chat completions with ~60 KB RAG prompts (PII inside) through the
   gateway receiver, in front of the fake upstream answering in 50 ms; latency direct,
   through a bare pass-through proxy (`bench/gateway_bench.py`'s floor) and through
@@ -124,6 +125,41 @@ def tree_cpu_seconds(root: int) -> float:
             continue
         total += sum(int(x) for x in fields[11:15])
     return total / CLK_TCK
+
+
+def cpu_by_thread(root: int) -> dict[tuple[int, str], float]:
+    """CPU seconds of each live thread of the tree, by (thread id, where): "main" or
+    "worker", then the thread's name. Python threads are all named `python` (the event
+    loop, the exporters' and the queues' threads, and the threads chDB runs part of a
+    query on); chDB's own pools have their names (`ThreadPool`, `MergeMutate`...)."""
+    out: dict[tuple[int, str], float] = {}
+    for pid in tree_pids(root):
+        where = "main" if pid == root else "worker"
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            name = stat[stat.index(b"(") + 1:stat.rindex(b")")].decode(errors="replace")
+            fields = stat.rsplit(b")", 1)[1].split()
+            out[(int(tid), f"{where} {name}")] = (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return out
+
+
+def where_cpu_went(before: dict[tuple[int, str], float],
+                   after: dict[tuple[int, str], float], events: int) -> str:
+    """The CPU of a run by where it was spent, µs per event, largest first (threads
+    that ended during the run are missed: their CPU is in the tree total only)."""
+    spent: dict[str, float] = {}
+    for key, seconds in after.items():
+        spent[key[1]] = spent.get(key[1], 0.0) + seconds - before.get(key, 0.0)
+    parts = sorted(((s, w) for w, s in spent.items() if s * 1e6 / events >= 0.5), reverse=True)
+    return ", ".join(f"{w} {s * 1e6 / events:.0f}" for s, w in parts)
 
 
 def tree_rss_mb(root: int) -> tuple[float, int]:
@@ -692,6 +728,7 @@ def scenario_ingest(args: argparse.Namespace, procs: Processes, shipped: dict[st
         url = f"http://127.0.0.1:{daemon.layout.webhook_port}{daemon.layout.webhook_path}"
         before = daemon.metrics()
         cpu0 = tree_cpu_seconds(daemon.pid)
+        threads0 = cpu_by_thread(daemon.pid)
         with RssSampler(daemon.pid) as rss:
             t0 = time.perf_counter()
             # Polled while the posts go on, so that an exporter done as soon as the
@@ -702,6 +739,7 @@ def scenario_ingest(args: argparse.Namespace, procs: Processes, shipped: dict[st
                 accept_s = asyncio.run(post_batches(url, bodies, args.concurrency))
                 done = waiting.result()
             cpu = tree_cpu_seconds(daemon.pid) - cpu0
+            threads = where_cpu_went(threads0, cpu_by_thread(daemon.pid), args.events)
         hwm = vm_hwm_mb(daemon.pid)
         after = daemon.metrics()
     finally:
@@ -716,6 +754,7 @@ def scenario_ingest(args: argparse.Namespace, procs: Processes, shipped: dict[st
     print(f"  daemon: accepted in {accept_s:.2f} s; CPU {cpu:.2f} s; peak RSS "
           f"{rss.peak_mb:.0f} MB over {rss.most_processes} process(es); main VmHWM "
           f"{hwm:.0f} MB; idle {idle:.0f} MB")
+    print(f"  daemon CPU by thread, us/event: {threads}")
 
     floor_dir = tmp / "ingest-floor"
     floor_dir.mkdir()
