@@ -247,3 +247,15 @@ def test_a_notification_delivered_after_its_rolling_mark_was_lowered_does_not_ra
     assert not marks.raise_to(mark)  # delivered now
     assert marks.threshold("k") == 0.0
     assert marks.raise_to({**mark, "turn": marks.turn})  # crossed again: notified
+
+
+def test_a_notification_queued_before_a_restart_is_older_than_the_turns_after_it(tmp_path):
+    before = Marks(tmp_path / "notified.json")
+    for _ in range(3):  # evaluations before the restart
+        before.rearm({}, now=0.0)
+    mark = {"key": "k", "threshold": 0.5, "budget": "acme", "member": None, "expires": None,
+            "turn": before.turn}
+    after = Marks(tmp_path / "notified.json")  # the daemon started again
+    after.marks["k"] = {"threshold": 0.5, "budget": "acme", "member": None, "expires": None}
+    after.rearm({("acme", None): None}, now=0.0)  # the spend fell back
+    assert not after.raise_to(mark)  # delivered now, queued before the restart

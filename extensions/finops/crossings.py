@@ -64,9 +64,11 @@ class Marks:
             self.marks = {}
         # Rolling marks are lowered in turns (`rearm`): the turn each was last lowered in,
         # and the current one. A notification queued before its mark was lowered and
-        # delivered after must not raise it again: the spend fell back meanwhile.
+        # delivered after must not raise it again: the spend fell back meanwhile. Turns
+        # start from the clock, so that those of a notification queued before a restart
+        # are older than any turn after it.
         self.rearmed: dict[str, int] = {}
-        self.turn = 0
+        self.turn = time.time_ns()
         self._saving = asyncio.Lock()
 
     def threshold(self, key: str) -> float:
