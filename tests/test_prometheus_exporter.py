@@ -1,6 +1,7 @@
 """Exporter `prometheus`: /metrics parsed with prometheus_client's parsers after known events."""
 
 import contextlib
+import threading
 
 import aiohttp
 import msgspec
@@ -458,3 +459,21 @@ async def test_only_the_last_dedupe_ids_event_ids_are_remembered(tmp_path):
 def test_a_negative_dedupe_ids_is_refused():
     with pytest.raises(msgspec.ValidationError, match="dedupe_ids must be >= 0"):
         convert({"dedupe_ids": -1}, PrometheusConfig)
+
+
+async def test_batches_are_counted_off_the_event_loop(tmp_path):
+    """A batch is milliseconds of Python: counted on the loop, it would hold up every
+    client the daemon serves meanwhile."""
+    async with exporter(tmp_path) as (prom, port, _):
+        update = prom.store.update
+        threads = []
+
+        def recording(events, now=None):
+            threads.append(threading.current_thread())
+            return update(events, now)
+
+        prom.store.update = recording
+        await prom.export(ExportBatch("b1", [make_event(i) for i in range(3)]))
+        found = samples((await scrape(port))[1])
+    assert threads and threading.main_thread() not in threads
+    assert value(found, "llm_gateway_requests_total", **BASE) == 3

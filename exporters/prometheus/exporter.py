@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import math
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -159,6 +160,10 @@ class PrometheusExporter(Exporter):
         # by the next export, the retry of the failed one
         self._unwritten: dict[tuple[str, Key], tuple[Family, Key, list[float]]] = {}
         self.clock = time.time  # when a batch was seen, when a scrape is
+        # Counting a batch and taking a scrape's copy run in threads, not on the loop that
+        # serves clients (a batch of 1,000 events is milliseconds of Python): they take
+        # turns on the series, the ids seen and the shared file.
+        self._series_lock = threading.Lock()
         self.runner: web.AppRunner | None = None
         self._publisher: asyncio.Task[None] | None = None
 
@@ -181,32 +186,35 @@ class PrometheusExporter(Exporter):
             self.shared.close()
 
     async def export(self, batch: ExportBatch) -> None:
-        now = self.clock()
-        events, claimed = self.recent.claim(batch.events)
-        if len(events) != len(batch.events):
-            self._duplicates.add(len(batch.events) - len(events), self._attrs)
-        try:
-            changed = self.store.update(events, now) if events else []
-        except BaseException:
-            self.recent.release(claimed)  # not counted: a retry counts them
-            raise
-        # Counted from here on: a retry of this batch finds every id claimed and counts
-        # nothing again; it only writes what did not reach the shared file.
-        if self.shared is not None:
-            unwritten = self._unwritten
-            for family, key, values in changed:
-                unwritten[(family.name, key)] = (family, key, values)
-            for ident, (family, key, values) in list(unwritten.items()):
-                self.shared.write(family, key, values, now)  # values: the totals
-                del unwritten[ident]
+        await asyncio.to_thread(self._count, batch)
+
+    def _count(self, batch: ExportBatch) -> None:
+        with self._series_lock:
+            now = self.clock()
+            events, claimed = self.recent.claim(batch.events)
+            if len(events) != len(batch.events):
+                self._duplicates.add(len(batch.events) - len(events), self._attrs)
+            try:
+                changed = self.store.update(events, now) if events else []
+            except BaseException:
+                self.recent.release(claimed)  # not counted: a retry counts them
+                raise
+            # Counted from here on: a retry of this batch finds every id claimed and counts
+            # nothing again; it only writes what did not reach the shared file.
+            if self.shared is not None:
+                unwritten = self._unwritten
+                for family, key, values in changed:
+                    unwritten[(family.name, key)] = (family, key, values)
+                for ident, (family, key, values) in list(unwritten.items()):
+                    self.shared.write(family, key, values, now)  # values: the totals
+                    del unwritten[ident]
 
     async def scrape(self, request: web.Request) -> web.StreamResponse:
         if not self.auth.admits_request(request):
             return unauthorised(plain_text=True)
         encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
-        # Rendering text is most of a scrape's cost: done in a thread, on a copy taken
-        # here, so that receivers keep answering during a large scrape.
-        body = await asyncio.to_thread(encoder, self.snapshot())
+        # In a thread: the copy (under the series lock) and the text, most of the cost.
+        body = await asyncio.to_thread(lambda: encoder(self.snapshot()))
         response = web.Response(body=body, headers={"Content-Type": content_type})
         response.enable_compression()
         return response
@@ -214,7 +222,8 @@ class PrometheusExporter(Exporter):
     # --- what a scrape shows -------------------------------------------------------
     def snapshot(self) -> Snapshot:
         """What a scrape shows now, for prometheus_client's encoders."""
-        return Snapshot(list(self.families()))
+        with self._series_lock:
+            return Snapshot(list(self.families()))
 
     def families(self) -> Iterator[Metric]:
         now = self.clock()
@@ -259,8 +268,13 @@ class PrometheusExporter(Exporter):
     async def _publish_telemetry(self) -> None:
         assert self.shared is not None
         while True:
-            self.shared.publish(self.telemetry(), time.time())
+            await asyncio.to_thread(self._publish)
             await asyncio.sleep(PUBLISH_INTERVAL)
+
+    def _publish(self) -> None:
+        assert self.shared is not None
+        with self._series_lock:
+            self.shared.publish(self.telemetry(), time.time())
 
 
 class Snapshot:
