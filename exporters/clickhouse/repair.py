@@ -44,11 +44,12 @@ from typing import Any
 from meterline.exporters.clickhouse.query import literal, settings_clause
 from meterline.exporters.clickhouse.schema import FINAL_SETTINGS, Rollup, Schema
 
-# Deleting waits until the rows are gone. A rewrite is never taken for a retry of an
-# earlier one: servers that deduplicate `INSERT ... SELECT` blocks would otherwise skip an
-# hour rebuilt a second time with the same rows (chDB 26.9 does not deduplicate them).
+# Deleting waits until the rows are gone. A rewrite (or a mark) is never taken for a
+# retry of an earlier one: servers that deduplicate `INSERT ... SELECT` blocks would
+# otherwise skip an hour rebuilt a second time with the same rows (chDB 26.9 does not
+# deduplicate them); on a cluster it is on the shards before the call returns.
 _DELETE_SETTINGS = {"lightweight_deletes_sync": 2, "mutations_sync": 2}
-_REWRITE_SETTINGS = {"insert_deduplicate": 0, "distributed_foreground_insert": 1}
+_WRITE_SETTINGS = {"insert_deduplicate": 0, "distributed_foreground_insert": 1}
 
 
 # A mark older than this is a writer's that died (or timed out) mid-insert: the repair
@@ -56,7 +57,6 @@ _REWRITE_SETTINGS = {"insert_deduplicate": 0, "distributed_foreground_insert": 1
 ABANDONED_AFTER = 600
 _REBUILD_TRIES = 3
 WAIT_FOR_OLDER = 60.0  # seconds a writer waits for the writers that opened hours before it
-_MARK_SETTINGS = {"insert_deduplicate": 0, "distributed_foreground_insert": 1}
 
 
 def miscounted_hours(client: Any, schema: Schema, *, since: int | None = None,
@@ -83,7 +83,7 @@ def miscounted_hours(client: Any, schema: Schema, *, since: int | None = None,
             f"SELECT toUnixTimestamp({rollup.check_bucket('timestamp')}) AS h, count() "
             f"FROM {schema.deduplicated_events} "
             f"WHERE {chosen(rollup, 'toStartOfHour(timestamp)')} "
-            "GROUP BY h", settings=FINAL_SETTINGS).result_rows)
+            f"GROUP BY h {settings_clause(FINAL_SETTINGS)}").result_rows)
 
     expected: dict[int, dict[int, int]] = {}  # by the length of the buckets compared
     wrong: set[int] = set()
@@ -123,7 +123,7 @@ def _mark(client: Any, schema: Schema, hours: Collection[int], token: str, state
                               for h in sorted(hours))
     # (an INSERT ... SELECT: chDB applies no setting to an INSERT ... VALUES)
     client.command(f"INSERT INTO {schema.qualified(schema.open_hours_table)} "
-                   f"(hour, token, state) {settings_clause(_MARK_SETTINGS)} {rows}")
+                   f"(hour, token, state) {settings_clause(_WRITE_SETTINGS)} {rows}")
 
 
 def wait_for_older(client: Any, schema: Schema, hours: Collection[int], token: str,
@@ -164,10 +164,10 @@ def rebuild(client: Any, schema: Schema, hours: list[int], wait: bool = True) ->
         wait_for_older(client, schema, hours, token)
     for _ in range(_REBUILD_TRIES):
         for rollup in schema.rollups:
-            client.command(schema.delete_rollup_hours(rollup, _listed(hours)),
-                           settings=_DELETE_SETTINGS)
-            client.command(schema.rebuild_rollup_hours(rollup, _listed(hours)),
-                           settings=_REWRITE_SETTINGS)
+            client.command(f"{schema.delete_rollup_hours(rollup, _listed(hours))} "
+                           f"{settings_clause(_DELETE_SETTINGS)}")
+            client.command(schema.rebuild_rollup_hours(rollup, _listed(hours),
+                                                       settings_clause(_WRITE_SETTINGS)))
         if not miscounted_hours(client, schema, among=hours):
             close_hours(client, schema, hours, token)
             return True

@@ -514,10 +514,11 @@ class Schema:
                 f"TO {self._stored(rollup.table)}\n"
                 f"AS {self.rollup_select(rollup, self._stored(self.events))}")
 
-    def fill_rollup(self, rollup: Rollup, where: str | None = None) -> str:
-        """Write a rollup's rows from the deduplicated events (those `where` holds)."""
+    def fill_rollup(self, rollup: Rollup, where: str | None = None, settings: str = "") -> str:
+        """Write a rollup's rows from the deduplicated events (those `where` holds), with
+        the insert's `SETTINGS` clause, if any."""
         columns = ", ".join(c.name for c in self.rollup_columns(rollup) if not c.alias)
-        return (f"INSERT INTO {self.qualified(rollup.table)} ({columns})\n"
+        return (f"INSERT INTO {self.qualified(rollup.table)} ({columns}) {settings}\n"
                 + self.rollup_select(rollup, self.deduplicated_events, where))
 
     @property
@@ -533,9 +534,9 @@ class Schema:
         return (f"DELETE FROM {self._stored(rollup.table)}{self.on_cluster} "
                 f"WHERE {self._buckets_of(rollup, rollup.time_column, hours)}")
 
-    def rebuild_rollup_hours(self, rollup: Rollup, hours: str) -> str:
+    def rebuild_rollup_hours(self, rollup: Rollup, hours: str, settings: str = "") -> str:
         """Write a rollup's rows of those buckets again, from the deduplicated events."""
-        return self.fill_rollup(rollup, self._buckets_of(rollup, "timestamp", hours))
+        return self.fill_rollup(rollup, self._buckets_of(rollup, "timestamp", hours), settings)
 
     @staticmethod
     def _buckets_of(rollup: Rollup, column: str, hours: str) -> str:
