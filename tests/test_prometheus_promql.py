@@ -109,6 +109,16 @@ async def scraped(base, expression, expected, timeout=30.0):
         await asyncio.sleep(0.1)
 
 
+async def scraped_after(base, at, timeout=30.0):
+    """Wait until Prometheus holds a scrape that started after `at`: every scrape before
+    it is stored then (a target's scrapes are taken one after the other), so every query
+    evaluated at `at` sees the same samples, whenever it runs."""
+    deadline = time.monotonic() + timeout
+    while not any(float(r["value"][1]) > at for r in await query(base, "timestamp(up)")):
+        assert time.monotonic() < deadline, f"no scrape after {at}"
+        await asyncio.sleep(0.1)
+
+
 async def values(base, expression, at, *labels):
     """The result of `expression` at time `at`, by the values of `labels`."""
     return {tuple(r["metric"].get(k, "") for k in labels): float(r["value"][1])
@@ -154,6 +164,7 @@ async def _figures(base, service, upstream, webhook, gateway):
             await scraped(base, "sum(llm_gateway_requests_total)", 4 * round_)
         await asyncio.sleep(0.5)  # a few more scrapes
         at = time.time()
+        await scraped_after(base, at)
         requests = await values(base, REQUEST_RATE, at, "provider", "status")
         mean = await values(base, MEAN_DURATION, at, "provider", "status")
         tokens = await values(base, TOKEN_RATE, at, "provider")
