@@ -454,23 +454,30 @@ class Reader:
         events or rollup rows, filtered), and with `total` the row of all of them too
         (`_IS_TOTAL` 1, its dimensions empty)."""
         t = _time_column(source)
+        # A rollup row is marked once for each condition an aggregate tests (a part of the
+        # window figures are asked `within`, a `Figure`'s condition), and the aggregates
+        # test the mark: ClickHouse plans a condition written into every aggregate once per
+        # aggregate, over each branch of the rows it reads, and that planning, not the
+        # rows, was half of `analytics/models` (24 aggregates over 4 parts).
+        conditions = [*(part.condition(t) for _, part in within.values()),
+                      *(v.condition for v in extra.values()
+                        if isinstance(v, Figure) and v.condition)]
+        marks = ({condition: f"_if_{k}" for k, condition in enumerate(dict.fromkeys(
+            conditions))} if source == "rollup" else {})
+
+        def figure(name: str, condition: str | None) -> str:
+            return BY_NAME[name].sql(source, condition and marks.get(condition, condition))
+
         exprs = {d.name: d.sql(source) for d in by}
         exprs |= {f: BY_NAME[f].sql(source) for f in figures}
-        exprs |= {name: sql.sql(source) if isinstance(sql, Figure) else sql.replace("{t}", t)
-                  for name, sql in extra.items()}
-        # A rollup row is marked once for each part of the window figures are asked
-        # `within`, and the aggregates test the mark: ClickHouse plans a condition written
-        # into every aggregate once per aggregate, over each branch of the rows it reads,
-        # and that planning, not the rows, was half of `analytics/models` (24 aggregates
-        # over 4 parts).
-        marks = ({part: f"_in_{k}" for k, part in enumerate(dict.fromkeys(
-            part for _, part in within.values()))} if source == "rollup" else {})
-        exprs |= {name: BY_NAME[figure].sql(source, marks.get(part) or part.condition(t))
-                  for name, (figure, part) in within.items()}
+        exprs |= {name: figure(sql.name, sql.condition) if isinstance(sql, Figure)
+                  else sql.replace("{t}", t) for name, sql in extra.items()}
+        exprs |= {name: figure(name_, part.condition(t))
+                  for name, (name_, part) in within.items()}
         columns = ", ".join(f"{sql} AS `_{name}`" for name, sql in exprs.items())
-        rows = rows or self._rows_of(window, filters, cuts, by, plan, columns)
+        marked = ", ".join(f"{condition} AS {mark}" for condition, mark in marks.items())
+        rows = rows or self._rows_of(window, filters, cuts, by, plan, f"{columns} {marked}")
         if marks:
-            marked = ", ".join(f"{part.condition(t)} AS {mark}" for part, mark in marks.items())
             rows = f"(SELECT *, {marked} FROM {rows})"
         keys = ", ".join(f"`_{d.name}`" for d in by)
         if total:  # (`grouping` is 1 where the dimension is not a key: the total)
