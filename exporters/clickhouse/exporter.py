@@ -306,11 +306,17 @@ class ClickHouseExporter(Exporter):
 
 
 # JSON lines of events, read as the columns: fields the table lacks are skipped, and the
-# messages, params and attributes are kept as their JSON text.
+# messages, params and attributes are kept as their JSON text. A batch's file is parsed
+# on one thread (parallel parsing cost 40% more CPU for 10,000 lines of 1.4 KB), and the
+# blocks inserted are not merged by key first: `_insert` stored each event once, and a
+# view's rows are grouped by its rollup's key already. Together a 10,000-event insert
+# with every view went from 535 to 387 ms (medians of 15, interleaved, merges stopped).
 _LINES_SETTINGS = {"input_format_skip_unknown_fields": 1,
                    "input_format_json_read_arrays_as_strings": 1,
                    "input_format_json_read_objects_as_strings": 1,
-                   "input_format_null_as_default": 1}
+                   "input_format_null_as_default": 1,
+                   "input_format_parallel_parsing": 0,
+                   "optimize_on_insert": 0}
 
 
 # Unsigned integer columns by their range: JSON text wraps a number past the column's type
