@@ -62,10 +62,19 @@ class QueueConfig(Config):
 class BatchConfig(Config):
     max_size: int = 1000  # events per export batch
     timeout: Duration = Duration(0.2)  # how long a partial batch waits for more
+    # and at most this many MB of events (packed, as queued), at least one event: a
+    # backlog of long prompts must not become a batch the exporter cannot hold
+    max_size_mb: float = 32
 
     def __post_init__(self) -> None:
         if self.max_size < 1:
             raise ValueError("max_size must be at least 1")
+        if self.max_size_mb <= 0:
+            raise ValueError("max_size_mb must be positive")
+
+    @property
+    def max_bytes(self) -> int:
+        return int(self.max_size_mb * (1 << 20))
 
 
 class RetryConfig(Config):
@@ -213,8 +222,8 @@ class ExporterRunner:
         """Wait for a batch (full, or partial after its timeout), deliver it, ack it."""
         batch_cfg = self.config.batch
         await self.queue.wait_for(1, None)
-        await self.queue.wait_for(batch_cfg.max_size, batch_cfg.timeout)
-        batch = await self.queue.take(batch_cfg.max_size)
+        await self.queue.wait_for(batch_cfg.max_size, batch_cfg.timeout, batch_cfg.max_bytes)
+        batch = await self.queue.take(batch_cfg.max_size, batch_cfg.max_bytes)
         if batch is not None:
             await self._deliver(batch)
             await self.queue.ack(batch)

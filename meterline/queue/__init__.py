@@ -64,10 +64,23 @@ class Batch:
 class Record:
     seq: int
     count: int
-    size: int = 0  # bytes on disk, persistent queue only
+    size: int = 0  # bytes of its events packed (persistent queue: the record on disk)
     events: list[Event] | None = None  # in memory; None when it must be read from disk
     segment: int = 0
     offset: int = 0
+
+    def share(self, first: int, last: int) -> int:
+        """The bytes of events [first, last): the size spread over the events, a whole
+        number each, adding up to the size (so what is taken and left stays exact)."""
+        return self.size * last // self.count - self.size * first // self.count
+
+    def fitting(self, first: int, budget: int) -> int:
+        """The end of the longest run of events from `first` whose share is at most
+        `budget` bytes (`first` itself when not even one event fits)."""
+        if self.size == 0:
+            return self.count
+        below = self.size * first // self.count + budget + 1  # shares end below this
+        return min(self.count, (below * self.count - 1) // self.size)
 
 
 _PENDING, _COMMITTED, _ABORTED = 0, 1, 2
@@ -129,6 +142,7 @@ class Queue(ABC):
         self._acked: Position = (0, 0)
         self._seq = 0  # of the last record staged
         self._available = 0  # events not yet taken
+        self._available_bytes = 0  # their share of their records' sizes
         self._queued = 0  # events not yet acked (taken ones included)
         self._staging: deque[Staged] = deque()  # in seq order
         self._staged_events = 0  # events staged, not yet appended (or dropped)
@@ -194,6 +208,7 @@ class Queue(ABC):
     def _appended(self, record: Record) -> None:
         self._records.append(record)
         self._available += record.count
+        self._available_bytes += record.size
         self._queued += record.count
         self._changed.set()
 
@@ -231,11 +246,14 @@ class Queue(ABC):
             async with asyncio.timeout(timeout):
                 await self._unstaged.wait()
 
-    async def wait_for(self, count: int, timeout: float | None) -> None:
-        """Wait until `count` events are available, or `timeout` seconds pass."""
+    async def wait_for(self, count: int, timeout: float | None,
+                       max_bytes: int | None = None) -> None:
+        """Wait until `count` events, or `max_bytes` of them, are available, or `timeout`
+        seconds pass."""
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
-        while self._available < count and self._replay is None and not self._interrupted:
+        while self._available < count and self._replay is None and not self._interrupted \
+                and (max_bytes is None or self._available_bytes < max_bytes):
             self._changed.clear()
             if deadline is None:
                 await self._changed.wait()
@@ -257,19 +275,22 @@ class Queue(ABC):
         self._interrupted = True
         self._changed.set()
 
-    async def take(self, max_events: int) -> ExportBatch | None:
-        """Form the next batch (at most `max_events`, unless replaying one formed before
-        a restart, which keeps its exact extent and id). None when nothing is available.
-        A batch taken but never acked is handed out again."""
+    async def take(self, max_events: int, max_bytes: int | None = None) -> ExportBatch | None:
+        """Form the next batch: at most `max_events`, and at most `max_bytes` of them by
+        their packed size but never less than one event, unless replaying one formed
+        before a restart, which keeps its exact extent and id. None when nothing is
+        available. A batch taken but never acked is handed out again."""
         if self._inflight is not None:
             return self._inflight[0]
         start = self._acked
         limit = max_events
+        budget = max_bytes
         stop: Position | None = None
         if self._replay is not None:
             start, stop = self._replay
-            limit = 1 << 62
+            limit, budget = 1 << 62, None
         events: list[Event] = []
+        taken = 0  # bytes
         end = start
         for record in self._records:
             if record.seq < start[0]:
@@ -279,16 +300,24 @@ class Queue(ABC):
             if stop is not None and record.seq == stop[0]:
                 last = stop[1]
             last = min(last, first + limit - len(events))
+            fits = last if budget is None else record.fitting(first, budget - taken)
+            full = fits < last  # the bytes end the batch inside this record
+            if full:
+                last = max(fits, first + (not events))  # the first event goes, whatever its size
+                if last == first:
+                    break
             if last > first:
                 chunk = self._events_of(record)
                 events.extend(chunk if first == 0 and last == len(chunk) else chunk[first:last])
+                taken += record.share(first, last)
             end = (record.seq, last)
-            if len(events) >= limit or (stop is not None and record.seq >= stop[0]):
+            if full or len(events) >= limit or (stop is not None and record.seq >= stop[0]):
                 break
         self._replay = None
         if not events:
             return None
         self._available -= len(events)
+        self._available_bytes -= taken
         batch = ExportBatch(f"{self.incarnation}:{start[0]}.{start[1]}-{end[0]}.{end[1]}", events)
         self._inflight = (batch, end)
         await self._formed(start, end)

@@ -18,7 +18,9 @@ class MemoryQueue(Queue):
         return held == 0 or held + len(batch) <= self.max_events
 
     def _store(self, seq: int, batch: Batch) -> Record:
-        return Record(seq, len(batch), events=batch.events)
+        # its packed size, which batches are bounded by (packed once for every queue; the
+        # workers hand their results over packed already)
+        return Record(seq, len(batch), len(batch.packed), events=batch.events)
 
     def put_now(self, events: list[Event]) -> None:
         self.stage(Batch(events)).commit()

@@ -143,6 +143,7 @@ class PersistentQueue(Queue):
                 self._live[n] = self._live.get(n, 0) + 1
                 skipped = acked_index if seq == acked_seq else 0
                 self._available += count - skipped
+                self._available_bytes += record.share(skipped, count)
                 self._queued += count - skipped
             offset = end
         if offset < size:
