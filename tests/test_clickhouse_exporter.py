@@ -275,6 +275,31 @@ async def test_looking_for_bad_rows_is_bounded_and_refuses_what_is_left(make_exp
     assert all(e.input_tokens == 1 for e in events if e not in refused.value.events)
 
 
+def long_prompt(i: int, size: int) -> Event:
+    return make_event(i, input_messages=[{"role": "user", "content": f"{i} " + "y" * size}])
+
+
+async def test_an_insert_over_the_query_memory_limit_is_stored_in_parts(make_exporter):
+    exporter = await make_exporter(max_query_memory_mib=16)
+    events = [long_prompt(i, 500_000) for i in range(40)]  # 20 MB of prompts
+    writes = []
+    write = exporter._write
+    exporter._write = lambda batch_id, group: (writes.append(len(group)), write(batch_id, group))
+    await exporter.export(ExportBatch("a", events))
+    assert writes[0] == 40 and len(writes) > 1  # the whole did not fit, its parts did
+    assert counts(exporter) == (40, 40, 40)
+
+
+async def test_an_event_over_the_query_memory_limit_alone_is_refused_and_the_rest_stored(
+        make_exporter):
+    exporter = await make_exporter(max_query_memory_mib=16)
+    events = [make_event(i) for i in range(10)] + [long_prompt(10, 40_000_000)]
+    with pytest.raises(PermanentError, match="more than max_query_memory_mib") as refused:
+        await exporter.export(ExportBatch("a", events))
+    assert [e.event_id for e in refused.value.events] == ["evt-00000010"]
+    assert counts(exporter) == (10, 10, 10)
+
+
 async def test_a_column_missing_from_the_table_is_permanent_and_names_it(make_exporter):
     exporter = await make_exporter(start=False, create_schema=False)
     older = Schema(columns=tuple(c for c in COLUMNS if c.name != "itl_ms"))

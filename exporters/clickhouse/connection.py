@@ -286,6 +286,17 @@ def is_row_error(error: Exception) -> bool:
     return isinstance(error, DatabaseError) and getattr(error, "code", None) in ROW_CODES
 
 
+def over_query_memory(error: Exception) -> PermanentError | None:
+    """For an insert that took more memory than one query may (`max_query_memory_mib`),
+    rather than more than the process as a whole had, the refusal to give if even one
+    event is too big; None for any other error. A smaller insert may fit."""
+    if not (isinstance(error, DatabaseError) and getattr(error, "code", None) == 241
+            and "Query memory limit exceeded" in str(error)):
+        return None
+    return PermanentError(f"an insert needs more than max_query_memory_mib: "
+                          f"{_first_line(error)}")
+
+
 def _http_status(error: Exception) -> int | None:
     m = _HTTP_STATUS.search(str(error))
     return int(m.group(1)) if m else None

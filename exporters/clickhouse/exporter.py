@@ -59,6 +59,7 @@ from meterline.exporters.clickhouse.connection import (
     insert_settings,
     is_row_error,
     open_client,
+    over_query_memory,
 )
 from meterline.exporters.clickhouse.query import Reader, iso, literal, settings_clause
 from meterline.exporters.clickhouse.schema import Schema, ensure_schema
@@ -193,8 +194,10 @@ class ClickHouseExporter(Exporter):
     def _store(self, batch_id: str, events: list[Event]) -> tuple[list[Event], Exception | None]:
         """Insert the events; if ClickHouse refuses a value of some row, find the rows at
         fault by inserting halves (recursively, within `_ISOLATING_INSERTS` inserts) and
-        store the others. Returns the refused events and why. Any other error is raised:
-        a retry sends the batch again, and the "already stored?" check skips what got in."""
+        store the others. An embedded insert over the query memory limit is split the
+        same way, and an event too big even alone is refused with that reason. Returns
+        the refused events and why. Any other error is raised: a retry sends the batch
+        again, and the "already stored?" check skips what got in."""
         pending, refused = [events], []
         error: Exception | None = None
         inserts = 0
@@ -204,9 +207,10 @@ class ClickHouseExporter(Exporter):
                 inserts += 1
                 self._write(batch_id, group)
             except Exception as e:
-                if not is_row_error(e):
+                too_big = over_query_memory(e) if self._embedded is not None else None
+                if not (is_row_error(e) or too_big):
                     raise classify(e) from e
-                error = error or classify(e)
+                error = error or too_big or classify(e)
                 if len(group) == 1 or inserts >= _ISOLATING_INSERTS:
                     refused += group
                 else:
