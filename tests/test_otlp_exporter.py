@@ -41,9 +41,10 @@ PARENT = "00f067aa0ba902b7"
 class Sink:
     """An OTLP gRPC server that records what it gets and fails when told to."""
 
-    def __init__(self, tls=None):
+    def __init__(self, tls=None, max_receive=None):
         self.port = free_port()
         self.tls = tls  # (key PEM, certificate PEM) to serve TLS
+        self.max_receive = max_receive  # bytes of a request it takes (gRPC's default: 4 MiB)
         self.requests = {"traces": [], "logs": [], "metrics": []}
         self.metadata = []
         self.failures = []  # (signal, grpc code, retry delay seconds or None), in order
@@ -89,7 +90,8 @@ class Sink:
                 return await sink.handle("metrics", request, context,
                                          metrics_service_pb2.ExportMetricsServiceResponse())
 
-        self.server = grpc.aio.server()
+        self.server = grpc.aio.server(options=[("grpc.max_receive_message_length",
+                                                self.max_receive or 4 << 20)])
         trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Traces(), self.server)
         logs_service_pb2_grpc.add_LogsServiceServicer_to_server(Logs(), self.server)
         metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(Metrics(), self.server)
@@ -219,6 +221,51 @@ async def test_a_partial_success_is_counted_and_not_retried(tmp_path):
         assert metric_value(registry, "meterline_exporter_otlp_rejected_items_total",
                             signal="traces") == 1
     assert len(sink.requests["traces"]) == 1
+
+
+def long_prompts(count, size=40_000, start=0):
+    return [make_event(i, input_messages=[{"role": "user", "content": f"{i} " + "z" * size}])
+            for i in range(start, start + count)]
+
+
+async def test_a_batch_over_max_request_mb_is_sent_in_requests_the_server_takes(tmp_path):
+    async with Sink(max_receive=256 << 10) as sink, exporter(
+            tmp_path, endpoint=f"http://127.0.0.1:{sink.port}", max_request_mb=0.25) as (otlp, _):
+        await otlp.export(ExportBatch("b1", long_prompts(20)))  # 800 KB of prompts
+    assert sorted(attributes(s)["meterline.event_id"] for s in sink.spans()) == sorted(
+        e.event_id for e in long_prompts(20))
+    assert len(sink.requests["traces"]) >= 4
+    assert all(r.ByteSize() <= 256 << 10 for r in sink.requests["traces"])
+
+
+async def test_a_retried_batch_does_not_resend_the_parts_already_accepted(tmp_path):
+    async with Sink() as sink, exporter(tmp_path, endpoint=f"http://127.0.0.1:{sink.port}",
+                                        max_request_mb=0.25) as (otlp, _):
+        record, calls = sink.handle, []
+
+        async def second_request_fails_once(signal, request, context, response):
+            calls.append(signal)
+            if len(calls) == 2:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "busy")
+            return await record(signal, request, context, response)
+
+        sink.handle = second_request_fails_once
+        batch = long_prompts(20)
+        with pytest.raises(RetryableError):
+            await otlp.export(ExportBatch("b1", batch))
+        await otlp.export(ExportBatch("b1", batch))
+    assert sorted(attributes(s)["meterline.event_id"] for s in sink.spans()) == sorted(
+        e.event_id for e in batch)  # each span once
+
+
+async def test_an_event_too_big_even_alone_is_refused_and_the_others_sent(tmp_path):
+    async with Sink() as sink, exporter(tmp_path, endpoint=f"http://127.0.0.1:{sink.port}",
+                                        max_request_mb=0.25) as (otlp, _):
+        batch = [*long_prompts(3, size=1000), *long_prompts(1, size=1_000_000, start=3)]
+        with pytest.raises(PermanentError, match="over max_request_mb") as refused:
+            await otlp.export(ExportBatch("b1", batch))
+    assert [e.event_id for e in refused.value.events] == ["evt-00000003"]
+    assert len(sink.spans()) == 3
 
 
 @contextlib.asynccontextmanager

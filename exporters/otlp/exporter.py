@@ -1,8 +1,9 @@
 """Exporter `otlp`: each event as a CLIENT span (and optionally a log record and GenAI
 metrics) to Jaeger, Tempo, an OpenTelemetry Collector or any OTLP backend.
 
-A batch is sent signal by signal (traces, then logs, then metrics). When a later
-signal fails and the batch is retried, the signals already accepted are not sent
+A batch is sent signal by signal (traces, then logs, then metrics), each in as few
+requests as `max_request_mb` allows (long prompts travel in the spans). When a later
+signal or part fails and the batch is retried, those already accepted are not sent
 again. A partial success (the server rejected some items) is logged and counted
 (`meterline_exporter_otlp_rejected_items_total`), not retried: the OTLP spec says
 a retry would be rejected the same way. A backend without a signal's service (Jaeger
@@ -20,7 +21,7 @@ from typing import Any, Literal
 import msgspec
 from google.protobuf.message import Message
 
-from meterline.component import Context, ExportBatch, Exporter, Factory
+from meterline.component import Context, ExportBatch, Exporter, Factory, PermanentError
 from meterline.delivery import ExporterConfig, refuse_projection
 from meterline.event import Event
 from meterline.exporters.otlp.encode import (
@@ -60,6 +61,9 @@ class OtlpExporterConfig(ExporterConfig):
     tls: OtlpTlsConfig = msgspec.field(default_factory=OtlpTlsConfig)
     compression: Literal["gzip", "none"] = "gzip"  # of request bodies
     timeout: Duration = Duration(10)  # per request
+    # the largest request sent, before compression: servers refuse bigger ones (4 MiB is
+    # gRPC's default), so a batch of long prompts is sent in parts that fit
+    max_request_mb: float = 4
     traces: bool = True  # one CLIENT span per event
     logs: bool = False  # one log record per event (gen_ai.client.inference.operation.details)
     metrics: bool = False  # the GenAI client histograms, delta temporality
@@ -74,6 +78,8 @@ class OtlpExporterConfig(ExporterConfig):
             raise ValueError("enable at least one of traces, logs, metrics")
         if self.timeout <= 0:
             raise ValueError("timeout must be positive")
+        if self.max_request_mb <= 0:
+            raise ValueError("max_request_mb must be positive")
         if self.protocol == "grpc" and (self.tls.key_password or self.tls.insecure_skip_verify):
             raise ValueError("tls.key_password and tls.insecure_skip_verify apply to protocol: "
                              "http only (gRPC reads an unencrypted key_file and always "
@@ -119,22 +125,52 @@ class OtlpExporter(Exporter):
         assert self._transport is not None
         if self._done[0] != batch.id:
             self._done = (batch.id, set())
-        done = self._done[1]
+        done = self._done[1]  # signals, and parts of a signal, of this batch sent already
+        too_big: dict[str, Event] = {}
         for signal in self.config.signals:
             if signal in done:
                 continue
-            request = _ENCODERS[signal](batch.events, self.config.resource)
-            if signal == "metrics" and not _has_points(request):
-                done.add(signal)
-                continue
-            try:
-                response = await self._transport.send(signal, request)
-            except SignalUnsupported as e:
-                done.add(signal)
-                self._signal_unsupported(signal, len(batch.events), e)
-                continue
+            parts, alone = self._parts(signal, batch.events)
+            too_big.update((e.event_id, e) for e in alone)
+            for index, (request, events) in enumerate(parts):
+                if f"{signal}/{index}" in done or (
+                        signal == "metrics" and not _has_points(request)):
+                    continue
+                try:
+                    response = await self._transport.send(signal, request)
+                except SignalUnsupported as e:
+                    self._signal_unsupported(signal, len(batch.events), e)
+                    break
+                done.add(f"{signal}/{index}")
+                self._partial_success(signal, response, events)
             done.add(signal)
-            self._partial_success(signal, response, batch.events)
+        if too_big:
+            raise PermanentError(
+                f"{len(too_big)} event(s) of {len(batch.events)} make an OTLP request over "
+                f"max_request_mb ({self.config.max_request_mb:g}) even alone; the others "
+                f"were sent", events=list(too_big.values()))
+
+    def _parts(self, signal: str, events: list[Event]
+               ) -> tuple[list[tuple[Message, list[Event]]], list[Event]]:
+        """The requests that send `events`' `signal`, each within `max_request_mb`: the
+        whole batch, else its halves, recursively (always the same parts for the same
+        batch, so a retry skips those sent); and the events too big even alone. Metrics
+        are one request: their points are sums over the batch, and hold no prompts."""
+        limit = self.config.max_request_mb * (1 << 20)
+        encode = _ENCODERS[signal]
+        parts: list[tuple[Message, list[Event]]] = []
+        alone: list[Event] = []
+        pending = [events]
+        while pending:
+            group = pending.pop()
+            request = encode(group, self.config.resource)
+            if signal == "metrics" or request.ByteSize() <= limit:
+                parts.append((request, group))
+            elif len(group) == 1:
+                alone += group
+            else:
+                pending += [group[len(group) // 2:], group[:len(group) // 2]]
+        return parts, alone
 
     def _signal_unsupported(self, signal: str, events: int, error: SignalUnsupported) -> None:
         self._unsupported.add(events, {"exporter": self.id, "signal": signal})
