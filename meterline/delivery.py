@@ -15,7 +15,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import msgspec
 
@@ -32,7 +32,7 @@ from meterline.component import (
     cancel_and_wait,
 )
 from meterline.content import Policy, enforcer
-from meterline.event import to_jsonl
+from meterline.event import Event, to_jsonl
 from meterline.filtering import Filter
 from meterline.projection import Projection
 from meterline.queue import Batch, Queue, Staged
@@ -40,6 +40,8 @@ from meterline.queue.memory import MemoryQueue
 from meterline.queue.persistent import PersistentQueue
 from meterline.telemetry import Telemetry
 from meterline.units import Duration
+
+R = TypeVar("R")  # an exporter's request
 
 
 class QueueConfig(Config):
@@ -113,6 +115,28 @@ def refuse_projection(config: ExporterConfig, exporter: str, why: str) -> None:
         raise ValueError(f"projection: the {exporter} exporter {why}, so it takes no "
                          "projection; use content: to keep prompts out, or send documents "
                          "with a file, kafka or http exporter")
+
+
+def requests_within(events: list[Event], encode: Callable[[list[Event]], R],
+                    size: Callable[[R], int], limit: float
+                    ) -> tuple[list[tuple[R, list[Event]]], list[Event]]:
+    """The requests (`encode`d groups of `events`) that send them each within `limit`
+    bytes by `size`: the whole, else its halves, recursively, in order; and the events too
+    big even alone. For exporters whose servers refuse large requests (413, gRPC's 4 MiB):
+    the parts are the same for the same events, so a retry can skip those sent."""
+    parts: list[tuple[R, list[Event]]] = []
+    alone: list[Event] = []
+    pending = [events]
+    while pending:
+        group = pending.pop()
+        request = encode(group)
+        if size(request) <= limit:
+            parts.append((request, group))
+        elif len(group) == 1:
+            alone += group
+        else:
+            pending += [group[len(group) // 2:], group[:len(group) // 2]]
+    return parts, alone
 
 
 def backoff_delays(config: RetryConfig) -> Iterator[float]:

@@ -211,6 +211,65 @@ async def test_bulk_partial_failure_dead_letters_only_the_refused_item(tmp_path)
     assert es.stored["evt-00000003"]["request_model"] == "gpt-4o-mini"
 
 
+# --- request size -------------------------------------------------------------------------
+
+class Intake:
+    """A JSON-lines intake that refuses bodies over `limit` bytes (413), as Datadog's logs
+    intake does past 5 MB, and answers 503 to the requests listed in `busy` (by number)."""
+
+    def __init__(self, limit: int, busy: tuple[int, ...] = ()) -> None:
+        self.limit = limit
+        self.busy = set(busy)
+        self.requests = 0
+        self.stored: list[str] = []
+
+    async def handle(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        self.requests += 1
+        if len(body) > self.limit:
+            return web.Response(status=413, text="payload too large")
+        if self.requests in self.busy:
+            return web.Response(status=503)
+        self.stored += [msgspec.json.decode(line)["event_id"] for line in body.split()]
+        return web.Response(status=202)
+
+
+def long_prompts(count: int, size: int = 20_000, start: int = 0) -> list:
+    return [make_event(i, input_messages=[{"role": "user", "content": "p" * size}])
+            for i in range(start, start + count)]
+
+
+async def test_a_batch_over_max_request_mb_goes_in_requests_the_intake_takes(tmp_path):
+    intake = Intake(limit=100_000)
+    async with serving("/in", intake.handle) as base:
+        exporter = HttpExporter(convert({"endpoint": f"{base}/in", "max_request_mb": 0.09},
+                                        HttpExporterConfig), make_context(tmp_path))
+        await exporter.export(ExportBatch("b", long_prompts(20)))  # 400 KB
+        await exporter.shutdown()
+    assert intake.stored == [e.event_id for e in long_prompts(20)]
+    assert intake.requests >= 5
+
+
+async def test_a_request_to_retry_is_sent_again_without_the_ones_before_it(tmp_path):
+    intake = Intake(limit=100_000, busy=(3,))
+    async with serving("/in", intake.handle) as base, delivering(
+            tmp_path, endpoint=f"{base}/in", max_request_mb=0.09) as runner:
+        await runner.put(Batch(long_prompts(20)))
+        await eventually(lambda: sent(runner) == 20)
+    assert sorted(intake.stored) == sorted(e.event_id for e in long_prompts(20))  # each once
+
+
+async def test_an_event_too_big_even_alone_is_dead_lettered_and_the_rest_sent(tmp_path):
+    intake = Intake(limit=100_000)
+    async with serving("/in", intake.handle) as base, delivering(
+            tmp_path, endpoint=f"{base}/in", max_request_mb=0.09) as runner:
+        await runner.put(Batch([*long_prompts(2), *long_prompts(1, size=200_000, start=2)]))
+        await eventually(lambda: dead_letters(tmp_path))
+        await eventually(lambda: sent(runner) == 2)
+    assert dead_letters(tmp_path) == ["evt-00000002"]
+    assert intake.stored == ["evt-00000000", "evt-00000001"]
+
+
 # --- retries, compression, authentication, TLS -------------------------------------------
 
 async def test_a_503_is_retried_after_the_servers_retry_after(tmp_path):

@@ -33,6 +33,9 @@ class HttpExporterConfig(ExporterConfig, kw_only=True):
     compression: Literal["none", "gzip"] = "none"  # of request bodies (Content-Encoding)
     tls: TlsConfig | None = None  # https: CAs, client certificate; null: the system's CAs
     timeout: Duration = Duration(30)  # for one request and its answer
+    # the largest body sent, before compression: a batch is sent in as many requests as it
+    # needs (Datadog's logs intake takes 5 MB; Elasticsearch's _bulk is best at 5-15 MB)
+    max_request_mb: float = 5
 
     def __post_init__(self) -> None:
         if not self.endpoint.startswith(("http://", "https://")):
@@ -48,6 +51,8 @@ class HttpExporterConfig(ExporterConfig, kw_only=True):
             raise ValueError(f"{' and '.join(given)}: give one way to authenticate")
         if self.timeout <= 0:
             raise ValueError("timeout must be positive")
+        if self.max_request_mb <= 0:
+            raise ValueError("max_request_mb must be positive")
         if self.format != "bulk" and (self.index != "meterline-events"
                                       or self.bulk_action != "index"):
             raise ValueError("index and bulk_action apply to format: bulk only")

@@ -1,4 +1,5 @@
-"""Exporter `http`: each batch POSTed to a URL, for the services that take JSON over HTTP.
+"""Exporter `http`: each batch POSTed to a URL, for the services that take JSON over HTTP,
+in as many requests as `max_request_mb` asks (a service refuses bodies past its limit).
 
 Splunk HEC (`/services/collector/event`, NDJSON), Datadog's logs intake (`/api/v2/logs`,
 a JSON array), Elasticsearch and OpenSearch (`/_bulk`), or a service of one's own; the
@@ -9,7 +10,10 @@ What an answer means, as the delivery loop (`meterline/delivery.py`) understands
 - 2xx: delivered;
 - 408, 429, 5xx, or no answer (refused, reset, timed out): retried with backoff, waiting at
   least the server's `Retry-After`;
-- any other status: permanent; the batch is dead-lettered;
+- any other status: permanent; the request's events are dead-lettered (and the other
+  requests of the batch still sent);
+- when a request of a batch is retried, the requests before it were delivered: only its
+  events and those after it are sent again;
 - a `_bulk` answer with `"errors": true`: per item. Items answered 429 or 5xx are sent
   again (alone), the others that failed (a 400 `mapper_parsing_exception`...) are
   dead-lettered, the rest were stored. With `bulk_action: create`, a 409 is a document an
@@ -37,6 +41,7 @@ from meterline.component import (
     PermanentError,
     RetryableError,
 )
+from meterline.delivery import requests_within
 from meterline.event import Event
 from meterline.exporters.http.body import CONTENT_TYPES, encode
 from meterline.exporters.http.config import HttpExporterConfig
@@ -69,24 +74,59 @@ class HttpExporter(Exporter):
         self.session: aiohttp.ClientSession | None = None
 
     async def export(self, batch: ExportBatch) -> None:
-        config = self.config
-        body = await asyncio.to_thread(self._body, batch.events)
-        status, answer, wait = await self._post(body)
-        if not 200 <= status < 300:
-            message = f"{config.endpoint}: HTTP {status}: {answer[:_ANSWER_EXCERPT]!r}"
-            if _retryable(status):
-                raise RetryableError(message, retry_after=wait)
-            raise PermanentError(message)
-        if config.format == "bulk":
-            self._check_bulk(batch.events, answer, wait)
+        """The batch in as many requests as `max_request_mb` asks, in order. What a part's
+        answer refuses for good is dead-lettered and the other parts still sent; when a
+        part must be retried, the parts before it were delivered and are not sent again."""
+        parts, alone = await asyncio.to_thread(self._bodies, batch.events)
+        retry: list[Event] = []
+        failed = list(alone)
+        reasons = [f"{len(alone)} event(s) over max_request_mb "
+                   f"({self.config.max_request_mb:g}) even alone"] if alone else []
+        wait: float | None = None
+        for index, (body, events) in enumerate(parts):
+            try:
+                status, answer, wait = await self._post(body)
+                if _retryable(status):
+                    raise RetryableError(self._refusal(status, answer), retry_after=wait)
+                if not 200 <= status < 300:
+                    failed += events
+                    reasons.append(self._refusal(status, answer))
+                elif self.config.format == "bulk":
+                    again, refused, why = self._bulk_failures(events, answer)
+                    retry += again
+                    failed += refused
+                    reasons += why
+            except RetryableError as e:
+                if not (index or failed or retry):
+                    raise
+                unsent = [event for _, group in parts[index:] for event in group]
+                raise PartialError(str(e), retry + unsent, failed, e.retry_after) from None
+        if retry:
+            raise PartialError(f"{self.config.endpoint}: {len(retry)} items to retry, "
+                               f"{len(failed)} refused ({'; '.join(reasons[:3])})",
+                               retry, failed, retry_after=wait)
+        if failed:
+            raise PermanentError("; ".join(reasons[:3]),
+                                 events=None if len(failed) == len(batch.events) else failed)
 
-    def _body(self, events: list[Event]) -> bytes:
-        """Projecting and compressing a batch is CPU work: it runs in a thread, off the loop
-        that serves the receivers."""
+    def _refusal(self, status: int, answer: bytes) -> str:
+        return f"{self.config.endpoint}: HTTP {status}: {answer[:_ANSWER_EXCERPT]!r}"
+
+    def _bodies(self, events: list[Event]) -> tuple[list[tuple[bytes, list[Event]]],
+                                                    list[Event]]:
+        """The bodies that send `events` within `max_request_mb` (see `requests_within`),
+        and the events too big even alone. Projecting and compressing a batch is CPU
+        work: it runs in a thread, off the loop that serves the receivers."""
         config = self.config
-        body = encode(events, config.projection, config.format, config.index,
-                      config.bulk_action)
-        return gzip.compress(body, 6) if config.compression == "gzip" else body
+
+        def encoded(group: list[Event]) -> bytes:
+            return encode(group, config.projection, config.format, config.index,
+                          config.bulk_action)
+
+        parts, alone = requests_within(events, encoded, len, config.max_request_mb * (1 << 20))
+        if config.compression == "gzip":
+            parts = [(gzip.compress(body, 6), group) for body, group in parts]
+        return parts, alone
 
     async def _post(self, body: bytes) -> tuple[int, bytes, float | None]:
         """The answer's status, body and `Retry-After`; no answer is retryable."""
@@ -101,15 +141,17 @@ class HttpExporter(Exporter):
         except (aiohttp.ClientError, TimeoutError, OSError) as e:
             raise RetryableError(f"{self.config.endpoint}: {type(e).__name__}: {e}") from None
 
-    def _check_bulk(self, events: list[Event], answer: bytes, wait: float | None) -> None:
-        """Raise for the items of a `_bulk` answer that were not stored."""
+    def _bulk_failures(self, events: list[Event], answer: bytes
+                       ) -> tuple[list[Event], list[Event], list[str]]:
+        """The items of a `_bulk` answer that were not stored: those to send again, those
+        refused for good, and why (the first few)."""
         try:
             result = msgspec.json.decode(answer)
         except msgspec.DecodeError:
             raise RetryableError(f"{self.config.endpoint}: a _bulk answer that is not "
                                  f"JSON: {answer[:_ANSWER_EXCERPT]!r}") from None
         if not isinstance(result, dict) or not result.get("errors"):
-            return
+            return [], [], []
         items = result.get("items")
         if not isinstance(items, list) or len(items) != len(events):
             raise RetryableError(f"{self.config.endpoint}: a _bulk answer with errors and "
@@ -124,10 +166,7 @@ class HttpExporter(Exporter):
             (retry if _retryable(status) else failed).append(event)
             if len(reasons) < 3:
                 reasons.append(f"{event.event_id}: {status} {reason}")
-        if retry or failed:
-            raise PartialError(f"{self.config.endpoint}: _bulk: {len(retry)} items to retry, "
-                               f"{len(failed)} refused ({'; '.join(reasons)})",
-                               retry, failed, retry_after=wait)
+        return retry, failed, reasons
 
     def _item(self, item: Any) -> tuple[int | None, str]:
         """An item's status when it was not stored (None when it was), and why."""

@@ -22,7 +22,7 @@ import msgspec
 from google.protobuf.message import Message
 
 from meterline.component import Context, ExportBatch, Exporter, Factory, PermanentError
-from meterline.delivery import ExporterConfig, refuse_projection
+from meterline.delivery import ExporterConfig, refuse_projection, requests_within
 from meterline.event import Event
 from meterline.exporters.otlp.encode import (
     DEFAULT_RESOURCE,
@@ -152,25 +152,16 @@ class OtlpExporter(Exporter):
 
     def _parts(self, signal: str, events: list[Event]
                ) -> tuple[list[tuple[Message, list[Event]]], list[Event]]:
-        """The requests that send `events`' `signal`, each within `max_request_mb`: the
-        whole batch, else its halves, recursively (always the same parts for the same
-        batch, so a retry skips those sent); and the events too big even alone. Metrics
-        are one request: their points are sums over the batch, and hold no prompts."""
-        limit = self.config.max_request_mb * (1 << 20)
-        encode = _ENCODERS[signal]
-        parts: list[tuple[Message, list[Event]]] = []
-        alone: list[Event] = []
-        pending = [events]
-        while pending:
-            group = pending.pop()
-            request = encode(group, self.config.resource)
-            if signal == "metrics" or request.ByteSize() <= limit:
-                parts.append((request, group))
-            elif len(group) == 1:
-                alone += group
-            else:
-                pending += [group[len(group) // 2:], group[:len(group) // 2]]
-        return parts, alone
+        """The requests that send `events`' `signal` within `max_request_mb`, and the
+        events too big even alone. Metrics are one request: their points are sums over
+        the batch, and hold no prompts."""
+        def encode(group: list[Event]) -> Message:
+            return _ENCODERS[signal](group, self.config.resource)
+
+        if signal == "metrics":
+            return [(encode(events), events)], []
+        return requests_within(events, encode, _byte_size,
+                               self.config.max_request_mb * (1 << 20))
 
     def _signal_unsupported(self, signal: str, events: int, error: SignalUnsupported) -> None:
         self._unsupported.add(events, {"exporter": self.id, "signal": signal})
@@ -187,6 +178,10 @@ class OtlpExporter(Exporter):
         if rejected or partial.error_message:
             self.log.warning("otlp server rejected part of a batch", signal=signal,
                              rejected=rejected, of=len(events), message=partial.error_message)
+
+
+def _byte_size(request: Message) -> int:
+    return request.ByteSize()
 
 
 def _has_points(request: Any) -> bool:
