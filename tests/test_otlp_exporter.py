@@ -268,6 +268,19 @@ async def test_an_event_too_big_even_alone_is_refused_and_the_others_sent(tmp_pa
     assert len(sink.spans()) == 3
 
 
+async def test_an_event_too_big_is_still_refused_when_a_later_signal_was_retried(tmp_path):
+    async with Sink() as sink, exporter(tmp_path, endpoint=f"http://127.0.0.1:{sink.port}",
+                                        max_request_mb=0.25, metrics=True) as (otlp, _):
+        sink.failures.append(("metrics", grpc.StatusCode.UNAVAILABLE, None))
+        batch = [*long_prompts(2, size=1000), *long_prompts(1, size=1_000_000, start=2)]
+        with pytest.raises(RetryableError):
+            await otlp.export(ExportBatch("b1", batch))
+        with pytest.raises(PermanentError) as refused:
+            await otlp.export(ExportBatch("b1", batch))
+    assert [e.event_id for e in refused.value.events] == ["evt-00000002"]
+    assert len(sink.spans()) == 2 and len(sink.requests["metrics"]) == 1
+
+
 @contextlib.asynccontextmanager
 async def http_sink(status=200, headers=None, body=b""):
     """An OTLP/HTTP endpoint that records requests and answers as told."""

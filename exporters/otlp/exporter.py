@@ -104,7 +104,7 @@ class OtlpExporter(Exporter):
             description="Events whose signal the OTLP backend has no service for "
                         "(UNIMPLEMENTED, HTTP 404), by signal")
         self._transport: Transport | None = None
-        self._done: tuple[str, set[str]] = ("", set())  # signals of this batch already sent
+        self._done: tuple[str, set[str], dict[str, Event]] = ("", set(), {})  # see export
         self._said_unsupported: set[str] = set()  # signals logged as unsupported
 
     async def start(self) -> None:
@@ -124,9 +124,9 @@ class OtlpExporter(Exporter):
     async def export(self, batch: ExportBatch) -> None:
         assert self._transport is not None
         if self._done[0] != batch.id:
-            self._done = (batch.id, set())
-        done = self._done[1]  # signals, and parts of a signal, of this batch sent already
-        too_big: dict[str, Event] = {}
+            self._done = (batch.id, set(), {})
+        # signals, and parts of a signal, of this batch sent already; its events too big
+        _, done, too_big = self._done
         for signal in self.config.signals:
             if signal in done:
                 continue
