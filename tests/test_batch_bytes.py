@@ -100,3 +100,12 @@ async def test_a_batch_whose_bytes_are_there_is_sent_without_waiting_for_the_tim
 def test_a_batch_bound_of_no_bytes_is_refused():
     with pytest.raises(msgspec.ValidationError, match="max_size_mb must be positive"):
         convert({"max_size_mb": 0}, BatchConfig)
+
+
+async def test_an_empty_record_takes_no_bytes_and_is_passed_over(queue):
+    await queue.put(Batch([]))
+    await queue.put(Batch(long_prompts(0, 2)))
+    batches = await drain(queue, 100, PROMPT_BYTES + 1000)
+    assert [ids(b) for b in batches] == [["evt-00000000"], ["evt-00000001"]]
+    with pytest.raises(TimeoutError):  # no bytes are left counted: a wait for one waits
+        await asyncio.wait_for(queue.wait_for(1, None, max_bytes=1), 0.1)

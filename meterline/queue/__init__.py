@@ -72,12 +72,14 @@ class Record:
     def share(self, first: int, last: int) -> int:
         """The bytes of events [first, last): the size spread over the events, a whole
         number each, adding up to the size (so what is taken and left stays exact)."""
+        if not self.count:
+            return 0
         return self.size * last // self.count - self.size * first // self.count
 
     def fitting(self, first: int, budget: int) -> int:
         """The end of the longest run of events from `first` whose share is at most
         `budget` bytes (`first` itself when not even one event fits)."""
-        if self.size == 0:
+        if self.size == 0 or self.count == 0:
             return self.count
         below = self.size * first // self.count + budget + 1  # shares end below this
         return min(self.count, (below * self.count - 1) // self.size)
@@ -208,7 +210,7 @@ class Queue(ABC):
     def _appended(self, record: Record) -> None:
         self._records.append(record)
         self._available += record.count
-        self._available_bytes += record.size
+        self._available_bytes += record.share(0, record.count)
         self._queued += record.count
         self._changed.set()
 
