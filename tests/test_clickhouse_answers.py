@@ -9,14 +9,16 @@ that received each event once."""
 import asyncio
 import threading
 from dataclasses import replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from meterline.component import ExportBatch, RetryableError
+from meterline.event import Event
 from meterline.exporters.clickhouse import repair
 from meterline.exporters.clickhouse import schema as schema_module
 from meterline.exporters.clickhouse.metrics import AGGREGATES
+from meterline.exporters.clickhouse.query import Window
 from meterline.exporters.clickhouse.schema import Schema, ensure_schema
 from meterline.extensions.finops import analytics, budgets, finops
 from tests import agent_data
@@ -31,8 +33,28 @@ from tests.clickhouse_helpers import (
 from tests.helpers import eventually, metric_value
 
 NOW = datetime.now(UTC)
+
+
+def noon_to_noon(now: datetime) -> Window:
+    """A range that starts and ends at noon (partial days at both ends), wholly past."""
+    noon = now.replace(hour=12, minute=0, second=0, microsecond=0) - timedelta(days=1)
+    return Window(noon - timedelta(days=79), noon)
+
+
+def partial_day_events(window: Window) -> list[Event]:
+    """A call in each partial day of `window` (which answers by user read from the
+    events), each in a whole minute (which answers by time read from the minute rollup)."""
+    times = [window.since + timedelta(seconds=1), window.until - timedelta(seconds=59)]
+    return [Event(event_id=f"edge-{i}", timestamp=int(t.timestamp()) * 1_000_000_000,
+                  source="gateway", provider="openai", operation="chat",
+                  request_model="gpt-4o", status_code=200, input_tokens=10, output_tokens=5,
+                  cost_usd=0.5, user_id="u-edge", metadata={"customer": "edge"})
+            for i, t in enumerate(times)]
+
+
 # and agent runs, tool and MCP calls three days ago (a whole day of the `days` window)
-EVENTS = data.dataset(NOW) + agent_data.events(int((NOW.timestamp() - 3 * 86400) * 1e9))
+EVENTS = (data.dataset(NOW) + agent_data.events(int((NOW.timestamp() - 3 * 86400) * 1e9))
+          + partial_day_events(noon_to_noon(NOW)))
 N = len(EVENTS)
 ROLLED = ["provider", "model", "team", "api_key", "status", "day"]
 DAILY = ["user", "metadata.customer"]  # whole days from daily rollups
@@ -164,13 +186,14 @@ def rollup_buckets(events):
 # --- which tables answers read ---------------------------------------------------------------
 async def test_answers_by_rollup_dimensions_read_the_rollups_not_the_events(reference):
     reader = reference.reader
-    before = spend_answers(reader, DIMENSIONS)
+    straddling = noon_to_noon(NOW)
+    before = {by: finops.spend(reader, straddling, by, top=1000) for by in DIMENSIONS}
     days = spend_answers(reader, DAILY, "days")
     w = windows()["days"]
     users, u2 = analytics.users(reader, w), analytics.usage_report(reader, w, user_id="u2")
     customer = budgets.status(reader, MONTHLY, now=w.until)
     reader.client.command("TRUNCATE TABLE reference.llm_events")
-    after = spend_answers(reader, DIMENSIONS)
+    after = {by: finops.spend(reader, straddling, by, top=1000) for by in DIMENSIONS}
     assert {by: after[by] for by in ROLLED} == {by: before[by] for by in ROLLED}
     # by user or a configured metadata key: whole days from the daily rollups, the partial
     # days at the ends of a range from the events
