@@ -26,6 +26,9 @@ Scenarios (`--only` picks one):
 - `big`: small streamed requests through each target, first alone, then while one
   more client sends 1 MB prompts in a loop: does one huge prompt hold up everybody
   else's stream?
+- `trickle`: the daemon idle, then fed one event per POST at a few a second (a quiet
+  sidecar's life): its CPU in % of a core, by thread, beside the ingest floor's at the
+  same rates. Fixed costs, not per-event ones, are what shows here.
 
 The daemon is measured as a process tree (its worker processes included): CPU is
 utime+stime of every live process in it plus cutime+cstime (children already
@@ -822,6 +825,72 @@ def scenario_ingest(args: argparse.Namespace, procs: Processes, shipped: dict[st
     ]
 
 
+# --- scenario 4: a trickle ------------------------------------------------------------
+def post_steadily(url: str, bodies: list[bytes], rate: float, seconds: float) -> int:
+    """POST one body after another at `rate` a second for `seconds` (none when the rate is
+    0: the daemon idles); how many were posted."""
+    started, sent = time.monotonic(), 0
+    while rate and time.monotonic() - started < seconds:
+        request = urllib.request.Request(url, bodies[sent % len(bodies)],
+                                         {"content-type": "application/json"})
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            answer.read()
+        sent += 1
+        time.sleep(max(0.0, started + sent / rate - time.monotonic()))
+    time.sleep(max(0.0, started + seconds - time.monotonic()))
+    return sent
+
+
+def trickle_share(pid: int, url: str, bodies: list[bytes], rate: float,
+                  seconds: float) -> tuple[float, str]:
+    """The process tree's CPU, in % of a core, while `rate` single events a second come in,
+    and where it went (ms a second, by thread)."""
+    cpu0, threads0 = tree_cpu_seconds(pid), cpu_by_thread(pid)
+    post_steadily(url, bodies, rate, seconds)
+    went = where_cpu_went(threads0, cpu_by_thread(pid), int(seconds * 1000))
+    return (tree_cpu_seconds(pid) - cpu0) / seconds * 100, went
+
+
+def scenario_trickle(args: argparse.Namespace, procs: Processes, shipped: dict[str, Any],
+                     tmp: Path) -> list[Row]:
+    """What the daemon costs when little happens: one event per POST at a few a second, as
+    a quiet gateway's sidecar sees them. Fixed costs (an embedded insert per batch timeout,
+    a worker round trip and three durable queue writes per request) dominate here."""
+    rates = [0.0, *args.trickle_rates]
+    print(f"\n== trickle: one event per POST at {', '.join(f'{r:g}' for r in rates)} "
+          f"events/s, {args.trickle_seconds:g} s each")
+    encoder = msgspec.json.Encoder()
+    bodies = [encoder.encode([e]) for e in ingest_events(1000, seed=11)]
+    daemon = Daemon(procs, shipped, tmp / "trickle", "http://127.0.0.1:9", "daemon-trickle")
+    daemon.start()
+    try:
+        time.sleep(args.settle)
+        url = f"http://127.0.0.1:{daemon.layout.webhook_port}{daemon.layout.webhook_path}"
+        daemon_shares = []
+        for rate in rates:
+            share, went = trickle_share(daemon.pid, url, bodies, rate, args.trickle_seconds)
+            daemon_shares.append(share)
+            print(f"  daemon at {rate:g}/s: {share:.1f}% of a core; by thread, ms a second: "
+                  f"{went}")
+    finally:
+        daemon.stop()
+    floor_dir = tmp / "trickle-floor"
+    floor_dir.mkdir()
+    port = free_port()
+    floor = procs.start("floor-trickle", [sys.executable, __file__, "--serve-ingest-floor",
+                                          str(port), str(floor_dir / "events.jsonl")], floor_dir)
+    try:
+        wait_port(port, floor)
+        floor_shares = [trickle_share(floor.pid, f"http://127.0.0.1:{port}/v1/events", bodies,
+                                      rate, args.trickle_seconds)[0] for rate in rates]
+    finally:
+        procs.stop(floor)
+    return [Row("trickle", f"CPU % of a core at {rate:g} events/s" if rate else
+                "CPU % of a core, idle", f"{share:.1f}", f"{floor_share:.1f}",
+                ratio(share, floor_share))
+            for rate, share, floor_share in zip(rates, daemon_shares, floor_shares, strict=True)]
+
+
 # --- scenarios 2 and 3: the gateway ----------------------------------------------------
 @dataclass
 class Target:
@@ -1028,7 +1097,7 @@ def scenario_big(args: argparse.Namespace, procs: Processes, shipped: dict[str, 
 # --- main ------------------------------------------------------------------------------
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=("ingest", "gateway", "big"))
+    parser.add_argument("--only", choices=("ingest", "gateway", "big", "trickle"))
     parser.add_argument("--quick", action="store_true", help="every scenario shrunk")
     parser.add_argument("--events", type=int, help="ingest: events (60,000; quick 6,000)")
     parser.add_argument("--batch", type=int, default=1000, help="ingest: events per POST")
@@ -1040,6 +1109,10 @@ def main() -> None:
     parser.add_argument("--prompt-kb", type=int, default=60, help="gateway: prompt size")
     parser.add_argument("--small-kb", type=int, default=2, help="big: the streams' prompts")
     parser.add_argument("--big-mb", type=float, default=1.0, help="big: the big prompt")
+    parser.add_argument("--trickle-rates", type=float, nargs="+", default=[2.0, 20.0],
+                        help="trickle: single events a second (besides idle)")
+    parser.add_argument("--trickle-seconds", type=float,
+                        help="trickle: each rate measured for (30 s; quick 5 s)")
     parser.add_argument("--drain-timeout", type=float,
                         help="gateway, big: how long to wait for exporters (300 s; quick 60 s)")
     parser.add_argument("--serve-ingest-floor", nargs=2, metavar=("PORT", "FILE"),
@@ -1053,6 +1126,7 @@ def main() -> None:
     args.seconds = args.seconds or (2.0 if quick else 10.0)
     args.warmup = args.warmup if args.warmup is not None else (0.5 if quick else 1.0)
     args.drain_timeout = args.drain_timeout or (60.0 if quick else 300.0)
+    args.trickle_seconds = args.trickle_seconds or (5.0 if quick else 30.0)
     args.settle = 1.0 if quick else 3.0
 
     # SIGTERM ends the bench as Ctrl-C does: through the `finally` that stops everything.
@@ -1071,7 +1145,8 @@ def main() -> None:
         scenarios: dict[str, Callable[[], list[Row]]] = {
             "ingest": lambda: scenario_ingest(args, procs, shipped, tmp),
             "gateway": lambda: scenario_gateway(args, procs, shipped, tmp, proxies),
-            "big": lambda: scenario_big(args, procs, shipped, tmp, proxies)}
+            "big": lambda: scenario_big(args, procs, shipped, tmp, proxies),
+            "trickle": lambda: scenario_trickle(args, procs, shipped, tmp)}
         for name, run in scenarios.items():
             if args.only in (None, name):
                 rows += run()
