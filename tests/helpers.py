@@ -66,6 +66,13 @@ def make_event(i: int = 0, **fields: Any) -> Event:
     return Event(**base)
 
 
+def long_prompts(count: int, size: int, start: int = 0) -> list[Event]:
+    """`count` events from number `start` on, each with a prompt of `size` characters: a
+    backlog of RAG calls, for the bounds on batches and requests."""
+    return [make_event(i, input_messages=[{"role": "user", "content": "x" * size}])
+            for i in range(start, start + count)]
+
+
 def event_dicts(start: int, count: int, **fields: Any) -> list[dict[str, Any]]:
     return [msgspec.to_builtins(make_event(i, **fields)) for i in range(start, start + count)]
 

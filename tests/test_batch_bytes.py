@@ -13,15 +13,10 @@ from meterline.event import pack
 from meterline.queue import Batch, Queue
 from meterline.queue.memory import MemoryQueue
 from meterline.queue.persistent import PersistentQueue
-from tests.helpers import make_event
+from tests.helpers import long_prompts, make_event
 from tests.test_delivery import Recording, runner_for
 
 PROMPT_BYTES = 20_000
-
-
-def long_prompts(start: int, count: int) -> list:
-    return [make_event(i, input_messages=[{"role": "user", "content": "x" * PROMPT_BYTES}])
-            for i in range(start, start + count)]
 
 
 def ids(events) -> list[str]:
@@ -44,11 +39,11 @@ async def drain(queue: Queue, max_events: int, max_bytes: int) -> list[list]:
 
 
 async def test_a_backlog_is_cut_into_batches_of_at_most_max_bytes(queue):
-    await queue.put(Batch(long_prompts(0, 10)))
-    await queue.put(Batch(long_prompts(10, 10)))
+    await queue.put(Batch(long_prompts(10, PROMPT_BYTES, 0)))
+    await queue.put(Batch(long_prompts(10, PROMPT_BYTES, 10)))
     bound = 3 * PROMPT_BYTES + 1000  # three events of the backlog, not four
     batches = await drain(queue, 10_000, bound)
-    assert ids(e for b in batches for e in b) == ids(long_prompts(0, 20))
+    assert ids(e for b in batches for e in b) == ids(long_prompts(20, PROMPT_BYTES, 0))
     assert all(len(pack(b)) <= bound for b in batches)
     assert [len(b) for b in batches] == [3, 3, 3, 3, 3, 3, 2]  # across records, cut inside
 
@@ -60,13 +55,13 @@ async def test_the_event_count_still_bounds_a_batch_of_small_events(queue):
 
 
 async def test_an_event_larger_than_the_bound_is_sent_alone(queue):
-    await queue.put(Batch(long_prompts(0, 2)))
+    await queue.put(Batch(long_prompts(2, PROMPT_BYTES, 0)))
     batches = await drain(queue, 100, PROMPT_BYTES // 2)
     assert [ids(b) for b in batches] == [["evt-00000000"], ["evt-00000001"]]
 
 
 async def test_a_batch_taken_again_before_its_ack_is_the_same_batch(queue):
-    await queue.put(Batch(long_prompts(0, 5)))
+    await queue.put(Batch(long_prompts(5, PROMPT_BYTES, 0)))
     first = await queue.take(100, 2 * PROMPT_BYTES + 1000)
     again = await queue.take(100, 10 * PROMPT_BYTES)
     assert again is first and len(first.events) == 2
@@ -74,12 +69,13 @@ async def test_a_batch_taken_again_before_its_ack_is_the_same_batch(queue):
 
 async def test_a_reopened_queue_bounds_the_rest_of_a_partly_sent_record(tmp_path):
     q = PersistentQueue(tmp_path / "q", 1 << 30)
-    await q.put(Batch(long_prompts(0, 8)))
+    await q.put(Batch(long_prompts(8, PROMPT_BYTES, 0)))
     await q.ack(await q.take(100, 3 * PROMPT_BYTES + 1000))
     await q.close()
     reopened = PersistentQueue(tmp_path / "q", 1 << 30)
     batches = await drain(reopened, 100, 3 * PROMPT_BYTES + 1000)
-    assert [ids(b) for b in batches] == [ids(long_prompts(3, 3)), ids(long_prompts(6, 2))]
+    assert [ids(b) for b in batches] == [ids(long_prompts(3, PROMPT_BYTES, 3)),
+                                         ids(long_prompts(2, PROMPT_BYTES, 6))]
     await reopened.close()
 
 
@@ -88,7 +84,7 @@ async def test_a_batch_whose_bytes_are_there_is_sent_without_waiting_for_the_tim
     runner, _ = runner_for(exporter, tmp_path, batch={"max_size": 10_000, "timeout": "60s",
                                                       "max_size_mb": 0.05})
     await runner.start()
-    await runner.put(Batch(long_prompts(0, 4)))  # 80 KB: more than one batch's bytes
+    await runner.put(Batch(long_prompts(4, PROMPT_BYTES, 0)))  # 80 KB: more than one batch's bytes
     async with asyncio.timeout(5):
         while len(exporter.delivered) < 2:
             await asyncio.sleep(0.01)
@@ -104,7 +100,7 @@ def test_a_batch_bound_of_no_bytes_is_refused():
 
 async def test_an_empty_record_takes_no_bytes_and_is_passed_over(queue):
     await queue.put(Batch([]))
-    await queue.put(Batch(long_prompts(0, 2)))
+    await queue.put(Batch(long_prompts(2, PROMPT_BYTES, 0)))
     batches = await drain(queue, 100, PROMPT_BYTES + 1000)
     assert [ids(b) for b in batches] == [["evt-00000000"], ["evt-00000001"]]
     with pytest.raises(TimeoutError):  # no bytes are left counted: a wait for one waits

@@ -34,7 +34,14 @@ from meterline.exporters.clickhouse.query import literal
 from meterline.exporters.clickhouse.schema import COLUMNS, Schema, ensure_schema
 from meterline.extensions.finops.budgets import Budget, BudgetScope
 from tests.clickhouse_helpers import clickhouse_exporters, finops_of
-from tests.helpers import eventually, free_port, make_context, make_event, metric_value
+from tests.helpers import (
+    eventually,
+    free_port,
+    long_prompts,
+    make_context,
+    make_event,
+    metric_value,
+)
 
 
 @pytest.fixture
@@ -275,13 +282,9 @@ async def test_looking_for_bad_rows_is_bounded_and_refuses_what_is_left(make_exp
     assert all(e.input_tokens == 1 for e in events if e not in refused.value.events)
 
 
-def long_prompt(i: int, size: int) -> Event:
-    return make_event(i, input_messages=[{"role": "user", "content": f"{i} " + "y" * size}])
-
-
 async def test_an_insert_over_the_query_memory_limit_is_stored_in_parts(make_exporter):
     exporter = await make_exporter(max_query_memory_mib=16)
-    events = [long_prompt(i, 500_000) for i in range(40)]  # 20 MB of prompts
+    events = long_prompts(40, 500_000)  # 20 MB of prompts
     writes = []
     write = exporter._write
     exporter._write = lambda batch_id, group: (writes.append(len(group)), write(batch_id, group))
@@ -293,7 +296,7 @@ async def test_an_insert_over_the_query_memory_limit_is_stored_in_parts(make_exp
 async def test_an_event_over_the_query_memory_limit_alone_is_refused_and_the_rest_stored(
         make_exporter):
     exporter = await make_exporter(max_query_memory_mib=16)
-    events = [make_event(i) for i in range(10)] + [long_prompt(10, 40_000_000)]
+    events = [make_event(i) for i in range(10)] + long_prompts(1, 40_000_000, start=10)
     with pytest.raises(PermanentError, match="more than max_query_memory_mib") as refused:
         await exporter.export(ExportBatch("a", events))
     assert [e.event_id for e in refused.value.events] == ["evt-00000010"]

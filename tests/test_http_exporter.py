@@ -28,6 +28,7 @@ from tests.helpers import (
     config_text,
     eventually,
     free_port,
+    long_prompts,
     make_context,
     make_event,
     metric_value,
@@ -234,19 +235,14 @@ class Intake:
         return web.Response(status=202)
 
 
-def long_prompts(count: int, size: int = 20_000, start: int = 0) -> list:
-    return [make_event(i, input_messages=[{"role": "user", "content": "p" * size}])
-            for i in range(start, start + count)]
-
-
 async def test_a_batch_over_max_request_mb_goes_in_requests_the_intake_takes(tmp_path):
     intake = Intake(limit=100_000)
     async with serving("/in", intake.handle) as base:
         exporter = HttpExporter(convert({"endpoint": f"{base}/in", "max_request_mb": 0.09},
                                         HttpExporterConfig), make_context(tmp_path))
-        await exporter.export(ExportBatch("b", long_prompts(20)))  # 400 KB
+        await exporter.export(ExportBatch("b", long_prompts(20, 20_000)))  # 400 KB
         await exporter.shutdown()
-    assert intake.stored == [e.event_id for e in long_prompts(20)]
+    assert intake.stored == [e.event_id for e in long_prompts(20, 20_000)]
     assert intake.requests >= 5
 
 
@@ -254,16 +250,17 @@ async def test_a_request_to_retry_is_sent_again_without_the_ones_before_it(tmp_p
     intake = Intake(limit=100_000, busy=(3,))
     async with serving("/in", intake.handle) as base, delivering(
             tmp_path, endpoint=f"{base}/in", max_request_mb=0.09) as runner:
-        await runner.put(Batch(long_prompts(20)))
+        await runner.put(Batch(long_prompts(20, 20_000)))
         await eventually(lambda: sent(runner) == 20)
-    assert sorted(intake.stored) == sorted(e.event_id for e in long_prompts(20))  # each once
+    # each once
+    assert sorted(intake.stored) == sorted(e.event_id for e in long_prompts(20, 20_000))
 
 
 async def test_an_event_too_big_even_alone_is_dead_lettered_and_the_rest_sent(tmp_path):
     intake = Intake(limit=100_000)
     async with serving("/in", intake.handle) as base, delivering(
             tmp_path, endpoint=f"{base}/in", max_request_mb=0.09) as runner:
-        await runner.put(Batch([*long_prompts(2), *long_prompts(1, size=200_000, start=2)]))
+        await runner.put(Batch([*long_prompts(2, 20_000), *long_prompts(1, size=200_000, start=2)]))
         await eventually(lambda: dead_letters(tmp_path))
         await eventually(lambda: sent(runner) == 2)
     assert dead_letters(tmp_path) == ["evt-00000002"]

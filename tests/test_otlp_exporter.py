@@ -26,6 +26,7 @@ from tests.helpers import (
     event_dicts,
     eventually,
     free_port,
+    long_prompts,
     make_context,
     make_event,
     metric_value,
@@ -223,17 +224,12 @@ async def test_a_partial_success_is_counted_and_not_retried(tmp_path):
     assert len(sink.requests["traces"]) == 1
 
 
-def long_prompts(count, size=40_000, start=0):
-    return [make_event(i, input_messages=[{"role": "user", "content": f"{i} " + "z" * size}])
-            for i in range(start, start + count)]
-
-
 async def test_a_batch_over_max_request_mb_is_sent_in_requests_the_server_takes(tmp_path):
     async with Sink(max_receive=256 << 10) as sink, exporter(
             tmp_path, endpoint=f"http://127.0.0.1:{sink.port}", max_request_mb=0.25) as (otlp, _):
-        await otlp.export(ExportBatch("b1", long_prompts(20)))  # 800 KB of prompts
+        await otlp.export(ExportBatch("b1", long_prompts(20, 40_000)))  # 800 KB of prompts
     assert sorted(attributes(s)["meterline.event_id"] for s in sink.spans()) == sorted(
-        e.event_id for e in long_prompts(20))
+        e.event_id for e in long_prompts(20, 40_000))
     assert len(sink.requests["traces"]) >= 4
     assert all(r.ByteSize() <= 256 << 10 for r in sink.requests["traces"])
 
@@ -250,7 +246,7 @@ async def test_a_retried_batch_does_not_resend_the_parts_already_accepted(tmp_pa
             return await record(signal, request, context, response)
 
         sink.handle = second_request_fails_once
-        batch = long_prompts(20)
+        batch = long_prompts(20, 40_000)
         with pytest.raises(RetryableError):
             await otlp.export(ExportBatch("b1", batch))
         await otlp.export(ExportBatch("b1", batch))

@@ -181,7 +181,7 @@ class OtlpExporter(Exporter):
 
 
 def _byte_size(request: Message) -> int:
-    return request.ByteSize()
+    return request.ByteSize()  # (not `Message.ByteSize`: the base class's is abstract)
 
 
 def _has_points(request: Any) -> bool:
