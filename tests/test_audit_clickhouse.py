@@ -13,7 +13,10 @@ from tests.helpers import eventually
 
 
 def rows(extension) -> list[tuple]:
-    assert extension.reader is not None
+    """The table's rows; none while the extension has not connected or created it."""
+    if extension.reader is None or not extension.reader.client.command(
+            f"EXISTS TABLE meterline.{TABLE}"):
+        return []
     return extension.reader.client.query(
         f"SELECT seq, trigger, result, error, changes FROM meterline.{TABLE} FINAL "
         "ORDER BY seq").result_rows
@@ -32,7 +35,7 @@ async def test_the_audit_log_table_receives_past_and_new_entries_once(tmp_path):
         try:
             await log.record(log.entry("signal", "p.yaml", None, "refused",
                                        error="p.yaml:3: bad"))
-            await eventually(lambda: extension.reader and len(rows(extension)) == 2)
+            await eventually(lambda: len(rows(extension)) == 2)
         finally:
             await extension.shutdown()
         again = finops_of(exporter)  # a restart: nothing is written twice
@@ -40,7 +43,7 @@ async def test_the_audit_log_table_receives_past_and_new_entries_once(tmp_path):
         await again.start()
         try:
             await log.record(log.entry("admin_api", "p.yaml", "cd" * 32, "applied"))
-            await eventually(lambda: again.reader and len(rows(again)) == 3)
+            await eventually(lambda: len(rows(again)) == 3)
             stored = rows(again)
         finally:
             await again.shutdown()
