@@ -22,7 +22,10 @@ Scenarios (`--only` picks one):
   gateway receiver, in front of the fake upstream answering in 50 ms; latency direct,
   through a bare pass-through proxy (`bench/gateway_bench.py`'s floor) and through
   the gateway, the latency each adds, and CPU per request. The gateway's CPU counts
-  until every event of the run has been exported, not only while the load ran.
+  until every event of the run has been exported, not only while the load ran. For
+  each proxy, the share of the time its event loop ran and waited for a core
+  (`loop_schedule`): on 2 cores shared with the load, the second is most of the
+  latency the daemon adds (docs/architecture.md, "Performance notes").
 - `big`: small streamed requests through each target, first alone, then while one
   more client sends 1 MB prompts in a loop: does one huge prompt hold up everybody
   else's stream?
@@ -194,6 +197,17 @@ def tree_rss_kinds_mb(root: int) -> tuple[float, float]:
             elif line.startswith(("RssFile:", "RssShmem:")):
                 file += int(line.split()[1])
     return anon / 1024, file / 1024
+
+
+def loop_schedule(pid: int) -> tuple[float, float] | None:
+    """Seconds the process's main thread (its event loop) has run, and has waited for a
+    core while runnable (Linux schedstat); None where the kernel does not keep them. On a
+    machine shared with the load, waiting for a core is most of a proxy's added latency."""
+    try:
+        ran, waited, _ = Path(f"/proc/{pid}/task/{pid}/schedstat").read_text().split()
+    except (OSError, ValueError):
+        return None
+    return int(ran) / 1e9, int(waited) / 1e9
 
 
 def vm_hwm_mb(pid: int) -> float:
@@ -907,6 +921,7 @@ class Measured:
     drained_s: float | None = None
     dropped: float = 0.0
     peak_mb: float | None = None
+    loop: tuple[float, float] | None = None  # share of the window its loop ran, waited
 
 
 class Proxies:
@@ -947,9 +962,12 @@ def measure(target: Target, make: Callable[[str], list[bytes]], args: argparse.N
     big = make_big(host) if make_big else None
     window: dict[str, float] = {}
 
+    schedule: list[tuple[float, tuple[float, float] | None]] = []
+
     def on_measure() -> None:
         if target.pid is not None:
             window["cpu"] = tree_cpu_seconds(target.pid)
+            schedule.append((time.perf_counter(), loop_schedule(target.pid)))
 
     before = daemon.metrics() if daemon else None
     cpu0 = tree_cpu_seconds(target.pid) if target.pid else None
@@ -961,6 +979,10 @@ def measure(target: Target, make: Callable[[str], list[bytes]], args: argparse.N
         out = Measured(load)
         if target.pid is not None and "cpu" in window:
             out.cpu_window = tree_cpu_seconds(target.pid) - window["cpu"]
+            (since, first), last = schedule[0], loop_schedule(target.pid)
+            if first is not None and last is not None:
+                wall = time.perf_counter() - since
+                out.loop = ((last[0] - first[0]) / wall, (last[1] - first[1]) / wall)
         if daemon is not None and before is not None and cpu0 is not None:
             done = daemon.wait_delivered(before, "gateway", load.sent + load.big_sent, t0,
                                          timeout=args.drain_timeout, exact=False)
@@ -992,12 +1014,18 @@ def describe(name: str, m: Measured, direct: Load | None) -> None:
                  f"{m.dropped:.0f} events dropped)")
     if m.peak_mb is not None:
         line += f"  peak RSS {m.peak_mb:.0f} MB"
+    if m.loop is not None:
+        line += f"  loop ran {m.loop[0]:.0%}, waited for a core {m.loop[1]:.0%}"
     if m.load.big_sent:
         big = m.load.big_latencies
         line += (f"\n  {'':<8} 1 MB requests: {len(big)} done, p50 {ms(big, .5):.0f} ms, "
                  f"max {max(big, default=float('nan')) * 1e3:.0f} ms, errors "
                  f"{m.load.big_errors}")
     print(line)
+
+
+def loop_share(m: Measured) -> str:
+    return f"{m.loop[0]:.0%} / {m.loop[1]:.0%}" if m.loop else "n/a"
 
 
 def added(m: Measured, direct: Measured) -> tuple[float, float]:
@@ -1045,6 +1073,8 @@ def scenario_gateway(args: argparse.Namespace, procs: Processes, shipped: dict[s
             ratio(gw_rps, fl_rps)),
         Row("gateway", "CPU us/request (gateway: until exported)", fmt(gw_us), fmt(fl_us),
             ratio(gw_us, fl_us)),
+        Row("gateway", "loop ran / waited for a core, % of the time", loop_share(gw),
+            loop_share(floor)),
         Row("gateway", "errors; events dropped", f"{gw.load.errors}; {gw.dropped:.0f}",
             f"{floor.load.errors}"),
     ]
