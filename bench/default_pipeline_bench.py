@@ -961,8 +961,7 @@ def measure(target: Target, make: Callable[[str], list[bytes]], args: argparse.N
     requests = make(host)
     big = make_big(host) if make_big else None
     window: dict[str, float] = {}
-
-    schedule: list[tuple[float, tuple[float, float] | None]] = []
+    schedule: list[tuple[float, tuple[float, float] | None]] = []  # (when, the loop's)
 
     def on_measure() -> None:
         if target.pid is not None:
