@@ -121,10 +121,18 @@ class ServiceConfig(Config):
     workers: int | None = None
     """Processes that run the processors, so that the loop serving clients never does and
     every core works: absent, one per core; 1 runs them in the daemon's own process."""
+    worker_nice: int = 10
+    """How much lower the workers' CPU priority is than the daemon's (a niceness added to
+    its own): on a busy machine the loop serving clients waits less for a core (gateway,
+    16 clients of 60 KB prompts on 2 cores: added p50 3.5 -> 1.9 ms, p99 17 -> 10).
+    0: the daemon's priority."""
 
     def __post_init__(self) -> None:
         if self.workers is not None and self.workers < 1:
             raise ValueError("service.workers must be at least 1 (absent: one per core)")
+        if not 0 <= self.worker_nice <= 19:
+            raise ValueError("service.worker_nice must be from 0 to 19 (a niceness added "
+                             f"to the daemon's), got {self.worker_nice}")
 
 
 @dataclass

@@ -79,7 +79,8 @@ class Service:
         self._stop = asyncio.Event()
         workers = config.service.workers or default_workers()
         log_cfg = config.service.telemetry.logs
-        self.pool = (ProcessorPool(workers, log_cfg.level, log_cfg.encoding, self.telemetry)
+        self.pool = (ProcessorPool(workers, config.service.worker_nice, log_cfg.level,
+                                   log_cfg.encoding, self.telemetry)
                      if workers > 1 else None)
 
     def context(self, cid: str) -> Context:
@@ -248,7 +249,7 @@ class Service:
                     error=audit_mod.scrub(str(e), (data or b"").decode(errors="replace"))))
                 return False
             changes = audit_mod.diff(self.config, new, self.overlay)
-            fixed = ["data_dir", "admin", "telemetry", "workers"]
+            fixed = ["data_dir", "admin", "telemetry", "workers", "worker_nice"]
             if not self._retune_limiter(new.service.memory_limiter):
                 fixed.append("memory_limiter")
             kept = []

@@ -77,12 +77,12 @@ class Processed:
 class ProcessorPool:
     """A pool of worker processes running the processors of every pipeline."""
 
-    def __init__(self, workers: int, log_level: str, log_encoding: str,
+    def __init__(self, workers: int, nice: int, log_level: str, log_encoding: str,
                  telemetry: Any) -> None:
         self.workers = workers
         self.telemetry = telemetry
         self.log = logs.get(component="workers")
-        self._log_settings = (log_level, log_encoding)
+        self._worker_settings = (nice, log_level, log_encoding)
         self._plan = b""
         self._generation = 0
         self._executor: ProcessPoolExecutor | None = None
@@ -112,7 +112,7 @@ class ProcessorPool:
 
     def _new_executor(self) -> ProcessPoolExecutor:
         return ProcessPoolExecutor(self.workers, mp_context=get_context("spawn"),
-                                   initializer=_init_worker, initargs=self._log_settings)
+                                   initializer=_init_worker, initargs=self._worker_settings)
 
     async def process(self, pipelines: list[str], events: list[Event]) -> list[Processed]:
         """Run `events` through the processors of each named pipeline, in a worker.
@@ -244,13 +244,18 @@ class _Worker:
 _worker: _Worker | None = None
 
 
-def _init_worker(log_level: str, log_encoding: str) -> None:
+def _init_worker(nice: int, log_level: str, log_encoding: str) -> None:
     global _worker
     # Ctrl-C and the service manager's SIGTERM are the main process's to handle: it
     # shuts the pool down in order
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _die_with_parent()
+    # Below the daemon's priority: when the cores are busy, the loop that serves clients
+    # is scheduled first (it waited for a core as long as it ran, docs/architecture.md).
+    # Not its threads: one that held the GIL while waiting for a core would hold it up.
+    if nice:
+        os.nice(nice)
     logs.configure(log_level, log_encoding)
     gc.freeze()
     gc.set_threshold(100_000, 50, 100)

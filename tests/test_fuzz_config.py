@@ -23,7 +23,7 @@ KEYS = st.sampled_from([
     "receivers", "processors", "exporters", "service", "pipelines", "webhook", "otlp",
     "gateway", "file", "debug", "filter", "sample", "redact", "labels", "cost", "listen",
     "path", "batch", "timeout", "queue", "include", "exclude", "max_body_mb", "rate",
-    "admin", "memory_limiter", "workers", "telemetry", "data_dir", "webhook/a", "p",
+    "admin", "memory_limiter", "workers", "worker_nice", "telemetry", "data_dir", "webhook/a", "p",
     "upstreams", "auth_token", "filtering", "retry", "sample/x", "receivers/"]) | TEXT
 VALUES = st.recursive(SCALARS | _SCALAR_TEXT,
                       lambda children: st.lists(children, max_size=4)

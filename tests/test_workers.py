@@ -28,10 +28,11 @@ from tests.helpers import (
 )
 
 
-def pipeline(port: int, workers: int = 2, region: str = "eu") -> str:
+def pipeline(port: int, workers: int = 2, region: str = "eu", **service: object) -> str:
     return webhook_to_file(
         port, processors={"labels": {"static": {"region": region}}, "redact": {}},
-        file={"batch": {"max_size": 200, "timeout": "20ms"}}, service={"workers": workers})
+        file={"batch": {"max_size": 200, "timeout": "20ms"}},
+        service={"workers": workers, **service})
 
 
 def with_pii(start: int, count: int) -> list[dict]:
@@ -159,12 +160,39 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def test_workers_below_1_are_refused_with_the_reason(tmp_path):
+def load_error(tmp_path: Path, **service: object) -> str:
+    """Why the pipeline with these `service` settings is refused."""
     path = tmp_path / "pipeline.yaml"
-    path.write_text(pipeline(free_port(), workers=0).replace("{data}", str(tmp_path)))
+    path.write_text(pipeline(free_port(), **service).replace("{data}", str(tmp_path)))
     with pytest.raises(config_mod.ConfigError) as e:
         config_mod.load(str(path))
-    assert "service.workers must be at least 1" in str(e.value)
+    return str(e.value)
+
+
+def test_workers_below_1_are_refused_with_the_reason(tmp_path):
+    assert "service.workers must be at least 1" in load_error(tmp_path, workers=0)
+
+
+async def worker_niceness(service) -> list[int]:
+    """The niceness of each worker, above the daemon's own (it is this test process)."""
+    pids = await eventually(lambda: len(service.pool.pids()) == 2 and service.pool.pids())
+    own = os.getpriority(os.PRIO_PROCESS, 0)
+    return [os.getpriority(os.PRIO_PROCESS, pid) - own for pid in pids]
+
+
+@pytest.mark.skipif(os.getpriority(os.PRIO_PROCESS, 0) > 9, reason="already niced to the limit")
+async def test_workers_run_10_below_the_daemons_priority_by_default(tmp_path):
+    async with running(pipeline(free_port()), tmp_path) as service:
+        assert await worker_niceness(service) == [10, 10]
+
+
+async def test_worker_nice_0_runs_the_workers_at_the_daemons_priority(tmp_path):
+    async with running(pipeline(free_port(), worker_nice=0), tmp_path) as service:
+        assert await worker_niceness(service) == [0, 0]
+
+
+def test_worker_nice_beyond_19_is_refused_with_the_reason(tmp_path):
+    assert "service.worker_nice must be from 0 to 19" in load_error(tmp_path, worker_nice=20)
 
 
 async def test_a_reload_that_changes_workers_keeps_the_running_pool_until_restart(tmp_path):
@@ -209,7 +237,7 @@ def test_a_worker_with_the_default_processors_holds_no_http_stack(tmp_path):
     plan = pickle.dumps(Plan({"usage": specs}, str(tmp_path)))
     code = ("import sys; from meterline.event import Event, pack; "
             "from meterline.workers import _init_worker, _process; "
-            "_init_worker('warning', 'console'); "
+            "_init_worker(0, 'warning', 'console'); "
             f"_process(1, {plan!r}, ['usage'], pack([Event(event_id='e', provider='openai')])); "
             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'aiohttp'))")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
