@@ -133,8 +133,7 @@ class OtlpExporter(Exporter):
             parts, alone = self._parts(signal, batch.events)
             too_big.update((e.event_id, e) for e in alone)
             for index, (request, events) in enumerate(parts):
-                if f"{signal}/{index}" in done or (
-                        signal == "metrics" and not _has_points(request)):
+                if f"{signal}/{index}" in done:
                     continue
                 try:
                     response = await self._transport.send(signal, request)
@@ -151,17 +150,17 @@ class OtlpExporter(Exporter):
                 f"were sent", events=list(too_big.values()))
 
     def _parts(self, signal: str, events: list[Event]
-               ) -> tuple[list[tuple[Message, list[Event]]], list[Event]]:
-        """The requests that send `events`' `signal` within `max_request_mb`, and the
-        events too big even alone. Metrics are one request: their points are sums over
-        the batch, and hold no prompts."""
-        def encode(group: list[Event]) -> Message:
-            return _ENCODERS[signal](group, self.config.resource)
-
+               ) -> tuple[list[tuple[bytes, list[Event]]], list[Event]]:
+        """The requests, serialized, that send `events`' `signal` within `max_request_mb`,
+        and the events too big even alone. Metrics are one request (none without points):
+        their points are sums over the batch, and hold no prompts."""
+        resource = self.config.resource
         if signal == "metrics":
-            return [(encode(events), events)], []
-        return requests_within(events, encode, _byte_size,
-                               self.config.max_request_mb * (1 << 20))
+            request = _ENCODERS[signal](events, resource)
+            return ([(request.SerializeToString(), events)] if _has_points(request) else []), []
+        return requests_within(
+            events, lambda group: _ENCODERS[signal](group, resource).SerializeToString(), len,
+            self.config.max_request_mb * (1 << 20))
 
     def _signal_unsupported(self, signal: str, events: int, error: SignalUnsupported) -> None:
         self._unsupported.add(events, {"exporter": self.id, "signal": signal})
@@ -178,10 +177,6 @@ class OtlpExporter(Exporter):
         if rejected or partial.error_message:
             self.log.warning("otlp server rejected part of a batch", signal=signal,
                              rejected=rejected, of=len(events), message=partial.error_message)
-
-
-def _byte_size(request: Message) -> int:
-    return request.ByteSize()  # (not `Message.ByteSize`: the base class's is abstract)
 
 
 def _has_points(request: Any) -> bool:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import gzip
 import ssl
-from collections.abc import Callable
 from typing import Any, Final, Protocol
 
 import aiohttp
@@ -22,9 +21,9 @@ from google.protobuf.message import DecodeError as ProtobufDecodeError
 from google.protobuf.message import Message
 from google.rpc.error_details_pb2 import RetryInfo
 from google.rpc.status_pb2 import Status as RpcStatus
-from opentelemetry.proto.collector.logs.v1 import logs_service_pb2, logs_service_pb2_grpc
-from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from opentelemetry.proto.collector.logs.v1 import logs_service_pb2
+from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
 from meterline.backoff import retry_after as retry_after_seconds
 from meterline.component import PermanentError, RetryableError
@@ -34,13 +33,13 @@ _RETRYABLE_CODES: Final = frozenset({
     grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED,
     grpc.StatusCode.ABORTED, grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.DATA_LOSS})
 _RETRYABLE_STATUSES: Final = frozenset({429, 502, 503, 504})
-# signal -> (gRPC stub class, HTTP path, response class)
-_SIGNALS: Final[dict[str, tuple[Callable[[Any], Any], str, type[Message]]]] = {
-    "traces": (trace_service_pb2_grpc.TraceServiceStub, "/v1/traces",
+# signal -> (gRPC service, HTTP path, response class)
+_SIGNALS: Final[dict[str, tuple[str, str, type[Message]]]] = {
+    "traces": ("opentelemetry.proto.collector.trace.v1.TraceService", "/v1/traces",
                trace_service_pb2.ExportTraceServiceResponse),
-    "logs": (logs_service_pb2_grpc.LogsServiceStub, "/v1/logs",
+    "logs": ("opentelemetry.proto.collector.logs.v1.LogsService", "/v1/logs",
              logs_service_pb2.ExportLogsServiceResponse),
-    "metrics": (metrics_service_pb2_grpc.MetricsServiceStub, "/v1/metrics",
+    "metrics": ("opentelemetry.proto.collector.metrics.v1.MetricsService", "/v1/metrics",
                 metrics_service_pb2.ExportMetricsServiceResponse),
 }
 
@@ -51,8 +50,10 @@ class SignalUnsupported(PermanentError):
 
 
 class Transport(Protocol):
-    async def send(self, signal: str, request: Message) -> Message:
-        """Export `request`; the server's response (which may report partial success)."""
+    async def send(self, signal: str, request: bytes) -> Message:
+        """Export `request` (a serialized export request: the exporter measured it against
+        `max_request_mb`, and nothing serializes it again); the server's response (which
+        may report partial success)."""
 
     async def close(self) -> None: ...
 
@@ -84,11 +85,14 @@ class GrpcTransport:
         self.metadata = tuple((k.lower(), v) for k, v in headers.items())
         self.timeout = timeout
         self.compression = grpc.Compression.Gzip if gzip_ else grpc.Compression.NoCompression
-        self.stubs = {signal: stub(self.channel) for signal, (stub, _, _) in _SIGNALS.items()}
+        # the requests come serialized: no request serializer
+        self.exports = {signal: self.channel.unary_unary(
+            f"/{service}/Export", response_deserializer=response_class.FromString)
+            for signal, (service, _, response_class) in _SIGNALS.items()}
 
-    async def send(self, signal: str, request: Message) -> Message:
+    async def send(self, signal: str, request: bytes) -> Message:
         try:
-            response: Message = await self.stubs[signal].Export(
+            response: Message = await self.exports[signal](
                 request, metadata=self.metadata, timeout=self.timeout,
                 compression=self.compression)
         except grpc.aio.AioRpcError as e:
@@ -136,12 +140,10 @@ class HttpTransport:
         self.timeout = aiohttp.ClientTimeout(total=timeout)
         self.session: aiohttp.ClientSession | None = None
 
-    async def send(self, signal: str, request: Message) -> Message:
+    async def send(self, signal: str, request: bytes) -> Message:
         _, path, response_class = _SIGNALS[signal]
         url = self.base + path
-        body = request.SerializeToString()
-        if self.gzip:
-            body = gzip.compress(body, compresslevel=6)
+        body = gzip.compress(request, compresslevel=6) if self.gzip else request
         if self.session is None:
             self.session = aiohttp.ClientSession(timeout=self.timeout)
         try:
