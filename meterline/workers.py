@@ -86,7 +86,6 @@ class ProcessorPool:
         self._plan = b""
         self._generation = 0
         self._executor: ProcessPoolExecutor | None = None
-        self._counters: dict[str, Any] = {}
         self.restarts = 0  # times the pool was started again after a worker died
 
     def configure(self, plan: Plan) -> None:
@@ -141,12 +140,9 @@ class ProcessorPool:
             self.restarts += 1
 
     def _add_telemetry(self, deltas: dict[tuple[str, str, tuple[Any, ...]], float]) -> None:
+        meter = self.telemetry.meter  # (the same counter for the same name)
         for (name, description, attributes), amount in deltas.items():
-            counter = self._counters.get(name)
-            if counter is None:
-                counter = self._counters[name] = self.telemetry.meter.create_counter(
-                    name, description=description)
-            counter.add(amount, dict(attributes))
+            meter.create_counter(name, description=description).add(amount, dict(attributes))
 
     def pids(self) -> list[int]:
         """The worker processes now running (for tests and status)."""
