@@ -105,3 +105,28 @@ async def test_an_empty_record_takes_no_bytes_and_is_passed_over(queue):
     assert [ids(b) for b in batches] == [["evt-00000000"], ["evt-00000001"]]
     with pytest.raises(TimeoutError):  # no bytes are left counted: a wait for one waits
         await asyncio.wait_for(queue.wait_for(1, None, max_bytes=1), 0.1)
+
+
+async def test_a_wait_for_a_batch_returns_once_its_events_are_there_and_not_before(queue):
+    waiting = asyncio.create_task(queue.wait_for(3, None))
+    for n in range(2):
+        await queue.put(Batch([make_event(n)]))
+        await asyncio.sleep(0.01)
+        assert not waiting.done()
+    await queue.put(Batch([make_event(2)]))
+    await asyncio.wait_for(waiting, 1)
+
+
+async def test_a_wait_for_a_batch_returns_once_its_bytes_are_there(queue):
+    waiting = asyncio.create_task(queue.wait_for(1000, None, max_bytes=2 * PROMPT_BYTES))
+    await queue.put(Batch(long_prompts(1, PROMPT_BYTES, 0)))
+    await asyncio.sleep(0.01)
+    assert not waiting.done()
+    await queue.put(Batch(long_prompts(1, PROMPT_BYTES, 1)))
+    await asyncio.wait_for(waiting, 1)
+
+
+async def test_events_appended_after_a_wait_timed_out_are_seen_by_the_next_wait(queue):
+    await queue.wait_for(5, 0.01)  # times out, nothing there
+    await queue.put(Batch([make_event(0)]))
+    await asyncio.wait_for(queue.wait_for(1, None), 1)

@@ -153,6 +153,9 @@ class Queue(ABC):
         self._replay: tuple[Position, Position] | None = None
         self._inflight: tuple[ExportBatch, Position] | None = None
         self._changed = asyncio.Event()
+        # what the consumer's `wait_for` waits for (events, bytes): appends short of it
+        # do not wake it (with single-event batches, each did, in every exporter)
+        self._wanted: tuple[int, int | None] = (0, None)
         self._interrupted = False
         self.discarded_bytes = 0  # torn or corrupt tails cut off when opening (durable queues)
 
@@ -212,7 +215,10 @@ class Queue(ABC):
         self._available += record.count
         self._available_bytes += record.share(0, record.count)
         self._queued += record.count
-        self._changed.set()
+        count, max_bytes = self._wanted
+        if self._available >= count or (
+                max_bytes is not None and self._available_bytes >= max_bytes):
+            self._changed.set()
 
     def stage(self, batch: Batch) -> Staged:
         """Take room for the batch now (a `has_room` check made after this counts it)
@@ -251,26 +257,30 @@ class Queue(ABC):
     async def wait_for(self, count: int, timeout: float | None,
                        max_bytes: int | None = None) -> None:
         """Wait until `count` events, or `max_bytes` of them, are available, or `timeout`
-        seconds pass."""
+        seconds pass. (One consumer waits at a time: the exporter's delivery loop.)"""
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
-        while self._available < count and self._replay is None and not self._interrupted \
-                and (max_bytes is None or self._available_bytes < max_bytes):
-            self._changed.clear()
-            if deadline is None:
-                await self._changed.wait()
-                continue
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                return
-            # asyncio.timeout, not asyncio.wait_for: on Python 3.11 wait_for swallows a
-            # cancellation that arrives as the wait completes, and the delivery loop then
-            # outlives `stop_loop` (a reload hand-over would hang on it)
-            try:
-                async with asyncio.timeout(remaining):
+        self._wanted = (count, max_bytes)
+        try:
+            while self._available < count and self._replay is None and not self._interrupted \
+                    and (max_bytes is None or self._available_bytes < max_bytes):
+                self._changed.clear()
+                if deadline is None:
                     await self._changed.wait()
-            except TimeoutError:
-                return
+                    continue
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    return
+                # asyncio.timeout, not asyncio.wait_for: on Python 3.11 wait_for swallows a
+                # cancellation that arrives as the wait completes, and the delivery loop
+                # then outlives `stop_loop` (a reload hand-over would hang on it)
+                try:
+                    async with asyncio.timeout(remaining):
+                        await self._changed.wait()
+                except TimeoutError:
+                    return
+        finally:
+            self._wanted = (0, None)
 
     def interrupt(self) -> None:
         """Make every `wait_for`, now and later, return at once (shutdown)."""
