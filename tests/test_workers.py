@@ -15,11 +15,15 @@ import pytest
 import yaml
 
 from meterline import config as config_mod
-from meterline.workers import Plan, ProcessorSpec
+from meterline.config import MetricsConfig
+from meterline.event import pack
+from meterline.telemetry import Telemetry
+from meterline.workers import Plan, ProcessorPool, ProcessorSpec
 from tests.helpers import (
     event_dicts,
     eventually,
     free_port,
+    long_prompts,
     metric_value,
     post_json,
     read_jsonl,
@@ -104,7 +108,10 @@ async def test_a_worker_killed_mid_stream_loses_no_acknowledged_event(tmp_path):
         senders = [asyncio.create_task(_send_batches(url, i * 10_000, 30, acked, answers))
                    for i in range(3)]
         await eventually(lambda: len(acked) >= 1000, timeout=30)
-        os.kill(service.pool.pids()[0], signal.SIGKILL)
+        victim = service.pool.pids()[0]
+        os.kill(victim, signal.SIGSTOP)  # so that it holds batches when it is killed
+        await asyncio.sleep(0.5)
+        os.kill(victim, signal.SIGKILL)
         await asyncio.gather(*senders)
         assert len(acked) == 3 * 30 * 50  # every batch got in, retried where pushed back
         out = tmp_path / "data" / "out.jsonl"
@@ -243,3 +250,48 @@ def test_a_worker_with_the_default_processors_holds_no_http_stack(tmp_path):
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=120, check=True)
     assert run.stdout.strip() == "[]"
+
+
+async def started_pool(tmp_path: Path, specs: list[ProcessorSpec]) -> ProcessorPool:
+    pool = ProcessorPool(2, 0, "warning", "console", Telemetry(MetricsConfig()))
+    pool.configure(Plan({"usage": specs}, str(tmp_path), 2))
+    await pool.start()
+    return pool
+
+
+async def test_a_batch_of_megabytes_crosses_to_a_worker_and_back_whole(tmp_path):
+    pool = await started_pool(tmp_path, [ProcessorSpec("labels", "labels", {})])
+    try:
+        events = long_prompts(40, 200_000, 0)  # 8 MB: many times a pipe's room
+        [result] = await pool.process(["usage"], events)
+        assert result.packed == pack(events)
+        assert result.counts == [("labels", 40, 40)]
+    finally:
+        await pool.shutdown()
+
+
+async def test_an_error_in_a_worker_reaches_the_caller_and_the_worker_serves_on(tmp_path):
+    pool = await started_pool(tmp_path, [])
+    try:
+        pool.configure(Plan({"usage": [ProcessorSpec("x", "no-such-processor", {})]},
+                            str(tmp_path), 2))
+        with pytest.raises(KeyError, match="no-such-processor"):
+            await pool.process(["usage"], long_prompts(1, 10, 0))
+        pool.configure(Plan({"usage": [ProcessorSpec("labels", "labels", {})]},
+                            str(tmp_path), 2))
+        for _ in range(4):  # every worker, given the new plan
+            [result] = await pool.process(["usage"], long_prompts(1, 10, 0))
+            assert result.counts == [("labels", 1, 1)]
+        assert pool.restarts == 0
+    finally:
+        await pool.shutdown()
+
+
+async def test_batches_in_flight_together_are_each_answered_with_their_own_result(tmp_path):
+    pool = await started_pool(tmp_path, [])
+    try:
+        batches = [long_prompts(n + 1, 1000 * (n + 1), 100 * n) for n in range(12)]
+        results = await asyncio.gather(*(pool.process(["usage"], b) for b in batches))
+        assert [r.packed for [r] in results] == [pack(b) for b in batches]
+    finally:
+        await pool.shutdown()
