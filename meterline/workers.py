@@ -27,12 +27,10 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
-import fcntl
 import gc
 import os
 import pickle
 import signal
-import struct
 from collections import deque
 from dataclasses import dataclass, field
 from multiprocessing import get_context
@@ -41,7 +39,7 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
-from meterline import logs
+from meterline import logs, pipes
 from meterline.component import Backpressure, Context, Processor, convert, run_processors
 from meterline.event import Event, pack, unpack
 
@@ -78,39 +76,6 @@ class Processed:
 
 
 # --- the main-process side ----------------------------------------------------------
-# A worker's requests and results are pickled frames on two pipes, framed as
-# `multiprocessing.Connection` frames them (the worker reads and writes with one). The
-# loop writes requests through an asyncio transport (buffered: a big batch never blocks
-# it) and reads results through a protocol: no thread stands between the loop and the
-# workers. `concurrent.futures.ProcessPoolExecutor` put two (a feeder, a manager) and a
-# pipe and a futex wake-up each on every batch's way: 770 us of the main process's CPU
-# per round trip of a small batch, against 220 here (`bench/`: single-event POSTs).
-_LENGTH = struct.Struct("!i")
-_LONG_LENGTH = struct.Struct("!Q")  # after a length of -1: a frame of 2 GiB or more
-_PIPE_BYTES = 1 << 20
-
-
-def _header(size: int) -> bytes:
-    if size > 0x7FFFFFFF:
-        return _LENGTH.pack(-1) + _LONG_LENGTH.pack(size)
-    return _LENGTH.pack(size)
-
-
-def _file_of(connection: Connection, mode: str) -> Any:
-    """A pipe's end as a file, for an asyncio pipe transport (which owns it from then)."""
-    fd = os.dup(connection.fileno())
-    connection.close()
-    return os.fdopen(fd, mode, buffering=0)
-
-
-def _widen(connection: Connection) -> None:
-    """Give a pipe room for a batch of about a megabyte, so that it crosses in a few
-    writes, not in 64 KiB ones that each wait for the other side to read (Linux; as much
-    as `/proc/sys/fs/pipe-max-size` allows, 1 MiB by default)."""
-    with contextlib.suppress(OSError, AttributeError):
-        fcntl.fcntl(connection.fileno(), fcntl.F_SETPIPE_SZ, _PIPE_BYTES)
-
-
 class _WorkerDied(Exception):
     pass
 
@@ -126,35 +91,6 @@ def _kill_unreaped() -> None:
     for process in list(_unreaped):
         with contextlib.suppress(Exception):
             process.kill()
-
-
-class _Results(asyncio.Protocol):
-    """A worker's results pipe: each frame answers the oldest request pending."""
-
-    def __init__(self, handle: _Handle) -> None:
-        self.handle = handle
-        self.buffer = bytearray()
-
-    def data_received(self, data: bytes) -> None:
-        buffer = self.buffer
-        buffer += data
-        while len(buffer) >= _LENGTH.size:
-            (size,), start = _LENGTH.unpack_from(buffer), _LENGTH.size
-            if size == -1:
-                if len(buffer) < _LENGTH.size + _LONG_LENGTH.size:
-                    return
-                (size,), start = _LONG_LENGTH.unpack_from(buffer, _LENGTH.size), start + 8
-            if len(buffer) < start + size:
-                return
-            with memoryview(buffer) as view:
-                frame = bytes(view[start:start + size])
-            del buffer[:start + size]
-            future = self.handle.pending.popleft()
-            if not future.done():  # (its caller may have been cancelled)
-                future.set_result(frame)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.handle.died()
 
 
 class _Handle:
@@ -178,9 +114,15 @@ class _Handle:
         self.generation = generation
         request = pickle.dumps((generation, plan, names, packed),
                                protocol=pickle.HIGHEST_PROTOCOL)
-        self.requests.write(_header(len(request)))
+        self.requests.write(pipes.header(len(request)))
         self.requests.write(request)
         return future
+
+    def answered(self, frame: bytes) -> None:
+        """A result came: it answers the oldest request pending."""
+        future = self.pending.popleft()
+        if not future.done():  # (its caller may have been cancelled)
+            future.set_result(frame)
 
     def died(self) -> None:
         """Its results pipe closed: it exited (or was killed) with these requests unanswered."""
@@ -241,7 +183,7 @@ class ProcessorPool:
         requests_in, requests_out = context.Pipe(duplex=False)
         results_in, results_out = context.Pipe(duplex=False)
         for end in (requests_in, results_in):
-            _widen(end)
+            pipes.widen(end)
         process = context.Process(target=_serve, name="meterline-worker", daemon=True,
                                   args=(requests_in, results_out, *self._worker_settings))
         process.start()
@@ -251,8 +193,9 @@ class ProcessorPool:
         handle = _Handle(self, process)
         loop = asyncio.get_running_loop()
         handle.requests, _ = await loop.connect_write_pipe(asyncio.Protocol,
-                                                           _file_of(requests_out, "wb"))
-        await loop.connect_read_pipe(lambda: _Results(handle), _file_of(results_in, "rb"))
+                                                           pipes.as_file(requests_out, "wb"))
+        await loop.connect_read_pipe(lambda: pipes.FrameReader(handle.answered, handle.died),
+                                     pipes.as_file(results_in, "rb"))
         self._handles.append(handle)
 
     def lost(self, handle: _Handle) -> None:
