@@ -961,12 +961,12 @@ def measure(target: Target, make: Callable[[str], list[bytes]], args: argparse.N
     requests = make(host)
     big = make_big(host) if make_big else None
     window: dict[str, float] = {}
-    schedule: list[tuple[float, tuple[float, float] | None]] = []  # (when, the loop's)
+    schedule: dict[str, tuple[float, tuple[float, float] | None]] = {}  # (when, the loop's)
 
     def on_measure() -> None:
         if target.pid is not None:
             window["cpu"] = tree_cpu_seconds(target.pid)
-            schedule.append((time.perf_counter(), loop_schedule(target.pid)))
+            schedule["start"] = (time.perf_counter(), loop_schedule(target.pid))
 
     before = daemon.metrics() if daemon else None
     cpu0 = tree_cpu_seconds(target.pid) if target.pid else None
@@ -978,7 +978,7 @@ def measure(target: Target, make: Callable[[str], list[bytes]], args: argparse.N
         out = Measured(load)
         if target.pid is not None and "cpu" in window:
             out.cpu_window = tree_cpu_seconds(target.pid) - window["cpu"]
-            (since, first), last = schedule[0], loop_schedule(target.pid)
+            (since, first), last = schedule["start"], loop_schedule(target.pid)
             if first is not None and last is not None:
                 wall = time.perf_counter() - since
                 out.loop = ((last[0] - first[0]) / wall, (last[1] - first[1]) / wall)

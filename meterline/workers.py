@@ -96,26 +96,26 @@ def _kill_unreaped() -> None:
 class _Handle:
     """One worker process, and the requests it has not answered yet (it answers in order)."""
 
-    def __init__(self, pool: ProcessorPool, process: BaseProcess) -> None:
+    def __init__(self, pool: ProcessorPool, process: BaseProcess,
+                 requests: asyncio.WriteTransport) -> None:
         self.pool = pool
         self.process = process
+        self.requests = requests
         self.pending: deque[asyncio.Future[bytes]] = deque()
-        self.requests: asyncio.WriteTransport | None = None
         self.generation = -1  # of the plan it was last sent
-        self.alive = True
 
     def send(self, generation: int, plan: bytes, names: list[str],
              packed: bytes) -> asyncio.Future[bytes]:
-        assert self.requests is not None
+        """A request is two frames: what to do (pickled), then the batch as it is packed
+        (not copied into the pickle)."""
         future = asyncio.get_running_loop().create_future()
         self.pending.append(future)
         if self.generation == generation:
             plan = b""  # it has it
         self.generation = generation
-        request = pickle.dumps((generation, plan, names, packed),
-                               protocol=pickle.HIGHEST_PROTOCOL)
-        self.requests.write(pipes.header(len(request)))
-        self.requests.write(request)
+        what = pickle.dumps((generation, plan, names), protocol=pickle.HIGHEST_PROTOCOL)
+        for part in (pipes.header(len(what)), what, pipes.header(len(packed)), packed):
+            self.requests.write(part)  # (a pipe transport's `writelines` joins: a copy)
         return future
 
     def answered(self, frame: bytes) -> None:
@@ -126,15 +126,11 @@ class _Handle:
 
     def died(self) -> None:
         """Its results pipe closed: it exited (or was killed) with these requests unanswered."""
-        if not self.alive:
-            return
-        self.alive = False
         while self.pending:
             future = self.pending.popleft()
             if not future.done():
                 future.set_exception(_WorkerDied())
-        if self.requests is not None:
-            self.requests.close()
+        self.requests.close()
         self.pool.lost(self)
 
 
@@ -166,7 +162,6 @@ class ProcessorPool:
     async def start(self) -> None:
         """Start every worker and have it build the plan, so that a processor that cannot
         be built fails the start rather than the first batch."""
-        self._closing = False
         for _ in range(self.workers):
             await self._spawn()
         try:
@@ -190,10 +185,10 @@ class ProcessorPool:
         _unreaped.add(process)
         requests_in.close()  # the worker's ends: its exit closes the results pipe
         results_out.close()
-        handle = _Handle(self, process)
         loop = asyncio.get_running_loop()
-        handle.requests, _ = await loop.connect_write_pipe(asyncio.Protocol,
-                                                           pipes.as_file(requests_out, "wb"))
+        requests, _ = await loop.connect_write_pipe(asyncio.Protocol,
+                                                    pipes.as_file(requests_out, "wb"))
+        handle = _Handle(self, process, requests)
         await loop.connect_read_pipe(lambda: pipes.FrameReader(handle.answered, handle.died),
                                      pipes.as_file(results_in, "rb"))
         self._handles.append(handle)
@@ -240,10 +235,10 @@ class ProcessorPool:
         """Run `events` through the processors of each named pipeline, in the worker with
         the fewest batches pending. Raises `Backpressure` when the worker died on the way
         (nothing was queued) or none is running (one is being started again)."""
-        alive = [handle for handle in self._handles if handle.alive]
-        if not alive:
+        if not self._handles:  # (a dead worker's handle is gone at once)
             raise Backpressure("no processing worker is running; retry", retry_after=0.5)
-        return await self._run(min(alive, key=lambda h: len(h.pending)), pipelines, events)
+        return await self._run(min(self._handles, key=lambda h: len(h.pending)),
+                               pipelines, events)
 
     def _add_telemetry(self, deltas: dict[tuple[str, str, tuple[Any, ...]], float]) -> None:
         meter = self.telemetry.meter  # (the same counter for the same name)
@@ -253,7 +248,7 @@ class ProcessorPool:
     def pids(self) -> list[int]:
         """The worker processes now running (for tests and status)."""
         return [h.process.pid for h in self._handles
-                if h.alive and h.process.pid is not None and h.process.is_alive()]
+                if h.process.pid is not None and h.process.is_alive()]
 
     async def shutdown(self) -> None:
         """Close the workers' request pipes (each exits once it has answered what it has),
@@ -262,8 +257,7 @@ class ProcessorPool:
         await asyncio.gather(*self._replacing, return_exceptions=True)
         handles, self._handles = self._handles, []
         for handle in handles:
-            if handle.requests is not None:
-                handle.requests.close()
+            handle.requests.close()
         for handle in handles:
             await asyncio.to_thread(handle.process.join, 10)
             if handle.process.is_alive():
@@ -398,7 +392,8 @@ def _serve(requests: Connection, results: Connection, nice: int, log_level: str,
     _init_worker(nice, log_level, log_encoding)
     while True:
         try:
-            generation, plan, names, packed = pickle.loads(requests.recv_bytes())
+            generation, plan, names = pickle.loads(requests.recv_bytes())
+            packed = requests.recv_bytes()
         except EOFError:
             return
         try:
