@@ -36,6 +36,8 @@ PROVIDER_ALIASES: Final[dict[str, str]] = {
     "watsonx": "ibm.watsonx.ai",
     "ollama": "ollama",
     "ollama_chat": "ollama",
+    "vllm": "vllm",  # self-hosted: LiteLLM's `hosted_vllm/` is a vLLM server
+    "hosted_vllm": "vllm",
 }
 
 ERROR_TYPES: Final = ("invalid_request_error", "authentication_error", "rate_limit_error",

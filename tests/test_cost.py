@@ -14,6 +14,7 @@ from meterline import config as config_mod
 from meterline.cli import main
 from meterline.config import convert
 from meterline.event import Event
+from meterline.genai import provider_name
 from meterline.processors.cost import CostConfig, CostProcessor
 from meterline.processors.cost.prices import bundled
 from tests.helpers import FIXTURES, make_context, make_event, metric_value
@@ -202,6 +203,55 @@ def test_config_prices_override_the_bundled_table(tmp_path: Path) -> None:
     assert own.cost_usd == pytest.approx(11_000 * 0.1 / 1e6)
 
 
+SELF_HOSTED = {"prices": {"vllm/*": {"input": 0.2, "output": 0.4},
+                          "vllm/llama-3.3-70b": {"input": 1.0, "output": 1.0}}}
+
+
+def test_a_provider_wide_entry_prices_that_providers_models_no_entry_names(
+        tmp_path: Path) -> None:
+    e = priced(tmp_path, SELF_HOSTED, provider="vllm", request_model="qwen3-32b",
+               input_tokens=10_000, output_tokens=1000)
+    assert e.pricing_ref == "vllm/*@config"
+    assert e.cost_usd == pytest.approx((10_000 * 0.2 + 1000 * 0.4) / 1e6)
+
+
+def test_an_entry_naming_the_model_wins_over_the_provider_wide_one(tmp_path: Path) -> None:
+    e = priced(tmp_path, SELF_HOSTED, provider="vllm",
+               request_model="llama-3.3-70b-2025-01-01", input_tokens=1000, output_tokens=0)
+    assert e.pricing_ref == "vllm/llama-3.3-70b@config"  # (its snapshot date dropped)
+
+
+def test_a_lower_layers_named_entry_wins_over_a_higher_layers_provider_wide_one(
+        tmp_path: Path) -> None:
+    path = tmp_path / "fleet.yaml"
+    path.write_text("as_of: '2026-12-01'\nmodels:\n  vllm/qwen3-32b: {input: 0.5, output: 0.5, "
+                    "source: 'https://wiki.example/gpu-chargeback'}\n")
+    table = convert({"price_files": [str(path)], **SELF_HOSTED}, CostConfig).table()
+    assert table.resolve("vllm", "qwen3-32b").price.ref == "vllm/qwen3-32b@fleet.yaml"
+
+
+def test_a_provider_wide_entry_wins_over_the_makers_price(tmp_path: Path) -> None:
+    # gpt-4o served by a vLLM server is not billed at OpenAI's rates, as by an unknown host
+    assert priced(tmp_path, SELF_HOSTED, provider="vllm",
+                  request_model="gpt-4o").pricing_ref == "vllm/*@config"
+    assert priced(tmp_path, SELF_HOSTED, provider="acme",
+                  request_model="gpt-4o").pricing_ref == "openai/gpt-4o@bundled"
+
+
+@pytest.mark.parametrize("provider", ["ollama", "hosted_vllm"])
+def test_self_hosted_calls_cost_nothing_rather_than_staying_unpriced(
+        tmp_path: Path, provider: str) -> None:
+    e = priced(tmp_path, provider=provider_name(provider), request_model="llama3.1:8b",
+               input_tokens=1000, output_tokens=100)
+    assert e.cost_usd == 0.0 and e.pricing_ref is not None
+    assert e.pricing_ref.endswith("/*@bundled")
+
+
+def test_a_star_entry_without_its_provider_is_a_config_error() -> None:
+    with pytest.raises(msgspec.ValidationError, match=r"provider/\*"):
+        convert({"prices": {"*": {"input": 1, "output": 1}}}, CostConfig)
+
+
 def test_litellm_price_file_extends_the_table(tmp_path: Path) -> None:
     p = processor(tmp_path, price_files=[LITELLM_FILE])
     events = p.process([
@@ -308,7 +358,8 @@ def test_negative_price_is_refused(tmp_path: Path) -> None:
 
 def test_every_bundled_entry_names_its_source_and_date() -> None:
     spec, layer = bundled()
-    prices = [*layer.by_provider.values(), *layer.any_provider.values()]
+    prices = [*layer.by_provider.values(), *layer.any_provider.values(),
+              *layer.provider_wide.values()]
     assert len(prices) == len(spec.models) > 100
     for price in prices:
         assert price.source.startswith("https://"), price.key
@@ -325,6 +376,16 @@ def test_pricing_command_shows_the_entry_and_why(capsys: pytest.CaptureFixture[s
     assert "dropped Bedrock inference profile 'us.'" in out["steps"]
     assert out["usd_per_million_tokens"]["cache_read"] == 0.3
     assert out["tiers"][0]["above"] == 200_000
+
+
+def test_pricing_command_names_the_provider_wide_entry_and_why(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # the bundled table alone
+    assert main(["pricing", "Qwen/Qwen3-32B", "--provider", "hosted_vllm", "--json"]) == 0
+    out = msgspec.json.decode(capsys.readouterr().out)
+    assert (out["entry"], out["provider"]) == ("vllm/*", "vllm")
+    assert out["steps"] == ["no entry names it: the entry of every vllm model"]
 
 
 def test_pricing_command_reads_overrides_from_the_pipeline_file(

@@ -89,7 +89,8 @@ class PriceFile:
 
 
 class CostConfig(Config):
-    # prices by model (`provider/model` or `model`), over the bundled table and files
+    # prices by model (`provider/model`, `model`, or `provider/*`: that provider's models no
+    # entry names), over the bundled table and files
     prices: dict[str, PriceSpec] = msgspec.field(default_factory=dict)
     # price files (meterline's YAML, or LiteLLM's JSON), later ones win
     price_files: list[PriceFile] = msgspec.field(default_factory=list)
@@ -97,6 +98,9 @@ class CostConfig(Config):
     aliases: dict[str, str] = msgspec.field(default_factory=dict)  # e.g. Azure deployments
     # calls whose endpoint contains one of these get the batch-API price
     batch_endpoints: list[str] = msgspec.field(default_factory=lambda: ["/batches"])
+
+    def __post_init__(self) -> None:
+        config_layer(self.prices)  # refuses a key no table takes (a `*` without provider)
 
     def table(self, data_dir: Path | str | None = None) -> PriceTable:
         """The table: the bundled one, the price map `meterline pricing update` keeps in
@@ -179,11 +183,8 @@ class CostProcessor(Processor):
         """The response model is what served the call (a dated snapshot, or the model
         behind an Azure deployment name); the requested model is the fallback."""
         provider, response_model, request_model = key
-        price = None
-        for model in dict.fromkeys(m for m in (response_model, request_model) if m):
-            price = self.table.resolve(provider, model).price
-            if price is not None:
-                break
+        price = self.table.resolve(
+            provider, *dict.fromkeys(m for m in (response_model, request_model) if m)).price
         if price is None:
             model = response_model or request_model or "(none)"
             if (provider, model) not in self._logged and len(self._logged) < _LOG_LIMIT:

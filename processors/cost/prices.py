@@ -34,6 +34,9 @@ from meterline.genai import provider_name
 MAKERS = frozenset({"openai", "anthropic", "gcp.gemini", "mistral_ai", "deepseek", "x_ai",
                     "cohere", "elevenlabs", "stability_ai", "black_forest_labs", "runway",
                     "luma"})
+# The model of a provider-wide entry (`vllm/*`): the price of that provider's models that
+# no entry names (self-hosted fleets: one rate, whatever model a team deploys).
+ANY_MODEL: Final = "*"
 
 
 class Rates(NamedTuple):
@@ -314,9 +317,16 @@ class Layer:
     by_provider: dict[tuple[str, str], Price] = field(default_factory=dict)
     any_provider: dict[str, Price] = field(default_factory=dict)
     first_party: dict[str, Price] = field(default_factory=dict)
+    provider_wide: dict[str, Price] = field(default_factory=dict)  # `vllm/*`
 
     def add(self, provider: str | None, model: str, price: Price) -> None:
         model = model.lower()
+        if model == ANY_MODEL:
+            if provider is None:
+                raise ValueError(f"'{ANY_MODEL}' prices every model of one provider: write "
+                                 f"it as `provider/{ANY_MODEL}` (such as vllm/{ANY_MODEL})")
+            self.provider_wide[provider] = price
+            return
         if provider is None:
             self.any_provider[model] = price
             return
@@ -325,7 +335,7 @@ class Layer:
             self.first_party.setdefault(model, price)
 
     def __len__(self) -> int:
-        return len(self.by_provider) + len(self.any_provider)
+        return len(self.by_provider) + len(self.any_provider) + len(self.provider_wide)
 
 
 class Resolution(NamedTuple):
@@ -340,36 +350,60 @@ class PriceTable:
         self.layers = list(reversed(layers))  # highest precedence first
         self.aliases = {k.lower(): v for k, v in (aliases or {}).items()}
 
-    def resolve(self, provider: str | None, model: str) -> Resolution:
+    def resolve(self, provider: str | None, *models: str) -> Resolution:
+        """The entry of the first of `models` (each looked up in all its forms, most
+        specific first) that has one. A form's entry is this provider's or any
+        provider's, from the highest layer that has one; only then the maker's (a price
+        file's OpenAI gpt-4o must not hide the bundled Azure one). A provider with a
+        `provider/*` entry has a price of its own for every model: an entry naming the
+        model wins over it, a maker's does not (a vLLM server's gpt-oss is not billed at
+        OpenAI's rates)."""
+        wide = next((found for layer in self.layers if provider is not None
+                     and (found := layer.provider_wide.get(provider)) is not None), None)
+        tried: list[str] = []
+        steps: list[str] = []
+        for model in models:
+            for form, steps in self._forms(model):
+                tried.append(form)
+                price = self._named(provider, form) or (None if wide else self._maker(form))
+                if price is not None:
+                    return Resolution(price, model, tried, steps)
+        reported = models[0] if models else ""
+        if wide is not None:
+            return Resolution(wide, reported, tried,
+                              [f"no entry names it: the entry of every {provider} model"])
+        return Resolution(None, reported, tried, steps)
+
+    def _forms(self, model: str) -> list[tuple[str, list[str]]]:
+        """The names `model` is looked up under (its alias's, if it has one), each with
+        the steps that led to it."""
         steps: list[str] = []
         looked_up = model
         if (target := self.aliases.get(model.strip().lower())) is not None:
             steps.append(f"alias '{model}' -> '{target}'")
             looked_up = target
-        tried: list[str] = []
+        forms = []
         for form, why in name_forms(looked_up):
             if why != "as reported":
-                steps.append(why)
-            tried.append(form)
-            if (price := self._find(provider, form)) is not None:
-                return Resolution(price, model, tried, steps)
-        return Resolution(None, model, tried, steps)
+                steps = [*steps, why]
+            forms.append((form, steps))
+        return forms
 
-    def _find(self, provider: str | None, model: str) -> Price | None:
-        """An entry for this provider, or for any provider, from the highest layer that
-        has one; only then the maker's entry (a price file's OpenAI gpt-4o must not hide
-        the bundled Azure one)."""
-        layers = self.layers
-        for layer in layers:
+    def _named(self, provider: str | None, model: str) -> Price | None:
+        """An entry naming `model` for this provider, or for any provider, from the
+        highest layer that has one."""
+        for layer in self.layers:
             if provider is not None and (
                     found := layer.by_provider.get((provider, model))) is not None:
                 return found
             if (found := layer.any_provider.get(model)) is not None:
                 return found
-        for layer in layers:
-            if (found := layer.first_party.get(model)) is not None:
-                return found
         return None
+
+    def _maker(self, model: str) -> Price | None:
+        """The entry of the provider that makes `model`, from the highest layer."""
+        return next((found for layer in self.layers
+                     if (found := layer.first_party.get(model)) is not None), None)
 
 
 # --- loading --------------------------------------------------------------------------
