@@ -134,9 +134,9 @@ async def test_a_newer_export_of_the_same_day_replaces_the_amounts(client, tmp_p
     assert cell["billed_usd"] == 2.5
 
 
-def test_billing_import_refuses_a_malformed_file_and_stores_nothing(tmp_path):
-    bad = tmp_path / "cur.csv"
-    bad.write_text((FIXTURES / "aws_cur.csv").read_text().replace(",4.5,USD,", ",4.5x,USD,"))
+def cli_of(tmp_path):
+    """`meterline ...` on a pipeline whose ClickHouse (chDB, in `tmp_path`/ch) no daemon
+    has opened yet."""
     config = tmp_path / "pipeline.yaml"
     config.write_text(f"""
 receivers: {{webhook: {{listen: "127.0.0.1:0"}}}}
@@ -147,10 +147,21 @@ service:
   pipelines: {{p: {{receivers: [webhook], exporters: [clickhouse]}}}}
 """)
 
-    def billing(*args):
-        return subprocess.run([sys.executable, "-m", "meterline", "billing", "import",
-                               "-c", str(config), *args], capture_output=True, text=True,
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "meterline", args[0], *args[1:2],
+                               "-c", str(config), *args[2:]], capture_output=True, text=True,
                               timeout=120)
+
+    return cli
+
+
+def test_billing_import_refuses_a_malformed_file_and_stores_nothing(tmp_path):
+    bad = tmp_path / "cur.csv"
+    bad.write_text((FIXTURES / "aws_cur.csv").read_text().replace(",4.5,USD,", ",4.5x,USD,"))
+    cli = cli_of(tmp_path)
+
+    def billing(*args):
+        return cli("billing", "import", *args)
 
     result = billing(str(bad))
     assert result.returncode == 1
@@ -161,3 +172,14 @@ service:
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[0] == (f"{FIXTURES / 'aws_cur.csv'}: aws-cur, 3 billing "
                                              "lines, 2025-11-03 to 2025-11-04 (3 stored in all)")
+
+
+def test_a_bill_imported_before_any_event_is_reconciled_against_no_estimate(tmp_path):
+    cli = cli_of(tmp_path)  # a fresh data directory: the import creates the tables
+    assert cli("billing", "import", str(FIXTURES / "openai_costs.json")).returncode == 0
+    result = cli("finops", "reconcile", "--since", "2025-11-01T00:00:00Z", "--until",
+                 "2025-11-08T00:00:00Z", "--format", "json")
+    assert result.returncode == 0, result.stderr
+    total = json.loads(result.stdout)["total"]
+    assert (total["estimated_cost_usd"], total["billed_cost_usd"],
+            total["unexplained_usd"]) == (0, 7.1, 7.1)

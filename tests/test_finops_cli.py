@@ -111,6 +111,23 @@ def test_finops_without_a_finops_extension_says_so(tmp_path):
     assert "extensions: {finops: {clickhouse: <its id>}}" in result.stderr
 
 
+def test_finops_on_a_database_without_the_tables_says_nothing_is_stored_yet(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text(config_text("""
+        receivers: {webhook: {}}
+        exporters: {clickhouse: {endpoint: "chdb://{data}/clickhouse"}}
+        extensions: {finops: {}}
+        service:
+          data_dir: "{data}"
+          pipelines: {p: {receivers: [webhook], exporters: [clickhouse]}}
+        """, tmp_path))
+    (tmp_path / "data" / "clickhouse").mkdir(parents=True)  # but no table was ever made
+    result = finops(path)
+    assert result.returncode == 1
+    assert result.stderr.endswith("has no llm_events table: has the daemon stored anything "
+                                  "yet?\n"), result.stderr
+
+
 def test_the_table_shows_a_total_and_right_aligned_figures():
     answer = {"report": "spend", "by": "model", "since": "S", "until": "U",
               "rows": [{"model": "gpt-4o", "requests": 10, "errors": 1, "total_tokens": 900,

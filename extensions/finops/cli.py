@@ -28,7 +28,7 @@ from meterline.cli import add_config_argument, admin_address, config_path, load_
 from meterline.config import PipelineFile
 from meterline.exporters.clickhouse.connection import chdb_path, endpoint_of, open_client
 from meterline.exporters.clickhouse.query import DIMENSION_NAMES, RANGES, Reader, Window
-from meterline.exporters.clickhouse.schema import Schema
+from meterline.exporters.clickhouse.schema import Schema, missing_tables
 from meterline.extensions.finops import budgets, finops
 from meterline.extensions.finops.billing.reconcile import reconcile
 from meterline.extensions.finops.config import LinkedConfig
@@ -163,13 +163,17 @@ def _from_clickhouse(loaded: PipelineFile, args: argparse.Namespace,
         busy = " (a daemon is using it: is its admin server off?)" if path else ""
         raise FinOpsError(f"cannot open ClickHouse at {endpoint}{busy}: {e}") from None
     try:
-        reader = Reader(client, Schema.of(config.exporter))
+        schema = Schema.of(config.exporter)
+        if missing := missing_tables(client, schema):
+            raise FinOpsError(f"ClickHouse at {endpoint} has no {missing[0]} table: has the "
+                              "daemon stored anything yet?")
+        reader = Reader(client, schema)
         window = Window.parse(args.range, args.since, args.until)
         if args.report == "budgets":
             return budgets.status(reader, config.budgets)
         kwargs: dict[str, Any] = {"top": args.top} | ({"by": args.by} if args.by else {})
         return REPORTS[args.report](reader, window, **kwargs)
-    except ValueError:
+    except (ValueError, FinOpsError):
         raise
     except Exception as e:
         raise FinOpsError(f"query failed at {endpoint}: {str(e).splitlines()[0]}") from None

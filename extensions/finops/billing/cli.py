@@ -28,7 +28,7 @@ import msgspec
 from meterline.cli import add_config_argument, admin_address, config_path, load_config
 from meterline.config import PipelineFile
 from meterline.exporters.clickhouse.connection import chdb_path, endpoint_of, open_client
-from meterline.exporters.clickhouse.schema import Schema
+from meterline.exporters.clickhouse.schema import Schema, ensure_schema
 from meterline.extensions.finops.billing import store
 from meterline.extensions.finops.billing.formats import FORMATS, read_file
 from meterline.extensions.finops.billing.lines import BillingError, BillingLine
@@ -91,6 +91,8 @@ def _to_clickhouse(loaded: PipelineFile, config: LinkedConfig, lines: list[Billi
         raise FinOpsError(f"cannot open ClickHouse at {endpoint}{busy}: {e}") from None
     try:
         schema = Schema.of(config.exporter)
+        if config.exporter.create_schema:  # as the exporter would: answers read them all
+            ensure_schema(client, schema)
         store.insert(client, schema, lines)
         return store.count(client, schema)
     except Exception as e:
