@@ -89,7 +89,7 @@ async def test_a_spent_hard_budget_answers_429_budget_exceeded_to_the_openai_sdk
     assert refused.value.status_code == 429
     assert refused.value.body["type"] == "budget_exceeded"  # the SDK's body is the error
     assert refused.value.code == "budget_exceeded"
-    assert "budget 'daily' (user ann) exceeded" in refused.value.message
+    assert "budget 'daily' (user ann) exceeded: $6.00 of $5.00 this day" in refused.value.message
     assert 0 < int(refused.value.response.headers["retry-after"]) <= 86400
     assert len(upstream.requests) == 0  # nothing forwarded
     answer = await client.chat.completions.create(**ask,

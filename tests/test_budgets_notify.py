@@ -13,8 +13,9 @@ from aiohttp import web
 from meterline.component import ExportBatch
 from meterline.config import convert
 from meterline.extensions.finops import budgets
-from meterline.extensions.finops.budgets import Budget
+from meterline.extensions.finops.budgets import Budget, usd
 from meterline.extensions.finops.crossings import Marks
+from meterline.extensions.finops.notifiers import slack_body
 from tests.clickhouse_helpers import clickhouse_exporters, finops_of
 from tests.helpers import eventually, free_port, make_event, metric_value
 
@@ -259,3 +260,17 @@ def test_a_notification_queued_before_a_restart_is_older_than_the_turns_after_it
     after.marks["k"] = {"threshold": 0.5, "budget": "acme", "member": None, "expires": None}
     after.rearm({("acme", None): None}, now=0.0)  # the spend fell back
     assert not after.raise_to(mark)  # delivered now, queued before the restart
+
+
+@pytest.mark.parametrize(("amount", "written"), [
+    (12.0, "$12.00"), (1234.5, "$1,234.50"), (0.5, "$0.50"), (0.0123, "$0.012"),
+    (2.8e-05, "$0.000028"), (0.0, "$0.00")])
+def test_an_amount_is_written_with_the_digits_that_show_it(amount, written):
+    assert usd(amount) == written
+
+
+def test_a_small_budget_reads_as_its_amounts_not_as_zero():
+    text = slack_body({"budget": "trial", "threshold": 1.0, "spend_usd": 2.8e-05,
+                       "limit_usd": 1e-05, "period": "day", "scope": {}, "window_start": "S",
+                       "window_end": "E", "action": "notify", "crossed_at": "C"})["text"]
+    assert text == "Budget trial reached 100% of its limit: $0.000028 of $0.000010 this day"

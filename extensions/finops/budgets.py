@@ -25,6 +25,7 @@ exporter republishes.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
@@ -73,6 +74,15 @@ class BudgetScope(Config):
     def describe(self) -> dict[str, str]:
         out = {name: value for name in SCOPE_COLUMNS if (value := getattr(self, name)) is not None}
         return out | {f"metadata.{k}": v for k, v in self.metadata.items()}
+
+
+def usd(amount: float) -> str:
+    """An amount for people to read: cents from a dollar up, and below a dollar as many
+    decimals as show its first two digits ($0.000028), so that a small limit or spend
+    (a test budget, a cheap model's calls) never reads as $0.00."""
+    if amount == 0 or abs(amount) >= 1:
+        return f"${amount:,.2f}"
+    return f"${amount:.{max(2, 1 - math.floor(math.log10(abs(amount))))}f}"
 
 
 def filters_of(given: dict[str, str]) -> list[Filter]:

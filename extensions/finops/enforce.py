@@ -13,7 +13,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from meterline.exporters.clickhouse.query import Filter, Reader, Window, dimension, parse_time
-from meterline.extensions.finops.budgets import Budget, filters_of
+from meterline.extensions.finops.budgets import Budget, filters_of, usd
 from meterline.gateway.budgets import Block
 
 # Scope columns the gateway does not know (the labels processor sets them); the others
@@ -39,8 +39,8 @@ def blocks(reader: Reader, budgets: dict[str, Budget], statuses: list[dict[str, 
         keyed = {c: v for c, v in given.items() if c in _BY_KEY}
         member = f" ({budget.per} {s['member']})" if s["member"] else ""
         span = f"in the last {s['period']}" if s["rolling"] else f"this {s['period']}"
-        message = (f"budget {s['budget']!r}{member} exceeded: ${s['spend_usd']} of "
-                   f"${s['limit_usd']} {span}")
+        message = (f"budget {s['budget']!r}{member} exceeded: {usd(s['spend_usd'])} of "
+                   f"{usd(s['limit_usd'])} {span}")
         window = Window(parse_time(s["period_start"], "period_start"),
                         parse_time(s["period_end"], "period_end"))
         until = (_under_limit_at(reader, budget.limit_usd, window, filters_of(given))

@@ -31,6 +31,7 @@ import msgspec
 from meterline.component import ExportBatch, Exporter, PermanentError, RetryableError
 from meterline.delivery import BatchConfig, ExporterConfig
 from meterline.event import Event
+from meterline.extensions.finops.budgets import usd
 from meterline.units import Duration
 
 NOTIFICATION = "budget_notification"  # the attribute of the event carrying a notification
@@ -58,7 +59,7 @@ def slack_body(n: dict[str, Any]) -> dict[str, Any]:
     """A Slack incoming-webhook message: `text` (the notification's fallback) and blocks."""
     member = f" for {n['per']} {n['member']}" if n.get("member") else ""
     text = (f"Budget {n['budget']}{member} reached {n['threshold']:.0%} of its limit: "
-            f"${n['spend_usd']:,.2f} of ${n['limit_usd']:,.2f} this {n['period']}")
+            f"{usd(n['spend_usd'])} of {usd(n['limit_usd'])} this {n['period']}")
     scope = ", ".join(f"{k}={v}" for k, v in n["scope"].items()) or "all spend"
     details = (f"scope: {scope} · window {n['window_start']} to {n['window_end']} · "
                f"action: {n['action']} · crossed at {n['crossed_at']}")
