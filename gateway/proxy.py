@@ -54,7 +54,7 @@ from meterline.gateway.shapes import (
 from meterline.gateway.shapes.media import read_form
 from meterline.gateway.streams import LineSplitter, SSESplitter
 from meterline.gateway.upstream import UNHEALTHY_AFTER, Exchange, Upstream, UpstreamFailure
-from meterline.genai import ROUTING_ATTRIBUTE, failure
+from meterline.genai import GUARDRAIL_BLOCKED, ROUTING_ATTRIBUTE, failure
 from meterline.httpserver import ConnectionLimit
 from meterline.tls import server_context
 
@@ -84,7 +84,6 @@ _RATELIMITS: Final = {
 }
 _NO_CONTENT_LENGTH: Final = frozenset({b"GET", b"HEAD", b"DELETE", b"OPTIONS"})
 _JSON: Final = b"content-type: application/json\r\n"
-_GUARDRAIL_BLOCKED: Final = "guardrail_blocked"  # the error type of a blocked call
 _MAX_PARSED_BODY: Final = 16 << 20  # a larger response is relayed but not read
 _MAX_METADATA_VALUE: Final = 128
 
@@ -392,7 +391,7 @@ class Call:
         verdict = await guardrails.guard("input", body, model)
         verdict.record(self.event)
         if verdict.blocked_by is not None:
-            self.fail(400, _GUARDRAIL_BLOCKED, verdict.refusal())
+            self.fail(400, GUARDRAIL_BLOCKED, verdict.refusal())
             return True
         if verdict.masked:
             self.body = _encode(body)
@@ -421,7 +420,7 @@ class Call:
         verdict = await guardrails.guard("output", body, self.event.request_model)
         verdict.record(self.event)
         if verdict.blocked_by is not None:
-            self.fail(400, _GUARDRAIL_BLOCKED, verdict.refusal())
+            self.fail(400, GUARDRAIL_BLOCKED, verdict.refusal())
             return
         if verdict.masked:
             raw = _encode(body)

@@ -43,6 +43,9 @@ PROVIDER_ALIASES: Final[dict[str, str]] = {
 ERROR_TYPES: Final = ("invalid_request_error", "authentication_error", "rate_limit_error",
                       "server_error", "not_found_error", "service_unavailable", "timeout",
                       "tool_error", "unknown")  # tool_error: a tool answered with an error
+# The error type of a call a guardrail blocked: the gateway's decision (before the call, or
+# on the answer a provider gave), never a provider's error.
+GUARDRAIL_BLOCKED: Final = "guardrail_blocked"
 
 
 def provider_name(raw: str | None) -> str | None:

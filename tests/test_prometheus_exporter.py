@@ -177,6 +177,16 @@ async def test_errors_provider_errors_and_rate_limit_hits_are_counted_by_error_t
     assert sum(s.value for s in found if s.name == "llm_gateway_errors_total") == 3
 
 
+async def test_a_call_a_guardrail_blocked_is_an_error_but_no_providers_error(tmp_path):
+    # the provider answered; an output rule refused the answer
+    blocked = make_event(1, status_code=400, error_type="guardrail_blocked", upstream="openai")
+    async with Daemon(tmp_path).run() as daemon:
+        await daemon.send([blocked])
+        found = await daemon.samples()
+    assert value(found, "llm_gateway_errors_total", error_type="guardrail_blocked") == 1
+    assert not [s for s in found if s.name == "llm_gateway_provider_errors_total"]
+
+
 async def test_a_call_the_client_cancelled_counts_as_a_request_and_in_no_error(tmp_path):
     cancelled = make_event(1, status_code=499, upstream="openai")
     async with Daemon(tmp_path).run() as daemon:

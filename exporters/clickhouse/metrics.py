@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from meterline.genai import CLIENT_CLOSED, NON_MODEL_OPERATIONS
+from meterline.genai import CLIENT_CLOSED, GUARDRAIL_BLOCKED, NON_MODEL_OPERATIONS
 
 # As `meterline.genai.failure` decides it: a call with an error category, or an HTTP
 # error status other than a cancelled call (499: the client left, nothing failed).
@@ -35,7 +35,7 @@ IS_MCP_CONNECT = "mcp_method = 'initialize'"
 # for it), and one it modified (a redact rule fired, and none blocked it).
 _GUARDRAIL_ACTED = "arrayExists(g -> tupleElement(g, 'action') = '{}', guardrails)"
 IS_GUARDRAIL_BLOCKED = (f"({_GUARDRAIL_ACTED.format('block')} "
-                        "OR error_type = 'guardrail_blocked')")
+                        f"OR error_type = '{GUARDRAIL_BLOCKED}')")
 IS_GUARDRAIL_MODIFIED = f"({_GUARDRAIL_ACTED.format('redact')} AND NOT {IS_GUARDRAIL_BLOCKED})"
 HAS_GUARDRAIL = f"(notEmpty(guardrails) OR {IS_GUARDRAIL_BLOCKED})"
 

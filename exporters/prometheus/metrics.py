@@ -39,6 +39,7 @@ from typing import Final, Literal
 from meterline.event import Event
 from meterline.fieldpath import FieldPath
 from meterline.genai import (
+    GUARDRAIL_BLOCKED,
     NON_MODEL_OPERATIONS,
     OTHER_ROUTING_METHOD,
     ROUTING_ATTRIBUTE,
@@ -140,8 +141,11 @@ def routing_method(e: Event) -> str:
 
 def _provider_error(e: Event) -> bool:
     """A failed call that reached a provider: all of them, except the gateway's own
-    refusals made before it chose an upstream (no `upstream` on the event)."""
-    return bool(error_type(e)) and not (e.source == "gateway" and e.upstream is None)
+    refusals made before it chose an upstream (no `upstream` on the event) and the calls a
+    guardrail blocked (an answer the provider gave, which a rule refused, is no error of
+    the provider's)."""
+    return (bool(error_type(e)) and e.error_type != GUARDRAIL_BLOCKED
+            and not (e.source == "gateway" and e.upstream is None))
 
 
 def _seconds(ms: float | None) -> float | None:
