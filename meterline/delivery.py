@@ -209,11 +209,17 @@ class ExporterRunner:
         if discarded := self.queue.discarded_bytes:
             self.log.warning("queue recovery cut off a torn or corrupt tail", bytes=discarded)
 
+    def finish(self) -> None:
+        """No more events will come (shutdown, or a replay's source read to its end):
+        stop waiting for batches to fill, send what there is, and end the delivery loop
+        once the queue is empty."""
+        self._draining = True
+        self.queue.interrupt()
+
     async def shutdown(self, grace: float) -> None:
         """Deliver what can be within `grace` seconds; the rest stays in a persistent
         queue for the next start (a memory queue's rest is lost, and logged)."""
-        self._draining = True
-        self.queue.interrupt()  # stop waiting for batches to fill; send what there is
+        self.finish()
         if self._task is not None:
             try:
                 await asyncio.wait_for(asyncio.shield(self._task), grace)

@@ -299,6 +299,22 @@ async def test_meterline_audit_asks_the_running_daemon_with_its_token(tmp_path, 
     assert [e["trigger"] for e in json.loads(printed)] == ["start"]
 
 
+async def test_meterline_audit_reads_the_data_directory_when_the_daemon_refuses_the_token(
+        tmp_path, capsys):
+    admin = free_port()
+    async with running(admin_body(free_port(), admin), tmp_path):
+        # the file's token changed since the start: the admin server keeps the old one
+        # until a restart
+        changed = tmp_path / "changed.yaml"
+        changed.write_text(config_text(admin_body(free_port(), admin, "a-new-token"), tmp_path))
+        capsys.readouterr()  # the daemon's logs
+        code = await asyncio.to_thread(cli.main, ["audit", "-c", str(changed), "--json"])
+        printed = capsys.readouterr()
+    assert code == 0
+    assert [e["trigger"] for e in json.loads(printed.out)] == ["start"]
+    assert "answered 401" in printed.err and "read from" in printed.err
+
+
 @pytest.mark.parametrize("limit", ["0", "abc"])
 async def test_the_admin_api_refuses_a_bad_limit(tmp_path, limit):
     admin = free_port()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -132,6 +133,25 @@ def test_a_dead_letter_file_is_replayed_with_its_event_ids(tmp_path):
     replayed = read_jsonl(tmp_path / "out.jsonl")
     assert [e["event_id"] for e in replayed] == [e.event_id for e in events]
     assert [e["timestamp"] for e in replayed] == [e.timestamp for e in events]
+
+
+def test_a_replay_ends_once_sent_without_waiting_out_the_batch_timeout(tmp_path):
+    events = spread_events(5)
+    dead = asyncio.run(_dead_letters(tmp_path / "refused", events))
+    [file] = dead.glob("*.jsonl")
+    config = _pipeline(tmp_path, {"file": {"path": str(tmp_path / "out.jsonl"),
+                                           "batch": {"timeout": "10m"}}})
+    started = time.monotonic()
+    assert cli.main(["replay", str(file), "-c", str(config)]) == 0
+    assert time.monotonic() - started < 60  # (the batch would have waited 10 minutes)
+    assert len(read_jsonl(tmp_path / "out.jsonl")) == 5
+
+
+def test_a_missing_source_is_refused_before_the_pipeline_starts(tmp_path, capsys):
+    config = _into_file(tmp_path)
+    assert cli.main(["replay", str(tmp_path / "nowhere"), "-c", str(config)]) == 1
+    assert capsys.readouterr().err == f"replay: {tmp_path / 'nowhere'}: no such file or directory\n"
+    assert not (tmp_path / "data").exists()  # no queue made, nothing started
 
 
 def test_a_bad_parquet_file_is_refused_naming_it(tmp_path, capsys):

@@ -108,7 +108,13 @@ def local_files(root: Path, window: Window) -> list[Path]:
 
 
 def read_local(root: Path, window: Window) -> Iterator[tuple[str, list[Event]]]:
-    for path in local_files(root, window):
+    """The events of the files under `root`, listed now: a wrong path is refused before
+    the replay's pipeline starts."""
+    return _read_files(local_files(root, window), window)
+
+
+def _read_files(paths: list[Path], window: Window) -> Iterator[tuple[str, list[Event]]]:
+    for path in paths:
         chunks = read_parquet(str(path), str(path)) if path.suffix == ".parquet" else (
             read_jsonl(path))
         for events in chunks:

@@ -160,6 +160,10 @@ async def _wait(error: Exception) -> bool:
 
 
 async def _drained(service: Service) -> None:
+    """Wait until every exporter has sent what it holds: at once, not after its batch
+    `timeout` (an `s3` exporter's is minutes), as the source has nothing more to give."""
+    for runner in service.exporters.values():
+        runner.component.finish()
     loop = asyncio.get_running_loop()
     shown = loop.time()
     while queued := {cid: len(r.component.queue) for cid, r in service.exporters.items()
