@@ -137,6 +137,15 @@ def test_an_older_mcp_span_with_rpc_jsonrpc_error_code_gives_the_error_category(
     assert event.attributes["error.type"] == "tool_error"
 
 
+@pytest.mark.parametrize("attribute", ["rpc.response.status_code", "rpc.jsonrpc.error_code"])
+@pytest.mark.parametrize("status", [Status(code=Status.STATUS_CODE_ERROR), Status()])
+def test_an_mcp_error_code_alone_gives_the_error_category(attribute, status):
+    # no error.type: the code, with the span's error status or without it
+    event = decoded({**MCP_CALL, attribute: "-32602"}, status=status)
+    assert event.error_type == "invalid_request_error"
+    assert "error.type" not in event.attributes
+
+
 def test_a_tool_error_without_a_code_is_a_tool_error():
     event = decoded({**MCP_CALL, "error.type": "tool_error"},
                     status=Status(code=Status.STATUS_CODE_ERROR))

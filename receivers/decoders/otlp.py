@@ -294,14 +294,13 @@ def _normalise(fields: dict[str, Any]) -> None:
 def _mcp(fields: dict[str, Any], attrs: dict[str, Any], rest: dict[str, Any]) -> None:
     """An MCP span's operation, from its method, and its error category: from its JSON-RPC
     error code (`error.type`, `rpc.response.status_code` or `rpc.jsonrpc.error_code`) when
-    it has one, else its `error.type` (`tool_error`: a tool that answered an error). An
+    it has one (a code is an error whether or not `error.type` or the span's status says
+    so), else its `error.type` (`tool_error`: a tool that answered an error). An
     `error.type` the category replaced stays in `attributes`."""
     method = fields["mcp_method"]
     if isinstance(method, str):
         fields["operation"] = mcp_operation(method)
     error = fields.get("error_type")
-    if error is None:
-        return
     for value in (error, attrs.get("rpc.response.status_code"),
                   attrs.get("rpc.jsonrpc.error_code")):
         text = str(value) if isinstance(value, int | str) and not isinstance(value, bool) \
@@ -309,7 +308,7 @@ def _mcp(fields: dict[str, Any], attrs: dict[str, Any], rest: dict[str, Any]) ->
         if _JSONRPC_CODE.fullmatch(text) and int(text) < 0:  # a code says the most
             fields["error_type"] = jsonrpc_error_type(int(text))
             break
-    if fields["error_type"] != error:
+    if error is not None and fields["error_type"] != error:
         rest["error.type"] = error
 
 
