@@ -309,6 +309,10 @@ def cmd_tap(args: argparse.Namespace) -> int:
         return asyncio.run(_tap(url, token))
     except KeyboardInterrupt:
         return 0
+    except BrokenPipeError:  # the reader has what it wanted (`meterline tap | head`)
+        # (and the interpreter's last flush of stdout must not fail again at exit)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 async def _tap(url: str, token: str | None) -> int:

@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 
@@ -112,6 +113,28 @@ async def test_tap_streams_live_events_matching_its_filter(tmp_path):
         finally:
             proc.terminate()
             await proc.wait()
+
+
+async def test_tap_ends_quietly_when_its_reader_goes_away(tmp_path):
+    port, admin = free_port(), free_port()
+    async with running(pipeline(port, admin), tmp_path) as service:
+        read, write = os.pipe()
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "meterline", "tap", "--admin", f"http://127.0.0.1:{admin}",
+            stdout=write, stderr=subprocess.PIPE)
+        os.close(write)
+        try:
+            await eventually(lambda: service.taps.active)
+            await post_json(f"http://127.0.0.1:{port}/v1/events", event_dicts(0, 1))
+            with os.fdopen(read) as reader:  # `| head -1`: one line, then gone
+                assert json.loads(await asyncio.to_thread(reader.readline))["event_id"]
+            await post_json(f"http://127.0.0.1:{port}/v1/events", event_dicts(1, 2))
+            assert await asyncio.wait_for(proc.wait(), 10) == 0
+            assert await proc.stderr.read() == b""  # no traceback
+        finally:
+            if proc.returncode is None:
+                proc.terminate()
+                await proc.wait()
 
 
 async def test_tap_refuses_a_bad_filter(tmp_path):
