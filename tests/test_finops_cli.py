@@ -128,6 +128,17 @@ def test_finops_on_a_database_without_the_tables_says_nothing_is_stored_yet(tmp_
                                   "yet?\n"), result.stderr
 
 
+def test_the_reconcile_table_lists_the_estimate_of_the_providers_no_bill_covers():
+    figures = {"estimated_cost_usd": 6.0, "billed_cost_usd": 7.0, "variance_usd": 1.0,
+               "variance_ratio": 0.1667, "unexplained_usd": 0.0, "billing_lines": 3}
+    answer = {"report": "reconcile", "by": "provider", "since": "S", "until": "U",
+              "rows": [{"provider": "openai", **figures}], "total": figures,
+              "not_billed": [{"provider": "anthropic", "estimated_cost_usd": 4.54},
+                             {"provider": None, "estimated_cost_usd": 0.25}]}
+    assert render(answer, "reconcile", "table").splitlines()[-1] == (
+        "not billed (no bill in the window), estimated_cost_usd: anthropic 4.54, - 0.25")
+
+
 def test_the_table_shows_a_total_and_right_aligned_figures():
     answer = {"report": "spend", "by": "model", "since": "S", "until": "U",
               "rows": [{"model": "gpt-4o", "requests": 10, "errors": 1, "total_tokens": 900,

@@ -215,7 +215,18 @@ def render(answer: dict[str, Any] | list[Any], report: str, fmt: str) -> str:
     body = "\n".join("  ".join(cell.ljust(w) if i < len(keys) else cell.rjust(w)
                                for i, (cell, w) in enumerate(zip(line, widths, strict=True)))
                      for line in lines)
-    return f"{title}{body}\n"
+    return f"{title}{body}\n{_not_billed(answer)}"
+
+
+def _not_billed(answer: dict[str, Any] | list[Any]) -> str:
+    """Under a reconciliation's table: the estimate of the providers no bill covers (left
+    out of its rows, which would read as estimated 0)."""
+    estimates = answer.get("not_billed") if isinstance(answer, dict) else None
+    if not estimates:
+        return ""
+    listed = ", ".join(f"{e['provider'] or '-'} {_cell(e['estimated_cost_usd'])}"
+                       for e in estimates)
+    return f"not billed (no bill in the window), estimated_cost_usd: {listed}\n"
 
 
 def _rows(answer: dict[str, Any] | list[Any],
