@@ -221,6 +221,20 @@ def test_an_item_whose_attributes_hold_an_integer_beyond_64_bits_is_refused_alon
     assert decoded.rejected == [(0, "an integer is out of range (more than 64 bits)")]
 
 
+def test_an_array_item_with_a_number_out_of_range_is_refused_alone():
+    body = (b'[{"event_id": "a", "provider": "openai", "cost_usd": 1e999},'
+            b' {"event_id": "b", "provider": "openai"}]')
+    decoded = decode_body(body)
+    assert [e.event_id for e in decoded.events] == ["b"]
+    [(index, reason)] = decoded.rejected
+    assert index == 0 and reason.startswith("malformed JSON: Number out of range")
+
+
+def test_an_array_cut_short_is_still_malformed_as_a_whole():
+    with pytest.raises(DecodeError, match="malformed JSON: Input data was truncated"):
+        decode_body(b'[{"event_id": "a", "provider": "openai"},')
+
+
 def test_decode_item_refuses_an_integer_beyond_64_bits():
     with pytest.raises(DecodeError, match="out of range"):
         decode_item({"event_id": "a", "provider": "openai", "output_tokens": 2**64})

@@ -26,6 +26,7 @@ from meterline.receivers.decoders.errors import DecodeError, NotAnLLMCall
 __all__ = ["DecodeError", "Decoded", "NotAnLLMCall", "decode_body", "decode_item"]
 
 _raw = msgspec.json.Decoder()
+_raw_items = msgspec.json.Decoder(list[msgspec.Raw])
 _TOO_DEEP = "JSON nested too deeply"  # msgspec stops at the interpreter's recursion limit
 _UNEXPECTED = "cannot decode: "  # the reason given for an exception no decoder expected
 
@@ -93,11 +94,14 @@ def decode_body(body: bytes, ndjson: bool = False) -> Decoded:
         except RecursionError:
             raise DecodeError(_TOO_DEEP) from None
         except msgspec.DecodeError as e:
-            if b"\n" not in text.rstrip():
+            if (isolated := _items(text)) is not None:
+                items = isolated  # a well-formed array with a bad value in some item
+            elif b"\n" not in text.rstrip():
                 raise DecodeError(f"malformed JSON: {e}") from None
-            items = _lines(body)  # several JSON documents, one per line
-            if isinstance(items[0], DecodeError):
-                raise DecodeError(f"malformed JSON: {e}") from None
+            else:
+                items = _lines(body)  # several JSON documents, one per line
+                if isinstance(items[0], DecodeError):
+                    raise DecodeError(f"malformed JSON: {e}") from None
         else:
             items = parsed if isinstance(parsed, list) else [parsed]
     decoded = Decoded()
@@ -123,6 +127,27 @@ def decode_body(body: bytes, ndjson: bool = False) -> Decoded:
 
 def _out_of_bounds(reason: str) -> str:
     return reason if reason == bounds.OUT_OF_RANGE else f"out of bounds: {reason}"
+
+
+def _items(text: bytes) -> list[Any] | None:
+    """A JSON array whose structure is sound but some value is not (a number out of
+    range): each item parsed alone, the bad ones as their DecodeError, so that they are
+    refused alone. None when the array itself is malformed."""
+    if text[:1] != b"[":
+        return None
+    try:
+        raws = _raw_items.decode(text)
+    except (msgspec.DecodeError, RecursionError):
+        return None
+    items: list[Any] = []
+    for raw in raws:
+        try:
+            items.append(_raw.decode(raw))
+        except msgspec.DecodeError as e:
+            items.append(DecodeError(f"malformed JSON: {e}"))
+        except RecursionError:
+            items.append(DecodeError(_TOO_DEEP))
+    return items
 
 
 def _lines(body: bytes) -> list[Any]:
