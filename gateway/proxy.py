@@ -354,6 +354,12 @@ class Call:
         self.shape = shape = shape_for(self.event.endpoint or "/")
         if shape is None:
             return
+        encoding = self.request.headers.get(b"content-encoding", b"").strip().lower()
+        if encoding not in (b"", b"identity"):  # unread, it would pass the guardrails
+            raise LocalError(415, "invalid_request_error",
+                             f"unsupported Content-Encoding {encoding.decode(errors='replace')!r}: "
+                             "the gateway reads this call's body (to record and guard it): "
+                             "send it uncompressed")
         if shape.multipart:  # an upload: its small fields read, its files left alone
             form = read_form(self.body, self.request.headers.get(b"content-type", b""))
             if form is not None:

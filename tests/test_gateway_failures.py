@@ -3,6 +3,7 @@ bad requests, and many streams at once."""
 
 import asyncio
 import contextlib
+import gzip
 import socket
 
 import aiohttp
@@ -219,6 +220,20 @@ async def test_malformed_json_is_a_400_that_never_reaches_the_upstream(fake):
         event = gw.event
     assert status == 400 and "not valid JSON" in body["error"]["message"]
     assert (event.status_code, event.error_type) == (400, "invalid_request_error")
+    assert not fake.requests
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "br"])
+async def test_a_compressed_body_is_a_415_that_never_reaches_the_upstream(fake, encoding):
+    # read unread, it would be forwarded past the guardrails and recorded without usage
+    async with gateway({"openai": openai_upstream(fake.url)}) as gw, aiohttp.ClientSession() as s:
+        async with s.post(f"{gw.url}/v1/chat/completions", data=gzip.compress(b'{"model": "m"}'),
+                          headers={"Content-Type": "application/json",
+                                   "Content-Encoding": encoding}) as r:
+            status, body = r.status, await r.json()
+        event = gw.event
+    assert status == 415 and "send it uncompressed" in body["error"]["message"]
+    assert (event.status_code, event.error_type) == (415, "invalid_request_error")
     assert not fake.requests
 
 
