@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import ssl
+from collections.abc import Callable
 from pathlib import Path
 
 from meterline.component import Config
@@ -65,7 +66,8 @@ def server_context(tls: ServerTlsConfig) -> ssl.SSLContext:
     when there are client CAs."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(tls.cert_file, tls.key_file)
+    context.load_cert_chain(tls.cert_file, tls.key_file,
+                            _encrypted("a listener takes an unencrypted key"))
     if tls.client_ca_file is not None:
         context.load_verify_locations(tls.client_ca_file)
         context.verify_mode = ssl.CERT_REQUIRED
@@ -77,7 +79,8 @@ def client_context(tls: TlsConfig) -> ssl.SSLContext:
     certificate if any, and verification unless `insecure_skip_verify`."""
     context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=tls.ca_file)
     if tls.cert_file is not None:
-        context.load_cert_chain(tls.cert_file, tls.key_file, tls.key_password)
+        context.load_cert_chain(tls.cert_file, tls.key_file,
+                                tls.key_password or _encrypted("give its key_password"))
     if tls.insecure_skip_verify:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
@@ -87,3 +90,12 @@ def client_context(tls: TlsConfig) -> ssl.SSLContext:
 def read_pem(path: str | None) -> bytes | None:
     """A file's bytes (None for None), for libraries that take PEM, not a context (gRPC)."""
     return Path(path).read_bytes() if path else None
+
+
+def _encrypted(hint: str) -> Callable[[], str]:
+    """OpenSSL's password callback for a key given no password: an encrypted key is a
+    config error saying so (its default would prompt on the terminal, or fail with EINVAL
+    without one)."""
+    def refuse() -> str:
+        raise ValueError(f"key_file is encrypted: {hint}")
+    return refuse

@@ -8,7 +8,7 @@ import pytest
 import trustme
 
 from meterline.config import convert
-from meterline.tls import TlsConfig, client_context
+from meterline.tls import ServerTlsConfig, TlsConfig, client_context
 
 
 @pytest.fixture
@@ -88,3 +88,32 @@ def test_a_key_that_does_not_match_the_certificate_is_a_config_error(tmp_path, c
     with pytest.raises(msgspec.ValidationError, match="cannot load the certificates"):
         convert({"cert_file": str(tmp_path / "cert.pem"), "key_file": str(tmp_path / "key.pem")},
                 TlsConfig)
+
+
+def encrypted_pair(ca: trustme.CA, tmp_path, password: bytes = b"s3cret") -> dict[str, str]:
+    """A certificate and its key, the key encrypted with `password` (PKCS#8)."""
+    from cryptography.hazmat.primitives import serialization
+
+    issued = ca.issue_cert("localhost")
+    issued.cert_chain_pems[0].write_to_path(tmp_path / "cert.pem")
+    key = serialization.load_pem_private_key(issued.private_key_pem.bytes(), None)
+    (tmp_path / "key.pem").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(password)))
+    return {"cert_file": str(tmp_path / "cert.pem"), "key_file": str(tmp_path / "key.pem")}
+
+
+def test_an_encrypted_key_without_its_password_is_a_config_error_saying_so(tmp_path, ca):
+    with pytest.raises(msgspec.ValidationError,
+                       match="key_file is encrypted: give its key_password"):
+        convert(encrypted_pair(ca, tmp_path), TlsConfig)
+
+
+def test_an_encrypted_key_loads_with_its_password(tmp_path, ca):
+    convert({**encrypted_pair(ca, tmp_path), "key_password": "s3cret"}, TlsConfig)
+
+
+def test_a_listener_refuses_an_encrypted_key_saying_so(tmp_path, ca):
+    with pytest.raises(msgspec.ValidationError,
+                       match="key_file is encrypted: a listener takes an unencrypted key"):
+        convert(encrypted_pair(ca, tmp_path), ServerTlsConfig)
