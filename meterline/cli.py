@@ -82,7 +82,12 @@ def main(argv: list[str] | None = None) -> int:
     registry.add_commands(commands)
     args = parser.parse_args(argv)
     func: Command = args.func
-    return func(args)
+    try:
+        return func(args)
+    except BrokenPipeError:  # the reader has what it wanted (`meterline tap | head`)
+        # (and the interpreter's last flush of stdout must not fail again at exit)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 def load_config(path: str, overlay: dict[str, Any] | None = None,
@@ -308,10 +313,6 @@ def cmd_tap(args: argparse.Namespace) -> int:
     try:
         return asyncio.run(_tap(url, token))
     except KeyboardInterrupt:
-        return 0
-    except BrokenPipeError:  # the reader has what it wanted (`meterline tap | head`)
-        # (and the interpreter's last flush of stdout must not fail again at exit)
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
 
 

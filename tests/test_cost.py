@@ -144,11 +144,13 @@ def test_a_cache_hit_keeps_the_saved_cost_its_source_reported(tmp_path: Path) ->
 
 
 def test_a_cache_hit_of_an_unpriced_model_costs_0_saves_an_unknown_and_is_not_unpriced(
-        tmp_path: Path) -> None:
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     p, registry = with_registry(tmp_path)
     e = p.process([make_event(request_model="home-grown-llm-7b", cache_hit=True)])[0]
     assert (e.cost_usd, e.saved_cost_usd, e.pricing_ref) == (0.0, None, None)
     assert metric_value(registry, "meterline_cost_unpriced_events_total") == 0
+    logged = capsys.readouterr()
+    assert "no price for this model" not in logged.out + logged.err  # its cost is 0
 
 
 @pytest.mark.parametrize(("provider", "model", "entry"), [

@@ -146,6 +146,7 @@ class CostProcessor(Processor):
                     continue
                 model = e.response_model or e.request_model or "(none)"
                 unpriced[model] = unpriced.get(model, 0) + 1
+                self._log_no_price(e.provider, model)
                 continue
             batch = e.batch if e.batch is not None else (
                 (endpoint := e.endpoint) is not None and bool(self.batch_endpoint(endpoint)))
@@ -171,6 +172,14 @@ class CostProcessor(Processor):
             self._unpriced.add(count, {"processor": self.id, "model": model})
         return events
 
+    def _log_no_price(self, provider: str | None, model: str) -> None:
+        """Once per model: a call of it left unpriced (a cache hit of it costs 0 anyway)."""
+        if (provider, model) not in self._logged and len(self._logged) < _LOG_LIMIT:
+            self._logged.add((provider, model))
+            self.log.warning("no price for this model; its cost stays null (add it under "
+                             "prices, or load a price file with price_files)",
+                             provider=provider, model=model)
+
     def _log_unpriced(self, provider: str | None, model: str, entry: str,
                       units: list[str]) -> None:
         if (provider, model) not in self._logged and len(self._logged) < _LOG_LIMIT:
@@ -185,13 +194,6 @@ class CostProcessor(Processor):
         provider, response_model, request_model = key
         price = self.table.resolve(
             provider, *dict.fromkeys(m for m in (response_model, request_model) if m)).price
-        if price is None:
-            model = response_model or request_model or "(none)"
-            if (provider, model) not in self._logged and len(self._logged) < _LOG_LIMIT:
-                self._logged.add((provider, model))
-                self.log.warning("no price for this model; its cost stays null (add it under "
-                                 "prices, or load a price file with price_files)",
-                                 provider=provider, model=model)
         if len(self._memo) >= _MEMO_LIMIT:
             self._memo.clear()
         self._memo[key] = price

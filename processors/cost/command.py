@@ -89,7 +89,8 @@ def _cost_config(path: str | None, processor: str | None) -> tuple[CostConfig, s
     """The cost config to price with, a description of where it came from, and the
     daemon's data directory."""
     if path is None and not os.path.exists(DEFAULT_CONFIG):
-        return CostConfig(), "the bundled table", _DEFAULT_DATA_DIR
+        return CostConfig(), "a cost processor's defaults (no pipeline.yaml here)", \
+            _DEFAULT_DATA_DIR
     path = path or DEFAULT_CONFIG
     try:
         loaded = config_mod.load(path)
@@ -110,7 +111,8 @@ def _cost_config(path: str | None, processor: str | None) -> tuple[CostConfig, s
     elif costs:
         chosen = next(iter(costs))
     else:
-        return CostConfig(), f"the bundled table ({path} has no cost processor)", data_dir
+        return (CostConfig(), f"a cost processor's defaults ({path} has no cost processor)",
+                data_dir)
     config = costs[chosen]
     assert isinstance(config, CostConfig)
     return config, f"{path} (processor {chosen})", data_dir
@@ -138,7 +140,7 @@ def _as_text(found: Resolution, provider: str | None, origin: str) -> str:
         f"why        {'; '.join(found.steps) or 'exact match'}",
         f"source     {price.source}",
         f"as of      {price.as_of or 'not given'}",
-        f"table      {origin}",
+        f"config     {origin}",
         "USD per 1M tokens (cache rates default to the input rate, reasoning to the output rate):",
         f"  {_rate_line(price.rates)}",
     ]
