@@ -146,7 +146,9 @@ class CostProcessor(Processor):
                     continue
                 model = e.response_model or e.request_model or "(none)"
                 unpriced[model] = unpriced.get(model, 0) + 1
-                self._log_no_price(e.provider, model)
+                self._warn_once(e.provider, model, "no price for this model; its cost stays "
+                                "null (add it under prices, or load a price file with "
+                                "price_files)")
                 continue
             batch = e.batch if e.batch is not None else (
                 (endpoint := e.endpoint) is not None and bool(self.batch_endpoint(endpoint)))
@@ -165,28 +167,22 @@ class CostProcessor(Processor):
                 e.cost_usd = None  # a unit without a price: the total is unknown
                 model = e.response_model or e.request_model or "(none)"
                 unpriced[model] = unpriced.get(model, 0) + 1
-                self._log_unpriced(e.provider, model, price.ref, _units_of(e))
+                self._warn_once(e.provider, model, "no price for some units of this model's "
+                                "calls; their cost stays null (add the unit prices under "
+                                "`prices`)", entry=price.ref, units=_units_of(e))
                 continue
             e.cost_usd = _known(cost_in) + _known(cost_out)
         for model, count in unpriced.items():
             self._unpriced.add(count, {"processor": self.id, "model": model})
         return events
 
-    def _log_no_price(self, provider: str | None, model: str) -> None:
-        """Once per model: a call of it left unpriced (a cache hit of it costs 0 anyway)."""
+    def _warn_once(self, provider: str | None, model: str, message: str,
+                   **context: Any) -> None:
+        """A model's calls left unpriced, logged once per model (a cache hit of it costs 0,
+        and is not)."""
         if (provider, model) not in self._logged and len(self._logged) < _LOG_LIMIT:
             self._logged.add((provider, model))
-            self.log.warning("no price for this model; its cost stays null (add it under "
-                             "prices, or load a price file with price_files)",
-                             provider=provider, model=model)
-
-    def _log_unpriced(self, provider: str | None, model: str, entry: str,
-                      units: list[str]) -> None:
-        if (provider, model) not in self._logged and len(self._logged) < _LOG_LIMIT:
-            self._logged.add((provider, model))
-            self.log.warning("no price for some units of this model's calls; their cost "
-                             "stays null (add the unit prices under `prices`)",
-                             provider=provider, model=model, entry=entry, units=units)
+            self.log.warning(message, provider=provider, model=model, **context)
 
     def _resolve(self, key: tuple[str | None, str | None, str | None]) -> Price | None:
         """The response model is what served the call (a dated snapshot, or the model
