@@ -13,7 +13,7 @@ import pytest
 
 from meterline.component import ExportBatch
 from meterline.config import ConfigError, loads
-from meterline.exporters.clickhouse.query import Window
+from meterline.exporters.clickhouse.query import Window, dimension
 from meterline.extensions.finops import analytics, finops
 from meterline.extensions.finops.cli import render
 from tests import agent_data
@@ -70,6 +70,19 @@ def test_a_run_lasts_from_its_first_event_to_the_end_of_its_last(reader):
 def test_runs_are_the_top_n_biggest_spenders(reader):
     report = finops.spend(reader, WINDOW, "trace", top=2)
     assert [r["trace"] for r in report["rows"]] == ["t3", "t2"]  # 4 USD, 1 USD
+
+
+def test_the_total_by_trace_is_every_run_not_only_the_top_ones(reader):
+    by_trace = finops.spend(reader, WINDOW, "trace", top=1)
+    by_agent = finops.spend(reader, WINDOW, "agent")
+    assert len(by_trace["rows"]) == 1
+    assert {k: v for k, v in by_trace["total"].items() if k != "agents"} == by_agent["total"]
+    assert by_trace["total"]["runs"] > by_trace["rows"][0]["runs"]
+
+
+def test_a_total_of_runs_from_their_groups_needs_each_run_in_one_group(reader):
+    with pytest.raises(ValueError, match="each run in one group"):
+        reader.select_with_total(WINDOW, by=[dimension("agent")], per_run={"n": "count()"})
 
 
 # --- tools and MCP -------------------------------------------------------------------------

@@ -388,21 +388,27 @@ class Reader:
                           filters: Iterable[Where] = (), figures: Iterable[str] = (),
                           extra: Expressions | None = None, having: str | None = None,
                           order_by: Sequence[str] = (), limit: int | None = None,
+                          per_run: Expressions | None = None,
                           ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         """`select`'s groups, and the same figures over every event of the question (not
         only the groups `having` and `limit` keep), from one query: `GROUP BY GROUPING SETS
         ((by), ())`. A second query for the total would cost as much again (each query
         costs some 40 ms on chDB whatever it reads) and read the same rows. By a dimension
-        that `splits` events (tags), the total is a query of its own."""
+        that `splits` events (tags), the total is a query of its own. With `per_run`, only
+        by the run itself (`trace`): by another dimension a run may be in two groups, which
+        the total would count twice."""
         filters = list(filters)
         if not by:
             raise ValueError("a total is that of groups: `by` cannot be empty")
+        if per_run is not None and [d.column for d in by] != [RUN.column]:
+            raise ValueError("a total of runs from their groups needs each run in one group: "
+                             "`by` the trace alone")
         if any(d.splits for d in by):
             return (self.select(window, by=by, filters=filters, figures=figures, extra=extra,
                                 having=having, order_by=order_by, limit=limit),
                     self.select(window, filters=filters, figures=figures, extra=extra)[0])
         rows = self.rows(self._select_sql(window, by, filters, figures, extra or {}, {},
-                                          having, order_by, limit, None, total=True))
+                                          having, order_by, limit, per_run, total=True))
         for row in rows:
             del row[_IS_TOTAL]
         return rows[1:], rows[0]  # (the total comes first: `_select_sql`)
