@@ -354,8 +354,7 @@ class Service:
             loop.add_signal_handler(sig, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload(path)))
         self.config_path = path  # what `POST /api/v1/reload` reloads
-        background = [asyncio.create_task(self._watch(path))] if (
-            self.config.service.watch_config) else []
+        background = [asyncio.create_task(self._watch(path))]
         if companion is not None:
             background.append(asyncio.create_task(companion()))
         try:
@@ -369,6 +368,9 @@ class Service:
         self._stop.set()
 
     async def _watch(self, path: str) -> None:
+        """Reload when the file changes, while `service.watch_config` is on. The setting is
+        read at every look, so that a reload turning it on or off takes effect at once (it
+        needs no restart); while it is off the file's stamp is followed, not acted on."""
         def stamp() -> tuple[float, int] | None:
             try:
                 st = os.stat(path)
@@ -382,7 +384,8 @@ class Service:
             now = stamp()
             if now is not None and now != last:
                 last = now
-                await self.reload(path, "file_change")
+                if self.config.service.watch_config:
+                    await self.reload(path, "file_change")
 
 
 async def _stop_changed(running: dict[str, _Running],

@@ -186,7 +186,8 @@ def test_the_log_is_bounded_by_rotating_to_one_older_file(tmp_path):
 
 
 async def test_a_change_of_the_watched_file_is_recorded_as_such(tmp_path):
-    async with running(filtered(free_port()), tmp_path) as service:
+    body = filtered(free_port(), service={"watch_config": True})
+    async with running(body, tmp_path) as service:
         path = tmp_path / "pipeline.yaml"
         watcher = asyncio.create_task(service._watch(str(path)))
         try:

@@ -6,6 +6,8 @@ import signal
 import aiohttp
 from structlog.testing import capture_logs
 
+from meterline import config as config_mod
+from meterline.service import Service
 from tests.helpers import (
     config_text,
     event_dicts,
@@ -160,3 +162,55 @@ async def test_reloads_are_counted_by_result_in_the_self_metrics(tmp_path):
         counts = {result: metric_value(registry, "meterline_config_reloads_total", result=result)
                   for result in ("applied", "refused", "partial")}
         assert counts == {"applied": 1, "refused": 1, "partial": 0}
+
+
+async def watched_run(tmp_path, body):
+    """`Service.run` on `body` (as `meterline run` runs it: SIGHUP, the file watched when
+    `watch_config` says so), in a task; the service and the task."""
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(config_text(body, tmp_path))
+    service = Service(config_mod.load(str(path)))
+    task = asyncio.create_task(service.run(str(path)))
+    await eventually(lambda: service.receivers, timeout=30)  # started
+    await asyncio.sleep(0.1)  # run() goes on to its watcher
+    return service, task
+
+
+async def stopped(service, task):
+    service.stop()
+    await task
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        loop.remove_signal_handler(sig)
+
+
+async def test_watch_config_turned_on_by_a_reload_follows_the_file_at_once(tmp_path):
+    port = free_port()
+    service, task = await watched_run(tmp_path, pipeline(port, ["openai"]))
+    try:
+        path = tmp_path / "pipeline.yaml"
+        path.write_text(config_text(pipeline(port, ["openai"], service={"watch_config": True}),
+                                    tmp_path))
+        assert await service.reload(str(path))
+        await asyncio.sleep(1.5)  # the watcher has seen the file as the reload read it
+        path.write_text(path.read_text().replace("[openai]", "[anthropic]"))
+        await eventually(lambda: service.reloads == 2, timeout=5)
+        assert service.audit.entries(1)[0]["trigger"] == "file_change"
+    finally:
+        await stopped(service, task)
+
+
+async def test_watch_config_turned_off_by_a_reload_stops_following_the_file(tmp_path):
+    port = free_port()
+    service, task = await watched_run(
+        tmp_path, pipeline(port, ["openai"], service={"watch_config": True}))
+    try:
+        path = tmp_path / "pipeline.yaml"
+        path.write_text(config_text(pipeline(port, ["openai"]), tmp_path))
+        await eventually(lambda: service.reloads == 1, timeout=5)
+        assert not service.config.service.watch_config
+        path.write_text(path.read_text().replace("[openai]", "[anthropic]"))
+        await asyncio.sleep(2.5)
+        assert service.reloads == 1
+    finally:
+        await stopped(service, task)
