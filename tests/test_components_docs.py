@@ -159,3 +159,12 @@ def test_durations_are_written_with_the_largest_whole_unit():
     assert [describe.duration_text(s) for s in (0.2, 1, 90, 300, 3600, 48 * 3600, 90 * 86400)] \
         == ["200ms", "1s", "90s", "5m", "1h", "48h", "90d"]
     assert describe.default_text(Duration(0)) == "0"
+
+
+def test_the_cost_processors_unit_prices_each_get_their_own_description():
+    found = {o.key: o.description
+             for o in describe.options(registry.factory("processor", "cost").config)}
+    assert found["prices.<name>.images"] == (
+        "USD per image, by `size/quality` (1024x1792/hd), `size` or `quality`; `image` for "
+        "the others")
+    assert found["prices.<name>.audio_input_minute"] == "USD per minute of audio transcribed"

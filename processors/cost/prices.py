@@ -73,7 +73,7 @@ class PriceSpec(msgspec.Struct, forbid_unknown_fields=True):
     batch_output: float | None = None  # the output's own fraction, when not `batch`
     image: float | None = None  # USD per image generated, whatever its size and quality
     images: dict[str, float] = msgspec.field(default_factory=dict)  # USD per image, by
-    # `size/quality` (1024x1792/hd), `size` or `quality`; `image` for the others
+        # `size/quality` (1024x1792/hd), `size` or `quality`; `image` for the others
     audio_input_minute: float | None = None  # USD per minute of audio transcribed
     audio_output_minute: float | None = None  # USD per minute of audio synthesised
     characters: float | None = None  # USD per million characters synthesised into speech
