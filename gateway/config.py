@@ -59,6 +59,12 @@ class UpstreamConfig(Config):
             parts.port  # noqa: B018 - validates the port
         except ValueError as e:
             raise ValueError(f"base_url has an invalid port: {self.base_url!r}") from e
+        if self.protocol == "llm" and parts.path.rstrip("/").endswith("/v1"):
+            # (the client's path is forwarded whole: /v1/chat/completions would go to
+            # /v1/v1/chat/completions, a 404 from every provider)
+            bare = self.base_url.rstrip("/").removesuffix("/v1")
+            raise ValueError(f"base_url must be given without the API's /v1, which the "
+                             f"client's path carries: {bare!r}, not {self.base_url!r}")
         self.provider = provider_name(self.provider) or (
             "mcp" if self.protocol == "mcp" else "openai")
         self.api_key = self.api_key or None  # `${env:KEY:-}` left empty means none

@@ -153,6 +153,8 @@ async def test_requests_still_in_flight_after_the_drain_timeout_are_cut_and_reco
      "only one upstream may be the default"),
     ('{v1: {base_url: "http://x"}}', "would capture the root paths"),
     ('{a: {base_url: "ftp://x"}}', "base_url must be http(s)://host"),
+    ('{a: {base_url: "https://api.openai.com/v1/"}}',
+     "without the API's /v1, which the client's path carries: 'https://api.openai.com'"),
 ])
 def test_invalid_upstreams_are_refused_with_the_line_and_reason(upstreams, message):
     text = f"""receivers:
