@@ -45,10 +45,16 @@ class DebugExporter(Exporter):
 
 
 def _summary(e: Event) -> str:
+    """One line; a figure not reported reads `-` (as the FinOps tables write it)."""
     cost = f"${e.cost_usd:.6f}" if e.cost_usd is not None else "-"
+    duration = f"{e.duration_ms}ms" if e.duration_ms is not None else "-"
     return (f"  {e.event_id} {e.source or '-'} {e.provider or '-'}/{e.request_model or '-'} "
-            f"{e.operation or '-'} status={e.status_code} in={e.input_tokens} "
-            f"out={e.output_tokens} {e.duration_ms}ms cost={cost}")
+            f"{e.operation or '-'} status={_shown(e.status_code)} in={_shown(e.input_tokens)} "
+            f"out={_shown(e.output_tokens)} {duration} cost={cost}")
+
+
+def _shown(value: object) -> str:
+    return "-" if value is None else str(value)
 
 
 factory = Factory(kind="exporter", type="debug", config=DebugConfig, create=DebugExporter)
