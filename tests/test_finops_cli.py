@@ -168,6 +168,28 @@ def test_the_spend_table_shows_cache_hits_and_savings_when_there_are_cache_hits(
     assert first.split()[-2:] == ["4", "0.75"] and total.split()[-2:] == ["4", "0.75"]
 
 
+def test_the_spend_table_shows_unpriced_requests_when_a_model_has_no_price():
+    priced = {"requests": 10, "errors": 0, "total_tokens": 900, "cost_usd": 2.5,
+              "cost_per_request_usd": 0.25, "cost_per_1k_tokens_usd": 2.777778,
+              "unpriced_requests": 0}
+    unpriced = {**priced, "cost_usd": 0, "unpriced_requests": 3}
+    answer = {"report": "spend", "by": "model", "since": "S", "until": "U",
+              "rows": [{"model": "gpt-4o", **priced}, {"model": "in-house", **unpriced}],
+              "total": {**priced, "unpriced_requests": 3}}
+    header, first, second, total = render(answer, "spend", "table").splitlines()[1:]
+    assert header.split()[-1] == "unpriced_requests"
+    assert [first.split()[-1], second.split()[-1], total.split()[-1]] == ["0", "3", "3"]
+
+
+def test_the_spend_table_leaves_unpriced_requests_out_when_every_call_is_priced():
+    row = {"requests": 10, "errors": 0, "total_tokens": 900, "cost_usd": 2.5,
+           "cost_per_request_usd": 0.25, "cost_per_1k_tokens_usd": 2.777778,
+           "unpriced_requests": 0}
+    answer = {"report": "spend", "by": "model", "since": "S", "until": "U",
+              "rows": [{"model": "gpt-4o", **row, "share": 1}], "total": row}
+    assert "unpriced" not in render(answer, "spend", "table")
+
+
 def test_the_variance_table_shows_a_model_without_estimate_as_not_estimated():
     row = {"model": "claude-haiku", "requests_with_actual": 3, "requests_without_estimate": 3,
            "estimated_cost_usd": None, "actual_cost_usd": None, "variance_usd": None,

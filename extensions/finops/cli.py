@@ -37,8 +37,8 @@ REPORTS: dict[str, Callable[..., dict[str, Any]]] = {
     "spend": finops.spend, "growth": finops.growth, "variance": finops.variance,
     "reconcile": reconcile}  # billing/: estimated against the providers' bills
 
-# What the table shows of each report (JSON and CSV have every figure); `_CACHE` too
-# when the window has cache hits.
+# What the table shows of each report (JSON and CSV have every figure); `_WHEN_ANY` too
+# where some row has them.
 _TABLE = {
     "spend": ["requests", "errors", "total_tokens", "cost_usd", "cost_per_request_usd",
               "cost_per_1k_tokens_usd", "share"],
@@ -54,7 +54,9 @@ _TABLE = {
     "budgets": ["member", "period", "limit_usd", "spend_usd", "remaining_usd", "utilization",
                 "threshold_reached", "status"],
 }
-_CACHE = ["cache_hits", "saved_cost_usd"]
+# Calls without a price (their cost counts 0 in cost_usd: a model the price table lacks
+# would read as free), and cache hits with what they saved.
+_WHEN_ANY = (["unpriced_requests"], ["unpriced_llm_calls"], ["cache_hits", "saved_cost_usd"])
 
 
 def add(subparsers: Any) -> None:
@@ -201,8 +203,9 @@ def render(answer: dict[str, Any] | list[Any], report: str, fmt: str) -> str:
         writer.writerows({k: _cell(v) for k, v in row.items()} for row in rows)
         return out.getvalue()
     figures = _TABLE[report]
-    if any(r.get(c) for r in [*rows, total or {}] for c in _CACHE):
-        figures = [*figures, *_CACHE]
+    for shown in _WHEN_ANY:
+        if any(r.get(c) for r in [*rows, total or {}] for c in shown):
+            figures = [*figures, *shown]
     columns = keys + figures
     lines = [[*columns]]
     lines += [[_cell(row.get(c)) for c in columns] for row in rows]
