@@ -168,7 +168,7 @@ def main() -> None:
                         break
                     time.sleep(0.05)
                 cpu = proc_cpu_seconds(proc.pid) - cpu0
-                peak = proc_peak_rss_mb(proc.pid)
+                peak, processes = proc_peak_rss_mb(proc.pid)
             finally:
                 proc.terminate()
                 proc.wait(30)
@@ -183,8 +183,10 @@ def main() -> None:
           "events/s")
     print(f"written to Kafka (acknowledged):  {counted / total_s:10,.0f} events/s")
     print(f"daemon CPU:                       {cpu * 1e6 / counted:10.1f} ms per 1,000 "
-          f"events ({cpu:.2f} s in all; {counted / cpu:,.0f} events per CPU-second)")
-    print(f"daemon peak memory (RSS):         {peak:10.0f} MB")
+          f"events ({cpu:.2f} s in all; {counted / cpu:,.0f} events per CPU-second; its "
+          f"{processes} processes)")
+    print(f"daemon peak memory (RSS):         {peak:10.0f} MB (each process's VmHWM, summed "
+          f"over {processes})")
 
 
 if __name__ == "__main__":

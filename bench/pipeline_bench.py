@@ -1,8 +1,10 @@
 """Pipeline throughput: webhook -> filter -> file exporter over a persistent queue.
 
-Starts `meterline run` as its own process, posts batches of ~1 KB events from
-this one, and reports events/s (accepted and exported), the daemon's CPU
-seconds per 1,000 events (from /proc) and its peak memory (VmHWM).
+Starts `meterline run` (this checkout's) as its own process, posts batches of ~1 KB
+events from this one, and reports events/s (accepted and exported), the daemon's CPU
+seconds per 1,000 events and its peak memory, both from /proc over its process tree: the
+filter runs in the daemon's worker processes (`service.workers`, one per core), whose CPU
+and memory are the daemon's as much as its main process's.
 
     python bench/pipeline_bench.py --events 200000 --batch 1000 --concurrency 4
 """
@@ -21,6 +23,8 @@ from pathlib import Path
 
 import aiohttp
 import msgspec
+
+ROOT = Path(__file__).resolve().parent.parent
 
 PIPELINE = """
 receivers:
@@ -67,16 +71,67 @@ def event(i: int) -> dict[str, object]:
     }
 
 
+def tree_pids(root: int) -> list[int]:
+    """`root` and its live descendants (the daemon's worker processes), from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                with open(f"/proc/{entry.name}/stat", "rb") as f:
+                    ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    pids, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        pids.append(pid)
+        todo.extend(children.get(pid, []))
+    return pids
+
+
 def proc_cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """CPU seconds of `pid` and its descendants: utime+stime of each live process, plus
+    cutime+cstime (the CPU of children already reaped)."""
+    ticks = 0
+    for p in tree_pids(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        ticks += sum(int(x) for x in fields[11:15])
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
-def proc_peak_rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+def proc_peak_rss_mb(pid: int) -> tuple[float, int]:
+    """The peak RSS (VmHWM) of `pid` and of each live descendant, summed (an upper bound
+    of the tree's peak: each process peaks when it does), and how many processes."""
+    pids = tree_pids(pid)
+    total = 0
+    for p in pids:
+        try:
+            lines = Path(f"/proc/{p}/status").read_text().splitlines()
+        except OSError:
+            continue
+        total += next((int(line.split()[1]) for line in lines if line.startswith("VmHWM:")), 0)
+    return total / 1024, len(pids)
+
+
+def start_daemon(config: Path) -> subprocess.Popen[bytes]:
+    """`meterline run -c config` of this checkout (not whichever meterline is installed)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    return subprocess.Popen([sys.executable, "-m", "meterline", "run", "-c", str(config)],
+                            cwd=ROOT, env=env)
+
+
+def stop_daemon(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def count_lines(path: Path) -> int:
@@ -128,7 +183,7 @@ def main() -> None:
         config = Path(tmp) / "pipeline.yaml"
         config.write_text(PIPELINE.format(port=port, admin=admin, data=tmp, batch=args.batch,
                                           fsync="false" if args.no_fsync else "true"))
-        proc = subprocess.Popen([sys.executable, "-m", "meterline", "run", "-c", str(config)])
+        proc = start_daemon(config)
         try:
             deadline = time.monotonic() + 20
             while True:
@@ -136,29 +191,37 @@ def main() -> None:
                     socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
                     break
                 except OSError:
-                    if time.monotonic() > deadline:
-                        raise
+                    if proc.poll() is not None or time.monotonic() > deadline:
+                        raise SystemExit("the daemon did not start (its log is above)") \
+                            from None
                     time.sleep(0.05)
             cpu0 = proc_cpu_seconds(proc.pid)
             t0 = time.perf_counter()
             accept_s = asyncio.run(send(f"http://127.0.0.1:{port}/v1/events", bodies,
                                         args.concurrency))
             out = Path(tmp) / "out.jsonl"
-            while count_lines(out) < args.events:
+            deadline = time.monotonic() + max(60.0, args.events / 1000)
+            while (written := count_lines(out)) < args.events:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit(f"only {written:,} of {args.events:,} events reached the "
+                                     "file" + (f": the daemon exited with {proc.returncode}"
+                                               if proc.poll() is not None else " in time"))
                 time.sleep(0.02)
             total_s = time.perf_counter() - t0
             cpu = proc_cpu_seconds(proc.pid) - cpu0
-            peak = proc_peak_rss_mb(proc.pid)
+            peak, processes = proc_peak_rss_mb(proc.pid)
         finally:
-            proc.terminate()
-            proc.wait(30)
+            stop_daemon(proc)
     print(f"events: {args.events}  batch: {args.batch}  event size: {size:.0f} B  "
           f"concurrency: {args.concurrency}  fsync: {not args.no_fsync}")
-    print(f"accepted (durably queued):  {args.events / accept_s:10,.0f} events/s")
+    queued = "queued, no fsync" if args.no_fsync else "durably queued"
+    print(f"{f'accepted ({queued}):':<28}{args.events / accept_s:10,.0f} events/s")
     print(f"exported (in the file):     {args.events / total_s:10,.0f} events/s")
     print(f"daemon CPU:                 {cpu * 1000 / args.events * 1000:10.1f} ms per 1,000 "
-          f"events ({cpu:.2f} s in all; {args.events / cpu:,.0f} events per CPU-second)")
-    print(f"daemon peak memory (RSS):   {peak:10.0f} MB")
+          f"events ({cpu:.2f} s in all; {args.events / cpu:,.0f} events per CPU-second; "
+          f"its {processes} processes)")
+    print(f"daemon peak memory (RSS):   {peak:10.0f} MB (each process's VmHWM, summed over "
+          f"{processes})")
 
 
 if __name__ == "__main__":
