@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 import subprocess
+import sys
 import time
 import urllib.request
 import uuid
@@ -33,11 +34,18 @@ AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
            "AWS_DEFAULT_REGION": "us-east-1"}
 
 
+def moto_server_binary() -> str | None:
+    """moto's `moto_server` command: beside this interpreter (its virtual environment,
+    active or not), else on PATH; None when moto[server] is not installed."""
+    beside = Path(sys.executable).parent / "moto_server"
+    return str(beside) if beside.is_file() else shutil.which("moto_server")
+
+
 @contextlib.contextmanager
 def moto_server() -> Iterator[str]:
     """The endpoint URL of a running moto server, killed on leaving; meanwhile the AWS
     environment (keys, region) is that of the server, for boto3's default chain."""
-    binary = shutil.which("moto_server")
+    binary = moto_server_binary()
     if binary is None:
         pytest.skip("moto[server] is not installed")
     port = free_port()
