@@ -48,13 +48,13 @@ def workers_cpu(pids: list[int]) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
-async def started_pool() -> ProcessorPool:
+async def started_pool(data_dir: str) -> ProcessorPool:
     shipped = yaml.safe_load((ROOT / "pipeline.yaml").read_text())
     names = shipped["service"]["pipelines"]["usage"]["processors"]
     specs = [ProcessorSpec(name, name.split("/")[0], shipped["processors"][name] or {})
              for name in names]
     pool = ProcessorPool(2, 10, "warning", "console", Telemetry(MetricsConfig()))
-    pool.configure(Plan({"usage": specs}, tempfile.mkdtemp(), 2))
+    pool.configure(Plan({"usage": specs}, data_dir, 2))
     await pool.start()
     return pool
 
@@ -99,12 +99,13 @@ async def batches(pool: ProcessorPool, size: int, rounds: int, senders: int) -> 
 
 
 async def run(args: argparse.Namespace) -> None:
-    pool = await started_pool()
-    try:
-        await singles(pool, args.singles, args.pause)
-        await batches(pool, args.size, args.batches, args.senders)
-    finally:
-        await pool.shutdown()
+    with tempfile.TemporaryDirectory(prefix="workers-bench-") as data_dir:
+        pool = await started_pool(data_dir)
+        try:
+            await singles(pool, args.singles, args.pause)
+            await batches(pool, args.size, args.batches, args.senders)
+        finally:
+            await pool.shutdown()
 
 
 def main() -> None:
