@@ -9,7 +9,7 @@ queue, the whole daemon in one process) and, when installed, the LiteLLM proxy.
 This process is the load: OpenAI chat completions at each concurrency, streaming
 and not, on kept-alive connections. For each it prints latency p50/p99, the
 latency added over going direct, time to first byte of the body (streams), and
-requests/s, and for each proxy its CPU time per request (from /proc).
+requests/s, and for each proxy its CPU time per request (from /proc; none for direct).
 
     python bench/gateway_bench.py                       # 5 s per scenario
     python bench/gateway_bench.py --seconds 1 --concurrency 1,50
@@ -351,16 +351,21 @@ def main() -> None:
     def start(cmd: list[str], port: int, **kwargs: object) -> subprocess.Popen[bytes]:
         proc = subprocess.Popen(cmd, env=kwargs.pop("env", env), cwd=tmp, **quiet)  # type: ignore[call-overload]
         procs.append(proc)
-        wait_port(port, proc)
+        try:
+            wait_port(port, proc)
+        except RuntimeError as e:  # what it said is in a directory removed on the way out
+            said = (tmp / "stderr.log").read_text(errors="replace").splitlines()[-20:]
+            raise SystemExit("\n".join([str(e), *said])) from None
         return proc
 
     try:
         fake_port = free_port()
-        fake = start([sys.executable, "-m", "meterline.gateway.fakeupstream", "--listen",
+        start([sys.executable, "-m", "meterline.gateway.fakeupstream", "--listen",
                       f"127.0.0.1:{fake_port}", "--latency", args.delay, "--chunk-delay",
                       args.chunk_delay, "--tokens", str(args.tokens)], fake_port)
         upstream = f"http://127.0.0.1:{fake_port}"
-        targets = {"direct": Target("direct", upstream, fake)}
+        # direct has no proxy, so no CPU of its own: the fake upstream's is not shown
+        targets = {"direct": Target("direct", upstream)}
         if "floor" in wanted:
             port = free_port()
             targets["floor"] = Target("floor", f"http://127.0.0.1:{port}", start(
