@@ -5,9 +5,11 @@ Three processes: the fake upstream (`python -m meterline.gateway.fakeupstream`, 
 fixed delay), the daemon (`meterline run`: the `gateway` receiver into a `file`
 exporter) and this one, the load: OpenAI chat completions with a 4 KB prompt (prose
 without PII, so that every call goes through) from `--clients` kept-alive connections.
-The daemon runs twice, without guardrails and with every rule on (all the built-in
-detectors, the three prompt-injection sets, a topic list; on input and output), and
-the second time once more with one extra client sending 1 MB prompts meanwhile.
+The daemon runs four times: without guardrails and with every rule on (all the built-in
+detectors, the three prompt-injection sets, a topic list; on input and output), then
+both again with one extra client sending 1 MB prompts meanwhile. The CPU per request is
+the daemon's from the end of the warm-up, divided by the 4 KB calls answered: in the
+rows with 1 MB prompts it includes theirs.
 
     python bench/guardrails_bench.py
     python bench/guardrails_bench.py --seconds 10 --clients 16
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import subprocess
 import sys
 import tempfile
@@ -30,6 +33,7 @@ import aiohttp
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gateway_bench import (
     GATEWAY_PIPELINE,
+    ROOT,
     free_port,
     percentile,
     process_cpu_seconds,
@@ -64,23 +68,37 @@ def daemon(upstream: int, rules: str) -> Iterator[tuple[int, int]]:
                                            data=data)
         config.write_text(pipeline.replace("\nexporters:",
                                            f"\n    guardrails: {rules}\nexporters:"))
-        proc = subprocess.Popen([sys.executable, "-m", "meterline", "run", "--config",
-                                 str(config)], stderr=subprocess.DEVNULL)
+        log = Path(data) / "daemon.log"
+        with open(log, "wb") as stderr:
+            proc = subprocess.Popen([sys.executable, "-m", "meterline", "run", "--config",
+                                     str(config)], stderr=stderr,
+                                    env={**os.environ, "PYTHONPATH": str(ROOT)})
         try:
-            wait_port(port, proc)
+            try:
+                wait_port(port, proc)
+            except RuntimeError as e:
+                said = log.read_text(errors="replace").splitlines()[-20:]
+                raise SystemExit("\n".join([f"the daemon did not start: {e}", *said])) \
+                    from None
             yield port, proc.pid
         finally:
             proc.terminate()
-            proc.wait(30)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
-async def measure(port: int, clients: int, seconds: float, big: bool) -> list[float]:
-    """Latencies (ms) of 4 KB calls from `clients` connections; with `big`, one more
-    client sends 1 MB prompts the whole time (its own latencies are not counted)."""
+async def measure(port: int, pid: int, clients: int, seconds: float,
+                  big: bool) -> tuple[list[float], float, float]:
+    """Latencies (ms) of 4 KB calls from `clients` connections, the seconds they took
+    and the daemon's CPU seconds meanwhile (both from the end of the warm-up); with
+    `big`, one more client sends 1 MB prompts the whole time (its own latencies are not
+    counted)."""
     url = f"http://127.0.0.1:{port}/v1/chat/completions"
     small, large = body(PROMPT_4K), body(PROMPT_1M)
     latencies: list[float] = []
-    stop = time.perf_counter() + seconds
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
         async def call(data: bytes) -> float:
             started = time.perf_counter()
@@ -100,8 +118,10 @@ async def measure(port: int, clients: int, seconds: float, big: bool) -> list[fl
 
         for _ in range(20):  # warm up
             await call(small)
+        cpu, started = process_cpu_seconds(pid), time.perf_counter()
+        stop = started + seconds
         await asyncio.gather(*(client() for _ in range(clients)), *([heavy()] if big else []))
-    return latencies
+        return (latencies, time.perf_counter() - started, process_cpu_seconds(pid) - cpu)
 
 
 def main() -> None:
@@ -122,17 +142,17 @@ def main() -> None:
                                  ("no guardrails, + 1 MB prompts", "[]", True),
                                  ("every rule on, + 1 MB prompts", EVERY_RULE, True)):
             with daemon(upstream_port, rules) as (port, pid):
-                cpu = process_cpu_seconds(pid)
-                latencies = asyncio.run(measure(port, args.clients, args.seconds, big))
-                cpu = process_cpu_seconds(pid) - cpu
+                latencies, took, cpu = asyncio.run(measure(port, pid, args.clients,
+                                                           args.seconds, big))
             rows.append((name, percentile(latencies, 0.5), percentile(latencies, 0.99),
-                         len(latencies) / args.seconds, cpu * 1e6 / len(latencies)))
+                         len(latencies) / took, cpu * 1e6 / len(latencies)))
     finally:
         fake.terminate()
         fake.wait(30)
     print(f"{args.clients} clients, 4 KB prompts, upstream delay {args.delay}, "
           f"{args.seconds:g} s each")
-    print("(+p50/+p99: over the row without guardrails under the same load)")
+    print("(+p50/+p99: over the row without guardrails under the same load; µs CPU/req: "
+          "the daemon's CPU over the 4 KB calls, 1 MB prompts' included)")
     print(f"{'':32} {'p50 ms':>8} {'p99 ms':>8} {'+p50':>7} {'+p99':>7} {'req/s':>7} "
           f"{'µs CPU/req':>10}")
     for i, (name, p50, p99, rate, cpu) in enumerate(rows):
