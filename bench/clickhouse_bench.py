@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from meterline import logs
-from meterline.component import Context, ExportBatch
+from meterline.component import Context, ExportBatch, PermanentError, RetryableError
 from meterline.config import MetricsConfig, convert
 from meterline.event import Event
 from meterline.exporters.clickhouse import repair
@@ -113,10 +113,15 @@ async def insert(exporter: ClickHouseExporter, args: argparse.Namespace) -> None
           f"{generating:.1f} s more)")
     # The first batch sent again: every event is already stored, so nothing is inserted.
     resend = next(make_batches(args.events, args.batch, args.users, end))
+    reader = await exporter.connect()
+    rows = f"SELECT count() FROM {reader.schema.qualified(reader.schema.events)}"
+    [(before,)] = reader.client.query(rows).result_rows
     took = time.perf_counter()
     await exporter.export(ExportBatch("bench:resend", resend))
     took = 1000 * (time.perf_counter() - took)
-    print(f"re-sent batch of {len(resend):,} stored events: {took:.0f} ms (none inserted again)")
+    [(after,)] = reader.client.query(rows).result_rows
+    print(f"re-sent batch of {len(resend):,} stored events: {took:.0f} ms "
+          f"({after - before:,} rows inserted again)")
 
 
 def _uniform(salt: int) -> str:
@@ -302,18 +307,26 @@ async def main() -> None:
     parser.add_argument("--no-insert", action="store_true",
                         help="only time the queries, over what --endpoint holds already")
     args = parser.parse_args()
+    if args.no_insert and not args.endpoint:
+        parser.error("--no-insert times the queries over what --endpoint holds: name it "
+                     "(without it the database is a new, empty one)")
     logs.configure("warning", "console")
     with tempfile.TemporaryDirectory(prefix="meterline-ch-bench-") as tmp:
         endpoint = args.endpoint or f"chdb://{tmp}/clickhouse"
-        config = convert({"endpoint": endpoint, "rollup_metadata": ["customer"],
-                          "repair_interval": 0, "max_query_memory_mib": 2048},
-                         ClickHouseConfig)
+        options: dict[str, Any] = {"endpoint": endpoint, "rollup_metadata": ["customer"],
+                                   "repair_interval": 0}
+        if endpoint.startswith("chdb://"):  # a server's memory limits are the server's
+            options["max_query_memory_mib"] = 2048
+        config = convert(options, ClickHouseConfig)
         context = Context("clickhouse", Path(tmp), Telemetry(MetricsConfig()),
                           logs.get(component="clickhouse"))
         exporter = ClickHouseExporter(config, context)
         await exporter.start()
         try:
-            reader = await exporter.connect()
+            try:
+                reader = await exporter.connect()
+            except (RetryableError, PermanentError) as e:
+                raise SystemExit(f"{endpoint}: {e}") from None
             if not args.no_insert:
                 print(f"{args.events:,} events into {endpoint}")
                 if args.exporter:
