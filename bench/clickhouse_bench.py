@@ -27,12 +27,15 @@ import argparse
 import asyncio
 import random
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's meterline
 
 from meterline import logs
 from meterline.component import Context, ExportBatch, PermanentError, RetryableError

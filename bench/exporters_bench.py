@@ -13,6 +13,7 @@ into events (the receiver's work once gRPC has parsed the request).
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -22,6 +23,8 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
 )
 from prometheus_client.exposition import generate_latest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's meterline
 
 from meterline import logs
 from meterline.component import Context

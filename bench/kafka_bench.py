@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.request
@@ -36,6 +37,8 @@ from pipeline_bench import (
     stop_daemon,
 )
 from prometheus_client.parser import text_string_to_metric_families
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's meterline
 
 PIPELINE = """
 receivers:

@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import argparse
 import random
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's meterline
 
 from meterline import logs
 from meterline.component import Context, Processor

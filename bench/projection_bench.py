@@ -16,9 +16,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's meterline
 
 from meterline.content import enforcer
 from meterline.event import Event, to_jsonl
