@@ -3,10 +3,10 @@
 Times, on batches of `--batch` realistic chat events (attribution, metadata, a prompt and an
 answer), what the file, kafka and http exporters do per batch: `to_jsonl` (no projection:
 today's path, unchanged), the same through `meterline.projection.jsonl` with `projection:
-null` (must be equal), and with a Datadog-shaped blueprint (renames, `$at`, `$pointer`,
-`$path`, `$value`, a nested blueprint and a `$compose`); then the `content: metadata` and
-`content: none` policies, which run once per event when the runner selects it. Prints the
-median of `--repeat` runs as microseconds per event.
+null` (must be equal: checked before timing), and with a Datadog-shaped blueprint
+(renames, `$at`, `$pointer`, `$path`, `$value`, a nested blueprint and a `$compose`);
+then the `content: metadata` and `content: none` policies, which run once per event when
+the runner selects it. Prints the median of `--repeat` runs as microseconds per event.
 
     python bench/projection_bench.py
     python bench/projection_bench.py --batch 5000 --repeat 20
@@ -74,6 +74,9 @@ def main() -> None:
     batch, projection = events(args.batch), Projection(BLUEPRINT)
     metadata, none = enforcer("metadata"), enforcer("none")
     assert metadata is not None and none is not None
+    if jsonl(batch, None) != to_jsonl(batch):  # what the docstring promises, checked
+        sys.exit("jsonl(events, None) differs from to_jsonl(events): the timings below "
+                 "would compare two different outputs")
     cases: list[tuple[str, Callable[[], Any]]] = [
         ("to_jsonl (no projection, today's path)", lambda: to_jsonl(batch)),
         ("jsonl(events, None)", lambda: jsonl(batch, None)),
