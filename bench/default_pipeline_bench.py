@@ -81,6 +81,7 @@ sys.path[:0] = [str(ROOT), str(BENCH)]
 
 from gateway_bench import free_port, percentile, wait_port  # noqa: E402
 from pipeline_bench import send as post_batches  # noqa: E402
+from pipeline_bench import tree_pids  # noqa: E402
 
 from meterline.gateway.config import UpstreamConfig  # noqa: E402
 from meterline.gateway.deadlines import Deadlines  # noqa: E402
@@ -92,32 +93,6 @@ LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost"})
 
 
 # --- the process tree: CPU and memory --------------------------------------------------
-def _children_by_parent() -> dict[int, list[int]]:
-    """ppid -> pids, from one scan of /proc (works without CONFIG_PROC_CHILDREN)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat", "rb") as f:
-                ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(entry.name))
-    return children
-
-
-def tree_pids(root: int) -> list[int]:
-    """The root and all its live descendants (workers, their helpers)."""
-    children = _children_by_parent()
-    pids, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        pids.append(pid)
-        todo.extend(children.get(pid, []))
-    return pids
-
-
 def tree_cpu_seconds(root: int) -> float:
     """utime+stime of each live process in the tree, plus cutime+cstime: the CPU of
     children already reaped moves into their parent's cutime, so nothing is lost or

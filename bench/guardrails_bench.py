@@ -39,6 +39,7 @@ from gateway_bench import (
     process_cpu_seconds,
     wait_port,
 )
+from pipeline_bench import stop_daemon
 
 from meterline.processors.redact.detectors import NAMES
 
@@ -82,12 +83,7 @@ def daemon(upstream: int, rules: str) -> Iterator[tuple[int, int]]:
                     from None
             yield port, proc.pid
         finally:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_daemon(proc)
 
 
 async def measure(port: int, pid: int, clients: int, seconds: float,
