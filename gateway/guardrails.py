@@ -23,17 +23,17 @@ import re
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, cast, get_args
 
 import msgspec
 
 from meterline.component import Config
-from meterline.event import Event, Guardrail, add_policy
+from meterline.event import Event, Guardrail, GuardrailAction, GuardrailStage, add_policy
 from meterline.processors.redact.detectors import BUILTIN, NAMES, Detector, Probe
 from meterline.processors.redact.engine import DetectorSet
 
 STAGES: Final = ("input", "output", "both")
-ACTIONS: Final = ("monitor", "redact", "block")
+ACTIONS: Final = get_args(GuardrailAction)
 INLINE_CHARS: Final = 64 << 10  # texts up to this many characters are checked on the loop
 
 # Prompt-injection pattern sets. Each is a keyword Hyperscan finds (the probe) and the
@@ -196,8 +196,9 @@ class _Stage:
                         continue
                     if (rule.name, check.label) not in seen:
                         seen.add((rule.name, check.label))
-                        outcome = Guardrail(rule=rule.name, stage=stage, action=rule.action,
-                                            detector=check.label)
+                        outcome = Guardrail(rule=rule.name, stage=cast(GuardrailStage, stage),
+                                            action=cast(GuardrailAction, rule.action),
+                                            detector=check.label)  # (both checked before)
                         verdict.fired.append(outcome)
                         if rule.action == "block" and verdict.blocked_by is None:
                             verdict.blocked_by = outcome

@@ -179,11 +179,10 @@ def _checked_type(name: str, tp: Any, now_ns: int, patterns: bool) -> Any:
 def _checked_struct(struct: type[msgspec.Struct]) -> Any:
     """The twin of a struct of names (`Guardrail`): each string a name, always checked for
     control characters (such lists are short and rare)."""
-    hints = typing.get_type_hints(struct)
     fields = []
     for f in msgspec.structs.fields(struct):
         text = _text(NAME_CHARS)
-        tp = text if hints[f.name] is str else text | None
+        tp = text if f.required else text | None  # (a required name may be a Literal)
         fields.append((f.name, tp) if f.required else (f.name, tp, f.default))
     return msgspec.defstruct(f"Checked{struct.__name__}", fields, kw_only=True,
                              forbid_unknown_fields=True)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import msgspec
 
@@ -31,13 +31,20 @@ def uuid7() -> str:
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
+GuardrailStage = Literal["input", "output"]
+GuardrailAction = Literal["monitor", "redact", "block"]
+
+
 class Guardrail(msgspec.Struct, kw_only=True, omit_defaults=True, forbid_unknown_fields=True,
                 gc=False):
     """One guardrail rule that fired on a call (a rule that passed is not recorded)."""
 
     rule: str  # the rule's name in its gateway's config
-    stage: str  # "input" (the request) or "output" (the answer)
-    action: str  # "monitor" (only recorded), "redact" (masked, then sent on) or "block"
+    stage: GuardrailStage  # "input" (the request) or "output" (the answer)
+    # "monitor" (only recorded), "redact" (masked, then sent on) or "block". Any other
+    # value is refused with the event: the FinOps answers count blocked and modified calls
+    # by these words, and would miss a "Block" or a "blocked".
+    action: GuardrailAction
     detector: str | None = None  # what matched: a detector (email), a pattern set, a topic
 
 

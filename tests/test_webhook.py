@@ -221,3 +221,17 @@ async def test_an_item_with_an_integer_beyond_64_bits_is_refused_alone(tmp_path)
         rows = await eventually(lambda: len(read_jsonl(tmp_path / "data/out.jsonl")) == 2
                                 and read_jsonl(tmp_path / "data/out.jsonl"))
         assert {r["event_id"] for r in rows} == {items[0]["event_id"], items[2]["event_id"]}
+
+
+async def test_a_guardrail_outcome_of_an_unknown_action_is_refused_alone(tmp_path):
+    port = free_port()
+    items = event_dicts(0, 2)
+    items[0]["guardrails"] = [{"rule": "pii", "stage": "input", "action": "Block"}]
+    items[1]["guardrails"] = [{"rule": "pii", "stage": "input", "action": "block"}]
+    async with running(webhook_to_file(port), tmp_path):
+        status, body, _ = await post_json(f"http://127.0.0.1:{port}/v1/events", items)
+    assert (status, body["accepted"]) == (200, 1)
+    [refused] = body["rejected"]
+    assert refused["index"] == 0
+    assert refused["reason"] == ("invalid meterline event: Invalid enum value 'Block' - at "
+                                 "`$.guardrails[0].action`")

@@ -68,6 +68,9 @@ def _arrow(tp: msgspec.inspect.Type) -> pa.DataType:
         return pa.list_(_arrow(tp.item_type))
     if isinstance(tp, msgspec.inspect.DictType):
         return pa.map_(_arrow(tp.key_type), _arrow(tp.value_type))
+    if isinstance(tp, msgspec.inspect.LiteralType) and all(
+            isinstance(v, str) for v in tp.values):  # (a guardrail's stage and action)
+        return pa.string()
     if isinstance(tp, msgspec.inspect.StructType):
         return pa.struct([pa.field(f.name, _arrow(_unwrap(f.type)[0]), _unwrap(f.type)[1])
                           for f in tp.fields])

@@ -41,7 +41,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from meterline.event import API_KEY_ID_CHARS, Event, Guardrail, uuid7
+from meterline.event import API_KEY_ID_CHARS, Event, Guardrail, GuardrailStage, uuid7
 from meterline.genai import error_type_for_name, error_type_for_status, provider_name
 from meterline.lenient import as_dict, as_float, as_int, as_list, as_messages, as_metadata
 from meterline.receivers.decoders.errors import DecodeError
@@ -253,9 +253,10 @@ def _status(code: Any) -> int | None:
 # --- guardrails and policies -------------------------------------------------------------
 # LiteLLM's guardrail modes (event hooks) to the stage they check: a request (before or
 # while the call runs) or an answer. `logging_only` masks only what is logged, of either.
-_STAGES = {"pre_call": "input", "during_call": "input", "pre_mcp_call": "input",
-           "during_mcp_call": "input", "realtime_input_transcription": "input",
-           "post_call": "output", "post_mcp_call": "output"}
+_STAGES: dict[str, GuardrailStage] = {
+    "pre_call": "input", "during_call": "input", "pre_mcp_call": "input",
+    "during_mcp_call": "input", "realtime_input_transcription": "input",
+    "post_call": "output", "post_mcp_call": "output"}
 _INTERVENED = frozenset({"guardrail_intervened", "blocked"})  # "blocked": older versions
 _OWN_RATE_LIMITS = frozenset({"litellm_rate_limit", "litellm_batch_rate_limit"})
 
@@ -285,7 +286,7 @@ def _guardrails(value: Any) -> list[Guardrail]:
     return fired
 
 
-def _stage(mode: Any) -> str | None:
+def _stage(mode: Any) -> GuardrailStage | None:
     """The stage of a guardrail mode: a hook name, a list of them, or `{default, tags}`."""
     if isinstance(mode, dict):
         mode = mode.get("default")

@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from meterline.event import Event, Guardrail, api_key_id, uuid7
+from meterline.event import Event, Guardrail, GuardrailStage, api_key_id, uuid7
 from meterline.genai import error_type_for_name, provider_name
 from meterline.lenient import as_dict, as_float, as_int, as_list, as_messages, as_metadata
 from meterline.receivers.decoders.errors import DecodeError, NotAnLLMCall
@@ -170,7 +170,7 @@ def _error_text(error: Any) -> str | None:
     return str(error)[:1024]
 
 
-_PHASES = {"before": "input", "after": "output"}
+_PHASES: dict[str, GuardrailStage] = {"before": "input", "after": "output"}
 UNKNOWN_RULE = "unknown"
 
 
