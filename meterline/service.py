@@ -125,6 +125,11 @@ class Service:
     async def _apply(self, new: PipelineFile, first: bool = False) -> None:
         """Make the running graph that of `new`, rebuilding only what changed."""
         if not first:
+            # Receivers that go or change are stopped before intake pauses: a receiver's
+            # shutdown hands over what it holds (the gateway's buffered events, requests
+            # in flight), which a paused flow would never take: the reload waited on them
+            # forever, and every receiver with it.
+            await _stop_changed(self.receivers, new.receivers)
             await self.flow.pause()
         try:
             await _stop_changed(self.extensions, new.extensions)  # first, started last

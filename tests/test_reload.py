@@ -214,3 +214,46 @@ async def test_watch_config_turned_off_by_a_reload_stops_following_the_file(tmp_
         assert service.reloads == 1
     finally:
         await stopped(service, task)
+
+
+async def test_a_reload_that_changes_the_gateway_hands_over_its_buffered_events(tmp_path):
+    """The gateway's events wait in its buffer until `flush_interval`; a reload changing
+    the gateway stops it, which hands them to the pipeline. Intake used to be paused first:
+    the hand-over waited on it forever, and the reload (every receiver with it) hung."""
+    from meterline.gateway.fakeupstream import FakeUpstream
+    gateway_port, webhook_port = free_port(), free_port()
+    async with FakeUpstream(tokens=3) as fake:
+        body = f"""
+        receivers:
+          gateway:
+            listen: 127.0.0.1:{gateway_port}
+            flush_interval: 30s
+            upstreams:
+              openai: {{base_url: "{fake.url}", provider: openai, default: true}}
+          webhook: {{listen: 127.0.0.1:{webhook_port}}}
+        exporters:
+          file: {{path: "{{data}}/out.jsonl", batch: {{timeout: 10ms}}}}
+        service:
+          data_dir: "{{data}}"
+          admin: null
+          memory_limiter: null
+          pipelines:
+            p: {{receivers: [gateway, webhook], exporters: [file]}}
+        """
+        async with running(body, tmp_path) as service:
+            async with aiohttp.ClientSession() as s:
+                for i in range(5):
+                    async with s.post(f"http://127.0.0.1:{gateway_port}/v1/chat/completions",
+                                      json={"model": f"m{i}", "messages": []}) as r:
+                        assert r.status == 200
+            path = tmp_path / "pipeline.yaml"
+            path.write_text(path.read_text().replace("flush_interval: 30s",
+                                                     "flush_interval: 20ms"))
+            assert await asyncio.wait_for(service.reload(str(path)), 15)
+            code, _, _ = await post_json(f"http://127.0.0.1:{webhook_port}/v1/events",
+                                         event_dicts(0, 1))
+            assert code == 200
+            rows = await eventually(lambda: len(read_jsonl(tmp_path / "data/out.jsonl")) == 6
+                                    and read_jsonl(tmp_path / "data/out.jsonl"))
+    assert sorted(r["request_model"] for r in rows if not r["event_id"].startswith("evt-")) == [
+        "m0", "m1", "m2", "m3", "m4"]
