@@ -11,7 +11,7 @@ import msgspec
 import pytest
 
 from meterline.config import convert
-from meterline.event import Event
+from meterline.event import Event, Guardrail
 from meterline.processors.redact import (
     EXCLUDED_FIELDS,
     STRING_FIELDS,
@@ -171,7 +171,8 @@ def test_every_string_field_but_the_correlation_keys_is_covered(tmp_path: Path) 
             continue
         tp = str(f.type)
         fields[f.name] = (
-            [{"role": "user", "content": EMAIL}] if tp.startswith("list[dict")
+            [Guardrail(rule=EMAIL, stage="input", action="block")] if f.name == "guardrails"
+            else [{"role": "user", "content": EMAIL}] if tp.startswith("list[dict")
             else [EMAIL] if tp.startswith("list[") else {"k": EMAIL} if tp.startswith("dict")
             else EMAIL)
     e = redact(tmp_path, [Event(**fields)])[0]
@@ -226,3 +227,32 @@ def test_a_batch_with_every_field_filled_is_scanned_in_one_pass(
     assert len(calls) == 1
     assert EMAIL not in str([msgspec.to_builtins(e) for e in kept])
     assert AWS_KEY not in str([msgspec.to_builtins(e) for e in kept])
+
+
+def test_an_email_in_a_metadata_key_becomes_a_pseudonym(tmp_path: Path) -> None:
+    e = one(tmp_path, metadata={EMAIL: "1", "tier": "gold"})
+    assert e.metadata is not None and EMAIL not in str(e.metadata)
+    assert [bool(PSEUDONYM.fullmatch(k)) for k in e.metadata] == [True, False]
+    assert e.redactions == {"email": 1}
+
+
+def test_a_secret_in_a_nested_attribute_key_is_replaced(tmp_path: Path) -> None:
+    e = one(tmp_path, attributes={"tools": [{OPENAI_KEY: {"x": 1}}]},
+            input_messages=[{"role": "user", "content": "hi", EMAIL: "x"}])
+    assert OPENAI_KEY not in str(e.attributes) and EMAIL not in str(e.input_messages)
+    assert e.attributes is not None and e.attributes["tools"][0] == {
+        next(iter(e.attributes["tools"][0])): {"x": 1}}
+
+
+def test_drop_on_a_metadata_key_removes_that_entry(tmp_path: Path) -> None:
+    e = redact(tmp_path, [make_event(metadata={EMAIL: "1", "tier": "gold"})],
+               detectors={"email": "drop"})[0]
+    assert e.metadata == {"tier": "gold"}
+
+
+def test_an_email_in_a_guardrail_rule_becomes_a_pseudonym(tmp_path: Path) -> None:
+    e = one(tmp_path, guardrails=[Guardrail(rule=EMAIL, stage="input", action="block",
+                                            detector=f"sent by {EMAIL}")])
+    assert e.guardrails is not None and EMAIL not in str(msgspec.to_builtins(e.guardrails))
+    assert PSEUDONYM.fullmatch(e.guardrails[0].rule)
+    assert e.guardrails[0].stage == "input" and e.redactions == {"email": 2}

@@ -75,10 +75,12 @@ ACTIONS: tuple[Action, ...] = ("mask", "hash", "drop", "drop_event", "off")
 
 
 def _holds_strings(tp: Any) -> bool:
-    """Whether a value of type `tp` can hold a string (a dict's keys do not count: they
-    are names, such as metadata keys)."""
+    """Whether a value of type `tp` can hold a string (a dict's keys do not count here:
+    they are scanned apart, see `RedactProcessor._names`)."""
     if tp is str or tp is Any:
         return True
+    if isinstance(tp, type) and issubclass(tp, msgspec.Struct):  # a guardrail entry
+        return any(_holds_strings(f.type) for f in msgspec.structs.fields(tp))
     args = get_args(tp)
     if get_origin(tp) is dict:
         return _holds_strings(args[1])
@@ -120,6 +122,13 @@ identifier or a label, where `mask` becomes a pseudonym (see `identifiers`)."""
 
 DEFAULT_FIELDS: Final = tuple(n for n in STRING_FIELDS if n not in EXCLUDED_FIELDS)
 _MESSAGES: Final = ("input_messages", "output_messages")
+
+KEYED_FIELDS: Final = ("metadata", "attributes", "params", *_MESSAGES)
+"""Fields whose dicts' keys are the client's too (a metadata key, an attribute name): a
+key with a finding is renamed (its pseudonym), or its entry dropped."""
+STRUCT_FIELDS: Final = ("guardrails",)
+"""Fields holding structs (`Guardrail`), whose strings the walk of dicts and lists does
+not see: scanned with the keys, as identifiers (a rule's name is a label)."""
 
 
 def _check_action(action: str, where: str) -> None:
@@ -234,9 +243,14 @@ class RedactProcessor(Processor):
             (lambda e, get=attrgetter(self._scalars[0]): (get(e),)) if self._scalars
             else (lambda e: ()))
         self._paths = [_Path(p) for p in paths if not (p.kind == "field" and p.key in flat)
-                       and (p.kind != "field" or _holds_strings(_TYPES.get(p.key, Any)))]
+                       and (p.kind != "field" or (_holds_strings(_TYPES.get(p.key, Any))
+                                                  and p.key not in STRUCT_FIELDS))]
+        whole = {p.key for p in paths if p.kind == "field"}
+        self._keyed: tuple[str, ...] = tuple(n for n in KEYED_FIELDS if n in whole)
+        self._structs: tuple[str, ...] = tuple(n for n in STRUCT_FIELDS if n in whole)
         identity = config.identifiers == "hash" and (
-            any(n not in TEXT_FIELDS for n in flat) or any(not p.text for p in self._paths))
+            any(n not in TEXT_FIELDS for n in flat) or any(not p.text for p in self._paths)
+            or bool(self._keyed or self._structs))
         needs_key = any(action == "hash" or (identity and action == "mask")
                         for _, action in active)
         key = (config.hash_key.encode() if config.hash_key is not None
@@ -255,6 +269,68 @@ class RedactProcessor(Processor):
     def process(self, events: list[Event]) -> list[Event]:
         if not self.redactor.names:
             return events
+        names = self._name_texts(events) if self._keyed or self._structs else []
+        events, bad = self._values(events, names)
+        return self._names(events, bad) if bad else events
+
+    def _name_texts(self, events: list[Event]) -> list[str]:
+        """The distinct dict keys (at any depth) and guardrail strings of the scanned
+        fields: they go into the one detector pass with the values."""
+        texts: dict[str, None] = {}
+        for e in events:
+            for name in self._keyed:
+                value = getattr(e, name)
+                if value:
+                    texts.update(dict.fromkeys(_keys(value)))
+            for name in self._structs:
+                for entry in getattr(e, name) or ():
+                    texts.update(dict.fromkeys(_struct_strings(entry)))
+        return list(texts)
+
+    def _names(self, events: list[Event], bad: dict[str, list[Span]]) -> list[Event]:
+        """The events holding a key or guardrail string in `bad` (those with findings)
+        visited again: keys renamed (their pseudonym) or their entries dropped, guardrail
+        strings replaced as identifiers."""
+        keyed = self._keyed
+        structs = self._structs
+        replace = self.redactor.replace
+        totals: dict[str, int] = {}
+        kept: list[Event] = []
+        dropped = 0
+        for e in events:
+            counts: dict[str, int] = {}
+            try:
+                for name in keyed:
+                    value = getattr(e, name)
+                    if value:
+                        _rename_keys(value, bad, replace, counts)
+                for name in structs:
+                    entries = getattr(e, name)
+                    if entries:
+                        setattr(e, name, _redact_structs(entries, bad, replace, counts)
+                                or None)
+            except DropEvent:
+                dropped += 1
+                for n, c in counts.items():
+                    totals[n] = totals.get(n, 0) + c
+                continue
+            if counts:
+                redactions = e.redactions if e.redactions is not None else {}
+                for n, c in counts.items():
+                    redactions[n] = redactions.get(n, 0) + c
+                    totals[n] = totals.get(n, 0) + c
+                e.redactions = redactions
+            kept.append(e)
+        for n, c in totals.items():
+            self._redactions.add(c, {"processor": self.id, "detector": n})
+        if dropped:
+            self._dropped.add(dropped, {"processor": self.id})
+        return kept
+
+    def _values(self, events: list[Event], names: list[str]
+                ) -> tuple[list[Event], dict[str, list[Span]]]:
+        """The strings of the scanned fields (see the module's docstring), scanned with
+        `names`; the findings of those are given back, by string, for `_names`."""
         # by path, then event: its value and where its strings begin in `strings`
         n = len(events)
         values: list[Any] = []
@@ -277,9 +353,11 @@ class RedactProcessor(Processor):
         count = len(texts)
         if self.flat_fields:
             texts = texts + self._flat_texts(events)
-        found = self.redactor.detectors.find_all(texts)
+        base = len(texts)
+        found = self.redactor.detectors.find_all(texts + names if names else texts)
+        bad = {names[t - base]: found.pop(t) for t in [t for t in found if t >= base]}
         if not found:
-            return events
+            return events, bad
         # by event with findings: where (path k of event i is k * n + i) they are
         hit: dict[int, set[int]] = {}
         for t in found:
@@ -322,7 +400,7 @@ class RedactProcessor(Processor):
             self._redactions.add(c, {"processor": self.id, "detector": name})
         if dropped:
             self._dropped.add(dropped, {"processor": self.id})
-        return kept
+        return kept, bad
 
     def _flat_texts(self, events: list[Event]) -> list[str]:
         """By event, its short string fields joined: the non-empty scalars, then each
@@ -423,6 +501,76 @@ class RedactProcessor(Processor):
                 continue
             if new is not current:
                 scanned.path.set(e, new)
+
+
+def _keys(value: Any) -> list[str]:
+    """The string keys of every dict inside `value`, at any depth (an explicit stack, as
+    `redactor._inside`)."""
+    keys: list[str] = []
+    stack = [value]
+    while stack:
+        container = stack.pop()
+        if isinstance(container, dict):
+            keys += [k for k in container if isinstance(k, str)]
+            stack += [v for v in container.values() if isinstance(v, (dict, list))]
+        elif isinstance(container, list):
+            stack += [v for v in container if isinstance(v, (dict, list))]
+    return keys
+
+
+def _rename_keys(value: Any, bad: dict[str, list[Span]], replace: Any,
+                 counts: dict[str, int]) -> None:
+    """Every dict inside `value` with a key in `bad` rebuilt in place, in its order, with
+    that key replaced as an identifier would be (its pseudonym), or its entry dropped."""
+    stack = [value]
+    while stack:
+        container = stack.pop()
+        if isinstance(container, dict):
+            stack += [v for v in container.values() if isinstance(v, (dict, list))]
+            if not any(isinstance(k, str) and k in bad for k in container):
+                continue
+            items = list(container.items())
+            container.clear()
+            for k, v in items:
+                if isinstance(k, str) and k in bad:
+                    try:
+                        k = replace(k, bad[k], counts, identifier=True)
+                    except DropField:
+                        continue
+                container[k] = v
+        elif isinstance(container, list):
+            stack += [v for v in container if isinstance(v, (dict, list))]
+
+
+def _struct_strings(entry: Any) -> list[str]:
+    if not isinstance(entry, msgspec.Struct):
+        return []
+    return [v for v in msgspec.structs.astuple(entry) if isinstance(v, str)]
+
+
+def _redact_structs(entries: list[Any], bad: dict[str, list[Span]], replace: Any,
+                    counts: dict[str, int]) -> list[Any]:
+    """The entries with their strings in `bad` replaced as identifiers; a `drop` finding
+    empties an optional field, or drops the entry whose required field held it."""
+    kept = []
+    for entry in entries:
+        if not isinstance(entry, msgspec.Struct):
+            kept.append(entry)
+            continue
+        try:
+            for f in msgspec.structs.fields(entry):
+                v = getattr(entry, f.name)
+                if isinstance(v, str) and v in bad:
+                    try:
+                        setattr(entry, f.name, replace(v, bad[v], counts, identifier=True))
+                    except DropField:
+                        if f.required:
+                            raise
+                        setattr(entry, f.name, f.default)
+        except DropField:
+            continue
+        kept.append(entry)
+    return kept
 
 
 def _stored_key(context: Context) -> bytes:
