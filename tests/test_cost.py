@@ -114,6 +114,21 @@ def test_unpriced_model_leaves_cost_null_counts_it_by_model_and_logs_once(
     assert (logged.out + logged.err).count("no price for this model") == 1
 
 
+def test_an_email_in_an_unpriced_model_name_is_masked_in_its_label_and_log(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The cost processor runs before `redact`: the model name the client sent is not
+    yet redacted when it becomes a self-metrics label and a log line."""
+    p, registry = with_registry(tmp_path)
+    p.process([make_event(request_model="ft:jane.doe@acme-corp.com:v1")])
+    assert metric_value(registry, "meterline_cost_unpriced_events_total",
+                        model="ft:<EMAIL>:v1") == 1
+    samples = [s for f in registry.collect() for s in f.samples]
+    assert not any("jane.doe" in v for s in samples for v in s.labels.values())
+    logged = capsys.readouterr()
+    assert "no price for this model" in logged.out + logged.err
+    assert "jane.doe" not in logged.out + logged.err
+
+
 def test_reported_actual_cost_is_left_as_the_source_sent_it(tmp_path: Path) -> None:
     e = priced(tmp_path, request_model="gpt-4o", input_tokens=1000, output_tokens=0,
                actual_cost_usd=0.5)

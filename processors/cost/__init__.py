@@ -50,6 +50,7 @@ from meterline.processors.cost.prices import (
     config_layer,
 )
 from meterline.processors.cost.prices import load_file as load_price_file
+from meterline.processors.redact.engine import masked
 
 
 def updated_prices(data_dir: Path | str) -> Path:
@@ -122,6 +123,7 @@ class CostProcessor(Processor):
         self.id = context.id
         self._memo: dict[tuple[str | None, str | None, str | None], Price | None] = {}
         self._logged: set[tuple[str | None, str]] = set()
+        self._names: dict[str, str] = {}  # a client's model name as logged and labelled
         self._unpriced = context.meter.create_counter(
             "meterline_cost_unpriced_events",
             description="Events with usage whose model, or one of whose units, has no price "
@@ -173,8 +175,20 @@ class CostProcessor(Processor):
                 continue
             e.cost_usd = _known(cost_in) + _known(cost_out)
         for model, count in unpriced.items():
-            self._unpriced.add(count, {"processor": self.id, "model": model})
+            self._unpriced.add(count, {"processor": self.id, "model": self._name(model)})
         return events
+
+    def _name(self, text: str) -> str:
+        """`text` (a model or provider name, as the client sent it: the processor may run
+        before `redact`) with any PII or secret in it masked, for the logs and metrics."""
+        try:
+            return self._names[text]
+        except KeyError:
+            pass
+        if len(self._names) >= _MEMO_LIMIT:
+            self._names.clear()
+        name = self._names[text] = masked([text])[0]
+        return name
 
     def _warn_once(self, provider: str | None, model: str, message: str,
                    **context: Any) -> None:
@@ -182,7 +196,8 @@ class CostProcessor(Processor):
         and is not)."""
         if (provider, model) not in self._logged and len(self._logged) < _LOG_LIMIT:
             self._logged.add((provider, model))
-            self.log.warning(message, provider=provider, model=model, **context)
+            self.log.warning(message, provider=provider and self._name(provider),
+                             model=self._name(model), **context)
 
     def _resolve(self, key: tuple[str | None, str | None, str | None]) -> Price | None:
         """The response model is what served the call (a dated snapshot, or the model

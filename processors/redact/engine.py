@@ -193,3 +193,25 @@ def _by_text(found: list[Span], bases: list[int]) -> dict[int, list[Span]]:
             current = by_text[index] = []
         current.append((start - base, end - base, detector))
     return by_text
+
+
+_BUILTIN: DetectorSet | None = None
+
+
+def masked(texts: Sequence[str]) -> list[str]:
+    """`texts` with what the built-in detectors find masked (`<EMAIL>`): for the values
+    a component puts in its logs or self-metrics (a model name as a label), which no
+    `redact` processor sees. The detectors are compiled on first use."""
+    global _BUILTIN
+    if _BUILTIN is None:
+        from meterline.processors.redact.detectors import BUILTIN
+        _BUILTIN = DetectorSet(list(BUILTIN))
+    found = _BUILTIN.find_all(texts)
+    out = list(texts)
+    for i, spans in found.items():
+        text, parts, last = texts[i], [], 0
+        for start, end, detector in spans:
+            parts += [text[last:start], _BUILTIN.detectors[detector].placeholder]
+            last = end
+        out[i] = "".join(parts) + text[last:]
+    return out
