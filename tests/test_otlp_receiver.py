@@ -179,6 +179,26 @@ async def test_malformed_calls_are_reported_as_partial_success(tmp_path):
         assert got["event_id"] == "evt-00000001"
 
 
+async def test_a_secret_in_a_rejected_attribute_is_masked_in_the_log(tmp_path):
+    """The reason names the value for the client that sent it; the daemon's log line
+    about it must not carry it in clear."""
+    from structlog.testing import capture_logs
+    ports = Ports()
+    key = "sk-proj-Ab12Cd34Ef56Gh78Ij90Kl12Mn34Op56Qr78St90Uv12Wx34"
+    request = to_traces_request([make_event(1)])
+    bad = request.resource_spans[0].scope_spans[0].spans[0]
+    next(a for a in bad.attributes if a.key == "gen_ai.usage.input_tokens").value.string_value = (
+        f"jane.doe@acme-corp.com {key}")
+    async with running_receiver(ports, tmp_path), \
+            grpc.aio.insecure_channel(f"127.0.0.1:{ports.grpc}") as channel:
+        with capture_logs() as logged:
+            answer = await TraceServiceStub(channel).Export(request)
+    assert answer.partial_success.rejected_spans == 1
+    [line] = [e for e in logged if e["event"] == "spans rejected"]
+    assert "gen_ai.usage.input_tokens" in line["first_reason"]
+    assert "jane.doe" not in line["first_reason"] and key not in line["first_reason"]
+
+
 async def test_a_body_that_is_not_otlp_gets_400_with_a_status_saying_why(tmp_path):
     ports = Ports()
     async with running_receiver(ports, tmp_path), aiohttp.ClientSession() as session, \
