@@ -29,6 +29,7 @@ one ended, and overlaps between detectors are settled a cluster at a time.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from itertools import accumulate
 from operator import itemgetter
@@ -196,17 +197,21 @@ def _by_text(found: list[Span], bases: list[int]) -> dict[int, list[Span]]:
 
 
 _BUILTIN: DetectorSet | None = None
+_BUILTIN_LOCK = threading.Lock()  # one scan at a time (`DetectorSet`): callers are the
+# event loop (a receiver's log line) and the processors' thread
 
 
 def masked(texts: Sequence[str]) -> list[str]:
     """`texts` with what the built-in detectors find masked (`<EMAIL>`): for the values
     a component puts in its logs or self-metrics (a model name as a label), which no
-    `redact` processor sees. The detectors are compiled on first use."""
+    `redact` processor sees. The detectors are compiled on first use (about 60 ms, once
+    per process: only where some value is refused or unpriced)."""
     global _BUILTIN
-    if _BUILTIN is None:
-        from meterline.processors.redact.detectors import BUILTIN
-        _BUILTIN = DetectorSet(list(BUILTIN))
-    found = _BUILTIN.find_all(texts)
+    with _BUILTIN_LOCK:
+        if _BUILTIN is None:
+            from meterline.processors.redact.detectors import BUILTIN
+            _BUILTIN = DetectorSet(list(BUILTIN))
+        found = _BUILTIN.find_all(texts)
     out = list(texts)
     for i, spans in found.items():
         text, parts, last = texts[i], [], 0

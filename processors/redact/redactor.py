@@ -43,16 +43,18 @@ class Strings:
         self.containers: list[Any] = []
         self.keys: list[Any] = []
 
-    def add(self, value: Any, skip: frozenset[str] | None = None) -> None:
+    def add(self, value: Any, skip: frozenset[str] | None = None,
+            names: set[Any] | None = None) -> None:
         """Every string inside `value`, dicts and lists walked to any depth, but the
-        values of the keys in `skip` and base64 data URIs."""
+        values of the keys in `skip` and base64 data URIs; the keys of its dicts added to
+        `names`, if given, on the same walk."""
         if isinstance(value, str):
             if not (value.startswith("data:") and _BASE64_DATA_URI(value)):
                 self.texts.append(value)
                 self.containers.append(None)
                 self.keys.append(None)
         elif isinstance(value, (dict, list)):
-            _inside(value, self.texts, self.containers, self.keys, skip or frozenset())
+            _inside(value, self.texts, self.containers, self.keys, skip or frozenset(), names)
 
     def unchanged(self, strings: range, found: dict[int, list[Span]]) -> bool:
         """Whether those of `strings` with findings are still where they were found."""
@@ -68,13 +70,18 @@ class Strings:
 
 
 def _inside(value: dict[Any, Any] | list[Any], texts: list[str], containers: list[Any],
-            keys: list[Any], skip: frozenset[str]) -> None:
+            keys: list[Any], skip: frozenset[str], names: set[Any] | None) -> None:
     """An explicit stack rather than recursion: nesting of any depth is walked (decoders
     bound it; a deep one must not be left in clear, nor raise RecursionError)."""
     stack = [value]
     while stack:
         container = stack.pop()
-        items: Any = container.items() if isinstance(container, dict) else enumerate(container)
+        if isinstance(container, dict):
+            if names is not None:
+                names.update(container)
+            items: Any = container.items()
+        else:
+            items = enumerate(container)
         for key, v in items:
             if isinstance(v, str):
                 if key not in skip and not (v.startswith("data:") and _BASE64_DATA_URI(v)):
