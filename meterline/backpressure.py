@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable
 
 from structlog.typing import FilteringBoundLogger
 
+from meterline import logs
 from meterline.component import Backpressure, Consumer
 from meterline.event import Event
 from meterline.queue import QueueWriteError
@@ -54,8 +55,14 @@ async def refuse(consumer: Consumer, events: list[Event], log: FilteringBoundLog
         raise Refused(f"back-pressure: {e}; retry later", e.retry_after, True) from e
     except QueueWriteError as e:
         consumer.refused(len(events), "unavailable")
-        log.error("cannot queue events", error=str(e))
+        if (failures := _WRITE_FAILURES.due()) is not None:
+            log.error("cannot queue events", error=str(e), refused_batches=failures)
         raise Refused(f"cannot queue events: {e}", WRITE_RETRY_AFTER, False) from e
+
+
+# A full disk fails every write: a line per batch would flood the log (and the disk) with
+# the same error, thousands a minute; the `unavailable` count keeps every one.
+_WRITE_FAILURES = logs.Sparse()
 
 
 def retry_hint(error: Exception) -> float | None:

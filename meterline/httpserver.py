@@ -97,9 +97,7 @@ class ConnectionLimit:
         self.max_connections = max_connections
         self.listen = listen
         self.log = log
-        self.refused = 0  # connections refused since the start
-        self._logged = 0  # ... of which the log has told
-        self._next_log = 0.0
+        self._refusals = logs.Sparse(_REFUSAL_LOG_INTERVAL)
         message = (b'{"error": "too many connections: this listener serves at most %d at '
                    b'once (max_connections); retry later"}' % max_connections)
         self._answer = _CONNECTIONS_FULL % (len(message), message)
@@ -108,15 +106,16 @@ class ConnectionLimit:
         """Whether one more connection may open; counts and logs a refusal otherwise."""
         if open_connections < self.max_connections:
             return True
-        self.refused += 1
-        now = time.monotonic()
-        if now >= self._next_log:  # one line per interval, whatever the flood
-            self.log.warning("connections refused: max_connections reached", listen=self.listen,
-                             max_connections=self.max_connections,
-                             refused=self.refused - self._logged, refused_total=self.refused)
-            self._logged = self.refused
-            self._next_log = now + _REFUSAL_LOG_INTERVAL
+        if (refused := self._refusals.due()) is not None:  # a line per interval, whatever
+            self.log.warning("connections refused: max_connections reached",  # the flood
+                             listen=self.listen, max_connections=self.max_connections,
+                             refused=refused, refused_total=self.refused)
         return False
+
+    @property
+    def refused(self) -> int:
+        """Connections refused since the start."""
+        return self._refusals.total
 
     def refuse(self, transport: asyncio.BaseTransport) -> None:
         """Answer 503 and close, without reading the request: refusing must cost little.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -37,6 +38,29 @@ def configure(level: str = "info", encoding: str = "console") -> None:
 
 def get(**bound: object) -> FilteringBoundLogger:
     return structlog.get_logger().bind(**bound)
+
+
+class Sparse:
+    """One log line per `interval` about something that may come in a flood (a refused
+    connection, a failed queue write while the disk is full): each line says how many
+    there were since the one before, so the log neither floods nor hides a count."""
+
+    def __init__(self, interval: float = 10.0) -> None:
+        self.interval = interval
+        self.total = 0  # occurrences since the start
+        self._logged = 0  # ... of which a line has told
+        self._next = 0.0
+
+    def due(self) -> int | None:
+        """Count one occurrence; when a line is due, how many it tells (this one with
+        those left out since the last line), else None."""
+        self.total += 1
+        now = time.monotonic()
+        if now < self._next:
+            return None
+        self._next = now + self.interval
+        told, self._logged = self.total - self._logged, self.total
+        return told
 
 
 MAX_TEXT_CHARS = 300

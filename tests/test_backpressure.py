@@ -1,9 +1,12 @@
 """What receivers do when the pipeline pushes back (`meterline.backpressure`)."""
 
 import pytest
+from structlog.testing import capture_logs
 
+from meterline import backpressure
 from meterline.backpressure import Refused, offer, refuse
 from meterline.component import Backpressure
+from meterline.logs import Sparse
 from meterline.logs import get as get_log
 from meterline.queue import QueueWriteError
 from tests.helpers import make_event
@@ -73,3 +76,24 @@ async def test_refuse_answers_a_failed_write_with_503_and_counts_it_unavailable(
         await refuse(pipeline, [make_event(0), make_event(1)], get_log())
     assert (caught.value.status, caught.value.headers) == (503, {"Retry-After": "5"})
     assert pipeline.refusals == [(2, "unavailable")]
+
+
+async def test_failed_writes_in_a_flood_are_logged_once_an_interval_with_their_count(
+        monkeypatch):
+    monkeypatch.setattr(backpressure, "_WRITE_FAILURES", Sparse(interval=3600))
+    pipeline = Pipeline(*[QueueWriteError("disk full")] * 50)
+    with capture_logs() as logged:
+        for i in range(50):
+            with pytest.raises(Refused):
+                await refuse(pipeline, [make_event(i)], get_log())
+    assert [(e["event"], e["refused_batches"]) for e in logged] == [("cannot queue events", 1)]
+    assert len(pipeline.refusals) == 50  # each one counted
+
+
+def test_a_sparse_line_tells_how_many_were_left_out_since_the_last():
+    sparse = Sparse(interval=0)
+    assert sparse.due() == 1
+    sparse.interval = 3600
+    assert [sparse.due() for _ in range(3)] == [1, None, None]
+    sparse._next = 0  # the interval is over
+    assert (sparse.due(), sparse.total) == (3, 5)
