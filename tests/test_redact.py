@@ -200,3 +200,17 @@ def test_what_was_found_never_reaches_the_logs(
 def test_luhn_and_iban_checksums() -> None:
     assert luhn("4111111111111111") and not luhn("4111111111111112")
     assert iban_valid("GB82 WEST 1234 5698 7654 32") and not iban_valid("GB83WEST12345698765432")
+
+
+
+def test_an_email_in_a_message_role_is_masked_while_tool_call_ids_are_kept(
+        tmp_path: Path) -> None:
+    p, _ = redactor(tmp_path)
+    e = p.process([make_event(
+        input_messages=[{"role": "jane.doe@acme-corp.com", "content": "hi"}],
+        output_messages=[{"role": "assistant", "tool_calls": [
+            {"id": "call_4111111111111111", "type": "function",
+             "function": {"name": "f", "arguments": "{}"}}]}])])[0]
+    assert e.input_messages == [{"role": "<EMAIL>", "content": "hi"}]
+    assert e.output_messages is not None
+    assert e.output_messages[0]["tool_calls"][0]["id"] == "call_4111111111111111"

@@ -14,9 +14,11 @@ from typing import Any
 from meterline.processors.redact.detectors import Detector
 from meterline.processors.redact.engine import DetectorSet, Span
 
-# Keys whose values are names and ids, not content, in the messages (elsewhere, in
-# `params` and `attributes`, an `id` may be anything and is scanned).
-MESSAGE_KEYS = frozenset({"role", "type", "id", "tool_call_id", "finish_reason"})
+# Keys whose values are ids made by the provider, not content, in the messages (elsewhere,
+# in `params` and `attributes`, an `id` may be anything and is scanned): a run of digits
+# in one could pass for a card number, and the masked id would no longer link a tool call
+# to its result. A `role` or a `type` is scanned: a source may put anything there.
+MESSAGE_KEYS = frozenset({"id", "tool_call_id"})
 
 # An inline image or file: base64, not text. (`data:` alone is not enough: an upstream's
 # error may be a server-sent event, `data: {"error": ...}`, and `data:text/plain,` is text.)
