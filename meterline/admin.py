@@ -40,6 +40,10 @@ if TYPE_CHECKING:
     from meterline.service import Service
 
 
+# The server's own paths under /api/v1/ and the method each takes (routed in __init__).
+_OWN = {"status": ["GET"], "tap": ["GET"], "audit": ["GET"], "reload": ["POST"]}
+
+
 class AdminServer:
     def __init__(self, service: Service, config: AdminConfig) -> None:
         self.service = service
@@ -53,8 +57,9 @@ class AdminServer:
         self.app.router.add_get("/api/v1/tap", self.tap)
         self.app.router.add_get("/api/v1/audit", self.audit)
         self.app.router.add_post("/api/v1/reload", self.reload)
-        self.app.router.add_get("/api/v1/{path:.+}", self.component_route)
-        self.app.router.add_post("/api/v1/{path:.+}", self.component_route)
+        # every other method and path under /api/v1/: the components' paths, and a 405
+        # naming the method a path takes when it is asked with another (POST /api/v1/audit)
+        self.app.router.add_route("*", "/api/v1/{path:.+}", self.component_route)
         dashboard.add_routes(self.app)
         self.runner: web.AppRunner | None = None
         self._closing = False
@@ -107,15 +112,23 @@ class AdminServer:
     async def component_route(self, request: web.Request) -> web.StreamResponse:
         """Paths served by components; looked up per request, so a reload may change them.
         A GET (or HEAD) is served by the route named by its path, another method by the
-        one named `METHOD path` (see `Component.admin_routes`)."""
+        one named `METHOD path` (see `Component.admin_routes`). A path that exists but
+        does not take the request's method (the server's own too: a POST to
+        `/api/v1/audit` reaches here) is a 405 naming the methods it takes."""
         path = request.match_info["path"]
         routes = self.service.admin_routes()
         get = request.method in ("GET", "HEAD")
-        handler = routes.get(path if get else f"{request.method} {path}")
+        handler = None if path in _OWN else routes.get(
+            path if get else f"{request.method} {path}")
         if handler is None:
-            if (f"POST {path}" if get else path) in routes:
+            allowed = _OWN.get(path) or sorted(
+                {key.split(" ", 1)[0] if " " in key else "GET" for key in routes
+                 if key.split(" ", 1)[-1] == path})
+            if allowed:
                 return web.json_response(
-                    {"error": f"{request.path} does not take {request.method}"}, status=405)
+                    {"error": f"{request.path} does not take {request.method}: "
+                              f"use {' or '.join(allowed)}"},
+                    status=405, headers={"Allow": ", ".join(allowed)})
             return web.json_response({"error": f"no such endpoint: {request.path}"}, status=404)
         return await handler(request)
 

@@ -159,3 +159,30 @@ async def test_components_serve_their_own_admin_routes(tmp_path):
         status, body = await get(f"http://127.0.0.1:{admin}/api/v1/hello")
         assert (status, json.loads(body)) == (200, {"hello": "from the exporter"})
         assert (await get(f"http://127.0.0.1:{admin}/api/v1/nothing"))[0] == 404
+
+
+async def test_a_wrong_method_on_an_admin_api_path_is_a_405_naming_the_one_it_takes(tmp_path):
+    from aiohttp import web
+
+    port, admin = free_port(), free_port()
+    async with running(pipeline(port, admin), tmp_path) as service:
+        exporter = service.exporters["file"].component.exporter
+
+        async def hello(_):
+            return web.json_response({"hello": "from the exporter"})
+
+        exporter.admin_routes = lambda: {"hello": hello}
+        asked = [("GET", "reload", "POST"), ("POST", "audit", "GET"),
+                 ("POST", "status", "GET"), ("DELETE", "tap", "GET"),
+                 ("PUT", "hello", "GET"), ("DELETE", "hello", "GET")]
+        async with aiohttp.ClientSession() as s:
+            for method, path, allowed in asked:
+                url = f"http://127.0.0.1:{admin}/api/v1/{path}"
+                async with s.request(method, url) as r:
+                    body = await r.json()
+                    assert r.status == 405, (method, path, r.status, body)
+                    assert body["error"] == (f"/api/v1/{path} does not take {method}: "
+                                             f"use {allowed}")
+                    assert r.headers["Allow"] == allowed
+            async with s.put(f"http://127.0.0.1:{admin}/api/v1/nothing") as r:
+                assert r.status == 404
