@@ -51,7 +51,8 @@ MASK = "***"
 SECTIONS = {"receivers": "receiver", "processors": "processor", "exporters": "exporter",
             "extensions": "extension"}
 # a key whose value is a secret: auth_token, api_key, password, key_password, client_secret...
-_SECRET_KEY = re.compile(r"(?i)^(?:.*[_-])?(?:token|password|passwd|secret|api_?key|"
+# and the header names that carry one (X-Api-Key, api-key, x-goog-api-key, Authorization)
+_SECRET_KEY = re.compile(r"(?i)^(?:.*[_-])?(?:token|password|passwd|secret|api[_-]?key|"
                          r"credentials?|authorization|private_key)$")
 _SECRET_BLOCKS = {"sasl"}  # every value under these keys
 _ONLY_REFERENCE = re.compile(r"^(?:\$\{env:[A-Za-z_][A-Za-z0-9_]*(?::-[^}]*)?\})+$")

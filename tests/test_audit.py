@@ -137,6 +137,15 @@ async def test_env_values_are_masked_in_error_messages(tmp_path, monkeypatch):
     assert "${env:AUDIT_LISTEN}" in error
 
 
+def test_api_key_headers_of_any_spelling_are_masked():
+    headers = {"X-Api-Key": "hdr-secret-1", "api-key": "hdr-secret-2",
+               "x-goog-api-key": "hdr-secret-3", "Proxy-Authorization": "Basic hdr-4",
+               "Content-Type": "application/json"}
+    assert audit.mask(("notifiers", "ops", "headers"), headers) == {
+        "X-Api-Key": "***", "api-key": "***", "x-goog-api-key": "***",
+        "Proxy-Authorization": "***", "Content-Type": "application/json"}
+
+
 def test_scrub_replaces_env_values_and_secret_literals():
     text = "a:\n  password: hunter22\n  url: ${env:DSN}\n"
     message = "bad url postgres://u:pw-1234@h; password hunter22 refused"
