@@ -47,6 +47,7 @@ extensions:
   finops:
     budgets:
       search-monthly: {{scope: {{team: search}}, period: month, limit_usd: 40}}
+      per-team-weekly: {{per: team, window: 7d, limit_usd: 0.000001}}
 """
 
 
@@ -230,6 +231,18 @@ def test_the_page_draws_the_seeded_traffic_without_errors(tab: Tab, site: Site) 
         data.by(site.events_in("30d"), "model"))
     assert "search-monthly" in tab.text("#table-budgets")
     assert tab.page.url == site.base + "/"  # the token left the address bar
+    assert tab.errors == []
+
+
+def test_a_budget_per_member_names_the_member_of_each_row(tab: Tab, site: Site) -> None:
+    opened(tab, site)
+    _, _, body = site.get("/api/v1/budgets")
+    members = [b["member"] for b in json.loads(body) if b["budget"] == "per-team-weekly"]
+    assert sorted(members) == ["search", "support"]  # every team spent past its limit
+    rows = tab.page.locator("#table-budgets tbody tr").all_inner_texts()
+    per_team = sorted(r.split("\t")[2] for r in rows if r.startswith("per-team-weekly"))
+    assert per_team == ["team=search", "team=support"]
+    assert any(r.startswith("search-monthly\tteam=search\t\u2013\t") for r in rows)
     assert tab.errors == []
 
 

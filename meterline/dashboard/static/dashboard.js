@@ -329,6 +329,8 @@
     renderTable("table-budgets", [
       { title: "budget", value: (r) => r.budget },
       { title: "scope", value: (r) => Object.entries(r.scope).map(([k, v]) => `${k}=${v}`).join(" ") || "all spend" },
+      // a budget `per` user, key, team or metadata key: one row per member, named here
+      { title: "member", value: (r) => (r.per ? `${r.per}=${r.member}` : null), format: (x) => x ?? dash },
       { title: "period", value: (r) => r.period },
       { title: "period start", value: (r) => r.period_start },
       { title: "spend USD", value: (r) => r.spend_usd, format: usd, numeric: true },
