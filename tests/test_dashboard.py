@@ -246,6 +246,16 @@ def test_a_budget_per_member_names_the_member_of_each_row(tab: Tab, site: Site) 
     assert tab.errors == []
 
 
+def test_on_a_phone_wide_screen_the_page_does_not_overflow_sideways(tab: Tab,
+                                                                   site: Site) -> None:
+    tab.page.set_viewport_size({"width": 400, "height": 800})
+    opened(tab, site)
+    # wide tables scroll inside their panel; the charts shrink to the screen
+    assert tab.page.evaluate("document.documentElement.scrollWidth") <= 400
+    assert tab.page.locator("#chart-requests").bounding_box()["width"] < 400
+    assert tab.errors == []
+
+
 def test_the_range_filter_changes_the_figures(tab: Tab, site: Site) -> None:
     opened(tab, site)
     figures = {}
