@@ -400,3 +400,42 @@ def test_the_agents_and_guardrails_views_show_the_figures_of_known_events(
     finally:
         context.close()
         assert daemon.stop() == 0
+
+
+def test_calls_that_name_no_provider_are_not_counted_as_an_active_provider(
+        tab: Tab, daemon_factory) -> None:
+    webhook = free_port()
+    daemon = daemon_factory("""
+receivers: {webhook: {listen: "127.0.0.1:WEBHOOK"}}
+exporters: {clickhouse: {endpoint: "chdb://{data}/clickhouse", batch: {timeout: 20ms}}}
+service:
+  data_dir: "{data}"
+  admin: {listen: "127.0.0.1:{admin}"}
+  pipelines: {p: {receivers: [webhook], exporters: [clickhouse]}}
+extensions: {finops: {}}
+""".replace("WEBHOOK", str(webhook)))
+    daemon.start(timeout=30)
+    try:
+        now = time.time_ns()
+        post_events(webhook, [
+            Event(event_id="llm", timestamp=now - 60 * 10**9, provider="openai",
+                  request_model="gpt-4o", status_code=200, input_tokens=10, output_tokens=5),
+            Event(event_id="tool", timestamp=now - 50 * 10**9, operation="execute_tool",
+                  tool_name="search", duration_ms=100.0)])
+        base = f"http://127.0.0.1:{daemon.admin_port}/?range=24h"
+        deadline = time.monotonic() + 30
+        while True:  # until both events are in ClickHouse and the page has drawn them
+            tab.page.goto(base)
+            tab.wait_refreshed(0)
+            drawn = (tab.text("#tile-requests") == "2"
+                     and tab.page.locator("#provider option").count() == 2)
+            if drawn or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert tab.text("#tile-requests") == "2"
+        assert tab.page.locator("#provider option").all_inner_texts() == [
+            "All providers", "openai"]
+        assert tab.text("#tile-providers") == "1"
+        assert tab.errors == []
+    finally:
+        assert daemon.stop() == 0

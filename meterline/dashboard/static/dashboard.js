@@ -277,7 +277,8 @@
   function drawTiles(providers, usage, performance) {
     const t = usage.totals;
     const p = performance.totals;
-    $("tile-providers").textContent = count(providers.filter((x) => x.requests > 0).length);
+    // the providers the filter lists: tool calls and agent runs that name none are no provider
+    $("tile-providers").textContent = count(providers.filter((x) => x.provider && x.requests > 0).length);
     $("tile-requests").textContent = count(t.requests);
     $("tile-rate").textContent = p.requests_per_minute >= 1
       ? `${few.format(p.requests_per_minute)} per minute`
