@@ -200,3 +200,32 @@ def test_the_variance_table_shows_a_model_without_estimate_as_not_estimated():
         "  actual_cost_usd  variance_usd  variance_ratio",
         "claude-haiku                     3                          3                   -"
         "                -             -               -"]
+
+
+async def test_a_csv_without_rows_still_has_the_header_of_its_rows(daemon_factory):
+    port = free_port()
+    daemon = daemon_factory(PIPELINE.format(port=port, admin='{listen: "127.0.0.1:{admin}"}'))
+    daemon.start()
+    tool = make_event(99, timestamp=time.time_ns(), operation="execute_tool",
+                      tool_name="search", duration_ms=10.0)
+    await post_json(f"http://127.0.0.1:{port}/v1/events", [*events(), tool])
+
+    def header(*args):
+        result = finops(daemon.config, *args, "--format", "csv")
+        assert result.returncode == 0, result.stderr
+        return result.stdout.splitlines()[0] if result.stdout.strip() else ""
+
+    def stored():
+        result = finops(daemon.config, "--by", "tool", "--format", "json", "--range", "24h")
+        return result.returncode == 0 and json.loads(result.stdout)["rows"] != []
+
+    await eventually(stored)  # the events and the tool call are in ClickHouse
+    for report in (["spend"], ["spend", "--by", "agent"], ["spend", "--by", "session"],
+                   ["spend", "--by", "tool"], ["growth"], ["variance"]):
+        with_rows = header(*report, "--range", "24h")
+        assert header(*report, "--since", "2020-01-01", "--until", "2020-01-02") == (
+            with_rows), report
+    assert render({"report": "reconcile", "by": "provider", "rows": [], "total": {
+        "estimated_cost_usd": 0, "billed_cost_usd": 0}}, "reconcile", "csv") == (
+            "provider,estimated_cost_usd,billed_cost_usd\n")
+    assert render([], "budgets", "csv").splitlines()[0] == header("budgets")

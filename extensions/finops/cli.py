@@ -57,6 +57,16 @@ _TABLE = {
 # Calls without a price (their cost counts 0 in cost_usd: a model the price table lacks
 # would read as free), and cache hits with what they saved.
 _WHEN_ANY = (["unpriced_requests"], ["unpriced_llm_calls"], ["cache_hits", "saved_cost_usd"])
+# The CSV columns after the keys of a report without rows and without a total (a header
+# alone is still the header its rows would have): those of `finops.growth`'s rows and of
+# `budgets.status`'s.
+_NO_TOTAL = {
+    "growth": ["cost_usd", "previous_cost_usd", "change_usd", "growth", "requests",
+               "previous_requests"],
+    "budgets": ["per", "member", "period", "rolling", "period_start", "period_end",
+                "limit_usd", "spend_usd", "remaining_usd", "utilization", "notify_at",
+                "threshold_reached", "action", "status"],
+}
 
 
 def add(subparsers: Any) -> None:
@@ -197,7 +207,8 @@ def render(answer: dict[str, Any] | list[Any], report: str, fmt: str) -> str:
     rows, total, keys = _rows(answer, report)
     if fmt == "csv":
         out = io.StringIO()
-        fields = list(dict.fromkeys(k for row in rows for k in row))
+        fields = list(dict.fromkeys(k for row in rows for k in row)) or _header(
+            report, keys, total)
         writer = csv.DictWriter(out, fieldnames=fields, lineterminator="\n")
         writer.writeheader()
         writer.writerows({k: _cell(v) for k, v in row.items()} for row in rows)
@@ -219,6 +230,14 @@ def render(answer: dict[str, Any] | list[Any], report: str, fmt: str) -> str:
                                for i, (cell, w) in enumerate(zip(line, widths, strict=True)))
                      for line in lines)
     return f"{title}{body}\n{_not_billed(answer)}"
+
+
+def _header(report: str, keys: list[str], total: dict[str, Any] | None) -> list[str]:
+    """The CSV columns of a report without rows: its rows' keys, their total's figures
+    (with each group's `share` of the spend) or, without a total, `_NO_TOTAL`."""
+    if total is None:
+        return [*keys, *_NO_TOTAL[report]]
+    return [*keys, *total, *(["share"] if report in ("spend", "runs") else [])]
 
 
 def _not_billed(answer: dict[str, Any] | list[Any]) -> str:
