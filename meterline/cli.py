@@ -292,6 +292,10 @@ def _tune_gc() -> None:
 def cmd_tap(args: argparse.Namespace) -> int:
     base = args.admin
     token = args.token
+    if base is not None and not _is_http_url(base):
+        print(f"--admin must be the admin server's http:// or https:// URL, such as "
+              f"http://127.0.0.1:8888, got {base!r}", file=sys.stderr)
+        return 1
     if base is None:
         path = config_path(args.config)
         loaded = load_config(path)
@@ -314,6 +318,16 @@ def cmd_tap(args: argparse.Namespace) -> int:
         return asyncio.run(_tap(url, token))
     except KeyboardInterrupt:
         return 0
+
+
+def _is_http_url(text: str) -> bool:
+    """`text` is an http(s) URL with a host (and a numeric port, if any)."""
+    try:
+        parsed = urllib.parse.urlsplit(text)
+        return parsed.scheme in ("http", "https") and bool(parsed.hostname) and (
+            parsed.port is None or parsed.port > 0)
+    except ValueError:  # a bad IPv6 literal or port
+        return False
 
 
 async def _tap(url: str, token: str | None) -> int:

@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from tests.helpers import ROOT
 
 
@@ -76,3 +78,13 @@ service:
     assert result.returncode == 1
     assert "receiver webhook failed to start" in result.stderr
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+
+
+@pytest.mark.parametrize("admin", ["localhost:8888", "ftp://127.0.0.1:8888", "http://[::1",
+                                   "http://127.0.0.1:port", "http://:8888"])
+def test_tap_names_an_admin_address_that_is_no_http_url(admin):
+    result = subprocess.run([sys.executable, "-m", "meterline", "tap", "--admin", admin],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    assert result.stderr == (f"--admin must be the admin server's http:// or https:// URL, "
+                             f"such as http://127.0.0.1:8888, got {admin!r}\n")
