@@ -1,10 +1,12 @@
 """Time windows of FinOps questions, and how they are split between the two rollups."""
 
+import re
 from datetime import UTC, datetime
 
 import pytest
 
 from meterline.exporters.clickhouse.query import Window, split
+from meterline.extensions.finops import finops
 
 
 def at(text):
@@ -29,6 +31,25 @@ def test_since_and_until_round_out_to_whole_minutes_in_utc():
 def test_a_bad_window_is_refused_with_the_reason(args, message):
     with pytest.raises(ValueError, match=message):
         Window.parse(**args)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    ({"range_": "999999999d"}, "range must be at most 49673d, got '999999999d'"),
+    ({"range_": "99999999999999999999h"}, "range must be at most 49673d"),
+    ({"range_": "36500d"}, "range must start from 1970-01-01T00:00:00Z: at most 20577d"),
+    ({"since": "0001-01-01"}, "since must be from 1970-01-01T00:00:00Z, got '0001-01-01'"),
+    ({"since": "2025-05-01", "until": "9999-12-31"}, "until must be before 2106-01-01"),
+])
+def test_a_window_outside_what_clickhouse_holds_is_refused_with_the_reason(args, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        Window.parse(**args, now=at("2026-05-04T10:00"))
+
+
+def test_growth_refuses_a_previous_period_that_starts_before_1970():
+    window = Window.parse(since="1990-01-01", until="2026-01-01")
+    with pytest.raises(ValueError, match="growth compares with the period of the same "
+                                         "length before: 1954-01-01T00:00:00Z is before"):
+        finops.growth(None, window)  # type: ignore[arg-type]  # refused before any query
 
 
 def test_a_window_splits_into_whole_hours_and_the_minutes_around_them():

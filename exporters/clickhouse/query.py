@@ -44,6 +44,10 @@ from meterline.exporters.clickhouse.schema import COLUMNS, FINAL_SETTINGS, Rollu
 from meterline.fieldpath import FieldPath
 
 RANGES = ("24h", "7d", "30d", "90d")
+# What a ClickHouse DateTime holds: a window outside it is a bad parameter (400), not a
+# query that fails ("date value out of range") or a datetime that overflows.
+EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
+LATEST = datetime(2106, 1, 1, tzinfo=UTC)
 _RANGE = re.compile(r"^(\d+)([hd])$")
 _MINUTE = timedelta(minutes=1)
 
@@ -91,11 +95,19 @@ class Window:
         """From `range` (24h, 7d, 30d, 90d, or any Nh / Nd) ending now, or from
         `since`/`until` (ISO 8601 dates or times, UTC unless they say otherwise)."""
         end = parse_time(until, "until") if until else (now or datetime.now(UTC))
+        if end > LATEST:
+            raise ValueError(f"until must be before {iso(LATEST)}, got {until!r}")
         end = _ceil_minute(end)
         if since:
             start = _floor_minute(parse_time(since, "since"))
+            if start < EARLIEST:
+                raise ValueError(f"since must be from {iso(EARLIEST)}, got {since!r}")
         else:
-            start = end - parse_range(range_ or "30d")
+            length = parse_range(range_ or "30d")
+            if length > end - EARLIEST:
+                raise ValueError(f"range must start from {iso(EARLIEST)}: at most "
+                                 f"{(end - EARLIEST).days}d, got {range_!r}")
+            start = end - length
         if start >= end:
             raise ValueError("since must be before until")
         return cls(start, end)
@@ -126,6 +138,9 @@ def parse_range(text: str) -> timedelta:
     if not m or int(m.group(1)) == 0:
         raise ValueError(f"range must be one of {', '.join(RANGES)} (or Nh, Nd), got {text!r}")
     n = int(m.group(1))
+    days = n / 24 if m.group(2) == "h" else n
+    if days > (LATEST - EARLIEST).days:  # would overflow a timedelta, and no window is longer
+        raise ValueError(f"range must be at most {(LATEST - EARLIEST).days}d, got {text!r}")
     return timedelta(hours=n) if m.group(2) == "h" else timedelta(days=n)
 
 

@@ -19,6 +19,7 @@ from typing import Any
 
 from meterline.exporters.clickhouse.metrics import IS_MODEL_CALL, IS_TOOL_CALL, Figure
 from meterline.exporters.clickhouse.query import (
+    EARLIEST,
     Condition,
     Dimension,
     Expressions,
@@ -26,6 +27,7 @@ from meterline.exporters.clickhouse.query import (
     Where,
     Window,
     dimension,
+    iso,
 )
 
 SPEND_FIGURES = ("requests", "errors", "input_tokens", "output_tokens", "cost_usd",
@@ -257,6 +259,10 @@ def growth(reader: Reader, window: Window, by: str = "model",
     if dim.is_time:
         raise ValueError("growth compares groups across two periods: --by cannot be a time")
     previous = window.previous()
+    if previous.since < EARLIEST:
+        raise ValueError(f"growth compares with the period of the same length before: "
+                         f"{iso(previous.since)} is before {iso(EARLIEST)}, the earliest "
+                         "time ClickHouse holds; ask for a later or shorter window")
     rows = reader.select(
         Window(previous.since, window.until), by=[dim], filters=_model_calls(by),
         extra={**_key_extra(dim), "change_usd": "_cost_usd - _previous_cost_usd"},
