@@ -145,33 +145,29 @@ async def test_tap_refuses_a_bad_filter(tmp_path):
         assert status == 400 and "unknown operator" in body
 
 
-async def test_components_serve_their_own_admin_routes(tmp_path):
+def serve_hello(service):
+    """The file exporter serves `/api/v1/hello` (as a component with admin routes does)."""
     from aiohttp import web
 
+    async def hello(_):
+        return web.json_response({"hello": "from the exporter"})
+
+    service.exporters["file"].component.exporter.admin_routes = lambda: {"hello": hello}
+
+
+async def test_components_serve_their_own_admin_routes(tmp_path):
     port, admin = free_port(), free_port()
     async with running(pipeline(port, admin), tmp_path) as service:
-        exporter = service.exporters["file"].component.exporter
-
-        async def hello(_):
-            return web.json_response({"hello": "from the exporter"})
-
-        exporter.admin_routes = lambda: {"hello": hello}
+        serve_hello(service)
         status, body = await get(f"http://127.0.0.1:{admin}/api/v1/hello")
         assert (status, json.loads(body)) == (200, {"hello": "from the exporter"})
         assert (await get(f"http://127.0.0.1:{admin}/api/v1/nothing"))[0] == 404
 
 
 async def test_a_wrong_method_on_an_admin_api_path_is_a_405_naming_the_one_it_takes(tmp_path):
-    from aiohttp import web
-
     port, admin = free_port(), free_port()
     async with running(pipeline(port, admin), tmp_path) as service:
-        exporter = service.exporters["file"].component.exporter
-
-        async def hello(_):
-            return web.json_response({"hello": "from the exporter"})
-
-        exporter.admin_routes = lambda: {"hello": hello}
+        serve_hello(service)
         asked = [("GET", "reload", "POST"), ("POST", "audit", "GET"),
                  ("POST", "status", "GET"), ("DELETE", "tap", "GET"),
                  ("PUT", "hello", "GET"), ("DELETE", "hello", "GET")]

@@ -48,6 +48,7 @@ import os
 import re
 import secrets
 from bisect import bisect_right
+from collections.abc import Callable, Container
 from itertools import repeat
 from operator import attrgetter
 from pathlib import Path
@@ -295,35 +296,47 @@ class RedactProcessor(Processor):
         keyed = self._keyed
         structs = self._structs
         replace = self.redactor.replace
+
+        def redact(_: int, e: Event, counts: dict[str, int]) -> None:
+            for name in keyed:
+                value = getattr(e, name)
+                if value:
+                    _rename_keys(value, bad, replace, counts)
+            for name in structs:
+                entries = getattr(e, name)
+                if entries:
+                    setattr(e, name, _redact_structs(entries, bad, replace, counts) or None)
+
+        return self._redacting(events, None, redact)
+
+    def _redacting(self, events: list[Event], only: Container[int] | None,
+                   redact: Callable[[int, Event, dict[str, int]], None]) -> list[Event]:
+        """`redact(i, e, counts)` on each event (each whose index is in `only`, if given),
+        its findings tallied on the event (`redactions`) and in the self-metrics; an event
+        it raises `DropEvent` for is left out, its findings still counted."""
         totals: dict[str, int] = {}
         kept: list[Event] = []
         dropped = 0
-        for e in events:
+        for i, e in enumerate(events):
+            if only is not None and i not in only:
+                kept.append(e)
+                continue
             counts: dict[str, int] = {}
             try:
-                for name in keyed:
-                    value = getattr(e, name)
-                    if value:
-                        _rename_keys(value, bad, replace, counts)
-                for name in structs:
-                    entries = getattr(e, name)
-                    if entries:
-                        setattr(e, name, _redact_structs(entries, bad, replace, counts)
-                                or None)
+                redact(i, e, counts)
             except DropEvent:
                 dropped += 1
-                for n, c in counts.items():
-                    totals[n] = totals.get(n, 0) + c
+                _add(totals, counts)
                 continue
             if counts:
-                redactions = e.redactions if e.redactions is not None else {}
-                for n, c in counts.items():
-                    redactions[n] = redactions.get(n, 0) + c
-                    totals[n] = totals.get(n, 0) + c
-                e.redactions = redactions
+                if e.redactions:
+                    _add(e.redactions, counts)
+                else:
+                    e.redactions = counts
+                _add(totals, counts)
             kept.append(e)
-        for n, c in totals.items():
-            self._redactions.add(c, {"processor": self.id, "detector": n})
+        for name, c in totals.items():
+            self._redactions.add(c, {"processor": self.id, "detector": name})
         if dropped:
             self._dropped.add(dropped, {"processor": self.id})
         return kept
@@ -371,40 +384,17 @@ class RedactProcessor(Processor):
                 hit.setdefault(at % n, set()).add(at)
             else:
                 hit.setdefault(t - count, set())
-        totals: dict[str, int] = {}
-        kept: list[Event] = []
-        dropped = 0
-        for i, e in enumerate(events):
-            where = hit.get(i)
-            if where is None:
-                kept.append(e)
-                continue
-            counts: dict[str, int] = {}
-            try:
-                flat_found = found.get(count + i)
-                if flat_found:
-                    self._redact_flat(e, flat_found, counts)
-                if where:
-                    self._redact_paths(e, sorted(where), n, values, starts, strings, found,
-                                       counts)
-            except DropEvent:
-                dropped += 1
-                for name, c in counts.items():
-                    totals[name] = totals.get(name, 0) + c
-                continue
-            if counts:
-                if e.redactions:
-                    for name, c in counts.items():
-                        e.redactions[name] = e.redactions.get(name, 0) + c
-                else:
-                    e.redactions = counts
-                for name, c in counts.items():
-                    totals[name] = totals.get(name, 0) + c
-            kept.append(e)
-        for name, c in totals.items():
-            self._redactions.add(c, {"processor": self.id, "detector": name})
-        if dropped:
-            self._dropped.add(dropped, {"processor": self.id})
+
+        def redact(i: int, e: Event, counts: dict[str, int]) -> None:
+            flat_found = found.get(count + i)
+            if flat_found:
+                self._redact_flat(e, flat_found, counts)
+            where = hit[i]
+            if where:
+                self._redact_paths(e, sorted(where), n, values, starts, strings, found,
+                                   counts)
+
+        kept = self._redacting(events, hit, redact)
         return kept, bad
 
     def _flat_texts(self, events: list[Event]) -> list[str]:
@@ -506,6 +496,11 @@ class RedactProcessor(Processor):
                 continue
             if new is not current:
                 scanned.path.set(e, new)
+
+
+def _add(tally: dict[str, int], counts: dict[str, int]) -> None:
+    for name, c in counts.items():
+        tally[name] = tally.get(name, 0) + c
 
 
 def _rename_keys(value: Any, bad: dict[str, list[Span]], replace: Any,
