@@ -5,7 +5,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from meterline.exporters.clickhouse.query import Window, split
+from meterline.exporters.clickhouse.query import Reader, Window, dimension, split
 from meterline.extensions.finops import finops
 
 
@@ -50,6 +50,18 @@ def test_growth_refuses_a_previous_period_that_starts_before_1970():
     with pytest.raises(ValueError, match="growth compares with the period of the same "
                                          "length before: 1954-01-01T00:00:00Z is before"):
         finops.growth(None, window)  # type: ignore[arg-type]  # refused before any query
+
+
+def test_an_answer_by_hour_over_years_is_refused_before_any_query():
+    window = Window.parse(since="1990-01-01", until="2026-01-01")
+    with pytest.raises(ValueError, match="an answer by hour answers at most 10,000 buckets: "
+                                         "this window has 315,576"):
+        Reader(client=None).select(window, by=[dimension("hour")], figures=["requests"])
+
+
+def test_an_answer_by_day_over_a_quarter_century_is_within_the_bound():
+    window = Window.parse(since="2000-01-01", until="2026-01-01")
+    window.check_buckets(86400, "an answer by day")  # 9,497 days
 
 
 def test_a_window_splits_into_whole_hours_and_the_minutes_around_them():

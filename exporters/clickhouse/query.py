@@ -48,6 +48,7 @@ RANGES = ("24h", "7d", "30d", "90d")
 # query that fails ("date value out of range") or a datetime that overflows.
 EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
 LATEST = datetime(2106, 1, 1, tzinfo=UTC)
+MAX_BUCKETS = 10_000  # time buckets in one answer: 416 days by hour, 27 years by day
 _RANGE = re.compile(r"^(\d+)([hd])$")
 _MINUTE = timedelta(minutes=1)
 
@@ -115,6 +116,15 @@ class Window:
     @property
     def length(self) -> timedelta:
         return self.until - self.since
+
+    def check_buckets(self, seconds: int, what: str) -> None:
+        """ValueError if the window spans more than `MAX_BUCKETS` buckets of `seconds`: an
+        answer by hour since 1970 would be half a million rows (seconds to compute, tens
+        of megabytes to send), which no chart or table shows."""
+        count = -(-int(self.length.total_seconds()) // seconds)
+        if count > MAX_BUCKETS:
+            raise ValueError(f"{what} answers at most {MAX_BUCKETS:,} buckets: this window "
+                             f"has {count:,}; ask for a coarser bucket or a shorter window")
 
     def previous(self) -> Window:
         """The window of the same length just before this one."""
@@ -435,6 +445,9 @@ class Reader:
                     per_run: Expressions | None, total: bool = False) -> str:
         """The query of `select` (with `total`, of `select_with_total`: the total row
         first, whatever `having` and `limit` leave out)."""
+        for d in by:
+            if d.is_time:
+                window.check_buckets(d.grain, f"an answer by {d.name}")
         inner = per_run if per_run is not None else extra
         wanted = {*(v.name for v in inner.values() if isinstance(v, Figure))}
         if per_run is None:
