@@ -229,3 +229,10 @@ async def test_a_csv_without_rows_still_has_the_header_of_its_rows(daemon_factor
         "estimated_cost_usd": 0, "billed_cost_usd": 0}}, "reconcile", "csv") == (
             "provider,estimated_cost_usd,billed_cost_usd\n")
     assert render([], "budgets", "csv").splitlines()[0] == header("budgets")
+
+
+def test_csv_writes_true_and_false_as_json_does():
+    row = {"budget": "per-user-daily", "scope": {}, "per": "user", "member": "dave",
+           "rolling": True, "threshold_reached": False}
+    lines = render([row], "budgets", "csv").splitlines()
+    assert lines[1].split(",")[-2:] == ["true", "false"]

@@ -266,9 +266,11 @@ def _rows(answer: dict[str, Any] | list[Any],
 
 
 def _cell(value: Any) -> str:
+    """A value as the table and CSV write it: JSON's spelling (`true`, not Python's `True`)
+    for what is not a number or text; `-` for none."""
     if value is None:
         return "-"
-    if isinstance(value, list | dict):
+    if isinstance(value, bool | list | dict):
         return json.dumps(value)
     return str(value)
 
