@@ -49,7 +49,9 @@ def add_config_argument(parser: argparse.ArgumentParser, what: str = "the pipeli
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="meterline", description=__doc__)
     parser.add_argument("--version", action="version", version=f"meterline {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True)
+    # (not `required`: argparse would then answer `meterline --nope` with "the following
+    # arguments are required: command" rather than name the option it does not know)
+    commands = parser.add_subparsers(dest="command")
 
     run = commands.add_parser("run", help="run the daemon")
     add_config_argument(run)
@@ -80,7 +82,11 @@ def main(argv: list[str] | None = None) -> int:
 
     describe.add(commands)  # meterline components [TYPE] [--markdown DIR]
     registry.add_commands(commands)
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if args.command is None:
+        parser.error(f"a command is needed: one of {', '.join(commands.choices)}")
     func: Command = args.func
     try:
         return func(args)

@@ -88,3 +88,16 @@ def test_tap_names_an_admin_address_that_is_no_http_url(admin):
     assert result.returncode == 1
     assert result.stderr == (f"--admin must be the admin server's http:// or https:// URL, "
                              f"such as http://127.0.0.1:8888, got {admin!r}\n")
+
+
+@pytest.mark.parametrize(("argv", "said"), [
+    (["--nope"], "meterline: error: unrecognized arguments: --nope"),
+    ([], "meterline: error: a command is needed: one of run, validate,"),
+    (["validate", "--nope"], "meterline: error: unrecognized arguments: --nope"),
+])
+def test_a_bad_command_line_names_what_was_wrong(argv, said, capsys):
+    from meterline.cli import main
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2
+    assert said in capsys.readouterr().err
