@@ -118,7 +118,8 @@ def test_finops_by_agent_prints_runs_cost_and_tool_calls(reader):
     assert table[0].startswith("runs by agent, ")
     assert table[1].split() == ["agent", "runs", "cost_usd", "cost_per_run_usd", "llm_calls",
                                 "total_tokens", "tool_calls", "avg_tool_latency_ms",
-                                "avg_run_duration_ms", "errors", "share"]
+                                "avg_run_duration_ms", "errors", "share",
+                                "unpriced_llm_calls"]  # (the guardrail-blocked calls)
     assert table[2].split()[:3] == ["writer", "1", "4"]
     assert table[-1].split()[:3] == ["TOTAL", "12", "6.125"]
 
