@@ -27,6 +27,7 @@ def test_since_and_until_round_out_to_whole_minutes_in_utc():
     ({"range_": "5y"}, "range must be one of 24h, 7d, 30d, 90d"),
     ({"since": "last tuesday"}, "since must be an ISO 8601 date or time"),
     ({"since": "2025-05-03", "until": "2025-05-01"}, "since must be before until"),
+    ({"range_": "7d", "since": "2025-05-01"}, "give range or since, not both"),
 ])
 def test_a_bad_window_is_refused_with_the_reason(args, message):
     with pytest.raises(ValueError, match=message):

@@ -94,7 +94,11 @@ class Window:
     def parse(cls, range_: str | None = None, since: str | None = None,
               until: str | None = None, now: datetime | None = None) -> Window:
         """From `range` (24h, 7d, 30d, 90d, or any Nh / Nd) ending now, or from
-        `since`/`until` (ISO 8601 dates or times, UTC unless they say otherwise)."""
+        `since`/`until` (ISO 8601 dates or times, UTC unless they say otherwise); `range`
+        with `until` ends there. Both `range` and `since` are refused: one would be ignored."""
+        if range_ and since:
+            raise ValueError(f"give range or since, not both (range={range_!r}, "
+                             f"since={since!r})")
         end = parse_time(until, "until") if until else (now or datetime.now(UTC))
         if end > LATEST:
             raise ValueError(f"until must be before {iso(LATEST)}, got {until!r}")

@@ -2,9 +2,9 @@
 `/api/v1/budgets`, and `POST /api/v1/billing/import`.
 
 Every path takes `range` (24h, 7d, 30d, 90d; default 30d) or `since`/`until`
-(ISO 8601), and the parameters of its function (`provider`, `granularity`,
-`group_by`, `model_id`, `user_id`, `limit`, `by`, `top`), which are matched by
-name. A bad parameter is a 400 naming it; ClickHouse unavailable is a 503.
+(ISO 8601; not both `range` and `since`), and the parameters of its function
+(`provider`, `granularity`, `group_by`, `model_id`, `user_id`, `limit`, `by`, `top`),
+which are matched by name. A bad parameter is a 400 naming it; ClickHouse unavailable is a 503.
 Answers are JSON: a non-finite number (a table written before events were bounded
 may sum to one) is `null`, never `Infinity` or `NaN`, which JSON does not have.
 `meterline finops` reads `finops/*` and `budgets` when the daemon runs.

@@ -80,7 +80,7 @@ def add(subparsers: Any) -> None:
                                 "(default: provider; model for growth; spend by agent, "
                                 "session or trace is the cost of agent runs, by tool the "
                                 "tool calls)")
-    p.add_argument("--range", choices=RANGES, default="30d")
+    p.add_argument("--range", choices=RANGES, help="the last 24h, 7d, 30d or 90d (default 30d)")
     p.add_argument("--since", help="start, ISO 8601 (instead of --range)")
     p.add_argument("--until", help="end, ISO 8601 (default: now)")
     p.add_argument("--top", type=int, default=20, help="at most this many rows (default 20)")
