@@ -269,6 +269,15 @@ def test_the_range_filter_changes_the_figures(tab: Tab, site: Site) -> None:
     assert tab.errors == []
 
 
+def test_a_link_with_a_range_of_its_own_shows_it_in_the_range_filter(tab: Tab,
+                                                                      site: Site) -> None:
+    opened(tab, site, f"?range=48h&token={TOKEN}")
+    assert tab.page.eval_on_selector("#range", "s => s.options[s.selectedIndex].text") == (
+        "Last 48h")
+    assert tab.text("#tile-requests") == shown(site.expected("48h")["requests"])
+    assert tab.errors == []
+
+
 def test_the_provider_filter_narrows_the_figures(tab: Tab, site: Site) -> None:
     opened(tab, site)
     tab.choose("#provider", "anthropic")

@@ -533,6 +533,10 @@
     history.replaceState(null, "", location.pathname + (query.size ? `?${query}` : ""));
   }
 
+  if (![...$("range").options].some((o) => o.value === state.range)) {
+    // a link's own range (?range=12h): shown as asked, not as a blank choice
+    $("range").add(new Option(`Last ${state.range}`, state.range));
+  }
   $("range").value = state.range;
   fillProviders([]);
   $("range").addEventListener("change", (e) => { state.range = e.target.value; remember(); refresh(); });
