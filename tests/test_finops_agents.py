@@ -24,11 +24,16 @@ from tests.clickhouse_helpers import clickhouse_exporters
 async def reader(tmp_path):
     async with clickhouse_exporters(tmp_path) as make:
         exporter = await make("agents")
-        await exporter.export(ExportBatch("agents", agent_data.events()))
+        await exporter.export(ExportBatch("agents", agent_data.events(NOW_NS)))
         yield exporter.reader
 
 
-WINDOW = Window.parse("24h", now=datetime.now(UTC))
+# The events are placed 10 to 40 minutes before the window's end, whenever a test runs:
+# placed before the time of the test, they left a window taken at import once a slow
+# machine ran this module more than 10 minutes later.
+NOW = datetime.now(UTC)
+NOW_NS = int(NOW.timestamp() * 1e9)
+WINDOW = Window.parse("24h", now=NOW)
 
 
 def rows(report, key):
