@@ -197,6 +197,9 @@ def jsonrpc_error_type(code: int | None) -> str:
 
 # The event name of the GenAI log record that carries a whole call.
 INFERENCE_EVENT: Final = "gen_ai.client.inference.operation.details"
+# Set (true) on the span of a call whose duration was not reported: a span must end, so
+# it ends where it starts, and this says that its 0 ms is no measure.
+DURATION_UNKNOWN: Final = "meterline.duration_unknown"
 # How the upstream was chosen (`attributes`): by the path's prefix or the default
 # upstream (the gateway's), or by a router's heuristic, semantic or classifier method
 # (seed 001's; other gateways report them). Other values (any source may set the

@@ -361,7 +361,7 @@ receivers:
 exporters:
   otlp:
     endpoint: http://127.0.0.1:{grpc}
-    logs: true
+    logs: {logs}
     batch: {{timeout: 10ms}}
   file:
     path: {{data}}/out.jsonl
@@ -382,7 +382,8 @@ async def test_an_otlp_exporter_to_otlp_receiver_round_trip_keeps_the_event(tmp_
                        input_messages=[{"role": "user", "content": "hi"}])
     for i, event in enumerate(sent):
         event["span_id"] = f"{i + 1:016x}"
-    async with running(ROUND_TRIP.format(webhook=webhook, grpc=grpc_port), tmp_path) as service:
+    async with running(ROUND_TRIP.format(webhook=webhook, grpc=grpc_port, logs="true"),
+                       tmp_path) as service:
         status, _, _ = await post_json(f"http://127.0.0.1:{webhook}/v1/events", sent)
         assert status == 200
         # traces and logs each bring the calls back; the second copy of each is dropped
@@ -393,6 +394,23 @@ async def test_an_otlp_exporter_to_otlp_receiver_round_trip_keeps_the_event(tmp_
                                and r)
     got = sorted((from_dict(e) for e in out), key=lambda e: e.event_id)
     assert got == sorted([from_dict(e) for e in sent], key=lambda e: e.event_id)
+
+
+async def test_a_span_round_trip_keeps_a_duration_not_reported_unknown_and_a_reported_one_exact(
+        tmp_path):
+    """A span must end: an event without duration_ms becomes a span of zero length,
+    marked as such, so the receiver makes no 0 ms call of it."""
+    webhook, grpc_port = free_port(), free_port()
+    sent = [*event_dicts(0, 1, duration_ms=None), *event_dicts(1, 1, duration_ms=1234.567891)]
+    config = ROUND_TRIP.format(webhook=webhook, grpc=grpc_port, logs="false")
+    async with running(config, tmp_path):
+        status, _, _ = await post_json(f"http://127.0.0.1:{webhook}/v1/events", sent)
+        assert status == 200
+        out = await eventually(lambda: len(r := read_jsonl(tmp_path / "data/out.jsonl")) >= 2
+                               and r)
+    assert {e["event_id"]: e.get("duration_ms") for e in out} == {
+        "evt-00000000": None, "evt-00000001": 1234.567891}
+    assert all("attributes" not in e for e in out)  # the mark is not kept as an attribute
 
 
 async def test_logs_a_backend_does_not_implement_are_counted_and_the_spans_delivered(tmp_path):

@@ -20,6 +20,10 @@ under their own names. So the `otlp` receiver turns either back into the same
 event. Messages (`gen_ai.input.messages` / `gen_ai.output.messages`) are JSON
 strings in the conventions' `{role, parts: [{type, content}]}` form.
 
+A span lasts the event's `duration_ms`; that of an event without one ends where it
+starts and carries `meterline.duration_unknown: true`, so that neither a trace backend's
+reader nor the `otlp` receiver takes it for a call of 0 ms.
+
 A span's ids are the event's (`trace_id` and `parent_span_id` come from the
 client's `traceparent`, so the span joins the application's trace); an event
 without them gets ids derived from its `event_id`, so a resent batch produces the
@@ -61,6 +65,7 @@ from meterline.event import FIELDS, Event
 from meterline.genai import (
     ATTRIBUTES,
     DURATION_BUCKETS,
+    DURATION_UNKNOWN,
     INFERENCE_EVENT,
     MESSAGE_FIELDS,
     PARAM_ATTRIBUTES,
@@ -215,6 +220,8 @@ def add_span(spans: Any, event: Event) -> None:
         span.status.code = Status.STATUS_CODE_ERROR
         span.status.message = event.error_message or ""
     add_attributes(span.attributes, event)
+    if event.duration_ms is None:  # else the receiver would read a call of 0 ms
+        span.attributes.add(key=DURATION_UNKNOWN).value.bool_value = True
 
 
 def to_traces_request(events: Iterable[Event], resource: Mapping[str, Any] | None = None

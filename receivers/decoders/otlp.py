@@ -52,6 +52,7 @@ from meterline import bounds, otlpjson
 from meterline.event import FIELDS, Event, from_dict, uuid7
 from meterline.genai import (
     ATTRIBUTES,
+    DURATION_UNKNOWN,
     ERROR_TYPES,
     INFERENCE_EVENT,
     MESSAGE_FIELDS,
@@ -168,12 +169,14 @@ def _is_model_call(attrs: dict[str, Any]) -> bool:
 def _span_event(span: Any, attrs: dict[str, Any], service: str | None) -> Event:
     if not span.start_time_unix_nano:
         raise DecodeError("no start time")
+    timed = attrs.pop(DURATION_UNKNOWN, None) is not True
     fields = _fields(attrs, service)
     trace_id, span_id = span.trace_id.hex() or None, span.span_id.hex() or None
     fields.update(trace_id=trace_id, span_id=span_id,
                   parent_span_id=span.parent_span_id.hex() or None,
                   timestamp=span.start_time_unix_nano)
-    if "duration_ms" not in fields and span.end_time_unix_nano >= span.start_time_unix_nano:
+    if "duration_ms" not in fields and timed and \
+            span.end_time_unix_nano >= span.start_time_unix_nano:
         fields["duration_ms"] = (span.end_time_unix_nano - span.start_time_unix_nano) / 1e6
     if span.status.code == Status.STATUS_CODE_ERROR:
         fields.setdefault("error_type", error_type_for_status(fields.get("status_code"))
