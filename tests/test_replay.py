@@ -16,7 +16,7 @@ import pytest
 from meterline import cli
 from meterline.component import ExportBatch, Exporter, PermanentError
 from meterline.delivery import ExporterConfig, ExporterRunner, QueueConfig, open_queue
-from meterline.event import Event
+from meterline.event import Event, to_jsonl
 from meterline.queue import Batch
 from tests.deploy_files import load_pipeline
 from tests.helpers import (
@@ -25,6 +25,7 @@ from tests.helpers import (
     eventually,
     free_port,
     make_context,
+    make_event,
     pipeline,
     read_jsonl,
 )
@@ -103,6 +104,15 @@ def test_since_and_until_keep_the_events_of_their_window(tmp_path):
     replayed = read_jsonl(tmp_path / "out.jsonl")
     assert sorted(e["event_id"] for e in replayed) == [
         f"evt-{i:08d}" for i in range(30) if i % 3 == 1]
+
+
+def test_an_archived_event_replays_as_the_file_exporter_wrote_it(tmp_path):
+    """sample_weight's default (1.0) fills its column in every row of the archive: read
+    back it is the default again, absent from the event's JSON as it was."""
+    events = [make_event(0), make_event(1, sample_weight=4.0)]
+    archive = _archive(tmp_path / "archive", events)
+    assert cli.main(["replay", str(archive), "-c", str(_into_file(tmp_path))]) == 0
+    assert (tmp_path / "out.jsonl").read_bytes() == to_jsonl(events)
 
 
 class _Refusing(Exporter):

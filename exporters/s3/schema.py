@@ -91,6 +91,11 @@ def _field(f: msgspec.inspect.Field) -> pa.Field:
 SCHEMA: Final = pa.schema(
     [pa.field("schema_version", pa.int16(), False), *map(_field, _events.fields)],
     metadata={"meterline.schema_version": str(SCHEMA_VERSION)})
+# Fields whose default is a value (`sample_weight`: 1.0), in every row of their column.
+# msgspec leaves a default out of the JSON form only when it is the default object itself,
+# so a value equal to it is read back as absent: the event takes the default, as it had.
+_DEFAULTS: Final = {f.name: f.default for f in _events.fields
+                    if f.default not in (msgspec.NODEFAULT, None)}
 _STRUCT_LISTS = frozenset(f.name for f in SCHEMA if pa.types.is_list(f.type)
                           and pa.types.is_struct(f.type.value_type))
 _MAPS = frozenset(f.name for f in SCHEMA if pa.types.is_map(f.type))
@@ -133,6 +138,8 @@ def from_table(table: pa.Table) -> list[Event]:
             values = [None if v is None else msgspec.json.decode(v) for v in values]
         elif name in _MAPS:
             values = [None if v is None else dict(v) for v in values]
+        elif name in _DEFAULTS:
+            values = [None if v == _DEFAULTS[name] else v for v in values]
         columns[name] = values
     rows = [{k: v[i] for k, v in columns.items() if v[i] is not None}
             for i in range(table.num_rows)]
