@@ -102,6 +102,26 @@ def test_a_file_of_no_format_or_malformed_is_refused_naming_the_file_the_line_an
         read_file(path)
 
 
+OPENAI = ("--format openai expects an OpenAI costs page (JSON with object 'page' and data[] "
+          "of buckets)")
+
+
+@pytest.mark.parametrize(("fmt", "content", "expected"), [
+    ("openai", '{"object": "page", "data": [\n  {"start_time": 1762128000, "results": [}\n]}',
+     f"line 2: not valid JSON (Expecting value); {OPENAI}"),
+    ("openai", "just some text", f"line 1: not valid JSON (Expecting value); {OPENAI}"),
+    ("azure", "just some text", "line 1: expected a CSV header naming the columns; --format "
+     "azure expects an Azure cost export (CSV with MeterCategory and CostInBillingCurrency)"),
+])
+def test_a_bad_file_of_the_format_named_is_refused_with_that_formats_expectation_only(
+        tmp_path, fmt, content, expected):
+    path = tmp_path / "bad.json"
+    path.write_text(content)
+    with pytest.raises(BillingError) as refused:
+        read_file(path, fmt)
+    assert str(refused.value) == f"{path}: {expected}"
+
+
 @pytest.fixture
 async def client(tmp_path):
     async with clickhouse_exporters(tmp_path) as make:

@@ -40,12 +40,26 @@ from meterline.extensions.finops.billing.lines import (
     words_to_model,
 )
 
-FORMATS = ("openai", "anthropic", "aws-cur", "gcp", "azure")
-_EXPECTED = ("an OpenAI costs page (JSON with object 'page' and data[] of buckets), an "
-             "Anthropic cost report page (JSON with data[] of buckets with starting_at), an "
-             "AWS CUR 2.0 file (CSV or Parquet with line_item_product_code), a Google Cloud "
-             "billing export (CSV or JSON rows with service.description, sku.description, "
-             "cost) or an Azure cost export (CSV with MeterCategory and CostInBillingCurrency)")
+_SHAPES = {  # what a file of each format is, for the errors
+    "openai": "an OpenAI costs page (JSON with object 'page' and data[] of buckets)",
+    "anthropic": "an Anthropic cost report page (JSON with data[] of buckets with starting_at)",
+    "aws-cur": "an AWS CUR 2.0 file (CSV or Parquet with line_item_product_code)",
+    "gcp": "a Google Cloud billing export (CSV or JSON rows with service.description, "
+           "sku.description, cost)",
+    "azure": "an Azure cost export (CSV with MeterCategory and CostInBillingCurrency)",
+}
+FORMATS = tuple(_SHAPES)
+_PAGES = ("openai", "anthropic")  # JSON pages of a cost API; the others are rows of an export
+
+
+def _expected(fmt: str) -> str:
+    """What the file should have been: the format named, or when detecting, any of them
+    (one named with --format is the user's word: the others would only mislead)."""
+    if fmt != "auto":
+        return f"--format {fmt} expects {_SHAPES[fmt]}"
+    *others, last = _SHAPES.values()
+    return f"expected {', '.join(others)} or {last}"
+
 
 Row = tuple[str, dict[str, Any]]  # (where: "line 3", "row 2", "data[0]"), fields by _key
 
@@ -67,18 +81,18 @@ def read_file(path: Path, fmt: str = "auto") -> tuple[str, list[BillingLine]]:
     source = str(path)
     if data[:4] == b"PAR1":
         return parse_rows(_parquet(path, data), fmt, source)
-    text = _text(data, source)
-    if text.lstrip()[:1] in ("{", "["):
+    text = _text(data, fmt, source)
+    if fmt in _PAGES or text.lstrip()[:1] in ("{", "["):  # (pages are JSON, however it looks)
         return parse_json(text, fmt, source)
-    return parse_rows(_csv(text, source), fmt, source)
+    return parse_rows(_csv(text, fmt, source), fmt, source)
 
 
-def _text(data: bytes, source: str) -> str:
+def _text(data: bytes, fmt: str, source: str) -> str:
     try:
         return data.decode("utf-8-sig")  # Azure exports start with a byte order mark
     except UnicodeDecodeError as e:
         line = data[:e.start].count(b"\n") + 1
-        raise BillingError(f"{source}: line {line}: not UTF-8 text; expected {_EXPECTED}") \
+        raise BillingError(f"{source}: line {line}: not UTF-8 text; {_expected(fmt)}") \
             from None
 
 
@@ -100,13 +114,13 @@ def _flat(value: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _csv(text: str, source: str) -> list[Row]:
+def _csv(text: str, fmt: str, source: str) -> list[Row]:
     reader = csv.reader(io.StringIO(text))
     try:
         header = next(reader, None)
         if not header or len(header) < 2:
             raise BillingError(f"{source}: line 1: expected a CSV header naming the columns; "
-                               f"expected {_EXPECTED}")
+                               f"{_expected(fmt)}")
         names = [_key(h) for h in header]
         rows: list[Row] = []
         start = reader.line_num + 1
@@ -146,7 +160,7 @@ def parse_json(text: str, fmt: str, source: str) -> tuple[str, list[BillingLine]
     except json.JSONDecodeError as e:
         if e.msg != "Extra data":
             raise BillingError(f"{source}: line {e.lineno}: not valid JSON ({e.msg}); "
-                               f"expected {_EXPECTED}") from None
+                               f"{_expected(fmt)}") from None
         documents = []
         for n, line in enumerate(text.splitlines(), 1):
             if line.strip():
@@ -163,8 +177,8 @@ def parse_json(text: str, fmt: str, source: str) -> tuple[str, list[BillingLine]
     for where, d in documents:
         if not isinstance(d, dict):
             raise BillingError(f"{source}: {where or 'the document'}: expected a JSON object "
-                               f"(a page or an export row), got {type(d).__name__}; expected "
-                               f"{_EXPECTED}")
+                               f"(a page or an export row), got {type(d).__name__}; "
+                               f"{_expected(fmt)}")
         rows.append((where or "the document", _flat(d)))
     return parse_rows(rows, fmt, source)
 
@@ -175,7 +189,7 @@ def parse_pages(pages: list[tuple[str, Any]], fmt: str, source: str,
     """OpenAI or Anthropic cost pages (`where` names each: "line 2", "page 1")."""
     if fmt == "auto":
         fmt = _page_format(pages, source)
-    if fmt not in ("openai", "anthropic"):
+    if fmt not in _PAGES:
         raise BillingError(f"{source}: JSON pages of a cost API, but --format {fmt} expects "
                            f"{'CSV or Parquet' if fmt == 'aws-cur' else 'rows'} of its export")
     parse = _openai_bucket if fmt == "openai" else _anthropic_bucket
@@ -204,7 +218,7 @@ def _page_format(pages: list[tuple[str, Any]], source: str) -> str:
     if all(page.get("object") == "page" for _, page in pages):
         return "openai"
     raise BillingError(f"{source}: JSON with data[], but no bucket has start_time (OpenAI) or "
-                       f"starting_at (Anthropic); expected {_EXPECTED}")
+                       f"starting_at (Anthropic); {_expected('auto')}")
 
 
 _MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
@@ -260,12 +274,12 @@ def _anthropic_bucket(bucket: dict[str, Any], at: str, source: str,
 # --- exports as rows: AWS CUR, Google Cloud, Azure -----------------------------------------
 def parse_rows(rows: list[Row], fmt: str, source: str) -> tuple[str, list[BillingLine]]:
     if not rows:
-        raise BillingError(f"{source}: no rows; expected {_EXPECTED}")
+        raise BillingError(f"{source}: no rows; {_expected(fmt)}")
     columns = set(rows[0][1])
     if fmt == "auto":  # (the columns: a CSV's header, line 1)
         fmt = _row_format(columns, "line 1" if rows[0][0].startswith("line") else rows[0][0],
                           source)
-    if fmt in ("openai", "anthropic"):
+    if fmt in _PAGES:
         raise BillingError(f"{source}: {rows[0][0]}: rows of an export, but --format {fmt} "
                            "expects the JSON pages of its cost API")
     parse = _ROWS[fmt]
@@ -284,7 +298,7 @@ def _row_format(columns: set[str], where: str, source: str) -> str:
         return "azure"
     shown = ", ".join(sorted(columns)[:8])
     raise BillingError(f"{source}: {where}: columns {shown}... are none of the formats; "
-                       f"expected {_EXPECTED}")
+                       f"{_expected('auto')}")
 
 
 class _Fields:
