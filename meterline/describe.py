@@ -519,8 +519,14 @@ def add(subparsers: Any) -> None:
 
 
 def command(args: argparse.Namespace, out: Callable[[str], None] = print) -> int:
-    if args.markdown:
-        written = write_markdown(Path(args.markdown))
+    if args.markdown:  # (made if missing, as a docs generator's output directory is)
+        try:
+            written = write_markdown(Path(args.markdown))
+        except OSError as error:
+            why = "not a directory" if isinstance(error, FileExistsError) else error.strerror
+            print(f"meterline components --markdown: {error.filename or args.markdown}: {why}",
+                  file=sys.stderr)
+            return 1
         out(f"wrote {len(written)} pages into {args.markdown}")
         return 0
     kind = (args.type or "").removesuffix("s")

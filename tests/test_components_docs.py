@@ -53,6 +53,13 @@ def test_markdown_writes_the_pages_and_removes_generated_pages_of_nothing(tmp_pa
     assert describe.stale(tmp_path) == []
 
 
+def test_markdown_into_a_file_is_refused_naming_it(tmp_path, capsys):
+    (tmp_path / "pages").write_text("a file\n")
+    assert cli.main(["components", "--markdown", str(tmp_path / "pages")]) == 1
+    assert capsys.readouterr().err == (f"meterline components --markdown: {tmp_path / 'pages'}: "
+                                       "not a directory\n")
+
+
 # --- `meterline components` ---------------------------------------------------------------
 
 def test_components_without_a_type_lists_every_registered_component(capsys):
