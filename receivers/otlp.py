@@ -12,6 +12,14 @@ back as rejected, so an application may send all its spans here. A call whose
 attributes are malformed is rejected and reported in the OTLP partial-success
 answer with the reason.
 
+Protobuf refuses a whole request when one string in it is not UTF-8. Such a request
+is parsed again item by item (`receivers/decoders/otlp_wire.py`): a span or log record
+that does not parse is rejected alone in the partial-success answer, named by its
+place (`resource_spans[0].scope_spans[1].spans[3]: String field had bad UTF-8`; never
+its bytes), and so are all the items of a resource or scope that does not parse;
+the others are taken. Bytes that are not protobuf (cut short, a length past the end)
+still refuse the whole request (gRPC `INVALID_ARGUMENT`, HTTP 400), saying where.
+
 An application may send both the span of a call and its
 `gen_ai.client.inference.operation.details` log record (they carry the same
 event id). So that the call counts once, the receiver remembers the ids of the
@@ -35,7 +43,6 @@ import grpc
 from aiohttp import web
 from google.protobuf.duration_pb2 import Duration as ProtoDuration
 from google.protobuf.json_format import MessageToJson
-from google.protobuf.message import DecodeError as ProtobufDecodeError
 from google.protobuf.message import Message
 from google.rpc import code_pb2
 from google.rpc.error_details_pb2 import RetryInfo
@@ -57,6 +64,7 @@ from meterline.httpserver import (
 from meterline.processors.redact.engine import masked
 from meterline.receivers.decoders import DecodeError
 from meterline.receivers.decoders.otlp import OtlpDecoded, decode_logs, decode_spans, parse_json
+from meterline.receivers.decoders.otlp_wire import parse_request
 from meterline.recent import RecentIds
 from meterline.tls import ServerTlsConfig, read_pem
 from meterline.units import Listen
@@ -186,15 +194,17 @@ class OtlpReceiver(Receiver):
             await self.http_runner.cleanup()
 
     # --- the same for both transports ----------------------------------------------
-    async def _accept(self, request: Message, signal: _Signal) -> Message:
-        """Queue the calls a request carries; the partial-success answer to give."""
+    async def _accept(self, request: Message, unparsed: list[str], signal: _Signal) -> Message:
+        """Queue the calls a request carries; the partial-success answer to give, which
+        also counts the items that could not be parsed (`unparsed`: their reasons)."""
         decoded = signal.decode(request)
+        rejected = unparsed + decoded.rejected
         if decoded.skipped:
             self.consumer.refused(decoded.skipped, "not_llm_call")
-        if decoded.rejected:
-            self.consumer.refused(len(decoded.rejected), "undecodable")
-            self.log.info(f"{signal.name} rejected", count=len(decoded.rejected),
-                          first_reason=logs.bounded(masked(decoded.rejected[:1])[0]))
+        if rejected:
+            self.consumer.refused(len(rejected), "undecodable")
+            self.log.info(f"{signal.name} rejected", count=len(rejected),
+                          first_reason=logs.bounded(masked(rejected[:1])[0]))
         events, claimed = self.recent.claim(decoded.events)
         try:
             await refuse(self.consumer, events, self.log)
@@ -203,10 +213,11 @@ class OtlpReceiver(Receiver):
             raise
         if len(events) < len(decoded.events):
             self.consumer.refused(len(decoded.events) - len(events), "duplicate")
-        reasons = decoded.rejected[:_MAX_REASONS]
-        more = len(decoded.rejected) - len(reasons)
+        distinct = list(dict.fromkeys(rejected))  # the items of a bad resource share one
+        reasons = distinct[:_MAX_REASONS]
+        more = len(distinct) - len(reasons)
         message = "; ".join(reasons) + (f"; and {more} more" if more else "")
-        return signal.response(len(decoded.rejected), message)
+        return signal.response(len(rejected), message)
 
     # --- gRPC ----------------------------------------------------------------------
     def _grpc_service(self, signal: _Signal) -> grpc.GenericRpcHandler:
@@ -226,13 +237,13 @@ class OtlpReceiver(Receiver):
         if not self.auth.admits(metadata.get("authorization")):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, REFUSAL)
         try:
-            request = signal.request.FromString(body)
-        except (ProtobufDecodeError, RecursionError) as e:
+            request, unparsed = parse_request(body, signal.request)
+        except DecodeError as e:
             self.consumer.refused(1, "undecodable")
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"not a protobuf {signal.request.__name__}: {e}")
         try:
-            return await self._accept(request, signal)
+            return await self._accept(request, unparsed, signal)
         except Refused as e:
             code = (grpc.StatusCode.RESOURCE_EXHAUSTED if e.overloaded
                     else grpc.StatusCode.UNAVAILABLE)
@@ -259,13 +270,13 @@ class OtlpReceiver(Receiver):
         except BodyRefused as e:
             return _http_error(e.status, e.message, json_body)
         try:
-            message = (parse_json(body, signal.request) if json_body
-                       else signal.request.FromString(body))
-        except (DecodeError, ProtobufDecodeError, RecursionError) as e:
+            message, unparsed = ((parse_json(body, signal.request), []) if json_body
+                                 else parse_request(body, signal.request))
+        except DecodeError as e:
             self.consumer.refused(1, "undecodable")
             return _http_error(400, f"not an OTLP {signal.request.__name__}: {e}", json_body)
         try:
-            answer = await self._accept(message, signal)
+            answer = await self._accept(message, unparsed, signal)
         except Refused as e:
             return _http_error(e.status, str(e), json_body, e.headers)
         return _http_answer(200, answer, json_body)

@@ -2,7 +2,9 @@
 
 import asyncio
 import contextlib
+import dataclasses
 import gzip
+from typing import Any
 
 import aiohttp
 import grpc
@@ -15,7 +17,9 @@ from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
     OTLPSpanExporter as HttpSpanExporter,
 )
+from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceResponse
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2_grpc import LogsServiceStub
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2_grpc import TraceServiceStub
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
@@ -313,3 +317,103 @@ async def test_otlp_json_nested_too_deeply_is_a_400(tmp_path):
         status, body, _ = await post_raw(f"http://127.0.0.1:{ports.http}/v1/traces", deep,
                                          headers={"Content-Type": "application/json"})
     assert status == 400 and "not an OTLP ExportTraceServiceRequest" in str(body)
+
+
+# --- an item protobuf refuses (a string that is not UTF-8) is refused alone -------------
+BAD_UTF8 = "String field had bad UTF-8"
+
+
+@dataclasses.dataclass
+class Signal:
+    """What tells traces and logs apart, for the tests below."""
+
+    name: str  # as in /v1/traces
+    service: str
+    request: Any  # events -> its Export*ServiceRequest
+    levels: tuple[str, str, str]  # resource_spans, scope_spans, spans
+    response: Any
+    rejected: str  # the partial-success answer's count
+
+    def items(self, request):
+        resources, scopes, items = self.levels
+        return getattr(getattr(getattr(request, resources)[0], scopes)[0], items)
+
+
+TRACES = Signal("traces", "opentelemetry.proto.collector.trace.v1.TraceService",
+                to_traces_request, ("resource_spans", "scope_spans", "spans"),
+                ExportTraceServiceResponse, "rejected_spans")
+LOGS = Signal("logs", "opentelemetry.proto.collector.logs.v1.LogsService",
+              to_logs_request, ("resource_logs", "scope_logs", "log_records"),
+              ExportLogsServiceResponse, "rejected_log_records")
+
+
+def with_invalid_utf8(request, *attributes):
+    """`request`'s bytes with an attribute whose string is not UTF-8 added to each of
+    `attributes` (the attributes of a span, a log record or a resource of it)."""
+    for pairs in attributes:
+        pairs.add(key="note").value.string_value = "utf-8?"
+    return request.SerializeToString().replace(b"utf-8?", b"utf-8\xff")
+
+
+def three_calls_the_second_bad(signal=TRACES):
+    request = signal.request([make_event(1), make_event(2), make_event(3)])
+    return with_invalid_utf8(request, signal.items(request)[1].attributes)
+
+
+async def grpc_export(ports, body, signal=TRACES):
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{ports.grpc}") as channel:
+        return await channel.unary_unary(
+            f"/{signal.service}/Export", response_deserializer=signal.response.FromString)(body)
+
+
+async def http_export(ports, body, signal):
+    async with aiohttp.ClientSession() as session, \
+            session.post(f"http://127.0.0.1:{ports.http}/v1/{signal.name}", data=body,
+                         headers={"Content-Type": "application/x-protobuf"}) as response:
+        assert response.status == 200
+        return signal.response.FromString(await response.read())
+
+
+@pytest.mark.parametrize("signal", [TRACES, LOGS], ids=lambda s: s.name)
+@pytest.mark.parametrize("export", [grpc_export, http_export], ids=["grpc", "http"])
+async def test_a_call_that_is_not_utf8_is_rejected_alone(tmp_path, export, signal):
+    ports = Ports()
+    async with running_receiver(ports, tmp_path):
+        answer = await export(ports, three_calls_the_second_bad(signal), signal)
+        assert getattr(answer.partial_success, signal.rejected) == 1
+        resources, scopes, items = signal.levels
+        assert answer.partial_success.error_message == (
+            f"{resources}[0].{scopes}[0].{items}[1]: {BAD_UTF8}")
+        got = await received(tmp_path, 2)
+    assert [e["event_id"] for e in got] == ["evt-00000001", "evt-00000003"]
+
+
+async def test_a_resource_that_is_not_utf8_has_its_spans_rejected_and_the_others_taken(tmp_path):
+    ports = Ports()
+    request = to_traces_request([make_event(1), make_event(2)], resource={"service.name": "a"})
+    request.resource_spans.extend(
+        to_traces_request([make_event(3)], resource={"service.name": "b"}).resource_spans)
+    body = with_invalid_utf8(request, request.resource_spans[0].resource.attributes)
+    async with running_receiver(ports, tmp_path):
+        answer = await grpc_export(ports, body)
+        assert answer.partial_success.rejected_spans == 2
+        assert answer.partial_success.error_message == f"resource_spans[0].resource: {BAD_UTF8}"
+        [got] = await received(tmp_path, 1)
+    assert got["event_id"] == "evt-00000003"
+
+
+async def test_a_truncated_request_is_refused_whole_naming_where_it_ends(tmp_path):
+    ports = Ports()
+    body = three_calls_the_second_bad()[:-10]
+    where = "the request: field 1 at byte 0 runs past the end"
+    async with running_receiver(ports, tmp_path), \
+            grpc.aio.insecure_channel(f"127.0.0.1:{ports.grpc}") as channel, \
+            aiohttp.ClientSession() as session:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await channel.unary_unary(f"/{TRACES.service}/Export")(body)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert where in refused.value.details()
+        async with session.post(f"http://127.0.0.1:{ports.http}/v1/traces", data=body,
+                                headers={"Content-Type": "application/x-protobuf"}) as response:
+            assert response.status == 400
+            assert where in RpcStatus.FromString(await response.read()).message
