@@ -3,9 +3,11 @@
 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-from meterline.exporters.otlp.encode import to_traces_request
+from meterline.exporters.otlp.encode import to_logs_request, to_traces_request
 from meterline.receivers.decoders.otlp_wire import parse_request
+from meterline.receivers.kafka.messages import decode_records
 from tests.helpers import make_event
+from tests.test_event_bounds import kafka_records
 from tests.test_otlp_receiver import BAD_UTF8, with_invalid_utf8
 
 
@@ -28,4 +30,16 @@ def test_the_reason_never_quotes_the_string_that_is_not_utf8():
     body = request.SerializeToString().replace(b"com\x01", b"com\xff")
     _, [reason] = parse_request(body, ExportTraceServiceRequest)
     assert "jane.doe" not in reason and "acme" not in reason
+
+
+def test_a_kafka_otlp_message_with_a_record_that_is_not_utf8_is_a_dead_letter_naming_it():
+    """The message is a dead letter whole (replaying it once fixed duplicates nothing),
+    its reason the record's place."""
+    request = to_logs_request([make_event(1), make_event(2)])
+    record = request.resource_logs[0].scope_logs[0].log_records[1]
+    decoded = decode_records(kafka_records(with_invalid_utf8(request, record.attributes)),
+                             "otlp_proto")
+    assert decoded.events == []
+    [(_, reason)] = decoded.poison
+    assert reason == f"resource_logs[0].scope_logs[0].log_records[1]: {BAD_UTF8}"
 

@@ -11,6 +11,9 @@ letters. `otlp_proto` and `otlp_json` take OTLP `ExportLogsServiceRequest`s
 
 A message decodes whole or not at all: one with an item that fails is a dead
 letter as a whole, so replaying it once fixed never duplicates its other items.
+An `otlp_proto` message whose log record protobuf refuses (a string that is not
+UTF-8) is parsed record by record for the reason, which names the record's place
+(`resource_logs[0].scope_logs[0].log_records[2]: ...`), as the `otlp` receiver does.
 """
 
 from __future__ import annotations
@@ -21,13 +24,13 @@ from typing import Literal, TypeAlias
 
 import msgspec
 from aiokafka.structs import ConsumerRecord
-from google.protobuf.message import DecodeError as ProtobufDecodeError
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
 
 from meterline import bounds
 from meterline.event import Event, list_from_json
 from meterline.receivers.decoders import DecodeError, decode_body
 from meterline.receivers.decoders.otlp import decode_logs, parse_json
+from meterline.receivers.decoders.otlp_wire import parse_request
 
 Encoding = Literal["json", "otlp_proto", "otlp_json"]
 Record: TypeAlias = ConsumerRecord  # of bytes keys and values
@@ -86,9 +89,11 @@ def _otlp(request: ExportLogsServiceRequest) -> tuple[list[Event], int]:
 
 def _otlp_proto(value: bytes) -> tuple[list[Event], int]:
     try:
-        request = ExportLogsServiceRequest.FromString(value)
-    except ProtobufDecodeError as e:
+        request, unparsed = parse_request(value, ExportLogsServiceRequest)
+    except DecodeError as e:
         raise DecodeError(f"not an OTLP ExportLogsServiceRequest: {e}") from None
+    if unparsed:  # the message is a dead letter whole, with where its bad records are
+        raise DecodeError("; ".join(unparsed[:3]))
     return _otlp(request)
 
 
