@@ -13,8 +13,8 @@ The reasons carry protobuf's words, never the bytes: they may hold personal data
 
 Only the framing of those three levels is walked; bytes that break it (a truncated
 varint, a length past the end, a deprecated group: not protobuf, or cut short) refuse
-the whole request with `DecodeError`. The walk reads each level's field boundaries with
-protobuf's varint decoder and hands `memoryview` slices of the body to protobuf's parser
+the whole request with `DecodeError`. The walk reads each level's field boundaries (their
+varints) and hands `memoryview` slices of the body to protobuf's parser
 (no copy); a level that parses whole is not split further, so the cost stays linear in
 the body, and the fast path (a request that parses) is one `FromString` as before.
 """
@@ -24,7 +24,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TypeVar
 
-from google.protobuf.internal.decoder import _DecodeVarint
 from google.protobuf.message import DecodeError as ProtobufDecodeError
 from google.protobuf.message import Message
 
@@ -133,12 +132,14 @@ def _fields(view: memoryview, path: str) -> Iterator[tuple[int, int, int, int, i
 
 
 def _varint(view: memoryview, pos: int, path: str) -> tuple[int, int]:
-    try:
-        value, end = _DecodeVarint(view, pos)
-    except (IndexError, ProtobufDecodeError):
-        raise DecodeError(f"{path or 'the request'}: truncated or overlong varint at "
-                          f"byte {pos}") from None
-    return int(value), int(end)
+    """The base-128 varint at `pos` (10 bytes at most), and where it ends. Read here:
+    protobuf's own varint decoder is private to it."""
+    value = 0
+    for shift, at in enumerate(range(pos, min(pos + 10, len(view)))):
+        value |= (view[at] & 0x7F) << (7 * shift)
+        if view[at] < 0x80:
+            return value, at + 1
+    raise DecodeError(f"{path or 'the request'}: truncated or overlong varint at byte {pos}")
 
 
 def _child(path: str, name: str) -> str:
