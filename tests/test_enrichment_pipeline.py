@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import textwrap
 from pathlib import Path
 
@@ -113,3 +114,21 @@ async def test_configured_processors_attribute_hash_and_sample_content(tmp_path:
     error = by_id["err"]  # errors keep their content: the email is hashed, not stored
     content = error["input_messages"][0]["content"]
     assert content.startswith("mail <EMAIL:") and "bob@" not in content
+
+
+async def test_ids_holding_pii_leave_as_pseudonyms_shaped_as_ids(tmp_path: Path) -> None:
+    port = free_port()
+    otoroshi = json.loads((FIXTURES / "otoroshi-llm-usage-audit.json").read_text())
+    otoroshi["@id"] = "ops@acme-corp.com"  # becomes the event_id
+    spans = [{"event_id": f"span-{i}", "provider": "openai", "request_model": "gpt-4o",
+              "trace_id": "jane.doe@acme-corp.com"} for i in range(2)]
+    async with running(pipeline(port, DEFAULTS), tmp_path):
+        rows = await send_and_read(port, tmp_path, [otoroshi, *spans], 3)
+    assert "@acme-corp.com" not in json.dumps(rows)
+    oto = next(r for r in rows if r.get("source") == "otoroshi")
+    assert re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]{4}-8[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}",
+                        oto["event_id"])
+    traced = [r for r in rows if r["event_id"].startswith("span-")]
+    assert re.fullmatch(r"[0-9a-f]{32}", traced[0]["trace_id"])
+    assert traced[1]["trace_id"] == traced[0]["trace_id"]
+    assert traced[0]["redactions"] == {"email": 1}

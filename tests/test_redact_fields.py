@@ -4,6 +4,7 @@ field of the event is scanned; identifiers get stable pseudonyms, free text is m
 from __future__ import annotations
 
 import re
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -12,21 +13,26 @@ import pytest
 
 from meterline.config import convert
 from meterline.event import Event, Guardrail
+from meterline.exporters.otlp.encode import to_traces_request
 from meterline.processors.redact import (
-    EXCLUDED_FIELDS,
+    CORRELATION_KEYS,
     STRING_FIELDS,
     TEXT_FIELDS,
     RedactConfig,
     RedactProcessor,
 )
 from meterline.processors.redact.engine import DetectorSet
-from tests.helpers import make_context, make_event
+from tests.helpers import make_context, make_event, metric_value
 
 EMAIL = "jane.doe@acme-corp.com"
 OPENAI_KEY = "sk-proj-Ab12Cd34Ef56Gh78Ij90Kl12Mn34Op56Qr78St90Uv12Wx34"
 ANTHROPIC_KEY = "sk-ant-api03-" + "Zx9Yw8Vu7Ts6Rq5Po4Nm3Lk2Ji1Hg0Fe" * 3 + "-AbCdEfAA"
 AWS_KEY = "AKIAIOSFODNN7EXAMPLE"
 PSEUDONYM = re.compile(r"<EMAIL:[0-9a-f]{16}>")
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+SPAN_ID = "00f067aa0ba902b7"
+HEX32 = re.compile(r"[0-9a-f]{32}")
+HEX16 = re.compile(r"[0-9a-f]{16}")
 
 
 def redact(tmp_path: Path, events: list[Event], **config: Any) -> list[Event]:
@@ -163,7 +169,7 @@ def test_a_custom_detector_anchored_on_a_whole_value_matches_an_id(tmp_path: Pat
     assert e.team == "EMP-1"
 
 
-def test_every_string_field_but_the_correlation_keys_is_covered(tmp_path: Path) -> None:
+def test_every_string_field_is_covered(tmp_path: Path) -> None:
     """Read from the Event definition: a string field added later is covered too."""
     fields: dict[str, Any] = {}
     for f in msgspec.structs.fields(Event):
@@ -178,12 +184,10 @@ def test_every_string_field_but_the_correlation_keys_is_covered(tmp_path: Path) 
     e = redact(tmp_path, [Event(**fields)])[0]
     for name in STRING_FIELDS:
         value = msgspec.to_builtins(getattr(e, name))
-        if name in EXCLUDED_FIELDS:
-            assert EMAIL in str(value), name
-        else:
-            assert EMAIL not in str(value), f"{name} kept in clear: {value!r}"
+        assert EMAIL not in str(value), f"{name} kept in clear: {value!r}"
+        if name not in CORRELATION_KEYS:
             assert ("<EMAIL>" if name in TEXT_FIELDS else "<EMAIL:") in str(value), name
-    assert set(EXCLUDED_FIELDS) == {"event_id", "trace_id", "span_id", "parent_span_id"}
+    assert set(CORRELATION_KEYS) == {"event_id", "trace_id", "span_id", "parent_span_id"}
 
 
 def test_fields_listed_narrow_the_scan(tmp_path: Path) -> None:
@@ -256,3 +260,67 @@ def test_an_email_in_a_guardrail_rule_becomes_a_pseudonym(tmp_path: Path) -> Non
     assert e.guardrails is not None and EMAIL not in str(msgspec.to_builtins(e.guardrails))
     assert PSEUDONYM.fullmatch(e.guardrails[0].rule)
     assert e.guardrails[0].stage == "input" and e.redactions == {"email": 2}
+
+
+# --- the correlation keys: replaced whole, shaped as ids, when they hold a finding ----
+
+
+def test_an_email_trace_id_becomes_32_hex_the_same_for_every_event_of_the_trace(
+        tmp_path: Path) -> None:
+    first, second = redact(tmp_path, [make_event(1, trace_id=EMAIL),
+                                      make_event(2, trace_id=EMAIL)])
+    assert first.trace_id is not None and HEX32.fullmatch(first.trace_id)
+    assert second.trace_id == first.trace_id
+
+
+def test_an_api_key_event_id_becomes_a_uuid_the_same_on_a_retry(tmp_path: Path) -> None:
+    sent = redact(tmp_path, [make_event(event_id=OPENAI_KEY)])[0]
+    retried = redact(tmp_path, [make_event(event_id=OPENAI_KEY)])[0]
+    assert OPENAI_KEY not in sent.event_id and uuid.UUID(sent.event_id).version == 8
+    assert str(uuid.UUID(sent.event_id)) == sent.event_id  # lowercase, with its dashes
+    assert retried.event_id == sent.event_id
+
+
+def test_span_ids_with_a_finding_become_16_hex_and_keep_the_parent_link(
+        tmp_path: Path) -> None:
+    parent, child = redact(tmp_path, [make_event(1, span_id=EMAIL),
+                                      make_event(2, span_id=AWS_KEY, parent_span_id=EMAIL)])
+    assert parent.span_id is not None and HEX16.fullmatch(parent.span_id)
+    assert child.span_id is not None and HEX16.fullmatch(child.span_id)
+    assert child.parent_span_id == parent.span_id
+
+
+def test_ordinary_ids_are_untouched(tmp_path: Path) -> None:
+    ids = {"event_id": "0190f3a2-7c4e-7b1d-9a2f-3c5e8d1b6a40", "trace_id": TRACE_ID,
+           "span_id": SPAN_ID, "parent_span_id": "b7ad6b7169203331"}
+    e = one(tmp_path, **ids)
+    assert {name: getattr(e, name) for name in ids} == ids and e.redactions is None
+
+
+def test_a_replaced_id_is_counted_on_the_event_and_in_self_telemetry(tmp_path: Path) -> None:
+    context = make_context(tmp_path, "redact")
+    p = RedactProcessor(convert({}, RedactConfig), context)
+    e = p.process([make_event(trace_id=EMAIL, event_id=OPENAI_KEY)])[0]
+    assert e.redactions == {"email": 1, "openai_key": 1}
+    registry = context.telemetry.registry
+    assert metric_value(registry, "meterline_redact_redactions_total", detector="email") == 1
+
+
+def test_drop_on_an_id_replaces_it_as_the_id_cannot_be_dropped(tmp_path: Path) -> None:
+    e = redact(tmp_path, [make_event(trace_id=EMAIL)], detectors={"email": "drop"})[0]
+    assert e.trace_id is not None and HEX32.fullmatch(e.trace_id)
+
+
+def test_drop_event_on_an_id_drops_the_event(tmp_path: Path) -> None:
+    assert redact(tmp_path, [make_event(trace_id=EMAIL)], detectors={"email": "drop_event"}) == []
+
+
+def test_an_id_listed_in_fields_is_replaced_whole(tmp_path: Path) -> None:
+    e = redact(tmp_path, [make_event(trace_id=f"t-{EMAIL}")], fields=["trace_id"])[0]
+    assert e.trace_id is not None and HEX32.fullmatch(e.trace_id)
+
+
+def test_a_replaced_trace_id_is_the_exported_span_s_trace_id(tmp_path: Path) -> None:
+    e = one(tmp_path, trace_id=EMAIL, span_id=EMAIL)
+    span = to_traces_request([e]).resource_spans[0].scope_spans[0].spans[0]
+    assert (span.trace_id.hex(), span.span_id.hex()) == (e.trace_id, e.span_id)

@@ -2,18 +2,26 @@
 leaves the daemon ("never in clear, in any field").
 
 The detectors (see `detectors.py`) scan, by default, every field of `Event` that holds
-strings (read from its definition, so a field added later is covered) but the
-correlation keys `EXCLUDED_FIELDS`. Each scanned field is of one of two kinds:
+strings (read from its definition, so a field added later is covered). Each scanned
+field is of one of three kinds:
 
 - free text (`TEXT_FIELDS`: the messages, `error_message`, `finish_reasons`, `params`,
   `attributes`, every string inside them, nested in dicts and lists at any depth):
   a finding takes its detector's action;
-- an identifier or label (every other string field: `user_id`, `session_id`,
-  `api_key_id`, `api_key_name`, `team`, `organization`, `metadata` values, the model,
-  route and upstream names...): what FinOps groups by. There `mask` becomes `hash`
-  (`identifiers: hash`, the default), so an e-mail `user_id` becomes a stable
-  pseudonym (`<EMAIL:3f9a0c1d2b4e5f67>`) and users stay apart, rather than all merging
-  into one `<EMAIL>`.
+- an identifier or label (every other string field but the correlation keys below:
+  `user_id`, `session_id`, `api_key_id`, `api_key_name`, `team`, `organization`,
+  `metadata` values, the model, route and upstream names...): what FinOps groups by.
+  There `mask` becomes `hash` (`identifiers: hash`, the default), so an e-mail
+  `user_id` becomes a stable pseudonym (`<EMAIL:3f9a0c1d2b4e5f67>`) and users stay
+  apart, rather than all merging into one `<EMAIL>`;
+- a correlation key (`CORRELATION_KEYS`: `event_id`, `trace_id`, `span_id`,
+  `parent_span_id`): it must stay equal across events (a trace's events, a retried
+  event), but sources put any string there (an Otoroshi `@id`, a webhook's
+  `trace_id`). A finding replaces the whole value by a keyed pseudonym of the whole,
+  shaped as the id is (32 or 16 hex digits, a UUID), so every event carrying that id
+  gets the same one, sampling by trace stays whole and the OTLP exporter still sends
+  it as an id. `mask`, `hash` and `drop` all do that (the field cannot go);
+  `drop_event` drops the event. An id without findings is left as it is.
 
 The actions:
 
@@ -27,7 +35,8 @@ The actions:
 - `off`: the detector does not run.
 
 `fields`, a list, narrows the scan to the messages and the paths listed (the messages
-are always scanned); `exclude` leaves whole fields out of the default.
+are always scanned; a correlation key, as any other field, only if listed); `exclude`
+leaves whole fields out of the default, a correlation key too.
 
 `redactions` on the event counts findings by detector. What was found is never
 logged; the self-telemetry counts findings by detector and dropped events.
@@ -36,10 +45,10 @@ Strings that are base64 data URIs (`data:image/png;base64,...`) inside the messa
 
 A batch is scanned at once: the strings of all its events go through one pass of
 all the detectors (`engine.py`), and only the events with findings are visited again
-(`redactor.py`). The short string fields of an event (identifiers, `error_message`,
-`metadata` values, `finish_reasons`) go into that pass as one text per event, joined
-by a separator no detector matches across, so that covering them costs one join per
-event rather than a text per field.
+(`redactor.py`). The short string fields of an event (correlation keys, identifiers,
+`error_message`, `metadata` values, `finish_reasons`) go into that pass as one text
+per event, joined by a separator no detector matches across, so that covering them
+costs one join per event rather than a text per field.
 """
 
 from __future__ import annotations
@@ -106,22 +115,30 @@ _TYPES: Final = {f.name: f.type for f in msgspec.structs.fields(Event)}
 STRING_FIELDS: Final = tuple(name for name, tp in _TYPES.items() if _holds_strings(tp))
 """Every field of `Event` that can hold a string, in the order of its definition."""
 
-EXCLUDED_FIELDS: Final = {
-    "event_id": "the deduplication key of every exporter and of the client's retries",
-    "trace_id": "the OpenTelemetry trace the call belongs to; sampling is decided on it",
-    "span_id": "the OpenTelemetry span of the call",
-    "parent_span_id": "the OpenTelemetry span of the caller",
+
+def _uuid(digest: str) -> str:
+    """A UUID, as event ids are made (`uuid7`), of version 8: RFC 9562's for ids made
+    otherwise than by its own algorithms (here, a keyed hash)."""
+    h = f"{digest[:12]}8{digest[13:16]}{'89ab'[int(digest[16], 16) & 3]}{digest[17:32]}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+CORRELATION_KEYS: Final[dict[str, Callable[[str], str]]] = {
+    "event_id": _uuid,  # the deduplication key of every exporter and of the client's retries
+    "trace_id": lambda digest: digest[:32],  # the OpenTelemetry trace; sampled by it
+    "span_id": lambda digest: digest[:16],  # the OpenTelemetry span of the call
+    "parent_span_id": lambda digest: digest[:16],  # the span of the caller: a span_id too
 }
-"""String fields left alone by default, and why: correlation keys that must stay equal
-to what other systems hold (the client, the trace backend), machine-made (UUIDs, hex).
-`fields` may still name them."""
+"""Fields that must stay equal across events and to what other systems hold (the
+client, the trace backend): one with a finding is replaced whole by a pseudonym of the
+whole value, shaped by this function of its HMAC's hex digest as such ids are (32 and
+16 lowercase hex digits, which the OTLP exporter turns into bytes; a UUID)."""
 
 TEXT_FIELDS: Final = frozenset({"input_messages", "output_messages", "error_message",
                                 "finish_reasons", "params", "attributes"})
 """Free text: findings take their detector's action. Every other string field is an
 identifier or a label, where `mask` becomes a pseudonym (see `identifiers`)."""
 
-DEFAULT_FIELDS: Final = tuple(n for n in STRING_FIELDS if n not in EXCLUDED_FIELDS)
 _MESSAGES: Final = ("input_messages", "output_messages")
 
 KEYED_FIELDS: Final = ("metadata", "attributes", "params", *_MESSAGES)
@@ -160,7 +177,7 @@ class RedactConfig(Config):
     detectors: dict[str, str | bool] = msgspec.field(default_factory=dict)
     default_action: str = "mask"  # for built-in detectors not listed in `detectors`
     custom: list[CustomDetector] = msgspec.field(default_factory=list)  # your own regexes
-    # `all`: every string field but EXCLUDED_FIELDS; a list: the messages and those paths
+    # `all`: every string field, ids included; a list: the messages and those paths
     fields: list[FieldPath] | str = "all"
     exclude: list[FieldPath] = msgspec.field(default_factory=list)  # whole fields, from `all`
     identifiers: str = "hash"  # what `mask` does in identifiers and labels: hash or mask
@@ -205,7 +222,7 @@ class RedactConfig(Config):
         """The paths scanned, without repeats nor paths inside another listed whole."""
         if isinstance(self.fields, str):
             skipped = {p.key for p in self.exclude}
-            return [FieldPath(n) for n in DEFAULT_FIELDS if n not in skipped]
+            return [FieldPath(n) for n in STRING_FIELDS if n not in skipped]
         listed = [*map(FieldPath, _MESSAGES), *self.fields]
         wholes = {p.key for p in listed if p.kind == "field"}
         paths: list[FieldPath] = []
@@ -253,8 +270,8 @@ class RedactProcessor(Processor):
         identity = config.identifiers == "hash" and (
             any(n not in TEXT_FIELDS for n in flat) or any(not p.text for p in self._paths)
             or bool(self._keyed or self._structs))
-        needs_key = any(action == "hash" or (identity and action == "mask")
-                        for _, action in active)
+        needs_key = (bool(active) and any(n in CORRELATION_KEYS for n in flat)) or any(
+            action == "hash" or (identity and action == "mask") for _, action in active)
         key = (config.hash_key.encode() if config.hash_key is not None
                else _stored_key(context) if needs_key else b"")
         self.redactor = Redactor(active, key, pseudonyms=config.identifiers == "hash")
@@ -450,10 +467,10 @@ class RedactProcessor(Processor):
             offset = end + len(SEPARATOR)
             if not mine:
                 continue
-            identifier = name not in TEXT_FIELDS
+            shape = CORRELATION_KEYS.get(name)
             try:
-                new = redactor.replace(text, mine, counts, identifier=identifier,
-                                       required=name in EXCLUDED_FIELDS)
+                new = (redactor.pseudonym(text, mine, counts, shape) if shape else
+                       redactor.replace(text, mine, counts, identifier=name not in TEXT_FIELDS))
             except DropField:
                 if key is None or not isinstance(getattr(e, name), dict):
                     setattr(e, name, None)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
+from collections.abc import Callable
 from typing import Any
 
 from meterline.processors.redact.detectors import Detector
@@ -133,26 +134,43 @@ class Redactor:
         return value
 
     def replace(self, text: str, findings: list[Span], counts: dict[str, int], *,
-                identifier: bool = False, required: bool = False) -> str:
-        """`text` with `findings` replaced. A `required` field cannot be dropped: its
-        findings are masked instead."""
+                identifier: bool = False) -> str:
+        """`text` with `findings` replaced."""
         actions = self.id_actions if identifier else self.actions
         parts = []
         last = 0
         for start, end, index in findings:
-            name = self.names[index]
-            counts[name] = counts.get(name, 0) + 1
-            action = actions[index]
-            if action == "drop_event":
-                raise DropEvent
-            if action == "drop" and not required:
+            action = self._count(index, actions, counts)
+            if action == "drop":
                 raise DropField
             parts.append(text[last:start])
             if action == "hash":
-                digest = hmac.new(self.hash_key, text[start:end].encode(), hashlib.sha256)
-                parts.append(f"<{name.upper()}:{digest.hexdigest()[:16]}>")
+                parts.append(f"<{self.names[index].upper()}:{self._digest(text[start:end])[:16]}>")
             else:
                 parts.append(self.placeholders[index])
             last = end
         parts.append(text[last:])
         return "".join(parts)
+
+    def pseudonym(self, text: str, findings: list[Span], counts: dict[str, int],
+                  shape: Callable[[str], str]) -> str:
+        """`text`, a correlation key with `findings` (counted), replaced whole by a keyed
+        pseudonym of the whole, made into the id's form by `shape` from the hex digest:
+        every event carrying that id gets the same one (a trace stays one trace, a
+        retried event one event), and the OTLP exporter can still send it as an id, as
+        it could not a token in place of the finding. The field cannot be dropped."""
+        for _, _, index in findings:
+            self._count(index, self.actions, counts)
+        return shape(self._digest(text))
+
+    def _count(self, index: int, actions: list[str], counts: dict[str, int]) -> str:
+        """The action of detector `index`, its finding counted; `drop_event` raised."""
+        name = self.names[index]
+        counts[name] = counts.get(name, 0) + 1
+        action = actions[index]
+        if action == "drop_event":
+            raise DropEvent
+        return action
+
+    def _digest(self, text: str) -> str:
+        return hmac.new(self.hash_key, text.encode(), hashlib.sha256).hexdigest()
