@@ -297,6 +297,18 @@ def test_ordinary_ids_are_untouched(tmp_path: Path) -> None:
     assert {name: getattr(e, name) for name in ids} == ids and e.redactions is None
 
 
+def test_a_numeric_event_id_that_passes_the_card_checksum_is_kept(tmp_path: Path) -> None:
+    snowflake = "4904913942551986555"  # 19 digits, as Otoroshi's `@id`; a Visa-like prefix
+    e = one(tmp_path, event_id=snowflake)
+    assert e.event_id == snowflake and e.redactions is None
+
+
+def test_a_hex_trace_id_holding_a_card_like_run_of_digits_is_kept(tmp_path: Path) -> None:
+    trace_id = "ab4111111111111111cdef0123456789"
+    e = one(tmp_path, trace_id=trace_id, span_id="4111111111111111")
+    assert (e.trace_id, e.span_id) == (trace_id, "4111111111111111") and e.redactions is None
+
+
 def test_a_replaced_id_is_counted_on_the_event_and_in_self_telemetry(tmp_path: Path) -> None:
     context = make_context(tmp_path, "redact")
     p = RedactProcessor(convert({}, RedactConfig), context)

@@ -17,7 +17,8 @@ field is of one of three kinds:
 - a correlation key (`CORRELATION_KEYS`: `event_id`, `trace_id`, `span_id`,
   `parent_span_id`): it must stay equal across events (a trace's events, a retried
   event), but sources put any string there (an Otoroshi `@id`, a webhook's
-  `trace_id`). A finding replaces the whole value by a keyed pseudonym of the whole,
+  `trace_id`). A finding (but one of a run of digits, `detectors.DIGIT_RUNS`: in an id, a
+  card-like number is the id's own) replaces the whole value by a keyed pseudonym of the whole,
   shaped as the id is (32 or 16 hex digits, a UUID), so every event carrying that id
   gets the same one, sampling by trace stays whole and the OTLP exporter still sends
   it as an id. `mask`, `hash` and `drop` all do that (the field cannot go);
@@ -68,7 +69,7 @@ import msgspec
 from meterline.component import Config, Context, Factory, Processor
 from meterline.event import Event
 from meterline.fieldpath import FieldPath
-from meterline.processors.redact.detectors import BUILTIN, NAMES, Detector
+from meterline.processors.redact.detectors import BUILTIN, DIGIT_RUNS, NAMES, Detector
 from meterline.processors.redact.engine import SEPARATOR, Span
 from meterline.processors.redact.redactor import (
     MESSAGE_KEYS,
@@ -275,6 +276,9 @@ class RedactProcessor(Processor):
         key = (config.hash_key.encode() if config.hash_key is not None
                else _stored_key(context) if needs_key else b"")
         self.redactor = Redactor(active, key, pseudonyms=config.identifiers == "hash")
+        # (a run of digits in a correlation key is the id's: see `detectors.DIGIT_RUNS`)
+        self._id_digits = frozenset(i for i, name in enumerate(self.redactor.names)
+                                    if name in DIGIT_RUNS)
         self.fields = [p.path for p in self._paths]  # the paths scanned string by string
         self.flat_fields = flat  # the fields scanned as one text per event
         self.id = context.id
@@ -468,6 +472,8 @@ class RedactProcessor(Processor):
             if not mine:
                 continue
             shape = CORRELATION_KEYS.get(name)
+            if shape and not (mine := [f for f in mine if f[2] not in self._id_digits]):
+                continue
             try:
                 new = (redactor.pseudonym(text, mine, counts, shape) if shape else
                        redactor.replace(text, mine, counts, identifier=name not in TEXT_FIELDS))
