@@ -20,6 +20,10 @@ import yaml
 Path_ = tuple[str | int, ...]
 
 _MAX_VALUES = 100_000  # a config has hundreds; aliases must not expand to billions
+# PyYAML's scanner checks every open `[` and `{` at each token: flows nested n deep cost
+# n^2 (5,000 took a second, and a loaded machine 4). A config nests a few.
+_MAX_FLOW_DEPTH = 100
+_FLOW = re.compile(r"[\[\]{}]")
 _ENV = re.compile(r"\$\$|\$\{env:([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 ENV_REFERENCE = _ENV
 """`${env:NAME}` (group 1: NAME, group 2: the default) or `$$` (no group): for readers of the
@@ -64,6 +68,9 @@ def load_file(file: str, environ: Mapping[str, str] | None = None) -> Source:
 def load_text(text: str, file: str = "<string>",
               environ: Mapping[str, str] | None = None) -> Source:
     env = os.environ if environ is None else environ
+    if _flow_depth(text) > _MAX_FLOW_DEPTH:
+        raise SourceError(file, None, f"invalid YAML: nested too deeply (more than "
+                                      f"{_MAX_FLOW_DEPTH} levels of [ and {{)")
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as e:
@@ -84,6 +91,18 @@ def load_text(text: str, file: str = "<string>",
         raise SourceError(file, node.start_mark.line + 1, "expected a mapping at the top level")
     source.data = data
     return source
+
+
+def _flow_depth(text: str) -> int:
+    """How deep `[` and `{` nest (brackets in strings and comments counted too: a bound,
+    not a parse), counted only when there are enough of them to matter."""
+    if text.count("[") + text.count("{") <= _MAX_FLOW_DEPTH:
+        return 0
+    depth = deepest = 0
+    for bracket in _FLOW.findall(text):
+        depth += 1 if bracket in "[{" else -1
+        deepest = max(deepest, depth)
+    return deepest
 
 
 class _Builder:

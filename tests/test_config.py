@@ -157,6 +157,12 @@ def test_yaml_syntax_error_names_the_line():
     assert p.startswith("pipeline.yaml:3: invalid YAML")
 
 
+def test_flows_nested_past_a_hundred_deep_are_refused_before_the_parser_sees_them():
+    # (PyYAML's scanner costs the square of the depth: 5,000 took seconds)
+    [p] = problems("service: " + "[" * 5000 + "]" * 5000)
+    assert p == "pipeline.yaml: invalid YAML: nested too deeply (more than 100 levels of [ and {)"
+
+
 def test_duplicate_key_is_an_error():
     [p] = problems(GOOD.replace("  file/archive: {}", "  file/archive: {}\n  file/archive: {}"))
     assert "duplicate key 'file/archive'" in p
