@@ -113,7 +113,11 @@ def field_events(n: int) -> list[Event]:
     eight resource and span `attributes`; one user in ten is an e-mail address, and one
     event in twenty an upstream's 401 echoing the key."""
     events = daemon_events(n)
+    rng = random.Random(2)
     for i, e in enumerate(events):
+        e.trace_id = f"{rng.getrandbits(128):032x}"
+        e.span_id, e.parent_span_id = f"{rng.getrandbits(64):016x}", f"{rng.getrandbits(64):016x}"
+        e.event_id = f"{e.trace_id}-{e.span_id}"
         e.user_id = f"user{i % 300}@example.org" if i % 10 == 0 else f"u-{i % 300}"
         e.session_id = f"sess-{i // 8:06d}"
         e.api_key_id, e.api_key_name = api_key_id(f"key-{i % 25}"), f"key-{i % 25}"
