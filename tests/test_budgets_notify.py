@@ -274,3 +274,16 @@ def test_a_small_budget_reads_as_its_amounts_not_as_zero():
                        "limit_usd": 1e-05, "period": "day", "scope": {}, "window_start": "S",
                        "window_end": "E", "action": "notify", "crossed_at": "C"})["text"]
     assert text == "Budget trial reached 100% of its limit: $0.000028 of $0.000010 this day"
+
+
+def test_a_member_from_traffic_cannot_mention_the_channel_or_link_in_slack():
+    member = "<!channel> & <https://x.example|raise it>"
+    body = slack_body({"budget": "per-user", "per": "user", "member": member,
+                       "threshold": 1.0, "spend_usd": 2.0, "limit_usd": 1.0, "period": "day",
+                       "scope": {"metadata.customer": "<!here>"}, "window_start": "S",
+                       "window_end": "E", "action": "notify", "crossed_at": "C"})
+    texts = [body["text"], body["blocks"][0]["text"]["text"],
+             body["blocks"][1]["elements"][0]["text"]]
+    assert all("<" not in t and ">" not in t for t in texts), texts
+    assert "&lt;!channel&gt; &amp; &lt;https://x.example|raise it&gt;" in body["text"]
+    assert "metadata.customer=&lt;!here&gt;" in texts[2]

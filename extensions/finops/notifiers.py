@@ -56,16 +56,24 @@ class NotifierConfig(ExporterConfig, kw_only=True):
 
 
 def slack_body(n: dict[str, Any]) -> dict[str, Any]:
-    """A Slack incoming-webhook message: `text` (the notification's fallback) and blocks."""
-    member = f" for {n['per']} {n['member']}" if n.get("member") else ""
+    """A Slack incoming-webhook message: `text` (the notification's fallback) and blocks.
+    A member and scope values come from traffic (a user id, a metadata value): Slack reads
+    `<!channel>` in them as a mention of everyone and `<https://...|text>` as a link, so
+    `&`, `<` and `>` are escaped as Slack asks."""
+    member = f" for {n['per']} {_slack_text(n['member'])}" if n.get("member") else ""
     text = (f"Budget {n['budget']}{member} reached {n['threshold']:.0%} of its limit: "
             f"{usd(n['spend_usd'])} of {usd(n['limit_usd'])} this {n['period']}")
-    scope = ", ".join(f"{k}={v}" for k, v in n["scope"].items()) or "all spend"
+    scope = ", ".join(f"{k}={_slack_text(str(v))}" for k, v in n["scope"].items()) \
+        or "all spend"
     details = (f"scope: {scope} · window {n['window_start']} to {n['window_end']} · "
                f"action: {n['action']} · crossed at {n['crossed_at']}")
     return {"text": text, "blocks": [
         {"type": "section", "text": {"type": "mrkdwn", "text": f":warning: *{text}*"}},
         {"type": "context", "elements": [{"type": "mrkdwn", "text": details}]}]}
+
+
+def _slack_text(value: str) -> str:
+    return value.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
 def json_body(n: dict[str, Any]) -> dict[str, Any]:
