@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import json
 import textwrap
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from meterline.component import ExportBatch
 from meterline.config import ConfigError, loads
+from meterline.event import Event
 from meterline.exporters.clickhouse.query import Window, dimension
 from meterline.extensions.finops import analytics, finops
 from meterline.extensions.finops.cli import render
@@ -211,6 +212,28 @@ def test_a_gateway_option_naming_a_missing_or_other_receiver_is_refused(named, w
 def test_growth_by_agent_is_the_cost_of_its_model_calls(reader):
     answer = finops.growth(reader, WINDOW, "agent")
     assert rows(answer, "agent")["planner"]["cost_usd"] == 1.75
+
+
+async def test_growth_by_agent_takes_a_calls_agent_from_its_trace_within_its_own_period(
+        tmp_path):
+    """A run's `invoke_agent` event in the previous period, its model call (naming no agent)
+    in this one: in this period the call is of no agent, as the `runs` report says (found by
+    tests/test_finops_reference.py)."""
+    since = datetime(2025, 3, 2, tzinfo=UTC)
+    window = Window(since, since + timedelta(hours=1))
+    at = int(since.timestamp())
+    events = [Event(event_id="agent", timestamp=(at - 600) * 10**9, trace_id="t",
+                    operation="invoke_agent", agent_name="planner"),
+              Event(event_id="call", timestamp=(at + 600) * 10**9, trace_id="t",
+                    operation="chat", provider="openai", request_model="gpt-4o", cost_usd=1.0)]
+    async with clickhouse_exporters(tmp_path) as make:
+        exporter = await make("minimal")
+        await exporter.export(ExportBatch("minimal", events))
+        growth = finops.growth(exporter.reader, window, "agent")
+        runs = finops.spend(exporter.reader, window, "agent")
+    assert [(r["agent"], r["cost_usd"]) for r in runs["rows"]] == [(None, 1)]
+    assert [(r["agent"], r["cost_usd"], r["previous_cost_usd"]) for r in growth["rows"]] == [
+        (None, 1, 0)]
 
 
 def test_growth_cannot_be_by_tool(reader):
