@@ -81,8 +81,11 @@ KEYS: dict[str, Callable[[Event], Any]] = {
     "api_key": lambda e: e.api_key_id,
     "user": lambda e: e.user_id,
     "status": lambda e: e.status_code,
-    "day": lambda e: datetime.fromtimestamp(e.timestamp / 1e9, UTC).strftime("%Y-%m-%d"),
+    "day": lambda e: datetime.fromtimestamp(e.timestamp // 10**9, UTC).strftime("%Y-%m-%d"),
+    "hour": lambda e: datetime.fromtimestamp(e.timestamp // 10**9, UTC).strftime(
+        "%Y-%m-%dT%H:00:00Z"),
     "metadata.customer": lambda e: (e.metadata or {}).get("customer"),
+    "metadata.env": lambda e: (e.metadata or {}).get("env"),
 }
 
 
@@ -107,6 +110,8 @@ def totals(events: Iterable[Event]) -> dict[str, float]:
         out["output_tokens"] += (e.output_tokens or 0) * w
         out["cost_usd"] += (e.cost_usd or 0) * w
         out["unpriced_requests"] += w if e.cost_usd is None else 0
+        out["cache_hits"] += w if e.cache_hit else 0
+        out["saved_cost_usd"] += (e.saved_cost_usd or 0) * w
         if e.actual_cost_usd is not None:
             out["actual_cost_usd"] += e.actual_cost_usd * w
             out["estimated_cost_of_actual_usd"] += (e.cost_usd or 0) * w
