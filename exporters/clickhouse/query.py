@@ -561,7 +561,9 @@ class Reader:
         covering it (with the figures `columns`, the query's expressions, read). For a
         dimension with a `trace` value, the rows get it as a column (computed over every
         row of the window, before the filters, so that a filter leaving out a run's agent
-        event does not leave its calls without agent)."""
+        event does not leave its calls without agent; with `cuts` inside the window, over
+        the rows of each part apart: growth's two periods are each their own `runs`
+        report)."""
         uses = [d for f in filters if isinstance(f, Condition) for d in f.uses]
         traced = list({d.name: d for d in (*by, *uses) if d.trace}.values())
         pushed = [] if traced else filters
@@ -582,11 +584,14 @@ class Reader:
         # rather than a window function over the rows, which would sort them all by trace
         # (measured: 400 ms for the 1.8 million rows of 30 days at 100 million events).
         model = ", model" if source == "raw" else ""  # (a materialized column: not in *)
-        every = f"(SELECT *{model} FROM {rows})"
+        inside = sorted({c for c in cuts if window.since < c < window.until})
+        part = "".join(f" + ({_time_column(source)} >= {_sql_time(c)})" for c in inside)
+        every = f"(SELECT *{model}{f', 0{part} AS _part' if inside else ''} FROM {rows})"
+        key = "trace_id, _part" if inside else "trace_id"
         values = ", ".join(d.traced_sql(source) for d in traced)
         matching = [f.sql(source) for f in filters]
-        return (f"(SELECT * FROM {every} AS _rows LEFT JOIN (SELECT trace_id, {values} FROM "
-                f"{every} WHERE trace_id != '' GROUP BY trace_id) AS _traces USING (trace_id))"
+        return (f"(SELECT * FROM {every} AS _rows LEFT JOIN (SELECT {key}, {values} FROM "
+                f"{every} WHERE trace_id != '' GROUP BY {key}) AS _traces USING ({key}))"
                 + (f" WHERE {' AND '.join(matching)}" if matching else ""))
 
     def _rolled_rows(self, window: Window, filters: list[Where], cuts: list[datetime],

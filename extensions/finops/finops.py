@@ -263,17 +263,12 @@ def growth(reader: Reader, window: Window, by: str = "model",
         raise ValueError(f"growth compares with the period of the same length before: "
                          f"{iso(previous.since)} is before {iso(EARLIEST)}, the earliest "
                          "time ClickHouse holds; ask for a later or shorter window")
-    if dim.trace:
-        rows = _growth_per_period(reader, window, previous, dim, top)
-    else:
-        rows = reader.select(
-            Window(previous.since, window.until), by=[dim], filters=_model_calls(by),
-            extra={**_key_extra(dim), "change_usd": "_cost_usd - _previous_cost_usd"},
-            within={"cost_usd": ("cost_usd", window),
-                    "previous_cost_usd": ("cost_usd", previous),
-                    "requests": ("requests", window),
-                    "previous_requests": ("requests", previous)},
-            order_by=["change_usd DESC", dim.name], limit=top)
+    rows = reader.select(
+        Window(previous.since, window.until), by=[dim], filters=_model_calls(by),
+        extra={**_key_extra(dim), "change_usd": "_cost_usd - _previous_cost_usd"},
+        within={"cost_usd": ("cost_usd", window), "previous_cost_usd": ("cost_usd", previous),
+                "requests": ("requests", window), "previous_requests": ("requests", previous)},
+        order_by=["change_usd DESC", dim.name], limit=top)
     return {
         "report": "growth", "by": by, **window.describe(),
         "previous": previous.describe(),
@@ -284,27 +279,6 @@ def growth(reader: Reader, window: Window, by: str = "model",
                   "requests": number(r["requests"]),
                   "previous_requests": number(r["previous_requests"])} for r in rows],
     }
-
-
-def _growth_per_period(reader: Reader, window: Window, previous: Window, dim: Dimension,
-                       top: int | None) -> list[dict[str, Any]]:
-    """Growth by agent or session, each period asked on its own: an event that names none
-    takes its trace's agent or session from the trace's events in its own period, as the
-    `runs` report of that period does. One query over both periods took it from the other
-    period's events too: a model call after the cut was the agent's whose `invoke_agent`
-    event came before it, and the period's cost was not its `runs` report's."""
-    now, before = ({r[dim.name]: r for r in reader.select(
-        period, by=[dim], filters=_model_calls(dim.name), figures=("cost_usd", "requests"))}
-        for period in (window, previous))
-    none = {"cost_usd": 0.0, "requests": 0.0}
-    rows = [{dim.name: key, "cost_usd": now.get(key, none)["cost_usd"],
-             "previous_cost_usd": before.get(key, none)["cost_usd"],
-             "requests": now.get(key, none)["requests"],
-             "previous_requests": before.get(key, none)["requests"]}
-            for key in now.keys() | before.keys()]
-    for row in rows:
-        row["change_usd"] = row["cost_usd"] - row["previous_cost_usd"]
-    return sorted(rows, key=lambda r: (-r["change_usd"], r[dim.name]))[:top]
 
 
 def variance(reader: Reader, window: Window, by: str = "provider",
