@@ -4,6 +4,13 @@ Never log the content of prompts or outputs: log counts, ids and reasons. Text t
 comes from elsewhere (an exporter's error, which may quote what a server was sent; a
 decoder's reason) goes through `bounded`, and an exporter's error through `scrub`
 against the batch it was about, so that neither can carry a prompt into the logs.
+
+Such text, and names from traffic (a model a client sent, a user id), may hold
+characters a terminal acts on: ESC and C1 sequences (colours, a cleared screen, OSC 8
+links), bidirectional overrides, line breaks. The console renderer writes a string
+without spaces or quotes as it is, so `_inert` hands it any string that is not all
+printable as an escaped, quoted form (`'gpt\\x9b2J'`); a traceback keeps its line
+breaks and has every other such character escaped. JSON lines escape them already.
 """
 
 from __future__ import annotations
@@ -15,25 +22,52 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 import structlog
-from structlog.typing import FilteringBoundLogger
+from structlog.typing import EventDict, FilteringBoundLogger, Processor
 
 
 def configure(level: str = "info", encoding: str = "console") -> None:
-    renderer = (structlog.processors.JSONRenderer() if encoding == "json"
-                else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty()))
+    last: list[Processor] = ([structlog.processors.JSONRenderer()] if encoding == "json"
+                             else [_inert, structlog.dev.ConsoleRenderer(
+                                 colors=sys.stderr.isatty())])
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
-            renderer,
+            *last,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[level.upper()]),
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),
         cache_logger_on_first_use=False,
     )
+
+
+class _Escaped:
+    """A string the console renderer writes by its `repr`, as it does any other value:
+    quoted, with every character that is not printable escaped."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __repr__(self) -> str:
+        return repr(self.text)
+
+    __str__ = __repr__  # the message column is written with `str`
+
+
+def _inert(_logger: object, _name: str, event_dict: EventDict) -> EventDict:
+    """Strings a terminal could act on made inert for the console (see the module's doc);
+    `isprintable` is one pass in C, so a plain line costs next to nothing."""
+    for key, value in event_dict.items():
+        if isinstance(value, str) and not value.isprintable():
+            event_dict[key] = (_Escaped(value) if key != "exception"
+                               else "\n".join(repr(line)[1:-1] if not line.isprintable()
+                                              else line for line in value.split("\n")))
+    return event_dict
 
 
 def get(**bound: object) -> FilteringBoundLogger:

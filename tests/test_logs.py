@@ -3,6 +3,7 @@ an item is refused and an exporter's error quotes what it was sent."""
 
 import json
 
+import structlog
 from aiohttp import web
 from google.rpc.status_pb2 import Status
 
@@ -90,3 +91,50 @@ def test_scrub_masks_a_quoted_run_wherever_it_starts_and_leaves_the_rest():
         assert text == "e" * offset + ": <content> :end"
     assert logs.scrub("nothing shared here at all", ["z" * 100_000]) == (
         "nothing shared here at all")
+
+
+async def test_console_logs_write_control_characters_from_traffic_escaped(daemon_factory, tmp_path):
+    """A model name a client sent reaches a console log line (the cost processor's unpriced
+    warning) without spaces, which the console renderer writes as it is: a C1 CSI (clear
+    the screen) or a bidirectional override would act on the operator's terminal."""
+    webhook = free_port()
+    daemon = daemon_factory(f"""
+    receivers:
+      webhook: {{listen: "127.0.0.1:{webhook}"}}
+    processors:
+      cost: {{}}
+    exporters:
+      file: {{path: "{{data}}/out.jsonl", batch: {{timeout: 10ms}}}}
+    service:
+      data_dir: {{data}}
+      admin: {{listen: "127.0.0.1:{{admin}}"}}
+      telemetry: {{logs: {{encoding: console}}}}
+      pipelines:
+        p: {{receivers: [webhook], processors: [cost], exporters: [file]}}
+    """)
+    daemon.start()
+    hostile = "home-grown\u009b2J\u009b3J\u202eevil"
+    status, body, _ = await post_json(f"http://127.0.0.1:{webhook}/v1/events",
+                                      event_dicts(0, 1, request_model=hostile))
+    assert (status, body["accepted"]) == (200, 1)
+    await eventually(lambda: "no price for this model" in daemon.log.read_text())
+    assert daemon.stop() == 0
+    line = next(line for line in daemon.log.read_text().splitlines()
+                if "no price for this model" in line)
+    assert "model='home-grown\\x9b2J\\x9b3J\\u202eevil'" in line
+    assert not any(ch in line for ch in "\x9b\u202e\x1b")
+
+
+def test_a_console_traceback_keeps_its_lines_and_escapes_control_characters(capsys):
+    saved = structlog.get_config()
+    logs.configure("info", "console")  # writes to this test's captured stderr
+    try:
+        raise ValueError("bad value \x1b]8;;http://evil.example\x07click\x1b]8;;\x07")
+    except ValueError:
+        logs.get().exception("request failed")
+    finally:
+        structlog.configure(**saved)
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last):\n" in err
+    assert "ValueError: bad value \\x1b]8;;http://evil.example\\x07click" in err
+    assert "\x1b" not in err and "\x07" not in err
