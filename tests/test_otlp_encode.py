@@ -67,6 +67,22 @@ def test_span_attributes_use_genai_names_and_meterline_names_for_the_rest():
     assert "meterline.sample_weight" not in attrs  # 1.0 is the default
 
 
+def test_no_attribute_key_repeats_when_the_events_attributes_name_its_own_fields():
+    """OTLP keys are unique; a backend shown two `gen_ai.usage.input_tokens` picks one."""
+    event = make_event(1, parent_span_id=PARENT, duration_ms=None, metadata={"team": "a"},
+                       params={"stream": False},
+                       attributes={"gen_ai.usage.input_tokens": 1, "gen_ai.request.stream": True,
+                                   "meterline.metadata.team": "b",
+                                   "meterline.duration_unknown": False,
+                                   "meterline.parent_span_id": "1111111111111111"})
+    record = to_logs_request([event]).resource_logs[0].scope_logs[0].log_records[0]
+    for message in (only_span([event]), record):
+        keys = [kv.key for kv in message.attributes]
+        assert len(keys) == len(set(keys))
+        attrs = attributes(message)
+        assert (attrs["gen_ai.usage.input_tokens"], attrs["meterline.metadata.team"]) == (11, "a")
+
+
 def test_a_cache_hit_its_saved_cost_and_tags_are_meterline_attributes_of_span_and_log():
     event = make_event(1, cache_hit=True, saved_cost_usd=4.8e-06, cost_usd=0.0,
                        tags=["prod", "checkout"])

@@ -396,6 +396,29 @@ async def test_an_otlp_exporter_to_otlp_receiver_round_trip_keeps_the_event(tmp_
     assert got == sorted([from_dict(e) for e in sent], key=lambda e: e.event_id)
 
 
+async def test_a_senders_attributes_named_like_the_events_fields_do_not_come_back_as_them(
+        tmp_path):
+    """An `attributes` entry (or a parameter) under a name the event's own fields go out
+    under would repeat that key in the span, and the receiver reads the last value: a
+    webhook sender's forged usage, cost, model and team would replace the event's."""
+    webhook, grpc_port = free_port(), free_port()
+    sent = event_dicts(0, 1, input_tokens=1000, cost_usd=2.0, metadata={"team": "search"},
+                       params={"model": "gpt-4o-mini", "temperature": 0.5},
+                       attributes={"gen_ai.usage.input_tokens": 1, "meterline.cost_usd": 0.0,
+                                   "meterline.metadata.team": "other",
+                                   "server.address": "api.example"})
+    sent[0]["request_model"] = "gpt-5"
+    config = ROUND_TRIP.format(webhook=webhook, grpc=grpc_port, logs="false")
+    async with running(config, tmp_path):
+        status, _, _ = await post_json(f"http://127.0.0.1:{webhook}/v1/events", sent)
+        assert status == 200
+        (back,) = await eventually(lambda: read_jsonl(tmp_path / "data/out.jsonl"))
+    assert (back["request_model"], back["input_tokens"], back["cost_usd"], back["metadata"]) == (
+        "gpt-5", 1000, 2.0, {"team": "search"})
+    assert back["params"] == {"temperature": 0.5}
+    assert back["attributes"] == {"server.address": "api.example"}
+
+
 async def test_a_span_round_trip_keeps_a_duration_not_reported_unknown_and_a_reported_one_exact(
         tmp_path):
     """A span must end: an event without duration_ms becomes a span of zero length,

@@ -17,8 +17,14 @@ attributes: the GenAI names where the conventions have one (`gen_ai.*`,
 other fields (`meterline.cost_usd`, `meterline.api_key_id`...),
 `meterline.metadata.<key>` for its metadata, and the source's own `attributes`
 under their own names. So the `otlp` receiver turns either back into the same
-event. Messages (`gen_ai.input.messages` / `gen_ai.output.messages`) are JSON
-strings in the conventions' `{role, parts: [{type, content}]}` form.
+event. Attribute keys are unique in OTLP, and a reader of a repeated one takes one of
+its values (the `otlp` receiver the last): so an `attributes` entry under a name the
+event's own fields were written under (`gen_ai.usage.input_tokens`,
+`meterline.cost_usd`, `meterline.metadata.team`...) is left out, as is a `params`
+entry named for a field (`model`, `stream`), else a sender's value would stand for the
+measured usage, the computed cost or the API key's labels. Messages
+(`gen_ai.input.messages` / `gen_ai.output.messages`) are JSON strings in the
+conventions' `{role, parts: [{type, content}]}` form.
 
 A span lasts the event's `duration_ms`; that of an event without one ends where it
 starts and carries `meterline.duration_unknown: true`, so that neither a trace backend's
@@ -87,6 +93,12 @@ _STRUCTURAL: Final = frozenset({"timestamp", "trace_id", "span_id", "parent_span
 _MAPS: Final = (("metadata", "meterline.metadata."), ("redactions", "meterline.redactions."))
 _GENAI: Final = tuple((f, a) for f, a in ATTRIBUTES.items() if f not in MESSAGE_FIELDS)
 _OWN: Final = tuple((f, f"meterline.{f}") for f in sorted(FIELDS - _STRUCTURAL - set(ATTRIBUTES)))
+_PARENT: Final = "meterline.parent_span_id"
+# The names an event's own fields are written under (and the prefixes of its maps'): an
+# attribute under one that the event wrote already is left out (see the module's doc).
+_RESERVED: Final = frozenset({*ATTRIBUTES.values(), *(name for _, name in _OWN),
+                              "meterline.sample_weight", DURATION_UNKNOWN, _PARENT})
+_RESERVED_PREFIXES: Final = ("gen_ai.request.", *(prefix for _, prefix in _MAPS))
 _json = msgspec.json.Encoder()
 
 
@@ -100,7 +112,9 @@ def add_attributes(attrs: Any, event: Event) -> None:
         if value is not None:
             set_value(add(key=name).value, value)
     for key, value in (event.params or {}).items():
-        set_value(add(key=f"gen_ai.request.{PARAM_ATTRIBUTES.get(key, key)}").value, value)
+        name = f"gen_ai.request.{PARAM_ATTRIBUTES.get(key, key)}"
+        if name not in _RESERVED:  # `model`, `stream`: fields of the event's own
+            set_value(add(key=name).value, value)
     for field in MESSAGE_FIELDS:
         messages = getattr(event, field)
         if messages is not None:
@@ -115,7 +129,13 @@ def add_attributes(attrs: Any, event: Event) -> None:
     for field, prefix in _MAPS:
         for key, value in (getattr(event, field) or {}).items():
             set_value(add(key=prefix + key).value, value)
+    written: set[str] | None = None  # taken only when a name may repeat one (rare)
     for key, value in (event.attributes or {}).items():
+        if key in _RESERVED or key.startswith(_RESERVED_PREFIXES):
+            if written is None:
+                written = {kv.key for kv in attrs}
+            if key in written:
+                continue
         set_value(add(key=key).value, value)
 
 
@@ -219,9 +239,9 @@ def add_span(spans: Any, event: Event) -> None:
     if _failed(event):
         span.status.code = Status.STATUS_CODE_ERROR
         span.status.message = event.error_message or ""
-    add_attributes(span.attributes, event)
     if event.duration_ms is None:  # else the receiver would read a call of 0 ms
         span.attributes.add(key=DURATION_UNKNOWN).value.bool_value = True
+    add_attributes(span.attributes, event)
 
 
 def to_traces_request(events: Iterable[Event], resource: Mapping[str, Any] | None = None
@@ -246,9 +266,9 @@ def add_log_record(records: Any, event: Event) -> None:
         time_unix_nano=event.timestamp, event_name=INFERENCE_EVENT,
         severity_number=SEVERITY_NUMBER_ERROR if failed else SEVERITY_NUMBER_INFO,
         severity_text="ERROR" if failed else "INFO", trace_id=trace_id, span_id=span_id)
-    add_attributes(record.attributes, event)
     if parent:
-        record.attributes.add(key="meterline.parent_span_id").value.string_value = parent.hex()
+        record.attributes.add(key=_PARENT).value.string_value = parent.hex()
+    add_attributes(record.attributes, event)
 
 
 def to_logs_request(events: Iterable[Event], resource: Mapping[str, Any] | None = None
