@@ -37,11 +37,14 @@ from meterline.component import (
     RetryableError,
 )
 from meterline.delivery import ExporterConfig
+from meterline.event import Event
 from meterline.exporters.kafka.messages import (
+    TOPIC_CHARS,
     Encoding,
     Message,
     MessageBuilder,
     TopicTemplate,
+    bad_topic,
     key_partition,
 )
 from meterline.fieldpath import ReadPath
@@ -94,9 +97,13 @@ class KafkaExporter(Exporter):
     async def export(self, batch: ExportBatch) -> None:
         messages = self.builder.build(batch.events)
         limit = self.config.max_message_bytes
-        fitting = [m for m in messages if len(m.value) <= limit]
-        too_big = [e for e, m in zip(batch.events, messages, strict=True)
-                   if len(m.value) > limit]
+        fitting: list[Message] = []
+        refused: list[Event] = []
+        for event, m in zip(batch.events, messages, strict=True):
+            if len(m.value) > limit or bad_topic(m.topic):
+                refused.append(event)
+            else:
+                fitting.append(m)
         producer = await self._producer()
         try:
             await self._send(producer, fitting)
@@ -111,10 +118,12 @@ class KafkaExporter(Exporter):
                 await producer.stop()
             raise RetryableError(f"kafka: {len(fitting)} messages not all acknowledged: "
                                  f"{e!r}") from e
-        if too_big:  # only these fail (and are dead-lettered): the others were sent
-            raise PermanentError(f"{len(too_big)} events larger than max_message_bytes "
-                                 f"({limit}): {', '.join(e.event_id for e in too_big[:5])}; "
-                                 f"the other {len(fitting)} were sent", events=too_big)
+        if refused:  # only these fail (and are dead-lettered): the others were sent
+            raise PermanentError(
+                f"{len(refused)} events larger than max_message_bytes ({limit}) or whose "
+                f"topic Kafka refuses (., .., over {TOPIC_CHARS} characters): "
+                f"{', '.join(e.event_id for e in refused[:5])}; the other {len(fitting)} "
+                "were sent", events=refused)
 
     async def _producer(self) -> AIOKafkaProducer:
         if self.producer is not None:

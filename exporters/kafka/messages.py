@@ -36,6 +36,7 @@ SCHEMA_HEADER = "meterline.schema_version"
 _SCHEMA = str(SCHEMA_VERSION).encode()
 _NOT_IN_TOPIC = re.compile(r"[^A-Za-z0-9._-]")
 MISSING = "unknown"  # a templated topic's part when the event has no value for the field
+TOPIC_CHARS = 249  # Kafka's longest topic name
 
 
 class TopicTemplate(str):
@@ -47,6 +48,13 @@ class TopicTemplate(str):
             raise ValueError(f"expected a topic name, got {value!r}")
         topic_router(value)
         return cls(value)
+
+
+def bad_topic(topic: str) -> bool:
+    """Whether Kafka refuses `topic` (a template filled from an event: a user id of 300
+    characters, a provider `..`) as a name; its event fails alone, else the whole batch
+    would be retried for ever."""
+    return len(topic) > TOPIC_CHARS or topic in ("", ".", "..")
 
 
 @dataclass(frozen=True, slots=True)

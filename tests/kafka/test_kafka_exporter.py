@@ -161,6 +161,19 @@ async def test_an_event_over_max_message_bytes_fails_alone_once_the_rest_is_sent
         [b"evt-00000000", b"evt-00000002"]
 
 
+async def test_an_event_whose_templated_topic_kafka_refuses_fails_alone_once_the_rest_is_sent(
+        tmp_path, kafka_bootstrap, topic):
+    """A topic filled from traffic (a provider of 300 characters) that Kafka cannot name
+    must not hold the batch back, retried for ever."""
+    exporter, _ = make_exporter(tmp_path, brokers=kafka_bootstrap, topic=topic + ".{provider}")
+    long = make_event(1, provider="x" * 300)
+    with pytest.raises(PermanentError, match=r"1 events .*topic Kafka refuses.*evt-00000001") \
+            as caught:
+        await export(exporter, [make_event(0), long, make_event(2)])
+    assert caught.value.events == [long]
+    assert len(await consume(kafka_bootstrap, f"{topic}.openai", 2)) == 2
+
+
 async def test_an_unreachable_broker_is_a_retryable_error(tmp_path, topic):
     exporter, _ = make_exporter(tmp_path, brokers=f"127.0.0.1:{free_port()}", topic=topic)
     with pytest.raises(RetryableError, match="cannot connect"):
