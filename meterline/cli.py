@@ -336,6 +336,15 @@ def _is_http_url(text: str) -> bool:
         return False
 
 
+def _inert_json(line: str) -> str:
+    """`line` (JSON) with every character that is not printable written `\\uXXXX`. JSON
+    escapes C0 but leaves C1 controls (U+009B is a CSI), bidirectional overrides and line
+    separators as they are, which a terminal acts on; the daemon's JSON holds no such
+    character outside a string, so the escape is always the same value."""
+    return "".join(ch if ch.isprintable() or ch == "\n" else json.dumps(ch)[1:-1]
+                   for ch in line)
+
+
 async def _tap(url: str, token: str | None) -> int:
     import aiohttp
 
@@ -349,7 +358,8 @@ async def _tap(url: str, token: str | None) -> int:
                       file=sys.stderr)
                 return 1
             async for line in response.content:
-                sys.stdout.write(line.decode())
+                text = line.decode()
+                sys.stdout.write(text if text.rstrip("\n").isprintable() else _inert_json(text))
                 sys.stdout.flush()
     except aiohttp.ClientError as e:
         print(f"cannot reach the daemon at {url}: {e}", file=sys.stderr)

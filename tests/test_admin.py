@@ -115,6 +115,27 @@ async def test_tap_streams_live_events_matching_its_filter(tmp_path):
             await proc.wait()
 
 
+async def test_tap_writes_control_characters_from_traffic_as_json_escapes(tmp_path):
+    """JSON leaves C1 controls and bidirectional overrides as they are: `meterline tap`
+    would hand a user id such as `\\u009b2J` (clear the screen) to the terminal."""
+    port, admin = free_port(), free_port()
+    hostile = "u\u009b2J\u009b3J\u202eevil"
+    async with running(pipeline(port, admin), tmp_path) as service:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "meterline", "tap", "--admin", f"http://127.0.0.1:{admin}",
+            stdout=subprocess.PIPE)
+        try:
+            await eventually(lambda: service.taps.active)
+            await post_json(f"http://127.0.0.1:{port}/v1/events",
+                            event_dicts(0, 1, user_id=hostile))
+            line = (await asyncio.wait_for(proc.stdout.readline(), 10)).decode()
+        finally:
+            proc.terminate()
+            await proc.wait()
+    assert '"u\\u009b2J\\u009b3J\\u202eevil"' in line
+    assert json.loads(line)["user_id"] == hostile
+
+
 async def test_tap_ends_quietly_when_its_reader_goes_away(tmp_path):
     port, admin = free_port(), free_port()
     async with running(pipeline(port, admin), tmp_path) as service:
