@@ -22,7 +22,7 @@ import msgspec
 from meterline.backpressure import offer
 from meterline.component import Config, Consumer, Context, Factory, Receiver, cancel_and_wait
 from meterline.event import Event
-from meterline.receivers.decoders import DecodeError, NotAnLLMCall, decode_item
+from meterline.receivers.decoders import DecodeError, NotAnLLMCall, decode_item, loggable
 from meterline.units import Duration
 
 _raw = msgspec.json.Decoder()
@@ -129,7 +129,8 @@ class FileReceiver(Receiver):
         except (DecodeError, msgspec.DecodeError, RecursionError) as e:
             reason = "JSON nested too deeply" if isinstance(e, RecursionError) else str(e)
             self.consumer.refused(1, "undecodable")
-            self.log.warning("line skipped", path=str(self.path), line=line_no, reason=reason)
+            self.log.warning("line skipped", path=str(self.path), line=line_no,
+                             reason=loggable(reason))
 
     async def _deliver(self, events: list[Event], offset: int, line_no: int) -> None:
         """Hand a batch over, waiting out back-pressure, then checkpoint past it."""

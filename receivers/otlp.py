@@ -50,7 +50,6 @@ from google.rpc.status_pb2 import Status as RpcStatus
 from opentelemetry.proto.collector.logs.v1 import logs_service_pb2
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
-from meterline import logs
 from meterline.auth import REFUSAL, BearerToken
 from meterline.backpressure import Refused, refuse
 from meterline.component import Consumer, Context, Factory, Receiver
@@ -61,8 +60,7 @@ from meterline.httpserver import (
     read_body,
     serve,
 )
-from meterline.processors.redact.engine import masked
-from meterline.receivers.decoders import DecodeError
+from meterline.receivers.decoders import DecodeError, loggable
 from meterline.receivers.decoders.otlp import OtlpDecoded, decode_logs, decode_spans, parse_json
 from meterline.receivers.decoders.otlp_wire import parse_request
 from meterline.recent import RecentIds
@@ -204,7 +202,7 @@ class OtlpReceiver(Receiver):
         if rejected:
             self.consumer.refused(len(rejected), "undecodable")
             self.log.info(f"{signal.name} rejected", count=len(rejected),
-                          first_reason=logs.bounded(masked(rejected[:1])[0]))
+                          first_reason=loggable(rejected[0]))
         events, claimed = self.recent.claim(decoded.events)
         try:
             await refuse(self.consumer, events, self.log)

@@ -18,13 +18,11 @@ from typing import Any
 
 from aiohttp import web
 
-from meterline import logs
 from meterline.auth import BearerToken, unauthorised
 from meterline.backpressure import Refused, refuse
 from meterline.component import Consumer, Context, Factory, Receiver
 from meterline.httpserver import BearerListenerConfig, BodyRefused, read_body, serve
-from meterline.processors.redact.engine import masked
-from meterline.receivers.decoders import DecodeError, decode_body
+from meterline.receivers.decoders import DecodeError, decode_body, loggable
 from meterline.units import Listen
 
 _JSON_TYPES = {"application/json", "text/json"}
@@ -90,7 +88,7 @@ class WebhookReceiver(Receiver):
         if decoded.rejected:
             self.consumer.refused(len(decoded.rejected), "undecodable")
             self.log.info("items refused", count=len(decoded.rejected),
-                          first_reason=logs.bounded(masked([decoded.rejected[0][1]])[0]))
+                          first_reason=loggable(decoded.rejected[0][1]))
         try:
             await refuse(self.consumer, decoded.events, self.log)
         except Refused as e:

@@ -1,6 +1,7 @@
 """Receiver `file`: replays JSONL, skips bad lines, resumes from its checkpoint."""
 
 import msgspec
+from structlog.testing import capture_logs
 
 from meterline.event import to_jsonl
 from tests.helpers import eventually, make_event, read_jsonl, running
@@ -49,6 +50,18 @@ async def test_bad_lines_are_skipped_and_the_rest_read(tmp_path):
     write_events(source, 2, 2)
     async with running(pipeline(source), tmp_path):
         await eventually(lambda: len(read_jsonl(tmp_path / "data/out.jsonl")) == 4)
+
+
+async def test_the_logged_reason_of_a_skipped_line_masks_what_it_quotes(tmp_path):
+    source = tmp_path / "in.jsonl"
+    with open(source, "ab") as f:  # (msgspec names an unknown field in its reason)
+        f.write(msgspec.json.encode({"provider": "openai", "jane.doe@corp.com": 1}) + b"\n")
+    write_events(source, 0, 1)
+    with capture_logs() as logged:
+        async with running(pipeline(source), tmp_path):
+            await eventually(lambda: len(read_jsonl(tmp_path / "data/out.jsonl")) == 1)
+    [skipped] = [e for e in logged if e["event"] == "line skipped"]
+    assert "jane.doe" not in skipped["reason"] and "<EMAIL>" in skipped["reason"]
 
 
 async def test_a_line_nested_too_deep_is_skipped_and_the_rest_read(tmp_path):

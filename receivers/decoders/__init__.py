@@ -21,9 +21,9 @@ import msgspec
 from meterline import bounds
 from meterline.event import FIELDS, Event, from_dict, list_from_json
 from meterline.receivers.decoders import litellm, otoroshi
-from meterline.receivers.decoders.errors import DecodeError, NotAnLLMCall
+from meterline.receivers.decoders.errors import DecodeError, NotAnLLMCall, loggable
 
-__all__ = ["DecodeError", "Decoded", "NotAnLLMCall", "decode_body", "decode_item"]
+__all__ = ["DecodeError", "Decoded", "NotAnLLMCall", "decode_body", "decode_item", "loggable"]
 
 _raw = msgspec.json.Decoder()
 _raw_items = msgspec.json.Decoder(list[msgspec.Raw])

@@ -1,4 +1,7 @@
-"""The errors decoders raise."""
+"""The errors decoders raise, and how their reasons reach the daemon's log."""
+
+from meterline import logs
+from meterline.processors.redact.engine import masked
 
 
 class DecodeError(ValueError):
@@ -9,3 +12,10 @@ class NotAnLLMCall(DecodeError):
     """A well-formed item that is not an LLM call (an Otoroshi GatewayEvent or
     AlertEvent): receivers skip it and count it as `not_llm_call`, as they do OTLP
     spans that are not LLM calls, rather than treat it as the sender's mistake."""
+
+
+def loggable(reason: str) -> str:
+    """A refusal's reason as a receiver logs it: a reason may quote the item (msgspec names
+    an unknown field, a decoder the value it refused), so what the detectors find in it is
+    masked, and it is one bounded line. The sender's answer keeps the reason whole."""
+    return logs.bounded(masked([reason])[0])

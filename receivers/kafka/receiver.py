@@ -52,6 +52,7 @@ from meterline.component import (
     cancel_and_wait,
 )
 from meterline.event import Event
+from meterline.receivers.decoders import loggable
 from meterline.receivers.kafka.messages import Encoding, Record, decode_records
 from meterline.units import Duration
 
@@ -281,7 +282,8 @@ class KafkaReceiver(Receiver):
         template = self.config.dead_letter_topic
         for record, reason in poison:
             self.log.warning("undecodable message", topic=record.topic,
-                             partition=record.partition, offset=record.offset, reason=reason,
+                             partition=record.partition, offset=record.offset,
+                             reason=loggable(reason),
                              dead_letter=template.format(topic=record.topic) if template else None)
         delays, attempts = exponential(float(self.config.retry_interval), _MAX_RETRY_INTERVAL), 0
         try:
