@@ -119,6 +119,27 @@ def test_mcp_connects_are_initialize_requests_with_their_latency(reader):
     assert (methods["initialize"]["calls"], methods["initialize"]["sessions"]) == (2, 2)
 
 
+async def test_an_mcp_request_of_a_session_without_a_method_is_no_model_call(tmp_path):
+    """The gateway's GET stream (or DELETE) of an MCP session is an MCP request without
+    `mcp_method`: neither a run's model call (counted unpriced) nor a model call guardrails
+    count (found by tests/test_finops_reference.py)."""
+    since = datetime(2025, 3, 2, tzinfo=UTC)
+    at = int(since.timestamp()) + 600
+    events = [Event(event_id="call", timestamp=at * 10**9, trace_id="t", operation="chat",
+                    provider="openai", request_model="gpt-4o", cost_usd=1.0),
+              Event(event_id="stream", timestamp=(at + 60) * 10**9, trace_id="t",
+                    provider="mcp", mcp_session_id="m1", status_code=499)]
+    async with clickhouse_exporters(tmp_path) as make:
+        exporter = await make("minimal")
+        await exporter.export(ExportBatch("minimal", events))
+        window = Window(since, since + timedelta(hours=1))
+        run = finops.spend(exporter.reader, window, "trace")["total"]
+        guarded = analytics.guardrails(exporter.reader, window)["platform"]
+        mcp = analytics.agents(exporter.reader, window)["mcp"]
+    assert (run["llm_calls"], run["unpriced_llm_calls"], guarded["requests"]) == (1, 0, 1)
+    assert (mcp["requests"], mcp["sessions"]) == (1, 1)
+
+
 def test_finops_by_agent_prints_runs_cost_and_tool_calls(reader):
     table = render(finops.spend(reader, WINDOW, "agent"), "spend", "table").splitlines()
     assert table[0].startswith("runs by agent, ")

@@ -25,11 +25,12 @@ IS_ERROR = (f"(error_type != '' OR (ifNull(status_code, 0) >= 400 "
 QUANTILES = (0.5, 0.95, 0.99)
 
 # Kinds of events, for the questions about agents, tools, MCP and guardrails (raw events):
-# a model call is an event that is no agent run, tool call or MCP request.
-IS_MODEL_CALL = (f"(operation NOT IN ({', '.join(repr(o) for o in sorted(NON_MODEL_OPERATIONS))}) "
-                 "AND NOT startsWith(operation, 'mcp_') AND mcp_method = '')")
-IS_TOOL_CALL = "operation = 'execute_tool'"
+# a model call is an event that is no agent run, tool call or MCP request. An MCP request
+# may have a session and no method (the gateway's GET stream or DELETE of a session).
 IS_MCP = "(mcp_method != '' OR mcp_session_id != '' OR startsWith(operation, 'mcp_'))"
+IS_MODEL_CALL = (f"(operation NOT IN ({', '.join(repr(o) for o in sorted(NON_MODEL_OPERATIONS))}) "
+                 f"AND NOT {IS_MCP})")
+IS_TOOL_CALL = "operation = 'execute_tool'"
 IS_MCP_CONNECT = "mcp_method = 'initialize'"
 # A call a guardrail blocked (a rule with action block fired, or the gateway's own error
 # for it), and one it modified (a redact rule fired, and none blocked it).
