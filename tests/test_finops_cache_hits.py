@@ -47,12 +47,17 @@ EVENTS = [
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def reader(tmp_path_factory):
+async def exporter(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cache-hits")
     async with clickhouse_exporters(tmp, repair_interval=0) as make:
         exporter = await make()
         await exporter.export(ExportBatch("cache-hits", EVENTS))
-        yield exporter.reader
+        yield exporter
+
+
+@pytest.fixture
+def reader(exporter):
+    return exporter.reader
 
 
 def window() -> Window:
@@ -93,6 +98,17 @@ async def test_spend_by_tag_counts_an_event_under_each_of_its_tags(reader):
     assert figures(answer["rows"], "tag", "requests", "cache_hits", "cost_usd") == {
         "prod": (3, 2, 0.5), "checkout": (2, 2, 0), None: (4, 0, 1)}
     assert answer["total"]["requests"] == 7  # each event once
+
+
+async def test_a_tag_given_twice_counts_its_event_once_under_it(exporter):
+    """(found by tests/test_finops_reference.py: the event was counted twice under `b`; on a
+    day of its own, away from the module's events)"""
+    day = Window(datetime(2025, 3, 2, tzinfo=UTC), datetime(2025, 3, 3, tzinfo=UTC))
+    await exporter.export(ExportBatch("tagged-twice", [Event(
+        event_id="tagged-twice", timestamp=int(day.since.timestamp()) * 10**9,
+        provider="openai", request_model="gpt-4o", cost_usd=1.0, tags=["b", "b"])]))
+    answer = finops.spend(exporter.reader, day, by="tag")
+    assert figures(answer["rows"], "tag", "requests", "cost_usd") == {"b": (1, 1)}
 
 
 async def test_variance_lists_a_model_without_estimate_as_not_estimated_not_as_a_match(reader):

@@ -306,9 +306,9 @@ _DIMENSIONS = {d.name: d for d in (
     Dimension("source", "source"),
     Dimension("route", "route"),
     Dimension("upstream", "upstream"),
-    # each of an event's tags (an event with two counts in both groups; one without, in
-    # the "not reported" group): raw events only
-    Dimension("tag", "tags", "arrayJoin(if(empty(tags), [''], tags))"),
+    # each of an event's tags (an event with two counts in both groups, one with a tag
+    # given twice once in its group; one without, in the "not reported" group): raw events
+    Dimension("tag", "tags", "arrayJoin(if(empty(tags), [''], arrayDistinct(tags)))"),
     # agents, tools and conversations (the trace rollup). An event without agent_name is
     # the agent's of its trace: the invoke_agent event's (the first, when a run starts
     # sub-agents), else the first agent_name any event of the trace carries.
