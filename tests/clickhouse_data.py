@@ -86,6 +86,8 @@ KEYS: dict[str, Callable[[Event], Any]] = {
         "%Y-%m-%dT%H:00:00Z"),
     "metadata.customer": lambda e: (e.metadata or {}).get("customer"),
     "metadata.env": lambda e: (e.metadata or {}).get("env"),
+    "organization": lambda e: e.organization,
+    "route": lambda e: e.route,
 }
 
 
