@@ -154,6 +154,17 @@ PARAM_ATTRIBUTES: Final[dict[str, str]] = {"n": "choice.count", "stop": "stop_se
 MESSAGE_FIELDS: Final = ("input_messages", "output_messages")
 # Operations that are not one call to a model: agent and tool spans.
 NON_MODEL_OPERATIONS: Final = frozenset({"execute_tool", "create_agent", "invoke_agent"})
+
+
+def is_mcp_request(operation: str | None, mcp_method: str | None,
+                   mcp_session_id: str | None) -> bool:
+    """An MCP request: one with a method, an `mcp_*` operation (OTLP MCP spans), or only a
+    session (the gateway's GET stream or DELETE of a session has no method). No model
+    call, whatever else it carries. (The ClickHouse exporter's SQL of it: `IS_MCP`.)"""
+    return (mcp_method is not None or mcp_session_id is not None
+            or (operation or "").startswith("mcp_"))
+
+
 # MCP requests (the gateway's MCP upstreams, OTLP MCP spans): the operation of each
 # method; `tools/call` is a tool call. Methods the MCP specification does not list are
 # `mcp_other`, so that a server's own methods add no operation names.

@@ -234,3 +234,12 @@ async def test_reloads_refused_for_an_invalid_config_count_as_config_parsing_fai
         after = samples((await scrape(port))[1])
     assert value(before, "llm_gateway_config_parsing_failures") == 0
     assert value(after, "llm_gateway_config_parsing_failures") == 2
+
+
+async def test_an_mcp_request_of_a_session_without_a_method_is_no_llm_call_of_its_agent(tmp_path):
+    # (the gateway's GET stream of an MCP session, in an agent's trace)
+    events = [make_event(1, agent_name="support-bot", duration_ms=900.0),
+              make_event(2, mcp_session_id="m1", duration_ms=5000.0, **AGENT)]
+    found = await scraped(tmp_path, events)
+    assert value(found, "llm_gateway_agent_llm_latency_ms_sum") == 900.0
+    assert value(found, "llm_gateway_agent_llm_latency_ms_count") == 1

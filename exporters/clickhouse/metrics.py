@@ -26,7 +26,8 @@ QUANTILES = (0.5, 0.95, 0.99)
 
 # Kinds of events, for the questions about agents, tools, MCP and guardrails (raw events):
 # a model call is an event that is no agent run, tool call or MCP request. An MCP request
-# may have a session and no method (the gateway's GET stream or DELETE of a session).
+# may have a session and no method (the gateway's GET stream or DELETE of a session):
+# `meterline.genai.is_mcp_request`, as SQL.
 IS_MCP = "(mcp_method != '' OR mcp_session_id != '' OR startsWith(operation, 'mcp_'))"
 IS_MODEL_CALL = (f"(operation NOT IN ({', '.join(repr(o) for o in sorted(NON_MODEL_OPERATIONS))}) "
                  f"AND NOT {IS_MCP})")

@@ -44,6 +44,7 @@ from meterline.genai import (
     OTHER_ROUTING_METHOD,
     ROUTING_ATTRIBUTE,
     failure,
+    is_mcp_request,
 )
 from meterline.genai import ROUTING_METHODS as GATEWAY_ROUTING_METHODS
 
@@ -178,7 +179,8 @@ def _model_call_in_agent(e: Event) -> bool:
     """An LLM call an agent made: a model call (not an agent, tool or MCP event) that
     names its agent."""
     return (e.agent_name is not None or e.agent_id is not None) \
-        and e.operation not in NON_MODEL_OPERATIONS and e.mcp_method is None
+        and e.operation not in NON_MODEL_OPERATIONS \
+        and not is_mcp_request(e.operation, e.mcp_method, e.mcp_session_id)
 
 
 _NOT_LETTERS: Final = re.compile(r"[^a-z]")
@@ -369,7 +371,8 @@ def in_scope(events: list[Event], scope: Scope) -> list[Event]:
         return [e for e in events if e.policies or e.guardrails or e.fallback]
     if scope == "agent":
         return [e for e in events if e.agent_name is not None or e.agent_id is not None
-                or e.mcp_method is not None or e.operation in NON_MODEL_OPERATIONS]
+                or e.operation in NON_MODEL_OPERATIONS
+                or is_mcp_request(e.operation, e.mcp_method, e.mcp_session_id)]
     return events
 
 
