@@ -17,12 +17,13 @@ field is of one of three kinds:
 - a correlation key (`CORRELATION_KEYS`: `event_id`, `trace_id`, `span_id`,
   `parent_span_id`): it must stay equal across events (a trace's events, a retried
   event), but sources put any string there (an Otoroshi `@id`, a webhook's
-  `trace_id`). A finding (but one of a run of digits, `detectors.DIGIT_RUNS`: in an id, a
-  card-like number is the id's own) replaces the whole value by a keyed pseudonym of the whole,
+  `trace_id`). A finding replaces the whole value by a keyed pseudonym of the whole,
   shaped as the id is (32 or 16 hex digits, a UUID), so every event carrying that id
   gets the same one, sampling by trace stays whole and the OTLP exporter still sends
-  it as an id. `mask`, `hash` and `drop` all do that (the field cannot go);
-  `drop_event` drops the event. An id without findings is left as it is.
+  it as an id. Findings of runs of digits (`detectors.DIGIT_RUNS`: cards, phones...)
+  do not count there: in an id, such digits are the id's own. `mask`, `hash` and
+  `drop` all give the pseudonym (the field cannot go); `drop_event` drops the event. An
+  id without findings is left as it is.
 
 The actions:
 
