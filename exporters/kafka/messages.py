@@ -78,8 +78,9 @@ def topic_router(template: str) -> Callable[[Event], str] | str:
                 raise ValueError(f"{template!r}: write fields as {{name}}, e.g. llm.{{provider}}")
             parts.append(ReadPath(field).get)
     if all(isinstance(p, str) for p in parts):
-        if _NOT_IN_TOPIC.search(template) or not template:
-            raise ValueError(f"{template!r} is not a valid topic name (letters, digits, . _ -)")
+        if _NOT_IN_TOPIC.search(template) or bad_topic(template):
+            raise ValueError(f"{template!r} is not a valid topic name (letters, digits, . _ -; "
+                             f"not . or ..; at most {TOPIC_CHARS} characters)")
         return template
 
     def route(event: Event) -> str:
