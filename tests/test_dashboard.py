@@ -203,7 +203,7 @@ def opened(tab: Tab, site: Site, query: str = f"?token={TOKEN}") -> Tab:
 def failed(tab: Tab, url: str) -> Tab:
     """The page, once its first refresh has given up."""
     tab.page.goto(url)
-    tab.page.wait_for_function("document.body.dataset.state === 'ready'")
+    tab.page.wait_for_function("() => document.body.dataset.state === 'ready'")
     return tab
 
 
