@@ -70,6 +70,15 @@ def test_detector_recall_and_precision_on_the_labelled_corpus(detector: str) -> 
     assert precision >= 0.95, f"{detector}: precision {precision:.3f} ({fp[detector]} wrong)"
 
 
+@pytest.mark.parametrize("joiner", ["-", "_"])
+def test_a_key_joined_to_the_word_before_it_is_masked(tmp_path: Path, joiner: str) -> None:
+    p, _ = redactor(tmp_path)
+    key = "sk-proj-bqDTSOmRm5KnZa4ypm09T3BlbkFJSEinwyr0vjvnCIno4esc"
+    e = p.process([chat(f"cache key req{joiner}{key} missed")])[0]
+    assert e.input_messages == [
+        {"role": "user", "content": f"cache key req{joiner}<OPENAI_KEY> missed"}]
+
+
 def test_mask_replaces_each_finding_with_a_typed_placeholder(tmp_path: Path) -> None:
     p, _ = redactor(tmp_path)
     e = p.process([chat("Mail jane.doe@acme-corp.com or call +44 20 7946 0958 today.")])[0]

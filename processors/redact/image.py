@@ -30,7 +30,8 @@ FOLD_I, FOLD_S, FOLD_K = 0x82, 0x83, 0x84  # match `(?i)i`, `(?i)s`, `(?i)k`
 
 # Class bodies for probe expressions (Hyperscan syntax, inside [...]).
 DIGITS = r"0-9\x81"  # what `\d` matches
-WORDS = r"0-9A-Za-z_\x81-\x84"  # word characters for sure: `[^{WORDS}]` is a boundary
+ALNUMS = r"0-9A-Za-z\x81-\x84"  # letters and digits for sure: what `[^\W_]` matches
+WORDS = ALNUMS + "_"  # word characters for sure: `[^{WORDS}]` is a boundary
 ANY_WORDS = r"0-9A-Za-z_?\x80-\xff"  # and any that may be one
 LETTERS_I = r"A-Za-z\x82-\x84"  # [A-Za-z] under IGNORECASE
 
