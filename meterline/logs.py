@@ -9,8 +9,11 @@ Such text, and names from traffic (a model a client sent, a user id), may hold
 characters a terminal acts on: ESC and C1 sequences (colours, a cleared screen, OSC 8
 links), bidirectional overrides, line breaks. The console renderer writes a string
 without spaces or quotes as it is, so `_inert` hands it any string that is not all
-printable as an escaped, quoted form (`'gpt\\x9b2J'`); a traceback keeps its line
-breaks and has every other such character escaped. JSON lines escape them already.
+printable as an escaped, quoted form (`'gpt\\x9b2J'`). A traceback keeps its line
+breaks, for a person to read, and has every other such character escaped; each of its
+lines is indented, so that none starts where a record does (with its timestamp, at the
+first column): an exception's message may quote traffic, and a line break in it would
+otherwise begin a line that reads as a record of its own. JSON lines escape them all.
 """
 
 from __future__ import annotations
@@ -63,11 +66,22 @@ def _inert(_logger: object, _name: str, event_dict: EventDict) -> EventDict:
     """Strings a terminal could act on made inert for the console (see the module's doc);
     `isprintable` is one pass in C, so a plain line costs next to nothing."""
     for key, value in event_dict.items():
-        if isinstance(value, str) and not value.isprintable():
-            event_dict[key] = (_Escaped(value) if key != "exception"
-                               else "\n".join(repr(line)[1:-1] if not line.isprintable()
-                                              else line for line in value.split("\n")))
+        if key == "exception" and isinstance(value, str):
+            event_dict[key] = _traceback(value)
+        elif isinstance(value, str) and not value.isprintable():
+            event_dict[key] = _Escaped(value)
     return event_dict
+
+
+_TRACEBACK_INDENT = "  "
+
+
+def _traceback(text: str) -> str:
+    """`text`, an exception as `format_exc_info` wrote it, with each line indented and
+    what is not printable in a line escaped: whatever its message holds, no line of it
+    can pass for a record of the log."""
+    return "\n".join(_TRACEBACK_INDENT + (line if line.isprintable() else repr(line)[1:-1])
+                     for line in text.split("\n"))
 
 
 def get(**bound: object) -> FilteringBoundLogger:

@@ -138,3 +138,22 @@ def test_a_console_traceback_keeps_its_lines_and_escapes_control_characters(caps
     assert "Traceback (most recent call last):\n" in err
     assert "ValueError: bad value \\x1b]8;;http://evil.example\\x07click" in err
     assert "\x1b" not in err and "\x07" not in err
+
+
+def test_a_console_traceback_cannot_begin_a_line_that_reads_as_a_record(capsys):
+    """An exception's message may quote traffic; a line break in it must not start a
+    line at the first column, where every record starts with its timestamp."""
+    saved = structlog.get_config()
+    logs.configure("info", "console")
+    forged = "2026-01-01T00:00:00.000000Z [info     ] login ok  user=admin"
+    try:
+        raise ValueError(f"bad value\n{forged}")
+    except ValueError:
+        logs.get().exception("request failed")
+    finally:
+        structlog.configure(**saved)
+    record, *traceback = capsys.readouterr().err.splitlines()
+    assert record.endswith("[error    ] request failed")
+    assert traceback[0] == "  Traceback (most recent call last):"
+    assert traceback[-2:] == ["  ValueError: bad value", f"  {forged}"]
+    assert all(line.startswith("  ") for line in traceback)
