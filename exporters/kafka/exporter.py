@@ -57,6 +57,10 @@ class KafkaExporterConfig(ExporterConfig):
     sasl: SaslConfig | None = None  # null: no authentication
     tls: TlsConfig | None = None  # null: plaintext
     topic: TopicTemplate = TopicTemplate("meterline.events")  # may name fields: llm.{provider}
+    # distinct topics a templated topic may name in the exporter's life: beyond, an event
+    # bound for a new one is refused (dead-lettered), so that traffic cannot make the
+    # brokers create a topic for each value it sends
+    max_topics: int = 100
     key: ReadPath | None = None  # event field whose value keys the message (api_key_id...)
     encoding: Encoding = "json"  # json: meterline's events; otlp_*: OTLP logs
     acks: Literal["all", 0, 1] = "all"  # replicas that must have a message
@@ -74,6 +78,8 @@ class KafkaExporterConfig(ExporterConfig):
     def __post_init__(self) -> None:
         if self.max_batch_bytes < 1 or self.max_message_bytes < 1:
             raise ValueError("max_batch_bytes and max_message_bytes must be positive")
+        if self.max_topics < 1:
+            raise ValueError(f"max_topics must be at least 1, got {self.max_topics}")
         if self.timeout <= 0:
             raise ValueError("timeout must be positive")
         if self.projection is not None and self.encoding != "json":
@@ -89,6 +95,7 @@ class KafkaExporter(Exporter):
         self.builder = MessageBuilder(config.topic, config.key, config.encoding,
                                       config.projection)
         self.producer: AIOKafkaProducer | None = None
+        self.topics: set[str] = set()  # those sent to, `max_topics` at most
         self._idempotent = context.meter.create_gauge(
             "meterline_kafka_producer_idempotent",
             description="1 when the kafka exporter's producer is idempotent, 0 when the "
@@ -96,14 +103,14 @@ class KafkaExporter(Exporter):
 
     async def export(self, batch: ExportBatch) -> None:
         messages = self.builder.build(batch.events)
-        limit = self.config.max_message_bytes
         fitting: list[Message] = []
-        refused: list[Event] = []
+        refused: list[tuple[Event, str]] = []
         for event, m in zip(batch.events, messages, strict=True):
-            if len(m.value) > limit or bad_topic(m.topic):
-                refused.append(event)
-            else:
+            reason = self._refusal(m)
+            if reason is None:
                 fitting.append(m)
+            else:
+                refused.append((event, reason))
         producer = await self._producer()
         try:
             await self._send(producer, fitting)
@@ -119,11 +126,23 @@ class KafkaExporter(Exporter):
             raise RetryableError(f"kafka: {len(fitting)} messages not all acknowledged: "
                                  f"{e!r}") from e
         if refused:  # only these fail (and are dead-lettered): the others were sent
-            raise PermanentError(
-                f"{len(refused)} events larger than max_message_bytes ({limit}) or whose "
-                f"topic Kafka refuses (., .., over {TOPIC_CHARS} characters): "
-                f"{', '.join(e.event_id for e in refused[:5])}; the other {len(fitting)} "
-                "were sent", events=refused)
+            raise PermanentError(_refused(refused, len(fitting)),
+                                 events=[event for event, _ in refused])
+
+    def _refusal(self, message: Message) -> str | None:
+        """Why `message` cannot be sent, if it cannot. Its topic counts towards
+        `max_topics` only here, once nothing else refuses it."""
+        config = self.config
+        if len(message.value) > config.max_message_bytes:
+            return f"larger than max_message_bytes ({config.max_message_bytes})"
+        if bad_topic(message.topic):
+            return f"whose topic Kafka refuses (., .., over {TOPIC_CHARS} characters)"
+        if message.topic not in self.topics:
+            if len(self.topics) >= config.max_topics:
+                return (f"whose topic would be one more than max_topics ({config.max_topics}) "
+                        "distinct topics")
+            self.topics.add(message.topic)
+        return None
 
     async def _producer(self) -> AIOKafkaProducer:
         if self.producer is not None:
@@ -185,6 +204,16 @@ class KafkaExporter(Exporter):
         if self.producer is not None:
             await self.producer.stop()
             self.producer = None
+
+
+def _refused(refused: list[tuple[Event, str]], sent: int) -> str:
+    """The error of a batch some of whose events were refused: how many for each reason,
+    with the first event ids of each."""
+    by_reason: dict[str, list[str]] = {}
+    for event, reason in refused:
+        by_reason.setdefault(reason, []).append(event.event_id)
+    return "; ".join(f"{len(ids)} events {reason}: {', '.join(ids[:5])}"
+                     for reason, ids in by_reason.items()) + f"; the other {sent} were sent"
 
 
 factory = Factory(kind="exporter", type="kafka", config=KafkaExporterConfig, create=KafkaExporter)

@@ -103,6 +103,15 @@ async def create_topic(bootstrap: str, name: str, partitions: int) -> None:
         await admin.close()
 
 
+async def topic_names(bootstrap: str) -> list[str]:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        return await admin.list_topics()
+    finally:
+        await admin.close()
+
+
 async def group_is_stable(bootstrap: str, group: str) -> bool:
     """Whether the broker has `group` in the Stable state (members joined, partitions
     assigned)."""

@@ -29,7 +29,7 @@ from tests.helpers import (
     post_json,
     running,
 )
-from tests.kafka.conftest import Tansu, consume, create_topic, stored_batches
+from tests.kafka.conftest import Tansu, consume, create_topic, stored_batches, topic_names
 
 
 def make_exporter(tmp_path, **config):
@@ -174,6 +174,23 @@ async def test_an_event_whose_templated_topic_kafka_refuses_fails_alone_once_the
     assert len(await consume(kafka_bootstrap, f"{topic}.openai", 2)) == 2
 
 
+async def test_an_event_bound_for_one_topic_more_than_max_topics_fails_alone(
+        tmp_path, kafka_bootstrap, topic):
+    """A client sending a new value in every event must not make the brokers create a
+    topic for each: the exporter names at most `max_topics`, across its batches."""
+    exporter, _ = make_exporter(tmp_path, brokers=kafka_bootstrap, topic=topic + ".{provider}",
+                                max_topics=2)
+    await export(exporter, [make_event(0, provider="a"), make_event(1, provider="b")])
+    new = make_event(3, provider="c")
+    with pytest.raises(PermanentError, match=r"1 events whose topic would be one more than "
+                                             r"max_topics \(2\).*evt-00000003") as caught:
+        await export(exporter, [make_event(2, provider="a"), new, make_event(4, provider="b")])
+    assert caught.value.events == [new]
+    assert len(await consume(kafka_bootstrap, f"{topic}.a", 2)) == 2
+    assert len(await consume(kafka_bootstrap, f"{topic}.b", 2)) == 2
+    assert f"{topic}.c" not in await topic_names(kafka_bootstrap)
+
+
 async def test_an_unreachable_broker_is_a_retryable_error(tmp_path, topic):
     exporter, _ = make_exporter(tmp_path, brokers=f"127.0.0.1:{free_port()}", topic=topic)
     with pytest.raises(RetryableError, match="cannot connect"):
@@ -283,6 +300,11 @@ def test_sasl_and_tls_settings_become_client_options(tmp_path):
     plain = client_options(convert({"sasl": {"username": "u", "password": "p"}},
                                    KafkaExporterConfig))
     assert (plain["security_protocol"], plain["sasl_mechanism"]) == ("SASL_PLAINTEXT", "PLAIN")
+
+
+def test_a_bound_of_no_topics_is_refused():
+    with pytest.raises(msgspec.ValidationError, match="max_topics must be at least 1, got 0"):
+        convert({"max_topics": 0}, KafkaExporterConfig)
 
 
 @pytest.mark.parametrize(("block", "message"), [
