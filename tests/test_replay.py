@@ -51,9 +51,9 @@ def _totals(events: list[Event]) -> list[tuple[Any, ...]]:
     return [(m, n, tokens, round(cost, 9)) for m, (n, tokens, cost) in sorted(rows.items())]
 
 
-def _archive(root: Path, events: list[Event], batch: int = 100) -> Path:
+def _archive(root: Path, events: list[Event], batch: int = 100, **options: Any) -> Path:
     """The files the `s3` exporter writes for `events`, at their keys under `root`."""
-    exporter = s3_exporter(root.parent, prefix="llm")
+    exporter = s3_exporter(root.parent, prefix="llm", **options)
     for start in range(0, len(events), batch):
         for key, data in exporter.files(ExportBatch(f"q:{start}", events[start:start + batch])):
             (root / key).parent.mkdir(parents=True, exist_ok=True)
@@ -97,8 +97,11 @@ def test_an_archive_replayed_twice_is_counted_once(tmp_path):
     assert clickhouse_totals(tmp_path / "ch") == _totals(events)
 
 
-def test_since_and_until_keep_the_events_of_their_window(tmp_path):
-    archive = _archive(tmp_path / "archive", spread_events(30))
+# (with max_partitions 1, the events of two of the three hours are in an `_others` file of
+# the third's partition)
+@pytest.mark.parametrize("max_partitions", [24, 1], ids=["own-hours", "others-file"])
+def test_since_and_until_keep_the_events_of_their_window(tmp_path, max_partitions):
+    archive = _archive(tmp_path / "archive", spread_events(30), max_partitions=max_partitions)
     assert cli.main(["replay", str(archive), "-c", str(_into_file(tmp_path)),
                      "--since", "2023-11-14T23:00:00Z", "--until", "2023-11-15"]) == 0
     replayed = read_jsonl(tmp_path / "out.jsonl")

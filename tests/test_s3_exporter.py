@@ -6,6 +6,7 @@ ClickHouse's `file()`) read as it is, with the totals the `clickhouse` exporter 
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -32,6 +33,8 @@ from tests.helpers import (
     running,
 )
 from tests.s3_helpers import (
+    HOUR,
+    START,
     TOTALS_SQL,
     clickhouse_totals,
     download,
@@ -142,6 +145,31 @@ async def test_a_file_past_the_threshold_is_uploaded_in_parts(s3_endpoint, tmp_p
     assert head["ContentLength"] == len(data)
     assert head["ETag"].strip('"').endswith("-2")  # the ETag of a 2-part multipart upload
     assert "-" not in client.head_object(Bucket=bucket, Key=small_key)["ETag"]
+
+
+async def test_a_batch_past_max_partitions_hours_writes_the_rest_in_its_busiest_hour(
+        s3_endpoint, tmp_path):
+    """Event times are the client's: a batch spread over many hours must not make an
+    upload of each. The events of its other hours share one file, archived still."""
+    bucket = new_bucket(s3_endpoint)
+    exporter = s3_exporter(tmp_path, bucket, s3_endpoint, prefix="llm", max_partitions=2)
+    await exporter.start()
+    hours = [0, 0, 0, 1, 1, 5, 9]  # from 2023-11-14 22:00; hour 0 is the busiest
+    await exporter.export(ExportBatch("q:0.0-1.0", [
+        make_event(i, timestamp=START + hour * HOUR) for i, hour in enumerate(hours)]))
+    await exporter.shutdown()
+    assert keys(s3_endpoint, bucket) == ["llm/dt=2023-11-14/hour=22/q_0.0-1.0.parquet",
+                                         "llm/dt=2023-11-14/hour=22/q_0.0-1.0_others.parquet",
+                                         "llm/dt=2023-11-14/hour=23/q_0.0-1.0.parquet"]
+    others = s3_client(s3_endpoint).get_object(
+        Bucket=bucket, Key="llm/dt=2023-11-14/hour=22/q_0.0-1.0_others.parquet")
+    assert pq.read_table(io.BytesIO(others["Body"].read())).column("event_id").to_pylist() == [
+        "evt-00000005", "evt-00000006"]
+
+
+def test_a_bound_of_no_partitions_is_refused():
+    with pytest.raises(msgspec.ValidationError, match="max_partitions must be at least 1, got 0"):
+        convert({"bucket": "b", "max_partitions": 0}, S3ExporterConfig)
 
 
 def test_a_batch_larger_than_max_file_mb_is_split_into_files_named_alike(tmp_path):

@@ -3,8 +3,9 @@
 delivery loop writes, one event per line, see `meterline/delivery.py`).
 
 Events come in chunks, so that an archive larger than memory replays in bounded memory.
-`--since/--until` skip whole files by their `dt=/hour=` partition before reading them,
-then filter the events read by timestamp. A file that cannot be read raises
+`--since/--until` skip whole files by their `dt=/hour=` partition before reading them
+(but a batch's `_others` file, which may hold any hour: see `schema.partitions`), then
+filter the events read by timestamp. A file that cannot be read raises
 `ReplayError` naming it.
 """
 
@@ -24,10 +25,11 @@ import pyarrow.parquet as pq
 
 from meterline.event import Event, from_json
 from meterline.exporters.s3.client import classify
-from meterline.exporters.s3.schema import HOUR_NS, from_table
+from meterline.exporters.s3.schema import HOUR_NS, OTHERS, from_table
 
 CHUNK = 1000  # events per chunk handed on
 _PARTITION = re.compile(r"dt=(\d{4})-(\d{2})-(\d{2})/hour=(\d{2})/")
+_OTHERS = re.compile(rf"{OTHERS}(?:_\d+)?\.parquet$")  # a file of any hour (`partitions`)
 
 
 class ReplayError(Exception):
@@ -47,9 +49,9 @@ class Window:
 
     def overlaps(self, name: str) -> bool:
         """Whether the file `name` may hold events of the window (its partition's hour
-        overlaps it, or it has no partition in its name)."""
+        overlaps it, or it has no partition in its name, or holds a batch's other hours)."""
         found = _PARTITION.search(name)
-        if found is None:
+        if found is None or _OTHERS.search(name):
             return True
         y, m, d, h = map(int, found.groups())
         start = calendar.timegm((y, m, d, h, 0, 0)) * 10**9

@@ -1,6 +1,7 @@
 """The `s3` exporter's options: where the archive goes, how to reach the store, and how
 big its files are. A file holds one batch's events of one hour, so `batch.max_size` and
-`batch.timeout` size the files by rows and by time, and `max_file_mb` by bytes."""
+`batch.timeout` size the files by rows and by time, `max_file_mb` by bytes, and
+`max_partitions` bounds how many hours (hence uploads) a batch makes."""
 
 from __future__ import annotations
 
@@ -32,6 +33,10 @@ class S3ExporterConfig(ExporterConfig, kw_only=True):
     # a batch whose rows take more than this in memory (Arrow, uncompressed) is split
     # into several files; the Parquet files are several times smaller
     max_file_mb: float = 512
+    # hours a batch writes a partition of, the busiest first: the events of its other
+    # hours go together in one file of the busiest hour's partition (NAME_others.parquet),
+    # so that timestamps spread over many hours cannot make an upload of each
+    max_partitions: int = 24
     compression_level: int = 3  # zstd level, 1 (fast) to 22 (small)
     row_group_size: int = 100_000  # rows per Parquet row group
     multipart_threshold_mb: float = 64  # files larger than this are sent in parts
@@ -55,6 +60,8 @@ class S3ExporterConfig(ExporterConfig, kw_only=True):
             raise ValueError("max_file_mb and multipart_threshold_mb must be positive")
         if self.part_size_mb < 5:
             raise ValueError("part_size_mb must be at least 5 (S3's smallest part)")
+        if self.max_partitions < 1:
+            raise ValueError(f"max_partitions must be at least 1, got {self.max_partitions}")
         if not 1 <= self.compression_level <= 22 or self.row_group_size < 1:
             raise ValueError("compression_level must be in [1, 22] and row_group_size >= 1")
 

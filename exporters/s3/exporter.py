@@ -4,9 +4,14 @@
 Exactly once per batch: an object's name is the batch's id (stable across retries and
 restarts, see `ExportBatch`), so a retried batch overwrites the same objects and never
 leaves a second copy; a batch whose events span several hours writes one object per
-hour, each named from the same id. Files are built in memory, then uploaded with
-boto3's transfer manager (multipart past `multipart_threshold_mb`); boto3 blocks, so
-both run in a thread, off the event loop.
+hour, each named from the same id. Those are `max_partitions` hours at most: event
+times are the client's to choose (any hour since 2000 passes the bounds), and a batch of
+50,000 events in as many hours would otherwise be 50,000 uploads of one row each. The
+events of a batch's other hours are written together, as `NAME_others.parquet` in the
+partition of its busiest hour, where `archive.Window` knows to look for any hour.
+
+Files are built in memory, then uploaded with boto3's transfer manager (multipart past
+`multipart_threshold_mb`); boto3 blocks, so both run in a thread, off the event loop.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from boto3.s3.transfer import TransferConfig
 from meterline.component import Context, ExportBatch, Exporter
 from meterline.exporters.s3.client import classify, make_client
 from meterline.exporters.s3.config import S3ExporterConfig
-from meterline.exporters.s3.schema import HOUR_NS, by_hour, to_table
+from meterline.exporters.s3.schema import HOUR_NS, partitions, to_table
 
 _MB = 1 << 20
 
@@ -76,10 +81,11 @@ class S3Exporter(Exporter):
     def files(self, batch: ExportBatch) -> list[tuple[str, bytes]]:
         """The (key, Parquet bytes) of every object the batch is written as."""
         out = []
-        for hour, events in by_hour(batch.events).items():
+        for hour, suffix, events in partitions(batch.events, self.config.max_partitions):
             directory = f"{self.config.key_prefix}{partition(hour)}/"
             for part, table in enumerate(split(to_table(events), self.config.max_file_mb * _MB)):
-                out.append((directory + object_name(batch.id, part), parquet(table, self.config)))
+                out.append((directory + object_name(batch.id + suffix, part),
+                            parquet(table, self.config)))
         return out
 
     def _write(self, batch: ExportBatch) -> None:

@@ -151,8 +151,24 @@ HOUR_NS: Final = 3600 * 10**9
 
 def by_hour(events: list[Event]) -> dict[int, list[Event]]:
     """The events grouped by the hour of their timestamp (hours since the epoch), in order
-    of first appearance: the partitions a batch is written to."""
+    of first appearance."""
     hours: dict[int, list[Event]] = {}
     for event in events:
         hours.setdefault(event.timestamp // HOUR_NS, []).append(event)
     return hours
+
+
+OTHERS: Final = "_others"  # ends the name of the file of a batch's hours past the bound
+
+
+def partitions(events: list[Event], most: int) -> list[tuple[int, str, list[Event]]]:
+    """(hour, file name suffix, events) of each group a batch is written as: its `most`
+    busiest hours, each in its own partition (the later first among equals, so that every
+    retry chooses alike), and one group of the events of its other hours, in the busiest
+    hour's partition."""
+    hours = by_hour(events)
+    ranked = sorted(hours, key=lambda hour: (len(hours[hour]), hour), reverse=True)
+    groups = [(hour, "", hours[hour]) for hour in ranked[:most]]
+    if rest := ranked[most:]:
+        groups.append((ranked[0], OTHERS, [e for hour in sorted(rest) for e in hours[hour]]))
+    return groups
