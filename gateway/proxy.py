@@ -742,8 +742,10 @@ _KEY_SHAPED: Final = re.compile(
     # an Authorization value (a word after Bearer with a digit or a symbol: not "Bearer token")
     r"(?P<scheme>\b(?i:bearer)\s+)(?=[A-Za-z.]*[0-9_\-~+/=*\u2026]|[A-Za-z]{20})"
     r"[A-Za-z0-9._~+/=*\u2026-]{8,}"
-    r"|\bsk-[A-Za-z0-9_\-*\u2026\u2022]{12,}"  # OpenAI, Anthropic (sk-ant-), DeepSeek...
-    r"|\bAIza[0-9A-Za-z_\-]{20,}"  # Google API keys
+    # OpenAI, Anthropic (sk-ant-), DeepSeek...; Google. After no letter or digit: a key
+    # joined to a name by `_` (`key_sk-...`) is a key all the same (as redact's detectors)
+    r"|(?<![^\W_])sk-[A-Za-z0-9_\-*\u2026\u2022]{12,}"
+    r"|(?<![^\W_])AIza[0-9A-Za-z_\-]{20,}"
     r"|[A-Za-z0-9_\-]+\*{4,}[A-Za-z0-9_\-]*|\*{4,}[A-Za-z0-9_\-]+")  # a masked key: ab***yz
 _WORD: Final = re.compile(r"[^\s\"'`<>(),;]+")
 _MASKS: Final = frozenset("*\u2026\u2022")  # *, …, •

@@ -83,6 +83,8 @@ async def test_the_key_the_gateway_injects_is_kept_from_the_event_and_the_client
     "Incorrect API key provided: sk-abc12****************************wxyz.",
     "upstream said: Authorization: Bearer eyJhbGciOiJIUzI1NiJ9.e30.sig failed",
     "API key not valid: AIzaSyD-9tSrke72PouQMnMX-a7eZSW0jkFMBWY",
+    "no such key_sk-abcdefghij0123456789 in the vault",
+    "unknown config_AIzaSyD-9tSrke72PouQMnMX-a7eZSW0jkFMBWY",
 ])
 def test_key_shaped_words_are_scrubbed_without_knowing_the_key(message):
     scrubbed = scrub_secrets(message, [])
