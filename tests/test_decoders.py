@@ -248,6 +248,18 @@ def test_an_otoroshi_event_with_negative_tokens_is_refused_alone():
     assert index == 0 and "$.input_tokens" in reason
 
 
+def test_otoroshis_minus_one_counts_are_not_reported_rather_than_refused():
+    # Otoroshi's provider clients write -1 for a count the provider did not send: the
+    # reasoning tokens of an Anthropic call, the limits of a provider without their headers
+    item = {**OTOROSHI, "provider_kind": "anthropic",
+            "usage": {"prompt_tokens": 50, "generation_tokens": 400, "reasoning_tokens": -1},
+            "rate_limit": dict.fromkeys(OTOROSHI["rate_limit"], -1)}
+    e = decode_item(item)
+    assert (e.input_tokens, e.output_tokens, e.reasoning_tokens) == (50, 400, None)
+    assert (e.ratelimit_requests_limit, e.ratelimit_requests_remaining,
+            e.ratelimit_tokens_limit, e.ratelimit_tokens_remaining) == (None, None, None, None)
+
+
 def test_a_litellm_payload_with_an_infinite_cost_is_refused():
     decoded = decode_body(json.dumps([{**LITELLM, "response_cost": "inf"}]).encode())
     [(index, reason)] = decoded.rejected

@@ -5,7 +5,8 @@ one per message. Other Otoroshi events (GatewayEvent, AlertEvent...), which an
 unfiltered data exporter sends too, are not LLM calls (`NotAnLLMCall`, naming the
 filter that keeps them out); an `LLMUsageAudit` that cannot be read is a
 `DecodeError`. The audit event's `@timestamp` is written
-when the call ends, so the request start is `@timestamp - duration`.
+when the call ends, so the request start is `@timestamp - duration`. A count of -1 (tokens,
+rate limits) is Otoroshi's "not reported" (`_count`).
 
 The API key: `api_key_id` is the hash prefix of its `clientId` (`meterline.event.api_key_id`,
 the rule every source follows, so ids never carry a source's own identifiers); the raw
@@ -104,9 +105,9 @@ def decode(item: dict[str, Any]) -> Event:
         status_code=200 if error is None else None,
         error_type=error_type_for_name(_error_name(error)) if error is not None else None,
         error_message=_error_text(error),
-        input_tokens=as_int(usage.get("prompt_tokens")),
-        output_tokens=as_int(usage.get("generation_tokens")),
-        reasoning_tokens=as_int(usage.get("reasoning_tokens")),
+        input_tokens=_count(usage.get("prompt_tokens")),
+        output_tokens=_count(usage.get("generation_tokens")),
+        reasoning_tokens=_count(usage.get("reasoning_tokens")),
         duration_ms=duration,
         user_id=user.get("email") or user.get("name") or user.get("id") if user else None,
         api_key_id=api_key_id(client_id) if client_id else None,
@@ -114,10 +115,10 @@ def decode(item: dict[str, Any]) -> Event:
         team=teams[0] if len(teams) == 1 else None,
         organization=location.get("tenant"),
         metadata=as_metadata(apikey.get("metadata")),
-        ratelimit_requests_limit=as_int(rate.get("requests_limit")),
-        ratelimit_requests_remaining=as_int(rate.get("requests_remaining")),
-        ratelimit_tokens_limit=as_int(rate.get("tokens_limit")),
-        ratelimit_tokens_remaining=as_int(rate.get("tokens_remaining")),
+        ratelimit_requests_limit=_count(rate.get("requests_limit")),
+        ratelimit_requests_remaining=_count(rate.get("requests_remaining")),
+        ratelimit_tokens_limit=_count(rate.get("tokens_limit")),
+        ratelimit_tokens_remaining=_count(rate.get("tokens_remaining")),
         policies=["guardrails"] if guardrail else None,
         guardrails=[guardrail] if guardrail else None,
         input_messages=as_messages(item.get("input_prompt")),
@@ -126,6 +127,18 @@ def decode(item: dict[str, Any]) -> Event:
         actual_cost_usd=_usd(costs),
         attributes=attributes or None,
     )
+
+
+NOT_REPORTED = -1
+
+
+def _count(value: Any) -> int | None:
+    """A count of Otoroshi's (tokens, rate limits): its provider clients write -1 for one the
+    provider did not send (`getOrElse(-1L)`: Anthropic reports no reasoning tokens, many
+    providers no rate-limit headers). That is a count not reported, not a negative one
+    that would refuse the whole call."""
+    number = as_int(value)
+    return None if number == NOT_REPORTED else number
 
 
 def _params(item: dict[str, Any]) -> dict[str, Any] | None:
