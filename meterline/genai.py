@@ -7,7 +7,7 @@ query groups the same provider whatever reported it.
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Any, Final
 
 PROVIDER_ALIASES: Final[dict[str, str]] = {
     "openai": "openai",
@@ -88,6 +88,34 @@ def error_type_for_name(name: str | None) -> str:
     text = (name if isinstance(name, str) else "").lower().replace("_", "")  # (foreign JSON)
     for needle, category in _ERROR_NAMES:
         if needle in text:
+            return category
+    return "unknown"
+
+
+def error_of(body: Any) -> tuple[list[str], str | None]:
+    """The names (most telling first) and the message of a provider's error body: OpenAI's
+    `{"error": {type, code, message}}`, Anthropic's `{"type": "error", "error": {type,
+    message}}`, Ollama's `{"error": "..."}`, a bare `{type|code, message}` stream event, or
+    a bare string."""
+    if isinstance(body, str):
+        return [], body
+    if not isinstance(body, dict):
+        return [], None
+    error = body.get("error")
+    if isinstance(error, dict):
+        names, message = [error.get("type"), error.get("code")], error.get("message")
+    elif isinstance(error, str):
+        names, message = [], error
+    else:
+        names, message = [body.get("code"), body.get("type")], body.get("message")
+    return [n for n in names if isinstance(n, str) and n], str(message) if message else None
+
+
+def error_type_for_names(names: list[str]) -> str:
+    """The category of the first name that tells one (OpenAI's 429 is of `type`
+    `requests`, which tells nothing, and `code` `rate_limit_exceeded`)."""
+    for name in names:
+        if (category := error_type_for_name(name)) != "unknown":
             return category
     return "unknown"
 

@@ -108,6 +108,22 @@ def test_otoroshi_streaming_embeddings_and_errors_map():
                        ).operation == "embeddings"
 
 
+@pytest.mark.parametrize(("error", "category", "message"), [
+    ({"error": {"message": "Rate limit reached for gpt-4o-mini", "type": "requests",
+                "param": None, "code": "rate_limit_exceeded"}},
+     "rate_limit_error", "Rate limit reached for gpt-4o-mini"),  # OpenAI's 429 body
+    ({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}},
+     "service_unavailable", "Overloaded"),  # Anthropic's 529 body
+    ({"exception": "Request timeout to api.openai.com after 30000 ms"},
+     "timeout", "Request timeout to api.openai.com after 30000 ms"),
+])
+def test_an_otoroshi_failure_is_categorised_by_the_providers_error_body(
+        error, category, message):
+    # Otoroshi's `error` is the provider's own error body (or the exception's message)
+    e = decode_item({**OTOROSHI, "error": error})
+    assert (e.error_type, e.error_message) == (category, message)
+
+
 def test_other_otoroshi_events_are_not_llm_calls_and_name_the_filter_to_use():
     with pytest.raises(NotAnLLMCall, match=r'include \[\{"audit": "LLMUsageAudit"\}\]'):
         decode_item({"@type": "GatewayEvent", "@id": "1", "@timestamp": 1})

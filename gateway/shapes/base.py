@@ -8,7 +8,7 @@ from typing import Any, Final
 import msgspec
 
 from meterline.event import Event
-from meterline.genai import error_type
+from meterline.genai import error_of, error_type
 
 TOKEN: Final = 1  # the stream message carried output (a token, a tool call delta...)
 DROP: Final = 2  # the stream message is not forwarded to the client
@@ -106,22 +106,12 @@ class Shape:
 
 
 def read_error(body: Any, event: Event) -> None:
-    """The category and message of an error body: OpenAI's `{"error": {type, code,
-    message}}`, Anthropic's `{"type": "error", "error": {...}}`, Ollama's
-    `{"error": "..."}`, or a bare `{type|code, message}` stream event."""
-    if not isinstance(body, dict):
-        event.error_type = error_type(event.status_code, None)
-        return
-    error = body.get("error")
-    if isinstance(error, dict):
-        name, message = error.get("type") or error.get("code"), error.get("message")
-    elif isinstance(error, str):
-        name, message = None, error
-    else:
-        name, message = body.get("code") or body.get("type"), body.get("message")
-    event.error_type = error_type(event.status_code, name if isinstance(name, str) else None)
+    """The category and message of an error body (`genai.error_of`): the status decides
+    the category, the body's own name when the status says little."""
+    names, message = error_of(body) if isinstance(body, dict) else ([], None)
+    event.error_type = error_type(event.status_code, names[0] if names else None)
     if message:
-        event.error_message = str(message)[:_MAX_ERROR_MESSAGE]
+        event.error_message = message[:_MAX_ERROR_MESSAGE]
 
 
 _TEXT_KEYS: Final = ("messages", "input", "prompt", "system", "instructions", "content",

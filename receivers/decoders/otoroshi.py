@@ -31,7 +31,7 @@ import math
 from typing import Any
 
 from meterline.event import Event, Guardrail, GuardrailStage, api_key_id, uuid7
-from meterline.genai import error_type_for_name, provider_name
+from meterline.genai import error_of, error_type_for_names, provider_name
 from meterline.lenient import as_dict, as_float, as_int, as_list, as_messages, as_metadata
 from meterline.receivers.decoders.errors import DecodeError, NotAnLLMCall
 
@@ -103,7 +103,7 @@ def decode(item: dict[str, Any]) -> Event:
         upstream=as_dict(item.get("provider_details")).get("name") or item.get("provider"),
         params=_params(item),
         status_code=200 if error is None else None,
-        error_type=error_type_for_name(_error_name(error)) if error is not None else None,
+        error_type=_error_type(error) if error is not None else None,
         error_message=_error_text(error),
         input_tokens=_count(usage.get("prompt_tokens")),
         output_tokens=_count(usage.get("generation_tokens")),
@@ -168,19 +168,22 @@ def _usd(costs: dict[str, Any]) -> float | None:
     return total
 
 
-def _error_name(error: Any) -> str:
-    if isinstance(error, dict):
-        return str(error.get("type") or error.get("code") or error.get("message") or "")
-    return str(error)
+def _error_type(error: Any) -> str:
+    """The category of a failed call: Otoroshi's `error` is the provider's own error body
+    (`ProviderHelpers.wrapResponse`), read as the gateway reads it, or `{"exception":
+    message}`; without an HTTP status, the first of its names that tells one decides."""
+    names, _ = error_of(error)
+    return error_type_for_names([*names, _message(error) or ""])
+
+
+def _message(error: Any) -> str | None:
+    _, message = error_of(error)
+    exception = as_dict(error).get("exception")
+    return message or (str(exception) if exception else None)
 
 
 def _error_text(error: Any) -> str | None:
-    if error is None:
-        return None
-    if isinstance(error, dict):
-        text = error.get("message") or error.get("error") or error
-        return str(text)[:1024]
-    return str(error)[:1024]
+    return None if error is None else (_message(error) or str(error))[:1024]
 
 
 _PHASES: dict[str, GuardrailStage] = {"before": "input", "after": "output"}
