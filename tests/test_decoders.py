@@ -124,6 +124,31 @@ def test_an_otoroshi_failure_is_categorised_by_the_providers_error_body(
     assert (e.error_type, e.error_message) == (category, message)
 
 
+def with_cache(status):
+    metadata = {**OTOROSHI["output"]["metadata"],
+                "cache": {"status": status, "key": "k1", "ttl": 86400, "age": 12}}
+    # the usage slug at the top is the last provider call's: on a hit, an LLM guardrail's
+    return {**OTOROSHI, "output": {**OTOROSHI["output"], "metadata": metadata},
+            "usage": {"prompt_tokens": 900, "generation_tokens": 2, "reasoning_tokens": 0},
+            "model": "guardrail-model", "duration": 310}
+
+
+def test_an_otoroshi_cache_hit_is_a_cache_hit_with_its_answers_usage_not_another_calls():
+    e = decode_item(with_cache("Hit"))
+    assert e.cache_hit is True
+    assert (e.input_tokens, e.output_tokens) == (14, 39)  # output.metadata.usage
+    assert e.request_model == "gpt-4o-mini"  # the provider's, not the guardrail's
+    assert (e.duration_ms, e.ratelimit_requests_limit) == (None, None)
+    assert e.timestamp == OTOROSHI["@timestamp"] * 1_000_000
+
+
+def test_an_otoroshi_cache_miss_is_the_provider_call_of_its_slug():
+    e = decode_item(with_cache("Miss"))
+    assert e.cache_hit is False
+    assert (e.input_tokens, e.request_model, e.duration_ms) == (900, "guardrail-model", 310)
+    assert decode_item(OTOROSHI).cache_hit is None  # no cache on that provider
+
+
 def test_other_otoroshi_events_are_not_llm_calls_and_name_the_filter_to_use():
     with pytest.raises(NotAnLLMCall, match=r'include \[\{"audit": "LLMUsageAudit"\}\]'):
         decode_item({"@type": "GatewayEvent", "@id": "1", "@timestamp": 1})

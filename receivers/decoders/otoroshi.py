@@ -6,7 +6,9 @@ unfiltered data exporter sends too, are not LLM calls (`NotAnLLMCall`, naming th
 filter that keeps them out); an `LLMUsageAudit` that cannot be read is a
 `DecodeError`. The audit event's `@timestamp` is written
 when the call ends, so the request start is `@timestamp - duration`. A count of -1 (tokens,
-rate limits) is Otoroshi's "not reported" (`_count`).
+rate limits) is Otoroshi's "not reported" (`_count`). A call Otoroshi's cache answered
+(`output.metadata.cache.status: Hit`) is a `cache_hit`, with its cached answer's usage
+(`_served`).
 
 The API key: `api_key_id` is the hash prefix of its `clientId` (`meterline.event.api_key_id`,
 the rule every source follows, so ids never carry a source's own identifiers); the raw
@@ -55,16 +57,16 @@ def decode(item: dict[str, Any]) -> Event:
         raise NotAnLLMCall(f"Otoroshi {kind} event is not an LLM usage event; keep only "
                            "LLMUsageAudit in the data exporter: "
                            'include [{"audit": "LLMUsageAudit"}]')
-    usage = as_dict(item.get("usage")) or as_dict(as_dict(item.get("output")).get("metadata")).get(
-        "usage") or {}
-    rate = as_dict(item.get("rate_limit"))
+    slug, cache_hit = _served(item)
+    usage = as_dict(slug.get("usage"))
+    rate = as_dict(slug.get("rate_limit"))
     apikey = as_dict(item.get("apikey"))
     location = as_dict(apikey.get("_loc"))
     teams = as_list(location.get("teams"))
     route = as_dict(item.get("route"))
     user = as_dict(item.get("user"))
     consumed = str(item.get("consumed_using") or "")
-    duration = as_float(item.get("duration"))
+    duration = as_float(slug.get("duration"))
     stamp_ms = as_float(item.get("@timestamp"))
     if stamp_ms is None:
         raise DecodeError("Otoroshi LLMUsageAudit without @timestamp")
@@ -97,7 +99,7 @@ def decode(item: dict[str, Any]) -> Event:
         source="otoroshi",
         provider=provider_name(item.get("provider_kind")),
         operation=_OPERATIONS.get(consumed.split("/")[0]) if consumed else None,
-        request_model=item.get("model"),
+        request_model=slug.get("model"),
         streaming=consumed.endswith("/streaming") if consumed else None,
         route=route.get("name") or route.get("id"),
         upstream=as_dict(item.get("provider_details")).get("name") or item.get("provider"),
@@ -119,6 +121,7 @@ def decode(item: dict[str, Any]) -> Event:
         ratelimit_requests_remaining=_count(rate.get("requests_remaining")),
         ratelimit_tokens_limit=_count(rate.get("tokens_limit")),
         ratelimit_tokens_remaining=_count(rate.get("tokens_remaining")),
+        cache_hit=cache_hit,
         policies=["guardrails"] if guardrail else None,
         guardrails=[guardrail] if guardrail else None,
         input_messages=as_messages(item.get("input_prompt")),
@@ -127,6 +130,24 @@ def decode(item: dict[str, Any]) -> Event:
         actual_cost_usd=_usd(costs),
         attributes=attributes or None,
     )
+
+
+def _served(item: dict[str, Any]) -> tuple[dict[str, Any], bool | None]:
+    """The provider call's usage slug (`usage`, `duration`, `model`, `rate_limit`, which
+    Otoroshi merges into the event), and whether Otoroshi's cache answered
+    (`output.metadata.cache.status`: Hit, Miss, Refresh or Bypass; None without a cache).
+    On a hit no provider ran, and a slug there is another call's (an LLM guardrail's): the
+    call's usage is its cached answer's (`output.metadata.usage`), its model the provider's
+    (`provider_details.options.model`), and it has no duration or rate limits of its own."""
+    metadata = as_dict(as_dict(item.get("output")).get("metadata"))
+    status = as_dict(metadata.get("cache")).get("status")
+    hit = status.lower() == "hit" if isinstance(status, str) else None
+    if hit:
+        options = as_dict(as_dict(item.get("provider_details")).get("options"))
+        return {"usage": metadata.get("usage"), "model": options.get("model")}, True
+    return {"usage": as_dict(item.get("usage")) or metadata.get("usage"),
+            "duration": item.get("duration"), "model": item.get("model"),
+            "rate_limit": item.get("rate_limit")}, hit
 
 
 NOT_REPORTED = -1
