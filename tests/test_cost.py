@@ -322,6 +322,28 @@ def test_a_price_file_host_does_not_price_another_hosts_calls(tmp_path: Path) ->
     assert other.cost_usd is None
 
 
+def litellm_map(tmp_path: Path, entries: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """A cost config reading `entries` as a LiteLLM price map, and no bundled price."""
+    path = tmp_path / "model_prices_and_context_window.json"
+    path.write_text(json.dumps(entries))
+    return {"price_files": [str(path)], "bundled": False}
+
+
+def test_litellm_bedrock_mantle_prices_are_not_bedrock_ones(tmp_path: Path) -> None:
+    # LiteLLM reports Bedrock's OpenAI-compatible endpoint as `bedrock_mantle`
+    config = litellm_map(tmp_path, {
+        "openai.gpt-oss-20b": {"litellm_provider": "bedrock_converse", "mode": "chat",
+                               "input_cost_per_token": 7e-08, "output_cost_per_token": 3e-07},
+        "bedrock_mantle/openai.gpt-oss-20b": {
+            "litellm_provider": "bedrock_mantle", "mode": "chat",
+            "input_cost_per_token": 7.5e-08, "output_cost_per_token": 3e-07}})
+    usage = {"request_model": "openai.gpt-oss-20b", "input_tokens": 1000, "output_tokens": 0}
+    bedrock = priced(tmp_path, config, provider=provider_name("bedrock"), **usage)
+    mantle = priced(tmp_path, config, provider=provider_name("bedrock_mantle"), **usage)
+    assert bedrock.cost_usd == pytest.approx(1000 * 0.07 / 1e6)
+    assert mantle.cost_usd == pytest.approx(1000 * 0.075 / 1e6)
+
+
 def test_without_the_bundled_table_only_given_prices_apply(tmp_path: Path) -> None:
     p = processor(tmp_path, bundled=False, price_files=[LITELLM_FILE])
     known, unknown = p.process([make_event(0, request_model="acme-chat-1"),

@@ -446,10 +446,12 @@ _LITELLM_TIER = re.compile(r"^(input_cost_per_token|output_cost_per_token|"
 
 def litellm_provider(raw: str) -> str | None:
     """LiteLLM's provider families (`bedrock_converse`, `vertex_ai-anthropic_models`)
-    to `gen_ai.provider.name`."""
+    to `gen_ai.provider.name`. `bedrock_mantle` (Bedrock's OpenAI-compatible endpoint) is
+    no family of `bedrock`: LiteLLM calls it under that name, and prices the same model
+    ids apart (`openai.gpt-oss-20b`)."""
     if raw.startswith("vertex_ai"):
         raw = "vertex_ai"
-    elif raw.startswith("bedrock"):
+    elif raw in ("bedrock", "bedrock_converse"):
         raw = "bedrock"
     elif raw.startswith("cohere"):
         raw = "cohere"
