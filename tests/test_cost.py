@@ -344,6 +344,31 @@ def test_litellm_bedrock_mantle_prices_are_not_bedrock_ones(tmp_path: Path) -> N
     assert mantle.cost_usd == pytest.approx(1000 * 0.075 / 1e6)
 
 
+def test_litellm_key_naming_the_provider_wins_over_the_bare_model_key(tmp_path: Path) -> None:
+    # as LiteLLM looks up `deepseek/deepseek-chat` first, wherever the keys stand in the map
+    config = litellm_map(tmp_path, {
+        "deepseek/deepseek-chat": {"litellm_provider": "deepseek", "mode": "chat",
+                                   "input_cost_per_token": 2.8e-07},
+        "deepseek-chat": {"litellm_provider": "deepseek", "mode": "chat",
+                          "input_cost_per_token": 2.7e-07}})
+    e = priced(tmp_path, config, provider="deepseek", request_model="deepseek-chat",
+               input_tokens=1000)
+    assert e.cost_usd == pytest.approx(1000 * 0.28 / 1e6)
+
+
+def test_litellm_colliding_keys_are_not_merged(tmp_path: Path) -> None:
+    # the kept entry prices no cache read: the other key's cache rate does not come along
+    config = litellm_map(tmp_path, {
+        "moonshotai.kimi-k2.5": {"litellm_provider": "bedrock_converse", "mode": "chat",
+                                 "input_cost_per_token": 6e-07,
+                                 "cache_read_input_token_cost": 1e-07},
+        "bedrock/moonshotai.kimi-k2.5": {"litellm_provider": "bedrock", "mode": "chat",
+                                         "input_cost_per_token": 6e-07}})
+    e = priced(tmp_path, config, provider="aws.bedrock", request_model="moonshotai.kimi-k2.5",
+               input_tokens=1000, cache_read_tokens=1000)
+    assert e.cost_usd == pytest.approx(1000 * 0.6 / 1e6)
+
+
 def test_without_the_bundled_table_only_given_prices_apply(tmp_path: Path) -> None:
     p = processor(tmp_path, bundled=False, price_files=[LITELLM_FILE])
     known, unknown = p.process([make_event(0, request_model="acme-chat-1"),

@@ -509,7 +509,7 @@ def litellm_layer(data: Any, origin: str) -> Layer:
     if not isinstance(data, dict):
         raise ValueError("expected a JSON object keyed by model name")
     layer = Layer(origin)
-    specs: dict[tuple[str | None, str], tuple[str, dict[str, Any]]] = {}
+    specs: dict[tuple[str | None, str], _Found] = {}
     for key, entry in data.items():
         if key == "sample_spec" or not isinstance(entry, dict):
             continue
@@ -520,10 +520,10 @@ def litellm_layer(data: Any, origin: str) -> Layer:
             size = f"{pixels['w']}x{pixels['h']}"
             per_image = numbers["input_cost_per_pixel"] * int(pixels["w"]) * int(pixels["h"])
             image_key = f"{size}/{pixels['quality']}" if pixels["quality"] else size
-            _, fields = specs.setdefault(
+            found = specs.setdefault(
                 (provider, _model_of(pixels["model"], raw_provider, provider)),
-                (f"{origin}: {key}", {}))
-            fields.setdefault("images", {})[image_key] = round(per_image, 9)
+                _Found(f"{origin}: {key}", {}, named=False))
+            found.fields.setdefault("images", {})[image_key] = round(per_image, 9)
             continue
         fields = _litellm_units(entry, numbers)
         if "input_cost_per_token" in numbers:
@@ -533,13 +533,38 @@ def litellm_layer(data: Any, origin: str) -> Layer:
         if isinstance(entry.get("source"), str):
             fields["source"] = entry["source"]
         model = _model_of(key, raw_provider, provider)
-        _, known = specs.setdefault((provider, model), (f"{origin}: {key}", {}))
-        known.update(fields)
-    for (provider, model), (where, fields) in specs.items():
-        spec = msgspec.convert(fields, PriceSpec)
+        _keep(specs, (provider, model), _Found(f"{origin}: {key}", fields, named=model != key))
+    for (provider, model), found in specs.items():
+        spec = msgspec.convert(found.fields, PriceSpec)
         ref = f"{provider}/{model}" if provider else model
-        layer.add(provider, model, make_price(ref, spec, origin, spec.source or where, None))
+        layer.add(provider, model, make_price(ref, spec, origin, spec.source or found.where,
+                                              None))
     return layer
+
+
+@dataclass
+class _Found:
+    """The prices a LiteLLM map gives one (provider, model), and the key that gave them."""
+
+    where: str
+    fields: dict[str, Any]
+    named: bool  # its key names the provider (`deepseek/deepseek-chat`)
+
+
+def _keep(specs: dict[tuple[str | None, str], _Found], at: tuple[str | None, str],
+          new: _Found) -> None:
+    """Two keys of a map may name one model of one provider, at different prices
+    (`deepseek-chat` and `deepseek/deepseek-chat`, `moonshotai.kimi-k2.5` and
+    `bedrock/moonshotai.kimi-k2.5`). LiteLLM prices a call by the key that names its
+    provider first, so that key's entry is kept, whole, wherever it stands in the map;
+    between two keys of the same form, the later one. The images its `quality/WxH/model`
+    keys price are kept either way."""
+    old = specs.get(at)
+    if old is not None and old.named and not new.named:
+        return
+    if old is not None and "images" in old.fields:
+        new.fields["images"] = old.fields["images"]
+    specs[at] = new
 
 
 def _litellm_tokens(numbers: dict[str, float]) -> dict[str, Any]:
