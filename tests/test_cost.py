@@ -369,6 +369,24 @@ def test_litellm_colliding_keys_are_not_merged(tmp_path: Path) -> None:
     assert e.cost_usd == pytest.approx(1000 * 0.6 / 1e6)
 
 
+def test_litellm_tiered_pricing_bills_the_whole_call_at_its_prompts_range(
+        tmp_path: Path) -> None:
+    config = litellm_map(tmp_path, {"dashscope/qwen3-max": {
+        "litellm_provider": "dashscope", "mode": "chat", "tiered_pricing": [
+            {"input_cost_per_token": 1.2e-06, "output_cost_per_token": 6e-06,
+             "range": [0, 32000.0]},
+            {"input_cost_per_token": 2.4e-06, "output_cost_per_token": 1.2e-05,
+             "range": [32000.0, 128000.0]}]}})
+    p = processor(tmp_path, **config)
+    usage = {"provider": "dashscope", "request_model": "qwen3-max", "output_tokens": 1000,
+             "cache_read_tokens": 10_000}
+    end, past = p.process([make_event(0, input_tokens=32_000, **usage),
+                           make_event(1, input_tokens=32_001, **usage)])
+    assert end.cost_usd == pytest.approx((32_000 * 1.2 + 1000 * 6) / 1e6)
+    assert past.cost_usd == pytest.approx((32_001 * 2.4 + 1000 * 12) / 1e6)
+    assert past.pricing_ref.endswith(";above_32000")
+
+
 def test_without_the_bundled_table_only_given_prices_apply(tmp_path: Path) -> None:
     p = processor(tmp_path, bundled=False, price_files=[LITELLM_FILE])
     known, unknown = p.process([make_event(0, request_model="acme-chat-1"),

@@ -526,7 +526,9 @@ def litellm_layer(data: Any, origin: str) -> Layer:
             found.fields.setdefault("images", {})[image_key] = round(per_image, 9)
             continue
         fields = _litellm_units(entry, numbers)
-        if "input_cost_per_token" in numbers:
+        if ranges := _litellm_ranges(entry.get("tiered_pricing")):
+            fields.update(_litellm_ranged(ranges))
+        elif "input_cost_per_token" in numbers:
             fields.update(_litellm_tokens(numbers))
         if not fields:
             continue
@@ -579,6 +581,32 @@ def _litellm_tokens(numbers: dict[str, float]) -> dict[str, Any]:
                                 numbers["input_cost_per_token"])
     fields["batch_output"] = _fraction(numbers.get("output_cost_per_token_batches"),
                                        numbers.get("output_cost_per_token"))
+    return fields
+
+
+def _litellm_ranges(tiers: Any) -> list[tuple[int, dict[str, float]]]:
+    """The token rates of LiteLLM's `tiered_pricing` (Alibaba's DashScope, Volcengine),
+    by the start of their range of prompt tokens (`[start, end]`), lowest first."""
+    ranges = []
+    for tier in tiers if isinstance(tiers, list) else ():
+        span = tier.get("range") if isinstance(tier, dict) else None
+        numbers = _numbers(tier) if isinstance(tier, dict) else {}
+        if isinstance(span, list) and span and isinstance(span[0], int | float) \
+                and "input_cost_per_token" in numbers:
+            ranges.append((int(span[0]), numbers))
+    return sorted(ranges, key=lambda r: r[0])
+
+
+def _litellm_ranged(ranges: list[tuple[int, dict[str, float]]]) -> dict[str, Any]:
+    """A whole call is billed at the rates of the range its prompt falls in (`start <
+    prompt <= end`; past the last range, the last), which is a tier above each range's
+    start: the lowest range gives the entry's rates, each other one a tier. Such an entry
+    has no flat rates of its own (LiteLLM reads the ranges first when both are given)."""
+    (_, lowest), *higher = ranges
+    fields = _litellm_tokens(lowest)
+    fields["tiers"] = [{"above": start, **{name: numbers[f] * 1e6
+                                           for f, name in _LITELLM_RATE.items() if f in numbers}}
+                       for start, numbers in higher if start > 0]
     return fields
 
 
