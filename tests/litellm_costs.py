@@ -1,0 +1,81 @@
+"""LiteLLM's own cost of calls, for tests/test_pricing_reference.py: run by the Python of
+LiteLLM's virtual environment (tests/litellm_proxy.py installs it), never imported by
+meterline's tests (LiteLLM is not installed beside meterline).
+
+Reads a JSON array of calls on standard input, each `{"model": KEY, "prompt": N,
+"completion": N, "cache_read": N, "cache_write": N, "reasoning": N, "audio_in": N,
+"audio_out": N}` (KEY a key of LiteLLM's price map; `prompt` includes the cached, written
+and audio tokens, `completion` the reasoning and audio ones, as LiteLLM's `Usage` counts
+them), and writes one JSON array back, one answer per call: the provider LiteLLM routes
+the model to, the entry its cost calculation reads, the usage as LiteLLM's logging
+payload carries it (`response.usage`) and `cost_per_token`'s (input, output) cost in USD;
+or the error LiteLLM raised.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import litellm
+from litellm.types.utils import (
+    CompletionTokensDetailsWrapper,
+    PromptTokensDetailsWrapper,
+    Usage,
+)
+
+
+def usage(call: dict[str, Any]) -> Usage:
+    """The usage LiteLLM makes of a provider's answer (its Anthropic transformation's
+    complete form: the prompt's cache reads, writes and audio in `prompt_tokens_details`
+    and `prompt_tokens` counting them all; reasoning and audio in
+    `completion_tokens_details`)."""
+    prompt, completion = call["prompt"], call["completion"]
+    read, written, audio_in = call["cache_read"], call["cache_write"], call["audio_in"]
+    reasoning, audio_out = call["reasoning"], call["audio_out"]
+    return Usage(
+        prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+        prompt_tokens_details=PromptTokensDetailsWrapper(
+            cached_tokens=read, cache_creation_tokens=written, audio_tokens=audio_in,
+            text_tokens=prompt - read - written - audio_in),
+        cache_read_input_tokens=read, cache_creation_input_tokens=written,
+        completion_tokens_details=CompletionTokensDetailsWrapper(
+            reasoning_tokens=reasoning, audio_tokens=audio_out,
+            text_tokens=completion - reasoning - audio_out))
+
+
+def provider_of(model: str) -> str:
+    """The provider LiteLLM calls `model` with: the one it finds from the name, else (a
+    bare `deepseek-chat`) the entry's own, as a deployment naming it would be called."""
+    try:
+        return str(litellm.get_llm_provider(model=model)[1])
+    except litellm.BadRequestError:
+        family = litellm.model_cost[model].get("litellm_provider")
+        if family not in litellm.provider_list:
+            raise
+        return str(family)
+
+
+def price(call: dict[str, Any]) -> dict[str, Any]:
+    model = call["model"]
+    try:
+        provider = provider_of(model)
+        used = usage(call)
+        entry = litellm.get_model_info(model=model, custom_llm_provider=provider)["key"]
+        cost_in, cost_out = litellm.cost_per_token(
+            model=model, custom_llm_provider=provider, usage_object=used,
+            prompt_tokens=call["prompt"], completion_tokens=call["completion"])
+    except Exception as e:  # LiteLLM's own refusal is the answer for that call
+        return {"error": f"{type(e).__name__}: {e}"}
+    return {"provider": provider, "entry": entry, "usage": used.model_dump(),
+            "input": cost_in, "output": cost_out}
+
+
+def main() -> None:
+    answer, sys.stdout = sys.stdout, sys.stderr  # what LiteLLM prints is no answer
+    json.dump([price(call) for call in json.load(sys.stdin)], answer)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,215 @@
+"""meterline's prices against LiteLLM's own cost calculation (a differential test).
+
+A FinOps user loads LiteLLM's price map into meterline (`price_files`) and compares what
+meterline says with what LiteLLM says: the two must agree wherever the same entry prices
+a call, or differ by a choice that docs/processors.md states (under `cost`, "LiteLLM's
+cost calculation"). A seeded sample of calls to the chat models of LiteLLM's own map (the
+one inside the `litellm` package, `LITELLM_LOCAL_MODEL_COST_MAP`: never downloaded),
+across its providers, with prompts at and past the `_above_Nk_tokens` and
+`tiered_pricing` thresholds, cache reads and writes, reasoning and audio tokens, is
+priced twice:
+
+- by LiteLLM 1.100.5 (`cost_per_token` with the usage object its responses carry), for
+  the whole sample in one process of its own virtual environment (tests/litellm_costs.py);
+- by the `cost` processor configured with that map as a price file, on the events the
+  LiteLLM decoder makes of the logging payloads LiteLLM would post for those calls (their
+  `response.usage` as LiteLLM made it).
+
+Input and output costs must match to 1e-9 relative. LiteLLM is installed once per
+machine (tests/litellm_proxy.py); the tests are skipped, with the reason, only when it
+cannot be.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import re
+import subprocess
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from meterline.config import convert
+from meterline.event import Event
+from meterline.processors.cost import CostConfig, CostProcessor
+from meterline.receivers.decoders import decode_item
+from tests import litellm_proxy
+from tests.helpers import make_context
+
+SEED = 1005
+CALLS = 400
+SCRIPT = Path(__file__).with_name("litellm_costs.py")
+_THRESHOLD = re.compile(r"^input_cost_per_token_above_(\d+)k_tokens$")
+
+
+@dataclass
+class Call:
+    """One sampled call: its usage as LiteLLM counts it, and what LiteLLM made of it."""
+
+    usage: dict[str, Any]  # model (a key of the map), prompt, completion, cache_read...
+    answer: dict[str, Any]  # provider, entry, usage (LiteLLM's form), input, output (USD)
+    entry: dict[str, Any]  # the entry of the map LiteLLM priced it by
+
+
+def thresholds(entry: dict[str, Any]) -> list[int]:
+    """The prompt sizes where an entry's prices change."""
+    above = [int(m.group(1)) * 1000 for k in entry if (m := _THRESHOLD.match(k))]
+    ranges = [int(t["range"][0]) for t in entry.get("tiered_pricing") or () if "range" in t]
+    return [t for t in above + ranges if t > 0]
+
+
+def usage_for(model: str, entry: dict[str, Any], rng: random.Random) -> dict[str, Any]:
+    """A call's usage, as LiteLLM counts it: `prompt` includes the cache reads, writes and
+    audio tokens, `completion` the reasoning and audio ones. A prompt has one token at
+    least (every chat call has one; LiteLLM bills the answer to an empty prompt of a
+    `tiered_pricing` entry nothing, as it finds no range for it)."""
+    prompt = rng.choice([rng.randint(1, 4000), rng.randint(4000, 120_000)])
+    if (limits := thresholds(entry)) and rng.random() < 0.5:
+        prompt = rng.choice(limits) + rng.choice([0, 1, rng.randint(2, 50_000)])
+    read = rng.randint(1, prompt // 2) if prompt > 1 and rng.random() < (
+        0.6 if "cache_read_input_token_cost" in entry else 0.1) else 0
+    written = rng.randint(1, (prompt - read) // 3) if prompt - read > 3 and rng.random() < (
+        0.8 if "cache_creation_input_token_cost" in entry else 0.05) else 0
+    audio_in = rng.randint(1, (prompt - read - written) // 2) if (
+        "input_cost_per_audio_token" in entry and prompt - read - written > 2
+        and rng.random() < 0.5) else 0
+    completion = rng.randint(1, 8000)
+    reasoning = rng.randint(1, completion) if rng.random() < 0.5 else 0
+    audio_out = rng.randint(1, completion - reasoning) if (
+        "output_cost_per_audio_token" in entry and completion > reasoning
+        and rng.random() < 0.5) else 0
+    return {"model": model, "prompt": prompt, "completion": completion, "cache_read": read,
+            "cache_write": written, "reasoning": reasoning, "audio_in": audio_in,
+            "audio_out": audio_out}
+
+
+def sample(price_map: dict[str, Any], rng: random.Random) -> list[dict[str, Any]]:
+    """`CALLS` calls to chat models: a quarter to those whose prices change past a prompt
+    size or that price cache writes, the rest to any; each part taken in turn from each
+    provider family of the map (so that Groq's or Cohere's few models count as much as
+    Bedrock's hundreds)."""
+    chat = {k: e for k, e in price_map.items() if isinstance(e, dict) and e.get("mode") ==
+            "chat" and ("input_cost_per_token" in e or e.get("tiered_pricing"))}
+    special = {k: e for k, e in chat.items()
+               if thresholds(e) or "cache_creation_input_token_cost" in e}
+    models = in_turn(special, CALLS // 4, rng) + in_turn(chat, CALLS - CALLS // 4, rng)
+    return [usage_for(model, price_map[model], rng) for model in models]
+
+
+def in_turn(entries: dict[str, Any], count: int, rng: random.Random) -> list[str]:
+    """`count` keys of `entries`, one of each provider family in turn."""
+    families: dict[str, list[str]] = {}
+    for key, entry in entries.items():
+        families.setdefault(str(entry.get("litellm_provider")), []).append(key)
+    queues = [rng.sample(families[f], len(families[f])) for f in sorted(families)]
+    keys: list[str] = []
+    while len(keys) < count and any(queues):
+        keys += [queue.pop() for queue in queues if queue][:count - len(keys)]
+    return keys
+
+
+def litellm_answers(venv: Path, calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """LiteLLM's answer for every call, from one process (LiteLLM takes seconds to
+    import)."""
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("LITELLM_")},
+           "LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_TELEMETRY": "False"}
+    done = subprocess.run([str(venv / "bin" / "python"), str(SCRIPT)], input=json.dumps(calls),
+                          capture_output=True, text=True, env=env, timeout=300, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{SCRIPT.name} exited {done.returncode}:\n{done.stderr[-3000:]}")
+    answers: list[dict[str, Any]] = json.loads(done.stdout)
+    return answers
+
+
+@pytest.fixture(scope="module")
+def priced(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[Call, Event]]:
+    """Every sampled call LiteLLM could price, with meterline's event of it, priced."""
+    try:
+        venv = litellm_proxy.ensure_installed().parent.parent
+    except litellm_proxy.Unavailable as e:
+        pytest.skip(str(e))
+    map_file = next(venv.glob("lib/python*/site-packages/litellm/"
+                              "model_prices_and_context_window_backup.json"))
+    price_map = json.loads(map_file.read_text())
+    usages = sample(price_map, random.Random(SEED))
+    calls = [Call(u, a, price_map[a["entry"]])
+             for u, a in zip(usages, litellm_answers(venv, usages), strict=True)
+             if "error" not in a]  # a key LiteLLM itself cannot call or price
+    tmp = tmp_path_factory.mktemp("cost")
+    cost = CostProcessor(convert({"price_files": [str(map_file)]}, CostConfig),
+                         make_context(tmp, "cost"))
+    return list(zip(calls, cost.process([decode_item(payload(c)) for c in calls]),
+                    strict=True))
+
+
+def payload(call: Call) -> dict[str, Any]:
+    """The part of LiteLLM's logging payload (StandardLoggingPayload) that prices a call."""
+    return {"call_type": "completion", "status": "success",
+            "startTime": 1_760_000_000.0, "endTime": 1_760_000_001.0,
+            "model": call.usage["model"], "model_group": call.usage["model"],
+            "custom_llm_provider": call.answer["provider"],
+            "prompt_tokens": call.usage["prompt"], "completion_tokens": call.usage["completion"],
+            "response": {"usage": call.answer["usage"]},
+            "response_cost": call.answer["input"] + call.answer["output"]}
+
+
+def deliberate(call: Call) -> str | None:
+    """Why meterline prices this call otherwise than LiteLLM, on purpose (each reason is
+    a difference docs/processors.md states), or None."""
+    usage, entry = call.usage, call.entry
+    ranged = bool(entry.get("tiered_pricing"))  # its ranges price cache tokens at input
+    if usage["audio_in"] or usage["audio_out"]:
+        return "audio tokens: the event has no count of them, so the text rates price them"
+    if usage["cache_read"] and "cache_read_input_token_cost" not in entry and not ranged:
+        return "cache reads without a cache read price: LiteLLM 0, meterline the input rate"
+    if usage["cache_write"] and "cache_creation_input_token_cost" not in entry \
+            and not ranged:
+        return "cache writes without a cache write price: LiteLLM 0, meterline the input rate"
+    if call.answer["provider"] == "xai" and usage["prompt"] in thresholds(entry):
+        return "xAI at a threshold: LiteLLM bills the tier from it, meterline above it"
+    if re.search(r"model[-_]router", usage["model"]):
+        return "Azure's model router: LiteLLM adds its fee to the routed model's price"
+    return None
+
+
+def differs(ours: float | None, theirs: float) -> bool:
+    return ours is None or not math.isclose(ours, theirs, rel_tol=1e-9)
+
+
+def test_every_call_costs_what_litellm_says_but_where_docs_say_why(
+        priced: list[tuple[Call, Event]]) -> None:
+    mismatches = [
+        f"{c.usage} as {c.answer['entry']}: meterline {e.cost_input_usd} + "
+        f"{e.cost_output_usd} ({e.pricing_ref}), LiteLLM {c.answer['input']} + "
+        f"{c.answer['output']}"
+        for c, e in priced if deliberate(c) is None and (
+            differs(e.cost_input_usd, c.answer["input"])
+            or differs(e.cost_output_usd, c.answer["output"]))]
+    assert not mismatches, f"{len(mismatches)} calls:\n" + "\n".join(mismatches[:20])
+
+
+def test_every_call_is_priced_by_the_litellm_file(priced: list[tuple[Call, Event]]) -> None:
+    refs = {e.pricing_ref for _, e in priced}
+    assert all(r and "@model_prices_and_context_window_backup.json" in r for r in refs), refs
+
+
+def test_the_sample_spans_providers_and_every_kind_of_usage(
+        priced: list[tuple[Call, Event]]) -> None:
+    compared = [c for c, _ in priced if deliberate(c) is None]
+    providers = Counter(c.answer["provider"] for c in compared)
+    assert len(compared) >= 300, len(compared)
+    assert {"openai", "anthropic", "gemini", "vertex_ai", "bedrock", "bedrock_mantle",
+            "mistral", "groq", "cohere_chat", "xai", "deepseek", "azure",
+            "dashscope"} <= set(providers), providers
+    kinds = Counter(k for c in compared for k in ("cache_read", "cache_write", "reasoning")
+                    if c.usage[k])
+    assert min(kinds[k] for k in ("cache_read", "cache_write", "reasoning")) >= 30, kinds
+    tiered = [c for c in compared if any(c.usage["prompt"] > t for t in thresholds(c.entry))]
+    assert len(tiered) >= 20, len(tiered)
+    assert any(deliberate(c) and c.usage["audio_in"] for c, _ in priced)
