@@ -2,14 +2,15 @@
 LiteLLM's virtual environment (tests/litellm_proxy.py installs it), never imported by
 meterline's tests (LiteLLM is not installed beside meterline).
 
-Reads a JSON array of calls on standard input, each `{"model": KEY, "prompt": N,
-"completion": N, "cache_read": N, "cache_write": N, "reasoning": N, "audio_in": N,
-"audio_out": N}` (KEY a key of LiteLLM's price map; `prompt` includes the cached, written
-and audio tokens, `completion` the reasoning and audio ones, as LiteLLM's `Usage` counts
-them), and writes one JSON array back, one answer per call: the provider LiteLLM routes
-the model to, the entry its cost calculation reads, the usage as LiteLLM's logging
-payload carries it (`response.usage`) and `cost_per_token`'s (input, output) cost in USD;
-or the error LiteLLM raised.
+Reads a JSON array of calls on standard input, each `{"model": KEY, "form": F,
+"prompt": N, "completion": N, "cache_read": N, "cache_write": N, "reasoning": N,
+"audio_in": N, "audio_out": N}` (KEY a key of LiteLLM's price map, F the form of its
+usage object, see `usage`; `prompt` includes the cached, written and audio tokens,
+`completion` the reasoning and audio ones, as LiteLLM's `Usage` counts them), and writes
+one JSON array back, one answer per call: the provider LiteLLM routes the model to, the
+entry its cost calculation reads, the usage as LiteLLM's logging payload carries it
+(`response.usage`) and `cost_per_token`'s (input, output) cost in USD; or the error
+LiteLLM raised.
 """
 
 from __future__ import annotations
@@ -27,22 +28,33 @@ from litellm.types.utils import (
 
 
 def usage(call: dict[str, Any]) -> Usage:
-    """The usage LiteLLM makes of a provider's answer (its Anthropic transformation's
-    complete form: the prompt's cache reads, writes and audio in `prompt_tokens_details`
-    and `prompt_tokens` counting them all; reasoning and audio in
-    `completion_tokens_details`)."""
+    """The usage LiteLLM makes of a provider's answer, in either of its forms: `anthropic`
+    (its Anthropic and Bedrock transformations: the cache reads and writes in
+    `prompt_tokens_details` and at the top, `cache_read_input_tokens` and
+    `cache_creation_input_tokens`, with the text tokens counted apart) or `openai` (an
+    OpenAI-compatible answer passed on: `prompt_tokens_details` alone, the writes as
+    `cache_write_tokens`, as Kimi and OpenRouter report them). `prompt_tokens` counts them
+    all; reasoning and audio are in `completion_tokens_details`."""
     prompt, completion = call["prompt"], call["completion"]
     read, written, audio_in = call["cache_read"], call["cache_write"], call["audio_in"]
     reasoning, audio_out = call["reasoning"], call["audio_out"]
+    completion_details = CompletionTokensDetailsWrapper(
+        reasoning_tokens=reasoning, audio_tokens=audio_out,
+        text_tokens=completion - reasoning - audio_out)
+    if call["form"] == "openai":
+        return Usage(
+            prompt_tokens=prompt, completion_tokens=completion,
+            total_tokens=prompt + completion,
+            prompt_tokens_details=PromptTokensDetailsWrapper(
+                cached_tokens=read, cache_write_tokens=written, audio_tokens=audio_in),
+            completion_tokens_details=completion_details)
     return Usage(
         prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
         prompt_tokens_details=PromptTokensDetailsWrapper(
             cached_tokens=read, cache_creation_tokens=written, audio_tokens=audio_in,
             text_tokens=prompt - read - written - audio_in),
         cache_read_input_tokens=read, cache_creation_input_tokens=written,
-        completion_tokens_details=CompletionTokensDetailsWrapper(
-            reasoning_tokens=reasoning, audio_tokens=audio_out,
-            text_tokens=completion - reasoning - audio_out))
+        completion_tokens_details=completion_details)
 
 
 def provider_of(model: str) -> str:

@@ -217,3 +217,16 @@ def test_output_messages_lose_the_null_fields_litellm_adds():
     [out] = decode_item(item).output_messages
     assert out["tool_calls"][0]["id"] == "t1" and "function_call" not in out
     assert out["content"] is None  # the content of a tool call, null in OpenAI's own shape
+
+
+# 8. token counts ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["cache_write_tokens", "cache_creation_tokens"])
+def test_cache_writes_reported_only_in_the_prompt_details_are_counted(name: str):
+    # an OpenAI-compatible answer LiteLLM passes on (Kimi, OpenRouter) has no top-level
+    # `cache_creation_input_tokens`: its writes are in `prompt_tokens_details` alone
+    item = copy.deepcopy(ALIAS)
+    item["response"]["usage"] = {"prompt_tokens": 1000, "completion_tokens": 10,
+                                 "prompt_tokens_details": {"cached_tokens": 200, name: 300}}
+    e = decode_item(item)
+    assert (e.cache_read_tokens, e.cache_creation_tokens) == (200, 300)

@@ -66,7 +66,8 @@ def thresholds(entry: dict[str, Any]) -> list[int]:
 
 def usage_for(model: str, entry: dict[str, Any], rng: random.Random) -> dict[str, Any]:
     """A call's usage, as LiteLLM counts it: `prompt` includes the cache reads, writes and
-    audio tokens, `completion` the reasoning and audio ones. A prompt has one token at
+    audio tokens, `completion` the reasoning and audio ones; `form` is the form of
+    LiteLLM's usage object (tests/litellm_costs.py). A prompt has one token at
     least (every chat call has one; LiteLLM bills the answer to an empty prompt of a
     `tiered_pricing` entry nothing, as it finds no range for it)."""
     prompt = rng.choice([rng.randint(1, 4000), rng.randint(4000, 120_000)])
@@ -84,9 +85,9 @@ def usage_for(model: str, entry: dict[str, Any], rng: random.Random) -> dict[str
     audio_out = rng.randint(1, completion - reasoning) if (
         "output_cost_per_audio_token" in entry and completion > reasoning
         and rng.random() < 0.5) else 0
-    return {"model": model, "prompt": prompt, "completion": completion, "cache_read": read,
-            "cache_write": written, "reasoning": reasoning, "audio_in": audio_in,
-            "audio_out": audio_out}
+    return {"model": model, "form": rng.choice(["anthropic", "openai"]), "prompt": prompt,
+            "completion": completion, "cache_read": read, "cache_write": written,
+            "reasoning": reasoning, "audio_in": audio_in, "audio_out": audio_out}
 
 
 def sample(price_map: dict[str, Any], rng: random.Random) -> list[dict[str, Any]]:

@@ -77,6 +77,9 @@ def decode(item: dict[str, Any]) -> Event:
     params = as_dict(item.get("model_parameters"))
     response = as_dict(item.get("response"))
     usage = as_dict(response.get("usage"))
+    # an OpenAI-compatible answer passed on (Kimi, OpenRouter) has its cache writes here
+    # only, as `cache_write_tokens` (LiteLLM's name) or `cache_creation_tokens`
+    prompt_details = as_dict(usage.get("prompt_tokens_details"))
     failed = item.get("status") == "failure"
     operation = _OPERATIONS.get(str(item.get("call_type") or ""))
     streaming = _streaming(item, params, operation)
@@ -133,9 +136,11 @@ def decode(item: dict[str, Any]) -> Event:
         or None,
         input_tokens=input_tokens,
         output_tokens=output_tokens,
-        cache_read_tokens=as_int(as_dict(usage.get("prompt_tokens_details")).get("cached_tokens")
+        cache_read_tokens=as_int(prompt_details.get("cached_tokens")
                                or usage.get("cache_read_input_tokens")),
-        cache_creation_tokens=as_int(usage.get("cache_creation_input_tokens")),
+        cache_creation_tokens=as_int(usage.get("cache_creation_input_tokens")
+                                   or prompt_details.get("cache_write_tokens")
+                                   or prompt_details.get("cache_creation_tokens")),
         reasoning_tokens=as_int(as_dict(usage.get("completion_tokens_details")).get(
             "reasoning_tokens")),
         duration_ms=(end - start) * 1000 if end is not None else None,
