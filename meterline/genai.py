@@ -135,8 +135,10 @@ def error_type(status: int | None, name: str | None) -> str | None:
 def failure(error_type: str | None, status: int | None) -> str | None:
     """The error category of a recorded call: the one it carries, else its status's;
     None for a call that did not fail. Every writer that tells failures apart (metrics,
-    span status, log severity) asks this, so that they agree."""
-    return error_type if error_type is not None else error_type_for_status(status)
+    span status, log severity) asks this, so that they agree. An empty `error_type` (a
+    client's JSON may send one) says nothing, as in ClickHouse, which stores an absent
+    string as '': the status decides."""
+    return error_type or error_type_for_status(status)
 
 
 _ERROR_NAMES: Final = (

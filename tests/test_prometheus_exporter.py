@@ -6,6 +6,7 @@ import threading
 import aiohttp
 import msgspec
 import pytest
+from prometheus_client.exposition import generate_latest
 from prometheus_client.openmetrics.parser import (
     text_string_to_metric_families as openmetrics_families,
 )
@@ -195,6 +196,19 @@ async def test_a_call_the_client_cancelled_counts_as_a_request_and_in_no_error(t
     assert value(found, "llm_gateway_requests_total", error_type="", status="499") == 1
     assert not [s for s in found if s.name in ("llm_gateway_errors_total",
                                                "llm_gateway_provider_errors_total")]
+
+
+async def test_an_empty_error_type_leaves_the_failure_to_the_status(tmp_path):
+    """A client's `"error_type": ""` names no category (ClickHouse stores it as no error
+    type, and counts the 500 as an error)."""
+    events = [make_event(1, status_code=500, error_type=""),
+              make_event(2, status_code=200, error_type="")]
+    async with exporter(tmp_path) as (prom, _, _):
+        await prom.export(ExportBatch("b1", events))
+        found = samples(generate_latest(prom.snapshot()).decode())
+    assert value(found, "llm_gateway_errors_total", error_type="server_error") == 1
+    assert value(found, "llm_gateway_requests_total", error_type="", status="200") == 1
+    assert sum(s.value for s in found if s.name == "llm_gateway_errors_total") == 1
 
 
 async def test_a_cache_hit_counts_as_a_request_and_a_cache_hit_with_its_saving_not_as_spend(
