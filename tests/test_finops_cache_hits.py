@@ -111,6 +111,23 @@ async def test_a_tag_given_twice_counts_its_event_once_under_it(exporter):
     assert figures(answer["rows"], "tag", "requests", "cost_usd") == {"b": (1, 1)}
 
 
+async def test_a_cache_hit_that_carries_a_cost_costs_nothing_and_is_not_unpriced(exporter):
+    """A client's JSON, through no cost processor, may give a cache hit a cost (or none):
+    its estimate is 0 all the same, as in Prometheus's estimated spend (found by
+    tests/test_prometheus_clickhouse_agree.py; on a day of its own)."""
+    day = Window(datetime(2025, 3, 4, tzinfo=UTC), datetime(2025, 3, 5, tzinfo=UTC))
+    at = int(day.since.timestamp()) * 10**9
+    await exporter.export(ExportBatch("hits-with-a-cost", [
+        Event(event_id=f"hit-with-cost-{i}", timestamp=at + i, provider="openai",
+              request_model="gpt-4o", cache_hit=True, cost_usd=cost, actual_cost_usd=0.0)
+        for i, cost in enumerate([0.5, None])]))
+    total = finops.spend(exporter.reader, day, by="model")["total"]
+    assert (total["requests"], total["cache_hits"], total["cost_usd"],
+            total["unpriced_requests"]) == (2, 2, 0, 0)
+    variance = finops.variance(exporter.reader, day, by="model")["total"]
+    assert (variance["estimated_cost_usd"], variance["requests_without_estimate"]) == (0, 0)
+
+
 async def test_variance_lists_a_model_without_estimate_as_not_estimated_not_as_a_match(reader):
     answer = finops.variance(reader, window(), by="model")
     rows = {r["model"]: r for r in answer["rows"]}

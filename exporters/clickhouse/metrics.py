@@ -100,7 +100,11 @@ def _weighted(column: str) -> str:
 
 
 IS_CACHE_HIT = "ifNull(cache_hit, false)"
-_UNESTIMATED_ACTUAL = "actual_cost_usd IS NOT NULL AND cost_usd IS NULL"
+# A call's estimated cost: a cache hit's is 0 (the provider billed nothing), whatever its
+# event says. The cost processor makes it so; an event that passed through none (a
+# client's JSON) may carry a cost, which Prometheus's estimated spend leaves out too.
+ESTIMATED_COST = f"if({IS_CACHE_HIT}, 0, cost_usd)"
+_UNESTIMATED_ACTUAL = f"actual_cost_usd IS NOT NULL AND {ESTIMATED_COST} IS NULL"
 
 
 AGGREGATES: tuple[Aggregate, ...] = (
@@ -112,10 +116,11 @@ AGGREGATES: tuple[Aggregate, ...] = (
     Aggregate("cache_read_tokens", "sum", _weighted("cache_read_tokens"), "Float64"),
     Aggregate("cache_creation_tokens", "sum", _weighted("cache_creation_tokens"), "Float64"),
     Aggregate("reasoning_tokens", "sum", _weighted("reasoning_tokens"), "Float64"),
-    Aggregate("cost_usd", "sum", _weighted("cost_usd"), "Float64"),
-    Aggregate("unpriced_requests", "sum", "if(cost_usd IS NULL, sample_weight, 0)", "Float64"),
-    # calls answered from a cache: requests without provider spend (the cost processor
-    # leaves their cost_usd 0), and what the provider would have billed for them
+    Aggregate("cost_usd", "sum", _weighted(ESTIMATED_COST), "Float64"),
+    Aggregate("unpriced_requests", "sum", f"if({ESTIMATED_COST} IS NULL, sample_weight, 0)",
+              "Float64"),
+    # calls answered from a cache: requests without provider spend (`ESTIMATED_COST`), and
+    # what the provider would have billed for them
     Aggregate("cache_hits", "sum", f"if({IS_CACHE_HIT}, sample_weight, 0)", "Float64"),
     Aggregate("saved_cost_usd", "sum", _weighted("saved_cost_usd"), "Float64"),
     # estimated against actual: only over the events whose source reported an actual cost;
@@ -123,7 +128,7 @@ AGGREGATES: tuple[Aggregate, ...] = (
     # that variance compares an estimate with the actual cost, never a missing one as 0
     Aggregate("actual_cost_usd", "sum", _weighted("actual_cost_usd"), "Float64"),
     Aggregate("estimated_cost_of_actual_usd", "sum",
-              f"if(actual_cost_usd IS NULL, 0, {_weighted('cost_usd')})", "Float64"),
+              f"if(actual_cost_usd IS NULL, 0, {_weighted(ESTIMATED_COST)})", "Float64"),
     Aggregate("actual_cost_requests", "sum", "if(actual_cost_usd IS NULL, 0, sample_weight)",
               "Float64"),
     Aggregate("unestimated_actual_requests", "sum",
