@@ -5,6 +5,7 @@ from datetime import UTC, datetime
 
 import pytest
 
+from meterline.exporters.clickhouse.metrics import IS_MCP_CONNECT, Figure
 from meterline.exporters.clickhouse.query import Reader, Window, dimension, split
 from meterline.extensions.finops import finops
 
@@ -83,3 +84,29 @@ def test_no_hour_read_from_the_hourly_rollup_straddles_a_cut():
 def test_a_window_within_one_hour_reads_minutes_only():
     hours, minutes = split(Window(at("2025-05-01T10:05"), at("2025-05-01T10:55")))
     assert (hours, minutes) == ([], [Window(at("2025-05-01T10:05"), at("2025-05-01T10:55"))])
+
+
+class Recording:
+    """A ClickHouse client that keeps the queries it is asked and finds no rows."""
+
+    def __init__(self):
+        self.queries = []
+
+    def query(self, sql):
+        self.queries.append(sql)
+        return self
+
+    def named_results(self):
+        return []
+
+
+def test_a_figure_of_some_calls_reads_rollups_that_keep_the_columns_its_condition_tests():
+    """(found by tests/test_prometheus_clickhouse_agree.py: the connects' durations were
+    asked of the model rollups, which have no `mcp_method`, and ClickHouse refused)"""
+    client = Recording()
+    reader = Reader(client)
+    reader.select(Window(at("2025-05-01"), at("2025-05-03")),
+                  extra={"connects": Figure("duration_ms_count", IS_MCP_CONNECT)})
+    [sql] = client.queries
+    read = [r for r in reader.schema.rollups if f"`{r.table}`" in sql]
+    assert read and all("mcp_method" in r.event_columns for r in read)

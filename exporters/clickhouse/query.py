@@ -456,8 +456,10 @@ class Reader:
         wanted = {*(v.name for v in inner.values() if isinstance(v, Figure))}
         if per_run is None:
             wanted |= {*figures, *(figure for figure, _ in within.values())}
-        plan = self._plan([*by, *((RUN,) if per_run is not None else ())], filters,
-                          " ".join(v for v in inner.values() if isinstance(v, str)), wanted)
+        reads = " ".join(v if isinstance(v, str) else v.condition or ""  # (a Figure's)
+                         for v in inner.values())
+        plan = self._plan([*by, *((RUN,) if per_run is not None else ())], filters, reads,
+                          wanted)
         source: Source = "rollup" if plan else "raw"
         if per_run is not None:
             runs = self._query(source, window, [*by, RUN], filters, (), per_run, {}, [],
