@@ -128,6 +128,20 @@ async def test_a_cache_hit_that_carries_a_cost_costs_nothing_and_is_not_unpriced
     assert (variance["estimated_cost_usd"], variance["requests_without_estimate"]) == (0, 0)
 
 
+async def test_a_saving_on_a_call_that_was_no_cache_hit_is_not_counted(exporter):
+    """Only a cache hit saves: a client's JSON may give another call a `saved_cost_usd`,
+    which Prometheus leaves out too (found by tests/test_prometheus_clickhouse_agree.py;
+    on a day of its own)."""
+    day = Window(datetime(2025, 3, 5, tzinfo=UTC), datetime(2025, 3, 6, tzinfo=UTC))
+    at = int(day.since.timestamp()) * 10**9
+    await exporter.export(ExportBatch("savings", [
+        Event(event_id=f"saving-{i}", timestamp=at + i, provider="openai",
+              request_model="gpt-4o", cache_hit=hit, cost_usd=0.0 if hit else 0.5,
+              saved_cost_usd=0.25) for i, hit in enumerate([True, False, None])]))
+    total = finops.spend(exporter.reader, day, by="model")["total"]
+    assert (total["cache_hits"], total["saved_cost_usd"], total["cost_usd"]) == (1, 0.25, 1)
+
+
 async def test_variance_lists_a_model_without_estimate_as_not_estimated_not_as_a_match(reader):
     answer = finops.variance(reader, window(), by="model")
     rows = {r["model"]: r for r in answer["rows"]}

@@ -120,9 +120,11 @@ AGGREGATES: tuple[Aggregate, ...] = (
     Aggregate("unpriced_requests", "sum", f"if({ESTIMATED_COST} IS NULL, sample_weight, 0)",
               "Float64"),
     # calls answered from a cache: requests without provider spend (`ESTIMATED_COST`), and
-    # what the provider would have billed for them
+    # what the provider would have billed for them (only they saved anything: a saving on
+    # another call, which a client's JSON may carry, is not counted, as in Prometheus)
     Aggregate("cache_hits", "sum", f"if({IS_CACHE_HIT}, sample_weight, 0)", "Float64"),
-    Aggregate("saved_cost_usd", "sum", _weighted("saved_cost_usd"), "Float64"),
+    Aggregate("saved_cost_usd", "sum", f"if({IS_CACHE_HIT}, {_weighted('saved_cost_usd')}, 0)",
+              "Float64"),
     # estimated against actual: only over the events whose source reported an actual cost;
     # those of them without an estimate (cost_usd NULL: unpriced) are counted apart, so
     # that variance compares an estimate with the actual cost, never a missing one as 0
