@@ -68,8 +68,8 @@ from meterline.exporters.clickhouse.metrics import (
     Aggregate,
 )
 
-VIEW_VERSION = 6  # 2: a cancelled call (499) is not an error; 3: cache hits, unestimated costs;
-# 4: guardrail_blocked; 5: a cache hit's estimated cost is 0; 6: only cache hits save
+VIEW_VERSION = 5  # 2: a cancelled call (499) is not an error; 3: cache hits, unestimated costs;
+# 4: guardrail_blocked; 5: a cache hit costs nothing and only a cache hit saves
 FINAL_SETTINGS = {"do_not_merge_across_partitions_select_final": 1}
 # A fill reads the events deduplicated, each month partition on its own.
 _FILL_SETTINGS = ("\nSETTINGS do_not_merge_across_partitions_select_final = 1, "
