@@ -97,6 +97,10 @@ class Event(
     cache_read_tokens: int | None = None
     cache_creation_tokens: int | None = None
     reasoning_tokens: int | None = None
+    # audio tokens among the input and output tokens (OpenAI's audio and realtime models,
+    # Gemini's audio input), billed at their own rate; the text tokens are the rest
+    audio_input_tokens: int | None = None
+    audio_output_tokens: int | None = None
 
     # what a call is billed for besides tokens (see docs/event.md, "Units")
     images: int | None = None  # images generated

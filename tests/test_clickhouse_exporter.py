@@ -88,6 +88,17 @@ async def test_agent_tool_and_guardrail_fields_are_stored_and_can_be_queried(mak
          [("no-pii", "redact", "email"), ("no-injection", "block", "")])]
 
 
+async def test_audio_token_counts_are_stored_with_their_event(make_exporter):
+    exporter = await make_exporter()
+    await exporter.export(ExportBatch("inc:0-2", [
+        make_event(0, audio_input_tokens=600, audio_output_tokens=300, sample_weight=2.0),
+        make_event(1)]))
+    schema, client = exporter.schema, exporter.reader.client
+    rows = client.query("SELECT audio_input_tokens, audio_output_tokens FROM "
+                        f"{schema.qualified(schema.events)} ORDER BY event_id").result_rows
+    assert [tuple(r) for r in rows] == [(600, 300), (None, None)]
+
+
 def every_field_set() -> Event:
     """An event with every field away from its default (strings that need escaping, nested
     JSON), built from the event's own field list so that a new field is covered too."""

@@ -43,6 +43,7 @@ def full_event():
                       input_messages=[{"role": "user", "content": "hi"}],
                       output_messages=[{"role": "assistant", "content": "hello"}],
                       finish_reasons=["stop"], cost_usd=0.002, redactions={"email": 1},
+                      audio_input_tokens=6, audio_output_tokens=4,
                       attributes={"server.address": "api.example", "tags": ["a", "b"]})
 
 

@@ -155,6 +155,8 @@ COLUMNS: tuple[Column, ...] = (
     Column("cache_read_tokens", "Nullable(UInt32)"),
     Column("cache_creation_tokens", "Nullable(UInt32)"),
     Column("reasoning_tokens", "Nullable(UInt32)"),
+    Column("audio_input_tokens", "Nullable(UInt32)"),
+    Column("audio_output_tokens", "Nullable(UInt32)"),
     Column("images", "Nullable(UInt32)"),
     Column("image_size", _LC, _empty_string),
     Column("image_quality", _LC, _empty_string),
