@@ -120,6 +120,7 @@ async def test_gpt_4o_transcribe_records_the_tokens_it_reports(fake):
             extra_headers={"x-fake-audio-seconds": "4"})
         event = gw.event
     assert (event.input_tokens, event.output_tokens) == (40, 3)
+    assert event.audio_input_tokens == 40  # (its `input_token_details`)
     assert event.audio_input_seconds == pytest.approx(1.0)  # (from the file's header)
 
 

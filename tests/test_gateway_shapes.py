@@ -3,6 +3,9 @@
 import json
 
 import pytest
+from openai.types import CompletionUsage
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
+from openai.types.completion_usage import CompletionTokensDetails, PromptTokensDetails
 
 from meterline.event import Event
 from meterline.gateway.shapes import (
@@ -144,3 +147,49 @@ def test_the_input_estimate_counts_text_and_tool_definitions_not_images():
         {"role": "user", "content": [{"type": "text", "text": "what is this?"}, image]}]}
     assert input_chars(body) == len("be brief") + len("what is this?") + len(
         json.dumps(tools, separators=(",", ":")))
+
+
+# gpt-4o-audio-preview's usage: audio heard and spoken, among the prompt and answer tokens
+AUDIO_USAGE = CompletionUsage(
+    prompt_tokens=1200, completion_tokens=900, total_tokens=2100,
+    prompt_tokens_details=PromptTokensDetails(audio_tokens=1000, cached_tokens=0),
+    completion_tokens_details=CompletionTokensDetails(audio_tokens=750, reasoning_tokens=0))
+
+
+def test_an_openai_answer_records_the_audio_tokens_of_its_prompt_and_answer():
+    answer = ChatCompletion(
+        id="chatcmpl-1", object="chat.completion", created=1_780_000_000,
+        model="gpt-4o-audio-preview-2024-12-17", usage=AUDIO_USAGE, choices=[{
+            "index": 0, "finish_reason": "stop", "message": {
+                "role": "assistant", "content": None, "audio": {
+                    "id": "audio_1", "data": "UklGRg==", "expires_at": 1_780_003_600,
+                    "transcript": "Hello."}}}])
+    event = Event()
+    openai.CHAT.read_response(answer.model_dump(mode="json"), event, capture=False)
+    assert (event.input_tokens, event.audio_input_tokens, event.output_tokens,
+            event.audio_output_tokens) == (1200, 1000, 900, 750)
+
+
+def test_an_openai_stream_records_the_audio_tokens_of_its_final_usage():
+    final = ChatCompletionChunk(id="chatcmpl-1", object="chat.completion.chunk",
+                                created=1_780_000_000, model="gpt-4o-audio-preview",
+                                choices=[], usage=AUDIO_USAGE)
+    event = Event()
+    reader = openai.CHAT.stream(event, capture=False, drop_usage=False)
+    reader.feed(final.model_dump(mode="json"))
+    reader.finish()
+    assert (event.audio_input_tokens, event.audio_output_tokens) == (1000, 750)
+
+
+def test_a_gemini_answer_records_the_audio_tokens_of_its_prompt_and_answer():
+    path = "/v1beta/models/gemini-2.5-flash-native-audio-latest:generateContent"
+    event = Event(endpoint=path)
+    shape_for(path).read_response({"usageMetadata": {
+        "promptTokenCount": 700, "candidatesTokenCount": 300,
+        "promptTokensDetails": [{"modality": "TEXT", "tokenCount": 100},
+                                {"modality": "AUDIO", "tokenCount": 600}],
+        "candidatesTokensDetails": [{"modality": "AUDIO", "tokenCount": 300}]}},
+        event, capture=False)
+    assert (event.input_tokens, event.audio_input_tokens, event.output_tokens,
+            event.audio_output_tokens) == (700, 600, 300, 300)
+

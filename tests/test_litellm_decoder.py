@@ -230,3 +230,14 @@ def test_cache_writes_reported_only_in_the_prompt_details_are_counted(name: str)
                                  "prompt_tokens_details": {"cached_tokens": 200, name: 300}}
     e = decode_item(item)
     assert (e.cache_read_tokens, e.cache_creation_tokens) == (200, 300)
+
+
+def test_audio_tokens_of_the_prompt_and_answer_are_counted():
+    item = {**copy.deepcopy(STREAM), "prompt_tokens": 1200, "completion_tokens": 900}
+    item["response"]["usage"] = {
+        "prompt_tokens": 1200, "completion_tokens": 900,
+        "prompt_tokens_details": {"audio_tokens": 1000, "cached_tokens": 0},
+        "completion_tokens_details": {"audio_tokens": 750, "reasoning_tokens": 0}}
+    e = decode_item(item)
+    assert (e.input_tokens, e.audio_input_tokens, e.output_tokens, e.audio_output_tokens) == (
+        1200, 1000, 900, 750)

@@ -4,7 +4,8 @@
 The model is in the path, not the body. `usageMetadata` counts the prompt
 (`promptTokenCount`, cached tokens included, plus `toolUsePromptTokenCount`) and the
 answer apart from its thoughts (`candidatesTokenCount`, `thoughtsTokenCount`): the
-event's `output_tokens` counts both, as the GenAI conventions ask. Images in the answer
+event's `output_tokens` counts both, as the GenAI conventions ask; the `AUDIO` entries of
+`promptTokensDetails` and `candidatesTokensDetails` are its audio tokens. Images in the answer
 (`inlineData` parts of an image type) are counted in `images`; the queries grounding
 with Google Search ran (`groundingMetadata.webSearchQueries`) in `search_queries`. A
 stream (`?alt=sse`, or a JSON array without it) repeats the usage so far in each chunk.
@@ -41,6 +42,16 @@ def read_usage(usage: dict[str, Any], event: Event) -> None:
         (answer or 0) + (thoughts or 0))
     event.reasoning_tokens = thoughts
     event.cache_read_tokens = as_int(usage.get("cachedContentTokenCount"))
+    event.audio_input_tokens = _modality(usage.get("promptTokensDetails"), "AUDIO")
+    event.audio_output_tokens = _modality(usage.get("candidatesTokensDetails"), "AUDIO")
+
+
+def _modality(details: Any, modality: str) -> int | None:
+    """The tokens of one modality in a list of `{modality, tokenCount}` (None: it lists
+    none of that modality)."""
+    counts = [as_int(d.get("tokenCount")) or 0 for d in as_list(details)
+              if isinstance(d, dict) and d.get("modality") == modality]
+    return sum(counts) if counts else None
 
 
 def _candidates(body: dict[str, Any]) -> list[dict[str, Any]]:

@@ -4,7 +4,8 @@ embeddings and responses.
 A chat or completions stream reports its usage only when the request asked for
 it (`stream_options.include_usage`); when the client did not, the gateway asks
 and drops the extra final chunk (no choices, only usage) from what the client
-sees. `prompt_tokens` already counts cached tokens, as `input_tokens` should. The
+sees. `prompt_tokens` already counts cached tokens, as `input_tokens` should (and audio
+tokens, counted apart too: the audio and realtime models bill them at their own rate). The
 Responses API's `web_search_call` output items are the event's `search_queries`.
 """
 
@@ -31,7 +32,8 @@ _SAMPLING = ("temperature", "top_p", "max_tokens", "frequency_penalty", "presenc
 
 
 def read_usage(usage: dict[str, Any], event: Event) -> None:
-    """Chat/completions usage (`prompt_tokens`...) or responses usage (`input_tokens`...)."""
+    """Chat/completions usage (`prompt_tokens`...) or responses usage (`input_tokens`...;
+    the realtime and transcription models name their details `input_token_details`)."""
     if "prompt_tokens" in usage:
         event.input_tokens = as_int(usage.get("prompt_tokens"))
         event.output_tokens = as_int(usage.get("completion_tokens"))
@@ -40,10 +42,13 @@ def read_usage(usage: dict[str, Any], event: Event) -> None:
     else:
         event.input_tokens = as_int(usage.get("input_tokens"))
         event.output_tokens = as_int(usage.get("output_tokens"))
-        inputs = as_dict(usage.get("input_tokens_details"))
-        outputs = as_dict(usage.get("output_tokens_details"))
+        inputs = as_dict(usage.get("input_tokens_details") or usage.get("input_token_details"))
+        outputs = as_dict(usage.get("output_tokens_details")
+                          or usage.get("output_token_details"))
     event.cache_read_tokens = as_int(inputs.get("cached_tokens"))
     event.reasoning_tokens = as_int(outputs.get("reasoning_tokens"))
+    event.audio_input_tokens = as_int(inputs.get("audio_tokens"))
+    event.audio_output_tokens = as_int(outputs.get("audio_tokens"))
 
 
 def _read_user(body: dict[str, Any], event: Event) -> None:

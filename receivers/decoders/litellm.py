@@ -80,6 +80,7 @@ def decode(item: dict[str, Any]) -> Event:
     # an OpenAI-compatible answer passed on (Kimi, OpenRouter) has its cache writes here
     # only, as `cache_write_tokens` (LiteLLM's name) or `cache_creation_tokens`
     prompt_details = as_dict(usage.get("prompt_tokens_details"))
+    completion_details = as_dict(usage.get("completion_tokens_details"))
     failed = item.get("status") == "failure"
     operation = _OPERATIONS.get(str(item.get("call_type") or ""))
     streaming = _streaming(item, params, operation)
@@ -141,8 +142,9 @@ def decode(item: dict[str, Any]) -> Event:
         cache_creation_tokens=as_int(usage.get("cache_creation_input_tokens")
                                    or prompt_details.get("cache_write_tokens")
                                    or prompt_details.get("cache_creation_tokens")),
-        reasoning_tokens=as_int(as_dict(usage.get("completion_tokens_details")).get(
-            "reasoning_tokens")),
+        reasoning_tokens=as_int(completion_details.get("reasoning_tokens")),
+        audio_input_tokens=as_int(prompt_details.get("audio_tokens")),
+        audio_output_tokens=as_int(completion_details.get("audio_tokens")),
         duration_ms=(end - start) * 1000 if end is not None else None,
         ttft_ms=(first_token - start) * 1000
         if streaming and first_token is not None and first_token > start else None,
