@@ -74,6 +74,12 @@ REAL_CALLS = [
              input_tokens=1000, output_tokens=1000),
         1000 * 0.40 / 2 / 1e6, 1000 * 1.60 / 2 / 1e6, "openai/gpt-4.1-mini@bundled;batch",
         id="openai-batch-api"),
+    pytest.param(  # gpt-4o-audio-preview: text $2.50 in, $10 out; audio $40 in, $80 out
+        dict(provider="openai", request_model="gpt-4o-audio-preview",
+             response_model="gpt-4o-audio-preview-2024-12-17", input_tokens=1200,
+             audio_input_tokens=1000, output_tokens=900, audio_output_tokens=750),
+        (200 * 2.50 + 1000 * 40) / 1e6, (150 * 10 + 750 * 80) / 1e6,
+        "openai/gpt-4o-audio-preview@bundled", id="openai-gpt-4o-audio-preview-audio-tokens"),
     pytest.param(  # Azure OpenAI global deployment: gpt-4o at $2.50 / $10
         dict(provider="azure.ai.openai", request_model="prod-4o",
              response_model="gpt-4o-2024-11-20", input_tokens=800, output_tokens=100),
@@ -90,6 +96,21 @@ def test_cost_of_real_calls_matches_published_prices(
     assert e.cost_output_usd == pytest.approx(cost_out, rel=1e-12)
     assert e.cost_usd == pytest.approx(cost_in + cost_out, rel=1e-12)
     assert e.pricing_ref == ref
+
+
+def test_audio_tokens_without_an_audio_rate_cost_the_text_rate(tmp_path: Path) -> None:
+    e = priced(tmp_path, request_model="gpt-4o", input_tokens=1000, audio_input_tokens=800,
+               output_tokens=100, audio_output_tokens=60)
+    assert (e.cost_input_usd, e.cost_output_usd) == pytest.approx(
+        (1000 * 2.50 / 1e6, 100 * 10 / 1e6))
+
+
+def test_audio_tokens_the_cache_counts_too_are_billed_once_as_cached(tmp_path: Path) -> None:
+    # gpt-realtime: 700 audio tokens among 1,000, 600 of them cached: of the 400 uncached,
+    # none is text ($4), all audio ($32); the cached ones at $0.40, not at $32 again
+    e = priced(tmp_path, request_model="gpt-realtime", input_tokens=1000,
+               cache_read_tokens=600, audio_input_tokens=700, output_tokens=0)
+    assert e.cost_input_usd == pytest.approx((400 * 32 + 600 * 0.40) / 1e6)
 
 
 def test_embeddings_without_output_tokens_have_null_output_cost(tmp_path: Path) -> None:
@@ -292,17 +313,31 @@ def test_litellm_price_file_extends_the_table(tmp_path: Path) -> None:
     assert batch.cost_usd == pytest.approx((1000 * 1 + 1000 * 4) / 2 / 1e6)
 
 
-def test_litellm_output_batch_price_is_read_apart_from_the_input_one(tmp_path: Path) -> None:
+def priced_by_litellm(tmp_path: Path, costs: dict[str, float], **fields: Any) -> Event:
+    """An event of OpenAI's chat model `acme-1`, priced by a LiteLLM file giving it `costs`."""
     prices = tmp_path / "prices.json"
-    prices.write_text(json.dumps({"acme-batchy-1": {
-        "litellm_provider": "openai", "mode": "chat",
-        "input_cost_per_token": 1e-06, "input_cost_per_token_batches": 5e-07,
-        "output_cost_per_token": 4e-06, "output_cost_per_token_batches": 3e-06}}))
-    e = priced(tmp_path, {"price_files": [str(prices)]}, request_model="acme-batchy-1",
-               endpoint="/v1/batches", input_tokens=1000, output_tokens=1000)
+    prices.write_text(json.dumps({"acme-1": {"litellm_provider": "openai", "mode": "chat",
+                                             **costs}}))
+    return priced(tmp_path, {"price_files": [str(prices)]}, request_model="acme-1", **fields)
+
+
+def test_litellm_output_batch_price_is_read_apart_from_the_input_one(tmp_path: Path) -> None:
+    e = priced_by_litellm(
+        tmp_path, {"input_cost_per_token": 1e-06, "input_cost_per_token_batches": 5e-07,
+                   "output_cost_per_token": 4e-06, "output_cost_per_token_batches": 3e-06},
+        endpoint="/v1/batches", input_tokens=1000, output_tokens=1000)
     assert e.cost_input_usd == pytest.approx(1000 * 0.5 / 1e6)
     assert e.cost_output_usd == pytest.approx(1000 * 3 / 1e6)
     assert e.pricing_ref.endswith(";batch")
+
+
+def test_litellm_audio_token_rates_are_read(tmp_path: Path) -> None:
+    e = priced_by_litellm(
+        tmp_path, {"input_cost_per_token": 2e-06, "output_cost_per_token": 8e-06,
+                   "input_cost_per_audio_token": 3e-05, "output_cost_per_audio_token": 6e-05},
+        input_tokens=1000, audio_input_tokens=400, output_tokens=500, audio_output_tokens=300)
+    assert e.cost_input_usd == pytest.approx((600 * 2 + 400 * 30) / 1e6)
+    assert e.cost_output_usd == pytest.approx((200 * 8 + 300 * 60) / 1e6)
 
 
 def test_litellm_price_file_overrides_the_bundled_entry(tmp_path: Path) -> None:

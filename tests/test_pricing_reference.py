@@ -44,7 +44,10 @@ from tests.helpers import make_context
 
 SEED = 1005
 CALLS = 400
+AUDIO_CALLS = 40
 SCRIPT = Path(__file__).with_name("litellm_costs.py")
+KINDS = ("cache_read", "cache_write", "reasoning", "audio_in", "audio_out")
+AUDIO_RATES = frozenset({"input_cost_per_audio_token", "output_cost_per_audio_token"})
 _THRESHOLD = re.compile(r"^input_cost_per_token_above_(\d+)k_tokens$")
 
 
@@ -78,13 +81,12 @@ def usage_for(model: str, entry: dict[str, Any], rng: random.Random) -> dict[str
     written = rng.randint(1, (prompt - read) // 3) if prompt - read > 3 and rng.random() < (
         0.8 if "cache_creation_input_token_cost" in entry else 0.05) else 0
     audio_in = rng.randint(1, (prompt - read - written) // 2) if (
-        "input_cost_per_audio_token" in entry and prompt - read - written > 2
-        and rng.random() < 0.5) else 0
+        prompt - read - written > 2 and rng.random() < (
+            0.5 if "input_cost_per_audio_token" in entry else 0.05)) else 0
     completion = rng.randint(1, 8000)
     reasoning = rng.randint(1, completion) if rng.random() < 0.5 else 0
-    audio_out = rng.randint(1, completion - reasoning) if (
-        "output_cost_per_audio_token" in entry and completion > reasoning
-        and rng.random() < 0.5) else 0
+    audio_out = rng.randint(1, completion - reasoning) if completion > reasoning and (
+        rng.random() < (0.5 if "output_cost_per_audio_token" in entry else 0.05)) else 0
     return {"model": model, "form": rng.choice(["anthropic", "openai"]), "prompt": prompt,
             "completion": completion, "cache_read": read, "cache_write": written,
             "reasoning": reasoning, "audio_in": audio_in, "audio_out": audio_out}
@@ -92,15 +94,18 @@ def usage_for(model: str, entry: dict[str, Any], rng: random.Random) -> dict[str
 
 def sample(price_map: dict[str, Any], rng: random.Random) -> list[dict[str, Any]]:
     """`CALLS` calls to chat models: a quarter to those whose prices change past a prompt
-    size or that price cache writes, the rest to any; each part taken in turn from each
-    provider family of the map (so that Groq's or Cohere's few models count as much as
-    Bedrock's hundreds)."""
+    size or that price cache writes, the rest to any; then `AUDIO_CALLS` to those that
+    price audio tokens. Each part is taken in turn from each provider family of the map
+    (so that Groq's or Cohere's few models count as much as Bedrock's hundreds)."""
     chat = {k: e for k, e in price_map.items() if isinstance(e, dict) and e.get("mode") ==
             "chat" and ("input_cost_per_token" in e or e.get("tiered_pricing"))}
     special = {k: e for k, e in chat.items()
                if thresholds(e) or "cache_creation_input_token_cost" in e}
+    audio = {k: e for k, e in chat.items() if AUDIO_RATES & e.keys()}
     models = in_turn(special, CALLS // 4, rng) + in_turn(chat, CALLS - CALLS // 4, rng)
-    return [usage_for(model, price_map[model], rng) for model in models]
+    usages = [usage_for(model, price_map[model], rng) for model in models]
+    return usages + [usage_for(model, price_map[model], rng)
+                     for model in in_turn(audio, AUDIO_CALLS, rng)]
 
 
 def in_turn(entries: dict[str, Any], count: int, rng: random.Random) -> list[str]:
@@ -165,8 +170,8 @@ def deliberate(call: Call) -> str | None:
     a difference docs/processors.md states), or None."""
     usage, entry = call.usage, call.entry
     ranged = bool(entry.get("tiered_pricing"))  # its ranges price cache tokens at input
-    if usage["audio_in"] or usage["audio_out"]:
-        return "audio tokens: the event has no count of them, so the text rates price them"
+    if usage["audio_in"] and "input_cost_per_audio_token" not in entry:
+        return "audio input without an audio price: LiteLLM 0, meterline the input rate"
     if usage["cache_read"] and "cache_read_input_token_cost" not in entry and not ranged:
         return "cache reads without a cache read price: LiteLLM 0, meterline the input rate"
     if usage["cache_write"] and "cache_creation_input_token_cost" not in entry \
@@ -208,9 +213,8 @@ def test_the_sample_spans_providers_and_every_kind_of_usage(
     assert {"openai", "anthropic", "gemini", "vertex_ai", "bedrock", "bedrock_mantle",
             "mistral", "groq", "cohere_chat", "xai", "deepseek", "azure",
             "dashscope"} <= set(providers), providers
-    kinds = Counter(k for c in compared for k in ("cache_read", "cache_write", "reasoning")
-                    if c.usage[k])
+    kinds = Counter(k for c in compared for k in KINDS if c.usage[k])
     assert min(kinds[k] for k in ("cache_read", "cache_write", "reasoning")) >= 30, kinds
+    assert min(kinds[k] for k in ("audio_in", "audio_out")) >= 5, kinds
     tiered = [c for c in compared if any(c.usage["prompt"] > t for t in thresholds(c.entry))]
     assert len(tiered) >= 20, len(tiered)
-    assert any(deliberate(c) and c.usage["audio_in"] for c, _ in priced)

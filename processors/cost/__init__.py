@@ -1,13 +1,14 @@
 """Processor `cost`: the estimated spend of every event, from a price table.
 
 Token counts follow the OpenTelemetry GenAI conventions: `input_tokens` includes
-the cache reads and writes, `output_tokens` includes the reasoning tokens. So
-the uncached input is priced at the input rate, cache reads and writes at their
-own rates (never a second time at the input rate), and reasoning tokens at the
-reasoning rate, which is the output rate unless the table gives one. A call whose
-prompt passes a tier's threshold is priced whole at that tier's rates; a batch call
-(`batch: true`, or a call to a batch endpoint, `batch_endpoints`) gets the entry's
-batch discount.
+the cache reads and writes and the audio tokens, `output_tokens` the reasoning and
+audio tokens. So the uncached text input is priced at the input rate, cache reads and
+writes at their own rates (never a second time at the input rate), reasoning tokens at
+the reasoning rate, which is the output rate unless the table gives one, and audio
+tokens at the audio rates, which are the text rates unless the table gives them. A
+call whose prompt passes a tier's threshold is priced whole at that tier's rates (audio
+at the entry's audio rates, if it gives them); a batch call (`batch: true`, or a call
+to a batch endpoint, `batch_endpoints`) gets the entry's batch discount.
 
 What a call bills besides tokens is priced per unit: images (by size and quality),
 audio transcribed and synthesised (per minute), characters synthesised, video (per
@@ -46,6 +47,7 @@ from meterline.processors.cost.prices import (
     Price,
     PriceSpec,
     PriceTable,
+    Rates,
     bundled,
     config_layer,
 )
@@ -258,10 +260,7 @@ def _cost(e: Event, price: Price, batch: bool) -> tuple[Cost, Cost, str]:
     # input: tokens, audio transcribed, characters synthesised, searches
     tokens_in: Cost = None
     if inp is not None:
-        cached = e.cache_read_tokens or 0
-        written = e.cache_creation_tokens or 0
-        tokens_in = (max(inp - cached - written, 0) * rates.input + cached * rates.cache_read
-                     + written * rates.cache_write) * 1e-6 if price.tokens else _UNKNOWN
+        tokens_in = _input_tokens(e, inp, rates) if price.tokens else _UNKNOWN
     by_tokens = price.tokens and inp is not None and rates.input > 0
     media_in = [(e.audio_input_seconds, units.audio_input_second),
                 (e.characters, units.character)]
@@ -269,15 +268,35 @@ def _cost(e: Event, price: Price, batch: bool) -> tuple[Cost, Cost, str]:
     # output: tokens, images, audio synthesised, video
     tokens_out: Cost = None
     if out is not None:
-        reasoning = e.reasoning_tokens or 0
-        tokens_out = ((max(out - reasoning, 0)) * rates.output
-                      + reasoning * rates.reasoning) * 1e-6 if price.tokens else _UNKNOWN
+        tokens_out = _output_tokens(e, out, rates) if price.tokens else _UNKNOWN
     by_tokens = price.tokens and out is not None and rates.output > 0
     image = units.image_price(e.image_size, e.image_quality) if e.images else None
     media_out = [(e.images, image), (e.audio_output_seconds, units.audio_output_second),
                  (e.video_seconds, units.video_second)]
     cost_out = _side(tokens_out, by_tokens, media_out, (None, None))
     return _scaled(cost_in, scale_in), _scaled(cost_out, scale_out), ref
+
+
+def _input_tokens(e: Event, inp: int, rates: Rates) -> float:
+    """USD of a call's input tokens: cache reads and writes at their rates, the audio tokens
+    among the others at the audio rate, the rest (text) at the input rate. An audio token
+    the cache counts too (a realtime session's cached audio) is billed once, as cached."""
+    cached = e.cache_read_tokens or 0
+    written = e.cache_creation_tokens or 0
+    uncached = max(inp - cached - written, 0)
+    audio = min(e.audio_input_tokens or 0, uncached)
+    return ((uncached - audio) * rates.input + audio * rates.input_audio
+            + cached * rates.cache_read + written * rates.cache_write) * 1e-6
+
+
+def _output_tokens(e: Event, out: int, rates: Rates) -> float:
+    """USD of a call's output tokens: reasoning at the reasoning rate, the audio tokens
+    among the others at the audio rate, the rest (text) at the output rate."""
+    reasoning = e.reasoning_tokens or 0
+    answer = max(out - reasoning, 0)
+    audio = min(e.audio_output_tokens or 0, answer)
+    return ((answer - audio) * rates.output + audio * rates.output_audio
+            + reasoning * rates.reasoning) * 1e-6
 
 
 def _side(tokens: Cost, by_tokens: bool, media: list[tuple[float | None, float | None]],

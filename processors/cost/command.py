@@ -141,7 +141,8 @@ def _as_text(found: Resolution, provider: str | None, origin: str) -> str:
         f"source     {price.source}",
         f"as of      {price.as_of or 'not given'}",
         f"config     {origin}",
-        "USD per 1M tokens (cache rates default to the input rate, reasoning to the output rate):",
+        "USD per 1M tokens (cache rates default to the input rate, reasoning to the output "
+        "rate, audio to the text rate of its side):",
         f"  {_rate_line(price.rates)}",
     ]
     for tier in price.tiers:

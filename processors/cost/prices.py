@@ -41,13 +41,16 @@ ANY_MODEL: Final = "*"
 
 class Rates(NamedTuple):
     """USD per million tokens. Every rate is filled in: a cache rate the table does
-    not give is the input rate, a reasoning rate it does not give is the output rate."""
+    not give is the input rate, a reasoning rate it does not give is the output rate, an
+    audio rate it does not give is the text rate of its side."""
 
     input: float
     output: float
     cache_read: float
     cache_write: float
     reasoning: float
+    input_audio: float
+    output_audio: float
 
 
 class TierSpec(msgspec.Struct, forbid_unknown_fields=True):
@@ -68,6 +71,8 @@ class PriceSpec(msgspec.Struct, forbid_unknown_fields=True):
     cache_read: float | None = None  # cached input tokens read; default: the input rate
     cache_write: float | None = None  # input tokens written to the cache; default: input
     reasoning: float | None = None  # reasoning tokens; default: the output rate
+    input_audio: float | None = None  # audio input tokens; default: the input rate
+    output_audio: float | None = None  # audio output tokens; default: the output rate
     tiers: list[TierSpec] = msgspec.field(default_factory=list)  # long-prompt prices
     batch: float | None = None  # batch-API price as a fraction of the standard one (0.5)
     batch_output: float | None = None  # the output's own fraction, when not `batch`
@@ -84,7 +89,7 @@ class PriceSpec(msgspec.Struct, forbid_unknown_fields=True):
 
     def __post_init__(self) -> None:
         rates = [self.input, self.output, self.cache_read, self.cache_write, self.reasoning,
-                 *self.units(), *self.images.values()]
+                 self.input_audio, self.output_audio, *self.units(), *self.images.values()]
         for tier in self.tiers:
             rates += [tier.input, tier.output, tier.cache_read, tier.cache_write, tier.reasoning]
         if any(r is not None and r < 0 for r in rates):
@@ -232,15 +237,18 @@ class Price:
 
 def make_price(key: str, spec: PriceSpec, origin: str, source: str,
                as_of: str | None, searches: float | None = None) -> Price:
+    """A tier keeps the entry's audio rates, as LiteLLM's do (an entry without one bills
+    audio at the tier's text rates)."""
     base = _rates(_or(spec.input, 0.0), spec.output, spec.cache_read, spec.cache_write,
-                  spec.reasoning)
+                  spec.reasoning, spec.input_audio, spec.output_audio)
     tiers = tuple(sorted(
         (Tier(t.above, _rates(
             _or(t.input, base.input), _or(t.output, base.output),
             # a tier without its own cache rate scales the base one with the input rate
             _or(t.cache_read, _scaled(base.cache_read, base.input, t.input)),
             _or(t.cache_write, _scaled(base.cache_write, base.input, t.input)),
-            _or(t.reasoning, _scaled(base.reasoning, base.output, t.output))))
+            _or(t.reasoning, _scaled(base.reasoning, base.output, t.output)),
+            spec.input_audio, spec.output_audio))
          for t in spec.tiers), key=lambda t: t.above))
     return Price(key, origin, source, spec.as_of or as_of, base, tiers, spec.batch,
                  spec.batch_output, Units.of(spec, searches), spec.input is not None)
@@ -255,9 +263,10 @@ def _scaled(rate: float, base: float, new: float | None) -> float:
 
 
 def _rates(input_: float, output: float, cache_read: float | None, cache_write: float | None,
-           reasoning: float | None) -> Rates:
+           reasoning: float | None, input_audio: float | None,
+           output_audio: float | None) -> Rates:
     return Rates(input_, output, _or(cache_read, input_), _or(cache_write, input_),
-                 _or(reasoning, output))
+                 _or(reasoning, output), _or(input_audio, input_), _or(output_audio, output))
 
 
 # --- model names ----------------------------------------------------------------------
@@ -439,6 +448,9 @@ _LITELLM_RATE = {
     "cache_read_input_token_cost": "cache_read", "cache_creation_input_token_cost": "cache_write",
     "output_cost_per_reasoning_token": "reasoning",
 }
+# audio token rates: LiteLLM has no tier of them (`_above_Nk_tokens`), nor does a tier here
+_LITELLM_AUDIO = {"input_cost_per_audio_token": "input_audio",
+                  "output_cost_per_audio_token": "output_audio"}
 _LITELLM_TIER = re.compile(r"^(input_cost_per_token|output_cost_per_token|"
                            r"cache_read_input_token_cost|cache_creation_input_token_cost)"
                            r"_above_(\d+)k_tokens$")
@@ -570,8 +582,8 @@ def _keep(specs: dict[tuple[str | None, str], _Found], at: tuple[str | None, str
 
 
 def _litellm_tokens(numbers: dict[str, float]) -> dict[str, Any]:
-    fields: dict[str, Any] = {name: numbers[f] * 1e6 for f, name in _LITELLM_RATE.items()
-                              if f in numbers}
+    fields: dict[str, Any] = {name: numbers[f] * 1e6 for f, name in (
+        *_LITELLM_RATE.items(), *_LITELLM_AUDIO.items()) if f in numbers}
     tiers: dict[int, dict[str, float]] = {}
     for f, value in numbers.items():
         if m := _LITELLM_TIER.match(f):
