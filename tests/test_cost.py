@@ -80,6 +80,11 @@ REAL_CALLS = [
              audio_input_tokens=1000, output_tokens=900, audio_output_tokens=750),
         (200 * 2.50 + 1000 * 40) / 1e6, (150 * 10 + 750 * 80) / 1e6,
         "openai/gpt-4o-audio-preview@bundled", id="openai-gpt-4o-audio-preview-audio-tokens"),
+    pytest.param(  # Gemini 2.5 Flash: text $0.30 in, audio $1 in, $2.50 out
+        dict(provider="gcp.gemini", request_model="gemini-2.5-flash", input_tokens=5000,
+             audio_input_tokens=4000, output_tokens=100),
+        (1000 * 0.30 + 4000 * 1) / 1e6, 100 * 2.50 / 1e6, "gcp.gemini/gemini-2.5-flash@bundled",
+        id="gemini-2.5-flash-audio-input"),
     pytest.param(  # Azure OpenAI global deployment: gpt-4o at $2.50 / $10
         dict(provider="azure.ai.openai", request_model="prod-4o",
              response_model="gpt-4o-2024-11-20", input_tokens=800, output_tokens=100),
