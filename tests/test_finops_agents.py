@@ -14,7 +14,7 @@ import pytest
 from meterline.component import ExportBatch
 from meterline.config import ConfigError, loads
 from meterline.event import Event
-from meterline.exporters.clickhouse.query import Window, dimension
+from meterline.exporters.clickhouse.query import Window
 from meterline.extensions.finops import analytics, finops
 from meterline.extensions.finops.cli import render
 from tests import agent_data
@@ -84,11 +84,6 @@ def test_the_total_by_trace_is_every_run_not_only_the_top_ones(reader):
     assert len(by_trace["rows"]) == 1
     assert {k: v for k, v in by_trace["total"].items() if k != "agents"} == by_agent["total"]
     assert by_trace["total"]["runs"] > by_trace["rows"][0]["runs"]
-
-
-def test_a_total_of_runs_from_their_groups_needs_each_run_in_one_group(reader):
-    with pytest.raises(ValueError, match="each run in one group"):
-        reader.select_with_total(WINDOW, by=[dimension("agent")], per_run={"n": "count()"})
 
 
 # --- tools and MCP -------------------------------------------------------------------------

@@ -423,21 +423,23 @@ class Reader:
         only the groups `having` and `limit` keep), from one query: `GROUP BY GROUPING SETS
         ((by), ())`. A second query for the total would cost as much again (each query
         costs some 40 ms on chDB whatever it reads) and read the same rows. By a dimension
-        that `splits` events (tags), the total is a query of its own. With `per_run`, only
-        by the run itself (`trace`): by another dimension a run may be in two groups, which
-        the total would count twice."""
+        that `splits` events (tags), the total is a query of its own. With `per_run`, by
+        another dimension than the run itself (`trace`), a run may be in two groups (two
+        agents), which a total of the groups would count twice: the runs are then grouped
+        by (the dimensions, run) and by the run alone (`GROUPING SETS`), in one pass over
+        the rows and the join of their trace values, and the total sums the latter."""
         filters = list(filters)
         if not by:
             raise ValueError("a total is that of groups: `by` cannot be empty")
-        if per_run is not None and [d.column for d in by] != [RUN.column]:
-            raise ValueError("a total of runs from their groups needs each run in one group: "
-                             "`by` the trace alone")
         if any(d.splits for d in by):
             return (self.select(window, by=by, filters=filters, figures=figures, extra=extra,
                                 having=having, order_by=order_by, limit=limit),
                     self.select(window, filters=filters, figures=figures, extra=extra)[0])
         rows = self.rows(self._select_sql(window, by, filters, figures, extra or {}, {},
                                           having, order_by, limit, per_run, total=True))
+        if not rows:  # (no run at all: the runs' grouping sets make no row, not even a total)
+            return [], self.select(window, filters=filters, figures=figures, extra=extra,
+                                   per_run=per_run)[0]
         for row in rows:
             del row[_IS_TOTAL]
         return rows[1:], rows[0]  # (the total comes first: `_select_sql`)
@@ -462,10 +464,14 @@ class Reader:
                           wanted)
         source: Source = "rollup" if plan else "raw"
         if per_run is not None:
+            by_runs = total and [d.column for d in by] != [RUN.column]
             runs = self._query(source, window, [*by, RUN], filters, (), per_run, {}, [],
-                               plan=plan)
-            sql = self._query("raw", window, [Dimension(d.name, f"_{d.name}") for d in by],
-                              [], figures, extra, {}, [], rows=f"({runs})", total=total)
+                               plan=plan, total=by_runs, total_by=(RUN,))
+            groups = [Dimension(d.name, f"_{d.name}") for d in by]
+            if by_runs:  # (the runs' rows of the total are marked: a key of the groups)
+                groups = [Dimension(_IS_TOTAL, f"_{_IS_TOTAL}"), *groups]
+            sql = self._query("raw", window, groups, [], figures, extra, {}, [],
+                              rows=f"({runs})", total=total and not by_runs)
         else:
             sql = self._query(source, window, by, filters, figures, extra, within,
                               [bound for _, part in within.values()
@@ -489,10 +495,11 @@ class Reader:
                filters: list[Where], figures: Iterable[str], extra: Expressions,
                within: dict[str, tuple[str, Window]], cuts: list[datetime],
                rows: str | None = None, plan: tuple[Rollup, ...] = (),
-               total: bool = False) -> str:
+               total: bool = False, total_by: Sequence[Dimension] = ()) -> str:
         """SELECT ... FROM ... GROUP BY: the groups of `rows` (default: the window's
         events or rollup rows, filtered), and with `total` the row of all of them too
-        (`_IS_TOTAL` 1, its dimensions empty)."""
+        (`_IS_TOTAL` 1, the dimensions not in `total_by` empty), or with `total_by` (the
+        last of `by`) one such row per value of those."""
         t = _time_column(source)
         # A rollup row is marked once for each condition an aggregate tests (a part of the
         # window figures are asked `within`, a `Figure`'s condition), and the aggregates
@@ -522,8 +529,9 @@ class Reader:
             rows = f"(SELECT *, {marked} FROM {rows})"
         keys = ", ".join(f"`_{d.name}`" for d in by)
         if total:  # (`grouping` is 1 where the dimension is not a key: the total)
+            kept = ", ".join(f"`_{d.name}`" for d in total_by)
             return (f"SELECT {columns}, grouping(`_{by[0].name}`) AS `_{_IS_TOTAL}` "
-                    f"FROM {rows} GROUP BY GROUPING SETS (({keys}), ())")
+                    f"FROM {rows} GROUP BY GROUPING SETS (({keys}), ({kept}))")
         return f"SELECT {columns} FROM {rows}" + (f" GROUP BY {keys}" if by else "")
 
     def _plan(self, by: Sequence[Dimension], filters: list[Where], reads: str = "",

@@ -172,15 +172,10 @@ def runs(reader: Reader, window: Window, by: str = "agent", top: int | None = 20
     dim = dimension(by)
     per_run, extra = ((_PER_RUN, _RUNS) if by == "agent"
                       else ({**_PER_RUN, **_AGENTS_PER_RUN}, {**_RUNS, **_AGENTS}))
-    order_by = ["cost_usd DESC", "runs DESC", by]
-    if by == "trace":  # (each run is a group: the total is theirs, from the same query)
-        rows, total = reader.select_with_total(window, by=[dim], filters=filters or (),
-                                               per_run=per_run, extra=extra,
-                                               order_by=order_by, limit=top)
-    else:  # (a run of two agents or sessions is in two groups: their sum would count it twice)
-        rows = reader.select(window, by=[dim], filters=filters or (), per_run=per_run,
-                             extra=extra, order_by=order_by, limit=top)
-        [total] = reader.select(window, filters=filters or (), per_run=per_run, extra=extra)
+    rows, total = reader.select_with_total(window, by=[dim], filters=filters or (),
+                                           per_run=per_run, extra=extra,
+                                           order_by=["cost_usd DESC", "runs DESC", by],
+                                           limit=top)
     return {
         "report": "runs", "by": by, **window.describe(),
         "rows": [{**keys(r, dim), **_run(r, by),
