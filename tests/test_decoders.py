@@ -301,6 +301,13 @@ def test_otoroshis_minus_one_counts_are_not_reported_rather_than_refused():
             e.ratelimit_tokens_limit, e.ratelimit_tokens_remaining) == (None, None, None, None)
 
 
+def test_an_otoroshi_duration_of_zero_is_not_reported():
+    # the OpenAI-like clients read it from `openai-processing-ms`, and write 0 without it
+    e = decode_item({**OTOROSHI, "duration": 0})
+    assert e.duration_ms is None
+    assert e.timestamp == OTOROSHI["@timestamp"] * 1_000_000  # (the call ended then)
+
+
 def test_a_litellm_payload_with_an_infinite_cost_is_refused():
     decoded = decode_body(json.dumps([{**LITELLM, "response_cost": "inf"}]).encode())
     [(index, reason)] = decoded.rejected

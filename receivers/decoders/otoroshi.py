@@ -6,7 +6,7 @@ unfiltered data exporter sends too, are not LLM calls (`NotAnLLMCall`, naming th
 filter that keeps them out); an `LLMUsageAudit` that cannot be read is a
 `DecodeError`. The audit event's `@timestamp` is written
 when the call ends, so the request start is `@timestamp - duration`. A count of -1 (tokens,
-rate limits) is Otoroshi's "not reported" (`_count`). A call Otoroshi's cache answered
+rate limits) is Otoroshi's "not reported" (`_count`), as is a duration of 0. A call Otoroshi's cache answered
 (`output.metadata.cache.status: Hit`) is a `cache_hit`, with its cached answer's usage
 (`_served`).
 
@@ -66,7 +66,10 @@ def decode(item: dict[str, Any]) -> Event:
     route = as_dict(item.get("route"))
     user = as_dict(item.get("user"))
     consumed = str(item.get("consumed_using") or "")
-    duration = as_float(slug.get("duration"))
+    # Otoroshi's clients of several providers take the duration from a header
+    # (`openai-processing-ms`) and write 0 without it: no call takes no time, so 0 is a
+    # duration not reported, which would otherwise pull every latency figure down
+    duration = as_float(slug.get("duration")) or None
     stamp_ms = as_float(item.get("@timestamp"))
     if stamp_ms is None:
         raise DecodeError("Otoroshi LLMUsageAudit without @timestamp")
