@@ -8,15 +8,20 @@ that received each event once."""
 
 import asyncio
 import threading
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
+import pytest_asyncio
 
 from meterline.component import ExportBatch, RetryableError
+from meterline.config import convert
 from meterline.event import Event
 from meterline.exporters.clickhouse import repair
 from meterline.exporters.clickhouse import schema as schema_module
+from meterline.exporters.clickhouse.config import ClickHouseConfig
+from meterline.exporters.clickhouse.connection import open_client
+from meterline.exporters.clickhouse.exporter import ClickHouseExporter
 from meterline.exporters.clickhouse.metrics import AGGREGATES
 from meterline.exporters.clickhouse.query import Window
 from meterline.exporters.clickhouse.schema import Schema, ensure_schema
@@ -31,6 +36,11 @@ from tests.clickhouse_helpers import (
     every_finops_answer,
 )
 from tests.helpers import eventually, metric_value
+
+# The module's exporters share one chDB directory (chDB opens one per process) and the
+# module's event loop: what takes long to build (a database with every event, two writers'
+# race, a repair) is built once, and read only by the tests that share it.
+pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 NOW = datetime.now(UTC)
 
@@ -66,20 +76,73 @@ MONTHLY = {"acme": budgets.Budget(limit_usd=5, period="month",
                                   scope=budgets.BudgetScope(metadata={"customer": "acme"}))}
 
 
-@pytest.fixture
-async def make_exporter(tmp_path):
-    """Exporters on one chDB directory (`database` apart); repairs only when asked."""
-    async with clickhouse_exporters(tmp_path, repair_interval=0, repair_lookback="100d",
-                                    rollup_metadata=["customer"]) as make:
+OPTIONS = {"repair_interval": 0, "repair_lookback": "100d", "rollup_metadata": ["customer"]}
+
+
+@pytest.fixture(scope="module")
+def chdb(tmp_path_factory):
+    """The module's chDB directory, and a client that keeps it open for the module."""
+    path = tmp_path_factory.mktemp("answers") / "ch"
+    client = open_client(convert({"endpoint": f"chdb://{path}"}, ClickHouseConfig), path.parent)
+    yield path, client
+    client.close()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def shared_exporter(chdb, tmp_path_factory):
+    """Exporters for the module's shared fixtures, each in a database of its own."""
+    async with clickhouse_exporters(tmp_path_factory.mktemp("shared"),
+                                    endpoint=f"chdb://{chdb[0]}", **OPTIONS) as make:
         yield make
 
 
-@pytest.fixture
-async def reference(make_exporter):
-    """A database that got every event once."""
-    exporter = await make_exporter("reference", database="reference")
+@pytest_asyncio.fixture(loop_scope="module")
+async def make_exporter(chdb, tmp_path):
+    """A test's exporters on the module's chDB directory (`database` apart); repairs only
+    when asked. The databases they wrote are dropped afterwards: the next test has none."""
+    path, client = chdb
+    databases = set()
+    async with clickhouse_exporters(tmp_path, endpoint=f"chdb://{path}", **OPTIONS) as make:
+        async def make_one(*args, **config) -> ClickHouseExporter:
+            exporter = await make(*args, **config)
+            databases.add(exporter.schema.database)
+            return exporter
+
+        yield make_one
+    for database in databases:
+        client.command(f"DROP DATABASE IF EXISTS `{database}` SYNC")
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def reference(shared_exporter):
+    """A database that got every event once (read only)."""
+    exporter = await shared_exporter("reference", database="reference")
     await exporter.export(ExportBatch("ref", EVENTS))
     return exporter
+
+
+@pytest.fixture(scope="module")
+def expected(reference):
+    """Every answer of the reference database."""
+    return every_answer(reference.reader)
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def stored_once(make_exporter):
+    """A test's own database that got every event once, in batch "ref"."""
+    exporter = await make_exporter("once", database="once")
+    await exporter.export(ExportBatch("ref", EVENTS))
+    return exporter
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def without_events(shared_exporter):
+    """The reader of a database that got every event once, whose `llm_events` was then
+    emptied: what it answers as `reference` does, it answers without the events."""
+    exporter = await shared_exporter("bare", database="bare")
+    await exporter.export(ExportBatch("bare", EVENTS))
+    exporter.reader.client.command("TRUNCATE TABLE bare.llm_events")
+    return exporter.reader
 
 
 async def export_at_once(exporters, events, meanwhile=None):
@@ -114,19 +177,40 @@ async def export_at_once(exporters, events, meanwhile=None):
         del exporter._already_stored, exporter._stored_twice
 
 
-@pytest.fixture
-async def raced(make_exporter, monkeypatch):
-    """Two exporters (one ClickHouse) that both stored every event. The second to find
-    the copies waits for the first's rebuild of their hundreds of hours however long it
-    takes (on a loaded machine, past `WAIT_FOR_OLDER`: both then rebuild at once, and the
-    hours stay open until a repair pass, exact but not what the tests look at)."""
-    monkeypatch.setattr(repair, "WAIT_FOR_OLDER", 600.0)
-    writers = [await make_exporter("a"), await make_exporter("b")]
-    await export_at_once(writers, EVENTS)
+@dataclass
+class Race:
+    """Two exporters (one ClickHouse) that both stored every event at once, and what was
+    seen: `during`, every answer each writer got once both copies were stored and before
+    it looked for copies; then every answer, the marks still open and the hours each
+    writer rebuilt (taken before any test, so that a test's repair cannot change them)."""
+
+    writer: ClickHouseExporter
+    during: list[dict]
+    after: dict
+    open_marks: int
+    rebuilt: list[float]
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def race(shared_exporter):
+    """The second writer to find the copies waits for the first's rebuild of their hundreds
+    of hours however long it takes (on a loaded machine, past `WAIT_FOR_OLDER`: both then
+    rebuild at once, and the hours stay open until a repair pass, exact but not what the
+    tests look at)."""
+    during = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(repair, "WAIT_FOR_OLDER", 600.0)
+        writers = [await shared_exporter(name, database="race") for name in ("a", "b")]
+        await export_at_once(writers, EVENTS,
+                             meanwhile=lambda writer: during.append(every_answer(writer.reader)))
     [raw, *rolled] = stored(writers[0])
     assert raw == 2 * N  # two copies, until merges
     assert rolled == [N] * len(rolled)  # the rollups were put right at once
-    return writers[0]
+    rebuilt = [metric_value(w.context.telemetry.registry,
+                            "meterline_exporter_rollup_repaired_hours_total") or 0
+               for w in writers]
+    return Race(writers[0], during, every_answer(writers[0].reader), open_marks(writers[0]),
+                rebuilt)
 
 
 def stored(exporter):
@@ -165,17 +249,6 @@ def every_answer(reader):
     return every_finops_answer(reader, NOW, BUDGETS)
 
 
-_REFERENCE_ANSWERS: dict[str, dict] = {}
-
-
-def reference_answers(reference):
-    """Every answer of the reference database: the same in every test (the same events and
-    `NOW`), so asked once."""
-    if not _REFERENCE_ANSWERS:
-        _REFERENCE_ANSWERS["every"] = every_answer(reference.reader)
-    return _REFERENCE_ANSWERS["every"]
-
-
 def event_hours(events):
     return {e.timestamp // 3_600_000_000_000 * 3600 for e in events}
 
@@ -188,83 +261,70 @@ def rollup_buckets(events):
 
 
 # --- which tables answers read ---------------------------------------------------------------
-async def test_answers_by_rollup_dimensions_read_the_rollups_not_the_events(reference):
-    reader = reference.reader
+async def test_answers_by_rollup_dimensions_read_the_rollups_not_the_events(reference,
+                                                                           without_events):
     straddling = noon_to_noon(NOW)
-    before = {by: finops.spend(reader, straddling, by, top=1000) for by in DIMENSIONS}
-    days = spend_answers(reader, DAILY, "days")
-    w = windows()["days"]
-    users, u2 = analytics.users(reader, w), analytics.usage_report(reader, w, user_id="u2")
-    customer = budgets.status(reader, MONTHLY, now=w.until)
-    reader.client.command("TRUNCATE TABLE reference.llm_events")
-    after = {by: finops.spend(reader, straddling, by, top=1000) for by in DIMENSIONS}
+    before = {by: finops.spend(reference.reader, straddling, by, top=1000) for by in DIMENSIONS}
+    after = {by: finops.spend(without_events, straddling, by, top=1000) for by in DIMENSIONS}
     assert {by: after[by] for by in ROLLED} == {by: before[by] for by in ROLLED}
     # by user or a configured metadata key: whole days from the daily rollups, the partial
     # days at the ends of a range from the events
-    assert spend_answers(reader, DAILY, "days") == days
+    days = spend_answers(reference.reader, DAILY, "days")
+    assert spend_answers(without_events, DAILY, "days") == days
     assert all(days[by]["rows"] for by in DAILY)
-    assert analytics.users(reader, w) == users and users["users"]
-    assert analytics.usage_report(reader, w, user_id="u2") == u2
-    assert budgets.status(reader, MONTHLY, now=w.until) == customer
+    w = windows()["days"]
+    users = analytics.users(reference.reader, w)
+    assert analytics.users(without_events, w) == users and users["users"]
+    assert analytics.usage_report(without_events, w, user_id="u2") == analytics.usage_report(
+        reference.reader, w, user_id="u2")
+    assert budgets.status(without_events, MONTHLY, now=w.until) == budgets.status(
+        reference.reader, MONTHLY, now=w.until)
     for by in DAILY:
         assert after[by]["rows"] != before[by]["rows"]  # the partial days are gone
 
 
-async def test_answers_by_run_dimensions_read_the_trace_rollup_not_the_events(reference):
-    reader = reference.reader
+async def test_answers_by_run_dimensions_read_the_trace_rollup_not_the_events(reference,
+                                                                             without_events):
     w = windows()["days"]
-    runs, agents = spend_answers(reader, RUN_DIMENSIONS, "days"), analytics.agents(reader, w)
-    reader.client.command("TRUNCATE TABLE reference.llm_events")
-    assert spend_answers(reader, RUN_DIMENSIONS, "days") == runs
+    runs = spend_answers(reference.reader, RUN_DIMENSIONS, "days")
+    agents = analytics.agents(reference.reader, w)
+    assert spend_answers(without_events, RUN_DIMENSIONS, "days") == runs
     assert all(len(runs[by]["rows"]) > 1 for by in RUN_DIMENSIONS)
-    assert analytics.agents(reader, w) == agents
+    assert analytics.agents(without_events, w) == agents
     assert agents["agents"] and agents["tools"] and agents["mcp"]["methods"]
 
 
-async def test_a_metadata_key_not_configured_is_answered_from_the_events(reference):
+async def test_a_metadata_key_not_configured_is_answered_from_the_events(reference,
+                                                                         without_events):
     w = windows()["days"]
     before = finops.spend(reference.reader, w, "metadata.env")
-    reference.reader.client.command("TRUNCATE TABLE reference.llm_events")
-    assert before["rows"] and finops.spend(reference.reader, w, "metadata.env")["rows"] == []
+    assert before["rows"] and finops.spend(without_events, w, "metadata.env")["rows"] == []
 
 
 # --- events two writers stored at once ---------------------------------------------------------
-async def test_events_two_writers_stored_at_once_count_once_in_every_answer(raced, reference):
-    assert every_answer(raced.reader) == reference_answers(reference)
-    assert open_marks(raced) == 0
+async def test_events_two_writers_stored_at_once_count_once_in_every_answer(race, expected):
+    assert race.after == expected
+    assert race.open_marks == 0
 
 
-async def test_no_answer_counts_twice_while_two_copies_are_stored(make_exporter, reference):
+async def test_no_answer_counts_twice_while_two_copies_are_stored(race, expected):
     """The moment both writers' inserts are done and neither has looked for copies: the
     views have counted every event twice, and the hours are read from the events."""
-    expected = reference_answers(reference)
-    seen = []
-
-    def answers(exporter):
-        seen.append(every_answer(exporter.reader))
-
-    writers = [await make_exporter("a"), await make_exporter("b")]
-    await export_at_once(writers, EVENTS, meanwhile=answers)
-    assert len(seen) == 2 and seen[0] == expected and seen[1] == expected
+    assert len(race.during) == 2 and race.during[0] == expected and race.during[1] == expected
 
 
-async def test_after_a_repair_every_answer_still_counts_once(raced, reference):
-    assert await raced.repair_rollups() == []
-    assert every_answer(raced.reader) == reference_answers(reference)
+async def test_after_a_repair_every_answer_still_counts_once(race, expected):
+    assert await race.writer.repair_rollups() == []
+    assert every_answer(race.writer.reader) == expected
 
 
-async def test_the_writer_that_finds_the_copies_counts_the_hours_it_rebuilt(make_exporter):
-    writers = [await make_exporter("a"), await make_exporter("b")]
-    await export_at_once(writers, EVENTS)
-    registry = [w.context.telemetry.registry for w in writers]
-    rebuilt = [metric_value(r, "meterline_exporter_rollup_repaired_hours_total") or 0
-               for r in registry]
-    assert sorted(rebuilt) == [0, len(event_hours(EVENTS))]
+async def test_the_writer_that_finds_the_copies_counts_the_hours_it_rebuilt(race):
+    assert sorted(race.rebuilt) == [0, len(event_hours(EVENTS))]
 
 
 # --- redelivery -------------------------------------------------------------------------------
 async def test_a_batch_retried_after_a_partial_insert_counts_once_at_every_moment(
-        make_exporter, reference, monkeypatch):
+        make_exporter, expected, monkeypatch):
     # the retry waits for the failed attempt's mark (still open: nothing closes it before
     # it is abandoned) only so long
     monkeypatch.setattr(repair, "WAIT_FOR_OLDER", 0.5)
@@ -287,47 +347,67 @@ async def test_a_batch_retried_after_a_partial_insert_counts_once_at_every_momen
     await partial.export(ExportBatch("half", first))
     assert every_answer(exporter.reader) == every_answer(partial.reader)
     await exporter.export(ExportBatch("one", EVENTS))  # the retry
-    assert every_answer(exporter.reader) == reference_answers(reference)
+    assert every_answer(exporter.reader) == expected
 
 
 async def test_an_abandoned_mark_is_closed_by_the_repair_once_its_hours_count_right(
-        make_exporter, reference, monkeypatch):
+        make_exporter, expected, monkeypatch):
     monkeypatch.setattr(repair, "WAIT_FOR_OLDER", 0.5)  # the rebuild's wait for the killed
     exporter = await make_exporter("w")
     await exporter.export(ExportBatch("one", EVENTS))
     repair.open_hours(exporter._writer, exporter.schema, event_hours(EVENTS), "killed")
     lose_rollup_rows(exporter, exporter.schema.rollups[1:])  # a kill mid-insert
-    assert every_answer(exporter.reader) == reference_answers(reference)
+    assert every_answer(exporter.reader) == expected
     assert await exporter.repair_rollups()  # not abandoned yet: the hours stay open
     assert open_marks(exporter) > 0
     monkeypatch.setattr(repair, "ABANDONED_AFTER", 0)
     await exporter.repair_rollups()
     assert open_marks(exporter) == 0
     assert stored(exporter)[1:] == (N,) * len(exporter.schema.rollups)
-    assert every_answer(exporter.reader) == reference_answers(reference)
+    assert every_answer(exporter.reader) == expected
 
 
 # --- repair of what writers outside this protocol leave ------------------------------------------
-@pytest.fixture
-async def doubled(make_exporter):
-    """An exporter's events stored again around it: the rollups count them twice."""
-    exporter = await make_exporter("a")
+@dataclass
+class Rebuilt:
+    """What an exporter did with its events stored again around it (the rollups counted
+    them twice): the hours a repair rebuilt, those it counted and every answer afterwards;
+    then, the events stored a third time, the hours a second repair rebuilt (the same
+    hours, from the same events), the events each rollup counts and the spend answers by
+    each rolled-up dimension afterwards."""
+
+    first: list[int]
+    counted: float
+    answers: dict
+    second: list[int]
+    rolled: tuple
+    spend: dict
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def rebuilt(shared_exporter):
+    exporter = await shared_exporter("doubled", database="doubled")
     await exporter.export(ExportBatch("a", EVENTS))
     store_around_the_exporters(exporter, EVENTS, "again")
-    return exporter
+    first = await exporter.repair_rollups()
+    counted = metric_value(exporter.context.telemetry.registry,
+                           "meterline_exporter_rollup_repaired_hours_total")
+    answers = every_answer(exporter.reader)
+    store_around_the_exporters(exporter, EVENTS, "3rd")
+    second = await exporter.repair_rollups()
+    return Rebuilt(first, counted, answers, second, stored(exporter)[1:],
+                   spend_answers(exporter.reader, ROLLED))
 
 
-async def test_a_repair_rebuilds_and_counts_the_hours_counted_twice(doubled, reference):
-    hours = await doubled.repair_rollups()
-    assert hours == sorted(rollup_buckets(EVENTS))
-    registry = doubled.context.telemetry.registry
-    assert metric_value(registry, "meterline_exporter_rollup_repaired_hours_total") == len(hours)
-    assert every_answer(doubled.reader) == reference_answers(reference)
+async def test_a_repair_rebuilds_and_counts_the_hours_counted_twice(rebuilt, expected):
+    assert rebuilt.first == sorted(rollup_buckets(EVENTS))
+    assert rebuilt.counted == len(rebuilt.first)
+    assert rebuilt.answers == expected
 
 
-async def test_a_repair_leaves_rollups_that_count_right_alone(reference):
-    assert await reference.repair_rollups() == []
-    assert stored(reference) == (N,) * (1 + len(reference.schema.rollups))
+async def test_a_repair_leaves_rollups_that_count_right_alone(stored_once):
+    assert await stored_once.repair_rollups() == []
+    assert stored(stored_once) == (N,) * (1 + len(stored_once.schema.rollups))
 
 
 async def test_a_repair_looks_back_only_repair_lookback(make_exporter):
@@ -345,12 +425,10 @@ async def test_a_repair_looks_back_only_repair_lookback(make_exporter):
     assert minute == hour == 2 * N - recent
 
 
-async def test_an_hour_rebuilt_again_with_the_same_events_is_written_again(doubled, reference):
-    await doubled.repair_rollups()
-    store_around_the_exporters(doubled, EVENTS, "3rd")
-    assert await doubled.repair_rollups()  # the same hours, rebuilt from the same events
-    assert stored(doubled)[1:] == (N,) * len(doubled.schema.rollups)
-    assert spend_answers(doubled.reader, ROLLED) == spend_answers(reference.reader, ROLLED)
+async def test_an_hour_rebuilt_again_with_the_same_events_is_written_again(rebuilt, reference):
+    assert rebuilt.second  # the same hours, rebuilt from the same events
+    assert rebuilt.rolled == (N,) * len(reference.schema.rollups)
+    assert rebuilt.spend == spend_answers(reference.reader, ROLLED)
 
 
 async def test_the_exporter_repairs_the_rollups_every_repair_interval(make_exporter):
@@ -370,7 +448,7 @@ def lose_rollup_rows(exporter, rollups):
             f"TRUNCATE TABLE {exporter.schema.qualified(rollup.table)}")
 
 
-@pytest.fixture
+@pytest_asyncio.fixture(loop_scope="module")
 async def cut_short(make_exporter):
     """An exporter whose batch "ref" reached llm_events and the first rollup only."""
     exporter = await make_exporter("cut", database="cut")
@@ -380,10 +458,10 @@ async def cut_short(make_exporter):
 
 
 async def test_a_batch_delivered_again_after_an_insert_cut_short_makes_every_answer_exact(
-        cut_short, reference):
+        cut_short, expected):
     await cut_short.export(ExportBatch("ref", EVENTS))  # the queue delivers it again
     assert stored(cut_short) == (N,) * (1 + len(cut_short.schema.rollups))
-    assert every_answer(cut_short.reader) == reference_answers(reference)
+    assert every_answer(cut_short.reader) == expected
 
 
 async def test_a_batch_delivered_again_rebuilds_only_the_hours_of_its_events(make_exporter):
@@ -398,22 +476,22 @@ async def test_a_batch_delivered_again_rebuilds_only_the_hours_of_its_events(mak
     assert (raw, minute, hour) == (N, len(recent), len(recent))
 
 
-async def test_a_batch_already_stored_whole_leaves_right_rollups_alone(reference):
-    await reference.export(ExportBatch("ref", EVENTS))
-    registry = reference.context.telemetry.registry
+async def test_a_batch_already_stored_whole_leaves_right_rollups_alone(stored_once):
+    await stored_once.export(ExportBatch("ref", EVENTS))
+    registry = stored_once.context.telemetry.registry
     assert metric_value(registry, "meterline_exporter_rollup_repaired_hours_total") in (None, 0)
-    assert stored(reference) == (N,) * (1 + len(reference.schema.rollups))
+    assert stored(stored_once) == (N,) * (1 + len(stored_once.schema.rollups))
 
 
-async def test_a_repair_rebuilds_the_hours_a_rollup_counts_short(cut_short, reference):
+async def test_a_repair_rebuilds_the_hours_a_rollup_counts_short(cut_short, expected):
     hours = await cut_short.repair_rollups()
     assert set(hours) >= event_hours(EVENTS)
-    assert every_answer(cut_short.reader) == reference_answers(reference)
+    assert every_answer(cut_short.reader) == expected
 
 
 # --- migration ----------------------------------------------------------------------------------
 async def test_a_database_of_the_previous_version_gets_the_new_rollups_filled(
-        make_exporter, reference, monkeypatch):
+        make_exporter, reference, expected, monkeypatch):
     """Tables of the previous version (per-minute and per-hour rollups and a user rollup
     without derived figures, no guardrail figure), with events, gain the other rollups,
     filled from the events; those it had gain the guardrail figure and
@@ -441,7 +519,7 @@ async def test_a_database_of_the_previous_version_gets_the_new_rollups_filled(
     assert [c.split("ADD COLUMN IF NOT EXISTS ")[1].split()[0] for c in changes
             if "`old`.`llm_usage_user_1d` ADD COLUMN" in c] == [
         "`guardrail_blocked`", "`active_days`", "`models`", "`providers`"]
-    assert every_answer(exporter.reader) == reference_answers(reference)
+    assert every_answer(exporter.reader) == expected
     assert analytics.users(exporter.reader, windows()["90d"], provider="openai") == \
         analytics.users(reference.reader, windows()["90d"], provider="openai")
     assert await exporter.repair_rollups() == []
