@@ -10,6 +10,7 @@ import textwrap
 from datetime import UTC, datetime, timedelta
 
 import pytest
+import pytest_asyncio
 
 from meterline.component import ExportBatch
 from meterline.config import ConfigError, loads
@@ -20,13 +21,23 @@ from meterline.extensions.finops.cli import render
 from tests import agent_data
 from tests.clickhouse_helpers import clickhouse_exporters
 
+in_module_loop = pytest.mark.asyncio(loop_scope="module")  # (the module's chDB directory)
 
-@pytest.fixture
-async def reader(tmp_path):
-    async with clickhouse_exporters(tmp_path) as make:
-        exporter = await make("agents")
-        await exporter.export(ExportBatch("agents", agent_data.events(NOW_NS)))
-        yield exporter.reader
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def make_exporter(tmp_path_factory):
+    """Exporters on the module's chDB directory (chDB opens one per process): each test that
+    stores events of its own stores them in a database of its own."""
+    async with clickhouse_exporters(tmp_path_factory.mktemp("agents")) as make:
+        yield make
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def reader(make_exporter):
+    """The known events, stored once for the module's tests, which only read them."""
+    exporter = await make_exporter("agents")
+    await exporter.export(ExportBatch("agents", agent_data.events(NOW_NS)))
+    return exporter.reader
 
 
 # The events are placed 10 to 40 minutes before the window's end, whenever a test runs:
@@ -114,7 +125,8 @@ def test_mcp_connects_are_initialize_requests_with_their_latency(reader):
     assert (methods["initialize"]["calls"], methods["initialize"]["sessions"]) == (2, 2)
 
 
-async def test_an_mcp_request_of_a_session_without_a_method_is_no_model_call(tmp_path):
+@in_module_loop
+async def test_an_mcp_request_of_a_session_without_a_method_is_no_model_call(make_exporter):
     """The gateway's GET stream (or DELETE) of an MCP session is an MCP request without
     `mcp_method`: neither a run's model call (counted unpriced) nor a model call guardrails
     count (found by tests/test_finops_reference.py)."""
@@ -124,13 +136,12 @@ async def test_an_mcp_request_of_a_session_without_a_method_is_no_model_call(tmp
                     provider="openai", request_model="gpt-4o", cost_usd=1.0),
               Event(event_id="stream", timestamp=(at + 60) * 10**9, trace_id="t",
                     provider="mcp", mcp_session_id="m1", status_code=499)]
-    async with clickhouse_exporters(tmp_path) as make:
-        exporter = await make("minimal")
-        await exporter.export(ExportBatch("minimal", events))
-        window = Window(since, since + timedelta(hours=1))
-        run = finops.spend(exporter.reader, window, "trace")["total"]
-        guarded = analytics.guardrails(exporter.reader, window)["platform"]
-        mcp = analytics.agents(exporter.reader, window)["mcp"]
+    exporter = await make_exporter("mcp-stream", database="mcp_stream")
+    await exporter.export(ExportBatch("minimal", events))
+    window = Window(since, since + timedelta(hours=1))
+    run = finops.spend(exporter.reader, window, "trace")["total"]
+    guarded = analytics.guardrails(exporter.reader, window)["platform"]
+    mcp = analytics.agents(exporter.reader, window)["mcp"]
     assert (run["llm_calls"], run["unpriced_llm_calls"], guarded["requests"]) == (1, 0, 1)
     assert (mcp["requests"], mcp["sessions"]) == (1, 1)
 
@@ -230,8 +241,9 @@ def test_growth_by_agent_is_the_cost_of_its_model_calls(reader):
     assert rows(answer, "agent")["planner"]["cost_usd"] == 1.75
 
 
+@in_module_loop
 async def test_growth_by_agent_takes_a_calls_agent_from_its_trace_within_its_own_period(
-        tmp_path):
+        make_exporter):
     """A run's `invoke_agent` event in the previous period, its model call (naming no agent)
     in this one: in this period the call is of no agent, as the `runs` report says (found by
     tests/test_finops_reference.py)."""
@@ -242,11 +254,10 @@ async def test_growth_by_agent_takes_a_calls_agent_from_its_trace_within_its_own
                     operation="invoke_agent", agent_name="planner"),
               Event(event_id="call", timestamp=(at + 600) * 10**9, trace_id="t",
                     operation="chat", provider="openai", request_model="gpt-4o", cost_usd=1.0)]
-    async with clickhouse_exporters(tmp_path) as make:
-        exporter = await make("minimal")
-        await exporter.export(ExportBatch("minimal", events))
-        growth = finops.growth(exporter.reader, window, "agent")
-        runs = finops.spend(exporter.reader, window, "agent")
+    exporter = await make_exporter("previous-period", database="previous_period")
+    await exporter.export(ExportBatch("minimal", events))
+    growth = finops.growth(exporter.reader, window, "agent")
+    runs = finops.spend(exporter.reader, window, "agent")
     assert [(r["agent"], r["cost_usd"]) for r in runs["rows"]] == [(None, 1)]
     assert [(r["agent"], r["cost_usd"], r["previous_cost_usd"]) for r in growth["rows"]] == [
         (None, 1, 0)]
