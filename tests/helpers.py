@@ -95,6 +95,13 @@ FILE_OUT: dict[str, Any] = {"path": "{data}/out.jsonl", "batch": {"timeout": "10
 """The file exporter most tests read back: `{data}/out.jsonl`, flushed every 10ms."""
 
 
+INLINE: dict[str, Any] = {"workers": 1}
+"""The service settings of a pipeline without processors: no worker processes. A worker
+would only copy each batch there and back, and starting them (one per core, each a new
+interpreter) took 0.3-1 s of every test that runs a daemon, a fifth of the suite; the
+worker pool is what tests/test_workers.py and the tests of processors run."""
+
+
 def pipeline(receivers: dict[str, Any], processors: dict[str, Any] | None = None,
              exporters: dict[str, Any] | None = None,
              service: dict[str, Any] | None = None) -> str:
@@ -104,7 +111,8 @@ def pipeline(receivers: dict[str, Any], processors: dict[str, Any] | None = None
     `exporters` defaults to `{"file": FILE_OUT}`; `service` is laid over
     `{data_dir: "{data}", admin: null, memory_limiter: null}` and may replace
     `pipelines` (no memory limiter unless a test sets one: a daemon run in-process would
-    measure the test runner's memory, chDB's of every earlier test included). `{data}` (and
+    measure the test runner's memory, chDB's of every earlier test included), and, without
+    `processors`, over `{workers: 1}` (see `INLINE`). `{data}` (and
     `{admin}` for `daemon_factory`) are left for `config_text` to fill in. Collections
     of scalars are written inline (`[openai]`, `{timeout: 10ms}`), so a test may still
     edit the text it wrote."""
@@ -114,7 +122,7 @@ def pipeline(receivers: dict[str, Any], processors: dict[str, Any] | None = None
         flow["processors"] = list(processors)
     flow["exporters"] = list(exporters)
     settings: dict[str, Any] = {"data_dir": "{data}", "admin": None, "memory_limiter": None,
-                                **(service or {})}
+                                **({} if processors else INLINE), **(service or {})}
     settings.setdefault("pipelines", {"p": flow})
     doc: dict[str, Any] = {"receivers": receivers}
     if processors:

@@ -33,6 +33,7 @@ def pipeline(port, upstream_url, gateway_extra="", exporter_extra=""):
     service:
       data_dir: {{data}}
       admin: null
+      workers: 1  # no processor to run (tests/helpers.py, INLINE)
       pipelines:
         p: {{receivers: [gateway], exporters: [file]}}
     """

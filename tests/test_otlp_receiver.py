@@ -50,6 +50,7 @@ exporters:
 service:
   data_dir: {{data}}
   admin: null
+  workers: 1  # no processor to run (tests/helpers.py, INLINE)
   shutdown_timeout: 200ms
   pipelines:
     p: {{receivers: [otlp], exporters: [file]}}

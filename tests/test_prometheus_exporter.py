@@ -38,6 +38,7 @@ exporters:
 service:
   data_dir: {{data}}
   admin: null
+  workers: 1  # no processor to run (tests/helpers.py, INLINE)
   pipelines:
     p: {{receivers: [webhook], exporters: [prometheus]}}
 """
