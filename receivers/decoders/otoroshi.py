@@ -6,9 +6,9 @@ unfiltered data exporter sends too, are not LLM calls (`NotAnLLMCall`, naming th
 filter that keeps them out); an `LLMUsageAudit` that cannot be read is a
 `DecodeError`. The audit event's `@timestamp` is written
 when the call ends, so the request start is `@timestamp - duration`. A count of -1 (tokens,
-rate limits) is Otoroshi's "not reported" (`_count`), as is a duration of 0. A call Otoroshi's cache answered
-(`output.metadata.cache.status: Hit`) is a `cache_hit`, with its cached answer's usage
-(`_served`).
+rate limits) is Otoroshi's "not reported" (`_count`), as is a duration of 0. A call
+Otoroshi's cache answered (`output.metadata.cache.status: Hit`) is a `cache_hit`, with its
+cached answer's usage (`_served`).
 
 The API key: `api_key_id` is the hash prefix of its `clientId` (`meterline.event.api_key_id`,
 the rule every source follows, so ids never carry a source's own identifiers); the raw
