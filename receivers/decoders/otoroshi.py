@@ -79,6 +79,7 @@ def decode(item: dict[str, Any]) -> Event:
                           f"({duration}) is not a time in epoch milliseconds")
     start_us = round(start_us_f)
     error = item.get("error")
+    error_category, error_message = _failure(error)
     guardrail = _guardrail(error, as_dict(item.get("provider_details")))
     costs = _costs(item)
     domains = as_list(as_dict(route.get("frontend")).get("domains"))
@@ -108,8 +109,8 @@ def decode(item: dict[str, Any]) -> Event:
         upstream=as_dict(item.get("provider_details")).get("name") or item.get("provider"),
         params=_params(item),
         status_code=200 if error is None else None,
-        error_type=_error_type(error) if error is not None else None,
-        error_message=_error_text(error),
+        error_type=error_category,
+        error_message=error_message,
         input_tokens=_count(usage.get("prompt_tokens")),
         output_tokens=_count(usage.get("generation_tokens")),
         reasoning_tokens=_count(usage.get("reasoning_tokens")),
@@ -192,22 +193,17 @@ def _usd(costs: dict[str, Any]) -> float | None:
     return total
 
 
-def _error_type(error: Any) -> str:
-    """The category of a failed call: Otoroshi's `error` is the provider's own error body
-    (`ProviderHelpers.wrapResponse`), read as the gateway reads it, or `{"exception":
-    message}`; without an HTTP status, the first of its names that tells one decides."""
-    names, _ = error_of(error)
-    return error_type_for_names([*names, _message(error) or ""])
-
-
-def _message(error: Any) -> str | None:
-    _, message = error_of(error)
+def _failure(error: Any) -> tuple[str | None, str | None]:
+    """The category and message of a failed call (None, None for one that did not fail):
+    Otoroshi's `error` is the provider's own error body (`ProviderHelpers.wrapResponse`),
+    read as the gateway reads it, or `{"exception": message}`; without an HTTP status, the
+    first of its names that tells a category decides."""
+    if error is None:
+        return None, None
+    names, message = error_of(error)
     exception = as_dict(error).get("exception")
-    return message or (str(exception) if exception else None)
-
-
-def _error_text(error: Any) -> str | None:
-    return None if error is None else (_message(error) or str(error))[:1024]
+    message = message or (str(exception) if exception else None)
+    return error_type_for_names([*names, message or ""]), (message or str(error))[:1024]
 
 
 _PHASES: dict[str, GuardrailStage] = {"before": "input", "after": "output"}
