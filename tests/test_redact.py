@@ -79,6 +79,23 @@ def test_a_key_joined_to_the_word_before_it_is_masked(tmp_path: Path, joiner: st
         {"role": "user", "content": f"cache key req{joiner}<OPENAI_KEY> missed"}]
 
 
+@pytest.mark.parametrize("written", [
+    "export AUTH_BEARER_TOKEN='{}'", "ingest_bearer: {}", "bearer={}", "Bearer {}"])
+def test_a_bearer_token_named_by_a_variable_or_a_key_is_masked(tmp_path: Path,
+                                                                 written: str) -> None:
+    p, _ = redactor(tmp_path)
+    e = p.process([chat(written.format("q8W3nZt5vYb2Lk9Pd7Rx4Mc6Hs1Jf0Ge"))])[0]
+    assert e.input_messages[0]["content"] == written.format("<BEARER_TOKEN>")
+
+
+@pytest.mark.parametrize("suffix", ["_old", "-prod"])
+def test_a_google_key_joined_to_the_word_after_it_is_masked(tmp_path: Path,
+                                                            suffix: str) -> None:
+    p, _ = redactor(tmp_path)
+    e = p.process([chat(f"key AIzaSyB7rq2LmX9vTn4Kd8Wc1Yp6Hs3Jf0Ge5Qa{suffix} in the app")])[0]
+    assert e.input_messages[0]["content"] == f"key <GOOGLE_API_KEY>{suffix} in the app"
+
+
 def test_mask_replaces_each_finding_with_a_typed_placeholder(tmp_path: Path) -> None:
     p, _ = redactor(tmp_path)
     e = p.process([chat("Mail jane.doe@acme-corp.com or call +44 20 7946 0958 today.")])[0]

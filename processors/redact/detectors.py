@@ -489,7 +489,8 @@ BUILTIN: tuple[Detector, ...] = (
         Probe(rf"{_TOKEN_START}xapp-[{D}]-[A-Za-z0-9\-]{{10}}", pattern=1, skip=1),
         Probe(r"https://hooks\.slack\.com/(?:services|workflows|triggers)/[A-Za-z0-9/_\-]",
               pattern=2))),
-    Detector("google_api_key", (re.compile(rf"{_KEY}AIza[0-9A-Za-z_-]{{35}}(?![\w-])"),),
+    # a key is 39 characters: one joined to a word after it (`_prod`, `-old`) ends there
+    Detector("google_api_key", (re.compile(rf"{_KEY}AIza[0-9A-Za-z_-]{{35}}(?![^\W_])"),),
              probes=(Probe(rf"{_TOKEN_START}AIza[0-9A-Za-z_\-]{{35}}", skip=1),)),
     Detector("aws_key", (  # access key ids: AKIA long-term, ASIA temporary (STS)
         re.compile(r"(?<![A-Z0-9])(?:AKIA|ASIA)[A-Z0-9]{16}(?![A-Z0-9])"),
@@ -502,10 +503,11 @@ BUILTIN: tuple[Detector, ...] = (
         Probe(r"[^A-Z0-9](?:AKIA|ASIA)[A-Z0-9]{16}", skip=1),
         Probe(caseless("aws"), pattern=1),
         Probe(caseless("secret"), pattern=2))),
-    Detector("bearer_token", (re.compile(  # Bearer X, bearer_auth("X"), bearer_token = 'X'
-        r"(?<![\w])(?i:bearer)(?:\s+|[_-]?(?i:auth|token)[\"']?\s*[:=(]\s*[\"']?)"
+    # Bearer X, bearer_auth("X"), bearer: X, AUTH_BEARER_TOKEN='X' (a name joined by `_`)
+    Detector("bearer_token", (re.compile(
+        rf"{_KEY}(?i:bearer)(?:\s+|(?:[_-]?(?i:auth|token))?[\"']?\s*[:=(]\s*[\"']?)"
         r"(?P<value>[A-Za-z0-9._~+/-]{16,}=*)"),), valid=_mixed,
-        probes=(Probe(rf"[^{W}]{caseless('bearer')}", skip=1),)),
+        probes=(Probe(rf"{_TOKEN_START}{caseless('bearer')}", skip=1),)),
     Detector("email", (_EMAIL,), spans=_email_spans,
              probes=(Probe(rf"[{ANY_WORDS}.%+'\-]@"),)),
     Detector("iban", (_IBAN,), spans=_iban_spans, probes=(
