@@ -334,6 +334,16 @@ def _mixed(text: str) -> bool:
     return _HAS_DIGIT(text) is not None and _HAS_LETTER(text) is not None
 
 
+def _token(text: str) -> bool:
+    """A Hugging Face token is letters at random; `hf_` and a CamelCase name of 34 letters
+    (`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`) is Python."""
+    if not text.startswith("hf_"):
+        return True
+    letters = text[3:]
+    upper = sum(c.isupper() for c in letters)
+    return upper >= 6 and len(letters) - upper >= 6
+
+
 # At most 64 characters before the `@`, as an address allows.
 _EMAIL = re.compile(r"(?<![\w.%+-])\w[\w.%+'-]{0,63}@(?:[^\W_](?:[\w-]{0,61}[^\W_])?\.)+"
                     r"[^\W\d_]{2,24}(?![\w-])")
@@ -492,6 +502,17 @@ BUILTIN: tuple[Detector, ...] = (
     # a key is 39 characters: one joined to a word after it (`_prod`, `-old`) ends there
     Detector("google_api_key", (re.compile(rf"{_KEY}AIza[0-9A-Za-z_-]{{35}}(?![^\W_])"),),
              probes=(Probe(rf"{_TOKEN_START}AIza[0-9A-Za-z_\-]{{35}}", skip=1),)),
+    # the keys of other AI and developer services, known by their markers: Groq, xAI,
+    # Hugging Face, Replicate, Perplexity, npm, Databricks, LangSmith, Stripe, GitLab and
+    # Google's OAuth access tokens (what a Vertex AI caller sends)
+    Detector("api_key", (re.compile(
+        rf"{_KEY}(?:gsk_[A-Za-z0-9]{{50,}}|xai-[A-Za-z0-9]{{70,}}|hf_[A-Za-z0-9]{{30,}}"
+        r"|r8_[A-Za-z0-9]{30,}|pplx-[A-Za-z0-9]{40,}|npm_[A-Za-z0-9]{36,}|dapi[0-9a-f]{32,}"
+        r"|lsv2_(?:pt|sk)_[0-9a-f]{32}_[0-9a-f]{10}|[sr]k_(?:live|test)_[A-Za-z0-9]{24,}"
+        r"|glpat-[A-Za-z0-9_-]{20,}|ya29\.[A-Za-z0-9_-]{20,})(?![A-Za-z0-9])"),),
+        valid=_token, probes=(Probe(
+            rf"{_TOKEN_START}(?:(?:gsk_|xai-|hf_|r8_|pplx-|npm_|lsv2_|[sr]k_live_|[sr]k_test_"
+            r"|glpat-|ya29\.)[A-Za-z0-9_\-]{16}|dapi[0-9a-f]{16})", skip=1),)),
     Detector("aws_key", (  # access key ids: AKIA long-term, ASIA temporary (STS)
         re.compile(r"(?<![A-Z0-9])(?:AKIA|ASIA)[A-Z0-9]{16}(?![A-Z0-9])"),
         # a secret access key has no marker: it is known by what names it
