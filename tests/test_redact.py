@@ -88,6 +88,19 @@ def test_a_bearer_token_named_by_a_variable_or_a_key_is_masked(tmp_path: Path,
     assert e.input_messages[0]["content"] == written.format("<BEARER_TOKEN>")
 
 
+@pytest.mark.parametrize(("line", "redacted"), [
+    ("MISTRAL_API_KEY=Xq7LmN2pR9sT4vW8yZ1aB3cD5eF6gH0j", "MISTRAL_API_KEY=<SECRET>"),
+    ('{"api-key": "0f9e8d7c6b5a49382716a5b4c3d2e1f0"}', '{"api-key": "<SECRET>"}'),
+    ("SECRET_KEY=CHANGE_ME_BEFORE_PRODUCTION_2024", None),  # a name, not a key
+    ('"NextToken": "9f4d9f69-275a-41fe-b58e-2b837bd9ba48"', None),  # AWS's pagination
+])
+def test_a_value_named_as_a_secret_is_masked_unless_it_reads_as_a_name(
+        tmp_path: Path, line: str, redacted: str | None) -> None:
+    p, _ = redactor(tmp_path)
+    e = p.process([chat(line)])[0]
+    assert e.input_messages[0]["content"] == (redacted or line)
+
+
 @pytest.mark.parametrize("suffix", ["_old", "-prod"])
 def test_a_google_key_joined_to_the_word_after_it_is_masked(tmp_path: Path,
                                                             suffix: str) -> None:

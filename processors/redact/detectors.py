@@ -53,6 +53,12 @@ class Probe:
     expression: str
     pattern: int = 0
     skip: int = 0
+    # ASCII letters in either case, by Hyperscan's flag: caseless words spelt as classes
+    # (`[tT][oO]...`) defeat its literal matcher (one such probe took the scan from 630 to
+    # 223 MB/s); the regex must then be ASCII-caseless too (`re.ASCII`). (A probe whose
+    # words are followed by a part of varying length costs as much: the start of its
+    # match must be tracked. Words and one character after them are cheap.)
+    caseless: bool = False
 
 
 class Hits:
@@ -344,6 +350,25 @@ def _token(text: str) -> bool:
     return upper >= 6 and len(letters) - upper >= 6
 
 
+def _random(value: str) -> bool:
+    """A key, not a name: some part of it (between `_` and `-`) of 8 characters or more
+    goes from letters to digits and back (a name ends in a version or a year, a key mixes
+    them throughout). `MY_SERVICE_API_KEY_2024`, `ServiceAccount2024` are names."""
+    return any(len(part) >= 8 and len(_RUNS(part)) >= 3 for part in _PARTS(value))
+
+
+_PARTS = re.compile(r"[_-]").split
+_RUNS = re.compile(r"[0-9]+|[^0-9]+").findall  # digits and the rest, alternating
+# Where a value is named as a secret: `MISTRAL_API_KEY=...`, `"api-key": "..."`,
+# `client_secret: ...`, `SessionToken: ...`, `password = '...'`. A bare `token` or `secret`
+# ends no longer name (`NextToken`, `ChangeToken`: AWS's pagination and idempotency).
+_SECRET_WORDS = ("api_key", "apikey", "access_token", "auth_token", "session_token",
+                 "security_token", "refresh_token", "id_token", "private_token",
+                 "client_secret", "secret_key", "password", "passwd")
+_SECRET_NAME = "|".join([*(w.replace("_", "[_-]?") for w in _SECRET_WORDS),
+                         "(?<![A-Za-z])(?:token|secret)"])
+
+
 # At most 64 characters before the `@`, as an address allows.
 _EMAIL = re.compile(r"(?<![\w.%+-])\w[\w.%+'-]{0,63}@(?:[^\W_](?:[\w-]{0,61}[^\W_])?\.)+"
                     r"[^\W\d_]{2,24}(?![\w-])")
@@ -529,6 +554,14 @@ BUILTIN: tuple[Detector, ...] = (
         rf"{_KEY}(?i:bearer)(?:\s+|(?:[_-]?(?i:auth|token))?[\"']?\s*[:=(]\s*[\"']?)"
         r"(?P<value>[A-Za-z0-9._~+/-]{16,}=*)"),), valid=_mixed,
         probes=(Probe(rf"{_TOKEN_START}{caseless('bearer')}", skip=1),)),
+    # the keys with no marker (Mistral's, Cohere's, Azure OpenAI's...), where a name says
+    # what they are; after the detectors that know a key by its marker
+    Detector("secret", (re.compile(
+        rf"(?i:{_SECRET_NAME})[\"']?\s*[:=]\s*[\"']?(?P<value>[A-Za-z0-9_~+/=-]{{16,}})",
+        re.ASCII),),
+        valid=_random, probes=(Probe(
+            "(?:" + "|".join(w.replace("_", "[_-]?") for w in (*_SECRET_WORDS, "token", "secret"))
+            + r")[\"'\s:=]", caseless=True),)),
     Detector("email", (_EMAIL,), spans=_email_spans,
              probes=(Probe(rf"[{ANY_WORDS}.%+'\-]@"),)),
     Detector("iban", (_IBAN,), spans=_iban_spans, probes=(

@@ -55,17 +55,19 @@ class DetectorSet:
         # by detector: its probes and their ids in the database
         self._probed: list[tuple[int, Detector, list[tuple[Probe, int]]]] = []
         expressions: list[bytes] = []
+        flags: list[int] = []
         for i, d in enumerate(detectors):
             if d.probes:
                 ids = range(len(expressions), len(expressions) + len(d.probes))
                 self._probed.append((i, d, list(zip(d.probes, ids, strict=True))))
                 expressions += [p.expression.encode() for p in d.probes]
+                flags += [hyperscan.HS_FLAG_SOM_LEFTMOST
+                          | (hyperscan.HS_FLAG_CASELESS if p.caseless else 0) for p in d.probes]
         self._database: hyperscan.Database | None = None
         if expressions:
             self._database = hyperscan.Database()
             self._database.compile(expressions=expressions, ids=list(range(len(expressions))),
-                                   elements=len(expressions),
-                                   flags=hyperscan.HS_FLAG_SOM_LEFTMOST)
+                                   elements=len(expressions), flags=flags)
         self._probe_count = len(expressions)
 
     def find(self, text: str) -> list[Finding]:
