@@ -336,3 +336,38 @@ def test_a_replaced_trace_id_is_the_exported_span_s_trace_id(tmp_path: Path) -> 
     e = one(tmp_path, trace_id=EMAIL, span_id=EMAIL)
     span = to_traces_request([e]).resource_spans[0].scope_spans[0].spans[0]
     assert (span.trace_id.hex(), span.span_id.hex()) == (e.trace_id, e.span_id)
+
+
+MISTRAL_KEY = "Xq7LmN2pR9sT4vW8yZ1aB3cD5eF6gH0j"  # no marker: known only by its name
+
+
+def test_a_key_without_a_marker_under_a_secret_naming_param_is_masked(tmp_path: Path) -> None:
+    e = one(tmp_path, params={"api_key": MISTRAL_KEY, "temperature": 0.2})
+    assert e.params == {"api_key": "<SECRET>", "temperature": 0.2}
+    assert e.redactions == {"secret": 1}
+
+
+def test_a_captured_header_attribute_naming_a_key_is_masked_item_by_item(
+        tmp_path: Path) -> None:
+    e = one(tmp_path, attributes={"http.request.header.api-key": [MISTRAL_KEY],
+                                  "http.request.header.accept": ["application/json"]})
+    assert e.attributes == {"http.request.header.api-key": ["<SECRET>"],
+                            "http.request.header.accept": ["application/json"]}
+
+
+def test_a_metadata_value_under_a_secret_naming_key_gets_a_pseudonym(tmp_path: Path) -> None:
+    e = one(tmp_path, metadata={"db_password": "hunter2", "customer": "acme"})
+    assert re.fullmatch(r"<SECRET:[0-9a-f]{16}>", e.metadata["db_password"])
+    assert e.metadata["customer"] == "acme"
+    assert e.redactions == {"secret": 1}  # (its placeholder is not found again)
+
+
+def test_a_bare_token_key_masks_only_a_value_that_reads_as_a_key(tmp_path: Path) -> None:
+    e = one(tmp_path, attributes={"llm.token": MISTRAL_KEY, "token": "Hello"})
+    assert e.attributes == {"llm.token": "<SECRET>", "token": "Hello"}
+
+
+def test_a_drop_action_drops_the_entry_named_as_a_secret(tmp_path: Path) -> None:
+    [e] = redact(tmp_path, [make_event(params={"api_key": MISTRAL_KEY, "top_p": 1.0})],
+                 detectors={"secret": "drop"})
+    assert e.params == {"top_p": 1.0}

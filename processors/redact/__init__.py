@@ -72,6 +72,8 @@ from meterline.event import Event
 from meterline.fieldpath import FieldPath
 from meterline.processors.redact.detectors import BUILTIN, DIGIT_RUNS, NAMES, Detector
 from meterline.processors.redact.engine import SEPARATOR, Span
+from meterline.processors.redact.named import FIELDS as NAMED_FIELDS
+from meterline.processors.redact.named import NamedSecrets
 from meterline.processors.redact.redactor import (
     MESSAGE_KEYS,
     DropEvent,
@@ -277,6 +279,9 @@ class RedactProcessor(Processor):
         key = (config.hash_key.encode() if config.hash_key is not None
                else _stored_key(context) if needs_key else b"")
         self.redactor = Redactor(active, key, pseudonyms=config.identifiers == "hash")
+        self._named = (NamedSecrets([n for n in NAMED_FIELDS if n in whole],
+                                    self.redactor.names.index("secret"), TEXT_FIELDS)
+                       if "secret" in self.redactor.names else None)
         # (a run of digits in a correlation key is the id's: see `detectors.DIGIT_RUNS`)
         self._id_digits = frozenset(i for i, name in enumerate(self.redactor.names)
                                     if name in DIGIT_RUNS)
@@ -293,8 +298,20 @@ class RedactProcessor(Processor):
     def process(self, events: list[Event]) -> list[Event]:
         if not self.redactor.names:
             return events
+        if self._named is not None:
+            events = self._named_secrets(events, self._named)
         events, bad = self._values(events)
         return self._names(events, bad) if bad else events
+
+    def _named_secrets(self, events: list[Event], named: NamedSecrets) -> list[Event]:
+        """The values of `params`, `attributes` and `metadata` under keys that name
+        secrets replaced (see `named.py`), when the batch has such a key."""
+        rules = named.rules(events)
+        if not rules:
+            return events
+        replace = self.redactor.replace
+        return self._redacting(events, None,
+                               lambda _, e, counts: named.redact(e, rules, replace, counts))
 
     def _name_texts(self, events: list[Event], walked: set[Any]) -> list[str]:
         """The distinct dict keys of the scanned fields (`walked`: those the walk of their

@@ -367,6 +367,21 @@ _SECRET_WORDS = ("api_key", "apikey", "access_token", "auth_token", "session_tok
                  "client_secret", "secret_key", "password", "passwd")
 _SECRET_NAME = "|".join([*(w.replace("_", "[_-]?") for w in _SECRET_WORDS),
                          "(?<![A-Za-z])(?:token|secret)"])
+_SECRET_KEY = re.compile(rf"(?i:{_SECRET_NAME})\Z", re.ASCII).search
+
+
+def secret_key(key: str) -> Callable[[str], bool] | None:
+    """For a dict key that names a secret (`api_key`, `http.request.header.api-key`,
+    `db.password`: a name of `secret`'s, ending the key), which of its string values
+    are secrets: any but an empty one; under a bare `token` or `secret` (`llm.token`,
+    where a log-probability entry's `token` is a word of the answer), those that read as
+    keys, as in text. None for any other key."""
+    found = _SECRET_KEY(key)
+    if found is None:
+        return None
+    if found.group().lower() in ("token", "secret"):
+        return lambda value: len(value) >= 16 and _random(value)
+    return bool
 
 
 # At most 64 characters before the `@`, as an address allows.
@@ -557,7 +572,8 @@ BUILTIN: tuple[Detector, ...] = (
     # the keys with no marker (Mistral's, Cohere's, Azure OpenAI's...), where a name says
     # what they are; after the detectors that know a key by its marker
     Detector("secret", (re.compile(
-        rf"(?i:{_SECRET_NAME})[\"']?\s*[:=]\s*[\"']?(?P<value>[A-Za-z0-9_~+/=-]{{16,}})",
+        rf"(?i:{_SECRET_NAME})[\"']?\s*[:=]\s*[\"']?(?P<value>[A-Za-z0-9_~+/=-]{{16,}})"
+        r"(?![A-Za-z0-9_~+/=>-])",  # (not a hash's placeholder: `<SECRET:3f9a0c1d2b4e5f67>`)
         re.ASCII),),
         valid=_random, probes=(Probe(
             "(?:" + "|".join(w.replace("_", "[_-]?") for w in (*_SECRET_WORDS, "token", "secret"))

@@ -1,0 +1,69 @@
+"""Values a client named as secrets: under a key of `params`, `attributes` or `metadata`
+such as `api_key`, `db.password` or `http.request.header.api-key` (an instrumentation's
+capture of Azure OpenAI's header).
+
+The text detectors read a value alone, without its key, so a key with no marker
+(Mistral's, Cohere's, Azure's) stored under such a name was left in clear, where the same
+pair written in a prompt (`"api_key": "..."`) is found by `secret`. These values are
+replaced whole, as `secret` findings, before the text pass (which then finds nothing in
+the placeholder). A batch's distinct keys are checked first: a batch without such a key
+costs a set union per field."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from functools import lru_cache
+from operator import attrgetter
+from typing import Any
+
+from meterline.event import Event
+from meterline.processors.redact.detectors import secret_key
+from meterline.processors.redact.redactor import DropField
+
+FIELDS = ("params", "attributes", "metadata")  # the maps whose keys the client chose
+Rules = dict[str, Callable[[str], bool]]  # a key naming a secret -> which values are
+Replace = Callable[..., str]  # `Redactor.replace`
+
+_rule = lru_cache(maxsize=4096)(secret_key)  # keys repeat from batch to batch
+
+
+class NamedSecrets:
+    """The values under secret-naming keys of `fields`, replaced as findings of detector
+    `detector` (identifiers in a field that is not free text: `metadata`)."""
+
+    def __init__(self, fields: Sequence[str], detector: int,
+                 text_fields: frozenset[str]) -> None:
+        self.fields = [(name, attrgetter(name), name not in text_fields) for name in fields]
+        self.detector = detector
+
+    def rules(self, events: list[Event]) -> Rules:
+        """The keys of the batch that name secrets, with their rule."""
+        rules: Rules = {}
+        for _, get, _ in self.fields:
+            for key in set().union(*filter(None, map(get, events))):
+                if isinstance(key, str) and (rule := _rule(key)) is not None:
+                    rules[key] = rule
+        return rules
+
+    def redact(self, e: Event, rules: Rules, replace: Replace, counts: dict[str, int]) -> None:
+        """`e`'s values under those keys replaced (a list's strings each); a `drop`
+        finding drops the entry."""
+        for _, get, identifier in self.fields:
+            value = get(e)
+            if not value:
+                continue
+            for key in rules.keys() & value.keys():
+                try:
+                    value[key] = self._replaced(value[key], rules[key], replace, counts,
+                                                identifier)
+                except DropField:
+                    del value[key]
+
+    def _replaced(self, value: Any, rule: Callable[[str], bool], replace: Replace,
+                  counts: dict[str, int], identifier: bool) -> Any:
+        if isinstance(value, list):  # an OpenTelemetry header attribute is a list
+            return [self._replaced(v, rule, replace, counts, identifier) for v in value]
+        if isinstance(value, str) and value and rule(value):
+            return replace(value, [(0, len(value), self.detector)], counts,
+                           identifier=identifier)
+        return value
