@@ -29,6 +29,7 @@ def test_since_and_until_round_out_to_whole_minutes_in_utc():
     ({"since": "last tuesday"}, "since must be an ISO 8601 date or time"),
     ({"since": "2025-05-03", "until": "2025-05-01"}, "since must be before until"),
     ({"range_": "7d", "since": "2025-05-01"}, "give range or since, not both"),
+    ({"range_": "٣d"}, "range must be one of 24h, 7d, 30d, 90d"),  # (ASCII digits only)
 ])
 def test_a_bad_window_is_refused_with_the_reason(args, message):
     with pytest.raises(ValueError, match=message):
@@ -41,6 +42,13 @@ def test_a_bad_window_is_refused_with_the_reason(args, message):
     ({"range_": "36500d"}, "range must start from 1970-01-01T00:00:00Z: at most 20577d"),
     ({"since": "0001-01-01"}, "since must be from 1970-01-01T00:00:00Z, got '0001-01-01'"),
     ({"since": "2025-05-01", "until": "9999-12-31"}, "until must be before 2106-01-01"),
+    ({"until": "1960-01-01"}, "until must be after 1970-01-01T00:00:00Z, got '1960-01-01'"),
+    # (an offset that moves a time out of the years Python holds: OverflowError, a 500)
+    ({"until": "0001-01-01T00:00:00+00:01"}, "until must be from 1970-01-01T00:00:00Z to "
+                                             "2106-01-01T00:00:00Z"),
+    ({"since": "9999-12-31T23:59:59-00:01"}, "since must be from 1970-01-01T00:00:00Z to"),
+    # (a count of more digits than int() converts: its ValueError named no parameter)
+    ({"range_": "9" * 5000 + "d"}, "range must be at most 49673d"),
 ])
 def test_a_window_outside_what_clickhouse_holds_is_refused_with_the_reason(args, message):
     with pytest.raises(ValueError, match=re.escape(message)):

@@ -49,7 +49,7 @@ RANGES = ("24h", "7d", "30d", "90d")
 EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
 LATEST = datetime(2106, 1, 1, tzinfo=UTC)
 MAX_BUCKETS = 10_000  # time buckets in one answer: 416 days by hour, 27 years by day
-_RANGE = re.compile(r"^(\d+)([hd])$")
+_RANGE = re.compile(r"^0*([0-9]+)([hd])$")  # ASCII digits: `\d` takes '٣' too
 _MINUTE = timedelta(minutes=1)
 
 
@@ -102,13 +102,16 @@ class Window:
         end = parse_time(until, "until") if until else (now or datetime.now(UTC))
         if end > LATEST:
             raise ValueError(f"until must be before {iso(LATEST)}, got {until!r}")
+        if end <= EARLIEST:  # (else a range ending there is refused "at most -3653d")
+            raise ValueError(f"until must be after {iso(EARLIEST)}, got {until!r}")
         end = _ceil_minute(end)
         if since:
             start = _floor_minute(parse_time(since, "since"))
             if start < EARLIEST:
                 raise ValueError(f"since must be from {iso(EARLIEST)}, got {since!r}")
         else:
-            length = parse_range(range_ or "30d")
+            range_ = range_ or "30d"
+            length = parse_range(range_)
             if length > end - EARLIEST:
                 raise ValueError(f"range must start from {iso(EARLIEST)}: at most "
                                  f"{(end - EARLIEST).days}d, got {range_!r}")
@@ -149,9 +152,10 @@ class Window:
 
 def parse_range(text: str) -> timedelta:
     m = _RANGE.match(text.strip())
-    if not m or int(m.group(1)) == 0:
+    if not m or int(m.group(1)[:1]) == 0:  # (leading zeros are cut: "0h" leaves "0")
         raise ValueError(f"range must be one of {', '.join(RANGES)} (or Nh, Nd), got {text!r}")
-    n = int(m.group(1))
+    # (a count of more than 9 digits is longer than any window: and int() refuses 4,300)
+    n = int(m.group(1)) if len(m.group(1)) <= 9 else 10**9
     days = n / 24 if m.group(2) == "h" else n
     if days > (LATEST - EARLIEST).days:  # would overflow a timedelta, and no window is longer
         raise ValueError(f"range must be at most {(LATEST - EARLIEST).days}d, got {text!r}")
@@ -159,12 +163,17 @@ def parse_range(text: str) -> timedelta:
 
 
 def parse_time(text: str, name: str) -> datetime:
+    """`text` (ISO 8601) in UTC; ValueError naming `name` when it is none, or when its
+    offset moves it past the years Python holds (0001-01-01T00:00+00:01 is in year 0)."""
     try:
         value = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
     except ValueError:
         raise ValueError(f"{name} must be an ISO 8601 date or time such as 2025-05-01 or "
                          f"2025-05-01T12:00:00Z, got {text!r}") from None
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError(f"{name} must be from {iso(EARLIEST)} to {iso(LATEST)}, "
+                         f"got {text!r}") from None
 
 
 def iso(value: datetime) -> str:
