@@ -34,6 +34,7 @@ from meterline.config import AdminConfig
 from meterline.event import to_jsonl
 from meterline.filtering import Filter, FilterError, Pattern
 from meterline.httpserver import serve
+from meterline.params import whole_number
 from meterline.pipeline import Tap
 
 if TYPE_CHECKING:
@@ -95,12 +96,11 @@ class AdminServer:
         return web.json_response(self.service.status())
 
     async def audit(self, request: web.Request) -> web.Response:
-        text = request.query.get("limit", "100")
-        if not text.isdigit() or not 1 <= int(text) <= 2 * AUDIT_KEEP:
-            return web.json_response(
-                {"error": f"limit must be a whole number from 1 to {2 * AUDIT_KEEP}, "
-                          f"got {text!r}"}, status=400)
-        entries = await asyncio.to_thread(self.service.audit.entries, int(text))
+        try:
+            limit = whole_number("limit", request.query.get("limit", "100"), 1, 2 * AUDIT_KEEP)
+        except ValueError as e:
+            return web.json_response({"error": str(e)}, status=400)
+        entries = await asyncio.to_thread(self.service.audit.entries, limit)
         return web.json_response({"entries": entries})
 
     async def reload(self, _: web.Request) -> web.Response:

@@ -203,3 +203,15 @@ async def test_a_wrong_method_on_an_admin_api_path_is_a_405_naming_the_one_it_ta
                     assert r.headers["Allow"] == allowed
             async with s.put(f"http://127.0.0.1:{admin}/api/v1/nothing") as r:
                 assert r.status == 404
+
+
+async def test_an_audit_limit_that_int_refuses_is_a_400_naming_it(tmp_path):
+    port, admin = free_port(), free_port()
+    body = webhook_to_file(port, service={"admin": {"listen": f"127.0.0.1:{admin}"}})
+    async with running(body, tmp_path):
+        for limit in ("²", "9" * 5000):  # (str.isdigit is true of both: int() was a 500)
+            status, text = await get(f"http://127.0.0.1:{admin}/api/v1/audit",
+                                     params={"limit": limit})
+            assert status == 400
+            assert json.loads(text)["error"].startswith("limit must be a whole number from 1 "
+                                                        "to 2000")

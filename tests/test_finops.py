@@ -343,6 +343,12 @@ async def test_users_gives_usage_activity_and_cost_efficiency(api):
     ("analytics/timeseries", {"granularity": "weekly"}, "granularity"),
     ("finops/spend", {"since": "yesterday"}, "since"),
     ("finops/growth", {"by": "day"}, "by"),
+    ("finops/spend", {"until": "0001-01-01T00:00:00+00:01"}, "until must be from 1970"),
+    ("finops/spend", {"range": "9" * 5000 + "d"}, "range must be at most"),
+    ("finops/spend", {"top": "²"}, "top must be a whole number"),
+    ("finops/spend", {"top": "9" * 5000}, "top must be a whole number"),
+    ("finops/spend", {"by": "colour"}, "by: cannot group by 'colour'"),
+    ("analytics/costs", {"group_by": "colour"}, "group_by: cannot group by"),
 ])
 async def test_a_bad_parameter_is_a_400_that_names_it(api, path, params, named):
     answer = await api.get(path, status=400, **params)

@@ -33,13 +33,14 @@ from aiohttp import web
 
 from meterline.component import AdminHandler, RetryableError
 from meterline.exporters.clickhouse.connection import classify
-from meterline.exporters.clickhouse.query import Window
+from meterline.exporters.clickhouse.query import Window, dimension
 from meterline.extensions.finops import analytics, finops
 from meterline.extensions.finops.billing import store
 from meterline.extensions.finops.billing.formats import FORMATS
 from meterline.extensions.finops.billing.lines import BillingLine
 from meterline.extensions.finops.billing.reconcile import reconcile
 from meterline.httpserver import BodyRefused
+from meterline.params import whole_number
 
 if TYPE_CHECKING:
     from meterline.extensions.finops.extension import FinOps
@@ -62,6 +63,7 @@ REPORTS: dict[str, Callable[..., dict[str, Any]]] = {
     "analytics/reconciliation": reconcile,
 }
 _INTEGERS = {"limit": (1, 10_000), "top": (1, 10_000)}
+_DIMENSIONS = ("by", "group_by")  # parameters naming a dimension (`query.dimension`)
 # What a report gets from the extension, never from the query: the configured guardrails.
 _LINKED = ("rules", "gateway")
 
@@ -200,12 +202,16 @@ def _report(extension: FinOps, fn: Callable[..., dict[str, Any]]) -> AdminHandle
 
 
 def _value(name: str, text: str) -> Any:
-    if name not in _INTEGERS:
-        return text
-    low, high = _INTEGERS[name]
-    if not text.isdigit() or not low <= int(text) <= high:
-        raise ValueError(f"{name} must be a whole number from {low} to {high}, got {text!r}")
-    return int(text)
+    """A parameter's value for the report; ValueError naming it when it is not one (a
+    dimension is checked here, not by the report, whose message names no parameter)."""
+    if name in _INTEGERS:
+        return whole_number(name, text, *_INTEGERS[name])
+    if name in _DIMENSIONS:
+        try:
+            dimension(text)
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
+    return text
 
 
 async def _answer(compute: Callable[[], Any]) -> web.StreamResponse:
