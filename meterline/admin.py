@@ -66,7 +66,10 @@ class AdminServer:
         self._closing = False
 
     async def start(self) -> None:
-        self.runner = await serve(self.app, self.config.listen, self.config, self.service.log)
+        # bodies as sent: a handler reads its own with `read_body`, which decodes them
+        # within its bound (aiohttp's decoding answered a body that does not decode 500)
+        self.runner = await serve(self.app, self.config.listen, self.config, self.service.log,
+                                  decode_bodies=False)
         self.service.log.info("admin server listening", listen=self.config.listen)
 
     async def shutdown(self) -> None:

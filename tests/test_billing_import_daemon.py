@@ -3,6 +3,7 @@ API (`POST /api/v1/billing/import`), which stores them with the daemon's own eng
 allows one process per data directory); with the daemon stopped, the command opens
 ClickHouse itself."""
 
+import gzip
 import json
 import subprocess
 import sys
@@ -129,7 +130,38 @@ async def test_the_import_api_refuses_a_body_over_its_bound(admin):
     status, body, _ = await post_raw(admin, big, headers={**AUTH,
                                                           "Content-Type": "application/json"})
     assert status == 413
-    assert "body larger than 16 MB" in body["error"]
+    assert "body larger than the import's bound (16 MB)" in body["error"]
+
+
+@in_module_loop
+async def test_the_import_api_takes_a_gzip_body(admin):
+    body = gzip.compress(json.dumps({"lines": [line(line_id="gzipped")]}).encode())
+    status, answer, _ = await post_raw(admin, body, headers={
+        **AUTH, "Content-Type": "application/json", "Content-Encoding": "gzip"})
+    assert (status, answer["received"]) == (200, 1)
+
+
+@in_module_loop
+@pytest.mark.parametrize(("body", "encoding", "reason"), [
+    (b"not gzip", "gzip", "body does not decode per its Content-Encoding"),
+    (gzip.compress(b'{"lines": []}')[:-6], "gzip", "truncated body"),
+    (b'{"lines": []}', "br", "unsupported Content-Encoding 'br'"),
+])
+async def test_the_import_api_refuses_a_body_that_does_not_decode_saying_why(
+        admin, body, encoding, reason):
+    status, answer, _ = await post_raw(admin, body, headers={
+        **AUTH, "Content-Type": "application/json", "Content-Encoding": encoding})
+    assert status in (400, 415)  # (aiohttp's own decoding of the body answered 500)
+    assert reason in answer["error"]
+
+
+@in_module_loop
+async def test_the_import_api_refuses_a_compression_bomb_before_decoding_it_all(admin):
+    bomb = gzip.compress(b" " * (4 << 20), 9)  # 4 MB in 4 KB
+    status, answer, _ = await post_raw(admin, bomb, headers={
+        **AUTH, "Content-Type": "application/json", "Content-Encoding": "gzip"})
+    assert status == 413
+    assert "a compression bomb?" in answer["error"]
 
 
 @in_module_loop

@@ -13,8 +13,9 @@ may sum to one) is `null`, never `Infinity` or `NaN`, which JSON does not have.
 fields of `billing.lines.BillingLine`, `day` as `YYYY-MM-DD`) through the extension's
 own client, which for `chdb://` is the daemon's embedded engine: what `meterline billing
 import` sends while the daemon holds the data directory. At most `MAX_IMPORT_LINES`
-lines and `MAX_IMPORT_BYTES` of body a request (413 past them); a body that is not such
-lines is a 400 naming the line and field; nothing of a refused request is stored. It
+lines and `MAX_IMPORT_BYTES` of body a request (413 past them, as sent or decoded: the body
+may be gzip, deflate or zstd encoded, read with `httpserver.read_body`); a body that is not
+such lines is a 400 naming the line and field; nothing of a refused request is stored. It
 answers `{"received": N, "stored": M}`, M the lines of the table in all.
 """
 
@@ -39,7 +40,7 @@ from meterline.extensions.finops.billing import store
 from meterline.extensions.finops.billing.formats import FORMATS
 from meterline.extensions.finops.billing.lines import BillingLine
 from meterline.extensions.finops.billing.reconcile import reconcile
-from meterline.httpserver import BodyRefused
+from meterline.httpserver import BodyRefused, read_body
 from meterline.params import whole_number
 
 if TYPE_CHECKING:
@@ -81,7 +82,7 @@ def routes(extension: FinOps) -> dict[str, AdminHandler]:
 
 # --- billing import ---------------------------------------------------------------------
 MAX_IMPORT_LINES = 10_000  # lines a request (`meterline billing import` sends batches)
-MAX_IMPORT_BYTES = 16 << 20  # body bytes a request (as decoded)
+MAX_IMPORT_BYTES = 16 << 20  # body bytes a request (as sent, and once decoded)
 _BODY_TIMEOUT = 60.0  # seconds for the body to arrive
 _CURRENCY = re.compile(r"[A-Z]{3}")
 
@@ -133,31 +134,12 @@ def parse_import(body: bytes) -> list[BillingLine]:
     return [BillingLine(**msgspec.structs.asdict(line)) for line in lines]
 
 
-async def _read_bounded(request: web.Request) -> bytes:
-    """The body, refused (`BodyRefused`: 413, 408) past `MAX_IMPORT_BYTES` or the time."""
-    too_large = (f"body larger than {MAX_IMPORT_BYTES >> 20} MB: send at most "
-                 f"{MAX_IMPORT_LINES} lines a request")
-    if request.content_length is not None and request.content_length > MAX_IMPORT_BYTES:
-        raise BodyRefused(413, too_large)
-    parts: list[bytes] = []
-    size = 0
-    try:
-        async with asyncio.timeout(_BODY_TIMEOUT):
-            while chunk := await request.content.readany():
-                size += len(chunk)
-                if size > MAX_IMPORT_BYTES:
-                    raise BodyRefused(413, too_large)
-                parts.append(chunk)
-    except TimeoutError:
-        raise BodyRefused(408, f"body not received within {_BODY_TIMEOUT:g}s") from None
-    return b"".join(parts)
-
-
 async def billing_import(extension: FinOps, request: web.Request) -> web.StreamResponse:
-    try:
-        body = await _read_bounded(request)
+    try:  # (decoded per its Content-Encoding, within the bound: `read_body`)
+        body = await read_body(request, MAX_IMPORT_BYTES, "the import's bound", _BODY_TIMEOUT)
     except BodyRefused as e:
-        return web.json_response({"error": e.message}, status=e.status)
+        hint = f": send at most {MAX_IMPORT_LINES:,} lines a request" if e.status == 413 else ""
+        return web.json_response({"error": e.message + hint}, status=e.status)
     try:
         lines = parse_import(body)
     except ValueError as e:
