@@ -135,6 +135,10 @@ def test_nothing_outside_the_static_directory_is_served(site: Site) -> None:
     assert site.get("/static/%2e%2e/__init__.py", token=None)[0] in (403, 404)
 
 
+def test_a_static_name_longer_than_the_file_system_takes_is_a_404(site: Site) -> None:
+    assert site.get("/static/" + "a" * 300, token=None)[0] == 404  # (was an OSError: 500)
+
+
 def test_the_api_the_page_reads_still_needs_the_token(site: Site) -> None:
     assert site.get("/api/v1/analytics/usage", token=None)[0] == 401
     assert site.get("/api/v1/analytics/usage", token="wrong")[0] == 401

@@ -21,6 +21,13 @@ _POLICY = ("default-src 'self'; img-src 'self' data:; style-src 'self'; "
            "connect-src 'self'; frame-ancestors 'none'")
 
 
+# What `/static/...` serves: the files under static/, by their path there, and nothing else.
+# (aiohttp's static route looks up any path it is asked for on the disk: a name longer than
+# the file system takes was an OSError, a 500.)
+_FILES = {path.relative_to(STATIC).as_posix(): path
+          for path in STATIC.rglob("*") if path.is_file()}
+
+
 def add_routes(app: web.Application) -> None:
     """`/` (the page) and `/static/...` (its files) on the admin app."""
 
@@ -28,5 +35,11 @@ def add_routes(app: web.Application) -> None:
         return web.FileResponse(STATIC / "index.html", headers={
             "Content-Security-Policy": _POLICY, "Cache-Control": "no-cache"})
 
+    async def static(request: web.Request) -> web.StreamResponse:
+        path = _FILES.get(request.match_info["name"])
+        if path is None:
+            raise web.HTTPNotFound()
+        return web.FileResponse(path)
+
     app.router.add_get("/", index)
-    app.router.add_static("/static/", STATIC)
+    app.router.add_get("/static/{name:.+}", static)
