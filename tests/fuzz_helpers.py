@@ -248,6 +248,13 @@ def service_in_thread(receivers: dict[str, Any], tmp_path: Path
                       ) -> Iterator[tuple[LoopThread, Service]]:
     """A Service taking events with `receivers` (their config, by id) into a file."""
     body = pipeline(receivers, service={"workers": 1, "shutdown_timeout": "200ms"})
+    with daemon_in_thread(body, tmp_path) as running:
+        yield running
+
+
+@contextlib.contextmanager
+def daemon_in_thread(body: str, tmp_path: Path) -> Iterator[tuple[LoopThread, Service]]:
+    """A Service running the pipeline.yaml `body` (`{data}`: a directory under `tmp_path`)."""
     path = tmp_path / "pipeline.yaml"
     path.write_text(config_text(body, tmp_path))
     thread = LoopThread()
