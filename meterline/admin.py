@@ -43,6 +43,10 @@ if TYPE_CHECKING:
 
 # The server's own paths under /api/v1/ and the method each takes (routed in __init__).
 _OWN = {"status": ["GET"], "tap": ["GET"], "audit": ["GET"], "reload": ["POST"]}
+# Taps open at once. A tap lasts as long as its reader stays, filters every batch on the
+# event loop and holds up to 256 batches for a slow reader: without a bound, a client
+# opening them by the hundred (max_connections) would stall and swell the daemon.
+MAX_TAPS = 16
 
 
 class AdminServer:
@@ -142,6 +146,10 @@ class AdminServer:
             filter_ = Filter(include=[Pattern(p) for p in patterns])
         except (ValueError, FilterError, msgspec.ValidationError) as e:
             return web.json_response({"error": f"invalid filter: {e}"}, status=400)
+        if len(self.service.taps.active) >= MAX_TAPS:
+            return web.json_response(
+                {"error": f"too many taps: at most {MAX_TAPS} are open at once; close one"},
+                status=429, headers={"Retry-After": "1"})
         tap = Tap(filter_)
         response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
         await response.prepare(request)

@@ -9,6 +9,7 @@ import sys
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
+from meterline import admin as admin_server
 from tests.helpers import (
     event_dicts,
     eventually,
@@ -215,3 +216,16 @@ async def test_an_audit_limit_that_int_refuses_is_a_400_naming_it(tmp_path):
             assert status == 400
             assert json.loads(text)["error"].startswith("limit must be a whole number from 1 "
                                                         "to 2000")
+
+
+async def test_taps_past_the_bound_are_refused_with_a_429_saying_so(tmp_path, monkeypatch):
+    monkeypatch.setattr(admin_server, "MAX_TAPS", 2)
+    port, admin = free_port(), free_port()
+    body = webhook_to_file(port, service={"admin": {"listen": f"127.0.0.1:{admin}"}})
+    url = f"http://127.0.0.1:{admin}/api/v1/tap"
+    async with (running(body, tmp_path), aiohttp.ClientSession() as s,
+                s.get(url) as first, s.get(url) as second):
+        assert (first.status, second.status) == (200, 200)  # (streaming on)
+        status, text = await get(url)
+        assert status == 429
+        assert json.loads(text)["error"] == "too many taps: at most 2 are open at once; close one"
