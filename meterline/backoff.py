@@ -31,7 +31,7 @@ def retry_after(header: str | None, now: float | None = None) -> float | None:
     if not header:
         return None
     text = header.strip()
-    if text.isdigit():
+    if text.isascii() and text.isdigit():  # (`isdigit` is true of '²', which float refuses)
         return float(text)
     try:
         when = email.utils.parsedate_to_datetime(text)

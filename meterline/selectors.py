@@ -59,7 +59,8 @@ def dotted(path: Any, where: str) -> Getter:
     if not isinstance(path, str) or not path:
         raise SelectorError(f"{where}: expected a dotted path such as metadata.team, "
                             f"got {path!r}")
-    return _walk([(part, int(part) if part.isdigit() else None) for part in path.split(".")])
+    return _walk([(part, int(part) if part.isascii() and part.isdigit() else None)
+                  for part in path.split(".")])
 
 
 def pointer(text: Any, where: str) -> Getter:

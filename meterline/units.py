@@ -57,7 +57,7 @@ class Listen(str):
     def from_config(cls, value: Any) -> Listen:
         if isinstance(value, str):
             _, sep, port = value.rpartition(":")
-            if sep and port.isdigit() and 0 <= int(port) < 65536:
+            if sep and port.isascii() and port.isdigit() and 0 <= int(port) < 65536:
                 return cls(value)
         raise ValueError(
             f"expected a listen address host:port such as 127.0.0.1:8080, got {value!r}")

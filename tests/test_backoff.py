@@ -3,7 +3,7 @@ receiver."""
 
 import itertools
 
-from meterline.backoff import exponential
+from meterline.backoff import exponential, retry_after
 
 
 def test_without_jitter_delays_double_up_to_the_cap():
@@ -17,3 +17,11 @@ def test_the_first_delay_is_not_capped():
 def test_jitter_stays_within_the_randomization_factor():
     for delay, base in zip(exponential(2.0, 8.0, 2.0, 0.25), [2.0, 4.0, 8.0, 8.0], strict=False):
         assert base * 0.75 <= delay <= base * 1.25
+
+
+def test_a_retry_after_in_seconds_is_read():
+    assert retry_after(" 7 ") == 7.0
+
+
+def test_a_retry_after_of_digits_float_refuses_is_unreadable_not_an_error():
+    assert retry_after("\u00b2") is None  # '²': `str.isdigit` says it is one

@@ -221,3 +221,8 @@ def test_admin_on_loopback_needs_no_token(listen):
 
 def test_admin_beyond_loopback_with_a_token_is_accepted():
     loads(with_admin('{listen: "0.0.0.0:8888", auth_token: t0k}'))
+
+
+def test_a_listen_port_of_digits_int_refuses_is_refused_as_an_address():
+    found = problems(GOOD.replace("listen: 127.0.0.1:8090", "listen: \"127.0.0.1:\u00b2\""))
+    assert any("expected a listen address host:port" in p for p in found), found

@@ -28,6 +28,7 @@ from urllib.parse import urlsplit
 import aiohttp
 import msgspec
 
+from meterline import backoff
 from meterline.component import ExportBatch, Exporter, PermanentError, RetryableError
 from meterline.delivery import BatchConfig, ExporterConfig
 from meterline.event import Event
@@ -115,8 +116,8 @@ class WebhookExporter(Exporter):
             except (aiohttp.ClientError, TimeoutError) as e:
                 raise RetryableError(f"webhook unreachable: {type(e).__name__} {e}") from e
             if status == 429 or status >= 500:
-                hint = float(retry_after) if retry_after.isdigit() else None
-                raise RetryableError(f"webhook answered HTTP status {status}: {text}", hint)
+                raise RetryableError(f"webhook answered HTTP status {status}: {text}",
+                                     backoff.retry_after(retry_after))
             if status >= 300:
                 raise PermanentError(f"webhook refused the notification: HTTP status {status}: "
                                      f"{text}")
