@@ -44,7 +44,8 @@ PIECES = [
     "xoxb-2048-1024-AbCdEf123456", "AIzaSyA1b2C3d4E5f6G7h8I9j0K1l2M3n4O5p6Q",
     "AKIAIOSFODNN7EXAMPLE", "gsk_", "hf_", "dapi", "ya29.",
     "gsk_" + "Qz8" * 18, "hf_" + "QzkWpL" * 6, "dapi" + "0f9e" * 8, "API_KEY=", "token: ",
-    "\"client-secret\": \"", "NextToken=", "Xq7LmN2pR9sT4vW8yZ1aB3cD",
+    "\"client-secret\": \"", "NextToken=", "Xq7LmN2pR9sT4vW8yZ1aB3cD", "postgres://u:",
+    "redis://:Pw9x@", "@db:5432",
     "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY", "9f8e7d6c5b4a39281706f5e4d3c2b1a0",
 ]
 # (Written as escapes: é, Arabic-Indic 3, fullwidth 0, bold 1, dotless i, dotted I, long s,

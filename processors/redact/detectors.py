@@ -384,6 +384,18 @@ def secret_key(key: str) -> Callable[[str], bool] | None:
     return bool
 
 
+def _url_password(value: str) -> bool:
+    """A password, not a template's stand-in for one (`${DB_PASSWORD}`, `<password>`,
+    `[:<password>]`, `{pw}`, `****`, `%s`, `&lt;password&gt;`) nor a word documentation
+    writes there."""
+    return not (value[0] in "$<{[%*&" or value[-1] in ">}]" or value.lower() in _STAND_INS
+                or _XS(value))
+
+
+_XS = re.compile(r"x+", re.IGNORECASE).fullmatch
+_STAND_INS = frozenset({"password", "passwd", "pass", "pwd", "secret", "changeme", "redacted"})
+
+
 # At most 64 characters before the `@`, as an address allows.
 _EMAIL = re.compile(r"(?<![\w.%+-])\w[\w.%+'-]{0,63}@(?:[^\W_](?:[\w-]{0,61}[^\W_])?\.)+"
                     r"[^\W\d_]{2,24}(?![\w-])")
@@ -578,6 +590,11 @@ BUILTIN: tuple[Detector, ...] = (
         valid=_random, probes=(Probe(
             "(?:" + "|".join(w.replace("_", "[_-]?") for w in (*_SECRET_WORDS, "token", "secret"))
             + r")[\"'\s:=]", caseless=True),)),
+    # the password of a URL's user (`postgresql://admin:S3cret@db:5432/app`, a DSN in
+    # a prompt or an error): from the `://`, a probe of three characters every URL has
+    Detector("url_password", (re.compile(
+        r"://[^\s:/@\x00]{0,256}:(?P<value>[^\s:/@\x00]{1,256})@"),), valid=_url_password,
+        probes=(Probe("://"),)),
     Detector("email", (_EMAIL,), spans=_email_spans,
              probes=(Probe(rf"[{ANY_WORDS}.%+'\-]@"),)),
     Detector("iban", (_IBAN,), spans=_iban_spans, probes=(
