@@ -178,6 +178,7 @@ def open_client(config: ClickHouseConfig, data_dir: Path) -> Any:
     without_pandas()
     path = chdb_path(endpoint)
     if path is not None:
+        without_arrow()
         path.mkdir(parents=True, exist_ok=True)
         server_config = write_server_config(path)
         tune_allocator()
@@ -231,13 +232,28 @@ def tune_allocator() -> bool:
 
 
 def without_pandas() -> None:
-    """clickhouse-connect imports pandas at the first insert, only to ask whether the data
-    is a DataFrame. We insert Python columns: pandas would cost the daemon 80 MB of memory
-    and 1.6 s of CPU. Marking it absent is the state the library is in when pandas is not
-    installed (chDB's wheels bring it)."""
-    options = importlib.import_module("clickhouse_connect.driver.options")
-    if "pd" not in vars(options):
-        vars(options)["pd"] = None
+    """clickhouse-connect imports pandas and numpy at the first insert, only to ask whether
+    the data is a DataFrame or an array. We insert Python columns: pandas would cost the
+    daemon 80 MB of memory and 1.6 s of CPU, numpy 16 MB. Marking them absent is the state
+    the library is in when they are not installed (chDB's wheels bring them)."""
+    options = vars(importlib.import_module("clickhouse_connect.driver.options"))
+    for name in ("pd", "np"):
+        options.setdefault(name, None)
+
+
+def without_arrow() -> None:
+    """Import chDB's connection module (`chdb.state`, which `chdb.connect` imports) with
+    pyarrow marked absent, unless something imported pyarrow already. It imports pyarrow
+    (and pyarrow numpy) only for chDB's Arrow results, which clickhouse-connect never asks
+    for (it reads Native): 14 MB of the daemon's memory and 28 MB of library pages.
+    pyarrow is importable again once this returns (the `s3` exporter needs it)."""
+    if "pyarrow" in sys.modules or "chdb.state" in sys.modules:
+        return
+    sys.modules["pyarrow"] = None  # type: ignore[assignment]  # `import pyarrow` fails
+    try:
+        importlib.import_module("chdb.state")
+    finally:
+        del sys.modules["pyarrow"]
 
 
 def insert_settings(config: ClickHouseConfig, token: str) -> dict[str, Any]:
