@@ -231,7 +231,7 @@ class Projection:
 def jsonl_pieces(events: list[Event], projection: Projection | None) -> list[bytes]:
     """`jsonl` in pieces of `JSONL_PIECE` events (see `event.jsonl_pieces`)."""
     if projection is None or projection.whole:
-        return event_jsonl_pieces(events)
+        return list(event_jsonl_pieces(events))
     return [_encoder.encode_lines(projection.documents(events[i:i + JSONL_PIECE]))
             for i in range(0, len(events), JSONL_PIECE)]
 

@@ -39,9 +39,20 @@ def test_json_round_trip_is_exact():
 
 def test_jsonl_in_pieces_is_the_whole_jsonl_a_few_events_a_piece():
     events = [make_event(i) for i in range(JSONL_PIECE * 3 + 5)]
-    pieces = jsonl_pieces(events)
+    pieces = list(jsonl_pieces(events))
     assert b"".join(pieces) == to_jsonl(events)
     assert [p.count(b"\n") for p in pieces] == [JSONL_PIECE] * 3 + [5]
+
+
+def test_jsonl_pieces_are_encoded_as_they_are_taken():
+    """A writer holds one piece at a time, never a whole batch as JSON: a piece after the
+    first is not encoded (here: would fail) until it is taken."""
+    events = [make_event(i) for i in range(JSONL_PIECE + 1)]
+    events[-1].attributes = {"unencodable": object()}
+    pieces = jsonl_pieces(events)
+    assert next(pieces).count(b"\n") == JSONL_PIECE
+    with pytest.raises(TypeError):
+        next(pieces)
 
 
 def test_json_form_carries_the_schema_version():

@@ -243,7 +243,7 @@ class ClickHouseExporter(Exporter):
         assert self._embedded is not None
         with tempfile.NamedTemporaryFile(dir=self._embedded, prefix=".insert-",
                                          suffix=".jsonl") as lines:
-            lines.writelines(jsonl_pieces(events))  # in pieces: the loop runs between
+            lines.writelines(jsonl_pieces(events))  # each piece written as encoded
             lines.flush()
             self._writer.command(self._lines_insert.format(
                 path=literal(lines.name), settings=settings_clause(settings | _LINES_SETTINGS)))
