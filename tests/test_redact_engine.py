@@ -45,7 +45,8 @@ PIECES = [
     "AKIAIOSFODNN7EXAMPLE", "gsk_", "hf_", "dapi", "ya29.",
     "gsk_" + "Qz8" * 18, "hf_" + "QzkWpL" * 6, "dapi" + "0f9e" * 8, "API_KEY=", "token: ",
     "\"client-secret\": \"", "NextToken=", "Xq7LmN2pR9sT4vW8yZ1aB3cD", "postgres://u:",
-    "redis://:Pw9x@", "@db:5432",
+    "redis://:Pw9x@", "@db:5432", "AccountKey=" + "Ab3+" * 21 + "Xy==", "123456789:AA",
+    "M" + "aB3_" * 6 + ".xY7-zQ." + "Pq8" * 9, "0f9e" * 8 + "-us6", "SK" + "0f9e" * 8,
     "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY", "9f8e7d6c5b4a39281706f5e4d3c2b1a0",
 ]
 # (Written as escapes: é, Arabic-Indic 3, fullwidth 0, bold 1, dotless i, dotted I, long s,

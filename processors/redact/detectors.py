@@ -341,13 +341,14 @@ def _mixed(text: str) -> bool:
 
 
 def _token(text: str) -> bool:
-    """A Hugging Face token is letters at random; `hf_` and a CamelCase name of 34 letters
-    (`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`) is Python."""
-    if not text.startswith("hf_"):
-        return True
-    letters = text[3:]
-    upper = sum(c.isupper() for c in letters)
-    return upper >= 6 and len(letters) - upper >= 6
+    """A Hugging Face token is letters at random: `hf_` and a CamelCase name of 34 letters
+    (`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`) is Python. A Discord token, three dotted
+    parts with no marker, mixes letters and digits: a dotted name does not."""
+    if text.startswith("hf_"):
+        letters = text[3:]
+        upper = sum(c.isupper() for c in letters)
+        return upper >= 6 and len(letters) - upper >= 6
+    return text.count(".") != 2 or _mixed(text)
 
 
 def _random(value: str) -> bool:
@@ -555,16 +556,36 @@ BUILTIN: tuple[Detector, ...] = (
     Detector("google_api_key", (re.compile(rf"{_KEY}AIza[0-9A-Za-z_-]{{35}}(?![^\W_])"),),
              probes=(Probe(rf"{_TOKEN_START}AIza[0-9A-Za-z_\-]{{35}}", skip=1),)),
     # the keys of other AI and developer services, known by their markers: Groq, xAI,
-    # Hugging Face, Replicate, Perplexity, npm, Databricks, LangSmith, Stripe, GitLab and
-    # Google's OAuth access tokens (what a Vertex AI caller sends)
-    Detector("api_key", (re.compile(
-        rf"{_KEY}(?:gsk_[A-Za-z0-9]{{50,}}|xai-[A-Za-z0-9]{{70,}}|hf_[A-Za-z0-9]{{30,}}"
-        r"|r8_[A-Za-z0-9]{30,}|pplx-[A-Za-z0-9]{40,}|npm_[A-Za-z0-9]{36,}|dapi[0-9a-f]{32,}"
-        r"|lsv2_(?:pt|sk)_[0-9a-f]{32}_[0-9a-f]{10}|[sr]k_(?:live|test)_[A-Za-z0-9]{24,}"
-        r"|glpat-[A-Za-z0-9_-]{20,}|ya29\.[A-Za-z0-9_-]{20,})(?![A-Za-z0-9])"),),
-        valid=_token, probes=(Probe(
-            rf"{_TOKEN_START}(?:(?:gsk_|xai-|hf_|r8_|pplx-|npm_|lsv2_|[sr]k_live_|[sr]k_test_"
-            r"|glpat-|ya29\.)[A-Za-z0-9_\-]{16}|dapi[0-9a-f]{16})", skip=1),)),
+    # Hugging Face, Replicate, Perplexity, npm, Databricks, LangSmith, Stripe, GitLab's
+    # tokens, Google's OAuth access tokens (what a Vertex AI caller sends), Artifactory,
+    # PyPI, SendGrid, Square, Twilio; then an Azure storage account's key (named in its
+    # connection string), a Discord bot's token, a Telegram bot's secret (after its public
+    # id) and a Mailchimp key. Every format detect-secrets' plugins know, but Artifactory's
+    # passwords (`AP` and a hex digit: `APIs...`): tests/test_redact_reference.py.
+    Detector("api_key", (
+        re.compile(
+            rf"{_KEY}(?:gsk_[A-Za-z0-9]{{50,}}|xai-[A-Za-z0-9]{{70,}}|hf_[A-Za-z0-9]{{30,}}"
+            r"|r8_[A-Za-z0-9]{30,}|pplx-[A-Za-z0-9]{40,}|npm_[A-Za-z0-9]{36,}|dapi[0-9a-f]{32,}"
+            r"|lsv2_(?:pt|sk)_[0-9a-f]{32}_[0-9a-f]{10}|[sr]k_(?:live|test)_[A-Za-z0-9]{24,}"
+            r"|gl(?:pat|dt|ft|soat|rt|cbt|imt)-[A-Za-z0-9_-]{20,}|GR1348941[A-Za-z0-9_-]{20,}"
+            r"|ya29\.[A-Za-z0-9_-]{20,}|AKC[A-Za-z0-9]{60,}"
+            r"|pypi-(?:AgEIcHlwaS5vcmc|AgENdGVzdC5weXBpLm9yZw)[A-Za-z0-9_-]{50,}"
+            r"|SG\.[A-Za-z0-9_-]{22}\.[A-Za-z0-9_-]{43}|sq0csp-[A-Za-z0-9_-]{43}"
+            r"|sq0atp-[A-Za-z0-9_-]{22,}|(?:AC|SK)[0-9a-f]{32})(?![A-Za-z0-9])"),
+        re.compile(r"AccountKey=(?P<value>[A-Za-z0-9+/]{86}==)"),
+        re.compile(r"(?<![A-Za-z0-9_-])[MNO][A-Za-z0-9_-]{23,25}\.[A-Za-z0-9_-]{6}\."
+                   r"[A-Za-z0-9_-]{27,38}(?![A-Za-z0-9_-])"),
+        re.compile(r"(?<=[0-9]):(?P<value>AA[A-Za-z0-9_-]{33})(?![A-Za-z0-9_-])"),
+        re.compile(r"(?<![0-9a-f])[0-9a-f]{32}-us[0-9]{1,2}(?![0-9])"),
+    ), valid=_token, probes=(
+        Probe(rf"{_TOKEN_START}(?:(?:gsk_|xai-|hf_|r8_|pplx-|npm_|lsv2_|[sr]k_live_|[sr]k_test_"
+              r"|gl(?:pat|dt|ft|soat|rt|cbt|imt)-|GR1348941|ya29\.|AKC|pypi-AgE|SG\.|sq0csp-"
+              r"|sq0atp-)[A-Za-z0-9_\-]{16}|dapi[0-9a-f]{16}|(?:AC|SK)[0-9a-f]{16})", skip=1),
+        Probe("AccountKey=", pattern=1),
+        Probe(r"[^A-Za-z0-9_\-][MNO][A-Za-z0-9_\-]{23,25}\.[A-Za-z0-9_\-]{6}\.", pattern=2,
+              skip=1),
+        Probe(r"[0-9]:AA[A-Za-z0-9_\-]{16}", pattern=3, skip=1),
+        Probe(r"[^0-9a-f][0-9a-f]{32}-us[0-9]", pattern=4, skip=1))),
     Detector("aws_key", (  # access key ids: AKIA long-term, ASIA temporary (STS)
         re.compile(r"(?<![A-Z0-9])(?:AKIA|ASIA)[A-Z0-9]{16}(?![A-Z0-9])"),
         # a secret access key has no marker: it is known by what names it
