@@ -10,12 +10,21 @@ from typing import Any
 import msgspec
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
 from meterline.config import convert
 from meterline.event import Event
 from meterline.processors.redact import RedactConfig, RedactProcessor
-from meterline.processors.redact.detectors import BUILTIN, NAMES, iban_valid, luhn
+from meterline.processors.redact.detectors import (
+    _MARKED_KEYS,
+    BUILTIN,
+    NAMES,
+    _token,
+    iban_valid,
+    luhn,
+)
 from meterline.processors.redact.engine import DetectorSet
 from tests.helpers import FIXTURES, make_context, make_event, metric_value
 
@@ -77,6 +86,21 @@ def test_a_key_joined_to_the_word_before_it_is_masked(tmp_path: Path, joiner: st
     e = p.process([chat(f"cache key req{joiner}{key} missed")])[0]
     assert e.input_messages == [
         {"role": "user", "content": f"cache key req{joiner}<OPENAI_KEY> missed"}]
+
+
+ENGINE = DetectorSet(list(BUILTIN))
+
+
+@pytest.mark.parametrize(("marker", "rest"), _MARKED_KEYS, ids=[m for m, _ in _MARKED_KEYS])
+def test_a_key_known_by_its_marker_is_found_in_a_sentence(marker: str, rest: str) -> None:
+    @settings(max_examples=3, derandomize=True, database=None, deadline=None)
+    @given(st.from_regex(f"(?:{marker}){rest}", fullmatch=True).filter(_token))
+    def found(key: str) -> None:
+        text = f"the deploy log shows {key} before the 401"
+        assert [(f.start, f.end, NAMES[f.detector]) for f in ENGINE.find(text)] == [
+            (21, 21 + len(key), "api_key")]
+
+    found()
 
 
 @pytest.mark.parametrize("written", [
