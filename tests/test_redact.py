@@ -103,6 +103,21 @@ def test_a_key_known_by_its_marker_is_found_in_a_sentence(marker: str, rest: str
     found()
 
 
+@pytest.mark.parametrize(("text", "secret"), [
+    ("the app registration's secret is Yk28Q~Zq9_Lm2.Xv7~Tn4-Pw1.Ks6_Rd3.Yh8~Cj (expires)",
+     "Yk28Q~Zq9_Lm2.Xv7~Tn4-Pw1.Ks6_Rd3.Yh8~Cj"),  # an Entra ID client secret: Q~ inside
+    ("POST https://acme.webhook.office.com/webhookb2/3f2a1b4c-5d6e-4f70-8a9b-0c1d2e3f4a5b@"
+     "9e8d7c6b-5a49-4382-8716-a5b4c3d2e1f0/IncomingWebhook/0f9e8d7c6b5a49382716a5b4c3d2e1f0/"
+     "7c6b5a49-3827-416a-b4c3-d2e1f00f9e8d fails",
+     "3f2a1b4c-5d6e-4f70-8a9b-0c1d2e3f4a5b@9e8d7c6b-5a49-4382-8716-a5b4c3d2e1f0/IncomingWebhook/"
+     "0f9e8d7c6b5a49382716a5b4c3d2e1f0/7c6b5a49-3827-416a-b4c3-d2e1f00f9e8d"),  # Teams
+])
+def test_a_key_known_by_its_place_is_found(text: str, secret: str) -> None:
+    start = text.index(secret)
+    assert [(f.start, f.end, NAMES[f.detector]) for f in ENGINE.find(text)] == [
+        (start, start + len(secret), "api_key")]
+
+
 @pytest.mark.parametrize("written", [
     "export AUTH_BEARER_TOKEN='{}'", "ingest_bearer: {}", "bearer={}", "Bearer {}"])
 def test_a_bearer_token_named_by_a_variable_or_a_key_is_masked(tmp_path: Path,
