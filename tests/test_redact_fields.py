@@ -371,3 +371,14 @@ def test_a_drop_action_drops_the_entry_named_as_a_secret(tmp_path: Path) -> None
     [e] = redact(tmp_path, [make_event(params={"api_key": MISTRAL_KEY, "top_p": 1.0})],
                  detectors={"secret": "drop"})
     assert e.params == {"top_p": 1.0}
+
+
+def test_a_value_under_a_secret_naming_key_deeper_in_params_is_masked(tmp_path: Path) -> None:
+    e = one(tmp_path, params={"extra_headers": {"api-key": MISTRAL_KEY, "x-trace": "on"}})
+    assert e.params == {"extra_headers": {"api-key": "<SECRET>", "x-trace": "on"}}
+    assert e.redactions == {"secret": 1}
+
+
+def test_a_value_under_a_secret_naming_key_in_a_message_is_masked(tmp_path: Path) -> None:
+    e = one(tmp_path, input_messages=[{"role": "tool", "content": {"password": "hunter2"}}])
+    assert e.input_messages == [{"role": "tool", "content": {"password": "<SECRET>"}}]

@@ -18,7 +18,8 @@ from typing import Any
 
 from meterline.event import Event
 from meterline.processors.redact.detectors import secret_key
-from meterline.processors.redact.redactor import DropField
+from meterline.processors.redact.engine import Span
+from meterline.processors.redact.redactor import DropField, Strings
 
 FIELDS = ("params", "attributes", "metadata")  # the maps whose keys the client chose
 Rules = dict[str, Callable[[str], bool]]  # a key naming a secret -> which values are
@@ -44,6 +45,25 @@ class NamedSecrets:
                 if isinstance(key, str) and (rule := _rule(key)) is not None:
                     rules[key] = rule
         return rules
+
+    def nested(self, strings: Strings, count: int, walked: set[Any], events: list[Event],
+               found: dict[int, list[Span]]) -> None:
+        """The strings under secret-naming keys deeper in `params`, `attributes` and the
+        messages (`params.extra_headers["api-key"]`, a tool's `{"password": ...}`): the
+        walk of the text pass met them (`strings`, its first `count`) and their keys
+        (`walked`); each becomes one finding, the whole string, in `found`. The top of the
+        fields was done before the pass (`redact`)."""
+        rules = {key: rule for key in walked
+                 if isinstance(key, str) and (rule := _rule(key)) is not None}
+        if not rules:
+            return
+        top = {id(value) for _, get, _ in self.fields for value in map(get, events) if value}
+        texts, keys, containers = strings.texts, strings.keys, strings.containers
+        for i in range(count):
+            rule = rules.get(keys[i])
+            if (rule is not None and type(containers[i]) is dict
+                    and id(containers[i]) not in top and rule(texts[i])):
+                found[i] = [(0, len(texts[i]), self.detector)]
 
     def redact(self, e: Event, rules: Rules, replace: Replace, counts: dict[str, int]) -> None:
         """`e`'s values under those keys replaced (a list's strings each); a `drop`
