@@ -1,13 +1,14 @@
-"""Values a client named as secrets: under a key of `params`, `attributes` or `metadata`
-such as `api_key`, `db.password` or `http.request.header.api-key` (an instrumentation's
-capture of Azure OpenAI's header).
+"""Values a client named as secrets: under a key such as `api_key`, `db.password` or
+`http.request.header.api-key` (an instrumentation's capture of Azure OpenAI's header), in
+`params`, `attributes`, `metadata` or the messages.
 
 The text detectors read a value alone, without its key, so a key with no marker
 (Mistral's, Cohere's, Azure's) stored under such a name was left in clear, where the same
-pair written in a prompt (`"api_key": "..."`) is found by `secret`. These values are
-replaced whole, as `secret` findings, before the text pass (which then finds nothing in
-the placeholder). A batch's distinct keys are checked first: a batch without such a key
-costs a set union per field."""
+pair written in a prompt (`"api_key": "..."`) is found by `secret`. Such values are
+`secret` findings, whole: at the top of `params`, `attributes` and `metadata` (lists of
+strings too) replaced before the text pass, which then finds nothing in the placeholder
+(`redact`); deeper, found in the text pass's own walk (`nested`). A batch's distinct keys
+are checked first: a batch without such a key costs a set union per field."""
 
 from __future__ import annotations
 
