@@ -366,8 +366,8 @@ _RUNS = re.compile(r"[0-9]+|[^0-9]+").findall  # digits and the rest, alternatin
 _SECRET_WORDS = ("api_key", "apikey", "access_token", "auth_token", "session_token",
                  "security_token", "refresh_token", "id_token", "private_token",
                  "client_secret", "secret_key", "password", "passwd")
-_SECRET_NAME = "|".join([*(w.replace("_", "[_-]?") for w in _SECRET_WORDS),
-                         "(?<![A-Za-z])(?:token|secret)"])
+_SECRET_SPELLINGS = "|".join(w.replace("_", "[_-]?") for w in _SECRET_WORDS)  # api-key...
+_SECRET_NAME = f"{_SECRET_SPELLINGS}|(?<![A-Za-z])(?:token|secret)"
 _SECRET_KEY = re.compile(rf"(?i:{_SECRET_NAME})\Z", re.ASCII).search
 
 
@@ -675,8 +675,7 @@ BUILTIN: tuple[Detector, ...] = (
         r"(?![A-Za-z0-9_~+/=>-])",  # (not a hash's placeholder: `<SECRET:3f9a0c1d2b4e5f67>`)
         re.ASCII),),
         valid=_random, probes=(Probe(
-            "(?:" + "|".join(w.replace("_", "[_-]?") for w in (*_SECRET_WORDS, "token", "secret"))
-            + r")[\"'\s:=]", caseless=True),)),
+            rf"(?:{_SECRET_SPELLINGS}|token|secret)[\"'\s:=]", caseless=True),)),
     # the password of a URL's user (`postgresql://admin:S3cret@db:5432/app`, a DSN in
     # a prompt or an error): from the `://`, a probe of three characters every URL has
     Detector("url_password", (re.compile(
