@@ -379,6 +379,35 @@ def test_a_value_under_a_secret_naming_key_deeper_in_params_is_masked(tmp_path: 
     assert e.redactions == {"secret": 1}
 
 
+def test_a_list_under_a_secret_naming_key_deeper_in_params_is_masked_item_by_item(
+        tmp_path: Path) -> None:
+    e = one(tmp_path, params={"extra_headers": {"api-key": [MISTRAL_KEY, MISTRAL_KEY[::-1]],
+                                                "x-trace": ["on"]}})
+    assert e.params == {"extra_headers": {"api-key": ["<SECRET>", "<SECRET>"],
+                                          "x-trace": ["on"]}}
+    assert e.redactions == {"secret": 2}
+
+
+def test_a_key_naming_secrets_in_the_plural_is_a_secret_naming_key(tmp_path: Path) -> None:
+    e = one(tmp_path, params={"api_keys": [MISTRAL_KEY], "tokens": ["Hello", "world"]})
+    assert e.params == {"api_keys": ["<SECRET>"], "tokens": ["Hello", "world"]}
+
+
+def test_a_list_of_lists_under_a_secret_naming_key_in_a_message_is_masked(
+        tmp_path: Path) -> None:
+    e = one(tmp_path, input_messages=[{"role": "tool",
+                                       "content": {"api_keys": [[MISTRAL_KEY], MISTRAL_KEY]}}])
+    assert e.input_messages == [{"role": "tool",
+                                 "content": {"api_keys": [["<SECRET>"], "<SECRET>"]}}]
+    assert e.redactions == {"secret": 2}
+
+
+def test_a_list_under_an_ordinary_key_inside_a_secret_named_dict_is_not_taken_as_named(
+        tmp_path: Path) -> None:
+    e = one(tmp_path, params={"extra": {"password": {"hints": ["Xq7LmN2pR9sT4vW8"]}}})
+    assert e.params == {"extra": {"password": {"hints": ["Xq7LmN2pR9sT4vW8"]}}}
+
+
 def test_a_value_under_a_secret_naming_key_in_a_message_is_masked(tmp_path: Path) -> None:
     e = one(tmp_path, input_messages=[{"role": "tool", "content": {"password": "hunter2"}}])
     assert e.input_messages == [{"role": "tool", "content": {"password": "<SECRET>"}}]

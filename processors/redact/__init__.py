@@ -414,7 +414,7 @@ class RedactProcessor(Processor):
         found = self.redactor.detectors.find_all(texts + names if names else texts)
         bad = {names[t - base]: found.pop(t) for t in [t for t in found if t >= base]}
         if self._named is not None and walked:
-            self._named.nested(strings, count, walked, events, found)
+            self._named.nested(strings, count, walked, values, events, found)
         if not found:
             return events, bad
         # by event with findings: where (path k of event i is k * n + i) they are

@@ -368,19 +368,20 @@ _SECRET_WORDS = ("api_key", "apikey", "access_token", "auth_token", "session_tok
                  "client_secret", "secret_key", "password", "passwd")
 _SECRET_SPELLINGS = "|".join(w.replace("_", "[_-]?") for w in _SECRET_WORDS)  # api-key...
 _SECRET_NAME = f"{_SECRET_SPELLINGS}|(?<![A-Za-z])(?:token|secret)"
-_SECRET_KEY = re.compile(rf"(?i:{_SECRET_NAME})\Z", re.ASCII).search
+# A key may name several (`api_keys`, `passwords`: a list of them).
+_SECRET_KEY = re.compile(rf"(?i:(?:{_SECRET_NAME})s?)\Z", re.ASCII).search
 
 
 def secret_key(key: str) -> Callable[[str], bool] | None:
     """For a dict key that names a secret (`api_key`, `http.request.header.api-key`,
-    `db.password`: a name of `secret`'s, ending the key), which of its string values
-    are secrets: any but an empty one; under a bare `token` or `secret` (`llm.token`,
-    where a log-probability entry's `token` is a word of the answer), those that read as
-    keys, as in text. None for any other key."""
+    `db.password`, `api_keys`: a name of `secret`'s, or its plural, ending the key), which
+    of its string values are secrets: any but an empty one; under a bare `token` or
+    `secret` (`llm.token`, where a log-probability entry's `token` is a word of the
+    answer), those that read as keys, as in text. None for any other key."""
     found = _SECRET_KEY(key)
     if found is None:
         return None
-    if found.group().lower() in ("token", "secret"):
+    if found.group().lower().rstrip("s") in ("token", "secret"):
         return lambda value: len(value) >= 16 and _random(value)
     return bool
 
