@@ -146,6 +146,8 @@ class AdminServer:
             filter_ = Filter(include=[Pattern(p) for p in patterns])
         except (ValueError, FilterError, msgspec.ValidationError) as e:
             return web.json_response({"error": f"invalid filter: {e}"}, status=400)
+        if request.method == "HEAD":  # what a GET would answer, without opening a tap
+            return web.Response(headers={"Content-Type": "application/x-ndjson"})
         if len(self.service.taps.active) >= MAX_TAPS:
             return web.json_response(
                 {"error": f"too many taps: at most {MAX_TAPS} are open at once; close one"},

@@ -25,6 +25,7 @@ import re2
 
 from meterline.component import Config
 from meterline.fieldpath import MISSING, FieldPath
+from meterline.params import quoted
 
 Matcher = Callable[[Any], bool]
 
@@ -60,7 +61,7 @@ def _same(a: Any, b: Any) -> bool:
 def compile_pattern(pattern: Any, where: str = "") -> Matcher:
     """Compile one include/exclude pattern (a JSON object) into a matcher."""
     if not isinstance(pattern, dict):
-        raise FilterError(f"{where or 'pattern'}: expected an object, got {pattern!r}")
+        raise FilterError(f"{where or 'pattern'}: expected an object, got {quoted(pattern)}")
     return _compile(pattern, where)
 
 
@@ -103,19 +104,19 @@ def _compile(spec: Any, where: str) -> Matcher:
 
 def _number(arg: Any, where: str) -> float:
     if not _is_number(arg):
-        raise FilterError(f"{where}: expected a number, got {arg!r}")
+        raise FilterError(f"{where}: expected a number, got {quoted(arg)}")
     return arg
 
 
 def _bounds(arg: Any, where: str) -> tuple[float, float]:
     if not isinstance(arg, dict) or set(arg) != {"min", "max"}:
-        raise FilterError(f"{where}: expected {{min: N, max: N}}, got {arg!r}")
+        raise FilterError(f"{where}: expected {{min: N, max: N}}, got {quoted(arg)}")
     return _number(arg["min"], f"{where}.min"), _number(arg["max"], f"{where}.max")
 
 
 def _values(arg: Any, where: str) -> list[Any]:
     if not isinstance(arg, list):
-        raise FilterError(f"{where}: expected a list, got {arg!r}")
+        raise FilterError(f"{where}: expected a list, got {quoted(arg)}")
     return arg
 
 
@@ -125,12 +126,14 @@ def _regex(arg: Any, where: str) -> Any:
     with a pattern that backtracks, such as `(a+)+b`. Lookarounds and backreferences, which
     only a backtracking engine offers, are refused with RE2's reason."""
     if not isinstance(arg, str):
-        raise FilterError(f"{where}: expected a string, got {arg!r}")
+        raise FilterError(f"{where}: expected a string, got {quoted(arg)}")
     try:
         return re2.compile(arg, _RE2_OPTIONS)
     except re2.error as e:
         reason = e.args[0].decode() if e.args and isinstance(e.args[0], bytes) else str(e)
-        raise FilterError(f"{where}: invalid regular expression {arg!r}: {reason} "
+        if len(reason) > 120:  # (it may quote the pattern again)
+            reason = reason[:120] + "..."
+        raise FilterError(f"{where}: invalid regular expression {quoted(arg)}: {reason} "
                           "(RE2 syntax: no lookarounds or backreferences)") from e
 
 
@@ -180,7 +183,7 @@ def _operator(op: str, arg: Any, where: str) -> Matcher:
         return _full_match(_regex(arg, where))
     if op == "$wildcard":
         if not isinstance(arg, str):
-            raise FilterError(f"{where}: expected a string, got {arg!r}")
+            raise FilterError(f"{where}: expected a string, got {quoted(arg)}")
         return _full_match(
             re2.compile(".*".join(re.escape(part) for part in arg.split("*")), _WILDCARD))
     if op == "$in":
@@ -192,10 +195,10 @@ def _operator(op: str, arg: Any, where: str) -> Matcher:
     if op == "$contains":
         if isinstance(arg, dict):
             if set(arg) != {"key", "value"}:
-                raise FilterError(f"{where}: expected a value or {{key, value}}, got {arg!r}")
+                raise FilterError(f"{where}: expected a value or {{key, value}}, got {quoted(arg)}")
             key, expected = arg["key"], arg["value"]
             if not isinstance(key, str):
-                raise FilterError(f"{where}.key: expected a key name, got {key!r}")
+                raise FilterError(f"{where}.key: expected a key name, got {quoted(key)}")
             lookup = FieldPath.json(key).lookup
             return lambda v: _is_object(v) and _same(lookup(v), expected)
         if isinstance(arg, str):
@@ -207,13 +210,13 @@ def _operator(op: str, arg: Any, where: str) -> Matcher:
         return lambda v: isinstance(v, list) and all(any(_same(x, w) for x in v) for w in wanted)
     if op == "$size":
         if not isinstance(arg, int) or isinstance(arg, bool) or arg < 0:
-            raise FilterError(f"{where}: expected a non-negative integer, got {arg!r}")
+            raise FilterError(f"{where}: expected a non-negative integer, got {quoted(arg)}")
         return lambda v: isinstance(v, list) and len(v) == arg
     if op == "$exists":
         if isinstance(arg, bool):
             return lambda v: (v is not MISSING) == arg
         if not isinstance(arg, str):
-            raise FilterError(f"{where}: expected a key name (or true/false), got {arg!r}")
+            raise FilterError(f"{where}: expected a key name (or true/false), got {quoted(arg)}")
         present = FieldPath.json(arg).lookup
         return lambda v: _is_object(v) and present(v) is not MISSING
     if op in ("$and", "$or", "$nor"):
@@ -226,7 +229,7 @@ def _operator(op: str, arg: Any, where: str) -> Matcher:
     if op == "$not":
         if not (isinstance(arg, dict) and len(arg) == 1 and next(iter(arg)).startswith("$")):
             raise FilterError(f"{where}: expected an operator object such as {{$regex: ...}}, "
-                              f"got {arg!r}")
+                              f"got {quoted(arg)}")
         inner = _compile(arg, where)
         return lambda v: not inner(v)
     raise FilterError(f"{where}: unknown operator {op} (expected one of {', '.join(OPERATORS)})")

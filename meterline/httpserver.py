@@ -414,11 +414,12 @@ def _decoder(encoding: str) -> _Decoder | None:
 
 
 async def read_body(request: web.Request, max_bytes: int, setting: str,
-                    timeout: float) -> bytes:
+                    timeout: float, timeout_setting: str = "read_timeout") -> bytes:
     """The request's body (on a listener started with `decode_bodies=False`), decoded per
     its `Content-Encoding`; refused (`BodyRefused`) when it or what it decodes to is
     larger than `max_bytes` (`setting` names the limit in the answer), when it expands
-    like a compression bomb, or when it takes longer than `timeout` seconds to arrive.
+    like a compression bomb, or when it takes longer than `timeout` seconds to arrive
+    (`timeout_setting` names that limit).
     Decoding goes step by step, the event loop serving other requests in between, and
     stops at the first limit: no body costs more than `max_bytes` of memory or its
     decoding time, however large it claims to be."""
@@ -430,7 +431,8 @@ async def read_body(request: web.Request, max_bytes: int, setting: str,
         async with asyncio.timeout(timeout or None):
             return await _read(request, decoder, max_bytes, limit)
     except TimeoutError:
-        raise BodyRefused(408, f"body not received within {timeout:g}s (read_timeout)") from None
+        raise BodyRefused(408, f"body not received within {timeout:g}s "
+                               f"({timeout_setting})") from None
 
 
 async def _read(request: web.Request, decoder: _Decoder | None, max_bytes: int,

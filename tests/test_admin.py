@@ -167,6 +167,17 @@ async def test_tap_refuses_a_bad_filter(tmp_path):
         assert status == 400 and "unknown operator" in body
 
 
+async def test_tap_quotes_a_long_bad_filter_cut_short(tmp_path):
+    port, admin = free_port(), free_port()
+    async with running(pipeline(port, admin), tmp_path):
+        for pattern in ({"a": {"$regex": "(" * 3000}}, {"a": {"$in": "z" * 5000}}):
+            status, body = await get(f"http://127.0.0.1:{admin}/api/v1/tap",
+                                     params={"filter": json.dumps(pattern)})
+            assert status == 400
+            error = json.loads(body)["error"]
+            assert error.startswith("invalid filter: a.$") and len(error) < 400, error
+
+
 def serve_hello(service):
     """The file exporter serves `/api/v1/hello` (as a component with admin routes does)."""
     from aiohttp import web
@@ -229,3 +240,17 @@ async def test_taps_past_the_bound_are_refused_with_a_429_saying_so(tmp_path, mo
         status, text = await get(url)
         assert status == 429
         assert json.loads(text)["error"] == "too many taps: at most 2 are open at once; close one"
+
+
+async def test_a_head_of_the_tap_opens_no_tap(tmp_path, monkeypatch):
+    monkeypatch.setattr(admin_server, "MAX_TAPS", 1)
+    port, admin = free_port(), free_port()
+    body = webhook_to_file(port, service={"admin": {"listen": f"127.0.0.1:{admin}"}})
+    url = f"http://127.0.0.1:{admin}/api/v1/tap"
+    async with running(body, tmp_path) as service, aiohttp.ClientSession() as s:
+        for _ in range(3):
+            async with s.head(url) as r:
+                assert (r.status, r.headers["Content-Type"]) == (200, "application/x-ndjson")
+        assert not service.taps.active
+        async with s.get(url) as r:
+            assert r.status == 200  # the one tap allowed is still free

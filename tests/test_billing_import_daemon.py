@@ -3,6 +3,7 @@ API (`POST /api/v1/billing/import`), which stores them with the daemon's own eng
 allows one process per data directory); with the daemon stopped, the command opens
 ClickHouse itself."""
 
+import asyncio
 import gzip
 import json
 import subprocess
@@ -13,6 +14,7 @@ import aiohttp
 import pytest
 import pytest_asyncio
 
+from meterline.extensions.finops import api
 from meterline.extensions.finops.api import MAX_IMPORT_BYTES
 from tests.helpers import free_port, post_json, post_raw, running
 
@@ -162,6 +164,23 @@ async def test_the_import_api_refuses_a_compression_bomb_before_decoding_it_all(
         **AUTH, "Content-Type": "application/json", "Content-Encoding": "gzip"})
     assert status == 413
     assert "a compression bomb?" in answer["error"]
+
+
+@in_module_loop
+async def test_the_import_api_refuses_a_body_too_slow_to_arrive_naming_its_limit(
+        admin, monkeypatch):
+    monkeypatch.setattr(api, "_BODY_TIMEOUT", 0.2)
+
+    async def trickle():
+        yield b'{"lines": ['
+        await asyncio.sleep(2)
+        yield b"]}"
+
+    async with aiohttp.ClientSession() as s, s.post(admin, data=trickle(), headers={
+            **AUTH, "Content-Type": "application/json"}) as r:
+        assert r.status == 408
+        assert (await r.json())["error"] == ("body not received within 0.2s "
+                                             "(the import's time limit)")
 
 
 @in_module_loop

@@ -42,6 +42,7 @@ from meterline.exporters.clickhouse.metrics import (
 from meterline.exporters.clickhouse.metrics import time_column as _time_column
 from meterline.exporters.clickhouse.schema import COLUMNS, FINAL_SETTINGS, Rollup, Schema
 from meterline.fieldpath import FieldPath
+from meterline.params import quoted
 
 RANGES = ("24h", "7d", "30d", "90d")
 # What a ClickHouse DateTime holds: a window outside it is a bad parameter (400), not a
@@ -97,24 +98,24 @@ class Window:
         `since`/`until` (ISO 8601 dates or times, UTC unless they say otherwise); `range`
         with `until` ends there. Both `range` and `since` are refused: one would be ignored."""
         if range_ and since:
-            raise ValueError(f"give range or since, not both (range={range_!r}, "
-                             f"since={since!r})")
+            raise ValueError(f"give range or since, not both (range={quoted(range_)}, "
+                             f"since={quoted(since)})")
         end = parse_time(until, "until") if until else (now or datetime.now(UTC))
         if end > LATEST:
-            raise ValueError(f"until must be before {iso(LATEST)}, got {until!r}")
+            raise ValueError(f"until must be before {iso(LATEST)}, got {quoted(until)}")
         if end <= EARLIEST:  # (else a range ending there is refused "at most -3653d")
-            raise ValueError(f"until must be after {iso(EARLIEST)}, got {until!r}")
+            raise ValueError(f"until must be after {iso(EARLIEST)}, got {quoted(until)}")
         end = _ceil_minute(end)
         if since:
             start = _floor_minute(parse_time(since, "since"))
             if start < EARLIEST:
-                raise ValueError(f"since must be from {iso(EARLIEST)}, got {since!r}")
+                raise ValueError(f"since must be from {iso(EARLIEST)}, got {quoted(since)}")
         else:
             range_ = range_ or "30d"
             length = parse_range(range_)
             if length > end - EARLIEST:
                 raise ValueError(f"range must start from {iso(EARLIEST)}: at most "
-                                 f"{(end - EARLIEST).days}d, got {range_!r}")
+                                 f"{(end - EARLIEST).days}d, got {quoted(range_)}")
             start = end - length
         if start >= end:
             raise ValueError("since must be before until")
@@ -153,12 +154,13 @@ class Window:
 def parse_range(text: str) -> timedelta:
     m = _RANGE.match(text.strip())
     if not m or int(m.group(1)[:1]) == 0:  # (leading zeros are cut: "0h" leaves "0")
-        raise ValueError(f"range must be one of {', '.join(RANGES)} (or Nh, Nd), got {text!r}")
+        raise ValueError(f"range must be one of {', '.join(RANGES)} (or Nh, Nd), "
+                         f"got {quoted(text)}")
     # (a count of more than 9 digits is longer than any window: and int() refuses 4,300)
     n = int(m.group(1)) if len(m.group(1)) <= 9 else 10**9
     days = n / 24 if m.group(2) == "h" else n
     if days > (LATEST - EARLIEST).days:  # would overflow a timedelta, and no window is longer
-        raise ValueError(f"range must be at most {(LATEST - EARLIEST).days}d, got {text!r}")
+        raise ValueError(f"range must be at most {(LATEST - EARLIEST).days}d, got {quoted(text)}")
     return timedelta(hours=n) if m.group(2) == "h" else timedelta(days=n)
 
 
@@ -170,10 +172,10 @@ def parse_time(text: str, name: str) -> datetime:
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
     except ValueError:
         raise ValueError(f"{name} must be an ISO 8601 date or time such as 2025-05-01 or "
-                         f"2025-05-01T12:00:00Z, got {text!r}") from None
+                         f"2025-05-01T12:00:00Z, got {quoted(text)}") from None
     except OverflowError:
         raise ValueError(f"{name} must be from {iso(EARLIEST)} to {iso(LATEST)}, "
-                         f"got {text!r}") from None
+                         f"got {quoted(text)}") from None
 
 
 def iso(value: datetime) -> str:
@@ -341,10 +343,11 @@ def dimension(name: str) -> Dimension:
     if name.startswith("metadata."):
         key = name.removeprefix("metadata.")
         if not _METADATA_KEY.match(key):
-            raise ValueError(f"metadata key must be letters, digits and _.:- , got {key!r}")
+            raise ValueError(f"metadata key must be letters, digits and _.:- , got {quoted(key)}")
         path = FieldPath(name)  # the one grammar: the `metadata` map, key `key`
         return Dimension(name, path.kind, f"{path.kind}[{literal(path.key)}]")
-    raise ValueError(f"cannot group by {name!r} (expected one of: {', '.join(DIMENSION_NAMES)})")
+    raise ValueError(f"cannot group by {quoted(name)} "
+                     f"(expected one of: {', '.join(DIMENSION_NAMES)})")
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ from meterline.exporters.clickhouse.query import (
 )
 from meterline.extensions.finops import finops
 from meterline.extensions.finops.finops import cache, number, quantile, ratio, tool_call, usage
+from meterline.params import quoted
 
 if TYPE_CHECKING:
     from meterline.gateway.guardrails import GuardrailRule
@@ -110,7 +111,7 @@ def timeseries(reader: Reader, window: Window, granularity: str | None = None,
     buckets without traffic are there, with zeros."""
     granularity = granularity or ("hourly" if window.length <= timedelta(days=1) else "daily")
     if granularity not in _GRANULARITIES:
-        raise ValueError(f"granularity must be hourly or daily, got {granularity!r}")
+        raise ValueError(f"granularity must be hourly or daily, got {quoted(granularity)}")
     function, step = _GRANULARITIES[granularity]
     bucket = Dimension("time", None, f"formatDateTime({function}({{t}}), '%FT%TZ', 'UTC')",
                        grain=int(step.total_seconds()))

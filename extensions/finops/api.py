@@ -136,7 +136,8 @@ def parse_import(body: bytes) -> list[BillingLine]:
 
 async def billing_import(extension: FinOps, request: web.Request) -> web.StreamResponse:
     try:  # (decoded per its Content-Encoding, within the bound: `read_body`)
-        body = await read_body(request, MAX_IMPORT_BYTES, "the import's bound", _BODY_TIMEOUT)
+        body = await read_body(request, MAX_IMPORT_BYTES, "the import's bound", _BODY_TIMEOUT,
+                               "the import's time limit")
     except BodyRefused as e:
         hint = f": send at most {MAX_IMPORT_LINES:,} lines a request" if e.status == 413 else ""
         return web.json_response({"error": e.message + hint}, status=e.status)

@@ -29,6 +29,7 @@ from meterline.exporters.clickhouse.query import (
     dimension,
     iso,
 )
+from meterline.params import quoted
 
 SPEND_FIGURES = ("requests", "errors", "input_tokens", "output_tokens", "cost_usd",
                  "unpriced_requests", "cache_hits", "saved_cost_usd")
@@ -168,7 +169,7 @@ def runs(reader: Reader, window: Window, by: str = "agent", top: int | None = 20
     first: runs, the runs' model calls (their count, tokens and cost), tool calls and
     their average latency, failed calls and runs, and the average run duration."""
     if by not in RUN_DIMENSIONS:
-        raise ValueError(f"runs are grouped by {', '.join(RUN_DIMENSIONS)}, got {by!r}")
+        raise ValueError(f"runs are grouped by {', '.join(RUN_DIMENSIONS)}, got {quoted(by)}")
     dim = dimension(by)
     per_run, extra = ((_PER_RUN, _RUNS) if by == "agent"
                       else ({**_PER_RUN, **_AGENTS_PER_RUN}, {**_RUNS, **_AGENTS}))
