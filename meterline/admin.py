@@ -159,7 +159,7 @@ class AdminServer:
         try:
             while not self._closing:
                 try:
-                    events = await asyncio.wait_for(tap.pending.get(), 0.5)
+                    events = await asyncio.wait_for(tap.take(), 0.5)
                 except TimeoutError:
                     if request.transport is None or request.transport.is_closing():
                         break  # the reader went away
@@ -169,6 +169,10 @@ class AdminServer:
             pass
         finally:
             self.service.taps.active.discard(tap)
+            if tap.dropped:
+                self.service.log.warning("a tap's reader was too slow: events not shown",
+                                         dropped=tap.dropped,
+                                         limit_mb=tap.max_pending_bytes >> 20)
             with contextlib.suppress(Exception):
                 await response.write_eof()
         return response

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from meterline.component import Backpressure, Processor, run_processors
 from meterline.delivery import ExporterRunner
-from meterline.event import Event, clone, unpack
+from meterline.event import Event, clone, pack, unpack
 from meterline.filtering import Filter
 from meterline.memory import MemoryLimiter
 from meterline.queue import Batch, Staged, abort_all, put_all
@@ -25,29 +25,48 @@ from meterline.workers import ProcessorPool
 
 
 class Tap:
-    """A live view of the events leaving the processors (`meterline tap`)."""
+    """A live view of the events leaving the processors (`meterline tap`). What its reader
+    has not taken yet is bounded in bytes (the events' packed size), not in batches: the
+    events it holds stay in memory after the queues let them go, and a batch may be one
+    event or 10,000 of 1 MB. Past the bound, batches are missed (`dropped` counts their
+    events); one is always taken when nothing is pending, however large."""
 
-    def __init__(self, filter_: Filter, max_pending: int = 256) -> None:
+    def __init__(self, filter_: Filter, max_pending_bytes: int = 32 << 20) -> None:
         self.filter = filter_
-        self.pending: asyncio.Queue[list[Event]] = asyncio.Queue(max_pending)
-        self.dropped = 0  # batches a slow reader missed
+        self.max_pending_bytes = max_pending_bytes
+        self.pending_bytes = 0
+        self._pending: asyncio.Queue[tuple[list[Event], int]] = asyncio.Queue()
+        self.dropped = 0  # events a slow reader missed
 
-    def offer(self, events: list[Event]) -> None:
+    def offer(self, events: list[Event], size: int) -> None:
+        """`events` (`size` bytes packed), those of them the filter keeps, if there is room."""
         kept = self.filter.apply(events)
-        if kept:
-            try:
-                self.pending.put_nowait(kept)
-            except asyncio.QueueFull:
-                self.dropped += len(kept)
+        if not kept:
+            return
+        share = size * len(kept) // len(events)
+        if self.pending_bytes + share > self.max_pending_bytes and not self._pending.empty():
+            self.dropped += len(kept)
+            return
+        self.pending_bytes += share
+        self._pending.put_nowait((kept, share))
+
+    async def take(self) -> list[Event]:
+        """The oldest batch not taken yet (waiting for one)."""
+        kept, share = await self._pending.get()
+        self.pending_bytes -= share
+        return kept
 
 
 @dataclass
 class Taps:
     active: set[Tap] = field(default_factory=set)
 
-    def publish(self, events: list[Event]) -> None:
+    def publish(self, events: list[Event], packed: bytes | None) -> None:
+        """`events` to every tap; `packed`, their msgpack form, gives their size (packed
+        here when the processors ran inline, only while a tap is open)."""
+        size = len(packed if packed is not None else pack(events))
         for tap in self.active:
-            tap.offer(events)
+            tap.offer(events, size)
 
 
 class Pipeline:
@@ -80,7 +99,7 @@ class Pipeline:
         if not events:
             return []
         if self.taps.active:
-            self.taps.publish(events)
+            self.taps.publish(events, packed)
         shared = Batch(events, packed)
         routes = []
         for runner in self.exporters:
