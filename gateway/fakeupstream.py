@@ -255,7 +255,8 @@ class FakeUpstream:
                     stream: bool, text_completion: bool = False) -> web.StreamResponse:
         model = f"{plan.model}-2025-01-01"
         kind = "text_completion" if text_completion else "chat.completion"
-        base = {"id": f"cmpl-fake-{self.served}", "created": int(time.time()), "model": model}
+        base = {"id": f"cmpl-fake-{self.served}", "created": int(time.time()), "model": model,
+                "service_tier": _served_tier(body)}
         if not stream:
             choice: dict[str, Any] = {"index": 0, "finish_reason": "stop", "logprobs": None}
             if text_completion:
@@ -306,7 +307,7 @@ class FakeUpstream:
         text = plan.output()
         response = {"id": f"resp_fake{self.served}", "object": "response",
                     "created_at": int(time.time()), "model": f"{plan.model}-2025-01-01",
-                    "status": "completed", "output": [
+                    "service_tier": _served_tier(body), "status": "completed", "output": [
                         {"type": "message", "id": "msg_fake", "status": "completed",
                          "role": "assistant", "content": [
                              {"type": "output_text", "text": text, "annotations": []}]}],
@@ -496,6 +497,13 @@ _ANTHROPIC_LIMITS = {"anthropic-ratelimit-requests-limit": "4000",
                      "anthropic-ratelimit-requests-remaining": "3999",
                      "anthropic-ratelimit-tokens-limit": "400000",
                      "anthropic-ratelimit-tokens-remaining": "399000"}
+
+
+def _served_tier(body: dict[str, Any]) -> str:
+    """The tier OpenAI answers as having served a call: the one asked for, if it is one it
+    has (`flex`, `priority`), else `default` (for `auto` too)."""
+    asked = body.get("service_tier")
+    return asked if asked in ("flex", "priority") else "default"
 
 
 def _sse(payload: dict[str, Any], event: str | None = None) -> bytes:

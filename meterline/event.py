@@ -97,6 +97,9 @@ class Event(
     output_tokens: int | None = None
     cache_read_tokens: int | None = None
     cache_creation_tokens: int | None = None
+    # among those, the tokens written to a cache kept for an hour (Anthropic's `ttl: 1h`),
+    # billed at their own rate; the rest were written for five minutes
+    cache_creation_1h_tokens: int | None = None
     reasoning_tokens: int | None = None
     # audio tokens among the input and output tokens (OpenAI's audio and realtime models,
     # Gemini's audio input), billed at their own rate; the text tokens are the rest
@@ -113,6 +116,9 @@ class Event(
     video_seconds: float | None = None  # video generated
     search_queries: int | None = None  # rerank searches (search units), web searches
     batch: bool | None = None  # a batch-API call (billed at the batch price)
+    # the tier that served the call, as the provider answered it (OpenAI: default, flex,
+    # priority; Anthropic: standard, priority), billed at that tier's rates
+    service_tier: str | None = None
 
     duration_ms: float | None = None
     provider_duration_ms: float | None = None

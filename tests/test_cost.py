@@ -49,6 +49,17 @@ REAL_CALLS = [
              output_tokens=800),
         (500 * 3 + 10000 * 0.30 + 1500 * 3.75) / 1e6, 800 * 15 / 1e6,
         "anthropic/claude-sonnet-4-5@bundled", id="anthropic-sonnet-cache-read-and-write"),
+    pytest.param(  # Claude Sonnet 4.5 writing for an hour: $6 (5 minutes: $3.75)
+        dict(provider="anthropic", request_model="claude-sonnet-4-5-20250929",
+             input_tokens=12000, cache_creation_tokens=10000, cache_creation_1h_tokens=8000,
+             output_tokens=800),
+        (2000 * 3 + 2000 * 3.75 + 8000 * 6) / 1e6, 800 * 15 / 1e6,
+        "anthropic/claude-sonnet-4-5@bundled", id="anthropic-sonnet-one-hour-cache-write"),
+    pytest.param(  # GPT-5 on the flex tier: $0.625 in, $0.0625 cached, $5 out (half price)
+        dict(provider="openai", request_model="gpt-5", response_model="gpt-5-2025-08-07",
+             service_tier="flex", input_tokens=1000, cache_read_tokens=600, output_tokens=200),
+        (400 * 0.625 + 600 * 0.0625) / 1e6, 200 * 5.0 / 1e6, "openai/gpt-5@bundled;flex",
+        id="openai-gpt-5-flex"),
     pytest.param(  # o3: $2 in, $8 out; its 4,000 reasoning tokens are output tokens
         dict(provider="openai", request_model="o3", input_tokens=2000, output_tokens=5000,
              reasoning_tokens=4000),
@@ -345,6 +356,91 @@ def test_litellm_audio_token_rates_are_read(tmp_path: Path) -> None:
     assert e.cost_output_usd == pytest.approx((200 * 8 + 300 * 60) / 1e6)
 
 
+TIERED = {"acme": {"input": 2.0, "output": 8.0, "cache_read": 0.5, "cache_write": 2.5,
+                   "cache_write_1h": 4.0,
+                   "service_tiers": {"flex": {"input": 1.0, "output": 4.0},
+                                     "priority": {"input": 3.5, "output": 14.0,
+                                                  "cache_read": 0.875}}}}
+
+
+def test_a_call_the_flex_tier_served_is_billed_at_its_rates(tmp_path: Path) -> None:
+    e = priced(tmp_path, {"prices": TIERED}, request_model="acme", service_tier="flex",
+               input_tokens=1000, cache_read_tokens=400, output_tokens=100)
+    # (a rate the tier does not give, its cache reads here, is the entry's)
+    assert e.cost_input_usd == pytest.approx((600 * 1.0 + 400 * 0.5) / 1e6)
+    assert e.cost_output_usd == pytest.approx(100 * 4.0 / 1e6)
+    assert e.pricing_ref == "acme@config;flex"
+
+
+@pytest.mark.parametrize("served", ["priority", "fast", "PRIORITY"])
+def test_a_call_the_priority_tier_served_is_billed_at_its_rates(tmp_path: Path,
+                                                                served: str) -> None:
+    e = priced(tmp_path, {"prices": TIERED}, request_model="acme", service_tier=served,
+               input_tokens=1000, cache_read_tokens=400, output_tokens=100)
+    assert e.cost_input_usd == pytest.approx((600 * 3.5 + 400 * 0.875) / 1e6)
+    assert e.pricing_ref == "acme@config;priority"
+
+
+@pytest.mark.parametrize("served", ["default", "standard", "auto", "scale", "unheard-of"])
+def test_a_call_a_tier_without_prices_of_its_own_served_is_billed_at_the_standard_rates(
+        tmp_path: Path, served: str) -> None:
+    e = priced(tmp_path, {"prices": TIERED}, request_model="acme", service_tier=served,
+               input_tokens=1000, output_tokens=100)
+    assert (e.cost_input_usd, e.pricing_ref) == (pytest.approx(1000 * 2.0 / 1e6), "acme@config")
+
+
+def test_cache_writes_kept_for_an_hour_are_billed_at_the_one_hour_rate(tmp_path: Path) -> None:
+    e = priced(tmp_path, {"prices": TIERED}, request_model="acme", input_tokens=10_000,
+               cache_creation_tokens=3000, cache_creation_1h_tokens=2000, output_tokens=10)
+    assert e.cost_input_usd == pytest.approx((7000 * 2.0 + 1000 * 2.5 + 2000 * 4.0) / 1e6)
+
+
+def test_one_hour_writes_without_a_rate_of_their_own_cost_what_other_writes_cost(
+        tmp_path: Path) -> None:
+    e = priced(tmp_path, request_model="acme", input_tokens=10_000, cache_creation_tokens=3000,
+               cache_creation_1h_tokens=3000, output_tokens=10,
+               config={"prices": {"acme": {"input": 2.0, "output": 8.0, "cache_write": 2.5}}})
+    assert e.cost_input_usd == pytest.approx((7000 * 2.0 + 3000 * 2.5) / 1e6)
+
+
+def test_a_long_prompt_on_a_service_tier_takes_its_long_prompt_rates(tmp_path: Path) -> None:
+    prices = {"acme": {"input": 2.0, "output": 8.0, "tiers": [
+        {"above": 200_000, "input": 4.0, "output": 16.0}], "service_tiers": {
+        "priority": {"input": 3.5, "output": 14.0,
+                     "tiers": [{"above": 200_000, "input": 7.0}]}}}}
+    e = priced(tmp_path, {"prices": prices}, request_model="acme", service_tier="priority",
+               input_tokens=250_000, output_tokens=100)
+    # the tier's own long-prompt input rate; no output one of its own: the entry's long one
+    assert (e.cost_input_usd, e.cost_output_usd) == (
+        pytest.approx(250_000 * 7.0 / 1e6), pytest.approx(100 * 16.0 / 1e6))
+    assert e.pricing_ref == "acme@config;priority;above_200000"
+
+
+def test_a_negative_service_tier_rate_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(msgspec.ValidationError, match="must not be negative"):
+        processor(tmp_path, prices={"acme": {"input": 1.0, "service_tiers": {
+            "flex": {"input": -1.0}}}})
+
+
+def test_litellm_service_tier_and_one_hour_cache_rates_are_read(tmp_path: Path) -> None:
+    rates = {"input_cost_per_token": 2e-06, "output_cost_per_token": 8e-06,
+             "cache_creation_input_token_cost": 2.5e-06,
+             "cache_creation_input_token_cost_above_1hr": 4e-06,
+             "input_cost_per_token_flex": 1e-06, "output_cost_per_token_flex": 4e-06,
+             "input_cost_per_token_priority": 3.5e-06}
+    flex = priced_by_litellm(tmp_path, rates, service_tier="flex", input_tokens=1000,
+                             output_tokens=100)
+    assert (flex.cost_input_usd, flex.cost_output_usd) == (
+        pytest.approx(1000 * 1.0 / 1e6), pytest.approx(100 * 4.0 / 1e6))
+    priority = priced_by_litellm(tmp_path, rates, service_tier="priority", input_tokens=1000,
+                                 output_tokens=100)
+    assert (priority.cost_input_usd, priority.cost_output_usd) == (
+        pytest.approx(1000 * 3.5 / 1e6), pytest.approx(100 * 8.0 / 1e6))
+    written = priced_by_litellm(tmp_path, rates, input_tokens=1000, cache_creation_tokens=600,
+                                cache_creation_1h_tokens=200, output_tokens=1)
+    assert written.cost_input_usd == pytest.approx((400 * 2 + 400 * 2.5 + 200 * 4) / 1e6)
+
+
 def test_litellm_price_file_overrides_the_bundled_entry(tmp_path: Path) -> None:
     e = priced(tmp_path, {"price_files": [LITELLM_FILE]}, request_model="gpt-4o",
                input_tokens=1000, output_tokens=1000)
@@ -498,6 +594,19 @@ def test_pricing_command_shows_the_entry_and_why(capsys: pytest.CaptureFixture[s
     assert "dropped Bedrock inference profile 'us.'" in out["steps"]
     assert out["usd_per_million_tokens"]["cache_read"] == 0.3
     assert out["tiers"][0]["above"] == 200_000
+
+
+def test_pricing_command_shows_the_service_tiers_rates(capsys: pytest.CaptureFixture[str],
+                                                      tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # the bundled table alone
+    assert main(["pricing", "gpt-5", "--provider", "openai"]) == 0
+    out = capsys.readouterr().out
+    assert "  served by the flex tier: input 0.625  output 5  cache read 0.0625" in out
+    assert "  served by the priority tier: input 2.5  output 20  cache read 0.25" in out
+    assert main(["pricing", "gpt-5", "--provider", "openai", "--json"]) == 0
+    tiers = msgspec.json.decode(capsys.readouterr().out)["service_tiers"]
+    assert (tiers["flex"]["input"], tiers["priority"]["output"]) == (0.625, 20.0)
 
 
 def test_pricing_command_names_the_provider_wide_entry_and_why(

@@ -3,6 +3,8 @@
 import json
 
 import pytest
+from anthropic.types import CacheCreation
+from anthropic.types import Usage as AnthropicUsage
 from openai.types import CompletionUsage
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from openai.types.completion_usage import CompletionTokensDetails, PromptTokensDetails
@@ -193,3 +195,44 @@ def test_a_gemini_answer_records_the_audio_tokens_of_its_prompt_and_answer():
     assert (event.input_tokens, event.audio_input_tokens, event.output_tokens,
             event.audio_output_tokens) == (700, 600, 300, 300)
 
+
+
+def test_an_openai_answer_records_the_tier_that_served_it():
+    answer = ChatCompletion(id="chatcmpl-1", object="chat.completion", created=1_780_000_000,
+                            model="o3", service_tier="flex", choices=[])
+    event = Event()
+    openai.CHAT.read_response(answer.model_dump(mode="json"), event, capture=False)
+    assert event.service_tier == "flex"
+
+
+def test_an_openai_stream_records_the_tier_that_served_it():
+    chunk = ChatCompletionChunk(id="chatcmpl-1", object="chat.completion.chunk",
+                                created=1_780_000_000, model="gpt-5", service_tier="priority",
+                                choices=[])
+    event = Event()
+    reader = openai.CHAT.stream(event, capture=False, drop_usage=False)
+    reader.feed(chunk.model_dump(mode="json"))
+    reader.finish()
+    assert event.service_tier == "priority"
+
+
+def test_a_responses_stream_records_the_tier_of_its_final_response():
+    event = Event()
+    reader = openai.RESPONSES.stream(event, capture=False, drop_usage=False)
+    reader.feed({"type": "response.completed", "response": {
+        "id": "resp_1", "model": "gpt-5", "service_tier": "flex", "status": "completed",
+        "usage": {"input_tokens": 10, "output_tokens": 5}}})
+    assert (event.service_tier, event.input_tokens) == ("flex", 10)
+
+
+def test_an_anthropic_answer_records_its_one_hour_cache_writes_and_tier():
+    usage = AnthropicUsage(input_tokens=10, output_tokens=5, cache_creation_input_tokens=3000,
+                           cache_read_input_tokens=0, service_tier="priority",
+                           cache_creation=CacheCreation(ephemeral_1h_input_tokens=2000,
+                                                        ephemeral_5m_input_tokens=1000))
+    event = Event()
+    anthropic.MESSAGES.read_response({"model": "claude-sonnet-4-5", "content": [],
+                                      "usage": usage.model_dump(mode="json")},
+                                     event, capture=False)
+    assert (event.input_tokens, event.cache_creation_tokens, event.cache_creation_1h_tokens,
+            event.service_tier) == (3010, 3000, 2000, "priority")

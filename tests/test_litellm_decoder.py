@@ -241,3 +241,15 @@ def test_audio_tokens_of_the_prompt_and_answer_are_counted():
     e = decode_item(item)
     assert (e.input_tokens, e.audio_input_tokens, e.output_tokens, e.audio_output_tokens) == (
         1200, 1000, 900, 750)
+
+
+def test_the_tier_that_served_the_call_and_its_one_hour_cache_writes_are_read():
+    item = copy.deepcopy(ALIAS)
+    item["response"]["service_tier"] = "flex"
+    item["response"]["usage"] = {  # LiteLLM's usage of an Anthropic answer
+        "prompt_tokens": 5000, "completion_tokens": 10, "cache_creation_input_tokens": 3000,
+        "prompt_tokens_details": {"cache_creation_tokens": 3000, "cache_creation_token_details": {
+            "ephemeral_5m_input_tokens": 1000, "ephemeral_1h_input_tokens": 2000}}}
+    e = decode_item(item)
+    assert (e.service_tier, e.cache_creation_tokens, e.cache_creation_1h_tokens) == (
+        "flex", 3000, 2000)

@@ -43,7 +43,8 @@ def full_event():
                       input_messages=[{"role": "user", "content": "hi"}],
                       output_messages=[{"role": "assistant", "content": "hello"}],
                       finish_reasons=["stop"], cost_usd=0.002, redactions={"email": 1},
-                      audio_input_tokens=6, audio_output_tokens=4,
+                      audio_input_tokens=6, audio_output_tokens=4, service_tier="flex",
+                      cache_creation_tokens=5, cache_creation_1h_tokens=3,
                       attributes={"server.address": "api.example", "tags": ["a", "b"]})
 
 
@@ -86,6 +87,15 @@ def test_older_genai_names_are_read():
         "gen_ai.usage.prompt_tokens": 7, "gen_ai.usage.completion_tokens": 9}))))
     assert (event.provider, event.input_tokens, event.output_tokens) == ("openai", 7, 9)
     assert "gen_ai.system" not in (event.attributes or {})
+
+
+def test_the_openai_service_tier_of_a_span_is_the_tier_that_served_it():
+    event = one(decode_spans(request(span({
+        "gen_ai.provider.name": "openai", "gen_ai.request.model": "o3",
+        "openai.request.service_tier": "auto", "openai.response.service_tier": "flex",
+        "gen_ai.usage.input_tokens": 5}))))
+    assert event.service_tier == "flex"
+    assert "openai.response.service_tier" not in (event.attributes or {})
 
 
 def test_current_names_win_over_older_ones():

@@ -6,8 +6,8 @@ a call, or differ by a choice that docs/processors.md states (under `cost`, "Lit
 cost calculation"). A seeded sample of calls to the chat models of LiteLLM's own map (the
 one inside the `litellm` package, `LITELLM_LOCAL_MODEL_COST_MAP`: never downloaded),
 across its providers, with prompts at and past the `_above_Nk_tokens` and
-`tiered_pricing` thresholds, cache reads and writes, reasoning and audio tokens, is
-priced twice:
+`tiered_pricing` thresholds, cache reads and writes (some kept for an hour), reasoning and
+audio tokens, served by the standard, `flex` or `priority` tier, is priced twice:
 
 - by LiteLLM 1.100.5 (`cost_per_token` with the usage object its responses carry), for
   the whole sample in one process of its own virtual environment (tests/litellm_costs.py);
@@ -45,10 +45,18 @@ from tests.helpers import make_context
 SEED = 1005
 CALLS = 400
 AUDIO_CALLS = 40
+SERVED_CALLS = 120  # to entries with service tiers or one-hour cache writes
 SCRIPT = Path(__file__).with_name("litellm_costs.py")
 KINDS = ("cache_read", "cache_write", "reasoning", "audio_in", "audio_out")
 AUDIO_RATES = frozenset({"input_cost_per_audio_token", "output_cost_per_audio_token"})
 _THRESHOLD = re.compile(r"^input_cost_per_token_above_(\d+)k_tokens$")
+ONE_HOUR = "cache_creation_input_token_cost_above_1hr"
+
+
+def service_tiers(entry: dict[str, Any]) -> list[str]:
+    """The service tiers an entry prices apart (`input_cost_per_token_flex`...)."""
+    return [t for t in ("flex", "priority") if f"input_cost_per_token_{t}" in entry
+            or f"output_cost_per_token_{t}" in entry]
 
 
 @dataclass
@@ -87,25 +95,40 @@ def usage_for(model: str, entry: dict[str, Any], rng: random.Random) -> dict[str
     reasoning = rng.randint(1, completion) if rng.random() < 0.5 else 0
     audio_out = rng.randint(1, completion - reasoning) if completion > reasoning and (
         rng.random() < (0.5 if "output_cost_per_audio_token" in entry else 0.05)) else 0
-    return {"model": model, "form": rng.choice(["anthropic", "openai"]), "prompt": prompt,
+    # (LiteLLM's OpenAI form of usage has no place for the writes kept for an hour)
+    for_an_hour = rng.randint(1, written) if written and ONE_HOUR in entry and (
+        rng.random() < 0.5) else 0
+    tiers = service_tiers(entry)
+    tier = rng.choice(tiers) if tiers and rng.random() < 0.8 else None
+    if tier == "priority" and rng.random() < 0.3:
+        tier = "fast"  # (billed as priority)
+    return {"model": model, "form": "anthropic" if for_an_hour else rng.choice(
+                ["anthropic", "openai"]), "prompt": prompt,
             "completion": completion, "cache_read": read, "cache_write": written,
-            "reasoning": reasoning, "audio_in": audio_in, "audio_out": audio_out}
+            "reasoning": reasoning, "audio_in": audio_in, "audio_out": audio_out,
+            "cache_write_1h": for_an_hour, "service_tier": tier}
 
 
 def sample(price_map: dict[str, Any], rng: random.Random) -> list[dict[str, Any]]:
     """`CALLS` calls to chat models: a quarter to those whose prices change past a prompt
     size or that price cache writes, the rest to any; then `AUDIO_CALLS` to those that
-    price audio tokens. Each part is taken in turn from each provider family of the map
-    (so that Groq's or Cohere's few models count as much as Bedrock's hundreds)."""
+    price audio tokens, and `SERVED_CALLS` to those that price service tiers or one-hour
+    cache writes (half of them to entries with a `flex` tier). Each part is taken in turn
+    from each provider family of the map (so that Groq's or Cohere's few models count as
+    much as Bedrock's hundreds)."""
     chat = {k: e for k, e in price_map.items() if isinstance(e, dict) and e.get("mode") ==
             "chat" and ("input_cost_per_token" in e or e.get("tiered_pricing"))}
     special = {k: e for k, e in chat.items()
                if thresholds(e) or "cache_creation_input_token_cost" in e}
+    served = {k: e for k, e in chat.items() if service_tiers(e) or ONE_HOUR in e}
+    flexible = {k: e for k, e in served.items() if "flex" in service_tiers(e)}
     audio = {k: e for k, e in chat.items() if AUDIO_RATES & e.keys()}
     models = in_turn(special, CALLS // 4, rng) + in_turn(chat, CALLS - CALLS // 4, rng)
     usages = [usage_for(model, price_map[model], rng) for model in models]
     return usages + [usage_for(model, price_map[model], rng)
-                     for model in in_turn(audio, AUDIO_CALLS, rng)]
+                     for model in [*in_turn(audio, AUDIO_CALLS, rng),
+                                   *in_turn(served, SERVED_CALLS // 2, rng),
+                                   *in_turn(flexible, SERVED_CALLS // 2, rng)]]
 
 
 def in_turn(entries: dict[str, Any], count: int, rng: random.Random) -> list[str]:
@@ -161,7 +184,8 @@ def payload(call: Call) -> dict[str, Any]:
             "model": call.usage["model"], "model_group": call.usage["model"],
             "custom_llm_provider": call.answer["provider"],
             "prompt_tokens": call.usage["prompt"], "completion_tokens": call.usage["completion"],
-            "response": {"usage": call.answer["usage"]},
+            "response": {"usage": call.answer["usage"],
+                         "service_tier": call.usage["service_tier"]},
             "response_cost": call.answer["input"] + call.answer["output"]}
 
 
@@ -177,6 +201,10 @@ def deliberate(call: Call) -> str | None:
     if usage["cache_write"] and "cache_creation_input_token_cost" not in entry \
             and not ranged:
         return "cache writes without a cache write price: LiteLLM 0, meterline the input rate"
+    tier = {"fast": "priority"}.get(usage["service_tier"], usage["service_tier"])
+    if usage["audio_in"] and f"input_cost_per_audio_token_{tier}" in entry:
+        return ("audio input on a service tier with its own audio price: LiteLLM's model "
+                "info drops that price (the standard one), meterline the tier's")
     if call.answer["provider"] == "xai" and usage["prompt"] in thresholds(entry):
         return "xAI at a threshold: LiteLLM bills the tier from it, meterline above it"
     if re.search(r"model[-_]router", usage["model"]):
@@ -218,3 +246,6 @@ def test_the_sample_spans_providers_and_every_kind_of_usage(
     assert min(kinds[k] for k in ("audio_in", "audio_out")) >= 5, kinds
     tiered = [c for c in compared if any(c.usage["prompt"] > t for t in thresholds(c.entry))]
     assert len(tiered) >= 20, len(tiered)
+    served = Counter(c.usage["service_tier"] for c in compared)
+    assert min(served[t] for t in ("flex", "priority", "fast")) >= 10, served
+    assert sum(1 for c in compared if c.usage["cache_write_1h"]) >= 10

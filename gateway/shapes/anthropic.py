@@ -32,14 +32,17 @@ _encoder = msgspec.json.Encoder()
 class Usage:
     """Anthropic's counts, merged as they arrive, written as the event's."""
 
-    __slots__ = ("cache_creation", "cache_read", "input", "output", "web_searches")
+    __slots__ = ("cache_creation", "cache_creation_1h", "cache_read", "input", "output",
+                 "service_tier", "web_searches")
 
     def __init__(self) -> None:
         self.input: int | None = None
         self.output: int | None = None
         self.cache_read: int | None = None
         self.cache_creation: int | None = None
+        self.cache_creation_1h: int | None = None  # written for an hour (`ttl: 1h`)
         self.web_searches: int | None = None  # the web search tool's requests
+        self.service_tier: str | None = None  # standard, priority, batch
 
     def merge(self, usage: dict[str, Any]) -> None:
         for attr, key in (("input", "input_tokens"), ("output", "output_tokens"),
@@ -51,6 +54,12 @@ class Usage:
         searches = as_int(as_dict(usage.get("server_tool_use")).get("web_search_requests"))
         if searches is not None:
             self.web_searches = searches
+        for_an_hour = as_int(as_dict(usage.get("cache_creation")).get(
+            "ephemeral_1h_input_tokens"))
+        if for_an_hour is not None:
+            self.cache_creation_1h = for_an_hour
+        if isinstance(tier := usage.get("service_tier"), str) and tier:
+            self.service_tier = tier
 
     def write(self, event: Event) -> None:
         counts = [c for c in (self.input, self.cache_read, self.cache_creation) if c is not None]
@@ -58,7 +67,9 @@ class Usage:
         event.output_tokens = self.output
         event.cache_read_tokens = self.cache_read
         event.cache_creation_tokens = self.cache_creation
+        event.cache_creation_1h_tokens = self.cache_creation_1h
         event.search_queries = self.web_searches
+        event.service_tier = self.service_tier
 
 
 class Messages(Shape):

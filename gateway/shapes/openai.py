@@ -51,6 +51,14 @@ def read_usage(usage: dict[str, Any], event: Event) -> None:
     event.audio_output_tokens = as_int(outputs.get("audio_tokens"))
 
 
+def read_service_tier(body: dict[str, Any], event: Event) -> None:
+    """The tier that served the call (`default`, `flex`, `priority`), which its price
+    depends on; the request's `service_tier` (`auto`) says only what was asked."""
+    tier = body.get("service_tier")
+    if isinstance(tier, str) and tier:
+        event.service_tier = tier
+
+
 def _read_user(body: dict[str, Any], event: Event) -> None:
     user = body.get("user") or body.get("safety_identifier")
     if event.user_id is None and isinstance(user, str):
@@ -85,6 +93,7 @@ class ChatCompletions(Shape):
         if not isinstance(body, dict):
             return
         read_model_and_id(body, event)
+        read_service_tier(body, event)
         read_usage(as_dict(body.get("usage")), event)
         choices = [c for c in body.get("choices") or () if isinstance(c, dict)]
         event.finish_reasons = [str(c["finish_reason"]) for c in choices
@@ -133,6 +142,8 @@ class ChoicesStream(StreamReader):
         event = self.event
         if event.response_model is None and isinstance(message.get("model"), str):
             event.response_model = message["model"]
+        if event.service_tier is None:
+            read_service_tier(message, event)
         choices = message.get("choices")
         usage = message.get("usage")
         if usage:
@@ -250,6 +261,7 @@ class Responses(Shape):
         if not isinstance(body, dict):
             return
         read_model_and_id(body, event)
+        read_service_tier(body, event)
         read_usage(as_dict(body.get("usage")), event)
         status = body.get("status")
         reason = as_dict(body.get("incomplete_details")).get("reason")

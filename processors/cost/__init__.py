@@ -50,6 +50,7 @@ from meterline.processors.cost.prices import (
     Rates,
     bundled,
     config_layer,
+    tier_for,
 )
 from meterline.processors.cost.prices import load_file as load_price_file
 from meterline.processors.redact.engine import masked
@@ -246,10 +247,12 @@ def _cost(e: Event, price: Price, batch: bool) -> tuple[Cost, Cost, str]:
     the entry has no token rate for that side or the call reports no tokens for it.
     Searches are billed on top of tokens. A unit the entry has no price for makes its
     side unknown; a batch call gets the entry's batch fractions on tokens and units."""
-    rates = price.rates
-    ref = price.ref
+    rates, tiers, ref = price.rates, price.tiers, price.ref
+    if e.service_tier and (service := price.service_tier(e.service_tier)) is not None:
+        name, served = service
+        rates, tiers, ref = served.rates, served.tiers, f"{ref};{name}"
     inp, out = e.input_tokens, e.output_tokens
-    if price.tiers and inp and (tier := price.tier_for(inp)) is not None:
+    if tiers and inp and (tier := tier_for(tiers, inp)) is not None:
         rates = tier.rates
         ref = f"{ref};above_{tier.above}"
     scale_in = scale_out = 1.0
@@ -278,15 +281,18 @@ def _cost(e: Event, price: Price, batch: bool) -> tuple[Cost, Cost, str]:
 
 
 def _input_tokens(e: Event, inp: int, rates: Rates) -> float:
-    """USD of a call's input tokens: cache reads and writes at their rates, the audio tokens
+    """USD of a call's input tokens: cache reads and writes at their rates (a write for an
+    hour at the one-hour rate), the audio tokens
     among the others at the audio rate, the rest (text) at the input rate. An audio token
     the cache counts too (a realtime session's cached audio) is billed once, as cached."""
     cached = e.cache_read_tokens or 0
     written = e.cache_creation_tokens or 0
+    for_an_hour = min(e.cache_creation_1h_tokens or 0, written)
     uncached = max(inp - cached - written, 0)
     audio = min(e.audio_input_tokens or 0, uncached)
     return ((uncached - audio) * rates.input + audio * rates.input_audio
-            + cached * rates.cache_read + written * rates.cache_write) * 1e-6
+            + cached * rates.cache_read + (written - for_an_hour) * rates.cache_write
+            + for_an_hour * rates.cache_write_1h) * 1e-6
 
 
 def _output_tokens(e: Event, out: int, rates: Rates) -> float:

@@ -142,11 +142,15 @@ def _as_text(found: Resolution, provider: str | None, origin: str) -> str:
         f"as of      {price.as_of or 'not given'}",
         f"config     {origin}",
         "USD per 1M tokens (cache rates default to the input rate, reasoning to the output "
-        "rate, audio to the text rate of its side):",
+        "rate, audio to the text rate of its side, one-hour cache writes to cache writes):",
         f"  {_rate_line(price.rates)}",
     ]
     for tier in price.tiers:
         lines.append(f"  above {tier.above:,} prompt tokens: {_rate_line(tier.rates)}")
+    for name, service in price.service_tiers:
+        lines.append(f"  served by the {name} tier: {_rate_line(service.rates)}")
+        lines += [f"    above {tier.above:,} prompt tokens: {_rate_line(tier.rates)}"
+                  for tier in service.tiers]
     if (fractions := price.batch_fractions) is not None:
         inp, out = fractions
         share = f"{inp:.0%}" if inp == out else f"input {inp:.0%}, output {out:.0%}"
@@ -170,6 +174,9 @@ def _as_dict(found: Resolution, provider: str | None, origin: str) -> dict[str, 
         "as_of": price.as_of,
         "table": origin, "usd_per_million_tokens": price.rates._asdict(),
         "tiers": [{"above": t.above, **t.rates._asdict()} for t in price.tiers],
+        "service_tiers": {name: {**s.rates._asdict(), "tiers": [
+            {"above": t.above, **t.rates._asdict()} for t in s.tiers]}
+            for name, s in price.service_tiers},
         "batch": price.batch,
         "batch_output": price.batch_output,
         "units_usd": price.units.as_spec() if price.units is not None else {},

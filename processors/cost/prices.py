@@ -42,7 +42,8 @@ ANY_MODEL: Final = "*"
 class Rates(NamedTuple):
     """USD per million tokens. Every rate is filled in: a cache rate the table does
     not give is the input rate, a reasoning rate it does not give is the output rate, an
-    audio rate it does not give is the text rate of its side."""
+    audio rate it does not give is the text rate of its side, a one-hour cache write
+    rate it does not give is the (five-minute) cache write rate."""
 
     input: float
     output: float
@@ -51,6 +52,7 @@ class Rates(NamedTuple):
     reasoning: float
     input_audio: float
     output_audio: float
+    cache_write_1h: float
 
 
 class TierSpec(msgspec.Struct, forbid_unknown_fields=True):
@@ -60,6 +62,23 @@ class TierSpec(msgspec.Struct, forbid_unknown_fields=True):
     cache_read: float | None = None  # the tier's cache read rate; default: the entry's
     cache_write: float | None = None  # the tier's cache write rate; default: the entry's
     reasoning: float | None = None  # the tier's reasoning rate; default: the entry's
+    cache_write_1h: float | None = None  # the tier's one-hour cache write rate; default:
+    # the entry's
+
+
+class ServiceTierSpec(msgspec.Struct, forbid_unknown_fields=True):
+    """The rates of a service tier (OpenAI's `flex` and `priority`: the tier that served
+    the call, `service_tier`). A rate it does not give is the entry's own; `tiers` are its
+    long-prompt rates, at the entry's thresholds (a rate they do not give is the entry's
+    tier's, else this tier's)."""
+
+    input: float | None = None  # USD per million input tokens; default: the entry's
+    output: float | None = None  # USD per million output tokens; default: the entry's
+    cache_read: float | None = None  # cached input tokens read; default: the entry's
+    cache_write: float | None = None  # input tokens written to the cache; default: the entry's
+    reasoning: float | None = None  # default: this tier's output rate if it gives one
+    input_audio: float | None = None  # audio input tokens; default: the entry's
+    tiers: list[TierSpec] = msgspec.field(default_factory=list)  # its long-prompt prices
 
 
 class PriceSpec(msgspec.Struct, forbid_unknown_fields=True):
@@ -70,10 +89,13 @@ class PriceSpec(msgspec.Struct, forbid_unknown_fields=True):
     output: float = 0.0  # embeddings have no output
     cache_read: float | None = None  # cached input tokens read; default: the input rate
     cache_write: float | None = None  # input tokens written to the cache; default: input
+    cache_write_1h: float | None = None  # written for an hour (Anthropic); default: cache_write
     reasoning: float | None = None  # reasoning tokens; default: the output rate
     input_audio: float | None = None  # audio input tokens; default: the input rate
     output_audio: float | None = None  # audio output tokens; default: the output rate
     tiers: list[TierSpec] = msgspec.field(default_factory=list)  # long-prompt prices
+    # by service tier (flex, priority): the rates of a call that tier served
+    service_tiers: dict[str, ServiceTierSpec] = msgspec.field(default_factory=dict)
     batch: float | None = None  # batch-API price as a fraction of the standard one (0.5)
     batch_output: float | None = None  # the output's own fraction, when not `batch`
     image: float | None = None  # USD per image generated, whatever its size and quality
@@ -89,9 +111,14 @@ class PriceSpec(msgspec.Struct, forbid_unknown_fields=True):
 
     def __post_init__(self) -> None:
         rates = [self.input, self.output, self.cache_read, self.cache_write, self.reasoning,
-                 self.input_audio, self.output_audio, *self.units(), *self.images.values()]
-        for tier in self.tiers:
-            rates += [tier.input, tier.output, tier.cache_read, tier.cache_write, tier.reasoning]
+                 self.input_audio, self.output_audio, self.cache_write_1h, *self.units(),
+                 *self.images.values()]
+        for service in self.service_tiers.values():
+            rates += [service.input, service.output, service.cache_read, service.cache_write,
+                      service.reasoning, service.input_audio]
+        for tier in [*self.tiers, *(t for s in self.service_tiers.values() for t in s.tiers)]:
+            rates += [tier.input, tier.output, tier.cache_read, tier.cache_write, tier.reasoning,
+                      tier.cache_write_1h]
         if any(r is not None and r < 0 for r in rates):
             raise ValueError("prices must not be negative")
         if self.input is None and not self.images and all(u is None for u in self.units()):
@@ -135,6 +162,20 @@ class PriceFileSpec(msgspec.Struct, forbid_unknown_fields=True):
 class Tier:
     above: int
     rates: Rates
+
+
+@dataclass(frozen=True)
+class ServiceTier:
+    """The rates of a call a service tier served, and its long-prompt tiers."""
+
+    rates: Rates
+    tiers: tuple[Tier, ...] = ()
+
+
+# What a provider answers as the tier that served a call, to the price table's name of
+# it (LiteLLM's `fast` is billed as `priority`); `default`, `auto`, `standard`, `scale`
+# and the others are the standard rates.
+SERVICE_TIERS: Final = {"flex": "flex", "priority": "priority", "fast": "priority"}
 
 
 def size_key(size: str) -> str:
@@ -209,6 +250,7 @@ class Price:
     as_of: str | None
     rates: Rates
     tiers: tuple[Tier, ...] = ()  # ascending by `above`
+    service_tiers: tuple[tuple[str, ServiceTier], ...] = ()  # by name: flex, priority
     batch: float | None = None  # batch-API fraction of the input rates (and of the output's
     batch_output: float | None = None  # unless this one is given)
     units: Units | None = None  # what it bills besides tokens
@@ -228,11 +270,22 @@ class Price:
         return f"{self.key}@{self.origin}"
 
     def tier_for(self, prompt_tokens: int) -> Tier | None:
-        found = None
-        for tier in self.tiers:
-            if prompt_tokens > tier.above:
-                found = tier
-        return found
+        return tier_for(self.tiers, prompt_tokens)
+
+    def service_tier(self, name: str | None) -> tuple[str, ServiceTier] | None:
+        """The rates of the service tier called `name` (as a provider answers it), if the
+        entry prices it apart."""
+        wanted = SERVICE_TIERS.get(name.strip().lower()) if name else None
+        return next(((n, t) for n, t in self.service_tiers if n == wanted), None)
+
+
+def tier_for(tiers: tuple[Tier, ...], prompt_tokens: int) -> Tier | None:
+    """The highest of `tiers` (ascending) whose threshold the prompt passes."""
+    found = None
+    for tier in tiers:
+        if prompt_tokens > tier.above:
+            found = tier
+    return found
 
 
 def make_price(key: str, spec: PriceSpec, origin: str, source: str,
@@ -240,7 +293,7 @@ def make_price(key: str, spec: PriceSpec, origin: str, source: str,
     """A tier keeps the entry's audio rates, as LiteLLM's do (an entry without one bills
     audio at the tier's text rates)."""
     base = _rates(_or(spec.input, 0.0), spec.output, spec.cache_read, spec.cache_write,
-                  spec.reasoning, spec.input_audio, spec.output_audio)
+                  spec.reasoning, spec.input_audio, spec.output_audio, spec.cache_write_1h)
     tiers = tuple(sorted(
         (Tier(t.above, _rates(
             _or(t.input, base.input), _or(t.output, base.output),
@@ -248,10 +301,51 @@ def make_price(key: str, spec: PriceSpec, origin: str, source: str,
             _or(t.cache_read, _scaled(base.cache_read, base.input, t.input)),
             _or(t.cache_write, _scaled(base.cache_write, base.input, t.input)),
             _or(t.reasoning, _scaled(base.reasoning, base.output, t.output)),
-            spec.input_audio, spec.output_audio))
+            spec.input_audio, spec.output_audio,
+            t.cache_write_1h if t.cache_write_1h is not None else spec.cache_write_1h))
          for t in spec.tiers), key=lambda t: t.above))
-    return Price(key, origin, source, spec.as_of or as_of, base, tiers, spec.batch,
+    services = tuple(sorted((name, _service_tier(spec, service))
+                            for name, service in spec.service_tiers.items()))
+    return Price(key, origin, source, spec.as_of or as_of, base, tiers, services, spec.batch,
                  spec.batch_output, Units.of(spec, searches), spec.input is not None)
+
+
+def _service_tier(spec: PriceSpec, service: ServiceTierSpec) -> ServiceTier:
+    """A service tier's rates, as LiteLLM reads them: a rate the tier does not give is the
+    entry's own (reasoning: the tier's output rate when it gives one), and a long prompt
+    takes, rate by rate, the tier's own long-prompt rate, else the entry's, else the
+    tier's flat one. The one-hour cache write rate is the entry's."""
+    rates = _rates(_or(service.input, _or(spec.input, 0.0)), _or(service.output, spec.output),
+                   _either(service.cache_read, spec.cache_read),
+                   _either(service.cache_write, spec.cache_write),
+                   service.reasoning if service.reasoning is not None else (
+                       service.output if service.output is not None else spec.reasoning),
+                   _either(service.input_audio, spec.input_audio), spec.output_audio,
+                   spec.cache_write_1h)
+    own = {t.above: t for t in service.tiers}
+    tiers = []
+    for standard in sorted(spec.tiers, key=lambda t: t.above):
+        mine = own.get(standard.above, TierSpec(standard.above))
+
+        def rate(kind: str, flat: float, tier: TierSpec = mine,
+                 std: TierSpec = standard) -> float:
+            return next((v for v in (getattr(tier, kind), getattr(std, kind)) if v is not None),
+                        flat)
+
+        output = rate("output", rates.output)
+        reasoning = next((r for r in (mine.reasoning, service.reasoning) if r is not None), (
+            output if service.output is not None or spec.reasoning is None else spec.reasoning))
+        tiers.append(Tier(standard.above, rates._replace(
+            input=rate("input", rates.input), output=output,
+            cache_read=rate("cache_read", rates.cache_read),
+            cache_write=rate("cache_write", rates.cache_write), reasoning=reasoning,
+            output_audio=_or(spec.output_audio, output),
+            cache_write_1h=rate("cache_write_1h", rates.cache_write_1h))))
+    return ServiceTier(rates, tuple(tiers))
+
+
+def _either(value: float | None, default: float | None) -> float | None:
+    return default if value is None else value
 
 
 def _or(value: float | None, default: float) -> float:
@@ -264,9 +358,10 @@ def _scaled(rate: float, base: float, new: float | None) -> float:
 
 def _rates(input_: float, output: float, cache_read: float | None, cache_write: float | None,
            reasoning: float | None, input_audio: float | None,
-           output_audio: float | None) -> Rates:
-    return Rates(input_, output, _or(cache_read, input_), _or(cache_write, input_),
-                 _or(reasoning, output), _or(input_audio, input_), _or(output_audio, output))
+           output_audio: float | None, cache_write_1h: float | None) -> Rates:
+    write = _or(cache_write, input_)
+    return Rates(input_, output, _or(cache_read, input_), write, _or(reasoning, output),
+                 _or(input_audio, input_), _or(output_audio, output), _or(cache_write_1h, write))
 
 
 # --- model names ----------------------------------------------------------------------
@@ -451,9 +546,18 @@ _LITELLM_RATE = {
 # audio token rates: LiteLLM has no tier of them (`_above_Nk_tokens`), nor does a tier here
 _LITELLM_AUDIO = {"input_cost_per_audio_token": "input_audio",
                   "output_cost_per_audio_token": "output_audio"}
+_LITELLM_1H = "cache_creation_input_token_cost_above_1hr"  # a one-hour cache write
 _LITELLM_TIER = re.compile(r"^(input_cost_per_token|output_cost_per_token|"
-                           r"cache_read_input_token_cost|cache_creation_input_token_cost)"
-                           r"_above_(\d+)k_tokens$")
+                           r"cache_read_input_token_cost|cache_creation_input_token_cost|"
+                           r"cache_creation_input_token_cost_above_1hr)"
+                           r"_above_(\d+)k_tokens(?:_(flex|priority))?$")
+_LITELLM_TIER_RATE = {**_LITELLM_RATE, _LITELLM_1H: "cache_write_1h"}
+# a service tier's rates (`input_cost_per_token_priority`): LiteLLM's names of them
+_LITELLM_SERVICE = re.compile(r"^(input_cost_per_token|output_cost_per_token|"
+                              r"cache_read_input_token_cost|cache_creation_input_token_cost|"
+                              r"output_cost_per_reasoning_token|input_cost_per_audio_token)"
+                              r"_(flex|priority)$")
+_LITELLM_SERVICE_RATE = {**_LITELLM_RATE, "input_cost_per_audio_token": "input_audio"}
 
 
 def litellm_provider(raw: str) -> str | None:
@@ -584,16 +688,32 @@ def _keep(specs: dict[tuple[str | None, str], _Found], at: tuple[str | None, str
 def _litellm_tokens(numbers: dict[str, float]) -> dict[str, Any]:
     fields: dict[str, Any] = {name: numbers[f] * 1e6 for f, name in (
         *_LITELLM_RATE.items(), *_LITELLM_AUDIO.items()) if f in numbers}
-    tiers: dict[int, dict[str, float]] = {}
+    if _LITELLM_1H in numbers:
+        fields["cache_write_1h"] = numbers[_LITELLM_1H] * 1e6
+    # long-prompt tiers and service tiers (None: the standard rates)
+    tiers: dict[str | None, dict[int, dict[str, float]]] = {}
+    services: dict[str, dict[str, Any]] = {}
     for f, value in numbers.items():
         if m := _LITELLM_TIER.match(f):
-            tiers.setdefault(int(m.group(2)) * 1000, {})[_LITELLM_RATE[m.group(1)]] = value * 1e6
-    fields["tiers"] = [{"above": above, **rates} for above, rates in sorted(tiers.items())]
+            above = tiers.setdefault(m.group(3), {}).setdefault(int(m.group(2)) * 1000, {})
+            above[_LITELLM_TIER_RATE[m.group(1)]] = value * 1e6
+        elif m := _LITELLM_SERVICE.match(f):
+            services.setdefault(m.group(2), {})[_LITELLM_SERVICE_RATE[m.group(1)]] = value * 1e6
+    fields["tiers"] = _tier_list(tiers.get(None, {}))
+    thresholds = tiers.get(None, {}).keys()  # (LiteLLM reads the standard ones only)
+    fields["service_tiers"] = {
+        name: {**rates, "tiers": _tier_list({above: r for above, r in tiers.get(name, {}).items()
+                                             if above in thresholds})}
+        for name, rates in services.items()}
     fields["batch"] = _fraction(numbers.get("input_cost_per_token_batches"),
                                 numbers["input_cost_per_token"])
     fields["batch_output"] = _fraction(numbers.get("output_cost_per_token_batches"),
                                        numbers.get("output_cost_per_token"))
     return fields
+
+
+def _tier_list(tiers: dict[int, dict[str, float]]) -> list[dict[str, Any]]:
+    return [{"above": above, **rates} for above, rates in sorted(tiers.items())]
 
 
 def _litellm_ranges(tiers: Any) -> list[tuple[int, dict[str, float]]]:

@@ -142,9 +142,14 @@ def decode(item: dict[str, Any]) -> Event:
         cache_creation_tokens=as_int(usage.get("cache_creation_input_tokens")
                                    or prompt_details.get("cache_write_tokens")
                                    or prompt_details.get("cache_creation_tokens")),
+        # (LiteLLM's usage keeps Anthropic's `cache_creation` split in its details)
+        cache_creation_1h_tokens=as_int(
+            as_dict(prompt_details.get("cache_creation_token_details")
+                    or usage.get("cache_creation")).get("ephemeral_1h_input_tokens")),
         reasoning_tokens=as_int(completion_details.get("reasoning_tokens")),
         audio_input_tokens=as_int(prompt_details.get("audio_tokens")),
         audio_output_tokens=as_int(completion_details.get("audio_tokens")),
+        service_tier=_text(response.get("service_tier")),
         duration_ms=(end - start) * 1000 if end is not None else None,
         ttft_ms=(first_token - start) * 1000
         if streaming and first_token is not None and first_token > start else None,

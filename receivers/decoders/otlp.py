@@ -69,8 +69,9 @@ from meterline.receivers.decoders.errors import DecodeError
 
 __all__ = ["OtlpDecoded", "decode_logs", "decode_spans", "parse_json", "value_of"]
 
-# Older names, read when the current one is absent.
+# Older names, and a provider's own, read when the current one is absent.
 _LEGACY: Final = {
+    "openai.response.service_tier": "service_tier",
     "gen_ai.system": "provider",
     "gen_ai.usage.prompt_tokens": "input_tokens",
     "gen_ai.usage.completion_tokens": "output_tokens",
@@ -101,7 +102,8 @@ _PARAMS: Final = {attr: key for key, attr in PARAM_ATTRIBUTES.items()}
 _OWN_FIELDS: Final = FIELDS - {"trace_id", "span_id", "timestamp", "metadata", "redactions",
                                "params", "attributes", *MESSAGE_FIELDS}
 _INT_FIELDS: Final = frozenset({"input_tokens", "output_tokens", "cache_read_tokens",
-                                "cache_creation_tokens", "reasoning_tokens", "status_code",
+                                "cache_creation_tokens", "cache_creation_1h_tokens",
+                                "reasoning_tokens", "status_code",
                                 "attempts", "ratelimit_requests_limit",
                                 "ratelimit_requests_remaining", "ratelimit_tokens_limit",
                                 "ratelimit_tokens_remaining"})
