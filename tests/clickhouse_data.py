@@ -88,6 +88,7 @@ KEYS: dict[str, Callable[[Event], Any]] = {
     "metadata.env": lambda e: (e.metadata or {}).get("env"),
     "organization": lambda e: e.organization,
     "route": lambda e: e.route,
+    "service_tier": lambda e: e.service_tier,
 }
 
 

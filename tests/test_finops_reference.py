@@ -112,6 +112,7 @@ class Generator:
             "ttft_ms": rng.choice([None, round(rng.uniform(1, 2000), 3)]),
             "organization": rng.choice(["org-a", "org-b", None]),
             "route": rng.choice(["fast", "smart", None]),
+            "service_tier": rng.choice(["default", "flex", "priority", None]),
             "tags": rng.choice([None, [], ["a"], ["b"], ["a", "b"], ["c", "a"], ["b", "b"]]),
             **fields})
 
@@ -341,7 +342,8 @@ def where(window: Window) -> str:
 
 
 SPEND_DIMENSIONS = ["provider", "model", "team", "api_key", "user", "status", "day", "hour",
-                    "metadata.customer", "metadata.env", "tag", "organization", "route"]
+                    "metadata.customer", "metadata.env", "tag", "organization", "route",
+                    "service_tier"]
 SPEND_FIGURES = ("requests", "errors", "input_tokens", "output_tokens", "cost_usd",
                  "unpriced_requests", "cache_hits", "saved_cost_usd")
 

@@ -317,6 +317,7 @@ _DIMENSIONS = {d.name: d for d in (
     Dimension("source", "source"),
     Dimension("route", "route"),
     Dimension("upstream", "upstream"),
+    Dimension("service_tier", "service_tier"),  # flex, priority... (what a tier saves)
     # each of an event's tags (an event with two counts in both groups, one with a tag
     # given twice once in its group; one without, in the "not reported" group): raw events
     Dimension("tag", "tags", "arrayJoin(if(empty(tags), [''], arrayDistinct(tags)))"),
