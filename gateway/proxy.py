@@ -51,6 +51,7 @@ from meterline.gateway.shapes import (
     read_error,
     shape_for,
 )
+from meterline.gateway.shapes.base import set_attribute
 from meterline.gateway.shapes.media import read_form
 from meterline.gateway.streams import LineSplitter, SSESplitter
 from meterline.gateway.upstream import UNHEALTHY_AFTER, Exchange, Upstream, UpstreamFailure
@@ -488,6 +489,8 @@ class Call:
         upstream.active += 1
         self.event.upstream = upstream.name
         self.event.provider = upstream.provider
+        # (OpenAI's regional hosts, eu.api.openai.com, bill its calls 10% more)
+        set_attribute(self.event, "server.address", upstream.host)
 
     # --- the response ----------------------------------------------------------------
     async def relay(self) -> None:

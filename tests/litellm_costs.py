@@ -4,15 +4,16 @@ meterline's tests (LiteLLM is not installed beside meterline).
 
 Reads a JSON array of calls on standard input, each `{"model": KEY, "form": F,
 "prompt": N, "completion": N, "cache_read": N, "cache_write": N, "reasoning": N,
-"audio_in": N, "audio_out": N, "cache_write_1h": N, "service_tier": T}` (KEY a key of
-LiteLLM's price map, F the form of its usage object, see `usage`; `cache_write_1h` the
-written tokens kept for an hour, T the tier that served the call or null; `prompt`
-includes the cached, written and audio tokens,
-`completion` the reasoning and audio ones, as LiteLLM's `Usage` counts them), and writes
-one JSON array back, one answer per call: the provider LiteLLM routes the model to, the
-entry its cost calculation reads, the usage as LiteLLM's logging payload carries it
-(`response.usage`) and `cost_per_token`'s (input, output) cost in USD; or the error
-LiteLLM raised.
+"audio_in": N, "audio_out": N, "cache_write_1h": N, "service_tier": T,
+"data_residency": R, "vertex_location": L}` (KEY a key of LiteLLM's price map, F the
+form of its usage object, see `usage`; `cache_write_1h` the written tokens kept for an
+hour, T the tier that served the call, R the OpenAI region that processed it, L the
+Vertex AI location that served it, each or null; `prompt` includes the cached, written
+and audio tokens, `completion` the reasoning and audio ones, as LiteLLM's `Usage` counts
+them), and writes one JSON array back, one answer per call: the provider LiteLLM routes
+the model to, the entry its cost calculation reads, the usage as LiteLLM's logging
+payload carries it (`response.usage`) and `cost_per_token`'s (input, output) cost in
+USD; or the error LiteLLM raised.
 """
 
 from __future__ import annotations
@@ -87,7 +88,8 @@ def price(call: dict[str, Any]) -> dict[str, Any]:
         cost_in, cost_out = litellm.cost_per_token(
             model=model, custom_llm_provider=provider, usage_object=used,
             prompt_tokens=call["prompt"], completion_tokens=call["completion"],
-            service_tier=call.get("service_tier"))
+            service_tier=call.get("service_tier"), data_residency=call.get("data_residency"),
+            vertex_location=call.get("vertex_location"))
     except Exception as e:  # LiteLLM's own refusal is the answer for that call
         return {"error": f"{type(e).__name__}: {e}"}
     return {"provider": provider, "entry": entry, "usage": used.model_dump(),

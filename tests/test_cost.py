@@ -60,6 +60,11 @@ REAL_CALLS = [
              service_tier="flex", input_tokens=1000, cache_read_tokens=600, output_tokens=200),
         (400 * 0.625 + 600 * 0.0625) / 1e6, 200 * 5.0 / 1e6, "openai/gpt-5@bundled;flex",
         id="openai-gpt-5-flex"),
+    pytest.param(  # GPT-5.4 sent to OpenAI's EU host: 10% more ($2.50 in, $15 out)
+        dict(provider="openai", request_model="gpt-5.4", input_tokens=1000, output_tokens=200,
+             attributes={"server.address": "eu.api.openai.com"}),
+        1000 * 2.5 * 1.1 / 1e6, 200 * 15 * 1.1 / 1e6, "openai/gpt-5.4@bundled;eu",
+        id="openai-gpt-5.4-eu-data-residency"),
     pytest.param(  # o3: $2 in, $8 out; its 4,000 reasoning tokens are output tokens
         dict(provider="openai", request_model="o3", input_tokens=2000, output_tokens=5000,
              reasoning_tokens=4000),
@@ -414,6 +419,55 @@ def test_a_long_prompt_on_a_service_tier_takes_its_long_prompt_rates(tmp_path: P
     assert (e.cost_input_usd, e.cost_output_usd) == (
         pytest.approx(250_000 * 7.0 / 1e6), pytest.approx(100 * 16.0 / 1e6))
     assert e.pricing_ref == "acme@config;priority;above_200000"
+
+
+REGIONAL = {"acme": {"input": 2.0, "output": 8.0, "data_residency": {"eu": 1.1, "us": 1.2},
+                     "regional_endpoint": 1.05, "searches": 10.0}}
+
+
+@pytest.mark.parametrize(("where", "ref"), [
+    ({"upstream": "https://eu.api.openai.com/v1"}, "eu"),  # LiteLLM's api_base
+    ({"attributes": {"server.address": "us.api.openai.com"}}, "us"),  # the gateway, OTLP
+])
+def test_a_call_processed_in_a_data_residency_region_costs_its_uplift_more(
+        tmp_path: Path, where: dict[str, Any], ref: str) -> None:
+    e = priced(tmp_path, {"prices": REGIONAL}, request_model="acme", input_tokens=1000,
+               output_tokens=100, search_queries=1000, **where)
+    uplift = REGIONAL["acme"]["data_residency"][ref]  # type: ignore[index]
+    # the tokens' cost only: searches are billed as they are
+    assert e.cost_input_usd == pytest.approx(1000 * 2.0 / 1e6 * uplift + 10.0)
+    assert e.cost_output_usd == pytest.approx(100 * 8.0 / 1e6 * uplift)
+    assert e.pricing_ref == f"acme@config;{ref}"
+
+
+@pytest.mark.parametrize("where", [
+    {"endpoint": "/v1/projects/p/locations/us-east5/publishers/google/models/acme:predict"},
+    {"attributes": {"server.address": "europe-west1-aiplatform.googleapis.com"}},
+])
+def test_a_call_to_a_vertex_ai_regional_endpoint_costs_its_uplift_more(
+        tmp_path: Path, where: dict[str, Any]) -> None:
+    e = priced(tmp_path, {"prices": REGIONAL}, request_model="acme", input_tokens=1000,
+               output_tokens=100, **where)
+    assert e.cost_input_usd == pytest.approx(1000 * 2.0 / 1e6 * 1.05)
+    assert e.pricing_ref == "acme@config;regional"
+
+
+@pytest.mark.parametrize("where", [
+    {"upstream": "https://api.openai.com/v1"},
+    {"endpoint": "/v1/projects/p/locations/global/publishers/google/models/acme:predict"},
+    {"attributes": {"server.address": "aiplatform.googleapis.com"}},
+    {"upstream": "openai-eu"},  # a gateway upstream's name says nothing of its host
+])
+def test_a_call_processed_globally_costs_the_standard_price(
+        tmp_path: Path, where: dict[str, Any]) -> None:
+    e = priced(tmp_path, {"prices": REGIONAL}, request_model="acme", input_tokens=1000,
+               output_tokens=100, **where)
+    assert (e.cost_input_usd, e.pricing_ref) == (pytest.approx(1000 * 2.0 / 1e6), "acme@config")
+
+
+def test_a_regional_uplift_of_0_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(msgspec.ValidationError, match="multipliers of the token costs"):
+        processor(tmp_path, prices={"acme": {"input": 1.0, "data_residency": {"eu": 0}}})
 
 
 def test_a_negative_service_tier_rate_is_refused(tmp_path: Path) -> None:

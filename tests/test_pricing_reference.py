@@ -7,7 +7,8 @@ cost calculation"). A seeded sample of calls to the chat models of LiteLLM's own
 one inside the `litellm` package, `LITELLM_LOCAL_MODEL_COST_MAP`: never downloaded),
 across its providers, with prompts at and past the `_above_Nk_tokens` and
 `tiered_pricing` thresholds, cache reads and writes (some kept for an hour), reasoning and
-audio tokens, served by the standard, `flex` or `priority` tier, is priced twice:
+audio tokens, served by the standard, `flex` or `priority` tier, in a data-residency region
+or at a Vertex AI regional endpoint, is priced twice:
 
 - by LiteLLM 1.100.5 (`cost_per_token` with the usage object its responses carry), for
   the whole sample in one process of its own virtual environment (tests/litellm_costs.py);
@@ -46,11 +47,32 @@ SEED = 1005
 CALLS = 400
 AUDIO_CALLS = 40
 SERVED_CALLS = 120  # to entries with service tiers or one-hour cache writes
+REGIONAL_CALLS = 40  # to entries with a regional uplift
 SCRIPT = Path(__file__).with_name("litellm_costs.py")
 KINDS = ("cache_read", "cache_write", "reasoning", "audio_in", "audio_out")
 AUDIO_RATES = frozenset({"input_cost_per_audio_token", "output_cost_per_audio_token"})
 _THRESHOLD = re.compile(r"^input_cost_per_token_above_(\d+)k_tokens$")
 ONE_HOUR = "cache_creation_input_token_cost_above_1hr"
+
+
+REGIONS = ("regional_processing_uplift_multiplier_eu", "regional_processing_uplift_multiplier_us",
+           "regional_endpoint_uplift_multiplier")
+
+
+def where_served(entry: dict[str, Any], rng: random.Random) -> dict[str, Any]:
+    """Where a call to `entry` was processed: an OpenAI regional host (the LiteLLM payload's
+    `api_base`, LiteLLM's `data_residency`) or a Vertex AI location, when the entry prices
+    one apart (half the time); else nowhere in particular."""
+    regions = [r for r in ("eu", "us") if f"regional_processing_uplift_multiplier_{r}" in entry]
+    if regions and rng.random() < 0.5:
+        region = rng.choice(regions)
+        return {"api_base": f"https://{region}.api.openai.com/v1", "data_residency": region}
+    if "regional_endpoint_uplift_multiplier" in entry and rng.random() < 0.5:
+        location = rng.choice(["us-east5", "europe-west1", "global"])
+        return {"api_base": f"https://{'' if location == 'global' else location + '-'}"
+                            f"aiplatform.googleapis.com/v1/projects/p/locations/{location}",
+                "vertex_location": location}
+    return {}
 
 
 def service_tiers(entry: dict[str, Any]) -> list[str]:
@@ -106,14 +128,15 @@ def usage_for(model: str, entry: dict[str, Any], rng: random.Random) -> dict[str
                 ["anthropic", "openai"]), "prompt": prompt,
             "completion": completion, "cache_read": read, "cache_write": written,
             "reasoning": reasoning, "audio_in": audio_in, "audio_out": audio_out,
-            "cache_write_1h": for_an_hour, "service_tier": tier}
+            "cache_write_1h": for_an_hour, "service_tier": tier, **where_served(entry, rng)}
 
 
 def sample(price_map: dict[str, Any], rng: random.Random) -> list[dict[str, Any]]:
     """`CALLS` calls to chat models: a quarter to those whose prices change past a prompt
     size or that price cache writes, the rest to any; then `AUDIO_CALLS` to those that
     price audio tokens, and `SERVED_CALLS` to those that price service tiers or one-hour
-    cache writes (half of them to entries with a `flex` tier). Each part is taken in turn
+    cache writes (half of them to entries with a `flex` tier), and `REGIONAL_CALLS` to those
+    with a regional uplift. Each part is taken in turn
     from each provider family of the map (so that Groq's or Cohere's few models count as
     much as Bedrock's hundreds)."""
     chat = {k: e for k, e in price_map.items() if isinstance(e, dict) and e.get("mode") ==
@@ -122,13 +145,15 @@ def sample(price_map: dict[str, Any], rng: random.Random) -> list[dict[str, Any]
                if thresholds(e) or "cache_creation_input_token_cost" in e}
     served = {k: e for k, e in chat.items() if service_tiers(e) or ONE_HOUR in e}
     flexible = {k: e for k, e in served.items() if "flex" in service_tiers(e)}
+    regional = {k: e for k, e in chat.items() if REGIONS & e.keys()}
     audio = {k: e for k, e in chat.items() if AUDIO_RATES & e.keys()}
     models = in_turn(special, CALLS // 4, rng) + in_turn(chat, CALLS - CALLS // 4, rng)
     usages = [usage_for(model, price_map[model], rng) for model in models]
     return usages + [usage_for(model, price_map[model], rng)
                      for model in [*in_turn(audio, AUDIO_CALLS, rng),
                                    *in_turn(served, SERVED_CALLS // 2, rng),
-                                   *in_turn(flexible, SERVED_CALLS // 2, rng)]]
+                                   *in_turn(flexible, SERVED_CALLS // 2, rng),
+                                   *in_turn(regional, REGIONAL_CALLS, rng)]]
 
 
 def in_turn(entries: dict[str, Any], count: int, rng: random.Random) -> list[str]:
@@ -183,6 +208,7 @@ def payload(call: Call) -> dict[str, Any]:
             "startTime": 1_760_000_000.0, "endTime": 1_760_000_001.0,
             "model": call.usage["model"], "model_group": call.usage["model"],
             "custom_llm_provider": call.answer["provider"],
+            **({"api_base": call.usage["api_base"]} if "api_base" in call.usage else {}),
             "prompt_tokens": call.usage["prompt"], "completion_tokens": call.usage["completion"],
             "response": {"usage": call.answer["usage"],
                          "service_tier": call.usage["service_tier"]},
@@ -249,3 +275,7 @@ def test_the_sample_spans_providers_and_every_kind_of_usage(
     served = Counter(c.usage["service_tier"] for c in compared)
     assert min(served[t] for t in ("flex", "priority", "fast")) >= 10, served
     assert sum(1 for c in compared if c.usage["cache_write_1h"]) >= 10
+    regions = Counter(c.usage.get("data_residency") or c.usage.get("vertex_location")
+                      for c in compared)
+    assert min(regions[r] for r in ("eu", "us")) >= 3, regions
+    assert sum(regions[r] for r in ("us-east5", "europe-west1")) >= 5, regions

@@ -246,7 +246,10 @@ def _cost(e: Event, price: Price, batch: bool) -> tuple[Cost, Cost, str]:
     images, gpt-4o-transcribe those of its audio): they are priced per unit only when
     the entry has no token rate for that side or the call reports no tokens for it.
     Searches are billed on top of tokens. A unit the entry has no price for makes its
-    side unknown; a batch call gets the entry's batch fractions on tokens and units."""
+    side unknown; a batch call gets the entry's batch fractions on tokens and units. A call
+    a service tier served takes that tier's rates; one processed in a region the entry
+    prices apart (OpenAI's data residency, a Vertex AI regional endpoint) has its token
+    costs multiplied by that region's uplift."""
     rates, tiers, ref = price.rates, price.tiers, price.ref
     if e.service_tier and (service := price.service_tier(e.service_tier)) is not None:
         name, served = service
@@ -255,6 +258,11 @@ def _cost(e: Event, price: Price, batch: bool) -> tuple[Cost, Cost, str]:
     if tiers and inp and (tier := tier_for(tiers, inp)) is not None:
         rates = tier.rates
         ref = f"{ref};above_{tier.above}"
+    uplift = 1.0
+    region = price.uplift(e.upstream, (e.attributes or {}).get("server.address"), e.endpoint)
+    if region is not None:
+        name, uplift = region
+        ref += f";{name}"
     scale_in = scale_out = 1.0
     if batch and (fractions := price.batch_fractions) is not None:
         scale_in, scale_out = fractions
@@ -263,7 +271,7 @@ def _cost(e: Event, price: Price, batch: bool) -> tuple[Cost, Cost, str]:
     # input: tokens, audio transcribed, characters synthesised, searches
     tokens_in: Cost = None
     if inp is not None:
-        tokens_in = _input_tokens(e, inp, rates) if price.tokens else _UNKNOWN
+        tokens_in = _input_tokens(e, inp, rates) * uplift if price.tokens else _UNKNOWN
     by_tokens = price.tokens and inp is not None and rates.input > 0
     media_in = [(e.audio_input_seconds, units.audio_input_second),
                 (e.characters, units.character)]
@@ -271,7 +279,7 @@ def _cost(e: Event, price: Price, batch: bool) -> tuple[Cost, Cost, str]:
     # output: tokens, images, audio synthesised, video
     tokens_out: Cost = None
     if out is not None:
-        tokens_out = _output_tokens(e, out, rates) if price.tokens else _UNKNOWN
+        tokens_out = _output_tokens(e, out, rates) * uplift if price.tokens else _UNKNOWN
     by_tokens = price.tokens and out is not None and rates.output > 0
     image = units.image_price(e.image_size, e.image_quality) if e.images else None
     media_out = [(e.images, image), (e.audio_output_seconds, units.audio_output_second),

@@ -22,6 +22,7 @@ from functools import cache
 from importlib import resources
 from pathlib import Path
 from typing import Any, Final, NamedTuple
+from urllib.parse import urlsplit
 
 import msgspec
 
@@ -96,6 +97,10 @@ class PriceSpec(msgspec.Struct, forbid_unknown_fields=True):
     tiers: list[TierSpec] = msgspec.field(default_factory=list)  # long-prompt prices
     # by service tier (flex, priority): the rates of a call that tier served
     service_tiers: dict[str, ServiceTierSpec] = msgspec.field(default_factory=dict)
+    # multipliers of a call's token costs: by region, for OpenAI's data residency
+    # (`eu.api.openai.com`: {eu: 1.1}); at a Vertex AI regional endpoint (not `global`)
+    data_residency: dict[str, float] = msgspec.field(default_factory=dict)  # by region (eu, us)
+    regional_endpoint: float | None = None  # a Vertex AI location other than `global`
     batch: float | None = None  # batch-API price as a fraction of the standard one (0.5)
     batch_output: float | None = None  # the output's own fraction, when not `batch`
     image: float | None = None  # USD per image generated, whatever its size and quality
@@ -132,6 +137,10 @@ class PriceSpec(msgspec.Struct, forbid_unknown_fields=True):
                                  f"got {fraction}")
         if any(t.above <= 0 for t in self.tiers):
             raise ValueError("a tier's `above` is a positive number of prompt tokens")
+        uplifts = [*self.data_residency.values(), self.regional_endpoint]
+        if any(u is not None and not 0 < u <= 10 for u in uplifts):
+            raise ValueError("data_residency and regional_endpoint are multipliers of the "
+                             "token costs in (0, 10] (1.1: 10% more)")
 
     def units(self) -> tuple[float | None, ...]:
         return (self.image, self.audio_input_minute, self.audio_output_minute, self.characters,
@@ -176,6 +185,11 @@ class ServiceTier:
 # it (LiteLLM's `fast` is billed as `priority`); `default`, `auto`, `standard`, `scale`
 # and the others are the standard rates.
 SERVICE_TIERS: Final = {"flex": "flex", "priority": "priority", "fast": "priority"}
+# OpenAI's regional hosts (projects with data residency must call them), by region
+_OPENAI_REGIONAL_HOSTS: Final = {"eu.api.openai.com": "eu", "us.api.openai.com": "us"}
+# A Vertex AI location: in the path called (`/locations/us-east5/`), or the host's
+_VERTEX_LOCATION: Final = re.compile(r"/locations/([^/]+)")
+_VERTEX_HOST: Final = re.compile(r"([a-z0-9-]+)-aiplatform\.googleapis\.com")
 
 
 def size_key(size: str) -> str:
@@ -251,6 +265,8 @@ class Price:
     rates: Rates
     tiers: tuple[Tier, ...] = ()  # ascending by `above`
     service_tiers: tuple[tuple[str, ServiceTier], ...] = ()  # by name: flex, priority
+    data_residency: tuple[tuple[str, float], ...] = ()  # token cost multipliers by region
+    regional_endpoint: float | None = None  # token cost multiplier off Vertex AI's global
     batch: float | None = None  # batch-API fraction of the input rates (and of the output's
     batch_output: float | None = None  # unless this one is given)
     units: Units | None = None  # what it bills besides tokens
@@ -271,6 +287,27 @@ class Price:
 
     def tier_for(self, prompt_tokens: int) -> Tier | None:
         return tier_for(self.tiers, prompt_tokens)
+
+    def uplift(self, *places: Any) -> tuple[str, float] | None:
+        """What a call's token costs are multiplied by where it was processed, and a name
+        for it: an OpenAI regional host (`eu.api.openai.com`: its `data_residency` region),
+        a Vertex AI regional endpoint (a location other than `global`). `places` are what
+        the event says of where the call went (URLs, hosts, the path called: its
+        `upstream`, `server.address`, `endpoint`). None: the standard price."""
+        if not (self.data_residency or self.regional_endpoint):
+            return None
+        for place in places:
+            if not isinstance(place, str) or not place:
+                continue
+            where = urlsplit(place if "://" in place or place[0] == "/" else f"//{place}")
+            host = (where.hostname or "").lower()
+            region = _OPENAI_REGIONAL_HOSTS.get(host)
+            if region and (multiplier := dict(self.data_residency).get(region)) is not None:
+                return region, multiplier
+            location = _VERTEX_LOCATION.search(where.path) or _VERTEX_HOST.fullmatch(host)
+            if self.regional_endpoint is not None and location and location[1] != "global":
+                return "regional", self.regional_endpoint
+        return None
 
     def service_tier(self, name: str | None) -> tuple[str, ServiceTier] | None:
         """The rates of the service tier called `name` (as a provider answers it), if the
@@ -306,7 +343,8 @@ def make_price(key: str, spec: PriceSpec, origin: str, source: str,
          for t in spec.tiers), key=lambda t: t.above))
     services = tuple(sorted((name, _service_tier(spec, service))
                             for name, service in spec.service_tiers.items()))
-    return Price(key, origin, source, spec.as_of or as_of, base, tiers, services, spec.batch,
+    return Price(key, origin, source, spec.as_of or as_of, base, tiers, services,
+                 tuple(sorted(spec.data_residency.items())), spec.regional_endpoint, spec.batch,
                  spec.batch_output, Units.of(spec, searches), spec.input is not None)
 
 
@@ -705,6 +743,10 @@ def _litellm_tokens(numbers: dict[str, float]) -> dict[str, Any]:
         name: {**rates, "tiers": _tier_list({above: r for above, r in tiers.get(name, {}).items()
                                              if above in thresholds})}
         for name, rates in services.items()}
+    fields["data_residency"] = {region: numbers[f"regional_processing_uplift_multiplier_{region}"]
+                                for region in _OPENAI_REGIONAL_HOSTS.values()
+                                if f"regional_processing_uplift_multiplier_{region}" in numbers}
+    fields["regional_endpoint"] = numbers.get("regional_endpoint_uplift_multiplier")
     fields["batch"] = _fraction(numbers.get("input_cost_per_token_batches"),
                                 numbers["input_cost_per_token"])
     fields["batch_output"] = _fraction(numbers.get("output_cost_per_token_batches"),

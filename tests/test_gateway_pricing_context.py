@@ -1,5 +1,7 @@
-"""The tier that served a call, from the openai SDK through the gateway to its price: the
-fake upstream answers the tier asked for (`flex`, `priority`) or `default`, as OpenAI does."""
+"""What a call's price depends on besides its tokens, from the openai SDK through the
+gateway to the cost processor: the tier that served it (the fake upstream answers the tier
+asked for, `flex` or `priority`, or `default`, as OpenAI does) and the host that processed
+it (`server.address`: OpenAI's regional hosts cost more)."""
 
 import pytest
 
@@ -61,3 +63,10 @@ async def test_a_responses_call_records_the_tier_that_served_it(fake):
         await client.responses.create(model="gpt-5", input="hello", service_tier="priority")
 
     assert (await first_event(fake, call)).service_tier == "priority"
+
+
+async def test_the_host_that_processed_a_call_is_its_server_address(fake):
+    async def call(client):
+        await client.embeddings.create(model="text-embedding-3-small", input="hello")
+
+    assert (await first_event(fake, call)).attributes["server.address"] == "127.0.0.1"
