@@ -377,7 +377,7 @@ def test_a_call_the_flex_tier_served_is_billed_at_its_rates(tmp_path: Path) -> N
     assert e.pricing_ref == "acme@config;flex"
 
 
-@pytest.mark.parametrize("served", ["priority", "fast", "PRIORITY"])
+@pytest.mark.parametrize("served", ["priority", "fast", "PRIORITY", "ON_DEMAND_PRIORITY"])
 def test_a_call_the_priority_tier_served_is_billed_at_its_rates(tmp_path: Path,
                                                                 served: str) -> None:
     e = priced(tmp_path, {"prices": TIERED}, request_model="acme", service_tier=served,
@@ -386,7 +386,8 @@ def test_a_call_the_priority_tier_served_is_billed_at_its_rates(tmp_path: Path,
     assert e.pricing_ref == "acme@config;priority"
 
 
-@pytest.mark.parametrize("served", ["default", "standard", "auto", "scale", "unheard-of"])
+@pytest.mark.parametrize("served", ["default", "standard", "auto", "scale", "ON_DEMAND",
+                                    "unheard-of"])
 def test_a_call_a_tier_without_prices_of_its_own_served_is_billed_at_the_standard_rates(
         tmp_path: Path, served: str) -> None:
     e = priced(tmp_path, {"prices": TIERED}, request_model="acme", service_tier=served,

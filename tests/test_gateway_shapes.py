@@ -236,3 +236,12 @@ def test_an_anthropic_answer_records_its_one_hour_cache_writes_and_tier():
                                      event, capture=False)
     assert (event.input_tokens, event.cache_creation_tokens, event.cache_creation_1h_tokens,
             event.service_tier) == (3010, 3000, 2000, "priority")
+
+
+def test_a_gemini_answer_records_its_traffic_type_as_the_tier_that_served_it():
+    path = "/v1beta/models/gemini-3-pro:generateContent"
+    event = Event(endpoint=path)
+    shape_for(path).read_response({"usageMetadata": {
+        "promptTokenCount": 7, "candidatesTokenCount": 3, "trafficType": "ON_DEMAND_PRIORITY"}},
+        event, capture=False)
+    assert event.service_tier == "ON_DEMAND_PRIORITY"

@@ -44,6 +44,9 @@ def read_usage(usage: dict[str, Any], event: Event) -> None:
     event.cache_read_tokens = as_int(usage.get("cachedContentTokenCount"))
     event.audio_input_tokens = _modality(usage.get("promptTokensDetails"), "AUDIO")
     event.audio_output_tokens = _modality(usage.get("candidatesTokensDetails"), "AUDIO")
+    traffic = usage.get("trafficType")  # ON_DEMAND, ON_DEMAND_PRIORITY, FLEX...: the tier
+    if isinstance(traffic, str) and traffic:
+        event.service_tier = traffic
 
 
 def _modality(details: Any, modality: str) -> int | None:

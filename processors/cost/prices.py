@@ -182,9 +182,11 @@ class ServiceTier:
 
 
 # What a provider answers as the tier that served a call, to the price table's name of
-# it (LiteLLM's `fast` is billed as `priority`); `default`, `auto`, `standard`, `scale`
-# and the others are the standard rates.
-SERVICE_TIERS: Final = {"flex": "flex", "priority": "priority", "fast": "priority"}
+# it (LiteLLM's `fast` is billed as `priority`; Gemini's `trafficType` as LiteLLM reads
+# it); `default`, `auto`, `standard`, `scale`, `on_demand` and the others are the standard
+# rates.
+SERVICE_TIERS: Final = {"flex": "flex", "priority": "priority", "fast": "priority",
+                        "on_demand_priority": "priority", "on_demand_flex": "flex"}
 # OpenAI's regional hosts (projects with data residency must call them), by region
 _OPENAI_REGIONAL_HOSTS: Final = {"eu.api.openai.com": "eu", "us.api.openai.com": "us"}
 # A Vertex AI location: in the path called (`/locations/us-east5/`), or the host's
