@@ -458,6 +458,7 @@ def test_a_call_to_a_vertex_ai_regional_endpoint_costs_its_uplift_more(
     {"endpoint": "/v1/projects/p/locations/global/publishers/google/models/acme:predict"},
     {"attributes": {"server.address": "aiplatform.googleapis.com"}},
     {"upstream": "openai-eu"},  # a gateway upstream's name says nothing of its host
+    {"upstream": "http://[::1", "attributes": {"server.address": 7}},  # (no URL, no host)
 ])
 def test_a_call_processed_globally_costs_the_standard_price(
         tmp_path: Path, where: dict[str, Any]) -> None:

@@ -18,7 +18,7 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass, field
-from functools import cache
+from functools import cache, lru_cache
 from importlib import resources
 from pathlib import Path
 from typing import Any, Final, NamedTuple
@@ -301,13 +301,10 @@ class Price:
         for place in places:
             if not isinstance(place, str) or not place:
                 continue
-            where = urlsplit(place if "://" in place or place[0] == "/" else f"//{place}")
-            host = (where.hostname or "").lower()
-            region = _OPENAI_REGIONAL_HOSTS.get(host)
+            region, regional = _processed_at(place)
             if region and (multiplier := dict(self.data_residency).get(region)) is not None:
                 return region, multiplier
-            location = _VERTEX_LOCATION.search(where.path) or _VERTEX_HOST.fullmatch(host)
-            if self.regional_endpoint is not None and location and location[1] != "global":
+            if regional and self.regional_endpoint is not None:
                 return "regional", self.regional_endpoint
         return None
 
@@ -316,6 +313,20 @@ class Price:
         entry prices it apart."""
         wanted = SERVICE_TIERS.get(name.strip().lower()) if name else None
         return next(((n, t) for n, t in self.service_tiers if n == wanted), None)
+
+
+@lru_cache(maxsize=1024)  # (a daemon's upstreams, hosts and paths repeat)
+def _processed_at(place: str) -> tuple[str | None, bool]:
+    """Where a URL, host or path says a call was processed: the OpenAI data-residency
+    region of its host (or None), and whether it names a Vertex AI location other than
+    `global`."""
+    try:
+        where = urlsplit(place if "://" in place or place[0] == "/" else f"//{place}")
+    except ValueError:  # ("http://[::1": a source's value, not a URL)
+        return None, False
+    host = (where.hostname or "").lower()
+    location = _VERTEX_LOCATION.search(where.path) or _VERTEX_HOST.fullmatch(host)
+    return _OPENAI_REGIONAL_HOSTS.get(host), bool(location and location[1] != "global")
 
 
 def tier_for(tiers: tuple[Tier, ...], prompt_tokens: int) -> Tier | None:
