@@ -497,6 +497,16 @@ def test_litellm_service_tier_and_one_hour_cache_rates_are_read(tmp_path: Path) 
     assert written.cost_input_usd == pytest.approx((400 * 2 + 400 * 2.5 + 200 * 4) / 1e6)
 
 
+def test_a_litellm_entry_out_of_range_is_refused_naming_it(tmp_path: Path) -> None:
+    prices = tmp_path / "model_prices_and_context_window.json"
+    prices.write_text(json.dumps({"acme-1": {
+        "litellm_provider": "openai", "input_cost_per_token": 1e-06,
+        "regional_processing_uplift_multiplier_eu": 0}}))
+    with pytest.raises(ValueError, match=r"model_prices_and_context_window\.json: acme-1: "
+                                         r"data_residency and regional_endpoint are multipliers"):
+        processor(tmp_path, price_files=[str(prices)])
+
+
 def test_litellm_price_file_overrides_the_bundled_entry(tmp_path: Path) -> None:
     e = priced(tmp_path, {"price_files": [LITELLM_FILE]}, request_model="gpt-4o",
                input_tokens=1000, output_tokens=1000)

@@ -704,7 +704,10 @@ def litellm_layer(data: Any, origin: str) -> Layer:
         model = _model_of(key, raw_provider, provider)
         _keep(specs, (provider, model), _Found(f"{origin}: {key}", fields, named=model != key))
     for (provider, model), found in specs.items():
-        spec = msgspec.convert(found.fields, PriceSpec)
+        try:
+            spec = msgspec.convert(found.fields, PriceSpec)
+        except msgspec.ValidationError as e:  # (a price out of range: name the entry)
+            raise ValueError(f"{found.where}: {e}") from None
         ref = f"{provider}/{model}" if provider else model
         layer.add(provider, model, make_price(ref, spec, origin, spec.source or found.where,
                                               None))
