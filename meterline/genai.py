@@ -241,6 +241,10 @@ INFERENCE_EVENT: Final = "gen_ai.client.inference.operation.details"
 # Set (true) on the span of a call whose duration was not reported: a span must end, so
 # it ends where it starts, and this says that its 0 ms is no measure.
 DURATION_UNKNOWN: Final = "meterline.duration_unknown"
+# Where Anthropic ran a call (`attributes`: its `usage.inference_geo`, `us` or `global`):
+# US-only inference is billed more (the price entry's `data_residency`).
+INFERENCE_GEO: Final = "anthropic.inference_geo"
+
 # How the upstream was chosen (`attributes`): by the path's prefix or the default
 # upstream (the gateway's), or by a router's heuristic, semantic or classifier method
 # (seed 001's; other gateways report them). Other values (any source may set the

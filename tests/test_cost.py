@@ -65,6 +65,18 @@ REAL_CALLS = [
              attributes={"server.address": "eu.api.openai.com"}),
         1000 * 2.5 * 1.1 / 1e6, 200 * 15 * 1.1 / 1e6, "openai/gpt-5.4@bundled;eu",
         id="openai-gpt-5.4-eu-data-residency"),
+    pytest.param(  # Claude Opus 4.6 run in the US only: 10% more on every token ($5, $25)
+        dict(provider="anthropic", request_model="claude-opus-4-6", input_tokens=1000,
+             cache_read_tokens=400, output_tokens=200,
+             attributes={"anthropic.inference_geo": "us"}),
+        (600 * 5 + 400 * 0.5) * 1.1 / 1e6, 200 * 25 * 1.1 / 1e6,
+        "anthropic/claude-opus-4-6@bundled;us", id="anthropic-opus-4.6-us-only-inference"),
+    pytest.param(  # the same call run anywhere: the standard price
+        dict(provider="anthropic", request_model="claude-opus-4-6", input_tokens=1000,
+             cache_read_tokens=400, output_tokens=200,
+             attributes={"anthropic.inference_geo": "global"}),
+        (600 * 5 + 400 * 0.5) / 1e6, 200 * 25 / 1e6, "anthropic/claude-opus-4-6@bundled",
+        id="anthropic-opus-4.6-global-inference"),
     pytest.param(  # o3: $2 in, $8 out; its 4,000 reasoning tokens are output tokens
         dict(provider="openai", request_model="o3", input_tokens=2000, output_tokens=5000,
              reasoning_tokens=4000),

@@ -225,9 +225,10 @@ def test_a_responses_stream_records_the_tier_of_its_final_response():
     assert (event.service_tier, event.input_tokens) == ("flex", 10)
 
 
-def test_an_anthropic_answer_records_its_one_hour_cache_writes_and_tier():
+def test_an_anthropic_answer_records_its_one_hour_cache_writes_tier_and_geography():
     usage = AnthropicUsage(input_tokens=10, output_tokens=5, cache_creation_input_tokens=3000,
                            cache_read_input_tokens=0, service_tier="priority",
+                           inference_geo="us",
                            cache_creation=CacheCreation(ephemeral_1h_input_tokens=2000,
                                                         ephemeral_5m_input_tokens=1000))
     event = Event()
@@ -236,6 +237,7 @@ def test_an_anthropic_answer_records_its_one_hour_cache_writes_and_tier():
                                      event, capture=False)
     assert (event.input_tokens, event.cache_creation_tokens, event.cache_creation_1h_tokens,
             event.service_tier) == (3010, 3000, 2000, "priority")
+    assert event.attributes == {"anthropic.inference_geo": "us"}
 
 
 def test_a_gemini_answer_records_its_traffic_type_as_the_tier_that_served_it():

@@ -22,8 +22,10 @@ from meterline.gateway.shapes.base import (
     StreamReader,
     assistant_message,
     read_model_and_id,
+    set_attribute,
     text_of,
 )
+from meterline.genai import INFERENCE_GEO
 from meterline.lenient import as_dict, as_int
 
 _encoder = msgspec.json.Encoder()
@@ -32,8 +34,8 @@ _encoder = msgspec.json.Encoder()
 class Usage:
     """Anthropic's counts, merged as they arrive, written as the event's."""
 
-    __slots__ = ("cache_creation", "cache_creation_1h", "cache_read", "input", "output",
-                 "service_tier", "web_searches")
+    __slots__ = ("cache_creation", "cache_creation_1h", "cache_read", "inference_geo",
+                 "input", "output", "service_tier", "web_searches")
 
     def __init__(self) -> None:
         self.input: int | None = None
@@ -43,6 +45,7 @@ class Usage:
         self.cache_creation_1h: int | None = None  # written for an hour (`ttl: 1h`)
         self.web_searches: int | None = None  # the web search tool's requests
         self.service_tier: str | None = None  # standard, priority, batch
+        self.inference_geo: str | None = None  # where it ran: us, global
 
     def merge(self, usage: dict[str, Any]) -> None:
         for attr, key in (("input", "input_tokens"), ("output", "output_tokens"),
@@ -60,6 +63,8 @@ class Usage:
             self.cache_creation_1h = for_an_hour
         if isinstance(tier := usage.get("service_tier"), str) and tier:
             self.service_tier = tier
+        if isinstance(geo := usage.get("inference_geo"), str) and geo:
+            self.inference_geo = geo
 
     def write(self, event: Event) -> None:
         counts = [c for c in (self.input, self.cache_read, self.cache_creation) if c is not None]
@@ -70,6 +75,8 @@ class Usage:
         event.cache_creation_1h_tokens = self.cache_creation_1h
         event.search_queries = self.web_searches
         event.service_tier = self.service_tier
+        if self.inference_geo is not None:
+            set_attribute(event, INFERENCE_GEO, self.inference_geo)
 
 
 class Messages(Shape):

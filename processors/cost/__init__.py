@@ -41,6 +41,7 @@ import msgspec
 
 from meterline.component import Config, Context, Factory, Processor
 from meterline.event import Event
+from meterline.genai import INFERENCE_GEO
 from meterline.processors.cost.prices import (
     NO_UNITS,
     Layer,
@@ -259,7 +260,9 @@ def _cost(e: Event, price: Price, batch: bool) -> tuple[Cost, Cost, str]:
         rates = tier.rates
         ref = f"{ref};above_{tier.above}"
     uplift = 1.0
-    region = price.uplift(e.upstream, (e.attributes or {}).get("server.address"), e.endpoint)
+    attributes = e.attributes or {}
+    region = price.uplift(attributes.get(INFERENCE_GEO), e.upstream,
+                          attributes.get("server.address"), e.endpoint)
     if region is not None:
         name, uplift = region
         ref += f";{name}"

@@ -290,14 +290,19 @@ class Price:
     def tier_for(self, prompt_tokens: int) -> Tier | None:
         return tier_for(self.tiers, prompt_tokens)
 
-    def uplift(self, *places: Any) -> tuple[str, float] | None:
+    def uplift(self, region: Any, *places: Any) -> tuple[str, float] | None:
         """What a call's token costs are multiplied by where it was processed, and a name
-        for it: an OpenAI regional host (`eu.api.openai.com`: its `data_residency` region),
-        a Vertex AI regional endpoint (a location other than `global`). `places` are what
-        the event says of where the call went (URLs, hosts, the path called: its
-        `upstream`, `server.address`, `endpoint`). None: the standard price."""
+        for it: the `data_residency` region the provider said it ran in (`region`:
+        Anthropic's `inference_geo`, `us`) or that an OpenAI regional host says
+        (`eu.api.openai.com`), a Vertex AI regional endpoint (a location other than
+        `global`). `places` are what the event says of where the call went (URLs, hosts,
+        the path called: its `upstream`, `server.address`, `endpoint`). None: the
+        standard price."""
         if not (self.data_residency or self.regional_endpoint):
             return None
+        if isinstance(region, str) and (multiplier := dict(self.data_residency).get(
+                region.lower())) is not None:
+            return region.lower(), multiplier
         for place in places:
             if not isinstance(place, str) or not place:
                 continue
