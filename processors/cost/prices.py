@@ -287,9 +287,6 @@ class Price:
         """What the event's `pricing_ref` says (refined by `Priced.ref`)."""
         return f"{self.key}@{self.origin}"
 
-    def tier_for(self, prompt_tokens: int) -> Tier | None:
-        return tier_for(self.tiers, prompt_tokens)
-
     def uplift(self, region: Any, *places: Any) -> tuple[str, float] | None:
         """What a call's token costs are multiplied by where it was processed, and a name
         for it: the `data_residency` region the provider said it ran in (`region`:
@@ -300,18 +297,20 @@ class Price:
         standard price."""
         if not (self.data_residency or self.regional_endpoint):
             return None
-        if isinstance(region, str) and (multiplier := dict(self.data_residency).get(
-                region.lower())) is not None:
-            return region.lower(), multiplier
+        if isinstance(region, str) and (found := self._residency(region.lower())):
+            return found
         for place in places:
             if not isinstance(place, str) or not place:
                 continue
-            region, regional = _processed_at(place)
-            if region and (multiplier := dict(self.data_residency).get(region)) is not None:
-                return region, multiplier
+            host_region, regional = _processed_at(place)
+            if host_region and (found := self._residency(host_region)):
+                return found
             if regional and self.regional_endpoint is not None:
                 return "regional", self.regional_endpoint
         return None
+
+    def _residency(self, region: str) -> tuple[str, float] | None:
+        return next(((r, m) for r, m in self.data_residency if r == region), None)
 
     def service_tier(self, name: str | None) -> tuple[str, ServiceTier] | None:
         """The rates of the service tier called `name` (as a provider answers it), if the
@@ -764,9 +763,10 @@ def _litellm_tokens(numbers: dict[str, float]) -> dict[str, Any]:
         name: {**rates, "tiers": _tier_list({above: r for above, r in tiers.get(name, {}).items()
                                              if above in thresholds})}
         for name, rates in services.items()}
-    fields["data_residency"] = {region: numbers[f"regional_processing_uplift_multiplier_{region}"]
-                                for region in _OPENAI_REGIONAL_HOSTS.values()
-                                if f"regional_processing_uplift_multiplier_{region}" in numbers}
+    uplifts = {region: f"regional_processing_uplift_multiplier_{region}"
+               for region in _OPENAI_REGIONAL_HOSTS.values()}
+    fields["data_residency"] = {region: numbers[key] for region, key in uplifts.items()
+                                if key in numbers}
     fields["regional_endpoint"] = numbers.get("regional_endpoint_uplift_multiplier")
     fields["batch"] = _fraction(numbers.get("input_cost_per_token_batches"),
                                 numbers["input_cost_per_token"])
