@@ -55,6 +55,7 @@ from meterline.exporters.clickhouse.config import ClickHouseConfig
 from meterline.exporters.clickhouse.connection import (
     chdb_path,
     classify,
+    drop_start_up_pages,
     endpoint_of,
     insert_settings,
     is_row_error,
@@ -141,10 +142,13 @@ class ClickHouseExporter(Exporter):
                     self.log.info("schema changed", statement=statement.splitlines()[0])
             # A second client for reads (what tests and benches ask of the tables), so that
             # a long query never holds up an insert.
-            return writer, Reader(open_client(self.config, self.context.data_dir), self.schema)
+            reader = Reader(open_client(self.config, self.context.data_dir), self.schema)
         except Exception:
             writer.close()
             raise
+        if self._embedded is not None:
+            self.log.debug("chDB's start-up pages dropped", bytes=drop_start_up_pages())
+        return writer, reader
 
     # --- export --------------------------------------------------------------------
     async def export(self, batch: ExportBatch) -> None:
