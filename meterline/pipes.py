@@ -1,11 +1,12 @@
 """Frames between the event loop and a worker process, on a pipe each way.
 
 Framed as `multiprocessing.Connection` frames them, so that the worker, which may block,
-reads and writes with one. The loop writes through an asyncio pipe transport (buffered:
-a big batch never blocks it) and reads through `FrameReader`: no thread stands between
-the loop and the workers. `concurrent.futures.ProcessPoolExecutor` put two (a feeder,
-a manager) and a pipe and a futex wake-up each on every batch's way: 695-800 us of the
-main process's CPU per round trip of a single-event batch, against 165-190 this way.
+reads and writes with one over its ends (plain file descriptors it inherits). The loop
+writes through an asyncio pipe transport (buffered: a big batch never blocks it) and
+reads through `FrameReader`: no thread stands between the loop and the workers.
+`concurrent.futures.ProcessPoolExecutor` put two (a feeder, a manager) and a pipe and a
+futex wake-up each on every batch's way: 695-800 us of the main process's CPU per round
+trip of a single-event batch, against 165-190 this way.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import fcntl
 import os
 import struct
 from collections.abc import Callable
-from multiprocessing.connection import Connection
 from typing import Any
 
 _LENGTH = struct.Struct("!i")
@@ -31,21 +31,19 @@ def header(size: int) -> bytes:
     return _LENGTH.pack(size)
 
 
-def as_file(connection: Connection, mode: str) -> Any:
+def as_file(fd: int, mode: str) -> Any:
     """A pipe's end as a file, for an asyncio pipe transport (which owns it from then)."""
-    fd = os.dup(connection.fileno())
-    connection.close()
     return os.fdopen(fd, mode, buffering=0)
 
 
-def widen(connection: Connection) -> None:
+def widen(fd: int) -> None:
     """Give a pipe room for a batch of about a megabyte, so that it crosses in a few
     writes rather than in 64 KiB ones that each wait for the other side to read (batches
     of 1,000 events through the workers: 4.8-5.8 us of the main process's CPU an event
     against 7.1-7.8, 37,000-50,000 events/s against 34,000-38,000). Linux; up to
     `/proc/sys/fs/pipe-max-size`, 1 MiB by default."""
     with contextlib.suppress(OSError, AttributeError):
-        fcntl.fcntl(connection.fileno(), fcntl.F_SETPIPE_SZ, _PIPE_BYTES)
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, _PIPE_BYTES)
 
 
 class FrameReader(asyncio.Protocol):

@@ -28,14 +28,15 @@ import asyncio
 import atexit
 import contextlib
 import gc
+import json
 import os
 import pickle
 import signal
+import subprocess
+import sys
 from collections import deque
 from dataclasses import dataclass, field
-from multiprocessing import get_context
 from multiprocessing.connection import Connection
-from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
@@ -80,23 +81,41 @@ class _WorkerDied(Exception):
     pass
 
 
-_unreaped: set[BaseProcess] = set()  # workers started and not yet joined
+_unreaped: set[subprocess.Popen[bytes]] = set()  # workers started and not yet waited for
 
 
 @atexit.register
 def _kill_unreaped() -> None:
     """Kill the workers of a pool that was not shut down (a start that failed half way, a
-    program that exits without `shutdown`): they wait for requests on an open pipe, and
-    multiprocessing's own exit handler, which runs after this one, would wait for them."""
+    program that exits without `shutdown`): they would wait for requests on an open pipe
+    until the process that holds it exits."""
     for process in list(_unreaped):
         with contextlib.suppress(Exception):
             process.kill()
 
 
+# A worker is `python -c` this, with the daemon's `sys.path` (as multiprocessing's `spawn`
+# passes it) and its ends of the two pipes. Not `multiprocessing`: its `spawn` imports the
+# daemon's main module again in each worker (the CLI, with aiohttp, gRPC's and the
+# OpenTelemetry SDK's modules: 12 MB of each worker's memory) and starts a resource
+# tracker process (12 MB more), which tracks shared memory and semaphores we do not use.
+_ENTRY = ("import json, sys; sys.path[:] = json.loads(sys.argv[1]); "
+          "from meterline.workers import serve; serve(sys.argv[2:])")
+
+
+def _wait(process: subprocess.Popen[bytes], timeout: float) -> bool:
+    """Wait for `process` to exit, at most `timeout` seconds: whether it did."""
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        return False
+    return True
+
+
 class _Handle:
     """One worker process, and the requests it has not answered yet (it answers in order)."""
 
-    def __init__(self, pool: ProcessorPool, process: BaseProcess,
+    def __init__(self, pool: ProcessorPool, process: subprocess.Popen[bytes],
                  requests: asyncio.WriteTransport) -> None:
         self.pool = pool
         self.process = process
@@ -168,23 +187,28 @@ class ProcessorPool:
             await asyncio.gather(*(self._run(handle, [], []) for handle in self._handles))
         except Backpressure:
             await self.shutdown()
-            raise RuntimeError(
-                "a processing worker exited while starting (its error is logged above; a "
-                "program that runs a Service itself must guard its entry point with "
-                "`if __name__ == '__main__':`)") from None
+            raise RuntimeError("a processing worker exited while starting (its error is "
+                               "logged above)") from None
 
     async def _spawn(self) -> None:
-        context = get_context("spawn")
-        requests_in, requests_out = context.Pipe(duplex=False)
-        results_in, results_out = context.Pipe(duplex=False)
+        requests_in, requests_out = os.pipe()
+        results_in, results_out = os.pipe()
         for end in (requests_in, results_in):
             pipes.widen(end)
-        process = context.Process(target=_serve, name="meterline-worker", daemon=True,
-                                  args=(requests_in, results_out, *self._worker_settings))
-        process.start()
+        nice, log_level, log_encoding = self._worker_settings
+        try:
+            process = subprocess.Popen(
+                [sys.executable, "-c", _ENTRY, json.dumps(sys.path), str(requests_in),
+                 str(results_out), str(nice), log_level, log_encoding],
+                stdin=subprocess.DEVNULL, pass_fds=(requests_in, results_out))
+        except BaseException:
+            os.close(requests_out)
+            os.close(results_in)
+            raise
+        finally:  # the worker's ends: its exit closes the results pipe
+            os.close(requests_in)
+            os.close(results_out)
         _unreaped.add(process)
-        requests_in.close()  # the worker's ends: its exit closes the results pipe
-        results_out.close()
         loop = asyncio.get_running_loop()
         requests, _ = await loop.connect_write_pipe(asyncio.Protocol,
                                                     pipes.as_file(requests_out, "wb"))
@@ -205,12 +229,12 @@ class ProcessorPool:
         task.add_done_callback(self._replacing.discard)
 
     async def _replace(self, handle: _Handle) -> None:
-        await asyncio.to_thread(handle.process.join, 10)
-        _unreaped.discard(handle.process)
+        if await asyncio.to_thread(_wait, handle.process, 10):
+            _unreaped.discard(handle.process)
         if self._closing:
             return
         self.log.error("a processing worker died; starting another",
-                       exitcode=handle.process.exitcode)
+                       exitcode=handle.process.returncode)
         self.restarts += 1
         try:
             await self._spawn()
@@ -247,8 +271,7 @@ class ProcessorPool:
 
     def pids(self) -> list[int]:
         """The worker processes now running (for tests and status)."""
-        return [h.process.pid for h in self._handles
-                if h.process.pid is not None and h.process.is_alive()]
+        return [h.process.pid for h in self._handles if h.process.poll() is None]
 
     async def shutdown(self) -> None:
         """Close the workers' request pipes (each exits once it has answered what it has),
@@ -259,10 +282,9 @@ class ProcessorPool:
         for handle in handles:
             handle.requests.close()
         for handle in handles:
-            await asyncio.to_thread(handle.process.join, 10)
-            if handle.process.is_alive():
+            if not await asyncio.to_thread(_wait, handle.process, 10):
                 handle.process.kill()
-                await asyncio.to_thread(handle.process.join, 5)
+                await asyncio.to_thread(_wait, handle.process, 5)
             _unreaped.discard(handle.process)
 
 
@@ -384,6 +406,14 @@ def _process(generation: int, plan: bytes, names: list[str],
     _worker.adopt(generation, plan)
     results = _worker.run(names, packed)
     return results, _worker.telemetry.meter.drain()
+
+
+def serve(argv: list[str]) -> None:
+    """A worker process (`_ENTRY`): its arguments are the file descriptors of its ends of
+    the two pipes, and its CPU priority and logging."""
+    requests, results, nice, log_level, log_encoding = argv
+    _serve(Connection(int(requests), writable=False), Connection(int(results), readable=False),
+           int(nice), log_level, log_encoding)
 
 
 def _serve(requests: Connection, results: Connection, nice: int, log_level: str,
