@@ -14,7 +14,7 @@ from meterline import config as config_mod
 from meterline.cli import main
 from meterline.config import convert
 from meterline.event import Event
-from meterline.genai import provider_name
+from meterline.genai import INFERENCE_GEO, provider_name
 from meterline.processors.cost import CostConfig, CostProcessor
 from meterline.processors.cost.prices import bundled
 from tests.helpers import FIXTURES, make_context, make_event, metric_value
@@ -541,6 +541,23 @@ def litellm_map(tmp_path: Path, entries: dict[str, dict[str, Any]]) -> dict[str,
     path = tmp_path / "model_prices_and_context_window.json"
     path.write_text(json.dumps(entries))
     return {"price_files": [str(path)], "bundled": False}
+
+
+def test_a_litellm_entrys_price_by_where_anthropic_ran_the_call_is_read(tmp_path: Path) -> None:
+    # LiteLLM keeps Anthropic's US-only inference uplift under `provider_specific_entry`,
+    # beside Anthropic's fast mode (a speed, no place) and values that are no price
+    config = litellm_map(tmp_path, {"claude-x": {
+        "litellm_provider": "anthropic", "mode": "chat", "input_cost_per_token": 5e-06,
+        "output_cost_per_token": 2.5e-05,
+        "provider_specific_entry": {"us": 1.1, "fast": 2.0, "schema": "v2"}}})
+    usage = {"provider": "anthropic", "request_model": "claude-x", "input_tokens": 1000,
+             "output_tokens": 100}
+    us = priced(tmp_path, config, attributes={INFERENCE_GEO: "us"}, **usage)
+    assert us.cost_usd == pytest.approx((1000 * 5 + 100 * 25) / 1e6 * 1.1)
+    assert us.pricing_ref == "anthropic/claude-x@model_prices_and_context_window.json;us"
+    for place in ("global", "fast", "schema"):
+        e = priced(tmp_path, config, attributes={INFERENCE_GEO: place}, **usage)
+        assert e.cost_usd == pytest.approx((1000 * 5 + 100 * 25) / 1e6), place
 
 
 def test_litellm_bedrock_mantle_prices_are_not_bedrock_ones(tmp_path: Path) -> None:

@@ -7,8 +7,8 @@ cost calculation"). A seeded sample of calls to the chat models of LiteLLM's own
 one inside the `litellm` package, `LITELLM_LOCAL_MODEL_COST_MAP`: never downloaded),
 across its providers, with prompts at and past the `_above_Nk_tokens` and
 `tiered_pricing` thresholds, cache reads and writes (some kept for an hour), reasoning and
-audio tokens, served by the standard, `flex` or `priority` tier, in a data-residency region
-or at a Vertex AI regional endpoint, is priced twice:
+audio tokens, served by the standard, `flex` or `priority` tier, in a data-residency region,
+at a Vertex AI regional endpoint or where Anthropic says it ran them, is priced twice:
 
 - by LiteLLM 1.100.5 (`cost_per_token` with the usage object its responses carry), for
   the whole sample in one process of its own virtual environment (tests/litellm_costs.py);
@@ -59,10 +59,20 @@ REGIONS = ("regional_processing_uplift_multiplier_eu", "regional_processing_upli
            "regional_endpoint_uplift_multiplier")
 
 
+def geos(entry: dict[str, Any]) -> list[str]:
+    """The places an entry prices apart by where the provider says it ran a call (its
+    `provider_specific_entry`: Anthropic's `inference_geo`; `fast` is a speed)."""
+    specific = entry.get("provider_specific_entry") or {}
+    return [k for k, v in specific.items() if k != "fast" and isinstance(v, int | float)]
+
+
 def where_served(entry: dict[str, Any], rng: random.Random) -> dict[str, Any]:
     """Where a call to `entry` was processed: an OpenAI regional host (the LiteLLM payload's
-    `api_base`, LiteLLM's `data_residency`) or a Vertex AI location, when the entry prices
-    one apart (half the time); else nowhere in particular."""
+    `api_base`, LiteLLM's `data_residency`), a Vertex AI location or where Anthropic ran it
+    (its usage's `inference_geo`, `global` included), when the entry prices one apart (half
+    the time); else nowhere in particular."""
+    if (places := geos(entry)) and rng.random() < 0.5:  # (in Anthropic's form of usage)
+        return {"inference_geo": rng.choice([*places, "global"]), "form": "anthropic"}
     regions = [r for r in ("eu", "us") if f"regional_processing_uplift_multiplier_{r}" in entry]
     if regions and rng.random() < 0.5:
         region = rng.choice(regions)
@@ -145,7 +155,7 @@ def sample(price_map: dict[str, Any], rng: random.Random) -> list[dict[str, Any]
                if thresholds(e) or "cache_creation_input_token_cost" in e}
     served = {k: e for k, e in chat.items() if service_tiers(e) or ONE_HOUR in e}
     flexible = {k: e for k, e in served.items() if "flex" in service_tiers(e)}
-    regional = {k: e for k, e in chat.items() if REGIONS & e.keys()}
+    regional = {k: e for k, e in chat.items() if REGIONS & e.keys() or geos(e)}
     audio = {k: e for k, e in chat.items() if AUDIO_RATES & e.keys()}
     models = in_turn(special, CALLS // 4, rng) + in_turn(chat, CALLS - CALLS // 4, rng)
     usages = [usage_for(model, price_map[model], rng) for model in models]
@@ -278,4 +288,6 @@ def test_the_sample_spans_providers_and_every_kind_of_usage(
     regions = Counter(c.usage.get("data_residency") or c.usage.get("vertex_location")
                       for c in compared)
     assert min(regions[r] for r in ("eu", "us")) >= 3, regions
+    geo = Counter(c.usage.get("inference_geo") for c in compared)
+    assert geo["us"] >= 3 and geo["global"] >= 1, geo
     assert sum(regions[r] for r in ("us-east5", "europe-west1")) >= 5, regions

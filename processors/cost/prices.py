@@ -703,6 +703,8 @@ def litellm_layer(data: Any, origin: str) -> Layer:
             fields.update(_litellm_tokens(numbers))
         if not fields:
             continue
+        if geo := _litellm_geo(entry.get("provider_specific_entry")):
+            fields["data_residency"] = {**geo, **fields.get("data_residency", {})}
         if isinstance(entry.get("source"), str):
             fields["source"] = entry["source"]
         model = _model_of(key, raw_provider, provider)
@@ -773,6 +775,17 @@ def _litellm_tokens(numbers: dict[str, float]) -> dict[str, Any]:
     fields["batch_output"] = _fraction(numbers.get("output_cost_per_token_batches"),
                                        numbers.get("output_cost_per_token"))
     return fields
+
+
+def _litellm_geo(specific: Any) -> dict[str, float]:
+    """The multipliers of LiteLLM's `provider_specific_entry` by the region a provider says
+    it ran a call in (Anthropic's `usage.inference_geo`: `{us: 1.1}`), as LiteLLM applies
+    them to the token costs. Its `fast` is Anthropic's fast mode, a speed and no place; its
+    other values that are no number (`bedrock_invocation_schema`) are no price."""
+    if not isinstance(specific, dict):
+        return {}
+    return {str(key).lower(): float(value) for key, value in specific.items()
+            if key != "fast" and isinstance(value, int | float) and not isinstance(value, bool)}
 
 
 def _tier_list(tiers: dict[int, dict[str, float]]) -> list[dict[str, Any]]:

@@ -42,7 +42,12 @@ import math
 from typing import Any
 
 from meterline.event import API_KEY_ID_CHARS, Event, Guardrail, GuardrailStage, uuid7
-from meterline.genai import error_type_for_name, error_type_for_status, provider_name
+from meterline.genai import (
+    INFERENCE_GEO,
+    error_type_for_name,
+    error_type_for_status,
+    provider_name,
+)
 from meterline.lenient import as_dict, as_float, as_int, as_list, as_messages, as_metadata
 from meterline.receivers.decoders.errors import DecodeError
 
@@ -110,6 +115,8 @@ def decode(item: dict[str, Any]) -> Event:
         "litellm.spend_logs_metadata": spend_metadata if any(
             not isinstance(v, str) for v in spend_metadata.values() if v is not None) else None,
         "user_agent.original": item.get("user_agent") or None,
+        # where Anthropic ran the call (`us`: billed more), as its usage said
+        INFERENCE_GEO: _text(usage.get("inference_geo")),
     }.items() if v is not None}
     response_model = _text(response.get("model"))
     headers = as_dict(as_dict(item.get("hidden_params")).get("additional_headers"))
