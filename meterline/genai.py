@@ -244,6 +244,9 @@ DURATION_UNKNOWN: Final = "meterline.duration_unknown"
 # Where Anthropic ran a call (`attributes`: its `usage.inference_geo`, `us` or `global`):
 # US-only inference is billed more (the price entry's `data_residency`).
 INFERENCE_GEO: Final = "anthropic.inference_geo"
+# How fast Anthropic ran a call (`attributes`: its `usage.speed`, `fast` or `standard`):
+# fast mode is billed at a multiple of the standard rates (the price entry's `speeds`).
+SPEED: Final = "anthropic.speed"
 
 # How the upstream was chosen (`attributes`): by the path's prefix or the default
 # upstream (the gateway's), or by a router's heuristic, semantic or classifier method

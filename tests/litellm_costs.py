@@ -5,16 +5,16 @@ meterline's tests (LiteLLM is not installed beside meterline).
 Reads a JSON array of calls on standard input, each `{"model": KEY, "form": F,
 "prompt": N, "completion": N, "cache_read": N, "cache_write": N, "reasoning": N,
 "audio_in": N, "audio_out": N, "cache_write_1h": N, "service_tier": T,
-"data_residency": R, "vertex_location": L, "inference_geo": G}` (KEY a key of LiteLLM's
-price map, F the form of its usage object, see `usage`; `cache_write_1h` the written
-tokens kept for an hour, T the tier that served the call, R the OpenAI region that
-processed it, L the Vertex AI location that served it, G where Anthropic says it ran the
-call, its usage's `inference_geo`, each or null; `prompt` includes the cached, written
-and audio tokens, `completion` the reasoning and audio ones, as LiteLLM's `Usage` counts
-them), and writes one JSON array back, one answer per call: the provider LiteLLM routes
-the model to, the entry its cost calculation reads, the usage as LiteLLM's logging
-payload carries it (`response.usage`) and `cost_per_token`'s (input, output) cost in
-USD; or the error LiteLLM raised.
+"data_residency": R, "vertex_location": L, "inference_geo": G, "speed": S}` (KEY a key
+of LiteLLM's price map, F the form of its usage object, see `usage`; `cache_write_1h` the
+written tokens kept for an hour, T the tier that served the call, R the OpenAI region
+that processed it, L the Vertex AI location that served it, G where Anthropic says it ran
+the call and S how fast, its usage's `inference_geo` and `speed`, each or null; `prompt`
+includes the cached, written and audio tokens, `completion` the reasoning and audio ones,
+as LiteLLM's `Usage` counts them), and writes one JSON array back, one answer per call:
+the provider LiteLLM routes the model to, the entry its cost calculation reads, the usage
+as LiteLLM's logging payload carries it (`response.usage`) and `cost_per_token`'s (input,
+output) cost in USD; or the error LiteLLM raised.
 """
 
 from __future__ import annotations
@@ -65,7 +65,8 @@ def usage(call: dict[str, Any]) -> Usage:
             text_tokens=prompt - read - written - audio_in,
             cache_creation_token_details=split),
         cache_read_input_tokens=read, cache_creation_input_tokens=written,
-        completion_tokens_details=completion_details, inference_geo=call.get("inference_geo"))
+        completion_tokens_details=completion_details, inference_geo=call.get("inference_geo"),
+        speed=call.get("speed"))
 
 
 def provider_of(model: str) -> str:

@@ -14,7 +14,7 @@ from meterline import config as config_mod
 from meterline.cli import main
 from meterline.config import convert
 from meterline.event import Event
-from meterline.genai import INFERENCE_GEO, provider_name
+from meterline.genai import INFERENCE_GEO, SPEED, provider_name
 from meterline.processors.cost import CostConfig, CostProcessor
 from meterline.processors.cost.prices import bundled
 from tests.helpers import FIXTURES, make_context, make_event, metric_value
@@ -77,6 +77,17 @@ REAL_CALLS = [
              attributes={"anthropic.inference_geo": "global"}),
         (600 * 5 + 400 * 0.5) / 1e6, 200 * 25 / 1e6, "anthropic/claude-opus-4-6@bundled",
         id="anthropic-opus-4.6-global-inference"),
+    pytest.param(  # Claude Opus 5 in fast mode, in the US: twice the price, and 10% more
+        dict(provider="anthropic", request_model="claude-opus-5", input_tokens=1000,
+             output_tokens=200,
+             attributes={"anthropic.speed": "fast", "anthropic.inference_geo": "us"}),
+        1000 * 5 * 2 * 1.1 / 1e6, 200 * 25 * 2 * 1.1 / 1e6,
+        "anthropic/claude-opus-5@bundled;us;fast", id="anthropic-opus-5-fast-mode-us"),
+    pytest.param(  # the same call at the standard speed: the standard price
+        dict(provider="anthropic", request_model="claude-opus-5", input_tokens=1000,
+             output_tokens=200, attributes={"anthropic.speed": "standard"}),
+        1000 * 5 / 1e6, 200 * 25 / 1e6, "anthropic/claude-opus-5@bundled",
+        id="anthropic-opus-5-standard-speed"),
     pytest.param(  # o3: $2 in, $8 out; its 4,000 reasoning tokens are output tokens
         dict(provider="openai", request_model="o3", input_tokens=2000, output_tokens=5000,
              reasoning_tokens=4000),
@@ -479,6 +490,11 @@ def test_a_call_processed_globally_costs_the_standard_price(
     assert (e.cost_input_usd, e.pricing_ref) == (pytest.approx(1000 * 2.0 / 1e6), "acme@config")
 
 
+def test_a_speed_multiple_of_0_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"speeds are multipliers of the token costs"):
+        processor(tmp_path, prices={"acme": {"input": 1.0, "speeds": {"fast": 0}}})
+
+
 def test_a_regional_uplift_of_0_is_refused(tmp_path: Path) -> None:
     with pytest.raises(msgspec.ValidationError, match="multipliers of the token costs"):
         processor(tmp_path, prices={"acme": {"input": 1.0, "data_residency": {"eu": 0}}})
@@ -543,9 +559,10 @@ def litellm_map(tmp_path: Path, entries: dict[str, dict[str, Any]]) -> dict[str,
     return {"price_files": [str(path)], "bundled": False}
 
 
-def test_a_litellm_entrys_price_by_where_anthropic_ran_the_call_is_read(tmp_path: Path) -> None:
-    # LiteLLM keeps Anthropic's US-only inference uplift under `provider_specific_entry`,
-    # beside Anthropic's fast mode (a speed, no place) and values that are no price
+def test_a_litellm_entrys_prices_by_where_and_how_fast_anthropic_ran_a_call_are_read(
+        tmp_path: Path) -> None:
+    # LiteLLM keeps Anthropic's US-only inference uplift and its fast mode's multiple under
+    # `provider_specific_entry`, beside values that are no price
     config = litellm_map(tmp_path, {"claude-x": {
         "litellm_provider": "anthropic", "mode": "chat", "input_cost_per_token": 5e-06,
         "output_cost_per_token": 2.5e-05,
@@ -558,6 +575,8 @@ def test_a_litellm_entrys_price_by_where_anthropic_ran_the_call_is_read(tmp_path
     for place in ("global", "fast", "schema"):
         e = priced(tmp_path, config, attributes={INFERENCE_GEO: place}, **usage)
         assert e.cost_usd == pytest.approx((1000 * 5 + 100 * 25) / 1e6), place
+    fast = priced(tmp_path, config, attributes={SPEED: "fast"}, **usage)
+    assert fast.cost_usd == pytest.approx((1000 * 5 + 100 * 25) / 1e6 * 2)
 
 
 def test_litellm_bedrock_mantle_prices_are_not_bedrock_ones(tmp_path: Path) -> None:
@@ -702,6 +721,19 @@ def test_pricing_command_shows_the_service_tiers_rates(capsys: pytest.CaptureFix
     assert main(["pricing", "gpt-5", "--provider", "openai", "--json"]) == 0
     tiers = msgspec.json.decode(capsys.readouterr().out)["service_tiers"]
     assert (tiers["flex"]["input"], tiers["priority"]["output"]) == (0.625, 20.0)
+
+
+def test_pricing_command_shows_what_multiplies_the_token_costs(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # the bundled table alone
+    assert main(["pricing", "claude-opus-5", "--provider", "anthropic"]) == 0
+    assert ("  token costs multiplied: processed in us x1.1, at a Vertex AI regional endpoint "
+            "x1.1, run at fast speed x2\n") in capsys.readouterr().out
+    assert main(["pricing", "claude-opus-5", "--provider", "anthropic", "--json"]) == 0
+    shown = msgspec.json.decode(capsys.readouterr().out)
+    assert (shown["data_residency"], shown["regional_endpoint"], shown["speeds"]) == (
+        {"us": 1.1}, 1.1, {"fast": 2.0})
 
 
 def test_pricing_command_names_the_provider_wide_entry_and_why(

@@ -240,6 +240,15 @@ def test_an_anthropic_answer_records_its_one_hour_cache_writes_tier_and_geograph
     assert event.attributes == {"anthropic.inference_geo": "us"}
 
 
+def test_an_anthropic_answer_records_the_speed_it_ran_at():
+    usage = AnthropicUsage(input_tokens=10, output_tokens=5, speed="fast")
+    event = Event()
+    anthropic.MESSAGES.read_response({"model": "claude-opus-5", "content": [],
+                                      "usage": usage.model_dump(mode="json")},
+                                     event, capture=False)
+    assert event.attributes == {"anthropic.speed": "fast"}
+
+
 def test_a_gemini_answer_records_its_traffic_type_as_the_tier_that_served_it():
     path = "/v1beta/models/gemini-3-pro:generateContent"
     event = Event(endpoint=path)

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from meterline.event import api_key_id
-from meterline.genai import INFERENCE_GEO
+from meterline.genai import INFERENCE_GEO, SPEED
 from meterline.processors.cost.prices import PriceTable, bundled
 from meterline.receivers.decoders import decode_item
 from tests.helpers import FIXTURES
@@ -244,13 +244,14 @@ def test_audio_tokens_of_the_prompt_and_answer_are_counted():
         1200, 1000, 900, 750)
 
 
-def test_where_anthropic_ran_the_call_is_read_from_its_usage():
+def test_where_and_how_fast_anthropic_ran_the_call_are_read_from_its_usage():
     item = copy.deepcopy(ALIAS)
     item["response"]["usage"] = {"prompt_tokens": 50, "completion_tokens": 10,
-                                 "inference_geo": "us"}  # LiteLLM's usage of Anthropic's
-    assert decode_item(item).attributes[INFERENCE_GEO] == "us"
-    item["response"]["usage"]["inference_geo"] = None
-    assert INFERENCE_GEO not in decode_item(item).attributes
+                                 "inference_geo": "us", "speed": "fast"}  # (Anthropic's)
+    attributes = decode_item(item).attributes
+    assert (attributes[INFERENCE_GEO], attributes[SPEED]) == ("us", "fast")
+    item["response"]["usage"] |= {"inference_geo": None, "speed": None}
+    assert not {INFERENCE_GEO, SPEED} & decode_item(item).attributes.keys()
 
 
 def test_the_tier_that_served_the_call_and_its_one_hour_cache_writes_are_read():

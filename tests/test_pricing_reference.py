@@ -8,7 +8,8 @@ one inside the `litellm` package, `LITELLM_LOCAL_MODEL_COST_MAP`: never download
 across its providers, with prompts at and past the `_above_Nk_tokens` and
 `tiered_pricing` thresholds, cache reads and writes (some kept for an hour), reasoning and
 audio tokens, served by the standard, `flex` or `priority` tier, in a data-residency region,
-at a Vertex AI regional endpoint or where Anthropic says it ran them, is priced twice:
+at a Vertex AI regional endpoint or where Anthropic says it ran them, in Anthropic's fast
+mode or not, is priced twice:
 
 - by LiteLLM 1.100.5 (`cost_per_token` with the usage object its responses carry), for
   the whole sample in one process of its own virtual environment (tests/litellm_costs.py);
@@ -48,6 +49,7 @@ CALLS = 400
 AUDIO_CALLS = 40
 SERVED_CALLS = 120  # to entries with service tiers or one-hour cache writes
 REGIONAL_CALLS = 40  # to entries with a regional uplift
+FAST_CALLS = 12  # to entries that price Anthropic's fast mode
 SCRIPT = Path(__file__).with_name("litellm_costs.py")
 KINDS = ("cache_read", "cache_write", "reasoning", "audio_in", "audio_out")
 AUDIO_RATES = frozenset({"input_cost_per_audio_token", "output_cost_per_audio_token"})
@@ -64,6 +66,11 @@ def geos(entry: dict[str, Any]) -> list[str]:
     `provider_specific_entry`: Anthropic's `inference_geo`; `fast` is a speed)."""
     specific = entry.get("provider_specific_entry") or {}
     return [k for k, v in specific.items() if k != "fast" and isinstance(v, int | float)]
+
+
+def fast_mode(entry: dict[str, Any]) -> bool:
+    """Whether an entry prices Anthropic's fast mode (`provider_specific_entry.fast`)."""
+    return isinstance((entry.get("provider_specific_entry") or {}).get("fast"), int | float)
 
 
 def where_served(entry: dict[str, Any], rng: random.Random) -> dict[str, Any]:
@@ -134,21 +141,24 @@ def usage_for(model: str, entry: dict[str, Any], rng: random.Random) -> dict[str
     tier = rng.choice(tiers) if tiers and rng.random() < 0.8 else None
     if tier == "priority" and rng.random() < 0.3:
         tier = "fast"  # (billed as priority)
-    return {"model": model, "form": "anthropic" if for_an_hour else rng.choice(
+    call = {"model": model, "form": "anthropic" if for_an_hour else rng.choice(
                 ["anthropic", "openai"]), "prompt": prompt,
             "completion": completion, "cache_read": read, "cache_write": written,
             "reasoning": reasoning, "audio_in": audio_in, "audio_out": audio_out,
             "cache_write_1h": for_an_hour, "service_tier": tier, **where_served(entry, rng)}
+    if fast_mode(entry):  # (in Anthropic's form of usage)
+        call |= {"speed": rng.choice(["fast", "fast", "standard"]), "form": "anthropic"}
+    return call
 
 
 def sample(price_map: dict[str, Any], rng: random.Random) -> list[dict[str, Any]]:
     """`CALLS` calls to chat models: a quarter to those whose prices change past a prompt
     size or that price cache writes, the rest to any; then `AUDIO_CALLS` to those that
     price audio tokens, and `SERVED_CALLS` to those that price service tiers or one-hour
-    cache writes (half of them to entries with a `flex` tier), and `REGIONAL_CALLS` to those
-    with a regional uplift. Each part is taken in turn
-    from each provider family of the map (so that Groq's or Cohere's few models count as
-    much as Bedrock's hundreds)."""
+    cache writes (half of them to entries with a `flex` tier), `REGIONAL_CALLS` to those
+    with a regional uplift and `FAST_CALLS` to those that price Anthropic's fast mode. Each
+    part but the last is taken in turn from each provider family of the map (so that Groq's
+    or Cohere's few models count as much as Bedrock's hundreds)."""
     chat = {k: e for k, e in price_map.items() if isinstance(e, dict) and e.get("mode") ==
             "chat" and ("input_cost_per_token" in e or e.get("tiered_pricing"))}
     special = {k: e for k, e in chat.items()
@@ -157,13 +167,15 @@ def sample(price_map: dict[str, Any], rng: random.Random) -> list[dict[str, Any]
     flexible = {k: e for k, e in served.items() if "flex" in service_tiers(e)}
     regional = {k: e for k, e in chat.items() if REGIONS & e.keys() or geos(e)}
     audio = {k: e for k, e in chat.items() if AUDIO_RATES & e.keys()}
+    fast = sorted(k for k, e in chat.items() if fast_mode(e))
     models = in_turn(special, CALLS // 4, rng) + in_turn(chat, CALLS - CALLS // 4, rng)
     usages = [usage_for(model, price_map[model], rng) for model in models]
     return usages + [usage_for(model, price_map[model], rng)
                      for model in [*in_turn(audio, AUDIO_CALLS, rng),
                                    *in_turn(served, SERVED_CALLS // 2, rng),
                                    *in_turn(flexible, SERVED_CALLS // 2, rng),
-                                   *in_turn(regional, REGIONAL_CALLS, rng)]]
+                                   *in_turn(regional, REGIONAL_CALLS, rng),
+                                   *(rng.choice(fast) for _ in range(FAST_CALLS))]]
 
 
 def in_turn(entries: dict[str, Any], count: int, rng: random.Random) -> list[str]:
@@ -290,4 +302,6 @@ def test_the_sample_spans_providers_and_every_kind_of_usage(
     assert min(regions[r] for r in ("eu", "us")) >= 3, regions
     geo = Counter(c.usage.get("inference_geo") for c in compared)
     assert geo["us"] >= 3 and geo["global"] >= 1, geo
+    speeds = Counter(c.usage.get("speed") for c in compared)
+    assert speeds["fast"] >= 5 and speeds["standard"] >= 1, speeds
     assert sum(regions[r] for r in ("us-east5", "europe-west1")) >= 5, regions

@@ -25,7 +25,7 @@ from meterline.gateway.shapes.base import (
     set_attribute,
     text_of,
 )
-from meterline.genai import INFERENCE_GEO
+from meterline.genai import INFERENCE_GEO, SPEED
 from meterline.lenient import as_dict, as_int
 
 _encoder = msgspec.json.Encoder()
@@ -35,7 +35,7 @@ class Usage:
     """Anthropic's counts, merged as they arrive, written as the event's."""
 
     __slots__ = ("cache_creation", "cache_creation_1h", "cache_read", "inference_geo",
-                 "input", "output", "service_tier", "web_searches")
+                 "input", "output", "service_tier", "speed", "web_searches")
 
     def __init__(self) -> None:
         self.input: int | None = None
@@ -46,6 +46,7 @@ class Usage:
         self.web_searches: int | None = None  # the web search tool's requests
         self.service_tier: str | None = None  # standard, priority, batch
         self.inference_geo: str | None = None  # where it ran: us, global
+        self.speed: str | None = None  # fast mode or standard
 
     def merge(self, usage: dict[str, Any]) -> None:
         for attr, key in (("input", "input_tokens"), ("output", "output_tokens"),
@@ -65,6 +66,8 @@ class Usage:
             self.service_tier = tier
         if isinstance(geo := usage.get("inference_geo"), str) and geo:
             self.inference_geo = geo
+        if isinstance(speed := usage.get("speed"), str) and speed:
+            self.speed = speed
 
     def write(self, event: Event) -> None:
         counts = [c for c in (self.input, self.cache_read, self.cache_creation) if c is not None]
@@ -77,6 +80,8 @@ class Usage:
         event.service_tier = self.service_tier
         if self.inference_geo is not None:
             set_attribute(event, INFERENCE_GEO, self.inference_geo)
+        if self.speed is not None:
+            set_attribute(event, SPEED, self.speed)
 
 
 class Messages(Shape):

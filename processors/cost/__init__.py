@@ -41,7 +41,7 @@ import msgspec
 
 from meterline.component import Config, Context, Factory, Processor
 from meterline.event import Event
-from meterline.genai import INFERENCE_GEO
+from meterline.genai import INFERENCE_GEO, SPEED
 from meterline.processors.cost.prices import (
     NO_UNITS,
     Layer,
@@ -250,7 +250,8 @@ def _cost(e: Event, price: Price, batch: bool) -> tuple[Cost, Cost, str]:
     side unknown; a batch call gets the entry's batch fractions on tokens and units. A call
     a service tier served takes that tier's rates; one processed in a region the entry
     prices apart (OpenAI's data residency, a Vertex AI regional endpoint) has its token
-    costs multiplied by that region's uplift."""
+    costs multiplied by that region's uplift, and one run at a speed it prices apart
+    (Anthropic's fast mode) by that speed's multiple."""
     rates, tiers, ref = price.rates, price.tiers, price.ref
     if e.service_tier and (service := price.service_tier(e.service_tier)) is not None:
         name, served = service
@@ -265,6 +266,10 @@ def _cost(e: Event, price: Price, batch: bool) -> tuple[Cost, Cost, str]:
                           attributes.get("server.address"), e.endpoint)
     if region is not None:
         name, uplift = region
+        ref += f";{name}"
+    if (speed := price.speed(attributes.get(SPEED))) is not None:
+        name, multiple = speed
+        uplift *= multiple
         ref += f";{name}"
     scale_in = scale_out = 1.0
     if batch and (fractions := price.batch_fractions) is not None:

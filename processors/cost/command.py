@@ -151,6 +151,8 @@ def _as_text(found: Resolution, provider: str | None, origin: str) -> str:
         lines.append(f"  served by the {name} tier: {_rate_line(service.rates)}")
         lines += [f"    above {tier.above:,} prompt tokens: {_rate_line(tier.rates)}"
                   for tier in service.tiers]
+    if multiples := _multiples(price):
+        lines.append(f"  token costs multiplied: {', '.join(multiples)}")
     if (fractions := price.batch_fractions) is not None:
         inp, out = fractions
         share = f"{inp:.0%}" if inp == out else f"input {inp:.0%}, output {out:.0%}"
@@ -165,6 +167,14 @@ def _as_text(found: Resolution, provider: str | None, origin: str) -> str:
     return "\n".join(lines)
 
 
+def _multiples(price: Price) -> list[str]:
+    """What multiplies a call's token costs: where it was processed, how fast it ran."""
+    return [*(f"processed in {region} x{m:g}" for region, m in price.data_residency),
+            *([f"at a Vertex AI regional endpoint x{price.regional_endpoint:g}"]
+              if price.regional_endpoint is not None else []),
+            *(f"run at {speed} speed x{m:g}" for speed, m in price.speeds)]
+
+
 def _as_dict(found: Resolution, provider: str | None, origin: str) -> dict[str, object]:
     price = found.price
     assert price is not None
@@ -177,6 +187,9 @@ def _as_dict(found: Resolution, provider: str | None, origin: str) -> dict[str, 
         "service_tiers": {name: {**s.rates._asdict(), "tiers": [
             {"above": t.above, **t.rates._asdict()} for t in s.tiers]}
             for name, s in price.service_tiers},
+        "data_residency": dict(price.data_residency),
+        "regional_endpoint": price.regional_endpoint,
+        "speeds": dict(price.speeds),
         "batch": price.batch,
         "batch_output": price.batch_output,
         "units_usd": price.units.as_spec() if price.units is not None else {},

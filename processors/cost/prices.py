@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from functools import cache, lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Any, Final, NamedTuple
+from typing import Any, Final, NamedTuple, TypeGuard
 from urllib.parse import urlsplit
 
 import msgspec
@@ -101,6 +101,9 @@ class PriceSpec(msgspec.Struct, forbid_unknown_fields=True):
     # (`eu.api.openai.com`: {eu: 1.1}); at a Vertex AI regional endpoint (not `global`)
     data_residency: dict[str, float] = msgspec.field(default_factory=dict)  # by region (eu, us)
     regional_endpoint: float | None = None  # a Vertex AI location other than `global`
+    # multipliers of a call's token costs by the speed it ran at (Anthropic's fast mode:
+    # {fast: 2}); the standard speed is the standard price
+    speeds: dict[str, float] = msgspec.field(default_factory=dict)
     batch: float | None = None  # batch-API price as a fraction of the standard one (0.5)
     batch_output: float | None = None  # the output's own fraction, when not `batch`
     image: float | None = None  # USD per image generated, whatever its size and quality
@@ -141,6 +144,9 @@ class PriceSpec(msgspec.Struct, forbid_unknown_fields=True):
         if any(u is not None and not 0 < u <= 10 for u in uplifts):
             raise ValueError("data_residency and regional_endpoint are multipliers of the "
                              "token costs in (0, 10] (1.1: 10% more)")
+        if any(not 0 < m <= 10 for m in self.speeds.values()):
+            raise ValueError("speeds are multipliers of the token costs in (0, 10] (2: twice "
+                             "the standard price)")
 
     def units(self) -> tuple[float | None, ...]:
         return (self.image, self.audio_input_minute, self.audio_output_minute, self.characters,
@@ -273,6 +279,7 @@ class Price:
     batch_output: float | None = None  # unless this one is given)
     units: Units | None = None  # what it bills besides tokens
     tokens: bool = True  # it bills tokens (false: an entry of unit prices only)
+    speeds: tuple[tuple[str, float], ...] = ()  # token cost multipliers by speed (fast)
 
     @property
     def batch_fractions(self) -> tuple[float, float] | None:
@@ -311,6 +318,15 @@ class Price:
 
     def _residency(self, region: str) -> tuple[str, float] | None:
         return next(((r, m) for r, m in self.data_residency if r == region), None)
+
+    def speed(self, name: Any) -> tuple[str, float] | None:
+        """What a call's token costs are multiplied by for the speed it ran at (`name`, as
+        the provider answered it: Anthropic's `usage.speed`), and its name; None: the
+        standard price."""
+        if not self.speeds or not isinstance(name, str):
+            return None
+        wanted = name.strip().lower()
+        return next(((s, m) for s, m in self.speeds if s == wanted), None)
 
     def service_tier(self, name: str | None) -> tuple[str, ServiceTier] | None:
         """The rates of the service tier called `name` (as a provider answers it), if the
@@ -362,7 +378,8 @@ def make_price(key: str, spec: PriceSpec, origin: str, source: str,
                             for name, service in spec.service_tiers.items()))
     return Price(key, origin, source, spec.as_of or as_of, base, tiers, services,
                  tuple(sorted(spec.data_residency.items())), spec.regional_endpoint, spec.batch,
-                 spec.batch_output, Units.of(spec, searches), spec.input is not None)
+                 spec.batch_output, Units.of(spec, searches), spec.input is not None,
+                 tuple(sorted(spec.speeds.items())))
 
 
 def _service_tier(spec: PriceSpec, service: ServiceTierSpec) -> ServiceTier:
@@ -703,8 +720,11 @@ def litellm_layer(data: Any, origin: str) -> Layer:
             fields.update(_litellm_tokens(numbers))
         if not fields:
             continue
-        if geo := _litellm_geo(entry.get("provider_specific_entry")):
+        specific = entry.get("provider_specific_entry")
+        if geo := _litellm_geo(specific):
             fields["data_residency"] = {**geo, **fields.get("data_residency", {})}
+        if isinstance(specific, dict) and _is_number(fast := specific.get("fast")):
+            fields["speeds"] = {"fast": float(fast)}
         if isinstance(entry.get("source"), str):
             fields["source"] = entry["source"]
         model = _model_of(key, raw_provider, provider)
@@ -785,7 +805,11 @@ def _litellm_geo(specific: Any) -> dict[str, float]:
     if not isinstance(specific, dict):
         return {}
     return {str(key).lower(): float(value) for key, value in specific.items()
-            if key != "fast" and isinstance(value, int | float) and not isinstance(value, bool)}
+            if key != "fast" and _is_number(value)}
+
+
+def _is_number(value: Any) -> TypeGuard[float]:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _tier_list(tiers: dict[int, dict[str, float]]) -> list[dict[str, Any]]:

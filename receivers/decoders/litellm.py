@@ -44,6 +44,7 @@ from typing import Any
 from meterline.event import API_KEY_ID_CHARS, Event, Guardrail, GuardrailStage, uuid7
 from meterline.genai import (
     INFERENCE_GEO,
+    SPEED,
     error_type_for_name,
     error_type_for_status,
     provider_name,
@@ -115,8 +116,10 @@ def decode(item: dict[str, Any]) -> Event:
         "litellm.spend_logs_metadata": spend_metadata if any(
             not isinstance(v, str) for v in spend_metadata.values() if v is not None) else None,
         "user_agent.original": item.get("user_agent") or None,
-        # where Anthropic ran the call (`us`: billed more), as its usage said
+        # where and how fast Anthropic ran the call (`us`, `fast`: billed more), as its
+        # usage said
         INFERENCE_GEO: _text(usage.get("inference_geo")),
+        SPEED: _text(usage.get("speed")),
     }.items() if v is not None}
     response_model = _text(response.get("model"))
     headers = as_dict(as_dict(item.get("hidden_params")).get("additional_headers"))
