@@ -501,9 +501,40 @@ def test_a_regional_uplift_of_0_is_refused(tmp_path: Path) -> None:
 
 
 def test_a_negative_service_tier_rate_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(msgspec.ValidationError, match="must not be negative"):
+    with pytest.raises(msgspec.ValidationError, match="must be finite numbers, not negative"):
         processor(tmp_path, prices={"acme": {"input": 1.0, "service_tiers": {
             "flex": {"input": -1.0}}}})
+
+
+@pytest.mark.parametrize("text", ["1e400", "1" + "0" * 400, "NaN", "-Infinity"])
+def test_a_litellm_price_that_is_no_finite_number_is_refused_naming_the_entry(
+        tmp_path: Path, text: str) -> None:
+    prices = tmp_path / "model_prices_and_context_window.json"
+    prices.write_text('{"acme-1": {"litellm_provider": "openai", "mode": "chat", '
+                      f'"input_cost_per_token": {text}, "output_cost_per_token": 1e-06}}}}')
+    with pytest.raises(ValueError, match=r"model_prices_and_context_window\.json: acme-1: "
+                                         r"prices must be finite numbers, not negative"):
+        processor(tmp_path, price_files=[str(prices)])
+
+
+@pytest.mark.parametrize("text", ["1e400", "1" + "0" * 400, "NaN"])
+def test_a_litellm_regional_or_speed_multiple_that_is_no_finite_number_is_refused(
+        tmp_path: Path, text: str) -> None:
+    prices = tmp_path / "model_prices_and_context_window.json"
+    for specific in (f'{{"us": {text}}}', f'{{"fast": {text}}}'):
+        prices.write_text('{"acme-1": {"litellm_provider": "anthropic", "mode": "chat", '
+                          '"input_cost_per_token": 1e-06, '
+                          f'"provider_specific_entry": {specific}}}}}')
+        with pytest.raises(ValueError, match=r"acme-1: (data_residency and regional_endpoint|"
+                                             r"speeds) are multipliers"):
+            processor(tmp_path, price_files=[str(prices)])
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+def test_a_configured_price_that_is_no_finite_number_is_refused(
+        tmp_path: Path, value: float) -> None:
+    with pytest.raises(ValueError, match="prices must be finite numbers, not negative"):
+        processor(tmp_path, prices={"acme": {"input": value}})
 
 
 def test_litellm_service_tier_and_one_hour_cache_rates_are_read(tmp_path: Path) -> None:
@@ -684,7 +715,7 @@ service: {{pipelines: {{p: {{receivers: [webhook], processors: [cost], exporters
 
 
 def test_negative_price_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(msgspec.ValidationError, match="must not be negative"):
+    with pytest.raises(msgspec.ValidationError, match="must be finite numbers, not negative"):
         convert({"prices": {"x": {"input": -1, "output": 1}}}, CostConfig)
 
 
@@ -789,5 +820,5 @@ service: {pipelines: {p: {receivers: [webhook], processors: [cost], exporters: [
 """
     with pytest.raises(config_mod.ConfigError) as e:
         config_mod.loads(text, "pipeline.yaml")
-    assert str(e.value) == ("pipeline.yaml:7: processors.cost.prices.broken: prices must not "
-                            "be negative")
+    assert str(e.value) == ("pipeline.yaml:7: processors.cost.prices.broken: prices must be "
+                            "finite numbers, not negative")

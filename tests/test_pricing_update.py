@@ -138,10 +138,16 @@ def test_pricing_update_dry_run_writes_nothing(
     ('{\n  "m-ok": {"input_cost_per_token": 1e-06},\n  "m-bad": [1, 2]\n}',
      "new.json:3: m-bad: expected an object, got list"),
     ('{\n  "m": {\n    "litellm_provider": "openai",\n    "output_cost_per_token": "cheap"\n'
-     '  }\n}', "new.json:4: m.output_cost_per_token: expected a non-negative number, got "
-               "'cheap'"),
+     '  }\n}', "new.json:4: m.output_cost_per_token: expected a finite non-negative "
+               "number, got 'cheap'"),
     ('{"m": {"input_cost_per_token": -1e-06}}',
-     "new.json:1: m.input_cost_per_token: expected a non-negative number"),
+     "new.json:1: m.input_cost_per_token: expected a finite non-negative number"),
+    ('{"m": {"input_cost_per_token": 1e400}}',
+     "new.json:1: m.input_cost_per_token: expected a finite non-negative number, got inf"),
+    ('{"m": {"input_cost_per_token": NaN}}',
+     "new.json:1: m.input_cost_per_token: expected a finite non-negative number, got nan"),
+    ('{"m": {"input_cost_per_token": 1' + "0" * 400 + '}}',
+     "new.json:1: m.input_cost_per_token: expected a finite non-negative number, got 1000"),
 ])
 def test_pricing_update_refuses_a_malformed_map_naming_the_line_and_key(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, message: str) -> None:

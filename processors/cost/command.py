@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -254,7 +255,8 @@ def _data_dir(path: str | None) -> str:
 
 def read_map(path: Path) -> dict[str, Any]:
     """A LiteLLM price map, checked: a JSON object of objects whose prices (`*cost*`
-    keys) are non-negative numbers (or objects of them: `search_context_cost_per_query`)."""
+    keys) are finite non-negative numbers (or objects of them:
+    `search_context_cost_per_query`)."""
     text = path.read_text(encoding="utf-8")
     try:
         data = json.loads(text)
@@ -272,14 +274,19 @@ def read_map(path: Path) -> dict[str, Any]:
         for field, value in entry.items():
             if "cost" in field and not _is_price(value):
                 raise Malformed(f"{path}:{_line(text, key, field)}: {key}.{field}: expected "
-                                f"a non-negative number, got {value!r}")
+                                f"a finite non-negative number, got {value!r}")
     return data
 
 
 def _is_price(value: Any) -> bool:
     if isinstance(value, dict):
         return all(_is_price(v) for v in value.values())
-    return isinstance(value, int | float) and not isinstance(value, bool) and value >= 0
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return False
+    try:
+        return 0 <= float(value) < math.inf  # (NaN, infinity and 1e400 are no price)
+    except OverflowError:  # an integer too large for a float
+        return False
 
 
 def _line(text: str, key: str, field: str | None = None) -> int:

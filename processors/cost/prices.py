@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from functools import cache, lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Any, Final, NamedTuple, TypeGuard
+from typing import Any, Final, NamedTuple
 from urllib.parse import urlsplit
 
 import msgspec
@@ -127,8 +128,8 @@ class PriceSpec(msgspec.Struct, forbid_unknown_fields=True):
         for tier in [*self.tiers, *(t for s in self.service_tiers.values() for t in s.tiers)]:
             rates += [tier.input, tier.output, tier.cache_read, tier.cache_write, tier.reasoning,
                       tier.cache_write_1h]
-        if any(r is not None and r < 0 for r in rates):
-            raise ValueError("prices must not be negative")
+        if any(r is not None and not (0 <= r < math.inf) for r in rates):
+            raise ValueError("prices must be finite numbers, not negative")
         if self.input is None and not self.images and all(u is None for u in self.units()):
             raise ValueError("an entry gives `input` (USD per 1M tokens) or a unit price "
                              "(image, images, audio_input_minute, audio_output_minute, "
@@ -650,8 +651,18 @@ _LITELLM_PIXELS = re.compile(r"^(?:(?P<quality>[a-z]+)/)?(?P<w>\d+)-x-(?P<h>\d+)
 
 
 def _numbers(entry: dict[str, Any]) -> dict[str, float]:
-    return {f: v for f, v in entry.items() if isinstance(v, int | float)
-            and not isinstance(v, bool)}
+    return {f: n for f, v in entry.items() if (n := _number(v)) is not None}
+
+
+def _number(value: Any) -> float | None:
+    """A JSON number as a float (an integer too large for one: infinite, which the checks
+    of `PriceSpec` refuse, naming the entry); None for anything else."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return None
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf
 
 
 def _litellm_units(entry: dict[str, Any], numbers: dict[str, float]) -> dict[str, Any]:
@@ -723,8 +734,8 @@ def litellm_layer(data: Any, origin: str) -> Layer:
         specific = entry.get("provider_specific_entry")
         if geo := _litellm_geo(specific):
             fields["data_residency"] = {**geo, **fields.get("data_residency", {})}
-        if isinstance(specific, dict) and _is_number(fast := specific.get("fast")):
-            fields["speeds"] = {"fast": float(fast)}
+        if isinstance(specific, dict) and (fast := _number(specific.get("fast"))) is not None:
+            fields["speeds"] = {"fast": fast}
         if isinstance(entry.get("source"), str):
             fields["source"] = entry["source"]
         model = _model_of(key, raw_provider, provider)
@@ -804,12 +815,8 @@ def _litellm_geo(specific: Any) -> dict[str, float]:
     other values that are no number (`bedrock_invocation_schema`) are no price."""
     if not isinstance(specific, dict):
         return {}
-    return {str(key).lower(): float(value) for key, value in specific.items()
-            if key != "fast" and _is_number(value)}
-
-
-def _is_number(value: Any) -> TypeGuard[float]:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+    return {str(key).lower(): number for key, value in specific.items()
+            if key != "fast" and (number := _number(value)) is not None}
 
 
 def _tier_list(tiers: dict[int, dict[str, float]]) -> list[dict[str, Any]]:
