@@ -593,17 +593,18 @@ def litellm_map(tmp_path: Path, entries: dict[str, dict[str, Any]]) -> dict[str,
 def test_a_litellm_entrys_prices_by_where_and_how_fast_anthropic_ran_a_call_are_read(
         tmp_path: Path) -> None:
     # LiteLLM keeps Anthropic's US-only inference uplift and its fast mode's multiple under
-    # `provider_specific_entry`, beside values that are no price
+    # `provider_specific_entry`, beside settings that are no price (even numbers)
     config = litellm_map(tmp_path, {"claude-x": {
         "litellm_provider": "anthropic", "mode": "chat", "input_cost_per_token": 5e-06,
         "output_cost_per_token": 2.5e-05,
-        "provider_specific_entry": {"us": 1.1, "fast": 2.0, "schema": "v2"}}})
+        "provider_specific_entry": {"us": 1.1, "fast": 2.0, "schema": "v2",
+                                    "max_batch": 100}}})
     usage = {"provider": "anthropic", "request_model": "claude-x", "input_tokens": 1000,
              "output_tokens": 100}
     us = priced(tmp_path, config, attributes={INFERENCE_GEO: "us"}, **usage)
     assert us.cost_usd == pytest.approx((1000 * 5 + 100 * 25) / 1e6 * 1.1)
     assert us.pricing_ref == "anthropic/claude-x@model_prices_and_context_window.json;us"
-    for place in ("global", "fast", "schema"):
+    for place in ("global", "fast", "schema", "max_batch"):
         e = priced(tmp_path, config, attributes={INFERENCE_GEO: place}, **usage)
         assert e.cost_usd == pytest.approx((1000 * 5 + 100 * 25) / 1e6), place
     fast = priced(tmp_path, config, attributes={SPEED: "fast"}, **usage)

@@ -147,7 +147,8 @@ class ClickHouseExporter(Exporter):
             writer.close()
             raise
         if self._embedded is not None:
-            self.log.debug("chDB's start-up pages dropped", bytes=drop_start_up_pages())
+            dropped = drop_start_up_pages()
+            self.log.debug("chDB's start-up pages dropped", bytes=dropped)
         return writer, reader
 
     # --- export --------------------------------------------------------------------

@@ -194,6 +194,8 @@ class ServiceTier:
 # rates.
 SERVICE_TIERS: Final = {"flex": "flex", "priority": "priority", "fast": "priority",
                         "on_demand_priority": "priority", "on_demand_flex": "flex"}
+# A region as a provider names where it ran a call (Anthropic's `inference_geo`: `us`)
+_REGION: Final = re.compile(r"[A-Za-z]{2}")
 # OpenAI's regional hosts (projects with data residency must call them), by region
 _OPENAI_REGIONAL_HOSTS: Final = {"eu.api.openai.com": "eu", "us.api.openai.com": "us"}
 # A Vertex AI location: in the path called (`/locations/us-east5/`), or the host's
@@ -811,12 +813,15 @@ def _litellm_tokens(numbers: dict[str, float]) -> dict[str, Any]:
 def _litellm_geo(specific: Any) -> dict[str, float]:
     """The multipliers of LiteLLM's `provider_specific_entry` by the region a provider says
     it ran a call in (Anthropic's `usage.inference_geo`: `{us: 1.1}`), as LiteLLM applies
-    them to the token costs. Its `fast` is Anthropic's fast mode, a speed and no place; its
-    other values that are no number (`bedrock_invocation_schema`) are no price."""
+    them to the token costs. Only its keys that name a region (two letters: `us`, `eu`)
+    are read: its `fast` is Anthropic's fast mode, a speed, and its other keys
+    (`bedrock_invocation_schema`) are no price, so that a newer map's other settings
+    neither price a place nor have the map refused."""
     if not isinstance(specific, dict):
         return {}
-    return {str(key).lower(): number for key, value in specific.items()
-            if key != "fast" and (number := _number(value)) is not None}
+    return {key.lower(): number for key, value in specific.items()
+            if isinstance(key, str) and _REGION.fullmatch(key)
+            and (number := _number(value)) is not None}
 
 
 def _tier_list(tiers: dict[int, dict[str, float]]) -> list[dict[str, Any]]:
