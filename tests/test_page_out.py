@@ -6,6 +6,8 @@ from __future__ import annotations
 import mmap
 from pathlib import Path
 
+import pytest
+
 from meterline.memory import page_out
 
 PAGES = 512  # 2 MiB of 4 KiB pages
@@ -22,6 +24,27 @@ def resident_kib(path: Path) -> int:
             elif inside and line.startswith("Rss:"):
                 total += int(head[1])
     return total
+
+
+def filesystem_of(path: Path) -> str:
+    """The type of the filesystem `path` is on (/proc/self/mountinfo: the longest mount
+    point above it)."""
+    best, kind = "", ""
+    with open("/proc/self/mountinfo") as mounts:
+        for line in mounts:
+            fields, after = line.split(" - ", 1)
+            point = fields.split()[4]
+            if str(path).startswith(point.rstrip("/") + "/") and len(point) > len(best):
+                best, kind = point, after.split()[0]
+    return kind
+
+
+@pytest.fixture
+def tmp_path(tmp_path: Path) -> Path:
+    """A file's pages on tmpfs are memory, which only swap can take: nothing to hand back."""
+    if filesystem_of(tmp_path) == "tmpfs":
+        pytest.skip("the temporary directory is on tmpfs, whose pages are not the file's")
+    return tmp_path
 
 
 def mapped(path: Path, access: int) -> mmap.mmap:
