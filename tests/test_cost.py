@@ -83,6 +83,11 @@ REAL_CALLS = [
              attributes={"anthropic.speed": "fast", "anthropic.inference_geo": "us"}),
         1000 * 5 * 2 * 1.1 / 1e6, 200 * 25 * 2 * 1.1 / 1e6,
         "anthropic/claude-opus-5@bundled;us;fast", id="anthropic-opus-5-fast-mode-us"),
+    pytest.param(  # Claude Opus 4.7 in fast mode: $30 in, $150 out (six times)
+        dict(provider="anthropic", request_model="claude-opus-4-7", input_tokens=1000,
+             output_tokens=200, attributes={"anthropic.speed": "fast"}),
+        1000 * 30 / 1e6, 200 * 150 / 1e6, "anthropic/claude-opus-4-7@bundled;fast",
+        id="anthropic-opus-4.7-fast-mode"),
     pytest.param(  # the same call at the standard speed: the standard price
         dict(provider="anthropic", request_model="claude-opus-5", input_tokens=1000,
              output_tokens=200, attributes={"anthropic.speed": "standard"}),
