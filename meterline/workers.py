@@ -96,9 +96,9 @@ def _kill_unreaped() -> None:
 
 # A worker is `python -c` this, with the daemon's `sys.path` (as multiprocessing's `spawn`
 # passes it) and its ends of the two pipes. Not `multiprocessing`: its `spawn` imports the
-# daemon's main module again in each worker (the CLI, with aiohttp, gRPC's and the
-# OpenTelemetry SDK's modules: 12 MB of each worker's memory) and starts a resource
-# tracker process (12 MB more), which tracks shared memory and semaphores we do not use.
+# daemon's main module again in each worker (for `meterline run`, the CLI, with aiohttp,
+# gRPC's and the OpenTelemetry SDK's modules: 13 MB of each worker's memory) and starts a
+# resource tracker process (12 MB), which tracks shared memory and semaphores we do not use.
 _ENTRY = ("import json, sys; sys.path[:] = json.loads(sys.argv[1]); "
           "from meterline.workers import serve; serve(sys.argv[2:])")
 
