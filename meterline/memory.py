@@ -52,12 +52,13 @@ if TYPE_CHECKING:
 MIB = 1 << 20
 DEFAULT_LIMIT_MIB = 2048
 """The hard limit when none is configured (soft limit 1638 MiB). The daemon's processes
-peaked at 730-840 MB together taking 60,000 events at full speed on 2 cores (with one
-worker per core, a bigger host adds some 30 MB per core), so the default leaves twice
-that before pushing back: a safety net for abnormal growth (exporters stuck behind full
-memory queues, a leak, a runaway query), which must not refuse normal bursts, while a
-daemon that runs beside a gateway never takes more than 2 GiB of its host. In a smaller
-cgroup or machine, 80% of it."""
+peaked at 530-554 MB together taking 60,000 events at full speed on 2 cores (730-840 MB
+before chDB's start-up pages were handed back; with one worker per core, a bigger host
+adds some 45 MB per core), so the default leaves more than twice that before pushing
+back: a safety net for abnormal growth (exporters stuck behind full memory queues, a
+leak, a runaway query), which must not refuse normal bursts, while a daemon that runs
+beside a gateway never takes more than 2 GiB of its host. In a smaller cgroup or
+machine, 80% of it."""
 AVAILABLE_SHARE = 0.8  # of a smaller cgroup or machine: push back before the OOM killer acts
 SPIKE_SHARE = 0.2  # the default spike limit, as a share of the hard limit (the Collector's)
 _UNLIMITED = 1 << 60  # cgroup v1 writes "no limit" as a number near 2**63
