@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from functools import cache, lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Any, Final, NamedTuple
+from typing import Any, Final, NamedTuple, TypeVar
 from urllib.parse import urlsplit
 
 import msgspec
@@ -39,6 +39,7 @@ MAKERS = frozenset({"openai", "anthropic", "gcp.gemini", "mistral_ai", "deepseek
 # The model of a provider-wide entry (`vllm/*`): the price of that provider's models that
 # no entry names (self-hosted fleets: one rate, whatever model a team deploys).
 ANY_MODEL: Final = "*"
+T = TypeVar("T")
 
 
 class Rates(NamedTuple):
@@ -320,7 +321,7 @@ class Price:
         return None
 
     def _residency(self, region: str) -> tuple[str, float] | None:
-        return next(((r, m) for r, m in self.data_residency if r == region), None)
+        return _named(self.data_residency, region)
 
     def speed(self, name: Any) -> tuple[str, float] | None:
         """What a call's token costs are multiplied by for the speed it ran at (`name`, as
@@ -328,14 +329,19 @@ class Price:
         standard price."""
         if not self.speeds or not isinstance(name, str):
             return None
-        wanted = name.strip().lower()
-        return next(((s, m) for s, m in self.speeds if s == wanted), None)
+        return _named(self.speeds, name.strip().lower())
 
     def service_tier(self, name: str | None) -> tuple[str, ServiceTier] | None:
         """The rates of the service tier called `name` (as a provider answers it), if the
         entry prices it apart."""
         wanted = SERVICE_TIERS.get(name.strip().lower()) if name else None
-        return next(((n, t) for n, t in self.service_tiers if n == wanted), None)
+        return _named(self.service_tiers, wanted) if wanted else None
+
+
+def _named(pairs: tuple[tuple[str, T], ...], name: str) -> tuple[str, T] | None:
+    """The pair of `pairs` (name, value) called `name`: an entry's few tiers, regions or
+    speeds, where a scan costs less than a dict per entry."""
+    return next((pair for pair in pairs if pair[0] == name), None)
 
 
 @lru_cache(maxsize=1024)  # (a daemon's upstreams, hosts and paths repeat)
@@ -391,11 +397,11 @@ def _service_tier(spec: PriceSpec, service: ServiceTierSpec) -> ServiceTier:
     takes, rate by rate, the tier's own long-prompt rate, else the entry's, else the
     tier's flat one. The one-hour cache write rate is the entry's."""
     rates = _rates(_or(service.input, _or(spec.input, 0.0)), _or(service.output, spec.output),
-                   _either(service.cache_read, spec.cache_read),
-                   _either(service.cache_write, spec.cache_write),
+                   _or(service.cache_read, spec.cache_read),
+                   _or(service.cache_write, spec.cache_write),
                    service.reasoning if service.reasoning is not None else (
                        service.output if service.output is not None else spec.reasoning),
-                   _either(service.input_audio, spec.input_audio), spec.output_audio,
+                   _or(service.input_audio, spec.input_audio), spec.output_audio,
                    spec.cache_write_1h)
     own = {t.above: t for t in service.tiers}
     tiers = []
@@ -419,11 +425,7 @@ def _service_tier(spec: PriceSpec, service: ServiceTierSpec) -> ServiceTier:
     return ServiceTier(rates, tuple(tiers))
 
 
-def _either(value: float | None, default: float | None) -> float | None:
-    return default if value is None else value
-
-
-def _or(value: float | None, default: float) -> float:
+def _or(value: T | None, default: T) -> T:
     return default if value is None else value
 
 
