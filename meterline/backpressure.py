@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from structlog.typing import FilteringBoundLogger
 
 from meterline import logs
-from meterline.component import Backpressure, Consumer
+from meterline.component import Backpressure, Consumer, Decode, Received
 from meterline.event import Event
 from meterline.queue import QueueWriteError
 
@@ -51,13 +51,28 @@ async def refuse(consumer: Consumer, events: list[Event], log: FilteringBoundLog
     out, and neither."""
     try:
         await consumer.consume(events)
-    except Backpressure as e:
-        raise Refused(f"back-pressure: {e}; retry later", e.retry_after, True) from e
-    except QueueWriteError as e:
-        consumer.refused(len(events), "unavailable")
-        if (failures := _WRITE_FAILURES.due()) is not None:
-            log.error("cannot queue events", error=str(e), refused_batches=failures)
-        raise Refused(f"cannot queue events: {e}", WRITE_RETRY_AFTER, False) from e
+    except PUSHBACK as e:
+        if isinstance(e, QueueWriteError):
+            consumer.refused(len(events), "unavailable")
+        raise _refusal(e, log) from e
+
+
+async def refuse_encoded(consumer: Consumer, decode: Decode, body: bytes,
+                         log: FilteringBoundLogger) -> Received:
+    """`consumer.consume_encoded(decode, body)`, with a push-back raised as `Refused`, as
+    `refuse` does (the consumer counts what it refuses of a body)."""
+    try:
+        return await consumer.consume_encoded(decode, body)
+    except PUSHBACK as e:
+        raise _refusal(e, log) from e
+
+
+def _refusal(error: Exception, log: FilteringBoundLogger) -> Refused:
+    if isinstance(error, Backpressure):
+        return Refused(f"back-pressure: {error}; retry later", error.retry_after, True)
+    if (failures := _WRITE_FAILURES.due()) is not None:
+        log.error("cannot queue events", error=str(error), refused_batches=failures)
+    return Refused(f"cannot queue events: {error}", WRITE_RETRY_AFTER, False)
 
 
 # A full disk fails every write: a line per batch would flood the log (and the disk) with

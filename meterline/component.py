@@ -13,7 +13,7 @@ import asyncio
 import builtins
 import contextlib
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
@@ -110,6 +110,30 @@ class Backpressure(Exception):
         self.retry_after = retry_after
 
 
+@dataclass
+class Decoded:
+    """What a receiver's decoder makes of a request body."""
+
+    events: list[Event] = field(default_factory=list)
+    rejected: list[tuple[int, str]] = field(default_factory=list)  # (item index, reason)
+    skipped: int = 0  # items that are not LLM calls
+
+
+@dataclass(frozen=True)
+class Received:
+    """What became of a body handed to `Consumer.consume_encoded`: its events were
+    accepted (durably queued), its `rejected` items refused with their reasons."""
+
+    accepted: int
+    rejected: list[tuple[int, str]]
+    skipped: int
+
+
+Decode = Callable[[bytes], Decoded]
+"""A body's decoder. It may run in a worker process, so it must pickle by name: a
+module-level function, or a `functools.partial` of one."""
+
+
 class Consumer(Protocol):
     """Where a receiver hands its batches. Returns once they are durably queued.
 
@@ -118,6 +142,12 @@ class Consumer(Protocol):
     """
 
     def consume(self, events: list[Event]) -> Awaitable[None]: ...
+
+    def consume_encoded(self, decode: Decode, body: bytes) -> Awaitable[Received]:
+        """`consume(decode(body).events)`, with the decoding off the event loop: in the
+        worker process that processes the events, where there is one. Raises what
+        `decode` raises for the body as a whole, and what `consume` raises; the events it
+        refuses are counted here (only here is their number known)."""
 
     def refused(self, count: int, reason: str) -> None:
         """Count events the receiver could not take, by reason (for self-telemetry)."""

@@ -14,14 +14,14 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-from meterline.component import Backpressure, Processor, run_processors
+from meterline.component import Backpressure, Decode, Processor, Received, run_processors
 from meterline.delivery import ExporterRunner
 from meterline.event import Event, clone, pack, unpack
 from meterline.filtering import Filter
 from meterline.memory import MemoryLimiter
-from meterline.queue import Batch, Staged, abort_all, put_all
+from meterline.queue import Batch, QueueWriteError, Staged, abort_all, put_all
 from meterline.telemetry import Telemetry
-from meterline.workers import ProcessorPool
+from meterline.workers import Processed, ProcessorPool
 
 
 class Tap:
@@ -155,35 +155,68 @@ class Entry:
     async def consume(self, events: list[Event]) -> None:
         if not events:
             return
-        if self.limiter is not None and self.limiter.should_refuse():
-            self.refused(len(events), "memory_limit")
-            raise self.limiter.refusal(len(events), self.receiver_id)
+        self._admit(len(events))
         await self.flow.enter()
         try:
-            routes: list[tuple[ExporterRunner, Batch]] = []
-            for pipeline, processed, packed in await self._processed(events):
-                routes.extend(pipeline.route(processed, packed))
-            for runner, batch in routes:
-                if not runner.drops_when_full and not runner.queue.has_room(batch):
-                    self.refused(len(events), "backpressure")
-                    raise Backpressure(f"the queue of exporter {runner.id} is full")
-            # no await between the checks above and the stages below, and each stage
-            # takes its room at once: a concurrent call checks against these batches too
-            staged: list[Staged] = []
-            try:
-                for runner, batch in routes:
-                    if runner.queue.has_room(batch):
-                        staged.append(runner.stage(batch))
-                    else:
-                        runner.count_dropped(len(batch))
-            except BaseException:
-                await abort_all(staged)
-                raise
-            # every queue stores the batch, or none keeps it (QueueWriteError)
-            await put_all(staged)
+            await self._queue(len(events), await self._processed(events))
         finally:
             self.flow.leave()
         self.telemetry.receiver_accepted.add(len(events), self._attrs)
+
+    async def consume_encoded(self, decode: Decode, body: bytes) -> Received:
+        if self.pool is None:
+            decoded = decode(body)
+            await self.consume(decoded.events)
+            return Received(len(decoded.events), decoded.rejected, decoded.skipped)
+        await self.flow.enter()
+        try:
+            # (the body's events are counted once decoded: memory is checked then)
+            received, results = await self.pool.process_encoded(
+                [p.name for p in self.pipelines], decode, body)
+            if received.accepted:
+                self._admit(received.accepted)
+                try:
+                    await self._queue(received.accepted, self._unpacked(results))
+                except QueueWriteError:
+                    self.refused(received.accepted, "unavailable")
+                    raise
+        finally:
+            self.flow.leave()
+        if received.accepted:
+            self.telemetry.receiver_accepted.add(received.accepted, self._attrs)
+        return received
+
+    def _admit(self, count: int) -> None:
+        """Refuse `count` events (`Backpressure`) while the daemon's memory is high."""
+        if self.limiter is not None and self.limiter.should_refuse():
+            self.refused(count, "memory_limit")
+            raise self.limiter.refusal(count, self.receiver_id)
+
+    async def _queue(self, count: int,
+                     processed: list[tuple[Pipeline, list[Event], bytes | None]]) -> None:
+        """Each pipeline's processed events into its exporters' queues: in every queue or
+        in none (`count`: the events received, for the refusal's count)."""
+        routes: list[tuple[ExporterRunner, Batch]] = []
+        for pipeline, events, packed in processed:
+            routes.extend(pipeline.route(events, packed))
+        for runner, batch in routes:
+            if not runner.drops_when_full and not runner.queue.has_room(batch):
+                self.refused(count, "backpressure")
+                raise Backpressure(f"the queue of exporter {runner.id} is full")
+        # no await between the checks above and the stages below, and each stage
+        # takes its room at once: a concurrent call checks against these batches too
+        staged: list[Staged] = []
+        try:
+            for runner, batch in routes:
+                if runner.queue.has_room(batch):
+                    staged.append(runner.stage(batch))
+                else:
+                    runner.count_dropped(len(batch))
+        except BaseException:
+            await abort_all(staged)
+            raise
+        # every queue stores the batch, or none keeps it (QueueWriteError)
+        await put_all(staged)
 
     async def _processed(
             self, events: list[Event]) -> list[tuple[Pipeline, list[Event], bytes | None]]:
@@ -199,8 +232,13 @@ class Entry:
         except Backpressure:
             self.refused(len(events), "worker_restart")
             raise
+        return self._unpacked(results)
+
+    def _unpacked(self, results: list[Processed]
+                  ) -> list[tuple[Pipeline, list[Event], bytes | None]]:
+        """A worker's results, by pipeline: the processed events, and as packed."""
         out: list[tuple[Pipeline, list[Event], bytes | None]] = []
-        for pipeline, result in zip(pipelines, results, strict=True):
+        for pipeline, result in zip(self.pipelines, results, strict=True):
             for pid, before, after in result.counts:
                 pipeline.count(pid, before, after)
             out.append((pipeline, unpack(result.packed), result.packed))

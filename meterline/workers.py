@@ -41,8 +41,16 @@ from pathlib import Path
 from typing import Any
 
 from meterline import logs, pipes
-from meterline.component import Backpressure, Context, Processor, convert, run_processors
-from meterline.event import Event, pack, unpack
+from meterline.component import (
+    Backpressure,
+    Context,
+    Decode,
+    Processor,
+    Received,
+    convert,
+    run_processors,
+)
+from meterline.event import Event, clone, pack, unpack
 
 
 def default_workers() -> int:
@@ -123,17 +131,17 @@ class _Handle:
         self.pending: deque[asyncio.Future[bytes]] = deque()
         self.generation = -1  # of the plan it was last sent
 
-    def send(self, generation: int, plan: bytes, names: list[str],
-             packed: bytes) -> asyncio.Future[bytes]:
-        """A request is two frames: what to do (pickled), then the batch as it is packed
-        (not copied into the pickle)."""
+    def send(self, generation: int, plan: bytes, names: list[str], decode: Decode | None,
+             data: bytes) -> asyncio.Future[bytes]:
+        """A request is two frames: what to do (pickled), then the batch as it is packed,
+        or the body `decode` makes it of (not copied into the pickle)."""
         future = asyncio.get_running_loop().create_future()
         self.pending.append(future)
         if self.generation == generation:
             plan = b""  # it has it
         self.generation = generation
-        what = pickle.dumps((generation, plan, names), protocol=pickle.HIGHEST_PROTOCOL)
-        for part in (pipes.header(len(what)), what, pipes.header(len(packed)), packed):
+        what = pickle.dumps((generation, plan, names, decode), protocol=pickle.HIGHEST_PROTOCOL)
+        for part in (pipes.header(len(what)), what, pipes.header(len(data)), data):
             self.requests.write(part)  # (a pipe transport's `writelines` joins: a copy)
         return future
 
@@ -184,7 +192,8 @@ class ProcessorPool:
         for _ in range(self.workers):
             await self._spawn()
         try:
-            await asyncio.gather(*(self._run(handle, [], []) for handle in self._handles))
+            await asyncio.gather(*(self._run(handle, [], None, pack([]))
+                                   for handle in self._handles))
         except Backpressure:
             await self.shutdown()
             raise RuntimeError("a processing worker exited while starting (its error is "
@@ -241,9 +250,9 @@ class ProcessorPool:
         except Exception as e:  # (batches are pushed back while no worker runs)
             self.log.error("a processing worker could not be started", error=str(e))
 
-    async def _run(self, handle: _Handle, pipelines: list[str],
-                   events: list[Event]) -> list[Processed]:
-        future = handle.send(self._generation, self._plan, pipelines, pack(events))
+    async def _run(self, handle: _Handle, pipelines: list[str], decode: Decode | None,
+                   data: bytes) -> tuple[list[Processed], Received | None]:
+        future = handle.send(self._generation, self._plan, pipelines, decode, data)
         try:
             ok, value = pickle.loads(await future)
         except _WorkerDied:
@@ -251,18 +260,33 @@ class ProcessorPool:
         if not ok:
             handle.generation = -1  # (it may not have built the plan: send it again)
             raise value
-        results, deltas = value
+        results, received, deltas = value
         self._add_telemetry(deltas)
-        return results
+        return results, received
 
     async def process(self, pipelines: list[str], events: list[Event]) -> list[Processed]:
         """Run `events` through the processors of each named pipeline, in the worker with
         the fewest batches pending. Raises `Backpressure` when the worker died on the way
         (nothing was queued) or none is running (one is being started again)."""
+        results, _ = await self._submit(pipelines, None, pack(events))
+        return results
+
+    async def process_encoded(self, pipelines: list[str], decode: Decode,
+                              body: bytes) -> tuple[Received, list[Processed]]:
+        """`process(pipelines, decode(body).events)`, decoded in the worker too: the loop
+        neither decodes the body nor packs its events. What the decoder refused or
+        skipped comes back in the `Received`; what it raises for the whole body is raised
+        here."""
+        results, received = await self._submit(pipelines, decode, body)
+        assert received is not None
+        return received, results
+
+    async def _submit(self, pipelines: list[str], decode: Decode | None,
+                      data: bytes) -> tuple[list[Processed], Received | None]:
         if not self._handles:  # (a dead worker's handle is gone at once)
             raise Backpressure("no processing worker is running; retry", retry_after=0.5)
         return await self._run(min(self._handles, key=lambda h: len(h.pending)),
-                               pipelines, events)
+                               pipelines, decode, data)
 
     def _add_telemetry(self, deltas: dict[tuple[str, str, tuple[Any, ...]], float]) -> None:
         meter = self.telemetry.meter  # (the same counter for the same name)
@@ -361,11 +385,13 @@ class _Worker:
                           for name, specs in plan.pipelines.items()}
         self.generation = generation
 
-    def run(self, names: list[str], packed: bytes) -> list[Processed]:
+    def run(self, names: list[str], events: list[Event]) -> list[Processed]:
         results = []
-        for name in names:  # each pipeline its own copy, as clone() makes in one process
-            events, counts = run_processors(self.pipelines[name], unpack(packed))
-            results.append(Processed(pack(events), counts))
+        last = len(names) - 1
+        for i, name in enumerate(names):  # each pipeline its own copy, as in one process
+            out, counts = run_processors(self.pipelines[name],
+                                         events if i == last else clone(events))
+            results.append(Processed(pack(out), counts))
         return results
 
 
@@ -399,13 +425,20 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
-def _process(generation: int, plan: bytes, names: list[str],
-             packed: bytes) -> tuple[list[Processed], dict[Any, float]]:
-    """One request: the processed batch of each pipeline, and the counters' sums since."""
+def _process(generation: int, plan: bytes, names: list[str], decode: Decode | None,
+             data: bytes) -> tuple[list[Processed], Received | None, dict[Any, float]]:
+    """One request: the processed batch of each pipeline, what became of a body's items
+    (when `data` is a body to `decode`, not packed events), and the counters' sums since."""
     assert _worker is not None
     _worker.adopt(generation, plan)
-    results = _worker.run(names, packed)
-    return results, _worker.telemetry.meter.drain()
+    if decode is None:
+        events, received = unpack(data), None
+    else:
+        decoded = decode(data)
+        events = decoded.events
+        received = Received(len(events), decoded.rejected, decoded.skipped)
+    results = _worker.run(names, events)
+    return results, received, _worker.telemetry.meter.drain()
 
 
 def serve(argv: list[str]) -> None:
@@ -422,12 +455,12 @@ def _serve(requests: Connection, results: Connection, nice: int, log_level: str,
     _init_worker(nice, log_level, log_encoding)
     while True:
         try:
-            generation, plan, names = pickle.loads(requests.recv_bytes())
-            packed = requests.recv_bytes()
+            generation, plan, names, decode = pickle.loads(requests.recv_bytes())
+            data = requests.recv_bytes()
         except EOFError:
             return
         try:
-            reply: tuple[bool, Any] = (True, _process(generation, plan, names, packed))
+            reply: tuple[bool, Any] = (True, _process(generation, plan, names, decode, data))
         except Exception as e:  # a processor's error is the batch's, raised in the daemon
             reply = (False, e)
         try:

@@ -19,10 +19,10 @@ from typing import Any
 from aiohttp import web
 
 from meterline.auth import BearerToken, unauthorised
-from meterline.backpressure import Refused, refuse
+from meterline.backpressure import Refused, refuse_encoded
 from meterline.component import Consumer, Context, Factory, Receiver
 from meterline.httpserver import BearerListenerConfig, BodyRefused, read_body, serve
-from meterline.receivers.decoders import DecodeError, decode_body, loggable
+from meterline.receivers.decoders import DecodeError, decode_body, decode_ndjson, loggable
 from meterline.units import Listen
 
 _JSON_TYPES = {"application/json", "text/json"}
@@ -78,30 +78,30 @@ class WebhookReceiver(Receiver):
                                    "max_body_mb", float(self.config.read_timeout))
         except BodyRefused as e:
             return _error(e.status, e.message)
+        decode = decode_ndjson if ctype in _NDJSON_TYPES else decode_body
         try:
-            decoded = decode_body(body, ndjson=ctype in _NDJSON_TYPES)
+            received = await refuse_encoded(self.consumer, decode, body, self.log)
         except DecodeError as e:
             self.consumer.refused(1, "undecodable")
             return _error(400, str(e))
-        if decoded.skipped:
-            self.consumer.refused(decoded.skipped, "not_llm_call")
-        if decoded.rejected:
-            self.consumer.refused(len(decoded.rejected), "undecodable")
-            self.log.info("items refused", count=len(decoded.rejected),
-                          first_reason=loggable(decoded.rejected[0][1]))
-        try:
-            await refuse(self.consumer, decoded.events, self.log)
         except Refused as e:
             return _error(e.status, str(e), e.headers)
+        if received.skipped:
+            self.consumer.refused(received.skipped, "not_llm_call")
+        if received.rejected:
+            self.consumer.refused(len(received.rejected), "undecodable")
+            self.log.info("items refused", count=len(received.rejected),
+                          first_reason=loggable(received.rejected[0][1]))
         answer: dict[str, Any] = {
-            "accepted": len(decoded.events),
-            "rejected": [{"index": i, "reason": r} for i, r in decoded.rejected[:_MAX_REASONS]],
+            "accepted": received.accepted,
+            "rejected": [{"index": i, "reason": r}
+                         for i, r in received.rejected[:_MAX_REASONS]],
         }
-        if decoded.skipped:
-            answer["skipped"] = decoded.skipped
-        if len(decoded.rejected) > _MAX_REASONS:
-            answer["rejected_count"] = len(decoded.rejected)
-        status = 400 if decoded.rejected and not decoded.events else 200
+        if received.skipped:
+            answer["skipped"] = received.skipped
+        if len(received.rejected) > _MAX_REASONS:
+            answer["rejected_count"] = len(received.rejected)
+        status = 400 if received.rejected and not received.accepted else 200
         return web.json_response(answer, status=status)
 
 

@@ -19,9 +19,11 @@ from tests.helpers import (
     free_port,
     make_context,
     make_event,
+    metric_value,
     post_json,
     read_jsonl,
     running,
+    webhook_to_file,
 )
 from tests.test_delivery import Recording
 
@@ -191,3 +193,17 @@ async def test_the_webhook_answers_503_and_the_other_exporter_writes_nothing(
     for name in ("a", "b"):
         rows = read_jsonl(tmp_path / "data" / f"{name}.jsonl")
         assert [r["event_id"] for r in rows] == [f"evt-{i:08d}" for i in range(10)]
+
+
+async def test_a_body_decoded_in_a_worker_is_answered_503_and_counted_unavailable(
+        tmp_path, full_disk_under):
+    port = free_port()
+    body = webhook_to_file(port, service={"workers": 2})
+    async with running(body, tmp_path) as service:
+        full_disk_under(tmp_path / "data" / "queue" / "file")
+        status, _, headers = await post_json(f"http://127.0.0.1:{port}/v1/events",
+                                             event_dicts(0, 10))
+        assert (status, headers["Retry-After"]) == (503, "5")
+        assert metric_value(service.telemetry.registry, "meterline_receiver_refused_events_total",
+                            receiver="webhook", reason="unavailable") == 10
+    assert read_jsonl(tmp_path / "data" / "out.jsonl") == []

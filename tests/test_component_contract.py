@@ -18,6 +18,7 @@ import msgspec
 import pytest
 
 from meterline import describe, registry
+from meterline.component import Decode, Received
 from meterline.config import SECTIONS, ComponentConfig, PipelineFile, convert
 from meterline.delivery import ExporterConfig, ExporterRunner, open_queue
 from meterline.event import Event
@@ -95,6 +96,11 @@ class _Consumer:
 
     async def consume(self, events: list[Event]) -> None:
         self.events += events
+
+    async def consume_encoded(self, decode: Decode, body: bytes) -> Received:
+        decoded = decode(body)
+        self.events += decoded.events
+        return Received(len(decoded.events), decoded.rejected, decoded.skipped)
 
     def refused(self, count: int, reason: str) -> None:
         pass

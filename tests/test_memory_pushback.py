@@ -3,10 +3,10 @@
 from tests.helpers import free_port, metric_value, post_json, read_jsonl, running, webhook_to_file
 
 
-def pipeline(port, limit):
-    """The webhook into the file exporter, one worker, the memory limiter at `limit` MiB."""
+def pipeline(port, limit, workers=1):
+    """The webhook into the file exporter, the memory limiter at `limit` MiB."""
     return webhook_to_file(port, file={"batch": {}}, service={
-        "workers": 1, "memory_limiter": {"limit_mib": limit, "check_interval": "2s"}})
+        "workers": workers, "memory_limiter": {"limit_mib": limit, "check_interval": "2s"}})
 
 
 async def test_the_webhook_answers_429_with_retry_after_above_the_soft_limit(tmp_path):
@@ -19,6 +19,18 @@ async def test_the_webhook_answers_429_with_retry_after_above_the_soft_limit(tmp
         assert read_jsonl(tmp_path / "data" / "out.jsonl") == []
         assert metric_value(service.telemetry.registry, "meterline_receiver_refused_events_total",
                             receiver="webhook", reason="memory_limit") == 1
+
+
+async def test_a_body_decoded_in_a_worker_is_refused_whole_above_the_soft_limit(tmp_path):
+    port = free_port()
+    async with running(pipeline(port, 8, workers=2), tmp_path) as service:
+        status, body, headers = await post_json(f"http://127.0.0.1:{port}/v1/events",
+                                                [{"provider": "openai"}] * 3)
+        assert status == 429 and "memory" in str(body)
+        assert headers["Retry-After"] == "2"
+        assert read_jsonl(tmp_path / "data" / "out.jsonl") == []
+        assert metric_value(service.telemetry.registry, "meterline_receiver_refused_events_total",
+                            receiver="webhook", reason="memory_limit") == 3
 
 
 async def test_the_webhook_accepts_below_the_soft_limit(tmp_path):

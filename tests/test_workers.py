@@ -24,6 +24,7 @@ from tests.helpers import (
     long_prompts,
     metric_value,
     post_json,
+    post_raw,
     read_jsonl,
     running,
     webhook_to_file,
@@ -314,3 +315,71 @@ async def test_batches_in_flight_together_are_each_answered_with_their_own_resul
         assert [r.packed for [r] in results] == [pack(b) for b in batches]
     finally:
         await pool.shutdown()
+
+
+# --- webhook bodies decoded in the workers ----------------------------------------------
+async def test_a_webhook_body_is_decoded_in_a_worker_not_on_the_daemons_loop(
+        tmp_path, monkeypatch):
+    from meterline.receivers import decoders
+
+    def _must_not_decode(*args, **kwargs):
+        raise AssertionError("a body was decoded in the daemon's own process")
+
+    monkeypatch.setattr(decoders, "list_from_json", _must_not_decode)
+    monkeypatch.setattr(decoders, "_decode_item", _must_not_decode)
+    port = free_port()
+    async with running(pipeline(port), tmp_path):
+        status, body, _ = await post_json(f"http://127.0.0.1:{port}/v1/events", with_pii(0, 5))
+        assert (status, body["accepted"]) == (200, 5)
+        rows = await eventually(lambda: read_jsonl(tmp_path / "data" / "out.jsonl"))
+        assert [r["event_id"] for r in rows] == [f"evt-0000000{i}" for i in range(5)]
+
+
+async def test_items_a_worker_refuses_are_answered_by_index_with_their_reasons(tmp_path):
+    port = free_port()
+    items = [*with_pii(0, 1), {**with_pii(1, 1)[0], "input_tokens": -5},
+             {"what": "nothing we know"}, {"@type": "GatewayEvent", "@id": "g1"},
+             *with_pii(2, 1)]
+    async with running(pipeline(port), tmp_path) as service:
+        status, body, _ = await post_json(f"http://127.0.0.1:{port}/v1/events", items)
+        assert (status, body["accepted"], body["skipped"]) == (200, 2, 1)
+        assert [r["index"] for r in body["rejected"]] == [1, 2]
+        assert "input_tokens" in body["rejected"][0]["reason"]
+        assert "matches no decoder" in body["rejected"][1]["reason"]
+        registry = service.telemetry.registry
+        assert metric_value(registry, "meterline_receiver_refused_events_total",
+                            reason="undecodable") == 2
+        assert metric_value(registry, "meterline_receiver_refused_events_total",
+                            reason="not_llm_call") == 1
+        assert metric_value(registry, "meterline_receiver_accepted_events_total",
+                            receiver="webhook") == 2
+        rows = await eventually(lambda: read_jsonl(tmp_path / "data" / "out.jsonl"))
+        assert [r["event_id"] for r in rows] == ["evt-00000000", "evt-00000002"]
+
+
+async def test_a_body_a_worker_cannot_decode_is_answered_400_and_the_worker_serves_on(
+        tmp_path):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/v1/events"
+    async with running(pipeline(port), tmp_path) as service:
+        for _ in range(4):  # (each worker gets some)
+            status, body, _ = await post_raw(url, b'[{"provider": "openai",',
+                                             headers={"Content-Type": "application/json"})
+            assert status == 400 and "malformed JSON" in body["error"]
+        status, body, _ = await post_json(url, with_pii(0, 3))
+        assert (status, body["accepted"]) == (200, 3)
+        assert service.pool.restarts == 0
+        assert metric_value(service.telemetry.registry, "meterline_receiver_refused_events_total",
+                            reason="undecodable") == 4
+
+
+async def test_an_ndjson_body_is_decoded_in_a_worker_line_by_line(tmp_path):
+    port = free_port()
+    lines = b"\n".join(msgspec.json.encode(e) for e in with_pii(0, 3)) + b"\n{oops\n"
+    async with running(pipeline(port), tmp_path):
+        status, body, _ = await post_raw(f"http://127.0.0.1:{port}/v1/events", lines,
+                                         headers={"Content-Type": "application/x-ndjson"})
+        assert (status, body["accepted"]) == (200, 3)
+        assert [r["index"] for r in body["rejected"]] == [3]
+        rows = await eventually(lambda: len(read_jsonl(tmp_path / "data" / "out.jsonl")) == 3)
+        assert rows

@@ -13,29 +13,23 @@ characters...): an item out of bounds is refused alone, with the reason.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
 
 from meterline import bounds
+from meterline.component import Decoded
 from meterline.event import FIELDS, Event, from_dict, list_from_json
 from meterline.receivers.decoders import litellm, otoroshi
 from meterline.receivers.decoders.errors import DecodeError, NotAnLLMCall, loggable
 
-__all__ = ["DecodeError", "Decoded", "NotAnLLMCall", "decode_body", "decode_item", "loggable"]
+__all__ = ["DecodeError", "Decoded", "NotAnLLMCall", "decode_body", "decode_item", "decode_ndjson",
+           "loggable"]
 
 _raw = msgspec.json.Decoder()
 _raw_items = msgspec.json.Decoder(list[msgspec.Raw])
 _TOO_DEEP = "JSON nested too deeply"  # msgspec stops at the interpreter's recursion limit
 _UNEXPECTED = "cannot decode: "  # the reason given for an exception no decoder expected
-
-
-@dataclass
-class Decoded:
-    events: list[Event] = field(default_factory=list)
-    rejected: list[tuple[int, str]] = field(default_factory=list)  # (item index, reason)
-    skipped: int = 0  # items that are not LLM calls
 
 
 def decode_item(item: Any) -> Event:
@@ -123,6 +117,12 @@ def decode_body(body: bytes, ndjson: bool = False) -> Decoded:
         decoded.rejected = sorted(decoded.rejected + [(indexes[n], _out_of_bounds(reason))
                                                       for n, reason in bad.items()])
     return decoded
+
+
+def decode_ndjson(body: bytes) -> Decoded:
+    """`decode_body` of NDJSON, as a function of its own: one that pickles by name, for
+    a worker process to run (`Consumer.consume_encoded`)."""
+    return decode_body(body, ndjson=True)
 
 
 def _out_of_bounds(reason: str) -> str:
