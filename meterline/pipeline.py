@@ -164,19 +164,20 @@ class Entry:
         self.telemetry.receiver_accepted.add(len(events), self._attrs)
 
     async def consume_encoded(self, decode: Decode, body: bytes) -> Received:
-        if self.pool is None:
-            decoded = decode(body)
-            await self.consume(decoded.events)
-            return Received(len(decoded.events), decoded.rejected, decoded.skipped)
         await self.flow.enter()
         try:
-            # (the body's events are counted once decoded: memory is checked then)
-            received, results = await self.pool.process_encoded(
-                [p.name for p in self.pipelines], decode, body)
-            if received.accepted:
+            if self.pool is None:
+                decoded = decode(body)
+                received = Received(len(decoded.events), decoded.rejected, decoded.skipped)
+                processed = self._processed_here(decoded.events) if decoded.events else []
+            else:
+                received, results = await self.pool.process_encoded(
+                    [p.name for p in self.pipelines], decode, body)
+                processed = self._unpacked(results) if received.accepted else []
+            if received.accepted:  # (counted once decoded: memory is checked then)
                 self._admit(received.accepted)
                 try:
-                    await self._queue(received.accepted, self._unpacked(results))
+                    await self._queue(received.accepted, processed)
                 except QueueWriteError:
                     self.refused(received.accepted, "unavailable")
                     raise
@@ -222,17 +223,20 @@ class Entry:
             self, events: list[Event]) -> list[tuple[Pipeline, list[Event], bytes | None]]:
         """Each pipeline's processed copy of `events`, in a worker process when there is
         a pool (the loop only awaits it), else here."""
-        pipelines = self.pipelines
         if self.pool is None:
-            last = len(pipelines) - 1
-            return [(p, p.process(events if i == last else clone(events)), None)
-                    for i, p in enumerate(pipelines)]
+            return self._processed_here(events)
         try:
-            results = await self.pool.process([p.name for p in pipelines], events)
+            results = await self.pool.process([p.name for p in self.pipelines], events)
         except Backpressure:
             self.refused(len(events), "worker_restart")
             raise
         return self._unpacked(results)
+
+    def _processed_here(
+            self, events: list[Event]) -> list[tuple[Pipeline, list[Event], bytes | None]]:
+        last = len(self.pipelines) - 1
+        return [(p, p.process(events if i == last else clone(events)), None)
+                for i, p in enumerate(self.pipelines)]
 
     def _unpacked(self, results: list[Processed]
                   ) -> list[tuple[Pipeline, list[Event], bytes | None]]:

@@ -195,10 +195,11 @@ async def test_the_webhook_answers_503_and_the_other_exporter_writes_nothing(
         assert [r["event_id"] for r in rows] == [f"evt-{i:08d}" for i in range(10)]
 
 
-async def test_a_body_decoded_in_a_worker_is_answered_503_and_counted_unavailable(
-        tmp_path, full_disk_under):
+@pytest.mark.parametrize("workers", [1, 2], ids=["inline", "in-a-worker"])
+async def test_a_body_that_cannot_be_queued_is_answered_503_and_counted_unavailable(
+        tmp_path, full_disk_under, workers):
     port = free_port()
-    body = webhook_to_file(port, service={"workers": 2})
+    body = webhook_to_file(port, service={"workers": workers})
     async with running(body, tmp_path) as service:
         full_disk_under(tmp_path / "data" / "queue" / "file")
         status, _, headers = await post_json(f"http://127.0.0.1:{port}/v1/events",
