@@ -17,7 +17,9 @@ Scenarios (`--only` picks one):
   daemon's self-metrics), CPU per event and memory, beside a bare aiohttp server
   that decodes the same bodies and appends them as JSON lines (no fsync, whereas the
   daemon's persistent queues fsync before answering). It also prints where the
-  daemon's CPU went, by thread (`cpu_by_thread`), and the sends each exporter retried.
+  daemon's CPU went, by thread (`cpu_by_thread`), and the sends each exporter retried,
+  and how long a `GET /healthz` (the admin's; the floor's own) waits while the posts go
+  on, asked every 10 ms: how long the event loop keeps any other client waiting.
 - `gateway`: chat completions with ~60 KB RAG prompts (PII inside) through the
   gateway receiver, in front of the fake upstream answering in 50 ms; latency direct,
   through a bare pass-through proxy (`bench/gateway_bench.py`'s floor) and through
@@ -64,13 +66,14 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import aiohttp
 import msgspec
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
@@ -680,6 +683,23 @@ def print_table(rows: list[Row]) -> None:
 
 
 # --- scenario 1: ingest ----------------------------------------------------------------
+async def probing(sending: Coroutine[Any, Any, float], url: str,
+                  every: float = 0.01) -> tuple[float, list[float]]:
+    """`sending`'s result, and the latencies (s) of a GET of `url` every `every` seconds
+    while it ran: how long the server's event loop keeps a client waiting under that load
+    (a loop busy decoding a body answers nobody meanwhile)."""
+    task = asyncio.ensure_future(sending)
+    latencies: list[float] = []
+    async with aiohttp.ClientSession() as session:
+        while not task.done():
+            start = time.perf_counter()
+            async with session.get(url) as response:
+                await response.read()
+            latencies.append(time.perf_counter() - start)
+            await asyncio.wait([task], timeout=every)
+    return task.result(), latencies
+
+
 def serve_ingest_floor(port: int, out: str) -> None:
     """The floor for ingest: decode each JSON array, append its events as JSON lines,
     answer. What any receiver must do at least, and nothing of what a pipeline adds."""
@@ -697,6 +717,7 @@ def serve_ingest_floor(port: int, out: str) -> None:
 
             app = web.Application(client_max_size=256 << 20)
             app.router.add_post("/v1/events", events)
+            app.router.add_get("/healthz", lambda _: web.Response(text="ok"))
             runner = web.AppRunner(app, access_log=None)
             await runner.setup()
             await web.TCPSite(runner, "127.0.0.1", port).start()
@@ -754,7 +775,9 @@ def scenario_ingest(args: argparse.Namespace, procs: Processes, shipped: dict[st
             with ThreadPoolExecutor(1) as poller:
                 waiting = poller.submit(daemon.wait_delivered, before, "webhook", args.events,
                                         t0, max(120.0, args.events / 100))
-                accept_s = asyncio.run(post_batches(url, bodies, args.concurrency))
+                accept_s, health = asyncio.run(probing(
+                    post_batches(url, bodies, args.concurrency),
+                    f"http://127.0.0.1:{daemon.layout.admin_port}/healthz"))
                 done = waiting.result()
             cpu = tree_cpu_seconds(daemon.pid) - cpu0
             threads = where_cpu_went(threads0, cpu_by_thread(daemon.pid), args.events)
@@ -786,8 +809,9 @@ def scenario_ingest(args: argparse.Namespace, procs: Processes, shipped: dict[st
         fcpu0 = tree_cpu_seconds(floor.pid)
         with RssSampler(floor.pid) as floor_rss:
             t0 = time.perf_counter()
-            floor_accept_s = asyncio.run(post_batches(f"http://127.0.0.1:{port}/v1/events",
-                                                      bodies, args.concurrency))
+            floor_accept_s, floor_health = asyncio.run(probing(
+                post_batches(f"http://127.0.0.1:{port}/v1/events", bodies, args.concurrency),
+                f"http://127.0.0.1:{port}/healthz"))
             written = count_lines(out)
             floor_total_s = time.perf_counter() - t0
             fcpu = tree_cpu_seconds(floor.pid) - fcpu0
@@ -806,6 +830,9 @@ def scenario_ingest(args: argparse.Namespace, procs: Processes, shipped: dict[st
         Row("ingest", "end-to-end events/s (all exporters)", fmt(e2e), fmt(fe2e),
             ratio(e2e, fe2e)),
         Row("ingest", "CPU us/event (process tree)", fmt(us), fmt(fus), ratio(us, fus)),
+        Row("ingest", "GET /healthz while posting, p50/p99 ms",
+            f"{ms(health, 0.5):.1f}/{ms(health, 0.99):.1f}",
+            f"{ms(floor_health, 0.5):.1f}/{ms(floor_health, 0.99):.1f}", ""),
         Row("ingest", "peak RSS MB (tree sum)", fmt(rss.peak_mb), fmt(floor_rss.peak_mb),
             ratio(rss.peak_mb, floor_rss.peak_mb)),
         Row("ingest", "main process VmHWM MB", fmt(hwm), fmt(floor_hwm), ratio(hwm, floor_hwm)),
