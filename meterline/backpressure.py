@@ -15,6 +15,7 @@ A receiver either
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 from structlog.typing import FilteringBoundLogger
 
@@ -23,6 +24,7 @@ from meterline.component import Backpressure, Consumer, Decode, Received
 from meterline.event import Event
 from meterline.queue import QueueWriteError
 
+T = TypeVar("T")
 PUSHBACK: tuple[type[Exception], ...] = (Backpressure, QueueWriteError)
 """The errors of `consume` after which the events may be offered again."""
 WRITE_RETRY_AFTER = 5.0  # seconds a client is told to wait after a failed queue write
@@ -90,10 +92,25 @@ async def offer(consumer: Consumer, events: list[Event],
     """Hand `events` over, and while the pipeline pushes back, `await wait(error)` and try
     again. `wait` returns False to stop trying: then so does this (True once handed over).
     Any other error of `consume` is raised."""
+    async def hand_over() -> bool:
+        await consumer.consume(events)
+        return True
+
+    return await _offering(hand_over, wait) is not None
+
+
+async def offer_encoded(consumer: Consumer, decode: Decode, body: bytes,
+                        wait: Callable[[Exception], Awaitable[bool]]) -> Received | None:
+    """`offer` of a body (`Consumer.consume_encoded`): what became of its items once
+    handed over, None when `wait` stopped trying."""
+    return await _offering(lambda: consumer.consume_encoded(decode, body), wait)
+
+
+async def _offering(hand_over: Callable[[], Awaitable[T]],
+                    wait: Callable[[Exception], Awaitable[bool]]) -> T | None:
     while True:
         try:
-            await consumer.consume(events)
-            return True
+            return await hand_over()
         except PUSHBACK as e:
             if not await wait(e):
-                return False
+                return None

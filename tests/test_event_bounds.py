@@ -21,7 +21,7 @@ from meterline.extensions.finops import api
 from meterline.extensions.finops.cli import render
 from meterline.gateway.receiver import EventBuffer
 from meterline.receivers.decoders import DecodeError, decode_body, decode_item
-from meterline.receivers.kafka.messages import decode_records
+from meterline.receivers.kafka.messages import decode_values, pack_values
 from tests.clickhouse_helpers import clickhouse_exporters, finops_of
 from tests.helpers import (
     event_dicts,
@@ -187,25 +187,26 @@ def test_an_item_read_from_a_file_is_checked():
         decode_item(POISON)
 
 
-def kafka_records(*values):
-    return [ConsumerRecord("t", 0, n, 0, 0, None, v, None, 0, len(v), ()) for n, v in
-            enumerate(values)]
+def kafka_batch(*values):
+    """A polled batch of messages with these values, as the receiver hands it over."""
+    return pack_values([ConsumerRecord("t", 0, n, 0, 0, None, v, None, 0, len(v), ())
+                        for n, v in enumerate(values)])
 
 
 def test_a_kafka_message_out_of_bounds_is_poison_alone_when_its_batch_is_all_meterline_json():
     good = [msgspec.json.encode(e) for e in event_dicts(0, 2)]
-    decoded = decode_records(kafka_records(good[0], msgspec.json.encode(POISON), good[1]), "json")
+    decoded = decode_values(kafka_batch(good[0], msgspec.json.encode(POISON), good[1]), "json")
     assert [e.event_id for e in decoded.events] == ["evt-00000000", "evt-00000001"]
-    [(record, reason)] = decoded.poison
-    assert record.offset == 1 and "sample_weight" in reason
+    [(index, reason)] = decoded.rejected
+    assert index == 1 and "sample_weight" in reason
 
 
 def test_a_kafka_message_nested_too_deep_is_poison_alone():
     good = msgspec.json.encode(event_dicts(0, 1)[0])
-    decoded = decode_records(kafka_records(b"[" * 100_000 + b"]" * 100_000, good), "json")
+    decoded = decode_values(kafka_batch(b"[" * 100_000 + b"]" * 100_000, good), "json")
     assert len(decoded.events) == 1
-    [(record, reason)] = decoded.poison
-    assert record.offset == 0 and "nested too deeply" in reason
+    [(index, reason)] = decoded.rejected
+    assert index == 0 and "nested too deeply" in reason
 
 
 def test_a_numeric_field_without_a_bound_fails_loudly():

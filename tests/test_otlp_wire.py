@@ -5,9 +5,9 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 
 from meterline.exporters.otlp.encode import to_logs_request, to_traces_request
 from meterline.receivers.decoders.otlp_wire import parse_request
-from meterline.receivers.kafka.messages import decode_records
+from meterline.receivers.kafka.messages import decode_values
 from tests.helpers import make_event
-from tests.test_event_bounds import kafka_records
+from tests.test_event_bounds import kafka_batch
 from tests.test_otlp_receiver import BAD_UTF8, with_invalid_utf8
 
 
@@ -37,9 +37,9 @@ def test_a_kafka_otlp_message_with_a_record_that_is_not_utf8_is_a_dead_letter_na
     its reason the record's place."""
     request = to_logs_request([make_event(1), make_event(2)])
     record = request.resource_logs[0].scope_logs[0].log_records[1]
-    decoded = decode_records(kafka_records(with_invalid_utf8(request, record.attributes)),
-                             "otlp_proto")
+    decoded = decode_values(kafka_batch(with_invalid_utf8(request, record.attributes)),
+                            "otlp_proto")
     assert decoded.events == []
-    [(_, reason)] = decoded.poison
+    [(_, reason)] = decoded.rejected
     assert reason == f"resource_logs[0].scope_logs[0].log_records[1]: {BAD_UTF8}"
 

@@ -19,52 +19,56 @@ UTF-8) is parsed record by record for the reason, which names the record's place
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Literal, TypeAlias
+from typing import TYPE_CHECKING, Literal, TypeAlias
 
 import msgspec
-from aiokafka.structs import ConsumerRecord
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
 
 from meterline import bounds
+from meterline.component import Decoded
 from meterline.event import Event, list_from_json
 from meterline.receivers.decoders import DecodeError, decode_body
 from meterline.receivers.decoders.otlp import decode_logs, parse_json
 from meterline.receivers.decoders.otlp_wire import parse_request
 
+if TYPE_CHECKING:  # (a worker decoding values need not import the Kafka client)
+    from aiokafka.structs import ConsumerRecord
+
 Encoding = Literal["json", "otlp_proto", "otlp_json"]
-Record: TypeAlias = ConsumerRecord  # of bytes keys and values
+Record: TypeAlias = "ConsumerRecord"  # of bytes keys and values
+_values = msgspec.msgpack.Decoder(list[bytes | None])
 
 
-@dataclass
-class Decoded:
-    events: list[Event] = field(default_factory=list)
-    poison: list[tuple[Record, str]] = field(default_factory=list)  # (message, why)
-    skipped: int = 0  # items that are not LLM calls (OTLP log records, Otoroshi events)
+def pack_values(records: list[Record]) -> bytes:
+    """The messages' values as one body, for `decode_values` in a processing worker
+    (`Consumer.consume_encoded`): the records themselves stay here."""
+    return msgspec.msgpack.encode([r.value for r in records])
 
 
-def decode_records(records: list[Record], encoding: Encoding) -> Decoded:
-    """The events of a polled batch, and the messages that hold none (with the reason).
+def decode_values(body: bytes, encoding: Encoding) -> Decoded:
+    """The events of a polled batch (its values, `pack_values`), and the messages that
+    hold none, by their place in the batch, with the reason (`rejected`: the poison).
 
     A batch of meterline events decodes in one call, as a JSON array of the
     messages; only when that fails is each message decoded on its own.
     """
+    values = _values.decode(body)
     if encoding == "json":
         try:
-            events = list_from_json(b"[" + b",".join(r.value for r in records) + b"]")
-            if len(events) == len(records) and not bounds.refused(events):
+            events = list_from_json(b"[" + b",".join(values) + b"]")  # type: ignore[arg-type]
+            if len(events) == len(values) and not bounds.refused(events):
                 return Decoded(events)
         except (msgspec.DecodeError, TypeError, RecursionError):  # TypeError: no value
             pass
     decode = _DECODERS[encoding]
     out = Decoded()
-    for record in records:
+    for index, value in enumerate(values):
         try:
-            if record.value is None:
+            if value is None:
                 raise DecodeError("the message has no value")
-            events, skipped = decode(record.value)
+            events, skipped = decode(value)
         except DecodeError as e:
-            out.poison.append((record, str(e)))
+            out.rejected.append((index, str(e)))
             continue
         out.events += events
         out.skipped += skipped

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from typing import Any, Literal
 
 import msgspec
@@ -33,7 +34,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka.errors import KafkaError
 
 from meterline.backoff import exponential
-from meterline.backpressure import offer, retry_hint
+from meterline.backpressure import offer_encoded, retry_hint
 from meterline.clients.kafka import (
     Brokers,
     SaslConfig,
@@ -47,13 +48,14 @@ from meterline.component import (
     Config,
     Consumer,
     Context,
+    Decode,
     Factory,
+    Received,
     Receiver,
     cancel_and_wait,
 )
-from meterline.event import Event
 from meterline.receivers.decoders import loggable
-from meterline.receivers.kafka.messages import Encoding, Record, decode_records
+from meterline.receivers.kafka.messages import Encoding, Record, decode_values, pack_values
 from meterline.units import Duration
 
 ERROR_HEADER = "meterline.error"
@@ -215,15 +217,20 @@ class KafkaReceiver(Receiver):
 
     # --- one batch -----------------------------------------------------------------
     async def _handle(self, records: Records) -> bool:
-        """Decode, deliver and commit a batch; False when it was let go uncommitted."""
-        decoded = decode_records([r for rs in records.values() for r in rs],
-                                 self.config.encoding)
-        if decoded.events and not await self._deliver(decoded.events):
+        """Decode, deliver and commit a batch; False when it was let go uncommitted. The
+        values are decoded where the events are processed (a worker process, when there
+        are some): the loop that serves every listener of the daemon does not decode."""
+        batch = [r for rs in records.values() for r in rs]
+        received = await self._deliver(functools.partial(decode_values,
+                                                         encoding=self.config.encoding),
+                                       pack_values(batch))
+        if received is None:
             return False
-        if decoded.poison and not await self._dead_letter(decoded.poison):
+        poison = [(batch[index], reason) for index, reason in received.rejected]
+        if poison and not await self._dead_letter(poison):
             return False
-        if decoded.skipped:
-            self.consumer.refused(decoded.skipped, "not_llm_call")
+        if received.skipped:
+            self.consumer.refused(received.skipped, "not_llm_call")
         offsets = {tp: rs[-1].offset + 1 for tp, rs in records.items()}
         assert self.kafka is not None
         try:
@@ -241,12 +248,12 @@ class KafkaReceiver(Receiver):
         self._lag.set(lag, {"receiver": self.id, "topic": tp.topic,
                             "partition": str(tp.partition)})
 
-    async def _deliver(self, events: list[Event]) -> bool:
-        """Hand the events to the pipeline, pausing the partitions while it pushes back.
-        False when the batch was let go (a rebalance or shutdown is waiting)."""
+    async def _deliver(self, decode: Decode, body: bytes) -> Received | None:
+        """Hand the batch to the pipeline, pausing the partitions while it pushes back.
+        None when the batch was let go (a rebalance or shutdown is waiting)."""
         assert self.kafka is not None
         try:
-            return await offer(self.consumer, events, self._wait_pushed_back)
+            return await offer_encoded(self.consumer, decode, body, self._wait_pushed_back)
         finally:
             self._resume()
 

@@ -13,6 +13,7 @@ from meterline.component import ExportBatch
 from meterline.config import convert
 from meterline.event import to_json
 from meterline.exporters.kafka.exporter import KafkaExporter, KafkaExporterConfig
+from meterline.receivers.kafka import messages
 from tests.helpers import (
     FIXTURES,
     eventually,
@@ -50,18 +51,18 @@ exporters:
 service:
   data_dir: {{data}}
   admin: null
-  workers: 1  # no processor to run (tests/helpers.py, INLINE)
+  workers: {workers}  # 1: no processor to run (tests/helpers.py, INLINE)
   pipelines:
     p: {{receivers: [kafka], exporters: [file]}}
 """
 
 
 def pipeline(bootstrap, topic, tmp_path, group=None, max_batch=100, extra="", path=None,
-             exporter_extra=""):
+             exporter_extra="", workers=1):
     return PIPELINE.format(timeouts=group_timeouts(),
                            bootstrap=bootstrap, topic=topic, group=group or topic,
                            max_batch=max_batch, extra=extra, exporter_extra=exporter_extra,
-                           path=path or tmp_path / "out.jsonl")
+                           path=path or tmp_path / "out.jsonl", workers=workers)
 
 
 def events(start, count):
@@ -141,6 +142,22 @@ async def test_an_undecodable_message_goes_to_the_dead_letter_topic_and_the_rest
     assert dict(empty.headers)["meterline.error"] == b"the message has no value"
 
 
+async def test_messages_are_decoded_in_a_worker_and_the_undecodable_still_dead_lettered(
+        tmp_path, kafka_bootstrap, topic, monkeypatch):
+    def _must_not_decode(*args, **kwargs):
+        raise AssertionError("a message was decoded in the daemon's own process")
+
+    monkeypatch.setattr(messages, "list_from_json", _must_not_decode)
+    monkeypatch.setitem(messages._DECODERS, "json", _must_not_decode)
+    await produce(kafka_bootstrap, topic, [*events(0, 3), b"{not json", *events(3, 3)], key=b"k1")
+    async with running(pipeline(kafka_bootstrap, topic, tmp_path, workers=2), tmp_path):
+        await eventually(lambda: len(exported(tmp_path)) == 6)
+        [dead] = await consume(kafka_bootstrap, f"{topic}.dead-letter", 1)
+    assert sorted(exported(tmp_path)) == [f"evt-{i:08d}" for i in range(6)]
+    assert dead.value == b"{not json"
+    assert dict(dead.headers)["meterline.source.offset"] == b"3"
+
+
 async def test_otoroshi_events_that_are_not_llm_calls_are_skipped_not_dead_lettered(
         tmp_path, kafka_bootstrap, topic):
     audit = msgspec.json.decode((FIXTURES / "otoroshi-llm-usage-audit.json").read_bytes())
@@ -180,7 +197,7 @@ async def test_a_dead_letter_topic_that_cannot_be_written_stalls_its_partition_l
     # The broker refuses this name as it refuses a missing topic where topics are not
     # auto-created (UnknownTopicOrPartition): a dead-letter topic that cannot be written.
     await create_topic(kafka_bootstrap, topic, 1)
-    await produce(kafka_bootstrap, topic, [*events(0, 3), b"{not json", *events(3, 3)])
+    await produce(kafka_bootstrap, topic, [*events(0, 3), b"{not json", *events(3, 3)], key=b"k1")
     config = pipeline(kafka_bootstrap, topic, tmp_path,
                       extra="dead_letter_topic: '{topic} dlq'\n    dead_letter_timeout: 300ms")
     async with running(config, tmp_path) as service:
@@ -236,14 +253,14 @@ async def test_a_batch_the_pipeline_fails_on_is_read_again_not_skipped(
     await produce(kafka_bootstrap, topic, events(0, 30))
     async with running(pipeline(kafka_bootstrap, topic, tmp_path), tmp_path) as service:
         entry = service.entries["kafka"]
-        consume, failures = entry.consume, []
+        consume, failures = entry.consume_encoded, []
 
-        async def fail_once(batch):
+        async def fail_once(decode, body):
             if not failures:
-                failures.append(len(batch))
+                failures.append(len(body))
                 raise RuntimeError("a processor bug")
-            await consume(batch)
-        entry.consume = fail_once
+            return await consume(decode, body)
+        entry.consume_encoded = fail_once
         await eventually(lambda: len(exported(tmp_path)) == 30)
     assert len(failures) == 1
     assert sorted(exported(tmp_path)) == [f"evt-{i:08d}" for i in range(30)]
