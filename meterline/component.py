@@ -112,10 +112,11 @@ class Backpressure(Exception):
 
 @dataclass
 class Decoded:
-    """What a receiver's decoder makes of a request body."""
+    """What a receiver's decoder makes of a body (a request's, or a batch of messages)."""
 
     events: list[Event] = field(default_factory=list)
-    rejected: list[tuple[int, str]] = field(default_factory=list)  # (item index, reason)
+    # (the place of each item, or message, that holds no event, and why)
+    rejected: list[tuple[int, str]] = field(default_factory=list)
     skipped: int = 0  # items that are not LLM calls
 
 
