@@ -5,6 +5,7 @@ measure of a process tree (on a /proc laid out by the test, and on the real one)
 from __future__ import annotations
 
 import asyncio
+import threading
 import os
 import subprocess
 import sys
@@ -273,13 +274,31 @@ async def test_a_failing_measure_does_not_stop_the_timer():
     await memory.shutdown()
 
 
-async def settle(condition, turns: int = 100) -> None:
-    """Let the loop run until `condition()` holds (no wall-clock wait)."""
+async def settle(condition, turns: int = 2000) -> None:
+    """Let the loop run until `condition()` holds (a check runs in a thread of its own: up
+    to 2 s for it)."""
     for _ in range(turns):
         if condition():
             return
-        await asyncio.sleep(0)
+        await asyncio.sleep(0.001)
     raise AssertionError("condition not met")
+
+
+async def test_the_timer_measures_in_a_thread_of_its_own_not_on_the_event_loop():
+    threads: list[str] = []
+    ticks: asyncio.Queue[None] = asyncio.Queue()
+
+    def measure() -> int:
+        threads.append(threading.current_thread().name)
+        return 100 * MIB
+
+    memory = MemoryLimiter(MemoryLimiterConfig(), measure=measure, available=lambda: None,
+                           sleep=lambda _: ticks.get())
+    await memory.start()  # (the first measure, before any batch: here)
+    ticks.put_nowait(None)
+    await settle(lambda: len(threads) == 2)
+    await memory.shutdown()
+    assert threads[1].startswith("memory-limiter") and memory.rss == 100 * MIB
 
 
 # --- measuring a process tree --------------------------------------------------------
