@@ -5,11 +5,11 @@ measure of a process tree (on a /proc laid out by the test, and on the real one)
 from __future__ import annotations
 
 import asyncio
-import threading
 import os
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
