@@ -106,6 +106,8 @@ class KafkaReceiver(Receiver):
         self.config = config
         self.id = context.id
         self.log = context.log
+        # (run where the events are processed: a worker process, when there are some)
+        self._decode: Decode = functools.partial(decode_values, encoding=config.encoding)
         self.kafka: AIOKafkaConsumer | None = None
         self.dead_letters: AIOKafkaProducer | None = None
         self._task: asyncio.Task[None] | None = None
@@ -221,9 +223,7 @@ class KafkaReceiver(Receiver):
         values are decoded where the events are processed (a worker process, when there
         are some): the loop that serves every listener of the daemon does not decode."""
         batch = [r for rs in records.values() for r in rs]
-        received = await self._deliver(functools.partial(decode_values,
-                                                         encoding=self.config.encoding),
-                                       pack_values(batch))
+        received = await self._deliver(pack_values(batch))
         if received is None:
             return False
         poison = [(batch[index], reason) for index, reason in received.rejected]
@@ -248,12 +248,13 @@ class KafkaReceiver(Receiver):
         self._lag.set(lag, {"receiver": self.id, "topic": tp.topic,
                             "partition": str(tp.partition)})
 
-    async def _deliver(self, decode: Decode, body: bytes) -> Received | None:
+    async def _deliver(self, body: bytes) -> Received | None:
         """Hand the batch to the pipeline, pausing the partitions while it pushes back.
         None when the batch was let go (a rebalance or shutdown is waiting)."""
         assert self.kafka is not None
         try:
-            return await offer_encoded(self.consumer, decode, body, self._wait_pushed_back)
+            return await offer_encoded(self.consumer, self._decode, body,
+                                       self._wait_pushed_back)
         finally:
             self._resume()
 
