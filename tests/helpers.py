@@ -49,10 +49,21 @@ def metric_value(registry: CollectorRegistry, name: str, **labels: str) -> float
     return total
 
 
+_GIVEN_PORTS: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port free now and never handed out before in this process: once a socket bound
+    to port 0 is closed, the kernel may give the next one the same port, and two
+    listeners of one config then collide (a test's daemon failed to start so, its webhook
+    and admin both given 44859)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _GIVEN_PORTS:
+            _GIVEN_PORTS.add(port)
+            return port
 
 
 def make_event(i: int = 0, **fields: Any) -> Event:

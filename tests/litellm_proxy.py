@@ -14,7 +14,6 @@ import asyncio
 import fcntl
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import textwrap
@@ -24,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from tests.helpers import free_port
 
 LITELLM_VERSION = "1.100.5"  # newer releases need a certifi this machine's index lacks
 VENV_ENV = "METERLINE_LITELLM_VENV"
@@ -148,12 +149,6 @@ def env(endpoint: str, token: str) -> dict[str, str]:
     """The environment-variable form's logger settings."""
     return {"GENERIC_LOGGER_ENDPOINT": endpoint,
             "GENERIC_LOGGER_HEADERS": f"Authorization=Bearer {token}"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Proxy:
