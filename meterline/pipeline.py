@@ -222,8 +222,9 @@ class Entry:
     async def _processed(
             self, events: list[Event]) -> list[tuple[Pipeline, list[Event], bytes | None]]:
         """Each pipeline's processed copy of `events`, in a worker process when there is
-        a pool (the loop only awaits it), else here."""
-        if self.pool is None:
+        a pool (the loop only awaits it), else here; here too when no pipeline has a
+        processor (the round trip would only pack and unpack the batch)."""
+        if self.pool is None or not any(p.processors for p in self.pipelines):
             return self._processed_here(events)
         try:
             results = await self.pool.process([p.name for p in self.pipelines], events)

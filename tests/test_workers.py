@@ -22,6 +22,7 @@ from tests.helpers import (
     eventually,
     free_port,
     long_prompts,
+    make_event,
     metric_value,
     post_json,
     post_raw,
@@ -60,6 +61,18 @@ async def test_processors_run_in_worker_processes_not_in_the_daemons_own(tmp_pat
 
 def _must_not_run(events):
     raise AssertionError("a processor ran in the daemon's own process")
+
+
+async def test_a_batch_for_pipelines_without_processors_is_not_sent_to_a_worker(tmp_path):
+    async def _no_round_trip(pipelines, events):
+        raise AssertionError("a batch no processor runs on went to a worker")
+
+    async with running(webhook_to_file(free_port(), service={"workers": 2}),
+                       tmp_path) as service:
+        service.pool.process = _no_round_trip
+        await service.entries["webhook"].consume([make_event(0)])
+        rows = await eventually(lambda: read_jsonl(tmp_path / "data" / "out.jsonl"))
+        assert [r["event_id"] for r in rows] == ["evt-00000000"]
 
 
 async def test_workers_1_runs_the_processors_in_the_daemons_own_process(tmp_path):
