@@ -50,9 +50,7 @@ from meterline.gateway.proxy import Proxy
 class Sink:
     async def consume(self, events): pass
     async def consume_encoded(self, decode, body):
-        from meterline.component import Received
-        decoded = decode(body)
-        return Received(len(decoded.events), decoded.rejected, decoded.skipped)
+        return decode(body).received()
     def refused(self, count, reason): pass
 
 async def main():

@@ -110,6 +110,16 @@ class Backpressure(Exception):
         self.retry_after = retry_after
 
 
+@dataclass(frozen=True)
+class Received:
+    """What became of a body handed to `Consumer.consume_encoded`: its events were
+    accepted (durably queued), its `rejected` items refused with their reasons."""
+
+    accepted: int
+    rejected: list[tuple[int, str]]
+    skipped: int
+
+
 @dataclass
 class Decoded:
     """What a receiver's decoder makes of a body (a request's, or a batch of messages)."""
@@ -119,15 +129,9 @@ class Decoded:
     rejected: list[tuple[int, str]] = field(default_factory=list)
     skipped: int = 0  # items that are not LLM calls
 
-
-@dataclass(frozen=True)
-class Received:
-    """What became of a body handed to `Consumer.consume_encoded`: its events were
-    accepted (durably queued), its `rejected` items refused with their reasons."""
-
-    accepted: int
-    rejected: list[tuple[int, str]]
-    skipped: int
+    def received(self) -> Received:
+        """What became of the body once its events were accepted."""
+        return Received(len(self.events), self.rejected, self.skipped)
 
 
 Decode = Callable[[bytes], Decoded]

@@ -168,10 +168,10 @@ class Entry:
         try:
             if self.pool is None:
                 decoded = decode(body)
-                received = Received(len(decoded.events), decoded.rejected, decoded.skipped)
+                received = decoded.received()
                 processed = self._processed_here(decoded.events) if decoded.events else []
             else:
-                received, results = await self.pool.process_encoded(
+                results, received = await self.pool.process_encoded(
                     [p.name for p in self.pipelines], decode, body)
                 processed = self._unpacked(results) if received.accepted else []
             if received.accepted:  # (counted once decoded: memory is checked then)

@@ -272,14 +272,14 @@ class ProcessorPool:
         return results
 
     async def process_encoded(self, pipelines: list[str], decode: Decode,
-                              body: bytes) -> tuple[Received, list[Processed]]:
+                              body: bytes) -> tuple[list[Processed], Received]:
         """`process(pipelines, decode(body).events)`, decoded in the worker too: the loop
         neither decodes the body nor packs its events. What the decoder refused or
         skipped comes back in the `Received`; what it raises for the whole body is raised
         here."""
         results, received = await self._submit(pipelines, decode, body)
         assert received is not None
-        return received, results
+        return results, received
 
     async def _submit(self, pipelines: list[str], decode: Decode | None,
                       data: bytes) -> tuple[list[Processed], Received | None]:
@@ -435,8 +435,7 @@ def _process(generation: int, plan: bytes, names: list[str], decode: Decode | No
         events, received = unpack(data), None
     else:
         decoded = decode(data)
-        events = decoded.events
-        received = Received(len(events), decoded.rejected, decoded.skipped)
+        events, received = decoded.events, decoded.received()
     results = _worker.run(names, events)
     return results, received, _worker.telemetry.meter.drain()
 

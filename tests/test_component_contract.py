@@ -100,7 +100,7 @@ class _Consumer:
     async def consume_encoded(self, decode: Decode, body: bytes) -> Received:
         decoded = decode(body)
         self.events += decoded.events
-        return Received(len(decoded.events), decoded.rejected, decoded.skipped)
+        return decoded.received()
 
     def refused(self, count: int, reason: str) -> None:
         pass
