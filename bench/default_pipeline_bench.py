@@ -20,6 +20,12 @@ Scenarios (`--only` picks one):
   daemon's CPU went, by thread (`cpu_by_thread`), and the sends each exporter retried,
   and how long a `GET /healthz` (the admin's; the floor's own) waits while the posts go
   on, asked every 10 ms: how long the event loop keeps any other client waiting.
+- `otlp`: the same events as OTLP gRPC spans (the project's own encoding: GenAI
+  attributes, the prompt in `gen_ai.input.messages`), exported 512 to a request (the
+  SDK's batch) by concurrent clients that retry what is pushed back. Accepted and
+  end-to-end spans/s, CPU per span and `GET /healthz` while exporting, beside a bare
+  gRPC server that parses each request and appends it to a file, with an aiohttp
+  `/healthz` on the same event loop.
 - `gateway`: chat completions with ~60 KB RAG prompts (PII inside) through the
   gateway receiver, in front of the fake upstream answering in 50 ms; latency direct,
   through a bare pass-through proxy (`bench/gateway_bench.py`'s floor) and through
@@ -307,6 +313,7 @@ class Layout:
     gateway_port: int
     webhook_port: int
     webhook_path: str
+    otlp_grpc_port: int
     admin_port: int
     exporters: list[str]
 
@@ -340,8 +347,9 @@ def bench_config(shipped: dict[str, Any], workdir: Path, upstream_url: str) -> L
     service["admin"] = admin
     assert_local(config)
     receivers = config.get("receivers") or {}
-    if "gateway" not in receivers or "webhook" not in receivers:
-        raise SystemExit("the shipped pipeline no longer has the gateway and webhook receivers")
+    if not {"gateway", "webhook", "otlp"} <= set(receivers):
+        raise SystemExit("the shipped pipeline no longer has the gateway, webhook and otlp "
+                         "receivers")
 
     def port(listen: str) -> int:
         return int(listen.rsplit(":", 1)[1])
@@ -349,6 +357,7 @@ def bench_config(shipped: dict[str, Any], workdir: Path, upstream_url: str) -> L
     return Layout(config=config, gateway_port=port(receivers["gateway"]["listen"]),
                   webhook_port=port(receivers["webhook"]["listen"]),
                   webhook_path=receivers["webhook"].get("path", "/v1/events"),
+                  otlp_grpc_port=port(receivers["otlp"]["grpc"]),
                   admin_port=port(admin["listen"]), exporters=list(config.get("exporters") or {}))
 
 
@@ -717,18 +726,25 @@ def serve_ingest_floor(port: int, out: str) -> None:
 
             app = web.Application(client_max_size=256 << 20)
             app.router.add_post("/v1/events", events)
-            app.router.add_get("/healthz", lambda _: web.Response(text="ok"))
-            runner = web.AppRunner(app, access_log=None)
-            await runner.setup()
-            await web.TCPSite(runner, "127.0.0.1", port).start()
-            stop = asyncio.Event()
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, stop.set)
-            await stop.wait()
-            await runner.cleanup()
+            await serve_until_stopped(app, port)
 
     asyncio.run(run())
+
+
+async def serve_until_stopped(app: aiohttp.web.Application, port: int) -> None:
+    """A floor's HTTP side, with its `GET /healthz`, until SIGTERM or SIGINT."""
+    from aiohttp import web
+
+    app.router.add_get("/healthz", lambda _: web.Response(text="ok"))
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await runner.cleanup()
 
 
 def count_lines(path: Path) -> int:
@@ -838,6 +854,136 @@ def scenario_ingest(args: argparse.Namespace, procs: Processes, shipped: dict[st
         Row("ingest", "main process VmHWM MB", fmt(hwm), fmt(floor_hwm), ratio(hwm, floor_hwm)),
         Row("ingest", "idle RSS MB (tree sum)", fmt(idle), fmt(floor_idle),
             ratio(idle, floor_idle)),
+    ]
+
+
+# --- scenario: OTLP spans -----------------------------------------------------------------
+_EXPORT_TRACES = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
+_RETRIED = ("RESOURCE_EXHAUSTED", "UNAVAILABLE")
+
+
+def otlp_bodies(count: int, batch: int) -> list[bytes]:
+    """`ingest_events` as `ExportTraceServiceRequest`s of `batch` spans, serialized."""
+    from meterline.event import from_dict
+    from meterline.exporters.otlp.encode import to_traces_request
+
+    events = [from_dict(e) for e in ingest_events(count)]
+    return [to_traces_request(events[i:i + batch]).SerializeToString()
+            for i in range(0, count, batch)]
+
+
+async def export_spans(target: str, bodies: list[bytes], concurrency: int) -> float:
+    """Each body exported once by `concurrency` gRPC clients, a request pushed back sent
+    again after 50 ms (as the SDK's exporter retries); seconds until all were taken."""
+    import grpc
+
+    pending = iter(bodies)
+    async with grpc.aio.insecure_channel(target, options=[
+            ("grpc.max_send_message_length", 64 << 20)]) as channel:
+        export = channel.unary_unary(_EXPORT_TRACES)
+
+        async def client() -> None:
+            for body in pending:
+                while True:
+                    try:
+                        await export(body)
+                        break
+                    except grpc.aio.AioRpcError as e:
+                        if e.code().name not in _RETRIED:
+                            raise
+                        await asyncio.sleep(0.05)
+
+        start = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+        return time.perf_counter() - start
+
+
+def serve_otlp_floor(grpc_port: int, http_port: int, out: str) -> None:
+    """The floor for OTLP: parse each request, append it to a file, answer; `GET
+    /healthz` served on the same event loop."""
+    import grpc
+    from aiohttp import web
+    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2 as pb
+
+    async def run() -> None:
+        with open(out, "ab") as sink:
+            async def export(body: bytes, _: Any) -> bytes:
+                request = pb.ExportTraceServiceRequest.FromString(body)
+                spans = sum(len(s.spans) for r in request.resource_spans for s in r.scope_spans)
+                sink.write(f"{spans}\n".encode() + body)
+                sink.flush()
+                return pb.ExportTraceServiceResponse().SerializeToString()
+
+            server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20)])
+            server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
+                "opentelemetry.proto.collector.trace.v1.TraceService",
+                {"Export": grpc.unary_unary_rpc_method_handler(export)})])
+            server.add_insecure_port(f"127.0.0.1:{grpc_port}")
+            await server.start()
+            await serve_until_stopped(web.Application(), http_port)
+            await server.stop(None)
+
+    asyncio.run(run())
+
+
+def scenario_otlp(args: argparse.Namespace, procs: Processes, shipped: dict[str, Any],
+                  tmp: Path) -> list[Row]:
+    bodies = otlp_bodies(args.events, args.spans_per_request)
+    size = sum(map(len, bodies)) / args.events
+    print(f"\n== otlp: {args.events:,} spans of {size:,.0f} B, {args.spans_per_request} to a "
+          f"gRPC request, {args.concurrency} clients")
+    daemon = Daemon(procs, shipped, tmp / "otlp", "http://127.0.0.1:9", "daemon-otlp")
+    daemon.start()
+    try:
+        target = f"127.0.0.1:{daemon.layout.otlp_grpc_port}"
+        before = daemon.metrics()
+        cpu0 = tree_cpu_seconds(daemon.pid)
+        threads0 = cpu_by_thread(daemon.pid)
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(1) as poller:
+            waiting = poller.submit(daemon.wait_delivered, before, "otlp", args.events, t0,
+                                    max(120.0, args.events / 100))
+            accept_s, health = asyncio.run(probing(
+                export_spans(target, bodies, args.concurrency),
+                f"http://127.0.0.1:{daemon.layout.admin_port}/healthz"))
+            done = waiting.result()
+        cpu = tree_cpu_seconds(daemon.pid) - cpu0
+        threads = where_cpu_went(threads0, cpu_by_thread(daemon.pid), args.events)
+    finally:
+        daemon.stop()
+    finished = [v for v in done.values() if v is not None]
+    end_to_end = max(finished) if len(finished) == len(done) else None
+    print(f"  daemon: accepted in {accept_s:.2f} s; CPU {cpu:.2f} s; everything sent after "
+          f"{fmt(end_to_end, '.2f')} s")
+    print(f"  daemon CPU by thread, us/span: {threads}")
+
+    floor_dir = tmp / "otlp-floor"
+    floor_dir.mkdir()
+    grpc_port, http_port, out = free_port(), free_port(), floor_dir / "requests.bin"
+    floor = procs.start("floor-otlp", [sys.executable, __file__, "--serve-otlp-floor",
+                                       str(grpc_port), str(http_port), str(out)], floor_dir)
+    try:
+        wait_port(http_port, floor)
+        fcpu0 = tree_cpu_seconds(floor.pid)
+        floor_s, floor_health = asyncio.run(probing(
+            export_spans(f"127.0.0.1:{grpc_port}", bodies, args.concurrency),
+            f"http://127.0.0.1:{http_port}/healthz"))
+        fcpu = tree_cpu_seconds(floor.pid) - fcpu0
+    finally:
+        procs.stop(floor)
+
+    n = args.events
+    acc, facc = n / accept_s, n / floor_s
+    e2e = n / end_to_end if end_to_end else None
+    us, fus = cpu / n * 1e6, fcpu / n * 1e6
+    return [
+        Row("otlp", "accepted spans/s", fmt(acc), fmt(facc), ratio(acc, facc)),
+        Row("otlp", "end-to-end spans/s (all exporters)", fmt(e2e), fmt(facc),
+            ratio(e2e, facc)),
+        Row("otlp", "CPU us/span (process tree)", fmt(us), fmt(fus), ratio(us, fus)),
+        Row("otlp", "GET /healthz while exporting, p50/p99 ms",
+            f"{ms(health, 0.5):.1f}/{ms(health, 0.99):.1f}",
+            f"{ms(floor_health, 0.5):.1f}/{ms(floor_health, 0.99):.1f}", ""),
     ]
 
 
@@ -1128,11 +1274,13 @@ def scenario_big(args: argparse.Namespace, procs: Processes, shipped: dict[str, 
 # --- main ------------------------------------------------------------------------------
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=("ingest", "gateway", "big", "trickle"))
+    parser.add_argument("--only", choices=("ingest", "otlp", "gateway", "big", "trickle"))
     parser.add_argument("--quick", action="store_true", help="every scenario shrunk")
-    parser.add_argument("--events", type=int, help="ingest: events (60,000; quick 6,000)")
+    parser.add_argument("--events", type=int, help="ingest, otlp: events (60,000; quick 6,000)")
     parser.add_argument("--batch", type=int, default=1000, help="ingest: events per POST")
-    parser.add_argument("--concurrency", type=int, default=4, help="ingest: posting clients")
+    parser.add_argument("--concurrency", type=int, default=4,
+                        help="ingest, otlp: posting clients")
+    parser.add_argument("--spans-per-request", type=int, default=512, help="otlp: spans")
     parser.add_argument("--seconds", type=float, help="gateway, big: measured (10; quick 2)")
     parser.add_argument("--warmup", type=float, help="gateway, big: unmeasured (1; quick 0.5)")
     parser.add_argument("--clients", type=int, default=16, help="gateway, big: clients")
@@ -1148,9 +1296,15 @@ def main() -> None:
                         help="gateway, big: how long to wait for exporters (300 s; quick 60 s)")
     parser.add_argument("--serve-ingest-floor", nargs=2, metavar=("PORT", "FILE"),
                         help=argparse.SUPPRESS)
+    parser.add_argument("--serve-otlp-floor", nargs=3, metavar=("GRPC", "HTTP", "FILE"),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_ingest_floor:
         serve_ingest_floor(int(args.serve_ingest_floor[0]), args.serve_ingest_floor[1])
+        return
+    if args.serve_otlp_floor:
+        grpc_port, http_port, out = args.serve_otlp_floor
+        serve_otlp_floor(int(grpc_port), int(http_port), out)
         return
     quick = args.quick
     args.events = args.events or (6000 if quick else 60_000)
@@ -1175,6 +1329,7 @@ def main() -> None:
     try:
         scenarios: dict[str, Callable[[], list[Row]]] = {
             "ingest": lambda: scenario_ingest(args, procs, shipped, tmp),
+            "otlp": lambda: scenario_otlp(args, procs, shipped, tmp),
             "gateway": lambda: scenario_gateway(args, procs, shipped, tmp, proxies),
             "big": lambda: scenario_big(args, procs, shipped, tmp, proxies),
             "trickle": lambda: scenario_trickle(args, procs, shipped, tmp)}

@@ -49,7 +49,7 @@ from meterline.gateway.proxy import Proxy
 
 class Sink:
     async def consume(self, events): pass
-    async def consume_encoded(self, decode, body):
+    async def consume_encoded(self, decode, body, once=None):
         return decode(body).received()
     def refused(self, count, reason): pass
 

@@ -23,6 +23,7 @@ from meterline import logs
 from meterline.component import Backpressure, Consumer, Decode, Received
 from meterline.event import Event
 from meterline.queue import QueueWriteError
+from meterline.recent import RecentIds
 
 T = TypeVar("T")
 PUSHBACK: tuple[type[Exception], ...] = (Backpressure, QueueWriteError)
@@ -60,11 +61,11 @@ async def refuse(consumer: Consumer, events: list[Event], log: FilteringBoundLog
 
 
 async def refuse_encoded(consumer: Consumer, decode: Decode, body: bytes,
-                         log: FilteringBoundLogger) -> Received:
-    """`consumer.consume_encoded(decode, body)`, with a push-back raised as `Refused`, as
-    `refuse` does (the consumer counts what it refuses of a body)."""
+                         log: FilteringBoundLogger, once: RecentIds | None = None) -> Received:
+    """`consumer.consume_encoded(decode, body, once)`, with a push-back raised as `Refused`,
+    as `refuse` does (the consumer counts what it refuses of a body)."""
     try:
-        return await consumer.consume_encoded(decode, body)
+        return await consumer.consume_encoded(decode, body, once)
     except PUSHBACK as e:
         raise _refusal(e, log) from e
 

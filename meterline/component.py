@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import msgspec
 
-from meterline.event import Event
+from meterline.event import Event, unpack
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
     from meterline.audit import AuditLog
     from meterline.config import PipelineFile
+    from meterline.recent import RecentIds
     from meterline.telemetry import Telemetry
 
 Kind = Literal["receiver", "processor", "exporter", "extension"]
@@ -113,11 +114,13 @@ class Backpressure(Exception):
 @dataclass(frozen=True)
 class Received:
     """What became of a body handed to `Consumer.consume_encoded`: its events were
-    accepted (durably queued), its `rejected` items refused with their reasons."""
+    accepted (durably queued), its `rejected` items refused with their reasons, and its
+    `duplicates` left out, as events taken already (`once`)."""
 
     accepted: int
     rejected: list[tuple[int, str]]
     skipped: int
+    duplicates: int = 0
 
 
 @dataclass
@@ -139,6 +142,13 @@ Decode = Callable[[bytes], Decoded]
 module-level function, or a `functools.partial` of one."""
 
 
+def decode_packed(keep: list[int] | None, body: bytes) -> Decoded:
+    """The `Decode` of events a worker decoded and packed (`Entry` decodes a body apart from
+    processing it when its events are taken once): those at the positions `keep`, or all."""
+    events = unpack(body)
+    return Decoded(events if keep is None else [events[i] for i in keep])
+
+
 class Consumer(Protocol):
     """Where a receiver hands its batches. Returns once they are durably queued.
 
@@ -148,11 +158,16 @@ class Consumer(Protocol):
 
     def consume(self, events: list[Event]) -> Awaitable[None]: ...
 
-    def consume_encoded(self, decode: Decode, body: bytes) -> Awaitable[Received]:
+    def consume_encoded(self, decode: Decode, body: bytes,
+                        once: RecentIds | None = None) -> Awaitable[Received]:
         """`consume(decode(body).events)`, with the decoding off the event loop: in the
         worker process that processes the events, where there is one. Raises what
         `decode` raises for the body as a whole, and what `consume` raises; the events it
-        refuses are counted here (only here is their number known)."""
+        refuses are counted here (only here is their number known).
+
+        With `once`, an event whose id `once` holds is left out before any processor sees
+        it (`Received.duplicates`), and the ids of those taken are claimed in it (released
+        again if they are not queued after all)."""
 
     def refused(self, count: int, reason: str) -> None:
         """Count events the receiver could not take, by reason (for self-telemetry)."""

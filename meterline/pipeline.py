@@ -12,14 +12,25 @@ back (`meterline.queue.put_all`) before the receiver hears of the failure.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import functools
 from dataclasses import dataclass, field
 
-from meterline.component import Backpressure, Decode, Processor, Received, run_processors
+from meterline.component import (
+    Backpressure,
+    Decode,
+    Decoded,
+    Processor,
+    Received,
+    decode_packed,
+    run_processors,
+)
 from meterline.delivery import ExporterRunner
 from meterline.event import Event, clone, pack, unpack
 from meterline.filtering import Filter
 from meterline.memory import MemoryLimiter
 from meterline.queue import Batch, QueueWriteError, Staged, abort_all, put_all
+from meterline.recent import RecentIds
 from meterline.telemetry import Telemetry
 from meterline.workers import Processed, ProcessorPool
 
@@ -163,17 +174,25 @@ class Entry:
             self.flow.leave()
         self.telemetry.receiver_accepted.add(len(events), self._attrs)
 
-    async def consume_encoded(self, decode: Decode, body: bytes) -> Received:
+    async def consume_encoded(self, decode: Decode, body: bytes,
+                              once: RecentIds | None = None) -> Received:
+        claimed: list[str] = []  # (ids `once` now holds, released if nothing is queued)
         await self.flow.enter()
         try:
+            names = [p.name for p in self.pipelines]
             if self.pool is None:
                 decoded = decode(body)
                 received = decoded.received()
+                if once is not None:
+                    decoded, received, claimed = _taken_once(decoded, once)
                 processed = self._processed_here(decoded.events) if decoded.events else []
-            else:
-                results, received = await self.pool.process_encoded(
-                    [p.name for p in self.pipelines], decode, body)
+            elif once is None:
+                results, received = await self.pool.process_encoded(names, decode, body)
                 processed = self._unpacked(results) if received.accepted else []
+            else:  # (two round trips: decoded, then what is new of it processed)
+                rest, packed, received, claimed = await self._decoded_once(decode, body, once)
+                processed = (self._unpacked((await self.pool.process_encoded(
+                    names, rest, packed))[0]) if received.accepted else [])
             if received.accepted:  # (counted once decoded: memory is checked then)
                 self._admit(received.accepted)
                 try:
@@ -181,11 +200,30 @@ class Entry:
                 except QueueWriteError:
                     self.refused(received.accepted, "unavailable")
                     raise
+        except BaseException:
+            if once is not None:
+                once.release(claimed)  # not taken: the client sends them again
+            raise
         finally:
             self.flow.leave()
         if received.accepted:
             self.telemetry.receiver_accepted.add(received.accepted, self._attrs)
         return received
+
+    async def _decoded_once(self, decode: Decode, body: bytes, once: RecentIds
+                            ) -> tuple[Decode, bytes, Received, list[str]]:
+        """A body whose events are taken once, decoded in a worker and not processed: the
+        ids come back here to be claimed before any processor sees an event. Returns the
+        decoder and body of the events left (packed: a worker processes them next), what
+        became of the body's items, and the ids claimed."""
+        assert self.pool is not None
+        unprocessed = await self.pool.decode(decode, body)
+        keep = once.claim_ids(unprocessed.ids)
+        received = dataclasses.replace(unprocessed.received, accepted=len(keep),
+                                       duplicates=len(unprocessed.ids) - len(keep))
+        everything = len(keep) == len(unprocessed.ids)
+        return (functools.partial(decode_packed, None if everything else keep),
+                unprocessed.packed, received, [unprocessed.ids[i] for i in keep])
 
     def _admit(self, count: int) -> None:
         """Refuse `count` events (`Backpressure`) while the daemon's memory is high."""
@@ -252,3 +290,13 @@ class Entry:
     def refused(self, count: int, reason: str) -> None:
         """Count events the receiver could not take (undecodable, pushed back...)."""
         self.telemetry.receiver_refused.add(count, {**self._attrs, "reason": reason})
+
+
+def _taken_once(decoded: Decoded, once: RecentIds) -> tuple[Decoded, Received, list[str]]:
+    """`decoded` without the events whose ids `once` holds, what became of its items, and
+    the ids claimed (those of the events kept)."""
+    ids = [event.event_id for event in decoded.events]
+    keep = once.claim_ids(ids)
+    kept = Decoded([decoded.events[i] for i in keep], decoded.rejected, decoded.skipped)
+    received = dataclasses.replace(kept.received(), duplicates=len(ids) - len(keep))
+    return kept, received, [ids[i] for i in keep]

@@ -32,18 +32,24 @@ class RecentIds:
         remembered; `release` them if the events were not taken after all."""
         if not self.size:
             return events, []
-        ids = self.ids
+        ids = [event.event_id for event in events]
+        fresh = self.claim_ids(ids)
+        return [events[i] for i in fresh], [ids[i] for i in fresh]
+
+    def claim_ids(self, ids: list[str]) -> list[int]:
+        """The positions in `ids` of those that are new (within `ids` too), now
+        remembered: for events known by their ids alone (decoded in a worker process)."""
+        if not self.size:
+            return list(range(len(ids)))
+        seen = self.ids
         fresh = []
-        claimed = []
-        for event in events:
-            event_id = event.event_id
-            if event_id not in ids:
-                ids[event_id] = None
-                fresh.append(event)
-                claimed.append(event_id)
-        for _ in range(len(ids) - self.size):
-            ids.popitem(last=False)
-        return fresh, claimed
+        for position, event_id in enumerate(ids):
+            if event_id not in seen:
+                seen[event_id] = None
+                fresh.append(position)
+        for _ in range(len(seen) - self.size):
+            seen.popitem(last=False)
+        return fresh
 
     def release(self, claimed: list[str]) -> None:
         """Forget ids claimed for events that were not taken after all."""

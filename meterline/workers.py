@@ -84,6 +84,16 @@ class Processed:
     counts: list[tuple[str, int, int]]  # (processor id, events in, events out)
 
 
+@dataclass
+class Unprocessed:
+    """A body a worker decoded and did not process (`ProcessorPool.decode`): its events
+    packed, their ids, and what became of its items."""
+
+    packed: bytes
+    ids: list[str]
+    received: Received
+
+
 # --- the main-process side ----------------------------------------------------------
 class _WorkerDied(Exception):
     pass
@@ -131,8 +141,8 @@ class _Handle:
         self.pending: deque[asyncio.Future[bytes]] = deque()
         self.generation = -1  # of the plan it was last sent
 
-    def send(self, generation: int, plan: bytes, names: list[str], decode: Decode | None,
-             data: bytes) -> asyncio.Future[bytes]:
+    def send(self, generation: int, plan: bytes, names: list[str] | None,
+             decode: Decode | None, data: bytes) -> asyncio.Future[bytes]:
         """A request is two frames: what to do (pickled), then the batch as it is packed,
         or the body `decode` makes it of (not copied into the pickle)."""
         future = asyncio.get_running_loop().create_future()
@@ -250,8 +260,9 @@ class ProcessorPool:
         except Exception as e:  # (batches are pushed back while no worker runs)
             self.log.error("a processing worker could not be started", error=str(e))
 
-    async def _run(self, handle: _Handle, pipelines: list[str], decode: Decode | None,
-                   data: bytes) -> tuple[list[Processed], Received | None]:
+    async def _run(self, handle: _Handle, pipelines: list[str] | None, decode: Decode | None,
+                   data: bytes) -> Any:
+        """The worker's answer (`_process`), once its counters are added to the daemon's."""
         future = handle.send(self._generation, self._plan, pipelines, decode, data)
         try:
             ok, value = pickle.loads(await future)
@@ -260,9 +271,9 @@ class ProcessorPool:
         if not ok:
             handle.generation = -1  # (it may not have built the plan: send it again)
             raise value
-        results, received, deltas = value
+        answer, deltas = value
         self._add_telemetry(deltas)
-        return results, received
+        return answer
 
     async def process(self, pipelines: list[str], events: list[Event]) -> list[Processed]:
         """Run `events` through the processors of each named pipeline, in the worker with
@@ -281,8 +292,14 @@ class ProcessorPool:
         assert received is not None
         return results, received
 
-    async def _submit(self, pipelines: list[str], decode: Decode | None,
-                      data: bytes) -> tuple[list[Processed], Received | None]:
+    async def decode(self, decode: Decode, body: bytes) -> Unprocessed:
+        """`decode(body)` in a worker, its events sent back packed, not processed: for the
+        events a receiver takes once, whose ids the main process must see first."""
+        unprocessed: Unprocessed = await self._submit(None, decode, body)
+        return unprocessed
+
+    async def _submit(self, pipelines: list[str] | None, decode: Decode | None,
+                      data: bytes) -> Any:
         if not self._handles:  # (a dead worker's handle is gone at once)
             raise Backpressure("no processing worker is running; retry", retry_after=0.5)
         return await self._run(min(self._handles, key=lambda h: len(h.pending)),
@@ -425,10 +442,11 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
-def _process(generation: int, plan: bytes, names: list[str], decode: Decode | None,
-             data: bytes) -> tuple[list[Processed], Received | None, dict[Any, float]]:
-    """One request: the processed batch of each pipeline, what became of a body's items
-    (when `data` is a body to `decode`, not packed events), and the counters' sums since."""
+def _process(generation: int, plan: bytes, names: list[str] | None, decode: Decode | None,
+             data: bytes) -> tuple[Any, dict[Any, float]]:
+    """One request: the processed batch of each pipeline and what became of a body's items
+    (when `data` is a body to `decode`, not packed events), or with no `names` the body
+    decoded only (`Unprocessed`); and the counters' sums since."""
     assert _worker is not None
     _worker.adopt(generation, plan)
     if decode is None:
@@ -436,8 +454,13 @@ def _process(generation: int, plan: bytes, names: list[str], decode: Decode | No
     else:
         decoded = decode(data)
         events, received = decoded.events, decoded.received()
-    results = _worker.run(names, events)
-    return results, received, _worker.telemetry.meter.drain()
+    answer: Any
+    if names is None:
+        assert received is not None
+        answer = Unprocessed(pack(events), [e.event_id for e in events], received)
+    else:
+        answer = (_worker.run(names, events), received)
+    return answer, _worker.telemetry.meter.drain()
 
 
 def serve(argv: list[str]) -> None:

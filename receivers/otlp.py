@@ -24,8 +24,15 @@ An application may send both the span of a call and its
 `gen_ai.client.inference.operation.details` log record (they carry the same
 event id). So that the call counts once, the receiver remembers the ids of the
 last `dedupe_ids` calls it queued, traces and logs alike, and drops a call it has
-just had (`meterline_receiver_refused_events_total{reason="duplicate"}`); the
-first of the two to arrive is the event. Spans alone or logs alone are untouched.
+just had (`meterline_receiver_refused_events_total{reason="duplicate"}`) before any
+processor sees it; the first of the two to arrive is the event. Spans alone or logs
+alone are untouched.
+
+A request's body is decoded off the event loop, in a worker process, when the daemon
+has workers (`Consumer.consume_encoded`): a batch of 512 spans with kilobyte prompts
+takes about 10 ms to decode, which the gateway's streams would otherwise wait out.
+With `dedupe_ids`, the worker sends the events back packed with their ids, the ids
+are claimed here, and a worker processes the new ones (two round trips).
 
 The answer comes once the events are durably queued. When a queue is full,
 nothing is queued and the client is told to retry: gRPC `RESOURCE_EXHAUSTED` with
@@ -35,9 +42,9 @@ The SDKs' OTLP exporters retry both.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import grpc
 from aiohttp import web
@@ -51,7 +58,7 @@ from opentelemetry.proto.collector.logs.v1 import logs_service_pb2
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
 from meterline.auth import REFUSAL, BearerToken
-from meterline.backpressure import Refused, refuse
+from meterline.backpressure import Refused, refuse_encoded
 from meterline.component import Consumer, Context, Factory, Receiver
 from meterline.httpserver import (
     MAX_HEADER_BYTES,
@@ -61,8 +68,7 @@ from meterline.httpserver import (
     serve,
 )
 from meterline.receivers.decoders import DecodeError, loggable
-from meterline.receivers.decoders.otlp import OtlpDecoded, decode_logs, decode_spans, parse_json
-from meterline.receivers.decoders.otlp_wire import parse_request
+from meterline.receivers.decoders.otlp import decode_request
 from meterline.recent import RecentIds
 from meterline.tls import ServerTlsConfig, read_pem
 from meterline.units import Listen
@@ -112,19 +118,19 @@ class _Signal:
     name: str  # "spans" or "log records", for messages
     service: str  # the gRPC service's full name
     request: type[Message]
-    decode: Callable[[Any], OtlpDecoded]
+    signal: str  # what `decode_request` decodes: "traces" or "logs"
     response: Callable[[int, str], Message]  # (rejected, message) -> Export*ServiceResponse
 
 
 _TRACES = _Signal(
     "spans", "opentelemetry.proto.collector.trace.v1.TraceService",
-    trace_service_pb2.ExportTraceServiceRequest, decode_spans,
+    trace_service_pb2.ExportTraceServiceRequest, "traces",
     lambda n, msg: trace_service_pb2.ExportTraceServiceResponse(
         partial_success=trace_service_pb2.ExportTracePartialSuccess(
             rejected_spans=n, error_message=msg)))
 _LOGS = _Signal(
     "log records", "opentelemetry.proto.collector.logs.v1.LogsService",
-    logs_service_pb2.ExportLogsServiceRequest, decode_logs,
+    logs_service_pb2.ExportLogsServiceRequest, "logs",
     lambda n, msg: logs_service_pb2.ExportLogsServiceResponse(
         partial_success=logs_service_pb2.ExportLogsPartialSuccess(
             rejected_log_records=n, error_message=msg)))
@@ -138,7 +144,7 @@ class OtlpReceiver(Receiver):
         self.auth = BearerToken(config.auth_token)
         self.grpc_server: grpc.aio.Server | None = None
         self.http_runner: web.AppRunner | None = None
-        self.recent = RecentIds(config.dedupe_ids)
+        self.recent = RecentIds(config.dedupe_ids) if config.dedupe_ids else None
 
     async def start(self) -> None:
         max_bytes = int(self.config.max_message_mb * (1 << 20))
@@ -192,25 +198,21 @@ class OtlpReceiver(Receiver):
             await self.http_runner.cleanup()
 
     # --- the same for both transports ----------------------------------------------
-    async def _accept(self, request: Message, unparsed: list[str], signal: _Signal) -> Message:
-        """Queue the calls a request carries; the partial-success answer to give, which
-        also counts the items that could not be parsed (`unparsed`: their reasons)."""
-        decoded = signal.decode(request)
-        rejected = unparsed + decoded.rejected
-        if decoded.skipped:
-            self.consumer.refused(decoded.skipped, "not_llm_call")
+    async def _accept(self, body: bytes, json_body: bool, signal: _Signal) -> Message:
+        """Queue the calls a request's body carries; the partial-success answer to give.
+        `DecodeError` when the body is not such a request at all. The items refused are
+        counted once the body is answered (one pushed back counts them when sent again)."""
+        decode = functools.partial(decode_request, signal.signal, json_body)
+        received = await refuse_encoded(self.consumer, decode, body, self.log, self.recent)
+        rejected = [reason for _, reason in received.rejected]
+        if received.skipped:
+            self.consumer.refused(received.skipped, "not_llm_call")
         if rejected:
             self.consumer.refused(len(rejected), "undecodable")
             self.log.info(f"{signal.name} rejected", count=len(rejected),
                           first_reason=loggable(rejected[0]))
-        events, claimed = self.recent.claim(decoded.events)
-        try:
-            await refuse(self.consumer, events, self.log)
-        except BaseException:
-            self.recent.release(claimed)  # not taken: the client sends them again
-            raise
-        if len(events) < len(decoded.events):
-            self.consumer.refused(len(decoded.events) - len(events), "duplicate")
+        if received.duplicates:
+            self.consumer.refused(received.duplicates, "duplicate")
         distinct = list(dict.fromkeys(rejected))  # the items of a bad resource share one
         reasons = distinct[:_MAX_REASONS]
         more = len(distinct) - len(reasons)
@@ -235,13 +237,12 @@ class OtlpReceiver(Receiver):
         if not self.auth.admits(metadata.get("authorization")):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, REFUSAL)
         try:
-            request, unparsed = parse_request(body, signal.request)
+            return await self._accept(body, False, signal)
         except DecodeError as e:
             self.consumer.refused(1, "undecodable")
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"not a protobuf {signal.request.__name__}: {e}")
-        try:
-            return await self._accept(request, unparsed, signal)
+            raise  # not reached: abort raises
         except Refused as e:
             code = (grpc.StatusCode.RESOURCE_EXHAUSTED if e.overloaded
                     else grpc.StatusCode.UNAVAILABLE)
@@ -268,13 +269,10 @@ class OtlpReceiver(Receiver):
         except BodyRefused as e:
             return _http_error(e.status, e.message, json_body)
         try:
-            message, unparsed = ((parse_json(body, signal.request), []) if json_body
-                                 else parse_request(body, signal.request))
+            answer = await self._accept(body, json_body, signal)
         except DecodeError as e:
             self.consumer.refused(1, "undecodable")
             return _http_error(400, f"not an OTLP {signal.request.__name__}: {e}", json_body)
-        try:
-            answer = await self._accept(message, unparsed, signal)
         except Refused as e:
             return _http_error(e.status, str(e), json_body, e.headers)
         return _http_answer(200, answer, json_body)

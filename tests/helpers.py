@@ -13,7 +13,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -180,6 +180,19 @@ async def post_raw(url: str, data: bytes, **kwargs: Any) -> tuple[int, Any, dict
         except msgspec.DecodeError:
             parsed = body.decode()
         return r.status, parsed, dict(r.headers)
+
+
+async def sent_until_taken(send: Callable[[], Awaitable[Any]],
+                           refused: type[Exception]) -> None:
+    """`send()` again every 0.1 s while it raises `refused` (at most 100 times), as a
+    client sends again what was pushed back."""
+    for _ in range(99):
+        try:
+            await send()
+            return
+        except refused:
+            await asyncio.sleep(0.1)
+    await send()
 
 
 async def eventually(check: Any, timeout: float = 10.0, interval: float = 0.05) -> Any:

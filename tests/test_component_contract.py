@@ -23,6 +23,7 @@ from meterline.config import SECTIONS, ComponentConfig, PipelineFile, convert
 from meterline.delivery import ExporterConfig, ExporterRunner, open_queue
 from meterline.event import Event
 from meterline.queue import Batch
+from meterline.recent import RecentIds
 from tests.helpers import ROOT, free_port, make_context, make_event
 
 CASES = [(kind, type_) for kind in describe.KINDS for type_ in sorted(registry.available(kind))]
@@ -97,7 +98,8 @@ class _Consumer:
     async def consume(self, events: list[Event]) -> None:
         self.events += events
 
-    async def consume_encoded(self, decode: Decode, body: bytes) -> Received:
+    async def consume_encoded(self, decode: Decode, body: bytes,
+                              once: RecentIds | None = None) -> Received:
         decoded = decode(body)
         self.events += decoded.events
         return decoded.received()

@@ -37,6 +37,7 @@ from tests.helpers import (
     post_raw,
     read_jsonl,
     running,
+    sent_until_taken,
 )
 
 PIPELINE = """
@@ -280,12 +281,8 @@ async def test_a_full_queue_answers_http_429_with_retry_after(tmp_path):
 async def test_a_call_pushed_back_is_taken_when_sent_again(tmp_path):
     async with pushed_back(tmp_path) as (stub, _):
         (tmp_path / "blocked").unlink()  # the exporter can write: the queue drains
-        for _ in range(100):  # as the SDK's exporter does, until taken
-            try:
-                await stub.Export(to_traces_request([make_event(2)]))
-                break
-            except grpc.aio.AioRpcError:
-                await asyncio.sleep(0.1)
+        await sent_until_taken(lambda: stub.Export(to_traces_request([make_event(2)])),
+                               grpc.aio.AioRpcError)  # as the SDK's exporter does
         out = await eventually(lambda: len(r := read_jsonl(tmp_path / "blocked/out.jsonl")) == 2
                                and r)
     assert [e["event_id"] for e in out] == [make_event(1).event_id, make_event(2).event_id]

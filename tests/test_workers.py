@@ -9,15 +9,20 @@ import sys
 from pathlib import Path
 
 import aiohttp
+import grpc
 import msgspec
 import pytest
+from opentelemetry.proto.collector.logs.v1.logs_service_pb2_grpc import LogsServiceStub
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2_grpc import TraceServiceStub
 
 from meterline import config as config_mod
 from meterline.config import MetricsConfig
 from meterline.event import pack
+from meterline.exporters.otlp.encode import to_logs_request, to_traces_request
 from meterline.telemetry import Telemetry
 from meterline.workers import Plan, ProcessorPool, ProcessorSpec
 from tests.helpers import (
+    FILE_OUT,
     event_dicts,
     eventually,
     free_port,
@@ -28,8 +33,10 @@ from tests.helpers import (
     post_raw,
     read_jsonl,
     running,
+    sent_until_taken,
     webhook_to_file,
 )
+from tests.helpers import pipeline as pipeline_of
 
 
 def pipeline(port: int, workers: int = 2, region: str = "eu", **service: object) -> str:
@@ -396,3 +403,90 @@ async def test_an_ndjson_body_is_decoded_in_a_worker_line_by_line(tmp_path):
         assert [r["index"] for r in body["rejected"]] == [3]
         rows = await eventually(lambda: len(read_jsonl(tmp_path / "data" / "out.jsonl")) == 3)
         assert rows
+
+
+# --- OTLP requests decoded in the workers -----------------------------------------------
+def otlp_pipeline(grpc_port: int, file: dict | None = None) -> str:
+    return pipeline_of({"otlp": {"grpc": f"127.0.0.1:{grpc_port}", "http": None}},
+                       {"labels": {"static": {"region": "eu"}}, "redact": {}},
+                       {"file": {**FILE_OUT, "batch": {"timeout": "20ms"}, **(file or {})}},
+                       {"workers": 2})
+
+
+async def test_an_otlp_request_is_decoded_in_a_worker_not_on_the_daemons_loop(
+        tmp_path, monkeypatch):
+    from meterline.receivers.decoders import otlp
+
+    def _must_not_decode(*args, **kwargs):
+        raise AssertionError("a request was decoded in the daemon's own process")
+
+    monkeypatch.setattr(otlp, "parse_request", _must_not_decode)
+    monkeypatch.setattr(otlp, "_span_event", _must_not_decode)
+    port = free_port()
+    async with running(otlp_pipeline(port), tmp_path), \
+            grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        answer = await TraceServiceStub(channel).Export(to_traces_request(
+            [make_event(i, user_id="ann@example.com") for i in range(3)]))
+        assert answer.partial_success.rejected_spans == 0
+        rows = await eventually(lambda: len(r := read_jsonl(tmp_path / "data" / "out.jsonl"))
+                                == 3 and r)
+    assert [r["metadata"]["region"] for r in rows] == ["eu"] * 3
+    assert "ann@example.com" not in str(rows)
+
+
+async def test_a_call_sent_as_span_and_log_record_to_two_workers_is_processed_once(tmp_path):
+    port = free_port()
+    calls = [make_event(i, trace_id=f"{i:032x}", span_id=f"{i + 1:016x}") for i in range(6)]
+    async with running(otlp_pipeline(port), tmp_path) as service, \
+            grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        traces, logs = TraceServiceStub(channel), LogsServiceStub(channel)
+        await asyncio.gather(*(send(to_request([call])) for call in calls
+                               for send, to_request in ((traces.Export, to_traces_request),
+                                                        (logs.Export, to_logs_request))))
+        rows = await eventually(lambda: len(r := read_jsonl(tmp_path / "data" / "out.jsonl"))
+                                >= 6 and r)
+        registry = service.telemetry.registry
+        duplicates = metric_value(registry, "meterline_receiver_refused_events_total",
+                                  reason="duplicate")
+        into_labels = metric_value(registry, "meterline_processor_incoming_events_total",
+                                   processor="labels")
+    assert sorted(r["event_id"] for r in rows) == sorted(c.event_id for c in calls)
+    assert (duplicates, into_labels) == (6, 6)  # no processor saw the second copy
+
+
+async def test_otlp_calls_pushed_back_after_a_worker_decoded_them_are_taken_when_sent_again(
+        tmp_path):
+    port = free_port()
+    blocker = tmp_path / "blocked"
+    blocker.write_text("not a directory")
+    file = {"path": str(blocker / "out.jsonl"), "queue": {"type": "memory", "max_events": 1},
+            "retry": {"initial_interval": "20ms", "max_interval": "50ms"}}
+    async with running(otlp_pipeline(port, file), tmp_path), \
+            grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = TraceServiceStub(channel)
+        await stub.Export(to_traces_request([make_event(1)]))
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.Export(to_traces_request([make_event(2)]))
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        blocker.unlink()  # the exporter can write: the queue drains
+        await sent_until_taken(lambda: stub.Export(to_traces_request([make_event(2)])),
+                               grpc.aio.AioRpcError)  # as the SDK's exporter does
+        rows = await eventually(lambda: len(r := read_jsonl(blocker / "out.jsonl")) == 2 and r)
+    assert [r["event_id"] for r in rows] == ["evt-00000001", "evt-00000002"]
+
+
+async def test_an_otlp_request_a_worker_cannot_parse_is_invalid_argument_and_it_serves_on(
+        tmp_path):
+    port = free_port()
+    async with running(otlp_pipeline(port), tmp_path) as service, \
+            grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        export = channel.unary_unary(
+            "/opentelemetry.proto.collector.trace.v1.TraceService/Export")
+        for _ in range(4):  # (each worker gets some)
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await export(b"\x0a\xff\xff\xff\x0f")  # a length past the end
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "not a protobuf ExportTraceServiceRequest" in refused.value.details()
+        await TraceServiceStub(channel).Export(to_traces_request([make_event(1)]))
+        assert await eventually(lambda: read_jsonl(tmp_path / "data" / "out.jsonl"))
+        assert service.pool.restarts == 0

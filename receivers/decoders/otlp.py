@@ -49,6 +49,7 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Status
 
 from meterline import bounds, otlpjson
+from meterline.component import Decoded
 from meterline.event import FIELDS, Event, from_dict, uuid7
 from meterline.genai import (
     ATTRIBUTES,
@@ -66,6 +67,7 @@ from meterline.genai import (
 )
 from meterline.lenient import as_metadata
 from meterline.receivers.decoders.errors import DecodeError
+from meterline.receivers.decoders.otlp_wire import parse_request
 
 __all__ = ["OtlpDecoded", "decode_logs", "decode_spans", "parse_json", "value_of"]
 
@@ -415,3 +417,27 @@ def parse_json(data: bytes, message_class: type[M]) -> M:
         return otlpjson.parse_json(data, message_class)
     except ValueError as e:
         raise DecodeError(str(e)) from None
+
+
+# --- a request's body ------------------------------------------------------------------
+_SIGNALS: Final[dict[str, tuple[type[Message], Callable[[Any], OtlpDecoded]]]] = {
+    "traces": (ExportTraceServiceRequest, decode_spans),
+    "logs": (ExportLogsServiceRequest, decode_logs)}
+
+
+def decode_request(signal: str, json_body: bool, body: bytes) -> Decoded:
+    """The body of an `Export*ServiceRequest` of `signal` ("traces" or "logs"), protobuf
+    or OTLP/JSON, to events: what the `otlp` receiver hands the pipeline with the body, to
+    be decoded in a worker process (bound with `functools.partial`, it pickles by name).
+    The items that do not parse (`parse_request`) and the malformed calls are `rejected`,
+    each reason naming its item (their positions are only the order of the reasons).
+    `DecodeError` when the body as a whole is not such a request."""
+    request_class, decode = _SIGNALS[signal]
+    unparsed: list[str] = []
+    if json_body:
+        message = parse_json(body, request_class)
+    else:
+        message, unparsed = parse_request(body, request_class)
+    decoded = decode(message)
+    return Decoded(decoded.events, list(enumerate(unparsed + decoded.rejected)),
+                   decoded.skipped)
