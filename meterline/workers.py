@@ -265,11 +265,12 @@ class ProcessorPool:
         """The worker's answer (`_process`), once its counters are added to the daemon's."""
         future = handle.send(self._generation, self._plan, pipelines, decode, data)
         try:
-            ok, value = pickle.loads(await future)
+            ok, value, built = pickle.loads(await future)
         except _WorkerDied:
             raise Backpressure("a processing worker stopped; retry", retry_after=0.5) from None
         if not ok:
-            handle.generation = -1  # (it may not have built the plan: send it again)
+            if not built:  # (a body it could not decode leaves the plan built)
+                handle.generation = -1
             raise value
         answer, deltas = value
         self._add_telemetry(deltas)
@@ -485,8 +486,9 @@ def _serve(requests: Connection, results: Connection, nice: int, log_level: str,
             reply: tuple[bool, Any] = (True, _process(generation, plan, names, decode, data))
         except Exception as e:  # a processor's error is the batch's, raised in the daemon
             reply = (False, e)
+        built = _worker is not None and _worker.generation == generation  # (the plan)
         try:
-            answer = pickle.dumps(reply, protocol=pickle.HIGHEST_PROTOCOL)
+            answer = pickle.dumps((*reply, built), protocol=pickle.HIGHEST_PROTOCOL)
         except Exception:  # an exception that does not pickle
-            answer = pickle.dumps((False, RuntimeError(repr(reply[1]))))
+            answer = pickle.dumps((False, RuntimeError(repr(reply[1])), built))
         results.send_bytes(answer)

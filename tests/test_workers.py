@@ -327,6 +327,31 @@ async def test_an_error_in_a_worker_reaches_the_caller_and_the_worker_serves_on(
         await pool.shutdown()
 
 
+async def test_a_body_a_worker_cannot_decode_leaves_its_plan_built_not_sent_again(
+        tmp_path, monkeypatch):
+    from meterline import workers
+    from meterline.receivers.decoders import DecodeError, decode_body
+
+    pool = await started_pool(tmp_path, [ProcessorSpec("labels", "labels", {})])
+    with_plan = []
+    send = workers._Handle.send
+
+    def spied(handle, generation, plan, *rest):
+        with_plan.append(handle.generation != generation)  # (else it is not sent)
+        return send(handle, generation, plan, *rest)
+
+    monkeypatch.setattr(workers._Handle, "send", spied)
+    try:
+        for _ in range(4):
+            with pytest.raises(DecodeError, match="malformed JSON"):
+                await pool.process_encoded(["usage"], decode_body, b'[{"provider": ')
+        for _ in range(4):
+            await pool.process(["usage"], long_prompts(1, 10, 0))
+        assert with_plan == [False] * 8
+    finally:
+        await pool.shutdown()
+
+
 async def test_batches_in_flight_together_are_each_answered_with_their_own_result(tmp_path):
     pool = await started_pool(tmp_path, [])
     try:
