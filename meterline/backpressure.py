@@ -50,13 +50,11 @@ class Refused(Exception):
 
 async def refuse(consumer: Consumer, events: list[Event], log: FilteringBoundLogger) -> None:
     """`consumer.consume(events)`, with a push-back raised as `Refused`. A failed write is
-    counted (`unavailable`) and logged as an error; a full queue is the client's to wait
-    out, and neither."""
+    logged as an error; a full queue is the client's to wait out. (The consumer counts
+    both.)"""
     try:
         await consumer.consume(events)
     except PUSHBACK as e:
-        if isinstance(e, QueueWriteError):
-            consumer.refused(len(events), "unavailable")
         raise _refusal(e, log) from e
 
 

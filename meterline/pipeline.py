@@ -195,11 +195,7 @@ class Entry:
                     names, rest, packed))[0]) if received.accepted else [])
             if received.accepted:  # (counted once decoded: memory is checked then)
                 self._admit(received.accepted)
-                try:
-                    await self._queue(received.accepted, processed)
-                except QueueWriteError:
-                    self.refused(received.accepted, "unavailable")
-                    raise
+                await self._queue(received.accepted, processed)
         except BaseException:
             if once is not None:
                 once.release(claimed)  # not taken: the client sends them again
@@ -234,7 +230,8 @@ class Entry:
     async def _queue(self, count: int,
                      processed: list[tuple[Pipeline, list[Event], bytes | None]]) -> None:
         """Each pipeline's processed events into its exporters' queues: in every queue or
-        in none (`count`: the events received, for the refusal's count)."""
+        in none (`count`: the events received, for the refusal's count: `backpressure`, or
+        `unavailable` when a queue cannot be written, whichever receiver hands them)."""
         routes: list[tuple[ExporterRunner, Batch]] = []
         for pipeline, events, packed in processed:
             routes.extend(pipeline.route(events, packed))
@@ -255,7 +252,11 @@ class Entry:
             await abort_all(staged)
             raise
         # every queue stores the batch, or none keeps it (QueueWriteError)
-        await put_all(staged)
+        try:
+            await put_all(staged)
+        except QueueWriteError:
+            self.refused(count, "unavailable")
+            raise
 
     async def _processed(
             self, events: list[Event]) -> list[tuple[Pipeline, list[Event], bytes | None]]:

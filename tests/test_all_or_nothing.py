@@ -107,6 +107,19 @@ async def test_a_persistent_queue_keeps_nothing_of_a_batch_another_queue_could_n
     await second.shutdown(1)
 
 
+async def test_events_handed_over_that_cannot_be_queued_are_counted_unavailable(
+        tmp_path, full_disk_under):
+    # (`consume`, as the gateway, file and Kafka receivers hand events over and retry)
+    entry, [(only, _)] = await entry_with(tmp_path, {"type": "persistent"})
+    full_disk_under(only.queue.dir)
+    for _ in range(2):
+        with pytest.raises(QueueWriteError):
+            await entry.consume(events(0, 5))
+    assert metric_value(entry.telemetry.registry, "meterline_receiver_refused_events_total",
+                        receiver="webhook", reason="unavailable") == 10
+    await only.shutdown(1)
+
+
 async def test_the_retry_of_a_refused_batch_is_delivered_once_everywhere(
         tmp_path, full_disk_under):
     entry, runners = await entry_with(tmp_path, {"type": "persistent"}, {"type": "memory"},
