@@ -18,7 +18,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2_grpc import TraceS
 from meterline import config as config_mod
 from meterline.config import MetricsConfig
 from meterline.event import pack
-from meterline.exporters.otlp.encode import to_logs_request, to_traces_request
+from meterline.exporters.otlp.encode import to_json, to_logs_request, to_traces_request
 from meterline.telemetry import Telemetry
 from meterline.workers import Plan, ProcessorPool, ProcessorSpec
 from tests.helpers import (
@@ -127,10 +127,7 @@ async def test_a_worker_killed_mid_stream_loses_no_acknowledged_event(tmp_path):
         senders = [asyncio.create_task(_send_batches(url, i * 10_000, 30, acked, answers))
                    for i in range(3)]
         await eventually(lambda: len(acked) >= 1000, timeout=30)
-        victim = service.pool.pids()[0]
-        os.kill(victim, signal.SIGSTOP)  # so that it holds batches when it is killed
-        await asyncio.sleep(0.5)
-        os.kill(victim, signal.SIGKILL)
+        await kill_a_worker_holding_work(service.pool)
         await asyncio.gather(*senders)
         assert len(acked) == 3 * 30 * 50  # every batch got in, retried where pushed back
         out = tmp_path / "data" / "out.jsonl"
@@ -139,6 +136,14 @@ async def test_a_worker_killed_mid_stream_loses_no_acknowledged_event(tmp_path):
         assert sorted(ids) == sorted(acked)  # each acknowledged event exactly once
         assert service.pool.restarts >= 1
         assert 429 in answers  # the batches the dead worker held were pushed back
+
+
+async def kill_a_worker_holding_work(pool: ProcessorPool) -> None:
+    """kill -9 a worker that was stopped first, so that it held batches when killed."""
+    victim = pool.pids()[0]
+    os.kill(victim, signal.SIGSTOP)
+    await asyncio.sleep(0.5)
+    os.kill(victim, signal.SIGKILL)
 
 
 async def _send_batches(url: str, first: int, batches: int, acked: list[str],
@@ -459,6 +464,28 @@ async def test_an_otlp_request_is_decoded_in_a_worker_not_on_the_daemons_loop(
     assert "ann@example.com" not in str(rows)
 
 
+async def test_otlp_json_over_http_is_decoded_in_a_worker(tmp_path, monkeypatch):
+    from meterline.receivers.decoders import otlp
+
+    def _must_not_decode(*args, **kwargs):
+        raise AssertionError("a request was decoded in the daemon's own process")
+
+    monkeypatch.setattr(otlp, "parse_json", _must_not_decode)
+    grpc_port, http_port = free_port(), free_port()
+    body = pipeline_of({"otlp": {"grpc": f"127.0.0.1:{grpc_port}",
+                                 "http": f"127.0.0.1:{http_port}"}},
+                       {"labels": {"static": {"region": "eu"}}}, None, {"workers": 2})
+    async with running(body, tmp_path):
+        status, answer, _ = await post_raw(
+            f"http://127.0.0.1:{http_port}/v1/traces",
+            to_json(to_traces_request([make_event(1), make_event(2)])),
+            headers={"Content-Type": "application/json"})
+        assert (status, answer) == (200, {"partialSuccess": {}})  # nothing rejected
+        rows = await eventually(lambda: len(r := read_jsonl(tmp_path / "data" / "out.jsonl"))
+                                == 2 and r)
+    assert [r["metadata"]["region"] for r in rows] == ["eu", "eu"]
+
+
 async def test_a_call_sent_as_span_and_log_record_to_two_workers_is_processed_once(tmp_path):
     port = free_port()
     calls = [make_event(i, trace_id=f"{i:032x}", span_id=f"{i + 1:016x}") for i in range(6)]
@@ -515,3 +542,34 @@ async def test_an_otlp_request_a_worker_cannot_parse_is_invalid_argument_and_it_
         await TraceServiceStub(channel).Export(to_traces_request([make_event(1)]))
         assert await eventually(lambda: read_jsonl(tmp_path / "data" / "out.jsonl"))
         assert service.pool.restarts == 0
+
+
+async def test_a_worker_killed_mid_export_loses_no_acknowledged_otlp_call(tmp_path):
+    port = free_port()
+    async with running(otlp_pipeline(port), tmp_path) as service, \
+            grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub, acked, refusals = TraceServiceStub(channel), [], []
+
+        async def export(first: int) -> None:
+            for n in range(20):
+                calls = [make_event(first + n * 25 + i) for i in range(25)]
+                for _ in range(100):
+                    try:
+                        await stub.Export(to_traces_request(calls))
+                    except grpc.aio.AioRpcError as e:
+                        refusals.append(e.code())
+                        await asyncio.sleep(0.05)
+                        continue
+                    acked.extend(c.event_id for c in calls)
+                    break
+
+        senders = [asyncio.create_task(export(i * 10_000)) for i in range(3)]
+        await eventually(lambda: len(acked) >= 200, timeout=30)
+        await kill_a_worker_holding_work(service.pool)
+        await asyncio.gather(*senders)
+        assert len(acked) == 3 * 20 * 25  # every request got in, retried where refused
+        out = tmp_path / "data" / "out.jsonl"
+        await eventually(lambda: len(read_jsonl(out)) >= len(acked), timeout=30)
+        ids = [r["event_id"] for r in read_jsonl(out)]
+    assert sorted(ids) == sorted(acked)  # each acknowledged call exactly once
+    assert grpc.StatusCode.RESOURCE_EXHAUSTED in refusals  # those the dead worker held
