@@ -191,8 +191,10 @@ class Entry:
                 processed = self._unpacked(results) if received.accepted else []
             else:  # (two round trips: decoded, then what is new of it processed)
                 rest, packed, received, claimed = await self._decoded_once(decode, body, once)
-                processed = (self._unpacked((await self.pool.process_encoded(
-                    names, rest, packed))[0]) if received.accepted else [])
+                processed = []
+                if received.accepted:
+                    results, _ = await self.pool.process_encoded(names, rest, packed)
+                    processed = self._unpacked(results)
             if received.accepted:  # (counted once decoded: memory is checked then)
                 self._admit(received.accepted)
                 await self._queue(received.accepted, processed)

@@ -94,6 +94,11 @@ class Unprocessed:
     received: Received
 
 
+# What a worker answers a request: each pipeline's result and, for a body, what became of
+# its items; or, for a body to decode only, `Unprocessed`.
+Answer = tuple[list[Processed], Received | None] | Unprocessed
+
+
 # --- the main-process side ----------------------------------------------------------
 class _WorkerDied(Exception):
     pass
@@ -261,7 +266,7 @@ class ProcessorPool:
             self.log.error("a processing worker could not be started", error=str(e))
 
     async def _run(self, handle: _Handle, pipelines: list[str] | None, decode: Decode | None,
-                   data: bytes) -> Any:
+                   data: bytes) -> Answer:
         """The worker's answer (`_process`), once its counters are added to the daemon's."""
         future = handle.send(self._generation, self._plan, pipelines, decode, data)
         try:
@@ -272,6 +277,7 @@ class ProcessorPool:
             if not built:  # (a body it could not decode leaves the plan built)
                 handle.generation = -1
             raise value
+        answer: Answer
         answer, deltas = value
         self._add_telemetry(deltas)
         return answer
@@ -280,8 +286,9 @@ class ProcessorPool:
         """Run `events` through the processors of each named pipeline, in the worker with
         the fewest batches pending. Raises `Backpressure` when the worker died on the way
         (nothing was queued) or none is running (one is being started again)."""
-        results, _ = await self._submit(pipelines, None, pack(events))
-        return results
+        answer = await self._submit(pipelines, None, pack(events))
+        assert not isinstance(answer, Unprocessed)
+        return answer[0]
 
     async def process_encoded(self, pipelines: list[str], decode: Decode,
                               body: bytes) -> tuple[list[Processed], Received]:
@@ -289,18 +296,19 @@ class ProcessorPool:
         neither decodes the body nor packs its events. What the decoder refused or
         skipped comes back in the `Received`; what it raises for the whole body is raised
         here."""
-        results, received = await self._submit(pipelines, decode, body)
-        assert received is not None
-        return results, received
+        answer = await self._submit(pipelines, decode, body)
+        assert not isinstance(answer, Unprocessed) and answer[1] is not None
+        return answer[0], answer[1]
 
     async def decode(self, decode: Decode, body: bytes) -> Unprocessed:
         """`decode(body)` in a worker, its events sent back packed, not processed: for the
         events a receiver takes once, whose ids the main process must see first."""
-        unprocessed: Unprocessed = await self._submit(None, decode, body)
-        return unprocessed
+        answer = await self._submit(None, decode, body)
+        assert isinstance(answer, Unprocessed)
+        return answer
 
     async def _submit(self, pipelines: list[str] | None, decode: Decode | None,
-                      data: bytes) -> Any:
+                      data: bytes) -> Answer:
         if not self._handles:  # (a dead worker's handle is gone at once)
             raise Backpressure("no processing worker is running; retry", retry_after=0.5)
         return await self._run(min(self._handles, key=lambda h: len(h.pending)),
@@ -444,7 +452,7 @@ def _die_with_parent() -> None:
 
 
 def _process(generation: int, plan: bytes, names: list[str] | None, decode: Decode | None,
-             data: bytes) -> tuple[Any, dict[Any, float]]:
+             data: bytes) -> tuple[Answer, dict[Any, float]]:
     """One request: the processed batch of each pipeline and what became of a body's items
     (when `data` is a body to `decode`, not packed events), or with no `names` the body
     decoded only (`Unprocessed`); and the counters' sums since."""
@@ -455,7 +463,7 @@ def _process(generation: int, plan: bytes, names: list[str] | None, decode: Deco
     else:
         decoded = decode(data)
         events, received = decoded.events, decoded.received()
-    answer: Any
+    answer: Answer
     if names is None:
         assert received is not None
         answer = Unprocessed(pack(events), [e.event_id for e in events], received)
