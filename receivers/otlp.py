@@ -118,7 +118,7 @@ class _Signal:
     name: str  # "spans" or "log records", for messages
     service: str  # the gRPC service's full name
     request: type[Message]
-    signal: str  # what `decode_request` decodes: "traces" or "logs"
+    kind: str  # what `decode_request` decodes: "traces" or "logs"
     response: Callable[[int, str], Message]  # (rejected, message) -> Export*ServiceResponse
 
 
@@ -202,7 +202,7 @@ class OtlpReceiver(Receiver):
         """Queue the calls a request's body carries; the partial-success answer to give.
         `DecodeError` when the body is not such a request at all. The items refused are
         counted once the body is answered (one pushed back counts them when sent again)."""
-        decode = functools.partial(decode_request, signal.signal, json_body)
+        decode = functools.partial(decode_request, signal.kind, json_body)
         received = await refuse_encoded(self.consumer, decode, body, self.log, self.recent)
         rejected = [reason for _, reason in received.rejected]
         if received.skipped:
