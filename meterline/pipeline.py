@@ -192,7 +192,9 @@ class Entry:
             else:  # (two round trips: decoded, then what is new of it processed)
                 rest, packed, received, claimed = await self._decoded_once(decode, body, once)
                 processed = []
-                if received.accepted:
+                if received.accepted and not any(p.processors for p in self.pipelines):
+                    processed = self._processed_here(rest(packed).events)  # (nothing to run)
+                elif received.accepted:
                     results, _ = await self.pool.process_encoded(names, rest, packed)
                     processed = self._unpacked(results)
             if received.accepted:  # (counted once decoded: memory is checked then)

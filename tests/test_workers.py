@@ -527,6 +527,22 @@ async def test_otlp_calls_pushed_back_after_a_worker_decoded_them_are_taken_when
     assert [r["event_id"] for r in rows] == ["evt-00000001", "evt-00000002"]
 
 
+async def test_otlp_calls_for_pipelines_without_processors_go_to_a_worker_once(tmp_path):
+    port = free_port()
+    body = pipeline_of({"otlp": {"grpc": f"127.0.0.1:{port}", "http": None}}, None,
+                       {"file": {**FILE_OUT, "batch": {"timeout": "20ms"}}}, {"workers": 2})
+    async with running(body, tmp_path) as service, \
+            grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        async def _no_second_trip(*args):
+            raise AssertionError("events no processor runs on went to a worker again")
+
+        service.pool.process_encoded = _no_second_trip
+        await TraceServiceStub(channel).Export(to_traces_request([make_event(1)]))
+        await LogsServiceStub(channel).Export(to_logs_request([make_event(1)]))
+        rows = await eventually(lambda: read_jsonl(tmp_path / "data" / "out.jsonl"))
+    assert [r["event_id"] for r in rows] == ["evt-00000001"]
+
+
 async def test_an_otlp_request_a_worker_cannot_parse_is_invalid_argument_and_it_serves_on(
         tmp_path):
     port = free_port()
