@@ -192,6 +192,8 @@ class Entry:
             else:  # (two round trips: decoded, then what is new of it processed)
                 rest, packed, received, claimed = await self._decoded_once(decode, body, once)
                 processed = []
+                if received.accepted:  # (its number known before the processors run)
+                    self._admit(received.accepted)
                 if received.accepted and not any(p.processors for p in self.pipelines):
                     processed = self._processed_here(rest(packed).events)  # (nothing to run)
                 elif received.accepted:

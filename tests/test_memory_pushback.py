@@ -1,6 +1,20 @@
 """The memory limiter in the data path: receivers push back, nothing is queued."""
 
-from tests.helpers import free_port, metric_value, post_json, read_jsonl, running, webhook_to_file
+import grpc
+import pytest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2_grpc import TraceServiceStub
+
+from meterline.exporters.otlp.encode import to_traces_request
+from tests.helpers import (
+    free_port,
+    make_event,
+    metric_value,
+    post_json,
+    read_jsonl,
+    running,
+    webhook_to_file,
+)
+from tests.helpers import pipeline as pipeline_of
 
 
 def pipeline(port, limit, workers=1):
@@ -31,6 +45,26 @@ async def test_a_body_decoded_in_a_worker_is_refused_whole_above_the_soft_limit(
         assert read_jsonl(tmp_path / "data" / "out.jsonl") == []
         assert metric_value(service.telemetry.registry, "meterline_receiver_refused_events_total",
                             receiver="webhook", reason="memory_limit") == 3
+
+
+async def test_otlp_calls_above_the_soft_limit_are_refused_before_any_processor_runs(
+        tmp_path):
+    port = free_port()
+    body = pipeline_of({"otlp": {"grpc": f"127.0.0.1:{port}", "http": None}},
+                       {"labels": {}}, None,
+                       {"workers": 2, "memory_limiter": {"limit_mib": 8, "check_interval": "2s"}})
+    async with running(body, tmp_path) as service, \
+            grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        async def _processed(*args):
+            raise AssertionError("the calls were processed before being refused")
+
+        service.pool.process_encoded = _processed
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await TraceServiceStub(channel).Export(to_traces_request(
+                [make_event(1), make_event(2)]))
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert metric_value(service.telemetry.registry, "meterline_receiver_refused_events_total",
+                            receiver="otlp", reason="memory_limit") == 2
 
 
 async def test_the_webhook_accepts_below_the_soft_limit(tmp_path):
