@@ -765,6 +765,40 @@ def idle_kinds(pid: int) -> str:
     return f"anonymous {anon:.0f} MB, file-backed {file:.0f} MB"
 
 
+@dataclass
+class Measures:
+    """What a load run gives, in seconds: until every item was accepted, until every
+    exporter had sent them (None: not within the time allowed), the process tree's CPU;
+    and the latencies of `GET /healthz` asked meanwhile."""
+
+    accepted_s: float
+    delivered_s: float | None
+    cpu_s: float
+    health: list[float]
+
+
+def rate_rows(scenario: str, item: str, doing: str, n: int, daemon: Measures,
+              floor: Measures) -> list[Row]:
+    """The rates, the CPU per item and `/healthz`'s wait of a run of `n` items (events or
+    spans), the daemon's beside the floor's."""
+    acc, facc = n / daemon.accepted_s, n / floor.accepted_s
+    e2e = n / daemon.delivered_s if daemon.delivered_s else None
+    fe2e = n / floor.delivered_s if floor.delivered_s else None
+    us, fus = daemon.cpu_s / n * 1e6, floor.cpu_s / n * 1e6
+
+    def waits(m: Measures) -> str:
+        return f"{ms(m.health, 0.5):.1f}/{ms(m.health, 0.99):.1f}"
+
+    return [
+        Row(scenario, f"accepted {item}s/s", fmt(acc), fmt(facc), ratio(acc, facc)),
+        Row(scenario, f"end-to-end {item}s/s (all exporters)", fmt(e2e), fmt(fe2e),
+            ratio(e2e, fe2e)),
+        Row(scenario, f"CPU us/{item} (process tree)", fmt(us), fmt(fus), ratio(us, fus)),
+        Row(scenario, f"GET /healthz while {doing}, p50/p99 ms", waits(daemon), waits(floor),
+            ""),
+    ]
+
+
 def scenario_ingest(args: argparse.Namespace, procs: Processes, shipped: dict[str, Any],
                     tmp: Path) -> list[Row]:
     events = ingest_events(args.events)
@@ -837,18 +871,11 @@ def scenario_ingest(args: argparse.Namespace, procs: Processes, shipped: dict[st
     print(f"  floor: {written:,} lines in {floor_total_s:.2f} s; CPU {fcpu:.2f} s")
 
     n = args.events
-    acc, facc = n / accept_s, n / floor_accept_s
-    e2e = n / end_to_end if end_to_end else None
-    fe2e = written / floor_total_s
-    us, fus = cpu / n * 1e6, fcpu / n * 1e6
     return [
-        Row("ingest", "accepted events/s", fmt(acc), fmt(facc), ratio(acc, facc)),
-        Row("ingest", "end-to-end events/s (all exporters)", fmt(e2e), fmt(fe2e),
-            ratio(e2e, fe2e)),
-        Row("ingest", "CPU us/event (process tree)", fmt(us), fmt(fus), ratio(us, fus)),
-        Row("ingest", "GET /healthz while posting, p50/p99 ms",
-            f"{ms(health, 0.5):.1f}/{ms(health, 0.99):.1f}",
-            f"{ms(floor_health, 0.5):.1f}/{ms(floor_health, 0.99):.1f}", ""),
+        *rate_rows("ingest", "event", "posting", n, Measures(accept_s, end_to_end, cpu, health),
+                   # (the floor's rate end to end is the lines it wrote, by the time it took)
+                   Measures(floor_accept_s, floor_total_s * n / written if written else None,
+                            fcpu, floor_health)),
         Row("ingest", "peak RSS MB (tree sum)", fmt(rss.peak_mb), fmt(floor_rss.peak_mb),
             ratio(rss.peak_mb, floor_rss.peak_mb)),
         Row("ingest", "main process VmHWM MB", fmt(hwm), fmt(floor_hwm), ratio(hwm, floor_hwm)),
@@ -972,19 +999,9 @@ def scenario_otlp(args: argparse.Namespace, procs: Processes, shipped: dict[str,
     finally:
         procs.stop(floor)
 
-    n = args.events
-    acc, facc = n / accept_s, n / floor_s
-    e2e = n / end_to_end if end_to_end else None
-    us, fus = cpu / n * 1e6, fcpu / n * 1e6
-    return [
-        Row("otlp", "accepted spans/s", fmt(acc), fmt(facc), ratio(acc, facc)),
-        Row("otlp", "end-to-end spans/s (all exporters)", fmt(e2e), fmt(facc),
-            ratio(e2e, facc)),
-        Row("otlp", "CPU us/span (process tree)", fmt(us), fmt(fus), ratio(us, fus)),
-        Row("otlp", "GET /healthz while exporting, p50/p99 ms",
-            f"{ms(health, 0.5):.1f}/{ms(health, 0.99):.1f}",
-            f"{ms(floor_health, 0.5):.1f}/{ms(floor_health, 0.99):.1f}", ""),
-    ]
+    return rate_rows("otlp", "span", "exporting", args.events,
+                     Measures(accept_s, end_to_end, cpu, health),
+                     Measures(floor_s, floor_s, fcpu, floor_health))
 
 
 # --- scenario 4: a trickle ------------------------------------------------------------

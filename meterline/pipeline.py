@@ -179,6 +179,8 @@ class Entry:
         claimed: list[str] = []  # (ids `once` now holds, released if nothing is queued)
         await self.flow.enter()
         try:
+            # The memory limiter is consulted once the number of events is known: after
+            # the processors, but between a body's two trips when it is taken once.
             names = [p.name for p in self.pipelines]
             if self.pool is None:
                 decoded = decode(body)
@@ -186,21 +188,21 @@ class Entry:
                 if once is not None:
                     decoded, received, claimed = _taken_once(decoded, once)
                 processed = self._processed_here(decoded.events) if decoded.events else []
+                self._admit(received.accepted)
             elif once is None:
                 results, received = await self.pool.process_encoded(names, decode, body)
                 processed = self._unpacked(results) if received.accepted else []
+                self._admit(received.accepted)
             else:  # (two round trips: decoded, then what is new of it processed)
                 rest, packed, received, claimed = await self._decoded_once(decode, body, once)
+                self._admit(received.accepted)
                 processed = []
-                if received.accepted:  # (its number known before the processors run)
-                    self._admit(received.accepted)
-                if received.accepted and not any(p.processors for p in self.pipelines):
+                if received.accepted and not self._runs_processors:
                     processed = self._processed_here(rest(packed).events)  # (nothing to run)
                 elif received.accepted:
                     results, _ = await self.pool.process_encoded(names, rest, packed)
                     processed = self._unpacked(results)
-            if received.accepted:  # (counted once decoded: memory is checked then)
-                self._admit(received.accepted)
+            if received.accepted:
                 await self._queue(received.accepted, processed)
         except BaseException:
             if once is not None:
@@ -220,16 +222,21 @@ class Entry:
         became of the body's items, and the ids claimed."""
         assert self.pool is not None
         unprocessed = await self.pool.decode(decode, body)
-        keep = once.claim_ids(unprocessed.ids)
-        received = dataclasses.replace(unprocessed.received, accepted=len(keep),
-                                       duplicates=len(unprocessed.ids) - len(keep))
+        keep, received, claimed = _claimed(once, unprocessed.ids, unprocessed.received)
         everything = len(keep) == len(unprocessed.ids)
         return (functools.partial(decode_packed, None if everything else keep),
-                unprocessed.packed, received, [unprocessed.ids[i] for i in keep])
+                unprocessed.packed, received, claimed)
+
+    @property
+    def _runs_processors(self) -> bool:
+        """Whether any pipeline of the receiver has a processor (else a batch stays here:
+        a worker's round trip would only pack and unpack it)."""
+        return any(p.processors for p in self.pipelines)
 
     def _admit(self, count: int) -> None:
-        """Refuse `count` events (`Backpressure`) while the daemon's memory is high."""
-        if self.limiter is not None and self.limiter.should_refuse():
+        """Refuse `count` events (`Backpressure`) while the daemon's memory is high (none
+        to refuse: nothing to do)."""
+        if count and self.limiter is not None and self.limiter.should_refuse():
             self.refused(count, "memory_limit")
             raise self.limiter.refusal(count, self.receiver_id)
 
@@ -268,8 +275,8 @@ class Entry:
             self, events: list[Event]) -> list[tuple[Pipeline, list[Event], bytes | None]]:
         """Each pipeline's processed copy of `events`, in a worker process when there is
         a pool (the loop only awaits it), else here; here too when no pipeline has a
-        processor (the round trip would only pack and unpack the batch)."""
-        if self.pool is None or not any(p.processors for p in self.pipelines):
+        processor."""
+        if self.pool is None or not self._runs_processors:
             return self._processed_here(events)
         try:
             results = await self.pool.process([p.name for p in self.pipelines], events)
@@ -302,8 +309,17 @@ class Entry:
 def _taken_once(decoded: Decoded, once: RecentIds) -> tuple[Decoded, Received, list[str]]:
     """`decoded` without the events whose ids `once` holds, what became of its items, and
     the ids claimed (those of the events kept)."""
-    ids = [event.event_id for event in decoded.events]
-    keep = once.claim_ids(ids)
+    keep, received, claimed = _claimed(once, [e.event_id for e in decoded.events],
+                                       decoded.received())
     kept = Decoded([decoded.events[i] for i in keep], decoded.rejected, decoded.skipped)
-    received = dataclasses.replace(kept.received(), duplicates=len(ids) - len(keep))
-    return kept, received, [ids[i] for i in keep]
+    return kept, received, claimed
+
+
+def _claimed(once: RecentIds, ids: list[str], received: Received
+             ) -> tuple[list[int], Received, list[str]]:
+    """Claim the events' `ids` in `once`: the positions of the new ones, what became of the
+    body's items (`received`, its duplicates left out), and the ids claimed."""
+    keep = once.claim_ids(ids)
+    received = dataclasses.replace(received, accepted=len(keep),
+                                   duplicates=len(ids) - len(keep))
+    return keep, received, [ids[i] for i in keep]
