@@ -70,6 +70,10 @@ def _must_not_run(events):
     raise AssertionError("a processor ran in the daemon's own process")
 
 
+def _must_not_decode(*args, **kwargs):
+    raise AssertionError("a body was decoded in the daemon's own process")
+
+
 async def test_a_batch_for_pipelines_without_processors_is_not_sent_to_a_worker(tmp_path):
     async def _no_round_trip(pipelines, events):
         raise AssertionError("a batch no processor runs on went to a worker")
@@ -372,9 +376,6 @@ async def test_a_webhook_body_is_decoded_in_a_worker_not_on_the_daemons_loop(
         tmp_path, monkeypatch):
     from meterline.receivers import decoders
 
-    def _must_not_decode(*args, **kwargs):
-        raise AssertionError("a body was decoded in the daemon's own process")
-
     monkeypatch.setattr(decoders, "list_from_json", _must_not_decode)
     monkeypatch.setattr(decoders, "_decode_item", _must_not_decode)
     port = free_port()
@@ -447,9 +448,6 @@ async def test_an_otlp_request_is_decoded_in_a_worker_not_on_the_daemons_loop(
         tmp_path, monkeypatch):
     from meterline.receivers.decoders import otlp
 
-    def _must_not_decode(*args, **kwargs):
-        raise AssertionError("a request was decoded in the daemon's own process")
-
     monkeypatch.setattr(otlp, "parse_request", _must_not_decode)
     monkeypatch.setattr(otlp, "_span_event", _must_not_decode)
     port = free_port()
@@ -466,9 +464,6 @@ async def test_an_otlp_request_is_decoded_in_a_worker_not_on_the_daemons_loop(
 
 async def test_otlp_json_over_http_is_decoded_in_a_worker(tmp_path, monkeypatch):
     from meterline.receivers.decoders import otlp
-
-    def _must_not_decode(*args, **kwargs):
-        raise AssertionError("a request was decoded in the daemon's own process")
 
     monkeypatch.setattr(otlp, "parse_json", _must_not_decode)
     grpc_port, http_port = free_port(), free_port()
