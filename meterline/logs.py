@@ -29,22 +29,57 @@ from structlog.typing import EventDict, FilteringBoundLogger, Processor
 
 
 def configure(level: str = "info", encoding: str = "console") -> None:
+    """The daemon's log, and the records of the libraries it runs in the same form."""
     last: list[Processor] = ([structlog.processors.JSONRenderer()] if encoding == "json"
                              else [_inert, structlog.dev.ConsoleRenderer(
                                  colors=sys.stderr.isatty())])
+    stamp: list[Processor] = [structlog.processors.add_log_level,
+                              structlog.processors.TimeStamper(fmt="iso", utc=True),
+                              structlog.processors.format_exc_info]
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            *last,
-        ],
+        processors=[structlog.contextvars.merge_contextvars, *stamp, *last],
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[level.upper()]),
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),
         cache_logger_on_first_use=False,
     )
+    _route_libraries(level, [structlog.stdlib.add_logger_name, *stamp, _foreign], last)
+
+
+def _route_libraries(level: str, chain: list[Processor], last: list[Processor]) -> None:
+    """The libraries the daemon runs (aiohttp, asyncio, grpc, clickhouse-connect...) log
+    through `logging`. With no handler there, Python writes their records to stderr as
+    bare text: a line a JSON log's reader cannot parse, carrying in clear whatever the
+    library quoted (aiohttp logs the start of a request line it refuses, query string
+    and all). Their records, from WARNING up, are written as ours are, with the name of
+    their logger, and their text masked (`_foreign`). Python's warnings go the same way."""
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=chain,
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *last])
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if h.get_name() == _HANDLER]:
+        root.removeHandler(handler)  # configured again (a test)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.set_name(_HANDLER)
+    handler.setFormatter(formatter)
+    root.addHandler(handler)
+    root.setLevel(max(logging.WARNING, logging.getLevelNamesMapping()[level.upper()]))
+    logging.captureWarnings(True)
+
+
+_HANDLER = "meterline"
+
+
+def _foreign(_logger: object, _name: str, event_dict: EventDict) -> EventDict:
+    """A library's message and traceback may quote traffic (a URL, a header, a value it
+    could not parse): the message is cut to one bounded line, and what the built-in
+    detectors find in either is masked, as in a refused item's reason."""
+    from meterline.processors.redact.engine import masked  # compiled on first use
+
+    event_dict["event"] = masked([bounded(str(event_dict.get("event", "")))])[0]
+    if isinstance(event_dict.get("exception"), str):
+        event_dict["exception"] = masked([event_dict["exception"]])[0]
+    return event_dict
 
 
 class _Escaped:

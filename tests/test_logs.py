@@ -1,8 +1,12 @@
 """The daemon's logs: JSON lines when asked, and never the content of prompts, even when
 an item is refused and an exporter's error quotes what it was sent."""
 
+import asyncio
 import json
+import logging
+import warnings
 
+import pytest
 import structlog
 from aiohttp import web
 from google.rpc.status_pb2 import Status
@@ -125,35 +129,115 @@ async def test_console_logs_write_control_characters_from_traffic_escaped(daemon
     assert not any(ch in line for ch in "\x9b\u202e\x1b")
 
 
-def test_a_console_traceback_keeps_its_lines_and_escapes_control_characters(capsys):
-    saved = structlog.get_config()
-    logs.configure("info", "console")  # writes to this test's captured stderr
+@pytest.fixture
+def configured():
+    """`logs.configure` in this process, undone after the test (structlog's settings and
+    the handler it puts on the root logger)."""
+    saved, root = structlog.get_config(), logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield logs.configure  # writes to the test's captured stderr
+    structlog.configure(**saved)
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    logging.captureWarnings(False)
+
+
+def test_a_console_traceback_keeps_its_lines_and_escapes_control_characters(capsys, configured):
+    configured("info", "console")
     try:
         raise ValueError("bad value \x1b]8;;http://evil.example\x07click\x1b]8;;\x07")
     except ValueError:
         logs.get().exception("request failed")
-    finally:
-        structlog.configure(**saved)
     err = capsys.readouterr().err
     assert "Traceback (most recent call last):\n" in err
     assert "ValueError: bad value \\x1b]8;;http://evil.example\\x07click" in err
     assert "\x1b" not in err and "\x07" not in err
 
 
-def test_a_console_traceback_cannot_begin_a_line_that_reads_as_a_record(capsys):
+def test_a_console_traceback_cannot_begin_a_line_that_reads_as_a_record(capsys, configured):
     """An exception's message may quote traffic; a line break in it must not start a
     line at the first column, where every record starts with its timestamp."""
-    saved = structlog.get_config()
-    logs.configure("info", "console")
+    configured("info", "console")
     forged = "2026-01-01T00:00:00.000000Z [info     ] login ok  user=admin"
     try:
         raise ValueError(f"bad value\n{forged}")
     except ValueError:
         logs.get().exception("request failed")
-    finally:
-        structlog.configure(**saved)
     record, *traceback = capsys.readouterr().err.splitlines()
     assert record.endswith("[error    ] request failed")
     assert traceback[0] == "  Traceback (most recent call last):"
     assert traceback[-2:] == ["  ValueError: bad value", f"  {forged}"]
     assert all(line.startswith("  ") for line in traceback)
+
+
+SECRET = "sk-proj-Ab12Cd34Ef56Gh78Ij90Kl12Mn34Op56"  # an OpenAI key's shape
+EMAIL = "jane.doe@acme-corp.com"
+
+
+def test_a_librarys_records_are_json_lines_with_its_logger_and_traffic_masked(capsys,
+                                                                             configured):
+    configured("info", "json")
+    logging.getLogger("asyncio").info("not written: a library's records start at WARNING")
+    try:
+        raise ValueError(f"cannot parse {EMAIL}")
+    except ValueError:
+        logging.getLogger("asyncio").exception("Task exception for %s", SECRET)
+    [line] = capsys.readouterr().err.splitlines()
+    record = json.loads(line)
+    assert (record["logger"], record["level"]) == ("asyncio", "error")
+    assert record["event"] == "Task exception for <OPENAI_KEY>"
+    assert record["exception"].endswith("ValueError: cannot parse <EMAIL>")
+    assert "timestamp" in record and SECRET not in line and EMAIL not in line
+
+
+def test_a_librarys_console_records_have_control_characters_escaped(capsys, configured):
+    configured("info", "console")
+    logging.getLogger("grpc._server").warning("bad name \x1b[2J\u202eevil")
+    err = capsys.readouterr().err
+    assert "'bad name \\x1b[2J\\u202eevil'" in err and "[grpc._server]" in err
+    assert "\x1b" not in err and "\u202e" not in err
+
+
+def test_python_warnings_are_log_records(capsys, configured):
+    configured("info", "json")
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.warn(f"deprecated option for {EMAIL}", UserWarning, stacklevel=1)
+    record = json.loads(capsys.readouterr().err)
+    assert (record["logger"], record["level"]) == ("py.warnings", "warning")
+    assert "UserWarning: deprecated option for <EMAIL>" in record["event"]
+
+
+async def test_a_refused_request_line_is_logged_once_as_json_without_what_it_quotes(
+        daemon_factory):
+    """aiohttp refuses a request line over its limit (400) and logs its first bytes, the
+    query string with them: what a client put there (a key, an address) stays out of the
+    log, the line is JSON, and a client sending them in a loop gets one line."""
+    webhook = free_port()
+    daemon = daemon_factory(f"""
+    receivers:
+      webhook: {{listen: "127.0.0.1:{webhook}"}}
+    exporters:
+      file: {{path: "{{data}}/out.jsonl"}}
+    service:
+      data_dir: {{data}}
+      admin: {{listen: "127.0.0.1:{{admin}}"}}
+      telemetry: {{logs: {{encoding: json}}}}
+      pipelines:
+        p: {{receivers: [webhook], exporters: [file]}}
+    """)
+    daemon.start()
+    for _ in range(3):
+        reader, writer = await asyncio.open_connection("127.0.0.1", webhook)
+        writer.write(f"GET /v1/events?key={SECRET}&to={EMAIL}&pad={'a' * 9000} HTTP/1.1\r\n"
+                     "Host: x\r\n\r\n".encode())
+        assert (await reader.readline()).split()[1] == b"400"
+        writer.close()
+    await eventually(lambda: "Error handling request" in daemon.log.read_text())
+    assert daemon.stop() == 0
+    lines = daemon.log.read_text().splitlines()
+    records = [json.loads(line) for line in lines]  # every line is JSON
+    refused = [r for r in records if r.get("logger") == f"meterline.http.127.0.0.1:{webhook}"]
+    assert len(refused) == 1 and refused[0]["level"] == "warning"
+    assert "key=<OPENAI_KEY>&to=<EMAIL>" in refused[0]["event"]
+    assert not any(SECRET in line or EMAIL in line for line in lines)
