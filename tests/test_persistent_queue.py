@@ -2,10 +2,12 @@
 
 import errno
 import os
+import threading
 
 import pytest
 
 from meterline.queue import Batch, QueueWriteError
+from meterline.queue import persistent
 from meterline.queue.persistent import PersistentQueue
 from tests.helpers import make_event
 
@@ -60,6 +62,38 @@ async def test_events_are_read_back_from_disk_when_not_cached(tmp_path):
     await q.put(Batch(events(0, 4)))
     batch = await q.take(10)
     assert batch.events == events(0, 4)
+    await q.close()
+
+
+async def test_events_not_cached_are_read_back_off_the_event_loop(tmp_path, monkeypatch):
+    """A read may wait for the disk, and unpacking a batch of 10,000 events takes ~20 ms:
+    neither is the event loop's to wait for."""
+    readers, real = [], persistent.unpack
+
+    def unpack(payload):
+        readers.append(threading.current_thread())
+        return real(payload)
+
+    q = open_queue(tmp_path, cache_bytes=0)
+    await q.put(Batch(events(0, 4)))
+    await q.put(Batch(events(4, 2)))
+    monkeypatch.setattr(persistent, "unpack", unpack)
+    batch = await q.take(5)
+    assert batch.events == events(0, 5)
+    assert len(readers) == 2 and threading.main_thread() not in readers
+    await q.close()
+
+
+async def test_a_batch_takes_cached_events_and_reads_back_the_rest(tmp_path):
+    q = open_queue(tmp_path, cache_bytes=1)  # too small for any record: none cached
+    await q.put(Batch(events(0, 3)))
+    q.cache_bytes = 1 << 20
+    await q.put(Batch(events(3, 3)))  # cached
+    first = await q.take(4)
+    assert first.events == events(0, 4)
+    await q.ack(first)
+    second = await q.take(10)
+    assert second.events == events(4, 2)
     await q.close()
 
 

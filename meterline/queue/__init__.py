@@ -176,6 +176,11 @@ class Queue(ABC):
     @abstractmethod
     def _events_of(self, record: Record) -> list[Event]: ...
 
+    async def _read_back(self, records: list[Record]) -> dict[int, list[Event]]:
+        """The events of `records`, which are not kept in memory, by record seq: what the
+        consumer takes next (the persistent queue reads them off the event loop)."""
+        return {record.seq: self._events_of(record) for record in records}
+
     async def _formed(self, start: Position, end: Position) -> None:  # noqa: B027
         """Hook: a batch [start, end) was formed (persisted by the persistent queue)."""
 
@@ -301,7 +306,8 @@ class Queue(ABC):
         if self._replay is not None:
             start, stop = self._replay
             limit, budget = 1 << 62, None
-        events: list[Event] = []
+        parts: list[tuple[Record, int, int]] = []  # the events [first, last) of records
+        count = 0
         taken = 0  # bytes
         end = start
         for record in self._records:
@@ -311,23 +317,29 @@ class Queue(ABC):
             last = record.count
             if stop is not None and record.seq == stop[0]:
                 last = stop[1]
-            last = min(last, first + limit - len(events))
+            last = min(last, first + limit - count)
             fits = last if budget is None else record.fitting(first, budget - taken)
             full = fits < last  # the bytes end the batch inside this record
             if full:
-                last = max(fits, first + (not events))  # the first event goes, whatever its size
+                last = max(fits, first + (not count))  # the first event goes, whatever its size
                 if last == first:
                     break
             if last > first:
-                chunk = self._events_of(record)
-                events.extend(chunk if first == 0 and last == len(chunk) else chunk[first:last])
+                parts.append((record, first, last))
+                count += last - first
                 taken += record.share(first, last)
             end = (record.seq, last)
-            if full or len(events) >= limit or (stop is not None and record.seq >= stop[0]):
+            if full or count >= limit or (stop is not None and record.seq >= stop[0]):
                 break
         self._replay = None
-        if not events:
+        if not parts:
             return None
+        # (the records stay while awaited: only `ack`, this consumer's, removes them)
+        read = await self._read_back([r for r, _, _ in parts if r.events is None])
+        events: list[Event] = []
+        for record, first, last in parts:
+            chunk = record.events if record.events is not None else read[record.seq]
+            events.extend(chunk if first == 0 and last == len(chunk) else chunk[first:last])
         self._available -= len(events)
         self._available_bytes -= taken
         batch = ExportBatch(f"{self.incarnation}:{start[0]}.{start[1]}-{end[0]}.{end[1]}", events)

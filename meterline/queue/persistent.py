@@ -324,6 +324,16 @@ class PersistentQueue(Queue):
         return self.dir / f"{n:012d}.seg"
 
     # --- reading -------------------------------------------------------------------
+    async def _read_back(self, records: list[Record]) -> dict[int, list[Event]]:
+        """In the writer thread, which alone opens and closes the segments: a read may
+        wait for the disk, and unpacking a batch of 10,000 events takes about 20 ms,
+        which the event loop would otherwise spend not serving clients (a backlog an
+        exporter catches up on is read back batch after batch)."""
+        if not records:
+            return {}
+        return await asyncio.get_running_loop().run_in_executor(
+            self._executor, lambda: {record.seq: self._events_of(record) for record in records})
+
     def _events_of(self, record: Record) -> list[Event]:
         if record.events is not None:
             return record.events
