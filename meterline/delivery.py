@@ -152,6 +152,20 @@ def open_queue(config: QueueConfig, context: Context) -> Queue:
     return PersistentQueue(directory, int(config.max_size_mb * (1 << 20)), fsync=config.fsync)
 
 
+_LET_GO_SLICE = 1000  # events freed at once: about 1.2 ms of the loop (events of 1.4 KB)
+
+
+async def _let_go(events: list[Any]) -> None:
+    """Empty a delivered batch a slice at a time, other tasks running between: freeing an
+    event takes about 1.2 us, 12 ms for the ClickHouse exporter's batch of 10,000, and it
+    happens where the last reference goes, most often here (the slowest exporter lets go
+    last). A thread would not spare the loop: freeing holds the GIL throughout."""
+    while events:
+        del events[-_LET_GO_SLICE:]
+        if events:
+            await asyncio.sleep(0)
+
+
 class ExporterRunner:
     """One exporter with its queue and its delivery loop."""
 
@@ -257,6 +271,7 @@ class ExporterRunner:
         if batch is not None:
             await self._deliver(batch)
             await self.queue.ack(batch)
+            await _let_go(batch.events)
 
     async def _deliver(self, batch: ExportBatch) -> None:
         retry = self.config.retry

@@ -5,6 +5,7 @@ import asyncio
 import msgspec
 import pytest
 
+from meterline import delivery
 from meterline.component import (
     ExportBatch,
     Exporter,
@@ -135,6 +136,32 @@ async def test_a_full_batch_goes_without_waiting_for_the_timeout(tmp_path):
     await put(runner, 0, 10)
     await eventually(lambda: len(exporter.delivered) == 8)
     assert [len(b.events) for b in exporter.batches] == [4, 4]
+    await runner.shutdown(1)
+
+
+async def test_a_delivered_batch_is_let_go_a_slice_at_a_time_other_tasks_running_between(
+        tmp_path, monkeypatch):
+    """Freeing 10,000 events takes about 12 ms: not in one go on the event loop."""
+    monkeypatch.setattr(delivery, "_LET_GO_SLICE", 1000)
+    sent: list[list] = []
+
+    class Keeping(Exporter):
+        async def export(self, batch):
+            sent.append(batch.events)  # the batch's own list, as delivery lets it go
+
+    runner, _ = runner_for(Keeping(), tmp_path, batch={"max_size": 3500, "timeout": "60s"})
+    seen: list[int] = []
+
+    async def watch():
+        while not sent or sent[0]:
+            seen.append(len(sent[0]) if sent else -1)
+            await asyncio.sleep(0)
+
+    watching = asyncio.create_task(watch())
+    await runner.start()
+    await put(runner, 0, 3500)
+    await asyncio.wait_for(watching, 5)
+    assert [n for n in dict.fromkeys(seen) if n >= 0] == [3500, 2500, 1500, 500]
     await runner.shutdown(1)
 
 

@@ -6,8 +6,7 @@ import threading
 
 import pytest
 
-from meterline.queue import Batch, QueueWriteError
-from meterline.queue import persistent
+from meterline.queue import Batch, QueueWriteError, persistent
 from meterline.queue.persistent import PersistentQueue
 from tests.helpers import make_event
 
