@@ -18,6 +18,7 @@ unless `--endpoint` names a server.
     python bench/clickhouse_bench.py --events 200000 --repeat 3       # a quick check
     python bench/clickhouse_bench.py --endpoint chdb:///tmp/ch --events 10000000
     python bench/clickhouse_bench.py --endpoint chdb:///tmp/ch --no-insert  # queries again
+    python bench/clickhouse_bench.py --endpoint chdb:///tmp/ch --no-insert --now 2026-12-06T17:30
     python bench/clickhouse_bench.py --exporter --events 1000000 --users 2000
 """
 
@@ -214,8 +215,7 @@ def generate(reader: Reader, total: int) -> None:
           "rollups included): " + ", ".join(f"{t} {s:.1f} s" for t, s in spent.items()))
 
 
-def time_queries(reader: Reader, repeat: int) -> None:
-    now = datetime.now(UTC)
+def time_queries(reader: Reader, repeat: int, now: datetime) -> None:
     w30, w90, w24, w7 = (Window.parse(r, now=now) for r in ("30d", "90d", "24h", "7d"))
     customer = budgets.BudgetScope(metadata={"customer": "customer-7"})
     plan: list[tuple[str, Callable[[], Any]]] = [
@@ -309,6 +309,10 @@ async def main() -> None:
                                            "fresh chDB directory under /tmp)")
     parser.add_argument("--no-insert", action="store_true",
                         help="only time the queries, over what --endpoint holds already")
+    parser.add_argument("--now", type=datetime.fromisoformat, default=None,
+                        help="where the queries' ranges end (ISO 8601, UTC; default: now): "
+                             "for a database filled earlier, whose last hours would else be "
+                             "empty (a 24-hour range of a database filled yesterday)")
     args = parser.parse_args()
     if args.no_insert and not args.endpoint:
         parser.error("--no-insert times the queries over what --endpoint holds: name it "
@@ -337,7 +341,8 @@ async def main() -> None:
                 else:
                     generate(reader, args.events)
             sizes(reader)
-            time_queries(reader, args.repeat)
+            now = args.now.replace(tzinfo=UTC) if args.now else datetime.now(UTC)
+            time_queries(reader, args.repeat, now)
             if not args.no_repair:
                 await time_repair(exporter)
         finally:

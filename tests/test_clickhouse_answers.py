@@ -294,6 +294,20 @@ async def test_answers_by_run_dimensions_read_the_trace_rollup_not_the_events(re
     assert agents["agents"] and agents["tools"] and agents["mcp"]["methods"]
 
 
+async def test_answers_by_run_dimensions_over_whole_hours_read_the_rollups_not_the_events(
+        reference, without_events):
+    """Agent runs, tools and MCP by the hour: a range of whole hours that is no range of
+    whole days (a dashboard's last 24 hours) reads no event."""
+    hour = (NOW - timedelta(days=3)).replace(minute=0, second=0, microsecond=0)
+    w = Window(hour - timedelta(hours=5), hour + timedelta(hours=4))
+    for by in RUN_DIMENSIONS:
+        answer = finops.spend(reference.reader, w, by, top=1000)
+        assert answer["rows"] and finops.spend(without_events, w, by, top=1000) == answer
+    agents = analytics.agents(reference.reader, w)
+    assert agents["agents"] and agents["tools"] and agents["mcp"]["methods"]
+    assert analytics.agents(without_events, w) == agents
+
+
 async def test_a_metadata_key_not_configured_is_answered_from_the_events(reference,
                                                                          without_events):
     w = windows()["days"]

@@ -9,11 +9,17 @@ from meterline.config import ConfigError, convert, loads
 from meterline.event import FIELDS
 from meterline.exporters.clickhouse.config import ClickHouseConfig
 from meterline.exporters.clickhouse.connection import insert_settings
-from meterline.exporters.clickhouse.metrics import AGGREGATES, ESTIMATED_COST
+from meterline.exporters.clickhouse.metrics import (
+    AGGREGATES,
+    ESTIMATED_COST,
+    RUN_AGGREGATES,
+    TRACE_DIMENSIONS,
+)
 from meterline.exporters.clickhouse.schema import (
     COLUMNS,
     VIEW_VERSION,
     Column,
+    Rollup,
     Schema,
     ensure_schema,
 )
@@ -44,7 +50,7 @@ def test_every_event_field_has_a_column():
 
 
 ROLLUPS = ("1m", "1h", "1d", "model_1h", "model_1d", "user_total_7d",
-           "user_total_1d", "user_1d", "tool_1d", "trace_1d")
+           "user_total_1d", "user_1d", "tool_1d", "tool_1h", "trace_1h")
 
 
 def test_the_schema_is_created_once_and_then_left_alone(chdb):
@@ -103,6 +109,33 @@ def test_a_newer_rollup_view_replaces_the_old_one(chdb, monkeypatch):
     for table in (f"llm_usage_{t}" for t in ROLLUPS):
         [(events,)] = chdb.query(f"SELECT sum(events) FROM meterline.{table}").result_rows
         assert events == 1  # one view feeds each rollup, not two
+
+
+def test_a_retired_rollup_loses_its_view_and_table_and_its_successor_is_filled(chdb):
+    """A database of the version whose trace rollup was daily (`llm_usage_trace_1d`): its
+    view would go on filling it at every insert."""
+    schema = Schema()
+    ensure_schema(chdb, schema)
+    hourly, daily = schema.trace_rollup, Rollup("llm_usage_trace_1d", "day", TRACE_DIMENSIONS,
+                                                 extra=RUN_AGGREGATES)
+    chdb.command(f"DROP VIEW meterline.{hourly.view}")
+    chdb.command(f"DROP TABLE meterline.{hourly.table}")
+    chdb.command(schema.create_rollup(daily))
+    chdb.command(schema.create_view(daily))
+    insert(chdb, schema, [make_event(i) for i in range(3)], "t")
+    changes = [c.split(" (")[0].splitlines()[0] for c in ensure_schema(chdb, schema)]
+    assert changes == [
+        "CREATE TABLE IF NOT EXISTS `meterline`.`llm_usage_trace_1h`",
+        "INSERT INTO `meterline`.`llm_usage_trace_1h`",
+        f"CREATE MATERIALIZED VIEW IF NOT EXISTS `meterline`.`{hourly.view}`",
+        f"DROP VIEW IF EXISTS `meterline`.`{daily.view}`",
+        "DROP TABLE IF EXISTS `meterline`.`llm_usage_trace_1d`"]
+    tables = {name for (name,) in chdb.query(
+        "SELECT name FROM system.tables WHERE database = 'meterline'").result_rows}
+    assert not {name for name in tables if name.startswith("llm_usage_trace_1d")}
+    [(events,)] = chdb.query("SELECT sum(events) FROM meterline.llm_usage_trace_1h").result_rows
+    assert events == 3  # filled from the events stored
+    assert ensure_schema(chdb, schema) == []
 
 
 def test_tables_of_the_previous_version_gain_the_cache_and_estimate_columns_and_figures(

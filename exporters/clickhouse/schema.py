@@ -12,10 +12,10 @@ figures of `metrics.AGGREGATES`: `llm_usage_1m`, `_1h` and `_1d` per minute, hou
 and day by provider, model, team, API key and status; `llm_usage_model_1h` and
 `_1d` by provider and model; `llm_usage_user_total_7d` and `_1d` per week and day
 by user (with `metrics.USER_AGGREGATES`); `llm_usage_user_1d` per day by user,
-provider and model; `llm_usage_tool_1d` per day by tool, operation and MCP method
-and session (with `metrics.TOOL_AGGREGATES`); `llm_usage_trace_1d` per day by
-trace, session, agent, tool, operation, MCP method and MCP session (with
-`metrics.RUN_AGGREGATES`: the runs); `llm_usage_metadata_1d` per day by each
+provider and model; `llm_usage_tool_1d` and `_1h` per day and hour by tool,
+operation and MCP method and session (with `metrics.TOOL_AGGREGATES`);
+`llm_usage_trace_1h` per hour by trace, session, agent, tool, operation, MCP method
+and MCP session (with `metrics.RUN_AGGREGATES`: the runs); `llm_usage_metadata_1d` per day by each
 configured metadata key (`rollup_metadata`) and value, provider and model.
 `query.Reader` answers from the first family of them (`Schema.families`) that fits
 a question.
@@ -35,7 +35,8 @@ time, before its view exists), adds the columns a newer version defines to an ex
 table (a rollup that gains a stored figure is emptied and filled again) and
 applies a changed `ttl` (`MODIFY TTL`, or `REMOVE TTL`). A change to a view's
 query gets a new view name (`_mv_vN`; the metadata rollup's also names its keys);
-the old view is dropped.
+the old view is dropped. A rollup this version no longer keeps (`RETIRED_ROLLUPS`) loses
+its view and its table.
 """
 
 from __future__ import annotations
@@ -70,6 +71,10 @@ from meterline.exporters.clickhouse.metrics import (
 
 VIEW_VERSION = 5  # 2: a cancelled call (499) is not an error; 3: cache hits, unestimated costs;
 # 4: guardrail_blocked; 5: a cache hit costs nothing and only a cache hit saves
+# Rollups an earlier version kept and this one does not (named after the events' table):
+# `ensure_schema` drops their views, which would go on filling them at every insert, and
+# their tables. `trace_1d`: the trace rollup is hourly (`trace_1h`) since 2026-12.
+RETIRED_ROLLUPS = ("trace_1d",)
 FINAL_SETTINGS = {"do_not_merge_across_partitions_select_final": 1}
 # A fill reads the events deduplicated, each month partition on its own.
 _FILL_SETTINGS = ("\nSETTINGS do_not_merge_across_partitions_select_final = 1, "
@@ -380,15 +385,21 @@ class Schema:
                       self.rollup_metadata)
 
     @property
-    def tool_rollup(self) -> Rollup:
-        """Per day by tool, operation, MCP method and MCP session: tool calls and MCP."""
-        return Rollup(f"{self._base}_tool_1d", "day", TOOL_DIMENSIONS, extra=TOOL_AGGREGATES)
+    def tool_rollups(self) -> tuple[Rollup, Rollup]:
+        """Per hour and per day by tool, operation, MCP method and MCP session: tool calls
+        and MCP (the hours at a range's ends, the days between: the daily rows are a 24th
+        as many, and each holds t-digest and trace-set states to merge)."""
+        base = self._base
+        return (Rollup(f"{base}_tool_1d", "day", TOOL_DIMENSIONS, extra=TOOL_AGGREGATES),
+                Rollup(f"{base}_tool_1h", "hour", TOOL_DIMENSIONS, extra=TOOL_AGGREGATES))
 
     @property
     def trace_rollup(self) -> Rollup:
-        """Per day by trace, session, agent, tool and MCP method: the runs (a run's figures
-        are summed over its days, see query.py)."""
-        return Rollup(f"{self._base}_trace_1d", "day", TRACE_DIMENSIONS,
+        """Per hour by trace, session, agent, tool and MCP method: the runs (a run's figures
+        are summed over its hours, see query.py). Hourly, as few rows as daily (a run
+        rarely spans an hour), so that a range's ends are read from the events only for
+        minutes (`RETIRED_ROLLUPS`: it was daily)."""
+        return Rollup(f"{self._base}_trace_1h", "hour", TRACE_DIMENSIONS,
                       extra=RUN_AGGREGATES)
 
     @property
@@ -399,7 +410,7 @@ class Schema:
         its keys alone."""
         return ((*reversed(self.model_rollups), self.time_rollups[0]),
                 tuple(reversed(self.time_rollups)),
-                self.user_total_rollups, (self.user_rollup,), (self.tool_rollup,),
+                self.user_total_rollups, (self.user_rollup,), self.tool_rollups,
                 (self.trace_rollup,))
 
     @property
@@ -408,8 +419,13 @@ class Schema:
         `ensure_schema` creates and fills and repair.py checks and rebuilds."""
         meta = self.metadata_rollup
         return (*self.time_rollups, *self.model_rollups, *self.user_total_rollups,
-                self.user_rollup, self.tool_rollup, self.trace_rollup,
+                self.user_rollup, *self.tool_rollups, self.trace_rollup,
                 *((meta,) if meta else ()))
+
+    @property
+    def retired_rollups(self) -> tuple[str, ...]:
+        """The tables of rollups an earlier version kept (`RETIRED_ROLLUPS`)."""
+        return tuple(f"{self._base}_{name}" for name in RETIRED_ROLLUPS)
 
     @property
     def open_hours_table(self) -> str:
@@ -665,6 +681,13 @@ def ensure_schema(client: Any, schema: Schema) -> list[str]:
         for name in sorted(present):
             if name.startswith(rollup.view_prefix) and name != rollup.view:
                 execute(f"DROP VIEW IF EXISTS {schema.qualified(name)}{schema.on_cluster}")
+    for table in schema.retired_rollups:
+        for name in sorted(present):
+            if name.startswith(f"{table}_mv_v"):
+                execute(f"DROP VIEW IF EXISTS {schema.qualified(name)}{schema.on_cluster}")
+        for name in (table, f"{table}_local"):
+            if name in present:
+                execute(f"DROP TABLE IF EXISTS {schema.qualified(name)}{schema.on_cluster}")
     return run
 
 
