@@ -15,8 +15,9 @@ by user (with `metrics.USER_AGGREGATES`); `llm_usage_user_1d` per day by user,
 provider and model; `llm_usage_tool_1d` and `_1h` per day and hour by tool,
 operation and MCP method and session (with `metrics.TOOL_AGGREGATES`);
 `llm_usage_trace_1h` per hour by trace, session, agent, tool, operation, MCP method
-and MCP session (with `metrics.RUN_AGGREGATES`: the runs); `llm_usage_metadata_1d` per day by each
-configured metadata key (`rollup_metadata`) and value, provider and model.
+and MCP session (with `metrics.RUN_AGGREGATES`: the runs); `llm_usage_metadata_1d`
+per day by each configured metadata key (`rollup_metadata`) and value, provider and
+model.
 `query.Reader` answers from the first family of them (`Schema.families`) that fits
 a question.
 
@@ -386,9 +387,10 @@ class Schema:
 
     @property
     def tool_rollups(self) -> tuple[Rollup, Rollup]:
-        """Per hour and per day by tool, operation, MCP method and MCP session: tool calls
-        and MCP (the hours at a range's ends, the days between: the daily rows are a 24th
-        as many, and each holds t-digest and trace-set states to merge)."""
+        """Per day and per hour (coarsest first, as a family is read) by tool, operation,
+        MCP method and MCP session: tool calls and MCP. The days between a range's ends,
+        the hours at them: the daily rows are a 24th as many, and each holds t-digest and
+        trace-set states to merge."""
         base = self._base
         return (Rollup(f"{base}_tool_1d", "day", TOOL_DIMENSIONS, extra=TOOL_AGGREGATES),
                 Rollup(f"{base}_tool_1h", "hour", TOOL_DIMENSIONS, extra=TOOL_AGGREGATES))
