@@ -179,6 +179,9 @@ class Queue(ABC):
     async def _read_back(self, records: list[Record]) -> dict[int, list[Event]]:
         """The events of `records`, which are not kept in memory, by record seq: what the
         consumer takes next (the persistent queue reads them off the event loop)."""
+        return self._events_by_seq(records)
+
+    def _events_by_seq(self, records: list[Record]) -> dict[int, list[Event]]:
         return {record.seq: self._events_of(record) for record in records}
 
     async def _formed(self, start: Position, end: Position) -> None:  # noqa: B027

@@ -332,7 +332,7 @@ class PersistentQueue(Queue):
         if not records:
             return {}
         return await asyncio.get_running_loop().run_in_executor(
-            self._executor, lambda: {record.seq: self._events_of(record) for record in records})
+            self._executor, self._events_by_seq, records)
 
     def _events_of(self, record: Record) -> list[Event]:
         if record.events is not None:
