@@ -68,15 +68,21 @@ def _route_libraries(level: str, chain: list[Processor], last: list[Processor]) 
 
 
 _HANDLER = "meterline"
+_MASKED_CHARS = 1 << 16  # of a library's message, masked at most (then cut: `bounded`)
 
 
 def _foreign(_logger: object, _name: str, event_dict: EventDict) -> EventDict:
     """A library's message and traceback may quote traffic (a URL, a header, a value it
-    could not parse): the message is cut to one bounded line, and what the built-in
-    detectors find in either is masked, as in a refused item's reason."""
+    could not parse): what the built-in detectors find in either is masked, as in a
+    refused item's reason, and the message is cut to one bounded line."""
     from meterline.processors.redact.engine import masked  # compiled on first use
 
-    event_dict["event"] = masked([bounded(str(event_dict.get("event", "")))])[0]
+    # Masked before it is cut: a key cut in two at the cut would no longer read as one.
+    # (A message past `_MASKED_CHARS` keeps only its two ends, far past what is kept.)
+    message = str(event_dict.get("event", ""))
+    if len(message) > _MASKED_CHARS:
+        message = f"{message[:_MASKED_CHARS // 2]} {message[-_MASKED_CHARS // 2:]}"
+    event_dict["event"] = bounded(masked([message])[0])
     if isinstance(event_dict.get("exception"), str):
         event_dict["exception"] = masked([event_dict["exception"]])[0]
     return event_dict
@@ -152,42 +158,58 @@ _WINDOW, _STEP = 12, 4  # probes: 12 characters at every 4th position
 
 
 def bounded(text: str, limit: int = MAX_TEXT_CHARS) -> str:
-    """`text` on one line and at most `limit` characters long."""
+    """`text` on one line and at most `limit` characters long (and the cut's "..."): its
+    start and its end, where what went wrong often is (an exception's cause, a slow
+    task's duration)."""
     text = " ".join(text.split())
-    return text if len(text) <= limit else text[:limit] + "..."
+    return "...".join(text[kept] for kept in _kept(len(text), limit))
+
+
+def _kept(length: int, limit: int) -> list[slice]:
+    """The parts of a one-line text of `length` characters that `bounded` keeps."""
+    if length <= limit:
+        return [slice(0, length)]
+    head = limit * 2 // 3
+    return [slice(0, head), slice(length - (limit - head), length)]
 
 
 def scrub(text: str, contents: Iterable[str]) -> str:
     """`bounded(text)` with every run of 16 or more characters that also occurs in
     `contents` (the prompts and outputs of the batch an error is about) masked as
-    `<content>`: an exporter's error may quote the payload it was refused for.
+    `<content>`: an exporter's error may quote the payload it was refused for. A run the
+    cut splits is found whole, so that no piece of it is left in clear at either side.
 
-    Each search scans the whole batch (megabytes), so the text is probed at every
-    `_STEP`-th position only (any shared run of `_WINDOW + _STEP - 1` = 15 characters
-    holds a probe), and a probe found is widened to the whole shared run."""
-    text = bounded(text)
+    Each search scans the whole batch (megabytes), so the text is probed, around what
+    is kept only, at every `_STEP`-th position (any shared run of `_WINDOW + _STEP - 1` =
+    15 characters holds a probe), and a probe found is widened to the whole shared run."""
+    text = " ".join(text.split())
     blob = "\0".join(contents)
+    parts = _kept(len(text), MAX_TEXT_CHARS)
     if len(text) < _WINDOW or not blob:
-        return text
+        return "...".join(text[part] for part in parts)
     masked = [False] * len(text)
-    for probe in range(0, len(text) - _WINDOW + 1, _STEP):
-        start, end = probe, probe + _WINDOW
-        if masked[start] or text[start:end] not in blob:
-            continue
-        while start > 0 and text[start - 1:end] in blob:
-            start -= 1
-        while end < len(text) and text[start:end + 1] in blob:
-            end += 1
-        masked[start:end] = [True] * (end - start)
-    if not any(masked):
-        return text
+    reach = _WINDOW + _STEP  # a run reaching into a kept part holds a probe this close
+    for part in parts:
+        first = max(0, part.start - reach)
+        for probe in range(first, min(part.stop + reach, len(text)) - _WINDOW + 1, _STEP):
+            start, end = probe, probe + _WINDOW
+            if masked[start] or text[start:end] not in blob:
+                continue
+            while start > 0 and text[start - 1:end] in blob:
+                start -= 1
+            while end < len(text) and text[start:end + 1] in blob:
+                end += 1
+            masked[start:end] = [True] * (end - start)
     out: list[str] = []
-    for i, ch in enumerate(text):
-        if not masked[i]:
-            out.append(ch)
-        elif i == 0 or not masked[i - 1]:
-            out.append("<content>")
-    return "".join(out)
+    for part in parts:
+        piece: list[str] = []
+        for i in range(part.start, part.stop):
+            if not masked[i]:
+                piece.append(text[i])
+            elif i == part.start or not masked[i - 1]:
+                piece.append("<content>")
+        out.append("".join(piece))
+    return "...".join(out)
 
 
 def contents(events: Iterable[Any]) -> Iterator[str]:

@@ -97,6 +97,16 @@ def test_scrub_masks_a_quoted_run_wherever_it_starts_and_leaves_the_rest():
         "nothing shared here at all")
 
 
+def test_scrub_masks_a_quoted_run_the_cut_splits_on_both_sides_of_it():
+    quoted = "the quarterly figures for the board, strictly private!"  # 55 characters
+    for at in (190, 355):  # across the end of what is kept first; the start of the rest
+        text = logs.scrub("f" * at + quoted + "g" * (445 - at), [f"xx|{quoted}|yy"])
+        head, tail = text.split("...")
+        assert "<content>" in head + tail, text
+        for piece in (quoted[:6], quoted[-6:]):
+            assert piece not in text, text
+
+
 async def test_console_logs_write_control_characters_from_traffic_escaped(daemon_factory, tmp_path):
     """A model name a client sent reaches a console log line (the cost processor's unpriced
     warning) without spaces, which the console renderer writes as it is: a C1 CSI (clear
@@ -188,6 +198,28 @@ def test_a_librarys_records_are_json_lines_with_its_logger_and_traffic_masked(ca
     assert record["event"] == "Task exception for <OPENAI_KEY>"
     assert record["exception"].endswith("ValueError: cannot parse <EMAIL>")
     assert "timestamp" in record and SECRET not in line and EMAIL not in line
+
+
+def test_a_long_message_keeps_its_start_and_its_end():
+    text = logs.bounded("Executing <Task pending name='Task-7' coro=" + "x" * 500
+                        + "> took 0.006 seconds")
+    assert text.startswith("Executing <Task pending name='Task-7'")
+    assert text.endswith("> took 0.006 seconds")
+    assert "..." in text and len(text) <= logs.MAX_TEXT_CHARS + 3
+
+
+def test_a_key_where_a_librarys_message_is_cut_is_masked_whole(capsys, configured):
+    configured("info", "json")
+    cuts = range(190, 310, 7)  # the key across wherever the message is cut
+    for before in cuts:
+        logging.getLogger("aiohttp.server").warning(
+            "bad request line: GET /v1/x?" + "p" * before + f"&token={SECRET}&to={EMAIL}"
+            + " HTTP/1.1" + " " * 3 + "q" * 400)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == len(cuts)
+    for line in lines:
+        message = json.loads(line)["event"]
+        assert "sk-proj" not in message and "jane.doe" not in message, message
 
 
 def test_a_librarys_console_records_have_control_characters_escaped(capsys, configured):
