@@ -32,7 +32,7 @@ from meterline.audit import KEEP as AUDIT_KEEP
 from meterline.auth import BearerToken, unauthorised
 from meterline.config import AdminConfig
 from meterline.event import to_jsonl
-from meterline.filtering import Filter, FilterError, Pattern
+from meterline.filtering import MAX_PATTERN_DEPTH, Filter, FilterError, Pattern
 from meterline.httpserver import serve
 from meterline.params import whole_number
 from meterline.pipeline import Tap
@@ -146,6 +146,10 @@ class AdminServer:
             filter_ = Filter(include=[Pattern(p) for p in patterns])
         except (ValueError, FilterError, msgspec.ValidationError) as e:
             return web.json_response({"error": f"invalid filter: {e}"}, status=400)
+        except RecursionError:  # (JSON nested deeper than the parser goes)
+            return web.json_response({"error": "invalid filter: nested deeper than "
+                                               f"{MAX_PATTERN_DEPTH} levels of objects and "
+                                               "lists"}, status=400)
         if request.method == "HEAD":  # what a GET would answer, without opening a tap
             return web.Response(headers={"Content-Type": "application/x-ndjson"})
         if len(self.service.taps.active) >= MAX_TAPS:

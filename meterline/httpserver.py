@@ -295,28 +295,31 @@ async def serve(app: web.Application, listen: Listen, limits: ListenerConfig | N
 
 class _Throttle(logging.Filter):
     """aiohttp logs every malformed request with its traceback: a client sending them in
-    a loop would flood the log. This lets one record through per `_REFUSAL_LOG_INTERVAL`,
-    saying how many were left out, and a client's error without the traceback."""
+    a loop would flood the log. This lets one record through per `_REFUSAL_LOG_INTERVAL`
+    of each kind, saying how many of that kind were left out: a client's error, without
+    the traceback (its reason will do), and a handler's that raised (a 500: a bug, with
+    its traceback), so that a flood of bad requests never hides one."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.next = 0.0
-        self.left_out = 0
+        self.next = {True: 0.0, False: 0.0}  # by kind (the client's fault?): when next
+        self.left_out = {True: 0, False: 0}
 
     def filter(self, record: logging.LogRecord) -> bool:
-        now = time.monotonic()
-        if now < self.next:
-            self.left_out += 1
-            return False
-        self.next = now + _REFUSAL_LOG_INTERVAL
         error = record.exc_info[1] if record.exc_info else None
-        if isinstance(error, HttpProcessingError):  # the client's fault: its reason will do
+        clients = isinstance(error, HttpProcessingError)
+        now = time.monotonic()
+        if now < self.next[clients]:
+            self.left_out[clients] += 1
+            return False
+        self.next[clients] = now + _REFUSAL_LOG_INTERVAL
+        if isinstance(error, HttpProcessingError):
             record.msg = f"{record.msg}: {error.message.replace('%', '%%')}"
             record.exc_info = None
             record.levelno, record.levelname = logging.WARNING, "WARNING"
-        if self.left_out:
-            record.msg = f"{record.msg} (and {self.left_out} more not logged)"
-            self.left_out = 0
+        if self.left_out[clients]:
+            record.msg = f"{record.msg} (and {self.left_out[clients]} more not logged)"
+            self.left_out[clients] = 0
         return True
 
 

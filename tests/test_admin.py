@@ -178,6 +178,22 @@ async def test_tap_quotes_a_long_bad_filter_cut_short(tmp_path):
             assert error.startswith("invalid filter: a.$") and len(error) < 400, error
 
 
+async def test_tap_refuses_a_filter_nested_too_deeply_naming_the_limit(tmp_path):
+    port, admin = free_port(), free_port()
+    deep_and = {"provider": "openai"}
+    for _ in range(300):  # parses, and would be compiled and matched by recursion
+        deep_and = {"$and": [deep_and]}
+    async with running(pipeline(port, admin), tmp_path):
+        for text in ("[" * 1200 + "]" * 1200, json.dumps(deep_and)):  # deeper than json goes
+            status, body = await get(f"http://127.0.0.1:{admin}/api/v1/tap",
+                                     params={"filter": text})
+            assert status == 400, body
+            assert json.loads(body)["error"] == (
+                "invalid filter: nested deeper than 32 levels of objects and lists" if
+                text.startswith("[") else
+                "invalid filter: pattern: nested deeper than 32 levels of objects and lists")
+
+
 def serve_hello(service):
     """The file exporter serves `/api/v1/hello` (as a component with admin routes does)."""
     from aiohttp import web

@@ -124,6 +124,15 @@ def test_bad_pattern_is_refused_with_a_reason(pattern, message):
         compile_pattern(pattern)
 
 
+def test_a_pattern_nested_deeper_than_32_levels_is_refused_and_one_as_deep_compiles():
+    as_deep = {"provider": "openai"}  # 1 level; each $and adds 2 (its object and list)
+    for _ in range(15):
+        as_deep = {"$and": [as_deep]}
+    assert compile_pattern(as_deep)({"provider": "openai"})
+    with pytest.raises(FilterError, match="nested deeper than 32 levels"):
+        compile_pattern({"$and": [as_deep]})
+
+
 def test_patterns_compare_by_source():
     assert Pattern({"a": 1}) == Pattern({"a": 1})
     assert Pattern({"a": 1}) != Pattern({"a": 2})

@@ -312,6 +312,34 @@ async def test_past_max_connections_the_gateway_answers_503_and_serves_open_ones
 # --- the process ------------------------------------------------------------------------------
 
 
+async def test_a_handlers_error_is_logged_with_its_traceback_amid_a_flood_of_bad_requests(
+        caplog):
+    """One record a minute for a client's bad requests; a handler that raised (a bug) is
+    logged besides, however many bad requests came just before."""
+    from aiohttp import web
+
+    from meterline.httpserver import serve
+
+    async def broken(_: web.Request) -> web.Response:
+        raise KeyError("a bug")
+
+    app = web.Application()
+    app.router.add_get("/broken", broken)
+    port = free_port()
+    runner = await serve(app, Listen(f"127.0.0.1:{port}"))
+    try:
+        for target in ["/" + "x" * 9000] * 3 + ["/broken"] * 2:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(f"GET {target} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            assert (await reader.readline()).split()[1] in (b"400", b"414", b"500")
+            writer.close()
+    finally:
+        await runner.cleanup()
+    logged = [r for r in caplog.records if r.name == f"meterline.http.127.0.0.1:{port}"]
+    assert [r.levelname for r in logged] == ["WARNING", "ERROR"], [r.msg for r in logged]
+    assert logged[1].exc_info is not None and "a bug" in str(logged[1].exc_info[1])
+
+
 def test_run_raises_the_open_files_soft_limit_to_the_hard_limit():
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY or hard <= 256:
