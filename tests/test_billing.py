@@ -93,6 +93,9 @@ def test_a_format_named_is_checked_against_the_file():
      "Azure OpenAI,gpt-4o-0806-Inp-glbl Tokens,11/03/2025,1.5,USD\n"
      "Azure OpenAI,gpt-4o-0806-Outp-glbl Tokens,11/03/2025,2.5\n",
      r"bad\.csv: line 3: expected 5 columns as in the header, got 4"),
+    ("[" * 5000 + "]" * 5000, r"bad\.csv: nested too deeply; expected an OpenAI costs page"),
+    ('{"service": {"description": "x"}, "cost": ' + '{"a": ' * 990 + "1" + "}" * 991,
+     r"bad\.csv: nested too deeply; expected an OpenAI costs page"),
 ])
 def test_a_file_of_no_format_or_malformed_is_refused_naming_the_file_the_line_and_why(
         tmp_path, content, expected):

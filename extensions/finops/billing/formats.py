@@ -79,12 +79,15 @@ def read_file(path: Path, fmt: str = "auto") -> tuple[str, list[BillingLine]]:
         except (OSError, EOFError) as e:
             raise BillingError(f"{path}: not a valid gzip file: {e}") from None
     source = str(path)
-    if data[:4] == b"PAR1":
-        return parse_rows(_parquet(path, data), fmt, source)
-    text = _text(data, fmt, source)
-    if fmt in _PAGES or text.lstrip()[:1] in ("{", "["):  # (pages are JSON, however it looks)
-        return parse_json(text, fmt, source)
-    return parse_rows(_csv(text, fmt, source), fmt, source)
+    try:
+        if data[:4] == b"PAR1":
+            return parse_rows(_parquet(path, data), fmt, source)
+        text = _text(data, fmt, source)
+        if fmt in _PAGES or text.lstrip()[:1] in ("{", "["):  # (pages are JSON, however it looks)
+            return parse_json(text, fmt, source)
+        return parse_rows(_csv(text, fmt, source), fmt, source)
+    except RecursionError:  # JSON (or a Parquet struct) nested deeper than any export's
+        raise BillingError(f"{path}: nested too deeply; {_expected(fmt)}") from None
 
 
 def _text(data: bytes, fmt: str, source: str) -> str:
