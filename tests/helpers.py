@@ -20,6 +20,7 @@ from typing import Any
 import aiohttp
 import msgspec
 import yaml
+from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from meterline import config as config_mod
@@ -253,3 +254,32 @@ class Daemon:
         assert self.proc is not None
         self.proc.kill()
         self.proc.wait()
+
+
+@contextlib.asynccontextmanager
+async def endless_server(status: int = 200, content_type: str = "application/json"
+                         ) -> AsyncIterator[str]:
+    """A server that answers any request with `status` and a body that never ends (64 KB
+    chunks of `x` until the client goes): a peer the daemon must not read to the end.
+    Yields its base URL."""
+
+    async def endless(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        response = web.StreamResponse(status=status, headers={"Content-Type": content_type})
+        await response.prepare(request)
+        chunk = b"x" * (64 << 10)
+        with contextlib.suppress(ConnectionError):
+            while True:
+                await response.write(chunk)
+        return response
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", endless)
+    runner = web.AppRunner(app, handle_signals=False)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()

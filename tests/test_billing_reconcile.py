@@ -1,6 +1,7 @@
 """Reconciliation (billing/reconcile.py) against figures computed by hand from known events and
 lines, and pulling the cost APIs (billing/pull.py) from a local fake of them."""
 
+import asyncio
 from datetime import UTC, date, datetime, timedelta
 
 import aiohttp
@@ -12,8 +13,9 @@ from meterline.exporters.clickhouse.query import Window
 from meterline.extensions.finops.billing import pull, reconcile, store
 from meterline.extensions.finops.billing.formats import read_file
 from meterline.extensions.finops.billing.lines import BillingLine
+from meterline.httpclient import AnswerTooLarge
 from tests.clickhouse_helpers import clickhouse_exporters, finops_of
-from tests.helpers import ROOT, eventually, make_event, metric_value
+from tests.helpers import ROOT, endless_server, eventually, make_event, metric_value
 
 FIXTURES = ROOT / "tests" / "fixtures" / "billing"
 WINDOW = Window(datetime(2025, 11, 3, tzinfo=UTC), datetime(2025, 11, 5, tzinfo=UTC))
@@ -189,6 +191,14 @@ async def test_pulling_the_cost_apis_follows_every_page(fake_apis):
                          ("openai", "cursor-2", ["line_item", "project_id"])]
     assert [a[1] for a in asked[2:]] == [None, "page_2"]
     assert asked[2][2] == (YESTERDAY - timedelta(1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+async def test_a_cost_api_page_that_never_ends_is_refused_past_its_bound(monkeypatch):
+    monkeypatch.setenv("TEST_OPENAI_ADMIN_KEY", "sk-admin-test")
+    async with endless_server() as url, aiohttp.ClientSession() as session:
+        with pytest.raises(AnswerTooLarge, match="passed 33,554,432 bytes"):
+            await asyncio.wait_for(pull.pull(session, "openai", pull.CostApi(
+                admin_key_env="TEST_OPENAI_ADMIN_KEY", url=url), days=1), 20)
 
 
 async def test_a_pull_without_its_admin_key_says_which_variable_to_set():

@@ -15,9 +15,14 @@ from meterline.config import convert
 from meterline.extensions.finops import budgets
 from meterline.extensions.finops.budgets import Budget, usd
 from meterline.extensions.finops.crossings import Marks
-from meterline.extensions.finops.notifiers import slack_body
+from meterline.extensions.finops.notifiers import (
+    NOTIFICATION,
+    NotifierConfig,
+    WebhookExporter,
+    slack_body,
+)
 from tests.clickhouse_helpers import clickhouse_exporters, finops_of
-from tests.helpers import eventually, free_port, make_event, metric_value
+from tests.helpers import endless_server, eventually, free_port, make_event, metric_value
 
 NOW = datetime.now(UTC)
 
@@ -165,6 +170,25 @@ async def test_a_failing_webhook_gets_the_notification_once_it_answers(make_expo
     assert "Budget acme reached 100% of its limit: $12.00 of $10.00 this month" in body["text"]
     assert [b["type"] for b in body["blocks"]] == ["section", "context"]
     assert "metadata.customer=acme" in body["blocks"][1]["elements"][0]["text"]
+
+
+async def test_a_webhook_that_answers_without_end_has_the_notification_once():
+    """Its 200 is enough: the notification is not sent again once the answer's time is up
+    (reading the answer to its end would never finish)."""
+    sent: list[str] = []
+
+    async def mark(event) -> None:
+        sent.append(event.event_id)
+
+    async with endless_server(200) as base:
+        notifier = WebhookExporter(convert({"url": f"{base}/hook"}, NotifierConfig), mark)
+        await notifier.start()
+        try:
+            await asyncio.wait_for(notifier.export(ExportBatch("n", [make_event(
+                0, attributes={NOTIFICATION: {"budget": "acme"}})])), 5)
+        finally:
+            await notifier.shutdown()
+    assert sent == ["evt-00000000"]
 
 
 async def test_a_notification_the_webhook_refuses_is_counted_as_given_up(make_exporter):

@@ -4,6 +4,7 @@ and an Elasticsearch `_bulk` endpoint, through the shared delivery loop: retries
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import ssl
@@ -26,6 +27,7 @@ from meterline.exporters.http.exporter import HttpExporter, request_headers
 from meterline.queue import Batch
 from tests.helpers import (
     config_text,
+    endless_server,
     eventually,
     free_port,
     long_prompts,
@@ -210,6 +212,25 @@ async def test_bulk_partial_failure_dead_letters_only_the_refused_item(tmp_path)
     assert dead_letters(tmp_path) == ["evt-00000001"]
     assert es.indexes == {"llm-calls"}
     assert es.stored["evt-00000003"]["request_model"] == "gpt-4o-mini"
+
+
+async def test_a_bulk_answer_that_never_ends_is_retryable_naming_the_bound(tmp_path):
+    async with endless_server() as base:
+        exporter = HttpExporter(convert({"endpoint": f"{base}/_bulk", "format": "bulk",
+                                         "index": "llm"}, HttpExporterConfig),
+                                make_context(tmp_path))
+        with pytest.raises(RetryableError, match="passed 67,108,864 bytes"):
+            await asyncio.wait_for(exporter.export(ExportBatch("b", [make_event(0)])), 20)
+        await exporter.shutdown()
+
+
+async def test_an_error_answer_that_never_ends_is_quoted_from_its_start(tmp_path):
+    async with endless_server(503, "text/plain") as base:
+        exporter = HttpExporter(convert({"endpoint": f"{base}/in"}, HttpExporterConfig),
+                                make_context(tmp_path))
+        with pytest.raises(RetryableError, match="HTTP 503: b'xxxx"):
+            await asyncio.wait_for(exporter.export(ExportBatch("b", [make_event(0)])), 10)
+        await exporter.shutdown()
 
 
 # --- request size -------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Exporter `otlp`: to a gRPC sink built on opentelemetry-proto's services, and over HTTP."""
 
+import asyncio
 import contextlib
 import shutil
 import subprocess
@@ -23,6 +24,7 @@ from meterline.httpserver import serve
 from meterline.receivers.decoders.otlp import value_of
 from meterline.units import Listen
 from tests.helpers import (
+    endless_server,
     event_dicts,
     eventually,
     free_port,
@@ -324,6 +326,14 @@ async def test_http_400_is_permanent_and_says_why(tmp_path):
             tmp_path, protocol="http", endpoint=f"http://127.0.0.1:{port}") as (otlp, _):
         with pytest.raises(PermanentError, match="HTTP 400: bad span"):
             await otlp.export(ExportBatch("b1", [make_event(1)]))
+
+
+async def test_http_an_answer_that_never_ends_is_read_no_further_than_its_status(tmp_path):
+    """A collector that accepts (200) and then sends without end: the send is done once
+    the answer's start is read (a partial success fits in it), not retried for ever."""
+    async with endless_server(200, "application/x-protobuf") as base, exporter(
+            tmp_path, protocol="http", endpoint=base) as (otlp, _):
+        await asyncio.wait_for(otlp.export(ExportBatch("b1", [make_event(1)])), 10)
 
 
 def self_signed(tmp_path):

@@ -45,9 +45,11 @@ from meterline.delivery import requests_within
 from meterline.event import Event
 from meterline.exporters.http.body import CONTENT_TYPES, encode
 from meterline.exporters.http.config import HttpExporterConfig
+from meterline.httpclient import AnswerTooLarge, answer_start, read_answer
 from meterline.tls import client_context
 
 _ANSWER_EXCERPT = 300  # characters of an error answer quoted in the log
+_BULK_ANSWER_BYTES = 64 << 20  # a `_bulk` answer's, at most (a few hundred bytes an item)
 
 
 def _retryable(status: int) -> bool:
@@ -136,9 +138,13 @@ class HttpExporter(Exporter):
         try:
             async with self.session.post(self.config.endpoint, data=body,
                                          headers=self.headers, ssl=self.ssl) as response:
-                return (response.status, await response.read(),
-                        retry_after(response.headers.get("Retry-After")))
-        except (aiohttp.ClientError, TimeoutError, OSError) as e:
+                # a `_bulk` answer is read whole (it says which items were stored); of
+                # any other, what an error's reason quotes
+                whole = self.config.format == "bulk" and 200 <= response.status < 300
+                answer = await (read_answer(response, _BULK_ANSWER_BYTES) if whole
+                                else answer_start(response))
+                return response.status, answer, retry_after(response.headers.get("Retry-After"))
+        except (aiohttp.ClientError, TimeoutError, OSError, AnswerTooLarge) as e:
             raise RetryableError(f"{self.config.endpoint}: {type(e).__name__}: {e}") from None
 
     def _bulk_failures(self, events: list[Event], answer: bytes

@@ -27,6 +27,7 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
 from meterline.backoff import retry_after as retry_after_seconds
 from meterline.component import PermanentError, RetryableError
+from meterline.httpclient import answer_start
 from meterline.tls import TlsConfig, client_context, read_pem
 
 _RETRYABLE_CODES: Final = frozenset({
@@ -149,7 +150,7 @@ class HttpTransport:
         try:
             async with self.session.post(url, data=body, headers=self.headers,
                                          ssl=self.ssl) as answer:
-                data = await answer.read()
+                data = await answer_start(answer)  # (a status, a partial success)
                 status, retry_after = answer.status, answer.headers.get("Retry-After")
         except (aiohttp.ClientError, TimeoutError) as e:
             raise RetryableError(f"{url}: {type(e).__name__}: {e}") from None

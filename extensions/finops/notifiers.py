@@ -33,6 +33,7 @@ from meterline.component import ExportBatch, Exporter, PermanentError, Retryable
 from meterline.delivery import BatchConfig, ExporterConfig
 from meterline.event import Event
 from meterline.extensions.finops.budgets import usd
+from meterline.httpclient import answer_start
 from meterline.units import Duration
 
 NOTIFICATION = "budget_notification"  # the attribute of the event carrying a notification
@@ -111,7 +112,8 @@ class WebhookExporter(Exporter):
             try:
                 async with self.session.post(self.config.url, json=self.body(notification),
                                              headers=headers) as response:
-                    status, text = response.status, (await response.text())[:200]
+                    status = response.status
+                    text = (await answer_start(response, 1024)).decode(errors="replace")[:200]
                     retry_after = response.headers.get("Retry-After", "")
             except (aiohttp.ClientError, TimeoutError) as e:
                 raise RetryableError(f"webhook unreachable: {type(e).__name__} {e}") from e

@@ -19,6 +19,7 @@ was read, and replace the ones stored for the same days (`store.py`).
 
 from __future__ import annotations
 
+import json
 import os
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -28,9 +29,11 @@ import aiohttp
 from meterline.component import Config
 from meterline.extensions.finops.billing.formats import lines_of_pages
 from meterline.extensions.finops.billing.lines import BillingLine
+from meterline.httpclient import answer_start, read_answer
 from meterline.units import Duration
 
 MAX_PAGES = 1000
+MAX_PAGE_BYTES = 32 << 20  # of one page of a cost API's answer
 
 
 class CostApi(Config):
@@ -96,9 +99,12 @@ async def _pages(session: aiohttp.ClientSession, url: str, headers: dict[str, st
         query = params + ([("page", page)] if page else [])
         async with session.get(url, params=query, headers=headers) as response:
             if response.status != 200:
-                body = (await response.text())[:300]
-                raise RuntimeError(f"{url} answered {response.status}: {body}")
-            body = await response.json(content_type=None)
+                reason = (await answer_start(response)).decode(errors="replace")[:300]
+                raise RuntimeError(f"{url} answered {response.status}: {reason}")
+            try:
+                body = json.loads(await read_answer(response, MAX_PAGE_BYTES))
+            except (ValueError, RecursionError) as e:
+                raise ValueError(f"{url}: the answer is not a JSON page: {e}") from None
         if not isinstance(body, dict):
             raise ValueError(f"{url}: expected a JSON page (an object), got "
                              f"{type(body).__name__}")
