@@ -23,6 +23,7 @@ from typing import Any
 import msgspec
 import re2
 
+from meterline.bounds import deeper_than
 from meterline.component import Config
 from meterline.fieldpath import MISSING, FieldPath
 from meterline.params import quoted
@@ -65,27 +66,12 @@ def compile_pattern(pattern: Any, where: str = "") -> Matcher:
     """Compile one include/exclude pattern (a JSON object) into a matcher."""
     if not isinstance(pattern, dict):
         raise FilterError(f"{where or 'pattern'}: expected an object, got {quoted(pattern)}")
-    if _deeper_than(pattern, MAX_PATTERN_DEPTH):
+    if deeper_than([pattern], MAX_PATTERN_DEPTH):
         # (compiling recurses, as matching does: a tap's filter may come from anyone with
         # the admin token, and a deep one would raise RecursionError rather than this)
         raise FilterError(f"{where or 'pattern'}: nested deeper than {MAX_PATTERN_DEPTH} "
                           "levels of objects and lists")
     return _compile(pattern, where)
-
-
-def _deeper_than(value: Any, limit: int) -> bool:
-    """Whether objects and lists nest in `value` deeper than `limit` levels (a walk with a
-    stack of its own: any depth is measured without recursion)."""
-    stack = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if not isinstance(item, dict | list):
-            continue
-        if depth > limit:
-            return True
-        stack += [(child, depth + 1) for child in (item.values() if isinstance(item, dict)
-                                                   else item)]
-    return False
 
 
 def _compile(spec: Any, where: str) -> Matcher:

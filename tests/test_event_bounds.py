@@ -29,6 +29,7 @@ from tests.helpers import (
     free_port,
     make_event,
     post_json,
+    post_raw,
     read_jsonl,
     running,
     webhook_to_file,
@@ -66,6 +67,34 @@ async def test_the_poison_weight_is_refused_naming_sample_weight_and_its_neighbo
         assert rejected["index"] == 0 and "sample_weight" in rejected["reason"]
         rows = await eventually(lambda: read_jsonl(tmp_path / "data/out.jsonl"))
         assert [r["event_id"] for r in rows] == [good["event_id"]]
+
+
+async def test_an_event_nested_deeper_than_the_bound_is_refused_alone(tmp_path):
+    """Up to about 990 levels decode (Python's recursion limit, from where the decoder
+    runs), but the main process, unpacking the processed batch on a deeper stack, could
+    not: 985 levels were a 500 for the whole request. Past 100 an event is refused, its
+    neighbour kept."""
+    port = free_port()
+    good = event_dicts(0, 1)[0]
+    deep = msgspec.json.encode({**event_dicts(1, 1)[0], "params": {"p": "DEEP"}}).replace(
+        b'"DEEP"', b"[" * 500 + b"]" * 500)  # (written out: the test's stack is deep)
+    async with running(webhook_to_file(port), tmp_path):
+        status, body, _ = await post_raw(f"http://127.0.0.1:{port}/v1/events",
+                                         b"[" + deep + b"," + msgspec.json.encode(good) + b"]",
+                                         headers={"Content-Type": "application/json"})
+        assert status == 200 and body.get("accepted") == 1, (status, body)
+        [rejected] = body["rejected"]
+        assert rejected["index"] == 0 and "nested deeper than 100 levels" in rejected["reason"]
+        rows = await eventually(lambda: read_jsonl(tmp_path / "data/out.jsonl"))
+        assert [r["event_id"] for r in rows] == [good["event_id"]]
+
+
+def nested(levels: int) -> list:
+    """Lists `levels` deep."""
+    value: list = []
+    for _ in range(levels - 1):
+        value = [value]
+    return value
 
 
 # --- one bound each -----------------------------------------------------------------------
@@ -165,6 +194,19 @@ def test_a_ratelimit_beyond_the_bound_is_refused():
     assert "$.ratelimit_tokens_limit" in refusal(ratelimit_tokens_limit=10**13)
 
 
+@pytest.mark.parametrize("field", ["params", "attributes"])
+def test_free_content_nested_deeper_than_100_levels_is_refused_naming_the_field(field):
+    assert refusal(**{field: {"x": nested(100)}}) == (  # the map is a level of its own
+        f"out of bounds: nested deeper than 100 levels of objects and lists - at `$.{field}`")
+    assert accepted(**{field: {"x": nested(99)}})
+
+
+def test_messages_nested_deeper_than_100_levels_are_refused():
+    content = [{"type": "text", "text": nested(98)}]  # 1 + 1 + 1 + 98 levels
+    assert "at `$.input_messages`" in refusal(
+        input_messages=[{"role": "user", "content": content}])
+
+
 def test_each_bad_item_of_a_batch_is_refused_alone_with_its_own_reason():
     items = event_dicts(0, 4)
     items[1]["input_tokens"] = -5
@@ -223,6 +265,13 @@ def test_the_gateway_repairs_hostile_upstream_numbers_and_keeps_the_call():
     assert (events[0].input_tokens, events[0].output_tokens, events[0].status_code,
             events[0].sample_weight) == (None, None, None, 1.0)
     assert events[0].event_id == "evt-00000000" and events[1] == make_event(1)
+
+
+def test_the_gateway_drops_messages_nested_too_deeply_and_keeps_the_call():
+    events = [make_event(0, input_messages=[{"role": "user", "content": nested(200)}])]
+    bounds.repair(events)
+    assert bounds.refused(events) == {}
+    assert (events[0].event_id, events[0].input_messages) == ("evt-00000000", None)
 
 
 async def test_the_gateway_buffer_hands_over_its_events_repaired():

@@ -184,6 +184,21 @@ def test_a_span_with_a_token_count_out_of_bounds_is_rejected_naming_its_attribut
     assert reason.startswith("span 'chat gpt-4o': out of bounds (gen_ai.usage.output_tokens)")
 
 
+@pytest.mark.parametrize(("levels", "reason"), [
+    (150, "out of bounds (gen_ai.input.messages): nested deeper than 100 levels"),
+    (5000, "gen_ai.input.messages is JSON nested too deeply")])  # (deeper than json goes)
+def test_a_span_whose_messages_nest_too_deeply_is_rejected_alone(levels, reason):
+    messages = '[{"role": "user", "parts": [{"type": "text", "content": ' + (
+        "[" * levels + "]" * levels) + "}]}]"
+    decoded = decode_spans(request(span({"gen_ai.request.model": "gpt-4o",
+                                         "gen_ai.input.messages": messages}),
+                                   span({"gen_ai.request.model": "gpt-4o"},
+                                        span_id="0000000000000002")))
+    assert [e.span_id for e in decoded.events] == ["0000000000000002"]
+    [rejected] = decoded.rejected
+    assert rejected.startswith(f"span 'chat gpt-4o': {reason}"), rejected
+
+
 def test_a_log_record_whose_user_holds_a_control_character_is_rejected():
     decoded = decode_logs(to_logs_request([make_event(1, user_id="eve\x00")]))
     assert not decoded.events

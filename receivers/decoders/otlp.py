@@ -361,6 +361,8 @@ def _messages(value: Any, attribute: str) -> list[dict[str, Any]]:
             value = msgspec.json.decode(value)
         except msgspec.DecodeError as e:
             raise DecodeError(f"{attribute} is not JSON: {e}") from None
+        except RecursionError:
+            raise DecodeError(f"{attribute} is JSON nested too deeply") from None
     if not isinstance(value, list):
         raise DecodeError(f"{attribute} must be a list of messages")
     messages = []
