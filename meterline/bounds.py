@@ -272,7 +272,7 @@ def refused(events: list[Event]) -> dict[int, str]:
         pass
     else:
         if not deeper_than([v for values in map(_nested, events) for v in values],
-                           NESTING_MAX):  # (the free content walked: 0.6 µs an event)
+                           NESTING_MAX):  # (the free content walked: under 1 µs an event)
             return {}
     bad = {}
     for index, event in enumerate(events):
@@ -305,6 +305,7 @@ def explain(error: msgspec.ValidationError) -> str:
 
 
 _FIELD: Final = re.compile(r"\$\.(\w+)")
+_DEFAULTS: Final = {"event_id": uuid7, "timestamp": time.time_ns, "sample_weight": lambda: 1.0}
 
 
 def _too_deep(event: Event) -> str | None:
@@ -331,7 +332,6 @@ def deeper_than(values: Iterable[Any], limit: int) -> bool:
                     deeper.append(child)
         level = deeper
     return bool(level)
-_DEFAULTS: Final = {"event_id": uuid7, "timestamp": time.time_ns, "sample_weight": lambda: 1.0}
 
 
 def repair(events: list[Event]) -> None:
