@@ -319,6 +319,9 @@ def cmd_tap(args: argparse.Namespace) -> int:
         except ValueError as e:
             print(f"--filter is not JSON: {e}", file=sys.stderr)
             return 1
+        except RecursionError:
+            print("--filter is JSON nested too deeply", file=sys.stderr)
+            return 1
     url = f"{base.rstrip('/')}/api/v1/tap?" + urllib.parse.urlencode({"filter": args.filter})
     try:
         return asyncio.run(_tap(url, token))

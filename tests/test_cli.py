@@ -90,6 +90,17 @@ def test_tap_names_an_admin_address_that_is_no_http_url(admin):
                              f"such as http://127.0.0.1:8888, got {admin!r}\n")
 
 
+@pytest.mark.parametrize(("filter_", "said"), [
+    ("{nope", "--filter is not JSON: Expecting property name enclosed in double quotes"),
+    ("[" * 5000 + "]" * 5000, "--filter is JSON nested too deeply")])
+def test_tap_names_a_filter_that_is_no_json_before_asking_the_daemon(filter_, said):
+    result = subprocess.run([sys.executable, "-m", "meterline", "tap", "--admin",
+                             "http://127.0.0.1:1", "--filter", filter_],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    assert result.stderr.startswith(said), result.stderr
+
+
 @pytest.mark.parametrize(("argv", "said"), [
     (["--nope"], "meterline: error: unrecognized arguments: --nope"),
     ([], "meterline: error: a command is needed: one of run, validate,"),
