@@ -522,6 +522,14 @@ def test_a_litellm_price_that_is_no_finite_number_is_refused_naming_the_entry(
         processor(tmp_path, price_files=[str(prices)])
 
 
+def test_a_price_file_nested_too_deeply_is_refused_naming_it(tmp_path: Path) -> None:
+    prices = tmp_path / "model_prices_and_context_window.json"
+    prices.write_text('{"acme-1": ' + "[" * 5000 + "]" * 5000 + "}")
+    with pytest.raises(ValueError, match=r"model_prices_and_context_window\.json is nested "
+                                         "too deeply"):
+        processor(tmp_path, price_files=[str(prices)])
+
+
 @pytest.mark.parametrize("text", ["1e400", "1" + "0" * 400, "NaN"])
 def test_a_litellm_regional_or_speed_multiple_that_is_no_finite_number_is_refused(
         tmp_path: Path, text: str) -> None:

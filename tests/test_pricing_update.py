@@ -148,6 +148,7 @@ def test_pricing_update_dry_run_writes_nothing(
      "new.json:1: m.input_cost_per_token: expected a finite non-negative number, got nan"),
     ('{"m": {"input_cost_per_token": 1' + "0" * 400 + '}}',
      "new.json:1: m.input_cost_per_token: expected a finite non-negative number, got 1000"),
+    ('{"m": ' + "[" * 5000 + "]" * 5000 + "}", "new.json: JSON nested too deeply"),
 ])
 def test_pricing_update_refuses_a_malformed_map_naming_the_line_and_key(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, message: str) -> None:

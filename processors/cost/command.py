@@ -263,6 +263,8 @@ def read_map(path: Path) -> dict[str, Any]:
     except json.JSONDecodeError as e:
         raise Malformed(f"{path}:{e.lineno}: not valid JSON: {e.msg} (column {e.colno})"
                         ) from None
+    except RecursionError:
+        raise Malformed(f"{path}: JSON nested too deeply") from None
     if not isinstance(data, dict):
         raise Malformed(f"{path}: expected a JSON object keyed by model name")
     for key, entry in data.items():

@@ -882,6 +882,8 @@ def load_file(path: str) -> tuple[Layer, str]:
         data = json.loads(raw) if p.suffix == ".json" else msgspec.yaml.decode(raw)
     except (ValueError, msgspec.DecodeError) as e:
         raise ValueError(f"price file {path} is not valid {p.suffix[1:] or 'YAML'}: {e}") from e
+    except RecursionError:
+        raise ValueError(f"price file {path} is nested too deeply") from None
     try:
         if isinstance(data, dict) and "models" in data and "as_of" in data:
             spec = msgspec.convert(data, PriceFileSpec)
