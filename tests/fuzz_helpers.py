@@ -104,7 +104,7 @@ def deep(depth: st.SearchStrategy[int] = _DEPTHS) -> st.SearchStrategy[Any]:
 
 
 def _objects(required: dict[str, Any], keys: list[str]) -> st.SearchStrategy[dict[str, Any]]:
-    value = json_values(12) | deep(st.integers(50, 400))
+    value = json_values(12) | deep(st.integers(50, 990))  # (to as deep as the parser goes)
     return st.fixed_dictionaries(required, optional={k: value for k in keys
                                                      if k not in required}) \
         .flatmap(lambda d: st.dictionaries(KEYS, json_values(6), max_size=3).map(

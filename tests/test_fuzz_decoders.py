@@ -7,6 +7,7 @@ from __future__ import annotations
 import gzip
 import http.client
 import zlib
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -15,7 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from meterline import bounds
-from meterline.event import Event, pack
+from meterline.event import Event, pack, unpack
 from meterline.receivers.decoders import Decoded, DecodeError, decode_body, decode_item
 from tests.fuzz_helpers import deep, fuzz, items, json_bodies, service_in_thread, within
 from tests.helpers import free_port
@@ -23,8 +24,14 @@ from tests.helpers import free_port
 
 def _check_events(events: list[Event]) -> None:
     assert all(isinstance(e, Event) for e in events)
-    pack(events)  # what the queues store: must encode
+    # what the queues store must encode, and decode again on a deeper stack than the
+    # decoder's (the main process unpacks a worker's batch in a request handler)
+    assert _deeper_by(300, lambda: unpack(pack(events))) == events
     assert bounds.refused(events) == {}  # the decoders keep out-of-bounds events out
+
+
+def _deeper_by(frames: int, call: Callable[[], Any]) -> Any:
+    return call() if frames == 0 else _deeper_by(frames - 1, call)
 
 
 def _check_reason(reason: str) -> None:
@@ -43,6 +50,20 @@ def test_any_item_becomes_an_event_in_bounds_or_a_decode_error_with_a_reason(ite
         _check_reason(str(e))
         return
     _check_events([event])
+
+
+@pytest.mark.parametrize("levels", [99, 300, 600, 800, 950, 3000])
+def test_an_item_nested_at_any_depth_is_an_event_that_unpacks_deeper_or_refused(levels):
+    body = (b'[{"event_id": "e", "provider": "openai", "params": {"p": ' + b"[" * levels
+            + b"]" * levels + b"}}]")
+    try:
+        decoded = decode_body(body)
+    except DecodeError as e:
+        _check_reason(str(e))
+        return
+    _check_events(decoded.events)
+    for _, reason in decoded.rejected:
+        _check_reason(reason)
 
 
 @fuzz(200)
