@@ -269,7 +269,7 @@ class Rollup:
 
     @property
     def view_prefix(self) -> str:
-        return f"{self.table}_mv_v"
+        return view_prefix(self.table)
 
     @property
     def seconds(self) -> int:
@@ -679,18 +679,24 @@ def ensure_schema(client: Any, schema: Schema) -> list[str]:
             # a rollup new to an existing database: filled from the events stored so far
             # (before its view exists, so that nothing is counted twice)
             fill(added)
-    for rollup in schema.rollups:
+    # the views of an earlier version: of a kept rollup, all but its own; of a retired one,
+    # all (they would go on filling it)
+    stale: list[tuple[str, str | None]] = [(r.view_prefix, r.view) for r in schema.rollups]
+    stale += [(view_prefix(table), None) for table in schema.retired_rollups]
+    for prefix, own in stale:
         for name in sorted(present):
-            if name.startswith(rollup.view_prefix) and name != rollup.view:
+            if name.startswith(prefix) and name != own:
                 execute(f"DROP VIEW IF EXISTS {schema.qualified(name)}{schema.on_cluster}")
     for table in schema.retired_rollups:
-        for name in sorted(present):
-            if name.startswith(f"{table}_mv_v"):
-                execute(f"DROP VIEW IF EXISTS {schema.qualified(name)}{schema.on_cluster}")
         for name in (table, f"{table}_local"):
             if name in present:
                 execute(f"DROP TABLE IF EXISTS {schema.qualified(name)}{schema.on_cluster}")
     return run
+
+
+def view_prefix(table: str) -> str:
+    """What the names of the views feeding rollup `table` begin with, in every version."""
+    return f"{table}_mv_v"
 
 
 FILL_EVENTS = 500_000  # events per query that fills a rollup (a day's at least)
