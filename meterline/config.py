@@ -120,7 +120,9 @@ class ServiceConfig(Config):
     watch_config: bool = False  # reload when the file changes, not only on SIGHUP
     workers: int | None = None
     """Processes that run the processors, so that the loop serving clients never does and
-    every core works: absent, one per core; 1 runs them in the daemon's own process."""
+    every core works: absent, one per core the daemon may use (its CPU affinity, within its
+    cgroup's CPU quota) and at most one per 256 MiB of its memory (its cgroup's limit, else
+    the machine's); 1 runs them in the daemon's own process."""
     worker_nice: int = 10
     """How much lower the workers' CPU priority is than the daemon's (a niceness added to
     its own): on a busy machine the loop serving clients waits less for a core (gateway,

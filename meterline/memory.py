@@ -29,7 +29,6 @@ Self-telemetry: `meterline_process_memory_rss_bytes` (the last measure),
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ctypes
 import functools
 import gc
@@ -46,6 +45,7 @@ from opentelemetry.metrics import CallbackOptions, Meter, Observation
 from meterline import logs
 from meterline.component import Backpressure, cancel_and_wait
 from meterline.config import MemoryLimiterConfig
+from meterline.resources import memory_available
 
 if TYPE_CHECKING:
     from structlog.typing import FilteringBoundLogger
@@ -62,7 +62,6 @@ beside a gateway never takes more than 2 GiB of its host. In a smaller cgroup or
 machine, 80% of it."""
 AVAILABLE_SHARE = 0.8  # of a smaller cgroup or machine: push back before the OOM killer acts
 SPIKE_SHARE = 0.2  # the default spike limit, as a share of the hard limit (the Collector's)
-_UNLIMITED = 1 << 60  # cgroup v1 writes "no limit" as a number near 2**63
 
 Measure = Callable[[], int]
 """Bytes of resident memory of the whole daemon."""
@@ -136,49 +135,6 @@ def tree_rss(pid: int | None = None, proc: Path = Path("/proc")) -> int:
     bytes. Pages two processes share (libraries) count in each, as `ps` counts them."""
     root = os.getpid() if pid is None else pid
     return sum(rss or 0 for rss in (rss_of(p, proc) for p in (root, *descendants_of(root, proc))))
-
-
-def memory_available(proc: Path = Path("/proc"),
-                     cgroup: Path = Path("/sys/fs/cgroup")) -> int | None:
-    """The memory this process may have, in bytes: the machine's, or its cgroup's limit
-    (v2 `memory.max` or v1 `memory.limit_in_bytes`, the smallest along the path) when less.
-    None when unknown."""
-    total: int | None = None
-    try:
-        for line in (proc / "meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                total = int(line.split()[1]) * 1024
-                break
-    except (OSError, ValueError, IndexError):
-        pass
-    limits = [limit for limit in _cgroup_limits(proc, cgroup) if limit < _UNLIMITED]
-    candidates = [v for v in (total, *limits) if v]
-    return min(candidates) if candidates else None
-
-
-def _cgroup_limits(proc: Path, cgroup: Path) -> Iterable[int]:
-    try:
-        lines = (proc / "self" / "cgroup").read_text().splitlines()
-    except OSError:
-        return
-    for line in lines:
-        hierarchy, _, rest = line.partition(":")
-        controllers, _, path = rest.partition(":")
-        if hierarchy == "0" and not controllers:  # v2: one unified hierarchy
-            base, file = cgroup, "memory.max"
-        elif "memory" in controllers.split(","):  # v1: the memory controller's own
-            base, file = cgroup / "memory", "memory.limit_in_bytes"
-        else:
-            continue
-        directory = base / path.lstrip("/")
-        while True:  # a limit anywhere up the path applies
-            with contextlib.suppress(OSError, ValueError):
-                text = (directory / file).read_text().strip()
-                if text != "max":
-                    yield int(text)
-            if directory == base or base not in directory.parents:
-                break
-            directory = directory.parent
 
 
 def collect_garbage() -> None:

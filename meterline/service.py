@@ -77,7 +77,10 @@ class Service:
         self._lock_fd: int | None = None
         self._reloading = asyncio.Lock()
         self._stop = asyncio.Event()
-        workers = config.service.workers or default_workers()
+        workers, why = ((config.service.workers, "service.workers") if config.service.workers
+                        else default_workers())
+        self.log.info("processing workers", workers=workers, why=why,
+                      **({} if workers > 1 else {"where": "in the daemon's own process"}))
         log_cfg = config.service.telemetry.logs
         self.pool = (ProcessorPool(workers, config.service.worker_nice, log_cfg.level,
                                    log_cfg.encoding, self.telemetry)

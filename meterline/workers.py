@@ -38,9 +38,9 @@ from collections import deque
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
-from meterline import logs, pipes
+from meterline import logs, pipes, resources
 from meterline.component import (
     Backpressure,
     Context,
@@ -52,10 +52,28 @@ from meterline.component import (
 )
 from meterline.event import Event, clone, pack, unpack
 
+MEMORY_PER_WORKER_MIB: Final = 256
+"""At most one worker by default per this much of the memory the daemon may have. A
+worker takes some 45 MB idle (the interpreter, the processors, redaction's compiled
+patterns) and more while it holds batches, beside the daemon's own process; so a pod
+limited to 512 MiB runs two workers, however many cores its node has."""
 
-def default_workers() -> int:
-    """One worker per core this process may run on."""
-    return len(os.sched_getaffinity(0))
+
+def default_workers() -> tuple[int, str]:
+    """How many workers to run when `service.workers` is absent, and why (for the start's
+    log): one per core the daemon may keep busy (`resources.cores_available`: its CPU
+    affinity, within its cgroup's CPU quota), and at most one per
+    `MEMORY_PER_WORKER_MIB` of the memory it may have (its cgroup's, or the machine's)."""
+    return workers_for(*resources.cores_available(), resources.memory_available())
+
+
+def workers_for(cores: int, why: str, memory: int | None) -> tuple[int, str]:
+    """`cores` workers (`why` says what set that), or fewer when `memory` (bytes; None:
+    unknown) does not hold `MEMORY_PER_WORKER_MIB` for each."""
+    if memory is not None and memory // (MEMORY_PER_WORKER_MIB << 20) < cores:
+        return (max(1, memory // (MEMORY_PER_WORKER_MIB << 20)),
+                f"{memory >> 20} MiB of memory, a worker per {MEMORY_PER_WORKER_MIB} MiB")
+    return cores, why
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,6 @@ from meterline.memory import (
     MemoryLimiter,
     collect_garbage,
     descendants_of,
-    memory_available,
     resolve,
     rss_of,
     start_limiter,
@@ -347,25 +346,6 @@ def test_the_real_measure_includes_a_child_process():
         assert tree_rss() > own
     finally:
         child.communicate(b"")
-
-
-def test_the_memory_available_is_the_smallest_cgroup_limit_or_the_machine(tmp_path: Path):
-    proc, cgroup = tmp_path / "proc", tmp_path / "cgroup"
-    write(proc / "meminfo", "MemTotal:       24683792 kB\nMemFree: 1 kB\n")
-    write(proc / "self/cgroup", "0::/a/b\n")
-    write(cgroup / "a/memory.max", f"{512 * MIB}\n")
-    write(cgroup / "a/b/memory.max", "max\n")
-    assert memory_available(proc, cgroup) == 512 * MIB
-    write(proc / "self/cgroup", "4:memory:/x\n0::/\n")  # cgroup v1, no limit set
-    write(cgroup / "memory/x/memory.limit_in_bytes", "9223372036854771712\n")
-    assert memory_available(proc, cgroup) == 24683792 * 1024
-    write(cgroup / "memory/x/memory.limit_in_bytes", f"{300 * MIB}\n")
-    assert memory_available(proc, cgroup) == 300 * MIB
-
-
-def test_the_memory_available_here_is_known():
-    available = memory_available()
-    assert available is not None and available > 64 * MIB
 
 
 # --- pipeline.yaml -------------------------------------------------------------------
