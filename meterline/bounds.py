@@ -43,6 +43,12 @@ objects and lists (`NESTING_MAX`). The JSON decoders stop only at Python's recur
 limit (about 990 levels from where they run); an event nested nearly that deep would
 be decoded in a worker and then fail wherever it is next encoded or decoded from a
 deeper stack (the main process unpacking it, on the loop: a 500 for the whole request).
+
+A body (a webhook request, a Kafka message) holds at most 100,000 items (`ITEMS_MAX`;
+NDJSON: lines), counted before any is decoded: an item becomes an event of about a
+kilobyte in memory however small it is, so 16 MB of `[{},{},...]` (16 KB gzipped) would
+otherwise be 5 million events, gigabytes, in the worker decoding them and then in the
+daemon. A legitimate 16 MB body of 100,000 events has 160 bytes per event.
 """
 
 from __future__ import annotations
@@ -94,6 +100,7 @@ _PATTERN_WORDS: Final = {
     repr(TEXT): "without control characters other than tab, newline and CR"}
 OUT_OF_RANGE: Final = "an integer is out of range (more than 64 bits)"
 NESTING_MAX: Final = 100  # levels of objects and lists in free content
+ITEMS_MAX: Final = 100_000  # items (events) in one body
 TOO_DEEP: Final = f"nested deeper than {NESTING_MAX} levels of objects and lists"
 _NESTED_FIELDS: Final = ("input_messages", "output_messages", "params", "attributes")
 _nested: Final = operator.attrgetter(*_NESTED_FIELDS)

@@ -22,7 +22,13 @@ from meterline.auth import BearerToken, unauthorised
 from meterline.backpressure import Refused, refuse_encoded
 from meterline.component import Consumer, Context, Factory, Receiver
 from meterline.httpserver import BearerListenerConfig, BodyRefused, read_body, serve
-from meterline.receivers.decoders import DecodeError, decode_body, decode_ndjson, loggable
+from meterline.receivers.decoders import (
+    DecodeError,
+    TooManyItems,
+    decode_body,
+    decode_ndjson,
+    loggable,
+)
 from meterline.units import Listen
 
 _JSON_TYPES = {"application/json", "text/json"}
@@ -83,7 +89,7 @@ class WebhookReceiver(Receiver):
             received = await refuse_encoded(self.consumer, decode, body, self.log)
         except DecodeError as e:
             self.consumer.refused(1, "undecodable")
-            return _error(400, str(e))
+            return _error(413 if isinstance(e, TooManyItems) else 400, str(e))
         except Refused as e:
             return _error(e.status, str(e), e.headers)
         if received.skipped:

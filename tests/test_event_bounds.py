@@ -20,7 +20,8 @@ from meterline.exporters.otlp.encode import to_traces_request
 from meterline.extensions.finops import api
 from meterline.extensions.finops.cli import render
 from meterline.gateway.receiver import EventBuffer
-from meterline.receivers.decoders import DecodeError, decode_body, decode_item
+from meterline.receivers import decoders as decoders_module
+from meterline.receivers.decoders import DecodeError, TooManyItems, decode_body, decode_item
 from meterline.receivers.kafka.messages import decode_values, pack_values
 from tests.clickhouse_helpers import clickhouse_exporters, finops_of
 from tests.helpers import (
@@ -249,6 +250,69 @@ def test_a_kafka_message_nested_too_deep_is_poison_alone():
     assert len(decoded.events) == 1
     [(index, reason)] = decoded.rejected
     assert index == 0 and "nested too deeply" in reason
+
+
+# --- items per body --------------------------------------------------------------------
+def test_a_body_of_more_items_than_the_bound_is_refused_whole_before_any_is_decoded(
+        monkeypatch):
+    def decoding(_):
+        raise AssertionError("an item was decoded")
+
+    monkeypatch.setattr("meterline.receivers.decoders.list_from_json", decoding)
+    monkeypatch.setattr("meterline.receivers.decoders._raw", msgspec.json.Decoder(None))
+    bomb = b"[" + b",".join([b"{}"] * (bounds.ITEMS_MAX + 1)) + b"]"
+    with pytest.raises(TooManyItems, match=f"{bounds.ITEMS_MAX + 1} items in one body: "
+                                           f"at most {bounds.ITEMS_MAX}"):
+        decode_body(bomb)
+
+
+def test_a_body_of_as_many_items_as_the_bound_is_decoded(monkeypatch):
+    monkeypatch.setattr(bounds, "ITEMS_MAX", 500)
+    items = [{"provider": "openai", "input_tokens": 1}] * 500
+    assert len(decode_body(msgspec.json.encode(items)).events) == 500
+    with pytest.raises(TooManyItems):
+        decode_body(msgspec.json.encode([*items, 1]))  # whatever the items are
+
+
+def test_an_ndjson_body_of_more_lines_than_the_bound_is_refused_whole(monkeypatch):
+    monkeypatch.setattr(bounds, "ITEMS_MAX", 500)
+    line = b'{"provider": "openai", "input_tokens": 1}\n'
+    assert len(decode_body(line * 500, ndjson=True).events) == 500  # the last newline ends
+    with pytest.raises(TooManyItems, match="501 lines in one body: at most 500"):
+        decode_body(line * 500 + b"{}", ndjson=True)
+    with pytest.raises(TooManyItems):  # JSON documents one per line, sent as JSON
+        decode_body(b"{}\n" * 501)
+
+
+async def test_the_webhook_answers_413_to_a_body_of_millions_of_tiny_items_and_goes_on(
+        tmp_path):
+    # 6 MB, within max_body_mb and not compressed (a gzip of it is refused by its
+    # compression ratio already): two million events of a kilobyte each, decoded
+    port = free_port()
+    bomb = b"[" + b",".join([b"{}"] * 2_000_000) + b"]"
+    async with running(webhook_to_file(port), tmp_path):
+        status, body, _ = await post_raw(f"http://127.0.0.1:{port}/v1/events", bomb,
+                                         headers={"Content-Type": "application/json"})
+        assert status == 413
+        assert body["error"] == (f"2000000 items in one body: at most {bounds.ITEMS_MAX} "
+                                 "(send smaller batches)")
+        status, body, _ = await post_json(f"http://127.0.0.1:{port}/v1/events",
+                                          event_dicts(0, 2))
+        assert (status, body["accepted"]) == (200, 2)
+
+
+def test_a_kafka_message_of_several_items_is_not_decoded_with_its_batch(monkeypatch):
+    # joined with its neighbours, `{},{},...` would read as that many events
+    decoded_counts = []
+    real = decoders_module.list_from_json
+    monkeypatch.setattr("meterline.receivers.kafka.messages.list_from_json",
+                        lambda body: decoded_counts.append(len(real(body))) or real(body))
+    good = [msgspec.json.encode(e) for e in event_dicts(0, 2)]
+    decoded = decode_values(kafka_batch(good[0], b",".join([b"{}"] * 1000), good[1]), "json")
+    assert decoded_counts == []
+    assert [e.event_id for e in decoded.events] == ["evt-00000000", "evt-00000001"]
+    [(index, reason)] = decoded.rejected
+    assert index == 1 and "malformed JSON" in reason
 
 
 def test_a_numeric_field_without_a_bound_fails_loudly():

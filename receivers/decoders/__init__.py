@@ -21,10 +21,10 @@ from meterline import bounds
 from meterline.component import Decoded
 from meterline.event import FIELDS, Event, from_dict, list_from_json
 from meterline.receivers.decoders import litellm, otoroshi
-from meterline.receivers.decoders.errors import DecodeError, NotAnLLMCall, loggable
+from meterline.receivers.decoders.errors import DecodeError, NotAnLLMCall, TooManyItems, loggable
 
-__all__ = ["DecodeError", "Decoded", "NotAnLLMCall", "decode_body", "decode_item", "decode_ndjson",
-           "loggable"]
+__all__ = ["DecodeError", "Decoded", "NotAnLLMCall", "TooManyItems", "check_items",
+           "count_items", "decode_body", "decode_item", "decode_ndjson", "loggable"]
 
 _raw = msgspec.json.Decoder()
 _raw_items = msgspec.json.Decoder(list[msgspec.Raw])
@@ -71,6 +71,7 @@ def decode_body(body: bytes, ndjson: bool = False) -> Decoded:
     """
     text = body.lstrip()
     if not ndjson and text[:1] == b"[":
+        check_items(text)
         try:
             events = list_from_json(text)
         except (msgspec.DecodeError, RecursionError):
@@ -125,6 +126,24 @@ def decode_ndjson(body: bytes) -> Decoded:
     return decode_body(body, ndjson=True)
 
 
+def count_items(array: bytes) -> int | None:
+    """The items of a JSON array, counted before any is decoded: parsed as raw spans of
+    it (about 50 bytes each, for an instant). None when it is not a well-formed array."""
+    try:
+        return len(_raw_items.decode(array))
+    except (msgspec.DecodeError, RecursionError):
+        return None
+
+
+def check_items(array: bytes) -> None:
+    """Refuse a JSON array of more than `bounds.ITEMS_MAX` items (`TooManyItems`) before
+    any is decoded. An item takes two bytes at least (itself and a comma), so only a
+    longer array is counted. A malformed one passes: the decoding that follows says why."""
+    if len(array) > 2 * bounds.ITEMS_MAX and (count := count_items(array) or 0) > bounds.ITEMS_MAX:
+        raise TooManyItems(f"{count} items in one body: at most {bounds.ITEMS_MAX} "
+                           "(send smaller batches)")
+
+
 def _out_of_bounds(reason: str) -> str:
     return reason if reason == bounds.OUT_OF_RANGE else f"out of bounds: {reason}"
 
@@ -151,7 +170,12 @@ def _items(text: bytes) -> list[Any] | None:
 
 
 def _lines(body: bytes) -> list[Any]:
-    """NDJSON: one parsed item (or the DecodeError of that line) per non-blank line."""
+    """NDJSON: one parsed item (or the DecodeError of that line) per non-blank line; a
+    body of more than `bounds.ITEMS_MAX` lines (blank ones too) is refused whole, before
+    any is parsed."""
+    if (lines := body.count(b"\n") + (not body.endswith(b"\n"))) > bounds.ITEMS_MAX:
+        raise TooManyItems(f"{lines} lines in one body: at most {bounds.ITEMS_MAX} "
+                           "(send smaller batches)")
     items: list[Any] = []
     for number, line in enumerate(body.splitlines(), 1):
         if not line.strip():

@@ -8,6 +8,12 @@ class DecodeError(ValueError):
     """An item that cannot become an event; the message says why, for the sender."""
 
 
+class TooManyItems(DecodeError):
+    """A body of more items than `bounds.ITEMS_MAX`: refused whole, before its items are
+    decoded (the webhook answers 413), since each would take memory out of proportion to
+    its bytes."""
+
+
 class NotAnLLMCall(DecodeError):
     """A well-formed item that is not an LLM call (an Otoroshi GatewayEvent or
     AlertEvent): receivers skip it and count it as `not_llm_call`, as they do OTLP

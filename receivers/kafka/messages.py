@@ -27,7 +27,7 @@ from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsSer
 from meterline import bounds
 from meterline.component import Decoded
 from meterline.event import Event, list_from_json
-from meterline.receivers.decoders import DecodeError, decode_body
+from meterline.receivers.decoders import DecodeError, count_items, decode_body
 from meterline.receivers.decoders.otlp import decode_logs, parse_json
 from meterline.receivers.decoders.otlp_wire import parse_request
 
@@ -50,15 +50,20 @@ def decode_values(body: bytes, encoding: Encoding) -> Decoded:
     hold none, by their place in the batch, with the reason (`rejected`: the poison).
 
     A batch of meterline events decodes in one call, as a JSON array of the
-    messages; only when that fails is each message decoded on its own.
+    messages, once that array is known to hold one item per message (a value such as
+    `{},{},...` would otherwise be decoded as that many events, however many: see
+    `bounds.ITEMS_MAX`); only when that fails is each message decoded on its own, within
+    the bound.
     """
     values = _values.decode(body)
-    if encoding == "json":
+    if encoding == "json" and None not in values:
+        joined = b"[" + b",".join(values) + b"]"  # type: ignore[arg-type]
         try:
-            events = list_from_json(b"[" + b",".join(values) + b"]")  # type: ignore[arg-type]
-            if len(events) == len(values) and not bounds.refused(events):
-                return Decoded(events)
-        except (msgspec.DecodeError, TypeError, RecursionError):  # TypeError: no value
+            if count_items(joined) == len(values):
+                events = list_from_json(joined)
+                if not bounds.refused(events):
+                    return Decoded(events)
+        except (msgspec.DecodeError, RecursionError):
             pass
     decode = _DECODERS[encoding]
     out = Decoded()
