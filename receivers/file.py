@@ -6,6 +6,10 @@ LiteLLM). Progress is checkpointed after every batch the pipeline has durably
 accepted, so a restart resumes where it stopped instead of re-reading; a file
 replaced by another (new inode, or shorter than the checkpoint) is read from
 its start. With `follow`, lines appended later are read as they come.
+
+A line longer than `max_line_mb` (a binary file, JSON never split into lines) is
+skipped, counted and logged, without being kept: it costs the time to read it, not
+its size in memory (before, a 300 MB line took 40 s of copying on the event loop).
 """
 
 from __future__ import annotations
@@ -36,10 +40,45 @@ class FileReceiverConfig(Config):
     follow: bool = False  # keep reading lines appended later
     poll_interval: Duration = Duration(1)  # how often to look for new lines, or retry
     progress_interval: Duration = Duration(5)  # how often progress is logged
+    max_line_mb: float = 16  # a longer line is skipped (as the webhook's max_body_mb)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ValueError("batch_size must be at least 1")
+        if self.max_line_mb <= 0:
+            raise ValueError("max_line_mb must be positive")
+
+
+class _Lines:
+    """The complete lines in the chunks of a file, each with its length (its newline
+    included), and None in place of a line longer than `limit` bytes: of such a line
+    only its length is kept, so its size costs no memory, and the start of a line is
+    kept as pieces, joined once, so a long one costs no copying per chunk."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.pieces: list[bytes] = []  # the line begun, when within the limit
+        self.size = 0  # its bytes so far
+
+    def feed(self, chunk: bytes) -> list[tuple[bytes | None, int]]:
+        *ended, begun = chunk.split(b"\n")
+        lines = [self._line(piece, newline=True) for piece in ended]
+        self.size += len(begun)
+        if self.size > self.limit:
+            self.pieces = []
+        elif begun:
+            self.pieces.append(begun)
+        return lines
+
+    def last(self) -> tuple[bytes | None, int] | None:
+        """The last line when the file ends without a newline after it."""
+        return self._line(b"", newline=False) if self.size else None
+
+    def _line(self, end: bytes, newline: bool) -> tuple[bytes | None, int]:
+        size = self.size + len(end)
+        line = None if size > self.limit else b"".join([*self.pieces, end])
+        self.pieces, self.size = [], 0
+        return line, size + newline
 
 
 class FileReceiver(Receiver):
@@ -85,16 +124,16 @@ class FileReceiver(Receiver):
     async def _read(self, f: BinaryIO, offset: int, line_no: int) -> None:
         total = os.fstat(f.fileno()).st_size
         started, last_report, start_offset = time.monotonic(), time.monotonic(), offset
-        pending = b""
+        lines = _Lines(int(self.config.max_line_mb * (1 << 20)))
         events: list[Event] = []
         while True:
             chunk = f.read(_CHUNK)
             if not chunk:
                 if not self.config.follow:
-                    if pending.strip():  # a last line without its newline
+                    if (last := lines.last()) is not None:  # a last line without its newline
                         line_no += 1
-                        self._decode(pending, line_no, events)
-                        offset += len(pending)
+                        offset += last[1]
+                        self._decode(last[0], line_no, events)
                     await self._deliver(events, offset, line_no)
                     self.log.info("file read to the end", path=str(self.path), lines=line_no,
                                   seconds=round(time.monotonic() - started, 1))
@@ -103,13 +142,10 @@ class FileReceiver(Receiver):
                 events = []
                 await asyncio.sleep(float(self.config.poll_interval))
                 continue
-            lines = (pending + chunk).split(b"\n")
-            pending = lines.pop()
-            for line in lines:
+            for line, length in lines.feed(chunk):
                 line_no += 1
-                offset += len(line) + 1
-                if line.strip():
-                    self._decode(line, line_no, events)
+                offset += length
+                self._decode(line, line_no, events)
                 if len(events) >= self.config.batch_size:
                     await self._deliver(events, offset, line_no)
                     events = []
@@ -121,8 +157,14 @@ class FileReceiver(Receiver):
                               percent=round(100 * offset / total, 1) if total else 100.0,
                               mb_per_s=round((offset - start_offset) / (now - started) / 1e6, 2))
 
-    def _decode(self, line: bytes, line_no: int, events: list[Event]) -> None:
+    def _decode(self, line: bytes | None, line_no: int, events: list[Event]) -> None:
+        """The event of a line, appended to `events`; a blank line is nothing, a line
+        that holds no event (None: longer than `max_line_mb`) is refused and logged."""
+        if line is not None and not line.strip():
+            return
         try:
+            if line is None:
+                raise DecodeError(f"longer than max_line_mb ({self.config.max_line_mb:g} MB)")
             events.append(decode_item(_raw.decode(line)))
         except NotAnLLMCall:
             self.consumer.refused(1, "not_llm_call")

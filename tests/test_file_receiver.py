@@ -75,6 +75,48 @@ async def test_a_line_nested_too_deep_is_skipped_and_the_rest_read(tmp_path):
         await eventually(lambda: len(read_jsonl(tmp_path / "data/out.jsonl")) == 4)
 
 
+async def test_a_line_longer_than_max_line_mb_is_skipped_unkept_and_the_rest_read(tmp_path):
+    source = tmp_path / "in.jsonl"
+    write_events(source, 0, 2)
+    with open(source, "ab") as f:
+        f.write(b"x" * 3_000_000 + b"\n")  # across three of the reader's chunks
+    write_events(source, 2, 2)
+    with capture_logs() as logged:
+        async with running(pipeline(source, "max_line_mb: 1"), tmp_path):
+            rows = await eventually(lambda: len(read_jsonl(tmp_path / "data/out.jsonl")) == 4
+                                    and read_jsonl(tmp_path / "data/out.jsonl"))
+    assert [r["event_id"] for r in rows] == [f"evt-{i:08d}" for i in range(4)]
+    [skipped] = [e for e in logged if e["event"] == "line skipped"]
+    assert (skipped["line"], skipped["reason"]) == (3, "longer than max_line_mb (1 MB)")
+
+
+async def test_a_line_over_several_chunks_within_the_bound_is_read_whole(tmp_path):
+    source = tmp_path / "in.jsonl"
+    prompt = "word " * 600_000  # 3 MB: the reader's chunks are 1 MB
+    with open(source, "ab") as f:
+        f.write(to_jsonl([make_event(0, input_messages=[{"role": "user", "content": prompt}])]))
+    write_events(source, 1, 1)
+    async with running(pipeline(source), tmp_path):
+        rows = await eventually(lambda: len(read_jsonl(tmp_path / "data/out.jsonl")) == 2
+                                and read_jsonl(tmp_path / "data/out.jsonl"))
+    assert rows[0]["input_messages"][0]["content"] == prompt
+
+
+async def test_a_long_last_line_without_its_newline_is_skipped_and_checkpointed_past(tmp_path):
+    source = tmp_path / "in.jsonl"
+    write_events(source, 0, 1)
+    with open(source, "ab") as f:
+        f.write(b"y" * 2_500_000)
+    async with running(pipeline(source, "max_line_mb: 1"), tmp_path):
+        await eventually(lambda: len(read_jsonl(tmp_path / "data/out.jsonl")) == 1)
+        checkpoint = tmp_path / "data/checkpoints/file.json"
+        saved = await eventually(lambda: checkpoint.exists()
+                                 and msgspec.json.decode(checkpoint.read_bytes()))
+        await eventually(lambda: msgspec.json.decode(checkpoint.read_bytes())["line"] == 2)
+    assert msgspec.json.decode(checkpoint.read_bytes())["offset"] == source.stat().st_size
+    assert saved["path"] == str(source)
+
+
 async def test_a_restart_resumes_from_the_checkpoint(tmp_path):
     source = tmp_path / "in.jsonl"
     write_events(source, 0, 20)
