@@ -53,7 +53,7 @@ from meterline.gateway.shapes import (
 )
 from meterline.gateway.shapes.base import set_attribute
 from meterline.gateway.shapes.media import read_form
-from meterline.gateway.streams import LineSplitter, SSESplitter
+from meterline.gateway.streams import LineSplitter, SSESplitter, Unread
 from meterline.gateway.upstream import UNHEALTHY_AFTER, Exchange, Upstream, UpstreamFailure
 from meterline.genai import GUARDRAIL_BLOCKED, ROUTING_ATTRIBUTE, failure
 from meterline.httpserver import ConnectionLimit
@@ -618,6 +618,9 @@ class Call:
         splitter, reader, event = self.splitter, self.reader, self.event
         assert splitter is not None and reader is not None
         for block in blocks:
+            if type(block) is Unread:  # a message too long to read: relayed as it came
+                self.client.send(block)
+                continue
             flags = 0
             payload = splitter.payload(block)
             if payload is not None and payload[:1] == b"{":

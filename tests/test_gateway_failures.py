@@ -10,6 +10,7 @@ import aiohttp
 import anthropic
 import openai
 import pytest
+from aiohttp import web
 
 from meterline.gateway.fakeupstream import FakeUpstream
 from tests.gateway_helpers import gateway, openai_upstream
@@ -303,3 +304,37 @@ async def test_json_nested_too_deeply_is_a_400_that_never_reaches_the_upstream(f
         status, body = r.status, await r.json()
     assert status == 400 and "nested too deeply" in body["error"]["message"]
     assert not fake.requests
+
+
+async def test_a_stream_message_longer_than_the_bound_is_relayed_unread_and_usage_still_read():
+    # an upstream that sends one 17 MB message (over streams.MESSAGE_MAX) before the usage
+    huge = b"data: {\"choices\": [{\"delta\": {\"content\": \"" + b"x" * (17 << 20) + b"\"}}]}\n\n"
+    usage = (b'data: {"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 9, '
+             b'"total_tokens": 16}}\n\ndata: [DONE]\n\n')
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for start in range(0, len(huge), 1 << 16):
+            await response.write(huge[start:start + (1 << 16)])
+        await response.write(usage)
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", answer)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        async with gateway({"openai": openai_upstream(f"http://127.0.0.1:{port}")}) as gw:
+            async with aiohttp.ClientSession() as client, client.post(
+                    f"{gw.url}/v1/chat/completions",
+                    json={"model": "m", "messages": MESSAGES, "stream": True,
+                          "stream_options": {"include_usage": True}}) as response:
+                body = await response.read()
+            event = await eventually(lambda: gw.events and gw.events[0])
+    finally:
+        await runner.cleanup()
+    assert body == huge + usage
+    assert (event.status_code, event.input_tokens, event.output_tokens) == (200, 7, 9)

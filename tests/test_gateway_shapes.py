@@ -20,7 +20,7 @@ from meterline.gateway.shapes import (
     read_error,
     shape_for,
 )
-from meterline.gateway.streams import LineSplitter, SSESplitter
+from meterline.gateway.streams import LineSplitter, SSESplitter, Unread
 
 
 def test_sse_events_split_across_reads_come_out_whole():
@@ -40,6 +40,45 @@ def test_an_unterminated_last_line_is_handed_back_at_the_end():
     splitter = LineSplitter()
     assert splitter.feed(b'{"done": false}\n{"done": tr') == [b'{"done": false}\n']
     assert splitter.rest() == b'{"done": tr'
+
+
+def test_a_message_over_many_reads_comes_out_whole():
+    splitter = SSESplitter()
+    message = b"data: " + b"x" * 3_000_000 + b"\n\n"
+    reads = [message[i:i + 1024] for i in range(0, len(message), 1024)]
+    assert [block for read in reads for block in splitter.feed(read)] == [message]
+
+
+def test_a_separator_split_across_two_reads_ends_the_message():
+    splitter = SSESplitter()
+    assert splitter.feed(b"data: 1\n") == []
+    assert splitter.feed(b"\ndata: 2\n\n") == [b"data: 1\n\n", b"data: 2\n\n"]
+
+
+def test_a_message_longer_than_the_limit_is_relayed_unread_and_the_next_read():
+    splitter = SSESplitter(limit=100)
+    assert splitter.feed(b"data: " + b"x" * 60) == []
+    [start] = splitter.feed(b"x" * 60)
+    assert type(start) is Unread and start == b"data: " + b"x" * 120
+    [more] = splitter.feed(b"x" * 500)  # not held: relayed as it comes
+    assert type(more) is Unread and splitter.pending == b""
+    end, after = splitter.feed(b"x\n\ndata: {\"usage\": 1}\n\n")
+    assert type(end) is Unread and end == b"x\n\n"
+    assert type(after) is bytes and after == b'data: {"usage": 1}\n\n'
+
+
+def test_an_unread_message_ends_at_a_separator_split_across_two_reads():
+    splitter = SSESplitter(limit=10)
+    assert [type(b) for b in splitter.feed(b"data: " + b"y" * 20 + b"\n")] == [Unread]
+    end, after = splitter.feed(b"\ndata: 1\n\n")
+    assert (end, after) == (b"\n", b"data: 1\n\n") and type(end) is Unread
+
+
+def test_an_ndjson_line_longer_than_the_limit_is_relayed_unread():
+    splitter = LineSplitter(limit=10)
+    assert [type(b) for b in splitter.feed(b'{"a": "' + b"z" * 20)] == [Unread]
+    end, after = splitter.feed(b'"}\n{"done": true}\n')
+    assert (type(end), end, after) == (Unread, b'"}\n', b'{"done": true}\n')
 
 
 @pytest.mark.parametrize(("path", "operation"), [
