@@ -257,6 +257,22 @@ class Daemon:
 
 
 @contextlib.asynccontextmanager
+async def serving(handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                  ) -> AsyncIterator[str]:
+    """A local HTTP server answering every request with `handler`. Yields its base URL."""
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handler)
+    runner = web.AppRunner(app, handle_signals=False)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+
+
+@contextlib.asynccontextmanager
 async def endless_server(status: int = 200, content_type: str = "application/json"
                          ) -> AsyncIterator[str]:
     """A server that answers any request with `status` and a body that never ends (64 KB
@@ -273,13 +289,5 @@ async def endless_server(status: int = 200, content_type: str = "application/jso
                 await response.write(chunk)
         return response
 
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", endless)
-    runner = web.AppRunner(app, handle_signals=False)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        await runner.cleanup()
+    async with serving(endless) as url:
+        yield url

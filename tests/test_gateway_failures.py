@@ -14,7 +14,7 @@ from aiohttp import web
 
 from meterline.gateway.fakeupstream import FakeUpstream
 from tests.gateway_helpers import gateway, openai_upstream
-from tests.helpers import eventually, free_port
+from tests.helpers import eventually, free_port, serving
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 
@@ -320,21 +320,12 @@ async def test_a_stream_message_longer_than_the_bound_is_relayed_unread_and_usag
         await response.write(usage)
         return response
 
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", answer)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    try:
-        async with gateway({"openai": openai_upstream(f"http://127.0.0.1:{port}")}) as gw:
-            async with aiohttp.ClientSession() as client, client.post(
-                    f"{gw.url}/v1/chat/completions",
-                    json={"model": "m", "messages": MESSAGES, "stream": True,
-                          "stream_options": {"include_usage": True}}) as response:
-                body = await response.read()
-            event = await eventually(lambda: gw.events and gw.events[0])
-    finally:
-        await runner.cleanup()
+    async with serving(answer) as url, gateway({"openai": openai_upstream(url)}) as gw:
+        async with aiohttp.ClientSession() as client, client.post(
+                f"{gw.url}/v1/chat/completions",
+                json={"model": "m", "messages": MESSAGES, "stream": True,
+                      "stream_options": {"include_usage": True}}) as response:
+            body = await response.read()
+        event = await eventually(lambda: gw.events and gw.events[0])
     assert body == huge + usage
     assert (event.status_code, event.input_tokens, event.output_tokens) == (200, 7, 9)

@@ -13,28 +13,19 @@ import pytest
 from aiohttp import web
 
 from meterline.httpclient import AnswerTooLarge, answer_start, read_answer
-from tests.helpers import endless_server, free_port
+from tests.helpers import endless_server, serving
 
 
 @contextlib.asynccontextmanager
 async def answering(response: web.Response) -> AsyncIterator[aiohttp.ClientResponse]:
     """The client's side of a server that answers GET / with `response`."""
-    app = web.Application()
 
     async def answer(_: web.Request) -> web.Response:
         return response
 
-    app.router.add_get("/", answer)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    try:
-        async with aiohttp.ClientSession() as session, \
-                session.get(f"http://127.0.0.1:{port}/") as answered:
-            yield answered
-    finally:
-        await runner.cleanup()
+    async with serving(answer) as url, aiohttp.ClientSession() as session, \
+            session.get(f"{url}/") as answered:
+        yield answered
 
 
 async def test_an_answer_within_the_bound_is_read_whole():
