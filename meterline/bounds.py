@@ -44,8 +44,9 @@ limit (about 990 levels from where they run); an event nested nearly that deep w
 be decoded in a worker and then fail wherever it is next encoded or decoded from a
 deeper stack (the main process unpacking it, on the loop: a 500 for the whole request).
 
-A body (a webhook request, a Kafka message) holds at most 100,000 items (`ITEMS_MAX`;
-NDJSON: lines), counted before any is decoded: an item becomes an event of about a
+A body (a webhook request, an OTLP request, a Kafka message) holds at most 100,000
+items (`ITEMS_MAX`; NDJSON: lines; OTLP: spans or log records), counted before any is
+decoded: an item becomes an event of about a
 kilobyte in memory however small it is, so 16 MB of `[{},{},...]` (16 KB gzipped) would
 otherwise be 5 million events, gigabytes, in the worker decoding them and then in the
 daemon. A legitimate 16 MB body of 100,000 events has 160 bytes per event.

@@ -27,8 +27,10 @@ def to_json(message: Message) -> bytes:
     return _encoder.encode(_map_ids(data, lambda _, v: base64.b64decode(v).hex()))
 
 
-def parse_json(data: bytes, message_class: type[M]) -> M:
-    """An OTLP/JSON body as a protobuf message; ValueError saying what is wrong."""
+def parse_json(data: bytes, message_class: type[M],
+               check: Callable[[dict[str, Any]], None] | None = None) -> M:
+    """An OTLP/JSON body as a protobuf message; ValueError saying what is wrong. `check`
+    sees the parsed document before protobuf builds the message from it."""
     try:
         parsed = msgspec.json.decode(data)
     except msgspec.DecodeError as e:
@@ -37,6 +39,8 @@ def parse_json(data: bytes, message_class: type[M]) -> M:
         raise ValueError("malformed JSON: nested too deeply") from None
     if not isinstance(parsed, dict):
         raise ValueError("an OTLP/JSON body must be a JSON object")
+    if check is not None:
+        check(parsed)
     try:
         return ParseDict(_map_ids(parsed, _hex_to_base64), message_class(),
                          ignore_unknown_fields=True)

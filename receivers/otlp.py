@@ -67,7 +67,7 @@ from meterline.httpserver import (
     read_body,
     serve,
 )
-from meterline.receivers.decoders import DecodeError, loggable
+from meterline.receivers.decoders import DecodeError, TooManyItems, loggable
 from meterline.receivers.decoders.otlp import decode_request
 from meterline.recent import RecentIds
 from meterline.tls import ServerTlsConfig, read_pem
@@ -240,8 +240,8 @@ class OtlpReceiver(Receiver):
             return await self._accept(body, False, signal)
         except DecodeError as e:
             self.consumer.refused(1, "undecodable")
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"not a protobuf {signal.request.__name__}: {e}")
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e) if isinstance(
+                e, TooManyItems) else f"not a protobuf {signal.request.__name__}: {e}")
             raise  # not reached: abort raises
         except Refused as e:
             code = (grpc.StatusCode.RESOURCE_EXHAUSTED if e.overloaded
@@ -270,6 +270,9 @@ class OtlpReceiver(Receiver):
             return _http_error(e.status, e.message, json_body)
         try:
             answer = await self._accept(body, json_body, signal)
+        except TooManyItems as e:
+            self.consumer.refused(1, "undecodable")
+            return _http_error(413, str(e), json_body)
         except DecodeError as e:
             self.consumer.refused(1, "undecodable")
             return _http_error(400, f"not an OTLP {signal.request.__name__}: {e}", json_body)

@@ -6,11 +6,14 @@ import time
 from datetime import UTC, datetime
 from types import SimpleNamespace
 
+import aiohttp
 import grpc
 import msgspec
 import pytest
 from aiohttp.test_utils import make_mocked_request
 from aiokafka.structs import ConsumerRecord
+from google.rpc.status_pb2 import Status as RpcStatus
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2_grpc import TraceServiceStub
 
 from meterline import bounds
@@ -22,6 +25,7 @@ from meterline.extensions.finops.cli import render
 from meterline.gateway.receiver import EventBuffer
 from meterline.receivers import decoders as decoders_module
 from meterline.receivers.decoders import DecodeError, TooManyItems, decode_body, decode_item
+from meterline.receivers.decoders.otlp import decode_request
 from meterline.receivers.kafka.messages import decode_values, pack_values
 from tests.clickhouse_helpers import clickhouse_exporters, finops_of
 from tests.helpers import (
@@ -313,6 +317,54 @@ def test_a_kafka_message_of_several_items_is_not_decoded_with_its_batch(monkeypa
     assert [e.event_id for e in decoded.events] == ["evt-00000000", "evt-00000001"]
     [(index, reason)] = decoded.rejected
     assert index == 1 and "malformed JSON" in reason
+
+
+def empty_spans(count: int, resources: int = 1) -> bytes:
+    """An OTLP trace request of `count` empty spans (two bytes each on the wire), spread
+    over `resources` resources."""
+    request = ExportTraceServiceRequest()
+    for n in range(resources):
+        spans = request.resource_spans.add().scope_spans.add().spans
+        for _ in range(count // resources + (n < count % resources)):
+            spans.add()
+    return request.SerializeToString()
+
+
+def test_an_otlp_request_of_more_items_than_the_bound_is_refused_before_it_is_parsed(
+        monkeypatch):
+    monkeypatch.setattr(bounds, "ITEMS_MAX", 500)
+    decoded = decode_request("traces", False, empty_spans(500, resources=3))
+    assert decoded.skipped == 500  # (not LLM calls) as many as the bound: parsed
+    with pytest.raises(TooManyItems, match="more than 500 items in one request"):
+        decode_request("traces", False, empty_spans(501, resources=3))
+
+
+def test_an_otlp_json_request_of_more_items_than_the_bound_is_refused(monkeypatch):
+    monkeypatch.setattr(bounds, "ITEMS_MAX", 500)
+    for name in ("scopeSpans", "scope_spans"):  # either JSON name of a field
+        def body(count: int, scopes: str = name) -> bytes:
+            return msgspec.json.encode({"resourceSpans": [{scopes: [{"spans": [{}] * count}]}]})
+        assert decode_request("traces", True, body(500)).skipped == 500
+        with pytest.raises(TooManyItems, match="more than 500 items in one request"):
+            decode_request("traces", True, body(501))
+
+
+async def test_the_otlp_receiver_answers_413_and_invalid_argument_to_too_many_spans(tmp_path):
+    ports = Ports()
+    bomb = empty_spans(bounds.ITEMS_MAX + 1)  # 200 KB
+    async with running_receiver(ports, tmp_path), aiohttp.ClientSession() as session, \
+            grpc.aio.insecure_channel(f"127.0.0.1:{ports.grpc}") as channel:
+        async with session.post(f"http://127.0.0.1:{ports.http}/v1/traces", data=bomb,
+                                headers={"Content-Type": "application/x-protobuf"}) as response:
+            assert response.status == 413
+            assert RpcStatus.FromString(await response.read()).message == (
+                f"more than {bounds.ITEMS_MAX} items in one request (send smaller batches)")
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await TraceServiceStub(channel).Export(ExportTraceServiceRequest.FromString(bomb))
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert refused.value.details().startswith(f"more than {bounds.ITEMS_MAX} items")
+        answer = await TraceServiceStub(channel).Export(to_traces_request([make_event(1)]))
+        assert not answer.partial_success.rejected_spans
 
 
 def test_a_numeric_field_without_a_bound_fails_loudly():

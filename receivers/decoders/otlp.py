@@ -35,6 +35,7 @@ partial-success answer says what was wrong.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from collections.abc import Callable, Iterable
@@ -42,6 +43,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final, TypeVar
 
 import msgspec
+from google.protobuf.descriptor import Descriptor
 from google.protobuf.message import Message
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
@@ -66,7 +68,7 @@ from meterline.genai import (
     provider_name,
 )
 from meterline.lenient import as_metadata
-from meterline.receivers.decoders.errors import DecodeError
+from meterline.receivers.decoders.errors import DecodeError, TooManyItems
 from meterline.receivers.decoders.otlp_wire import parse_request
 
 __all__ = ["OtlpDecoded", "decode_logs", "decode_spans", "parse_json", "value_of"]
@@ -414,11 +416,34 @@ M = TypeVar("M", bound=Message)
 
 
 def parse_json(data: bytes, message_class: type[M]) -> M:
-    """An OTLP/JSON body (ids in hex) as a protobuf message."""
+    """An OTLP/JSON body (ids in hex) as a protobuf message, its items counted before
+    protobuf builds them (`TooManyItems` past `bounds.ITEMS_MAX`, as `parse_request`)."""
     try:
-        return otlpjson.parse_json(data, message_class)
+        return otlpjson.parse_json(data, message_class,
+                                   functools.partial(_check_items, message_class.DESCRIPTOR))
+    except TooManyItems:
+        raise
     except ValueError as e:
         raise DecodeError(str(e)) from None
+
+
+def _check_items(request: Descriptor, parsed: dict[str, Any]) -> None:
+    """The items of a parsed OTLP/JSON request (spans or log records: field 1 of the
+    request, then field 2 of a resource, then of a scope, under either JSON name)."""
+    parts: list[Any] = [parsed]
+    descriptor, number = request, 1
+    for _ in range(3):
+        field = descriptor.fields_by_number[number]
+        parts = [item for part in parts if isinstance(part, dict)
+                 for item in _as_list(part.get(field.json_name, part.get(field.name)))]
+        descriptor, number = field.message_type, 2
+    if len(parts) > bounds.ITEMS_MAX:
+        raise TooManyItems(f"more than {bounds.ITEMS_MAX} items in one request "
+                           "(send smaller batches)")
+
+
+def _as_list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
 
 
 # --- a request's body ------------------------------------------------------------------
