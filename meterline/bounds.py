@@ -46,10 +46,10 @@ deeper stack (the main process unpacking it, on the loop: a 500 for the whole re
 
 A body (a webhook request, an OTLP request, a Kafka message) holds at most 100,000
 items (`ITEMS_MAX`; NDJSON: lines; OTLP: spans or log records), counted before any is
-decoded: an item becomes an event of about a
-kilobyte in memory however small it is, so 16 MB of `[{},{},...]` (16 KB gzipped) would
-otherwise be 5 million events, gigabytes, in the worker decoding them and then in the
-daemon. A legitimate 16 MB body of 100,000 events has 160 bytes per event.
+decoded: an item becomes an event of about a kilobyte in memory however few its bytes,
+so 15 MB of `[{},{},...]` would otherwise be 5 million events, gigabytes, in the worker
+decoding them and then in the daemon. A legitimate 16 MB body of 100,000 events has
+160 bytes per event.
 """
 
 from __future__ import annotations
