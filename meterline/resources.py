@@ -48,7 +48,7 @@ def cores_available(proc: Path = PROC, cgroup: Path = CGROUP) -> tuple[int, str]
     """The cores this process may keep busy, and what set that: the cores it may run on
     (its CPU affinity), or fewer when its cgroup's CPU quota allows less time than that
     (a quota of 1.5 CPUs counts as 2: the half core is still worth a worker)."""
-    cores = len(os.sched_getaffinity(0))
+    cores = _affinity()
     quota = cpu_quota(proc, cgroup)
     if quota is not None and quota < cores:
         return max(1, math.ceil(quota)), f"the cgroup's CPU quota of {quota:g} CPUs"
@@ -95,6 +95,15 @@ def _directories(controller: str, proc: Path, cgroup: Path) -> Iterator[tuple[in
             if directory == base or base not in directory.parents:
                 break
             directory = directory.parent
+
+
+def _affinity() -> int:
+    """The cores this process may run on: its CPU affinity, where the system has one (not
+    macOS), else every core."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
 
 
 def _read(path: Path) -> str | None:

@@ -108,6 +108,13 @@ def test_without_a_quota_the_cores_are_the_affinity(tree):
     assert cores_available(proc, cgroup) == (cores, f"{cores} cores")
 
 
+def test_without_an_affinity_the_cores_are_every_core(tree, monkeypatch):
+    proc, cgroup = tree
+    monkeypatch.delattr(os, "sched_getaffinity")  # as on macOS
+    monkeypatch.setattr(os, "cpu_count", lambda: 12)
+    assert cores_available(proc, cgroup) == (12, "12 cores")
+
+
 # --- the default number of workers ---------------------------------------------------
 def test_workers_are_one_per_core_when_memory_holds_them():
     assert workers_for(32, "32 cores", 64 << 30) == (32, "32 cores")
