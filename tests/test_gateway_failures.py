@@ -329,3 +329,20 @@ async def test_a_stream_message_longer_than_the_bound_is_relayed_unread_and_usag
         event = await eventually(lambda: gw.events and gw.events[0])
     assert body == huge + usage
     assert (event.status_code, event.input_tokens, event.output_tokens) == (200, 7, 9)
+
+
+async def test_a_body_of_more_json_containers_than_the_bound_is_a_413_never_read(fake):
+    # a million and one empty objects (3 MB): each would be a Python object on the loop
+    body = b'{"model": "m", "messages": [' + b",".join([b"{}"] * 1_000_001) + b"]}"
+    async with gateway({"openai": openai_upstream(fake.url)}) as gw:
+        async with aiohttp.ClientSession() as client, client.post(
+                f"{gw.url}/v1/chat/completions", data=body,
+                headers={"Content-Type": "application/json"}) as response:
+            status, answer = response.status, await response.json()
+        event = gw.event
+    assert status == 413
+    assert answer["error"]["message"] == ("request body holds more than 1,000,000 JSON "
+                                          "objects and arrays: the gateway reads the calls it "
+                                          "records")
+    assert (event.status_code, event.input_messages) == (413, None)
+    assert not fake.requests
