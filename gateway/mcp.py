@@ -30,11 +30,16 @@ from typing import Any, Final
 
 import msgspec
 
+from meterline import bounds
 from meterline.event import Event, uuid7
 from meterline.gateway.server import Request
 from meterline.genai import MCP_TOOL_CALL, jsonrpc_error_type, mcp_operation
 
 UNPARSEABLE: Final = "meterline.mcp.unparseable"  # attribute: "request" or "response"
+BATCH_MAX: Final = 1000
+"""Messages of a JSON-RPC batch recorded one event each; a larger batch (each message,
+`{"method":"x"}`, 16 bytes, would be an event of a kilobyte) is relayed and recorded as
+one event, unparseable, as a body of more than `bounds.CONTAINERS_MAX` objects is."""
 _MAX_ERROR_MESSAGE: Final = 1024
 _SESSION: Final = b"mcp-session-id"
 _VERSION: Final = b"mcp-protocol-version"
@@ -300,11 +305,13 @@ class McpRecorder:
 
     def _requests(self) -> list[_Message]:
         """The requests and notifications of the request body (the messages naming a
-        method); [] when it held none or is not JSON-RPC."""
-        if self.request.method != b"POST" or not self.request.body.strip():
+        method); [] when it held none, is not JSON-RPC or is too large a batch to record
+        message by message (`BATCH_MAX`, `bounds.CONTAINERS_MAX`)."""
+        body = self.request.body
+        if self.request.method != b"POST" or not body.strip():
             return []
-        messages = _decode(_messages, self.request.body)
-        if messages is None:
+        messages = None if bounds.too_many_containers(body) else _decode(_messages, body)
+        if messages is None or (isinstance(messages, list) and len(messages) > BATCH_MAX):
             self.unparseable = "request"
             return []
         return [m for m in (messages if isinstance(messages, list) else (messages,))

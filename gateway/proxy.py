@@ -35,6 +35,7 @@ from typing import Any, Final
 import msgspec
 from structlog.typing import FilteringBoundLogger
 
+from meterline import bounds
 from meterline.event import Event, add_policy, api_key_id
 from meterline.gateway.budgets import BUDGET_EXCEEDED, Block, BudgetBlocks
 from meterline.gateway.config import ProxyConfig
@@ -86,13 +87,6 @@ _RATELIMITS: Final = {
 _NO_CONTENT_LENGTH: Final = frozenset({b"GET", b"HEAD", b"DELETE", b"OPTIONS"})
 _JSON: Final = b"content-type: application/json\r\n"
 _MAX_PARSED_BODY: Final = 16 << 20  # a larger response is relayed but not read
-_MAX_CONTAINERS: Final = 1_000_000
-"""JSON objects and arrays a request body may hold for the gateway to read it (its `{` and
-`[`, counted in strings too: C-speed counts, a bound from above). Each becomes a Python
-object of 60-200 bytes, on the loop serving every stream: 30 MB of `{},` (10 million) took
-the daemon from 300 MB to 1,080 and stopped its loop for 2 s. A million is 60-200 MB and
-a tenth of a second at worst, and more than any prompt holds (a 2M-token context of JSON
-has a few hundred thousand)."""
 _MAX_METADATA_VALUE: Final = 128
 
 
@@ -374,10 +368,10 @@ class Call:
                 self.event.operation = shape.operation
                 shape.read_form_request(form, self.event, self.proxy.config.capture_content)
             return
-        if self.body.count(b"{") + self.body.count(b"[") > _MAX_CONTAINERS:
+        if bounds.too_many_containers(self.body):
             raise LocalError(413, "invalid_request_error",
-                             f"request body holds more than {_MAX_CONTAINERS:,} JSON objects "
-                             "and arrays: the gateway reads the calls it records")
+                             f"request body holds more than {bounds.CONTAINERS_MAX:,} JSON "
+                             "objects and arrays: the gateway reads the calls it records")
         try:
             body = _decode(self.body)
         except msgspec.DecodeError as e:

@@ -102,6 +102,12 @@ _PATTERN_WORDS: Final = {
 OUT_OF_RANGE: Final = "an integer is out of range (more than 64 bits)"
 NESTING_MAX: Final = 100  # levels of objects and lists in free content
 ITEMS_MAX: Final = 100_000  # items (events) in one body
+CONTAINERS_MAX: Final = 1_000_000
+"""JSON objects and arrays a request body may hold for the gateway to read it, on the loop
+serving every stream (`too_many_containers`). Each becomes a Python object of 60-200
+bytes: 30 MB of `{},` (10 million) took the daemon from 300 MB to 1,080 and stopped its
+loop for 2 s. A million is 60-200 MB and a tenth of a second at worst, and more than any
+prompt holds (a 2M-token context of JSON has a few hundred thousand)."""
 TOO_DEEP: Final = f"nested deeper than {NESTING_MAX} levels of objects and lists"
 _NESTED_FIELDS: Final = ("input_messages", "output_messages", "params", "attributes")
 _nested: Final = operator.attrgetter(*_NESTED_FIELDS)
@@ -113,6 +119,13 @@ _STRING_CHARS: Final = {"event_id": ID_CHARS, "trace_id": TRACE_ID_CHARS,
 _MAP_ENTRIES: Final = {"metadata": METADATA_ENTRIES, "attributes": ATTRIBUTE_ENTRIES,
                        "params": PARAM_ENTRIES, "redactions": PARAM_ENTRIES}
 _HINTS: Final = {"timestamp": " (timestamp: epoch nanoseconds, 2000-01-01 to now + 1 day)"}
+
+
+def too_many_containers(body: bytes) -> bool:
+    """Whether a JSON body holds more than `CONTAINERS_MAX` objects and arrays, counted
+    from its `{` and `[` (in strings too: a bound from above, at the speed of a memory scan,
+    before anything is parsed)."""
+    return body.count(b"{") + body.count(b"[") > CONTAINERS_MAX
 
 
 def _text(chars: int, pattern: str | None = NO_CONTROL, min_length: int = 0) -> Any:

@@ -14,7 +14,7 @@ from aiohttp import web
 from meterline.config import convert
 from meterline.event import Event
 from meterline.gateway.config import ProxyConfig
-from meterline.gateway.mcp import _EventScanner
+from meterline.gateway.mcp import BATCH_MAX, UNPARSEABLE, _EventScanner
 from tests.gateway_helpers import gateway
 
 TRACE, PARENT = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
@@ -80,6 +80,18 @@ async def test_a_batch_is_one_event_per_request_and_notification(upstream, query
     assert note.tool_call_id is None and note.error_type is None
     assert {e.mcp_session_id for e in events} == {"s-1"}
     assert len({e.event_id for e in events}) == len({e.span_id for e in events}) == 3
+
+
+async def test_a_batch_larger_than_the_bound_is_relayed_and_recorded_as_one_event(upstream):
+    notes = [{"jsonrpc": "2.0", "method": "notifications/progress"}] * (BATCH_MAX + 1)
+    async with gateway({"tools": {"base_url": upstream, "protocol": "mcp"}}) as gw, \
+            aiohttp.ClientSession() as client:
+        async with client.post(f"{gw.url}/tools/mcp?json", json=notes) as answer:
+            assert answer.status == 200  # relayed: the upstream answered
+            await answer.read()
+        await asyncio.sleep(0.05)
+    [event] = gw.events
+    assert event.attributes[UNPARSEABLE] == "request" and event.mcp_method is None
 
 
 async def test_each_answer_of_a_streamed_batch_has_its_own_latency(upstream):
