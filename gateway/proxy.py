@@ -92,7 +92,10 @@ _MAX_METADATA_VALUE: Final = 128
 
 def _decode(data: bytes) -> Any:
     """JSON; a document nested past the interpreter's recursion limit is malformed JSON like
-    any other (the client gets a 400, not a 500)."""
+    any other (the client gets a 400, not a 500), and so is one of more objects and arrays
+    than the loop should build (`bounds.CONTAINERS_MAX`: an upstream's answer too)."""
+    if bounds.too_many_containers(data):
+        raise msgspec.DecodeError(f"more than {bounds.CONTAINERS_MAX:,} JSON objects and arrays")
     try:
         return msgspec.json.decode(data)
     except RecursionError:
@@ -425,9 +428,9 @@ class Call:
         self.output_checked = True
         try:
             body = _decode(raw)
-        except msgspec.DecodeError:
-            self.fail(502, "bad_gateway", "the upstream's answer is not JSON: the output "
-                                          "guardrails cannot read it")
+        except msgspec.DecodeError as e:
+            self.fail(502, "bad_gateway", f"the upstream's answer cannot be read ({e}): the "
+                                          "output guardrails cannot check it")
             return
         verdict = await guardrails.guard("output", body, self.event.request_model)
         verdict.record(self.event)

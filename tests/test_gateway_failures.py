@@ -8,11 +8,13 @@ import socket
 
 import aiohttp
 import anthropic
+import msgspec
 import openai
 import pytest
 from aiohttp import web
 
 from meterline.gateway.fakeupstream import FakeUpstream
+from meterline.gateway.proxy import _decode
 from tests.gateway_helpers import gateway, openai_upstream
 from tests.helpers import eventually, free_port, serving
 
@@ -346,3 +348,12 @@ async def test_a_body_of_more_json_containers_than_the_bound_is_a_413_never_read
                                           "records")
     assert (event.status_code, event.input_messages) == (413, None)
     assert not fake.requests
+
+
+def test_an_answer_of_more_json_containers_than_the_bound_is_not_built_on_the_loop():
+    # (an upstream's answer is read for the event after it was relayed: read, it would
+    # stop every stream while a million objects are built)
+    answer = b'{"choices": [' + b",".join([b"{}"] * 1_000_001) + b"]}"
+    with pytest.raises(msgspec.DecodeError, match="more than 1,000,000 JSON objects"):
+        _decode(answer)
+    assert _decode(b'{"choices": [' + b",".join([b"{}"] * 999_998) + b"]}")
