@@ -90,12 +90,17 @@ _MAX_PARSED_BODY: Final = 16 << 20  # a larger response is relayed but not read
 _MAX_METADATA_VALUE: Final = 128
 
 
+class _TooManyContainers(msgspec.DecodeError):
+    """A JSON document of more objects and arrays than the loop should build."""
+
+
 def _decode(data: bytes) -> Any:
     """JSON; a document nested past the interpreter's recursion limit is malformed JSON like
-    any other (the client gets a 400, not a 500), and so is one of more objects and arrays
-    than the loop should build (`bounds.CONTAINERS_MAX`: an upstream's answer too)."""
+    any other (the client gets a 400, not a 500); one of more objects and arrays than the
+    loop should build (`bounds.CONTAINERS_MAX`: a request, an upstream's answer) is not
+    parsed (`_TooManyContainers`)."""
     if bounds.too_many_containers(data):
-        raise msgspec.DecodeError(f"more than {bounds.CONTAINERS_MAX:,} JSON objects and arrays")
+        raise _TooManyContainers(f"more than {bounds.CONTAINERS_MAX:,} JSON objects and arrays")
     try:
         return msgspec.json.decode(data)
     except RecursionError:
@@ -371,12 +376,12 @@ class Call:
                 self.event.operation = shape.operation
                 shape.read_form_request(form, self.event, self.proxy.config.capture_content)
             return
-        if bounds.too_many_containers(self.body):
-            raise LocalError(413, "invalid_request_error",
-                             f"request body holds more than {bounds.CONTAINERS_MAX:,} JSON "
-                             "objects and arrays: the gateway reads the calls it records")
         try:
             body = _decode(self.body)
+        except _TooManyContainers as e:
+            raise LocalError(413, "invalid_request_error", f"request body holds {e}: the "
+                                                           "gateway reads the calls it records"
+                             ) from None
         except msgspec.DecodeError as e:
             raise LocalError(400, "invalid_request_error",
                              f"request body is not valid JSON: {e}") from None
