@@ -103,12 +103,13 @@ OUT_OF_RANGE: Final = "an integer is out of range (more than 64 bits)"
 NESTING_MAX: Final = 100  # levels of objects and lists in free content
 ITEMS_MAX: Final = 100_000  # items (events) in one body
 CONTAINERS_MAX: Final = 1_000_000
-"""JSON objects and arrays a body the gateway reads on the loop serving every stream (a
-request, an upstream's answer, an MCP message) may hold (`too_many_containers`); a larger
-one is not parsed. Each becomes a Python object of 60-200 bytes: 30 MB of `{},` (10
-million) took the daemon from 300 MB to 1,080 and stopped its loop for 2 s. A million is
-60-200 MB and a tenth of a second at worst, and more than any prompt holds (a 2M-token
-context of JSON has a few hundred thousand)."""
+"""JSON objects and arrays a body may hold to be parsed (`too_many_containers`): a body
+the gateway reads on the loop serving every stream (a request, an upstream's answer, an
+MCP message), a webhook body or Kafka message, a line of a file. Each becomes a Python
+object of 60-200 bytes, however few its bytes: 30 MB of `{},` (10 million) took the
+daemon from 300 MB to 1,080 and stopped its loop for 2 s. A million is 60-200 MB and a
+tenth of a second at worst, and more than any prompt holds (a 2M-token context of JSON
+has a few hundred thousand)."""
 TOO_DEEP: Final = f"nested deeper than {NESTING_MAX} levels of objects and lists"
 _NESTED_FIELDS: Final = ("input_messages", "output_messages", "params", "attributes")
 _nested: Final = operator.attrgetter(*_NESTED_FIELDS)

@@ -23,6 +23,7 @@ from typing import BinaryIO, Literal
 
 import msgspec
 
+from meterline import bounds
 from meterline.backpressure import offer
 from meterline.component import Config, Consumer, Context, Factory, Receiver, cancel_and_wait
 from meterline.event import Event
@@ -165,6 +166,9 @@ class FileReceiver(Receiver):
         try:
             if line is None:
                 raise DecodeError(f"longer than max_line_mb ({self.config.max_line_mb:g} MB)")
+            if bounds.too_many_containers(line):
+                raise DecodeError(f"more than {bounds.CONTAINERS_MAX:,} JSON objects and "
+                                  "arrays")
             events.append(decode_item(_raw.decode(line)))
         except NotAnLLMCall:
             self.consumer.refused(1, "not_llm_call")

@@ -290,10 +290,10 @@ def test_an_ndjson_body_of_more_lines_than_the_bound_is_refused_whole(monkeypatc
 
 async def test_the_webhook_answers_413_to_a_body_of_millions_of_tiny_items_and_goes_on(
         tmp_path):
-    # 6 MB, within max_body_mb and not compressed (a gzip of it is refused by its
-    # compression ratio already): two million events of a kilobyte each, decoded
+    # 4 MB, within max_body_mb and not compressed (a gzip of it is refused by its
+    # compression ratio already): two million items, each refused with its reason
     port = free_port()
-    bomb = b"[" + b",".join([b"{}"] * 2_000_000) + b"]"
+    bomb = b"[" + b",".join([b"0"] * 2_000_000) + b"]"
     async with running(webhook_to_file(port), tmp_path):
         status, body, _ = await post_raw(f"http://127.0.0.1:{port}/v1/events", bomb,
                                          headers={"Content-Type": "application/json"})
@@ -317,6 +317,26 @@ def test_a_kafka_message_of_several_items_is_not_decoded_with_its_batch(monkeypa
     assert [e.event_id for e in decoded.events] == ["evt-00000000", "evt-00000001"]
     [(index, reason)] = decoded.rejected
     assert index == 1 and "malformed JSON" in reason
+
+
+def test_a_body_of_more_json_containers_than_the_bound_is_refused_before_it_is_parsed(
+        monkeypatch):
+    monkeypatch.setattr(bounds, "CONTAINERS_MAX", 1000)
+    def event(messages: int) -> dict:
+        return {"provider": "openai", "input_messages": [{}] * messages}
+    assert len(decode_body(msgspec.json.encode([event(997)])).events) == 1  # 1000 of them
+    with pytest.raises(TooManyItems, match="more than 1,000 JSON objects and arrays"):
+        decode_body(msgspec.json.encode([event(998)]))  # one event, nested: not items
+
+
+def test_a_kafka_message_of_more_json_containers_than_the_bound_is_poison_alone(monkeypatch):
+    monkeypatch.setattr(bounds, "CONTAINERS_MAX", 1000)
+    good = [msgspec.json.encode(e) for e in event_dicts(0, 2)]
+    big = msgspec.json.encode({"provider": "openai", "input_messages": [{}] * 1000})
+    decoded = decode_values(kafka_batch(good[0], big, good[1]), "json")
+    assert [e.event_id for e in decoded.events] == ["evt-00000000", "evt-00000001"]
+    [(index, reason)] = decoded.rejected
+    assert index == 1 and "more than 1,000 JSON objects and arrays" in reason
 
 
 def empty_spans(count: int, resources: int = 1) -> bytes:

@@ -3,6 +3,7 @@
 import msgspec
 from structlog.testing import capture_logs
 
+from meterline import bounds
 from meterline.event import to_jsonl
 from tests.helpers import eventually, make_event, read_jsonl, running
 
@@ -88,6 +89,21 @@ async def test_a_line_longer_than_max_line_mb_is_skipped_unkept_and_the_rest_rea
     assert [r["event_id"] for r in rows] == [f"evt-{i:08d}" for i in range(4)]
     [skipped] = [e for e in logged if e["event"] == "line skipped"]
     assert (skipped["line"], skipped["reason"]) == (3, "longer than max_line_mb (1 MB)")
+
+
+async def test_a_line_of_more_json_containers_than_the_bound_is_skipped(tmp_path, monkeypatch):
+    monkeypatch.setattr(bounds, "CONTAINERS_MAX", 1000)
+    source = tmp_path / "in.jsonl"
+    write_events(source, 0, 1)
+    with open(source, "ab") as f:
+        f.write(msgspec.json.encode({"provider": "openai", "input_messages": [{}] * 1000}))
+        f.write(b"\n")
+    write_events(source, 1, 1)
+    with capture_logs() as logged:
+        async with running(pipeline(source), tmp_path):
+            await eventually(lambda: len(read_jsonl(tmp_path / "data/out.jsonl")) == 2)
+    [skipped] = [e for e in logged if e["event"] == "line skipped"]
+    assert skipped["reason"] == "more than 1,000 JSON objects and arrays"
 
 
 async def test_a_line_over_several_chunks_within_the_bound_is_read_whole(tmp_path):

@@ -59,7 +59,7 @@ def decode_values(body: bytes, encoding: Encoding) -> Decoded:
     if encoding == "json" and None not in values:
         joined = b"[" + b",".join(values) + b"]"  # type: ignore[arg-type]
         try:
-            if count_items(joined) == len(values):
+            if count_items(joined) == len(values) and not bounds.too_many_containers(joined):
                 events = list_from_json(joined)
                 if not bounds.refused(events):
                     return Decoded(events)
