@@ -369,6 +369,14 @@ def test_an_otlp_json_request_of_more_items_than_the_bound_is_refused(monkeypatc
             decode_request("traces", True, body(501))
 
 
+def test_an_otlp_json_request_of_more_json_containers_than_the_bound_is_refused(monkeypatch):
+    monkeypatch.setattr(bounds, "CONTAINERS_MAX", 1000)
+    span = {"name": "s", "attributes": [{}] * 1000}  # one span: within ITEMS_MAX
+    body = msgspec.json.encode({"resourceSpans": [{"scopeSpans": [{"spans": [span]}]}]})
+    with pytest.raises(TooManyItems, match="more than 1,000 JSON objects and arrays"):
+        decode_request("traces", True, body)
+
+
 async def test_the_otlp_receiver_answers_413_and_invalid_argument_to_too_many_spans(tmp_path):
     ports = Ports()
     bomb = empty_spans(bounds.ITEMS_MAX + 1)  # 200 KB
