@@ -99,8 +99,8 @@ def _decode(data: bytes) -> Any:
     any other (the client gets a 400, not a 500); one of more objects and arrays than the
     loop should build (`bounds.CONTAINERS_MAX`: a request, an upstream's answer) is not
     parsed (`_TooManyContainers`)."""
-    if bounds.too_many_containers(data):
-        raise _TooManyContainers(f"more than {bounds.CONTAINERS_MAX:,} JSON objects and arrays")
+    if why := bounds.too_many_containers(data):
+        raise _TooManyContainers(why)
     try:
         return msgspec.json.decode(data)
     except RecursionError:

@@ -123,11 +123,13 @@ _MAP_ENTRIES: Final = {"metadata": METADATA_ENTRIES, "attributes": ATTRIBUTE_ENT
 _HINTS: Final = {"timestamp": " (timestamp: epoch nanoseconds, 2000-01-01 to now + 1 day)"}
 
 
-def too_many_containers(body: bytes) -> bool:
-    """Whether a JSON body holds more than `CONTAINERS_MAX` objects and arrays, counted
-    from its `{` and `[` (in strings too: a bound from above, at the speed of a memory scan,
-    before anything is parsed)."""
-    return body.count(b"{") + body.count(b"[") > CONTAINERS_MAX
+def too_many_containers(body: bytes) -> str | None:
+    """Why a JSON body is not to be parsed when it holds more than `CONTAINERS_MAX` objects
+    and arrays, counted from its `{` and `[` (in strings too: a bound from above, at the
+    speed of a memory scan, before anything is parsed); None when it is within."""
+    if body.count(b"{") + body.count(b"[") > CONTAINERS_MAX:
+        return f"more than {CONTAINERS_MAX:,} JSON objects and arrays"
+    return None
 
 
 def _text(chars: int, pattern: str | None = NO_CONTROL, min_length: int = 0) -> Any:

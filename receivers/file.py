@@ -166,9 +166,8 @@ class FileReceiver(Receiver):
         try:
             if line is None:
                 raise DecodeError(f"longer than max_line_mb ({self.config.max_line_mb:g} MB)")
-            if bounds.too_many_containers(line):
-                raise DecodeError(f"more than {bounds.CONTAINERS_MAX:,} JSON objects and "
-                                  "arrays")
+            if why := bounds.too_many_containers(line):
+                raise DecodeError(why)
             events.append(decode_item(_raw.decode(line)))
         except NotAnLLMCall:
             self.consumer.refused(1, "not_llm_call")

@@ -69,9 +69,8 @@ def decode_body(body: bytes, ndjson: bool = False) -> Decoded:
     A JSON array of meterline events decodes in a single call; only when that
     fails does each item go through `decode_item` on its own.
     """
-    if bounds.too_many_containers(body):
-        raise TooManyItems(f"more than {bounds.CONTAINERS_MAX:,} JSON objects and arrays in "
-                           "one body (send smaller batches)")
+    if why := bounds.too_many_containers(body):
+        raise TooManyItems(f"{why} in one body (send smaller batches)")
     text = body.lstrip()
     if not ndjson and text[:1] == b"[":
         check_items(text)

@@ -419,9 +419,8 @@ def parse_json(data: bytes, message_class: type[M]) -> M:
     """An OTLP/JSON body (ids in hex) as a protobuf message, its items counted before
     protobuf builds them (`TooManyItems` past `bounds.ITEMS_MAX`, as `parse_request`), and
     not parsed at all past `bounds.CONTAINERS_MAX` objects and arrays."""
-    if bounds.too_many_containers(data):
-        raise TooManyItems(f"more than {bounds.CONTAINERS_MAX:,} JSON objects and arrays in "
-                           "one request (send smaller batches)")
+    if why := bounds.too_many_containers(data):
+        raise TooManyItems(f"{why} in one request (send smaller batches)")
     try:
         return otlpjson.parse_json(data, message_class,
                                    functools.partial(_check_items, message_class.DESCRIPTOR))
