@@ -70,10 +70,9 @@ def default_workers() -> tuple[int, str]:
 def workers_for(cores: int, why: str, memory: int | None) -> tuple[int, str]:
     """`cores` workers (`why` says what set that), or fewer when `memory` (bytes; None:
     unknown) does not hold `MEMORY_PER_WORKER_MIB` for each."""
-    if memory is not None and memory // (MEMORY_PER_WORKER_MIB << 20) < cores:
-        return (max(1, memory // (MEMORY_PER_WORKER_MIB << 20)),
-                f"{memory >> 20} MiB of memory, a worker per {MEMORY_PER_WORKER_MIB} MiB")
-    return cores, why
+    if memory is None or (fit := memory // (MEMORY_PER_WORKER_MIB << 20)) >= cores:
+        return cores, why
+    return max(1, fit), f"{memory >> 20} MiB of memory, a worker per {MEMORY_PER_WORKER_MIB} MiB"
 
 
 @dataclass(frozen=True)

@@ -9,9 +9,9 @@ class DecodeError(ValueError):
 
 
 class TooManyItems(DecodeError):
-    """A body of more items than `bounds.ITEMS_MAX`: refused whole, before its items are
-    decoded (the webhook answers 413), since each would take memory out of proportion to
-    its bytes."""
+    """A body of more items than `bounds.ITEMS_MAX`, or of more JSON objects and arrays than
+    `bounds.CONTAINERS_MAX`: refused whole, before anything in it is decoded (HTTP 413),
+    since each would take memory out of proportion to its bytes."""
 
 
 class NotAnLLMCall(DecodeError):

@@ -69,7 +69,7 @@ from meterline.genai import (
 )
 from meterline.lenient import as_metadata
 from meterline.receivers.decoders.errors import DecodeError, TooManyItems
-from meterline.receivers.decoders.otlp_wire import parse_request
+from meterline.receivers.decoders.otlp_wire import parse_request, too_many_items
 
 __all__ = ["OtlpDecoded", "decode_logs", "decode_spans", "parse_json", "value_of"]
 
@@ -441,8 +441,7 @@ def _check_items(request: Descriptor, parsed: dict[str, Any]) -> None:
                  for item in _as_list(part.get(field.json_name, part.get(field.name)))]
         descriptor, number = field.message_type, 2
     if len(parts) > bounds.ITEMS_MAX:
-        raise TooManyItems(f"more than {bounds.ITEMS_MAX} items in one request "
-                           "(send smaller batches)")
+        raise too_many_items()
 
 
 def _as_list(value: Any) -> list[Any]:

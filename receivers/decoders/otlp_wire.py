@@ -36,7 +36,7 @@ from meterline import bounds
 from meterline.logs import bounded
 from meterline.receivers.decoders.errors import DecodeError, TooManyItems
 
-__all__ = ["parse_request"]
+__all__ = ["parse_request", "too_many_items"]
 
 M = TypeVar("M", bound=Message)
 
@@ -51,8 +51,7 @@ def parse_request(body: bytes, request_class: type[M]) -> tuple[M, list[str]]:
     not be parsed (see the module's docstring); `DecodeError` when the bytes are not
     protobuf, `TooManyItems` when they hold more than `bounds.ITEMS_MAX` items."""
     if len(body) > 2 * bounds.ITEMS_MAX and _count(memoryview(body)) > bounds.ITEMS_MAX:
-        raise TooManyItems(f"more than {bounds.ITEMS_MAX} items in one request "
-                           "(send smaller batches)")
+        raise too_many_items()
     try:
         return request_class.FromString(body), []
     except (ProtobufDecodeError, RecursionError):
@@ -97,6 +96,13 @@ def _split(view: memoryview, message: Message, items_number: int, levels: int, p
             if not kept:
                 del items[-1]
     return None
+
+
+def too_many_items() -> TooManyItems:
+    """The refusal of a request of more than `bounds.ITEMS_MAX` spans or log records
+    (OTLP/JSON's too, `decoders/otlp.py`)."""
+    return TooManyItems(f"more than {bounds.ITEMS_MAX} items in one request "
+                        "(send smaller batches)")
 
 
 def _count(view: memoryview, levels: int = _LEVELS, counted: int = 0) -> int:
