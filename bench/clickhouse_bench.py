@@ -6,8 +6,10 @@ time order), the rollups filled from each chunk with the materialized views' own
 query (the views dropped meanwhile, then created again): 365 days, with a
 Zipf-like spread of 20,000 users, 500 API keys (each of one of 40 teams), 200
 customers (`metadata.customer`, a `rollup_metadata` key), 8 models, sessions of
-25 calls and agent runs of 5 events (30% of them). It then prints each table's
-rows and on-disk size, times every report and answer (each run `--repeat` times:
+25 calls and agent runs of 5 events (30% of them). It then seals the run answers
+of the last `--seal-days` closed days (as the finops extension does: the answers by
+agent, session and trace read them), prints each table's rows and on-disk size,
+times every report and answer (each run `--repeat` times:
 median and best; those read from raw events by design, guardrails, are marked),
 and one rollup repair pass. With `--exporter`, the events go through
 the exporter's own path instead (the "already stored?" check, column batches,
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import random
 import statistics
 import sys
@@ -282,10 +285,26 @@ async def time_repair(exporter: ClickHouseExporter) -> None:
     print(f"rebuilding all {len(every)} hours of the look-back: {took:.1f} ms")
 
 
+def seal(reader: Reader, now: datetime, days: int) -> Reader:
+    """The run answers of the last `days` closed days sealed (`seals.py`), as the `finops`
+    extension seals them; a reader that reads them."""
+    sealed = dataclasses.replace(reader, seals=finops.sealed_runs(reader.schema))
+    assert sealed.seals is not None
+    took = time.perf_counter()
+    done = sealed.seals.seal(sealed, now=now, most=days)
+    print(f"sealed the run answers of {len(done)} closed days (the last {days}) in "
+          f"{time.perf_counter() - took:.1f} s")
+    return sealed
+
+
 def sizes(reader: Reader) -> None:
     schema = reader.schema
     reader.client.command(f"OPTIMIZE TABLE {schema.qualified(schema.open_hours_table)} FINAL")
-    for table in (schema.events, *(r.table for r in schema.rollups), schema.open_hours_table):
+    sealed = [name for (name,) in reader.client.query(
+        f"SELECT name FROM system.tables WHERE database = '{schema.database}' AND "
+        f"name LIKE '{schema.usage_table('run')}%' ORDER BY name").result_rows]
+    for table in (schema.events, *(r.table for r in schema.rollups), schema.open_hours_table,
+                  *sealed):
         [(rows, on_disk)] = reader.client.query(
             "SELECT sum(rows), sum(bytes_on_disk) FROM system.parts WHERE active AND "
             f"database = '{schema.database}' AND table = '{table}'").result_rows
@@ -305,6 +324,9 @@ async def main() -> None:
     parser.add_argument("--no-repair", action="store_true",
                         help="skip timing the repair pass and the 49-hour rebuild")
     parser.add_argument("--repeat", type=int, default=5, help="runs of each query")
+    parser.add_argument("--seal-days", type=int, default=95,
+                        help="seal the run answers of the last N closed days first (as the "
+                             "finops extension does; 0: answer them from every row)")
     parser.add_argument("--endpoint", help="chdb://PATH or http://HOST:8123 (default: a "
                                            "fresh chDB directory under /tmp)")
     parser.add_argument("--no-insert", action="store_true",
@@ -340,8 +362,10 @@ async def main() -> None:
                     await insert(exporter, args)
                 else:
                     generate(reader, args.events)
-            sizes(reader)
             now = args.now.replace(tzinfo=UTC) if args.now else datetime.now(UTC)
+            if args.seal_days:
+                reader = seal(reader, now, args.seal_days)
+            sizes(reader)
             time_queries(reader, args.repeat, now)
             if not args.no_repair:
                 await time_repair(exporter)

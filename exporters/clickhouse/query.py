@@ -28,10 +28,10 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 from meterline.exporters.clickhouse.metrics import (
     BY_NAME,
@@ -358,14 +358,21 @@ class Condition:
 
     expression: str
     uses: tuple[Dimension, ...] = ()
+    # It keeps or drops whole runs: a condition on a row's `trace_id` and time (`{t}`),
+    # whose subqueries read other tables. It narrows the rows before their trace values
+    # are computed, not after.
+    whole_runs: bool = False
 
     @property
     def columns(self) -> frozenset[str]:
         """The event columns it reads: a rollup that keeps them all can answer."""
+        if self.whole_runs:
+            return frozenset({"trace_id"})
         return columns_read(self.expression).union(*(d.columns for d in self.uses))
 
     def sql(self, source: Source) -> str:
-        return self.expression
+        """In parentheses: it is joined to others with AND."""
+        return f"({self.expression.replace('{t}', _time_column(source))})"
 
 
 @dataclass(frozen=True)
@@ -391,6 +398,25 @@ _IS_TOTAL = "is_total"  # `Reader.select_with_total`: the total's row, not a gro
 Expressions = Mapping[str, str | Figure]  # a query's named expressions: SQL, or figures
 
 
+class SealedQuestions(Protocol):
+    """The questions whose answers are kept per closed day (`seals.SealedRuns`)."""
+
+    def for_question(self, by: Sequence[Dimension], filters: Sequence[Where],
+                     per_run: Expressions, extra: Expressions) -> SealedAnswers | None:
+        ...
+
+
+class SealedAnswers(Protocol):
+    """Answers kept for closed days (`seals.SealedRuns`), read instead of those days'
+    rows: `grouped_sql` is `select_with_total`'s query before HAVING, ORDER BY and LIMIT,
+    given `live`, the same query over the rows the kept answers do not hold (narrowed
+    by the conditions given), or None when none is kept for the window."""
+
+    def grouped_sql(self, reader: Reader, window: Window, by: Sequence[Dimension],
+                    extra: Expressions, live: Callable[[Sequence[Where]], str]) -> str | None:
+        ...
+
+
 # --- reading ---------------------------------------------------------------------------
 @dataclass
 class Reader:
@@ -398,6 +424,7 @@ class Reader:
 
     client: Any
     schema: Schema = field(default_factory=Schema)
+    seals: SealedQuestions | None = None  # answers kept per closed day (`seals.py`)
 
     def rows(self, sql: str) -> list[dict[str, Any]]:
         """Rows as dicts. Result names are written `_name` in SQL and stripped here: ClickHouse
@@ -440,7 +467,8 @@ class Reader:
         another dimension than the run itself (`trace`), a run may be in two groups (two
         agents), which a total of the groups would count twice: the runs are then grouped
         by (the dimensions, run) and by the run alone (`GROUPING SETS`), in one pass over
-        the rows and the join of their trace values, and the total sums the latter."""
+        the rows and the join of their trace values, and the total sums the latter.
+        A question of `seals` reads the answers kept for the closed days of its window."""
         filters = list(filters)
         if not by:
             raise ValueError("a total is that of groups: `by` cannot be empty")
@@ -448,14 +476,29 @@ class Reader:
             return (self.select(window, by=by, filters=filters, figures=figures, extra=extra,
                                 having=having, order_by=order_by, limit=limit),
                     self.select(window, filters=filters, figures=figures, extra=extra)[0])
-        rows = self.rows(self._select_sql(window, by, filters, figures, extra or {}, {},
-                                          having, order_by, limit, per_run, total=True))
+        def live(more: Sequence[Where] = ()) -> str:
+            return self._grouped_sql(window, by, [*filters, *more], figures, extra or {}, {},
+                                     per_run, total=True)
+
+        sealed = (self.seals.for_question(by, filters, per_run, extra or {})
+                  if self.seals is not None and per_run is not None else None)
+        grouped = sealed.grouped_sql(self, window, by, extra or {}, live) if sealed else None
+        rows = self.rows(self._finished(grouped or live(), having, order_by, limit,
+                                        total=True))
         if not rows:  # (no run at all: the runs' grouping sets make no row, not even a total)
             return [], self.select(window, filters=filters, figures=figures, extra=extra,
                                    per_run=per_run)[0]
         for row in rows:
             del row[_IS_TOTAL]
         return rows[1:], rows[0]  # (the total comes first: `_select_sql`)
+
+    def grouped_sql(self, window: Window, *, by: Sequence[Dimension],
+                    filters: Sequence[Where], per_run: Expressions,
+                    extra: Expressions) -> str:
+        """`select_with_total(per_run=...)`'s query before HAVING, ORDER BY and LIMIT: the
+        groups and the total's row (`_is_total`), as `seals` keeps them."""
+        return self._grouped_sql(window, by, list(filters), (), extra, {}, per_run,
+                                 total=True)
 
     def _select_sql(self, window: Window, by: Sequence[Dimension], filters: list[Where],
                     figures: Iterable[str], extra: Expressions,
@@ -464,6 +507,15 @@ class Reader:
                     per_run: Expressions | None, total: bool = False) -> str:
         """The query of `select` (with `total`, of `select_with_total`: the total row
         first, whatever `having` and `limit` leave out)."""
+        return self._finished(self._grouped_sql(window, by, filters, figures, extra, within,
+                                                per_run, total),
+                              having, order_by, limit, total)
+
+    def _grouped_sql(self, window: Window, by: Sequence[Dimension], filters: list[Where],
+                     figures: Iterable[str], extra: Expressions,
+                     within: dict[str, tuple[str, Window]], per_run: Expressions | None,
+                     total: bool = False) -> str:
+        """SELECT ... GROUP BY of `_select_sql`: the groups (and the total's row)."""
         for d in by:
             if d.is_time:
                 window.check_buckets(d.grain, f"an answer by {d.name}")
@@ -483,13 +535,16 @@ class Reader:
             groups = [Dimension(d.name, f"_{d.name}") for d in by]
             if by_runs:  # (the runs' rows of the total are marked: a key of the groups)
                 groups = [Dimension(_IS_TOTAL, f"_{_IS_TOTAL}"), *groups]
-            sql = self._query("raw", window, groups, [], figures, extra, {}, [],
-                              rows=f"({runs})", total=total and not by_runs)
-        else:
-            sql = self._query(source, window, by, filters, figures, extra, within,
-                              [bound for _, part in within.values()
-                               for bound in (part.since, part.until)], plan=plan,
-                              total=total)
+            return self._query("raw", window, groups, [], figures, extra, {}, [],
+                               rows=f"({runs})", total=total and not by_runs)
+        return self._query(source, window, by, filters, figures, extra, within,
+                           [bound for _, part in within.values()
+                            for bound in (part.since, part.until)], plan=plan, total=total)
+
+    @staticmethod
+    def _finished(sql: str, having: str | None, order_by: Sequence[str],
+                  limit: int | None, total: bool) -> str:
+        """`sql` (`_grouped_sql`'s) with HAVING, ORDER BY, LIMIT and the settings."""
         if total:
             having = f"`_{_IS_TOTAL}` OR ({having})" if having else None
             order_by = [f"{_IS_TOTAL} DESC", *order_by]
@@ -589,7 +644,8 @@ class Reader:
         report)."""
         uses = [d for f in filters if isinstance(f, Condition) for d in f.uses]
         traced = list({d.name: d for d in (*by, *uses) if d.trace}.values())
-        pushed = [] if traced else filters
+        pushed = [f for f in filters
+                  if not traced or (isinstance(f, Condition) and f.whole_runs)]
         source: Source = "rollup" if plan else "raw"
         if plan:
             used = set(re.findall(r"\w+", " ".join([columns, *(f.sql(source) for f in filters),
@@ -612,7 +668,7 @@ class Reader:
         every = f"(SELECT *{model}{f', 0{part} AS _part' if inside else ''} FROM {rows})"
         key = "trace_id, _part" if inside else "trace_id"
         values = ", ".join(d.traced_sql(source) for d in traced)
-        matching = [f.sql(source) for f in filters]
+        matching = [f.sql(source) for f in filters if f not in pushed]
         return (f"(SELECT * FROM {every} AS _rows LEFT JOIN (SELECT {key}, {values} FROM "
                 f"{every} WHERE trace_id != '' GROUP BY {key}) AS _traces USING ({key}))"
                 + (f" WHERE {' AND '.join(matching)}" if matching else ""))

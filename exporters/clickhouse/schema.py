@@ -429,10 +429,14 @@ class Schema:
         """The tables of rollups an earlier version kept (`RETIRED_ROLLUPS`)."""
         return tuple(f"{self._base}_{name}" for name in RETIRED_ROLLUPS)
 
+    def usage_table(self, suffix: str) -> str:
+        """The name of a table of this exporter's derived figures (`llm_usage_...`)."""
+        return f"{self._base}_{suffix}"
+
     @property
     def open_hours_table(self) -> str:
         """Hours being written: an insert, or a rollup rebuild, in progress (see repair.py)."""
-        return f"{self._base}_open_hours"
+        return self.usage_table("open_hours")
 
     @property
     def open_hours(self) -> str:

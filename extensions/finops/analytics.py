@@ -248,9 +248,7 @@ def _activity(row: dict[str, Any], requests: float) -> dict[str, Any]:
 def agents(reader: Reader, window: Window, limit: int = 100) -> dict[str, Any]:
     """Agent runs (traces with an agent) per agent, with their cost; tool calls per tool;
     and MCP: requests, sessions, connects (`initialize`) and their latency, per method."""
-    agent = dimension("agent")
-    named = Condition(f"{agent.sql('raw')} != ''", uses=(agent,))
-    runs = finops.runs(reader, window, "agent", top=limit, filters=[named])
+    runs = finops.runs(reader, window, "agent", top=limit, filters=[finops.NAMED_AGENT])
     tools = finops.tools(reader, window, top=limit)
     return {**_header(window), "totals": runs["total"], "agents": runs["rows"],
             "tools": tools["rows"], "tool_totals": tools["total"],

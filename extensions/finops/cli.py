@@ -179,7 +179,7 @@ def _from_clickhouse(loaded: PipelineFile, args: argparse.Namespace,
         if missing := missing_tables(client, schema):
             raise FinOpsError(f"ClickHouse at {endpoint} has no {missing[0]} table: has the "
                               "daemon stored anything yet?")
-        reader = Reader(client, schema)
+        reader = Reader(client, schema, seals=finops.sealed_runs(schema))
         window = Window.parse(args.range, args.since, args.until)
         if args.report == "budgets":
             return budgets.status(reader, config.budgets)

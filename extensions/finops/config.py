@@ -35,6 +35,10 @@ class FinOpsConfig(Config):
     # are enforced by the gateway receiver `gateway` (above) names.
     budgets: dict[str, Budget] = msgspec.field(default_factory=dict)
     budget_refresh: Duration = Duration(15)  # how often budget spend is recomputed
+    # How often the closed days' answers by agent, session and trace are sealed (kept, so
+    # that a month is read as 30 answers: docs/finops.md#performance), at most 31 days a
+    # pass, the latest first; 0: never (those answers are computed from every row).
+    seal_interval: Duration = Duration(600)
     # webhooks the budgets' `notify` name, each with an exporter's queue and retry blocks
     notifiers: dict[str, NotifierConfig] = msgspec.field(default_factory=dict)
     # The providers' bills: pulling the OpenAI and Anthropic cost APIs, and the

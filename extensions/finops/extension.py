@@ -31,7 +31,7 @@ from meterline.component import (
 from meterline.exporters.clickhouse.connection import classify, open_client
 from meterline.exporters.clickhouse.query import Reader
 from meterline.exporters.clickhouse.schema import Schema, missing_tables
-from meterline.extensions.finops import api, budgets, enforce
+from meterline.extensions.finops import api, budgets, enforce, finops
 from meterline.extensions.finops.audit import AuditCopy
 from meterline.extensions.finops.billing import pull, reconcile, store
 from meterline.extensions.finops.config import FinOpsConfig, LinkedConfig, link
@@ -50,6 +50,8 @@ class FinOps(Extension):
         self._closed = False
         self._budget_task: asyncio.Task[None] | None = None
         self._billing_task: asyncio.Task[None] | None = None
+        self._seal_task: asyncio.Task[None] | None = None
+        self.seals = finops.sealed_runs(self.schema)  # the closed days' run answers
         self.notifications = Notifications(config.budgets, config.notifiers, context)
         # where the spent hard budgets go: the linked gateway receiver's blocks
         self.blocks: BudgetBlocks | None = (blocks_of(context.telemetry, config.gateway)
@@ -65,11 +67,15 @@ class FinOps(Extension):
         if self.config.billing:
             self._billing_task = asyncio.create_task(self._track_billing(),
                                                      name=f"{self.context.id} billing")
+        if self.config.seal_interval > 0:
+            self._seal_task = asyncio.create_task(self._track_seals(),
+                                                  name=f"{self.context.id} seals")
 
     async def shutdown(self) -> None:
         await self._audit.stop()
         await cancel_and_wait(self._budget_task)
         await cancel_and_wait(self._billing_task)
+        await cancel_and_wait(self._seal_task)
         if self.config.budgets:
             budgets.BudgetGauges.of(self.context.meter).publish([])
             if self.blocks is not None:
@@ -106,7 +112,7 @@ class FinOps(Extension):
         except Exception:
             client.close()
             raise
-        return Reader(client, self.schema)
+        return Reader(client, self.schema, seals=self.seals)
 
     # --- the admin API and budgets ---------------------------------------------------
     def admin_routes(self) -> dict[str, AdminHandler]:
@@ -141,6 +147,20 @@ class FinOps(Extension):
             self.blocks.publish(blocks)
         await self.notifications.crossed(statuses, now)
 
+
+    # --- sealing the closed days' run answers (exporters/clickhouse/seals.py) ---------
+    async def _track_seals(self) -> None:
+        await asyncio.sleep(min(60.0, float(self.config.seal_interval)))  # (not at start-up)
+        while True:
+            try:
+                reader = await self.connect()
+                days = await asyncio.to_thread(self.seals.seal, reader, most=31)
+                if days:
+                    self.log.info("run answers sealed", days=len(days),
+                                  first=days[0].isoformat(), last=days[-1].isoformat())
+            except Exception as e:
+                self.log.warning("cannot seal the closed days' run answers", error=str(e))
+            await asyncio.sleep(float(self.config.seal_interval))
 
     # --- billing (billing/: the cost APIs pulled, the variance gauges) -----------------
     async def _track_billing(self) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 from meterline.exporters.clickhouse.metrics import IS_MODEL_CALL, IS_TOOL_CALL, Figure
@@ -29,6 +30,8 @@ from meterline.exporters.clickhouse.query import (
     dimension,
     iso,
 )
+from meterline.exporters.clickhouse.schema import Schema
+from meterline.exporters.clickhouse.seals import Question, SealedRuns
 from meterline.params import quoted
 
 SPEND_FIGURES = ("requests", "errors", "input_tokens", "output_tokens", "cost_usd",
@@ -140,11 +143,6 @@ _PER_RUN: Expressions = {
 _TRACED = "_run != ''"
 
 
-def _iso_of_ns(sql: str) -> str:
-    """SQL: a time in Unix nanoseconds as ISO 8601 UTC text."""
-    return f"formatDateTime(fromUnixTimestamp64Nano({sql}, 'UTC'), '%FT%TZ', 'UTC')"
-
-
 _RUNS = {
     "runs": f"sum(if({_TRACED}, 1, _run_events))", "llm_calls": "sum(_run_llm_calls)",
     "input_tokens": "sum(_run_input_tokens)", "output_tokens": "sum(_run_output_tokens)",
@@ -153,14 +151,31 @@ _RUNS = {
     "tool_ms_count": "sum(_run_tool_ms_count)", "errors": "sum(_run_errors)",
     "failed_runs": f"sum(if({_TRACED}, toUInt64(_run_errors > 0), _run_failed_events))",
     "run_ms_sum": f"sum(if({_TRACED}, (_run_end - _run_start) / 1e6, _run_events_ms))",
-    "first_seen": _iso_of_ns("min(_run_start)"),
-    "last_seen": _iso_of_ns(f"max(if({_TRACED}, _run_start, _run_last_start))"),
+    "first_ns": "min(_run_start)",
+    "last_ns": f"max(if({_TRACED}, _run_start, _run_last_start))",
 }
 # The agents of each group's runs, for an answer by session or trace only: a set of names
 # per run is a sixth of the answer by agent (1,640 -> 1,300 ms at 100 million events,
 # docs/finops.md), where each group is one agent anyway.
 _AGENTS_PER_RUN: Expressions = {"run_agents": "groupUniqArrayIf(agent_name, agent_name != '')"}
-_AGENTS: Expressions = {"agents": "arraySort(groupUniqArrayArray(_run_agents))"}
+_AGENTS: Expressions = {"agents": "groupUniqArrayArray(_run_agents)"}
+# Agents with a name: `analytics/agents`' runs.
+NAMED_AGENT = Condition(f"{dimension('agent').sql('raw')} != ''", uses=(dimension("agent"),))
+
+
+def run_questions() -> list[Question]:
+    """The `runs` answers kept per closed day (`seals.py`): by agent, session and trace,
+    and by named agent (`analytics/agents`). Each is `runs`' own question: any other
+    filter is answered live."""
+    return [Question(dimension("agent"), (), _PER_RUN, _RUNS),
+            Question(dimension("agent"), (NAMED_AGENT,), _PER_RUN, _RUNS),
+            *(Question(dimension(by), (), {**_PER_RUN, **_AGENTS_PER_RUN},
+                       {**_RUNS, **_AGENTS}) for by in ("session", "trace"))]
+
+
+def sealed_runs(schema: Schema) -> SealedRuns:
+    """The kept answers a `Reader` of `schema` reads (`Reader(seals=...)`)."""
+    return SealedRuns(schema, run_questions())
 
 
 def runs(reader: Reader, window: Window, by: str = "agent", top: int | None = 20,
@@ -185,6 +200,11 @@ def runs(reader: Reader, window: Window, by: str = "agent", top: int | None = 20
     }
 
 
+def _iso_of_ns(ns: int) -> str:
+    """A time in Unix nanoseconds as ISO 8601 UTC text, to the second."""
+    return datetime.fromtimestamp(ns // 1_000_000_000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def _run(row: dict[str, Any], by: str) -> dict[str, Any]:
     runs_, cost = row["runs"], row["cost_usd"]
     tokens = row["input_tokens"] + row["output_tokens"]
@@ -197,9 +217,9 @@ def _run(row: dict[str, Any], by: str) -> dict[str, Any]:
         "avg_tool_latency_ms": ratio(row["tool_ms_sum"], row["tool_ms_count"], 1),
         "errors": number(row["errors"]), "failed_runs": row["failed_runs"],
         "avg_run_duration_ms": ratio(row["run_ms_sum"], runs_, 1),
-        **({} if by == "agent" else {"agents": row["agents"]}),
-        "first_seen": row["first_seen"] if runs_ else None,
-        "last_seen": row["last_seen"] if runs_ else None,
+        **({} if by == "agent" else {"agents": sorted(row["agents"])}),
+        "first_seen": _iso_of_ns(row["first_ns"]) if runs_ else None,
+        "last_seen": _iso_of_ns(row["last_ns"]) if runs_ else None,
     }
 
 
