@@ -15,7 +15,8 @@ What makes it exact, whatever arrives late or races:
 
 - **Only runs contained in the day.** A run that also has rows on another day (as seen
   when sealing: the whole trace rollup) is *spanning*: it is left out of the day's
-  answer and listed, and answers compute it live from its rows in their window.
+  answer and listed with its hours there, and answers compute it live from its rows in
+  their window (reading those hours of the sealed days, no others).
 - **A day is sealed an hour after it is over** (`SETTLE`): a run crossing midnight is
   then seen on both sides, unless it goes on later (below).
 - **A seal holds while its day counts the same events.** It keeps the day's event
@@ -24,8 +25,8 @@ What makes it exact, whatever arrives late or races:
   the count differ or the day open, and the day is answered live until sealed again.
 - **A run sealed as contained that goes on later** (an event of its trace on another
   day, after the seal) would be counted twice: answers check the runs they compute live
-  against each kept day's contained runs (64-bit hashes of their trace ids) and answer a
-  day that shares one live as well.
+  against each kept day's contained runs (64-bit hashes of their trace ids: a collision
+  only costs time) and answer a day that shares one live as well.
 
 A seal is written all or nothing for readers: its answers, spanning runs and contained
 hashes first, then the row in `..._run_seals` that makes it the day's latest (a day
@@ -40,7 +41,7 @@ from __future__ import annotations
 import hashlib
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -169,7 +170,8 @@ class SealedRuns:
             f"CREATE TABLE IF NOT EXISTS {self._seals} (question String, day Date, "
             "seal UInt64, events UInt64) ENGINE = MergeTree ORDER BY (question, day, seal)",
             f"CREATE TABLE IF NOT EXISTS {self._spanning} (day Date, seal UInt64, "
-            "trace_id String) ENGINE = MergeTree ORDER BY (day, seal, trace_id)",
+            "trace_id String, hour DateTime('UTC')) ENGINE = MergeTree "
+            "ORDER BY (day, seal, trace_id)",
             f"CREATE TABLE IF NOT EXISTS {self._contained} (day Date, seal UInt64, "
             "h UInt64) ENGINE = MergeTree ORDER BY (day, seal, h)",
         ):
@@ -201,12 +203,13 @@ class SealedRuns:
             listed = ", ".join(map(_day, chunk))
             on_days = (f"hour >= {_time(chunk[0])} AND hour < {_time(chunk[-1] + _DAY)} "
                        f"AND toDate(hour) IN ({listed})")
-            client.command(
-                f"INSERT INTO {self._spanning} (day, seal, trace_id) {_WRITE} "
-                f"SELECT day, {seal}, trace_id FROM (SELECT trace_id, groupUniqArray("
-                f"toDate(hour)) AS days FROM {trace} WHERE trace_id IN (SELECT trace_id "
-                f"FROM {trace} WHERE {on_days} AND trace_id != '') GROUP BY trace_id "
-                f"HAVING length(days) > 1) ARRAY JOIN days AS day WHERE day IN ({listed})")
+            client.command(  # (each hour of theirs: answers read those hours for them)
+                f"INSERT INTO {self._spanning} (day, seal, trace_id, hour) {_WRITE} "
+                f"SELECT toDate(hour) AS day, {seal}, trace_id, hour FROM {trace} WHERE "
+                f"{on_days} AND trace_id IN (SELECT trace_id FROM {trace} WHERE trace_id IN "
+                f"(SELECT trace_id FROM {trace} WHERE {on_days} AND trace_id != '') "
+                f"GROUP BY trace_id HAVING min(toDate(hour)) != max(toDate(hour))) "
+                f"GROUP BY day, trace_id, hour")
             spanning = f"(SELECT trace_id FROM {self._spanning} WHERE seal = {seal})"
             client.command(
                 f"INSERT INTO {self._contained} (day, seal, h) {_WRITE} "
@@ -271,10 +274,20 @@ class _Answers:
         if not valid:
             return None
         sealed = self.sealed
-        seals = ", ".join(f"({_day(day)}, {seal})" for day, seal in valid)
-        keep = Condition(f"toDate({{t}}) NOT IN ({', '.join(_day(d) for d, _ in valid)}) OR "
-                         f"trace_id IN (SELECT trace_id FROM {sealed._spanning} WHERE "
-                         f"(day, seal) IN ({seals}))", whole_runs=True)
+        seals = _seal_list(valid)
+        # The rows computed live: those outside the sealed days, and the spanning runs'
+        # in them, each a condition on the rows' hour (which leads the sort key: a query
+        # reads those hours only, not every row's trace id).
+        kept = [f"({{t}} >= {_time(a)} AND {{t}} < {_time(b)})"
+                for a, b in _outside(window.since, window.until, (d for d, _ in valid))]
+        hours = [_time(h) for (h,) in reader.client.query(
+            f"SELECT DISTINCT hour FROM {sealed._spanning} WHERE (day, seal) IN "
+            f"({seals}) ORDER BY hour").result_rows]
+        if hours:
+            kept.append(f"(toStartOfHour({{t}}) IN ({', '.join(hours)}) AND trace_id IN "
+                        f"(SELECT trace_id FROM {sealed._spanning} WHERE (day, seal) IN "
+                        f"({seals})))")
+        keep = Condition(" OR ".join(kept) or "0", whole_runs=True)
         keys = ", ".join(f"`_{n}`" for n in ("is_total", *(d.name for d in by)))
         columns = ", ".join([keys, *(f"`_{n}`" for n in extra)])
         merged = ", ".join([keys, *(f"{_merge(str(sql))}(`_{n}`) AS `_{n}`"
@@ -286,36 +299,65 @@ class _Answers:
     def valid_seals(self, reader: Reader, window: Window) -> list[tuple[date, int]]:
         """The whole days of `window` whose answers are read from their latest seal (and
         that seal): it counts the events the day holds, none of its hours is open, and
-        none of its contained runs has rows among those the answer computes live. A
-        query of its own: written into the answer's, it would be planned in each of the
-        branches its rows are read from."""
+        none of its contained runs has rows among those the answer computes live. Small
+        queries of their own, their findings written into the next as literals: chDB
+        plans a query in time that grows with its text, and these subqueries written
+        into the answer would be planned in each branch its rows are read from."""
         start, end = _ceil_day(window.since), _floor_day(window.until)
         if end <= start or not self.sealed.exists(reader, self.question):
             return []
-        schema, sealed = self.sealed.schema, self.sealed
-        trace = schema.qualified(schema.trace_rollup.table)
-        candidates = (
-            f"(SELECT day, latest AS seal FROM (SELECT day, max(seal) AS latest, "
-            f"argMax(events, seal) AS n FROM {sealed._seals} WHERE question = "
-            f"{literal(self.question.key)} AND day >= {_day(start)} AND day < {_day(end)} "
-            f"GROUP BY day) AS _s INNER JOIN (SELECT {_count_sql(schema, start, end)}) AS _c "
-            f"ON _s.day = _c.day WHERE _s.n = _c.n AND day NOT IN (SELECT toDate(hour) FROM "
-            f"{schema.open_hours}))")
-        # the runs the answer computes live: those of its other days, spanning days, or
+        schema, sealed, client = self.sealed.schema, self.sealed, reader.client
+        opened = {row[0] for row in client.query(
+            f"SELECT hour FROM {schema.open_hours} WHERE {window.condition('hour')} OR "
+            f"(hour >= {_time(start)} AND hour < {_time(end)})").result_rows}
+        candidates = dict(client.query(
+            f"SELECT day, latest FROM (SELECT day, max(seal) AS latest, argMax(events, seal) "
+            f"AS n FROM {sealed._seals} WHERE question = {literal(self.question.key)} AND "
+            f"day >= {_day(start)} AND day < {_day(end)} GROUP BY day) AS _s INNER JOIN "
+            f"(SELECT {_count_sql(schema, start, end)}) AS _c ON _s.day = _c.day "
+            f"WHERE _s.n = _c.n").result_rows)
+        for hour in opened:
+            candidates.pop(hour.date(), None)
+        if not candidates:
+            return []
+        seals = _seal_list(candidates.items())
+        # the runs the answer computes live: those of its other hours, spanning days, or
         # in hours held open (which may not be in the trace rollup yet)
-        live_runs = (
-            f"SELECT trace_id FROM {trace} WHERE hour >= {_time(_floor_hour(window.since))} "
-            f"AND hour < {_time(window.until)} AND toDate(hour) NOT IN (SELECT day FROM "
-            f"{candidates}) UNION ALL SELECT trace_id FROM {schema.deduplicated_events} "
-            f"WHERE {window.condition('timestamp')} AND toStartOfHour(timestamp) IN "
-            f"{schema.open_hours} UNION ALL SELECT trace_id FROM {sealed._spanning} "
-            f"WHERE (day, seal) IN {candidates}")
-        continued = (f"(SELECT day FROM {sealed._contained} WHERE (day, seal) IN "
-                     f"{candidates} AND h IN (SELECT cityHash64(trace_id) FROM "
-                     f"({live_runs}) WHERE trace_id != ''))")
-        return [(day, int(seal)) for day, seal in reader.client.query(
-            f"SELECT day, seal FROM {candidates} WHERE day NOT IN {continued} "
-            f"ORDER BY day {settings_clause(FINAL_SETTINGS)}").result_rows]
+        trace = schema.qualified(schema.trace_rollup.table)
+        other = " OR ".join(f"(hour >= {_time(a)} AND hour < {_time(b)})" for a, b in
+                            _outside(_floor_hour(window.since), window.until, candidates))
+        live_runs = [f"SELECT trace_id FROM {sealed._spanning} WHERE (day, seal) IN ({seals})"]
+        if other:
+            live_runs.append(f"SELECT trace_id FROM {trace} WHERE {other}")
+        if opened:
+            live_runs.append(
+                f"SELECT trace_id FROM {schema.deduplicated_events} WHERE "
+                f"{window.condition('timestamp')} AND toStartOfHour(timestamp) IN "
+                f"({', '.join(_time(h) for h in sorted(opened))})")
+        continued = {row[0] for row in client.query(
+            f"SELECT DISTINCT day FROM {sealed._contained} WHERE (day, seal) IN ({seals}) "
+            f"AND h IN (SELECT cityHash64(trace_id) FROM ({' UNION ALL '.join(live_runs)}) "
+            f"WHERE trace_id != '') {settings_clause(FINAL_SETTINGS)}").result_rows}
+        return sorted((day, int(seal)) for day, seal in candidates.items()
+                      if day not in continued)
+
+
+def _seal_list(seals: Iterable[tuple[date, int]]) -> str:
+    """SQL: (day, seal) tuples, for `(day, seal) IN (...)`."""
+    return ", ".join(f"({_day(day)}, {int(seal)})" for day, seal in seals)
+
+
+def _outside(since: datetime, until: datetime,
+             days: Iterable[date]) -> list[tuple[datetime, datetime]]:
+    """The parts of [since, until) outside `days` (whole days), in order."""
+    parts, at = [], since
+    for day in sorted(days):
+        if _at(day) > at:
+            parts.append((at, min(_at(day), until)))
+        at = max(at, _at(day + _DAY))
+    if at < until:
+        parts.append((at, until))
+    return parts
 
 
 def _count_sql(schema: Schema, start: date, end: date) -> str:
