@@ -165,6 +165,10 @@ class SealedRuns:
         return sorted([*stale, *continued])
 
     def _create(self, reader: Reader) -> None:
+        """The tables, unless all are there already (a question's table is made from its
+        query, which takes a planning of that query)."""
+        if all(self.exists(reader, q) for q in self.questions.values()):
+            return
         client = reader.client
         for sql in (
             f"CREATE TABLE IF NOT EXISTS {self._seals} (question String, day Date, "
