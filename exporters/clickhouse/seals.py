@@ -284,9 +284,9 @@ class _Answers:
         # reads those hours only, not every row's trace id).
         kept = [f"({{t}} >= {_time(a)} AND {{t}} < {_time(b)})"
                 for a, b in _outside(window.since, window.until, (d for d, _ in valid))]
-        hours = [_time(h) for (h,) in reader.client.query(
-            f"SELECT DISTINCT hour FROM {sealed._spanning} WHERE (day, seal) IN "
-            f"({seals}) ORDER BY hour").result_rows]
+        hours = [_unix(h) for (h,) in reader.client.query(
+            f"SELECT DISTINCT toUnixTimestamp(hour) AS h FROM {sealed._spanning} WHERE "
+            f"(day, seal) IN ({seals}) ORDER BY h").result_rows]
         if hours:
             kept.append(f"(toStartOfHour({{t}}) IN ({', '.join(hours)}) AND trace_id IN "
                         f"(SELECT trace_id FROM {sealed._spanning} WHERE (day, seal) IN "
@@ -311,17 +311,18 @@ class _Answers:
         if end <= start or not self.sealed.exists(reader, self.question):
             return []
         schema, sealed, client = self.sealed.schema, self.sealed, reader.client
-        opened = {row[0] for row in client.query(
-            f"SELECT hour FROM {schema.open_hours} WHERE {window.condition('hour')} OR "
-            f"(hour >= {_time(start)} AND hour < {_time(end)})").result_rows}
+        opened = dict(client.query(  # (Unix seconds: the hour, and its day)
+            f"SELECT toUnixTimestamp(hour), toDate(hour) FROM {schema.open_hours} WHERE "
+            f"hour >= {_time(_floor_hour(window.since))} AND hour < {_time(window.until)}"
+        ).result_rows)
         candidates = dict(client.query(
             f"SELECT day, latest FROM (SELECT day, max(seal) AS latest, argMax(events, seal) "
             f"AS n FROM {sealed._seals} WHERE question = {literal(self.question.key)} AND "
             f"day >= {_day(start)} AND day < {_day(end)} GROUP BY day) AS _s INNER JOIN "
             f"(SELECT {_count_sql(schema, start, end)}) AS _c ON _s.day = _c.day "
             f"WHERE _s.n = _c.n").result_rows)
-        for hour in opened:
-            candidates.pop(hour.date(), None)
+        for day in opened.values():
+            candidates.pop(day, None)
         if not candidates:
             return []
         seals = _seal_list(candidates.items())
@@ -337,7 +338,7 @@ class _Answers:
             live_runs.append(
                 f"SELECT trace_id FROM {schema.deduplicated_events} WHERE "
                 f"{window.condition('timestamp')} AND toStartOfHour(timestamp) IN "
-                f"({', '.join(_time(h) for h in sorted(opened))})")
+                f"({', '.join(map(_unix, sorted(opened)))})")
         continued = {row[0] for row in client.query(
             f"SELECT DISTINCT day FROM {sealed._contained} WHERE (day, seal) IN ({seals}) "
             f"AND h IN (SELECT cityHash64(trace_id) FROM ({' UNION ALL '.join(live_runs)}) "
@@ -382,8 +383,11 @@ def _day(day: date) -> str:
 
 
 def _time(value: date | datetime) -> str:
-    moment = value if isinstance(value, datetime) else _at(value)
-    return f"toDateTime({int(moment.timestamp())}, 'UTC')"
+    return _unix(int((value if isinstance(value, datetime) else _at(value)).timestamp()))
+
+
+def _unix(seconds: int) -> str:
+    return f"toDateTime({int(seconds)}, 'UTC')"
 
 
 def _ceil_day(value: datetime) -> date:
