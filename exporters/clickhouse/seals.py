@@ -56,13 +56,14 @@ from meterline.exporters.clickhouse.query import (
     Window,
     literal,
     settings_clause,
+    sql_time,
 )
 from meterline.exporters.clickhouse.schema import FINAL_SETTINGS, Schema
 
 SETTLE = timedelta(hours=1)  # a day is sealed this long after it is over
 _DAY = timedelta(days=1)
 # How a kept figure merges with the same figure of other days and of the live rows.
-_MERGES = {"sum": "sum", "count": "sum", "min": "min", "max": "max",
+_MERGES = {"sum": "sum", "min": "min", "max": "max",
            "groupUniqArrayArray": "groupUniqArrayArray"}
 _AGGREGATE = re.compile(r"^(\w+)\(")
 _WRITE = settings_clause({"insert_deduplicate": 0, **FINAL_SETTINGS})
@@ -284,7 +285,7 @@ class _Answers:
         # reads those hours only, not every row's trace id).
         kept = [f"({{t}} >= {_time(a)} AND {{t}} < {_time(b)})"
                 for a, b in _outside(window.since, window.until, (d for d, _ in valid))]
-        hours = [_unix(h) for (h,) in reader.client.query(
+        hours = [_at_unix(h) for (h,) in reader.client.query(
             f"SELECT DISTINCT toUnixTimestamp(hour) AS h FROM {sealed._spanning} WHERE "
             f"(day, seal) IN ({seals}) ORDER BY h").result_rows]
         if hours:
@@ -338,7 +339,7 @@ class _Answers:
             live_runs.append(
                 f"SELECT trace_id FROM {schema.deduplicated_events} WHERE "
                 f"{window.condition('timestamp')} AND toStartOfHour(timestamp) IN "
-                f"({', '.join(map(_unix, sorted(opened)))})")
+                f"({', '.join(map(_at_unix, sorted(opened)))})")
         continued = {row[0] for row in client.query(
             f"SELECT DISTINCT day FROM {sealed._contained} WHERE (day, seal) IN ({seals}) "
             f"AND h IN (SELECT cityHash64(trace_id) FROM ({' UNION ALL '.join(live_runs)}) "
@@ -383,11 +384,11 @@ def _day(day: date) -> str:
 
 
 def _time(value: date | datetime) -> str:
-    return _unix(int((value if isinstance(value, datetime) else _at(value)).timestamp()))
+    return sql_time(value if isinstance(value, datetime) else _at(value))
 
 
-def _unix(seconds: int) -> str:
-    return f"toDateTime({int(seconds)}, 'UTC')"
+def _at_unix(seconds: int) -> str:
+    return sql_time(datetime.fromtimestamp(seconds, UTC))
 
 
 def _ceil_day(value: datetime) -> date:
